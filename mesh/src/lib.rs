@@ -1,0 +1,30 @@
+//! The funcmesh mesh: who may be part of a federation, and the libp2p network its members form.
+//!
+//! * [`membership`] is the sans-IO core: the signed chain genesis → admission → invite → binding
+//!   that any peer verifies offline with nothing but the federation's public key.
+//! * [`keys`] reads and writes key files.
+//! * [`network`] runs the libp2p swarm (QUIC and TCP with noise and yamux, identify, ping,
+//!   Kademlia, gossipsub, request-response, relay, DCUtR, AutoNAT) behind a [`Handle`]; no other
+//!   crate touches the swarm.
+//!
+//! ```
+//! use mesh::membership::{Admission, Genesis, Invite, Proof, Role, SigningKey};
+//! let fed_key = SigningKey::generate();
+//! let federation = Genesis::create("demo", &fed_key, 1_800_000_000).verify()?;
+//! let inst = SigningKey::generate();
+//! let admission = Admission::issue(&federation, &fed_key, "uni-a", inst.public(), 1_800_000_000);
+//! let invite = Invite::issue(&admission, &inst, Role::Endpoint,
+//!     std::time::Duration::from_secs(3600), 1_800_000_000)?;
+//! let node = libp2p::identity::Keypair::generate_ed25519();
+//! let (_, proof) = Proof::bind(&invite, &node, 1_800_000_100)?;
+//! let member = proof.verify(&federation, &node.public().to_peer_id(), 1_800_000_200)?;
+//! assert_eq!(member.institution.as_deref(), Some("uni-a"));
+//! # Ok::<(), mesh::membership::Refusal>(())
+//! ```
+
+pub mod keys;
+pub mod membership;
+pub mod network;
+
+pub use libp2p::{Multiaddr, PeerId, identity::Keypair};
+pub use network::{Config, Event, Handle, PeerInfo};

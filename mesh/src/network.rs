@@ -1,0 +1,869 @@
+//! The libp2p swarm and its event loop. Nothing outside this module touches the `Swarm`: the rest
+//! of funcmesh talks to it through a cheap-clone [`Handle`] whose requests carry a `oneshot` for
+//! the reply.
+//!
+//! Admission works like this: on every new connection both sides send a `Hello` carrying their
+//! membership proof over `/funcmesh/membership/1`. A peer whose proof verifies becomes a member and
+//! is told about the other members so that it can connect to them directly; a peer whose proof does
+//! not verify is told why and disconnected; a peer that says nothing is disconnected when
+//! `proof_timeout` runs out. Only members enter the Kademlia routing table, and gossip is accepted
+//! only when both its author and the peer that forwarded it are members.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt as _;
+use libp2p::core::ConnectedPoint;
+use libp2p::multiaddr::Protocol;
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
+use libp2p::{
+    Multiaddr, PeerId, StreamProtocol, Swarm, autonat, connection_limits, dcutr, gossipsub,
+    identify, identity::Keypair, kad, noise, ping, relay, request_response, tcp, yamux,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use crate::membership::{Federation, Member, Proof, Refusal, Role, unix_now};
+
+/// Protocol name of the membership exchange.
+pub const MEMBERSHIP_PROTOCOL: &str = "/funcmesh/membership/1";
+/// Largest membership message accepted, checked by the codec before decoding.
+const MAX_MEMBERSHIP_MESSAGE: u64 = 64 * 1024;
+/// Most members a `Hello` or `Welcome` may list.
+const MAX_LISTED_MEMBERS: usize = 1024;
+/// Most addresses kept per peer.
+const MAX_ADDRS_PER_PEER: usize = 16;
+/// Capacity of the command queue: callers wait (backpressure) when the loop is this far behind.
+const COMMAND_QUEUE: usize = 256;
+/// Capacity of the event broadcast: slow subscribers lose the oldest events (and are told so).
+const EVENT_QUEUE: usize = 1024;
+/// Largest gossip message.
+const MAX_GOSSIP_BYTES: usize = 256 * 1024;
+
+/// Mesh configuration, resolved by the node.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The node's identity.
+    pub keypair: Keypair,
+    /// The federation, verified from its genesis.
+    pub federation: Federation,
+    /// This node's membership proof.
+    pub proof: Proof,
+    /// Addresses to listen on (port 0 picks a free port).
+    pub listen: Vec<Multiaddr>,
+    /// Addresses to dial at start (the coordinator).
+    pub bootstrap: Vec<Multiaddr>,
+    /// Serve as a relay for members behind NAT (coordinators do).
+    pub relay_server: bool,
+    /// How long a new peer has to present its proof.
+    pub proof_timeout: Duration,
+    /// How often to retry known members that are not connected (doubles per failure, up to 16x).
+    pub redial_interval: Duration,
+    /// The node's store, for the known-peers table.
+    pub store: store::Store,
+}
+
+/// Errors from the mesh.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The swarm could not be built.
+    #[error("cannot build the libp2p swarm: {0}")]
+    Build(String),
+    /// A listen address was refused.
+    #[error("cannot listen on {addr}: {reason}")]
+    Listen {
+        /// The address.
+        addr: Multiaddr,
+        /// Why.
+        reason: String,
+    },
+    /// A dial failed.
+    #[error("cannot dial {addr}: {reason}")]
+    Dial {
+        /// The address.
+        addr: Multiaddr,
+        /// Why.
+        reason: String,
+    },
+    /// A publish failed.
+    #[error("cannot publish on {topic}: {reason}")]
+    Publish {
+        /// The topic.
+        topic: String,
+        /// Why.
+        reason: String,
+    },
+    /// A peer refused this node's membership proof.
+    #[error("refused by {peer}: {reason}")]
+    Refused {
+        /// The refusing peer.
+        peer: PeerId,
+        /// Its reason.
+        reason: String,
+    },
+    /// Nothing happened in time.
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    /// The mesh has shut down.
+    #[error("the mesh is shut down")]
+    Closed,
+}
+
+/// What the mesh tells its subscribers.
+#[derive(Debug, Clone)]
+pub enum Event {
+    /// A peer proved its membership.
+    MemberConnected(Member),
+    /// A member's last connection closed.
+    MemberDisconnected(PeerId),
+    /// A peer's proof was refused by this node.
+    Refused {
+        /// The peer.
+        peer: PeerId,
+        /// Why.
+        reason: Refusal,
+    },
+    /// A peer refused this node's proof.
+    RefusedBy {
+        /// The peer.
+        peer: PeerId,
+        /// Its reason.
+        reason: String,
+    },
+    /// Gossip from a member.
+    Gossip {
+        /// Topic name.
+        topic: String,
+        /// The author.
+        source: PeerId,
+        /// Payload.
+        data: Vec<u8>,
+    },
+}
+
+/// A member as this node sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerInfo {
+    /// Peer id.
+    pub peer_id: String,
+    /// Institution (none for coordinators).
+    pub institution: Option<String>,
+    /// Role.
+    pub role: Role,
+    /// Addresses it listens on, as it told us.
+    pub addrs: Vec<String>,
+    /// Seconds since the current connection was verified.
+    pub connected_for_secs: u64,
+}
+
+/// A peer remembered across restarts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct KnownPeer {
+    version: u32,
+    addrs: Vec<String>,
+    last_seen: u64,
+}
+
+enum Command {
+    Members(oneshot::Sender<Vec<PeerInfo>>),
+    ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
+    Dial(Multiaddr, oneshot::Sender<Result<(), Error>>),
+    Publish { topic: String, data: Vec<u8>, reply: oneshot::Sender<Result<(), Error>> },
+}
+
+/// A cheap-clone handle to the running mesh.
+#[derive(Clone, Debug)]
+pub struct Handle {
+    peer_id: PeerId,
+    commands: mpsc::Sender<Command>,
+    events: broadcast::Sender<Event>,
+}
+
+impl Handle {
+    /// This node's peer id.
+    pub fn peer_id(&self) -> PeerId {
+        self.peer_id
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, Error> {
+        let (tx, rx) = oneshot::channel();
+        self.commands.send(make(tx)).await.map_err(|_| Error::Closed)?;
+        rx.await.map_err(|_| Error::Closed)
+    }
+
+    /// The verified members currently connected, sorted by peer id.
+    pub async fn members(&self) -> Result<Vec<PeerInfo>, Error> {
+        self.ask(Command::Members).await
+    }
+
+    /// The addresses this node listens on.
+    pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, Error> {
+        self.ask(Command::ListenAddrs).await
+    }
+
+    /// Dials an address.
+    pub async fn dial(&self, addr: Multiaddr) -> Result<(), Error> {
+        self.ask(|tx| Command::Dial(addr, tx)).await?
+    }
+
+    /// Publishes on a federation-scoped gossip topic.
+    pub async fn publish(&self, topic: &str, data: Vec<u8>) -> Result<(), Error> {
+        let topic = topic.to_string();
+        self.ask(|reply| Command::Publish { topic, data, reply }).await?
+    }
+
+    /// Subscribes to mesh events from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    /// Dials `addr` and waits until the peer there admits this node (returns its member record)
+    /// or refuses it (returns its reason).
+    pub async fn join(&self, addr: Multiaddr, timeout: Duration) -> Result<Member, Error> {
+        let mut events = self.subscribe();
+        let expected = addr.iter().find_map(|p| match p {
+            Protocol::P2p(peer) => Some(peer),
+            _ => None,
+        });
+        self.dial(addr).await?;
+        let wait = async {
+            loop {
+                match events.recv().await {
+                    Ok(Event::MemberConnected(m))
+                        if expected.is_none_or(|p| p.to_string() == m.peer_id) =>
+                    {
+                        return Ok(m);
+                    }
+                    Ok(Event::RefusedBy { peer, reason })
+                        if expected.is_none_or(|p| p == peer) =>
+                    {
+                        return Err(Error::Refused { peer, reason });
+                    }
+                    // We may refuse them first (a peer of another federation, say).
+                    Ok(Event::Refused { peer, reason })
+                        if expected.is_none_or(|p| p == peer) =>
+                    {
+                        return Err(Error::Refused {
+                            peer,
+                            reason: format!("it is not a member of our federation: {reason}"),
+                        });
+                    }
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => return Err(Error::Closed),
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.map_err(|_| Error::Timeout(timeout))?
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Hello {
+    version: u32,
+    proof: Vec<u8>,
+    members: Vec<PeerAddrs>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+enum HelloReply {
+    Welcome { proof: Vec<u8>, members: Vec<PeerAddrs> },
+    Refused { reason: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct PeerAddrs {
+    peer_id: String,
+    addrs: Vec<String>,
+}
+
+#[derive(NetworkBehaviour)]
+struct Behaviour {
+    limits: connection_limits::Behaviour,
+    membership: request_response::cbor::Behaviour<Hello, HelloReply>,
+    identify: identify::Behaviour,
+    ping: ping::Behaviour,
+    kad: kad::Behaviour<kad::store::MemoryStore>,
+    gossipsub: gossipsub::Behaviour,
+    relay_server: Toggle<relay::Behaviour>,
+    relay_client: relay::client::Behaviour,
+    dcutr: dcutr::Behaviour,
+    autonat: autonat::Behaviour,
+}
+
+struct MemberState {
+    member: Member,
+    since: Instant,
+}
+
+struct Redial {
+    next: Instant,
+    failures: u32,
+}
+
+struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    commands: mpsc::Receiver<Command>,
+    events: broadcast::Sender<Event>,
+    federation: Federation,
+    proof: Vec<u8>,
+    members: HashMap<PeerId, MemberState>,
+    /// Peers connected but not yet verified, with their deadline.
+    pending: HashMap<PeerId, Instant>,
+    /// Peers refused and due for disconnection once our reply is out.
+    refused: HashSet<PeerId>,
+    addrs: HashMap<PeerId, Vec<Multiaddr>>,
+    known: HashMap<PeerId, Redial>,
+    bootstrap: Vec<Multiaddr>,
+    relay_listening: bool,
+    config: Config,
+    topic_prefix: String,
+    tracker: TaskTracker,
+}
+
+/// Starts the mesh: builds the swarm, listens, dials the bootstrap addresses and every known peer,
+/// and runs until `cancel` fires. The event loop is spawned on `tracker`.
+pub async fn spawn(
+    config: Config,
+    cancel: CancellationToken,
+    tracker: &TaskTracker,
+) -> Result<Handle, Error> {
+    let peer_id = config.keypair.public().to_peer_id();
+    let mut swarm = build_swarm(&config)?;
+    for addr in &config.listen {
+        swarm
+            .listen_on(addr.clone())
+            .map_err(|e| Error::Listen { addr: addr.clone(), reason: e.to_string() })?;
+    }
+    let topic_prefix = format!("funcmesh/{}/", config.federation.id);
+    let announce = gossipsub::IdentTopic::new(format!("{topic_prefix}mesh/1"));
+    swarm
+        .behaviour_mut()
+        .gossipsub
+        .subscribe(&announce)
+        .map_err(|e| Error::Build(format!("gossipsub subscribe: {e}")))?;
+
+    let known = load_known(&config.store).await;
+    let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
+    let (ev_tx, _) = broadcast::channel(EVENT_QUEUE);
+    let mut event_loop = EventLoop {
+        swarm,
+        commands: cmd_rx,
+        events: ev_tx.clone(),
+        federation: config.federation.clone(),
+        proof: config.proof.to_bytes(),
+        members: HashMap::new(),
+        pending: HashMap::new(),
+        refused: HashSet::new(),
+        addrs: HashMap::new(),
+        known: HashMap::new(),
+        bootstrap: config.bootstrap.clone(),
+        relay_listening: false,
+        config,
+        topic_prefix,
+        tracker: tracker.clone(),
+    };
+    let now = Instant::now();
+    for (peer, addrs) in known {
+        event_loop.addrs.insert(peer, addrs);
+        event_loop.known.insert(peer, Redial { next: now, failures: 0 });
+    }
+    for addr in event_loop.bootstrap.clone() {
+        if let Err(e) = event_loop.swarm.dial(addr.clone()) {
+            warn!(%addr, error = %e, "cannot dial bootstrap address");
+        }
+    }
+    tracker.spawn(event_loop.run(cancel));
+    Ok(Handle { peer_id, commands: cmd_tx, events: ev_tx })
+}
+
+fn build_swarm(config: &Config) -> Result<Swarm<Behaviour>, Error> {
+    let fed = config.federation.id.clone();
+    let relay_server = config.relay_server;
+    let swarm = libp2p::SwarmBuilder::with_existing_identity(config.keypair.clone())
+        .with_tokio()
+        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+        .map_err(|e| Error::Build(e.to_string()))?
+        .with_quic()
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(|e| Error::Build(e.to_string()))?
+        .with_behaviour(|key, relay_client| {
+            let peer_id = key.public().to_peer_id();
+            let membership = request_response::cbor::Behaviour::with_codec(
+                request_response::cbor::codec::Codec::default()
+                    .set_request_size_maximum(MAX_MEMBERSHIP_MESSAGE)
+                    .set_response_size_maximum(MAX_MEMBERSHIP_MESSAGE),
+                [(StreamProtocol::new(MEMBERSHIP_PROTOCOL), request_response::ProtocolSupport::Full)],
+                request_response::Config::default().with_request_timeout(Duration::from_secs(10)),
+            );
+            let identify = identify::Behaviour::new(
+                identify::Config::new("/funcmesh/1".into(), key.public())
+                    .with_agent_version(format!("funcmesh/{}", env!("CARGO_PKG_VERSION"))),
+            );
+            let kad_protocol = StreamProtocol::try_from_owned(format!("/funcmesh/{fed}/kad/1"))
+                .expect("federation ids are ASCII and start the protocol with /");
+            let mut kad_config = kad::Config::new(kad_protocol);
+            // Only verified members enter the routing table; we add them ourselves.
+            kad_config.set_kbucket_inserts(kad::BucketInserts::Manual);
+            let mut kad =
+                kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
+            kad.set_mode(Some(kad::Mode::Server));
+            let gossipsub = gossipsub::Behaviour::new(
+                gossipsub::MessageAuthenticity::Signed(key.clone()),
+                gossipsub::ConfigBuilder::default()
+                    .validation_mode(gossipsub::ValidationMode::Strict)
+                    .validate_messages()
+                    .max_transmit_size(MAX_GOSSIP_BYTES)
+                    .heartbeat_interval(Duration::from_millis(500))
+                    .build()
+                    .map_err(|e| e.to_string())?,
+            )?;
+            let relay_server = Toggle::from(
+                relay_server.then(|| relay::Behaviour::new(peer_id, relay::Config::default())),
+            );
+            let autonat = autonat::Behaviour::new(
+                peer_id,
+                // Loopback and private testnets are legitimate deployments here.
+                autonat::Config { only_global_ips: false, ..Default::default() },
+            );
+            let limits = connection_limits::Behaviour::new(
+                connection_limits::ConnectionLimits::default()
+                    .with_max_pending_incoming(Some(128))
+                    .with_max_established_incoming(Some(1024))
+                    .with_max_established_per_peer(Some(4)),
+            );
+            Ok(Behaviour {
+                limits,
+                membership,
+                identify,
+                ping: ping::Behaviour::default(),
+                kad,
+                gossipsub,
+                relay_server,
+                relay_client,
+                dcutr: dcutr::Behaviour::new(peer_id),
+                autonat,
+            })
+        })
+        .map_err(|e| Error::Build(e.to_string()))?
+        // Members stay connected; non-members are cut explicitly.
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(24 * 3600)))
+        .build();
+    Ok(swarm)
+}
+
+async fn load_known(store: &store::Store) -> Vec<(PeerId, Vec<Multiaddr>)> {
+    let rows = match store.blocking(|s| s.scan(store::cf::PEERS)).await {
+        Ok(rows) => rows,
+        Err(e) => {
+            warn!(error = %e, "cannot read known peers; starting from the bootstrap list");
+            return Vec::new();
+        }
+    };
+    rows.into_iter()
+        .filter_map(|(k, v)| {
+            let peer: PeerId = std::str::from_utf8(&k).ok()?.parse().ok()?;
+            let known: KnownPeer = serde_json::from_slice(&v).ok()?;
+            let addrs = known.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+            Some((peer, addrs))
+        })
+        .collect()
+}
+
+impl EventLoop {
+    async fn run(mut self, cancel: CancellationToken) {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        let mut kad_refresh = tokio::time::interval(Duration::from_secs(300));
+        loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                ev = self.swarm.select_next_some() => self.on_swarm_event(ev),
+                cmd = self.commands.recv() => match cmd {
+                    Some(cmd) => self.on_command(cmd),
+                    None => break,
+                },
+                _ = tick.tick() => self.on_tick(),
+                _ = kad_refresh.tick() => {
+                    if !self.members.is_empty() {
+                        let _ = self.swarm.behaviour_mut().kad.bootstrap();
+                    }
+                }
+            }
+        }
+        debug!("mesh event loop stopped");
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Members(reply) => {
+                let mut list: Vec<PeerInfo> = self
+                    .members
+                    .iter()
+                    .map(|(peer, st)| PeerInfo {
+                        peer_id: peer.to_string(),
+                        institution: st.member.institution.clone(),
+                        role: st.member.role,
+                        addrs: self
+                            .addrs
+                            .get(peer)
+                            .map(|a| a.iter().map(|a| a.to_string()).collect())
+                            .unwrap_or_default(),
+                        connected_for_secs: st.since.elapsed().as_secs(),
+                    })
+                    .collect();
+                list.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
+                let _ = reply.send(list);
+            }
+            Command::ListenAddrs(reply) => {
+                let _ = reply.send(self.swarm.listeners().cloned().collect());
+            }
+            Command::Dial(addr, reply) => {
+                let r = self
+                    .swarm
+                    .dial(addr.clone())
+                    .map_err(|e| Error::Dial { addr, reason: e.to_string() });
+                let _ = reply.send(r);
+            }
+            Command::Publish { topic, data, reply } => {
+                let full = gossipsub::IdentTopic::new(format!("{}{topic}", self.topic_prefix));
+                let gs = &mut self.swarm.behaviour_mut().gossipsub;
+                let r = gs
+                    .subscribe(&full)
+                    .map_err(|e| e.to_string())
+                    .and_then(|_| gs.publish(full, data).map(|_| ()).map_err(|e| e.to_string()))
+                    .map_err(|reason| Error::Publish { topic, reason });
+                let _ = reply.send(r);
+            }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        let now = Instant::now();
+        let late: Vec<PeerId> =
+            self.pending.iter().filter(|(_, d)| **d <= now).map(|(p, _)| *p).collect();
+        for peer in late {
+            self.pending.remove(&peer);
+            let reason = Refusal::NoProof(self.config.proof_timeout);
+            warn!(%peer, %reason, "disconnecting peer");
+            self.emit(Event::Refused { peer, reason });
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+        // Redial known members we are not connected to, with exponential backoff.
+        let due: Vec<PeerId> = self
+            .known
+            .iter()
+            .filter(|(p, r)| r.next <= now && !self.swarm.is_connected(p))
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in due {
+            let addrs = self.addrs.get(&peer).cloned().unwrap_or_default();
+            let r = self.known.get_mut(&peer).expect("due peers come from known");
+            r.failures = (r.failures + 1).min(4);
+            r.next = now + self.config.redial_interval * (1 << r.failures);
+            if addrs.is_empty() {
+                continue;
+            }
+            let opts = DialOpts::peer_id(peer)
+                .addresses(addrs)
+                .condition(PeerCondition::DisconnectedAndNotDialing)
+                .build();
+            if let Err(e) = self.swarm.dial(opts) {
+                debug!(%peer, error = %e, "redial failed");
+            }
+        }
+    }
+
+    fn emit(&self, event: Event) {
+        // No subscribers is fine: nobody is waiting for this event.
+        let _ = self.events.send(event);
+    }
+
+    fn hello(&self, except: &PeerId) -> Hello {
+        Hello { version: 1, proof: self.proof.clone(), members: self.member_list(except) }
+    }
+
+    fn member_list(&self, except: &PeerId) -> Vec<PeerAddrs> {
+        self.members
+            .keys()
+            .filter(|p| *p != except)
+            .take(MAX_LISTED_MEMBERS)
+            .map(|p| PeerAddrs {
+                peer_id: p.to_string(),
+                addrs: self
+                    .addrs
+                    .get(p)
+                    .map(|a| a.iter().map(|a| a.to_string()).collect())
+                    .unwrap_or_default(),
+            })
+            .collect()
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                info!(%address, "listening");
+                if !is_circuit(&address) {
+                    self.swarm.add_external_address(address);
+                }
+            }
+            SwarmEvent::ConnectionEstablished { peer_id, endpoint, num_established, .. } => {
+                if let ConnectedPoint::Dialer { address, .. } = &endpoint {
+                    if !is_circuit(address) {
+                        self.remember_addr(peer_id, address.clone());
+                    }
+                }
+                if num_established.get() == 1 && !self.members.contains_key(&peer_id) {
+                    self.pending
+                        .entry(peer_id)
+                        .or_insert_with(|| Instant::now() + self.config.proof_timeout);
+                    let hello = self.hello(&peer_id);
+                    self.swarm.behaviour_mut().membership.send_request(&peer_id, hello);
+                }
+            }
+            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
+                self.pending.remove(&peer_id);
+                self.refused.remove(&peer_id);
+                if self.members.remove(&peer_id).is_some() {
+                    info!(peer = %peer_id, "member disconnected");
+                    self.emit(Event::MemberDisconnected(peer_id));
+                }
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                debug!(?peer_id, %error, "dial failed");
+            }
+            SwarmEvent::Behaviour(ev) => self.on_behaviour_event(ev),
+            _ => {}
+        }
+    }
+
+    fn on_behaviour_event(&mut self, event: BehaviourEvent) {
+        match event {
+            BehaviourEvent::Membership(ev) => self.on_membership(ev),
+            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+                for addr in info.listen_addrs.into_iter().take(MAX_ADDRS_PER_PEER) {
+                    self.remember_addr(peer_id, addr);
+                }
+                if self.members.contains_key(&peer_id) {
+                    self.admit_to_routing(peer_id);
+                    self.persist(peer_id);
+                }
+            }
+            BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            }) => {
+                let author_ok = message.source.is_some_and(|s| self.members.contains_key(&s));
+                let relay_ok = self.members.contains_key(&propagation_source);
+                let acceptance = if author_ok && relay_ok {
+                    gossipsub::MessageAcceptance::Accept
+                } else {
+                    gossipsub::MessageAcceptance::Reject
+                };
+                let accepted = matches!(acceptance, gossipsub::MessageAcceptance::Accept);
+                self.swarm.behaviour_mut().gossipsub.report_message_validation_result(
+                    &message_id,
+                    &propagation_source,
+                    acceptance,
+                );
+                if !accepted {
+                    debug!(peer = %propagation_source, "ignored gossip from a non-member");
+                    return;
+                }
+                let topic = message.topic.as_str();
+                if let (Some(source), Some(topic)) =
+                    (message.source, topic.strip_prefix(&self.topic_prefix))
+                {
+                    self.emit(Event::Gossip { topic: topic.to_string(), source, data: message.data });
+                }
+            }
+            BehaviourEvent::Autonat(autonat::Event::StatusChanged { new, .. }) => {
+                info!(status = ?new, "NAT status");
+                if matches!(new, autonat::NatStatus::Private) {
+                    self.listen_via_relay();
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Behind NAT: take a reservation on every coordinator we are connected to, so that peers
+    /// can reach us through it (and DCUtR can upgrade to a direct connection).
+    fn listen_via_relay(&mut self) {
+        if self.relay_listening {
+            return;
+        }
+        let relays: Vec<(PeerId, Multiaddr)> = self
+            .members
+            .iter()
+            .filter(|(_, st)| st.member.role == Role::Coordinator)
+            .filter_map(|(p, _)| Some((*p, self.addrs.get(p)?.first()?.clone())))
+            .collect();
+        for (peer, addr) in relays {
+            let circuit = addr.with(Protocol::P2p(peer)).with(Protocol::P2pCircuit);
+            match self.swarm.listen_on(circuit.clone()) {
+                Ok(_) => {
+                    info!(%circuit, "listening through relay");
+                    self.relay_listening = true;
+                }
+                Err(e) => warn!(%circuit, error = %e, "cannot listen through relay"),
+            }
+        }
+    }
+
+    fn on_membership(&mut self, event: request_response::Event<Hello, HelloReply>) {
+        use request_response::{Event as E, Message as M};
+        match event {
+            E::Message { peer, message: M::Request { request, channel, .. }, .. } => {
+                let verdict = self.verify(&peer, request.version, &request.proof);
+                let reply = match &verdict {
+                    Ok(_) => HelloReply::Welcome {
+                        proof: self.proof.clone(),
+                        members: self.member_list(&peer),
+                    },
+                    Err(reason) => HelloReply::Refused { reason: reason.to_string() },
+                };
+                let _ = self.swarm.behaviour_mut().membership.send_response(channel, reply);
+                self.on_verdict(peer, verdict, request.members);
+            }
+            E::Message { peer, message: M::Response { response, .. }, .. } => match response {
+                HelloReply::Welcome { proof, members } => {
+                    let verdict = self.verify(&peer, 1, &proof);
+                    self.on_verdict(peer, verdict, members);
+                }
+                HelloReply::Refused { reason } => {
+                    warn!(%peer, %reason, "peer refused our membership proof");
+                    self.emit(Event::RefusedBy { peer, reason });
+                    let _ = self.swarm.disconnect_peer_id(peer);
+                }
+            },
+            E::ResponseSent { peer, .. } => {
+                if self.refused.remove(&peer) {
+                    let _ = self.swarm.disconnect_peer_id(peer);
+                }
+            }
+            E::OutboundFailure { peer, error, .. } => {
+                debug!(%peer, %error, "membership request failed");
+            }
+            E::InboundFailure { peer, error, .. } => {
+                debug!(%peer, %error, "membership request from peer failed");
+                if self.refused.remove(&peer) {
+                    let _ = self.swarm.disconnect_peer_id(peer);
+                }
+            }
+        }
+    }
+
+    fn verify(&self, peer: &PeerId, version: u32, proof: &[u8]) -> Result<Member, Refusal> {
+        if version != 1 {
+            return Err(Refusal::Malformed {
+                what: "hello".into(),
+                reason: format!("membership protocol version {version}, this node speaks 1"),
+            });
+        }
+        Proof::from_bytes(proof)?.verify(&self.federation, peer, unix_now())
+    }
+
+    fn on_verdict(&mut self, peer: PeerId, verdict: Result<Member, Refusal>, listed: Vec<PeerAddrs>) {
+        match verdict {
+            Ok(member) => {
+                self.pending.remove(&peer);
+                if self.members.contains_key(&peer) {
+                    return;
+                }
+                info!(%peer, institution = ?member.institution, role = %member.role, "member connected");
+                self.members.insert(peer, MemberState { member: member.clone(), since: Instant::now() });
+                self.known.insert(peer, Redial { next: Instant::now(), failures: 0 });
+                self.admit_to_routing(peer);
+                self.persist(peer);
+                self.swarm.behaviour_mut().gossipsub.add_explicit_peer(&peer);
+                self.emit(Event::MemberConnected(member));
+                // Peer exchange: connect directly to the members it knows, so that the mesh does
+                // not depend on whoever introduced us.
+                for pa in listed.into_iter().take(MAX_LISTED_MEMBERS) {
+                    let Ok(other) = pa.peer_id.parse::<PeerId>() else { continue };
+                    if other == self.swarm.local_peer_id().to_owned() || self.swarm.is_connected(&other)
+                    {
+                        continue;
+                    }
+                    let addrs: Vec<Multiaddr> = pa
+                        .addrs
+                        .iter()
+                        .take(MAX_ADDRS_PER_PEER)
+                        .filter_map(|a| a.parse().ok())
+                        .collect();
+                    for a in &addrs {
+                        self.remember_addr(other, a.clone());
+                    }
+                    let opts = DialOpts::peer_id(other)
+                        .addresses(addrs)
+                        .condition(PeerCondition::DisconnectedAndNotDialing)
+                        .build();
+                    let _ = self.swarm.dial(opts);
+                }
+            }
+            Err(reason) => {
+                self.pending.remove(&peer);
+                warn!(%peer, %reason, "refusing peer");
+                self.emit(Event::Refused { peer, reason });
+                self.refused.insert(peer);
+                if self.members.remove(&peer).is_some() {
+                    self.emit(Event::MemberDisconnected(peer));
+                }
+                // If no reply is owed, cut now; otherwise once the reply is out.
+                let _ = self.swarm.disconnect_peer_id(peer);
+            }
+        }
+    }
+
+    fn remember_addr(&mut self, peer: PeerId, addr: Multiaddr) {
+        let addr: Multiaddr =
+            addr.into_iter().filter(|p| !matches!(p, Protocol::P2p(_))).collect();
+        let list = self.addrs.entry(peer).or_default();
+        if !list.contains(&addr) {
+            if list.len() >= MAX_ADDRS_PER_PEER {
+                list.remove(0);
+            }
+            list.push(addr);
+        }
+    }
+
+    fn admit_to_routing(&mut self, peer: PeerId) {
+        for addr in self.addrs.get(&peer).cloned().unwrap_or_default() {
+            self.swarm.behaviour_mut().kad.add_address(&peer, addr);
+        }
+    }
+
+    fn persist(&self, peer: PeerId) {
+        let known = KnownPeer {
+            version: 1,
+            addrs: self
+                .addrs
+                .get(&peer)
+                .map(|a| a.iter().filter(|a| !is_circuit(a)).map(|a| a.to_string()).collect())
+                .unwrap_or_default(),
+            last_seen: unix_now(),
+        };
+        let value = serde_json::to_vec(&known).expect("known peers always serialise");
+        let store = self.config.store.clone();
+        self.tracker.spawn(async move {
+            let key = peer.to_string().into_bytes();
+            if let Err(e) = store.blocking(move |s| s.put(store::cf::PEERS, &key, &value)).await {
+                warn!(%peer, error = %e, "cannot persist known peer");
+            }
+        });
+    }
+}
+
+fn is_circuit(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| matches!(p, Protocol::P2pCircuit))
+}
+
+/// The `/p2p/<peer>` component for a dialable address.
+pub fn p2p(peer: PeerId) -> Protocol<'static> {
+    Protocol::P2p(peer)
+}

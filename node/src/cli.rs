@@ -1,0 +1,431 @@
+//! The command line: clap definitions and dispatch. Errors are printed on one line that names the
+//! problem and the next step, with a non-zero exit; nothing here panics on user input.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Args, Parser, Subcommand};
+use mesh::membership::Role;
+
+use crate::client::Client;
+use crate::config::Config;
+use crate::daemon::Node;
+use crate::datadir::DataDir;
+use crate::{demo, local_testnet, ops};
+
+/// funcmesh: a federated function-as-a-service mesh with no central broker.
+#[derive(Debug, Parser)]
+#[command(name = "funcmesh", version, propagate_version = true)]
+pub struct Cli {
+    /// The command.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Where a client command finds its node.
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    /// Data dir of the node to talk to.
+    #[arg(long, env = "FUNCMESH_NODE", value_name = "DATA_DIR")]
+    pub node: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a local federation in a temp dir and show what funcmesh does, then clean up.
+    Demo,
+    /// Create a node identity and default config in a data dir.
+    Init {
+        /// The node's data dir.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// A human name for the node.
+        #[arg(long)]
+        name: Option<String>,
+    },
+    /// Run the node daemon until SIGINT or SIGTERM.
+    Start(StartArgs),
+    /// Join a federation through its coordinator with an invite, then run the node.
+    Join {
+        /// The coordinator's multiaddr, as `funcmesh status` on it prints.
+        address: String,
+        /// The invite string from `funcmesh invite create`.
+        #[arg(long)]
+        invite: String,
+        /// The node's data dir (initialised if needed).
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Exit once joined instead of running the node.
+        #[arg(long)]
+        no_start: bool,
+        /// How long to wait for the coordinator's answer.
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+        /// Override a config setting: `section.key=value`.
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
+    /// Show a running node's identity, federation and mesh.
+    Status(NodeArgs),
+    /// List the verified members a running node is connected to.
+    Peers(NodeArgs),
+    /// Create a federation or admit institutions to it.
+    #[command(subcommand)]
+    Federation(FederationCommand),
+    /// Manage institution keys.
+    #[command(subcommand)]
+    Institution(InstitutionCommand),
+    /// Create invites for new nodes.
+    #[command(subcommand)]
+    Invite(InviteCommand),
+    /// Run a local multi-process federation on loopback.
+    #[command(subcommand)]
+    Testnet(TestnetCommand),
+}
+
+/// `funcmesh start`.
+#[derive(Debug, Args)]
+pub struct StartArgs {
+    /// The node's data dir.
+    #[arg(long)]
+    pub data_dir: PathBuf,
+    /// Address of the local API (overrides api.listen).
+    #[arg(long)]
+    pub api_listen: Option<String>,
+    /// Mesh listen address, repeatable (overrides mesh.listen).
+    #[arg(long)]
+    pub listen: Vec<String>,
+    /// Override a config setting: `section.key=value`.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Print the resolved configuration and exit.
+    #[arg(long)]
+    pub dump_config: bool,
+}
+
+/// `funcmesh federation …`.
+#[derive(Debug, Subcommand)]
+pub enum FederationCommand {
+    /// Create a federation: its root key, signed genesis, and a coordinator node in the data dir.
+    Create {
+        /// The federation's name.
+        #[arg(long)]
+        name: String,
+        /// The coordinator's data dir.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// Mesh listen address for the coordinator, repeatable (a fixed port keeps its address
+        /// stable across restarts).
+        #[arg(long)]
+        listen: Vec<String>,
+    },
+    /// Sign an institution's admission into the federation.
+    Admit {
+        /// The federation key file (`federation.key` in the coordinator's data dir).
+        #[arg(long)]
+        federation_key: PathBuf,
+        /// The institution's public key file (`FILE.pub`).
+        #[arg(long)]
+        institution: PathBuf,
+        /// The genesis (default: `federation.json` next to the key).
+        #[arg(long)]
+        genesis: Option<PathBuf>,
+        /// Write the certificate here instead of printing it.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+/// `funcmesh institution …`.
+#[derive(Debug, Subcommand)]
+pub enum InstitutionCommand {
+    /// Create an institution key pair: FILE (secret) and FILE.pub.
+    Create {
+        /// The institution's name.
+        #[arg(long)]
+        name: String,
+        /// Where to write the secret key.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+/// `funcmesh invite …`.
+#[derive(Debug, Subcommand)]
+pub enum InviteCommand {
+    /// Print an invite for a new node of the institution.
+    Create {
+        /// The institution's secret key file.
+        #[arg(long)]
+        institution_key: PathBuf,
+        /// The institution's admission certificate.
+        #[arg(long)]
+        admission: PathBuf,
+        /// The new node's role.
+        #[arg(long, value_parser = parse_member_role)]
+        role: Role,
+        /// How long the invite may be used.
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+    },
+}
+
+fn parse_member_role(s: &str) -> Result<Role, String> {
+    match s.parse()? {
+        Role::Coordinator => Err("coordinators are created by `federation create`".into()),
+        r => Ok(r),
+    }
+}
+
+/// `funcmesh testnet …`.
+#[derive(Debug, Subcommand)]
+pub enum TestnetCommand {
+    /// Start a coordinator and the members of N institutions as local processes.
+    Up {
+        /// The testnet's directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Number of institutions.
+        #[arg(long, default_value_t = 2)]
+        institutions: usize,
+        /// Member nodes per institution.
+        #[arg(long, default_value_t = 2)]
+        nodes_per_institution: usize,
+        /// Role of the member nodes.
+        #[arg(long, default_value = "endpoint", value_parser = parse_member_role)]
+        role: Role,
+    },
+    /// Show the testnet's nodes and whether they run.
+    Status {
+        /// The testnet's directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop every node of the testnet.
+    Down {
+        /// The testnet's directory.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// SIGKILL one node.
+    Kill {
+        /// Node name (`coordinator`, `a1`, …).
+        node: String,
+        /// The testnet's directory.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Restart one node (killed or not) from its data dir.
+    Restart {
+        /// Node name.
+        node: String,
+        /// The testnet's directory.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+}
+
+/// Parses the command line and runs it; prints errors on one line.
+pub fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                let _ = e.print();
+                return ExitCode::from(2);
+            }
+            let rendered = e.render().to_string();
+            let first = rendered.lines().next().unwrap_or("invalid command line").trim();
+            eprintln!("{first} (see `funcmesh --help`)");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let msg = format!("{e:#}").replace('\n', " ");
+            eprintln!("error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(filter: &str) {
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| filter.to_string());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Runs one command.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Demo => demo::run().await,
+        Command::Init { data_dir, name } => {
+            let dir = DataDir::new(data_dir);
+            let peer = ops::init(&dir, name.as_deref())?;
+            println!("initialised {} (peer id {peer})", dir.root().display());
+            Ok(())
+        }
+        Command::Start(args) => start(args).await,
+        Command::Join { address, invite, data_dir, no_start, timeout, set } => {
+            let dir = DataDir::new(data_dir);
+            let config = if dir.config().exists() {
+                Config::resolve(Some(&dir.config()), std::env::vars(), &set)?
+            } else {
+                Config::resolve(None, std::env::vars(), &set)?
+            };
+            if !no_start {
+                init_tracing(&config.node.log);
+            }
+            let node = ops::join(&dir, &address, &invite, &set, timeout).await?;
+            let m = node.member().clone();
+            println!(
+                "joined federation {} ({}) as {} of {} with peer id {}",
+                node.federation().name,
+                node.federation().id,
+                m.role,
+                m.institution.as_deref().unwrap_or("-"),
+                node.peer_id()
+            );
+            if no_start {
+                return node.shutdown().await;
+            }
+            wait_for_signal().await?;
+            node.shutdown().await
+        }
+        Command::Status(args) => {
+            let client = Client::for_node(&DataDir::new(&args.node))?;
+            let s = client.status().await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                println!("name         {}", s.name);
+                println!("peer id      {}", s.peer_id);
+                println!("federation   {} ({})", s.federation_name, s.federation_id);
+                println!("role         {}", s.role);
+                println!("institution  {}", s.institution.as_deref().unwrap_or("-"));
+                println!("members      {}", s.members);
+                println!("uptime       {}s", s.uptime_secs);
+                for a in &s.listen_addrs {
+                    println!("listening    {a}");
+                }
+            }
+            Ok(())
+        }
+        Command::Peers(args) => {
+            let client = Client::for_node(&DataDir::new(&args.node))?;
+            let peers = client.peers().await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&peers)?);
+            } else {
+                print_peers(&peers);
+            }
+            Ok(())
+        }
+        Command::Federation(FederationCommand::Create { name, data_dir, listen }) => {
+            let dir = DataDir::new(data_dir);
+            let fed = ops::federation_create(&dir, &name, &listen)?;
+            println!("created federation {} ({})", fed.name, fed.id);
+            println!("federation key: {}", dir.federation_key().display());
+            println!("coordinator data dir: {} (run `funcmesh start --data-dir {0}`)", dir.root().display());
+            Ok(())
+        }
+        Command::Federation(FederationCommand::Admit { federation_key, institution, genesis, out }) => {
+            let admission = ops::federation_admit(&federation_key, genesis.as_deref(), &institution)?;
+            match out {
+                Some(path) => {
+                    ops::write_admission(&path, &admission)?;
+                    println!("admission written to {}", path.display());
+                }
+                None => println!("{}", serde_json::to_string_pretty(&admission)?),
+            }
+            Ok(())
+        }
+        Command::Institution(InstitutionCommand::Create { name, out }) => {
+            ops::institution_create(&name, &out)?;
+            println!("institution key: {} (public: {}.pub)", out.display(), out.display());
+            Ok(())
+        }
+        Command::Invite(InviteCommand::Create { institution_key, admission, role, ttl }) => {
+            println!("{}", ops::invite_create(&institution_key, &admission, role, ttl)?);
+            Ok(())
+        }
+        Command::Testnet(cmd) => local_testnet::run(cmd).await,
+    }
+}
+
+async fn start(args: StartArgs) -> anyhow::Result<()> {
+    let dir = DataDir::new(&args.data_dir);
+    if !dir.is_initialised() {
+        anyhow::bail!(
+            "{0} is not a node data dir: run `funcmesh init --data-dir {0}` or `funcmesh join`",
+            dir.root().display()
+        );
+    }
+    let mut overrides = args.set.clone();
+    if let Some(api) = &args.api_listen {
+        overrides.push(format!("api.listen={api}"));
+    }
+    if !args.listen.is_empty() {
+        overrides.push(format!("mesh.listen={}", args.listen.join(",")));
+    }
+    let config = Config::resolve(Some(&dir.config()), std::env::vars(), &overrides)?;
+    if args.dump_config {
+        print!("{}", config.to_toml());
+        return Ok(());
+    }
+    init_tracing(&config.node.log);
+    let node = Node::start(&dir, &config).await?;
+    wait_for_signal().await?;
+    node.shutdown().await
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    tracing::info!("shutting down");
+    Ok(())
+}
+
+/// Prints members as a table.
+pub fn print_peers(peers: &[mesh::PeerInfo]) {
+    println!("{:<54} {:<12} {:<14} {:>6}  ADDRESS", "PEER", "ROLE", "INSTITUTION", "UP(s)");
+    for p in peers {
+        println!(
+            "{:<54} {:<12} {:<14} {:>6}  {}",
+            p.peer_id,
+            p.role.to_string(),
+            p.institution.as_deref().unwrap_or("-"),
+            p.connected_for_secs,
+            p.addrs.first().map(String::as_str).unwrap_or("-")
+        );
+    }
+}

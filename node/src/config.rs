@@ -1,0 +1,237 @@
+//! Node configuration: defaults, then the TOML file, then `FUNCMESH_*` environment variables,
+//! then command-line flags; each layer overrides the one before.
+//!
+//! Every key can be set from the environment as `FUNCMESH_<SECTION>_<KEY>` (for example
+//! `FUNCMESH_API_LISTEN=127.0.0.1:8080`) and from the command line as `--set section.key=value`.
+//! Values are TOML (`5`, `true`, `["a", "b"]`); anything that does not parse as TOML is a string,
+//! and a comma-separated string sets a list.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use serde::{Deserialize, Serialize};
+
+/// The resolved node configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// About the node itself.
+    pub node: NodeSection,
+    /// The local HTTP API.
+    pub api: ApiSection,
+    /// The libp2p mesh.
+    pub mesh: MeshSection,
+}
+
+/// `[node]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeSection {
+    /// A human name shown by `status`.
+    pub name: String,
+    /// Log filter (tracing `EnvFilter` syntax), used by `funcmesh start`.
+    pub log: String,
+}
+
+/// `[api]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiSection {
+    /// Address of the local HTTP API; port 0 picks a free port. Loopback unless you mean it.
+    pub listen: SocketAddr,
+}
+
+/// `[mesh]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MeshSection {
+    /// libp2p listen addresses; port 0 picks a free port.
+    pub listen: Vec<String>,
+    /// Addresses dialed at start: the coordinator's, written by `join`.
+    pub bootstrap: Vec<String>,
+    /// Serve as a relay for NATed members (coordinators always do).
+    pub relay_server: bool,
+    /// How long a new peer has to prove its membership before it is cut.
+    #[serde(with = "humantime_serde_str")]
+    pub proof_timeout: Duration,
+    /// Base interval for re-dialing known members.
+    #[serde(with = "humantime_serde_str")]
+    pub redial_interval: Duration,
+}
+
+impl Default for NodeSection {
+    fn default() -> Self {
+        NodeSection { name: "funcmesh-node".into(), log: "info".into() }
+    }
+}
+
+impl Default for ApiSection {
+    fn default() -> Self {
+        ApiSection { listen: SocketAddr::from(([127, 0, 0, 1], 0)) }
+    }
+}
+
+impl Default for MeshSection {
+    fn default() -> Self {
+        MeshSection {
+            listen: vec!["/ip4/127.0.0.1/tcp/0".into(), "/ip4/127.0.0.1/udp/0/quic-v1".into()],
+            bootstrap: Vec::new(),
+            relay_server: false,
+            proof_timeout: Duration::from_secs(5),
+            redial_interval: Duration::from_millis(500),
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            node: NodeSection::default(),
+            api: ApiSection::default(),
+            mesh: MeshSection::default(),
+        }
+    }
+}
+
+mod humantime_serde_str {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+impl Config {
+    /// Resolves the layers: defaults, `file` (if it exists), `env` (`FUNCMESH_*` pairs), then
+    /// `overrides` (`section.key=value`).
+    pub fn resolve(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+        overrides: &[String],
+    ) -> anyhow::Result<Config> {
+        let defaults = toml::Table::try_from(Config::default()).expect("defaults serialise");
+        let mut table = defaults.clone();
+        if let Some(path) = file.filter(|p| p.exists()) {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read config {}", path.display()))?;
+            let file: toml::Table = text
+                .parse()
+                .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), one_line(&e.to_string())))?;
+            merge(&mut table, file);
+        }
+        let env: std::collections::HashMap<String, String> = env.into_iter().collect();
+        for (section, keys) in &defaults {
+            let Some(keys) = keys.as_table() else { continue };
+            for (key, default) in keys {
+                let var = format!("FUNCMESH_{}_{}", section, key).to_uppercase();
+                if let Some(value) = env.get(&var) {
+                    set(&mut table, section, key, value, default).with_context(|| format!("in {var}"))?;
+                }
+            }
+        }
+        for o in overrides {
+            let Some((path, value)) = o.split_once('=') else {
+                bail!("--set {o}: expected section.key=value");
+            };
+            let Some((section, key)) = path.split_once('.') else {
+                bail!("--set {o}: expected section.key=value");
+            };
+            let Some(default) = defaults.get(section).and_then(|s| s.get(key)) else {
+                bail!("--set {o}: unknown setting `{path}` (see `funcmesh start --dump-config`)");
+            };
+            set(&mut table, section, key, value, default).with_context(|| format!("in --set {o}"))?;
+        }
+        Config::deserialize(toml::Value::Table(table))
+            .map_err(|e| anyhow::anyhow!("invalid configuration: {}", one_line(&e.to_string())))
+    }
+
+    /// The configuration as TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("config serialises")
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+fn merge(base: &mut toml::Table, over: toml::Table) {
+    for (k, v) in over {
+        match (base.get_mut(&k), v) {
+            (Some(toml::Value::Table(b)), toml::Value::Table(o)) => merge(b, o),
+            (_, v) => {
+                base.insert(k, v);
+            }
+        }
+    }
+}
+
+fn set(table: &mut toml::Table, section: &str, key: &str, raw: &str, default: &toml::Value) -> anyhow::Result<()> {
+    let value = match default {
+        toml::Value::Array(_) if !raw.trim_start().starts_with('[') => toml::Value::Array(
+            raw.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| toml::Value::String(s.into())).collect(),
+        ),
+        toml::Value::String(_) => toml::Value::String(raw.to_string()),
+        _ => format!("v = {raw}")
+            .parse::<toml::Table>()
+            .ok()
+            .and_then(|mut t| t.remove("v"))
+            .unwrap_or_else(|| toml::Value::String(raw.to_string())),
+    };
+    let section = table
+        .entry(section.to_string())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    match section.as_table_mut() {
+        Some(t) => {
+            t.insert(key.to_string(), value);
+            Ok(())
+        }
+        None => bail!("`{section}` is not a table"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layers_override_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, "[api]\nlisten = \"127.0.0.1:7000\"\n[node]\nname = \"file\"\n").unwrap();
+        let env = vec![
+            ("FUNCMESH_NODE_NAME".to_string(), "env".to_string()),
+            ("FUNCMESH_MESH_BOOTSTRAP".to_string(), "/ip4/1.2.3.4/tcp/1,/ip4/1.2.3.4/tcp/2".to_string()),
+            ("FUNCMESH_MESH_PROOF_TIMEOUT".to_string(), "2s".to_string()),
+            ("UNRELATED".to_string(), "x".to_string()),
+        ];
+        let c = Config::resolve(Some(&path), env, &["api.listen=127.0.0.1:7001".into()]).unwrap();
+        assert_eq!(c.node.name, "env");
+        assert_eq!(c.api.listen.port(), 7001);
+        assert_eq!(c.mesh.bootstrap.len(), 2);
+        assert_eq!(c.mesh.proof_timeout, Duration::from_secs(2));
+        let back = Config::resolve(None, vec![], &[]).unwrap();
+        assert_eq!(back, Config::default());
+    }
+
+    #[test]
+    fn bad_settings_name_the_problem() {
+        let err = Config::resolve(None, vec![], &["api.nope=1".into()]).unwrap_err();
+        assert!(err.to_string().contains("unknown setting `api.nope`"), "{err}");
+        let env = vec![("FUNCMESH_API_LISTEN".to_string(), "not an address".to_string())];
+        let err = format!("{:#}", Config::resolve(None, env, &[]).unwrap_err());
+        assert!(err.contains("invalid"), "{err}");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, "[api]\nlisten = \"127.0.0.1:7000\"\ntypo = 1\n").unwrap();
+        let err = Config::resolve(Some(&path), vec![], &[]).unwrap_err();
+        assert!(err.to_string().contains("typo"), "{err}");
+    }
+}

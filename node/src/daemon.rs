@@ -1,0 +1,176 @@
+//! A running node: store, mesh and local API wired together, with structured shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use mesh::membership::{Federation, Member, Proof, Role, unix_now};
+use mesh::{Multiaddr, PeerId};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::info;
+
+use crate::api;
+use crate::config::Config;
+use crate::datadir::{ApiInfo, DataDir, write_json_atomic};
+
+/// A running node. Dropping it without [`Node::shutdown`] still stops its tasks (the cancel token
+/// is cancelled on drop) but does not wait for them.
+pub struct Node {
+    inner: Arc<Inner>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+    store: store::Store,
+    api_addr: SocketAddr,
+    data_dir: DataDir,
+}
+
+/// What the API serves from; shared by the handlers.
+pub(crate) struct Inner {
+    pub(crate) mesh: mesh::Handle,
+    pub(crate) federation: Federation,
+    pub(crate) own: Member,
+    pub(crate) name: String,
+    pub(crate) started: Instant,
+    pub(crate) token: String,
+}
+
+impl Node {
+    /// Starts the node of `dir` with its stored membership.
+    pub async fn start(dir: &DataDir, config: &Config) -> anyhow::Result<Node> {
+        let (federation, proof) = dir.read_membership()?;
+        Node::start_with(dir, config, federation, proof).await
+    }
+
+    /// Starts the node of `dir` with the given membership (used by `join` before it is stored).
+    pub async fn start_with(
+        dir: &DataDir,
+        config: &Config,
+        federation: Federation,
+        proof: Proof,
+    ) -> anyhow::Result<Node> {
+        let keypair = mesh::keys::read_node_key(&dir.node_key())
+            .with_context(|| format!("cannot read the node key of {}", dir.root().display()))?;
+        let peer_id = keypair.public().to_peer_id();
+        let own = proof.verify(&federation, &peer_id, unix_now()).with_context(|| {
+            format!("the membership stored in {} is not valid", dir.root().display())
+        })?;
+        let db = dir.db();
+        let store = tokio::task::spawn_blocking(move || store::Store::open(&db))
+            .await
+            .context("store task")?
+            .map_err(|e| {
+                anyhow::anyhow!("{e} (is another node already running on this data dir?)")
+            })?;
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let listen = parse_addrs(&config.mesh.listen, "mesh.listen")?;
+        let bootstrap = parse_addrs(&config.mesh.bootstrap, "mesh.bootstrap")?;
+        let mesh_config = mesh::Config {
+            keypair,
+            federation: federation.clone(),
+            proof,
+            listen,
+            bootstrap,
+            relay_server: config.mesh.relay_server || own.role == Role::Coordinator,
+            proof_timeout: config.mesh.proof_timeout,
+            redial_interval: config.mesh.redial_interval,
+            store: store.clone(),
+        };
+        let mesh = mesh::network::spawn(mesh_config, cancel.child_token(), &tracker).await?;
+        let token = hex::encode(rand::random::<[u8; 24]>());
+        let inner = Arc::new(Inner {
+            mesh,
+            federation,
+            own,
+            name: config.node.name.clone(),
+            started: Instant::now(),
+            token: token.clone(),
+        });
+        let listener = tokio::net::TcpListener::bind(config.api.listen)
+            .await
+            .with_context(|| format!("cannot bind the API on {}", config.api.listen))?;
+        let api_addr = listener.local_addr().context("API address")?;
+        tracker.spawn(api::serve(listener, inner.clone(), cancel.child_token()));
+        let info = ApiInfo {
+            version: 1,
+            url: format!("http://{api_addr}"),
+            token,
+            pid: std::process::id(),
+            peer_id: peer_id.to_string(),
+        };
+        write_json_atomic(&dir.api(), &info, 0o600)?;
+        info!(%peer_id, federation = %inner.federation.id, api = %api_addr, "node started");
+        Ok(Node { inner, cancel, tracker, store, api_addr, data_dir: dir.clone() })
+    }
+
+    /// The mesh handle.
+    pub fn mesh(&self) -> &mesh::Handle {
+        &self.inner.mesh
+    }
+
+    /// This node's peer id.
+    pub fn peer_id(&self) -> PeerId {
+        self.inner.mesh.peer_id()
+    }
+
+    /// This node's own verified membership.
+    pub fn member(&self) -> &Member {
+        &self.inner.own
+    }
+
+    /// The federation.
+    pub fn federation(&self) -> &Federation {
+        &self.inner.federation
+    }
+
+    /// Address of the local API.
+    pub fn api_addr(&self) -> SocketAddr {
+        self.api_addr
+    }
+
+    /// The data dir.
+    pub fn data_dir(&self) -> &DataDir {
+        &self.data_dir
+    }
+
+    /// Mesh listen addresses with `/p2p/<peer id>` appended: what others dial.
+    pub async fn dial_addrs(&self) -> anyhow::Result<Vec<Multiaddr>> {
+        let peer = self.peer_id();
+        Ok(self
+            .mesh()
+            .listen_addrs()
+            .await?
+            .into_iter()
+            .map(|a| a.with(mesh::network::p2p(peer)))
+            .collect())
+    }
+
+    /// Stops accepting, stops the mesh and the API, waits for every task, flushes the store and
+    /// removes `api.json`.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.cancel.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(Duration::from_secs(10), self.tracker.wait()).await.is_err() {
+            tracing::warn!("some tasks did not stop within 10s");
+        }
+        let _ = std::fs::remove_file(self.data_dir.api());
+        let store = self.store.clone();
+        store.blocking(|s| s.flush()).await?;
+        info!("node stopped");
+        Ok(())
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+fn parse_addrs(list: &[String], what: &str) -> anyhow::Result<Vec<Multiaddr>> {
+    list.iter()
+        .map(|s| s.parse().with_context(|| format!("{what}: `{s}` is not a multiaddr")))
+        .collect()
+}

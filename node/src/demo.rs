@@ -1,0 +1,115 @@
+//! `funcmesh demo`: a local federation in a temp dir, shown step by step, then cleaned up.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use mesh::membership::{Admission, Genesis, Invite, Proof, Role, SigningKey, unix_now};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::client::Client;
+use crate::datadir::DataDir;
+use crate::local_testnet::{self, Testnet};
+
+/// Runs the demo.
+pub async fn run() -> anyhow::Result<()> {
+    let tmp = tempfile::Builder::new().prefix("funcmesh-demo-").tempdir().context("temp dir")?;
+    let dir = tmp.path().join("testnet");
+    println!("== funcmesh demo (in {})", tmp.path().display());
+    println!("\n-- 1. a federation: a coordinator and two institutions with two endpoint nodes each,");
+    println!("      each node a process that joined with an invite through `funcmesh join`");
+    let net = local_testnet::up(&dir, 2, 2, Role::Endpoint).await?;
+    let result = steps(&net, tmp.path()).await;
+    let stopped = local_testnet::down(&net).await;
+    println!("\n-- cleaned up: stopped {stopped} node process(es), removed {}", tmp.path().display());
+    result?;
+    println!("\ndemo finished: every step behaved as expected");
+    Ok(())
+}
+
+async fn steps(net: &Testnet, tmp: &std::path::Path) -> anyhow::Result<()> {
+    let a1 = &net.nodes[0];
+    let view = Client::for_node(&DataDir::new(&a1.data_dir))?;
+    println!("\nmembers as node {} ({}) sees them:", a1.name, a1.institution.as_deref().unwrap_or("-"));
+    crate::cli::print_peers(&view.peers().await?);
+
+    println!("\n-- 2. an uninvited node: its invite comes from another federation's institution");
+    let reason = uninvited_attempt(net, tmp).await?;
+    println!("refused by the coordinator: {reason}");
+    let listed = view.peers().await?.len();
+    println!("node {} still lists {listed} members; the stranger is not among them", a1.name);
+
+    println!("\n-- 3. stop the coordinator (SIGTERM, pid {})", net.coordinator.pid);
+    local_testnet::kill(net.coordinator.pid, libc::SIGTERM);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while local_testnet::alive(net.coordinator.pid) {
+        if Instant::now() > deadline {
+            bail!("the coordinator did not stop");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Wait until a1 has noticed the coordinator is gone, then show who it still sees.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let peers = loop {
+        let peers = view.peers().await?;
+        if !peers.iter().any(|p| p.peer_id == net.coordinator.peer_id) {
+            break peers;
+        }
+        if Instant::now() > deadline {
+            bail!("node {} still lists the stopped coordinator", a1.name);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    println!("coordinator down; members as {} sees them now:", a1.name);
+    crate::cli::print_peers(&peers);
+    let expected = net.nodes.len() - 1;
+    if peers.len() != expected {
+        bail!("expected {expected} members to stay connected, saw {}", peers.len());
+    }
+    println!("the mesh kept running without its coordinator");
+    Ok(())
+}
+
+/// A node with a perfectly valid invite from another federation dials ours and is refused.
+async fn uninvited_attempt(net: &Testnet, tmp: &std::path::Path) -> anyhow::Result<String> {
+    let now = unix_now();
+    let other_key = SigningKey::generate();
+    let other = Genesis::create("elsewhere", &other_key, now).verify()?;
+    let inst = SigningKey::generate();
+    let admission = Admission::issue(&other, &other_key, "stranger-u", inst.public(), now);
+    let invite = Invite::issue(&admission, &inst, Role::Endpoint, Duration::from_secs(600), now)?;
+    let keypair = mesh::Keypair::generate_ed25519();
+    let (federation, proof) = Proof::bind(&invite, &keypair, now)?;
+    let db = tmp.join("stranger-db");
+    let store = tokio::task::spawn_blocking(move || store::Store::open(&db)).await??;
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let config = mesh::Config {
+        keypair,
+        federation,
+        proof,
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse()?],
+        bootstrap: vec![],
+        relay_server: false,
+        proof_timeout: Duration::from_secs(5),
+        redial_interval: Duration::from_secs(1),
+        store,
+    };
+    let handle = mesh::network::spawn(config, cancel.child_token(), &tracker).await?;
+    let addr = net
+        .coordinator
+        .listen_addrs
+        .iter()
+        .find(|a| a.contains("/tcp/"))
+        .context("coordinator address")?
+        .parse()?;
+    let outcome = handle.join(addr, Duration::from_secs(10)).await;
+    cancel.cancel();
+    tracker.close();
+    tracker.wait().await;
+    match outcome {
+        Err(mesh::network::Error::Refused { reason, .. }) => Ok(reason),
+        Err(e) => bail!("the stranger was not refused as expected: {e}"),
+        Ok(_) => bail!("the stranger was admitted: membership checks are broken"),
+    }
+}

@@ -1,0 +1,3 @@
+//! The real `funcmesh` binary, multi-process, on loopback.
+
+mod cli;

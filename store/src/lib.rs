@@ -1,0 +1,212 @@
+//! The node's durable store: one RocksDB database in the node's data dir.
+//!
+//! Every column family funcmesh uses is declared in [`cf`], with what it holds and its key layout,
+//! so that the on-disk format is read in one place. Writes are synced before they return: the
+//! brief's rule is "written before acknowledged". RocksDB calls block; async callers use
+//! [`Store::blocking`] so that they never stall a tokio worker by accident.
+//!
+//! ```no_run
+//! let store = store::Store::open(std::path::Path::new("/tmp/node/db"))?;
+//! store.put(store::cf::META, b"hello", b"world")?;
+//! assert_eq!(store.get(store::cf::META, b"hello")?.as_deref(), Some(&b"world"[..]));
+//! # Ok::<(), store::Error>(())
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rocksdb::{ColumnFamilyDescriptor, DB, Options, WriteOptions};
+
+/// Column families and their key layouts. Adding one here is all it takes to have it created.
+pub mod cf {
+    /// Node metadata: `schema_version` → u32 (big-endian).
+    pub const META: &str = "meta";
+    /// Known mesh peers, re-dialed after a restart: peer id (UTF-8) → JSON `KnownPeer` (mesh).
+    pub const PEERS: &str = "peers";
+
+    /// All column families, in creation order.
+    pub const ALL: &[&str] = &[META, PEERS];
+}
+
+/// On-disk schema version, bumped on any incompatible layout change.
+pub const SCHEMA_VERSION: u32 = 1;
+const SCHEMA_KEY: &[u8] = b"schema_version";
+
+/// Store errors.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// RocksDB refused to open the database.
+    #[error("cannot open the store at {path}: {source}")]
+    Open {
+        /// Database directory.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: rocksdb::Error,
+    },
+    /// The database was written by an incompatible version of funcmesh.
+    #[error("the store at {path} has schema version {found}, this funcmesh reads {expected}")]
+    Schema {
+        /// Database directory.
+        path: PathBuf,
+        /// What is on disk.
+        found: u32,
+        /// What this code reads.
+        expected: u32,
+    },
+    /// A read or write failed.
+    #[error("store {op} in column family {cf} failed: {source}")]
+    Io {
+        /// Operation.
+        op: &'static str,
+        /// Column family.
+        cf: &'static str,
+        /// Cause.
+        #[source]
+        source: rocksdb::Error,
+    },
+    /// A blocking task was cancelled or panicked.
+    #[error("store task failed: {0}")]
+    Join(String),
+}
+
+/// A cheap-clone handle to the open database.
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<DB>,
+    path: PathBuf,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("path", &self.path).finish()
+    }
+}
+
+impl Store {
+    /// Opens (creating if needed) the database at `path` with every column family of [`cf`].
+    pub fn open(path: &Path) -> Result<Store, Error> {
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        // Small nodes: keep the footprint modest; RocksDB's defaults assume a server.
+        opts.set_max_background_jobs(2);
+        opts.set_keep_log_file_num(3);
+        opts.set_max_total_wal_size(64 << 20);
+        let cfs = cf::ALL.iter().map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
+        let db = DB::open_cf_descriptors(&opts, path, cfs)
+            .map_err(|source| Error::Open { path: path.to_path_buf(), source })?;
+        let store = Store { db: Arc::new(db), path: path.to_path_buf() };
+        match store.get(cf::META, SCHEMA_KEY)? {
+            None => store.put(cf::META, SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?,
+            Some(v) => {
+                let found = v.as_slice().try_into().map(u32::from_be_bytes).unwrap_or(0);
+                if found != SCHEMA_VERSION {
+                    return Err(Error::Schema {
+                        path: path.to_path_buf(),
+                        found,
+                        expected: SCHEMA_VERSION,
+                    });
+                }
+            }
+        }
+        Ok(store)
+    }
+
+    fn handle(&self, name: &'static str) -> &rocksdb::ColumnFamily {
+        self.db.cf_handle(name).expect("every column family in cf::ALL is created on open")
+    }
+
+    /// Reads one value.
+    pub fn get(&self, cf: &'static str, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
+        self.db.get_cf(self.handle(cf), key).map_err(|source| Error::Io { op: "get", cf, source })
+    }
+
+    /// Writes one value, synced to disk before returning.
+    pub fn put(&self, cf: &'static str, key: &[u8], value: &[u8]) -> Result<(), Error> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db
+            .put_cf_opt(self.handle(cf), key, value, &wo)
+            .map_err(|source| Error::Io { op: "put", cf, source })
+    }
+
+    /// Deletes one value, synced.
+    pub fn delete(&self, cf: &'static str, key: &[u8]) -> Result<(), Error> {
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db
+            .delete_cf_opt(self.handle(cf), key, &wo)
+            .map_err(|source| Error::Io { op: "delete", cf, source })
+    }
+
+    /// Every entry of a column family, in key order. Meant for small families.
+    pub fn scan(&self, cf: &'static str) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Error> {
+        self.db
+            .iterator_cf(self.handle(cf), rocksdb::IteratorMode::Start)
+            .map(|r| {
+                r.map(|(k, v)| (k.to_vec(), v.to_vec()))
+                    .map_err(|source| Error::Io { op: "scan", cf, source })
+            })
+            .collect()
+    }
+
+    /// Flushes memtables and the WAL, for shutdown.
+    pub fn flush(&self) -> Result<(), Error> {
+        for name in cf::ALL {
+            self.db
+                .flush_cf(self.handle(name))
+                .map_err(|source| Error::Io { op: "flush", cf: name, source })?;
+        }
+        self.db.flush_wal(true).map_err(|source| Error::Io { op: "flush", cf: "wal", source })
+    }
+
+    /// Runs `f` on tokio's blocking pool, so that RocksDB never stalls an async worker.
+    pub async fn blocking<T, F>(&self, f: F) -> Result<T, Error>
+    where
+        F: FnOnce(&Store) -> Result<T, Error> + Send + 'static,
+        T: Send + 'static,
+    {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|e| Error::Join(e.to_string()))?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn values_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path()).unwrap();
+            s.put(cf::PEERS, b"a", b"1").unwrap();
+            s.put(cf::PEERS, b"b", b"2").unwrap();
+            s.delete(cf::PEERS, b"a").unwrap();
+            s.flush().unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(s.scan(cf::PEERS).unwrap(), vec![(b"b".to_vec(), b"2".to_vec())]);
+    }
+
+    #[test]
+    fn a_second_open_of_a_live_store_fails_with_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let _s = Store::open(dir.path()).unwrap();
+        let err = Store::open(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("cannot open the store"), "{err}");
+    }
+
+    #[test]
+    fn a_foreign_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path()).unwrap();
+            s.put(cf::META, SCHEMA_KEY, &99u32.to_be_bytes()).unwrap();
+        }
+        assert!(matches!(Store::open(dir.path()), Err(Error::Schema { found: 99, .. })));
+    }
+}

@@ -1,0 +1,4 @@
+//! Multi-node tests of the foundation, through the in-process testnet.
+
+mod membership;
+mod refusals;

@@ -1,0 +1,200 @@
+//! Nodes without a valid membership proof are refused, never listed, and the members keep running.
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use futures::StreamExt as _;
+use mesh::Keypair;
+use mesh::membership::{Admission, Genesis, Invite, Proof, Role, SigningKey, unix_now};
+use testnet::{Federation, rogue, wait_for};
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+/// Presents `proof` (made for `keypair`) to the coordinator and returns the refusal reason.
+async fn presented(net: &Federation, keypair: Keypair, proof: Proof) -> String {
+    let federation = net.node(0).federation().clone();
+    let peer = keypair.public().to_peer_id();
+    let dir = tempfile::tempdir().unwrap();
+    let (handle, guard) = rogue(dir.path(), federation, keypair, proof).await.unwrap();
+    let outcome = handle.join(net.coordinator_addr().parse().unwrap(), Duration::from_secs(10)).await;
+    let reason = match outcome {
+        Err(mesh::network::Error::Refused { reason, .. }) => reason,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    assert_never_listed_and_members_fine(net, &peer).await;
+    assert!(handle.members().await.unwrap().is_empty(), "the rogue lists no member");
+    guard.stop().await;
+    reason
+}
+
+async fn assert_never_listed_and_members_fine(net: &Federation, peer: &mesh::PeerId) {
+    assert!(!net.anyone_lists(peer).await, "a refused node is never listed");
+    wait_for("members still connected", Duration::from_secs(5), || net.fully_connected())
+        .await
+        .unwrap();
+    assert!(!net.anyone_lists(peer).await);
+}
+
+async fn small() -> Federation {
+    let net = Federation::start(1, 2).await.unwrap();
+    wait_for("full mesh", Duration::from_secs(5), || net.fully_connected()).await.unwrap();
+    net
+}
+
+fn admission_of(net: &Federation, i: usize) -> (SigningKey, Admission) {
+    let inst = &net.institutions[i];
+    let (_, key) = mesh::keys::read_signing_key(&inst.key, mesh::keys::KeyKind::Institution).unwrap();
+    let admission: Admission =
+        serde_json::from_slice(&std::fs::read(&inst.admission).unwrap()).unwrap();
+    (key, admission)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_presents_no_proof_is_cut_and_never_listed() {
+    let net = small().await;
+    // A plain libp2p node that does not speak the membership protocol at all.
+    let mut swarm = libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_tcp(Default::default(), libp2p::noise::Config::new, libp2p::yamux::Config::default)
+        .unwrap()
+        .with_behaviour(|_| libp2p::ping::Behaviour::default())
+        .unwrap()
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build();
+    let peer = *swarm.local_peer_id();
+    swarm.dial(net.coordinator_addr().parse::<libp2p::Multiaddr>().unwrap()).unwrap();
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        let mut connected = false;
+        loop {
+            match swarm.select_next_some().await {
+                libp2p::swarm::SwarmEvent::ConnectionEstablished { .. } => connected = true,
+                libp2p::swarm::SwarmEvent::ConnectionClosed { num_established: 0, .. } => {
+                    return connected;
+                }
+                _ => {}
+            }
+        }
+    })
+    .await
+    .expect("the coordinator cuts a silent peer");
+    assert!(closed, "it was connected, then cut");
+    assert_never_listed_and_members_fine(&net, &peer).await;
+    net.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_signature_is_refused() {
+    let net = small().await;
+    let invite = Invite::decode(&net.invite(0, Role::Endpoint, HOUR).unwrap()).unwrap();
+    let kp = Keypair::generate_ed25519();
+    let (_, proof) = Proof::bind(&invite, &kp, unix_now()).unwrap();
+    // Change the binding's body (claim another join time) and keep the old signature.
+    let mut json: serde_json::Value = serde_json::from_slice(&proof.to_bytes()).unwrap();
+    let body = json["binding"]["body"].as_str().unwrap();
+    let mut binding: serde_json::Value =
+        serde_json::from_slice(&STANDARD.decode(body).unwrap()).unwrap();
+    binding["bound_at"] = (binding["bound_at"].as_u64().unwrap() - 1).into();
+    json["binding"]["body"] = STANDARD.encode(serde_json::to_vec(&binding).unwrap()).into();
+    let forged = Proof::from_bytes(&serde_json::to_vec(&json).unwrap()).unwrap();
+    let reason = presented(&net, kp, forged).await;
+    assert!(reason.contains("forged binding"), "{reason}");
+    net.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_invite_is_refused() {
+    let net = small().await;
+    let (key, admission) = admission_of(&net, 0);
+    let two_hours_ago = unix_now() - 7200;
+    let invite = Invite::issue(&admission, &key, Role::Endpoint, HOUR, two_hours_ago).unwrap();
+    let kp = Keypair::generate_ed25519();
+    // The node binds honestly, now, to an invite that expired an hour ago.
+    let federation = invite.federation().unwrap();
+    let proof = Proof::sign_binding(&invite, &federation, &kp, unix_now());
+    let reason = presented(&net, kp, proof).await;
+    assert!(reason.contains("invite expired"), "{reason}");
+    // And the CLI path refuses it before dialing anyone.
+    let dir = net.new_dir("late");
+    let err = testnet::join_with_test_config(&dir, net.coordinator_addr(), &invite.encode())
+        .await
+        .err()
+        .expect("expired invite refused");
+    assert!(format!("{err:#}").contains("invite expired"), "{err:#}");
+    net.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_institution_never_admitted_is_refused() {
+    let net = small().await;
+    let federation = net.node(0).federation().clone();
+    // The rogue signs its own "admission" for our federation with a key that is not ours.
+    let fake_federation_key = SigningKey::generate();
+    let rogue_inst = SigningKey::generate();
+    let admission =
+        Admission::issue(&federation, &fake_federation_key, "rogue-u", rogue_inst.public(), unix_now());
+    let invite = Invite::sign(&admission, &rogue_inst, Role::Endpoint, HOUR, unix_now());
+    let kp = Keypair::generate_ed25519();
+    let proof = Proof::sign_binding(&invite, &federation, &kp, unix_now());
+    let reason = presented(&net, kp, proof).await;
+    assert!(reason.contains("institution rogue-u was never admitted"), "{reason}");
+    net.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_federations_invite_is_refused() {
+    let net = small().await;
+    let now = unix_now();
+    let other_key = SigningKey::generate();
+    let other = Genesis::create("test", &other_key, now).verify().unwrap();
+    let inst = SigningKey::generate();
+    let admission = Admission::issue(&other, &other_key, "inst-a", inst.public(), now);
+    let invite = Invite::issue(&admission, &inst, Role::Endpoint, HOUR, now).unwrap();
+    let kp = Keypair::generate_ed25519();
+    let (_, proof) = Proof::bind(&invite, &kp, now).unwrap();
+    let reason = presented(&net, kp, proof).await;
+    assert!(reason.contains("is for federation"), "{reason}");
+    // Through the CLI path, a data dir never gets that far either.
+    let dir = net.new_dir("foreign");
+    let err = testnet::join_with_test_config(&dir, net.coordinator_addr(), &invite.encode())
+        .await
+        .err()
+        .expect("foreign invite refused");
+    assert!(format!("{err:#}").contains("refused"), "{err:#}");
+    net.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proof_stolen_by_another_node_is_refused() {
+    let net = small().await;
+    let invite = Invite::decode(&net.invite(0, Role::Endpoint, HOUR).unwrap()).unwrap();
+    let owner = Keypair::generate_ed25519();
+    let (_, proof) = Proof::bind(&invite, &owner, unix_now()).unwrap();
+    let thief = Keypair::generate_ed25519();
+    let reason = presented(&net, thief, proof).await;
+    assert!(reason.contains("belongs to peer"), "{reason}");
+    net.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncated_or_garbage_invite_strings_are_refused_with_a_clear_error() {
+    let net = small().await;
+    let invite = net.invite(0, Role::Endpoint, HOUR).unwrap();
+    for (i, bad) in [&invite[..invite.len() / 2], "garbage", "", &invite[..invite.len() - 3]]
+        .into_iter()
+        .enumerate()
+    {
+        let dir = net.new_dir(&format!("bad{i}"));
+        let err = testnet::join_with_test_config(&dir, net.coordinator_addr(), bad)
+            .await
+            .err()
+            .expect("bad invite refused");
+        let msg = format!("{err:#}");
+        assert!(msg.contains("malformed invite"), "{msg}");
+        assert!(!dir.membership().exists(), "nothing joined");
+    }
+    wait_for("members still connected", Duration::from_secs(5), || net.fully_connected())
+        .await
+        .unwrap();
+    net.shutdown().await;
+}
