@@ -267,10 +267,17 @@ impl<T> fmt::Debug for Signed<T> {
     }
 }
 
-impl<T: DeserializeOwned> Signed<T> {
+impl<T> Signed<T> {
     fn new(body: Vec<u8>, sig: Vec<u8>) -> Self {
         Signed { bytes: SignedBytes { body, sig }, _t: std::marker::PhantomData }
     }
+
+    fn digest(&self) -> String {
+        hex::encode(&Sha256::digest(&self.bytes.body)[..16])
+    }
+}
+
+impl<T: DeserializeOwned> Signed<T> {
 
     /// Checks the signature against `key`, then decodes the body.
     fn open(&self, key: &PublicKeyB64, domain: &str, what: &str) -> Result<T, Refusal> {
@@ -283,10 +290,6 @@ impl<T: DeserializeOwned> Signed<T> {
     fn decode(&self, what: &str) -> Result<T, Refusal> {
         serde_json::from_slice(&self.bytes.body)
             .map_err(|e| Refusal::Malformed { what: what.to_string(), reason: e.to_string() })
-    }
-
-    fn digest(&self) -> String {
-        hex::encode(&Sha256::digest(&self.bytes.body)[..16])
     }
 
     #[cfg(test)]

@@ -391,69 +391,78 @@ fn build_swarm(config: &Config) -> Result<Swarm<Behaviour>, Error> {
         .with_quic()
         .with_relay_client(noise::Config::new, yamux::Config::default)
         .map_err(|e| Error::Build(e.to_string()))?
-        .with_behaviour(|key, relay_client| {
-            let peer_id = key.public().to_peer_id();
-            let membership = request_response::cbor::Behaviour::with_codec(
-                request_response::cbor::codec::Codec::default()
-                    .set_request_size_maximum(MAX_MEMBERSHIP_MESSAGE)
-                    .set_response_size_maximum(MAX_MEMBERSHIP_MESSAGE),
-                [(StreamProtocol::new(MEMBERSHIP_PROTOCOL), request_response::ProtocolSupport::Full)],
-                request_response::Config::default().with_request_timeout(Duration::from_secs(10)),
-            );
-            let identify = identify::Behaviour::new(
-                identify::Config::new("/funcmesh/1".into(), key.public())
-                    .with_agent_version(format!("funcmesh/{}", env!("CARGO_PKG_VERSION"))),
-            );
-            let kad_protocol = StreamProtocol::try_from_owned(format!("/funcmesh/{fed}/kad/1"))
-                .expect("federation ids are ASCII and start the protocol with /");
-            let mut kad_config = kad::Config::new(kad_protocol);
-            // Only verified members enter the routing table; we add them ourselves.
-            kad_config.set_kbucket_inserts(kad::BucketInserts::Manual);
-            let mut kad =
-                kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
-            kad.set_mode(Some(kad::Mode::Server));
-            let gossipsub = gossipsub::Behaviour::new(
-                gossipsub::MessageAuthenticity::Signed(key.clone()),
-                gossipsub::ConfigBuilder::default()
-                    .validation_mode(gossipsub::ValidationMode::Strict)
-                    .validate_messages()
-                    .max_transmit_size(MAX_GOSSIP_BYTES)
-                    .heartbeat_interval(Duration::from_millis(500))
-                    .build()
-                    .map_err(|e| e.to_string())?,
-            )?;
-            let relay_server = Toggle::from(
-                relay_server.then(|| relay::Behaviour::new(peer_id, relay::Config::default())),
-            );
-            let autonat = autonat::Behaviour::new(
-                peer_id,
-                // Loopback and private testnets are legitimate deployments here.
-                autonat::Config { only_global_ips: false, ..Default::default() },
-            );
-            let limits = connection_limits::Behaviour::new(
-                connection_limits::ConnectionLimits::default()
-                    .with_max_pending_incoming(Some(128))
-                    .with_max_established_incoming(Some(1024))
-                    .with_max_established_per_peer(Some(4)),
-            );
-            Ok(Behaviour {
-                limits,
-                membership,
-                identify,
-                ping: ping::Behaviour::default(),
-                kad,
-                gossipsub,
-                relay_server,
-                relay_client,
-                dcutr: dcutr::Behaviour::new(peer_id),
-                autonat,
-            })
-        })
+        .with_behaviour(|key, relay_client| behaviour(key, relay_client, &fed, relay_server))
         .map_err(|e| Error::Build(e.to_string()))?
         // Members stay connected; non-members are cut explicitly.
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(24 * 3600)))
         .build();
     Ok(swarm)
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+fn behaviour(
+    key: &Keypair,
+    relay_client: relay::client::Behaviour,
+    fed: &crate::membership::FederationId,
+    relay_server: bool,
+) -> Result<Behaviour, BoxError> {
+    let peer_id = key.public().to_peer_id();
+    let membership = request_response::cbor::Behaviour::with_codec(
+        request_response::cbor::codec::Codec::default()
+            .set_request_size_maximum(MAX_MEMBERSHIP_MESSAGE)
+            .set_response_size_maximum(MAX_MEMBERSHIP_MESSAGE),
+        [(StreamProtocol::new(MEMBERSHIP_PROTOCOL), request_response::ProtocolSupport::Full)],
+        request_response::Config::default().with_request_timeout(Duration::from_secs(10)),
+    );
+    let identify = identify::Behaviour::new(
+        identify::Config::new("/funcmesh/1".into(), key.public())
+            .with_agent_version(format!("funcmesh/{}", env!("CARGO_PKG_VERSION"))),
+    );
+    let kad_protocol = StreamProtocol::try_from_owned(format!("/funcmesh/{fed}/kad/1"))
+        .expect("federation ids are ASCII and start the protocol with /");
+    let mut kad_config = kad::Config::new(kad_protocol);
+    // Only verified members enter the routing table; we add them ourselves.
+    kad_config.set_kbucket_inserts(kad::BucketInserts::Manual);
+    let mut kad =
+        kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
+    kad.set_mode(Some(kad::Mode::Server));
+    let gossipsub = gossipsub::Behaviour::new(
+        gossipsub::MessageAuthenticity::Signed(key.clone()),
+        gossipsub::ConfigBuilder::default()
+            .validation_mode(gossipsub::ValidationMode::Strict)
+            .validate_messages()
+            .max_transmit_size(MAX_GOSSIP_BYTES)
+            .heartbeat_interval(Duration::from_millis(500))
+            .build()
+            .map_err(|e| e.to_string())?,
+    )?;
+    let relay_server = Toggle::from(
+        relay_server.then(|| relay::Behaviour::new(peer_id, relay::Config::default())),
+    );
+    let autonat = autonat::Behaviour::new(
+        peer_id,
+        // Loopback and private testnets are legitimate deployments here.
+        autonat::Config { only_global_ips: false, ..Default::default() },
+    );
+    let limits = connection_limits::Behaviour::new(
+        connection_limits::ConnectionLimits::default()
+            .with_max_pending_incoming(Some(128))
+            .with_max_established_incoming(Some(1024))
+            .with_max_established_per_peer(Some(4)),
+    );
+    Ok(Behaviour {
+        limits,
+        membership,
+        identify,
+        ping: ping::Behaviour::default(),
+        kad,
+        gossipsub,
+        relay_server,
+        relay_client,
+        dcutr: dcutr::Behaviour::new(peer_id),
+        autonat,
+    })
 }
 
 async fn load_known(store: &store::Store) -> Vec<(PeerId, Vec<Multiaddr>)> {
@@ -563,7 +572,7 @@ impl EventLoop {
             let addrs = self.addrs.get(&peer).cloned().unwrap_or_default();
             let r = self.known.get_mut(&peer).expect("due peers come from known");
             r.failures = (r.failures + 1).min(4);
-            r.next = now + self.config.redial_interval * (1 << r.failures);
+            r.next = now + self.config.redial_interval * (1u32 << r.failures);
             if addrs.is_empty() {
                 continue;
             }

@@ -123,7 +123,9 @@ impl Config {
                 .with_context(|| format!("cannot read config {}", path.display()))?;
             let file: toml::Table = text
                 .parse()
-                .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), one_line(&e.to_string())))?;
+                .map_err(|e: toml::de::Error| {
+                    anyhow::anyhow!("{}: {}", path.display(), one_line(&e.to_string()))
+                })?;
             merge(&mut table, file);
         }
         let env: std::collections::HashMap<String, String> = env.into_iter().collect();
