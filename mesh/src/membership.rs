@@ -445,7 +445,8 @@ impl Admission {
         if claimed.version != FORMAT_VERSION {
             return Err(unsupported("admission", claimed.version));
         }
-        if claimed.federation != federation.id {
+        // Every byte of a proof is checked: the genesis carried along must be this federation's.
+        if claimed.federation != federation.id || self.genesis != federation.genesis {
             return Err(Refusal::WrongFederation {
                 what: "admission".into(),
                 ours: federation.id.to_string(),

@@ -9,7 +9,7 @@
 //! `proof_timeout` runs out. Only members enter the Kademlia routing table, and gossip is accepted
 //! only when both its author and the peer that forwarded it are members.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
@@ -42,6 +42,8 @@ const MAX_ADDRS_PER_PEER: usize = 16;
 const COMMAND_QUEUE: usize = 256;
 /// Capacity of the event broadcast: slow subscribers lose the oldest events (and are told so).
 const EVENT_QUEUE: usize = 1024;
+/// How long a refused peer stays connected at most, to receive the reason.
+const REFUSAL_GRACE: Duration = Duration::from_secs(2);
 /// Largest gossip message.
 const MAX_GOSSIP_BYTES: usize = 256 * 1024;
 
@@ -128,6 +130,8 @@ pub enum Event {
         /// Why.
         reason: Refusal,
     },
+    /// A peer accepted this node's proof (and this node accepted theirs).
+    AcceptedBy(Member),
     /// A peer refused this node's proof.
     RefusedBy {
         /// The peer.
@@ -174,6 +178,7 @@ enum Command {
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
     Dial(Multiaddr, oneshot::Sender<Result<(), Error>>),
     Publish { topic: String, data: Vec<u8>, reply: oneshot::Sender<Result<(), Error>> },
+    Subscribe { topic: String, reply: oneshot::Sender<Result<(), Error>> },
 }
 
 /// A cheap-clone handle to the running mesh.
@@ -217,6 +222,12 @@ impl Handle {
         self.ask(|reply| Command::Publish { topic, data, reply }).await?
     }
 
+    /// Subscribes to a federation-scoped gossip topic; its messages arrive as [`Event::Gossip`].
+    pub async fn subscribe_topic(&self, topic: &str) -> Result<(), Error> {
+        let topic = topic.to_string();
+        self.ask(|reply| Command::Subscribe { topic, reply }).await?
+    }
+
     /// Subscribes to mesh events from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.events.subscribe()
@@ -234,7 +245,7 @@ impl Handle {
         let wait = async {
             loop {
                 match events.recv().await {
-                    Ok(Event::MemberConnected(m))
+                    Ok(Event::AcceptedBy(m))
                         if expected.is_none_or(|p| p.to_string() == m.peer_id) =>
                     {
                         return Ok(m);
@@ -314,8 +325,8 @@ struct EventLoop {
     members: HashMap<PeerId, MemberState>,
     /// Peers connected but not yet verified, with their deadline.
     pending: HashMap<PeerId, Instant>,
-    /// Peers refused and due for disconnection once our reply is out.
-    refused: HashSet<PeerId>,
+    /// Peers refused and due for disconnection once our reply is out (or at the deadline).
+    refused: HashMap<PeerId, Instant>,
     addrs: HashMap<PeerId, Vec<Multiaddr>>,
     known: HashMap<PeerId, Redial>,
     bootstrap: Vec<Multiaddr>,
@@ -358,7 +369,7 @@ pub async fn spawn(
         proof: config.proof.to_bytes(),
         members: HashMap::new(),
         pending: HashMap::new(),
-        refused: HashSet::new(),
+        refused: HashMap::new(),
         addrs: HashMap::new(),
         known: HashMap::new(),
         bootstrap: config.bootstrap.clone(),
@@ -537,6 +548,17 @@ impl EventLoop {
                     .map_err(|e| Error::Dial { addr, reason: e.to_string() });
                 let _ = reply.send(r);
             }
+            Command::Subscribe { topic, reply } => {
+                let full = gossipsub::IdentTopic::new(format!("{}{topic}", self.topic_prefix));
+                let r = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .subscribe(&full)
+                    .map(|_| ())
+                    .map_err(|e| Error::Publish { topic, reason: e.to_string() });
+                let _ = reply.send(r);
+            }
             Command::Publish { topic, data, reply } => {
                 let full = gossipsub::IdentTopic::new(format!("{}{topic}", self.topic_prefix));
                 let gs = &mut self.swarm.behaviour_mut().gossipsub;
@@ -559,6 +581,12 @@ impl EventLoop {
             let reason = Refusal::NoProof(self.config.proof_timeout);
             warn!(%peer, %reason, "disconnecting peer");
             self.emit(Event::Refused { peer, reason });
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+        let overdue: Vec<PeerId> =
+            self.refused.iter().filter(|(_, d)| **d <= now).map(|(p, _)| *p).collect();
+        for peer in overdue {
+            self.refused.remove(&peer);
             let _ = self.swarm.disconnect_peer_id(peer);
         }
         // Redial known members we are not connected to, with exponential backoff.
@@ -737,12 +765,15 @@ impl EventLoop {
                     Err(reason) => HelloReply::Refused { reason: reason.to_string() },
                 };
                 let _ = self.swarm.behaviour_mut().membership.send_response(channel, reply);
-                self.on_verdict(peer, verdict, request.members);
+                self.on_verdict(peer, verdict, request.members, true);
             }
             E::Message { peer, message: M::Response { response, .. }, .. } => match response {
                 HelloReply::Welcome { proof, members } => {
                     let verdict = self.verify(&peer, 1, &proof);
-                    self.on_verdict(peer, verdict, members);
+                    if let Ok(member) = &verdict {
+                        self.emit(Event::AcceptedBy(member.clone()));
+                    }
+                    self.on_verdict(peer, verdict, members, false);
                 }
                 HelloReply::Refused { reason } => {
                     warn!(%peer, %reason, "peer refused our membership proof");
@@ -751,7 +782,7 @@ impl EventLoop {
                 }
             },
             E::ResponseSent { peer, .. } => {
-                if self.refused.remove(&peer) {
+                if self.refused.remove(&peer).is_some() {
                     let _ = self.swarm.disconnect_peer_id(peer);
                 }
             }
@@ -760,7 +791,7 @@ impl EventLoop {
             }
             E::InboundFailure { peer, error, .. } => {
                 debug!(%peer, %error, "membership request from peer failed");
-                if self.refused.remove(&peer) {
+                if self.refused.remove(&peer).is_some() {
                     let _ = self.swarm.disconnect_peer_id(peer);
                 }
             }
@@ -777,7 +808,15 @@ impl EventLoop {
         Proof::from_bytes(proof)?.verify(&self.federation, peer, unix_now())
     }
 
-    fn on_verdict(&mut self, peer: PeerId, verdict: Result<Member, Refusal>, listed: Vec<PeerAddrs>) {
+    /// Acts on a proof's verdict. `reply_owed`: the proof came in a request we just answered, so a
+    /// refused peer is cut once the answer is out rather than now.
+    fn on_verdict(
+        &mut self,
+        peer: PeerId,
+        verdict: Result<Member, Refusal>,
+        listed: Vec<PeerAddrs>,
+        reply_owed: bool,
+    ) {
         match verdict {
             Ok(member) => {
                 self.pending.remove(&peer);
@@ -819,12 +858,14 @@ impl EventLoop {
                 self.pending.remove(&peer);
                 warn!(%peer, %reason, "refusing peer");
                 self.emit(Event::Refused { peer, reason });
-                self.refused.insert(peer);
                 if self.members.remove(&peer).is_some() {
                     self.emit(Event::MemberDisconnected(peer));
                 }
-                // If no reply is owed, cut now; otherwise once the reply is out.
-                let _ = self.swarm.disconnect_peer_id(peer);
+                if reply_owed {
+                    self.refused.insert(peer, Instant::now() + REFUSAL_GRACE);
+                } else {
+                    let _ = self.swarm.disconnect_peer_id(peer);
+                }
             }
         }
     }

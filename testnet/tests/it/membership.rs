@@ -75,6 +75,7 @@ async fn gossip_from_members_reaches_members() {
     let net = Federation::start(1, 2).await.unwrap();
     wait_for("full mesh", Duration::from_secs(5), || net.fully_connected()).await.unwrap();
     let mut events = net.node(1).mesh().subscribe();
+    net.node(1).mesh().subscribe_topic("test/1").await.unwrap();
     // The mesh needs a heartbeat or two to graft the topic; publish until it is delivered.
     let got = tokio::time::timeout(Duration::from_secs(10), async {
         let mut tick = tokio::time::interval(Duration::from_millis(200));

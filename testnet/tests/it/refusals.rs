@@ -23,7 +23,6 @@ async fn presented(net: &Federation, keypair: Keypair, proof: Proof) -> String {
         other => panic!("expected a refusal, got {other:?}"),
     };
     assert_never_listed_and_members_fine(net, &peer).await;
-    assert!(handle.members().await.unwrap().is_empty(), "the rogue lists no member");
     guard.stop().await;
     reason
 }
