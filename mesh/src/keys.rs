@@ -88,7 +88,10 @@ pub struct PublicKeyFile {
 
 fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), Error> {
     use std::os::unix::fs::OpenOptionsExt as _;
-    let io = |source| Error::Io { path: path.to_path_buf(), source };
+    let io = |source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(io)?;
     }
@@ -109,11 +112,21 @@ fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), Error> {
 }
 
 fn read_secret(path: &Path, expected: KeyKind) -> Result<(SecretFile, [u8; 32]), Error> {
-    let invalid = |reason: String| Error::Invalid { path: path.to_path_buf(), expected, reason };
-    let bytes = std::fs::read(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+    let invalid = |reason: String| Error::Invalid {
+        path: path.to_path_buf(),
+        expected,
+        reason,
+    };
+    let bytes = std::fs::read(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let file: SecretFile = serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
     if file.version != 1 {
-        return Err(invalid(format!("format version {}, expected 1", file.version)));
+        return Err(invalid(format!(
+            "format version {}, expected 1",
+            file.version
+        )));
     }
     if file.kind != expected {
         return Err(invalid(format!("it holds a {} key", file.kind)));
@@ -128,7 +141,12 @@ fn read_secret(path: &Path, expected: KeyKind) -> Result<(SecretFile, [u8; 32]),
 
 /// Writes a new secret signing key (mode 0600) and, for federation and institution keys, its
 /// public half next to it as `<path>.pub`.
-pub fn write_signing_key(path: &Path, kind: KeyKind, name: &str, key: &SigningKey) -> Result<(), Error> {
+pub fn write_signing_key(
+    path: &Path,
+    kind: KeyKind,
+    name: &str,
+    key: &SigningKey,
+) -> Result<(), Error> {
     let file = SecretFile {
         version: 1,
         kind,
@@ -137,7 +155,12 @@ pub fn write_signing_key(path: &Path, kind: KeyKind, name: &str, key: &SigningKe
     };
     let json = serde_json::to_vec_pretty(&file).expect("key files always serialise");
     write_new(path, &json, 0o600)?;
-    let public = PublicKeyFile { version: 1, kind, name: name.to_string(), public_key: key.public() };
+    let public = PublicKeyFile {
+        version: 1,
+        kind,
+        name: name.to_string(),
+        public_key: key.public(),
+    };
     let json = serde_json::to_vec_pretty(&public).expect("key files always serialise");
     write_new(&pub_path(path), &json, 0o644)
 }
@@ -152,13 +175,23 @@ pub fn pub_path(path: &Path) -> PathBuf {
 /// Reads a secret signing key of the given kind; returns its name and the key.
 pub fn read_signing_key(path: &Path, kind: KeyKind) -> Result<(String, SigningKey), Error> {
     let (file, secret) = read_secret(path, kind)?;
-    Ok((file.name.unwrap_or_default(), SigningKey::from_secret(secret)))
+    Ok((
+        file.name.unwrap_or_default(),
+        SigningKey::from_secret(secret),
+    ))
 }
 
 /// Reads a public key file of the given kind.
 pub fn read_public_key(path: &Path, kind: KeyKind) -> Result<PublicKeyFile, Error> {
-    let invalid = |reason: String| Error::Invalid { path: path.to_path_buf(), expected: kind, reason };
-    let bytes = std::fs::read(path).map_err(|source| Error::Io { path: path.to_path_buf(), source })?;
+    let invalid = |reason: String| Error::Invalid {
+        path: path.to_path_buf(),
+        expected: kind,
+        reason,
+    };
+    let bytes = std::fs::read(path).map_err(|source| Error::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let file: PublicKeyFile = serde_json::from_slice(&bytes).map_err(|e| invalid(e.to_string()))?;
     if file.kind != kind {
         return Err(invalid(format!("it holds a {} key", file.kind)));
@@ -169,7 +202,12 @@ pub fn read_public_key(path: &Path, kind: KeyKind) -> Result<PublicKeyFile, Erro
 /// Creates a node identity key at `path` (mode 0600).
 pub fn create_node_key(path: &Path) -> Result<Keypair, Error> {
     let secret: [u8; 32] = rand::random();
-    let file = SecretFile { version: 1, kind: KeyKind::Node, name: None, secret: STANDARD.encode(secret) };
+    let file = SecretFile {
+        version: 1,
+        kind: KeyKind::Node,
+        name: None,
+        secret: STANDARD.encode(secret),
+    };
     let json = serde_json::to_vec_pretty(&file).expect("key files always serialise");
     write_new(path, &json, 0o600)?;
     node_keypair(path, secret)
@@ -199,10 +237,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("node.key");
         let k = create_node_key(&path).unwrap();
-        assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         assert_eq!(read_node_key(&path).unwrap().public(), k.public());
         assert!(matches!(create_node_key(&path), Err(Error::Exists(_))));
-        assert!(matches!(read_signing_key(&path, KeyKind::Institution), Err(Error::Invalid { .. })));
+        assert!(matches!(
+            read_signing_key(&path, KeyKind::Institution),
+            Err(Error::Invalid { .. })
+        ));
     }
 
     #[test]

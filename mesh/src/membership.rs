@@ -73,7 +73,9 @@ pub enum Refusal {
         institution: String,
     },
     /// The invite was used after it expired.
-    #[error("invite expired at {expired_at} (used at {used_at}); ask the institution for a new invite")]
+    #[error(
+        "invite expired at {expired_at} (used at {used_at}); ask the institution for a new invite"
+    )]
     Expired {
         /// RFC 3339 expiry.
         expired_at: String,
@@ -142,7 +144,9 @@ pub struct SigningKey(ed25519_dalek::SigningKey);
 impl SigningKey {
     /// A fresh random key.
     pub fn generate() -> Self {
-        SigningKey(ed25519_dalek::SigningKey::from_bytes(&rand::random::<[u8; 32]>()))
+        SigningKey(ed25519_dalek::SigningKey::from_bytes(&rand::random::<
+            [u8; 32],
+        >()))
     }
 
     /// The key from its 32-byte secret.
@@ -179,7 +183,9 @@ pub struct PublicKeyB64(pub [u8; 32]);
 
 impl PublicKeyB64 {
     fn verify(&self, domain: &str, signed: &SignedBytes, what: &str) -> Result<(), Refusal> {
-        let bad = || Refusal::BadSignature { what: what.to_string() };
+        let bad = || Refusal::BadSignature {
+            what: what.to_string(),
+        };
         let key = ed25519_dalek::VerifyingKey::from_bytes(&self.0).map_err(|_| bad())?;
         let sig: [u8; 64] = signed.sig.as_slice().try_into().map_err(|_| bad())?;
         key.verify(
@@ -205,9 +211,12 @@ impl fmt::Debug for PublicKeyB64 {
 impl std::str::FromStr for PublicKeyB64 {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bytes = STANDARD.decode(s.trim()).map_err(|e| format!("not base64: {e}"))?;
-        let arr: [u8; 32] =
-            bytes.try_into().map_err(|_| "an ed25519 public key is 32 bytes".to_string())?;
+        let bytes = STANDARD
+            .decode(s.trim())
+            .map_err(|e| format!("not base64: {e}"))?;
+        let arr: [u8; 32] = bytes
+            .try_into()
+            .map_err(|_| "an ed25519 public key is 32 bytes".to_string())?;
         Ok(PublicKeyB64(arr))
     }
 }
@@ -269,7 +278,10 @@ impl<T> fmt::Debug for Signed<T> {
 
 impl<T> Signed<T> {
     fn new(body: Vec<u8>, sig: Vec<u8>) -> Self {
-        Signed { bytes: SignedBytes { body, sig }, _t: std::marker::PhantomData }
+        Signed {
+            bytes: SignedBytes { body, sig },
+            _t: std::marker::PhantomData,
+        }
     }
 
     fn digest(&self) -> String {
@@ -278,7 +290,6 @@ impl<T> Signed<T> {
 }
 
 impl<T: DeserializeOwned> Signed<T> {
-
     /// Checks the signature against `key`, then decodes the body.
     fn open(&self, key: &PublicKeyB64, domain: &str, what: &str) -> Result<T, Refusal> {
         key.verify(domain, &self.bytes, what)?;
@@ -288,8 +299,10 @@ impl<T: DeserializeOwned> Signed<T> {
     /// Decodes the body without checking the signature: only for documents whose signer is named
     /// inside them (checked right after) or that are self-certifying.
     fn decode(&self, what: &str) -> Result<T, Refusal> {
-        serde_json::from_slice(&self.bytes.body)
-            .map_err(|e| Refusal::Malformed { what: what.to_string(), reason: e.to_string() })
+        serde_json::from_slice(&self.bytes.body).map_err(|e| Refusal::Malformed {
+            what: what.to_string(),
+            reason: e.to_string(),
+        })
     }
 
     #[cfg(test)]
@@ -343,7 +356,9 @@ impl Genesis {
             federation_key: key.public(),
             created_at: now,
         };
-        Genesis { signed: key.sign(domain::GENESIS, &body) }
+        Genesis {
+            signed: key.sign(domain::GENESIS, &body),
+        }
     }
 
     /// Checks that the genesis is self-signed by the key it names and returns the verified view.
@@ -352,7 +367,9 @@ impl Genesis {
         if body.version != FORMAT_VERSION {
             return Err(unsupported("genesis", body.version));
         }
-        let body = self.signed.open(&body.federation_key, domain::GENESIS, "genesis")?;
+        let body = self
+            .signed
+            .open(&body.federation_key, domain::GENESIS, "genesis")?;
         Ok(Federation {
             id: FederationId(format!("fed{}", self.signed.digest())),
             name: body.name,
@@ -453,9 +470,11 @@ impl Admission {
                 theirs: claimed.federation.to_string(),
             });
         }
-        self.signed.open(&federation.key, domain::ADMISSION, "admission").map_err(|_| {
-            Refusal::NotAdmitted { institution: claimed.institution.clone() }
-        })
+        self.signed
+            .open(&federation.key, domain::ADMISSION, "admission")
+            .map_err(|_| Refusal::NotAdmitted {
+                institution: claimed.institution.clone(),
+            })
     }
 }
 
@@ -514,7 +533,9 @@ impl Invite {
         let federation = admission.genesis.verify()?;
         let adm = admission.verify(&federation)?;
         if adm.institution_key != institution_key.public() {
-            return Err(Refusal::NotAdmitted { institution: adm.institution });
+            return Err(Refusal::NotAdmitted {
+                institution: adm.institution,
+            });
         }
         Ok(Invite::sign(admission, institution_key, role, ttl, now))
     }
@@ -558,10 +579,16 @@ impl Invite {
 
     /// Parses an invite string. Whitespace around it (from copy-paste) is ignored.
     pub fn decode(s: &str) -> Result<Invite, Refusal> {
-        let malformed = |reason: String| Refusal::Malformed { what: "invite".into(), reason };
+        let malformed = |reason: String| Refusal::Malformed {
+            what: "invite".into(),
+            reason,
+        };
         let s = s.trim();
         if s.len() > MAX_DOCUMENT_BYTES {
-            return Err(malformed(format!("{} bytes, at most {MAX_DOCUMENT_BYTES}", s.len())));
+            return Err(malformed(format!(
+                "{} bytes, at most {MAX_DOCUMENT_BYTES}",
+                s.len()
+            )));
         }
         let Some(payload) = s.strip_prefix(INVITE_PREFIX) else {
             return Err(malformed(format!(
@@ -602,9 +629,13 @@ impl Invite {
         if claimed.institution_key != adm.institution_key {
             // Signed by a key the federation never admitted (perhaps pasted next to another
             // institution's admission).
-            return Err(Refusal::NotAdmitted { institution: adm.institution });
+            return Err(Refusal::NotAdmitted {
+                institution: adm.institution,
+            });
         }
-        let terms = self.invite.open(&adm.institution_key, domain::INVITE, "invite")?;
+        let terms = self
+            .invite
+            .open(&adm.institution_key, domain::INVITE, "invite")?;
         if terms.role == Role::Coordinator {
             return Err(Refusal::Malformed {
                 what: "invite".into(),
@@ -618,7 +649,10 @@ impl Invite {
             });
         }
         if at.saturating_add(CLOCK_SKEW.as_secs()) < terms.issued_at {
-            return Err(Refusal::NotYetValid { what: "invite".into(), at: rfc3339(terms.issued_at) });
+            return Err(Refusal::NotYetValid {
+                what: "invite".into(),
+                at: rfc3339(terms.issued_at),
+            });
         }
         Ok(VerifiedInvite {
             federation: federation.clone(),
@@ -708,12 +742,20 @@ impl Proof {
     ) -> Result<(Federation, Proof), Refusal> {
         let federation = invite.federation()?;
         invite.verify(&federation, now)?;
-        Ok((federation.clone(), Proof::sign_binding(invite, &federation, node, now)))
+        Ok((
+            federation.clone(),
+            Proof::sign_binding(invite, &federation, node, now),
+        ))
     }
 
     /// Binds an invite to `node` without checking the invite. Verifiers check everything; this
     /// exists so that tests can build the forgeries they must refuse. Use [`Proof::bind`].
-    pub fn sign_binding(invite: &Invite, federation: &Federation, node: &Keypair, now: UnixTime) -> Proof {
+    pub fn sign_binding(
+        invite: &Invite,
+        federation: &Federation,
+        node: &Keypair,
+        now: UnixTime,
+    ) -> Proof {
         let body = BindingBody {
             version: FORMAT_VERSION,
             federation: federation.id.clone(),
@@ -746,7 +788,9 @@ impl Proof {
             peer_id: peer.to_string(),
             issued_at: now,
         };
-        Proof::Coordinator { cert: federation_key.sign(domain::COORDINATOR, &body) }
+        Proof::Coordinator {
+            cert: federation_key.sign(domain::COORDINATOR, &body),
+        }
     }
 
     /// Encodes the proof for the wire.
@@ -756,9 +800,15 @@ impl Proof {
 
     /// Decodes a proof received from a peer; the size is checked before decoding.
     pub fn from_bytes(bytes: &[u8]) -> Result<Proof, Refusal> {
-        let malformed = |reason: String| Refusal::Malformed { what: "proof".into(), reason };
+        let malformed = |reason: String| Refusal::Malformed {
+            what: "proof".into(),
+            reason,
+        };
         if bytes.len() > MAX_DOCUMENT_BYTES {
-            return Err(malformed(format!("{} bytes, at most {MAX_DOCUMENT_BYTES}", bytes.len())));
+            return Err(malformed(format!(
+                "{} bytes, at most {MAX_DOCUMENT_BYTES}",
+                bytes.len()
+            )));
         }
         serde_json::from_slice(bytes).map_err(|e| malformed(e.to_string()))
     }
@@ -781,8 +831,11 @@ impl Proof {
                         theirs: claimed.federation.to_string(),
                     });
                 }
-                let body =
-                    cert.open(&federation.key, domain::COORDINATOR, "coordinator certificate")?;
+                let body = cert.open(
+                    &federation.key,
+                    domain::COORDINATOR,
+                    "coordinator certificate",
+                )?;
                 check_peer(&body.peer_id, presenter)?;
                 Ok(Member {
                     peer_id: body.peer_id,
@@ -791,7 +844,11 @@ impl Proof {
                     joined_at: body.issued_at,
                 })
             }
-            Proof::Member { admission, invite, binding } => {
+            Proof::Member {
+                admission,
+                invite,
+                binding,
+            } => {
                 let claimed = binding.decode("binding")?;
                 if claimed.version != FORMAT_VERSION {
                     return Err(unsupported("binding", claimed.version));
@@ -804,21 +861,35 @@ impl Proof {
                     });
                 }
                 check_peer(&claimed.peer_id, presenter)?;
-                let key_bytes = STANDARD.decode(&claimed.public_key).map_err(|e| {
-                    Refusal::Malformed { what: "binding".into(), reason: e.to_string() }
-                })?;
-                let key = PublicKey::try_decode_protobuf(&key_bytes).map_err(|e| {
-                    Refusal::Malformed { what: "binding".into(), reason: e.to_string() }
-                })?;
+                let key_bytes =
+                    STANDARD
+                        .decode(&claimed.public_key)
+                        .map_err(|e| Refusal::Malformed {
+                            what: "binding".into(),
+                            reason: e.to_string(),
+                        })?;
+                let key =
+                    PublicKey::try_decode_protobuf(&key_bytes).map_err(|e| Refusal::Malformed {
+                        what: "binding".into(),
+                        reason: e.to_string(),
+                    })?;
                 if key.to_peer_id() != *presenter {
-                    return Err(Refusal::BadSignature { what: "binding".into() });
+                    return Err(Refusal::BadSignature {
+                        what: "binding".into(),
+                    });
                 }
-                if !key.verify(&signing_input(domain::BINDING, &binding.bytes.body), &binding.bytes.sig)
-                {
-                    return Err(Refusal::BadSignature { what: "binding".into() });
+                if !key.verify(
+                    &signing_input(domain::BINDING, &binding.bytes.body),
+                    &binding.bytes.sig,
+                ) {
+                    return Err(Refusal::BadSignature {
+                        what: "binding".into(),
+                    });
                 }
                 if claimed.invite != invite.digest() {
-                    return Err(Refusal::BadSignature { what: "binding".into() });
+                    return Err(Refusal::BadSignature {
+                        what: "binding".into(),
+                    });
                 }
                 let chain = Invite {
                     genesis: federation.genesis.clone(),
@@ -853,7 +924,10 @@ impl Proof {
 
 fn check_peer(owner: &str, presenter: &PeerId) -> Result<(), Refusal> {
     if owner != presenter.to_string() {
-        return Err(Refusal::WrongPeer { owner: owner.to_string(), presenter: presenter.to_string() });
+        return Err(Refusal::WrongPeer {
+            owner: owner.to_string(),
+            presenter: presenter.to_string(),
+        });
     }
     Ok(())
 }
@@ -890,7 +964,12 @@ mod tests {
         let fed = Genesis::create("test", &fed_key, NOW).verify().unwrap();
         let inst_key = SigningKey::generate();
         let admission = Admission::issue(&fed, &fed_key, "uni-a", inst_key.public(), NOW);
-        World { fed, fed_key, inst_key, admission }
+        World {
+            fed,
+            fed_key,
+            inst_key,
+            admission,
+        }
     }
 
     #[test]
@@ -902,14 +981,23 @@ mod tests {
         let (fed, proof) = Proof::bind(&invite, &node, NOW + 10).unwrap();
         assert_eq!(fed, w.fed);
         let proof = Proof::from_bytes(&proof.to_bytes()).unwrap();
-        let member = proof.verify(&w.fed, &node.public().to_peer_id(), NOW + 20).unwrap();
+        let member = proof
+            .verify(&w.fed, &node.public().to_peer_id(), NOW + 20)
+            .unwrap();
         assert_eq!(member.institution.as_deref(), Some("uni-a"));
         assert_eq!(member.role, Role::Endpoint);
         // Membership outlives the invite: it is checked at the moment of joining.
-        assert!(proof.verify(&w.fed, &node.public().to_peer_id(), NOW + 10 * 3600).is_ok());
+        assert!(
+            proof
+                .verify(&w.fed, &node.public().to_peer_id(), NOW + 10 * 3600)
+                .is_ok()
+        );
 
         let thief = Keypair::generate_ed25519().public().to_peer_id();
-        assert!(matches!(proof.verify(&w.fed, &thief, NOW), Err(Refusal::WrongPeer { .. })));
+        assert!(matches!(
+            proof.verify(&w.fed, &thief, NOW),
+            Err(Refusal::WrongPeer { .. })
+        ));
     }
 
     #[test]
@@ -917,7 +1005,10 @@ mod tests {
         let w = world();
         let invite = Invite::issue(&w.admission, &w.inst_key, Role::Client, HOUR, NOW).unwrap();
         let node = Keypair::generate_ed25519();
-        assert!(matches!(Proof::bind(&invite, &node, NOW + 7200), Err(Refusal::Expired { .. })));
+        assert!(matches!(
+            Proof::bind(&invite, &node, NOW + 7200),
+            Err(Refusal::Expired { .. })
+        ));
         assert!(matches!(
             Proof::bind(&invite, &node, NOW - 3600),
             Err(Refusal::NotYetValid { .. })
@@ -934,12 +1025,19 @@ mod tests {
         let err = Invite::issue(&forged, &rogue_inst, Role::Endpoint, HOUR, NOW).unwrap_err();
         assert!(matches!(err, Refusal::NotAdmitted { .. }), "{err}");
         // A real admission of A, but an invite signed by an unadmitted key.
-        let mut invite = Invite::issue(&w.admission, &w.inst_key, Role::Endpoint, HOUR, NOW).unwrap();
-        invite.invite = rogue_inst.sign(domain::INVITE, &InviteBody {
-            institution_key: rogue_inst.public(),
-            ..invite.invite.decode("invite").unwrap()
-        });
-        assert!(matches!(invite.verify(&w.fed, NOW), Err(Refusal::NotAdmitted { .. })));
+        let mut invite =
+            Invite::issue(&w.admission, &w.inst_key, Role::Endpoint, HOUR, NOW).unwrap();
+        invite.invite = rogue_inst.sign(
+            domain::INVITE,
+            &InviteBody {
+                institution_key: rogue_inst.public(),
+                ..invite.invite.decode("invite").unwrap()
+            },
+        );
+        assert!(matches!(
+            invite.verify(&w.fed, NOW),
+            Err(Refusal::NotAdmitted { .. })
+        ));
     }
 
     #[test]
@@ -948,24 +1046,57 @@ mod tests {
         let invite = Invite::issue(&w.admission, &w.inst_key, Role::Endpoint, HOUR, NOW).unwrap();
         let node = Keypair::generate_ed25519();
         let (_, proof) = Proof::bind(&invite, &node, NOW).unwrap();
-        let Proof::Member { admission, invite, mut binding } = proof.clone() else { panic!() };
+        let Proof::Member {
+            admission,
+            invite,
+            mut binding,
+        } = proof.clone()
+        else {
+            panic!()
+        };
         binding.tamper();
-        let forged = Proof::Member { admission, invite, binding };
-        assert!(forged.verify(&w.fed, &node.public().to_peer_id(), NOW).is_err());
+        let forged = Proof::Member {
+            admission,
+            invite,
+            binding,
+        };
+        assert!(
+            forged
+                .verify(&w.fed, &node.public().to_peer_id(), NOW)
+                .is_err()
+        );
 
-        let Proof::Member { admission, mut invite, binding } = proof else { panic!() };
+        let Proof::Member {
+            admission,
+            mut invite,
+            binding,
+        } = proof
+        else {
+            panic!()
+        };
         invite.tamper();
-        let forged = Proof::Member { admission, invite, binding };
-        assert!(forged.verify(&w.fed, &node.public().to_peer_id(), NOW).is_err());
+        let forged = Proof::Member {
+            admission,
+            invite,
+            binding,
+        };
+        assert!(
+            forged
+                .verify(&w.fed, &node.public().to_peer_id(), NOW)
+                .is_err()
+        );
     }
 
     #[test]
     fn another_federations_invite_is_refused() {
         let w = world();
         let other = world();
-        let invite = Invite::issue(&other.admission, &other.inst_key, Role::Endpoint, HOUR, NOW)
-            .unwrap();
-        assert!(matches!(invite.verify(&w.fed, NOW), Err(Refusal::WrongFederation { .. })));
+        let invite =
+            Invite::issue(&other.admission, &other.inst_key, Role::Endpoint, HOUR, NOW).unwrap();
+        assert!(matches!(
+            invite.verify(&w.fed, NOW),
+            Err(Refusal::WrongFederation { .. })
+        ));
         let node = Keypair::generate_ed25519();
         let (_, proof) = Proof::bind(&invite, &node, NOW).unwrap();
         assert!(matches!(
@@ -980,17 +1111,28 @@ mod tests {
         let node = Keypair::generate_ed25519();
         let peer = node.public().to_peer_id();
         let proof = Proof::coordinator(&w.fed, &w.fed_key, peer, NOW);
-        assert_eq!(proof.verify(&w.fed, &peer, NOW).unwrap().role, Role::Coordinator);
+        assert_eq!(
+            proof.verify(&w.fed, &peer, NOW).unwrap().role,
+            Role::Coordinator
+        );
         let forged = Proof::coordinator(&w.fed, &SigningKey::generate(), peer, NOW);
-        assert!(matches!(forged.verify(&w.fed, &peer, NOW), Err(Refusal::BadSignature { .. })));
+        assert!(matches!(
+            forged.verify(&w.fed, &peer, NOW),
+            Err(Refusal::BadSignature { .. })
+        ));
     }
 
     #[test]
     fn truncated_and_garbage_invites_are_malformed() {
         let w = world();
-        let s = Invite::issue(&w.admission, &w.inst_key, Role::Endpoint, HOUR, NOW).unwrap().encode();
+        let s = Invite::issue(&w.admission, &w.inst_key, Role::Endpoint, HOUR, NOW)
+            .unwrap()
+            .encode();
         for cut in [0, 5, INVITE_PREFIX.len(), s.len() / 2, s.len() - 1] {
-            assert!(matches!(Invite::decode(&s[..cut]), Err(Refusal::Malformed { .. })), "{cut}");
+            assert!(
+                matches!(Invite::decode(&s[..cut]), Err(Refusal::Malformed { .. })),
+                "{cut}"
+            );
         }
         assert!(Invite::decode("hello").is_err());
         assert!(Invite::decode(&format!("  {s}\n")).is_ok());

@@ -177,8 +177,15 @@ enum Command {
     Members(oneshot::Sender<Vec<PeerInfo>>),
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
     Dial(Multiaddr, oneshot::Sender<Result<(), Error>>),
-    Publish { topic: String, data: Vec<u8>, reply: oneshot::Sender<Result<(), Error>> },
-    Subscribe { topic: String, reply: oneshot::Sender<Result<(), Error>> },
+    Publish {
+        topic: String,
+        data: Vec<u8>,
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
+    Subscribe {
+        topic: String,
+        reply: oneshot::Sender<Result<(), Error>>,
+    },
 }
 
 /// A cheap-clone handle to the running mesh.
@@ -197,7 +204,10 @@ impl Handle {
 
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, Error> {
         let (tx, rx) = oneshot::channel();
-        self.commands.send(make(tx)).await.map_err(|_| Error::Closed)?;
+        self.commands
+            .send(make(tx))
+            .await
+            .map_err(|_| Error::Closed)?;
         rx.await.map_err(|_| Error::Closed)
     }
 
@@ -219,13 +229,15 @@ impl Handle {
     /// Publishes on a federation-scoped gossip topic.
     pub async fn publish(&self, topic: &str, data: Vec<u8>) -> Result<(), Error> {
         let topic = topic.to_string();
-        self.ask(|reply| Command::Publish { topic, data, reply }).await?
+        self.ask(|reply| Command::Publish { topic, data, reply })
+            .await?
     }
 
     /// Subscribes to a federation-scoped gossip topic; its messages arrive as [`Event::Gossip`].
     pub async fn subscribe_topic(&self, topic: &str) -> Result<(), Error> {
         let topic = topic.to_string();
-        self.ask(|reply| Command::Subscribe { topic, reply }).await?
+        self.ask(|reply| Command::Subscribe { topic, reply })
+            .await?
     }
 
     /// Subscribes to mesh events from now on.
@@ -250,15 +262,11 @@ impl Handle {
                     {
                         return Ok(m);
                     }
-                    Ok(Event::RefusedBy { peer, reason })
-                        if expected.is_none_or(|p| p == peer) =>
-                    {
+                    Ok(Event::RefusedBy { peer, reason }) if expected.is_none_or(|p| p == peer) => {
                         return Err(Error::Refused { peer, reason });
                     }
                     // We may refuse them first (a peer of another federation, say).
-                    Ok(Event::Refused { peer, reason })
-                        if expected.is_none_or(|p| p == peer) =>
-                    {
+                    Ok(Event::Refused { peer, reason }) if expected.is_none_or(|p| p == peer) => {
                         return Err(Error::Refused {
                             peer,
                             reason: format!("it is not a member of our federation: {reason}"),
@@ -269,7 +277,9 @@ impl Handle {
                 }
             }
         };
-        tokio::time::timeout(timeout, wait).await.map_err(|_| Error::Timeout(timeout))?
+        tokio::time::timeout(timeout, wait)
+            .await
+            .map_err(|_| Error::Timeout(timeout))?
     }
 }
 
@@ -282,8 +292,13 @@ struct Hello {
 
 #[derive(Debug, Serialize, Deserialize)]
 enum HelloReply {
-    Welcome { proof: Vec<u8>, members: Vec<PeerAddrs> },
-    Refused { reason: String },
+    Welcome {
+        proof: Vec<u8>,
+        members: Vec<PeerAddrs>,
+    },
+    Refused {
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -346,9 +361,10 @@ pub async fn spawn(
     let peer_id = config.keypair.public().to_peer_id();
     let mut swarm = build_swarm(&config)?;
     for addr in &config.listen {
-        swarm
-            .listen_on(addr.clone())
-            .map_err(|e| Error::Listen { addr: addr.clone(), reason: e.to_string() })?;
+        swarm.listen_on(addr.clone()).map_err(|e| Error::Listen {
+            addr: addr.clone(),
+            reason: e.to_string(),
+        })?;
     }
     let topic_prefix = format!("funcmesh/{}/", config.federation.id);
     let announce = gossipsub::IdentTopic::new(format!("{topic_prefix}mesh/1"));
@@ -381,7 +397,13 @@ pub async fn spawn(
     let now = Instant::now();
     for (peer, addrs) in known {
         event_loop.addrs.insert(peer, addrs);
-        event_loop.known.insert(peer, Redial { next: now, failures: 0 });
+        event_loop.known.insert(
+            peer,
+            Redial {
+                next: now,
+                failures: 0,
+            },
+        );
     }
     for addr in event_loop.bootstrap.clone() {
         if let Err(e) = event_loop.swarm.dial(addr.clone()) {
@@ -389,7 +411,11 @@ pub async fn spawn(
         }
     }
     tracker.spawn(event_loop.run(cancel));
-    Ok(Handle { peer_id, commands: cmd_tx, events: ev_tx })
+    Ok(Handle {
+        peer_id,
+        commands: cmd_tx,
+        events: ev_tx,
+    })
 }
 
 fn build_swarm(config: &Config) -> Result<Swarm<Behaviour>, Error> {
@@ -397,7 +423,11 @@ fn build_swarm(config: &Config) -> Result<Swarm<Behaviour>, Error> {
     let relay_server = config.relay_server;
     let swarm = libp2p::SwarmBuilder::with_existing_identity(config.keypair.clone())
         .with_tokio()
-        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+        .with_tcp(
+            tcp::Config::default().nodelay(true),
+            noise::Config::new,
+            yamux::Config::default,
+        )
         .map_err(|e| Error::Build(e.to_string()))?
         .with_quic()
         .with_relay_client(noise::Config::new, yamux::Config::default)
@@ -423,7 +453,10 @@ fn behaviour(
         request_response::cbor::codec::Codec::default()
             .set_request_size_maximum(MAX_MEMBERSHIP_MESSAGE)
             .set_response_size_maximum(MAX_MEMBERSHIP_MESSAGE),
-        [(StreamProtocol::new(MEMBERSHIP_PROTOCOL), request_response::ProtocolSupport::Full)],
+        [(
+            StreamProtocol::new(MEMBERSHIP_PROTOCOL),
+            request_response::ProtocolSupport::Full,
+        )],
         request_response::Config::default().with_request_timeout(Duration::from_secs(10)),
     );
     let identify = identify::Behaviour::new(
@@ -454,7 +487,10 @@ fn behaviour(
     let autonat = autonat::Behaviour::new(
         peer_id,
         // Loopback and private testnets are legitimate deployments here.
-        autonat::Config { only_global_ips: false, ..Default::default() },
+        autonat::Config {
+            only_global_ips: false,
+            ..Default::default()
+        },
     );
     let limits = connection_limits::Behaviour::new(
         connection_limits::ConnectionLimits::default()
@@ -542,10 +578,10 @@ impl EventLoop {
                 let _ = reply.send(self.swarm.listeners().cloned().collect());
             }
             Command::Dial(addr, reply) => {
-                let r = self
-                    .swarm
-                    .dial(addr.clone())
-                    .map_err(|e| Error::Dial { addr, reason: e.to_string() });
+                let r = self.swarm.dial(addr.clone()).map_err(|e| Error::Dial {
+                    addr,
+                    reason: e.to_string(),
+                });
                 let _ = reply.send(r);
             }
             Command::Subscribe { topic, reply } => {
@@ -556,7 +592,10 @@ impl EventLoop {
                     .gossipsub
                     .subscribe(&full)
                     .map(|_| ())
-                    .map_err(|e| Error::Publish { topic, reason: e.to_string() });
+                    .map_err(|e| Error::Publish {
+                        topic,
+                        reason: e.to_string(),
+                    });
                 let _ = reply.send(r);
             }
             Command::Publish { topic, data, reply } => {
@@ -565,7 +604,11 @@ impl EventLoop {
                 let r = gs
                     .subscribe(&full)
                     .map_err(|e| e.to_string())
-                    .and_then(|_| gs.publish(full, data).map(|_| ()).map_err(|e| e.to_string()))
+                    .and_then(|_| {
+                        gs.publish(full, data)
+                            .map(|_| ())
+                            .map_err(|e| e.to_string())
+                    })
                     .map_err(|reason| Error::Publish { topic, reason });
                 let _ = reply.send(r);
             }
@@ -574,8 +617,12 @@ impl EventLoop {
 
     fn on_tick(&mut self) {
         let now = Instant::now();
-        let late: Vec<PeerId> =
-            self.pending.iter().filter(|(_, d)| **d <= now).map(|(p, _)| *p).collect();
+        let late: Vec<PeerId> = self
+            .pending
+            .iter()
+            .filter(|(_, d)| **d <= now)
+            .map(|(p, _)| *p)
+            .collect();
         for peer in late {
             self.pending.remove(&peer);
             let reason = Refusal::NoProof(self.config.proof_timeout);
@@ -583,8 +630,12 @@ impl EventLoop {
             self.emit(Event::Refused { peer, reason });
             let _ = self.swarm.disconnect_peer_id(peer);
         }
-        let overdue: Vec<PeerId> =
-            self.refused.iter().filter(|(_, d)| **d <= now).map(|(p, _)| *p).collect();
+        let overdue: Vec<PeerId> = self
+            .refused
+            .iter()
+            .filter(|(_, d)| **d <= now)
+            .map(|(p, _)| *p)
+            .collect();
         for peer in overdue {
             self.refused.remove(&peer);
             let _ = self.swarm.disconnect_peer_id(peer);
@@ -598,7 +649,10 @@ impl EventLoop {
             .collect();
         for peer in due {
             let addrs = self.addrs.get(&peer).cloned().unwrap_or_default();
-            let r = self.known.get_mut(&peer).expect("due peers come from known");
+            let r = self
+                .known
+                .get_mut(&peer)
+                .expect("due peers come from known");
             r.failures = (r.failures + 1).min(4);
             r.next = now + self.config.redial_interval * (1u32 << r.failures);
             if addrs.is_empty() {
@@ -620,7 +674,11 @@ impl EventLoop {
     }
 
     fn hello(&self, except: &PeerId) -> Hello {
-        Hello { version: 1, proof: self.proof.clone(), members: self.member_list(except) }
+        Hello {
+            version: 1,
+            proof: self.proof.clone(),
+            members: self.member_list(except),
+        }
     }
 
     fn member_list(&self, except: &PeerId) -> Vec<PeerAddrs> {
@@ -647,7 +705,12 @@ impl EventLoop {
                     self.swarm.add_external_address(address);
                 }
             }
-            SwarmEvent::ConnectionEstablished { peer_id, endpoint, num_established, .. } => {
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                endpoint,
+                num_established,
+                ..
+            } => {
                 if let ConnectedPoint::Dialer { address, .. } = &endpoint {
                     if !is_circuit(address) {
                         self.remember_addr(peer_id, address.clone());
@@ -658,10 +721,17 @@ impl EventLoop {
                         .entry(peer_id)
                         .or_insert_with(|| Instant::now() + self.config.proof_timeout);
                     let hello = self.hello(&peer_id);
-                    self.swarm.behaviour_mut().membership.send_request(&peer_id, hello);
+                    self.swarm
+                        .behaviour_mut()
+                        .membership
+                        .send_request(&peer_id, hello);
                 }
             }
-            SwarmEvent::ConnectionClosed { peer_id, num_established: 0, .. } => {
+            SwarmEvent::ConnectionClosed {
+                peer_id,
+                num_established: 0,
+                ..
+            } => {
                 self.pending.remove(&peer_id);
                 self.refused.remove(&peer_id);
                 if self.members.remove(&peer_id).is_some() {
@@ -694,7 +764,9 @@ impl EventLoop {
                 message_id,
                 message,
             }) => {
-                let author_ok = message.source.is_some_and(|s| self.members.contains_key(&s));
+                let author_ok = message
+                    .source
+                    .is_some_and(|s| self.members.contains_key(&s));
                 let relay_ok = self.members.contains_key(&propagation_source);
                 let acceptance = if author_ok && relay_ok {
                     gossipsub::MessageAcceptance::Accept
@@ -702,11 +774,10 @@ impl EventLoop {
                     gossipsub::MessageAcceptance::Reject
                 };
                 let accepted = matches!(acceptance, gossipsub::MessageAcceptance::Accept);
-                self.swarm.behaviour_mut().gossipsub.report_message_validation_result(
-                    &message_id,
-                    &propagation_source,
-                    acceptance,
-                );
+                self.swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .report_message_validation_result(&message_id, &propagation_source, acceptance);
                 if !accepted {
                     debug!(peer = %propagation_source, "ignored gossip from a non-member");
                     return;
@@ -715,7 +786,11 @@ impl EventLoop {
                 if let (Some(source), Some(topic)) =
                     (message.source, topic.strip_prefix(&self.topic_prefix))
                 {
-                    self.emit(Event::Gossip { topic: topic.to_string(), source, data: message.data });
+                    self.emit(Event::Gossip {
+                        topic: topic.to_string(),
+                        source,
+                        data: message.data,
+                    });
                 }
             }
             BehaviourEvent::Autonat(autonat::Event::StatusChanged { new, .. }) => {
@@ -755,19 +830,35 @@ impl EventLoop {
     fn on_membership(&mut self, event: request_response::Event<Hello, HelloReply>) {
         use request_response::{Event as E, Message as M};
         match event {
-            E::Message { peer, message: M::Request { request, channel, .. }, .. } => {
+            E::Message {
+                peer,
+                message: M::Request {
+                    request, channel, ..
+                },
+                ..
+            } => {
                 let verdict = self.verify(&peer, request.version, &request.proof);
                 let reply = match &verdict {
                     Ok(_) => HelloReply::Welcome {
                         proof: self.proof.clone(),
                         members: self.member_list(&peer),
                     },
-                    Err(reason) => HelloReply::Refused { reason: reason.to_string() },
+                    Err(reason) => HelloReply::Refused {
+                        reason: reason.to_string(),
+                    },
                 };
-                let _ = self.swarm.behaviour_mut().membership.send_response(channel, reply);
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .membership
+                    .send_response(channel, reply);
                 self.on_verdict(peer, verdict, request.members, true);
             }
-            E::Message { peer, message: M::Response { response, .. }, .. } => match response {
+            E::Message {
+                peer,
+                message: M::Response { response, .. },
+                ..
+            } => match response {
                 HelloReply::Welcome { proof, members } => {
                     let verdict = self.verify(&peer, 1, &proof);
                     if let Ok(member) = &verdict {
@@ -824,17 +915,35 @@ impl EventLoop {
                     return;
                 }
                 info!(%peer, institution = ?member.institution, role = %member.role, "member connected");
-                self.members.insert(peer, MemberState { member: member.clone(), since: Instant::now() });
-                self.known.insert(peer, Redial { next: Instant::now(), failures: 0 });
+                self.members.insert(
+                    peer,
+                    MemberState {
+                        member: member.clone(),
+                        since: Instant::now(),
+                    },
+                );
+                self.known.insert(
+                    peer,
+                    Redial {
+                        next: Instant::now(),
+                        failures: 0,
+                    },
+                );
                 self.admit_to_routing(peer);
                 self.persist(peer);
-                self.swarm.behaviour_mut().gossipsub.add_explicit_peer(&peer);
+                self.swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .add_explicit_peer(&peer);
                 self.emit(Event::MemberConnected(member));
                 // Peer exchange: connect directly to the members it knows, so that the mesh does
                 // not depend on whoever introduced us.
                 for pa in listed.into_iter().take(MAX_LISTED_MEMBERS) {
-                    let Ok(other) = pa.peer_id.parse::<PeerId>() else { continue };
-                    if other == self.swarm.local_peer_id().to_owned() || self.swarm.is_connected(&other)
+                    let Ok(other) = pa.peer_id.parse::<PeerId>() else {
+                        continue;
+                    };
+                    if other == self.swarm.local_peer_id().to_owned()
+                        || self.swarm.is_connected(&other)
                     {
                         continue;
                     }
@@ -871,8 +980,10 @@ impl EventLoop {
     }
 
     fn remember_addr(&mut self, peer: PeerId, addr: Multiaddr) {
-        let addr: Multiaddr =
-            addr.into_iter().filter(|p| !matches!(p, Protocol::P2p(_))).collect();
+        let addr: Multiaddr = addr
+            .into_iter()
+            .filter(|p| !matches!(p, Protocol::P2p(_)))
+            .collect();
         let list = self.addrs.entry(peer).or_default();
         if !list.contains(&addr) {
             if list.len() >= MAX_ADDRS_PER_PEER {
@@ -894,7 +1005,12 @@ impl EventLoop {
             addrs: self
                 .addrs
                 .get(&peer)
-                .map(|a| a.iter().filter(|a| !is_circuit(a)).map(|a| a.to_string()).collect())
+                .map(|a| {
+                    a.iter()
+                        .filter(|a| !is_circuit(a))
+                        .map(|a| a.to_string())
+                        .collect()
+                })
                 .unwrap_or_default(),
             last_seen: unix_now(),
         };
@@ -902,7 +1018,10 @@ impl EventLoop {
         let store = self.config.store.clone();
         self.tracker.spawn(async move {
             let key = peer.to_string().into_bytes();
-            if let Err(e) = store.blocking(move |s| s.put(store::cf::PEERS, &key, &value)).await {
+            if let Err(e) = store
+                .blocking(move |s| s.put(store::cf::PEERS, &key, &value))
+                .await
+            {
                 warn!(%peer, error = %e, "cannot persist known peer");
             }
         });

@@ -24,9 +24,19 @@ async fn main() -> anyhow::Result<()> {
     let dir = tmp.path().join("net");
     let t0 = Instant::now();
     let net = local_testnet::up(&dir, 2, 5, Role::Endpoint).await?;
-    println!("testnet of {} members + coordinator up and converged in {:?}", net.nodes.len(), t0.elapsed());
+    println!(
+        "testnet of {} members + coordinator up and converged in {:?}",
+        net.nodes.len(),
+        t0.elapsed()
+    );
     let inst = &net.institutions[0];
-    let addr = net.coordinator.listen_addrs.iter().find(|a| a.contains("/tcp/")).unwrap().clone();
+    let addr = net
+        .coordinator
+        .listen_addrs
+        .iter()
+        .find(|a| a.contains("/tcp/"))
+        .unwrap()
+        .clone();
     let mut clients: Vec<Client> = Vec::new();
     for n in std::iter::once(&net.coordinator).chain(&net.nodes) {
         clients.push(Client::for_node(&DataDir::new(&n.data_dir))?);
@@ -34,14 +44,29 @@ async fn main() -> anyhow::Result<()> {
     let mut samples = Vec::new();
     let mut joined = Vec::new();
     for i in 0..JOINS {
-        let invite = ops::invite_create(&inst.key, &inst.admission, Role::Endpoint, Duration::from_secs(600))?;
+        let invite = ops::invite_create(
+            &inst.key,
+            &inst.admission,
+            Role::Endpoint,
+            Duration::from_secs(600),
+        )?;
         let ndir = DataDir::new(tmp.path().join(format!("new{i}")));
         ops::init(&ndir, None)?;
-        let peer = mesh::keys::read_node_key(&ndir.node_key())?.public().to_peer_id().to_string();
+        let peer = mesh::keys::read_node_key(&ndir.node_key())?
+            .public()
+            .to_peer_id()
+            .to_string();
         let log = std::fs::File::create(tmp.path().join(format!("new{i}.log")))?;
         let start = Instant::now();
         let child = Command::new(&bin)
-            .args(["join", &addr, "--invite", &invite, "--data-dir", ndir.root().to_str().unwrap()])
+            .args([
+                "join",
+                &addr,
+                "--invite",
+                &invite,
+                "--data-dir",
+                ndir.root().to_str().unwrap(),
+            ])
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -49,7 +74,11 @@ async fn main() -> anyhow::Result<()> {
         loop {
             let mut all = true;
             for c in &clients {
-                let listed = c.peers().await.map(|p| p.iter().any(|m| m.peer_id == peer)).unwrap_or(false);
+                let listed = c
+                    .peers()
+                    .await
+                    .map(|p| p.iter().any(|m| m.peer_id == peer))
+                    .unwrap_or(false);
                 if !listed {
                     all = false;
                     break;
@@ -58,11 +87,18 @@ async fn main() -> anyhow::Result<()> {
             if all {
                 break;
             }
-            anyhow::ensure!(start.elapsed() < Duration::from_secs(60), "join {i} did not converge");
+            anyhow::ensure!(
+                start.elapsed() < Duration::from_secs(60),
+                "join {i} did not converge"
+            );
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         let took = start.elapsed();
-        println!("join {i}: listed by all {} members after {:.0} ms", clients.len(), took.as_secs_f64() * 1e3);
+        println!(
+            "join {i}: listed by all {} members after {:.0} ms",
+            clients.len(),
+            took.as_secs_f64() * 1e3
+        );
         samples.push(took);
         joined.push(child);
     }

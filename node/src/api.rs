@@ -56,9 +56,15 @@ impl IntoResponse for ApiError {
 
 type Shared = Arc<Inner>;
 
-pub(crate) async fn serve(listener: tokio::net::TcpListener, inner: Shared, cancel: CancellationToken) {
+pub(crate) async fn serve(
+    listener: tokio::net::TcpListener,
+    inner: Shared,
+    cancel: CancellationToken,
+) {
     let app = router(inner);
-    let r = axum::serve(listener, app).with_graceful_shutdown(cancel.cancelled_owned()).await;
+    let r = axum::serve(listener, app)
+        .with_graceful_shutdown(cancel.cancelled_owned())
+        .await;
     if let Err(e) = r {
         tracing::error!(error = %e, "API server failed");
     }
@@ -96,7 +102,8 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 async fn status(State(inner): State<Shared>) -> Result<Json<Status>, ApiError> {
     let mesh = &inner.mesh;
-    let unavailable = |e: mesh::network::Error| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
+    let unavailable =
+        |e: mesh::network::Error| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string());
     let peer = mesh.peer_id();
     let listen_addrs = mesh
         .listen_addrs()

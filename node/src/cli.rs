@@ -249,12 +249,19 @@ pub fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
             let rendered = e.render().to_string();
-            let first = rendered.lines().next().unwrap_or("invalid command line").trim();
+            let first = rendered
+                .lines()
+                .next()
+                .unwrap_or("invalid command line")
+                .trim();
             eprintln!("{first} (see `funcmesh --help`)");
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -290,7 +297,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Start(args) => start(args).await,
-        Command::Join { address, invite, data_dir, no_start, timeout, set } => {
+        Command::Join {
+            address,
+            invite,
+            data_dir,
+            no_start,
+            timeout,
+            set,
+        } => {
             let dir = DataDir::new(data_dir);
             let config = if dir.config().exists() {
                 Config::resolve(Some(&dir.config()), std::env::vars(), &set)?
@@ -345,16 +359,29 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Federation(FederationCommand::Create { name, data_dir, listen }) => {
+        Command::Federation(FederationCommand::Create {
+            name,
+            data_dir,
+            listen,
+        }) => {
             let dir = DataDir::new(data_dir);
             let fed = ops::federation_create(&dir, &name, &listen)?;
             println!("created federation {} ({})", fed.name, fed.id);
             println!("federation key: {}", dir.federation_key().display());
-            println!("coordinator data dir: {} (run `funcmesh start --data-dir {0}`)", dir.root().display());
+            println!(
+                "coordinator data dir: {} (run `funcmesh start --data-dir {0}`)",
+                dir.root().display()
+            );
             Ok(())
         }
-        Command::Federation(FederationCommand::Admit { federation_key, institution, genesis, out }) => {
-            let admission = ops::federation_admit(&federation_key, genesis.as_deref(), &institution)?;
+        Command::Federation(FederationCommand::Admit {
+            federation_key,
+            institution,
+            genesis,
+            out,
+        }) => {
+            let admission =
+                ops::federation_admit(&federation_key, genesis.as_deref(), &institution)?;
             match out {
                 Some(path) => {
                     ops::write_admission(&path, &admission)?;
@@ -366,11 +393,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Institution(InstitutionCommand::Create { name, out }) => {
             ops::institution_create(&name, &out)?;
-            println!("institution key: {} (public: {}.pub)", out.display(), out.display());
+            println!(
+                "institution key: {} (public: {}.pub)",
+                out.display(),
+                out.display()
+            );
             Ok(())
         }
-        Command::Invite(InviteCommand::Create { institution_key, admission, role, ttl }) => {
-            println!("{}", ops::invite_create(&institution_key, &admission, role, ttl)?);
+        Command::Invite(InviteCommand::Create {
+            institution_key,
+            admission,
+            role,
+            ttl,
+        }) => {
+            println!(
+                "{}",
+                ops::invite_create(&institution_key, &admission, role, ttl)?
+            );
             Ok(())
         }
         Command::Testnet(cmd) => local_testnet::run(cmd).await,
@@ -417,7 +456,10 @@ async fn wait_for_signal() -> anyhow::Result<()> {
 
 /// Prints members as a table.
 pub fn print_peers(peers: &[mesh::PeerInfo]) {
-    println!("{:<54} {:<12} {:<14} {:>6}  ADDRESS", "PEER", "ROLE", "INSTITUTION", "UP(s)");
+    println!(
+        "{:<54} {:<12} {:<14} {:>6}  ADDRESS",
+        "PEER", "ROLE", "INSTITUTION", "UP(s)"
+    );
     for p in peers {
         println!(
             "{:<54} {:<12} {:<14} {:>6}  {}",

@@ -24,7 +24,11 @@ impl Client {
             .timeout(Duration::from_secs(10))
             .build()
             .context("HTTP client")?;
-        Ok(Client { info, dir: dir.clone(), http })
+        Ok(Client {
+            info,
+            dir: dir.clone(),
+            http,
+        })
     }
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
@@ -50,7 +54,9 @@ impl Client {
                 body.map(|b| b.error).unwrap_or_else(|| "no details".into())
             );
         }
-        resp.json().await.with_context(|| format!("unexpected answer from {url}"))
+        resp.json()
+            .await
+            .with_context(|| format!("unexpected answer from {url}"))
     }
 
     /// `GET /v1/status`.

@@ -63,20 +63,28 @@ pub struct MeshSection {
 
 impl Default for NodeSection {
     fn default() -> Self {
-        NodeSection { name: "funcmesh-node".into(), log: "info".into() }
+        NodeSection {
+            name: "funcmesh-node".into(),
+            log: "info".into(),
+        }
     }
 }
 
 impl Default for ApiSection {
     fn default() -> Self {
-        ApiSection { listen: SocketAddr::from(([127, 0, 0, 1], 0)) }
+        ApiSection {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        }
     }
 }
 
 impl Default for MeshSection {
     fn default() -> Self {
         MeshSection {
-            listen: vec!["/ip4/127.0.0.1/tcp/0".into(), "/ip4/127.0.0.1/udp/0/quic-v1".into()],
+            listen: vec![
+                "/ip4/127.0.0.1/tcp/0".into(),
+                "/ip4/127.0.0.1/udp/0/quic-v1".into(),
+            ],
             bootstrap: Vec::new(),
             relay_server: false,
             proof_timeout: Duration::from_secs(5),
@@ -121,20 +129,21 @@ impl Config {
         if let Some(path) = file.filter(|p| p.exists()) {
             let text = std::fs::read_to_string(path)
                 .with_context(|| format!("cannot read config {}", path.display()))?;
-            let file: toml::Table = text
-                .parse()
-                .map_err(|e: toml::de::Error| {
-                    anyhow::anyhow!("{}: {}", path.display(), one_line(&e.to_string()))
-                })?;
+            let file: toml::Table = text.parse().map_err(|e: toml::de::Error| {
+                anyhow::anyhow!("{}: {}", path.display(), one_line(&e.to_string()))
+            })?;
             merge(&mut table, file);
         }
         let env: std::collections::HashMap<String, String> = env.into_iter().collect();
         for (section, keys) in &defaults {
-            let Some(keys) = keys.as_table() else { continue };
+            let Some(keys) = keys.as_table() else {
+                continue;
+            };
             for (key, default) in keys {
                 let var = format!("FUNCMESH_{}_{}", section, key).to_uppercase();
                 if let Some(value) = env.get(&var) {
-                    set(&mut table, section, key, value, default).with_context(|| format!("in {var}"))?;
+                    set(&mut table, section, key, value, default)
+                        .with_context(|| format!("in {var}"))?;
                 }
             }
         }
@@ -148,7 +157,8 @@ impl Config {
             let Some(default) = defaults.get(section).and_then(|s| s.get(key)) else {
                 bail!("--set {o}: unknown setting `{path}` (see `funcmesh start --dump-config`)");
             };
-            set(&mut table, section, key, value, default).with_context(|| format!("in --set {o}"))?;
+            set(&mut table, section, key, value, default)
+                .with_context(|| format!("in --set {o}"))?;
         }
         Config::deserialize(toml::Value::Table(table))
             .map_err(|e| anyhow::anyhow!("invalid configuration: {}", one_line(&e.to_string())))
@@ -175,10 +185,20 @@ fn merge(base: &mut toml::Table, over: toml::Table) {
     }
 }
 
-fn set(table: &mut toml::Table, section: &str, key: &str, raw: &str, default: &toml::Value) -> anyhow::Result<()> {
+fn set(
+    table: &mut toml::Table,
+    section: &str,
+    key: &str,
+    raw: &str,
+    default: &toml::Value,
+) -> anyhow::Result<()> {
     let value = match default {
         toml::Value::Array(_) if !raw.trim_start().starts_with('[') => toml::Value::Array(
-            raw.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| toml::Value::String(s.into())).collect(),
+            raw.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| toml::Value::String(s.into()))
+                .collect(),
         ),
         toml::Value::String(_) => toml::Value::String(raw.to_string()),
         _ => format!("v = {raw}")
@@ -207,10 +227,17 @@ mod tests {
     fn layers_override_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("config.toml");
-        std::fs::write(&path, "[api]\nlisten = \"127.0.0.1:7000\"\n[node]\nname = \"file\"\n").unwrap();
+        std::fs::write(
+            &path,
+            "[api]\nlisten = \"127.0.0.1:7000\"\n[node]\nname = \"file\"\n",
+        )
+        .unwrap();
         let env = vec![
             ("FUNCMESH_NODE_NAME".to_string(), "env".to_string()),
-            ("FUNCMESH_MESH_BOOTSTRAP".to_string(), "/ip4/1.2.3.4/tcp/1,/ip4/1.2.3.4/tcp/2".to_string()),
+            (
+                "FUNCMESH_MESH_BOOTSTRAP".to_string(),
+                "/ip4/1.2.3.4/tcp/1,/ip4/1.2.3.4/tcp/2".to_string(),
+            ),
             ("FUNCMESH_MESH_PROOF_TIMEOUT".to_string(), "2s".to_string()),
             ("UNRELATED".to_string(), "x".to_string()),
         ];
@@ -226,8 +253,14 @@ mod tests {
     #[test]
     fn bad_settings_name_the_problem() {
         let err = Config::resolve(None, vec![], &["api.nope=1".into()]).unwrap_err();
-        assert!(err.to_string().contains("unknown setting `api.nope`"), "{err}");
-        let env = vec![("FUNCMESH_API_LISTEN".to_string(), "not an address".to_string())];
+        assert!(
+            err.to_string().contains("unknown setting `api.nope`"),
+            "{err}"
+        );
+        let env = vec![(
+            "FUNCMESH_API_LISTEN".to_string(),
+            "not an address".to_string(),
+        )];
         let err = format!("{:#}", Config::resolve(None, env, &[]).unwrap_err());
         assert!(err.contains("invalid"), "{err}");
         let dir = tempfile::tempdir().unwrap();

@@ -53,9 +53,14 @@ impl Node {
         let keypair = mesh::keys::read_node_key(&dir.node_key())
             .with_context(|| format!("cannot read the node key of {}", dir.root().display()))?;
         let peer_id = keypair.public().to_peer_id();
-        let own = proof.verify(&federation, &peer_id, unix_now()).with_context(|| {
-            format!("the membership stored in {} is not valid", dir.root().display())
-        })?;
+        let own = proof
+            .verify(&federation, &peer_id, unix_now())
+            .with_context(|| {
+                format!(
+                    "the membership stored in {} is not valid",
+                    dir.root().display()
+                )
+            })?;
         let db = dir.db();
         let store = tokio::task::spawn_blocking(move || store::Store::open(&db))
             .await
@@ -102,7 +107,14 @@ impl Node {
         };
         write_json_atomic(&dir.api(), &info, 0o600)?;
         info!(%peer_id, federation = %inner.federation.id, api = %api_addr, "node started");
-        Ok(Node { inner, cancel, tracker, store, api_addr, data_dir: dir.clone() })
+        Ok(Node {
+            inner,
+            cancel,
+            tracker,
+            store,
+            api_addr,
+            data_dir: dir.clone(),
+        })
     }
 
     /// The mesh handle.
@@ -152,7 +164,10 @@ impl Node {
     pub async fn shutdown(self) -> anyhow::Result<()> {
         self.cancel.cancel();
         self.tracker.close();
-        if tokio::time::timeout(Duration::from_secs(10), self.tracker.wait()).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(10), self.tracker.wait())
+            .await
+            .is_err()
+        {
             tracing::warn!("some tasks did not stop within 10s");
         }
         let _ = std::fs::remove_file(self.data_dir.api());
@@ -171,6 +186,9 @@ impl Drop for Node {
 
 fn parse_addrs(list: &[String], what: &str) -> anyhow::Result<Vec<Multiaddr>> {
     list.iter()
-        .map(|s| s.parse().with_context(|| format!("{what}: `{s}` is not a multiaddr")))
+        .map(|s| {
+            s.parse()
+                .with_context(|| format!("{what}: `{s}` is not a multiaddr"))
+        })
         .collect()
 }

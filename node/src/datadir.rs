@@ -117,7 +117,10 @@ impl DataDir {
     pub fn read_api(&self) -> anyhow::Result<ApiInfo> {
         let path = self.api();
         if !self.root.exists() {
-            bail!("no node data dir at {}: pass the data dir of a node with --node", self.root.display());
+            bail!(
+                "no node data dir at {}: pass the data dir of a node with --node",
+                self.root.display()
+            );
         }
         if !path.exists() {
             bail!(
@@ -155,6 +158,8 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> 
         .mode(mode)
         .open(&tmp)
         .with_context(|| format!("cannot write {}", tmp.display()))?;
-    f.write_all(bytes).and_then(|_| f.sync_all()).with_context(|| format!("cannot write {}", tmp.display()))?;
+    f.write_all(bytes)
+        .and_then(|_| f.sync_all())
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
 }

@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
-use mesh::membership::{Admission, Genesis, Invite, Proof, Role, SigningKey, unix_now};
+use mesh::membership::{Admission, Invite, Proof, Role, SigningKey, unix_now};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -13,15 +13,23 @@ use crate::local_testnet::{self, Testnet};
 
 /// Runs the demo.
 pub async fn run() -> anyhow::Result<()> {
-    let tmp = tempfile::Builder::new().prefix("funcmesh-demo-").tempdir().context("temp dir")?;
+    let tmp = tempfile::Builder::new()
+        .prefix("funcmesh-demo-")
+        .tempdir()
+        .context("temp dir")?;
     let dir = tmp.path().join("testnet");
     println!("== funcmesh demo (in {})", tmp.path().display());
-    println!("\n-- 1. a federation: a coordinator and two institutions with two endpoint nodes each,");
+    println!(
+        "\n-- 1. a federation: a coordinator and two institutions with two endpoint nodes each,"
+    );
     println!("      each node a process that joined with an invite through `funcmesh join`");
     let net = local_testnet::up(&dir, 2, 2, Role::Endpoint).await?;
     let result = steps(&net, tmp.path()).await;
     let stopped = local_testnet::down(&net).await;
-    println!("\n-- cleaned up: stopped {stopped} node process(es), removed {}", tmp.path().display());
+    println!(
+        "\n-- cleaned up: stopped {stopped} node process(es), removed {}",
+        tmp.path().display()
+    );
     result?;
     println!("\ndemo finished: every step behaved as expected");
     Ok(())
@@ -30,16 +38,28 @@ pub async fn run() -> anyhow::Result<()> {
 async fn steps(net: &Testnet, tmp: &std::path::Path) -> anyhow::Result<()> {
     let a1 = &net.nodes[0];
     let view = Client::for_node(&DataDir::new(&a1.data_dir))?;
-    println!("\nmembers as node {} ({}) sees them:", a1.name, a1.institution.as_deref().unwrap_or("-"));
+    println!(
+        "\nmembers as node {} ({}) sees them:",
+        a1.name,
+        a1.institution.as_deref().unwrap_or("-")
+    );
     crate::cli::print_peers(&view.peers().await?);
 
-    println!("\n-- 2. an uninvited node: its invite comes from another federation's institution");
+    println!(
+        "\n-- 2. an uninvited node: its institution signed its own admission, not the federation"
+    );
     let reason = uninvited_attempt(net, tmp).await?;
     println!("refused by the coordinator: {reason}");
     let listed = view.peers().await?.len();
-    println!("node {} still lists {listed} members; the stranger is not among them", a1.name);
+    println!(
+        "node {} still lists {listed} members; the stranger is not among them",
+        a1.name
+    );
 
-    println!("\n-- 3. stop the coordinator (SIGTERM, pid {})", net.coordinator.pid);
+    println!(
+        "\n-- 3. stop the coordinator (SIGTERM, pid {})",
+        net.coordinator.pid
+    );
     local_testnet::kill(net.coordinator.pid, libc::SIGTERM);
     let deadline = Instant::now() + Duration::from_secs(10);
     while local_testnet::alive(net.coordinator.pid) {
@@ -64,22 +84,40 @@ async fn steps(net: &Testnet, tmp: &std::path::Path) -> anyhow::Result<()> {
     crate::cli::print_peers(&peers);
     let expected = net.nodes.len() - 1;
     if peers.len() != expected {
-        bail!("expected {expected} members to stay connected, saw {}", peers.len());
+        bail!(
+            "expected {expected} members to stay connected, saw {}",
+            peers.len()
+        );
     }
     println!("the mesh kept running without its coordinator");
     Ok(())
 }
 
-/// A node with a perfectly valid invite from another federation dials ours and is refused.
+/// A stranger forges an "admission" into our federation with a key that is not the federation's,
+/// invites itself, and dials the coordinator, which refuses it.
 async fn uninvited_attempt(net: &Testnet, tmp: &std::path::Path) -> anyhow::Result<String> {
     let now = unix_now();
-    let other_key = SigningKey::generate();
-    let other = Genesis::create("elsewhere", &other_key, now).verify()?;
+    let federation = DataDir::new(&net.coordinator.data_dir)
+        .read_federation()?
+        .context("the coordinator's federation")?;
+    let not_the_federation_key = SigningKey::generate();
     let inst = SigningKey::generate();
-    let admission = Admission::issue(&other, &other_key, "stranger-u", inst.public(), now);
-    let invite = Invite::issue(&admission, &inst, Role::Endpoint, Duration::from_secs(600), now)?;
+    let admission = Admission::issue(
+        &federation,
+        &not_the_federation_key,
+        "stranger-u",
+        inst.public(),
+        now,
+    );
+    let invite = Invite::sign(
+        &admission,
+        &inst,
+        Role::Endpoint,
+        Duration::from_secs(600),
+        now,
+    );
     let keypair = mesh::Keypair::generate_ed25519();
-    let (federation, proof) = Proof::bind(&invite, &keypair, now)?;
+    let proof = Proof::sign_binding(&invite, &federation, &keypair, now);
     let db = tmp.join("stranger-db");
     let store = tokio::task::spawn_blocking(move || store::Store::open(&db)).await??;
     let cancel = CancellationToken::new();

@@ -71,11 +71,19 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 /// Runs a `testnet` subcommand.
 pub async fn run(cmd: TestnetCommand) -> anyhow::Result<()> {
     match cmd {
-        TestnetCommand::Up { dir, institutions, nodes_per_institution, role } => {
+        TestnetCommand::Up {
+            dir,
+            institutions,
+            nodes_per_institution,
+            role,
+        } => {
             let net = up(&dir, institutions, nodes_per_institution, role).await?;
             print_table(&net, &dir).await;
-            println!("testnet up: {}/testnet.json; stop it with `funcmesh testnet down --dir {}`",
-                dir.display(), dir.display());
+            println!(
+                "testnet up: {}/testnet.json; stop it with `funcmesh testnet down --dir {}`",
+                dir.display(),
+                dir.display()
+            );
             Ok(())
         }
         TestnetCommand::Status { dir, json } => {
@@ -122,7 +130,10 @@ pub async fn run(cmd: TestnetCommand) -> anyhow::Result<()> {
 pub fn load(dir: &Path) -> anyhow::Result<Testnet> {
     let path = dir.join("testnet.json");
     if !path.exists() {
-        bail!("no testnet in {}: start one with `funcmesh testnet up --dir {0}`", dir.display());
+        bail!(
+            "no testnet in {}: start one with `funcmesh testnet up --dir {0}`",
+            dir.display()
+        );
     }
     read_json(&path)
 }
@@ -134,7 +145,10 @@ fn all_nodes(net: &Testnet) -> impl Iterator<Item = &NodeEntry> {
 fn find<'a>(net: &'a Testnet, name: &str) -> anyhow::Result<&'a NodeEntry> {
     all_nodes(net).find(|n| n.name == name).with_context(|| {
         let names: Vec<&str> = all_nodes(net).map(|n| n.name.as_str()).collect();
-        format!("no node `{name}` in this testnet (nodes: {})", names.join(", "))
+        format!(
+            "no node `{name}` in this testnet (nodes: {})",
+            names.join(", ")
+        )
     })
 }
 
@@ -178,7 +192,10 @@ fn spawn_daemon(args: &[&str], log: &Path) -> anyhow::Result<std::process::Child
     let err = file.try_clone().context("log file")?;
     Proc::new(exe()?)
         .args(args)
-        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+        .env(
+            "RUST_LOG",
+            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+        )
         .stdin(Stdio::null())
         .stdout(file)
         .stderr(err)
@@ -200,7 +217,11 @@ async fn wait_started(
     loop {
         if let Some(status) = child.try_wait().context("waiting for node")? {
             let text = std::fs::read_to_string(log).unwrap_or_default();
-            let last = text.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no output");
+            let last = text
+                .lines()
+                .rev()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or("no output");
             bail!("node {} exited ({status}): {last}", dir.root().display());
         }
         let ready = dir.api().exists() && (!needs_membership || dir.membership().exists());
@@ -217,20 +238,32 @@ async fn wait_started(
             }
         }
         if Instant::now() > deadline {
-            bail!("node {} did not start within {START_TIMEOUT:?}; see {}", dir.root().display(), log.display());
+            bail!(
+                "node {} did not start within {START_TIMEOUT:?}; see {}",
+                dir.root().display(),
+                log.display()
+            );
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
 /// Brings a testnet up.
-pub async fn up(dir: &Path, institutions: usize, per: usize, role: Role) -> anyhow::Result<Testnet> {
+pub async fn up(
+    dir: &Path,
+    institutions: usize,
+    per: usize,
+    role: Role,
+) -> anyhow::Result<Testnet> {
     if institutions == 0 || institutions > 26 {
         bail!("--institutions must be between 1 and 26");
     }
     if let Ok(net) = load(dir) {
         if all_nodes(&net).any(|n| alive(n.pid)) {
-            bail!("a testnet is already running in {0}; stop it with `funcmesh testnet down --dir {0}`", dir.display());
+            bail!(
+                "a testnet is already running in {0}; stop it with `funcmesh testnet down --dir {0}`",
+                dir.display()
+            );
         }
         std::fs::remove_dir_all(dir).with_context(|| format!("cannot clear {}", dir.display()))?;
     }
@@ -254,12 +287,22 @@ async fn build(
     started: &mut Vec<u32>,
 ) -> anyhow::Result<Testnet> {
     let coord_dir = DataDir::new(dir.join("coordinator"));
-    funcmesh(&["federation", "create", "--name", "testnet", "--data-dir", s(coord_dir.root())])?;
+    funcmesh(&[
+        "federation",
+        "create",
+        "--name",
+        "testnet",
+        "--data-dir",
+        s(coord_dir.root()),
+    ])?;
     let log = coord_dir.root().join("node.log");
     let mut child = spawn_daemon(&["start", "--data-dir", s(coord_dir.root())], &log)?;
     started.push(child.id());
     let (peer_id, api, listen_addrs) = wait_started(&mut child, &coord_dir, false, &log).await?;
-    let federation_id = coord_dir.read_federation()?.map(|f| f.id.to_string()).unwrap_or_default();
+    let federation_id = coord_dir
+        .read_federation()?
+        .map(|f| f.id.to_string())
+        .unwrap_or_default();
     let coord_addr = listen_addrs
         .iter()
         .find(|a| a.contains("/tcp/"))
@@ -288,25 +331,41 @@ async fn build(
         funcmesh(&["institution", "create", "--name", &name, "--out", s(&key)])?;
         let public_key = mesh::keys::pub_path(&key);
         funcmesh(&[
-            "federation", "admit",
-            "--federation-key", s(&coord_dir.federation_key()),
-            "--institution", s(&public_key),
-            "--out", s(&admission),
+            "federation",
+            "admit",
+            "--federation-key",
+            s(&coord_dir.federation_key()),
+            "--institution",
+            s(&public_key),
+            "--out",
+            s(&admission),
         ])?;
         for j in 1..=per {
             let node_name = format!("{letter}{j}");
             let invite = funcmesh(&[
-                "invite", "create",
-                "--institution-key", s(&key),
-                "--admission", s(&admission),
-                "--role", &role.to_string(),
-                "--ttl", "10m",
+                "invite",
+                "create",
+                "--institution-key",
+                s(&key),
+                "--admission",
+                s(&admission),
+                "--role",
+                &role.to_string(),
+                "--ttl",
+                "10m",
             ])?;
             let ndir = DataDir::new(dir.join(&node_name));
             std::fs::create_dir_all(ndir.root()).context("node dir")?;
             let log = ndir.root().join("node.log");
             let mut child = spawn_daemon(
-                &["join", &coord_addr, "--invite", &invite, "--data-dir", s(ndir.root())],
+                &[
+                    "join",
+                    &coord_addr,
+                    "--invite",
+                    &invite,
+                    "--data-dir",
+                    s(ndir.root()),
+                ],
                 &log,
             )?;
             started.push(child.id());
@@ -322,9 +381,20 @@ async fn build(
                 pid: child.id(),
             });
         }
-        insts.push(InstitutionEntry { name, key, public_key, admission });
+        insts.push(InstitutionEntry {
+            name,
+            key,
+            public_key,
+            admission,
+        });
     }
-    let net = Testnet { version: 1, federation_id, coordinator, nodes, institutions: insts };
+    let net = Testnet {
+        version: 1,
+        federation_id,
+        coordinator,
+        nodes,
+        institutions: insts,
+    };
     write_json_atomic(&dir.join("testnet.json"), &net, 0o644)?;
     wait_converged(&net, START_TIMEOUT).await?;
     Ok(net)
@@ -332,7 +402,12 @@ async fn build(
 
 async fn members_of(n: &NodeEntry) -> anyhow::Result<Vec<String>> {
     let client = Client::for_node(&DataDir::new(&n.data_dir))?;
-    Ok(client.peers().await?.into_iter().map(|p| p.peer_id).collect())
+    Ok(client
+        .peers()
+        .await?
+        .into_iter()
+        .map(|p| p.peer_id)
+        .collect())
 }
 
 /// Waits until every running node lists every other running node as a member.
@@ -343,12 +418,17 @@ pub async fn wait_converged(net: &Testnet, timeout: Duration) -> anyhow::Result<
         let mut missing = None;
         for n in &running {
             let members = members_of(n).await.unwrap_or_default();
-            if let Some(m) = running.iter().find(|o| o.name != n.name && !members.contains(&o.peer_id)) {
+            if let Some(m) = running
+                .iter()
+                .find(|o| o.name != n.name && !members.contains(&o.peer_id))
+            {
                 missing = Some((n.name.clone(), m.name.clone()));
                 break;
             }
         }
-        let Some((who, whom)) = missing else { return Ok(()) };
+        let Some((who, whom)) = missing else {
+            return Ok(());
+        };
         if Instant::now() > deadline {
             bail!("the testnet did not converge within {timeout:?}: {who} does not list {whom}");
         }
@@ -358,7 +438,10 @@ pub async fn wait_converged(net: &Testnet, timeout: Duration) -> anyhow::Result<
 
 /// Stops every node: SIGTERM, then SIGKILL after 10 s. Returns how many were running.
 pub async fn down(net: &Testnet) -> usize {
-    let running: Vec<u32> = all_nodes(net).map(|n| n.pid).filter(|p| alive(*p)).collect();
+    let running: Vec<u32> = all_nodes(net)
+        .map(|n| n.pid)
+        .filter(|p| alive(*p))
+        .collect();
     for pid in &running {
         kill(*pid, libc::SIGTERM);
     }
@@ -387,7 +470,13 @@ pub async fn restart(dir: &Path, name: &str) -> anyhow::Result<Testnet> {
     let log = ndir.root().join("node.log");
     let mut child = spawn_daemon(&["start", "--data-dir", s(ndir.root())], &log)?;
     let (peer_id, api, listen_addrs) = wait_started(&mut child, &ndir, false, &log).await?;
-    let updated = NodeEntry { peer_id, api, listen_addrs, pid: child.id(), ..entry };
+    let updated = NodeEntry {
+        peer_id,
+        api,
+        listen_addrs,
+        pid: child.id(),
+        ..entry
+    };
     if updated.name == "coordinator" {
         net.coordinator = updated;
     } else if let Some(n) = net.nodes.iter_mut().find(|n| n.name == name) {
@@ -399,10 +488,16 @@ pub async fn restart(dir: &Path, name: &str) -> anyhow::Result<Testnet> {
 
 async fn print_table(net: &Testnet, _dir: &Path) {
     println!("federation {}", net.federation_id);
-    println!("{:<12} {:<12} {:<12} {:>8} {:>8}  PEER", "NODE", "ROLE", "INSTITUTION", "PID", "MEMBERS");
+    println!(
+        "{:<12} {:<12} {:<12} {:>8} {:>8}  PEER",
+        "NODE", "ROLE", "INSTITUTION", "PID", "MEMBERS"
+    );
     for n in all_nodes(net) {
         let members = if alive(n.pid) {
-            members_of(n).await.map(|m| m.len().to_string()).unwrap_or_else(|_| "?".into())
+            members_of(n)
+                .await
+                .map(|m| m.len().to_string())
+                .unwrap_or_else(|_| "?".into())
         } else {
             "down".into()
         };
@@ -423,7 +518,9 @@ pub fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => {
             // The state follows the parenthesised command name.
-            let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next());
+            let state = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.trim_start().chars().next());
             !matches!(state, Some('Z') | Some('X') | None)
         }
         Err(_) => false,
@@ -432,7 +529,9 @@ pub fn alive(pid: u32) -> bool {
 
 /// Sends a signal to a process.
 pub fn kill(pid: u32, signal: libc::c_int) {
-    let Ok(pid) = libc::pid_t::try_from(pid) else { return };
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return;
+    };
     // SAFETY: kill(2) has no memory-safety preconditions.
     #[allow(unsafe_code)]
     unsafe {

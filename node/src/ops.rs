@@ -37,7 +37,9 @@ pub fn init(dir: &DataDir, name: Option<&str>) -> anyhow::Result<PeerId> {
 pub fn set_config_list(dir: &DataDir, key: &str, values: &[String]) -> anyhow::Result<()> {
     let path = dir.config();
     let mut table: toml::Table = match std::fs::read_to_string(&path) {
-        Ok(text) => text.parse().with_context(|| format!("{} is not valid TOML", path.display()))?,
+        Ok(text) => text
+            .parse()
+            .with_context(|| format!("{} is not valid TOML", path.display()))?,
         Err(_) => toml::Table::new(),
     };
     let mesh = table
@@ -47,14 +49,23 @@ pub fn set_config_list(dir: &DataDir, key: &str, values: &[String]) -> anyhow::R
         .with_context(|| format!("{}: [mesh] is not a table", path.display()))?;
     mesh.insert(
         key.to_string(),
-        toml::Value::Array(values.iter().map(|v| toml::Value::String(v.clone())).collect()),
+        toml::Value::Array(
+            values
+                .iter()
+                .map(|v| toml::Value::String(v.clone()))
+                .collect(),
+        ),
     );
     write_atomic(&path, toml::to_string_pretty(&table)?.as_bytes(), 0o644)
 }
 
 /// Creates a federation whose coordinator is the node of `dir`: the root key at
 /// `dir/federation.key`, the genesis, and the coordinator's certificate.
-pub fn federation_create(dir: &DataDir, name: &str, listen: &[String]) -> anyhow::Result<Federation> {
+pub fn federation_create(
+    dir: &DataDir,
+    name: &str,
+    listen: &[String],
+) -> anyhow::Result<Federation> {
     if let Some(existing) = dir.read_federation()? {
         bail!(
             "{} already belongs to federation {} ({}); use another --data-dir",
@@ -69,7 +80,9 @@ pub fn federation_create(dir: &DataDir, name: &str, listen: &[String]) -> anyhow
     }
     let key = SigningKey::generate();
     let now = unix_now();
-    let federation = Genesis::create(name, &key, now).verify().context("fresh genesis")?;
+    let federation = Genesis::create(name, &key, now)
+        .verify()
+        .context("fresh genesis")?;
     keys::write_signing_key(&dir.federation_key(), KeyKind::Federation, name, &key)?;
     let proof = Proof::coordinator(&federation, &key, peer, now);
     dir.write_membership(&federation, &proof)?;
@@ -109,7 +122,13 @@ pub fn federation_admit(
         );
     }
     let inst = keys::read_public_key(institution_pub, KeyKind::Institution)?;
-    Ok(Admission::issue(&federation, &key, &inst.name, inst.public_key, unix_now()))
+    Ok(Admission::issue(
+        &federation,
+        &key,
+        &inst.name,
+        inst.public_key,
+        unix_now(),
+    ))
 }
 
 /// Writes an admission certificate.

@@ -93,10 +93,17 @@ impl Store {
         opts.set_max_background_jobs(2);
         opts.set_keep_log_file_num(3);
         opts.set_max_total_wal_size(64 << 20);
-        let cfs = cf::ALL.iter().map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
-        let db = DB::open_cf_descriptors(&opts, path, cfs)
-            .map_err(|source| Error::Open { path: path.to_path_buf(), source })?;
-        let store = Store { db: Arc::new(db), path: path.to_path_buf() };
+        let cfs = cf::ALL
+            .iter()
+            .map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
+        let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(|source| Error::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let store = Store {
+            db: Arc::new(db),
+            path: path.to_path_buf(),
+        };
         match store.get(cf::META, SCHEMA_KEY)? {
             None => store.put(cf::META, SCHEMA_KEY, &SCHEMA_VERSION.to_be_bytes())?,
             Some(v) => {
@@ -114,12 +121,20 @@ impl Store {
     }
 
     fn handle(&self, name: &'static str) -> &rocksdb::ColumnFamily {
-        self.db.cf_handle(name).expect("every column family in cf::ALL is created on open")
+        self.db
+            .cf_handle(name)
+            .expect("every column family in cf::ALL is created on open")
     }
 
     /// Reads one value.
     pub fn get(&self, cf: &'static str, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
-        self.db.get_cf(self.handle(cf), key).map_err(|source| Error::Io { op: "get", cf, source })
+        self.db
+            .get_cf(self.handle(cf), key)
+            .map_err(|source| Error::Io {
+                op: "get",
+                cf,
+                source,
+            })
     }
 
     /// Writes one value, synced to disk before returning.
@@ -128,7 +143,11 @@ impl Store {
         wo.set_sync(true);
         self.db
             .put_cf_opt(self.handle(cf), key, value, &wo)
-            .map_err(|source| Error::Io { op: "put", cf, source })
+            .map_err(|source| Error::Io {
+                op: "put",
+                cf,
+                source,
+            })
     }
 
     /// Deletes one value, synced.
@@ -137,7 +156,11 @@ impl Store {
         wo.set_sync(true);
         self.db
             .delete_cf_opt(self.handle(cf), key, &wo)
-            .map_err(|source| Error::Io { op: "delete", cf, source })
+            .map_err(|source| Error::Io {
+                op: "delete",
+                cf,
+                source,
+            })
     }
 
     /// Every entry of a column family, in key order. Meant for small families.
@@ -146,7 +169,11 @@ impl Store {
             .iterator_cf(self.handle(cf), rocksdb::IteratorMode::Start)
             .map(|r| {
                 r.map(|(k, v)| (k.to_vec(), v.to_vec()))
-                    .map_err(|source| Error::Io { op: "scan", cf, source })
+                    .map_err(|source| Error::Io {
+                        op: "scan",
+                        cf,
+                        source,
+                    })
             })
             .collect()
     }
@@ -156,9 +183,17 @@ impl Store {
         for name in cf::ALL {
             self.db
                 .flush_cf(self.handle(name))
-                .map_err(|source| Error::Io { op: "flush", cf: name, source })?;
+                .map_err(|source| Error::Io {
+                    op: "flush",
+                    cf: name,
+                    source,
+                })?;
         }
-        self.db.flush_wal(true).map_err(|source| Error::Io { op: "flush", cf: "wal", source })
+        self.db.flush_wal(true).map_err(|source| Error::Io {
+            op: "flush",
+            cf: "wal",
+            source,
+        })
     }
 
     /// Runs `f` on tokio's blocking pool, so that RocksDB never stalls an async worker.
@@ -189,7 +224,10 @@ mod tests {
             s.flush().unwrap();
         }
         let s = Store::open(dir.path()).unwrap();
-        assert_eq!(s.scan(cf::PEERS).unwrap(), vec![(b"b".to_vec(), b"2".to_vec())]);
+        assert_eq!(
+            s.scan(cf::PEERS).unwrap(),
+            vec![(b"b".to_vec(), b"2".to_vec())]
+        );
     }
 
     #[test]
@@ -207,6 +245,9 @@ mod tests {
             let s = Store::open(dir.path()).unwrap();
             s.put(cf::META, SCHEMA_KEY, &99u32.to_be_bytes()).unwrap();
         }
-        assert!(matches!(Store::open(dir.path()), Err(Error::Schema { found: 99, .. })));
+        assert!(matches!(
+            Store::open(dir.path()),
+            Err(Error::Schema { found: 99, .. })
+        ));
     }
 }

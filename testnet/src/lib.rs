@@ -83,7 +83,9 @@ pub fn test_config() -> Config {
 impl Federation {
     /// A coordinator and `per` endpoint nodes of each of `institutions` institutions.
     pub async fn start(institutions: usize, per: usize) -> anyhow::Result<Federation> {
-        let tmp = tempfile::Builder::new().prefix("funcmesh-testnet-").tempdir()?;
+        let tmp = tempfile::Builder::new()
+            .prefix("funcmesh-testnet-")
+            .tempdir()?;
         let coordinator_dir = DataDir::new(tmp.path().join("coordinator"));
         ops::federation_create(&coordinator_dir, "test", &[])?;
         let coordinator = Node::start(&coordinator_dir, &test_config()).await?;
@@ -129,7 +131,11 @@ impl Federation {
         )?;
         let adm_path = self.tmp.path().join(format!("{name}.admission.json"));
         ops::write_admission(&adm_path, &admission)?;
-        self.institutions.push(Institution { name: name.into(), key, admission: adm_path });
+        self.institutions.push(Institution {
+            name: name.into(),
+            key,
+            admission: adm_path,
+        });
         Ok(self.institutions.len() - 1)
     }
 
@@ -161,7 +167,12 @@ impl Federation {
         let invite = self.invite(i, Role::Endpoint, Duration::from_secs(600))?;
         let dir = self.new_dir(&name);
         let node = join_with_test_config(&dir, &self.coordinator_addr, &invite).await?;
-        self.members.push(Slot { name, institution: i, dir, node: Some(node) });
+        self.members.push(Slot {
+            name,
+            institution: i,
+            dir,
+            node: Some(node),
+        });
         Ok(self.members.len() - 1)
     }
 
@@ -172,17 +183,24 @@ impl Federation {
 
     /// Every running node, coordinator first.
     pub fn running(&self) -> Vec<&Node> {
-        self.coordinator.iter().chain(self.members.iter().filter_map(|s| s.node.as_ref())).collect()
+        self.coordinator
+            .iter()
+            .chain(self.members.iter().filter_map(|s| s.node.as_ref()))
+            .collect()
     }
 
     /// Whether every running node lists every other running node as a member.
     pub async fn fully_connected(&self) -> bool {
         let nodes = self.running();
         for n in &nodes {
-            let Ok(members) = n.mesh().members().await else { return false };
+            let Ok(members) = n.mesh().members().await else {
+                return false;
+            };
             for other in &nodes {
                 if other.peer_id() != n.peer_id()
-                    && !members.iter().any(|m| m.peer_id == other.peer_id().to_string())
+                    && !members
+                        .iter()
+                        .any(|m| m.peer_id == other.peer_id().to_string())
                 {
                     return false;
                 }
@@ -239,13 +257,30 @@ impl Federation {
 }
 
 /// `ops::join` with the test configuration.
-pub async fn join_with_test_config(dir: &DataDir, coordinator: &str, invite: &str) -> anyhow::Result<Node> {
+pub async fn join_with_test_config(
+    dir: &DataDir,
+    coordinator: &str,
+    invite: &str,
+) -> anyhow::Result<Node> {
     let c = test_config();
     let overrides = [
-        format!("mesh.proof_timeout={}", humantime_secs(c.mesh.proof_timeout)),
-        format!("mesh.redial_interval={}ms", c.mesh.redial_interval.as_millis()),
+        format!(
+            "mesh.proof_timeout={}",
+            humantime_secs(c.mesh.proof_timeout)
+        ),
+        format!(
+            "mesh.redial_interval={}ms",
+            c.mesh.redial_interval.as_millis()
+        ),
     ];
-    ops::join(dir, coordinator, invite, &overrides, Duration::from_secs(10)).await
+    ops::join(
+        dir,
+        coordinator,
+        invite,
+        &overrides,
+        Duration::from_secs(10),
+    )
+    .await
 }
 
 fn humantime_secs(d: Duration) -> String {

@@ -8,7 +8,11 @@ use std::time::{Duration, Instant};
 const BIN: &str = env!("CARGO_BIN_EXE_funcmesh");
 
 fn funcmesh(args: &[&str]) -> Output {
-    Command::new(BIN).args(args).stdin(Stdio::null()).output().expect("run funcmesh")
+    Command::new(BIN)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run funcmesh")
 }
 
 fn ok(args: &[&str]) -> String {
@@ -65,7 +69,10 @@ fn wait_a_little() {
 fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !f() {
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         wait_a_little();
     }
 }
@@ -92,7 +99,9 @@ fn status(dir: &Path) -> serde_json::Value {
 
 fn wait_api(dir: &Path) {
     wait_until("the node's API", Duration::from_secs(20), || {
-        funcmesh(&["status", "--node", p(dir), "--json"]).status.success()
+        funcmesh(&["status", "--node", p(dir), "--json"])
+            .status
+            .success()
     });
 }
 
@@ -100,8 +109,18 @@ fn wait_api(dir: &Path) {
 fn the_whole_cli_journey_runs_multi_process_on_loopback() {
     let t = tempfile::tempdir().unwrap();
     let coord = t.path().join("coord");
-    ok(&["federation", "create", "--name", "physics", "--data-dir", p(&coord)]);
-    let mut coord_d = Daemon::spawn(&["start", "--data-dir", p(&coord)], &t.path().join("coord.log"));
+    ok(&[
+        "federation",
+        "create",
+        "--name",
+        "physics",
+        "--data-dir",
+        p(&coord),
+    ]);
+    let mut coord_d = Daemon::spawn(
+        &["start", "--data-dir", p(&coord)],
+        &t.path().join("coord.log"),
+    );
     wait_api(&coord);
     let st = status(&coord);
     assert_eq!(st["role"], "coordinator");
@@ -119,29 +138,61 @@ fn the_whole_cli_journey_runs_multi_process_on_loopback() {
     ok(&["institution", "create", "--name", "uni-a", "--out", p(&key)]);
     let adm = t.path().join("uni-a.admission.json");
     ok(&[
-        "federation", "admit", "--federation-key", p(&coord.join("federation.key")),
-        "--institution", &format!("{}.pub", p(&key)), "--out", p(&adm),
+        "federation",
+        "admit",
+        "--federation-key",
+        p(&coord.join("federation.key")),
+        "--institution",
+        &format!("{}.pub", p(&key)),
+        "--out",
+        p(&adm),
     ]);
     let invite = |role: &str| {
         ok(&[
-            "invite", "create", "--institution-key", p(&key), "--admission", p(&adm),
-            "--role", role, "--ttl", "1h",
+            "invite",
+            "create",
+            "--institution-key",
+            p(&key),
+            "--admission",
+            p(&adm),
+            "--role",
+            role,
+            "--ttl",
+            "1h",
         ])
     };
 
     // n1 joins and exits, then starts as a daemon from what it stored.
     let n1 = t.path().join("n1");
-    let out = ok(&["join", &addr, "--invite", &invite("endpoint"), "--data-dir", p(&n1), "--no-start"]);
+    let out = ok(&[
+        "join",
+        &addr,
+        "--invite",
+        &invite("endpoint"),
+        "--data-dir",
+        p(&n1),
+        "--no-start",
+    ]);
     assert!(out.contains("joined federation physics"), "{out}");
     use std::os::unix::fs::PermissionsExt as _;
-    let mode = std::fs::metadata(n1.join("node.key")).unwrap().permissions().mode();
+    let mode = std::fs::metadata(n1.join("node.key"))
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600);
     let mut n1_d = Daemon::spawn(&["start", "--data-dir", p(&n1)], &t.path().join("n1.log"));
     wait_api(&n1);
     // n2 joins and keeps running.
     let n2 = t.path().join("n2");
     let _n2_d = Daemon::spawn(
-        &["join", &addr, "--invite", &invite("client"), "--data-dir", p(&n2)],
+        &[
+            "join",
+            &addr,
+            "--invite",
+            &invite("client"),
+            "--data-dir",
+            p(&n2),
+        ],
         &t.path().join("n2.log"),
     );
     wait_api(&n2);
@@ -155,12 +206,25 @@ fn the_whole_cli_journey_runs_multi_process_on_loopback() {
             && lists(&n2, &n1_peer)
     });
     let table = ok(&["peers", "--node", p(&n2)]);
-    assert!(table.contains(&n1_peer) && table.contains("uni-a") && table.contains("endpoint"), "{table}");
+    assert!(
+        table.contains(&n1_peer) && table.contains("uni-a") && table.contains("endpoint"),
+        "{table}"
+    );
     let n2_status = status(&n2);
-    assert_eq!((n2_status["role"].as_str(), n2_status["institution"].as_str()), (Some("client"), Some("uni-a")));
+    assert_eq!(
+        (
+            n2_status["role"].as_str(),
+            n2_status["institution"].as_str()
+        ),
+        (Some("client"), Some("uni-a"))
+    );
 
     // The client finds the node through FUNCMESH_NODE too.
-    let out = Command::new(BIN).args(["status", "--json"]).env("FUNCMESH_NODE", &n1).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["status", "--json"])
+        .env("FUNCMESH_NODE", &n1)
+        .output()
+        .unwrap();
     assert!(out.status.success());
 
     // Graceful shutdown on SIGTERM removes the API file.
@@ -175,22 +239,45 @@ fn start_resolves_config_from_file_then_env_then_flags() {
     let d = t.path().join("n");
     ok(&["init", "--data-dir", p(&d), "--name", "from-init"]);
     let out = Command::new(BIN)
-        .args(["start", "--data-dir", p(&d), "--dump-config", "--set", "mesh.proof_timeout=7s"])
+        .args([
+            "start",
+            "--data-dir",
+            p(&d),
+            "--dump-config",
+            "--set",
+            "mesh.proof_timeout=7s",
+        ])
         .env("FUNCMESH_API_LISTEN", "127.0.0.1:9999")
         .env("FUNCMESH_NODE_NAME", "from-env")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.contains("listen = \"127.0.0.1:9999\""), "{text}");
     assert!(text.contains("name = \"from-env\""), "{text}");
     assert!(text.contains("proof_timeout = \"7s\""), "{text}");
     let out = Command::new(BIN)
-        .args(["start", "--data-dir", p(&d), "--dump-config", "--api-listen", "127.0.0.1:1234"])
+        .args([
+            "start",
+            "--data-dir",
+            p(&d),
+            "--dump-config",
+            "--api-listen",
+            "127.0.0.1:1234",
+        ])
         .env("FUNCMESH_API_LISTEN", "127.0.0.1:9999")
         .output()
         .unwrap();
-    assert!(String::from_utf8(out.stdout).unwrap().contains("127.0.0.1:1234"), "flags beat env");
+    assert!(
+        String::from_utf8(out.stdout)
+            .unwrap()
+            .contains("127.0.0.1:1234"),
+        "flags beat env"
+    );
 }
 
 fn pids_under(root: &Path) -> Vec<u32> {
@@ -203,7 +290,10 @@ fn pids_under(root: &Path) -> Vec<u32> {
                 .map(|c| String::from_utf8_lossy(&c).contains(&needle))
                 .unwrap_or(false)
                 && std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                    .map(|s| !s.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z')))
+                    .map(|s| {
+                        !s.rsplit_once(')')
+                            .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+                    })
                     .unwrap_or(false)
         })
         .collect()
@@ -213,7 +303,16 @@ fn pids_under(root: &Path) -> Vec<u32> {
 fn testnet_up_kill_restart_down_leave_no_process_behind() {
     let t = tempfile::tempdir().unwrap();
     let dir = t.path().join("net");
-    let out = ok(&["testnet", "up", "--dir", p(&dir), "--institutions", "2", "--nodes-per-institution", "1"]);
+    let out = ok(&[
+        "testnet",
+        "up",
+        "--dir",
+        p(&dir),
+        "--institutions",
+        "2",
+        "--nodes-per-institution",
+        "1",
+    ]);
     assert!(out.contains("testnet up"), "{out}");
     let net: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("testnet.json")).unwrap()).unwrap();
@@ -221,7 +320,16 @@ fn testnet_up_kill_restart_down_leave_no_process_behind() {
     let nodes = net["nodes"].as_array().unwrap();
     assert_eq!(nodes.len(), 2);
     for n in nodes {
-        for field in ["name", "institution", "role", "data_dir", "peer_id", "api", "listen_addrs", "pid"] {
+        for field in [
+            "name",
+            "institution",
+            "role",
+            "data_dir",
+            "peer_id",
+            "api",
+            "listen_addrs",
+            "pid",
+        ] {
             assert!(!n[field].is_null(), "testnet.json lacks {field}");
         }
         assert_eq!(n["role"], "endpoint");
@@ -230,15 +338,26 @@ fn testnet_up_kill_restart_down_leave_no_process_behind() {
     let a1 = nodes.iter().find(|n| n["name"] == "a1").unwrap();
     let a1_pid = a1["pid"].as_u64().unwrap() as u32;
     let a1_dir = PathBuf::from(a1["data_dir"].as_str().unwrap());
-    let b1_dir = PathBuf::from(nodes.iter().find(|n| n["name"] == "b1").unwrap()["data_dir"].as_str().unwrap());
+    let b1_dir = PathBuf::from(
+        nodes.iter().find(|n| n["name"] == "b1").unwrap()["data_dir"]
+            .as_str()
+            .unwrap(),
+    );
     let a1_peer = a1["peer_id"].as_str().unwrap().to_string();
 
     ok(&["testnet", "kill", "a1", "--dir", p(&dir)]);
-    assert!(!std::path::Path::new(&format!("/proc/{a1_pid}/cmdline")).exists() || !pids_under(&dir).contains(&a1_pid));
-    wait_until("b1 to notice a1 is gone", Duration::from_secs(10), || !lists(&b1_dir, &a1_peer));
+    assert!(
+        !std::path::Path::new(&format!("/proc/{a1_pid}/cmdline")).exists()
+            || !pids_under(&dir).contains(&a1_pid)
+    );
+    wait_until("b1 to notice a1 is gone", Duration::from_secs(10), || {
+        !lists(&b1_dir, &a1_peer)
+    });
 
     ok(&["testnet", "restart", "a1", "--dir", p(&dir)]);
-    wait_until("a1 back in b1's list", Duration::from_secs(15), || lists(&b1_dir, &a1_peer));
+    wait_until("a1 back in b1's list", Duration::from_secs(15), || {
+        lists(&b1_dir, &a1_peer)
+    });
     assert!(lists(&a1_dir, status(&b1_dir)["peer_id"].as_str().unwrap()));
     let st = ok(&["testnet", "status", "--dir", p(&dir), "--json"]);
     let rows: Vec<serde_json::Value> = serde_json::from_str(&st).unwrap();
@@ -254,9 +373,19 @@ fn fails_with(args: &[&str], needle: &str) {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "funcmesh {args:?} succeeded");
     let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
-    assert_eq!(lines.len(), 1, "funcmesh {args:?} printed more than one line:\n{err}");
-    assert!(!err.contains("panicked") && !err.contains("backtrace"), "{err}");
-    assert!(err.contains(needle), "funcmesh {args:?}: expected `{needle}` in: {err}");
+    assert_eq!(
+        lines.len(),
+        1,
+        "funcmesh {args:?} printed more than one line:\n{err}"
+    );
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "{err}"
+    );
+    assert!(
+        err.contains(needle),
+        "funcmesh {args:?}: expected `{needle}` in: {err}"
+    );
 }
 
 #[test]
@@ -264,31 +393,150 @@ fn bad_input_gets_a_one_line_error_and_a_non_zero_exit() {
     let t = tempfile::tempdir().unwrap();
     let x = t.path().join("x");
     fails_with(&["--bogus"], "unexpected argument '--bogus'");
-    fails_with(&["peers", "--node", p(&x), "--frobnicate"], "unexpected argument");
-    fails_with(&["join", "/ip4/127.0.0.1/tcp/1", "--invite", "garbage", "--data-dir", p(&x)], "malformed invite");
-    fails_with(&["join", "/ip4/127.0.0.1/tcp/1", "--invite", "fminvite1.eyJnZW5l", "--data-dir", p(&x)], "truncated");
-    fails_with(&["join", "not-an-address", "--invite", "x", "--data-dir", p(&x)], "is not a multiaddr");
-    fails_with(&["status", "--node", p(&t.path().join("nothing"))], "no node data dir");
-    fails_with(&["start", "--data-dir", p(&t.path().join("empty"))], "not a node data dir");
-    fails_with(&["start", "--data-dir", p(&x), "--set", "api.nope=1"], "not a node data dir");
+    fails_with(
+        &["peers", "--node", p(&x), "--frobnicate"],
+        "unexpected argument",
+    );
+    fails_with(
+        &[
+            "join",
+            "/ip4/127.0.0.1/tcp/1",
+            "--invite",
+            "garbage",
+            "--data-dir",
+            p(&x),
+        ],
+        "malformed invite",
+    );
+    fails_with(
+        &[
+            "join",
+            "/ip4/127.0.0.1/tcp/1",
+            "--invite",
+            "fminvite1.eyJnZW5l",
+            "--data-dir",
+            p(&x),
+        ],
+        "truncated",
+    );
+    fails_with(
+        &[
+            "join",
+            "not-an-address",
+            "--invite",
+            "x",
+            "--data-dir",
+            p(&x),
+        ],
+        "is not a multiaddr",
+    );
+    fails_with(
+        &["status", "--node", p(&t.path().join("nothing"))],
+        "no node data dir",
+    );
+    fails_with(
+        &["start", "--data-dir", p(&t.path().join("empty"))],
+        "not a node data dir",
+    );
+    fails_with(
+        &["start", "--data-dir", p(&x), "--set", "api.nope=1"],
+        "not a node data dir",
+    );
     fails_with(&["testnet", "status", "--dir", p(&x)], "no testnet");
 
     // A data dir of another federation.
     let fed1 = t.path().join("fed1");
-    ok(&["federation", "create", "--name", "one", "--data-dir", p(&fed1)]);
+    ok(&[
+        "federation",
+        "create",
+        "--name",
+        "one",
+        "--data-dir",
+        p(&fed1),
+    ]);
     fails_with(&["peers", "--node", p(&fed1)], "no node is running");
     let fed2 = t.path().join("fed2");
-    ok(&["federation", "create", "--name", "two", "--data-dir", p(&fed2)]);
+    ok(&[
+        "federation",
+        "create",
+        "--name",
+        "two",
+        "--data-dir",
+        p(&fed2),
+    ]);
     let key = t.path().join("u.key");
     ok(&["institution", "create", "--name", "u", "--out", p(&key)]);
     let adm = t.path().join("u.adm");
-    ok(&["federation", "admit", "--federation-key", p(&fed2.join("federation.key")),
-        "--institution", &format!("{}.pub", p(&key)), "--out", p(&adm)]);
-    let invite = ok(&["invite", "create", "--institution-key", p(&key), "--admission", p(&adm), "--role", "endpoint"]);
-    fails_with(&["join", "/ip4/127.0.0.1/tcp/1", "--invite", &invite, "--data-dir", p(&fed1)], "belongs to federation one");
-    fails_with(&["federation", "create", "--name", "again", "--data-dir", p(&fed1)], "already belongs");
-    fails_with(&["invite", "create", "--institution-key", p(&key), "--admission", p(&adm), "--role", "coordinator"], "coordinators are created");
-    fails_with(&["federation", "admit", "--federation-key", p(&fed1.join("federation.key")),
-        "--institution", &format!("{}.pub", p(&key)), "--genesis", p(&fed2.join("federation.json"))], "is not the key of federation two");
-    fails_with(&["institution", "create", "--name", "u", "--out", p(&key)], "already exists");
+    ok(&[
+        "federation",
+        "admit",
+        "--federation-key",
+        p(&fed2.join("federation.key")),
+        "--institution",
+        &format!("{}.pub", p(&key)),
+        "--out",
+        p(&adm),
+    ]);
+    let invite = ok(&[
+        "invite",
+        "create",
+        "--institution-key",
+        p(&key),
+        "--admission",
+        p(&adm),
+        "--role",
+        "endpoint",
+    ]);
+    fails_with(
+        &[
+            "join",
+            "/ip4/127.0.0.1/tcp/1",
+            "--invite",
+            &invite,
+            "--data-dir",
+            p(&fed1),
+        ],
+        "belongs to federation one",
+    );
+    fails_with(
+        &[
+            "federation",
+            "create",
+            "--name",
+            "again",
+            "--data-dir",
+            p(&fed1),
+        ],
+        "already belongs",
+    );
+    fails_with(
+        &[
+            "invite",
+            "create",
+            "--institution-key",
+            p(&key),
+            "--admission",
+            p(&adm),
+            "--role",
+            "coordinator",
+        ],
+        "coordinators are created",
+    );
+    fails_with(
+        &[
+            "federation",
+            "admit",
+            "--federation-key",
+            p(&fed1.join("federation.key")),
+            "--institution",
+            &format!("{}.pub", p(&key)),
+            "--genesis",
+            p(&fed2.join("federation.json")),
+        ],
+        "is not the key of federation two",
+    );
+    fails_with(
+        &["institution", "create", "--name", "u", "--out", p(&key)],
+        "already exists",
+    );
 }

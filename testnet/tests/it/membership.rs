@@ -9,9 +9,13 @@ async fn five_nodes_of_two_institutions_all_list_each_other_within_5s() {
     let mut net = Federation::start(2, 2).await.unwrap();
     net.add_member(0).await.unwrap();
     assert_eq!(net.members.len(), 5);
-    wait_for("every node to list every other", Duration::from_secs(5), || net.fully_connected())
-        .await
-        .unwrap();
+    wait_for(
+        "every node to list every other",
+        Duration::from_secs(5),
+        || net.fully_connected(),
+    )
+    .await
+    .unwrap();
     // Each member sees the coordinator and the four other members, with their institutions.
     let seen = net.node(0).mesh().members().await.unwrap();
     assert_eq!(seen.len(), 5);
@@ -24,12 +28,18 @@ async fn five_nodes_of_two_institutions_all_list_each_other_within_5s() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_mesh_survives_its_coordinator_and_restarted_members_rejoin_from_persisted_peers() {
     let mut net = Federation::start(2, 2).await.unwrap();
-    wait_for("full mesh", Duration::from_secs(5), || net.fully_connected()).await.unwrap();
+    wait_for("full mesh", Duration::from_secs(5), || {
+        net.fully_connected()
+    })
+    .await
+    .unwrap();
     let coordinator = net.coordinator().unwrap().peer_id();
     net.stop_coordinator().await.unwrap();
-    wait_for("members to notice the coordinator left", Duration::from_secs(5), || async {
-        !net.anyone_lists(&coordinator).await
-    })
+    wait_for(
+        "members to notice the coordinator left",
+        Duration::from_secs(5),
+        || async { !net.anyone_lists(&coordinator).await },
+    )
     .await
     .unwrap();
     // The four members still list each other.
@@ -39,9 +49,13 @@ async fn the_mesh_survives_its_coordinator_and_restarted_members_rejoin_from_per
     }
     // A member restarted now has only its persisted peers to go on.
     net.restart(0).await.unwrap();
-    wait_for("the restarted member to reconnect", Duration::from_secs(10), || net.fully_connected())
-        .await
-        .unwrap();
+    wait_for(
+        "the restarted member to reconnect",
+        Duration::from_secs(10),
+        || net.fully_connected(),
+    )
+    .await
+    .unwrap();
     assert_eq!(net.node(0).mesh().members().await.unwrap().len(), 3);
     net.shutdown().await;
 }
@@ -49,7 +63,11 @@ async fn the_mesh_survives_its_coordinator_and_restarted_members_rejoin_from_per
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_node_keeps_its_identity_federation_and_membership() {
     let mut net = Federation::start(1, 2).await.unwrap();
-    wait_for("full mesh", Duration::from_secs(5), || net.fully_connected()).await.unwrap();
+    wait_for("full mesh", Duration::from_secs(5), || {
+        net.fully_connected()
+    })
+    .await
+    .unwrap();
     let before = (
         net.node(1).peer_id(),
         net.node(1).federation().id.clone(),
@@ -62,9 +80,11 @@ async fn a_restarted_node_keeps_its_identity_federation_and_membership() {
         net.node(1).member().clone(),
     );
     assert_eq!(before, after);
-    wait_for("the restarted node to be listed again", Duration::from_secs(10), || {
-        net.fully_connected()
-    })
+    wait_for(
+        "the restarted node to be listed again",
+        Duration::from_secs(10),
+        || net.fully_connected(),
+    )
     .await
     .unwrap();
     net.shutdown().await;
@@ -73,7 +93,11 @@ async fn a_restarted_node_keeps_its_identity_federation_and_membership() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gossip_from_members_reaches_members() {
     let net = Federation::start(1, 2).await.unwrap();
-    wait_for("full mesh", Duration::from_secs(5), || net.fully_connected()).await.unwrap();
+    wait_for("full mesh", Duration::from_secs(5), || {
+        net.fully_connected()
+    })
+    .await
+    .unwrap();
     let mut events = net.node(1).mesh().subscribe();
     net.node(1).mesh().subscribe_topic("test/1").await.unwrap();
     // The mesh needs a heartbeat or two to graft the topic; publish until it is delivered.
@@ -94,6 +118,13 @@ async fn gossip_from_members_reaches_members() {
     })
     .await
     .expect("gossip delivered");
-    assert_eq!(got, ("test/1".to_string(), b"hello".to_vec(), net.node(0).peer_id()));
+    assert_eq!(
+        got,
+        (
+            "test/1".to_string(),
+            b"hello".to_vec(),
+            net.node(0).peer_id()
+        )
+    );
     net.shutdown().await;
 }

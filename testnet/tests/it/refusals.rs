@@ -17,7 +17,12 @@ async fn presented(net: &Federation, keypair: Keypair, proof: Proof) -> String {
     let peer = keypair.public().to_peer_id();
     let dir = tempfile::tempdir().unwrap();
     let (handle, guard) = rogue(dir.path(), federation, keypair, proof).await.unwrap();
-    let outcome = handle.join(net.coordinator_addr().parse().unwrap(), Duration::from_secs(10)).await;
+    let outcome = handle
+        .join(
+            net.coordinator_addr().parse().unwrap(),
+            Duration::from_secs(10),
+        )
+        .await;
     let reason = match outcome {
         Err(mesh::network::Error::Refused { reason, .. }) => reason,
         other => panic!("expected a refusal, got {other:?}"),
@@ -28,22 +33,32 @@ async fn presented(net: &Federation, keypair: Keypair, proof: Proof) -> String {
 }
 
 async fn assert_never_listed_and_members_fine(net: &Federation, peer: &mesh::PeerId) {
-    assert!(!net.anyone_lists(peer).await, "a refused node is never listed");
-    wait_for("members still connected", Duration::from_secs(5), || net.fully_connected())
-        .await
-        .unwrap();
+    assert!(
+        !net.anyone_lists(peer).await,
+        "a refused node is never listed"
+    );
+    wait_for("members still connected", Duration::from_secs(5), || {
+        net.fully_connected()
+    })
+    .await
+    .unwrap();
     assert!(!net.anyone_lists(peer).await);
 }
 
 async fn small() -> Federation {
     let net = Federation::start(1, 2).await.unwrap();
-    wait_for("full mesh", Duration::from_secs(5), || net.fully_connected()).await.unwrap();
+    wait_for("full mesh", Duration::from_secs(5), || {
+        net.fully_connected()
+    })
+    .await
+    .unwrap();
     net
 }
 
 fn admission_of(net: &Federation, i: usize) -> (SigningKey, Admission) {
     let inst = &net.institutions[i];
-    let (_, key) = mesh::keys::read_signing_key(&inst.key, mesh::keys::KeyKind::Institution).unwrap();
+    let (_, key) =
+        mesh::keys::read_signing_key(&inst.key, mesh::keys::KeyKind::Institution).unwrap();
     let admission: Admission =
         serde_json::from_slice(&std::fs::read(&inst.admission).unwrap()).unwrap();
     (key, admission)
@@ -55,20 +70,28 @@ async fn a_peer_that_presents_no_proof_is_cut_and_never_listed() {
     // A plain libp2p node that does not speak the membership protocol at all.
     let mut swarm = libp2p::SwarmBuilder::with_new_identity()
         .with_tokio()
-        .with_tcp(Default::default(), libp2p::noise::Config::new, libp2p::yamux::Config::default)
+        .with_tcp(
+            Default::default(),
+            libp2p::noise::Config::new,
+            libp2p::yamux::Config::default,
+        )
         .unwrap()
         .with_behaviour(|_| libp2p::ping::Behaviour::default())
         .unwrap()
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
         .build();
     let peer = *swarm.local_peer_id();
-    swarm.dial(net.coordinator_addr().parse::<libp2p::Multiaddr>().unwrap()).unwrap();
+    swarm
+        .dial(net.coordinator_addr().parse::<libp2p::Multiaddr>().unwrap())
+        .unwrap();
     let closed = tokio::time::timeout(Duration::from_secs(10), async {
         let mut connected = false;
         loop {
             match swarm.select_next_some().await {
                 libp2p::swarm::SwarmEvent::ConnectionEstablished { .. } => connected = true,
-                libp2p::swarm::SwarmEvent::ConnectionClosed { num_established: 0, .. } => {
+                libp2p::swarm::SwarmEvent::ConnectionClosed {
+                    num_established: 0, ..
+                } => {
                     return connected;
                 }
                 _ => {}
@@ -94,7 +117,9 @@ async fn a_forged_signature_is_refused() {
     let mut binding: serde_json::Value =
         serde_json::from_slice(&STANDARD.decode(body).unwrap()).unwrap();
     binding["bound_at"] = (binding["bound_at"].as_u64().unwrap() - 1).into();
-    json["binding"]["body"] = STANDARD.encode(serde_json::to_vec(&binding).unwrap()).into();
+    json["binding"]["body"] = STANDARD
+        .encode(serde_json::to_vec(&binding).unwrap())
+        .into();
     let forged = Proof::from_bytes(&serde_json::to_vec(&json).unwrap()).unwrap();
     let reason = presented(&net, kp, forged).await;
     assert!(reason.contains("forged binding"), "{reason}");
@@ -130,13 +155,21 @@ async fn an_institution_never_admitted_is_refused() {
     // The rogue signs its own "admission" for our federation with a key that is not ours.
     let fake_federation_key = SigningKey::generate();
     let rogue_inst = SigningKey::generate();
-    let admission =
-        Admission::issue(&federation, &fake_federation_key, "rogue-u", rogue_inst.public(), unix_now());
+    let admission = Admission::issue(
+        &federation,
+        &fake_federation_key,
+        "rogue-u",
+        rogue_inst.public(),
+        unix_now(),
+    );
     let invite = Invite::sign(&admission, &rogue_inst, Role::Endpoint, HOUR, unix_now());
     let kp = Keypair::generate_ed25519();
     let proof = Proof::sign_binding(&invite, &federation, &kp, unix_now());
     let reason = presented(&net, kp, proof).await;
-    assert!(reason.contains("institution rogue-u was never admitted"), "{reason}");
+    assert!(
+        reason.contains("institution rogue-u was never admitted"),
+        "{reason}"
+    );
     net.shutdown().await;
 }
 
@@ -179,9 +212,14 @@ async fn a_proof_stolen_by_another_node_is_refused() {
 async fn truncated_or_garbage_invite_strings_are_refused_with_a_clear_error() {
     let net = small().await;
     let invite = net.invite(0, Role::Endpoint, HOUR).unwrap();
-    for (i, bad) in [&invite[..invite.len() / 2], "garbage", "", &invite[..invite.len() - 3]]
-        .into_iter()
-        .enumerate()
+    for (i, bad) in [
+        &invite[..invite.len() / 2],
+        "garbage",
+        "",
+        &invite[..invite.len() - 3],
+    ]
+    .into_iter()
+    .enumerate()
     {
         let dir = net.new_dir(&format!("bad{i}"));
         let err = testnet::join_with_test_config(&dir, net.coordinator_addr(), bad)
@@ -192,8 +230,10 @@ async fn truncated_or_garbage_invite_strings_are_refused_with_a_clear_error() {
         assert!(msg.contains("malformed invite"), "{msg}");
         assert!(!dir.membership().exists(), "nothing joined");
     }
-    wait_for("members still connected", Duration::from_secs(5), || net.fully_connected())
-        .await
-        .unwrap();
+    wait_for("members still connected", Duration::from_secs(5), || {
+        net.fully_connected()
+    })
+    .await
+    .unwrap();
     net.shutdown().await;
 }
