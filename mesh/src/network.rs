@@ -711,10 +711,10 @@ impl EventLoop {
                 num_established,
                 ..
             } => {
-                if let ConnectedPoint::Dialer { address, .. } = &endpoint {
-                    if !is_circuit(address) {
-                        self.remember_addr(peer_id, address.clone());
-                    }
+                if let ConnectedPoint::Dialer { address, .. } = &endpoint
+                    && !is_circuit(address)
+                {
+                    self.remember_addr(peer_id, address.clone());
                 }
                 if num_established.get() == 1 && !self.members.contains_key(&peer_id) {
                     self.pending
@@ -942,9 +942,7 @@ impl EventLoop {
                     let Ok(other) = pa.peer_id.parse::<PeerId>() else {
                         continue;
                     };
-                    if other == self.swarm.local_peer_id().to_owned()
-                        || self.swarm.is_connected(&other)
-                    {
+                    if other == *self.swarm.local_peer_id() || self.swarm.is_connected(&other) {
                         continue;
                     }
                     let addrs: Vec<Multiaddr> = pa

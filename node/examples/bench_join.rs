@@ -6,6 +6,9 @@
 //!   FUNCMESH_BIN=$CARGO_TARGET_DIR/debug/funcmesh cargo run -p node --example bench_join
 //! ```
 
+// A benchmark: a missing address is a broken setup, so stop loudly.
+#![allow(clippy::unwrap_used)]
+
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 

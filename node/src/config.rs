@@ -14,7 +14,7 @@ use anyhow::{Context as _, bail};
 use serde::{Deserialize, Serialize};
 
 /// The resolved node configuration.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     /// About the node itself.
@@ -89,16 +89,6 @@ impl Default for MeshSection {
             relay_server: false,
             proof_timeout: Duration::from_secs(5),
             redial_interval: Duration::from_millis(500),
-        }
-    }
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            node: NodeSection::default(),
-            api: ApiSection::default(),
-            mesh: MeshSection::default(),
         }
     }
 }

@@ -70,6 +70,9 @@ pub enum Error {
     Join(String),
 }
 
+/// A key and its value.
+pub type Entry = (Vec<u8>, Vec<u8>);
+
 /// A cheap-clone handle to the open database.
 #[derive(Clone)]
 pub struct Store {
@@ -164,7 +167,7 @@ impl Store {
     }
 
     /// Every entry of a column family, in key order. Meant for small families.
-    pub fn scan(&self, cf: &'static str) -> Result<Vec<(Vec<u8>, Vec<u8>)>, Error> {
+    pub fn scan(&self, cf: &'static str) -> Result<Vec<Entry>, Error> {
         self.db
             .iterator_cf(self.handle(cf), rocksdb::IteratorMode::Start)
             .map(|r| {

@@ -1,3 +1,6 @@
 //! The real `funcmesh` binary, multi-process, on loopback.
 
+// Tests stop at the first surprise; unwrapping is how they say so.
+#![allow(clippy::unwrap_used)]
+
 mod cli;

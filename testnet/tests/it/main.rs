@@ -1,4 +1,7 @@
 //! Multi-node tests of the foundation, through the in-process testnet.
 
+// Tests stop at the first surprise; unwrapping is how they say so.
+#![allow(clippy::unwrap_used)]
+
 mod membership;
 mod refusals;
