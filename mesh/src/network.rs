@@ -617,27 +617,13 @@ impl EventLoop {
 
     fn on_tick(&mut self) {
         let now = Instant::now();
-        let late: Vec<PeerId> = self
-            .pending
-            .iter()
-            .filter(|(_, d)| **d <= now)
-            .map(|(p, _)| *p)
-            .collect();
-        for peer in late {
-            self.pending.remove(&peer);
+        for peer in take_due(&mut self.pending, now) {
             let reason = Refusal::NoProof(self.config.proof_timeout);
             warn!(%peer, %reason, "disconnecting peer");
             self.emit(Event::Refused { peer, reason });
             let _ = self.swarm.disconnect_peer_id(peer);
         }
-        let overdue: Vec<PeerId> = self
-            .refused
-            .iter()
-            .filter(|(_, d)| **d <= now)
-            .map(|(p, _)| *p)
-            .collect();
-        for peer in overdue {
-            self.refused.remove(&peer);
+        for peer in take_due(&mut self.refused, now) {
             let _ = self.swarm.disconnect_peer_id(peer);
         }
         // Redial known members we are not connected to, with exponential backoff.
@@ -1024,6 +1010,19 @@ impl EventLoop {
             }
         });
     }
+}
+
+/// Removes and returns the peers whose deadline has passed.
+fn take_due(deadlines: &mut HashMap<PeerId, Instant>, now: Instant) -> Vec<PeerId> {
+    let due: Vec<PeerId> = deadlines
+        .iter()
+        .filter(|(_, d)| **d <= now)
+        .map(|(p, _)| *p)
+        .collect();
+    for p in &due {
+        deadlines.remove(p);
+    }
+    due
 }
 
 fn is_circuit(addr: &Multiaddr) -> bool {
