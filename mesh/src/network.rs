@@ -43,7 +43,7 @@ const COMMAND_QUEUE: usize = 256;
 /// Capacity of the event broadcast: slow subscribers lose the oldest events (and are told so).
 const EVENT_QUEUE: usize = 1024;
 /// How long a refused peer stays connected at most, to receive the reason.
-const REFUSAL_GRACE: Duration = Duration::from_secs(2);
+const REFUSAL_GRACE: Duration = Duration::from_secs(1);
 /// Largest gossip message.
 const MAX_GOSSIP_BYTES: usize = 256 * 1024;
 
@@ -858,19 +858,14 @@ impl EventLoop {
                     let _ = self.swarm.disconnect_peer_id(peer);
                 }
             },
-            E::ResponseSent { peer, .. } => {
-                if self.refused.remove(&peer).is_some() {
-                    let _ = self.swarm.disconnect_peer_id(peer);
-                }
-            }
+            // A refused peer is cut at its deadline, not as soon as our answer is flushed:
+            // closing right away can reset the stream before the peer has read the reason.
+            E::ResponseSent { .. } => {}
             E::OutboundFailure { peer, error, .. } => {
                 debug!(%peer, %error, "membership request failed");
             }
             E::InboundFailure { peer, error, .. } => {
                 debug!(%peer, %error, "membership request from peer failed");
-                if self.refused.remove(&peer).is_some() {
-                    let _ = self.swarm.disconnect_peer_id(peer);
-                }
             }
         }
     }
