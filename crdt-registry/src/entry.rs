@@ -1,0 +1,284 @@
+//! Registry entries: the signed, immutable unit the document is made of.
+//!
+//! An entry is `[FORMAT][ed25519 signature (64 bytes)][payload JSON]`. The payload names its
+//! author's key, the federation, the record kind and id, a sequence number for updates, and the
+//! record itself (or a deletion). The document stores each entry under a key derived from its
+//! bytes ([`Entry::doc_key`]), so an entry can never be overwritten by different bytes: an update
+//! is a new entry with a higher `seq`, and which entry wins is decided by the typed view.
+
+use std::fmt;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD;
+use ed25519_dalek::Signer as _;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+use crate::record::Body;
+
+/// Version byte that starts every entry.
+pub const FORMAT: u8 = 1;
+/// Largest entry accepted (a function with its source, say).
+pub const MAX_ENTRY_BYTES: usize = 256 * 1024;
+/// Domain separation for entry signatures.
+const DOMAIN: &[u8] = b"funcmesh/registry/entry/v1\0";
+
+/// An ed25519 public key: the author of an entry. Base64 in text.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Key(pub [u8; 32]);
+
+impl Key {
+    /// The public half of `signer`.
+    pub fn of(signer: &ed25519_dalek::SigningKey) -> Key {
+        Key(signer.verifying_key().to_bytes())
+    }
+}
+
+impl fmt::Display for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&STANDARD.encode(self.0))
+    }
+}
+
+impl fmt::Debug for Key {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Key({self})")
+    }
+}
+
+impl std::str::FromStr for Key {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bytes = STANDARD
+            .decode(s.trim())
+            .map_err(|e| format!("not base64: {e}"))?;
+        let arr: [u8; 32] = bytes
+            .try_into()
+            .map_err(|_| "an ed25519 public key is 32 bytes".to_string())?;
+        Ok(Key(arr))
+    }
+}
+
+impl Serialize for Key {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for Key {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// What an entry says, signed by `author`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Payload {
+    /// The federation the entry belongs to (entries do not replay across federations).
+    pub federation: String,
+    /// The record's id, unique per kind.
+    pub id: String,
+    /// Update counter: among valid entries for one record, the highest `seq` wins.
+    pub seq: u64,
+    /// The signing key.
+    pub author: Key,
+    /// When it was written, Unix milliseconds (the author's clock; informational).
+    pub at_ms: u64,
+    /// The record, or its deletion.
+    pub body: Body,
+}
+
+/// Why bytes are not an entry.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Invalid {
+    /// Too large.
+    #[error("entry of {0} bytes, at most {MAX_ENTRY_BYTES}")]
+    TooLarge(usize),
+    /// Too short or of an unknown format.
+    #[error("not a registry entry: {0}")]
+    Malformed(String),
+    /// The signature does not verify under the named author.
+    #[error("the signature does not verify under the author's key {0}")]
+    BadSignature(Key),
+    /// Signed for another federation.
+    #[error("written for federation {theirs}, this is {ours}")]
+    WrongFederation {
+        /// This registry's federation.
+        ours: String,
+        /// The entry's.
+        theirs: String,
+    },
+}
+
+/// A signed entry whose signature has been verified.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    bytes: Vec<u8>,
+    payload: Payload,
+    key: String,
+}
+
+impl Entry {
+    /// Signs `payload` with `signer`; the payload's author must be the signer's public key.
+    pub fn sign(signer: &ed25519_dalek::SigningKey, payload: Payload) -> Entry {
+        let json = serde_json::to_vec(&payload).expect("payloads always serialise");
+        let sig = signer.sign(&signing_input(&json));
+        Entry::assemble(&sig.to_bytes(), &json, payload)
+    }
+
+    /// Assembles an entry from parts without checking anything: for forgery tests.
+    pub fn forge(sig: [u8; 64], payload: Payload) -> Entry {
+        let json = serde_json::to_vec(&payload).expect("payloads always serialise");
+        Entry::assemble(&sig, &json, payload)
+    }
+
+    fn assemble(sig: &[u8; 64], json: &[u8], payload: Payload) -> Entry {
+        let mut bytes = Vec::with_capacity(1 + 64 + json.len());
+        bytes.push(FORMAT);
+        bytes.extend_from_slice(sig);
+        bytes.extend_from_slice(json);
+        let key = doc_key(&bytes);
+        Entry {
+            bytes,
+            payload,
+            key,
+        }
+    }
+
+    /// Checks size, format, federation and signature; the size is checked before anything else.
+    pub fn open(bytes: &[u8], federation: &str) -> Result<Entry, Invalid> {
+        if bytes.len() > MAX_ENTRY_BYTES {
+            return Err(Invalid::TooLarge(bytes.len()));
+        }
+        if bytes.len() < 1 + 64 + 2 || bytes[0] != FORMAT {
+            return Err(Invalid::Malformed(format!(
+                "{} bytes starting with {:?}; expected format {FORMAT}",
+                bytes.len(),
+                bytes.first()
+            )));
+        }
+        let sig: [u8; 64] = bytes[1..65].try_into().expect("length checked above");
+        let json = &bytes[65..];
+        let payload: Payload =
+            serde_json::from_slice(json).map_err(|e| Invalid::Malformed(e.to_string()))?;
+        if payload.federation != federation {
+            return Err(Invalid::WrongFederation {
+                ours: federation.to_string(),
+                theirs: payload.federation,
+            });
+        }
+        let key = ed25519_dalek::VerifyingKey::from_bytes(&payload.author.0)
+            .map_err(|_| Invalid::BadSignature(payload.author))?;
+        key.verify_strict(
+            &signing_input(json),
+            &ed25519_dalek::Signature::from_bytes(&sig),
+        )
+        .map_err(|_| Invalid::BadSignature(payload.author))?;
+        Ok(Entry {
+            bytes: bytes.to_vec(),
+            payload,
+            key: doc_key(bytes),
+        })
+    }
+
+    /// The signed bytes, as stored in the document.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// What it says.
+    pub fn payload(&self) -> &Payload {
+        &self.payload
+    }
+
+    /// Its key in the document: derived from its bytes.
+    pub fn doc_key(&self) -> &str {
+        &self.key
+    }
+}
+
+/// The document key for entry bytes: `e` and 128 bits of their SHA-256, in hex.
+pub fn doc_key(bytes: &[u8]) -> String {
+    format!("e{}", hex::encode(&Sha256::digest(bytes)[..16]))
+}
+
+fn signing_input(json: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(DOMAIN.len() + json.len());
+    v.extend_from_slice(DOMAIN);
+    v.extend_from_slice(json);
+    v
+}
+
+/// Derives an id bound to its owner: `hex(sha256(kind ‖ owner ‖ discriminator))[..32]`.
+pub fn owned_id(kind: &str, owner: &Key, discriminator: &[u8]) -> String {
+    let mut h = Sha256::new();
+    h.update(b"funcmesh/id/v1\0");
+    h.update(kind.as_bytes());
+    h.update([0]);
+    h.update(owner.0);
+    h.update(discriminator);
+    hex::encode(&h.finalize()[..16])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::{Body, Kind};
+    use proptest::prelude::*;
+
+    fn payload(author: Key) -> Payload {
+        Payload {
+            federation: "fedx".into(),
+            id: "x".into(),
+            seq: 1,
+            author,
+            at_ms: 5,
+            body: Body::Deleted { of: Kind::Function },
+        }
+    }
+
+    #[test]
+    fn a_signed_entry_opens_and_keeps_its_key() {
+        let k = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+        let e = Entry::sign(&k, payload(Key::of(&k)));
+        let back = Entry::open(e.bytes(), "fedx").expect("valid");
+        assert_eq!(back, e);
+        assert_eq!(
+            Entry::open(e.bytes(), "fedy"),
+            Err(Invalid::WrongFederation {
+                ours: "fedy".into(),
+                theirs: "fedx".into()
+            })
+        );
+    }
+
+    #[test]
+    fn an_entry_signed_by_another_key_does_not_open() {
+        let k = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+        let other = ed25519_dalek::SigningKey::from_bytes(&[8; 32]);
+        let e = Entry::sign(&other, payload(Key::of(&k)));
+        assert_eq!(
+            Entry::open(e.bytes(), "fedx"),
+            Err(Invalid::BadSignature(Key::of(&k)))
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let _ = Entry::open(&bytes, "fedx");
+        }
+
+        #[test]
+        fn any_bit_flip_breaks_a_valid_entry(pos in 0usize..1000, bit in 0u8..8) {
+            let k = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+            let e = Entry::sign(&k, payload(Key::of(&k)));
+            let mut bytes = e.bytes().to_vec();
+            let pos = pos % bytes.len();
+            bytes[pos] ^= 1 << bit;
+            prop_assert!(Entry::open(&bytes, "fedx").is_err());
+        }
+    }
+}

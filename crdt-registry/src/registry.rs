@@ -1,0 +1,665 @@
+//! The replicated document and everything that changes it: local writes, changes from gossip,
+//! pairwise sync messages, loading and compaction.
+//!
+//! The document's root map holds the entries, each under a key derived from its bytes. Every
+//! change from a peer is checked before Automerge sees it ([`Registry::check_change`]): it may only
+//! put well-formed, correctly signed entries of this federation under their own keys, and it must
+//! fit the size limits. Anything else (a deletion, a nested object, a forged signature, an
+//! oversize change) rejects the whole message and the peer is told why. Authority — who may write
+//! what — depends on the rest of the registry and is decided later by the typed view, so that
+//! every replica holds the same document whatever order it learned things in.
+
+use std::collections::BTreeMap;
+
+use automerge::legacy::{Key as OpKey, ObjectId, OpType};
+use automerge::sync::{self, SyncDoc as _};
+use automerge::transaction::{CommitOptions, Transactable as _};
+use automerge::{ActorId, Automerge, Change, ChangeHash, ROOT, ReadDoc as _, ScalarValue, Value};
+
+use crate::entry::{Entry, Invalid, Key, MAX_ENTRY_BYTES, Payload};
+use crate::record::Body;
+use crate::view::{self, Authority, View};
+
+/// Largest change accepted from a peer or written locally.
+pub const MAX_CHANGE_BYTES: usize = 1024 * 1024;
+/// Largest change sent whole on gossip; bigger ones are announced by hash and fetched by sync.
+pub const MAX_GOSSIP_CHANGE_BYTES: usize = 60 * 1024;
+/// Largest sync message accepted or produced (a catch-up of many changes is split in rounds).
+pub const MAX_SYNC_MESSAGE_BYTES: usize = 32 * 1024 * 1024;
+/// Most changes or heads in one gossip message.
+const MAX_GOSSIP_ITEMS: usize = 64;
+/// Most checked changes held back for missing dependencies; the oldest go first (sync fetches
+/// them again).
+const MAX_PENDING: usize = 4096;
+
+/// Gossip message: one or more changes, each length-prefixed.
+const GOSSIP_CHANGES: u8 = 1;
+/// Gossip message: heads only (the changes were too big to gossip).
+const GOSSIP_HEADS: u8 = 2;
+
+/// Why a message from a peer was rejected. The peer sent something no honest funcmesh node
+/// sends, so the caller penalises it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejected {
+    /// Over a size limit.
+    #[error("{what} of {size} bytes, at most {limit}")]
+    TooLarge {
+        /// What.
+        what: &'static str,
+        /// Its size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// Not decodable.
+    #[error("malformed {what}: {reason}")]
+    Malformed {
+        /// What.
+        what: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// A change does something entries never do.
+    #[error("change {change} is not a registry change: {reason}")]
+    ForeignOp {
+        /// The change hash.
+        change: String,
+        /// What it does.
+        reason: String,
+    },
+    /// A change carries an entry that is not valid.
+    #[error("change {change} carries an invalid entry: {reason}")]
+    BadEntry {
+        /// The change hash.
+        change: String,
+        /// Why the entry is invalid.
+        reason: Invalid,
+    },
+    /// Automerge refused the change (a duplicate sequence number, say).
+    #[error("the document refused the change: {0}")]
+    Refused(String),
+    /// Automerge panicked on the input. The document may be inconsistent: the registry is
+    /// poisoned and must be reloaded from the store ([`Registry::is_poisoned`]).
+    #[error("the document crashed on the input and must be reloaded from disk")]
+    Crashed,
+}
+
+/// Why a local write failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WriteError {
+    /// The entry is over [`MAX_ENTRY_BYTES`].
+    #[error("the {kind} entry is {size} bytes, at most {MAX_ENTRY_BYTES}: make it smaller")]
+    TooLarge {
+        /// Kind.
+        kind: &'static str,
+        /// Size.
+        size: usize,
+    },
+    /// A pre-signed entry does not verify.
+    #[error("{0}")]
+    Invalid(#[from] Invalid),
+    /// The document refused it.
+    #[error("the document refused the write: {0}")]
+    Refused(String),
+}
+
+/// What applying changes did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Entries new to this replica.
+    pub new_entries: usize,
+    /// The document is missing changes these depend on: sync with the sender.
+    pub missing_deps: bool,
+    /// Changes that are now part of the document, to persist.
+    pub changes: Vec<Vec<u8>>,
+}
+
+/// A peer's sync state: what we believe it has. Persist [`SyncState::encode`] between sessions.
+#[derive(Debug)]
+pub struct SyncState(sync::State);
+
+impl Default for SyncState {
+    fn default() -> Self {
+        SyncState(sync::State::new())
+    }
+}
+
+impl SyncState {
+    /// A fresh state for a peer never synced with.
+    pub fn new() -> Self {
+        SyncState::default()
+    }
+    /// Decodes a persisted state; a state that does not decode starts afresh (it only costs a
+    /// longer first round).
+    pub fn decode(bytes: &[u8]) -> Self {
+        sync::State::decode(bytes)
+            .map(SyncState)
+            .unwrap_or_default()
+    }
+    /// The part worth persisting (the heads we share).
+    pub fn encode(&self) -> Vec<u8> {
+        self.0.encode()
+    }
+    /// Forgets in-flight bookkeeping after a lost message or a reconnect.
+    pub fn reset(&mut self) {
+        *self = SyncState::decode(&self.encode());
+    }
+}
+
+/// The replicated registry document with its entries decoded.
+#[derive(Debug)]
+pub struct Registry {
+    federation: String,
+    doc: Automerge,
+    /// Every entry in the document, by document key.
+    entries: BTreeMap<String, Entry>,
+    verdicts: view::Verdicts,
+    view: Option<View>,
+    poisoned: bool,
+    /// Checked changes waiting for their dependencies. Kept here rather than in Automerge's own
+    /// queue, which sync cannot see into: two peers each holding queued changes the other
+    /// needs would stall.
+    pending: Vec<Change>,
+}
+
+impl Registry {
+    /// An empty registry for `federation`; `actor` identifies this replica's changes and must
+    /// be unique per process run (a random id is right).
+    pub fn new(federation: &str, actor: [u8; 16]) -> Registry {
+        Registry {
+            federation: federation.to_string(),
+            doc: Automerge::new().with_actor(ActorId::from(actor)),
+            entries: BTreeMap::new(),
+            verdicts: view::Verdicts::default(),
+            view: None,
+            poisoned: false,
+            pending: Vec::new(),
+        }
+    }
+
+    /// Loads a registry saved with [`Registry::save`], then the changes persisted since. Changes
+    /// that fail their checks are skipped and counted (the store holds only checked changes, so
+    /// this means disk corruption).
+    pub fn load(
+        federation: &str,
+        actor: [u8; 16],
+        snapshot: Option<&[u8]>,
+        changes: &[Vec<u8>],
+    ) -> Result<(Registry, usize), Rejected> {
+        let mut reg = Registry::new(federation, actor);
+        if let Some(bytes) = snapshot {
+            let doc = Automerge::load(bytes).map_err(|e| Rejected::Malformed {
+                what: "saved registry",
+                reason: e.to_string(),
+            })?;
+            reg.doc = doc.with_actor(ActorId::from(actor));
+        }
+        let mut skipped = 0;
+        let mut ok = Vec::new();
+        for bytes in changes {
+            match reg.decode_checked(bytes) {
+                Ok(c) => ok.push(c),
+                Err(_) => skipped += 1,
+            }
+        }
+        reg.integrate(ok)?;
+        reg.refresh();
+        Ok((reg, skipped))
+    }
+
+    /// Runs a document mutation on peer input. Automerge can panic on crafted input that passes
+    /// its parser; the panic is contained here and the registry marked poisoned.
+    fn guarded<T>(
+        &mut self,
+        f: impl FnOnce(&mut Automerge) -> Result<T, automerge::AutomergeError>,
+    ) -> Result<T, Rejected> {
+        let doc = &mut self.doc;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(doc))) {
+            Ok(r) => r.map_err(|e| Rejected::Refused(e.to_string())),
+            Err(_) => {
+                self.poisoned = true;
+                self.view = None;
+                Err(Rejected::Crashed)
+            }
+        }
+    }
+
+    /// Whether a contained panic left the document unusable: reload it from the store.
+    pub fn is_poisoned(&self) -> bool {
+        self.poisoned
+    }
+
+    /// Whether changes are waiting for dependencies this replica does not have.
+    pub fn has_missing_deps(&self) -> bool {
+        !self.pending.is_empty() || !self.doc.get_missing_deps(&[]).is_empty()
+    }
+
+    /// Applies the causally ready changes among `incoming` and those held back, and holds back
+    /// the rest.
+    fn integrate(&mut self, incoming: Vec<Change>) -> Result<(), Rejected> {
+        for c in incoming {
+            if !self.pending.iter().any(|p| p.hash() == c.hash()) {
+                self.pending.push(c);
+            }
+        }
+        loop {
+            let mut ready: Vec<Change> = Vec::new();
+            let mut ready_hashes = std::collections::HashSet::new();
+            let mut progress = true;
+            while progress {
+                progress = false;
+                let mut i = 0;
+                while i < self.pending.len() {
+                    let c = &self.pending[i];
+                    if self.doc.get_missing_deps(&[c.hash()]).is_empty() {
+                        // Already in the document.
+                        self.pending.swap_remove(i);
+                        continue;
+                    }
+                    let deps_ok = c.deps().iter().all(|d| {
+                        ready_hashes.contains(d) || self.doc.get_missing_deps(&[*d]).is_empty()
+                    });
+                    if deps_ok {
+                        let c = self.pending.swap_remove(i);
+                        ready_hashes.insert(c.hash());
+                        ready.push(c);
+                        progress = true;
+                    } else {
+                        i += 1;
+                    }
+                }
+            }
+            if ready.is_empty() {
+                break;
+            }
+            self.guarded(|doc| doc.apply_changes(ready))?;
+        }
+        if self.pending.len() > MAX_PENDING {
+            let excess = self.pending.len() - MAX_PENDING;
+            self.pending.drain(..excess);
+        }
+        Ok(())
+    }
+
+    /// The federation id.
+    pub fn federation(&self) -> &str {
+        &self.federation
+    }
+
+    /// Number of entries in the document (valid or not).
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether the document has no entries.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The document's heads.
+    pub fn heads(&self) -> Vec<ChangeHash> {
+        self.doc.get_heads()
+    }
+
+    /// The document's heads, hex.
+    pub fn heads_hex(&self) -> Vec<String> {
+        self.doc.get_heads().iter().map(|h| h.to_string()).collect()
+    }
+
+    /// The whole document, compacted into one chunk.
+    pub fn save(&self) -> Vec<u8> {
+        self.doc.save()
+    }
+
+    /// Every change in the document (for tests and benchmarks).
+    pub fn all_changes(&self) -> Vec<Vec<u8>> {
+        self.doc
+            .get_changes(&[])
+            .into_iter()
+            .map(|c| c.raw_bytes().to_vec())
+            .collect()
+    }
+
+    /// The typed view, rebuilt only when the document changed.
+    pub fn view(&mut self, authority: &dyn Authority) -> &View {
+        if self.view.is_none() {
+            self.view = Some(view::build(
+                self.entries.values(),
+                authority,
+                &mut self.verdicts,
+            ));
+        }
+        self.view.as_ref().expect("built above")
+    }
+
+    /// Signs and writes a record. Returns the entry and the change to persist and gossip.
+    pub fn write(
+        &mut self,
+        signer: &ed25519_dalek::SigningKey,
+        id: String,
+        body: Body,
+        now_ms: u64,
+    ) -> Result<(Entry, Vec<u8>), WriteError> {
+        let author = Key::of(signer);
+        let seq = self
+            .entries
+            .values()
+            .filter(|e| {
+                let p = e.payload();
+                p.id == id && p.body.kind() == body.kind()
+            })
+            .map(|e| e.payload().seq)
+            .max()
+            .map_or(1, |s| s + 1);
+        let kind = body.kind().as_str();
+        let entry = Entry::sign(
+            signer,
+            Payload {
+                federation: self.federation.clone(),
+                id,
+                seq,
+                author,
+                at_ms: now_ms,
+                body,
+            },
+        );
+        if entry.bytes().len() > MAX_ENTRY_BYTES {
+            return Err(WriteError::TooLarge {
+                kind,
+                size: entry.bytes().len(),
+            });
+        }
+        // What we write must be what every peer can read back.
+        Entry::open(entry.bytes(), &self.federation)?;
+        let change = self.insert_unchecked(&entry, now_ms)?;
+        Ok((entry, change))
+    }
+
+    /// Writes an entry signed elsewhere (a revocation signed with an institution key by the
+    /// CLI, say). The signature is checked; authority is the view's business.
+    pub fn insert_signed(
+        &mut self,
+        bytes: &[u8],
+        now_ms: u64,
+    ) -> Result<(Entry, Vec<u8>), WriteError> {
+        let entry = Entry::open(bytes, &self.federation)?;
+        let change = self.insert_unchecked(&entry, now_ms)?;
+        Ok((entry, change))
+    }
+
+    /// Puts an entry's bytes into the document as they are: the primitive under every write,
+    /// public so that tests can make changes a dishonest member would make.
+    pub fn insert_unchecked(&mut self, entry: &Entry, now_ms: u64) -> Result<Vec<u8>, WriteError> {
+        let mut tx = self.doc.transaction();
+        tx.put(
+            ROOT,
+            entry.doc_key(),
+            ScalarValue::Bytes(entry.bytes().to_vec()),
+        )
+        .map_err(|e| WriteError::Refused(e.to_string()))?;
+        let time = i64::try_from(now_ms / 1000).unwrap_or(i64::MAX);
+        tx.commit_with(CommitOptions::default().with_time(time));
+        let change = self
+            .doc
+            .get_last_local_change()
+            .expect("a change was just committed")
+            .raw_bytes()
+            .to_vec();
+        self.entries
+            .insert(entry.doc_key().to_string(), entry.clone());
+        self.view = None;
+        Ok(change)
+    }
+
+    /// Checks one change from a peer without applying it: see the module docs for the rules.
+    pub fn check_change(&self, change: &Change) -> Result<(), Rejected> {
+        let hash = change.hash().to_string();
+        let raw = change.raw_bytes();
+        if raw.len() > MAX_CHANGE_BYTES {
+            return Err(Rejected::TooLarge {
+                what: "change",
+                size: raw.len(),
+                limit: MAX_CHANGE_BYTES,
+            });
+        }
+        let foreign = |reason: String| Rejected::ForeignOp {
+            change: hash.clone(),
+            reason,
+        };
+        // Automerge parses a chunk without checking its checksum (the first four bytes of the
+        // change hash); a corrupted chunk can parse into a different, nonsensical change.
+        if raw.get(4..8) != Some(&change.hash().0[..4]) {
+            return Err(Rejected::Malformed {
+                what: "change",
+                reason: "checksum mismatch".into(),
+            });
+        }
+        // Replicas use 16-byte actor ids; anything else is not one of ours.
+        if change.actors().any(|a| a.to_bytes().len() != 16) {
+            return Err(foreign("its actor ids are not 16 bytes".into()));
+        }
+        for op in change.decode().operations {
+            if op.obj != ObjectId::Root || op.insert {
+                return Err(foreign("it writes outside the root map".into()));
+            }
+            let OpKey::Map(key) = &op.key else {
+                return Err(foreign("it writes a list position".into()));
+            };
+            let OpType::Put(ScalarValue::Bytes(bytes)) = &op.action else {
+                return Err(foreign(format!("it does {:?} on {key}", op.action)));
+            };
+            let entry =
+                Entry::open(bytes, &self.federation).map_err(|reason| Rejected::BadEntry {
+                    change: hash.clone(),
+                    reason,
+                })?;
+            if entry.doc_key() != key.as_str() {
+                return Err(foreign(format!(
+                    "it puts an entry under {key}, not under its own key {}",
+                    entry.doc_key()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn decode_checked(&self, bytes: &[u8]) -> Result<Change, Rejected> {
+        if bytes.len() > MAX_CHANGE_BYTES {
+            return Err(Rejected::TooLarge {
+                what: "change",
+                size: bytes.len(),
+                limit: MAX_CHANGE_BYTES,
+            });
+        }
+        let change = Change::from_bytes(bytes.to_vec()).map_err(|e| Rejected::Malformed {
+            what: "change",
+            reason: e.to_string(),
+        })?;
+        self.check_change(&change)?;
+        Ok(change)
+    }
+
+    /// Applies changes from a peer (all are checked first; one bad change rejects them all).
+    pub fn apply_changes(&mut self, changes: &[Vec<u8>]) -> Result<Applied, Rejected> {
+        let checked = changes
+            .iter()
+            .map(|c| self.decode_checked(c))
+            .collect::<Result<Vec<_>, _>>()?;
+        let before = self.entries.len();
+        let before_heads = self.doc.get_heads();
+        self.integrate(checked)?;
+        self.refresh();
+        Ok(self.applied(before, &before_heads))
+    }
+
+    fn applied(&mut self, before: usize, before_heads: &[ChangeHash]) -> Applied {
+        let heads = self.doc.get_heads();
+        let mut changes = Vec::new();
+        if heads != before_heads {
+            changes = self
+                .doc
+                .get_changes(before_heads)
+                .into_iter()
+                .map(|c| c.raw_bytes().to_vec())
+                .collect();
+        }
+        Applied {
+            new_entries: self.entries.len() - before,
+            missing_deps: self.has_missing_deps(),
+            changes,
+        }
+    }
+
+    /// Decodes the document entries not seen yet. Values come straight from the document: the
+    /// view reads what Automerge holds, checked again here.
+    fn refresh(&mut self) {
+        let keys: Vec<String> = self
+            .doc
+            .keys(ROOT)
+            .filter(|k| !self.entries.contains_key(k))
+            .collect();
+        if keys.is_empty() {
+            return;
+        }
+        for key in keys {
+            // Concurrent puts of the same key hold the same bytes; any of them will do.
+            let Ok(values) = self.doc.get_all(ROOT, key.as_str()) else {
+                continue;
+            };
+            for (value, _) in values {
+                if let Value::Scalar(s) = value {
+                    if let ScalarValue::Bytes(b) = s.as_ref() {
+                        if let Ok(entry) = Entry::open(b, &self.federation) {
+                            if entry.doc_key() == key {
+                                self.entries.insert(key.clone(), entry);
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        self.view = None;
+    }
+
+    /// The gossip message announcing a local change: the change itself if small enough,
+    /// otherwise the heads, which peers fetch by sync.
+    pub fn gossip_for(&self, change: &[u8]) -> Vec<u8> {
+        if change.len() + 8 <= MAX_GOSSIP_CHANGE_BYTES {
+            let mut out = Vec::with_capacity(change.len() + 5);
+            out.push(GOSSIP_CHANGES);
+            out.extend_from_slice(&(change.len() as u32).to_be_bytes());
+            out.extend_from_slice(change);
+            out
+        } else {
+            let mut out = vec![GOSSIP_HEADS];
+            for h in self.doc.get_heads().iter().take(MAX_GOSSIP_ITEMS) {
+                out.extend_from_slice(&h.0);
+            }
+            out
+        }
+    }
+
+    /// Applies a gossip message. `Ok` with `missing_deps` (or heads we lack) means: sync with the
+    /// sender.
+    pub fn receive_gossip(&mut self, bytes: &[u8]) -> Result<Applied, Rejected> {
+        let malformed = |reason: &str| Rejected::Malformed {
+            what: "registry gossip",
+            reason: reason.to_string(),
+        };
+        if bytes.len() > MAX_GOSSIP_CHANGE_BYTES + 1024 {
+            return Err(Rejected::TooLarge {
+                what: "registry gossip",
+                size: bytes.len(),
+                limit: MAX_GOSSIP_CHANGE_BYTES,
+            });
+        }
+        let (&tag, mut rest) = bytes.split_first().ok_or_else(|| malformed("empty"))?;
+        match tag {
+            GOSSIP_CHANGES => {
+                let mut changes = Vec::new();
+                while !rest.is_empty() {
+                    if changes.len() == MAX_GOSSIP_ITEMS {
+                        return Err(malformed("too many changes"));
+                    }
+                    let (len, tail) = rest
+                        .split_first_chunk::<4>()
+                        .ok_or_else(|| malformed("truncated length"))?;
+                    let len = u32::from_be_bytes(*len) as usize;
+                    if len > tail.len() {
+                        return Err(malformed("truncated change"));
+                    }
+                    changes.push(tail[..len].to_vec());
+                    rest = &tail[len..];
+                }
+                if changes.is_empty() {
+                    return Err(malformed("no change"));
+                }
+                self.apply_changes(&changes)
+            }
+            GOSSIP_HEADS => {
+                if rest.is_empty() || rest.len() % 32 != 0 || rest.len() / 32 > MAX_GOSSIP_ITEMS {
+                    return Err(malformed("heads are 32-byte hashes, 1 to 64 of them"));
+                }
+                let missing = rest.chunks(32).any(|h| {
+                    let hash = ChangeHash(h.try_into().expect("chunks of 32"));
+                    self.doc.get_change_by_hash(&hash).is_none()
+                });
+                Ok(Applied {
+                    new_entries: 0,
+                    missing_deps: missing,
+                    changes: Vec::new(),
+                })
+            }
+            other => Err(malformed(&format!("unknown message type {other}"))),
+        }
+    }
+
+    /// The next sync message for a peer, if there is anything to say.
+    pub fn generate_sync(&self, state: &mut SyncState) -> Option<Vec<u8>> {
+        let msg = self.doc.generate_sync_message(&mut state.0)?;
+        Some(msg.encode())
+    }
+
+    /// Applies a sync message from a peer. Every change in it is checked first; version-2
+    /// messages (whole-document chunks that cannot be checked change by change) are refused,
+    /// and we never advertise them.
+    pub fn receive_sync(
+        &mut self,
+        state: &mut SyncState,
+        bytes: &[u8],
+    ) -> Result<Applied, Rejected> {
+        if bytes.len() > MAX_SYNC_MESSAGE_BYTES {
+            return Err(Rejected::TooLarge {
+                what: "sync message",
+                size: bytes.len(),
+                limit: MAX_SYNC_MESSAGE_BYTES,
+            });
+        }
+        let mut msg = sync::Message::decode(bytes).map_err(|e| Rejected::Malformed {
+            what: "sync message",
+            reason: e.to_string(),
+        })?;
+        if msg.version != sync::MessageVersion::V1 {
+            return Err(Rejected::Malformed {
+                what: "sync message",
+                reason: "version 2 sync messages are not accepted; send changes one by one".into(),
+            });
+        }
+        if msg.supported_capabilities.is_some() {
+            msg.supported_capabilities = Some(vec![sync::Capability::MessageV1]);
+        }
+        for chunk in msg.changes.iter() {
+            self.decode_checked(chunk)?;
+        }
+        let before = self.entries.len();
+        let before_heads = self.doc.get_heads();
+        self.guarded(|doc| doc.receive_sync_message(&mut state.0, msg))?;
+        // What arrived may be what held-back changes were waiting for.
+        if !self.pending.is_empty() {
+            self.integrate(Vec::new())?;
+        }
+        self.refresh();
+        Ok(self.applied(before, &before_heads))
+    }
+}

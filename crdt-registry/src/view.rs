@@ -1,0 +1,557 @@
+//! The typed view: what the registry says once every entry has been checked.
+//!
+//! Automerge accepts any change; this is where trust is decided. An entry counts only if its
+//! signature verifies (checked when it entered the document), its author may write it, and its
+//! author is not revoked. The rules:
+//!
+//! * an **institution** counts if its admission verifies under the federation key and it is not
+//!   revoked; any member may publish it (the admission is the proof);
+//! * a **node** counts if its membership proof verifies for the author's key, and neither the node
+//!   nor its institution is revoked;
+//! * **endpoints, functions and flows** count if their author is a counted node, the record names
+//!   the author as its node/owner, and the id is the one derived from the author (so nobody can
+//!   write under another's id);
+//! * a **revocation** counts if its author issued what it revokes: the federation key for an
+//!   institution; the federation key or the node's institution key for a node; for a token, any
+//!   admitted institution or counted node key (the capability verifier checks that the author is
+//!   the key that signed the revoked block);
+//! * among the counted entries for one record, the highest `(seq, at_ms, entry key)` wins, so that
+//!   every replica picks the same one; a winning deletion removes the record.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::entry::{Entry, Key};
+use crate::record::{
+    Body, EndpointRecord, FlowRecord, FunctionRecord, Kind, NodeRecord, RevocationRecord, Target,
+};
+
+/// What a verified institution admission says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstitutionFacts {
+    /// The institution's name.
+    pub name: String,
+    /// Its key.
+    pub key: Key,
+    /// When it was admitted, Unix seconds.
+    pub admitted_at: u64,
+}
+
+/// What a verified membership proof says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeFacts {
+    /// The node's peer id.
+    pub peer_id: String,
+    /// Its institution's name and key (`None` for coordinators).
+    pub institution: Option<(String, Key)>,
+    /// Its role (`coordinator`, `endpoint`, `client`).
+    pub role: String,
+}
+
+/// Verifies the federation's documents for the view. The mesh implements it with the membership
+/// chain; the registry itself knows nothing about it.
+pub trait Authority {
+    /// The federation's root key.
+    fn federation_key(&self) -> Key;
+    /// Verifies an institution admission (JSON) under the federation key.
+    fn admission(&self, admission: &str) -> Result<InstitutionFacts, String>;
+    /// Verifies a membership proof (JSON) presented by the holder of `node_key`.
+    fn membership(&self, proof: &str, node_key: &Key) -> Result<NodeFacts, String>;
+}
+
+/// An institution of the federation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Institution {
+    /// Its name.
+    pub name: String,
+    /// Its key.
+    pub key: Key,
+    /// When the federation admitted it, Unix seconds.
+    pub admitted_at: u64,
+}
+
+/// A member node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    /// Its key (the registry author key).
+    pub key: Key,
+    /// Its peer id.
+    pub peer_id: String,
+    /// Its name.
+    pub name: String,
+    /// Its institution (none for coordinators).
+    pub institution: Option<String>,
+    /// Its role.
+    pub role: String,
+    /// Mesh addresses.
+    pub addrs: Vec<String>,
+    /// Data-plane address.
+    pub data_addr: Option<String>,
+    /// Last update, Unix milliseconds.
+    pub updated_ms: u64,
+}
+
+/// An endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoint {
+    /// Its id.
+    pub id: String,
+    /// The node's peer id.
+    pub node: String,
+    /// The node's institution.
+    pub institution: Option<String>,
+    /// The record.
+    #[serde(flatten)]
+    pub record: EndpointRecord,
+    /// Last update, Unix milliseconds.
+    pub updated_ms: u64,
+}
+
+/// A function.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Function {
+    /// Its content-derived id.
+    pub id: String,
+    /// The owner's peer id.
+    pub owner_peer: String,
+    /// The owner's institution.
+    pub institution: Option<String>,
+    /// The record.
+    #[serde(flatten)]
+    pub record: FunctionRecord,
+}
+
+/// A flow.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Flow {
+    /// Its id.
+    pub id: String,
+    /// The owner's peer id.
+    pub owner_peer: String,
+    /// The record.
+    #[serde(flatten)]
+    pub record: FlowRecord,
+}
+
+/// A revocation in force.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    /// Its id (`node:…`, `institution:…`, `token:…`).
+    pub id: String,
+    /// Who revoked.
+    pub revoked_by: Key,
+    /// When, Unix milliseconds (the revoker's clock).
+    pub at_ms: u64,
+    /// The record.
+    #[serde(flatten)]
+    pub record: RevocationRecord,
+}
+
+/// An entry the view ignored, and why: for diagnostics and tests.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ignored {
+    /// The entry's document key.
+    pub entry: String,
+    /// Its kind and id.
+    pub kind: Kind,
+    /// Its id.
+    pub id: String,
+    /// Its author.
+    pub author: Key,
+    /// Why it does not count.
+    pub reason: String,
+}
+
+/// The registry as the typed view sees it. Maps are ordered, so two views of the same entries
+/// compare (and serialise) equal.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct View {
+    /// Institutions by key.
+    pub institutions: BTreeMap<Key, Institution>,
+    /// Nodes by peer id.
+    pub nodes: BTreeMap<String, Node>,
+    /// Endpoints by id.
+    pub endpoints: BTreeMap<String, Endpoint>,
+    /// Functions by id.
+    pub functions: BTreeMap<String, Function>,
+    /// Flows by id.
+    pub flows: BTreeMap<String, Flow>,
+    /// Revocations by id.
+    pub revocations: BTreeMap<String, Revocation>,
+    /// Entries that did not count.
+    pub ignored: Vec<Ignored>,
+}
+
+impl View {
+    /// Whether `key` (a node or institution key) is revoked.
+    pub fn is_revoked_key(&self, key: &Key) -> bool {
+        self.revocations.values().any(|r| match &r.record.target {
+            Target::Node { key: k } | Target::Institution { key: k } => k == key,
+            Target::Token { .. } => false,
+        })
+    }
+
+    /// Whether the token block with this revocation id is revoked, and by whom.
+    pub fn token_revoked_by(&self, revocation_id: &str) -> Option<&Key> {
+        self.revocations
+            .get(&format!("token:{revocation_id}"))
+            .map(|r| &r.revoked_by)
+    }
+
+    /// The node with this key.
+    pub fn node_by_key(&self, key: &Key) -> Option<&Node> {
+        self.nodes.values().find(|n| &n.key == key)
+    }
+}
+
+/// Cache of proof verifications, by entry key: entries are immutable, so a verdict holds.
+#[derive(Debug, Default)]
+pub(crate) struct Verdicts {
+    nodes: HashMap<String, Result<NodeFacts, String>>,
+    institutions: HashMap<String, Result<InstitutionFacts, String>>,
+}
+
+/// Builds the view from the document's entries.
+pub(crate) fn build<'a>(
+    entries: impl Iterator<Item = &'a Entry>,
+    authority: &dyn Authority,
+    cache: &mut Verdicts,
+) -> View {
+    let fed_key = authority.federation_key();
+    let mut view = View::default();
+    let entries: Vec<&Entry> = entries.collect();
+    let ignore = |view: &mut View, e: &Entry, reason: String| {
+        let p = e.payload();
+        view.ignored.push(Ignored {
+            entry: e.doc_key().to_string(),
+            kind: p.body.kind(),
+            id: p.id.clone(),
+            author: p.author,
+            reason,
+        });
+    };
+
+    // 1. Node facts from proofs (independent of everything else).
+    let mut node_facts: HashMap<Key, NodeFacts> = HashMap::new();
+    for e in &entries {
+        let p = e.payload();
+        let Body::Node(rec) = &p.body else { continue };
+        let verdict = cache
+            .nodes
+            .entry(e.doc_key().to_string())
+            .or_insert_with(|| node_verdict(p.id.as_str(), &p.author, rec, authority));
+        if let Ok(facts) = verdict {
+            node_facts.entry(p.author).or_insert_with(|| facts.clone());
+        }
+    }
+    // 2. Institution facts from admissions.
+    let mut inst_facts: HashMap<String, InstitutionFacts> = HashMap::new();
+    for e in &entries {
+        let Body::Institution(rec) = &e.payload().body else {
+            continue;
+        };
+        let verdict = cache
+            .institutions
+            .entry(e.doc_key().to_string())
+            .or_insert_with(|| {
+                let facts = authority.admission(&rec.admission)?;
+                if facts.key.to_string() != e.payload().id {
+                    return Err(format!(
+                        "the entry's id {} is not the admitted key {}",
+                        e.payload().id,
+                        facts.key
+                    ));
+                }
+                Ok(facts)
+            });
+        if let Ok(f) = verdict {
+            inst_facts.insert(e.doc_key().to_string(), f.clone());
+        }
+    }
+    let admitted_keys: HashSet<Key> = inst_facts.values().map(|f| f.key).collect();
+
+    // 3. Revocations, by authority.
+    let mut revoked: HashSet<Key> = HashSet::new();
+    let mut revocations: Vec<(&Entry, &RevocationRecord)> = Vec::new();
+    for e in &entries {
+        let p = e.payload();
+        let Body::Revocation(rec) = &p.body else {
+            continue;
+        };
+        if p.id != rec.target.id() {
+            ignore(
+                &mut view,
+                e,
+                "the revocation's id does not name its target".into(),
+            );
+            continue;
+        }
+        let allowed = match &rec.target {
+            Target::Institution { .. } => p.author == fed_key,
+            Target::Node { key } => {
+                p.author == fed_key
+                    || node_facts
+                        .get(key)
+                        .and_then(|f| f.institution.as_ref())
+                        .is_some_and(|(_, inst)| *inst == p.author)
+            }
+            Target::Token { .. } => {
+                p.author == fed_key
+                    || admitted_keys.contains(&p.author)
+                    || node_facts.contains_key(&p.author)
+            }
+        };
+        if !allowed {
+            ignore(
+                &mut view,
+                e,
+                format!("{} may not revoke {}", p.author, rec.target.id()),
+            );
+            continue;
+        }
+        if let Target::Node { key } | Target::Institution { key } = &rec.target {
+            revoked.insert(*key);
+        }
+        revocations.push((e, rec));
+    }
+    for (e, rec) in revocations {
+        let p = e.payload();
+        let r = Revocation {
+            id: p.id.clone(),
+            revoked_by: p.author,
+            at_ms: p.at_ms,
+            record: rec.clone(),
+        };
+        // The earliest revocation of a target is the one kept (any of them would do).
+        match view.revocations.get(&p.id) {
+            Some(old) if (old.at_ms, &old.revoked_by) <= (r.at_ms, &r.revoked_by) => {}
+            _ => {
+                view.revocations.insert(p.id.clone(), r);
+            }
+        }
+    }
+    // A revoked author is revoked for every key acting for it: a node of a revoked institution
+    // is revoked too.
+    let node_ok = |key: &Key| -> Result<&NodeFacts, String> {
+        let facts = node_facts
+            .get(key)
+            .ok_or_else(|| format!("{key} is not a member node of the federation"))?;
+        if revoked.contains(key) {
+            return Err(format!("{key} is revoked"));
+        }
+        if let Some((name, inst)) = &facts.institution {
+            if revoked.contains(inst) {
+                return Err(format!("{key}'s institution {name} is revoked"));
+            }
+        }
+        Ok(facts)
+    };
+
+    // 4. Every other entry: check its authority, then keep the winner per record.
+    let mut winners: HashMap<(Kind, String), &Entry> = HashMap::new();
+    let mut owners: HashMap<(Kind, String), Key> = HashMap::new();
+    let mut deletions: Vec<&Entry> = Vec::new();
+    for e in &entries {
+        let p = e.payload();
+        let verdict: Result<(), String> = match &p.body {
+            Body::Revocation(_) => continue,
+            Body::Deleted { .. } => {
+                deletions.push(e);
+                continue;
+            }
+            Body::Institution(_) => match inst_facts.get(e.doc_key()) {
+                None => Err(cache
+                    .institutions
+                    .get(e.doc_key())
+                    .and_then(|v| v.as_ref().err().cloned())
+                    .unwrap_or_else(|| "the admission does not verify".into())),
+                Some(f) if revoked.contains(&f.key) => Err(format!("{} is revoked", f.name)),
+                Some(_) => {
+                    if p.author == fed_key
+                        || admitted_keys.contains(&p.author)
+                        || node_facts.contains_key(&p.author)
+                    {
+                        Ok(())
+                    } else {
+                        Err(format!(
+                            "{} is neither a member nor an institution of the federation",
+                            p.author
+                        ))
+                    }
+                }
+            },
+            Body::Node(_) => match cache.nodes.get(e.doc_key()) {
+                Some(Err(reason)) => Err(reason.clone()),
+                _ => node_ok(&p.author).map(|_| ()),
+            },
+            Body::Endpoint(rec) => node_ok(&p.author).and_then(|_| {
+                if rec.node != p.author {
+                    Err(format!(
+                        "{} may not write an endpoint of node {}",
+                        p.author, rec.node
+                    ))
+                } else if EndpointRecord::id_for(&p.author, &rec.name) != p.id {
+                    Err("the endpoint id is not derived from its node and name".into())
+                } else {
+                    Ok(())
+                }
+            }),
+            Body::Function(rec) => node_ok(&p.author).and_then(|_| {
+                if rec.owner != p.author {
+                    Err(format!(
+                        "{} may not write a function owned by {}",
+                        p.author, rec.owner
+                    ))
+                } else if rec.content_id() != p.id {
+                    Err("the function id is not derived from its content and owner".into())
+                } else {
+                    Ok(())
+                }
+            }),
+            Body::Flow(rec) => node_ok(&p.author).and_then(|_| {
+                if rec.owner != p.author {
+                    Err(format!(
+                        "{} may not write a flow owned by {}",
+                        p.author, rec.owner
+                    ))
+                } else if FlowRecord::id_for(&p.author, &rec.nonce) != p.id {
+                    Err("the flow id is not derived from its owner and nonce".into())
+                } else {
+                    Ok(())
+                }
+            }),
+        };
+        if let Err(reason) = verdict {
+            ignore(&mut view, e, reason);
+            continue;
+        }
+        let slot = (p.body.kind(), p.id.clone());
+        owners.entry(slot.clone()).or_insert(p.author);
+        pick(&mut winners, slot, e);
+    }
+    // Deletions count only from the owner of the record they delete.
+    for e in deletions {
+        let p = e.payload();
+        let slot = (p.body.kind(), p.id.clone());
+        let owner_ok = match p.body.kind() {
+            Kind::Institution | Kind::Revocation => false,
+            _ => owners.get(&slot) == Some(&p.author) && node_ok(&p.author).is_ok(),
+        };
+        if !owner_ok {
+            ignore(
+                &mut view,
+                e,
+                format!("{} may not delete {} {}", p.author, slot.0.as_str(), slot.1),
+            );
+            continue;
+        }
+        pick(&mut winners, slot, e);
+    }
+
+    // 5. The winners, typed.
+    let mut sorted: Vec<_> = winners.into_iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    for ((_, id), e) in sorted {
+        let p = e.payload();
+        let author_facts = node_facts.get(&p.author);
+        let peer = || author_facts.map(|f| f.peer_id.clone()).unwrap_or_default();
+        let inst = || author_facts.and_then(|f| f.institution.as_ref().map(|(n, _)| n.clone()));
+        match &p.body {
+            Body::Deleted { .. } | Body::Revocation(_) => {}
+            Body::Institution(_) => {
+                if let Some(f) = inst_facts.get(e.doc_key()) {
+                    view.institutions.insert(
+                        f.key,
+                        Institution {
+                            name: f.name.clone(),
+                            key: f.key,
+                            admitted_at: f.admitted_at,
+                        },
+                    );
+                }
+            }
+            Body::Node(rec) => {
+                let NodeRecord {
+                    name,
+                    addrs,
+                    data_addr,
+                    ..
+                } = rec;
+                if let Some(f) = author_facts {
+                    view.nodes.insert(
+                        f.peer_id.clone(),
+                        Node {
+                            key: p.author,
+                            peer_id: f.peer_id.clone(),
+                            name: name.clone(),
+                            institution: inst(),
+                            role: f.role.clone(),
+                            addrs: addrs.clone(),
+                            data_addr: data_addr.clone(),
+                            updated_ms: p.at_ms,
+                        },
+                    );
+                }
+            }
+            Body::Endpoint(rec) => {
+                view.endpoints.insert(
+                    id.clone(),
+                    Endpoint {
+                        id,
+                        node: peer(),
+                        institution: inst(),
+                        record: rec.clone(),
+                        updated_ms: p.at_ms,
+                    },
+                );
+            }
+            Body::Function(rec) => {
+                view.functions.insert(
+                    id.clone(),
+                    Function {
+                        id,
+                        owner_peer: peer(),
+                        institution: inst(),
+                        record: rec.clone(),
+                    },
+                );
+            }
+            Body::Flow(rec) => {
+                view.flows.insert(
+                    id.clone(),
+                    Flow {
+                        id,
+                        owner_peer: peer(),
+                        record: rec.clone(),
+                    },
+                );
+            }
+        }
+    }
+    view.ignored.sort_by(|a, b| a.entry.cmp(&b.entry));
+    view
+}
+
+fn node_verdict(
+    id: &str,
+    author: &Key,
+    rec: &NodeRecord,
+    authority: &dyn Authority,
+) -> Result<NodeFacts, String> {
+    if id != author.to_string() {
+        return Err(format!("{author} may not write the node entry of {id}"));
+    }
+    authority.membership(&rec.proof, author)
+}
+
+/// Keeps the entry with the highest `(seq, at_ms, entry key)` for `slot`.
+fn pick<'a>(winners: &mut HashMap<(Kind, String), &'a Entry>, slot: (Kind, String), e: &'a Entry) {
+    let rank = |e: &Entry| (e.payload().seq, e.payload().at_ms, e.doc_key().to_string());
+    match winners.get(&slot) {
+        Some(cur) if rank(cur) >= rank(e) => {}
+        _ => {
+            winners.insert(slot, e);
+        }
+    }
+}

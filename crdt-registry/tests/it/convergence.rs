@@ -1,0 +1,242 @@
+//! Acceptance 1: replicas that receive the same changes in any order, duplicated, in any batches,
+//! end with identical typed views.
+
+use crdt_registry::record::{Body, Kind};
+use crdt_registry::{Registry, SyncState};
+use proptest::prelude::*;
+use rand::seq::SliceRandom as _;
+use rand::{Rng as _, SeedableRng as _};
+
+use crate::support::{FED, Member, Toy};
+
+#[derive(Debug, Clone)]
+enum Op {
+    Register {
+        who: usize,
+        name: u8,
+    },
+    Endpoint {
+        who: usize,
+        tag: u8,
+    },
+    DeleteLast {
+        who: usize,
+    },
+    /// `to` learns everything `from` has: later writes of `to` depend on them.
+    Merge {
+        from: usize,
+        to: usize,
+    },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        (0usize..5, 0u8..6).prop_map(|(who, name)| Op::Register { who, name }),
+        (0usize..5, 0u8..4).prop_map(|(who, tag)| Op::Endpoint { who, tag }),
+        (0usize..5).prop_map(|who| Op::DeleteLast { who }),
+        (0usize..5, 0usize..5).prop_map(|(from, to)| Op::Merge { from, to }),
+    ]
+}
+
+/// Runs the script on `writers` members (of two institutions) and returns every change made.
+fn run_script(toy: &Toy, writers: usize, ops: &[Op]) -> Vec<Vec<u8>> {
+    let mut members = Vec::new();
+    let mut all = Vec::new();
+    for i in 0..writers {
+        let (m, changes) = Member::new(toy, 10 + (i % 2) as u8, 20 + i as u8);
+        all.extend(changes);
+        members.push((m, Vec::<String>::new()));
+    }
+    for (t, op) in ops.iter().enumerate() {
+        let now = 100 + t as u64;
+        match *op {
+            Op::Register { who, name } => {
+                let (m, mine) = &mut members[who % writers];
+                let (id, c) = m.register(&format!("f{name}"), now);
+                mine.push(id);
+                all.push(c);
+            }
+            Op::Endpoint { who, tag } => {
+                let (m, _) = &mut members[who % writers];
+                let (_, c) = m.endpoint("main", &format!("t{tag}"), now);
+                all.push(c);
+            }
+            Op::DeleteLast { who } => {
+                let (m, mine) = &mut members[who % writers];
+                if let Some(id) = mine.pop() {
+                    let node = m.node.clone();
+                    let (_, c) = m
+                        .reg
+                        .write(&node, id, Body::Deleted { of: Kind::Function }, now)
+                        .unwrap();
+                    all.push(c);
+                }
+            }
+            Op::Merge { from, to } => {
+                let (from, to) = (from % writers, to % writers);
+                if from != to {
+                    let changes = members[from].0.reg.all_changes();
+                    members[to].0.reg.apply_changes(&changes).unwrap();
+                }
+            }
+        }
+    }
+    all
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, .. ProptestConfig::default() })]
+
+    #[test]
+    fn replicas_converge_whatever_the_delivery_order(
+        writers in 2usize..=4,
+        ops in proptest::collection::vec(op(), 1..40),
+        replicas in 3usize..=5,
+        seed in any::<u64>(),
+    ) {
+        let toy = Toy::new();
+        let all = run_script(&toy, writers, &ops);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let mut views = Vec::new();
+        let mut heads = Vec::new();
+        for r in 0..replicas {
+            // Every change at least once, some twice, shuffled, in random batches.
+            let mut delivery: Vec<&Vec<u8>> = all.iter().collect();
+            for _ in 0..rng.gen_range(0..=all.len()) {
+                delivery.push(&all[rng.gen_range(0..all.len())]);
+            }
+            delivery.shuffle(&mut rng);
+            let mut reg = Registry::new(FED, [100 + r as u8; 16]);
+            let mut rest = &delivery[..];
+            while !rest.is_empty() {
+                let n = rng.gen_range(1..=rest.len().min(5));
+                let batch: Vec<Vec<u8>> = rest[..n].iter().map(|c| (*c).clone()).collect();
+                reg.apply_changes(&batch).unwrap();
+                rest = &rest[n..];
+            }
+            let mut h = reg.heads();
+            h.sort();
+            heads.push(h);
+            views.push(reg.view(&toy).clone());
+        }
+        for (v, h) in views.iter().zip(&heads).skip(1) {
+            prop_assert_eq!(v, &views[0]);
+            prop_assert_eq!(h, &heads[0]);
+        }
+        // Nothing honest was ignored, and every writer's node is listed.
+        prop_assert!(views[0].ignored.is_empty(), "{:?}", views[0].ignored);
+        prop_assert_eq!(views[0].nodes.len(), writers);
+    }
+
+    #[test]
+    fn pairwise_sync_reaches_the_same_view_as_delivery(
+        writers in 2usize..=4,
+        ops in proptest::collection::vec(op(), 1..30),
+        seed in any::<u64>(),
+    ) {
+        let toy = Toy::new();
+        let all = run_script(&toy, writers, &ops);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        // Two replicas each hold a random half; they sync pairwise until quiet.
+        let mut a = Registry::new(FED, [1; 16]);
+        let mut b = Registry::new(FED, [2; 16]);
+        let mut full = Registry::new(FED, [3; 16]);
+        full.apply_changes(&all).unwrap();
+        for c in &all {
+            let target = if rng.gen_bool(0.5) { &mut a } else { &mut b };
+            target.apply_changes(std::slice::from_ref(c)).unwrap();
+        }
+        let (mut sa, mut sb) = (SyncState::new(), SyncState::new());
+        for _ in 0..50 {
+            let m1 = a.generate_sync(&mut sa);
+            if let Some(m) = &m1 {
+                b.receive_sync(&mut sb, m).unwrap();
+            }
+            let m2 = b.generate_sync(&mut sb);
+            if let Some(m) = &m2 {
+                a.receive_sync(&mut sa, m).unwrap();
+            }
+            if m1.is_none() && m2.is_none() {
+                if a.heads() == b.heads() && !a.has_missing_deps() && !b.has_missing_deps() {
+                    break;
+                }
+                // A session can stall when one side holds changes it cannot apply yet; the
+                // mesh starts a new session (anti-entropy), which this mirrors.
+                sa.reset();
+                sb.reset();
+            }
+        }
+        prop_assert_eq!(a.view(&toy).clone(), full.view(&toy).clone());
+        prop_assert_eq!(b.view(&toy).clone(), full.view(&toy).clone());
+    }
+}
+
+#[test]
+fn an_update_by_the_owner_wins_and_a_deletion_removes() {
+    let toy = Toy::new();
+    let (mut m, _) = Member::new(&toy, 1, 2);
+    let (ep, _) = m.endpoint("main", "old", 10);
+    m.endpoint("main", "new", 11);
+    let (f, _) = m.register("f", 12);
+    assert_eq!(
+        m.reg.view(&toy).endpoints[&ep].record.capabilities.tags["tag"],
+        "new"
+    );
+    assert!(m.reg.view(&toy).functions.contains_key(&f));
+    let node = m.node.clone();
+    m.reg
+        .write(&node, f.clone(), Body::Deleted { of: Kind::Function }, 13)
+        .unwrap();
+    assert!(!m.reg.view(&toy).functions.contains_key(&f));
+}
+
+#[test]
+fn concurrent_updates_of_one_record_resolve_the_same_everywhere() {
+    let toy = Toy::new();
+    let (mut a, base) = Member::new(&toy, 1, 2);
+    let mut b = Registry::new(FED, [9; 16]);
+    b.apply_changes(&base).unwrap();
+    // The same node key writing from two replicas (a restored backup, say): same seq, so the
+    // tie is broken by time, then by entry key.
+    let (ep, c1) = a.endpoint("main", "one", 50);
+    let rec = crate::support::endpoint(&a.node, "main", "two");
+    let (_, c2) = b
+        .write(&a.node, ep.clone(), Body::Endpoint(rec), 50)
+        .unwrap();
+    a.reg.apply_changes(&[c2]).unwrap();
+    b.apply_changes(&[c1]).unwrap();
+    assert_eq!(a.reg.view(&toy), b.view(&toy));
+    assert_eq!(a.reg.view(&toy).endpoints.len(), 1);
+}
+
+#[test]
+fn save_load_and_compaction_keep_the_view() {
+    let toy = Toy::new();
+    let (mut m, mut changes) = Member::new(&toy, 1, 2);
+    for i in 0..20 {
+        changes.push(m.register(&format!("f{i}"), 10 + i).1);
+    }
+    // Incremental persistence: the changes alone.
+    let (mut from_changes, skipped) = Registry::load(FED, [5; 16], None, &changes).unwrap();
+    assert_eq!(skipped, 0);
+    // Compacted: one snapshot.
+    let snapshot = m.reg.save();
+    let (mut from_snapshot, _) = Registry::load(FED, [6; 16], Some(&snapshot), &[]).unwrap();
+    // Both, overlapping.
+    let (mut both, _) = Registry::load(FED, [7; 16], Some(&snapshot), &changes[5..]).unwrap();
+    let want = m.reg.view(&toy).clone();
+    assert_eq!(want.functions.len(), 20);
+    assert_eq!(from_changes.view(&toy), &want);
+    assert_eq!(from_snapshot.view(&toy), &want);
+    assert_eq!(both.view(&toy), &want);
+    // A loaded replica keeps writing without clashing with its old self.
+    let (_, c) = from_snapshot
+        .write(
+            &m.node.clone(),
+            "x".into(),
+            Body::Deleted { of: Kind::Flow },
+            99,
+        )
+        .unwrap();
+    m.reg.apply_changes(&[c]).unwrap();
+}
