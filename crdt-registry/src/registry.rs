@@ -647,6 +647,9 @@ impl Registry {
             });
         }
         if msg.supported_capabilities.is_some() {
+            // Only the first message of a session carries capabilities: the peer started
+            // afresh, so forget what we thought was in flight to it.
+            state.reset();
             msg.supported_capabilities = Some(vec![sync::Capability::MessageV1]);
         }
         for chunk in msg.changes.iter() {

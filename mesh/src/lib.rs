@@ -6,6 +6,8 @@
 //! * [`network`] runs the libp2p swarm (QUIC and TCP with noise and yamux, identify, ping,
 //!   Kademlia, gossipsub, request-response, relay, DCUtR, AutoNAT) behind a [`Handle`]; no other
 //!   crate touches the swarm.
+//! * [`registry`] keeps this node's replica of the federation registry converged: pairwise
+//!   Automerge sync, gossip of changes, persistence, and strikes against peers that send bad data.
 //!
 //! ```
 //! use mesh::membership::{Admission, Genesis, Invite, Proof, Role, SigningKey};
@@ -25,6 +27,7 @@
 pub mod keys;
 pub mod membership;
 pub mod network;
+pub mod registry;
 
 pub use libp2p::{Multiaddr, PeerId, identity::Keypair};
 pub use network::{Config, Event, Handle, PeerInfo};

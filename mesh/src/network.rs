@@ -19,8 +19,8 @@ use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{NetworkBehaviour, SwarmEvent};
 use libp2p::{
-    Multiaddr, PeerId, StreamProtocol, Swarm, autonat, connection_limits, dcutr, gossipsub,
-    identify, identity::Keypair, kad, noise, ping, relay, request_response, tcp, yamux,
+    Multiaddr, PeerId, StreamProtocol, Swarm, allow_block_list, autonat, connection_limits, dcutr,
+    gossipsub, identify, identity::Keypair, kad, noise, ping, relay, request_response, tcp, yamux,
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, mpsc, oneshot};
@@ -29,6 +29,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::membership::{Federation, Member, Proof, Refusal, Role, unix_now};
+use crate::registry::{self, Out, Replica, StoreOp, Strikes, SyncRequest, SyncResponse};
 
 /// Protocol name of the membership exchange.
 pub const MEMBERSHIP_PROTOCOL: &str = "/funcmesh/membership/1";
@@ -46,6 +47,10 @@ const EVENT_QUEUE: usize = 1024;
 const REFUSAL_GRACE: Duration = Duration::from_secs(1);
 /// Largest gossip message.
 const MAX_GOSSIP_BYTES: usize = 256 * 1024;
+/// Largest registry sync message on the wire (the registry checks its own, smaller limit).
+const MAX_SYNC_WIRE_BYTES: u64 = crdt_registry::MAX_SYNC_MESSAGE_BYTES as u64 + 1024;
+/// Capacity of the persistence queue.
+const PERSIST_QUEUE: usize = 256;
 
 /// Mesh configuration, resolved by the node.
 #[derive(Debug, Clone)]
@@ -66,6 +71,8 @@ pub struct Config {
     pub proof_timeout: Duration,
     /// How often to retry known members that are not connected (doubles per failure, up to 16x).
     pub redial_interval: Duration,
+    /// How often to run a registry sync round with a random member.
+    pub anti_entropy: Duration,
     /// The node's store, for the known-peers table.
     pub store: store::Store,
 }
@@ -114,6 +121,9 @@ pub enum Error {
     /// The mesh has shut down.
     #[error("the mesh is shut down")]
     Closed,
+    /// A registry write failed.
+    #[error("registry: {0}")]
+    Registry(String),
 }
 
 /// What the mesh tells its subscribers.
@@ -139,7 +149,16 @@ pub enum Event {
         /// Its reason.
         reason: String,
     },
-    /// Gossip from a member.
+    /// A peer sent registry data no honest node sends; at three strikes it is cut off.
+    Penalised {
+        /// The peer.
+        peer: PeerId,
+        /// What it sent.
+        reason: String,
+        /// Its strikes so far.
+        strikes: u32,
+    },
+    /// Gossip from a member (on topics other than the registry's).
     Gossip {
         /// Topic name.
         topic: String,
@@ -186,6 +205,29 @@ enum Command {
         topic: String,
         reply: oneshot::Sender<Result<(), Error>>,
     },
+    RegistryView(oneshot::Sender<crdt_registry::View>),
+    RegistryStatus(oneshot::Sender<registry::Status>),
+    RegistryWrite {
+        id: String,
+        body: Box<crdt_registry::record::Body>,
+        reply: oneshot::Sender<Result<crdt_registry::Entry, Error>>,
+    },
+    RegistryInsert {
+        bytes: Vec<u8>,
+        reply: oneshot::Sender<Result<crdt_registry::Entry, Error>>,
+    },
+    RegistrySyncRaw {
+        peer: PeerId,
+        msg: Vec<u8>,
+        reply: oneshot::Sender<()>,
+    },
+    Block(PeerId, bool, oneshot::Sender<()>),
+}
+
+/// A batch of store writes, and who to tell when it is durable.
+struct PersistJob {
+    ops: Vec<StoreOp>,
+    done: Option<oneshot::Sender<Result<(), String>>>,
 }
 
 /// A cheap-clone handle to the running mesh.
@@ -238,6 +280,47 @@ impl Handle {
         let topic = topic.to_string();
         self.ask(|reply| Command::Subscribe { topic, reply })
             .await?
+    }
+
+    /// The registry's typed view, as this node sees it now.
+    pub async fn registry(&self) -> Result<crdt_registry::View, Error> {
+        self.ask(Command::RegistryView).await
+    }
+
+    /// Counts and heads of the local registry replica.
+    pub async fn registry_status(&self) -> Result<registry::Status, Error> {
+        self.ask(Command::RegistryStatus).await
+    }
+
+    /// Signs a record with the node key and writes it to the registry; returns once the change
+    /// is on disk (and on its way to the other members).
+    pub async fn registry_write(
+        &self,
+        id: String,
+        body: crdt_registry::record::Body,
+    ) -> Result<crdt_registry::Entry, Error> {
+        let body = Box::new(body);
+        self.ask(|reply| Command::RegistryWrite { id, body, reply })
+            .await?
+    }
+
+    /// Writes an entry signed elsewhere (a revocation signed with an institution key, say).
+    pub async fn registry_insert(&self, bytes: Vec<u8>) -> Result<crdt_registry::Entry, Error> {
+        self.ask(|reply| Command::RegistryInsert { bytes, reply })
+            .await?
+    }
+
+    /// Sends `msg` to `peer` as a registry sync message, unchecked: a diagnostic for testing
+    /// how peers treat bad input.
+    pub async fn registry_sync_raw(&self, peer: PeerId, msg: Vec<u8>) -> Result<(), Error> {
+        self.ask(|reply| Command::RegistrySyncRaw { peer, msg, reply })
+            .await
+    }
+
+    /// Cuts `peer` off (`true`) or lets it back (`false`). Used for bans, and by tests to
+    /// partition a federation.
+    pub async fn block(&self, peer: PeerId, blocked: bool) -> Result<(), Error> {
+        self.ask(|reply| Command::Block(peer, blocked, reply)).await
     }
 
     /// Subscribes to mesh events from now on.
@@ -309,7 +392,9 @@ struct PeerAddrs {
 
 #[derive(NetworkBehaviour)]
 struct Behaviour {
+    blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
     limits: connection_limits::Behaviour,
+    registry_sync: request_response::cbor::Behaviour<SyncRequest, SyncResponse>,
     membership: request_response::cbor::Behaviour<Hello, HelloReply>,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
@@ -348,7 +433,11 @@ struct EventLoop {
     relay_listening: bool,
     config: Config,
     topic_prefix: String,
+    registry_topic: gossipsub::TopicHash,
     tracker: TaskTracker,
+    replica: Replica,
+    strikes: Strikes,
+    persist: mpsc::Sender<PersistJob>,
 }
 
 /// Starts the mesh: builds the swarm, listens, dials the bootstrap addresses and every known peer,
@@ -374,6 +463,25 @@ pub async fn spawn(
         .subscribe(&announce)
         .map_err(|e| Error::Build(format!("gossipsub subscribe: {e}")))?;
 
+    let registry_topic = gossipsub::IdentTopic::new(format!("{topic_prefix}{}", registry::TOPIC));
+    swarm
+        .behaviour_mut()
+        .gossipsub
+        .subscribe(&registry_topic)
+        .map_err(|e| Error::Build(format!("gossipsub subscribe: {e}")))?;
+    let signer = registry::signing_key(&config.keypair)
+        .ok_or_else(|| Error::Build("the node key is not an ed25519 key".into()))?;
+    let replica = {
+        let store = config.store.clone();
+        let federation = config.federation.clone();
+        tokio::task::spawn_blocking(move || registry::load(&store, &federation, signer))
+            .await
+            .map_err(|e| Error::Build(format!("registry load: {e}")))?
+            .map_err(|e| Error::Build(format!("registry load: {e}")))?
+    };
+    let (persist_tx, persist_rx) = mpsc::channel(PERSIST_QUEUE);
+    tracker.spawn(persister(config.store.clone(), persist_rx));
+
     let known = load_known(&config.store).await;
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
     let (ev_tx, _) = broadcast::channel(EVENT_QUEUE);
@@ -392,7 +500,11 @@ pub async fn spawn(
         relay_listening: false,
         config,
         topic_prefix,
+        registry_topic: registry_topic.hash(),
         tracker: tracker.clone(),
+        replica,
+        strikes: Strikes::default(),
+        persist: persist_tx,
     };
     let now = Instant::now();
     for (peer, addrs) in known {
@@ -498,8 +610,20 @@ fn behaviour(
             .with_max_established_incoming(Some(1024))
             .with_max_established_per_peer(Some(4)),
     );
+    let registry_sync = request_response::cbor::Behaviour::with_codec(
+        request_response::cbor::codec::Codec::default()
+            .set_request_size_maximum(MAX_SYNC_WIRE_BYTES)
+            .set_response_size_maximum(MAX_SYNC_WIRE_BYTES),
+        [(
+            StreamProtocol::new(registry::SYNC_PROTOCOL),
+            request_response::ProtocolSupport::Full,
+        )],
+        request_response::Config::default().with_request_timeout(Duration::from_secs(30)),
+    );
     Ok(Behaviour {
+        blocked: allow_block_list::Behaviour::default(),
         limits,
+        registry_sync,
         membership,
         identify,
         ping: ping::Behaviour::default(),
@@ -550,7 +674,129 @@ impl EventLoop {
                 }
             }
         }
+        // Persist what the replica knows, after every write already queued.
+        let ops = self.replica.shutdown_ops();
+        let (done, wait) = oneshot::channel();
+        if self
+            .persist
+            .send(PersistJob {
+                ops,
+                done: Some(done),
+            })
+            .await
+            .is_ok()
+        {
+            if let Ok(Err(e)) = wait.await {
+                warn!(error = %e, "cannot persist the registry at shutdown");
+            }
+        }
         debug!("mesh event loop stopped");
+    }
+
+    /// Carries out what the replica asked for.
+    fn registry_out(&mut self, out: Vec<Out>) {
+        for o in out {
+            match o {
+                Out::Sync(peer, msg) => {
+                    self.swarm
+                        .behaviour_mut()
+                        .registry_sync
+                        .send_request(&peer, SyncRequest { version: 1, msg });
+                }
+                Out::Gossip(data) => {
+                    let topic = gossipsub::IdentTopic::new(format!(
+                        "{}{}",
+                        self.topic_prefix,
+                        registry::TOPIC
+                    ));
+                    // No peers yet is fine: they sync when they connect.
+                    if let Err(e) = self.swarm.behaviour_mut().gossipsub.publish(topic, data) {
+                        debug!(error = %e, "registry gossip not sent");
+                    }
+                }
+                Out::Strike(peer, reason) => {
+                    let strikes = self.strikes.add(peer);
+                    warn!(%peer, %reason, strikes, "peer penalised");
+                    self.emit(Event::Penalised {
+                        peer,
+                        reason,
+                        strikes,
+                    });
+                    if strikes >= registry::STRIKES_TO_BAN {
+                        warn!(%peer, "peer cut off after repeated bad registry data");
+                        self.swarm.behaviour_mut().blocked.block_peer(peer);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Queues changes for the store (in order, off the event loop).
+    fn registry_persist(
+        &mut self,
+        changes: Vec<Vec<u8>>,
+        done: Option<oneshot::Sender<Result<(), String>>>,
+    ) {
+        if changes.is_empty() && done.is_none() {
+            return;
+        }
+        let ops = self.replica.persist_ops(&changes);
+        let job = PersistJob { ops, done };
+        if let Err(mpsc::error::TrySendError::Full(job) | mpsc::error::TrySendError::Closed(job)) =
+            self.persist.try_send(job)
+        {
+            // The store is this far behind: wait for it from a task rather than stall the loop.
+            let persist = self.persist.clone();
+            self.tracker.spawn(async move {
+                let _ = persist.send(job).await;
+            });
+        }
+    }
+
+    fn on_registry_sync(&mut self, event: request_response::Event<SyncRequest, SyncResponse>) {
+        use request_response::{Event as E, Message as M};
+        match event {
+            E::Message {
+                peer,
+                message: M::Request {
+                    request, channel, ..
+                },
+                ..
+            } => {
+                if !self.members.contains_key(&peer) {
+                    let _ = self.swarm.behaviour_mut().registry_sync.send_response(
+                        channel,
+                        SyncResponse::Refused("only members sync the registry".into()),
+                    );
+                    return;
+                }
+                let (resp, changes, out) = self.replica.on_sync_request(peer, request);
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .registry_sync
+                    .send_response(channel, resp);
+                self.registry_persist(changes, None);
+                self.registry_out(out);
+            }
+            E::Message {
+                peer,
+                message: M::Response { response, .. },
+                ..
+            } => {
+                let (changes, out) = self.replica.on_sync_response(peer, response);
+                self.registry_persist(changes, None);
+                self.registry_out(out);
+            }
+            E::OutboundFailure { peer, error, .. } => {
+                debug!(%peer, %error, "registry sync request failed");
+                self.replica.on_sync_failure(peer);
+            }
+            E::InboundFailure { peer, error, .. } => {
+                debug!(%peer, %error, "registry sync request from peer failed");
+            }
+            E::ResponseSent { .. } => {}
+        }
     }
 
     fn on_command(&mut self, cmd: Command) {
@@ -598,6 +844,37 @@ impl EventLoop {
                     });
                 let _ = reply.send(r);
             }
+            Command::RegistryView(reply) => {
+                let _ = reply.send(self.replica.view().clone());
+            }
+            Command::RegistryStatus(reply) => {
+                let _ = reply.send(self.replica.status());
+            }
+            Command::RegistryWrite { id, body, reply } => {
+                let r = self.replica.write(id, *body);
+                self.registry_written(r, reply);
+            }
+            Command::RegistryInsert { bytes, reply } => {
+                let r = self.replica.insert_signed(&bytes);
+                self.registry_written(r, reply);
+            }
+            Command::RegistrySyncRaw { peer, msg, reply } => {
+                self.registry_out(vec![Out::Sync(peer, msg)]);
+                let _ = reply.send(());
+            }
+            Command::Block(peer, blocked, reply) => {
+                let b = &mut self.swarm.behaviour_mut().blocked;
+                if blocked {
+                    b.block_peer(peer);
+                } else {
+                    b.unblock_peer(peer);
+                    if let Some(r) = self.known.get_mut(&peer) {
+                        r.next = Instant::now();
+                        r.failures = 0;
+                    }
+                }
+                let _ = reply.send(());
+            }
             Command::Publish { topic, data, reply } => {
                 let full = gossipsub::IdentTopic::new(format!("{}{topic}", self.topic_prefix));
                 let gs = &mut self.swarm.behaviour_mut().gossipsub;
@@ -615,8 +892,41 @@ impl EventLoop {
         }
     }
 
+    /// Persists a local write, answers the writer once it is durable, then gossips it.
+    fn registry_written(
+        &mut self,
+        r: Result<(crdt_registry::Entry, Vec<u8>, Vec<Out>), String>,
+        reply: oneshot::Sender<Result<crdt_registry::Entry, Error>>,
+    ) {
+        match r {
+            Ok((entry, change, out)) => {
+                let (done, wait) = oneshot::channel();
+                self.registry_persist(vec![change], Some(done));
+                self.tracker.spawn(async move {
+                    let r = match wait.await {
+                        Ok(Ok(())) => Ok(entry),
+                        Ok(Err(e)) => Err(Error::Registry(format!("cannot store the change: {e}"))),
+                        Err(_) => Err(Error::Closed),
+                    };
+                    let _ = reply.send(r);
+                });
+                self.registry_out(out);
+            }
+            Err(e) => {
+                let _ = reply.send(Err(Error::Registry(e)));
+            }
+        }
+    }
+
     fn on_tick(&mut self) {
         let now = Instant::now();
+        let members: Vec<PeerId> = self.members.keys().copied().collect();
+        if let Some(out) = self
+            .replica
+            .anti_entropy(&members, self.config.anti_entropy)
+        {
+            self.registry_out(vec![out]);
+        }
         for peer in take_due(&mut self.pending, now) {
             let reason = Refusal::NoProof(self.config.proof_timeout);
             warn!(%peer, %reason, "disconnecting peer");
@@ -724,6 +1034,13 @@ impl EventLoop {
                     info!(peer = %peer_id, "member disconnected");
                     self.emit(Event::MemberDisconnected(peer_id));
                 }
+                if let Some(op) = self.replica.on_disconnect(peer_id) {
+                    let job = PersistJob {
+                        ops: vec![op],
+                        done: None,
+                    };
+                    let _ = self.persist.try_send(job);
+                }
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 debug!(?peer_id, %error, "dial failed");
@@ -736,6 +1053,7 @@ impl EventLoop {
     fn on_behaviour_event(&mut self, event: BehaviourEvent) {
         match event {
             BehaviourEvent::Membership(ev) => self.on_membership(ev),
+            BehaviourEvent::RegistrySync(ev) => self.on_registry_sync(ev),
             BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
                 for addr in info.listen_addrs.into_iter().take(MAX_ADDRS_PER_PEER) {
                     self.remember_addr(peer_id, addr);
@@ -754,6 +1072,28 @@ impl EventLoop {
                     .source
                     .is_some_and(|s| self.members.contains_key(&s));
                 let relay_ok = self.members.contains_key(&propagation_source);
+                if author_ok && relay_ok && message.topic == self.registry_topic {
+                    // Forward registry gossip only if it checks out, and blame whoever sent it
+                    // to us if not: an honest peer never forwards what fails these checks.
+                    let (valid, changes, out) =
+                        self.replica.on_gossip(propagation_source, &message.data);
+                    let acceptance = if valid {
+                        gossipsub::MessageAcceptance::Accept
+                    } else {
+                        gossipsub::MessageAcceptance::Reject
+                    };
+                    self.swarm
+                        .behaviour_mut()
+                        .gossipsub
+                        .report_message_validation_result(
+                            &message_id,
+                            &propagation_source,
+                            acceptance,
+                        );
+                    self.registry_persist(changes, None);
+                    self.registry_out(out);
+                    return;
+                }
                 let acceptance = if author_ok && relay_ok {
                     gossipsub::MessageAcceptance::Accept
                 } else {
@@ -917,6 +1257,9 @@ impl EventLoop {
                     .gossipsub
                     .add_explicit_peer(&peer);
                 self.emit(Event::MemberConnected(member));
+                if let Some(out) = self.replica.start_sync(peer) {
+                    self.registry_out(vec![out]);
+                }
                 // Peer exchange: connect directly to the members it knows, so that the mesh does
                 // not depend on whoever introduced us.
                 for pa in listed.into_iter().take(MAX_LISTED_MEMBERS) {
@@ -1004,6 +1347,27 @@ impl EventLoop {
                 warn!(%peer, error = %e, "cannot persist known peer");
             }
         });
+    }
+}
+
+/// Writes persistence jobs in order, each synced, off the event loop.
+async fn persister(store: store::Store, mut jobs: mpsc::Receiver<PersistJob>) {
+    while let Some(job) = jobs.recv().await {
+        let ops = job.ops;
+        let r = if ops.is_empty() {
+            Ok(())
+        } else {
+            store
+                .blocking(move |s| s.batch(&ops))
+                .await
+                .map_err(|e| e.to_string())
+        };
+        if let Err(e) = &r {
+            warn!(error = %e, "cannot persist registry changes");
+        }
+        if let Some(done) = job.done {
+            let _ = done.send(r);
+        }
     }
 }
 

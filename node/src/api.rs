@@ -3,11 +3,11 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Request, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -74,6 +74,14 @@ fn router(inner: Shared) -> Router {
     Router::new()
         .route("/v1/status", get(status))
         .route("/v1/peers", get(peers))
+        .route("/v1/registry", get(registry_status))
+        .route("/v1/registry/entries", post(insert_entry))
+        .route("/v1/institutions", get(institutions))
+        .route("/v1/nodes", get(nodes))
+        .route("/v1/functions", get(functions).post(register_function))
+        .route("/v1/functions/{id}", get(function))
+        .route("/v1/endpoints", get(endpoints))
+        .route("/v1/endpoints/{id}", get(endpoint))
         // Everything above needs the token; the OpenAPI document below does not.
         .route_layer(middleware::from_fn_with_state(inner.clone(), auth))
         .route("/v1/openapi.json", get(openapi))
@@ -134,6 +142,133 @@ async fn peers(State(inner): State<Shared>) -> Result<Json<Vec<mesh::PeerInfo>>,
         .await
         .map(Json)
         .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))
+}
+
+fn unavailable(e: mesh::network::Error) -> ApiError {
+    ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+}
+
+fn not_found(e: anyhow::Error) -> ApiError {
+    ApiError(StatusCode::NOT_FOUND, format!("{e:#}"))
+}
+
+async fn registry_status(
+    State(inner): State<Shared>,
+) -> Result<Json<mesh::registry::Status>, ApiError> {
+    inner
+        .mesh
+        .registry_status()
+        .await
+        .map(Json)
+        .map_err(unavailable)
+}
+
+/// `POST /v1/registry/entries`: an entry signed elsewhere (base64).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SignedEntry {
+    /// The entry bytes, base64.
+    pub entry: String,
+}
+
+/// The answer to a registry write.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Written {
+    /// The record's id.
+    pub id: String,
+    /// Whether a new entry was written (false: the registry already had it).
+    pub created: bool,
+}
+
+async fn insert_entry(
+    State(inner): State<Shared>,
+    Json(req): Json<SignedEntry>,
+) -> Result<Json<Written>, ApiError> {
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(req.entry.trim())
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("entry is not base64: {e}")))?;
+    let entry = inner
+        .mesh
+        .registry_insert(bytes)
+        .await
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    Ok(Json(Written {
+        id: entry.payload().id.clone(),
+        created: true,
+    }))
+}
+
+async fn institutions(
+    State(inner): State<Shared>,
+) -> Result<Json<Vec<crdt_registry::Institution>>, ApiError> {
+    let view = inner.mesh.registry().await.map_err(unavailable)?;
+    Ok(Json(view.institutions.into_values().collect()))
+}
+
+async fn nodes(State(inner): State<Shared>) -> Result<Json<Vec<crdt_registry::Node>>, ApiError> {
+    let view = inner.mesh.registry().await.map_err(unavailable)?;
+    Ok(Json(view.nodes.into_values().collect()))
+}
+
+async fn functions(
+    State(inner): State<Shared>,
+) -> Result<Json<Vec<crdt_registry::Function>>, ApiError> {
+    let view = inner.mesh.registry().await.map_err(unavailable)?;
+    Ok(Json(view.functions.into_values().collect()))
+}
+
+async fn function(
+    State(inner): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Json<crdt_registry::Function>, ApiError> {
+    let view = inner.mesh.registry().await.map_err(unavailable)?;
+    crate::registry::find_function(&view, &id)
+        .cloned()
+        .map(Json)
+        .map_err(not_found)
+}
+
+async fn register_function(
+    State(inner): State<Shared>,
+    Json(req): Json<crate::registry::NewFunction>,
+) -> Result<Json<Written>, ApiError> {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let record = req
+        .record(inner.key, now_ms)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("{e:#}")))?;
+    let id = record.content_id();
+    let view = inner.mesh.registry().await.map_err(unavailable)?;
+    if let Some(existing) = view.functions.get(&id) {
+        if existing.record.description == record.description {
+            return Ok(Json(Written { id, created: false }));
+        }
+    }
+    inner
+        .mesh
+        .registry_write(id.clone(), crdt_registry::record::Body::Function(record))
+        .await
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    Ok(Json(Written { id, created: true }))
+}
+
+async fn endpoints(
+    State(inner): State<Shared>,
+) -> Result<Json<Vec<crdt_registry::Endpoint>>, ApiError> {
+    let view = inner.mesh.registry().await.map_err(unavailable)?;
+    Ok(Json(view.endpoints.into_values().collect()))
+}
+
+async fn endpoint(
+    State(inner): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Json<crdt_registry::Endpoint>, ApiError> {
+    let view = inner.mesh.registry().await.map_err(unavailable)?;
+    crate::registry::find_endpoint(&view, &id)
+        .cloned()
+        .map(Json)
+        .map_err(not_found)
 }
 
 async fn openapi() -> impl IntoResponse {

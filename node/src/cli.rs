@@ -87,6 +87,73 @@ pub enum Command {
     /// Run a local multi-process federation on loopback.
     #[command(subcommand)]
     Testnet(TestnetCommand),
+    /// Register and look up functions in the federation's registry.
+    #[command(subcommand)]
+    Function(FunctionCommand),
+    /// Look up endpoints in the federation's registry.
+    #[command(subcommand)]
+    Endpoint(EndpointCommand),
+    /// Show the local replica of the registry: entries, heads, sync.
+    Registry(NodeArgs),
+}
+
+/// `funcmesh function …`.
+#[derive(Debug, Subcommand)]
+pub enum FunctionCommand {
+    /// Register a function; prints its id (derived from its content and owner).
+    Register {
+        /// Its name.
+        #[arg(long)]
+        name: String,
+        /// A Python file; call `--entrypoint` in it.
+        #[arg(
+            long,
+            value_name = "FILE",
+            conflicts_with = "shell",
+            requires = "entrypoint"
+        )]
+        python: Option<PathBuf>,
+        /// The Python function to call.
+        #[arg(long, value_name = "FUNC")]
+        entrypoint: Option<String>,
+        /// A shell command template; `{name}` placeholders take the task's arguments.
+        #[arg(long, value_name = "COMMAND")]
+        shell: Option<String>,
+        /// Run it in a container: `RUNTIME:IMAGE` (docker, podman, apptainer).
+        #[arg(long, value_name = "RUNTIME:IMAGE")]
+        container: Option<String>,
+        /// What it does.
+        #[arg(long, default_value = "")]
+        description: String,
+        /// Where to find the node.
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+    /// List registered functions.
+    List(NodeArgs),
+    /// Show one function (by id, id prefix or name), with its code.
+    Show {
+        /// Id, id prefix (6+ characters) or name.
+        function: String,
+        /// Where to find the node.
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+}
+
+/// `funcmesh endpoint …`.
+#[derive(Debug, Subcommand)]
+pub enum EndpointCommand {
+    /// List the federation's endpoints.
+    List(NodeArgs),
+    /// Show one endpoint (by id, id prefix or name).
+    Show {
+        /// Id, id prefix (6+ characters) or name.
+        endpoint: String,
+        /// Where to find the node.
+        #[command(flatten)]
+        node: NodeArgs,
+    },
 }
 
 /// `funcmesh start`.
@@ -413,6 +480,228 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Testnet(cmd) => local_testnet::run(cmd).await,
+        Command::Function(cmd) => function_command(cmd).await,
+        Command::Endpoint(cmd) => endpoint_command(cmd).await,
+        Command::Registry(args) => {
+            let client = Client::for_node(&DataDir::new(&args.node))?;
+            let s = client.registry_status().await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                println!("entries              {}", s.entries);
+                println!("ignored              {}", s.ignored);
+                println!("uncompacted changes  {}", s.uncompacted_changes);
+                println!("missing deps         {}", s.missing_deps);
+                println!("sync sessions        {}", s.syncing);
+                for h in &s.heads {
+                    println!("head                 {h}");
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn function_command(cmd: FunctionCommand) -> anyhow::Result<()> {
+    match cmd {
+        FunctionCommand::Register {
+            name,
+            python,
+            entrypoint,
+            shell,
+            container,
+            description,
+            node,
+        } => {
+            let python = match python {
+                Some(path) => Some(
+                    std::fs::read_to_string(&path)
+                        .with_context(|| format!("cannot read {}", path.display()))?,
+                ),
+                None => None,
+            };
+            let req = crate::registry::NewFunction {
+                name,
+                python,
+                entrypoint,
+                payload: None,
+                shell,
+                container,
+                description,
+            };
+            // Check locally first: the same errors, without a node.
+            let owner = crdt_registry::Key([0; 32]);
+            req.record(owner, 0)?;
+            let client = Client::for_node(&DataDir::new(&node.node))?;
+            let w = client.register_function(&req).await?;
+            if node.json {
+                println!("{}", serde_json::to_string_pretty(&w)?);
+            } else {
+                println!("{}", w.id);
+            }
+            Ok(())
+        }
+        FunctionCommand::List(args) => {
+            let client = Client::for_node(&DataDir::new(&args.node))?;
+            let fs = client.functions().await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&fs)?);
+            } else {
+                print_functions(&fs);
+            }
+            Ok(())
+        }
+        FunctionCommand::Show { function, node } => {
+            let client = Client::for_node(&DataDir::new(&node.node))?;
+            let f = client.function(&function).await?;
+            if node.json {
+                println!("{}", serde_json::to_string_pretty(&f)?);
+            } else {
+                print_function(&f);
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn endpoint_command(cmd: EndpointCommand) -> anyhow::Result<()> {
+    match cmd {
+        EndpointCommand::List(args) => {
+            let client = Client::for_node(&DataDir::new(&args.node))?;
+            let eps = client.endpoints().await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&eps)?);
+            } else {
+                print_endpoints(&eps);
+            }
+            Ok(())
+        }
+        EndpointCommand::Show { endpoint, node } => {
+            let client = Client::for_node(&DataDir::new(&node.node))?;
+            let e = client.endpoint(&endpoint).await?;
+            if node.json {
+                println!("{}", serde_json::to_string_pretty(&e)?);
+            } else {
+                print_endpoint(&e);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn container_str(c: &Option<crdt_registry::record::Container>) -> String {
+    c.as_ref()
+        .map_or_else(|| "-".into(), |c| format!("{}:{}", c.runtime, c.image))
+}
+
+fn short(peer: &str) -> &str {
+    peer.get(peer.len().saturating_sub(8)..).unwrap_or(peer)
+}
+
+/// Prints functions as a table.
+pub fn print_functions(fs: &[crdt_registry::Function]) {
+    println!(
+        "{:<32}  {:<20} {:<6} {:<14} {:<10} CONTAINER",
+        "ID", "NAME", "KIND", "INSTITUTION", "OWNER"
+    );
+    for f in fs {
+        let kind = match f.record.kind {
+            crdt_registry::record::FunctionKind::Python => "python",
+            crdt_registry::record::FunctionKind::Shell => "shell",
+        };
+        println!(
+            "{:<32}  {:<20} {:<6} {:<14} ..{:<8} {}",
+            f.id,
+            f.record.name,
+            kind,
+            f.institution.as_deref().unwrap_or("-"),
+            short(&f.owner_peer),
+            container_str(&f.record.container)
+        );
+    }
+}
+
+fn print_function(f: &crdt_registry::Function) {
+    use crdt_registry::record::FunctionSpec;
+    println!("id           {}", f.id);
+    println!("name         {}", f.record.name);
+    println!("owner        {}", f.owner_peer);
+    println!("institution  {}", f.institution.as_deref().unwrap_or("-"));
+    println!("container    {}", container_str(&f.record.container));
+    println!(
+        "registered   {}",
+        mesh::membership::rfc3339(f.record.created_ms / 1000)
+    );
+    if !f.record.description.is_empty() {
+        println!("description  {}", f.record.description);
+    }
+    match &f.record.spec {
+        FunctionSpec::PythonSource { source, entrypoint } => {
+            println!("kind         python, entrypoint {entrypoint}");
+            println!("---");
+            print!("{source}");
+            if !source.ends_with('\n') {
+                println!();
+            }
+        }
+        FunctionSpec::PythonPayload { payload } => {
+            println!(
+                "kind         python, serialized ({} bytes base64)",
+                payload.len()
+            );
+        }
+        FunctionSpec::Shell { command } => {
+            println!("kind         shell");
+            println!("command      {command}");
+        }
+    }
+}
+
+fn tags_str(tags: &std::collections::BTreeMap<String, String>) -> String {
+    if tags.is_empty() {
+        return "-".into();
+    }
+    tags.iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Prints endpoints as a table.
+pub fn print_endpoints(eps: &[crdt_registry::Endpoint]) {
+    println!(
+        "{:<32}  {:<12} {:<10} {:<14} {:<16} {:<26} TAGS",
+        "ID", "NAME", "NODE", "INSTITUTION", "RUNTIMES", "POLICY"
+    );
+    for e in eps {
+        println!(
+            "{:<32}  {:<12} ..{:<8} {:<14} {:<16} {:<26} {}",
+            e.id,
+            e.record.name,
+            short(&e.node),
+            e.institution.as_deref().unwrap_or("-"),
+            e.record.runtimes.join(","),
+            e.record.policy.as_str(),
+            tags_str(&e.record.capabilities.tags)
+        );
+    }
+}
+
+fn print_endpoint(e: &crdt_registry::Endpoint) {
+    let c = &e.record.capabilities;
+    println!("id           {}", e.id);
+    println!("name         {}", e.record.name);
+    println!("node         {}", e.node);
+    println!("institution  {}", e.institution.as_deref().unwrap_or("-"));
+    println!("runtimes     {}", e.record.runtimes.join(", "));
+    println!("cores        {}", c.cores);
+    println!("memory       {} MiB", c.memory_mb);
+    println!("gpus         {}", c.gpus);
+    println!("tags         {}", tags_str(&c.tags));
+    println!("policy       {}", e.record.policy.as_str());
+    println!("public       {}", e.record.public);
+    if !e.record.description.is_empty() {
+        println!("description  {}", e.record.description);
     }
 }
 

@@ -32,8 +32,32 @@ impl Client {
     }
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        self.call(reqwest::Method::GET, path, None::<&()>).await
+    }
+
+    async fn post<B: serde::Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<T> {
+        self.call(reqwest::Method::POST, path, Some(body)).await
+    }
+
+    async fn call<B: serde::Serialize, T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&B>,
+    ) -> anyhow::Result<T> {
         let url = format!("{}{path}", self.info.url);
-        let resp = self.http.get(&url).bearer_auth(&self.info.token).send().await.map_err(|e| {
+        let mut req = self
+            .http
+            .request(method, &url)
+            .bearer_auth(&self.info.token);
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = req.send().await.map_err(|e| {
             let hint = if e.is_connect() {
                 format!(
                     "no node answers at {} (api.json of pid {} in {} may be stale): is the node running?",
@@ -68,4 +92,55 @@ impl Client {
     pub async fn peers(&self) -> anyhow::Result<Vec<mesh::PeerInfo>> {
         self.get("/v1/peers").await
     }
+
+    /// `GET /v1/registry`.
+    pub async fn registry_status(&self) -> anyhow::Result<mesh::registry::Status> {
+        self.get("/v1/registry").await
+    }
+
+    /// `GET /v1/functions`.
+    pub async fn functions(&self) -> anyhow::Result<Vec<crdt_registry::Function>> {
+        self.get("/v1/functions").await
+    }
+
+    /// `GET /v1/functions/{id}` (id, id prefix or name).
+    pub async fn function(&self, query: &str) -> anyhow::Result<crdt_registry::Function> {
+        self.get(&format!("/v1/functions/{}", encode(query))).await
+    }
+
+    /// `POST /v1/functions`.
+    pub async fn register_function(
+        &self,
+        f: &crate::registry::NewFunction,
+    ) -> anyhow::Result<crate::api::Written> {
+        self.post("/v1/functions", f).await
+    }
+
+    /// `GET /v1/endpoints`.
+    pub async fn endpoints(&self) -> anyhow::Result<Vec<crdt_registry::Endpoint>> {
+        self.get("/v1/endpoints").await
+    }
+
+    /// `GET /v1/endpoints/{id}` (id, id prefix or name).
+    pub async fn endpoint(&self, query: &str) -> anyhow::Result<crdt_registry::Endpoint> {
+        self.get(&format!("/v1/endpoints/{}", encode(query))).await
+    }
+
+    /// `GET /v1/institutions`.
+    pub async fn institutions(&self) -> anyhow::Result<Vec<crdt_registry::Institution>> {
+        self.get("/v1/institutions").await
+    }
+}
+
+/// Percent-encodes a path segment.
+fn encode(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
 }

@@ -23,6 +23,50 @@ pub struct Config {
     pub api: ApiSection,
     /// The libp2p mesh.
     pub mesh: MeshSection,
+    /// Endpoints this node runs, published in the registry on start (`[[endpoint]]` tables;
+    /// set them in the TOML file).
+    pub endpoint: Vec<EndpointSection>,
+}
+
+/// One `[[endpoint]]` table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EndpointSection {
+    /// Its name, unique on this node.
+    pub name: String,
+    /// What it is for.
+    pub description: String,
+    /// Runtimes it offers: `host`, `docker`, `podman`, `apptainer`.
+    pub runtimes: Vec<String>,
+    /// CPU cores offered (0: all of this machine's).
+    pub cores: u32,
+    /// Memory offered, MiB (0: all of this machine's).
+    pub memory_mb: u64,
+    /// GPUs offered.
+    pub gpus: u32,
+    /// Free-form tags, matched by `--require key=value`.
+    pub tags: std::collections::BTreeMap<String, String>,
+    /// Who may use it: `institution`, `federation`, `capability`, or the default
+    /// `institution-and-capability`.
+    pub policy: String,
+    /// Listed for the whole federation.
+    pub public: bool,
+}
+
+impl Default for EndpointSection {
+    fn default() -> Self {
+        EndpointSection {
+            name: "default".into(),
+            description: String::new(),
+            runtimes: vec!["host".into()],
+            cores: 0,
+            memory_mb: 0,
+            gpus: 0,
+            tags: Default::default(),
+            policy: "institution-and-capability".into(),
+            public: true,
+        }
+    }
 }
 
 /// `[node]`
@@ -59,6 +103,9 @@ pub struct MeshSection {
     /// Base interval for re-dialing known members.
     #[serde(with = "humantime_serde_str")]
     pub redial_interval: Duration,
+    /// How often to sync the registry with a random member (anti-entropy).
+    #[serde(with = "humantime_serde_str")]
+    pub anti_entropy: Duration,
 }
 
 impl Default for NodeSection {
@@ -89,6 +136,7 @@ impl Default for MeshSection {
             relay_server: false,
             proof_timeout: Duration::from_secs(5),
             redial_interval: Duration::from_millis(500),
+            anti_entropy: Duration::from_secs(10),
         }
     }
 }
@@ -150,8 +198,37 @@ impl Config {
             set(&mut table, section, key, value, default)
                 .with_context(|| format!("in --set {o}"))?;
         }
-        Config::deserialize(toml::Value::Table(table))
-            .map_err(|e| anyhow::anyhow!("invalid configuration: {}", one_line(&e.to_string())))
+        let config = Config::deserialize(toml::Value::Table(table))
+            .map_err(|e| anyhow::anyhow!("invalid configuration: {}", one_line(&e.to_string())))?;
+        config.check_endpoints()?;
+        Ok(config)
+    }
+
+    fn check_endpoints(&self) -> anyhow::Result<()> {
+        let mut names = std::collections::HashSet::new();
+        for e in &self.endpoint {
+            if e.name.trim().is_empty() {
+                bail!("an [[endpoint]] has an empty name: give each endpoint a name");
+            }
+            if !names.insert(e.name.as_str()) {
+                bail!(
+                    "two [[endpoint]] tables are named {:?}: names must be unique",
+                    e.name
+                );
+            }
+            if let Err(reason) = e.policy.parse::<crdt_registry::record::Policy>() {
+                bail!("[[endpoint]] {:?}: {reason}", e.name);
+            }
+            for r in &e.runtimes {
+                if !["host", "docker", "podman", "apptainer"].contains(&r.as_str()) {
+                    bail!(
+                        "[[endpoint]] {:?}: unknown runtime {r:?}: use host, docker, podman or apptainer",
+                        e.name
+                    );
+                }
+            }
+        }
+        Ok(())
     }
 
     /// The configuration as TOML.
@@ -258,5 +335,33 @@ mod tests {
         std::fs::write(&path, "[api]\nlisten = \"127.0.0.1:7000\"\ntypo = 1\n").unwrap();
         let err = Config::resolve(Some(&path), vec![], &[]).unwrap_err();
         assert!(err.to_string().contains("typo"), "{err}");
+        std::fs::write(&path, "[[endpoint]]\nname = \"a\"\npolicy = \"everyone\"\n").unwrap();
+        let err = Config::resolve(Some(&path), vec![], &[]).unwrap_err();
+        assert!(err.to_string().contains("unknown policy"), "{err}");
+        std::fs::write(
+            &path,
+            "[[endpoint]]\nname = \"a\"\n[[endpoint]]\nname = \"a\"\n",
+        )
+        .unwrap();
+        let err = Config::resolve(Some(&path), vec![], &[]).unwrap_err();
+        assert!(err.to_string().contains("unique"), "{err}");
+    }
+
+    #[test]
+    fn endpoints_come_from_toml_tables() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.toml");
+        std::fs::write(
+            &path,
+            "[[endpoint]]\nname = \"gpu\"\nruntimes = [\"host\", \"docker\"]\ngpus = 2\n\
+             [endpoint.tags]\nsite = \"a\"\n[[endpoint]]\nname = \"cpu\"\npolicy = \"federation\"\n",
+        )
+        .unwrap();
+        let c = Config::resolve(Some(&path), vec![], &[]).unwrap();
+        assert_eq!(c.endpoint.len(), 2);
+        assert_eq!(c.endpoint[0].gpus, 2);
+        assert_eq!(c.endpoint[0].tags["site"], "a");
+        assert_eq!(c.endpoint[1].runtimes, vec!["host".to_string()]);
+        assert_eq!(c.endpoint[1].policy, "federation");
     }
 }

@@ -34,6 +34,8 @@ pub(crate) struct Inner {
     pub(crate) name: String,
     pub(crate) started: Instant,
     pub(crate) token: String,
+    /// This node's registry key (its ed25519 identity).
+    pub(crate) key: crdt_registry::Key,
 }
 
 impl Node {
@@ -53,6 +55,9 @@ impl Node {
         let keypair = mesh::keys::read_node_key(&dir.node_key())
             .with_context(|| format!("cannot read the node key of {}", dir.root().display()))?;
         let peer_id = keypair.public().to_peer_id();
+        let key = mesh::registry::signing_key(&keypair)
+            .map(|k| crdt_registry::Key::of(&k))
+            .context("the node key is not an ed25519 key")?;
         let own = proof
             .verify(&federation, &peer_id, unix_now())
             .with_context(|| {
@@ -81,9 +86,41 @@ impl Node {
             relay_server: config.mesh.relay_server || own.role == Role::Coordinator,
             proof_timeout: config.mesh.proof_timeout,
             redial_interval: config.mesh.redial_interval,
+            anti_entropy: config.mesh.anti_entropy,
             store: store.clone(),
         };
+        let own_proof = mesh_config.proof.clone();
         let mesh = mesh::network::spawn(mesh_config, cancel.child_token(), &tracker).await?;
+        // Return only once the listeners have their ports: callers dial us right away, and the
+        // node record we publish carries the addresses.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let addrs = loop {
+            let addrs = mesh.listen_addrs().await?;
+            if !addrs.is_empty() || Instant::now() > deadline {
+                break addrs;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        if addrs.is_empty() {
+            anyhow::bail!("the mesh did not start listening within 5 s: check mesh.listen");
+        }
+        {
+            let mesh = mesh.clone();
+            let name = config.node.name.clone();
+            let endpoints = config.endpoint.clone();
+            tracker.spawn(async move {
+                let addrs = addrs
+                    .into_iter()
+                    .map(|a| a.with(mesh::network::p2p(peer_id)).to_string())
+                    .collect();
+                if let Err(e) =
+                    crate::registry::publish_own(&mesh, key, &name, &own_proof, addrs, &endpoints)
+                        .await
+                {
+                    tracing::warn!(error = %format!("{e:#}"), "cannot publish this node's records in the registry");
+                }
+            });
+        }
         let token = hex::encode(rand::random::<[u8; 24]>());
         let inner = Arc::new(Inner {
             mesh,
@@ -92,6 +129,7 @@ impl Node {
             name: config.node.name.clone(),
             started: Instant::now(),
             token: token.clone(),
+            key,
         });
         let listener = tokio::net::TcpListener::bind(config.api.listen)
             .await
@@ -125,6 +163,27 @@ impl Node {
     /// This node's peer id.
     pub fn peer_id(&self) -> PeerId {
         self.inner.mesh.peer_id()
+    }
+
+    /// This node's registry key (the ed25519 key behind its peer id).
+    pub fn registry_key(&self) -> crdt_registry::Key {
+        self.inner.key
+    }
+
+    /// Registers a function owned by this node (what `POST /v1/functions` does); returns its id.
+    pub async fn register_function(
+        &self,
+        f: &crate::registry::NewFunction,
+    ) -> anyhow::Result<String> {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let record = f.record(self.inner.key, now_ms)?;
+        let id = record.content_id();
+        self.mesh()
+            .registry_write(id.clone(), crdt_registry::record::Body::Function(record))
+            .await?;
+        Ok(id)
     }
 
     /// This node's own verified membership.

@@ -45,8 +45,10 @@ async fn steps(net: &Testnet, tmp: &std::path::Path) -> anyhow::Result<()> {
     );
     crate::cli::print_peers(&view.peers().await?);
 
+    registry_step(net, tmp).await?;
+
     println!(
-        "\n-- 2. an uninvited node: its institution signed its own admission, not the federation"
+        "\n-- 3. an uninvited node: its institution signed its own admission, not the federation"
     );
     let reason = uninvited_attempt(net, tmp).await?;
     println!("refused by the coordinator: {reason}");
@@ -57,7 +59,7 @@ async fn steps(net: &Testnet, tmp: &std::path::Path) -> anyhow::Result<()> {
     );
 
     println!(
-        "\n-- 3. stop the coordinator (SIGTERM, pid {})",
+        "\n-- 4. stop the coordinator (SIGTERM, pid {})",
         net.coordinator.pid
     );
     local_testnet::kill(net.coordinator.pid, libc::SIGTERM);
@@ -90,6 +92,78 @@ async fn steps(net: &Testnet, tmp: &std::path::Path) -> anyhow::Result<()> {
         );
     }
     println!("the mesh kept running without its coordinator");
+    Ok(())
+}
+
+/// Registers functions on a node of one institution and shows them on a node of the other.
+async fn registry_step(net: &Testnet, tmp: &std::path::Path) -> anyhow::Result<()> {
+    let a1 = &net.nodes[0];
+    let b1 = net
+        .nodes
+        .iter()
+        .find(|n| n.institution != a1.institution)
+        .context("a node of the second institution")?;
+    println!(
+        "\n-- 2. the registry: {} ({}) registers two functions; {} ({}) lists them",
+        a1.name,
+        a1.institution.as_deref().unwrap_or("-"),
+        b1.name,
+        b1.institution.as_deref().unwrap_or("-")
+    );
+    let on_a = Client::for_node(&DataDir::new(&a1.data_dir))?;
+    let on_b = Client::for_node(&DataDir::new(&b1.data_dir))?;
+    let source = "def double(x):\n    return 2 * x\n";
+    std::fs::write(tmp.join("double.py"), source).context("demo function file")?;
+    let python = crate::registry::NewFunction {
+        name: "double".into(),
+        python: Some(source.into()),
+        entrypoint: Some("double".into()),
+        payload: None,
+        shell: None,
+        container: None,
+        description: "doubles a number".into(),
+    };
+    let shell = crate::registry::NewFunction {
+        name: "greet".into(),
+        python: None,
+        entrypoint: None,
+        payload: None,
+        shell: Some("echo hello {name}".into()),
+        container: None,
+        description: "says hello".into(),
+    };
+    let started = Instant::now();
+    let ids = [
+        on_a.register_function(&python).await?.id,
+        on_a.register_function(&shell).await?.id,
+    ];
+    println!("registered on {}: {}", a1.name, ids.join(", "));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let listed = loop {
+        let fs = on_b.functions().await?;
+        if ids.iter().all(|id| fs.iter().any(|f| &f.id == id)) {
+            break fs;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{} does not list the functions registered on {}",
+                b1.name,
+                a1.name
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    println!(
+        "listed on {} {} ms after registration:",
+        b1.name,
+        started.elapsed().as_millis()
+    );
+    crate::cli::print_functions(&listed);
+    println!(
+        "\nendpoints as {} sees them (one per endpoint node, from its config):",
+        b1.name
+    );
+    crate::cli::print_endpoints(&on_b.endpoints().await?);
     Ok(())
 }
 
@@ -131,6 +205,7 @@ async fn uninvited_attempt(net: &Testnet, tmp: &std::path::Path) -> anyhow::Resu
         relay_server: false,
         proof_timeout: Duration::from_secs(5),
         redial_interval: Duration::from_secs(1),
+        anti_entropy: Duration::from_secs(10),
         store,
     };
     let handle = mesh::network::spawn(config, cancel.child_token(), &tracker).await?;

@@ -13,6 +13,7 @@ pub mod datadir;
 pub mod demo;
 pub mod local_testnet;
 pub mod ops;
+pub mod registry;
 
 pub use config::Config;
 pub use daemon::Node;

@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use crate::cli::TestnetCommand;
 use crate::client::Client;
 use crate::datadir::{DataDir, read_json, write_json_atomic};
+use crate::ops;
 
 /// `testnet.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -356,6 +357,7 @@ async fn build(
             ])?;
             let ndir = DataDir::new(dir.join(&node_name));
             std::fs::create_dir_all(ndir.root()).context("node dir")?;
+            ops::write_config(&ndir, &ops::testnet_config(&node_name, &name, role))?;
             let log = ndir.root().join("node.log");
             let mut child = spawn_daemon(
                 &[

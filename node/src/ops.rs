@@ -33,6 +33,29 @@ pub fn init(dir: &DataDir, name: Option<&str>) -> anyhow::Result<PeerId> {
     Ok(key.public().to_peer_id())
 }
 
+/// Writes a node's `config.toml` (creating the data dir), replacing any there.
+pub fn write_config(dir: &DataDir, config: &Config) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir.root())
+        .with_context(|| format!("cannot create data dir {}", dir.root().display()))?;
+    write_atomic(&dir.config(), config.to_toml().as_bytes(), 0o644)
+}
+
+/// The configuration testnets give a node: its name and, for endpoint nodes, one endpoint
+/// named after it and tagged with its institution.
+pub fn testnet_config(node_name: &str, institution: &str, role: mesh::membership::Role) -> Config {
+    let mut config = Config::default();
+    config.node.name = node_name.to_string();
+    if role == mesh::membership::Role::Endpoint {
+        config.endpoint.push(crate::config::EndpointSection {
+            name: node_name.to_string(),
+            description: format!("testnet endpoint of {node_name} ({institution})"),
+            tags: [("institution".to_string(), institution.to_string())].into(),
+            ..Default::default()
+        });
+    }
+    config
+}
+
 /// Sets one `[mesh]` list in the data dir's `config.toml`, keeping everything else.
 pub fn set_config_list(dir: &DataDir, key: &str, values: &[String]) -> anyhow::Result<()> {
     let path = dir.config();

@@ -24,8 +24,15 @@ pub mod cf {
     /// Known mesh peers, re-dialed after a restart: peer id (UTF-8) → JSON `KnownPeer` (mesh).
     pub const PEERS: &str = "peers";
 
+    /// The registry document (crdt-registry): `doc` → the compacted document (Automerge save);
+    /// `chg/<change hash hex>` → one change applied since that save. Loading reads both;
+    /// compaction writes a new `doc` and deletes the changes it includes, in one batch.
+    pub const REGISTRY: &str = "registry";
+    /// Registry sync state per peer: peer id (UTF-8) → encoded Automerge `sync::State`.
+    pub const REGISTRY_SYNC: &str = "registry_sync";
+
     /// All column families, in creation order.
-    pub const ALL: &[&str] = &[META, PEERS];
+    pub const ALL: &[&str] = &[META, PEERS, REGISTRY, REGISTRY_SYNC];
 }
 
 /// On-disk schema version, bumped on any incompatible layout change.
@@ -72,6 +79,9 @@ pub enum Error {
 
 /// A key and its value.
 pub type Entry = (Vec<u8>, Vec<u8>);
+
+/// One write of a batch: column family, key, and the value to put (`None` deletes).
+pub type Op = (&'static str, Vec<u8>, Option<Vec<u8>>);
 
 /// A cheap-clone handle to the open database.
 #[derive(Clone)]
@@ -164,6 +174,24 @@ impl Store {
                 cf,
                 source,
             })
+    }
+
+    /// Applies puts (`Some(value)`) and deletes (`None`) atomically, synced.
+    pub fn batch(&self, ops: &[Op]) -> Result<(), Error> {
+        let mut batch = rocksdb::WriteBatch::default();
+        for (cf, key, value) in ops {
+            match value {
+                Some(v) => batch.put_cf(self.handle(cf), key, v),
+                None => batch.delete_cf(self.handle(cf), key),
+            }
+        }
+        let mut wo = WriteOptions::default();
+        wo.set_sync(true);
+        self.db.write_opt(batch, &wo).map_err(|source| Error::Io {
+            op: "batch",
+            cf: ops.first().map_or("none", |o| o.0),
+            source,
+        })
     }
 
     /// Every entry of a column family, in key order. Meant for small families.

@@ -77,6 +77,7 @@ pub fn test_config() -> Config {
     let mut c = Config::default();
     c.mesh.proof_timeout = Duration::from_secs(2);
     c.mesh.redial_interval = Duration::from_millis(200);
+    c.mesh.anti_entropy = Duration::from_secs(2);
     c
 }
 
@@ -166,6 +167,8 @@ impl Federation {
         let name = format!("{}{n}", (b'a' + i as u8) as char);
         let invite = self.invite(i, Role::Endpoint, Duration::from_secs(600))?;
         let dir = self.new_dir(&name);
+        let inst = self.institutions[i].name.clone();
+        ops::write_config(&dir, &ops::testnet_config(&name, &inst, Role::Endpoint))?;
         let node = join_with_test_config(&dir, &self.coordinator_addr, &invite).await?;
         self.members.push(Slot {
             name,
@@ -240,7 +243,13 @@ impl Federation {
     /// Restarts member `i` from its data dir.
     pub async fn restart(&mut self, i: usize) -> anyhow::Result<()> {
         self.stop(i).await?;
-        let node = Node::start(&self.members[i].dir, &test_config()).await?;
+        let dir = &self.members[i].dir;
+        let mut config = Config::resolve(Some(&dir.config()), Vec::new(), &[])?;
+        let t = test_config();
+        config.mesh.proof_timeout = t.mesh.proof_timeout;
+        config.mesh.redial_interval = t.mesh.redial_interval;
+        config.mesh.anti_entropy = t.mesh.anti_entropy;
+        let node = Node::start(dir, &config).await?;
         self.members[i].node = Some(node);
         Ok(())
     }
@@ -253,6 +262,32 @@ impl Federation {
             }
         }
         let _ = self.stop_coordinator().await;
+    }
+}
+
+impl Federation {
+    /// Whether every running node's registry lists function `id`.
+    pub async fn everyone_has_function(&self, id: &str) -> bool {
+        for n in self.running() {
+            match n.mesh().registry().await {
+                Ok(v) if v.functions.contains_key(id) => {}
+                _ => return false,
+            }
+        }
+        true
+    }
+}
+
+/// A shell function named `name` (its id depends on the name and the owner).
+pub fn shell_function(name: &str) -> node::registry::NewFunction {
+    node::registry::NewFunction {
+        name: name.to_string(),
+        python: None,
+        entrypoint: None,
+        payload: None,
+        shell: Some(format!("echo {name} {{x}}")),
+        container: None,
+        description: String::new(),
     }
 }
 
@@ -272,6 +307,7 @@ pub async fn join_with_test_config(
             "mesh.redial_interval={}ms",
             c.mesh.redial_interval.as_millis()
         ),
+        format!("mesh.anti_entropy={}s", c.mesh.anti_entropy.as_secs()),
     ];
     ops::join(
         dir,
@@ -308,6 +344,7 @@ pub async fn rogue(
         relay_server: false,
         proof_timeout: Duration::from_secs(2),
         redial_interval: Duration::from_millis(200),
+        anti_entropy: Duration::from_secs(2),
         store,
     };
     let handle = mesh::network::spawn(config, cancel.child_token(), &tracker).await?;

@@ -345,6 +345,123 @@ fn testnet_up_kill_restart_down_leave_no_process_behind() {
     );
     let a1_peer = a1["peer_id"].as_str().unwrap().to_string();
 
+    // The registry through the CLI: register on a1 (inst-a), find it on b1 (inst-b).
+    let src = t.path().join("double.py");
+    std::fs::write(&src, "def double(x):\n    return 2 * x\n").unwrap();
+    let py_id = ok(&[
+        "function",
+        "register",
+        "--name",
+        "double",
+        "--python",
+        p(&src),
+        "--entrypoint",
+        "double",
+        "--node",
+        p(&a1_dir),
+    ])
+    .trim()
+    .to_string();
+    assert_eq!(py_id.len(), 32, "{py_id}");
+    let sh_id = ok(&[
+        "function",
+        "register",
+        "--name",
+        "greet",
+        "--shell",
+        "echo hello {name}",
+        "--container",
+        "docker:debian:bookworm",
+        "--description",
+        "says hello",
+        "--node",
+        p(&a1_dir),
+    ])
+    .trim()
+    .to_string();
+    // Registering the same function again gives the same id.
+    let again = ok(&[
+        "function",
+        "register",
+        "--name",
+        "double",
+        "--python",
+        p(&src),
+        "--entrypoint",
+        "double",
+        "--node",
+        p(&a1_dir),
+    ]);
+    assert_eq!(again.trim(), py_id);
+    wait_until("b1 to list both functions", Duration::from_secs(5), || {
+        let out = funcmesh(&["function", "list", "--node", p(&b1_dir), "--json"]);
+        let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        list.iter().any(|f| f["id"] == py_id.as_str())
+            && list.iter().any(|f| f["id"] == sh_id.as_str())
+    });
+    let table = ok(&["function", "list", "--node", p(&b1_dir)]);
+    assert!(
+        table.contains("double") && table.contains("docker:debian:bookworm"),
+        "{table}"
+    );
+    let shown = ok(&["function", "show", "greet", "--node", p(&b1_dir)]);
+    assert!(
+        shown.contains("echo hello {name}") && shown.contains("inst-a"),
+        "{shown}"
+    );
+    let shown = ok(&["function", "show", &py_id[..8], "--node", p(&b1_dir)]);
+    assert!(shown.contains("return 2 * x"), "{shown}");
+    let eps: Vec<serde_json::Value> =
+        serde_json::from_str(&ok(&["endpoint", "list", "--node", p(&b1_dir), "--json"])).unwrap();
+    assert_eq!(eps.len(), 2, "one endpoint per endpoint node: {eps:?}");
+    let table = ok(&["endpoint", "list", "--node", p(&b1_dir)]);
+    assert!(
+        table.contains("host") && table.contains("institution=inst-a"),
+        "{table}"
+    );
+    let shown = ok(&["endpoint", "show", "a1", "--node", p(&b1_dir)]);
+    assert!(
+        shown.contains("inst-a") && shown.contains(&a1_peer),
+        "{shown}"
+    );
+    fails_with(
+        &["function", "show", "nope", "--node", p(&b1_dir)],
+        "no function \"nope\"",
+    );
+    fails_with(
+        &[
+            "function",
+            "register",
+            "--name",
+            "x",
+            "--shell",
+            "ls",
+            "--container",
+            "vm:img",
+            "--node",
+            p(&a1_dir),
+        ],
+        "unknown runtime",
+    );
+    fails_with(
+        &[
+            "function",
+            "register",
+            "--name",
+            "x",
+            "--python",
+            p(&src),
+            "--entrypoint",
+            "triple",
+            "--node",
+            p(&a1_dir),
+        ],
+        "defines no function",
+    );
+    let reg: serde_json::Value =
+        serde_json::from_str(&ok(&["registry", "--node", p(&b1_dir), "--json"])).unwrap();
+    assert!(reg["entries"].as_u64().unwrap() >= 9, "{reg}");
+
     ok(&["testnet", "kill", "a1", "--dir", p(&dir)]);
     assert!(
         !std::path::Path::new(&format!("/proc/{a1_pid}/cmdline")).exists()
@@ -359,6 +476,9 @@ fn testnet_up_kill_restart_down_leave_no_process_behind() {
         lists(&b1_dir, &a1_peer)
     });
     assert!(lists(&a1_dir, status(&b1_dir)["peer_id"].as_str().unwrap()));
+    // a1 came back from disk with the functions it had.
+    let mine = ok(&["function", "list", "--node", p(&a1_dir), "--json"]);
+    assert!(mine.contains(&py_id) && mine.contains(&sh_id), "{mine}");
     let st = ok(&["testnet", "status", "--dir", p(&dir), "--json"]);
     let rows: Vec<serde_json::Value> = serde_json::from_str(&st).unwrap();
     assert!(rows.iter().all(|r| r["running"] == true), "{st}");

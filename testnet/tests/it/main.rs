@@ -5,3 +5,4 @@
 
 mod membership;
 mod refusals;
+mod registry;

@@ -1,0 +1,518 @@
+//! The mesh's side of the registry: the replica this node holds, how it is persisted, and the
+//! sync and gossip traffic that keeps it converged. The swarm event loop owns one [`Replica`]
+//! and carries out the [`Out`] actions it returns; nothing here touches the swarm.
+//!
+//! * Local writes are signed with the node key, persisted (synced) before the caller hears back,
+//!   and gossiped on `registry/1`.
+//! * Gossip from a peer is applied; a change whose dependencies are missing starts a pairwise
+//!   sync with the peer that forwarded it.
+//! * Pairwise sync runs over `/funcmesh/registry-sync/1` when a member connects, after missing
+//!   dependencies, and every `anti_entropy` with a random member. Per-peer sync states are
+//!   persisted when a peer disconnects and at shutdown.
+//! * Anything a peer sends that no honest node sends is a strike against it (see [`Strikes`]).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use crdt_registry::{
+    Authority, Entry, InstitutionFacts, Key, NodeFacts, Registry, SyncState, View,
+};
+use libp2p::PeerId;
+use serde::{Deserialize, Serialize};
+use tracing::{debug, info, warn};
+
+use crate::membership::{Admission, Federation, Proof, unix_now};
+
+/// Protocol name of registry sync.
+pub const SYNC_PROTOCOL: &str = "/funcmesh/registry-sync/1";
+/// Gossip topic (federation-scoped) of registry changes.
+pub const TOPIC: &str = "registry/1";
+/// Compact the stored document after this many stored changes.
+const COMPACT_EVERY: usize = 1000;
+/// Strikes before a peer is cut off.
+pub(crate) const STRIKES_TO_BAN: u32 = 3;
+
+/// A sync request: one Automerge sync message.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) struct SyncRequest {
+    pub(crate) version: u32,
+    #[serde(with = "serde_bytes")]
+    pub(crate) msg: Vec<u8>,
+}
+
+/// A sync response: the next message, none when there is nothing to say, or why the request was
+/// refused.
+#[derive(Debug, Serialize, Deserialize)]
+pub(crate) enum SyncResponse {
+    Message(#[serde(with = "serde_bytes")] Vec<u8>),
+    Done,
+    Refused(String),
+}
+
+/// What the event loop must do on the replica's behalf.
+#[derive(Debug)]
+pub(crate) enum Out {
+    /// Send a sync request to a peer.
+    Sync(PeerId, Vec<u8>),
+    /// Publish on the registry topic.
+    Gossip(Vec<u8>),
+    /// The peer sent something no honest node sends.
+    Strike(PeerId, String),
+}
+
+/// Counts and facts about the local replica, for `/v1/registry`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Status {
+    /// Entries in the document.
+    pub entries: usize,
+    /// Entries the typed view ignores.
+    pub ignored: usize,
+    /// Document heads.
+    pub heads: Vec<String>,
+    /// Changes stored since the last compaction.
+    pub uncompacted_changes: usize,
+    /// Whether changes wait for missing dependencies.
+    pub missing_deps: bool,
+    /// Sync sessions in flight.
+    pub syncing: usize,
+}
+
+/// Verifies registry entries against the federation's membership chain.
+#[derive(Debug, Clone)]
+pub struct MeshAuthority {
+    federation: Federation,
+}
+
+impl MeshAuthority {
+    /// For `federation`.
+    pub fn new(federation: Federation) -> MeshAuthority {
+        MeshAuthority { federation }
+    }
+}
+
+impl Authority for MeshAuthority {
+    fn federation_key(&self) -> Key {
+        Key(self.federation.key.0)
+    }
+
+    fn admission(&self, admission: &str) -> Result<InstitutionFacts, String> {
+        if admission.len() > 64 * 1024 {
+            return Err("the admission is over 64 KiB".into());
+        }
+        let a: Admission = serde_json::from_str(admission).map_err(|e| e.to_string())?;
+        let body = a.verify(&self.federation).map_err(|e| e.to_string())?;
+        Ok(InstitutionFacts {
+            name: body.institution,
+            key: Key(body.institution_key.0),
+            admitted_at: body.admitted_at,
+        })
+    }
+
+    fn membership(&self, proof: &str, node_key: &Key) -> Result<NodeFacts, String> {
+        let peer = peer_of(node_key).ok_or("the author key is not an ed25519 key")?;
+        let proof = Proof::from_bytes(proof.as_bytes()).map_err(|e| e.to_string())?;
+        let member = proof
+            .verify(&self.federation, &peer, unix_now())
+            .map_err(|e| e.to_string())?;
+        let institution = match (&proof, member.institution) {
+            (Proof::Member { admission, .. }, Some(name)) => {
+                let body = admission
+                    .verify(&self.federation)
+                    .map_err(|e| e.to_string())?;
+                Some((name, Key(body.institution_key.0)))
+            }
+            _ => None,
+        };
+        Ok(NodeFacts {
+            peer_id: member.peer_id,
+            institution,
+            role: member.role.to_string(),
+        })
+    }
+}
+
+/// The peer id of the node whose registry key is `key`.
+pub fn peer_of(key: &Key) -> Option<PeerId> {
+    let pk = libp2p::identity::ed25519::PublicKey::try_from_bytes(&key.0).ok()?;
+    Some(libp2p::identity::PublicKey::from(pk).to_peer_id())
+}
+
+/// The registry key of a node identity (its ed25519 key).
+pub fn signing_key(keypair: &libp2p::identity::Keypair) -> Option<ed25519_dalek::SigningKey> {
+    let ed = keypair.clone().try_into_ed25519().ok()?;
+    let secret: [u8; 32] = ed.secret().as_ref().try_into().ok()?;
+    Some(ed25519_dalek::SigningKey::from_bytes(&secret))
+}
+
+/// Per-peer strike counts.
+#[derive(Debug, Default)]
+pub(crate) struct Strikes(HashMap<PeerId, u32>);
+
+impl Strikes {
+    /// Adds a strike; returns the count.
+    pub(crate) fn add(&mut self, peer: PeerId) -> u32 {
+        let n = self.0.entry(peer).or_default();
+        *n += 1;
+        *n
+    }
+}
+
+/// The local replica and its persistence.
+pub(crate) struct Replica {
+    reg: Registry,
+    authority: MeshAuthority,
+    signer: ed25519_dalek::SigningKey,
+    store: store::Store,
+    sync: HashMap<PeerId, SyncState>,
+    /// Peers with a sync request in flight, and whether another round is wanted after it.
+    in_flight: HashMap<PeerId, bool>,
+    /// Keys of the changes stored since the last compaction.
+    stored: Vec<Vec<u8>>,
+    last_anti_entropy: Instant,
+}
+
+/// Loads the replica from the store. A document that does not load is set aside (renamed) and
+/// the node starts from an empty registry, which its peers refill.
+pub(crate) fn load(
+    store: &store::Store,
+    federation: &Federation,
+    signer: ed25519_dalek::SigningKey,
+) -> Result<Replica, store::Error> {
+    let rows = store.scan(store::cf::REGISTRY)?;
+    let mut snapshot = None;
+    let mut changes = Vec::new();
+    let mut stored = Vec::new();
+    for (k, v) in rows {
+        if k == b"doc" {
+            snapshot = Some(v);
+        } else if k.starts_with(b"chg/") {
+            stored.push(k);
+            changes.push(v);
+        }
+    }
+    let actor: [u8; 16] = rand::random();
+    let started = Instant::now();
+    let reg = match Registry::load(&federation.id.0, actor, snapshot.as_deref(), &changes) {
+        Ok((reg, skipped)) => {
+            if skipped > 0 {
+                warn!(
+                    skipped,
+                    "stored registry changes that fail their checks were skipped"
+                );
+            }
+            reg
+        }
+        Err(e) => {
+            warn!(error = %e, "the stored registry does not load; starting empty, peers will refill it");
+            if let Some(bytes) = &snapshot {
+                store.put(store::cf::REGISTRY, b"doc.unreadable", bytes)?;
+            }
+            Registry::new(&federation.id.0, actor)
+        }
+    };
+    info!(
+        entries = reg.len(),
+        ms = started.elapsed().as_millis() as u64,
+        "registry loaded"
+    );
+    let mut sync = HashMap::new();
+    for (k, v) in store.scan(store::cf::REGISTRY_SYNC)? {
+        if let Some(peer) = std::str::from_utf8(&k).ok().and_then(|s| s.parse().ok()) {
+            sync.insert(peer, SyncState::decode(&v));
+        }
+    }
+    let mut replica = Replica {
+        reg,
+        authority: MeshAuthority::new(federation.clone()),
+        signer,
+        store: store.clone(),
+        sync,
+        in_flight: HashMap::new(),
+        stored,
+        last_anti_entropy: Instant::now(),
+    };
+    if replica.stored.len() >= COMPACT_EVERY {
+        replica.compact()?;
+    }
+    Ok(replica)
+}
+
+/// A write's outcome.
+pub type WriteResult = Result<Entry, String>;
+
+impl Replica {
+    pub(crate) fn view(&mut self) -> &View {
+        self.reg.view(&self.authority)
+    }
+
+    pub(crate) fn status(&mut self) -> Status {
+        let ignored = self.view().ignored.len();
+        Status {
+            entries: self.reg.len(),
+            ignored,
+            heads: self.reg.heads_hex(),
+            uncompacted_changes: self.stored.len(),
+            missing_deps: self.reg.has_missing_deps(),
+            syncing: self.in_flight.len(),
+        }
+    }
+
+    /// Signs and writes a record with the node key. The returned closure persists the change;
+    /// the caller runs it off the event loop and answers the writer when it is done.
+    pub(crate) fn write(
+        &mut self,
+        id: String,
+        body: crdt_registry::record::Body,
+    ) -> Result<(Entry, Vec<u8>, Vec<Out>), String> {
+        let signer = self.signer.clone();
+        let (entry, change) = self
+            .reg
+            .write(&signer, id, body, now_ms())
+            .map_err(|e| e.to_string())?;
+        let out = vec![Out::Gossip(self.reg.gossip_for(&change))];
+        Ok((entry, change, out))
+    }
+
+    /// Writes an entry signed elsewhere (by an institution key, say).
+    pub(crate) fn insert_signed(
+        &mut self,
+        bytes: &[u8],
+    ) -> Result<(Entry, Vec<u8>, Vec<Out>), String> {
+        let (entry, change) = self
+            .reg
+            .insert_signed(bytes, now_ms())
+            .map_err(|e| e.to_string())?;
+        let out = vec![Out::Gossip(self.reg.gossip_for(&change))];
+        Ok((entry, change, out))
+    }
+
+    /// The store operations that persist `changes`, and the compaction if one is due.
+    pub(crate) fn persist_ops(&mut self, changes: &[Vec<u8>]) -> Vec<StoreOp> {
+        let mut ops = Vec::new();
+        for c in changes {
+            let key = change_key(c);
+            self.stored.push(key.clone());
+            ops.push((store::cf::REGISTRY, key, Some(c.clone())));
+        }
+        if self.stored.len() >= COMPACT_EVERY {
+            ops.extend(self.compaction_ops());
+        }
+        ops
+    }
+
+    fn compaction_ops(&mut self) -> Vec<StoreOp> {
+        let started = Instant::now();
+        let doc = self.reg.save();
+        let mut ops: Vec<StoreOp> = vec![(store::cf::REGISTRY, b"doc".to_vec(), Some(doc))];
+        for k in self.stored.drain(..) {
+            ops.push((store::cf::REGISTRY, k, None));
+        }
+        debug!(
+            ms = started.elapsed().as_millis() as u64,
+            "registry compacted"
+        );
+        ops
+    }
+
+    /// Compacts now, synchronously (at load and shutdown).
+    pub(crate) fn compact(&mut self) -> Result<(), store::Error> {
+        let ops = self.compaction_ops();
+        self.store.batch(&ops)
+    }
+
+    /// Applies gossip from `from` (the peer that forwarded it). Returns whether it was valid, the
+    /// changes to persist and the actions to take.
+    pub(crate) fn on_gossip(
+        &mut self,
+        from: PeerId,
+        data: &[u8],
+    ) -> (bool, Vec<Vec<u8>>, Vec<Out>) {
+        match self.reg.receive_gossip(data) {
+            Ok(applied) => {
+                let mut out = Vec::new();
+                if applied.missing_deps {
+                    out.extend(self.start_sync(from));
+                }
+                (true, applied.changes, out)
+            }
+            Err(e) => {
+                self.recover_if_poisoned();
+                (
+                    false,
+                    Vec::new(),
+                    vec![Out::Strike(from, format!("registry gossip: {e}"))],
+                )
+            }
+        }
+    }
+
+    /// A sync session with `peer`, unless one is in flight (then another round follows it).
+    pub(crate) fn start_sync(&mut self, peer: PeerId) -> Option<Out> {
+        if let Some(again) = self.in_flight.get_mut(&peer) {
+            *again = true;
+            return None;
+        }
+        let state = self.sync.entry(peer).or_default();
+        state.reset();
+        let msg = self.reg.generate_sync(state)?;
+        self.in_flight.insert(peer, false);
+        Some(Out::Sync(peer, msg))
+    }
+
+    /// Answers a sync request.
+    pub(crate) fn on_sync_request(
+        &mut self,
+        peer: PeerId,
+        req: SyncRequest,
+    ) -> (SyncResponse, Vec<Vec<u8>>, Vec<Out>) {
+        if req.version != 1 {
+            return (
+                SyncResponse::Refused(format!(
+                    "registry sync version {}, this node speaks 1",
+                    req.version
+                )),
+                Vec::new(),
+                Vec::new(),
+            );
+        }
+        let state = self.sync.entry(peer).or_default();
+        match self.reg.receive_sync(state, &req.msg) {
+            Ok(applied) => {
+                let state = self.sync.entry(peer).or_default();
+                let resp = match self.reg.generate_sync(state) {
+                    Some(m) => SyncResponse::Message(m),
+                    None => SyncResponse::Done,
+                };
+                (resp, applied.changes, Vec::new())
+            }
+            Err(e) => {
+                self.recover_if_poisoned();
+                let reason = format!("registry sync: {e}");
+                (
+                    SyncResponse::Refused(reason.clone()),
+                    Vec::new(),
+                    vec![Out::Strike(peer, reason)],
+                )
+            }
+        }
+    }
+
+    /// Handles the answer to our sync request.
+    pub(crate) fn on_sync_response(
+        &mut self,
+        peer: PeerId,
+        resp: SyncResponse,
+    ) -> (Vec<Vec<u8>>, Vec<Out>) {
+        let again = self.in_flight.remove(&peer).unwrap_or(false);
+        let mut persist = Vec::new();
+        let mut out = Vec::new();
+        match resp {
+            SyncResponse::Message(msg) => {
+                let state = self.sync.entry(peer).or_default();
+                match self.reg.receive_sync(state, &msg) {
+                    Ok(applied) => persist = applied.changes,
+                    Err(e) => {
+                        self.recover_if_poisoned();
+                        out.push(Out::Strike(peer, format!("registry sync: {e}")));
+                        return (persist, out);
+                    }
+                }
+            }
+            SyncResponse::Done => {}
+            SyncResponse::Refused(reason) => {
+                warn!(%peer, %reason, "peer refused our registry sync");
+                return (persist, out);
+            }
+        }
+        let state = self.sync.entry(peer).or_default();
+        if let Some(msg) = self.reg.generate_sync(state) {
+            self.in_flight.insert(peer, false);
+            out.push(Out::Sync(peer, msg));
+        } else if again || self.reg.has_missing_deps() {
+            out.extend(self.start_sync(peer));
+        }
+        (persist, out)
+    }
+
+    /// A sync request failed (timeout, disconnect): forget what was in flight.
+    pub(crate) fn on_sync_failure(&mut self, peer: PeerId) {
+        self.in_flight.remove(&peer);
+        if let Some(s) = self.sync.get_mut(&peer) {
+            s.reset();
+        }
+    }
+
+    /// The peer's last connection closed: keep what we know it has.
+    pub(crate) fn on_disconnect(&mut self, peer: PeerId) -> Option<StoreOp> {
+        self.in_flight.remove(&peer);
+        let state = self.sync.get(&peer)?;
+        Some((
+            store::cf::REGISTRY_SYNC,
+            peer.to_string().into_bytes(),
+            Some(state.encode()),
+        ))
+    }
+
+    /// Anti-entropy: a sync round with a random member, every `every`.
+    pub(crate) fn anti_entropy(&mut self, members: &[PeerId], every: Duration) -> Option<Out> {
+        if self.last_anti_entropy.elapsed() < every || members.is_empty() {
+            return None;
+        }
+        self.last_anti_entropy = Instant::now();
+        let peer = members[rand::Rng::gen_range(&mut rand::thread_rng(), 0..members.len())];
+        self.start_sync(peer)
+    }
+
+    /// Sync states and a compacted document, for shutdown.
+    pub(crate) fn shutdown_ops(&mut self) -> Vec<StoreOp> {
+        let mut ops: Vec<StoreOp> = self
+            .sync
+            .iter()
+            .map(|(p, s)| {
+                (
+                    store::cf::REGISTRY_SYNC,
+                    p.to_string().into_bytes(),
+                    Some(s.encode()),
+                )
+            })
+            .collect();
+        if !self.stored.is_empty() {
+            ops.extend(self.compaction_ops());
+        }
+        ops
+    }
+
+    /// After a contained panic, reload the replica from the store, which holds only changes that
+    /// applied cleanly. This reads the store on the event loop: it happens only under attack,
+    /// and a consistent document matters more than a few milliseconds of latency then.
+    fn recover_if_poisoned(&mut self) {
+        if !self.reg.is_poisoned() {
+            return;
+        }
+        warn!("the registry document crashed on peer input; reloading it from disk");
+        let federation = self.authority.federation.clone();
+        match load(&self.store, &federation, self.signer.clone()) {
+            Ok(fresh) => {
+                self.reg = fresh.reg;
+                self.stored = fresh.stored;
+            }
+            Err(e) => warn!(error = %e, "cannot reload the registry"),
+        }
+    }
+}
+
+/// One store operation: column family, key, value (`None` deletes).
+pub(crate) type StoreOp = store::Op;
+
+fn change_key(change: &[u8]) -> Vec<u8> {
+    use sha2::Digest as _;
+    let mut k = b"chg/".to_vec();
+    k.extend_from_slice(hex::encode(sha2::Sha256::digest(change)).as_bytes());
+    k
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
