@@ -97,8 +97,8 @@ pub struct Node {
 pub struct Endpoint {
     /// Its id.
     pub id: String,
-    /// The node's peer id.
-    pub node: String,
+    /// The peer id of the node running it.
+    pub peer_id: String,
     /// The node's institution.
     pub institution: Option<String>,
     /// The record.
@@ -499,7 +499,7 @@ pub(crate) fn build<'a>(
                     id.clone(),
                     Endpoint {
                         id,
-                        node: peer(),
+                        peer_id: peer(),
                         institution: inst(),
                         record: rec.clone(),
                         updated_ms: p.at_ms,

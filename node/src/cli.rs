@@ -678,7 +678,7 @@ pub fn print_endpoints(eps: &[crdt_registry::Endpoint]) {
             "{:<32}  {:<12} ..{:<8} {:<14} {:<16} {:<26} {}",
             e.id,
             e.record.name,
-            short(&e.node),
+            short(&e.peer_id),
             e.institution.as_deref().unwrap_or("-"),
             e.record.runtimes.join(","),
             e.record.policy.as_str(),
@@ -691,7 +691,7 @@ fn print_endpoint(e: &crdt_registry::Endpoint) {
     let c = &e.record.capabilities;
     println!("id           {}", e.id);
     println!("name         {}", e.record.name);
-    println!("node         {}", e.node);
+    println!("node         {}", e.peer_id);
     println!("institution  {}", e.institution.as_deref().unwrap_or("-"));
     println!("runtimes     {}", e.record.runtimes.join(", "));
     println!("cores        {}", c.cores);

@@ -183,6 +183,13 @@ fn an_update_by_the_owner_wins_and_a_deletion_removes() {
         "new"
     );
     assert!(m.reg.view(&toy).functions.contains_key(&f));
+    // The view is what the API serves: it must survive JSON both ways.
+    let view = m.reg.view(&toy).clone();
+    let json = serde_json::to_string(&view).unwrap();
+    assert_eq!(
+        serde_json::from_str::<crdt_registry::View>(&json).unwrap(),
+        view
+    );
     let node = m.node.clone();
     m.reg
         .write(&node, f.clone(), Body::Deleted { of: Kind::Function }, 13)

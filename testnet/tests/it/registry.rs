@@ -114,7 +114,7 @@ async fn functions_and_endpoints_reach_every_node() {
         .values()
         .find(|e| e.record.name == "b2")
         .unwrap();
-    assert_eq!(ep.node, net.node(3).peer_id().to_string());
+    assert_eq!(ep.peer_id, net.node(3).peer_id().to_string());
     assert_eq!(ep.institution.as_deref(), Some("inst-b"));
     assert_eq!(ep.record.capabilities.tags["institution"], "inst-b");
     assert_eq!(view.institutions.len(), 2);
