@@ -13,8 +13,8 @@
 //! ```
 //! use crdt_registry::{Registry, record::{Body, Kind}};
 //! let key = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
-//! let mut a = Registry::new("fed1", [1; 16]);
-//! let mut b = Registry::new("fed1", [2; 16]);
+//! let mut a = Registry::new("fed1");
+//! let mut b = Registry::new("fed1");
 //! let (_, change) = a.write(&key, "x".into(), Body::Deleted { of: Kind::Function }, 0)?;
 //! let gossip = a.gossip_for(&change);
 //! assert_eq!(b.receive_gossip(&gossip)?.new_entries, 1);

@@ -32,6 +32,26 @@ const MAX_GOSSIP_ITEMS: usize = 64;
 /// them again).
 const MAX_PENDING: usize = 4096;
 
+/// Automerge's chunk type byte for an uncompressed change.
+const CHANGE_CHUNK: u8 = 1;
+
+/// The actor of the change that puts `entry`: a hash of everything else the change holds.
+fn change_actor(entry: &[u8], sorted_deps: &[ChangeHash], time: i64, start_op: u64) -> [u8; 16] {
+    use sha2::{Digest as _, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"funcmesh/registry/actor/v1\0");
+    h.update((entry.len() as u64).to_be_bytes());
+    h.update(entry);
+    for d in sorted_deps {
+        h.update(d.0);
+    }
+    h.update(time.to_be_bytes());
+    h.update(start_op.to_be_bytes());
+    let mut out = [0; 16];
+    out.copy_from_slice(&h.finalize()[..16]);
+    out
+}
+
 /// Gossip message: one or more changes, each length-prefixed.
 const GOSSIP_CHANGES: u8 = 1;
 /// Gossip message: heads only (the changes were too big to gossip).
@@ -98,6 +118,9 @@ pub enum WriteError {
     /// A pre-signed entry does not verify.
     #[error("{0}")]
     Invalid(#[from] Invalid),
+    /// The registry already holds this very entry.
+    #[error("the registry already holds entry {0}")]
+    Exists(String),
     /// The document refused it.
     #[error("the document refused the write: {0}")]
     Refused(String),
@@ -163,12 +186,11 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// An empty registry for `federation`; `actor` identifies this replica's changes and must
-    /// be unique per process run (a random id is right).
-    pub fn new(federation: &str, actor: [u8; 16]) -> Registry {
+    /// An empty registry for `federation`.
+    pub fn new(federation: &str) -> Registry {
         Registry {
             federation: federation.to_string(),
-            doc: Automerge::new().with_actor(ActorId::from(actor)),
+            doc: Automerge::new(),
             entries: BTreeMap::new(),
             verdicts: view::Verdicts::default(),
             view: None,
@@ -182,17 +204,22 @@ impl Registry {
     /// this means disk corruption).
     pub fn load(
         federation: &str,
-        actor: [u8; 16],
         snapshot: Option<&[u8]>,
         changes: &[Vec<u8>],
     ) -> Result<(Registry, usize), Rejected> {
-        let mut reg = Registry::new(federation, actor);
+        let mut reg = Registry::new(federation);
         if let Some(bytes) = snapshot {
-            let doc = Automerge::load(bytes).map_err(|e| Rejected::Malformed {
-                what: "saved registry",
-                reason: e.to_string(),
-            })?;
-            reg.doc = doc.with_actor(ActorId::from(actor));
+            let loaded = std::panic::catch_unwind(|| Automerge::load(bytes));
+            reg.doc = match loaded {
+                Ok(Ok(doc)) => doc,
+                Ok(Err(e)) => {
+                    return Err(Rejected::Malformed {
+                        what: "saved registry",
+                        reason: e.to_string(),
+                    });
+                }
+                Err(_) => return Err(Rejected::Crashed),
+            };
         }
         let mut skipped = 0;
         let mut ok = Vec::new();
@@ -229,6 +256,11 @@ impl Registry {
         self.poisoned
     }
 
+    /// Whether the document holds the change `hash`.
+    fn has_change(&self, hash: &ChangeHash) -> bool {
+        self.doc.get_change_meta_by_hash(hash).is_some()
+    }
+
     /// Whether changes are waiting for dependencies this replica does not have.
     pub fn has_missing_deps(&self) -> bool {
         !self.pending.is_empty() || !self.doc.get_missing_deps(&[]).is_empty()
@@ -251,14 +283,14 @@ impl Registry {
                 let mut i = 0;
                 while i < self.pending.len() {
                     let c = &self.pending[i];
-                    if self.doc.get_missing_deps(&[c.hash()]).is_empty() {
-                        // Already in the document.
+                    if self.has_change(&c.hash()) {
                         self.pending.swap_remove(i);
                         continue;
                     }
-                    let deps_ok = c.deps().iter().all(|d| {
-                        ready_hashes.contains(d) || self.doc.get_missing_deps(&[*d]).is_empty()
-                    });
+                    let deps_ok = c
+                        .deps()
+                        .iter()
+                        .all(|d| ready_hashes.contains(d) || self.has_change(d));
                     if deps_ok {
                         let c = self.pending.swap_remove(i);
                         ready_hashes.insert(c.hash());
@@ -306,9 +338,11 @@ impl Registry {
         self.doc.get_heads().iter().map(|h| h.to_string()).collect()
     }
 
-    /// The whole document, compacted into one chunk.
-    pub fn save(&self) -> Vec<u8> {
-        self.doc.save()
+    /// The whole document, compacted into one chunk. Guarded like every other operation on a
+    /// document peers have written to.
+    pub fn save(&self) -> Result<Vec<u8>, Rejected> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.doc.save()))
+            .map_err(|_| Rejected::Crashed)
     }
 
     /// Every change in the document (for tests and benchmarks).
@@ -341,16 +375,19 @@ impl Registry {
         now_ms: u64,
     ) -> Result<(Entry, Vec<u8>), WriteError> {
         let author = Key::of(signer);
+        // Above every earlier entry of ours for this record, and at least the time: a node whose
+        // store was lost still writes above what its peers hold from before.
         let seq = self
             .entries
             .values()
             .filter(|e| {
                 let p = e.payload();
-                p.id == id && p.body.kind() == body.kind()
+                p.author == author && p.id == id && p.body.kind() == body.kind()
             })
-            .map(|e| e.payload().seq)
+            .map(|e| e.payload().seq.saturating_add(1))
             .max()
-            .map_or(1, |s| s + 1);
+            .unwrap_or(1)
+            .max(now_ms);
         let kind = body.kind().as_str();
         let entry = Entry::sign(
             signer,
@@ -390,6 +427,23 @@ impl Registry {
     /// Puts an entry's bytes into the document as they are: the primitive under every write,
     /// public so that tests can make changes a dishonest member would make.
     pub fn insert_unchecked(&mut self, entry: &Entry, now_ms: u64) -> Result<Vec<u8>, WriteError> {
+        if self.entries.contains_key(entry.doc_key()) {
+            return Err(WriteError::Exists(entry.doc_key().to_string()));
+        }
+        // One change per entry, by an actor derived from everything in the change: no two
+        // different changes can share an actor and sequence number (see `check_change`).
+        let mut deps = self.doc.get_heads();
+        deps.sort();
+        let start_op = deps
+            .iter()
+            .filter_map(|h| self.doc.get_change_meta_by_hash(h))
+            .map(|m| m.max_op)
+            .max()
+            .unwrap_or(0)
+            + 1;
+        let time = i64::try_from(now_ms / 1000).unwrap_or(i64::MAX);
+        let actor = change_actor(entry.bytes(), &deps, time, start_op);
+        self.doc.set_actor(ActorId::from(actor));
         let mut tx = self.doc.transaction();
         tx.put(
             ROOT,
@@ -397,7 +451,6 @@ impl Registry {
             ScalarValue::Bytes(entry.bytes().to_vec()),
         )
         .map_err(|e| WriteError::Refused(e.to_string()))?;
-        let time = i64::try_from(now_ms / 1000).unwrap_or(i64::MAX);
         tx.commit_with(CommitOptions::default().with_time(time));
         let change = self
             .doc
@@ -415,6 +468,10 @@ impl Registry {
     pub fn check_change(&self, change: &Change) -> Result<(), Rejected> {
         let hash = change.hash().to_string();
         let raw = change.raw_bytes();
+        let foreign = |reason: String| Rejected::ForeignOp {
+            change: hash.clone(),
+            reason,
+        };
         if raw.len() > MAX_CHANGE_BYTES {
             return Err(Rejected::TooLarge {
                 what: "change",
@@ -422,10 +479,6 @@ impl Registry {
                 limit: MAX_CHANGE_BYTES,
             });
         }
-        let foreign = |reason: String| Rejected::ForeignOp {
-            change: hash.clone(),
-            reason,
-        };
         // Automerge parses a chunk without checking its checksum (the first four bytes of the
         // change hash); a corrupted chunk can parse into a different, nonsensical change.
         if raw.get(4..8) != Some(&change.hash().0[..4]) {
@@ -434,11 +487,40 @@ impl Registry {
                 reason: "checksum mismatch".into(),
             });
         }
-        // Replicas use 16-byte actor ids; anything else is not one of ours.
-        if change.actors().any(|a| a.to_bytes().len() != 16) {
-            return Err(foreign("its actor ids are not 16 bytes".into()));
+        // A registry change is one put by an actor derived from the whole change, at sequence 1:
+        // a member cannot make a second, different change under an honest change's actor and
+        // sequence number, which Automerge would refuse as a duplicate and replicas would then
+        // disagree on.
+        let expanded = change.decode();
+        if expanded.operations.len() != 1 {
+            return Err(foreign(format!(
+                "it has {} operations, registry changes have one",
+                expanded.operations.len()
+            )));
         }
-        for op in change.decode().operations {
+        if change.seq() != 1
+            || !change.other_actor_ids().is_empty()
+            || change.message().is_some_and(|m| !m.is_empty())
+            || !change.extra_bytes().is_empty()
+        {
+            return Err(foreign(
+                "its metadata is not that of a registry change".into(),
+            ));
+        }
+        if let Some(op) = expanded.operations.first() {
+            if !op.pred.is_empty() {
+                return Err(foreign("it overwrites an existing value".into()));
+            }
+            if let OpType::Put(ScalarValue::Bytes(bytes)) = &op.action {
+                let mut deps = change.deps().to_vec();
+                deps.sort();
+                let actor = change_actor(bytes, &deps, change.timestamp(), change.start_op().get());
+                if change.actor_id().to_bytes() != actor {
+                    return Err(foreign("its actor is not derived from its content".into()));
+                }
+            }
+        }
+        for op in expanded.operations {
             if op.obj != ObjectId::Root || op.insert {
                 return Err(foreign("it writes outside the root map".into()));
             }
@@ -469,6 +551,14 @@ impl Registry {
                 what: "change",
                 size: bytes.len(),
                 limit: MAX_CHANGE_BYTES,
+            });
+        }
+        // Only plain change chunks: a compressed one would be inflated, without bound, before
+        // anything else could be checked. Our replicas never send compressed changes.
+        if bytes.get(8) != Some(&CHANGE_CHUNK) {
+            return Err(Rejected::Malformed {
+                what: "change",
+                reason: "not an uncompressed Automerge change chunk".into(),
             });
         }
         let change = Change::from_bytes(bytes.to_vec()).map_err(|e| Rejected::Malformed {
@@ -603,7 +693,7 @@ impl Registry {
                 }
                 let missing = rest.chunks(32).any(|h| {
                     let hash = ChangeHash(h.try_into().expect("chunks of 32"));
-                    self.doc.get_change_by_hash(&hash).is_none()
+                    !self.has_change(&hash)
                 });
                 Ok(Applied {
                     new_entries: 0,
@@ -647,9 +737,6 @@ impl Registry {
             });
         }
         if msg.supported_capabilities.is_some() {
-            // Only the first message of a session carries capabilities: the peer started
-            // afresh, so forget what we thought was in flight to it.
-            state.reset();
             msg.supported_capabilities = Some(vec![sync::Capability::MessageV1]);
         }
         for chunk in msg.changes.iter() {

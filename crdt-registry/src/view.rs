@@ -177,8 +177,9 @@ pub struct View {
     pub functions: BTreeMap<String, Function>,
     /// Flows by id.
     pub flows: BTreeMap<String, Flow>,
-    /// Revocations by id.
-    pub revocations: BTreeMap<String, Revocation>,
+    /// Revocations in force, by id then revoker. A token may be "revoked" by several members;
+    /// the capability verifier honours only the one by the key that signed the revoked block.
+    pub revocations: Vec<Revocation>,
     /// Entries that did not count.
     pub ignored: Vec<Ignored>,
 }
@@ -186,17 +187,18 @@ pub struct View {
 impl View {
     /// Whether `key` (a node or institution key) is revoked.
     pub fn is_revoked_key(&self, key: &Key) -> bool {
-        self.revocations.values().any(|r| match &r.record.target {
+        self.revocations.iter().any(|r| match &r.record.target {
             Target::Node { key: k } | Target::Institution { key: k } => k == key,
             Target::Token { .. } => false,
         })
     }
 
-    /// Whether the token block with this revocation id is revoked, and by whom.
-    pub fn token_revoked_by(&self, revocation_id: &str) -> Option<&Key> {
+    /// Whether `signer` revoked the token block with this revocation id.
+    pub fn token_revoked_by(&self, revocation_id: &str, signer: &Key) -> bool {
+        let id = format!("token:{revocation_id}");
         self.revocations
-            .get(&format!("token:{revocation_id}"))
-            .map(|r| &r.revoked_by)
+            .iter()
+            .any(|r| r.id == id && &r.revoked_by == signer)
     }
 
     /// The node with this key.
@@ -323,14 +325,19 @@ pub(crate) fn build<'a>(
             at_ms: p.at_ms,
             record: rec.clone(),
         };
-        // The earliest revocation of a target is the one kept (any of them would do).
-        match view.revocations.get(&p.id) {
-            Some(old) if (old.at_ms, &old.revoked_by) <= (r.at_ms, &r.revoked_by) => {}
-            _ => {
-                view.revocations.insert(p.id.clone(), r);
-            }
+        // One per (target, revoker): the earliest, so that every replica keeps the same one.
+        match view
+            .revocations
+            .iter_mut()
+            .find(|o| o.id == r.id && o.revoked_by == r.revoked_by)
+        {
+            Some(old) if old.at_ms <= r.at_ms => {}
+            Some(old) => *old = r,
+            None => view.revocations.push(r),
         }
     }
+    view.revocations
+        .sort_by(|a, b| (&a.id, &a.revoked_by).cmp(&(&b.id, &b.revoked_by)));
     // A revoked author is revoked for every key acting for it: a node of a revoked institution
     // is revoked too.
     let node_ok = |key: &Key| -> Result<&NodeFacts, String> {

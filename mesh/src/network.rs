@@ -438,6 +438,8 @@ struct EventLoop {
     replica: Replica,
     strikes: Strikes,
     persist: mpsc::Sender<PersistJob>,
+    /// Jobs waiting for room in the persister's queue, in order.
+    persist_backlog: std::collections::VecDeque<PersistJob>,
 }
 
 /// Starts the mesh: builds the swarm, listens, dials the bootstrap addresses and every known peer,
@@ -505,6 +507,7 @@ pub async fn spawn(
         replica,
         strikes: Strikes::default(),
         persist: persist_tx,
+        persist_backlog: std::collections::VecDeque::new(),
     };
     let now = Instant::now();
     for (peer, addrs) in known {
@@ -675,6 +678,11 @@ impl EventLoop {
             }
         }
         // Persist what the replica knows, after every write already queued.
+        while let Some(job) = self.persist_backlog.pop_front() {
+            if self.persist.send(job).await.is_err() {
+                break;
+            }
+        }
         let ops = self.replica.shutdown_ops();
         let (done, wait) = oneshot::channel();
         if self
@@ -697,11 +705,15 @@ impl EventLoop {
     fn registry_out(&mut self, out: Vec<Out>) {
         for o in out {
             match o {
-                Out::Sync(peer, msg) => {
-                    self.swarm
-                        .behaviour_mut()
-                        .registry_sync
-                        .send_request(&peer, SyncRequest { version: 1, msg });
+                Out::Sync(peer, msg, fresh) => {
+                    self.swarm.behaviour_mut().registry_sync.send_request(
+                        &peer,
+                        SyncRequest {
+                            version: 1,
+                            fresh,
+                            msg,
+                        },
+                    );
                 }
                 Out::Gossip(data) => {
                     let topic = gossipsub::IdentTopic::new(format!(
@@ -741,15 +753,25 @@ impl EventLoop {
             return;
         }
         let ops = self.replica.persist_ops(&changes);
-        let job = PersistJob { ops, done };
-        if let Err(mpsc::error::TrySendError::Full(job) | mpsc::error::TrySendError::Closed(job)) =
-            self.persist.try_send(job)
-        {
-            // The store is this far behind: wait for it from a task rather than stall the loop.
-            let persist = self.persist.clone();
-            self.tracker.spawn(async move {
-                let _ = persist.send(job).await;
-            });
+        self.persist_backlog.push_back(PersistJob { ops, done });
+        self.flush_persist_backlog();
+    }
+
+    /// Hands queued jobs to the persister in order; what does not fit waits here (in order)
+    /// for the next tick rather than stalling the loop.
+    fn flush_persist_backlog(&mut self) {
+        while let Some(job) = self.persist_backlog.pop_front() {
+            match self.persist.try_send(job) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(job)) => {
+                    self.persist_backlog.push_front(job);
+                    return;
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    warn!("the registry persister stopped; changes are no longer stored");
+                    return;
+                }
+            }
         }
     }
 
@@ -859,7 +881,7 @@ impl EventLoop {
                 self.registry_written(r, reply);
             }
             Command::RegistrySyncRaw { peer, msg, reply } => {
-                self.registry_out(vec![Out::Sync(peer, msg)]);
+                self.registry_out(vec![Out::Sync(peer, msg, true)]);
                 let _ = reply.send(());
             }
             Command::Block(peer, blocked, reply) => {
@@ -919,6 +941,7 @@ impl EventLoop {
     }
 
     fn on_tick(&mut self) {
+        self.flush_persist_backlog();
         let now = Instant::now();
         let members: Vec<PeerId> = self.members.keys().copied().collect();
         if let Some(out) = self
@@ -1035,11 +1058,11 @@ impl EventLoop {
                     self.emit(Event::MemberDisconnected(peer_id));
                 }
                 if let Some(op) = self.replica.on_disconnect(peer_id) {
-                    let job = PersistJob {
+                    self.persist_backlog.push_back(PersistJob {
                         ops: vec![op],
                         done: None,
-                    };
-                    let _ = self.persist.try_send(job);
+                    });
+                    self.flush_persist_backlog();
                 }
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {

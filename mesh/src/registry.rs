@@ -21,7 +21,7 @@ use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
 
-use crate::membership::{Admission, Federation, Proof, unix_now};
+use crate::membership::{Admission, Federation, Proof};
 
 /// Protocol name of registry sync.
 pub const SYNC_PROTOCOL: &str = "/funcmesh/registry-sync/1";
@@ -36,6 +36,8 @@ pub(crate) const STRIKES_TO_BAN: u32 = 3;
 #[derive(Debug, Serialize, Deserialize)]
 pub(crate) struct SyncRequest {
     pub(crate) version: u32,
+    /// The first message of a session: the responder forgets what it thought was in flight.
+    pub(crate) fresh: bool,
     #[serde(with = "serde_bytes")]
     pub(crate) msg: Vec<u8>,
 }
@@ -52,8 +54,8 @@ pub(crate) enum SyncResponse {
 /// What the event loop must do on the replica's behalf.
 #[derive(Debug)]
 pub(crate) enum Out {
-    /// Send a sync request to a peer.
-    Sync(PeerId, Vec<u8>),
+    /// Send a sync request to a peer (`true`: the first of a session).
+    Sync(PeerId, Vec<u8>, bool),
     /// Publish on the registry topic.
     Gossip(Vec<u8>),
     /// The peer sent something no honest node sends.
@@ -111,8 +113,11 @@ impl Authority for MeshAuthority {
     fn membership(&self, proof: &str, node_key: &Key) -> Result<NodeFacts, String> {
         let peer = peer_of(node_key).ok_or("the author key is not an ed25519 key")?;
         let proof = Proof::from_bytes(proof.as_bytes()).map_err(|e| e.to_string())?;
+        // Verdicts are cached and must agree across replicas, so they may not depend on when
+        // they are made: judge as if at the end of time (invites are checked against the
+        // binding's own time; only "bound in the future" would depend on the clock).
         let member = proof
-            .verify(&self.federation, &peer, unix_now())
+            .verify(&self.federation, &peer, u64::MAX / 2)
             .map_err(|e| e.to_string())?;
         let institution = match (&proof, member.institution) {
             (Proof::Member { admission, .. }, Some(name)) => {
@@ -190,9 +195,8 @@ pub(crate) fn load(
             changes.push(v);
         }
     }
-    let actor: [u8; 16] = rand::random();
     let started = Instant::now();
-    let reg = match Registry::load(&federation.id.0, actor, snapshot.as_deref(), &changes) {
+    let reg = match Registry::load(&federation.id.0, snapshot.as_deref(), &changes) {
         Ok((reg, skipped)) => {
             if skipped > 0 {
                 warn!(
@@ -207,7 +211,7 @@ pub(crate) fn load(
             if let Some(bytes) = &snapshot {
                 store.put(store::cf::REGISTRY, b"doc.unreadable", bytes)?;
             }
-            Registry::new(&federation.id.0, actor)
+            Registry::new(&federation.id.0)
         }
     };
     info!(
@@ -302,7 +306,13 @@ impl Replica {
 
     fn compaction_ops(&mut self) -> Vec<StoreOp> {
         let started = Instant::now();
-        let doc = self.reg.save();
+        let doc = match self.reg.save() {
+            Ok(doc) => doc,
+            Err(e) => {
+                warn!(error = %e, "cannot compact the registry; keeping its changes as they are");
+                return Vec::new();
+            }
+        };
         let mut ops: Vec<StoreOp> = vec![(store::cf::REGISTRY, b"doc".to_vec(), Some(doc))];
         for k in self.stored.drain(..) {
             ops.push((store::cf::REGISTRY, k, None));
@@ -356,7 +366,7 @@ impl Replica {
         state.reset();
         let msg = self.reg.generate_sync(state)?;
         self.in_flight.insert(peer, false);
-        Some(Out::Sync(peer, msg))
+        Some(Out::Sync(peer, msg, true))
     }
 
     /// Answers a sync request.
@@ -376,6 +386,9 @@ impl Replica {
             );
         }
         let state = self.sync.entry(peer).or_default();
+        if req.fresh {
+            state.reset();
+        }
         match self.reg.receive_sync(state, &req.msg) {
             Ok(applied) => {
                 let state = self.sync.entry(peer).or_default();
@@ -421,13 +434,16 @@ impl Replica {
             SyncResponse::Done => {}
             SyncResponse::Refused(reason) => {
                 warn!(%peer, %reason, "peer refused our registry sync");
+                if let Some(s) = self.sync.get_mut(&peer) {
+                    s.reset();
+                }
                 return (persist, out);
             }
         }
         let state = self.sync.entry(peer).or_default();
         if let Some(msg) = self.reg.generate_sync(state) {
-            self.in_flight.insert(peer, false);
-            out.push(Out::Sync(peer, msg));
+            self.in_flight.insert(peer, again);
+            out.push(Out::Sync(peer, msg, false));
         } else if again || self.reg.has_missing_deps() {
             out.extend(self.start_sync(peer));
         }

@@ -85,7 +85,7 @@ async fn propagation() -> anyhow::Result<()> {
                     if c.function(&id).await.is_ok() {
                         return started.elapsed();
                     }
-                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
                 }
             }));
         }
@@ -139,8 +139,7 @@ fn load(dir: &std::path::Path, which: &str) -> anyhow::Result<()> {
     };
     let rss0 = rss_kib();
     let t = Instant::now();
-    let (mut loaded, skipped) =
-        Registry::load(&federation.id.0, [2; 16], snapshot.as_deref(), &changes)?;
+    let (mut loaded, skipped) = Registry::load(&federation.id.0, snapshot.as_deref(), &changes)?;
     let load = t.elapsed();
     let t = Instant::now();
     let n = loaded.view(&authority).functions.len();
@@ -176,7 +175,7 @@ fn document() -> anyhow::Result<()> {
     let authority = MeshAuthority::new(federation.clone());
     let fed = federation.id.0.clone();
 
-    let mut reg = Registry::new(&fed, [1; 16]);
+    let mut reg = Registry::new(&fed);
     let mut changes = Vec::new();
     let (_, c) = reg.write(
         &signer,
@@ -225,7 +224,7 @@ fn document() -> anyhow::Result<()> {
 
     let uncompacted: usize = changes.iter().map(Vec::len).sum();
     let t = Instant::now();
-    let snapshot = reg.save();
+    let snapshot = reg.save()?;
     let save_time = t.elapsed();
     println!(
         "stored size: before compaction {:.2} MiB ({} change records); after {:.2} MiB (one document, saved in {:?})",

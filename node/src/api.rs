@@ -79,7 +79,7 @@ fn router(inner: Shared) -> Router {
         .route("/v1/institutions", get(institutions))
         .route("/v1/nodes", get(nodes))
         .route("/v1/functions", get(functions).post(register_function))
-        .route("/v1/functions/{id}", get(function))
+        .route("/v1/functions/{id}", get(function).delete(delete_function))
         .route("/v1/endpoints", get(endpoints))
         .route("/v1/endpoints/{id}", get(endpoint))
         // Everything above needs the token; the OpenAPI document below does not.
@@ -248,6 +248,35 @@ async fn register_function(
     inner
         .mesh
         .registry_write(id.clone(), crdt_registry::record::Body::Function(record))
+        .await
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    Ok(Json(Written { id, created: true }))
+}
+
+async fn delete_function(
+    State(inner): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Json<Written>, ApiError> {
+    let view = inner.mesh.registry().await.map_err(unavailable)?;
+    let f = crate::registry::find_function(&view, &id).map_err(not_found)?;
+    if f.record.owner != inner.key {
+        return Err(ApiError(
+            StatusCode::FORBIDDEN,
+            format!(
+                "function {} is owned by node {}; only its owner can delete it",
+                f.id, f.owner_peer
+            ),
+        ));
+    }
+    let id = f.id.clone();
+    inner
+        .mesh
+        .registry_write(
+            id.clone(),
+            crdt_registry::record::Body::Deleted {
+                of: crdt_registry::record::Kind::Function,
+            },
+        )
         .await
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
     Ok(Json(Written { id, created: true }))

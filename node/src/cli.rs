@@ -139,6 +139,14 @@ pub enum FunctionCommand {
         #[command(flatten)]
         node: NodeArgs,
     },
+    /// Delete a function this node registered (it disappears from every node's list).
+    Delete {
+        /// Id, id prefix (6+ characters) or name.
+        function: String,
+        /// Where to find the node.
+        #[command(flatten)]
+        node: NodeArgs,
+    },
 }
 
 /// `funcmesh endpoint …`.
@@ -548,6 +556,16 @@ async fn function_command(cmd: FunctionCommand) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string_pretty(&fs)?);
             } else {
                 print_functions(&fs);
+            }
+            Ok(())
+        }
+        FunctionCommand::Delete { function, node } => {
+            let client = Client::for_node(&DataDir::new(&node.node))?;
+            let w = client.delete_function(&function).await?;
+            if node.json {
+                println!("{}", serde_json::to_string_pretty(&w)?);
+            } else {
+                println!("deleted {}", w.id);
             }
             Ok(())
         }

@@ -108,6 +108,16 @@ impl Client {
         self.get(&format!("/v1/functions/{}", encode(query))).await
     }
 
+    /// `DELETE /v1/functions/{id}`.
+    pub async fn delete_function(&self, query: &str) -> anyhow::Result<crate::api::Written> {
+        self.call(
+            reqwest::Method::DELETE,
+            &format!("/v1/functions/{}", encode(query)),
+            None::<&()>,
+        )
+        .await
+    }
+
     /// `POST /v1/functions`.
     pub async fn register_function(
         &self,

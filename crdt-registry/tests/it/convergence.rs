@@ -99,14 +99,14 @@ proptest! {
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let mut views = Vec::new();
         let mut heads = Vec::new();
-        for r in 0..replicas {
+        for _ in 0..replicas {
             // Every change at least once, some twice, shuffled, in random batches.
             let mut delivery: Vec<&Vec<u8>> = all.iter().collect();
             for _ in 0..rng.gen_range(0..=all.len()) {
                 delivery.push(&all[rng.gen_range(0..all.len())]);
             }
             delivery.shuffle(&mut rng);
-            let mut reg = Registry::new(FED, [100 + r as u8; 16]);
+            let mut reg = Registry::new(FED);
             let mut rest = &delivery[..];
             while !rest.is_empty() {
                 let n = rng.gen_range(1..=rest.len().min(5));
@@ -138,15 +138,16 @@ proptest! {
         let all = run_script(&toy, writers, &ops);
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         // Two replicas each hold a random half; they sync pairwise until quiet.
-        let mut a = Registry::new(FED, [1; 16]);
-        let mut b = Registry::new(FED, [2; 16]);
-        let mut full = Registry::new(FED, [3; 16]);
+        let mut a = Registry::new(FED);
+        let mut b = Registry::new(FED);
+        let mut full = Registry::new(FED);
         full.apply_changes(&all).unwrap();
         for c in &all {
             let target = if rng.gen_bool(0.5) { &mut a } else { &mut b };
             target.apply_changes(std::slice::from_ref(c)).unwrap();
         }
         let (mut sa, mut sb) = (SyncState::new(), SyncState::new());
+        let mut quiet = false;
         for _ in 0..50 {
             let m1 = a.generate_sync(&mut sa);
             if let Some(m) = &m1 {
@@ -158,6 +159,7 @@ proptest! {
             }
             if m1.is_none() && m2.is_none() {
                 if a.heads() == b.heads() && !a.has_missing_deps() && !b.has_missing_deps() {
+                    quiet = true;
                     break;
                 }
                 // A session can stall when one side holds changes it cannot apply yet; the
@@ -166,6 +168,7 @@ proptest! {
                 sb.reset();
             }
         }
+        prop_assert!(quiet, "the sync session never went quiet");
         prop_assert_eq!(a.view(&toy).clone(), full.view(&toy).clone());
         prop_assert_eq!(b.view(&toy).clone(), full.view(&toy).clone());
     }
@@ -201,7 +204,7 @@ fn an_update_by_the_owner_wins_and_a_deletion_removes() {
 fn concurrent_updates_of_one_record_resolve_the_same_everywhere() {
     let toy = Toy::new();
     let (mut a, base) = Member::new(&toy, 1, 2);
-    let mut b = Registry::new(FED, [9; 16]);
+    let mut b = Registry::new(FED);
     b.apply_changes(&base).unwrap();
     // The same node key writing from two replicas (a restored backup, say): same seq, so the
     // tie is broken by time, then by entry key.
@@ -224,13 +227,13 @@ fn save_load_and_compaction_keep_the_view() {
         changes.push(m.register(&format!("f{i}"), 10 + i).1);
     }
     // Incremental persistence: the changes alone.
-    let (mut from_changes, skipped) = Registry::load(FED, [5; 16], None, &changes).unwrap();
+    let (mut from_changes, skipped) = Registry::load(FED, None, &changes).unwrap();
     assert_eq!(skipped, 0);
     // Compacted: one snapshot.
-    let snapshot = m.reg.save();
-    let (mut from_snapshot, _) = Registry::load(FED, [6; 16], Some(&snapshot), &[]).unwrap();
+    let snapshot = m.reg.save().unwrap();
+    let (mut from_snapshot, _) = Registry::load(FED, Some(&snapshot), &[]).unwrap();
     // Both, overlapping.
-    let (mut both, _) = Registry::load(FED, [7; 16], Some(&snapshot), &changes[5..]).unwrap();
+    let (mut both, _) = Registry::load(FED, Some(&snapshot), &changes[5..]).unwrap();
     let want = m.reg.view(&toy).clone();
     assert_eq!(want.functions.len(), 20);
     assert_eq!(from_changes.view(&toy), &want);

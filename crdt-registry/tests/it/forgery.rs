@@ -13,7 +13,7 @@ fn federation(toy: &Toy) -> (Member, Member, Registry) {
     let (mut b, cb) = Member::new(toy, 2, 12);
     a.reg.apply_changes(&cb).unwrap();
     b.reg.apply_changes(&ca).unwrap();
-    let mut listener = Registry::new(FED, [99; 16]);
+    let mut listener = Registry::new(FED);
     listener.apply_changes(&ca).unwrap();
     listener.apply_changes(&cb).unwrap();
     (a, b, listener)
@@ -55,7 +55,7 @@ fn an_entry_signed_by_the_wrong_key_is_refused_at_the_door() {
             body: Body::Function(rec),
         },
     );
-    let mut rogue = Registry::new(FED, [66; 16]);
+    let mut rogue = Registry::new(FED);
     let change = rogue.insert_unchecked(&forged, 5).unwrap();
     for r in [&mut a.reg, &mut listener] {
         let err = r.apply_changes(std::slice::from_ref(&change)).unwrap_err();
@@ -117,7 +117,7 @@ fn an_institution_without_admission_and_its_nodes_are_ignored() {
     let inst = key(77);
     let node = key(78);
     let self_admitted = toy.admission_signed_by("rogue-u", &inst, &inst);
-    let mut rogue = Registry::new(FED, [77; 16]);
+    let mut rogue = Registry::new(FED);
     let (_, c1) = rogue
         .write(
             &node,
@@ -218,7 +218,7 @@ fn an_oversize_change_or_entry_is_refused() {
     let toy = Toy::new();
     let (mut a, _, mut listener) = federation(&toy);
     // Many entries of legal size in one change.
-    let mut rogue = Registry::new(FED, [55; 16]);
+    let mut rogue = Registry::new(FED);
     let big = "x".repeat(200 * 1024);
     let mut last = Vec::new();
     let mut total = 0;
@@ -279,9 +279,7 @@ fn an_oversize_change_or_entry_is_refused() {
             body: Body::Function(rec),
         },
     );
-    let c = Registry::new(FED, [56; 16])
-        .insert_unchecked(&huge, 5)
-        .unwrap();
+    let c = Registry::new(FED).insert_unchecked(&huge, 5).unwrap();
     let err = listener.apply_changes(&[c]).unwrap_err();
     assert!(err.to_string().contains("at most"), "{err}");
     // A single legal big entry is fine.
@@ -301,5 +299,32 @@ fn an_oversize_change_or_entry_is_refused() {
                 9
             )
             .is_ok()
+    );
+}
+
+#[test]
+fn a_foreign_entry_at_the_highest_seq_neither_crashes_nor_blocks_the_owner() {
+    let toy = Toy::new();
+    let (mut a, b, _) = federation(&toy);
+    let (ep, _) = a.endpoint("main", "real", 5);
+    // b writes a's endpoint id at seq u64::MAX (ignored by the view: wrong author).
+    let fake = endpoint(&b.node, "main", "fake");
+    let forged = Entry::sign(
+        &b.node,
+        Payload {
+            federation: FED.into(),
+            id: ep.clone(),
+            seq: u64::MAX,
+            author: Key::of(&b.node),
+            at_ms: 6,
+            body: Body::Endpoint(fake),
+        },
+    );
+    a.reg.insert_unchecked(&forged, 6).unwrap();
+    // The owner's next write neither panics nor loses.
+    let (_, _) = a.endpoint("main", "updated", 7);
+    assert_eq!(
+        a.reg.view(&toy).endpoints[&ep].record.capabilities.tags["tag"],
+        "updated"
     );
 }

@@ -19,7 +19,7 @@ proptest! {
     fn arbitrary_gossip_sync_and_change_bytes_never_panic(
         bytes in proptest::collection::vec(any::<u8>(), 0..2000),
     ) {
-        let mut r = Registry::new(FED, [1; 16]);
+        let mut r = Registry::new(FED);
         let _ = r.receive_gossip(&bytes);
         let _ = r.receive_sync(&mut SyncState::new(), &bytes);
         let _ = r.apply_changes(std::slice::from_ref(&bytes));
@@ -32,12 +32,12 @@ proptest! {
     #[test]
     fn a_flipped_bit_in_real_gossip_is_rejected_or_harmless(pos in any::<usize>(), bit in 0u8..8) {
         let (toy, changes) = honest_change();
-        let mut src = Registry::new(FED, [2; 16]);
+        let mut src = Registry::new(FED);
         src.apply_changes(&changes).unwrap();
         let mut gossip = src.gossip_for(changes.last().unwrap());
         let pos = pos % gossip.len();
         gossip[pos] ^= 1 << bit;
-        let mut r = Registry::new(FED, [3; 16]);
+        let mut r = Registry::new(FED);
         r.apply_changes(&changes[..2]).unwrap();
         let before = r.view(&toy).clone();
         match r.receive_gossip(&gossip) {
@@ -83,7 +83,7 @@ fn changes_that_delete_or_nest_are_refused_whole() {
     tx.commit();
     let junk = rogue.get_last_local_change().unwrap().raw_bytes().to_vec();
 
-    let mut r = Registry::new(FED, [9; 16]);
+    let mut r = Registry::new(FED);
     r.apply_changes(&changes).unwrap();
     let n = r.len();
     for bad in [&delete, &nest, &junk] {
@@ -114,4 +114,43 @@ fn changes_that_delete_or_nest_are_refused_whole() {
     };
     assert!(r.receive_sync(&mut SyncState::new(), &v2.encode()).is_err());
     assert_eq!(r.len(), n);
+}
+
+#[test]
+fn a_second_change_under_an_honest_changes_actor_is_refused() {
+    // A member copies an honest change's entry and actor into a change of its own making (other
+    // time): replicas that took it would refuse the honest one as a duplicate and diverge.
+    let (_, changes) = honest_change();
+    let honest = automerge::Change::from_bytes(changes.last().unwrap().clone()).unwrap();
+    let op = honest.decode().operations.remove(0);
+    let automerge::legacy::Key::Map(key) = op.key else {
+        panic!("a map put")
+    };
+    let automerge::legacy::OpType::Put(value) = op.action else {
+        panic!("a put")
+    };
+    let mut rogue = automerge::Automerge::new();
+    rogue
+        .apply_changes(
+            changes[..changes.len() - 1]
+                .iter()
+                .map(|c| automerge::Change::from_bytes(c.clone()).unwrap()),
+        )
+        .unwrap();
+    rogue.set_actor(honest.actor_id().clone());
+    let mut tx = rogue.transaction();
+    tx.put(automerge::ROOT, key.as_str(), value).unwrap();
+    tx.commit_with(
+        automerge::transaction::CommitOptions::default().with_time(honest.timestamp() + 1),
+    );
+    let twin = rogue.get_last_local_change().unwrap();
+    assert_eq!((twin.actor_id(), twin.seq()), (honest.actor_id(), 1));
+    assert_ne!(twin.hash(), honest.hash());
+    let mut r = Registry::new(FED);
+    r.apply_changes(&changes[..changes.len() - 1]).unwrap();
+    let err = r.apply_changes(&[twin.raw_bytes().to_vec()]).unwrap_err();
+    assert!(err.to_string().contains("actor"), "{err}");
+    // The honest change still applies.
+    r.apply_changes(&changes[changes.len() - 1..]).unwrap();
+    assert_eq!(r.len(), changes.len());
 }

@@ -125,7 +125,7 @@ impl Member {
         let inst = key(inst_seed);
         let node = key(node_seed);
         let admission = toy.admit(&format!("inst{inst_seed}"), &inst);
-        let mut reg = Registry::new(FED, [node_seed; 16]);
+        let mut reg = Registry::new(FED);
         let mut changes = Vec::new();
         let (_, c) = reg
             .write(

@@ -458,6 +458,22 @@ fn testnet_up_kill_restart_down_leave_no_process_behind() {
         ],
         "defines no function",
     );
+    // Only the owner deletes; the deletion reaches everyone.
+    fails_with(
+        &["function", "delete", "greet", "--node", p(&b1_dir)],
+        "only its owner can delete it",
+    );
+    ok(&["function", "delete", "greet", "--node", p(&a1_dir)]);
+    wait_until(
+        "b1 to drop the deleted function",
+        Duration::from_secs(5),
+        || {
+            let out = funcmesh(&["function", "list", "--node", p(&b1_dir), "--json"]);
+            let list: Vec<serde_json::Value> =
+                serde_json::from_slice(&out.stdout).unwrap_or_default();
+            !list.is_empty() && !list.iter().any(|f| f["id"] == sh_id.as_str())
+        },
+    );
     let reg: serde_json::Value =
         serde_json::from_str(&ok(&["registry", "--node", p(&b1_dir), "--json"])).unwrap();
     assert!(reg["entries"].as_u64().unwrap() >= 9, "{reg}");
@@ -478,7 +494,7 @@ fn testnet_up_kill_restart_down_leave_no_process_behind() {
     assert!(lists(&a1_dir, status(&b1_dir)["peer_id"].as_str().unwrap()));
     // a1 came back from disk with the functions it had.
     let mine = ok(&["function", "list", "--node", p(&a1_dir), "--json"]);
-    assert!(mine.contains(&py_id) && mine.contains(&sh_id), "{mine}");
+    assert!(mine.contains(&py_id) && !mine.contains(&sh_id), "{mine}");
     let st = ok(&["testnet", "status", "--dir", p(&dir), "--json"]);
     let rows: Vec<serde_json::Value> = serde_json::from_str(&st).unwrap();
     assert!(rows.iter().all(|r| r["running"] == true), "{st}");

@@ -120,6 +120,17 @@ async fn functions_and_endpoints_reach_every_node() {
     assert_eq!(view.institutions.len(), 2);
     assert_eq!(view.nodes.len(), 5);
     assert!(view.ignored.is_empty(), "{:?}", view.ignored);
+    // Sync sessions end once replicas agree (they do not ping-pong forever).
+    wait_for("every sync session to end", FIVE_S, || async {
+        for n in net.running() {
+            if n.mesh().registry_status().await.unwrap().syncing != 0 {
+                return false;
+            }
+        }
+        true
+    })
+    .await
+    .unwrap();
     net.shutdown().await;
 }
 
@@ -254,7 +265,7 @@ async fn a_restarted_node_has_its_registry_and_catches_up() {
 /// A crafted change, gossiped by member `from` as if it were its own.
 async fn gossip_change(net: &Federation, from: usize, change: Vec<u8>) {
     let fed = net.node(from).federation().id.0.clone();
-    let scratch = Registry::new(&fed, [7; 16]);
+    let scratch = Registry::new(&fed);
     let bytes = scratch.gossip_for(&change);
     net.node(from)
         .mesh()
@@ -294,9 +305,7 @@ async fn forged_an_entry_signed_by_the_wrong_key_is_refused_and_its_sender_penal
             body: Body::Function(rec.clone()),
         },
     );
-    let change = Registry::new(&fed, [9; 16])
-        .insert_unchecked(&forged, 1)
-        .unwrap();
+    let change = Registry::new(&fed).insert_unchecked(&forged, 1).unwrap();
     let subs = subscribe_all_but(&net, 0);
     gossip_change(&net, 0, change).await;
     let reasons = penalised_by_all(&net, net.node(0).peer_id(), subs).await;
