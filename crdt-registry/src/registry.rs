@@ -35,7 +35,9 @@ const MAX_PENDING: usize = 4096;
 /// Automerge's chunk type byte for an uncompressed change.
 const CHANGE_CHUNK: u8 = 1;
 
-/// The actor of the change that puts `entry`: a hash of everything else the change holds.
+/// The actor of the change that puts `entry`: its start op (big-endian, so that new actors sort
+/// after old ones and Automerge appends to its actor table rather than re-indexing it), then 64
+/// bits of a hash of everything else the change holds.
 fn change_actor(entry: &[u8], sorted_deps: &[ChangeHash], time: i64, start_op: u64) -> [u8; 16] {
     use sha2::{Digest as _, Sha256};
     let mut h = Sha256::new();
@@ -48,7 +50,8 @@ fn change_actor(entry: &[u8], sorted_deps: &[ChangeHash], time: i64, start_op: u
     h.update(time.to_be_bytes());
     h.update(start_op.to_be_bytes());
     let mut out = [0; 16];
-    out.copy_from_slice(&h.finalize()[..16]);
+    out[..8].copy_from_slice(&start_op.to_be_bytes());
+    out[8..].copy_from_slice(&h.finalize()[..8]);
     out
 }
 
@@ -267,48 +270,65 @@ impl Registry {
     }
 
     /// Applies the causally ready changes among `incoming` and those held back, and holds back
-    /// the rest.
+    /// the rest. Linear in the number of changes (Kahn's algorithm over the held-back set), so
+    /// loading or catching up on ten thousand changes is one pass.
     fn integrate(&mut self, incoming: Vec<Change>) -> Result<(), Rejected> {
-        for c in incoming {
-            if !self.pending.iter().any(|p| p.hash() == c.hash()) {
-                self.pending.push(c);
+        use std::collections::{HashMap, HashSet, VecDeque};
+        let mut all: Vec<Change> = std::mem::take(&mut self.pending);
+        all.extend(incoming);
+        let mut seen = HashSet::new();
+        all.retain(|c| seen.insert(c.hash()) && !self.has_change(&c.hash()));
+        let index: HashMap<ChangeHash, usize> =
+            all.iter().enumerate().map(|(i, c)| (c.hash(), i)).collect();
+        let mut waiting_on = vec![0usize; all.len()];
+        let mut dependents: Vec<Vec<usize>> = vec![Vec::new(); all.len()];
+        let mut queue = VecDeque::new();
+        for (i, c) in all.iter().enumerate() {
+            let mut blocked = false;
+            for d in c.deps() {
+                match index.get(d) {
+                    Some(&j) => {
+                        waiting_on[i] += 1;
+                        dependents[j].push(i);
+                    }
+                    None if self.has_change(d) => {}
+                    None => blocked = true,
+                }
+            }
+            if blocked {
+                // Never reaches zero: it and its dependents wait for the missing change.
+                waiting_on[i] = usize::MAX;
+            } else if waiting_on[i] == 0 {
+                queue.push_back(i);
             }
         }
-        loop {
-            let mut ready: Vec<Change> = Vec::new();
-            let mut ready_hashes = std::collections::HashSet::new();
-            let mut progress = true;
-            while progress {
-                progress = false;
-                let mut i = 0;
-                while i < self.pending.len() {
-                    let c = &self.pending[i];
-                    if self.has_change(&c.hash()) {
-                        self.pending.swap_remove(i);
-                        continue;
-                    }
-                    let deps_ok = c
-                        .deps()
-                        .iter()
-                        .all(|d| ready_hashes.contains(d) || self.has_change(d));
-                    if deps_ok {
-                        let c = self.pending.swap_remove(i);
-                        ready_hashes.insert(c.hash());
-                        ready.push(c);
-                        progress = true;
-                    } else {
-                        i += 1;
+        let mut order = Vec::new();
+        while let Some(i) = queue.pop_front() {
+            order.push(i);
+            for &k in &dependents[i] {
+                if waiting_on[k] != usize::MAX {
+                    waiting_on[k] -= 1;
+                    if waiting_on[k] == 0 {
+                        queue.push_back(k);
                     }
                 }
             }
-            if ready.is_empty() {
-                break;
-            }
-            self.guarded(|doc| doc.apply_changes(ready))?;
         }
+        let ready_set: HashSet<usize> = order.iter().copied().collect();
+        let mut slots: Vec<Option<Change>> = all.into_iter().map(Some).collect();
+        let ready: Vec<Change> = order.iter().filter_map(|&i| slots[i].take()).collect();
+        self.pending = slots
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| !ready_set.contains(i))
+            .filter_map(|(_, c)| c)
+            .collect();
         if self.pending.len() > MAX_PENDING {
             let excess = self.pending.len() - MAX_PENDING;
             self.pending.drain(..excess);
+        }
+        if !ready.is_empty() {
+            self.guarded(|doc| doc.apply_changes(ready))?;
         }
         Ok(())
     }
