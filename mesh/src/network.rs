@@ -1344,7 +1344,9 @@ impl EventLoop {
         }
     }
 
-    fn persist(&self, peer: PeerId) {
+    /// Remembers `peer` and its addresses across restarts. Through the ordered persister: an
+    /// older record (say, from before identify told us its addresses) must never land last.
+    fn persist(&mut self, peer: PeerId) {
         let known = KnownPeer {
             version: 1,
             addrs: self
@@ -1360,16 +1362,11 @@ impl EventLoop {
             last_seen: unix_now(),
         };
         let value = serde_json::to_vec(&known).expect("known peers always serialise");
-        let store = self.config.store.clone();
-        self.tracker.spawn(async move {
-            let key = peer.to_string().into_bytes();
-            if let Err(e) = store
-                .blocking(move |s| s.put(store::cf::PEERS, &key, &value))
-                .await
-            {
-                warn!(%peer, error = %e, "cannot persist known peer");
-            }
+        self.persist_backlog.push_back(PersistJob {
+            ops: vec![(store::cf::PEERS, peer.to_string().into_bytes(), Some(value))],
+            done: None,
         });
+        self.flush_persist_backlog();
     }
 }
 
@@ -1386,7 +1383,7 @@ async fn persister(store: store::Store, mut jobs: mpsc::Receiver<PersistJob>) {
                 .map_err(|e| e.to_string())
         };
         if let Err(e) = &r {
-            warn!(error = %e, "cannot persist registry changes");
+            warn!(error = %e, "cannot persist registry changes or known peers");
         }
         if let Some(done) = job.done {
             let _ = done.send(r);

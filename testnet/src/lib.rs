@@ -84,6 +84,11 @@ pub fn test_config() -> Config {
 impl Federation {
     /// A coordinator and `per` endpoint nodes of each of `institutions` institutions.
     pub async fn start(institutions: usize, per: usize) -> anyhow::Result<Federation> {
+        // `RUST_LOG=mesh=debug cargo test …` shows the nodes' logs with a failing test's output.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         let tmp = tempfile::Builder::new()
             .prefix("funcmesh-testnet-")
             .tempdir()?;

@@ -250,3 +250,23 @@ fn save_load_and_compaction_keep_the_view() {
         .unwrap();
     m.reg.apply_changes(&[c]).unwrap();
 }
+
+#[test]
+fn a_replica_reloaded_from_a_compacted_document_writes_changes_peers_accept() {
+    let toy = Toy::new();
+    let (mut m, mut changes) = Member::new(&toy, 1, 2);
+    for i in 0..5 {
+        changes.push(m.register(&format!("f{i}"), 10 + i).1);
+    }
+    let snapshot = m.reg.save().unwrap();
+    let (mut reloaded, _) = Registry::load(FED, Some(&snapshot), &[]).unwrap();
+    let node = m.node.clone();
+    let rec = crate::support::function(&node, "after-reload");
+    let (_, c) = reloaded
+        .write(&node, rec.content_id(), Body::Function(rec), 99)
+        .unwrap();
+    let mut peer = Registry::new(FED);
+    peer.apply_changes(&changes).unwrap();
+    peer.apply_changes(&[c]).unwrap();
+    assert_eq!(peer.view(&toy).functions.len(), 6);
+}
