@@ -1,6 +1,6 @@
 //! The mesh's side of the registry: the replica this node holds, how it is persisted, and the
-//! sync and gossip traffic that keeps it converged. The swarm event loop owns one [`Replica`]
-//! and carries out the [`Out`] actions it returns; nothing here touches the swarm.
+//! sync and gossip traffic that keeps it converged. The swarm event loop owns one `Replica`
+//! and carries out the `Out` actions it returns; nothing here touches the swarm.
 //!
 //! * Local writes are signed with the node key, persisted (synced) before the caller hears back,
 //!   and gossiped on `registry/1`.
@@ -9,7 +9,8 @@
 //! * Pairwise sync runs over `/funcmesh/registry-sync/1` when a member connects, after missing
 //!   dependencies, and every `anti_entropy` with a random member. Per-peer sync states are
 //!   persisted when a peer disconnects and at shutdown.
-//! * Anything a peer sends that no honest node sends is a strike against it (see [`Strikes`]).
+//! * Anything a peer sends that no honest node sends is a strike against it; three strikes cut
+//!   the peer off.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
