@@ -149,7 +149,8 @@ pub enum Event {
         /// Its reason.
         reason: String,
     },
-    /// A peer sent registry data no honest node sends; at three strikes it is cut off.
+    /// A peer sent registry data no honest node sends; at three strikes within ten minutes it is
+    /// cut off for ten minutes.
     Penalised {
         /// The peer.
         peer: PeerId,
@@ -727,15 +728,19 @@ impl EventLoop {
                     }
                 }
                 Out::Strike(peer, reason) => {
-                    let strikes = self.strikes.add(peer);
+                    let (strikes, banned) = self.strikes.add(peer, Instant::now());
                     warn!(%peer, %reason, strikes, "peer penalised");
                     self.emit(Event::Penalised {
                         peer,
                         reason,
                         strikes,
                     });
-                    if strikes >= registry::STRIKES_TO_BAN {
-                        warn!(%peer, "peer cut off after repeated bad registry data");
+                    if banned {
+                        warn!(
+                            %peer,
+                            minutes = registry::STRIKE_MEMORY.as_secs() / 60,
+                            "peer cut off after repeated bad registry data"
+                        );
                         self.swarm.behaviour_mut().blocked.block_peer(peer);
                     }
                 }
@@ -942,6 +947,10 @@ impl EventLoop {
 
     fn on_tick(&mut self) {
         self.flush_persist_backlog();
+        for peer in self.strikes.expired(Instant::now()) {
+            info!(%peer, "ban over; the peer may reconnect");
+            self.swarm.behaviour_mut().blocked.unblock_peer(peer);
+        }
         let now = Instant::now();
         let members: Vec<PeerId> = self.members.keys().copied().collect();
         if let Some(out) = self

@@ -32,6 +32,9 @@ pub const TOPIC: &str = "registry/1";
 const COMPACT_EVERY: usize = 1000;
 /// Strikes before a peer is cut off.
 pub(crate) const STRIKES_TO_BAN: u32 = 3;
+/// Strikes older than this are forgiven, and a ban lasts this long: a peer that sent bad data
+/// once in a while (a bug, since fixed by an upgrade) is not cut off for good.
+pub(crate) const STRIKE_MEMORY: Duration = Duration::from_secs(600);
 
 /// A sync request: one Automerge sync message.
 #[derive(Debug, Serialize, Deserialize)]
@@ -150,16 +153,46 @@ pub fn signing_key(keypair: &libp2p::identity::Keypair) -> Option<ed25519_dalek:
     Some(ed25519_dalek::SigningKey::from_bytes(&secret))
 }
 
-/// Per-peer strike counts.
+/// Per-peer strike counts, forgotten after [`STRIKE_MEMORY`] without a new strike, and the
+/// bans in force.
 #[derive(Debug, Default)]
-pub(crate) struct Strikes(HashMap<PeerId, u32>);
+pub(crate) struct Strikes {
+    counts: HashMap<PeerId, (u32, Instant)>,
+    bans: HashMap<PeerId, Instant>,
+}
 
 impl Strikes {
-    /// Adds a strike; returns the count.
-    pub(crate) fn add(&mut self, peer: PeerId) -> u32 {
-        let n = self.0.entry(peer).or_default();
-        *n += 1;
-        *n
+    /// Adds a strike at `now`; returns the count, and whether the peer is now banned.
+    pub(crate) fn add(&mut self, peer: PeerId, now: Instant) -> (u32, bool) {
+        let entry = self.counts.entry(peer).or_insert((0, now));
+        if now.duration_since(entry.1) > STRIKE_MEMORY {
+            entry.0 = 0;
+        }
+        entry.0 += 1;
+        entry.1 = now;
+        let n = entry.0;
+        let banned = n >= STRIKES_TO_BAN;
+        if banned {
+            self.bans.insert(peer, now + STRIKE_MEMORY);
+            self.counts.remove(&peer);
+        }
+        (n, banned)
+    }
+
+    /// The bans that ran out by `now`; they are forgotten.
+    pub(crate) fn expired(&mut self, now: Instant) -> Vec<PeerId> {
+        let done: Vec<PeerId> = self
+            .bans
+            .iter()
+            .filter(|(_, until)| **until <= now)
+            .map(|(p, _)| *p)
+            .collect();
+        for p in &done {
+            self.bans.remove(p);
+        }
+        self.counts
+            .retain(|_, (_, last)| now.duration_since(*last) <= STRIKE_MEMORY);
+        done
     }
 }
 
@@ -532,4 +565,25 @@ fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn three_strikes_ban_old_strikes_are_forgiven_and_bans_end() {
+        let peer = PeerId::random();
+        let t0 = Instant::now();
+        let mut s = Strikes::default();
+        assert_eq!(s.add(peer, t0), (1, false));
+        // Forgiven after the memory runs out.
+        let t1 = t0 + STRIKE_MEMORY + Duration::from_secs(1);
+        assert_eq!(s.add(peer, t1), (1, false));
+        assert_eq!(s.add(peer, t1), (2, false));
+        assert_eq!(s.add(peer, t1), (3, true));
+        assert!(s.expired(t1).is_empty());
+        assert_eq!(s.expired(t1 + STRIKE_MEMORY), vec![peer]);
+        assert!(s.expired(t1 + STRIKE_MEMORY).is_empty());
+    }
 }
