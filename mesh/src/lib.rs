@@ -8,6 +8,9 @@
 //!   crate touches the swarm.
 //! * [`registry`] keeps this node's replica of the federation registry converged: pairwise
 //!   Automerge sync, gossip of changes, persistence, and strikes against peers that send bad data.
+//! * [`routing`] is the sans-IO router and the endpoint advertisements it reads; [`tasks`] the
+//!   `/funcmesh/task/1` messages; [`dispatch`] the submitting side of tasks (route, store, send,
+//!   follow results, retry when an endpoint is lost).
 //!
 //! ```
 //! use mesh::membership::{Admission, Genesis, Invite, Proof, Role, SigningKey};
@@ -24,10 +27,13 @@
 //! # Ok::<(), mesh::membership::Refusal>(())
 //! ```
 
+pub mod dispatch;
 pub mod keys;
 pub mod membership;
 pub mod network;
 pub mod registry;
+pub mod routing;
+pub mod tasks;
 
 pub use libp2p::{Multiaddr, PeerId, identity::Keypair};
 pub use network::{Config, Event, Handle, PeerInfo};

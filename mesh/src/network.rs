@@ -30,6 +30,7 @@ use tracing::{debug, info, warn};
 
 use crate::membership::{Federation, Member, Proof, Refusal, Role, unix_now};
 use crate::registry::{self, Out, Replica, StoreOp, Strikes, SyncRequest, SyncResponse};
+use crate::tasks::{TaskRequest, TaskResponse};
 
 /// Protocol name of the membership exchange.
 pub const MEMBERSHIP_PROTOCOL: &str = "/funcmesh/membership/1";
@@ -115,6 +116,9 @@ pub enum Error {
         /// Its reason.
         reason: String,
     },
+    /// A task-protocol request failed (unreachable peer, timeout, closed stream).
+    #[error("{0}")]
+    Request(String),
     /// Nothing happened in time.
     #[error("timed out after {0:?}")]
     Timeout(Duration),
@@ -223,7 +227,53 @@ enum Command {
         reply: oneshot::Sender<()>,
     },
     Block(PeerId, bool, oneshot::Sender<()>),
+    TaskRequest {
+        peer: PeerId,
+        request: TaskRequest,
+        reply: oneshot::Sender<Result<TaskResponse, Error>>,
+    },
+    TaskRespond {
+        channel: request_response::ResponseChannel<TaskResponse>,
+        response: TaskResponse,
+    },
+    Rtts(oneshot::Sender<HashMap<PeerId, Duration>>),
 }
+
+/// A task-protocol request from a verified member, to be answered through [`Responder`].
+#[derive(Debug)]
+pub struct Inbound {
+    /// The member that sent it.
+    pub from: Member,
+    /// Its peer id.
+    pub peer: PeerId,
+    /// The request.
+    pub request: TaskRequest,
+    /// Where the answer goes.
+    pub responder: Responder,
+}
+
+/// Answers one inbound task request.
+#[derive(Debug)]
+pub struct Responder {
+    channel: request_response::ResponseChannel<TaskResponse>,
+    commands: mpsc::Sender<Command>,
+}
+
+impl Responder {
+    /// Sends the answer (dropped silently if the mesh stopped or the peer went away).
+    pub async fn respond(self, response: TaskResponse) {
+        let _ = self
+            .commands
+            .send(Command::TaskRespond {
+                channel: self.channel,
+                response,
+            })
+            .await;
+    }
+}
+
+/// Inbound task requests waiting for their consumer; when full, new ones are refused as busy.
+const TASK_INBOUND_QUEUE: usize = 1024;
 
 /// A batch of store writes, and who to tell when it is durable.
 struct PersistJob {
@@ -237,12 +287,40 @@ pub struct Handle {
     peer_id: PeerId,
     commands: mpsc::Sender<Command>,
     events: broadcast::Sender<Event>,
+    task_inbound: std::sync::Arc<std::sync::Mutex<Option<mpsc::Receiver<Inbound>>>>,
 }
 
 impl Handle {
     /// This node's peer id.
     pub fn peer_id(&self) -> PeerId {
         self.peer_id
+    }
+
+    /// Sends a task-protocol request to a peer and waits for its answer.
+    pub async fn task_request(
+        &self,
+        peer: PeerId,
+        request: TaskRequest,
+    ) -> Result<TaskResponse, Error> {
+        self.ask(|reply| Command::TaskRequest {
+            peer,
+            request,
+            reply,
+        })
+        .await?
+    }
+
+    /// Takes the stream of inbound task requests (once: the node's task service consumes it).
+    pub fn take_task_requests(&self) -> Option<mpsc::Receiver<Inbound>> {
+        self.task_inbound
+            .lock()
+            .expect("the inbound lock is never poisoned")
+            .take()
+    }
+
+    /// Round-trip times to connected peers, from ping.
+    pub async fn rtts(&self) -> Result<HashMap<PeerId, Duration>, Error> {
+        self.ask(Command::Rtts).await
     }
 
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, Error> {
@@ -396,6 +474,7 @@ struct Behaviour {
     blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
     limits: connection_limits::Behaviour,
     registry_sync: request_response::cbor::Behaviour<SyncRequest, SyncResponse>,
+    tasks: request_response::cbor::Behaviour<TaskRequest, TaskResponse>,
     membership: request_response::cbor::Behaviour<Hello, HelloReply>,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
@@ -441,6 +520,11 @@ struct EventLoop {
     persist: mpsc::Sender<PersistJob>,
     /// Jobs waiting for room in the persister's queue, in order.
     persist_backlog: std::collections::VecDeque<PersistJob>,
+    task_inbound: mpsc::Sender<Inbound>,
+    task_outbound:
+        HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<TaskResponse, Error>>>,
+    rtt: HashMap<PeerId, Duration>,
+    commands_tx: mpsc::Sender<Command>,
 }
 
 /// Starts the mesh: builds the swarm, listens, dials the bootstrap addresses and every known peer,
@@ -488,6 +572,7 @@ pub async fn spawn(
     let known = load_known(&config.store).await;
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
     let (ev_tx, _) = broadcast::channel(EVENT_QUEUE);
+    let (inbound_tx, inbound_rx) = mpsc::channel(TASK_INBOUND_QUEUE);
     let mut event_loop = EventLoop {
         swarm,
         commands: cmd_rx,
@@ -509,6 +594,10 @@ pub async fn spawn(
         strikes: Strikes::default(),
         persist: persist_tx,
         persist_backlog: std::collections::VecDeque::new(),
+        task_inbound: inbound_tx,
+        task_outbound: HashMap::new(),
+        rtt: HashMap::new(),
+        commands_tx: cmd_tx.clone(),
     };
     let now = Instant::now();
     for (peer, addrs) in known {
@@ -531,6 +620,7 @@ pub async fn spawn(
         peer_id,
         commands: cmd_tx,
         events: ev_tx,
+        task_inbound: std::sync::Arc::new(std::sync::Mutex::new(Some(inbound_rx))),
     })
 }
 
@@ -624,10 +714,23 @@ fn behaviour(
         )],
         request_response::Config::default().with_request_timeout(Duration::from_secs(30)),
     );
+    let tasks = request_response::cbor::Behaviour::with_codec(
+        request_response::cbor::codec::Codec::default()
+            .set_request_size_maximum(crate::tasks::MAX_MESSAGE as u64)
+            .set_response_size_maximum(crate::tasks::MAX_MESSAGE as u64),
+        [(
+            StreamProtocol::new(crate::tasks::PROTOCOL),
+            request_response::ProtocolSupport::Full,
+        )],
+        request_response::Config::default()
+            .with_request_timeout(Duration::from_secs(30))
+            .with_max_concurrent_streams(1024),
+    );
     Ok(Behaviour {
         blocked: allow_block_list::Behaviour::default(),
         limits,
         registry_sync,
+        tasks,
         membership,
         identify,
         ping: ping::Behaviour::default(),
@@ -826,8 +929,107 @@ impl EventLoop {
         }
     }
 
+    fn on_tasks(&mut self, event: request_response::Event<TaskRequest, TaskResponse>) {
+        use request_response::{Event as E, Message as M};
+        match event {
+            E::Message {
+                peer,
+                message: M::Request {
+                    request, channel, ..
+                },
+                ..
+            } => {
+                let refuse = |why: String| TaskResponse::Refused { reason: why };
+                let Some(member) = self.members.get(&peer).map(|m| m.member.clone()) else {
+                    let _ = self.swarm.behaviour_mut().tasks.send_response(
+                        channel,
+                        refuse("this node takes tasks from verified members only".into()),
+                    );
+                    return;
+                };
+                if let Err(why) = request.check() {
+                    let _ = self
+                        .swarm
+                        .behaviour_mut()
+                        .tasks
+                        .send_response(channel, refuse(why));
+                    return;
+                }
+                let inbound = Inbound {
+                    from: member,
+                    peer,
+                    request,
+                    responder: Responder {
+                        channel,
+                        commands: self.commands_tx.clone(),
+                    },
+                };
+                if let Err(e) = self.task_inbound.try_send(inbound) {
+                    let inbound = match e {
+                        mpsc::error::TrySendError::Full(i)
+                        | mpsc::error::TrySendError::Closed(i) => i,
+                    };
+                    let _ = self.swarm.behaviour_mut().tasks.send_response(
+                        inbound.responder.channel,
+                        refuse("this node is overloaded with task requests; try again".into()),
+                    );
+                }
+            }
+            E::Message {
+                message:
+                    M::Response {
+                        request_id,
+                        response,
+                    },
+                ..
+            } => {
+                if let Some(reply) = self.task_outbound.remove(&request_id) {
+                    let _ = reply.send(Ok(response));
+                }
+            }
+            E::OutboundFailure {
+                request_id,
+                error,
+                peer,
+                ..
+            } => {
+                if let Some(reply) = self.task_outbound.remove(&request_id) {
+                    let _ = reply.send(Err(Error::Request(format!(
+                        "task request to {peer} failed: {error}"
+                    ))));
+                }
+            }
+            E::InboundFailure { peer, error, .. } => {
+                debug!(%peer, %error, "inbound task request failed");
+            }
+            E::ResponseSent { .. } => {}
+        }
+    }
+
     fn on_command(&mut self, cmd: Command) {
         match cmd {
+            Command::TaskRequest {
+                peer,
+                request,
+                reply,
+            } => {
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .tasks
+                    .send_request(&peer, request);
+                self.task_outbound.insert(id, reply);
+            }
+            Command::TaskRespond { channel, response } => {
+                let _ = self
+                    .swarm
+                    .behaviour_mut()
+                    .tasks
+                    .send_response(channel, response);
+            }
+            Command::Rtts(reply) => {
+                let _ = reply.send(self.rtt.clone());
+            }
             Command::Members(reply) => {
                 let mut list: Vec<PeerInfo> = self
                     .members
@@ -1086,6 +1288,14 @@ impl EventLoop {
         match event {
             BehaviourEvent::Membership(ev) => self.on_membership(ev),
             BehaviourEvent::RegistrySync(ev) => self.on_registry_sync(ev),
+            BehaviourEvent::Tasks(ev) => self.on_tasks(ev),
+            BehaviourEvent::Ping(ping::Event {
+                peer,
+                result: Ok(rtt),
+                ..
+            }) => {
+                self.rtt.insert(peer, rtt);
+            }
             BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
                 for addr in info.listen_addrs.into_iter().take(MAX_ADDRS_PER_PEER) {
                     self.remember_addr(peer_id, addr);

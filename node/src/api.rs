@@ -82,6 +82,10 @@ fn router(inner: Shared) -> Router {
         .route("/v1/functions/{id}", get(function).delete(delete_function))
         .route("/v1/endpoints", get(endpoints))
         .route("/v1/endpoints/{id}", get(endpoint))
+        .route("/v1/tasks", post(submit_tasks))
+        .route("/v1/tasks/wait", post(wait_tasks))
+        .route("/v1/tasks/{id}", get(task))
+        .route("/v1/tasks/{id}/cancel", post(cancel_task))
         // Everything above needs the token; the OpenAPI document below does not.
         .route_layer(middleware::from_fn_with_state(inner.clone(), auth))
         .route("/v1/openapi.json", get(openapi))
@@ -298,6 +302,203 @@ async fn endpoint(
         .cloned()
         .map(Json)
         .map_err(not_found)
+}
+
+/// The answer to `POST /v1/tasks` and `POST /v1/tasks/wait`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct TaskList {
+    /// One entry per task, in order.
+    pub tasks: Vec<crate::tasks::Submitted1>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum SubmitForm {
+    Many(crate::tasks::SubmitBody),
+    One {
+        #[serde(flatten)]
+        task: crate::tasks::NewTask,
+        #[serde(default)]
+        wait_ms: u64,
+    },
+}
+
+fn dispatch_error(e: mesh::dispatch::Error) -> ApiError {
+    ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+}
+
+fn views(
+    tasks: Vec<Option<mesh::dispatch::Submitted>>,
+    ids: &[String],
+) -> Vec<crate::tasks::Submitted1> {
+    tasks
+        .into_iter()
+        .zip(ids)
+        .map(|(t, id)| match t {
+            Some(t) => crate::tasks::Submitted1 {
+                task: Some((&t).into()),
+                error: None,
+            },
+            None => crate::tasks::Submitted1 {
+                task: None,
+                error: Some(format!("no task {id} was submitted from this node")),
+            },
+        })
+        .collect()
+}
+
+async fn submit_tasks(
+    State(inner): State<Shared>,
+    body: axum::body::Bytes,
+) -> Result<Json<TaskList>, ApiError> {
+    let form: SubmitForm = serde_json::from_slice(&body).map_err(|e| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("the request is not a task or a list of tasks: {e}"),
+        )
+    })?;
+    let (tasks, wait_ms) = match form {
+        SubmitForm::Many(b) if !b.tasks.is_empty() => (b.tasks, b.wait_ms),
+        SubmitForm::One { task, wait_ms } if !task.function.is_empty() => (vec![task], wait_ms),
+        _ => {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                "name a function (`function`) or give a list of tasks (`tasks`)".into(),
+            ));
+        }
+    };
+    let view = inner.mesh.registry().await.map_err(unavailable)?;
+    let requests = crate::tasks::requests(&view, tasks);
+    let mut ok = Vec::new();
+    let mut slots = Vec::new();
+    for r in requests {
+        match r {
+            Ok(r) => {
+                slots.push(Ok(()));
+                ok.push(r);
+            }
+            Err(e) => slots.push(Err(e)),
+        }
+    }
+    let dispatcher = &inner.tasks.dispatcher;
+    let mut answers = dispatcher
+        .submit(ok)
+        .await
+        .map_err(dispatch_error)?
+        .into_iter();
+    let mut out: Vec<crate::tasks::Submitted1> = slots
+        .into_iter()
+        .map(|s| {
+            let r = match s {
+                Ok(()) => answers.next().unwrap_or(Err("no answer".into())),
+                Err(e) => Err(e),
+            };
+            match r {
+                Ok(t) => crate::tasks::Submitted1 {
+                    task: Some((&t).into()),
+                    error: None,
+                },
+                Err(e) => crate::tasks::Submitted1 {
+                    task: None,
+                    error: Some(e),
+                },
+            }
+        })
+        .collect();
+    if wait_ms > 0 {
+        let ids: Vec<compute::TaskId> = out
+            .iter()
+            .filter_map(|s| s.task.as_ref().and_then(|t| t.id.parse().ok()))
+            .collect();
+        let done = dispatcher
+            .wait(ids, std::time::Duration::from_millis(wait_ms))
+            .await
+            .map_err(dispatch_error)?;
+        let mut done = done.into_iter();
+        for slot in out.iter_mut().filter(|s| s.task.is_some()) {
+            if let Some(Some(t)) = done.next() {
+                slot.task = Some((&t).into());
+            }
+        }
+    }
+    Ok(Json(TaskList { tasks: out }))
+}
+
+/// `POST /v1/tasks/wait`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct WaitBody {
+    /// Task ids.
+    pub ids: Vec<String>,
+    /// Longest wait, milliseconds.
+    #[serde(default)]
+    pub timeout_ms: u64,
+}
+
+fn parse_ids(ids: &[String]) -> Result<Vec<compute::TaskId>, ApiError> {
+    ids.iter()
+        .map(|s| {
+            s.parse()
+                .map_err(|e: String| ApiError(StatusCode::BAD_REQUEST, e))
+        })
+        .collect()
+}
+
+async fn wait_tasks(
+    State(inner): State<Shared>,
+    Json(body): Json<WaitBody>,
+) -> Result<Json<TaskList>, ApiError> {
+    let ids = parse_ids(&body.ids)?;
+    let tasks = inner
+        .tasks
+        .dispatcher
+        .wait(ids, std::time::Duration::from_millis(body.timeout_ms))
+        .await
+        .map_err(dispatch_error)?;
+    Ok(Json(TaskList {
+        tasks: views(tasks, &body.ids),
+    }))
+}
+
+async fn task(
+    State(inner): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Json<crate::tasks::TaskView>, ApiError> {
+    let ids = parse_ids(std::slice::from_ref(&id))?;
+    let t = inner
+        .tasks
+        .dispatcher
+        .get(ids)
+        .await
+        .map_err(dispatch_error)?;
+    match t.into_iter().next().flatten() {
+        Some(t) => Ok(Json((&t).into())),
+        None => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no task {id} was submitted from this node (tasks are kept by their submitting node)"
+            ),
+        )),
+    }
+}
+
+async fn cancel_task(
+    State(inner): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Json<crate::tasks::TaskView>, ApiError> {
+    let tid = parse_ids(std::slice::from_ref(&id))?.remove(0);
+    match inner
+        .tasks
+        .dispatcher
+        .cancel(tid)
+        .await
+        .map_err(dispatch_error)?
+    {
+        Some(t) => Ok(Json((&t).into())),
+        None => Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no task {id} was submitted from this node"),
+        )),
+    }
 }
 
 async fn openapi() -> impl IntoResponse {

@@ -95,6 +95,95 @@ pub enum Command {
     Endpoint(EndpointCommand),
     /// Show the local replica of the registry: entries, heads, sync.
     Registry(NodeArgs),
+    /// Run a function on an endpoint of the federation (arguments are JSON values).
+    Run(RunArgs),
+    /// Follow, fetch or cancel tasks this node submitted.
+    #[command(subcommand)]
+    Task(TaskCommand),
+}
+
+/// `funcmesh run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The function: id, id prefix (6+ characters) or name. Not with --batch.
+    #[arg(required_unless_present = "batch")]
+    pub function: Option<String>,
+    /// Positional arguments, each a JSON value (text that is not JSON is taken as a string).
+    pub args: Vec<String>,
+    /// Keyword arguments, a JSON object.
+    #[arg(long)]
+    pub kwargs: Option<String>,
+    /// Run on this endpoint: id, id prefix, name or name@node.
+    #[arg(long)]
+    pub endpoint: Option<String>,
+    /// Only on endpoints with this tag (repeatable).
+    #[arg(long = "require", value_name = "KEY=VALUE")]
+    pub require: Vec<String>,
+    /// Only on endpoints of this institution.
+    #[arg(long)]
+    pub institution: Option<String>,
+    /// Routing strategy: warm-aware, least-loaded, random, round-robin.
+    #[arg(long, default_value = "warm-aware")]
+    pub strategy: String,
+    /// Retry on another endpoint up to N times if the endpoint is lost.
+    #[arg(long, default_value_t = 0)]
+    pub retries: u32,
+    /// Time limit of the task (e.g. 30s); default: the endpoint's.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub timeout: Option<Duration>,
+    /// Wait for the result and print it (exit status 1 if the task failed).
+    #[arg(long)]
+    pub wait: bool,
+    /// How long --wait waits.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    pub wait_timeout: Duration,
+    /// Submit many tasks from a JSON Lines file: one task object per line
+    /// (`{"function": …, "args": […], "kwargs": {…}, "endpoint": …}`); `-` reads stdin.
+    #[arg(long, conflicts_with = "function")]
+    pub batch: Option<PathBuf>,
+    /// The node to submit through, and output format.
+    #[command(flatten)]
+    pub node: NodeArgs,
+}
+
+/// `funcmesh task …`.
+#[derive(Debug, Subcommand)]
+pub enum TaskCommand {
+    /// Show a task's status, endpoint and timings.
+    Status {
+        /// The task id.
+        id: String,
+        /// The node that submitted it.
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+    /// Print a finished task's result (exit status 1 if it failed).
+    Result {
+        /// The task id.
+        id: String,
+        /// The node that submitted it.
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+    /// Wait for a task to finish, then print its result.
+    Wait {
+        /// The task id.
+        id: String,
+        /// How long to wait.
+        #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+        /// The node that submitted it.
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+    /// Cancel a task (its worker is stopped if it runs).
+    Cancel {
+        /// The task id.
+        id: String,
+        /// The node that submitted it.
+        #[command(flatten)]
+        node: NodeArgs,
+    },
 }
 
 /// `funcmesh function …`.
@@ -489,6 +578,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Testnet(cmd) => local_testnet::run(cmd).await,
         Command::Function(cmd) => function_command(cmd).await,
+        Command::Run(args) => run_command(args).await,
+        Command::Task(cmd) => task_command(cmd).await,
         Command::Endpoint(cmd) => endpoint_command(cmd).await,
         Command::Registry(args) => {
             let client = Client::for_node(&DataDir::new(&args.node))?;
@@ -507,6 +598,253 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+    }
+}
+
+/// A command-line argument as a JSON value; text that is not JSON is a string.
+fn json_arg(s: &str) -> serde_json::Value {
+    serde_json::from_str(s).unwrap_or_else(|_| serde_json::Value::String(s.to_owned()))
+}
+
+async fn run_command(a: RunArgs) -> anyhow::Result<()> {
+    let tasks = match &a.batch {
+        Some(path) => {
+            let text = if path.as_os_str() == "-" {
+                std::io::read_to_string(std::io::stdin()).context("cannot read stdin")?
+            } else {
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read {}", path.display()))?
+            };
+            let mut tasks = Vec::new();
+            for (n, line) in text.lines().enumerate() {
+                if line.trim().is_empty() {
+                    continue;
+                }
+                let t: crate::tasks::NewTask = serde_json::from_str(line).with_context(|| {
+                    format!(
+                        "{} line {}: not a task object ({{\"function\": …, \"args\": […]}})",
+                        path.display(),
+                        n + 1
+                    )
+                })?;
+                tasks.push(t);
+            }
+            if tasks.is_empty() {
+                anyhow::bail!("{} holds no tasks", path.display());
+            }
+            tasks
+        }
+        None => {
+            let kwargs = match &a.kwargs {
+                Some(k) => {
+                    let v: serde_json::Value = serde_json::from_str(k)
+                        .with_context(|| format!("--kwargs `{k}` is not JSON"))?;
+                    if !v.is_object() {
+                        anyhow::bail!("--kwargs must be a JSON object, like '{{\"x\": 1}}'");
+                    }
+                    v
+                }
+                None => serde_json::json!({}),
+            };
+            let mut require = std::collections::BTreeMap::new();
+            for r in &a.require {
+                let Some((k, v)) = r.split_once('=') else {
+                    anyhow::bail!("--require {r}: expected KEY=VALUE");
+                };
+                require.insert(k.to_owned(), v.to_owned());
+            }
+            mesh::routing::Strategy::parse(&a.strategy).map_err(|e| anyhow::anyhow!(e))?;
+            vec![crate::tasks::NewTask {
+                function: a.function.clone().unwrap_or_default(),
+                args: serde_json::Value::Array(a.args.iter().map(|s| json_arg(s)).collect()),
+                kwargs,
+                endpoint: a.endpoint.clone(),
+                require,
+                institution: a.institution.clone(),
+                strategy: Some(a.strategy.clone()),
+                retries: a.retries,
+                timeout_ms: a.timeout.map_or(0, |d| d.as_millis() as u64),
+                ..Default::default()
+            }]
+        }
+    };
+    let client = Client::for_node(&DataDir::new(&a.node.node))?;
+    let wait = if a.wait {
+        a.wait_timeout
+    } else {
+        Duration::ZERO
+    };
+    let list = client.submit_tasks(tasks, wait).await?;
+    if a.node.json {
+        println!("{}", serde_json::to_string_pretty(&list)?);
+        return Ok(());
+    }
+    let single = list.tasks.len() == 1;
+    let mut failed = 0;
+    for s in &list.tasks {
+        match (&s.task, &s.error) {
+            (Some(t), _) if a.wait => {
+                if !print_result(t, single) {
+                    failed += 1;
+                }
+            }
+            (Some(t), _) => println!("{}", t.id),
+            (None, Some(e)) => {
+                failed += 1;
+                if single {
+                    anyhow::bail!("{e}");
+                }
+                eprintln!("refused: {e}");
+            }
+            (None, None) => {}
+        }
+    }
+    if failed > 0 {
+        anyhow::bail!("{failed} of {} tasks did not succeed", list.tasks.len());
+    }
+    Ok(())
+}
+
+/// Prints a task's value (stdout) or error (stderr); returns whether it succeeded.
+fn print_result(t: &crate::tasks::TaskView, bare: bool) -> bool {
+    use compute::Outcome;
+    match &t.outcome {
+        Some(Outcome::Succeeded { value }) => {
+            let text = serde_json::to_string(value).unwrap_or_default();
+            if bare {
+                println!("{text}");
+            } else {
+                println!("{}  {text}", t.id);
+            }
+            true
+        }
+        Some(Outcome::Failed { error, value }) => {
+            if let Some(v) = value {
+                if let Some(out) = v.get("stdout").and_then(|o| o.as_str()) {
+                    print!("{out}");
+                }
+                if let Some(err) = v.get("stderr").and_then(|o| o.as_str()) {
+                    eprint!("{err}");
+                }
+            }
+            if let Some(tb) = &error.traceback {
+                eprint!("{tb}");
+                if !tb.ends_with('\n') {
+                    eprintln!();
+                }
+            }
+            eprintln!(
+                "task {} failed on {}: {}: {}",
+                t.id,
+                t.endpoint.as_deref().unwrap_or("?"),
+                error.type_name,
+                error.message
+            );
+            false
+        }
+        Some(Outcome::Cancelled { reason }) => {
+            eprintln!("task {} was cancelled: {reason}", t.id);
+            false
+        }
+        None => {
+            eprintln!("task {} is still {}", t.id, t.status);
+            false
+        }
+    }
+}
+
+fn print_task(t: &crate::tasks::TaskView) {
+    let at = |us: u64| {
+        if us == 0 {
+            "-".to_string()
+        } else {
+            let base = t.times.submitted_us;
+            format!("+{:.3} ms", (us.saturating_sub(base)) as f64 / 1000.0)
+        }
+    };
+    println!("id           {}", t.id);
+    println!("function     {} ({})", t.function, t.function_id);
+    println!("status       {}", t.status);
+    println!("endpoint     {}", t.endpoint.as_deref().unwrap_or("-"));
+    println!("attempts     {}", t.attempts);
+    for l in &t.lost {
+        println!("  lost       {l}");
+    }
+    println!("environment  {}", t.environment.as_deref().unwrap_or("-"));
+    println!(
+        "worker       {}{}",
+        t.worker.as_deref().unwrap_or("-"),
+        if t.cold_start { " (cold start)" } else { "" }
+    );
+    println!("submitted    {}", at(t.times.submitted_us));
+    println!("received     {}", at(t.times.received_us));
+    println!("queued       {}", at(t.times.queued_us));
+    println!("waiting      {}", at(t.times.waiting_us));
+    println!("running      {}", at(t.times.running_us));
+    println!("finished     {}", at(t.times.finished_us));
+    if let Some(compute::Outcome::Failed { error, .. }) = &t.outcome {
+        println!("error        {}: {}", error.type_name, error.message);
+    }
+}
+
+async fn task_command(cmd: TaskCommand) -> anyhow::Result<()> {
+    match cmd {
+        TaskCommand::Status { id, node } => {
+            let client = Client::for_node(&DataDir::new(&node.node))?;
+            let t = client.task(&id).await?;
+            if node.json {
+                println!("{}", serde_json::to_string_pretty(&t)?);
+            } else {
+                print_task(&t);
+            }
+            Ok(())
+        }
+        TaskCommand::Result { id, node } => {
+            let client = Client::for_node(&DataDir::new(&node.node))?;
+            let t = client.task(&id).await?;
+            finish_result(&t, node.json)
+        }
+        TaskCommand::Wait { id, timeout, node } => {
+            let client = Client::for_node(&DataDir::new(&node.node))?;
+            let list = client.wait_tasks(vec![id.clone()], timeout).await?;
+            let Some(s) = list.tasks.into_iter().next() else {
+                anyhow::bail!("no answer for task {id}");
+            };
+            match (s.task, s.error) {
+                (Some(t), _) => finish_result(&t, node.json),
+                (None, e) => anyhow::bail!("{}", e.unwrap_or_default()),
+            }
+        }
+        TaskCommand::Cancel { id, node } => {
+            let client = Client::for_node(&DataDir::new(&node.node))?;
+            let t = client.cancel_task(&id).await?;
+            if node.json {
+                println!("{}", serde_json::to_string_pretty(&t)?);
+            } else {
+                println!("{} {}", t.id, t.status);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn finish_result(t: &crate::tasks::TaskView, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(t)?);
+        return Ok(());
+    }
+    if !t.status.is_terminal() {
+        anyhow::bail!(
+            "task {} is still {}: wait with `funcmesh task wait {}`",
+            t.id,
+            t.status,
+            t.id
+        );
+    }
+    if print_result(t, true) {
+        Ok(())
+    } else {
+        anyhow::bail!("task {} {}", t.id, t.status)
     }
 }
 

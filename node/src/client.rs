@@ -20,10 +20,7 @@ impl Client {
     /// Finds the node of `dir` through its `api.json`.
     pub fn for_node(dir: &DataDir) -> anyhow::Result<Client> {
         let info = dir.read_api()?;
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .build()
-            .context("HTTP client")?;
+        let http = reqwest::Client::builder().build().context("HTTP client")?;
         Ok(Client {
             info,
             dir: dir.clone(),
@@ -49,10 +46,22 @@ impl Client {
         path: &str,
         body: Option<&B>,
     ) -> anyhow::Result<T> {
+        self.call_within(method, path, body, Duration::from_secs(10))
+            .await
+    }
+
+    async fn call_within<B: serde::Serialize, T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&B>,
+        timeout: Duration,
+    ) -> anyhow::Result<T> {
         let url = format!("{}{path}", self.info.url);
         let mut req = self
             .http
             .request(method, &url)
+            .timeout(timeout)
             .bearer_auth(&self.info.token);
         if let Some(b) = body {
             req = req.json(b);
@@ -134,6 +143,55 @@ impl Client {
     /// `GET /v1/endpoints/{id}` (id, id prefix or name).
     pub async fn endpoint(&self, query: &str) -> anyhow::Result<crdt_registry::Endpoint> {
         self.get(&format!("/v1/endpoints/{}", encode(query))).await
+    }
+
+    /// `POST /v1/tasks`: submits tasks; with `wait`, waits that long for their results.
+    pub async fn submit_tasks(
+        &self,
+        tasks: Vec<crate::tasks::NewTask>,
+        wait: Duration,
+    ) -> anyhow::Result<crate::api::TaskList> {
+        let body = crate::tasks::SubmitBody {
+            tasks,
+            wait_ms: wait.as_millis() as u64,
+        };
+        self.call_within(
+            reqwest::Method::POST,
+            "/v1/tasks",
+            Some(&body),
+            wait + Duration::from_secs(30),
+        )
+        .await
+    }
+
+    /// `POST /v1/tasks/wait`.
+    pub async fn wait_tasks(
+        &self,
+        ids: Vec<String>,
+        wait: Duration,
+    ) -> anyhow::Result<crate::api::TaskList> {
+        let body = crate::api::WaitBody {
+            ids,
+            timeout_ms: wait.as_millis() as u64,
+        };
+        self.call_within(
+            reqwest::Method::POST,
+            "/v1/tasks/wait",
+            Some(&body),
+            wait + Duration::from_secs(30),
+        )
+        .await
+    }
+
+    /// `GET /v1/tasks/{id}`.
+    pub async fn task(&self, id: &str) -> anyhow::Result<crate::tasks::TaskView> {
+        self.get(&format!("/v1/tasks/{}", encode(id))).await
+    }
+
+    /// `POST /v1/tasks/{id}/cancel`.
+    pub async fn cancel_task(&self, id: &str) -> anyhow::Result<crate::tasks::TaskView> {
+        self.post(&format!("/v1/tasks/{}/cancel", encode(id)), &())
+            .await
     }
 
     /// `GET /v1/institutions`.

@@ -51,6 +51,56 @@ pub struct EndpointSection {
     pub policy: String,
     /// Listed for the whole federation.
     pub public: bool,
+    /// Most workers running at once.
+    pub max_workers: usize,
+    /// Most container workers at once; the least recently used idle one is evicted for room.
+    pub container_cap: usize,
+    /// How workers are kept: `cold` (one per task), `warm` (until `idle_timeout`), `prewarm`.
+    pub strategy: compute::Strategy,
+    /// With `prewarm`: workers kept ready per environment in `prewarm_environments`.
+    pub prewarm: usize,
+    /// With `prewarm`: environments kept ready (`host`, `docker:<image>`).
+    pub prewarm_environments: Vec<String>,
+    /// How long an idle worker is kept.
+    #[serde(with = "humantime_serde_str")]
+    pub idle_timeout: Duration,
+    /// Default time limit per task (`0s`: none).
+    #[serde(with = "humantime_serde_str")]
+    pub task_timeout: Duration,
+    /// Memory limit per task, MiB (0: none).
+    pub task_memory_mb: u64,
+    /// Largest result, bytes of JSON.
+    pub result_limit: u64,
+    /// Cap on captured shell output, characters per stream.
+    pub output_cap: u64,
+    /// How long finished tasks are kept.
+    #[serde(with = "humantime_serde_str")]
+    pub retention: Duration,
+    /// The Python interpreter for host workers.
+    pub python: String,
+}
+
+impl EndpointSection {
+    /// The compute engine's view of this table.
+    pub fn compute(&self) -> compute::EndpointConfig {
+        compute::EndpointConfig {
+            name: self.name.clone(),
+            max_workers: self.max_workers,
+            container_cap: self.container_cap,
+            strategy: self.strategy,
+            prewarm: self.prewarm,
+            prewarm_environments: self.prewarm_environments.clone(),
+            idle_timeout: self.idle_timeout,
+            task_timeout: self.task_timeout,
+            task_memory_mb: self.task_memory_mb,
+            result_limit: self.result_limit,
+            output_cap: self.output_cap,
+            retention: self.retention,
+            python: self.python.clone(),
+            runtimes: self.runtimes.clone(),
+            ..compute::EndpointConfig::default()
+        }
+    }
 }
 
 impl Default for EndpointSection {
@@ -65,6 +115,18 @@ impl Default for EndpointSection {
             tags: Default::default(),
             policy: "institution-and-capability".into(),
             public: true,
+            max_workers: 2,
+            container_cap: 4,
+            strategy: compute::Strategy::Warm,
+            prewarm: 1,
+            prewarm_environments: vec!["host".into()],
+            idle_timeout: Duration::from_secs(300),
+            task_timeout: Duration::ZERO,
+            task_memory_mb: 0,
+            result_limit: 10 << 20,
+            output_cap: 64 << 10,
+            retention: Duration::from_secs(7 * 24 * 3600),
+            python: "python3".into(),
         }
     }
 }
@@ -106,6 +168,10 @@ pub struct MeshSection {
     /// How often to sync the registry with a random member (anti-entropy).
     #[serde(with = "humantime_serde_str")]
     pub anti_entropy: Duration,
+    /// An endpoint whose node has not advertised for this long is lost: its unfinished tasks are
+    /// retried elsewhere (`--retries`) or fail with that reason.
+    #[serde(with = "humantime_serde_str")]
+    pub endpoint_lost_after: Duration,
 }
 
 impl Default for NodeSection {
@@ -137,6 +203,7 @@ impl Default for MeshSection {
             proof_timeout: Duration::from_secs(5),
             redial_interval: Duration::from_millis(500),
             anti_entropy: Duration::from_secs(10),
+            endpoint_lost_after: Duration::from_secs(6),
         }
     }
 }
@@ -226,6 +293,19 @@ impl Config {
                         e.name
                     );
                 }
+            }
+            if let Err(reason) = e.compute().validate() {
+                bail!("{reason}");
+            }
+            if !e
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            {
+                bail!(
+                    "[[endpoint]] {:?}: names may only use letters, digits, `-`, `_` and `.`",
+                    e.name
+                );
             }
         }
         Ok(())

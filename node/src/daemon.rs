@@ -36,6 +36,8 @@ pub(crate) struct Inner {
     pub(crate) token: String,
     /// This node's registry key (its ed25519 identity).
     pub(crate) key: crdt_registry::Key,
+    /// Tasks: this node's endpoints and its dispatcher.
+    pub(crate) tasks: crate::tasks::Tasks,
 }
 
 impl Node {
@@ -121,6 +123,17 @@ impl Node {
                 }
             });
         }
+        let tasks = crate::tasks::start(
+            &mesh,
+            &store,
+            &dir.root().join("endpoints"),
+            config,
+            &own,
+            &cancel,
+            &tracker,
+        )
+        .await
+        .context("cannot start the task service")?;
         let token = hex::encode(rand::random::<[u8; 24]>());
         let inner = Arc::new(Inner {
             mesh,
@@ -130,6 +143,7 @@ impl Node {
             started: Instant::now(),
             token: token.clone(),
             key,
+            tasks,
         });
         let listener = tokio::net::TcpListener::bind(config.api.listen)
             .await
@@ -184,6 +198,39 @@ impl Node {
             .registry_write(id.clone(), crdt_registry::record::Body::Function(record))
             .await?;
         Ok(id)
+    }
+
+    /// Submits tasks (what `POST /v1/tasks` does).
+    pub async fn submit(
+        &self,
+        tasks: Vec<crate::tasks::NewTask>,
+    ) -> anyhow::Result<Vec<Result<mesh::dispatch::Submitted, String>>> {
+        let view = self.mesh().registry().await?;
+        let requests = crate::tasks::requests(&view, tasks);
+        let mut ok = Vec::new();
+        let mut slots = Vec::new();
+        for r in requests {
+            match r {
+                Ok(r) => {
+                    slots.push(Ok(ok.len()));
+                    ok.push(r);
+                }
+                Err(e) => slots.push(Err(e)),
+            }
+        }
+        let mut answers = self.inner.tasks.dispatcher.submit(ok).await?.into_iter();
+        Ok(slots
+            .into_iter()
+            .map(|s| match s {
+                Ok(_) => answers.next().unwrap_or(Err("lost answer".into())),
+                Err(e) => Err(e),
+            })
+            .collect())
+    }
+
+    /// The dispatcher (tasks this node submits).
+    pub fn dispatcher(&self) -> &mesh::dispatch::Dispatcher {
+        &self.inner.tasks.dispatcher
     }
 
     /// This node's own verified membership.

@@ -14,6 +14,7 @@ pub mod demo;
 pub mod local_testnet;
 pub mod ops;
 pub mod registry;
+pub mod tasks;
 
 pub use config::Config;
 pub use daemon::Node;

@@ -31,8 +31,15 @@ pub mod cf {
     /// Registry sync state per peer: peer id (UTF-8) → encoded Automerge `sync::State`.
     pub const REGISTRY_SYNC: &str = "registry_sync";
 
+    /// Tasks an endpoint of this node accepted (compute): `<endpoint name>/<task id>` → JSON
+    /// `compute::Record`; `~out/<endpoint name>/<task id>` → empty, while the finished task's
+    /// result has not been acknowledged by its submitter.
+    pub const TASKS: &str = "tasks";
+    /// Tasks this node submitted (mesh dispatch): `<task id>` → JSON `mesh::tasks::Submitted`.
+    pub const SUBMITTED: &str = "submitted";
+
     /// All column families, in creation order.
-    pub const ALL: &[&str] = &[META, PEERS, REGISTRY, REGISTRY_SYNC];
+    pub const ALL: &[&str] = &[META, PEERS, REGISTRY, REGISTRY_SYNC, TASKS, SUBMITTED];
 }
 
 /// On-disk schema version, bumped on any incompatible layout change.
@@ -192,6 +199,44 @@ impl Store {
             cf: ops.first().map_or("none", |o| o.0),
             source,
         })
+    }
+
+    /// Applies puts and deletes atomically, written to the operating system but not synced: the
+    /// write survives the process being killed (`kill -9`), not the machine losing power. The
+    /// task path uses it, where an fsync per task would cost more than the task.
+    pub fn batch_unsynced(&self, ops: &[Op]) -> Result<(), Error> {
+        let mut batch = rocksdb::WriteBatch::default();
+        for (cf, key, value) in ops {
+            match value {
+                Some(v) => batch.put_cf(self.handle(cf), key, v),
+                None => batch.delete_cf(self.handle(cf), key),
+            }
+        }
+        self.db
+            .write_opt(batch, &WriteOptions::default())
+            .map_err(|source| Error::Io {
+                op: "batch",
+                cf: ops.first().map_or("none", |o| o.0),
+                source,
+            })
+    }
+
+    /// Every entry whose key starts with `prefix`, in key order.
+    pub fn scan_prefix(&self, cf: &'static str, prefix: &[u8]) -> Result<Vec<Entry>, Error> {
+        let mode = rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward);
+        let mut out = Vec::new();
+        for r in self.db.iterator_cf(self.handle(cf), mode) {
+            let (k, v) = r.map_err(|source| Error::Io {
+                op: "scan",
+                cf,
+                source,
+            })?;
+            if !k.starts_with(prefix) {
+                break;
+            }
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
     }
 
     /// Every entry of a column family, in key order. Meant for small families.

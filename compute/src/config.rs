@@ -1,0 +1,135 @@
+//! An endpoint's configuration, as the node's `[[endpoint]]` table gives it.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::environment::Environment;
+
+/// How an endpoint keeps workers for an environment between tasks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Strategy {
+    /// A fresh worker (container) per task, stopped after it.
+    Cold,
+    /// Keep idle workers until the idle timeout (the default).
+    #[default]
+    Warm,
+    /// Keep `prewarm` workers ready at all times, and others as `warm`.
+    Prewarm,
+}
+
+/// One endpoint's settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EndpointConfig {
+    /// Its name, unique on its node.
+    pub name: String,
+    /// Most workers running at once, across environments.
+    pub max_workers: usize,
+    /// Most container workers running at once (LRU idle ones are evicted to make room).
+    pub container_cap: usize,
+    /// How workers are kept.
+    pub strategy: Strategy,
+    /// With `prewarm`: how many workers to keep ready per listed environment.
+    pub prewarm: usize,
+    /// With `prewarm`: the environments to keep ready (`host`, `docker:<image>`).
+    pub prewarm_environments: Vec<String>,
+    /// How long an idle worker is kept, with `warm` and `prewarm`.
+    #[serde(with = "humantime_serde_compat")]
+    pub idle_timeout: Duration,
+    /// Default time limit per task (0: none).
+    #[serde(with = "humantime_serde_compat")]
+    pub task_timeout: Duration,
+    /// Memory limit per task, MiB (0: none).
+    pub task_memory_mb: u64,
+    /// Largest result, bytes, as JSON.
+    pub result_limit: u64,
+    /// Cap on captured shell output, characters per stream.
+    pub output_cap: u64,
+    /// How long finished tasks are kept.
+    #[serde(with = "humantime_serde_compat")]
+    pub retention: Duration,
+    /// Most tasks sent to one worker in one batch.
+    pub batch_max: usize,
+    /// The Python interpreter for host workers.
+    pub python: String,
+    /// Runtimes offered (`host`, `docker`, `podman`, `apptainer`).
+    pub runtimes: Vec<String>,
+}
+
+impl Default for EndpointConfig {
+    fn default() -> Self {
+        EndpointConfig {
+            name: "default".into(),
+            max_workers: 2,
+            container_cap: 4,
+            strategy: Strategy::Warm,
+            prewarm: 1,
+            prewarm_environments: vec!["host".into()],
+            idle_timeout: Duration::from_secs(300),
+            task_timeout: Duration::ZERO,
+            task_memory_mb: 0,
+            result_limit: 10 << 20,
+            output_cap: 64 << 10,
+            retention: Duration::from_secs(7 * 24 * 3600),
+            batch_max: 64,
+            python: "python3".into(),
+            runtimes: vec!["host".into()],
+        }
+    }
+}
+
+impl EndpointConfig {
+    /// Checks the values, naming the first bad one.
+    pub fn validate(&self) -> Result<(), String> {
+        let at = format!("[[endpoint]] `{}`", self.name);
+        if self.max_workers == 0 {
+            return Err(format!("{at}: max_workers must be at least 1"));
+        }
+        if self.batch_max == 0 {
+            return Err(format!("{at}: batch_max must be at least 1"));
+        }
+        for e in &self.prewarm_environments {
+            Environment::parse(e).map_err(|err| format!("{at}: prewarm_environments: {err}"))?;
+        }
+        for r in &self.runtimes {
+            if !["host", "docker", "podman", "apptainer"].contains(&r.as_str()) {
+                return Err(format!(
+                    "{at}: runtime `{r}` is not one of host, docker, podman, apptainer"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The environments kept ready with `prewarm`.
+    pub fn prewarmed(&self) -> Vec<Environment> {
+        if self.strategy != Strategy::Prewarm {
+            return Vec::new();
+        }
+        self.prewarm_environments
+            .iter()
+            .filter_map(|e| Environment::parse(e).ok())
+            .collect()
+    }
+}
+
+/// Durations as humantime strings (`"30s"`, `"5m"`), as the node config writes them.
+mod humantime_serde_compat {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(crate) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub(crate) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        if s == "0" {
+            return Ok(Duration::ZERO);
+        }
+        humantime::parse_duration(&s).map_err(serde::de::Error::custom)
+    }
+}

@@ -1,0 +1,907 @@
+//! The endpoint: a handle and the driver task that owns its pool, its workers and its tasks.
+//!
+//! A submission is stored before it is acknowledged; every phase change is stored as it happens
+//! (batched per turn of the driver's loop); a finished task is stored with its outcome and an
+//! *outbox* mark that stays until the submitter acknowledges the result. After a crash, tasks
+//! that had not started are queued again, and tasks that were running fail with
+//! [`FailureKind::EndpointLost`]: they are never run twice by the endpoint itself (the submitter
+//! decides about retries).
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::EndpointConfig;
+use crate::environment::{self, Environment, Runtime};
+use crate::pool::{Action, Load, Pool, Queued, WorkerId};
+use crate::protocol::{self, ToWorker, WorkerResult, WorkerTask};
+use crate::task::{
+    FailureKind, Outcome, RECORD_VERSION, Record, Status, Submission, TaskError, TaskId, Times,
+    now_us,
+};
+use crate::worker::{self, Launch, Report};
+
+const WORKER_PY: &str = include_str!("worker.py");
+
+/// Endpoint errors.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The endpoint has stopped.
+    #[error("the endpoint has stopped")]
+    Closed,
+    /// Its configuration is invalid.
+    #[error("{0}")]
+    Config(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] store::Error),
+    /// Its working directory cannot be prepared.
+    #[error("cannot prepare the endpoint's working directory {path}: {source}")]
+    WorkDir {
+        /// The directory.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+enum Cmd {
+    Submit {
+        submitter: String,
+        tasks: Vec<Submission>,
+        reply: oneshot::Sender<Vec<Result<Record, String>>>,
+    },
+    Cancel {
+        id: TaskId,
+        reply: oneshot::Sender<Option<Record>>,
+    },
+    Records {
+        ids: Vec<TaskId>,
+        reply: oneshot::Sender<Vec<Option<Record>>>,
+    },
+    Load(oneshot::Sender<Load>),
+    Acknowledge(Vec<TaskId>),
+    Unacknowledged(oneshot::Sender<Vec<Record>>),
+}
+
+/// A cheap-clone handle to a running endpoint.
+#[derive(Clone, Debug)]
+pub struct Endpoint {
+    name: String,
+    tx: mpsc::Sender<Cmd>,
+}
+
+impl std::fmt::Debug for Cmd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Cmd")
+    }
+}
+
+/// Finished tasks, as the endpoint reports them (the fast path; the outbox is the durable one).
+pub type Results = mpsc::Receiver<Record>;
+
+impl Endpoint {
+    /// Starts the endpoint `config.name`: writes the worker script into `work_dir`, recovers
+    /// stored tasks, and starts its driver under `tracker`. `label` names this node in container
+    /// labels. Finished tasks arrive on the returned receiver.
+    pub async fn start(
+        config: EndpointConfig,
+        store: store::Store,
+        work_dir: &Path,
+        label: &str,
+        cancel: CancellationToken,
+        tracker: &TaskTracker,
+    ) -> Result<(Endpoint, Results), Error> {
+        config.validate().map_err(Error::Config)?;
+        if !config
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+            || config.name.is_empty()
+        {
+            return Err(Error::Config(format!(
+                "endpoint name `{}` may only use letters, digits, `-`, `_` and `.`",
+                config.name
+            )));
+        }
+        let work_dir = work_dir.join(&config.name);
+        let wd = work_dir.clone();
+        let worker_py = tokio::task::spawn_blocking(move || -> std::io::Result<PathBuf> {
+            std::fs::create_dir_all(&wd)?;
+            let path = wd.join("worker.py");
+            let tmp = wd.join(".worker.py.tmp");
+            std::fs::write(&tmp, WORKER_PY)?;
+            std::fs::rename(&tmp, &path)?;
+            Ok(path)
+        })
+        .await
+        .map_err(|e| Error::WorkDir {
+            path: work_dir.clone(),
+            source: std::io::Error::other(e),
+        })?
+        .map_err(|source| Error::WorkDir {
+            path: work_dir.clone(),
+            source,
+        })?;
+        let label = format!("funcmesh.endpoint={label}.{}", config.name);
+        for runtime in [Runtime::Docker, Runtime::Podman] {
+            if config.runtimes.iter().any(|r| r == runtime.as_str()) {
+                worker::remove_stale_containers(runtime, &label).await;
+            }
+        }
+        let (tx, rx) = mpsc::channel(1024);
+        let (results_tx, results_rx) = mpsc::channel(8192);
+        let (reports_tx, reports_rx) = mpsc::channel(1024);
+        let mut driver = Driver {
+            pool: Pool::new(&config),
+            config: config.clone(),
+            store,
+            worker_py,
+            work_dir,
+            label,
+            live: HashMap::new(),
+            workers: HashMap::new(),
+            reports_tx,
+            results_tx,
+            dirty: HashSet::new(),
+            new_subs: Vec::new(),
+            finished: Vec::new(),
+            acks: Vec::new(),
+            replies: Vec::new(),
+            tracker: tracker.clone(),
+            cancel: cancel.clone(),
+        };
+        driver.recover().await?;
+        tracker.spawn(driver.run(rx, reports_rx, cancel));
+        Ok((
+            Endpoint {
+                name: config.name,
+                tx,
+            },
+            results_rx,
+        ))
+    }
+
+    /// Its name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Cmd) -> Result<T, Error> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(make(tx)).await.map_err(|_| Error::Closed)?;
+        rx.await.map_err(|_| Error::Closed)
+    }
+
+    /// Accepts tasks from `submitter`: each is stored before this returns, or refused with the
+    /// reason. A task id seen before returns its current record instead of running again.
+    pub async fn submit(
+        &self,
+        submitter: &str,
+        tasks: Vec<Submission>,
+    ) -> Result<Vec<Result<Record, String>>, Error> {
+        let submitter = submitter.to_owned();
+        self.ask(|reply| Cmd::Submit {
+            submitter,
+            tasks,
+            reply,
+        })
+        .await
+    }
+
+    /// Cancels a task; returns its record (unchanged if it had already finished), or `None` if
+    /// this endpoint does not know it.
+    pub async fn cancel(&self, id: TaskId) -> Result<Option<Record>, Error> {
+        self.ask(|reply| Cmd::Cancel { id, reply }).await
+    }
+
+    /// The records of these tasks.
+    pub async fn records(&self, ids: Vec<TaskId>) -> Result<Vec<Option<Record>>, Error> {
+        self.ask(|reply| Cmd::Records { ids, reply }).await
+    }
+
+    /// The pool's load.
+    pub async fn load(&self) -> Result<Load, Error> {
+        self.ask(Cmd::Load).await
+    }
+
+    /// The submitter has these results: drop them from the outbox.
+    pub async fn acknowledge(&self, ids: Vec<TaskId>) -> Result<(), Error> {
+        self.tx
+            .send(Cmd::Acknowledge(ids))
+            .await
+            .map_err(|_| Error::Closed)
+    }
+
+    /// Finished tasks whose results no submitter acknowledged yet (at most 1,000).
+    pub async fn unacknowledged(&self) -> Result<Vec<Record>, Error> {
+        self.ask(Cmd::Unacknowledged).await
+    }
+}
+
+fn rkey(endpoint: &str, id: &TaskId) -> Vec<u8> {
+    format!("r/{endpoint}/{id}").into_bytes()
+}
+fn skey(endpoint: &str, id: &TaskId) -> Vec<u8> {
+    format!("s/{endpoint}/{id}").into_bytes()
+}
+fn okey(endpoint: &str, id: &TaskId) -> Vec<u8> {
+    format!("o/{endpoint}/{id}").into_bytes()
+}
+
+struct Live {
+    sub: Submission,
+    rec: Record,
+}
+
+struct WorkerHandle {
+    orders: mpsc::Sender<Vec<u8>>,
+    kill: CancellationToken,
+    loaded: HashSet<String>,
+    name: String,
+}
+
+type Reply = Box<dyn FnOnce(&Driver) + Send + Sync>;
+
+struct Driver {
+    config: EndpointConfig,
+    store: store::Store,
+    pool: Pool,
+    worker_py: PathBuf,
+    work_dir: PathBuf,
+    label: String,
+    live: HashMap<TaskId, Live>,
+    workers: HashMap<WorkerId, WorkerHandle>,
+    reports_tx: mpsc::Sender<Report>,
+    results_tx: mpsc::Sender<Record>,
+    /// Live tasks whose record changed this turn.
+    dirty: HashSet<TaskId>,
+    /// Submissions to store this turn.
+    new_subs: Vec<TaskId>,
+    /// Tasks that finished this turn.
+    finished: Vec<Record>,
+    acks: Vec<TaskId>,
+    /// Answers to send once this turn's writes are stored.
+    replies: Vec<Reply>,
+    tracker: TaskTracker,
+    cancel: CancellationToken,
+}
+
+impl Driver {
+    async fn recover(&mut self) -> Result<(), Error> {
+        let prefix = format!("r/{}/", self.config.name).into_bytes();
+        let rows = self
+            .store
+            .blocking(move |s| s.scan_prefix(store::cf::TASKS, &prefix))
+            .await?;
+        let now = Instant::now();
+        let (mut requeued, mut lost) = (0, 0);
+        for (_, value) in rows {
+            let Ok(rec) = serde_json::from_slice::<Record>(&value) else {
+                continue;
+            };
+            if rec.status.is_terminal() {
+                continue;
+            }
+            let key = skey(&self.config.name, &rec.id);
+            let sub = self
+                .store
+                .blocking(move |s| s.get(store::cf::TASKS, &key))
+                .await?
+                .and_then(|v| serde_json::from_slice::<Submission>(&v).ok());
+            let env = sub
+                .as_ref()
+                .and_then(|s| Environment::of(s.function.container.as_ref()).ok());
+            match (sub, env) {
+                (Some(sub), Some(env)) if rec.status != Status::Running => {
+                    requeued += 1;
+                    let q = self.queued(&sub, &env);
+                    self.live.insert(rec.id.clone(), Live { sub, rec });
+                    self.pool.submit(q, now);
+                }
+                (sub, env) => {
+                    lost += 1;
+                    let mut rec = rec;
+                    if let (Some(sub), Some(_)) = (sub, env) {
+                        self.live.insert(
+                            rec.id.clone(),
+                            Live {
+                                sub,
+                                rec: rec.clone(),
+                            },
+                        );
+                    } else {
+                        rec.status = Status::Failed;
+                    }
+                    self.finish_record(
+                        rec,
+                        Outcome::failed(
+                            FailureKind::EndpointLost,
+                            "the endpoint stopped while this task was running; it was not run again",
+                        ),
+                    );
+                }
+            }
+        }
+        if requeued + lost > 0 {
+            tracing::info!(endpoint = %self.config.name, requeued, lost, "recovered tasks from the store");
+        }
+        self.apply().await;
+        Ok(())
+    }
+
+    async fn run(
+        mut self,
+        mut cmds: mpsc::Receiver<Cmd>,
+        mut reports: mpsc::Receiver<Report>,
+        cancel: CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sweep = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                cmd = cmds.recv() => match cmd {
+                    Some(cmd) => self.on_cmd(cmd).await,
+                    None => break,
+                },
+                Some(report) = reports.recv() => self.on_report(report),
+                _ = tick.tick() => self.pool.tick(Instant::now()),
+                _ = sweep.tick() => self.sweep().await,
+            }
+            // Take whatever else is waiting, so that one store write covers it all.
+            for _ in 0..256 {
+                match reports.try_recv() {
+                    Ok(r) => self.on_report(r),
+                    Err(_) => break,
+                }
+            }
+            for _ in 0..256 {
+                match cmds.try_recv() {
+                    Ok(c) => self.on_cmd(c).await,
+                    Err(_) => break,
+                }
+            }
+            self.apply().await;
+        }
+        self.pool.shutdown();
+        self.apply().await;
+        // Wait (bounded) for the workers to go, so that containers are removed.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !self.workers.is_empty() {
+            match tokio::time::timeout_at(deadline, reports.recv()).await {
+                Ok(Some(Report::Exited(id, _))) => {
+                    self.workers.remove(&id);
+                }
+                Ok(Some(_)) => {}
+                _ => break,
+            }
+        }
+    }
+
+    fn queued(&self, sub: &Submission, env: &Environment) -> Queued {
+        let timeout = if sub.timeout_ms > 0 {
+            Duration::from_millis(sub.timeout_ms)
+        } else {
+            self.config.task_timeout
+        };
+        let shell = matches!(
+            sub.function.spec,
+            crdt_registry::record::FunctionSpec::Shell { .. }
+        );
+        Queued {
+            id: sub.id.clone(),
+            env: env.clone(),
+            timeout,
+            // Shell commands are timed out by the worker itself (exit 124); the pool steps in
+            // only if that fails.
+            grace: if shell {
+                Duration::from_secs(2)
+            } else {
+                Duration::ZERO
+            },
+        }
+    }
+
+    fn check(&self, sub: &Submission) -> Result<Environment, String> {
+        if sub.endpoint != self.config.name {
+            return Err(format!(
+                "this is endpoint `{}`, not `{}`",
+                self.config.name, sub.endpoint
+            ));
+        }
+        sub.check()?;
+        let env = Environment::of(sub.function.container.as_ref())?;
+        if !self
+            .config
+            .runtimes
+            .iter()
+            .any(|r| r == env.runtime.as_str())
+        {
+            return Err(format!(
+                "endpoint `{}` does not offer the {} runtime this function needs (it offers {})",
+                self.config.name,
+                env.runtime.as_str(),
+                self.config.runtimes.join(", ")
+            ));
+        }
+        Ok(env)
+    }
+
+    async fn on_cmd(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Submit {
+                submitter,
+                tasks,
+                reply,
+            } => {
+                // Ids this endpoint does not hold live may still be stored (a retry).
+                let unknown: Vec<TaskId> = tasks
+                    .iter()
+                    .filter(|t| !self.live.contains_key(&t.id))
+                    .map(|t| t.id.clone())
+                    .collect();
+                let stored = self.stored(unknown).await;
+                let now = Instant::now();
+                let mut answers = Vec::with_capacity(tasks.len());
+                for sub in tasks {
+                    if let Some(l) = self.live.get(&sub.id) {
+                        answers.push(Ok(l.rec.clone()));
+                        continue;
+                    }
+                    if let Some(rec) = stored.get(&sub.id) {
+                        if rec.status.is_terminal() {
+                            // The submitter may have missed it: send it again.
+                            let _ = self.results_tx.try_send(rec.clone());
+                        }
+                        answers.push(Ok(rec.clone()));
+                        continue;
+                    }
+                    let env = match self.check(&sub) {
+                        Ok(env) => env,
+                        Err(e) => {
+                            answers.push(Err(e));
+                            continue;
+                        }
+                    };
+                    let rec = Record {
+                        v: RECORD_VERSION,
+                        id: sub.id.clone(),
+                        endpoint: self.config.name.clone(),
+                        submitter: submitter.clone(),
+                        function_id: sub.function_id.clone(),
+                        status: Status::Received,
+                        times: Times {
+                            submitted_us: sub.submitted_us,
+                            received_us: now_us(),
+                            ..Times::default()
+                        },
+                        worker: None,
+                        environment: env.to_string(),
+                        cold_start: false,
+                        outcome: None,
+                    };
+                    answers.push(Ok(rec.clone()));
+                    let q = self.queued(&sub, &env);
+                    self.new_subs.push(sub.id.clone());
+                    self.dirty.insert(sub.id.clone());
+                    self.live.insert(sub.id.clone(), Live { sub, rec });
+                    self.pool.submit(q, now);
+                }
+                self.replies.push(Box::new(move |_| {
+                    let _ = reply.send(answers);
+                }));
+            }
+            Cmd::Cancel { id, reply } => {
+                if self.live.contains_key(&id) {
+                    self.pool.cancel(&id, Instant::now());
+                    self.replies.push(Box::new(move |d: &Driver| {
+                        let rec = d.finished.iter().find(|r| r.id == id).cloned();
+                        let _ = reply.send(rec);
+                    }));
+                } else {
+                    let rec = self.stored(vec![id.clone()]).await.remove(&id);
+                    let _ = reply.send(rec);
+                }
+            }
+            Cmd::Records { ids, reply } => {
+                let unknown = ids
+                    .iter()
+                    .filter(|id| !self.live.contains_key(id))
+                    .cloned()
+                    .collect();
+                let stored = self.stored(unknown).await;
+                let out = ids
+                    .iter()
+                    .map(|id| {
+                        self.live
+                            .get(id)
+                            .map(|l| l.rec.clone())
+                            .or_else(|| stored.get(id).cloned())
+                    })
+                    .collect();
+                let _ = reply.send(out);
+            }
+            Cmd::Load(reply) => {
+                let _ = reply.send(self.pool.load());
+            }
+            Cmd::Acknowledge(ids) => self.acks.extend(ids),
+            Cmd::Unacknowledged(reply) => {
+                let name = self.config.name.clone();
+                let found = self
+                    .store
+                    .blocking(move |s| {
+                        let prefix = format!("o/{name}/").into_bytes();
+                        let mut out = Vec::new();
+                        for (k, _) in s
+                            .scan_prefix(store::cf::TASKS, &prefix)?
+                            .into_iter()
+                            .take(1000)
+                        {
+                            let id = &k[prefix.len()..];
+                            let mut key = format!("r/{name}/").into_bytes();
+                            key.extend_from_slice(id);
+                            if let Some(v) = s.get(store::cf::TASKS, &key)? {
+                                if let Ok(rec) = serde_json::from_slice::<Record>(&v) {
+                                    out.push(rec);
+                                }
+                            }
+                        }
+                        Ok(out)
+                    })
+                    .await;
+                let _ = reply.send(found.unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "cannot read the outbox");
+                    Vec::new()
+                }));
+            }
+        }
+    }
+
+    async fn stored(&self, ids: Vec<TaskId>) -> HashMap<TaskId, Record> {
+        if ids.is_empty() {
+            return HashMap::new();
+        }
+        let name = self.config.name.clone();
+        let found = self
+            .store
+            .blocking(move |s| {
+                let mut out = HashMap::new();
+                for id in ids {
+                    if let Some(v) = s.get(store::cf::TASKS, &rkey(&name, &id))? {
+                        if let Ok(rec) = serde_json::from_slice::<Record>(&v) {
+                            out.insert(id, rec);
+                        }
+                    }
+                }
+                Ok(out)
+            })
+            .await;
+        found.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot read stored tasks");
+            HashMap::new()
+        })
+    }
+
+    fn on_report(&mut self, report: Report) {
+        let now = Instant::now();
+        match report {
+            Report::Ready(w) => self.pool.ready(w, now),
+            Report::Results(w, results) => {
+                for r in results {
+                    self.on_result(w, r, now);
+                }
+            }
+            Report::Exited(w, reason) => {
+                self.workers.remove(&w);
+                tracing::debug!(endpoint = %self.config.name, worker = w, %reason, "worker gone");
+                self.pool.exited(w, &reason, now);
+            }
+        }
+    }
+
+    fn on_result(&mut self, worker: WorkerId, r: WorkerResult, now: Instant) {
+        let Ok(id) = TaskId::try_from(r.id.clone()) else {
+            return;
+        };
+        if !self.pool.result(worker, &id, r.recycle, now) {
+            return;
+        }
+        let finished = now_us();
+        if let Some(l) = self.live.get_mut(&id) {
+            let ran_from = finished.saturating_sub(r.run_us);
+            l.rec.times.running_us = l.rec.times.running_us.max(ran_from);
+        }
+        let limit = self.config.task_memory_mb;
+        let outcome = if r.ok {
+            Outcome::Succeeded {
+                value: r.value.unwrap_or(serde_json::Value::Null),
+            }
+        } else {
+            let e = r.error.unwrap_or(protocol::WorkerError {
+                type_name: "WorkerError".into(),
+                message: "the worker reported a failure without an error".into(),
+                traceback: None,
+                value: None,
+            });
+            let kind = match e.type_name.as_str() {
+                "MemoryError" if limit > 0 => FailureKind::MemoryLimit,
+                "ResultTooLarge" => FailureKind::ResultTooLarge,
+                "Timeout" => FailureKind::Timeout,
+                "UnknownFunction" | "UnknownEntrypoint" | "UnknownForm" | "BadArguments"
+                | "CloudpickleMissing" => FailureKind::BadInput,
+                "Cancelled" => {
+                    self.finish(
+                        &id,
+                        Outcome::Cancelled {
+                            reason: "cancelled by the submitter".into(),
+                        },
+                    );
+                    return;
+                }
+                _ => FailureKind::Exception,
+            };
+            Outcome::Failed {
+                error: TaskError {
+                    kind,
+                    type_name: e.type_name,
+                    message: e.message,
+                    traceback: e.traceback,
+                },
+                value: e.value,
+            }
+        };
+        self.finish(&id, outcome);
+    }
+
+    fn finish(&mut self, id: &TaskId, outcome: Outcome) {
+        if let Some(l) = self.live.get(id) {
+            let rec = l.rec.clone();
+            self.finish_record(rec, outcome);
+        }
+    }
+
+    fn finish_record(&mut self, mut rec: Record, outcome: Outcome) {
+        self.live.remove(&rec.id);
+        self.dirty.remove(&rec.id);
+        rec.status = outcome.status();
+        rec.times.finished_us = now_us();
+        rec.outcome = Some(outcome);
+        self.finished.push(rec);
+    }
+
+    fn on_action(&mut self, action: Action) {
+        match action {
+            Action::Phase { task, status } => {
+                if let Some(l) = self.live.get_mut(&task) {
+                    let now = now_us();
+                    match status {
+                        Status::Queued => {
+                            l.rec.status = Status::Queued;
+                            l.rec.times.queued_us = now;
+                        }
+                        Status::WaitingForWorker => {
+                            if l.rec.times.waiting_us == 0 {
+                                l.rec.times.waiting_us = now;
+                            }
+                            l.rec.status = Status::WaitingForWorker;
+                            l.rec.cold_start = true;
+                        }
+                        _ => {}
+                    }
+                    self.dirty.insert(task);
+                }
+            }
+            Action::Spawn { worker, env } => self.spawn(worker, &env),
+            Action::Send {
+                worker,
+                tasks,
+                cold,
+            } => self.send(worker, tasks, cold),
+            Action::Skip { worker, tasks } => {
+                if let Some(w) = self.workers.get(&worker) {
+                    let ids: Vec<&str> = tasks.iter().map(TaskId::as_str).collect();
+                    let _ = w
+                        .orders
+                        .try_send(protocol::encode(&ToWorker::Cancel { ids }));
+                }
+            }
+            Action::Kill { worker, why } => {
+                tracing::debug!(endpoint = %self.config.name, worker, ?why, "stopping worker");
+                if let Some(w) = self.workers.get(&worker) {
+                    w.kill.cancel();
+                }
+            }
+            Action::Finish { task, outcome } => self.finish(&task, outcome),
+        }
+    }
+
+    fn spawn(&mut self, worker: WorkerId, env: &Environment) {
+        let name = format!(
+            "fm-{}-{}-w{worker}-{}",
+            self.config.name,
+            std::process::id(),
+            hex::encode(rand::random::<[u8; 3]>())
+        );
+        let labels = vec![(
+            self.label.split_once('=').map_or("", |p| p.0).to_owned(),
+            self.label.split_once('=').map_or("", |p| p.1).to_owned(),
+        )];
+        let (program, args) = environment::worker_command(
+            env,
+            &self.config.python,
+            &self.worker_py,
+            &name,
+            &labels,
+            self.config.task_memory_mb,
+        );
+        let (orders_tx, orders_rx) = mpsc::channel(256);
+        let kill = self.cancel.child_token();
+        let launch = Launch {
+            id: worker,
+            env: env.clone(),
+            program,
+            args,
+            container: env.is_container().then(|| name.clone()),
+            cwd: self.work_dir.clone(),
+            frame_limit: (self.config.result_limit as usize + (1 << 20)).max(protocol::MAX_FRAME),
+            kill: kill.clone(),
+        };
+        self.workers.insert(
+            worker,
+            WorkerHandle {
+                orders: orders_tx,
+                kill,
+                loaded: HashSet::new(),
+                name: if env.is_container() {
+                    name
+                } else {
+                    format!("w{worker}")
+                },
+            },
+        );
+        self.tracker
+            .spawn(worker::run(launch, orders_rx, self.reports_tx.clone()));
+    }
+
+    fn send(&mut self, worker: WorkerId, tasks: Vec<TaskId>, cold: bool) {
+        let Some(w) = self.workers.get_mut(&worker) else {
+            return;
+        };
+        let now = now_us();
+        // The function's spec goes to a worker once; it caches it by id.
+        let mut first = Vec::with_capacity(tasks.len());
+        for id in &tasks {
+            let Some(l) = self.live.get_mut(id) else {
+                first.push(false);
+                continue;
+            };
+            l.rec.status = Status::Running;
+            l.rec.times.running_us = now;
+            l.rec.worker = Some(w.name.clone());
+            l.rec.cold_start = l.rec.cold_start || cold;
+            self.dirty.insert(id.clone());
+            first.push(w.loaded.insert(l.sub.function_id.clone()));
+        }
+        let timeout_default = self.config.task_timeout.as_millis() as u64;
+        let items: Vec<WorkerTask<'_>> = tasks
+            .iter()
+            .zip(first)
+            .filter_map(|(id, first)| self.live.get(id).map(|l| (&l.sub, first)))
+            .map(|(sub, first)| WorkerTask {
+                id: sub.id.as_str(),
+                fid: &sub.function_id,
+                r#fn: first.then_some(&sub.function.spec),
+                args: &sub.args,
+                kwargs: &sub.kwargs,
+                encoding: sub.encoding,
+                timeout_ms: if sub.timeout_ms > 0 {
+                    sub.timeout_ms
+                } else {
+                    timeout_default
+                },
+                memory_mb: self.config.task_memory_mb,
+                result_limit: self.config.result_limit,
+                output_cap: self.config.output_cap,
+            })
+            .collect();
+        let frame = protocol::encode(&ToWorker::Run { tasks: items });
+        if w.orders.try_send(frame).is_err() {
+            tracing::warn!(endpoint = %self.config.name, worker, "worker's queue is full; stopping it");
+            w.kill.cancel();
+        }
+    }
+
+    /// Runs the pool's actions, stores this turn's changes, then answers and reports.
+    async fn apply(&mut self) {
+        loop {
+            let actions = self.pool.actions();
+            if actions.is_empty() {
+                break;
+            }
+            for a in actions {
+                self.on_action(a);
+            }
+        }
+        let name = &self.config.name;
+        let mut ops: Vec<store::Op> = Vec::new();
+        for id in self.new_subs.drain(..) {
+            if let Some(l) = self.live.get(&id) {
+                let v = serde_json::to_vec(&l.sub).expect("submissions serialise");
+                ops.push((store::cf::TASKS, skey(name, &id), Some(v)));
+            }
+        }
+        for id in self.dirty.drain() {
+            if let Some(l) = self.live.get(&id) {
+                let v = serde_json::to_vec(&l.rec).expect("records serialise");
+                ops.push((store::cf::TASKS, rkey(name, &id), Some(v)));
+            }
+        }
+        for rec in &self.finished {
+            let v = serde_json::to_vec(rec).expect("records serialise");
+            ops.push((store::cf::TASKS, rkey(name, &rec.id), Some(v)));
+            ops.push((store::cf::TASKS, skey(name, &rec.id), None));
+            ops.push((store::cf::TASKS, okey(name, &rec.id), Some(Vec::new())));
+        }
+        for id in self.acks.drain(..) {
+            ops.push((store::cf::TASKS, okey(name, &id), None));
+        }
+        if !ops.is_empty() {
+            if let Err(e) = self.store.blocking(move |s| s.batch_unsynced(&ops)).await {
+                // Nothing is acknowledged that is not stored: the submitter retries.
+                tracing::error!(endpoint = %self.config.name, error = %e, "cannot store tasks");
+                self.replies.clear();
+                self.finished.clear();
+                return;
+            }
+        }
+        for reply in std::mem::take(&mut self.replies) {
+            reply(self);
+        }
+        for rec in self.finished.drain(..) {
+            if self.results_tx.try_send(rec).is_err() {
+                // The outbox has it; the node's redelivery sweep will send it.
+            }
+        }
+    }
+
+    /// Drops finished tasks older than the retention.
+    async fn sweep(&mut self) {
+        let name = self.config.name.clone();
+        let horizon = now_us().saturating_sub(self.config.retention.as_micros() as u64);
+        let res = self
+            .store
+            .blocking(move |s| {
+                let prefix = format!("r/{name}/").into_bytes();
+                let mut ops = Vec::new();
+                for (k, v) in s.scan_prefix(store::cf::TASKS, &prefix)? {
+                    let Ok(rec) = serde_json::from_slice::<Record>(&v) else {
+                        continue;
+                    };
+                    if rec.status.is_terminal() && rec.times.finished_us < horizon {
+                        ops.push((store::cf::TASKS, k, None));
+                        ops.push((store::cf::TASKS, okey(&name, &rec.id), None));
+                    }
+                }
+                let n = ops.len() / 2;
+                if !ops.is_empty() {
+                    s.batch_unsynced(&ops)?;
+                }
+                Ok(n)
+            })
+            .await;
+        match res {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(endpoint = %self.config.name, dropped = n, "dropped tasks past their retention")
+            }
+            Err(e) => tracing::warn!(error = %e, "retention sweep failed"),
+        }
+    }
+}

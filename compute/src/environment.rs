@@ -1,0 +1,215 @@
+//! Environments: where a worker runs (the host, or a container image under a runtime), and the
+//! commands that start a worker there.
+
+use std::fmt;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// A container runtime, or none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Runtime {
+    /// A plain process on the endpoint's machine.
+    Host,
+    /// `docker run`.
+    Docker,
+    /// `podman run` (the same command line as docker).
+    Podman,
+    /// `apptainer exec` (images are `.sif` files or `docker://` references).
+    Apptainer,
+}
+
+impl Runtime {
+    /// Name as written in configuration and function records.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Runtime::Host => "host",
+            Runtime::Docker => "docker",
+            Runtime::Podman => "podman",
+            Runtime::Apptainer => "apptainer",
+        }
+    }
+
+    /// Parses a runtime name.
+    pub fn parse(s: &str) -> Result<Runtime, String> {
+        match s {
+            "host" => Ok(Runtime::Host),
+            "docker" => Ok(Runtime::Docker),
+            "podman" => Ok(Runtime::Podman),
+            "apptainer" | "singularity" => Ok(Runtime::Apptainer),
+            other => Err(format!(
+                "runtime `{other}` is not one of host, docker, podman, apptainer"
+            )),
+        }
+    }
+}
+
+/// Where a worker runs: the host, or an image under a container runtime. Workers are pooled per
+/// environment; a *warm* worker is one already running in the environment a task needs.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Environment {
+    /// The runtime.
+    pub runtime: Runtime,
+    /// The image, for containers.
+    pub image: Option<String>,
+}
+
+impl Environment {
+    /// The host.
+    pub fn host() -> Environment {
+        Environment {
+            runtime: Runtime::Host,
+            image: None,
+        }
+    }
+
+    /// The environment a function asks for.
+    pub fn of(container: Option<&crdt_registry::record::Container>) -> Result<Environment, String> {
+        match container {
+            None => Ok(Environment::host()),
+            Some(c) => Environment::parse(&format!("{}:{}", c.runtime, c.image)),
+        }
+    }
+
+    /// Parses `host` or `<runtime>:<image>`.
+    pub fn parse(s: &str) -> Result<Environment, String> {
+        if s == "host" {
+            return Ok(Environment::host());
+        }
+        let Some((runtime, image)) = s.split_once(':') else {
+            return Err(format!(
+                "environment `{s}` is neither `host` nor `<runtime>:<image>`"
+            ));
+        };
+        let runtime = Runtime::parse(runtime)?;
+        if runtime == Runtime::Host {
+            return Err("the host environment takes no image".into());
+        }
+        if image.is_empty()
+            || image.len() > 512
+            || image.starts_with('-')
+            || image.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(format!("`{image}` is not a container image reference"));
+        }
+        Ok(Environment {
+            runtime,
+            image: Some(image.to_owned()),
+        })
+    }
+
+    /// A container (anything but the host).
+    pub fn is_container(&self) -> bool {
+        self.runtime != Runtime::Host
+    }
+}
+
+impl fmt::Display for Environment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.image {
+            None => f.write_str(self.runtime.as_str()),
+            Some(image) => write!(f, "{}:{image}", self.runtime.as_str()),
+        }
+    }
+}
+
+impl TryFrom<String> for Environment {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Environment::parse(&s)
+    }
+}
+
+impl From<Environment> for String {
+    fn from(e: Environment) -> String {
+        e.to_string()
+    }
+}
+
+/// Where the worker script is mounted inside containers.
+pub const WORKER_IN_CONTAINER: &str = "/opt/funcmesh/worker.py";
+
+/// The command line (program, arguments) that starts a worker in `env`. `name` names the
+/// container, so that it can be killed by name.
+pub fn worker_command(
+    env: &Environment,
+    python: &str,
+    worker_py: &Path,
+    name: &str,
+    labels: &[(String, String)],
+    memory_mb: u64,
+) -> (String, Vec<String>) {
+    let script = worker_py.display().to_string();
+    let image = env.image.clone().unwrap_or_default();
+    match env.runtime {
+        Runtime::Host => (python.to_owned(), vec!["-u".into(), script]),
+        Runtime::Docker | Runtime::Podman => {
+            let mut args = vec![
+                "run".into(),
+                "-i".into(),
+                "--rm".into(),
+                "--name".into(),
+                name.to_owned(),
+                "--log-driver".into(),
+                "none".into(),
+                "-v".into(),
+                format!("{script}:{WORKER_IN_CONTAINER}:ro"),
+            ];
+            for (k, v) in labels {
+                args.push("--label".into());
+                args.push(format!("{k}={v}"));
+            }
+            if memory_mb > 0 {
+                // The task's own limit is enforced inside (RLIMIT_AS); the container's cap is a
+                // backstop with room for the interpreter.
+                args.push("--memory".into());
+                args.push(format!("{}m", memory_mb + 256));
+            }
+            args.extend(["--".into(), image, "python3".into(), "-u".into()]);
+            args.push(WORKER_IN_CONTAINER.into());
+            (env.runtime.as_str().to_owned(), args)
+        }
+        Runtime::Apptainer => (
+            "apptainer".into(),
+            vec![
+                "exec".into(),
+                "--bind".into(),
+                format!("{script}:{WORKER_IN_CONTAINER}:ro"),
+                image,
+                "python3".into(),
+                "-u".into(),
+                WORKER_IN_CONTAINER.into(),
+            ],
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn environments_parse_and_print_back() {
+        for s in [
+            "host",
+            "docker:funcmesh/python:bookworm",
+            "apptainer:/images/x.sif",
+        ] {
+            assert_eq!(Environment::parse(s).unwrap().to_string(), s);
+        }
+        assert!(Environment::parse("docker:").is_err());
+        assert!(Environment::parse("docker:--privileged").is_err());
+        assert!(Environment::parse("lxc:x").is_err());
+        assert!(Environment::parse("nothing").is_err());
+    }
+
+    #[test]
+    fn an_image_can_never_become_an_option_of_docker_run() {
+        let env = Environment::parse("docker:img:1").unwrap();
+        let (_, args) = worker_command(&env, "python3", Path::new("/w.py"), "n", &[], 0);
+        let dashdash = args.iter().position(|a| a == "--").unwrap();
+        assert_eq!(args[dashdash + 1], "img:1");
+    }
+}

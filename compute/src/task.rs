@@ -1,0 +1,381 @@
+//! Tasks: what a submitter asks an endpoint to run, the lifecycle it goes through there, and how
+//! it ends. These types are the versioned contract between submitters and endpoints: the mesh
+//! carries them on `/funcmesh/task/1`, and the store keeps them as JSON.
+
+use std::fmt;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crdt_registry::record::{FunctionKind, FunctionRecord};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// A task's id: 32 lowercase hex characters, chosen at random by the submitter. Ids are
+/// idempotency keys: an endpoint that receives the same id twice runs it once.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct TaskId(String);
+
+impl TaskId {
+    /// A fresh random id.
+    pub fn random() -> TaskId {
+        TaskId(hex::encode(rand::random::<[u8; 16]>()))
+    }
+
+    /// The id as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for TaskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl TryFrom<String> for TaskId {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        if s.len() == 32
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            Ok(TaskId(s))
+        } else {
+            Err(format!(
+                "`{}` is not a task id (32 lowercase hex characters)",
+                s.chars().take(40).collect::<String>()
+            ))
+        }
+    }
+}
+
+impl std::str::FromStr for TaskId {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        TaskId::try_from(s.to_owned())
+    }
+}
+
+impl From<TaskId> for String {
+    fn from(id: TaskId) -> String {
+        id.0
+    }
+}
+
+/// How arguments and results are encoded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Encoding {
+    /// JSON values (the CLI and the API).
+    #[default]
+    Json,
+    /// `args` is base64 of a pickled `(args, kwargs)` pair and the value is `{"pickle": base64}`
+    /// (the Python SDK; needs `cloudpickle` in the worker's environment).
+    Pickle,
+}
+
+/// What a submitter sends an endpoint: one task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Submission {
+    /// The task's id (idempotency key).
+    pub id: TaskId,
+    /// The endpoint's name on its node.
+    pub endpoint: String,
+    /// The function, as registered; the endpoint checks it against `function_id`.
+    pub function: FunctionRecord,
+    /// The function's content id.
+    pub function_id: String,
+    /// Positional arguments: a JSON array (or, pickled, a base64 string).
+    #[serde(default)]
+    pub args: Value,
+    /// Keyword arguments: a JSON object.
+    #[serde(default)]
+    pub kwargs: Value,
+    /// Argument and result encoding.
+    #[serde(default)]
+    pub encoding: Encoding,
+    /// Time limit, milliseconds (0: the endpoint's default).
+    #[serde(default)]
+    pub timeout_ms: u64,
+    /// Unix microseconds when the submitter accepted it.
+    #[serde(default)]
+    pub submitted_us: u64,
+}
+
+impl Submission {
+    /// Checks what an endpoint can check without running anything: the function matches its id,
+    /// and the arguments have the right shape.
+    pub fn check(&self) -> Result<(), String> {
+        let id = self.function.content_id();
+        if id != self.function_id {
+            return Err(format!(
+                "the function sent does not match its id {} (it hashes to {id}): the submitter's \
+                 registry is corrupt or the message was tampered with",
+                self.function_id
+            ));
+        }
+        match self.encoding {
+            Encoding::Json => {
+                if !(self.args.is_array() || self.args.is_null()) {
+                    return Err("args must be a JSON array, e.g. [1, \"two\"]".into());
+                }
+                if !(self.kwargs.is_object() || self.kwargs.is_null()) {
+                    return Err("kwargs must be a JSON object, e.g. {\"x\": 1}".into());
+                }
+            }
+            Encoding::Pickle => {
+                if !self.args.is_string() {
+                    return Err("pickled args must be a base64 string".into());
+                }
+                if self.function.kind != FunctionKind::Python {
+                    return Err("only Python functions take pickled arguments".into());
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Where a task is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Status {
+    /// Accepted by the submitting node, not yet accepted by an endpoint.
+    Pending,
+    /// Accepted (and stored) by the endpoint.
+    Received,
+    /// Waiting in the endpoint's queue for a worker.
+    Queued,
+    /// Waiting for a worker to start for it (a cold start).
+    WaitingForWorker,
+    /// Running on a worker.
+    Running,
+    /// Finished, with a value.
+    Succeeded,
+    /// Finished, with an error.
+    Failed,
+    /// Cancelled before it finished.
+    Cancelled,
+}
+
+impl Status {
+    /// Finished one way or another.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Status::Succeeded | Status::Failed | Status::Cancelled)
+    }
+
+    /// Name as shown to users.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pending => "pending",
+            Status::Received => "received",
+            Status::Queued => "queued",
+            Status::WaitingForWorker => "waiting-for-worker",
+            Status::Running => "running",
+            Status::Succeeded => "succeeded",
+            Status::Failed => "failed",
+            Status::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// When a task reached each phase, Unix microseconds (0: not reached).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Times {
+    /// Accepted by the submitting node.
+    pub submitted_us: u64,
+    /// Accepted by the endpoint.
+    pub received_us: u64,
+    /// Entered the endpoint's queue.
+    pub queued_us: u64,
+    /// A worker started for it (cold start), if one had to.
+    pub waiting_us: u64,
+    /// Began running on a worker.
+    pub running_us: u64,
+    /// Finished.
+    pub finished_us: u64,
+}
+
+/// Why a task failed, in a form a program can act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailureKind {
+    /// The function raised (Python) or exited non-zero (shell).
+    Exception,
+    /// It ran past its time limit.
+    Timeout,
+    /// It ran past its memory limit.
+    MemoryLimit,
+    /// Its result is over the endpoint's size limit.
+    ResultTooLarge,
+    /// The worker died or broke the protocol while running it.
+    WorkerLost,
+    /// The endpoint could not start a worker for it.
+    WorkerStart,
+    /// The endpoint was lost (killed, or unreachable too long) while the task was there.
+    EndpointLost,
+    /// The endpoint refused it.
+    Refused,
+    /// The task itself is malformed.
+    BadInput,
+}
+
+/// A failed task's error: the remote exception's type, message and traceback, or the reason
+/// funcmesh gave up on it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskError {
+    /// What kind of failure.
+    pub kind: FailureKind,
+    /// The exception's type (`ZeroDivisionError`), or funcmesh's name for the failure.
+    #[serde(rename = "type")]
+    pub type_name: String,
+    /// The message.
+    pub message: String,
+    /// The remote traceback, for Python exceptions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceback: Option<String>,
+}
+
+impl TaskError {
+    /// An error of `kind` with funcmesh's own type name for it.
+    pub fn new(kind: FailureKind, message: impl Into<String>) -> TaskError {
+        let type_name = match kind {
+            FailureKind::Exception => "Exception",
+            FailureKind::Timeout => "Timeout",
+            FailureKind::MemoryLimit => "MemoryError",
+            FailureKind::ResultTooLarge => "ResultTooLarge",
+            FailureKind::WorkerLost => "WorkerLost",
+            FailureKind::WorkerStart => "WorkerStartFailed",
+            FailureKind::EndpointLost => "EndpointLost",
+            FailureKind::Refused => "Refused",
+            FailureKind::BadInput => "BadInput",
+        };
+        TaskError {
+            kind,
+            type_name: type_name.into(),
+            message: message.into(),
+            traceback: None,
+        }
+    }
+}
+
+impl fmt::Display for TaskError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.type_name, self.message)
+    }
+}
+
+/// How a finished task ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "kebab-case")]
+pub enum Outcome {
+    /// It returned a value (for shell functions: the return code and captured output).
+    Succeeded {
+        /// The value.
+        value: Value,
+    },
+    /// It failed.
+    Failed {
+        /// Why.
+        error: TaskError,
+        /// What it produced anyway (a failed shell command's output).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        value: Option<Value>,
+    },
+    /// It was cancelled.
+    Cancelled {
+        /// Why.
+        reason: String,
+    },
+}
+
+impl Outcome {
+    /// A failure with no value.
+    pub fn failed(kind: FailureKind, message: impl Into<String>) -> Outcome {
+        Outcome::Failed {
+            error: TaskError::new(kind, message),
+            value: None,
+        }
+    }
+
+    /// The status it ends in.
+    pub fn status(&self) -> Status {
+        match self {
+            Outcome::Succeeded { .. } => Status::Succeeded,
+            Outcome::Failed { .. } => Status::Failed,
+            Outcome::Cancelled { .. } => Status::Cancelled,
+        }
+    }
+}
+
+/// A task as its endpoint records it: what was asked, where it is, and how it ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Record {
+    /// Record format version.
+    pub v: u32,
+    /// The task's id.
+    pub id: TaskId,
+    /// The endpoint's name on its node.
+    pub endpoint: String,
+    /// The submitting peer.
+    pub submitter: String,
+    /// The function's id.
+    pub function_id: String,
+    /// Current status.
+    pub status: Status,
+    /// Phase timestamps.
+    pub times: Times,
+    /// The worker that ran it: its id on the endpoint and, for containers, the container name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    /// The environment it ran in (`host`, `docker:<image>`).
+    #[serde(default)]
+    pub environment: String,
+    /// Whether a worker had to start for it (a cold start).
+    #[serde(default)]
+    pub cold_start: bool,
+    /// How it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<Outcome>,
+}
+
+/// The current record format version.
+pub const RECORD_VERSION: u32 = 1;
+
+/// Now, Unix microseconds.
+pub fn now_us() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn task_ids_are_checked_when_parsed() {
+        let id = TaskId::random();
+        assert_eq!(id.as_str().parse::<TaskId>().unwrap(), id);
+        assert!("xyz".parse::<TaskId>().is_err());
+        assert!(serde_json::from_str::<TaskId>("\"ABCDEF0123456789ABCDEF0123456789\"").is_err());
+    }
+
+    #[test]
+    fn outcomes_serialise_with_their_status() {
+        let o = Outcome::failed(FailureKind::Timeout, "too slow");
+        let v = serde_json::to_value(&o).unwrap();
+        assert_eq!(v["status"], "failed");
+        assert_eq!(v["error"]["kind"], "timeout");
+        assert_eq!(serde_json::from_value::<Outcome>(v).unwrap(), o);
+    }
+}

@@ -1,0 +1,390 @@
+"""funcmesh worker: runs Python and shell tasks for an endpoint, over a framed pipe protocol.
+
+The endpoint ships this file inside the funcmesh binary and starts it as `python3 worker.py`,
+on the host or inside a container. It needs nothing but the Python standard library; when
+`cloudpickle` is importable it also runs pickled functions and arguments from the SDK.
+
+Protocol, version 1 (see compute/src/protocol.rs, which is the reference):
+  every frame is a 4-byte big-endian length followed by that many bytes of UTF-8 JSON.
+  worker -> endpoint: {"op": "hello", "v": 1, "pid", "python", "cloudpickle"} once, then
+                      {"op": "result", "id", "ok", "value" | "error", "run_us", "recycle"}
+  endpoint -> worker: {"op": "run", "tasks": [task, ...]}  a batch, run in order
+                      {"op": "cancel", "ids": [...]}       skip these if not started yet
+                      {"op": "exit"}
+  task: {"id", "fid", "fn" (only the first time this worker sees fid), "args", "kwargs",
+         "encoding": "json" | "pickle", "timeout_ms", "memory_mb", "result_limit", "output_cap"}
+The task's own stdout is redirected to stderr: the protocol pipe is private to the worker.
+"""
+
+import base64
+import io
+import json
+import linecache
+import os
+import queue
+import shlex
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+import traceback
+
+VERSION = 1
+MAX_FRAME = 256 << 20
+
+try:
+    import cloudpickle  # noqa: F401
+
+    HAVE_CLOUDPICKLE = True
+except Exception:  # pragma: no cover - depends on the environment
+    HAVE_CLOUDPICKLE = False
+
+try:
+    import resource
+except Exception:  # pragma: no cover
+    resource = None
+
+
+class Channel:
+    """The protocol pipe: frames in on stdin, frames out on a private copy of stdout."""
+
+    def __init__(self):
+        self.rx = os.fdopen(os.dup(0), "rb", buffering=1 << 16)
+        self.tx = os.fdopen(os.dup(1), "wb", buffering=1 << 16)
+        # Whatever the task prints goes to stderr, never into the protocol.
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+        os.dup2(2, 1)
+        sys.stdout = sys.stderr
+        self.pending = 0
+        self.first_pending = 0.0
+
+    def read(self):
+        head = self.rx.read(4)
+        if len(head) < 4:
+            return None
+        (n,) = struct.unpack(">I", head)
+        if n > MAX_FRAME:
+            raise ValueError("frame of %d bytes is over the limit" % n)
+        body = self.rx.read(n)
+        if len(body) < n:
+            return None
+        return json.loads(body)
+
+    def write(self, obj):
+        body = json.dumps(obj, separators=(",", ":")).encode()
+        self.tx.write(struct.pack(">I", len(body)))
+        self.tx.write(body)
+        if self.pending == 0:
+            self.first_pending = time.monotonic()
+        self.pending += 1
+
+    def flush(self):
+        if self.pending:
+            self.tx.flush()
+            self.pending = 0
+
+    def maybe_flush(self, inbox_empty):
+        # Results go out in batches while the batch keeps the worker busy, but never later than
+        # a millisecond after the first of them, and at once when the worker goes idle.
+        if self.pending and (inbox_empty or time.monotonic() - self.first_pending > 0.001):
+            self.flush()
+
+
+class Worker:
+    def __init__(self, channel):
+        self.ch = channel
+        self.functions = {}
+        self.inbox = queue.Queue()
+        self.cancelled = set()
+        self.lock = threading.Lock()
+        self.base_vm = vm_size()
+        self.hard_as = None
+
+    def reader(self):
+        try:
+            while True:
+                frame = self.ch.read()
+                if frame is None:
+                    break
+                op = frame.get("op")
+                if op == "cancel":
+                    with self.lock:
+                        self.cancelled.update(frame.get("ids", []))
+                elif op == "run":
+                    for task in frame.get("tasks", []):
+                        self.inbox.put(task)
+                elif op == "exit":
+                    break
+        except Exception as e:  # a broken pipe or a bad frame: stop cleanly
+            print("funcmesh worker: reading the pipe failed: %r" % (e,), file=sys.stderr)
+        self.inbox.put(None)
+
+    def serve(self):
+        self.ch.write(
+            {
+                "op": "hello",
+                "v": VERSION,
+                "pid": os.getpid(),
+                "python": "%d.%d.%d" % sys.version_info[:3],
+                "cloudpickle": HAVE_CLOUDPICKLE,
+            }
+        )
+        self.ch.flush()
+        threading.Thread(target=self.reader, daemon=True).start()
+        while True:
+            try:
+                task = self.inbox.get_nowait()
+            except queue.Empty:
+                self.ch.flush()
+                task = self.inbox.get()
+            if task is None:
+                break
+            with self.lock:
+                skip = task.get("id") in self.cancelled
+                self.cancelled.discard(task.get("id"))
+            if skip:
+                self.ch.write({"op": "result", "id": task.get("id"), "ok": False,
+                               "error": error("Cancelled", "cancelled before it started"),
+                               "run_us": 0})
+            else:
+                result = self.run(task)
+                self.ch.write(result)
+                if result.get("recycle"):
+                    self.ch.flush()
+                    break
+            self.ch.maybe_flush(self.inbox.empty())
+        self.ch.flush()
+
+    def run(self, task):
+        tid = task.get("id")
+        start = time.perf_counter()
+        recycle = False
+        try:
+            fn = self.function(task)
+            if fn[0] == "shell":
+                out = run_shell(fn[1], task)
+            else:
+                args, kwargs = decode_args(task)
+                self.limit_memory(task.get("memory_mb") or 0)
+                try:
+                    value = fn[1](*args, **kwargs)
+                finally:
+                    self.limit_memory(0)
+                out = {"ok": True, "value": encode_value(value, task)}
+        except MemoryError:
+            recycle = True  # a worker that ran out of memory may be in any state: replace it
+            limit = task.get("memory_mb") or 0
+            out = {"ok": False, "error": error(
+                "MemoryError",
+                "the task exceeded its memory limit of %d MiB" % limit if limit
+                else "out of memory",
+                remote_traceback())}
+        except TaskError as e:
+            out = {"ok": False, "error": e.payload}
+        except BaseException as e:  # noqa: BLE001 - user code may raise anything
+            if isinstance(e, (KeyboardInterrupt, SystemExit)):
+                recycle = True
+            out = {"ok": False, "error": error(type(e).__name__, str(e), remote_traceback())}
+        out["op"] = "result"
+        out["id"] = tid
+        out["run_us"] = int((time.perf_counter() - start) * 1e6)
+        if recycle:
+            out["recycle"] = True
+        limit = task.get("result_limit") or 0
+        if limit and out.get("ok"):
+            size = len(json.dumps(out["value"], separators=(",", ":")))
+            if size > limit:
+                out = {"op": "result", "id": tid, "ok": False, "run_us": out["run_us"],
+                       "error": error("ResultTooLarge",
+                                      "the result is %d bytes, over this endpoint's limit of %d "
+                                      "bytes: return less, or write large data to a file and "
+                                      "return its path" % (size, limit))}
+        return out
+
+    def function(self, task):
+        fid = task.get("fid")
+        fn = self.functions.get(fid)
+        if fn is not None:
+            return fn
+        spec = task.get("fn")
+        if spec is None:
+            raise TaskError("UnknownFunction", "function %s was never sent to this worker" % fid)
+        form = spec.get("form")
+        if form == "python_source":
+            name = "<funcmesh function %s>" % fid[:12]
+            source = spec["source"]
+            linecache.cache[name] = (len(source), None, source.splitlines(True), name)
+            namespace = {"__name__": "__funcmesh_function__"}
+            try:
+                exec(compile(source, name, "exec"), namespace)
+            except BaseException as e:  # noqa: BLE001
+                raise TaskError(type(e).__name__, "the function's source does not load: %s" % e,
+                                remote_traceback())
+            entry = spec.get("entrypoint")
+            target = namespace.get(entry)
+            if not callable(target):
+                raise TaskError("UnknownEntrypoint",
+                                "the source defines no callable named %r" % (entry,))
+            fn = ("python", target)
+        elif form == "python_payload":
+            if not HAVE_CLOUDPICKLE:
+                raise TaskError("CloudpickleMissing",
+                                "this function is pickled, and cloudpickle is not installed in "
+                                "the worker's environment: install it there "
+                                "(pip install cloudpickle)")
+            import pickle
+
+            fn = ("python", pickle.loads(base64.b64decode(spec["payload"])))
+        elif form == "shell":
+            fn = ("shell", spec["command"])
+        else:
+            raise TaskError("UnknownForm", "functions of form %r are not supported" % (form,))
+        self.functions[fid] = fn
+        return fn
+
+    def limit_memory(self, mb):
+        if resource is None or self.base_vm is None:
+            return
+        try:
+            if mb:
+                limit = self.base_vm + (mb << 20)
+                resource.setrlimit(resource.RLIMIT_AS, (limit, resource.RLIM_INFINITY))
+            else:
+                resource.setrlimit(resource.RLIMIT_AS,
+                                   (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        except (ValueError, OSError):
+            pass
+
+
+class TaskError(Exception):
+    def __init__(self, type_name, message, tb=None):
+        super().__init__(message)
+        self.payload = error(type_name, message, tb)
+
+
+def error(type_name, message, tb=None):
+    e = {"type": type_name, "message": message}
+    if tb:
+        e["traceback"] = tb
+    return e
+
+
+def remote_traceback():
+    etype, value, tb = sys.exc_info()
+    # Drop the worker's own frames: the user wants to see their function.
+    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(etype, value, tb))
+
+
+def vm_size():
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmSize:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def decode_args(task):
+    if task.get("encoding") == "pickle":
+        if not HAVE_CLOUDPICKLE:
+            raise TaskError("CloudpickleMissing",
+                            "the arguments are pickled, and cloudpickle is not installed in the "
+                            "worker's environment")
+        import pickle
+
+        args, kwargs = pickle.loads(base64.b64decode(task["args"]))
+        return list(args), dict(kwargs)
+    args = task.get("args") or []
+    kwargs = task.get("kwargs") or {}
+    if not isinstance(args, list):
+        raise TaskError("BadArguments", "args must be a JSON array")
+    if not isinstance(kwargs, dict):
+        raise TaskError("BadArguments", "kwargs must be a JSON object")
+    return args, kwargs
+
+
+def encode_value(value, task):
+    if task.get("encoding") == "pickle":
+        import cloudpickle
+
+        return {"pickle": base64.b64encode(cloudpickle.dumps(value)).decode()}
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError) as e:
+        raise TaskError("UnserialisableResult",
+                        "the function returned a %s, which is not JSON: return JSON types "
+                        "(dict, list, str, number, bool, None), or submit through the Python SDK, "
+                        "which pickles (%s)" % (type(value).__name__, e))
+    return value
+
+
+def cap(data, limit):
+    text = data.decode("utf-8", "replace")
+    if limit and len(text) > limit:
+        cut = len(text) - limit
+        text = "[... %d characters cut]\n" % cut + text[-limit:]
+    return text
+
+
+def run_shell(template, task):
+    args = task.get("args") or []
+    kwargs = task.get("kwargs") or {}
+    if not isinstance(args, list) or not isinstance(kwargs, dict):
+        raise TaskError("BadArguments", "args must be a JSON array and kwargs a JSON object")
+
+    def quote(v):
+        return shlex.quote(v if isinstance(v, str) else json.dumps(v))
+
+    try:
+        cmd = template.format(*[quote(a) for a in args], **{k: quote(v) for k, v in kwargs.items()})
+    except (KeyError, IndexError) as e:
+        raise TaskError("BadArguments",
+                        "the command template %r needs the argument %s: pass it with --kwargs"
+                        % (template, e))
+    timeout = (task.get("timeout_ms") or 0) / 1000.0 or None
+    mb = task.get("memory_mb") or 0
+
+    def limits():
+        os.setsid()
+        if mb and resource is not None:
+            base = vm_size() or 0
+            resource.setrlimit(resource.RLIMIT_AS, (base + (mb << 20), resource.RLIM_INFINITY))
+
+    proc = subprocess.Popen(cmd, shell=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, preexec_fn=limits)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+        code = proc.returncode
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        out, err = proc.communicate()
+        code = 124  # as coreutils timeout(1) and Globus Compute's ShellFunction
+    limit = task.get("output_cap") or 0
+    value = {"returncode": code, "stdout": cap(out, limit), "stderr": cap(err, limit), "cmd": cmd}
+    if code != 0:
+        what = ("timed out after %gs" % timeout) if code == 124 and timeout else (
+            "exited with %d" % code)
+        e = error("CommandFailed" if code != 124 else "Timeout", "the command %s" % what)
+        e["value"] = value
+        return {"ok": False, "error": e}
+    return {"ok": True, "value": value}
+
+
+def main():
+    channel = Channel()
+    Worker(channel).serve()
+
+
+if __name__ == "__main__":
+    main()

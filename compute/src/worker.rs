@@ -1,0 +1,230 @@
+//! One worker process and the task that talks to it: spawns the command, reads frames from its
+//! stdout, writes frames to its stdin, keeps the tail of its stderr for error messages, and
+//! reports to the endpoint's driver. Containers are stopped by name, since killing the
+//! `docker run` client would leave the container running.
+
+use std::process::Stdio;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::process::Command;
+use tokio::sync::mpsc;
+
+use crate::environment::{Environment, Runtime};
+use crate::pool::WorkerId;
+use crate::protocol::{self, FromWorker, WorkerResult};
+
+/// What a worker task reports to the driver.
+#[derive(Debug)]
+pub(crate) enum Report {
+    Ready(WorkerId),
+    Results(WorkerId, Vec<WorkerResult>),
+    Exited(WorkerId, String),
+}
+
+/// How to start one worker.
+#[derive(Debug, Clone)]
+pub(crate) struct Launch {
+    pub(crate) id: WorkerId,
+    pub(crate) env: Environment,
+    pub(crate) program: String,
+    pub(crate) args: Vec<String>,
+    pub(crate) container: Option<String>,
+    pub(crate) cwd: std::path::PathBuf,
+    pub(crate) frame_limit: usize,
+    pub(crate) kill: tokio_util::sync::CancellationToken,
+}
+
+const STDERR_TAIL: usize = 2048;
+
+/// Runs one worker until it exits or is killed; always ends with `Report::Exited`.
+pub(crate) async fn run(
+    launch: Launch,
+    mut orders: mpsc::Receiver<Vec<u8>>,
+    reports: mpsc::Sender<Report>,
+) {
+    let id = launch.id;
+    let reason = drive(&launch, &mut orders, &reports).await;
+    if let Some(name) = &launch.container {
+        stop_container(launch.env.runtime, name).await;
+    }
+    let _ = reports.send(Report::Exited(id, reason)).await;
+}
+
+async fn drive(
+    launch: &Launch,
+    orders: &mut mpsc::Receiver<Vec<u8>>,
+    reports: &mpsc::Sender<Report>,
+) -> String {
+    let id = launch.id;
+    let mut child = match Command::new(&launch.program)
+        .args(&launch.args)
+        .current_dir(&launch.cwd)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => return format!("cannot run `{}`: {e}", launch.program),
+    };
+    let mut stdin = child.stdin.take().expect("stdin is piped");
+    let mut stdout = child.stdout.take().expect("stdout is piped");
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let (tail_tx, mut tail_rx) = tokio::sync::watch::channel(String::new());
+    let stderr_task = tokio::spawn(async move {
+        let mut lines = BufReader::new(stderr).lines();
+        let mut tail = String::new();
+        while let Ok(Some(line)) = lines.next_line().await {
+            tracing::debug!(worker = id, "{line}");
+            tail.push_str(&line);
+            tail.push('\n');
+            if tail.len() > STDERR_TAIL {
+                let cut = tail.len() - STDERR_TAIL;
+                let cut = (cut..tail.len())
+                    .find(|i| tail.is_char_boundary(*i))
+                    .unwrap_or(cut);
+                tail.drain(..cut);
+            }
+            let _ = tail_tx.send(tail.clone());
+        }
+    });
+    let mut buf: Vec<u8> = Vec::with_capacity(64 << 10);
+    let mut chunk = vec![0u8; 64 << 10];
+    let mut hello = false;
+    let reason = loop {
+        tokio::select! {
+            read = stdout.read(&mut chunk) => {
+                match read {
+                    Ok(0) | Err(_) => break String::new(),
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+                let mut results = Vec::new();
+                let mut used = 0;
+                let failure = loop {
+                    match protocol::decode(&buf[used..], launch.frame_limit) {
+                        Ok(None) => break None,
+                        Ok(Some((msg, n))) => {
+                            used += n;
+                            match msg {
+                                FromWorker::Hello { v, .. } if !hello => {
+                                    if v != protocol::VERSION {
+                                        break Some(format!(
+                                            "the worker speaks protocol version {v}, this endpoint {}",
+                                            protocol::VERSION
+                                        ));
+                                    }
+                                    hello = true;
+                                    if reports.send(Report::Ready(id)).await.is_err() {
+                                        break Some("the endpoint stopped".into());
+                                    }
+                                }
+                                FromWorker::Result(r) if hello => results.push(r),
+                                other => {
+                                    break Some(format!("the worker sent an unexpected {other:?}"));
+                                }
+                            }
+                        }
+                        Err(e) => break Some(e.to_string()),
+                    }
+                };
+                buf.drain(..used);
+                if !results.is_empty() && reports.send(Report::Results(id, results)).await.is_err() {
+                    break "the endpoint stopped".into();
+                }
+                if let Some(f) = failure {
+                    break f;
+                }
+            }
+            order = orders.recv() => match order {
+                Some(bytes) => {
+                    if let Err(e) = stdin.write_all(&bytes).await {
+                        break format!("cannot write to the worker: {e}");
+                    }
+                }
+                None => break "stopped by the endpoint".into(),
+            },
+            () = launch.kill.cancelled() => break "stopped by the endpoint".into(),
+        }
+    };
+    let _ = child.start_kill();
+    let status = child.wait().await;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), stderr_task).await;
+    let _ = tail_rx.borrow_and_update();
+    let tail = tail_rx.borrow().trim().to_owned();
+    let status = match status {
+        Ok(s) => describe(s),
+        Err(e) => format!("unknown exit ({e})"),
+    };
+    let mut out = if reason.is_empty() {
+        format!("the worker exited ({status})")
+    } else {
+        format!("{reason} ({status})")
+    };
+    if !tail.is_empty() {
+        let last: Vec<&str> = tail.lines().rev().take(6).collect();
+        let last: Vec<&str> = last.into_iter().rev().collect();
+        out.push_str(&format!("; its last output: {}", last.join(" | ")));
+    }
+    out
+}
+
+fn describe(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt as _;
+    match (status.code(), status.signal()) {
+        (Some(c), _) => format!("exit status {c}"),
+        (None, Some(9)) => "killed by SIGKILL".into(),
+        (None, Some(s)) => format!("killed by signal {s}"),
+        (None, None) => "unknown exit".into(),
+    }
+}
+
+/// Removes a worker's container (it may already be gone).
+pub(crate) async fn stop_container(runtime: Runtime, name: &str) {
+    let program = match runtime {
+        Runtime::Docker => "docker",
+        Runtime::Podman => "podman",
+        _ => return,
+    };
+    let _ = Command::new(program)
+        .args(["rm", "-f", name])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .await;
+}
+
+/// Removes containers a previous run of this endpoint left behind (after a crash).
+pub(crate) async fn remove_stale_containers(runtime: Runtime, label: &str) {
+    let program = match runtime {
+        Runtime::Docker => "docker",
+        Runtime::Podman => "podman",
+        _ => return,
+    };
+    let Ok(out) = Command::new(program)
+        .args(["ps", "-aq", "--filter", &format!("label={label}")])
+        .stderr(Stdio::null())
+        .output()
+        .await
+    else {
+        return;
+    };
+    let ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    if !ids.is_empty() {
+        tracing::info!(
+            count = ids.len(),
+            "removing containers left by a previous run"
+        );
+        let _ = Command::new(program)
+            .arg("rm")
+            .arg("-f")
+            .args(&ids)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .await;
+    }
+}

@@ -1,0 +1,419 @@
+//! A real endpoint with real Python workers on the host.
+
+use std::time::Duration;
+
+use compute::task::{Encoding, FailureKind, Outcome, Record, Status, Submission, TaskId};
+use compute::{Endpoint, EndpointConfig, Results, Strategy};
+use crdt_registry::Key;
+use crdt_registry::record::{Container, FunctionKind, FunctionRecord, FunctionSpec};
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+struct Harness {
+    endpoint: Endpoint,
+    results: Results,
+    _dir: tempfile::TempDir,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+    store: store::Store,
+}
+
+fn owner() -> Key {
+    Key::of(&ed25519_key())
+}
+
+fn ed25519_key() -> ed25519_dalek::SigningKey {
+    ed25519_dalek::SigningKey::from_bytes(&[7; 32])
+}
+
+fn python(name: &str, source: &str) -> FunctionRecord {
+    FunctionRecord {
+        name: name.into(),
+        owner: owner(),
+        kind: FunctionKind::Python,
+        spec: FunctionSpec::PythonSource {
+            source: source.into(),
+            entrypoint: name.into(),
+        },
+        container: None,
+        description: String::new(),
+        created_ms: 0,
+    }
+}
+
+fn shell(command: &str) -> FunctionRecord {
+    FunctionRecord {
+        name: "sh".into(),
+        owner: owner(),
+        kind: FunctionKind::Shell,
+        spec: FunctionSpec::Shell {
+            command: command.into(),
+        },
+        container: None,
+        description: String::new(),
+        created_ms: 0,
+    }
+}
+
+fn submission(f: &FunctionRecord, args: Value, kwargs: Value) -> Submission {
+    Submission {
+        id: TaskId::random(),
+        endpoint: "ep".into(),
+        function: f.clone(),
+        function_id: f.content_id(),
+        args,
+        kwargs,
+        encoding: Encoding::Json,
+        timeout_ms: 0,
+        submitted_us: 0,
+    }
+}
+
+async fn start_in(dir: tempfile::TempDir, config: EndpointConfig) -> Harness {
+    let store = store::Store::open(&dir.path().join("db")).unwrap();
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let (endpoint, results) = Endpoint::start(
+        config,
+        store.clone(),
+        &dir.path().join("work"),
+        "test",
+        cancel.clone(),
+        &tracker,
+    )
+    .await
+    .unwrap();
+    Harness {
+        endpoint,
+        results,
+        _dir: dir,
+        cancel,
+        tracker,
+        store,
+    }
+}
+
+async fn start(config: EndpointConfig) -> Harness {
+    start_in(tempfile::tempdir().unwrap(), config).await
+}
+
+fn config() -> EndpointConfig {
+    EndpointConfig {
+        name: "ep".into(),
+        max_workers: 2,
+        result_limit: 4096,
+        task_memory_mb: 200,
+        ..EndpointConfig::default()
+    }
+}
+
+impl Harness {
+    async fn run(&mut self, sub: Submission) -> Record {
+        let id = sub.id.clone();
+        let accepted = self.endpoint.submit("peer", vec![sub]).await.unwrap();
+        assert!(accepted[0].is_ok(), "{accepted:?}");
+        self.wait(&id).await
+    }
+
+    async fn wait(&mut self, id: &TaskId) -> Record {
+        tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                let rec = self.results.recv().await.expect("endpoint running");
+                if &rec.id == id {
+                    return rec;
+                }
+            }
+        })
+        .await
+        .expect("the task finishes within 30 s")
+    }
+
+    async fn stop(self) -> (tempfile::TempDir, store::Store) {
+        self.cancel.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+        (self._dir, self.store)
+    }
+}
+
+fn value(rec: &Record) -> &Value {
+    match &rec.outcome {
+        Some(Outcome::Succeeded { value }) => value,
+        other => panic!("expected success, got {other:?}"),
+    }
+}
+
+fn error(rec: &Record) -> &compute::TaskError {
+    match &rec.outcome {
+        Some(Outcome::Failed { error, .. }) => error,
+        other => panic!("expected a failure, got {other:?}"),
+    }
+}
+
+const SOURCE: &str = "import os, time\n\
+def add(a, b=1):\n    return a + b\n\
+def boom(x):\n    return helper(x)\n\
+def helper(x):\n    raise ValueError('bad value %r' % x)\n\
+def sleep(s):\n    time.sleep(s)\n    return s\n\
+def big(n):\n    return 'x' * n\n\
+def hog(mb):\n    return len(bytearray(mb << 20))\n\
+def die():\n    os._exit(3)\n\
+def garbage():\n    for fd in range(3, 10):\n        try:\n            os.write(fd, b'this is not a frame, it is text on the pipe')\n        except OSError:\n            pass\n    time.sleep(5)\n";
+
+fn f(name: &str) -> FunctionRecord {
+    let mut r = python(name, SOURCE);
+    r.name = name.into();
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_function_runs_and_the_second_task_reuses_the_warm_worker() {
+    let mut h = start(config()).await;
+    let first = h
+        .run(submission(&f("add"), json!([2]), json!({"b": 40})))
+        .await;
+    assert_eq!(value(&first), &json!(42));
+    assert!(
+        first.cold_start,
+        "the first task waited for a worker to start"
+    );
+    assert!(first.times.waiting_us > 0 && first.times.running_us >= first.times.waiting_us);
+    assert!(first.times.finished_us >= first.times.running_us);
+    let second = h.run(submission(&f("add"), json!([1, 2]), json!({}))).await;
+    assert_eq!(value(&second), &json!(3));
+    assert!(!second.cold_start, "{second:?}");
+    assert_eq!(second.times.waiting_us, 0);
+    assert_eq!(second.worker, first.worker, "the same warm worker ran it");
+    let load = h.endpoint.load().await.unwrap();
+    assert!(
+        load.environments[&compute::Environment::host()]
+            .cold_start_ms
+            .is_some()
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_exception_comes_back_with_type_message_and_traceback() {
+    let mut h = start(config()).await;
+    let rec = h.run(submission(&f("boom"), json!([7]), json!({}))).await;
+    assert_eq!(rec.status, Status::Failed);
+    let e = error(&rec);
+    assert_eq!(e.kind, FailureKind::Exception);
+    assert_eq!(e.type_name, "ValueError");
+    assert_eq!(e.message, "bad value 7");
+    let tb = e.traceback.as_deref().unwrap();
+    assert!(tb.contains("in boom") && tb.contains("in helper"), "{tb}");
+    assert!(
+        tb.contains("raise ValueError"),
+        "the source line is shown: {tb}"
+    );
+    assert!(
+        !tb.contains("worker.py"),
+        "the worker's own frames are hidden: {tb}"
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timeout_stops_the_task_and_the_endpoint_keeps_serving() {
+    let mut h = start(config()).await;
+    let mut slow = submission(&f("sleep"), json!([30]), json!({}));
+    slow.timeout_ms = 300;
+    let rec = h.run(slow).await;
+    let e = error(&rec);
+    assert_eq!(e.kind, FailureKind::Timeout, "{e:?}");
+    assert!(e.message.contains("300ms"), "{}", e.message);
+    let ok = h.run(submission(&f("add"), json!([1]), json!({}))).await;
+    assert_eq!(value(&ok), &json!(2));
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_memory_limit_fails_the_task_with_a_clear_error() {
+    let mut h = start(config()).await;
+    let rec = h.run(submission(&f("hog"), json!([1024]), json!({}))).await;
+    let e = error(&rec);
+    assert_eq!(e.kind, FailureKind::MemoryLimit, "{e:?}");
+    assert!(e.message.contains("200 MiB"), "{}", e.message);
+    let ok = h.run(submission(&f("hog"), json!([10]), json!({}))).await;
+    assert_eq!(value(&ok), &json!(10 << 20));
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_result_over_the_size_limit_fails_and_says_so() {
+    let mut h = start(config()).await;
+    let rec = h
+        .run(submission(&f("big"), json!([10_000]), json!({})))
+        .await;
+    let e = error(&rec);
+    assert_eq!(e.kind, FailureKind::ResultTooLarge);
+    assert!(e.message.contains("limit of 4096 bytes"), "{}", e.message);
+    let ok = h.run(submission(&f("big"), json!([10]), json!({}))).await;
+    assert_eq!(value(&ok), &json!("xxxxxxxxxx"));
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_kills_the_running_task_and_the_next_one_runs() {
+    let mut h = start(config()).await;
+    let sub = submission(&f("sleep"), json!([30]), json!({}));
+    let id = sub.id.clone();
+    h.endpoint.submit("peer", vec![sub]).await.unwrap();
+    // Cancel once it runs.
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let r = h.endpoint.records(vec![id.clone()]).await.unwrap();
+            if r[0].as_ref().is_some_and(|r| r.status == Status::Running) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap();
+    let rec = h.endpoint.cancel(id.clone()).await.unwrap().unwrap();
+    assert_eq!(rec.status, Status::Cancelled);
+    let reported = h.wait(&id).await;
+    assert_eq!(reported.status, Status::Cancelled);
+    let ok = h.run(submission(&f("add"), json!([5]), json!({}))).await;
+    assert_eq!(value(&ok), &json!(6));
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashing_worker_or_garbage_on_its_pipe_fails_only_that_task() {
+    let mut h = start(config()).await;
+    let rec = h.run(submission(&f("die"), json!([]), json!({}))).await;
+    let e = error(&rec);
+    assert_eq!(e.kind, FailureKind::WorkerLost);
+    assert!(e.message.contains("exit status 3"), "{}", e.message);
+    let rec = h.run(submission(&f("garbage"), json!([]), json!({}))).await;
+    let e = error(&rec);
+    assert_eq!(e.kind, FailureKind::WorkerLost);
+    assert!(e.message.contains("protocol pipe"), "{}", e.message);
+    let ok = h.run(submission(&f("add"), json!([1]), json!({}))).await;
+    assert_eq!(value(&ok), &json!(2));
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shell_functions_capture_output_and_time_out_with_124() {
+    let mut h = start(config()).await;
+    let rec = h
+        .run(submission(
+            &shell("echo {0}; echo {who} >&2"),
+            json!(["hello; rm -rf /"]),
+            json!({"who": "world"}),
+        ))
+        .await;
+    let v = value(&rec);
+    assert_eq!(v["returncode"], 0);
+    assert_eq!(v["stdout"], "hello; rm -rf /\n", "arguments are quoted");
+    assert_eq!(v["stderr"], "world\n");
+    let mut slow = submission(&shell("sleep 30"), json!([]), json!({}));
+    slow.timeout_ms = 200;
+    let rec = h.run(slow).await;
+    assert_eq!(error(&rec).kind, FailureKind::Timeout);
+    match &rec.outcome {
+        Some(Outcome::Failed { value: Some(v), .. }) => assert_eq!(v["returncode"], 124),
+        other => panic!("{other:?}"),
+    }
+    let rec = h
+        .run(submission(&shell("exit 5"), json!([]), json!({})))
+        .await;
+    assert_eq!(error(&rec).kind, FailureKind::Exception);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_submissions_are_refused_with_the_reason() {
+    let h = start(config()).await;
+    let mut tampered = submission(&f("add"), json!([1]), json!({}));
+    tampered.function_id = "f0000".into();
+    let mut bad_args = submission(&f("add"), json!({"not": "a list"}), json!({}));
+    bad_args.id = TaskId::random();
+    let mut docker = f("add");
+    docker.container = Some(Container {
+        runtime: "docker".into(),
+        image: "x".into(),
+    });
+    let wrong_runtime = submission(&docker, json!([1]), json!({}));
+    let mut elsewhere = submission(&f("add"), json!([1]), json!({}));
+    elsewhere.endpoint = "other".into();
+    let answers = h
+        .endpoint
+        .submit("peer", vec![tampered, bad_args, wrong_runtime, elsewhere])
+        .await
+        .unwrap();
+    let errs: Vec<String> = answers.into_iter().map(|a| a.unwrap_err()).collect();
+    assert!(errs[0].contains("does not match its id"), "{}", errs[0]);
+    assert!(errs[1].contains("args must be a JSON array"), "{}", errs[1]);
+    assert!(
+        errs[2].contains("does not offer the docker runtime"),
+        "{}",
+        errs[2]
+    );
+    assert!(errs[3].contains("not `other`"), "{}", errs[3]);
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accepted_tasks_survive_a_restart_and_duplicates_run_once() {
+    let mut cfg = config();
+    cfg.max_workers = 1;
+    cfg.strategy = Strategy::Warm;
+    let h = start(cfg.clone()).await;
+    // One long task occupies the only worker; the second waits in the queue.
+    let running = submission(&f("sleep"), json!([30]), json!({}));
+    let queued = submission(&f("add"), json!([41]), json!({}));
+    let (rid, qid) = (running.id.clone(), queued.id.clone());
+    h.endpoint.submit("peer", vec![running]).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let r = h.endpoint.records(vec![rid.clone()]).await.unwrap();
+            if r[0].as_ref().is_some_and(|r| r.status == Status::Running) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap();
+    h.endpoint
+        .submit("peer", vec![queued.clone()])
+        .await
+        .unwrap();
+    let (dir, store) = h.stop().await;
+    drop(store);
+    let mut h = start_in(dir, cfg).await;
+    let q = h.wait(&qid).await;
+    assert_eq!(
+        value(&q),
+        &json!(42),
+        "the queued task ran after the restart"
+    );
+    let r = h.endpoint.records(vec![rid.clone()]).await.unwrap()[0]
+        .clone()
+        .unwrap();
+    assert_eq!(error(&r).kind, FailureKind::EndpointLost, "{r:?}");
+    // Submitting the finished task again returns its record and does not run it again.
+    let again = h.endpoint.submit("peer", vec![queued]).await.unwrap();
+    assert_eq!(again[0].as_ref().unwrap().status, Status::Succeeded);
+    let unacked = h.endpoint.unacknowledged().await.unwrap();
+    assert!(unacked.iter().any(|r| r.id == qid));
+    h.endpoint
+        .acknowledge(vec![qid.clone(), rid.clone()])
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !h.endpoint.unacknowledged().await.unwrap().is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap();
+    h.stop().await;
+}

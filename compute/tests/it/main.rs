@@ -1,0 +1,3 @@
+//! Integration tests of the compute crate: real worker processes on the host.
+
+mod endpoint;

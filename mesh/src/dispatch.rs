@@ -1,0 +1,992 @@
+//! The submitting side of tasks: route, store, send, follow, retry.
+//!
+//! [`Dispatcher`] is an actor. A submitted task is routed ([`crate::routing::Router`]), stored in
+//! RocksDB (`submitted`), acknowledged to the caller, then sent to its endpoint on
+//! `/funcmesh/task/1` (batched per endpoint). The endpoint's answer and, later, its result update
+//! the stored task. If the endpoint's node stops advertising (or the endpoint reports it lost the
+//! task), a task with retries left is sent again, elsewhere; one without fails with a reason that
+//! says the endpoint was lost. After a restart every unfinished task is sent again to its endpoint,
+//! which answers with what it knows (ids are idempotency keys), so nothing is lost either way.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use compute::Environment;
+use compute::task::{
+    Encoding, FailureKind, Outcome, Record, Status, Submission, TaskError, TaskId, now_us,
+};
+use futures::future::BoxFuture;
+use libp2p::PeerId;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::Digest as _;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::network::{Event, Handle};
+use crate::routing::{ADVERT_TOPIC, Advert, Candidate, Requirements, Router, Strategy};
+use crate::tasks::{Answer, MAX_BATCH, TaskRequest, TaskResponse};
+
+/// Stored format version of [`Submitted`].
+pub const SUBMITTED_VERSION: u32 = 1;
+
+/// Where a task was sent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Target {
+    /// The endpoint's node.
+    pub peer: String,
+    /// The node's name.
+    pub node_name: String,
+    /// The endpoint's name.
+    pub endpoint: String,
+    /// The endpoint's registry id.
+    pub endpoint_id: String,
+}
+
+/// One try of a task on an endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attempt {
+    /// Where.
+    pub target: Target,
+    /// The id the endpoint knows it by.
+    pub wire_id: TaskId,
+    /// When it was routed there, Unix microseconds.
+    pub at_us: u64,
+    /// Why it ended without a result, if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost: Option<String>,
+}
+
+/// A task as its submitting node keeps it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Submitted {
+    /// Format version.
+    pub v: u32,
+    /// The task's id.
+    pub id: TaskId,
+    /// The function's name.
+    pub function_name: String,
+    /// What was sent (its `id` and `endpoint` are the current attempt's).
+    pub submission: Submission,
+    /// How it was routed.
+    pub strategy: Strategy,
+    /// What it needs.
+    pub requirements: Requirements,
+    /// Retries left after an endpoint is lost.
+    pub retries_left: u32,
+    /// Tries so far; the last is the current one.
+    pub attempts: Vec<Attempt>,
+    /// Status.
+    pub status: Status,
+    /// The endpoint's record, as last heard.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub record: Option<Record>,
+    /// How it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<Outcome>,
+    /// Accepted here, Unix microseconds.
+    pub submitted_us: u64,
+    /// Finished, Unix microseconds.
+    #[serde(default)]
+    pub finished_us: u64,
+}
+
+impl Submitted {
+    /// The current attempt's target.
+    pub fn target(&self) -> Option<&Target> {
+        self.attempts.last().map(|a| &a.target)
+    }
+}
+
+/// A task to submit.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// The function, from the registry.
+    pub function: crdt_registry::Function,
+    /// Positional arguments.
+    pub args: Value,
+    /// Keyword arguments.
+    pub kwargs: Value,
+    /// Encoding.
+    pub encoding: Encoding,
+    /// Time limit, ms (0: the endpoint's default).
+    pub timeout_ms: u64,
+    /// What it needs.
+    pub requirements: Requirements,
+    /// How to route it.
+    pub strategy: Strategy,
+    /// Retries after an endpoint is lost.
+    pub retries: u32,
+}
+
+/// Answers task requests addressed to this node's own endpoints (the mesh cannot dial itself).
+pub trait Local: Send + Sync + 'static {
+    /// Handles a request as if it came from this node over the mesh.
+    fn request(&self, request: TaskRequest) -> BoxFuture<'static, TaskResponse>;
+}
+
+/// Dispatcher settings.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// An endpoint whose node has not advertised for this long is lost.
+    pub lost_after: Duration,
+    /// Finished tasks are kept this long.
+    pub retention: Duration,
+    /// This node's institution.
+    pub institution: Option<String>,
+}
+
+/// Dispatcher errors.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// It stopped.
+    #[error("the task dispatcher has stopped")]
+    Closed,
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] store::Error),
+}
+
+type Reply<T> = oneshot::Sender<T>;
+
+enum Cmd {
+    Submit(Vec<Request>, Reply<Vec<Result<Submitted, String>>>),
+    Get(Vec<TaskId>, Reply<Vec<Option<Submitted>>>),
+    Cancel(TaskId, Reply<Option<Submitted>>),
+    Results(PeerId, Vec<Record>, Reply<()>),
+    Answered(PeerId, Vec<TaskId>, Result<TaskResponse, String>),
+    CancelAnswered(
+        TaskId,
+        Result<TaskResponse, String>,
+        Reply<Option<Submitted>>,
+    ),
+    Adverts(Reply<Vec<(PeerId, Advert)>>),
+    OwnAdvert(Advert),
+}
+
+/// A cheap-clone handle to the dispatcher.
+#[derive(Clone)]
+pub struct Dispatcher {
+    tx: mpsc::Sender<Cmd>,
+    finished: watch::Receiver<u64>,
+}
+
+impl std::fmt::Debug for Dispatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Dispatcher")
+    }
+}
+
+impl Dispatcher {
+    /// Starts the dispatcher: loads unfinished tasks and sends them again.
+    pub async fn start(
+        mesh: Handle,
+        store: store::Store,
+        config: Config,
+        local: Arc<dyn Local>,
+        cancel: CancellationToken,
+        tracker: &TaskTracker,
+    ) -> Result<Dispatcher, Error> {
+        let rows = store.blocking(|s| s.scan(store::cf::SUBMITTED)).await?;
+        let mut live = HashMap::new();
+        for (_, v) in rows {
+            if let Ok(t) = serde_json::from_slice::<Submitted>(&v) {
+                if !t.status.is_terminal() {
+                    live.insert(t.id.clone(), t);
+                }
+            }
+        }
+        let (tx, rx) = mpsc::channel(1024);
+        let (finished_tx, finished) = watch::channel(0);
+        let events = mesh.subscribe();
+        let topic = ADVERT_TOPIC.to_string();
+        let _ = mesh.subscribe_topic(&topic).await;
+        let mut actor = Actor {
+            me: mesh.peer_id(),
+            mesh,
+            store,
+            router: Router::new(rand::random(), config.lost_after),
+            config,
+            local,
+            live: HashMap::new(),
+            by_wire: HashMap::new(),
+            candidates: Vec::new(),
+            candidates_at: None,
+            dirty: HashSet::new(),
+            done: Vec::new(),
+            unsent: BTreeMap::new(),
+            finished_tx,
+            tx: tx.clone(),
+            tracker: tracker.clone(),
+            started: Instant::now(),
+        };
+        let n = live.len();
+        for (id, t) in live {
+            if let Some(a) = t.attempts.last() {
+                actor.by_wire.insert(a.wire_id.clone(), id.clone());
+                if let Ok(peer) = a.target.peer.parse::<PeerId>() {
+                    actor.unsent.entry(peer).or_default().push(id.clone());
+                }
+            }
+            actor.live.insert(id, t);
+        }
+        if n > 0 {
+            tracing::info!(tasks = n, "resuming unfinished tasks");
+        }
+        tracker.spawn(actor.run(rx, events, cancel));
+        Ok(Dispatcher { tx, finished })
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Cmd) -> Result<T, Error> {
+        let (tx, rx) = oneshot::channel();
+        self.tx.send(make(tx)).await.map_err(|_| Error::Closed)?;
+        rx.await.map_err(|_| Error::Closed)
+    }
+
+    /// Routes and stores tasks; each is accepted (stored, and being sent) or refused with the
+    /// reason (no endpoint can run it, and why).
+    pub async fn submit(
+        &self,
+        requests: Vec<Request>,
+    ) -> Result<Vec<Result<Submitted, String>>, Error> {
+        self.ask(|r| Cmd::Submit(requests, r)).await
+    }
+
+    /// The tasks as stored here.
+    pub async fn get(&self, ids: Vec<TaskId>) -> Result<Vec<Option<Submitted>>, Error> {
+        self.ask(|r| Cmd::Get(ids, r)).await
+    }
+
+    /// Waits until every task is finished or `timeout` passes; returns them as they are then.
+    pub async fn wait(
+        &self,
+        ids: Vec<TaskId>,
+        timeout: Duration,
+    ) -> Result<Vec<Option<Submitted>>, Error> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut finished = self.finished.clone();
+        loop {
+            finished.borrow_and_update();
+            let tasks = self.get(ids.clone()).await?;
+            let done = tasks
+                .iter()
+                .all(|t| t.as_ref().is_none_or(|t| t.status.is_terminal()));
+            if done {
+                return Ok(tasks);
+            }
+            match tokio::time::timeout_at(deadline, finished.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(Error::Closed),
+                Err(_) => return Ok(tasks),
+            }
+        }
+    }
+
+    /// Cancels a task: tells its endpoint, which stops it if it runs.
+    pub async fn cancel(&self, id: TaskId) -> Result<Option<Submitted>, Error> {
+        self.ask(|r| Cmd::Cancel(id, r)).await
+    }
+
+    /// Takes results from an endpoint's node; returns once they are stored (then acknowledge).
+    pub async fn results(&self, from: PeerId, records: Vec<Record>) -> Result<(), Error> {
+        self.ask(|r| Cmd::Results(from, records, r)).await
+    }
+
+    /// This node's own advert (gossip does not deliver a node's messages to itself).
+    pub async fn own_advert(&self, advert: Advert) -> Result<(), Error> {
+        self.tx
+            .send(Cmd::OwnAdvert(advert))
+            .await
+            .map_err(|_| Error::Closed)
+    }
+
+    /// The latest advert of every node heard from.
+    pub async fn adverts(&self) -> Result<Vec<(PeerId, Advert)>, Error> {
+        self.ask(Cmd::Adverts).await
+    }
+}
+
+struct Actor {
+    me: PeerId,
+    mesh: Handle,
+    store: store::Store,
+    router: Router,
+    config: Config,
+    local: Arc<dyn Local>,
+    live: HashMap<TaskId, Submitted>,
+    /// The id an endpoint knows → the task.
+    by_wire: HashMap<TaskId, TaskId>,
+    candidates: Vec<Candidate>,
+    candidates_at: Option<Instant>,
+    dirty: HashSet<TaskId>,
+    /// Tasks finished this turn (stored with the rest, then announced).
+    done: Vec<Submitted>,
+    unsent: BTreeMap<PeerId, Vec<TaskId>>,
+    finished_tx: watch::Sender<u64>,
+    tx: mpsc::Sender<Cmd>,
+    tracker: TaskTracker,
+    started: Instant,
+}
+
+/// The id an endpoint knows attempt `n` of task `id` by: the task id itself first, then a hash,
+/// so that a retry on the same endpoint is a new task there.
+fn wire_id(id: &TaskId, n: usize) -> TaskId {
+    if n == 0 {
+        return id.clone();
+    }
+    let h = sha2::Sha256::digest(format!("{id}/{n}").as_bytes());
+    TaskId::try_from(hex::encode(&h[..16])).expect("32 hex characters")
+}
+
+impl Actor {
+    async fn run(
+        mut self,
+        mut cmds: mpsc::Receiver<Cmd>,
+        mut events: tokio::sync::broadcast::Receiver<Event>,
+        cancel: CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut slow = tokio::time::interval(Duration::from_secs(5));
+        let mut slow_ticks: u64 = 0;
+        let mut replies: Vec<Box<dyn FnOnce(&Actor) + Send>> = Vec::new();
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                cmd = cmds.recv() => match cmd {
+                    Some(c) => self.on_cmd(c, &mut replies).await,
+                    None => break,
+                },
+                ev = events.recv() => match ev {
+                    Ok(ev) => self.on_event(ev),
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(_) => break,
+                },
+                _ = tick.tick() => self.on_tick(),
+                _ = slow.tick() => {
+                    if let Ok(rtts) = self.mesh.rtts().await {
+                        for (p, d) in rtts {
+                            self.router.rtt(p, d);
+                        }
+                    }
+                    // The retention sweep reads every stored task: every ten minutes is enough.
+                    if slow_ticks % 120 == 0 {
+                        self.sweep().await;
+                    }
+                    slow_ticks += 1;
+                }
+            }
+            for _ in 0..256 {
+                match cmds.try_recv() {
+                    Ok(c) => self.on_cmd(c, &mut replies).await,
+                    Err(_) => break,
+                }
+            }
+            self.flush(&mut replies).await;
+        }
+        self.flush(&mut replies).await;
+    }
+
+    async fn flush(&mut self, replies: &mut Vec<Box<dyn FnOnce(&Actor) + Send>>) {
+        let mut ops: Vec<store::Op> = Vec::new();
+        for id in self.dirty.drain() {
+            if let Some(t) = self.live.get(&id) {
+                let v = serde_json::to_vec(t).expect("tasks serialise");
+                ops.push((
+                    store::cf::SUBMITTED,
+                    id.as_str().as_bytes().to_vec(),
+                    Some(v),
+                ));
+            }
+        }
+        for t in &self.done {
+            let v = serde_json::to_vec(t).expect("tasks serialise");
+            ops.push((
+                store::cf::SUBMITTED,
+                t.id.as_str().as_bytes().to_vec(),
+                Some(v),
+            ));
+        }
+        if !ops.is_empty() {
+            if let Err(e) = self.store.blocking(move |s| s.batch_unsynced(&ops)).await {
+                tracing::error!(error = %e, "cannot store submitted tasks");
+                // Unanswered callers see the dispatcher as failed and retry.
+                replies.clear();
+                return;
+            }
+        }
+        for r in replies.drain(..) {
+            r(self);
+        }
+        if !self.done.is_empty() {
+            self.done.clear();
+            self.finished_tx.send_modify(|n| *n += 1);
+        }
+        self.send_unsent(None);
+    }
+
+    async fn refresh_candidates(&mut self, force: bool) {
+        let fresh = self
+            .candidates_at
+            .is_some_and(|at| at.elapsed() < Duration::from_secs(1));
+        if fresh && !force {
+            return;
+        }
+        let Ok(view) = self.mesh.registry().await else {
+            return;
+        };
+        self.candidates = view
+            .endpoints
+            .values()
+            .filter_map(|e| {
+                let peer = e.peer_id.parse::<PeerId>().ok()?;
+                let node_name = view
+                    .nodes
+                    .values()
+                    .find(|n| n.peer_id == e.peer_id)
+                    .map_or_else(|| e.peer_id.chars().take(12).collect(), |n| n.name.clone());
+                Some(Candidate {
+                    id: e.id.clone(),
+                    name: e.record.name.clone(),
+                    peer,
+                    node_name,
+                    institution: e.institution.clone(),
+                    runtimes: e.record.runtimes.clone(),
+                    tags: e.record.capabilities.tags.clone(),
+                    policy: e.record.policy,
+                })
+            })
+            .collect();
+        self.candidates_at = Some(Instant::now());
+    }
+
+    async fn on_cmd(&mut self, cmd: Cmd, replies: &mut Vec<Box<dyn FnOnce(&Actor) + Send>>) {
+        match cmd {
+            Cmd::Submit(requests, reply) => {
+                self.refresh_candidates(false).await;
+                let now = Instant::now();
+                let answers: Vec<Result<Submitted, String>> =
+                    requests.into_iter().map(|r| self.accept(r, now)).collect();
+                replies.push(Box::new(move |_| {
+                    let _ = reply.send(answers);
+                }));
+            }
+            Cmd::Get(ids, reply) => {
+                let mut out = Vec::with_capacity(ids.len());
+                let mut missing = Vec::new();
+                for (i, id) in ids.iter().enumerate() {
+                    match self.live.get(id) {
+                        Some(t) => out.push(Some(t.clone())),
+                        None => {
+                            out.push(None);
+                            missing.push(i);
+                        }
+                    }
+                }
+                if !missing.is_empty() {
+                    let keys: Vec<(usize, Vec<u8>)> = missing
+                        .iter()
+                        .map(|i| (*i, ids[*i].as_str().as_bytes().to_vec()))
+                        .collect();
+                    let found = self
+                        .store
+                        .blocking(move |s| {
+                            let mut f = Vec::new();
+                            for (i, k) in keys {
+                                if let Some(v) = s.get(store::cf::SUBMITTED, &k)? {
+                                    f.push((i, v));
+                                }
+                            }
+                            Ok(f)
+                        })
+                        .await
+                        .unwrap_or_default();
+                    for (i, v) in found {
+                        out[i] = serde_json::from_slice(&v).ok();
+                    }
+                }
+                let _ = reply.send(out);
+            }
+            Cmd::Cancel(id, reply) => {
+                let Some(t) = self.live.get(&id) else {
+                    let found = self
+                        .store
+                        .blocking({
+                            let k = id.as_str().as_bytes().to_vec();
+                            move |s| s.get(store::cf::SUBMITTED, &k)
+                        })
+                        .await
+                        .ok()
+                        .flatten()
+                        .and_then(|v| serde_json::from_slice(&v).ok());
+                    let _ = reply.send(found);
+                    return;
+                };
+                let Some(a) = t.attempts.last() else {
+                    return;
+                };
+                let request = TaskRequest::Cancel {
+                    endpoint: a.target.endpoint.clone(),
+                    id: a.wire_id.clone(),
+                };
+                let peer = a.target.peer.parse::<PeerId>().ok();
+                let tx = self.tx.clone();
+                let fut = peer.map(|p| self.send_request(p, request));
+                self.tracker.spawn(async move {
+                    let res = match fut {
+                        Some(f) => f.await,
+                        None => Err("the endpoint's peer id is invalid".into()),
+                    };
+                    let _ = tx.send(Cmd::CancelAnswered(id, res, reply)).await;
+                });
+            }
+            Cmd::CancelAnswered(id, res, reply) => {
+                match res {
+                    Ok(TaskResponse::Cancelled { record: Some(rec) })
+                        if rec.status.is_terminal() =>
+                    {
+                        self.on_record(rec, None)
+                    }
+                    Ok(other) => {
+                        let why = match other {
+                            TaskResponse::Refused { reason } => {
+                                format!(" (the endpoint said: {reason})")
+                            }
+                            _ => String::new(),
+                        };
+                        self.conclude(
+                            &id,
+                            Outcome::Cancelled {
+                                reason: format!("cancelled by the submitter{why}"),
+                            },
+                            None,
+                        );
+                    }
+                    Err(e) => self.conclude(
+                        &id,
+                        Outcome::Cancelled {
+                            reason: format!(
+                                "cancelled by the submitter; the endpoint could not be told ({e})"
+                            ),
+                        },
+                        None,
+                    ),
+                }
+                replies.push(Box::new(move |a: &Actor| {
+                    let t = a
+                        .live
+                        .get(&id)
+                        .cloned()
+                        .or_else(|| a.done.iter().find(|t| t.id == id).cloned());
+                    let _ = reply.send(t);
+                }));
+            }
+            Cmd::Results(from, records, reply) => {
+                for rec in records {
+                    self.on_record(rec, Some(from));
+                }
+                replies.push(Box::new(move |_| {
+                    let _ = reply.send(());
+                }));
+            }
+            Cmd::Answered(peer, ids, res) => self.on_answered(peer, ids, res),
+            Cmd::Adverts(reply) => {
+                let _ = reply.send(self.router.adverts());
+            }
+            Cmd::OwnAdvert(a) => self.router.advert(self.me, a, Instant::now()),
+        }
+    }
+
+    fn accept(&mut self, r: Request, now: Instant) -> Result<Submitted, String> {
+        let env = Environment::of(r.function.record.container.as_ref())?;
+        let c = self
+            .router
+            .choose(
+                &env,
+                &r.requirements,
+                self.config.institution.as_deref(),
+                r.strategy,
+                &self.candidates,
+                &HashSet::new(),
+                now,
+            )
+            .map_err(|e| e.to_string())?;
+        let id = TaskId::random();
+        let submitted_us = now_us();
+        let submission = Submission {
+            id: id.clone(),
+            endpoint: c.name.clone(),
+            function: r.function.record.clone(),
+            function_id: r.function.id.clone(),
+            args: if r.args.is_null() {
+                Value::Array(vec![])
+            } else {
+                r.args
+            },
+            kwargs: if r.kwargs.is_null() {
+                Value::Object(Default::default())
+            } else {
+                r.kwargs
+            },
+            encoding: r.encoding,
+            timeout_ms: r.timeout_ms,
+            submitted_us,
+        };
+        submission.check()?;
+        let t = Submitted {
+            v: SUBMITTED_VERSION,
+            id: id.clone(),
+            function_name: r.function.record.name.clone(),
+            submission,
+            strategy: r.strategy,
+            requirements: r.requirements,
+            retries_left: r.retries,
+            attempts: vec![Attempt {
+                target: target(&c),
+                wire_id: id.clone(),
+                at_us: submitted_us,
+                lost: None,
+            }],
+            status: Status::Pending,
+            record: None,
+            outcome: None,
+            submitted_us,
+            finished_us: 0,
+        };
+        self.router.dispatched(c.peer, &c.name);
+        self.by_wire.insert(id.clone(), id.clone());
+        self.unsent.entry(c.peer).or_default().push(id.clone());
+        self.dirty.insert(id.clone());
+        self.live.insert(id, t.clone());
+        Ok(t)
+    }
+
+    fn send_request(
+        &self,
+        peer: PeerId,
+        request: TaskRequest,
+    ) -> BoxFuture<'static, Result<TaskResponse, String>> {
+        if peer == self.me {
+            let fut = self.local.request(request);
+            Box::pin(async move { Ok(fut.await) })
+        } else {
+            let mesh = self.mesh.clone();
+            Box::pin(async move {
+                mesh.task_request(peer, request)
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+        }
+    }
+
+    /// Sends the tasks waiting for their endpoint (all, or one peer's).
+    fn send_unsent(&mut self, only: Option<PeerId>) {
+        let peers: Vec<PeerId> = match only {
+            Some(p) => vec![p],
+            None => self.unsent.keys().copied().collect(),
+        };
+        for peer in peers {
+            let Some(ids) = self.unsent.remove(&peer) else {
+                continue;
+            };
+            for chunk in ids.chunks(MAX_BATCH.min(1024)) {
+                let tasks: Vec<Submission> = chunk
+                    .iter()
+                    .filter_map(|id| self.live.get(id).map(|t| t.submission.clone()))
+                    .collect();
+                if tasks.is_empty() {
+                    continue;
+                }
+                let ids: Vec<TaskId> = chunk.to_vec();
+                let fut = self.send_request(peer, TaskRequest::Submit { tasks });
+                let tx = self.tx.clone();
+                self.tracker.spawn(async move {
+                    let res = fut.await;
+                    let _ = tx.send(Cmd::Answered(peer, ids, res)).await;
+                });
+            }
+        }
+    }
+
+    fn on_answered(&mut self, peer: PeerId, ids: Vec<TaskId>, res: Result<TaskResponse, String>) {
+        match res {
+            Ok(TaskResponse::Submitted { answers }) => {
+                for (id, answer) in ids.into_iter().zip(answers) {
+                    match answer {
+                        Answer::Accepted(rec) => {
+                            if rec.status.is_terminal() {
+                                self.on_record(rec, Some(peer));
+                            } else if let Some(t) = self.live.get_mut(&id) {
+                                if t.target().is_some_and(|x| x.peer == peer.to_string()) {
+                                    t.status = rec.status;
+                                    t.record = Some(rec);
+                                    self.dirty.insert(id);
+                                }
+                            }
+                        }
+                        Answer::Refused(why) => {
+                            let ep = self
+                                .live
+                                .get(&id)
+                                .and_then(|t| t.target().cloned())
+                                .map_or_else(String::new, |t| {
+                                    format!("{} on {}", t.endpoint, t.node_name)
+                                });
+                            self.conclude(
+                                &id,
+                                Outcome::Failed {
+                                    error: TaskError::new(
+                                        FailureKind::Refused,
+                                        format!("endpoint {ep} refused the task: {why}"),
+                                    ),
+                                    value: None,
+                                },
+                                None,
+                            );
+                        }
+                    }
+                }
+            }
+            Ok(TaskResponse::Refused { reason }) if reason.contains("overloaded") => {
+                self.unsent.entry(peer).or_default().extend(ids);
+            }
+            Ok(other) => {
+                let why = match other {
+                    TaskResponse::Refused { reason } => reason,
+                    o => format!("unexpected answer {o:?}"),
+                };
+                for id in ids {
+                    self.conclude(
+                        &id,
+                        Outcome::failed(
+                            FailureKind::Refused,
+                            format!("the endpoint's node refused the tasks: {why}"),
+                        ),
+                        None,
+                    );
+                }
+            }
+            Err(e) => {
+                // Unreachable for now: keep them; the loss check decides if it lasts.
+                tracing::debug!(%peer, error = %e, "cannot send tasks; will retry");
+                let still: Vec<TaskId> = ids
+                    .into_iter()
+                    .filter(|id| self.live.contains_key(id))
+                    .collect();
+                if !still.is_empty() {
+                    self.unsent.entry(peer).or_default().extend(still);
+                }
+            }
+        }
+    }
+
+    /// An endpoint's record of a task: finishes it if it is terminal.
+    fn on_record(&mut self, rec: Record, from: Option<PeerId>) {
+        let Some(id) = self.by_wire.get(&rec.id).cloned() else {
+            return;
+        };
+        let Some(t) = self.live.get(&id) else {
+            return;
+        };
+        let current = t.attempts.last().is_some_and(|a| {
+            a.wire_id == rec.id && from.is_none_or(|p| a.target.peer == p.to_string())
+        });
+        if !current {
+            return;
+        }
+        match rec.outcome.clone() {
+            Some(outcome) if rec.status.is_terminal() => self.conclude(&id, outcome, Some(rec)),
+            _ => {}
+        }
+    }
+
+    /// Ends a task, or retries it elsewhere if the failure was the endpoint's and retries remain.
+    fn conclude(&mut self, id: &TaskId, outcome: Outcome, record: Option<Record>) {
+        let Some(mut t) = self.live.remove(id) else {
+            return;
+        };
+        let lost = match &outcome {
+            Outcome::Failed { error, .. } => matches!(
+                error.kind,
+                FailureKind::EndpointLost | FailureKind::WorkerLost
+            )
+            .then(|| error.clone()),
+            _ => None,
+        };
+        if let (Some(error), true) = (&lost, t.retries_left > 0) {
+            let mut exclude: HashSet<String> = HashSet::new();
+            for a in &t.attempts {
+                if error.kind == FailureKind::EndpointLost || a.lost.is_some() {
+                    exclude.insert(a.target.endpoint_id.clone());
+                }
+            }
+            if let Some(a) = t.attempts.last_mut() {
+                a.lost = Some(error.message.clone());
+            }
+            let env = Environment::of(t.submission.function.container.as_ref());
+            let choice = env.map_err(|e| e).and_then(|env| {
+                self.router
+                    .choose(
+                        &env,
+                        &t.requirements,
+                        self.config.institution.as_deref(),
+                        t.strategy,
+                        &self.candidates,
+                        &exclude,
+                        Instant::now(),
+                    )
+                    .map_err(|e| e.to_string())
+            });
+            match choice {
+                Ok(c) => {
+                    t.retries_left -= 1;
+                    let wire = wire_id(&t.id, t.attempts.len());
+                    t.attempts.push(Attempt {
+                        target: target(&c),
+                        wire_id: wire.clone(),
+                        at_us: now_us(),
+                        lost: None,
+                    });
+                    t.submission.id = wire.clone();
+                    t.submission.endpoint = c.name.clone();
+                    t.status = Status::Pending;
+                    t.record = None;
+                    tracing::info!(task = %t.id, to = %c, "retrying a task whose endpoint was lost");
+                    self.router.dispatched(c.peer, &c.name);
+                    self.by_wire.insert(wire, t.id.clone());
+                    self.unsent.entry(c.peer).or_default().push(t.id.clone());
+                    self.dirty.insert(t.id.clone());
+                    self.live.insert(t.id.clone(), t);
+                    return;
+                }
+                Err(why) => {
+                    t.status = Status::Failed;
+                    t.outcome = Some(Outcome::Failed {
+                        error: TaskError::new(
+                            error.kind,
+                            format!(
+                                "{}; no other endpoint could take the retry: {why}",
+                                error.message
+                            ),
+                        ),
+                        value: None,
+                    });
+                    t.record = record.or(t.record);
+                    t.finished_us = now_us();
+                    self.finish(t);
+                    return;
+                }
+            }
+        }
+        t.status = outcome.status();
+        t.outcome = Some(outcome);
+        if record.is_some() {
+            t.record = record;
+        }
+        t.finished_us = now_us();
+        self.finish(t);
+    }
+
+    fn finish(&mut self, t: Submitted) {
+        for a in &t.attempts {
+            self.by_wire.remove(&a.wire_id);
+        }
+        self.dirty.remove(&t.id);
+        self.done.push(t);
+    }
+
+    fn on_event(&mut self, ev: Event) {
+        match ev {
+            Event::Gossip {
+                topic,
+                source,
+                data,
+            } if topic == ADVERT_TOPIC => match Advert::decode(&data) {
+                Ok(a) => self.router.advert(source, a, Instant::now()),
+                Err(e) => tracing::debug!(peer = %source, error = %e, "ignored a malformed advert"),
+            },
+            Event::MemberConnected(m) => {
+                if let Ok(peer) = m.peer_id.parse::<PeerId>() {
+                    self.send_unsent(Some(peer));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn on_tick(&mut self) {
+        let now = Instant::now();
+        // Right after a start nothing has advertised yet: give the mesh time before calling
+        // endpoints lost.
+        if now < self.started + self.config.lost_after {
+            self.send_unsent(None);
+            return;
+        }
+        let lost: Vec<(TaskId, Target)> = self
+            .live
+            .values()
+            .filter_map(|t| {
+                let target = t.target()?;
+                let peer = target.peer.parse::<PeerId>().ok()?;
+                (peer != self.me && !self.router.is_alive(&peer, now))
+                    .then(|| (t.id.clone(), target.clone()))
+            })
+            .collect();
+        for (id, target) in lost {
+            let status = self.live.get(&id).map_or(Status::Pending, |t| t.status);
+            self.conclude(
+                &id,
+                Outcome::failed(
+                    FailureKind::EndpointLost,
+                    format!(
+                        "endpoint {} on {} was lost while the task was {status}: its node has not \
+                         been heard from for {}{}",
+                        target.endpoint,
+                        target.node_name,
+                        humantime::format_duration(self.config.lost_after),
+                        if self.live.get(&id).is_some_and(|t| t.retries_left == 0) {
+                            " (submit with --retries N to retry elsewhere)"
+                        } else {
+                            ""
+                        }
+                    ),
+                ),
+                None,
+            );
+        }
+        self.send_unsent(None);
+    }
+
+    /// Drops finished tasks older than the retention.
+    async fn sweep(&mut self) {
+        let horizon = now_us().saturating_sub(self.config.retention.as_micros() as u64);
+        let _ = self
+            .store
+            .blocking(move |s| {
+                let mut ops = Vec::new();
+                for (k, v) in s.scan(store::cf::SUBMITTED)? {
+                    if let Ok(t) = serde_json::from_slice::<Submitted>(&v) {
+                        if t.status.is_terminal() && t.finished_us < horizon {
+                            ops.push((store::cf::SUBMITTED, k, None));
+                        }
+                    }
+                }
+                if !ops.is_empty() {
+                    s.batch_unsynced(&ops)?;
+                }
+                Ok(())
+            })
+            .await;
+    }
+}
+
+fn target(c: &Candidate) -> Target {
+    Target {
+        peer: c.peer.to_string(),
+        node_name: c.node_name.clone(),
+        endpoint: c.name.clone(),
+        endpoint_id: c.id.clone(),
+    }
+}

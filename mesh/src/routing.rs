@@ -1,0 +1,676 @@
+//! Endpoint advertisements and the router, sans-IO.
+//!
+//! Every node with endpoints gossips an [`Advert`] on `funcmesh/<fed>/adverts/1` on change (at
+//! most about once a second) and as a heartbeat every two seconds: per endpoint, its free and
+//! total workers, its queue, and per environment its idle warm workers and measured cold start.
+//! Gossipsub signs each message with the author's node key, and the mesh accepts gossip only from
+//! verified members, so an advert speaks for its author alone. Adverts are load, not state: they
+//! stay out of the registry.
+//!
+//! The [`Router`] on the submitting node filters the registry's endpoints by what the task needs
+//! (runtime and image, tags, an explicit endpoint, an institution), by access policy, and by
+//! liveness (a recent advert), then picks one by [`Strategy`].
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use compute::Environment;
+use crdt_registry::record::Policy;
+use libp2p::PeerId;
+use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
+use serde::{Deserialize, Serialize};
+
+/// Gossip topic of adverts (under `funcmesh/<fed>/`).
+pub const ADVERT_TOPIC: &str = "adverts/1";
+/// Largest advert accepted.
+pub const MAX_ADVERT_BYTES: usize = 64 << 10;
+/// Advert format version.
+pub const ADVERT_VERSION: u32 = 1;
+
+/// A node's advertisement of its endpoints' load.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Advert {
+    /// Format version.
+    pub v: u32,
+    /// Increases with every advert of this node (a newer one replaces an older one).
+    pub seq: u64,
+    /// When it was made, Unix milliseconds.
+    pub at_ms: u64,
+    /// Its endpoints.
+    pub endpoints: Vec<EndpointLoad>,
+}
+
+/// One endpoint's load.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointLoad {
+    /// Its name on the node.
+    pub name: String,
+    /// Most workers.
+    pub max_workers: u32,
+    /// Workers running.
+    pub workers: u32,
+    /// Idle workers.
+    pub idle: u32,
+    /// Tasks queued or running.
+    pub queued: u32,
+    /// Per environment.
+    pub environments: Vec<EnvironmentLoad>,
+}
+
+/// One environment's workers on an endpoint.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnvironmentLoad {
+    /// `host` or `<runtime>:<image>`.
+    pub env: String,
+    /// Idle (warm) workers.
+    pub idle: u32,
+    /// Busy workers.
+    pub busy: u32,
+    /// Starting workers.
+    pub starting: u32,
+    /// Measured cold start, milliseconds.
+    pub cold_start_ms: Option<u64>,
+}
+
+impl Advert {
+    /// Decodes an advert from gossip, size-checked first.
+    pub fn decode(bytes: &[u8]) -> Result<Advert, String> {
+        if bytes.len() > MAX_ADVERT_BYTES {
+            return Err(format!(
+                "advert of {} bytes is over the limit of {MAX_ADVERT_BYTES}",
+                bytes.len()
+            ));
+        }
+        let a: Advert = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        if a.v != ADVERT_VERSION {
+            return Err(format!("advert version {} is not {ADVERT_VERSION}", a.v));
+        }
+        if a.endpoints.len() > 256 {
+            return Err("advert lists more than 256 endpoints".into());
+        }
+        Ok(a)
+    }
+
+    /// Encodes it for gossip.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("adverts serialise")
+    }
+}
+
+/// How the router picks among eligible endpoints.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    /// A warm idle worker for the task's environment first, then least loaded, then lowest RTT.
+    #[default]
+    WarmAware,
+    /// Least loaded (queued and running per worker), then lowest RTT.
+    LeastLoaded,
+    /// Uniformly at random.
+    Random,
+    /// In turn.
+    RoundRobin,
+}
+
+impl Strategy {
+    /// Parses a strategy name.
+    pub fn parse(s: &str) -> Result<Strategy, String> {
+        match s {
+            "warm-aware" => Ok(Strategy::WarmAware),
+            "least-loaded" => Ok(Strategy::LeastLoaded),
+            "random" => Ok(Strategy::Random),
+            "round-robin" => Ok(Strategy::RoundRobin),
+            other => Err(format!(
+                "strategy `{other}` is not one of warm-aware, least-loaded, random, round-robin"
+            )),
+        }
+    }
+}
+
+/// An endpoint as the registry lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Candidate {
+    /// Its registry id.
+    pub id: String,
+    /// Its name on its node.
+    pub name: String,
+    /// Its node.
+    pub peer: PeerId,
+    /// Its node's name.
+    pub node_name: String,
+    /// Its node's institution.
+    pub institution: Option<String>,
+    /// Runtimes it offers.
+    pub runtimes: Vec<String>,
+    /// Its tags.
+    pub tags: BTreeMap<String, String>,
+    /// Who may use it.
+    pub policy: Policy,
+}
+
+impl fmt::Display for Candidate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} on {}", self.name, self.node_name)
+    }
+}
+
+/// What a task needs of an endpoint.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Requirements {
+    /// `--require key=value` tags.
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+    /// An explicit endpoint: its id, an id prefix of 6+ characters, or its name.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// An institution.
+    #[serde(default)]
+    pub institution: Option<String>,
+}
+
+/// No endpoint can take the task, and why not for each.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NoRoute {
+    /// One line per endpoint considered.
+    pub reasons: Vec<String>,
+}
+
+impl fmt::Display for NoRoute {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.reasons.is_empty() {
+            return f.write_str(
+                "no endpoint can run this task: the federation lists no endpoint (check \
+                 `funcmesh endpoint list`)",
+            );
+        }
+        write!(
+            f,
+            "no endpoint can run this task: {}",
+            self.reasons.join("; ")
+        )
+    }
+}
+
+impl std::error::Error for NoRoute {}
+
+struct Seen {
+    advert: Advert,
+    at: Instant,
+}
+
+/// The router's state: the latest advert per node, tasks sent since, and RTTs.
+pub struct Router {
+    adverts: HashMap<PeerId, Seen>,
+    /// Tasks sent to an endpoint since its node's last advert.
+    inflight: HashMap<(PeerId, String), u32>,
+    rtt: HashMap<PeerId, Duration>,
+    rr: usize,
+    rng: StdRng,
+    lost_after: Duration,
+}
+
+impl fmt::Debug for Router {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Router")
+            .field("adverts", &self.adverts.len())
+            .finish()
+    }
+}
+
+/// Whether a member of `submitter` may use an endpoint with `policy` of `endpoint`'s institution,
+/// without a capability token (tokens come with capability delegation).
+pub fn may_use(
+    policy: Policy,
+    endpoint: Option<&str>,
+    submitter: Option<&str>,
+) -> Result<(), String> {
+    let same = endpoint.is_some() && endpoint == submitter;
+    match policy {
+        Policy::Federation => Ok(()),
+        Policy::Institution | Policy::InstitutionAndCapability if same => Ok(()),
+        Policy::Institution => Err(format!(
+            "only members of {} may use it",
+            endpoint.unwrap_or("its institution")
+        )),
+        Policy::InstitutionAndCapability | Policy::Capability => Err(format!(
+            "it admits {} and holders of a capability token, and this node holds none for it",
+            if policy == Policy::Capability {
+                "only token holders".to_owned()
+            } else {
+                format!("members of {}", endpoint.unwrap_or("its institution"))
+            }
+        )),
+    }
+}
+
+impl Router {
+    /// A router; an endpoint whose node has not advertised for `lost_after` is considered gone.
+    pub fn new(seed: u64, lost_after: Duration) -> Router {
+        Router {
+            adverts: HashMap::new(),
+            inflight: HashMap::new(),
+            rtt: HashMap::new(),
+            rr: 0,
+            rng: StdRng::seed_from_u64(seed),
+            lost_after,
+        }
+    }
+
+    /// Takes a node's advert (older ones than the last are ignored).
+    pub fn advert(&mut self, peer: PeerId, advert: Advert, now: Instant) {
+        if let Some(seen) = self.adverts.get(&peer) {
+            if seen.advert.seq >= advert.seq && now < seen.at + self.lost_after {
+                return;
+            }
+        }
+        self.inflight.retain(|(p, _), _| *p != peer);
+        self.adverts.insert(peer, Seen { advert, at: now });
+    }
+
+    /// The latest advert of every node heard from.
+    pub fn adverts(&self) -> Vec<(PeerId, Advert)> {
+        self.adverts
+            .iter()
+            .map(|(p, s)| (*p, s.advert.clone()))
+            .collect()
+    }
+
+    /// Records a round-trip time to a node.
+    pub fn rtt(&mut self, peer: PeerId, rtt: Duration) {
+        self.rtt.insert(peer, rtt);
+    }
+
+    /// Forgets a node (it disconnected for good).
+    pub fn forget(&mut self, peer: &PeerId) {
+        self.adverts.remove(peer);
+        self.inflight.retain(|(p, _), _| p != peer);
+    }
+
+    /// Whether the node advertised recently.
+    pub fn is_alive(&self, peer: &PeerId, now: Instant) -> bool {
+        self.adverts
+            .get(peer)
+            .is_some_and(|s| now < s.at + self.lost_after)
+    }
+
+    /// The latest advert of a node's endpoint.
+    pub fn load_of(&self, peer: &PeerId, name: &str) -> Option<&EndpointLoad> {
+        self.adverts
+            .get(peer)
+            .and_then(|s| s.advert.endpoints.iter().find(|e| e.name == name))
+    }
+
+    /// Notes that a task went to an endpoint, so that the next choice counts it before the
+    /// endpoint's next advert does.
+    pub fn dispatched(&mut self, peer: PeerId, name: &str) {
+        *self.inflight.entry((peer, name.to_owned())).or_default() += 1;
+    }
+
+    /// Picks an endpoint for a task that runs in `env`, submitted by a member of `institution`.
+    /// `exclude` lists endpoints (by id) already tried and lost.
+    #[allow(clippy::too_many_arguments)]
+    pub fn choose(
+        &mut self,
+        env: &Environment,
+        req: &Requirements,
+        institution: Option<&str>,
+        strategy: Strategy,
+        candidates: &[Candidate],
+        exclude: &HashSet<String>,
+        now: Instant,
+    ) -> Result<Candidate, NoRoute> {
+        let mut reasons = Vec::new();
+        let mut eligible: Vec<&Candidate> = Vec::new();
+        let explicit = req.endpoint.as_deref();
+        for c in candidates {
+            if let Some(want) = explicit {
+                let matches = c.id == want
+                    || c.name == want
+                    || format!("{}@{}", c.name, c.node_name) == want
+                    || (want.len() >= 6 && c.id.starts_with(want));
+                if !matches {
+                    continue;
+                }
+            }
+            let why = self.refusal(c, env, req, institution, exclude, now);
+            match why {
+                None => eligible.push(c),
+                Some(why) => reasons.push(format!("{c}: {why}")),
+            }
+        }
+        if let (Some(want), true) = (explicit, reasons.is_empty() && eligible.is_empty()) {
+            reasons.push(format!(
+                "no endpoint is named `{want}` (see `funcmesh endpoint list`)"
+            ));
+        }
+        if eligible.is_empty() {
+            return Err(NoRoute { reasons });
+        }
+        let key = env.to_string();
+        let pick = match strategy {
+            Strategy::Random => eligible[self.rng.gen_range(0..eligible.len())],
+            Strategy::RoundRobin => {
+                eligible.sort_by(|a, b| a.id.cmp(&b.id));
+                self.rr = self.rr.wrapping_add(1);
+                eligible[self.rr % eligible.len()]
+            }
+            Strategy::LeastLoaded => *eligible
+                .iter()
+                .min_by(|a, b| {
+                    self.load(a)
+                        .total_cmp(&self.load(b))
+                        .then(self.rtt_of(a).cmp(&self.rtt_of(b)))
+                        .then(a.id.cmp(&b.id))
+                })
+                .expect("not empty"),
+            Strategy::WarmAware => *eligible
+                .iter()
+                .min_by(|a, b| {
+                    let wa = self.warm_idle(a, &key) > 0;
+                    let wb = self.warm_idle(b, &key) > 0;
+                    wb.cmp(&wa)
+                        .then(self.load(a).total_cmp(&self.load(b)))
+                        .then(self.rtt_of(a).cmp(&self.rtt_of(b)))
+                        .then(a.id.cmp(&b.id))
+                })
+                .expect("not empty"),
+        };
+        Ok(pick.clone())
+    }
+
+    fn refusal(
+        &self,
+        c: &Candidate,
+        env: &Environment,
+        req: &Requirements,
+        institution: Option<&str>,
+        exclude: &HashSet<String>,
+        now: Instant,
+    ) -> Option<String> {
+        if exclude.contains(&c.id) {
+            return Some("already tried and lost".into());
+        }
+        if !c.runtimes.iter().any(|r| r == env.runtime.as_str()) {
+            return Some(format!(
+                "it offers {} and the function needs {}",
+                c.runtimes.join(", "),
+                env.runtime.as_str()
+            ));
+        }
+        if let Some(want) = &req.institution {
+            if c.institution.as_deref() != Some(want.as_str()) {
+                return Some(format!("it is not at institution {want}"));
+            }
+        }
+        for (k, v) in &req.tags {
+            if c.tags.get(k) != Some(v) {
+                return Some(format!("it lacks the tag {k}={v}"));
+            }
+        }
+        if let Err(why) = may_use(c.policy, c.institution.as_deref(), institution) {
+            return Some(why);
+        }
+        if !self.is_alive(&c.peer, now) {
+            return Some(format!(
+                "its node has not advertised for {} (it may be down)",
+                humantime::format_duration(self.lost_after)
+            ));
+        }
+        if self.load_of(&c.peer, &c.name).is_none() {
+            return Some("its node does not advertise it (not running)".into());
+        }
+        None
+    }
+
+    fn inflight_of(&self, c: &Candidate) -> u32 {
+        self.inflight
+            .get(&(c.peer, c.name.clone()))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    fn warm_idle(&self, c: &Candidate, env: &str) -> u32 {
+        let idle = self.load_of(&c.peer, &c.name).map_or(0, |l| {
+            l.environments
+                .iter()
+                .filter(|e| e.env == env)
+                .map(|e| e.idle)
+                .sum::<u32>()
+        });
+        idle.saturating_sub(self.inflight_of(c))
+    }
+
+    /// Queued and running tasks per worker, counting tasks sent since the last advert.
+    fn load(&self, c: &Candidate) -> f64 {
+        let l = self.load_of(&c.peer, &c.name);
+        let queued = l.map_or(0, |l| l.queued) + self.inflight_of(c);
+        let workers = l.map_or(1, |l| l.max_workers.max(1));
+        f64::from(queued) / f64::from(workers)
+    }
+
+    fn rtt_of(&self, c: &Candidate) -> Duration {
+        self.rtt.get(&c.peer).copied().unwrap_or(Duration::MAX)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn cand(n: u8, inst: &str, runtimes: &[&str]) -> Candidate {
+        Candidate {
+            id: format!("e{n:02}aaaaaaaa"),
+            name: format!("ep{n}"),
+            peer: PeerId::random(),
+            node_name: format!("node{n}"),
+            institution: Some(inst.into()),
+            runtimes: runtimes.iter().map(|s| s.to_string()).collect(),
+            tags: BTreeMap::new(),
+            policy: Policy::InstitutionAndCapability,
+        }
+    }
+
+    fn advert(c: &Candidate, seq: u64, queued: u32, warm: &[(&str, u32)]) -> Advert {
+        Advert {
+            v: ADVERT_VERSION,
+            seq,
+            at_ms: 0,
+            endpoints: vec![EndpointLoad {
+                name: c.name.clone(),
+                max_workers: 4,
+                workers: 4,
+                idle: warm.iter().map(|w| w.1).sum(),
+                queued,
+                environments: warm
+                    .iter()
+                    .map(|(env, idle)| EnvironmentLoad {
+                        env: env.to_string(),
+                        idle: *idle,
+                        ..Default::default()
+                    })
+                    .collect(),
+            }],
+        }
+    }
+
+    const IMG: &str = "docker:funcmesh/python:bookworm";
+
+    fn setup() -> (Router, Vec<Candidate>, Instant) {
+        let now = Instant::now();
+        let mut r = Router::new(7, Duration::from_secs(5));
+        let cs = vec![
+            cand(1, "a", &["host", "docker"]),
+            cand(2, "a", &["host", "docker"]),
+            cand(3, "a", &["host"]),
+        ];
+        for c in &cs {
+            r.advert(c.peer, advert(c, 1, 0, &[]), now);
+        }
+        (r, cs, now)
+    }
+
+    fn choose(r: &mut Router, cs: &[Candidate], env: &str, s: Strategy, now: Instant) -> String {
+        r.choose(
+            &Environment::parse(env).unwrap(),
+            &Requirements::default(),
+            Some("a"),
+            s,
+            cs,
+            &HashSet::new(),
+            now,
+        )
+        .map(|c| c.name)
+        .unwrap_or_else(|e| e.to_string())
+    }
+
+    #[test]
+    fn warm_aware_prefers_the_endpoint_with_a_warm_worker_for_the_image() {
+        let (mut r, cs, now) = setup();
+        // ep1 is busier, but it has a warm container for the image; ep2 is idle and cold.
+        r.advert(cs[0].peer, advert(&cs[0], 2, 3, &[(IMG, 1)]), now);
+        r.advert(cs[1].peer, advert(&cs[1], 2, 0, &[("host", 2)]), now);
+        assert_eq!(choose(&mut r, &cs, IMG, Strategy::WarmAware, now), "ep1");
+        // Once its warm worker is taken (by a task sent since the advert), load decides.
+        r.dispatched(cs[0].peer, "ep1");
+        assert_eq!(choose(&mut r, &cs, IMG, Strategy::WarmAware, now), "ep2");
+        assert_eq!(choose(&mut r, &cs, IMG, Strategy::LeastLoaded, now), "ep2");
+    }
+
+    #[test]
+    fn least_loaded_counts_tasks_sent_since_the_last_advert() {
+        let (mut r, cs, now) = setup();
+        let host = "host";
+        let mut counts: HashMap<String, u32> = HashMap::new();
+        for _ in 0..12 {
+            let name = choose(&mut r, &cs, host, Strategy::LeastLoaded, now);
+            let c = cs.iter().find(|c| c.name == name).unwrap();
+            r.dispatched(c.peer, &c.name);
+            *counts.entry(name).or_default() += 1;
+        }
+        assert_eq!(counts.values().copied().collect::<Vec<_>>(), vec![4, 4, 4]);
+    }
+
+    #[test]
+    fn round_robin_takes_turns_and_random_spreads() {
+        let (mut r, cs, now) = setup();
+        let picks: Vec<String> = (0..6)
+            .map(|_| choose(&mut r, &cs, "host", Strategy::RoundRobin, now))
+            .collect();
+        assert_eq!(picks[0..3], picks[3..6]);
+        let distinct: HashSet<&String> = picks.iter().collect();
+        assert_eq!(distinct.len(), 3);
+        let mut seen = HashSet::new();
+        for _ in 0..100 {
+            seen.insert(choose(&mut r, &cs, "host", Strategy::Random, now));
+        }
+        assert_eq!(seen.len(), 3);
+    }
+
+    #[test]
+    fn filters_say_why_each_endpoint_was_left_out() {
+        let (mut r, mut cs, now) = setup();
+        cs[1].institution = Some("b".into());
+        cs[1].policy = Policy::Institution;
+        let later = now + Duration::from_secs(6);
+        r.advert(cs[0].peer, advert(&cs[0], 2, 0, &[]), later);
+        let err = choose(&mut r, &cs, IMG, Strategy::WarmAware, later);
+        assert_eq!(err, "ep1");
+        let err = r
+            .choose(
+                &Environment::parse(IMG).unwrap(),
+                &Requirements {
+                    tags: [("gpu".to_string(), "yes".to_string())].into(),
+                    ..Default::default()
+                },
+                Some("a"),
+                Strategy::WarmAware,
+                &cs,
+                &HashSet::new(),
+                later,
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("ep1 on node1: it lacks the tag gpu=yes"),
+            "{err}"
+        );
+        assert!(
+            err.contains("ep2 on node2: it lacks the tag gpu=yes"),
+            "{err}"
+        );
+        assert!(
+            err.contains("ep3 on node3: it offers host and the function needs docker"),
+            "{err}"
+        );
+        let err = r
+            .choose(
+                &Environment::host(),
+                &Requirements {
+                    endpoint: Some("nope".into()),
+                    ..Default::default()
+                },
+                Some("a"),
+                Strategy::WarmAware,
+                &cs,
+                &HashSet::new(),
+                later,
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("no endpoint is named `nope`"), "{err}");
+        let err = r
+            .choose(
+                &Environment::host(),
+                &Requirements {
+                    endpoint: Some("ep3".into()),
+                    ..Default::default()
+                },
+                Some("a"),
+                Strategy::WarmAware,
+                &cs,
+                &HashSet::new(),
+                later,
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("has not advertised for 5s"), "{err}");
+        let err = r
+            .choose(
+                &Environment::host(),
+                &Requirements {
+                    endpoint: Some("ep2".into()),
+                    ..Default::default()
+                },
+                Some("a"),
+                Strategy::WarmAware,
+                &cs,
+                &HashSet::new(),
+                later,
+            )
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("only members of b may use it"), "{err}");
+    }
+
+    #[test]
+    fn policies_admit_the_right_submitters() {
+        assert!(may_use(Policy::Federation, Some("a"), Some("b")).is_ok());
+        assert!(may_use(Policy::Institution, Some("a"), Some("a")).is_ok());
+        assert!(may_use(Policy::Institution, Some("a"), Some("b")).is_err());
+        assert!(may_use(Policy::InstitutionAndCapability, Some("a"), Some("a")).is_ok());
+        assert!(may_use(Policy::InstitutionAndCapability, Some("a"), None).is_err());
+        assert!(may_use(Policy::Capability, Some("a"), Some("a")).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_advert_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..1024)) {
+            let _ = Advert::decode(&bytes);
+        }
+    }
+}

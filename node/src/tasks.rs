@@ -1,0 +1,562 @@
+//! The node's task service: composes this node's endpoints (compute) with the mesh's task
+//! protocol and dispatcher. Inbound requests from members go to the endpoints (after the access
+//! policy check) or, for results, to the dispatcher; finished tasks go back to their submitters
+//! and stay in the endpoint's outbox until acknowledged; every endpoint's load is advertised.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use compute::task::{Outcome, Record, Status, TaskId};
+use crdt_registry::record::Policy;
+use futures::future::BoxFuture;
+use mesh::PeerId;
+use mesh::dispatch::{Dispatcher, Local, Submitted};
+use mesh::membership::Member;
+use mesh::routing::{ADVERT_TOPIC, ADVERT_VERSION, Advert, EndpointLoad, EnvironmentLoad};
+use mesh::tasks::{Answer, TaskRequest, TaskResponse};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+
+/// The running task service.
+pub(crate) struct Tasks {
+    pub(crate) dispatcher: Dispatcher,
+}
+
+/// Answers task requests for this node's endpoints.
+pub(crate) struct Service {
+    me: PeerId,
+    own: Member,
+    endpoints: HashMap<String, (compute::Endpoint, Policy)>,
+    dispatcher: std::sync::OnceLock<Dispatcher>,
+    /// Results being delivered right now (the outbox sweep skips them).
+    delivering: Mutex<HashSet<TaskId>>,
+}
+
+impl Service {
+    async fn handle(&self, from: &Member, peer: PeerId, request: TaskRequest) -> TaskResponse {
+        match request {
+            TaskRequest::Submit { tasks } => {
+                let mut answers: Vec<Option<Answer>> = vec![None; tasks.len()];
+                let mut groups: BTreeMap<String, Vec<(usize, compute::Submission)>> =
+                    BTreeMap::new();
+                for (i, t) in tasks.into_iter().enumerate() {
+                    match self.endpoints.get(&t.endpoint) {
+                        None => {
+                            answers[i] = Some(Answer::Refused(format!(
+                                "this node runs no endpoint named `{}`",
+                                t.endpoint
+                            )))
+                        }
+                        Some((_, policy)) => {
+                            match mesh::routing::may_use(
+                                *policy,
+                                self.own.institution.as_deref(),
+                                from.institution.as_deref(),
+                            ) {
+                                Ok(()) => {
+                                    groups.entry(t.endpoint.clone()).or_default().push((i, t))
+                                }
+                                Err(why) => {
+                                    tracing::info!(%peer, endpoint = %t.endpoint, %why, "refused a task");
+                                    answers[i] = Some(Answer::Refused(format!(
+                                        "access denied to endpoint `{}`: {why}",
+                                        t.endpoint
+                                    )))
+                                }
+                            }
+                        }
+                    }
+                }
+                for (name, items) in groups {
+                    let (ep, _) = &self.endpoints[&name];
+                    let (idx, subs): (Vec<usize>, Vec<compute::Submission>) =
+                        items.into_iter().unzip();
+                    match ep.submit(&peer.to_string(), subs).await {
+                        Ok(results) => {
+                            for (i, r) in idx.into_iter().zip(results) {
+                                answers[i] = Some(match r {
+                                    Ok(rec) => Answer::Accepted(rec),
+                                    Err(why) => Answer::Refused(why),
+                                });
+                            }
+                        }
+                        Err(e) => {
+                            for i in idx {
+                                answers[i] =
+                                    Some(Answer::Refused(format!("endpoint `{name}`: {e}")));
+                            }
+                        }
+                    }
+                }
+                TaskResponse::Submitted {
+                    answers: answers
+                        .into_iter()
+                        .map(|a| a.unwrap_or(Answer::Refused("not handled".into())))
+                        .collect(),
+                }
+            }
+            TaskRequest::Results { records } => match self.dispatcher.get() {
+                Some(d) => match d.results(peer, records).await {
+                    Ok(()) => TaskResponse::Acknowledged,
+                    Err(e) => TaskResponse::Refused {
+                        reason: e.to_string(),
+                    },
+                },
+                None => TaskResponse::Refused {
+                    reason: "this node is starting".into(),
+                },
+            },
+            TaskRequest::Cancel { endpoint, id } => {
+                let Some((ep, _)) = self.endpoints.get(&endpoint) else {
+                    return TaskResponse::Refused {
+                        reason: format!("this node runs no endpoint named `{endpoint}`"),
+                    };
+                };
+                match ep.records(vec![id.clone()]).await {
+                    Ok(r)
+                        if r[0]
+                            .as_ref()
+                            .is_some_and(|r| r.submitter != peer.to_string()) =>
+                    {
+                        TaskResponse::Refused {
+                            reason: "only the task's submitter may cancel it".into(),
+                        }
+                    }
+                    _ => match ep.cancel(id).await {
+                        Ok(record) => TaskResponse::Cancelled { record },
+                        Err(e) => TaskResponse::Refused {
+                            reason: e.to_string(),
+                        },
+                    },
+                }
+            }
+            TaskRequest::Records { endpoint, ids } => {
+                let Some((ep, _)) = self.endpoints.get(&endpoint) else {
+                    return TaskResponse::Refused {
+                        reason: format!("this node runs no endpoint named `{endpoint}`"),
+                    };
+                };
+                match ep.records(ids).await {
+                    Ok(records) => TaskResponse::Records {
+                        records: records
+                            .into_iter()
+                            .map(|r| r.filter(|r| r.submitter == peer.to_string()))
+                            .collect(),
+                    },
+                    Err(e) => TaskResponse::Refused {
+                        reason: e.to_string(),
+                    },
+                }
+            }
+        }
+    }
+}
+
+struct LocalService(Arc<Service>);
+
+impl Local for LocalService {
+    fn request(&self, request: TaskRequest) -> BoxFuture<'static, TaskResponse> {
+        let s = self.0.clone();
+        Box::pin(async move {
+            let own = s.own.clone();
+            let me = s.me;
+            s.handle(&own, me, request).await
+        })
+    }
+}
+
+/// Starts the endpoints of `config`, the dispatcher and the loops between them and the mesh.
+pub(crate) async fn start(
+    mesh: &mesh::Handle,
+    store: &store::Store,
+    work_dir: &std::path::Path,
+    config: &Config,
+    own: &Member,
+    cancel: &CancellationToken,
+    tracker: &TaskTracker,
+) -> anyhow::Result<Tasks> {
+    let me = mesh.peer_id();
+    let label: String = me.to_string().chars().rev().take(10).collect();
+    let mut endpoints = HashMap::new();
+    let mut results = Vec::new();
+    for section in &config.endpoint {
+        let policy: Policy = section
+            .policy
+            .parse()
+            .map_err(|e: String| anyhow::anyhow!("[[endpoint]] {}: {e}", section.name))?;
+        let (ep, rx) = compute::Endpoint::start(
+            section.compute(),
+            store.clone(),
+            work_dir,
+            &label,
+            cancel.child_token(),
+            tracker,
+        )
+        .await?;
+        results.push((ep.clone(), rx));
+        endpoints.insert(section.name.clone(), (ep, policy));
+    }
+    let service = Arc::new(Service {
+        me,
+        own: own.clone(),
+        endpoints,
+        dispatcher: std::sync::OnceLock::new(),
+        delivering: Mutex::new(HashSet::new()),
+    });
+    let dispatcher = Dispatcher::start(
+        mesh.clone(),
+        store.clone(),
+        mesh::dispatch::Config {
+            lost_after: config.mesh.endpoint_lost_after,
+            retention: Duration::from_secs(7 * 24 * 3600),
+            institution: own.institution.clone(),
+        },
+        Arc::new(LocalService(service.clone())),
+        cancel.child_token(),
+        tracker,
+    )
+    .await?;
+    let _ = service.dispatcher.set(dispatcher.clone());
+
+    // Inbound requests from members.
+    if let Some(mut inbound) = mesh.take_task_requests() {
+        let service = service.clone();
+        let cancel = cancel.clone();
+        let t = tracker.clone();
+        tracker.spawn(async move {
+            loop {
+                let req = tokio::select! {
+                    () = cancel.cancelled() => break,
+                    r = inbound.recv() => match r { Some(r) => r, None => break },
+                };
+                let service = service.clone();
+                t.spawn(async move {
+                    let resp = service.handle(&req.from, req.peer, req.request).await;
+                    req.responder.respond(resp).await;
+                });
+            }
+        });
+    }
+
+    // Finished tasks back to their submitters: at once, and again from the outbox until acknowledged.
+    for (ep, mut rx) in results {
+        let service = service.clone();
+        let mesh = mesh.clone();
+        let cancel = cancel.clone();
+        let t = tracker.clone();
+        tracker.spawn(async move {
+            let mut sweep = tokio::time::interval(Duration::from_secs(2));
+            sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                let batch = tokio::select! {
+                    () = cancel.cancelled() => break,
+                    r = rx.recv() => match r {
+                        Some(first) => {
+                            let mut batch = vec![first];
+                            while batch.len() < 1024 {
+                                match rx.try_recv() { Ok(r) => batch.push(r), Err(_) => break }
+                            }
+                            batch
+                        }
+                        None => break,
+                    },
+                    _ = sweep.tick() => {
+                        let pending = ep.unacknowledged().await.unwrap_or_default();
+                        let busy = service.delivering.lock().expect("not poisoned").clone();
+                        pending.into_iter().filter(|r| !busy.contains(&r.id)).collect()
+                    }
+                };
+                deliver(&service, &mesh, &ep, batch, &t);
+            }
+        });
+    }
+
+    // Advertise this node's endpoints' load.
+    if !service.endpoints.is_empty() {
+        let service = service.clone();
+        let mesh = mesh.clone();
+        let dispatcher = dispatcher.clone();
+        let cancel = cancel.clone();
+        tracker.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(200));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut last: Option<(Vec<EndpointLoad>, Instant)> = None;
+            let mut seq = compute::task::now_us();
+            loop {
+                tokio::select! {
+                    () = cancel.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                let mut loads = Vec::new();
+                let mut names: Vec<&String> = service.endpoints.keys().collect();
+                names.sort();
+                for name in names {
+                    let (ep, _) = &service.endpoints[name];
+                    if let Ok(l) = ep.load().await {
+                        loads.push(endpoint_load(name, &l));
+                    }
+                }
+                let due = match &last {
+                    None => true,
+                    Some((prev, at)) => {
+                        let age = at.elapsed();
+                        (age >= Duration::from_secs(1) && *prev != loads)
+                            || age >= Duration::from_secs(2)
+                    }
+                };
+                if !due {
+                    continue;
+                }
+                seq += 1;
+                let advert = Advert {
+                    v: ADVERT_VERSION,
+                    seq,
+                    at_ms: compute::task::now_us() / 1000,
+                    endpoints: loads.clone(),
+                };
+                let _ = dispatcher.own_advert(advert.clone()).await;
+                // No peers subscribed yet is normal right after start.
+                let _ = mesh.publish(ADVERT_TOPIC, advert.encode()).await;
+                last = Some((loads, Instant::now()));
+            }
+        });
+    }
+    Ok(Tasks { dispatcher })
+}
+
+fn endpoint_load(name: &str, l: &compute::pool::Load) -> EndpointLoad {
+    EndpointLoad {
+        name: name.to_owned(),
+        max_workers: l.max_workers as u32,
+        workers: l.workers as u32,
+        idle: l.idle as u32,
+        queued: l.queued as u32,
+        environments: l
+            .environments
+            .iter()
+            .map(|(env, e)| EnvironmentLoad {
+                env: env.to_string(),
+                idle: e.idle as u32,
+                busy: e.busy as u32,
+                starting: e.starting as u32,
+                cold_start_ms: e.cold_start_ms,
+            })
+            .collect(),
+    }
+}
+
+fn deliver(
+    service: &Arc<Service>,
+    mesh: &mesh::Handle,
+    ep: &compute::Endpoint,
+    batch: Vec<Record>,
+    tracker: &TaskTracker,
+) {
+    let mut by_peer: BTreeMap<String, Vec<Record>> = BTreeMap::new();
+    for r in batch {
+        by_peer.entry(r.submitter.clone()).or_default().push(r);
+    }
+    for (peer, records) in by_peer {
+        let Ok(peer) = peer.parse::<PeerId>() else {
+            // A submitter that is not a peer id cannot be answered: drop it from the outbox.
+            let ep = ep.clone();
+            let ids = records.into_iter().map(|r| r.id).collect();
+            tracker.spawn(async move { ep.acknowledge(ids).await });
+            continue;
+        };
+        let ids: Vec<TaskId> = records.iter().map(|r| r.id.clone()).collect();
+        service
+            .delivering
+            .lock()
+            .expect("not poisoned")
+            .extend(ids.iter().cloned());
+        let service = service.clone();
+        let mesh = mesh.clone();
+        let ep = ep.clone();
+        tracker.spawn(async move {
+            let acked = if peer == service.me {
+                match service.dispatcher.get() {
+                    Some(d) => d.results(peer, records).await.is_ok(),
+                    None => false,
+                }
+            } else {
+                matches!(
+                    mesh.task_request(peer, TaskRequest::Results { records })
+                        .await,
+                    Ok(TaskResponse::Acknowledged)
+                )
+            };
+            if acked {
+                let _ = ep.acknowledge(ids.clone()).await;
+            }
+            let mut d = service.delivering.lock().expect("not poisoned");
+            for id in &ids {
+                d.remove(id);
+            }
+        });
+    }
+}
+
+/// A task as the API shows it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TaskView {
+    /// Its id.
+    pub id: String,
+    /// The function's name.
+    pub function: String,
+    /// The function's id.
+    pub function_id: String,
+    /// Status.
+    pub status: Status,
+    /// The endpoint it was sent to (`name@node`).
+    pub endpoint: Option<String>,
+    /// The endpoint's node.
+    pub endpoint_peer: Option<String>,
+    /// Tries so far.
+    pub attempts: usize,
+    /// Why earlier tries ended.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lost: Vec<String>,
+    /// Phase timestamps, Unix microseconds.
+    pub times: compute::task::Times,
+    /// Whether a worker had to start for it.
+    pub cold_start: bool,
+    /// The worker that ran it.
+    pub worker: Option<String>,
+    /// Its environment.
+    pub environment: Option<String>,
+    /// How it ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<Outcome>,
+}
+
+impl From<&Submitted> for TaskView {
+    fn from(t: &Submitted) -> TaskView {
+        let target = t.target();
+        let mut times = t
+            .record
+            .as_ref()
+            .map(|r| r.times.clone())
+            .unwrap_or_default();
+        times.submitted_us = t.submitted_us;
+        if times.finished_us == 0 {
+            times.finished_us = t.finished_us;
+        }
+        TaskView {
+            id: t.id.to_string(),
+            function: t.function_name.clone(),
+            function_id: t.submission.function_id.clone(),
+            status: t.status,
+            endpoint: target.map(|x| format!("{}@{}", x.endpoint, x.node_name)),
+            endpoint_peer: target.map(|x| x.peer.clone()),
+            attempts: t.attempts.len(),
+            lost: t.attempts.iter().filter_map(|a| a.lost.clone()).collect(),
+            times,
+            cold_start: t.record.as_ref().is_some_and(|r| r.cold_start),
+            worker: t.record.as_ref().and_then(|r| r.worker.clone()),
+            environment: t.record.as_ref().map(|r| r.environment.clone()),
+            outcome: t.outcome.clone(),
+        }
+    }
+}
+
+/// One task in `POST /v1/tasks`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NewTask {
+    /// The function: id, id prefix (6+ characters) or name.
+    pub function: String,
+    /// Positional arguments (a JSON array).
+    pub args: serde_json::Value,
+    /// Keyword arguments (a JSON object).
+    pub kwargs: serde_json::Value,
+    /// `json` (default) or `pickle`.
+    pub encoding: compute::task::Encoding,
+    /// An explicit endpoint: id, id prefix, `name` or `name@node`.
+    pub endpoint: Option<String>,
+    /// Tags the endpoint must have.
+    pub require: BTreeMap<String, String>,
+    /// The institution the endpoint must belong to.
+    pub institution: Option<String>,
+    /// `warm-aware` (default), `least-loaded`, `random`, `round-robin`.
+    pub strategy: Option<String>,
+    /// Retries elsewhere if the endpoint is lost.
+    pub retries: u32,
+    /// Time limit, milliseconds (0: the endpoint's default).
+    pub timeout_ms: u64,
+}
+
+/// `POST /v1/tasks`: one task (the fields of [`NewTask`]) or many (`tasks`), optionally waiting.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SubmitBody {
+    /// Many tasks.
+    pub tasks: Vec<NewTask>,
+    /// Wait up to this long for the results.
+    pub wait_ms: u64,
+}
+
+/// One task's answer in a submission.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Submitted1 {
+    /// The task, if accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<TaskView>,
+    /// Why not, if refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Turns API tasks into dispatcher requests, resolving functions in the registry.
+pub(crate) fn requests(
+    view: &crdt_registry::View,
+    tasks: Vec<NewTask>,
+) -> Vec<Result<mesh::dispatch::Request, String>> {
+    let mut cache: HashMap<String, Result<crdt_registry::Function, String>> = HashMap::new();
+    tasks
+        .into_iter()
+        .map(|t| {
+            let f = cache
+                .entry(t.function.clone())
+                .or_insert_with(|| {
+                    crate::registry::find_function(view, &t.function)
+                        .cloned()
+                        .map_err(|e| format!("{e:#}"))
+                })
+                .clone()?;
+            let strategy = match &t.strategy {
+                None => mesh::routing::Strategy::default(),
+                Some(s) => mesh::routing::Strategy::parse(s)?,
+            };
+            if t.encoding == compute::task::Encoding::Json {
+                if !(t.args.is_array() || t.args.is_null()) {
+                    return Err(format!(
+                        "args must be a JSON array of positional arguments, not {}",
+                        t.args
+                    ));
+                }
+                if !(t.kwargs.is_object() || t.kwargs.is_null()) {
+                    return Err(format!("kwargs must be a JSON object, not {}", t.kwargs));
+                }
+            }
+            Ok(mesh::dispatch::Request {
+                function: f,
+                args: t.args,
+                kwargs: t.kwargs,
+                encoding: t.encoding,
+                timeout_ms: t.timeout_ms,
+                requirements: mesh::routing::Requirements {
+                    tags: t.require,
+                    endpoint: t.endpoint,
+                    institution: t.institution,
+                },
+                strategy,
+                retries: t.retries,
+            })
+        })
+        .collect()
+}
