@@ -222,6 +222,14 @@ impl Dispatcher {
             tracker: tracker.clone(),
             started: Instant::now(),
         };
+        actor.router.set_local(actor.me);
+        if let Ok(members) = actor.mesh.members().await {
+            for m in members {
+                if let Ok(p) = m.peer_id.parse::<PeerId>() {
+                    actor.router.connected(p, true);
+                }
+            }
+        }
         let n = live.len();
         for (id, t) in live {
             if let Some(a) = t.attempts.last() {
@@ -909,9 +917,11 @@ impl Actor {
             },
             Event::MemberConnected(m) => {
                 if let Ok(peer) = m.peer_id.parse::<PeerId>() {
+                    self.router.connected(peer, true);
                     self.send_unsent(Some(peer));
                 }
             }
+            Event::MemberDisconnected(peer) => self.router.connected(peer, false),
             _ => {}
         }
     }

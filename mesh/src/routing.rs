@@ -208,6 +208,9 @@ pub struct Router {
     /// Tasks sent to an endpoint since its node's last advert.
     inflight: HashMap<(PeerId, String), u32>,
     rtt: HashMap<PeerId, Duration>,
+    /// Members connected now: alive until they advertise, even before their first advert.
+    connected: HashSet<PeerId>,
+    local: Option<PeerId>,
     rr: usize,
     rng: StdRng,
     lost_after: Duration,
@@ -254,6 +257,8 @@ impl Router {
             adverts: HashMap::new(),
             inflight: HashMap::new(),
             rtt: HashMap::new(),
+            connected: HashSet::new(),
+            local: None,
             rr: 0,
             rng: StdRng::seed_from_u64(seed),
             lost_after,
@@ -290,11 +295,29 @@ impl Router {
         self.inflight.retain(|(p, _), _| p != peer);
     }
 
-    /// Whether the node advertised recently.
+    /// This node (its endpoints are at zero RTT, and always alive).
+    pub fn set_local(&mut self, peer: PeerId) {
+        self.local = Some(peer);
+    }
+
+    /// A member connected or disconnected.
+    pub fn connected(&mut self, peer: PeerId, up: bool) {
+        if up {
+            self.connected.insert(peer);
+        } else {
+            self.connected.remove(&peer);
+        }
+    }
+
+    /// Whether the node advertised recently, or (never having advertised) is connected now.
     pub fn is_alive(&self, peer: &PeerId, now: Instant) -> bool {
-        self.adverts
-            .get(peer)
-            .is_some_and(|s| now < s.at + self.lost_after)
+        if self.local.as_ref() == Some(peer) {
+            return true;
+        }
+        match self.adverts.get(peer) {
+            Some(s) => now < s.at + self.lost_after,
+            None => self.connected.contains(peer),
+        }
     }
 
     /// The latest advert of a node's endpoint.
@@ -420,7 +443,7 @@ impl Router {
                 humantime::format_duration(self.lost_after)
             ));
         }
-        if self.load_of(&c.peer, &c.name).is_none() {
+        if self.adverts.contains_key(&c.peer) && self.load_of(&c.peer, &c.name).is_none() {
             return Some("its node does not advertise it (not running)".into());
         }
         None
@@ -453,6 +476,9 @@ impl Router {
     }
 
     fn rtt_of(&self, c: &Candidate) -> Duration {
+        if self.local == Some(c.peer) {
+            return Duration::ZERO;
+        }
         self.rtt.get(&c.peer).copied().unwrap_or(Duration::MAX)
     }
 }

@@ -700,6 +700,9 @@ async fn run_command(a: RunArgs) -> anyhow::Result<()> {
         }
     }
     if failed > 0 {
+        if single {
+            anyhow::bail!("the task did not succeed");
+        }
         anyhow::bail!("{failed} of {} tasks did not succeed", list.tasks.len());
     }
     Ok(())
@@ -710,6 +713,13 @@ fn print_result(t: &crate::tasks::TaskView, bare: bool) -> bool {
     use compute::Outcome;
     match &t.outcome {
         Some(Outcome::Succeeded { value }) => {
+            // A shell function's result is its output: show it as the command would.
+            let shell = value.get("returncode").is_some() && value.get("stdout").is_some();
+            if bare && shell {
+                print!("{}", value["stdout"].as_str().unwrap_or_default());
+                eprint!("{}", value["stderr"].as_str().unwrap_or_default());
+                return true;
+            }
             let text = serde_json::to_string(value).unwrap_or_default();
             if bare {
                 println!("{text}");

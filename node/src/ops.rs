@@ -45,6 +45,8 @@ pub fn write_config(dir: &DataDir, config: &Config) -> anyhow::Result<()> {
 pub fn testnet_config(node_name: &str, institution: &str, role: mesh::membership::Role) -> Config {
     let mut config = Config::default();
     config.node.name = node_name.to_string();
+    // Local testnets lose nodes on purpose; notice it quickly.
+    config.mesh.endpoint_lost_after = std::time::Duration::from_secs(3);
     if role == mesh::membership::Role::Endpoint {
         config.endpoint.push(crate::config::EndpointSection {
             name: node_name.to_string(),
