@@ -486,7 +486,7 @@ impl Router {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proptest::prelude::*;
+    use proptest::prelude::{any, proptest};
 
     fn cand(n: u8, inst: &str, runtimes: &[&str]) -> Candidate {
         Candidate {

@@ -26,7 +26,14 @@ async fn main() -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path().join("net");
     let t0 = Instant::now();
-    let net = local_testnet::up(&dir, 2, 5, Role::Endpoint).await?;
+    let net = local_testnet::up(
+        &dir,
+        2,
+        5,
+        Role::Endpoint,
+        &node::ops::TestnetEndpoint::default(),
+    )
+    .await?;
     println!(
         "testnet of {} members + coordinator up and converged in {:?}",
         net.nodes.len(),

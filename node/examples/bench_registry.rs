@@ -51,7 +51,14 @@ async fn propagation() -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path().join("net");
     let t0 = Instant::now();
-    let net = local_testnet::up(&dir, 4, 5, Role::Endpoint).await?;
+    let net = local_testnet::up(
+        &dir,
+        4,
+        5,
+        Role::Endpoint,
+        &node::ops::TestnetEndpoint::default(),
+    )
+    .await?;
     println!(
         "testnet of {} endpoint nodes + coordinator up in {:?}",
         net.nodes.len(),

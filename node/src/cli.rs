@@ -364,6 +364,13 @@ pub enum TestnetCommand {
         /// Role of the member nodes.
         #[arg(long, default_value = "endpoint", value_parser = parse_member_role)]
         role: Role,
+        /// Access policy of each node's endpoint: institution-and-capability, institution,
+        /// federation or capability.
+        #[arg(long, default_value = "institution-and-capability")]
+        endpoint_policy: String,
+        /// Runtimes each endpoint offers, comma-separated (host, docker, podman, apptainer).
+        #[arg(long, default_value = "host")]
+        runtimes: String,
     },
     /// Show the testnet's nodes and whether they run.
     Status {

@@ -22,8 +22,13 @@ pub async fn run() -> anyhow::Result<()> {
     println!(
         "\n-- 1. a federation: a coordinator and two institutions with two endpoint nodes each,"
     );
-    println!("      each node a process that joined with an invite through `funcmesh join`");
-    let net = local_testnet::up(&dir, 2, 2, Role::Endpoint).await?;
+    println!("      each node a process that joined with an invite through `funcmesh join`;");
+    println!("      in this demo every endpoint admits the whole federation (policy `federation`)");
+    let endpoint = crate::ops::TestnetEndpoint {
+        policy: "federation".into(),
+        ..Default::default()
+    };
+    let net = local_testnet::up(&dir, 2, 2, Role::Endpoint, &endpoint).await?;
     let result = steps(&net, tmp.path()).await;
     let stopped = local_testnet::down(&net).await;
     println!(
@@ -46,6 +51,7 @@ async fn steps(net: &Testnet, tmp: &std::path::Path) -> anyhow::Result<()> {
     crate::cli::print_peers(&view.peers().await?);
 
     registry_step(net, tmp).await?;
+    compute_step(net).await?;
 
     println!(
         "\n-- 3. an uninvited node: its institution signed its own admission, not the federation"
@@ -164,6 +170,94 @@ async fn registry_step(net: &Testnet, tmp: &std::path::Path) -> anyhow::Result<(
         b1.name
     );
     crate::cli::print_endpoints(&on_b.endpoints().await?);
+    Ok(())
+}
+
+/// Runs the registered functions from a node of one institution on endpoints of the other.
+async fn compute_step(net: &Testnet) -> anyhow::Result<()> {
+    let a1 = &net.nodes[0];
+    let others: Vec<_> = net
+        .nodes
+        .iter()
+        .filter(|n| n.institution != a1.institution)
+        .collect();
+    let (Some(b1), Some(b2)) = (others.first(), others.get(1)) else {
+        bail!("the demo needs two nodes of the second institution");
+    };
+    println!(
+        "\n-- 2b. compute: {} ({}) runs `double` on {}'s endpoint and `greet` on {}'s ({})",
+        a1.name,
+        a1.institution.as_deref().unwrap_or("-"),
+        b1.name,
+        b2.name,
+        b1.institution.as_deref().unwrap_or("-"),
+    );
+    let on_a = Client::for_node(&DataDir::new(&a1.data_dir))?;
+    let run = |function: &str, args: serde_json::Value, kwargs: serde_json::Value, on: &str| {
+        crate::tasks::NewTask {
+            function: function.into(),
+            args,
+            kwargs,
+            endpoint: Some(on.into()),
+            ..Default::default()
+        }
+    };
+    let cases = [
+        (
+            "double",
+            serde_json::json!([21]),
+            serde_json::json!({}),
+            &b1.name,
+            "cold: a worker starts",
+        ),
+        (
+            "double",
+            serde_json::json!([50]),
+            serde_json::json!({}),
+            &b1.name,
+            "warm: the same worker",
+        ),
+        (
+            "greet",
+            serde_json::json!([]),
+            serde_json::json!({"name": "federation"}),
+            &b2.name,
+            "shell",
+        ),
+    ];
+    for (function, args, kwargs, on, note) in cases {
+        let started = Instant::now();
+        let list = on_a
+            .submit_tasks(
+                vec![run(function, args.clone(), kwargs, on)],
+                Duration::from_secs(30),
+            )
+            .await?;
+        let elapsed = started.elapsed();
+        let Some(task) = list.tasks.into_iter().next().and_then(|t| t.task) else {
+            bail!("{function} was refused");
+        };
+        let value = match &task.outcome {
+            Some(compute::Outcome::Succeeded { value }) => value.clone(),
+            other => bail!("{function} did not succeed: {other:?}"),
+        };
+        let shown = match value.get("stdout").and_then(|v| v.as_str()) {
+            Some(out) => out.trim().to_owned(),
+            None => value.to_string(),
+        };
+        let ran_ms = task.times.finished_us.saturating_sub(task.times.running_us) as f64 / 1000.0;
+        println!(
+            "{function}({}) on {} = {shown}   [{note}; round trip {:.1} ms, ran {ran_ms:.1} ms{}]",
+            if args.as_array().is_some_and(|a| a.is_empty()) {
+                "name=federation".to_string()
+            } else {
+                args[0].to_string()
+            },
+            task.endpoint.as_deref().unwrap_or("?"),
+            elapsed.as_secs_f64() * 1000.0,
+            if task.cold_start { ", cold start" } else { "" },
+        );
+    }
     Ok(())
 }
 

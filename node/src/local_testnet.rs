@@ -77,8 +77,18 @@ pub async fn run(cmd: TestnetCommand) -> anyhow::Result<()> {
             institutions,
             nodes_per_institution,
             role,
+            endpoint_policy,
+            runtimes,
         } => {
-            let net = up(&dir, institutions, nodes_per_institution, role).await?;
+            let endpoint = ops::TestnetEndpoint {
+                policy: endpoint_policy,
+                runtimes: runtimes
+                    .split(',')
+                    .map(|r| r.trim().to_owned())
+                    .filter(|r| !r.is_empty())
+                    .collect(),
+            };
+            let net = up(&dir, institutions, nodes_per_institution, role, &endpoint).await?;
             print_table(&net, &dir).await;
             println!(
                 "testnet up: {}/testnet.json; stop it with `funcmesh testnet down --dir {}`",
@@ -255,6 +265,7 @@ pub async fn up(
     institutions: usize,
     per: usize,
     role: Role,
+    endpoint: &ops::TestnetEndpoint,
 ) -> anyhow::Result<Testnet> {
     if institutions == 0 || institutions > 26 {
         bail!("--institutions must be between 1 and 26");
@@ -271,7 +282,7 @@ pub async fn up(
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let dir = dir.canonicalize().context("testnet dir")?;
     let mut started: Vec<u32> = Vec::new();
-    let result = build(&dir, institutions, per, role, &mut started).await;
+    let result = build(&dir, institutions, per, role, endpoint, &mut started).await;
     if result.is_err() {
         for pid in started {
             kill(pid, libc::SIGKILL);
@@ -285,6 +296,7 @@ async fn build(
     institutions: usize,
     per: usize,
     role: Role,
+    endpoint: &ops::TestnetEndpoint,
     started: &mut Vec<u32>,
 ) -> anyhow::Result<Testnet> {
     let coord_dir = DataDir::new(dir.join("coordinator"));
@@ -357,7 +369,10 @@ async fn build(
             ])?;
             let ndir = DataDir::new(dir.join(&node_name));
             std::fs::create_dir_all(ndir.root()).context("node dir")?;
-            ops::write_config(&ndir, &ops::testnet_config(&node_name, &name, role))?;
+            ops::write_config(
+                &ndir,
+                &ops::testnet_config(&node_name, &name, role, endpoint),
+            )?;
             let log = ndir.root().join("node.log");
             let mut child = spawn_daemon(
                 &[

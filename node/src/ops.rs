@@ -42,7 +42,12 @@ pub fn write_config(dir: &DataDir, config: &Config) -> anyhow::Result<()> {
 
 /// The configuration testnets give a node: its name and, for endpoint nodes, one endpoint
 /// named after it and tagged with its institution.
-pub fn testnet_config(node_name: &str, institution: &str, role: mesh::membership::Role) -> Config {
+pub fn testnet_config(
+    node_name: &str,
+    institution: &str,
+    role: mesh::membership::Role,
+    endpoint: &TestnetEndpoint,
+) -> Config {
     let mut config = Config::default();
     config.node.name = node_name.to_string();
     // Local testnets lose nodes on purpose; notice it quickly.
@@ -52,10 +57,30 @@ pub fn testnet_config(node_name: &str, institution: &str, role: mesh::membership
             name: node_name.to_string(),
             description: format!("testnet endpoint of {node_name} ({institution})"),
             tags: [("institution".to_string(), institution.to_string())].into(),
+            policy: endpoint.policy.clone(),
+            runtimes: endpoint.runtimes.clone(),
             ..Default::default()
         });
     }
     config
+}
+
+/// What a testnet gives each endpoint node's endpoint.
+#[derive(Debug, Clone)]
+pub struct TestnetEndpoint {
+    /// Access policy.
+    pub policy: String,
+    /// Runtimes offered.
+    pub runtimes: Vec<String>,
+}
+
+impl Default for TestnetEndpoint {
+    fn default() -> Self {
+        TestnetEndpoint {
+            policy: "institution-and-capability".into(),
+            runtimes: vec!["host".into()],
+        }
+    }
 }
 
 /// Sets one `[mesh]` list in the data dir's `config.toml`, keeping everything else.

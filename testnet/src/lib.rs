@@ -173,7 +173,15 @@ impl Federation {
         let invite = self.invite(i, Role::Endpoint, Duration::from_secs(600))?;
         let dir = self.new_dir(&name);
         let inst = self.institutions[i].name.clone();
-        ops::write_config(&dir, &ops::testnet_config(&name, &inst, Role::Endpoint))?;
+        ops::write_config(
+            &dir,
+            &ops::testnet_config(
+                &name,
+                &inst,
+                Role::Endpoint,
+                &ops::TestnetEndpoint::default(),
+            ),
+        )?;
         let node = join_with_test_config(&dir, &self.coordinator_addr, &invite).await?;
         self.members.push(Slot {
             name,
