@@ -217,6 +217,7 @@ impl Dispatcher {
             dirty: HashSet::new(),
             done: Vec::new(),
             unsent: BTreeMap::new(),
+            backoff: HashMap::new(),
             finished_tx,
             tx: tx.clone(),
             tracker: tracker.clone(),
@@ -332,6 +333,8 @@ struct Actor {
     /// Tasks finished this turn (stored with the rest, then announced).
     done: Vec<Submitted>,
     unsent: BTreeMap<PeerId, Vec<TaskId>>,
+    /// Peers not to send to before then (they were unreachable or busy).
+    backoff: HashMap<PeerId, Instant>,
     finished_tx: watch::Sender<u64>,
     tx: mpsc::Sender<Cmd>,
     tracker: TaskTracker,
@@ -691,11 +694,16 @@ impl Actor {
 
     /// Sends the tasks waiting for their endpoint (all, or one peer's).
     fn send_unsent(&mut self, only: Option<PeerId>) {
+        let now = Instant::now();
         let peers: Vec<PeerId> = match only {
             Some(p) => vec![p],
             None => self.unsent.keys().copied().collect(),
         };
         for peer in peers {
+            if only.is_none() && self.backoff.get(&peer).is_some_and(|t| now < *t) {
+                continue;
+            }
+            self.backoff.remove(&peer);
             let Some(ids) = self.unsent.remove(&peer) else {
                 continue;
             };
@@ -757,8 +765,15 @@ impl Actor {
                     }
                 }
             }
-            Ok(TaskResponse::Refused { reason }) if reason.contains("overloaded") => {
-                self.unsent.entry(peer).or_default().extend(ids);
+            Ok(TaskResponse::Busy { reason }) => {
+                tracing::debug!(%peer, %reason, "endpoint node busy; will send again");
+                let still: Vec<TaskId> = ids
+                    .into_iter()
+                    .filter(|id| self.live.contains_key(id))
+                    .collect();
+                self.backoff
+                    .insert(peer, Instant::now() + Duration::from_millis(250));
+                self.unsent.entry(peer).or_default().extend(still);
             }
             Ok(other) => {
                 let why = match other {

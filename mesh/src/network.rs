@@ -941,9 +941,15 @@ impl EventLoop {
             } => {
                 let refuse = |why: String| TaskResponse::Refused { reason: why };
                 let Some(member) = self.members.get(&peer).map(|m| m.member.clone()) else {
+                    // Often a member whose proof this node is still checking on a new
+                    // connection: it sends again; a non-member never gets further than this.
                     let _ = self.swarm.behaviour_mut().tasks.send_response(
                         channel,
-                        refuse("this node takes tasks from verified members only".into()),
+                        TaskResponse::Busy {
+                            reason: "this node takes tasks from verified members only, and has \
+                                     not verified yours (yet)"
+                                .into(),
+                        },
                     );
                     return;
                 };
@@ -971,7 +977,9 @@ impl EventLoop {
                     };
                     let _ = self.swarm.behaviour_mut().tasks.send_response(
                         inbound.responder.channel,
-                        refuse("this node is overloaded with task requests; try again".into()),
+                        TaskResponse::Busy {
+                            reason: "this node is overloaded with task requests".into(),
+                        },
                     );
                 }
             }

@@ -77,6 +77,12 @@ pub enum TaskResponse {
         /// The records.
         records: Vec<Option<Record>>,
     },
+    /// Not now (the sender's membership is still being verified, or the node is overloaded):
+    /// send it again later.
+    Busy {
+        /// Why.
+        reason: String,
+    },
     /// The whole request was refused.
     Refused {
         /// Why.

@@ -106,7 +106,7 @@ impl Service {
                         reason: e.to_string(),
                     },
                 },
-                None => TaskResponse::Refused {
+                None => TaskResponse::Busy {
                     reason: "this node is starting".into(),
                 },
             },

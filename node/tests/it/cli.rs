@@ -5,9 +5,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-const BIN: &str = env!("CARGO_BIN_EXE_funcmesh");
+pub(crate) const BIN: &str = env!("CARGO_BIN_EXE_funcmesh");
 
-fn funcmesh(args: &[&str]) -> Output {
+pub(crate) fn funcmesh(args: &[&str]) -> Output {
     Command::new(BIN)
         .args(args)
         .stdin(Stdio::null())
@@ -15,7 +15,7 @@ fn funcmesh(args: &[&str]) -> Output {
         .expect("run funcmesh")
 }
 
-fn ok(args: &[&str]) -> String {
+pub(crate) fn ok(args: &[&str]) -> String {
     let out = funcmesh(args);
     assert!(
         out.status.success(),
@@ -62,11 +62,11 @@ impl Drop for Daemon {
 }
 
 /// The polling interval of `wait_until` and friends: they wait for a condition, with a timeout.
-fn wait_a_little() {
+pub(crate) fn wait_a_little() {
     std::thread::sleep(Duration::from_millis(20));
 }
 
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+pub(crate) fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !f() {
         assert!(
@@ -77,7 +77,7 @@ fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
-fn p(path: &Path) -> &str {
+pub(crate) fn p(path: &Path) -> &str {
     path.to_str().unwrap()
 }
 

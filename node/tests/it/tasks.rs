@@ -1,0 +1,353 @@
+//! Tasks through the CLI on a multi-process testnet: submit on one node, run on another's
+//! endpoint, results back; remote errors; bad input; endpoint and submitter crashes.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::cli::{funcmesh, ok, p, wait_until};
+
+struct Net {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+}
+
+impl Net {
+    fn up(institutions: &str, per: &str, extra: &[&str]) -> Net {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("net");
+        let mut args = vec![
+            "testnet",
+            "up",
+            "--dir",
+            p(&dir),
+            "--institutions",
+            institutions,
+            "--nodes-per-institution",
+            per,
+        ];
+        args.extend_from_slice(extra);
+        ok(&args);
+        Net { _tmp: tmp, dir }
+    }
+
+    fn node(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    fn kill(&self, name: &str) {
+        ok(&["testnet", "kill", name, "--dir", p(&self.dir)]);
+    }
+
+    fn restart(&self, name: &str) {
+        ok(&["testnet", "restart", name, "--dir", p(&self.dir)]);
+    }
+
+    /// Waits until `node` lists `n` endpoints and can route to `endpoint`.
+    fn wait_endpoints(&self, node: &Path, n: usize) {
+        wait_until(
+            "every endpoint in the registry",
+            Duration::from_secs(20),
+            || {
+                let out = funcmesh(&["endpoint", "list", "--node", p(node), "--json"]);
+                serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout)
+                    .is_ok_and(|l| l.len() == n)
+            },
+        );
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        let _ = funcmesh(&["testnet", "down", "--dir", p(&self.dir)]);
+    }
+}
+
+const SOURCE: &str = "import time\n\
+def double(x):\n    return 2 * x\n\
+def boom(x):\n    raise ValueError('bad value %r' % x)\n\
+def slow(s):\n    time.sleep(s)\n    return s\n";
+
+fn register(node: &Path, dir: &Path) {
+    let src = dir.join("fns.py");
+    std::fs::write(&src, SOURCE).unwrap();
+    for f in ["double", "boom", "slow"] {
+        ok(&[
+            "function",
+            "register",
+            "--name",
+            f,
+            "--python",
+            p(&src),
+            "--entrypoint",
+            f,
+            "--node",
+            p(node),
+        ]);
+    }
+    ok(&[
+        "function",
+        "register",
+        "--name",
+        "greet",
+        "--shell",
+        "echo hello {name}",
+        "--node",
+        p(node),
+    ]);
+}
+
+fn task(node: &Path, id: &str) -> serde_json::Value {
+    serde_json::from_str(&ok(&["task", "status", id, "--node", p(node), "--json"])).unwrap()
+}
+
+/// Runs `funcmesh run … --wait` until routing can reach the endpoint (the first adverts take a
+/// moment after start), then returns the output.
+fn run_wait(node: &Path, args: &[&str]) -> std::process::Output {
+    let mut full = vec!["run"];
+    full.extend_from_slice(args);
+    full.extend_from_slice(&["--wait", "--node", p(node)]);
+    let mut last = None;
+    wait_until(
+        "the endpoint to be routable",
+        Duration::from_secs(20),
+        || {
+            let out = funcmesh(&full);
+            let routable = !String::from_utf8_lossy(&out.stderr).contains("no endpoint can run");
+            last = Some(out);
+            routable
+        },
+    );
+    last.unwrap()
+}
+
+#[test]
+fn tasks_run_on_another_nodes_endpoint_and_bad_input_gets_clear_errors() {
+    let net = Net::up("1", "2", &[]);
+    let (a1, a2) = (net.node("a1"), net.node("a2"));
+    register(&a1, &net.dir);
+    net.wait_endpoints(&a1, 2);
+
+    // Python: submitted on a1, run on a2's endpoint, result back on a1.
+    let out = run_wait(&a1, &["double", "21", "--endpoint", "a2"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42");
+    // Shell, with keyword arguments.
+    let out = run_wait(
+        &a1,
+        &[
+            "greet",
+            "--kwargs",
+            r#"{"name": "mesh"}"#,
+            "--endpoint",
+            "a2",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "hello mesh");
+
+    // Without --wait: an id, then status, wait and result.
+    let id = ok(&["run", "double", "4", "--endpoint", "a2", "--node", p(&a1)]);
+    assert_eq!(id.len(), 32, "{id}");
+    assert_eq!(ok(&["task", "wait", &id, "--node", p(&a1)]), "8");
+    assert_eq!(ok(&["task", "result", &id, "--node", p(&a1)]), "8");
+    let t = task(&a1, &id);
+    assert_eq!(t["status"], "succeeded");
+    assert_eq!(t["endpoint"], "a2@a2");
+    let times = &t["times"];
+    for phase in [
+        "submitted_us",
+        "received_us",
+        "queued_us",
+        "running_us",
+        "finished_us",
+    ] {
+        assert!(times[phase].as_u64().unwrap() > 0, "{phase} missing: {t}");
+    }
+    assert!(times["finished_us"].as_u64() >= times["running_us"].as_u64());
+
+    // A remote exception: type, message and traceback, and a failing exit status.
+    let out = run_wait(&a1, &["boom", "7", "--endpoint", "a2"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Traceback"), "{err}");
+    assert!(err.contains("ValueError: bad value 7"), "{err}");
+    assert!(err.contains("in boom"), "{err}");
+
+    // Bad input: each a one-line error naming the problem, and the node keeps serving.
+    let fails = |args: &[&str], needle: &str| {
+        let mut full = args.to_vec();
+        full.extend_from_slice(&["--node", p(&a1)]);
+        let out = funcmesh(&full);
+        assert!(!out.status.success(), "{full:?} succeeded");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains(needle),
+            "{full:?}: expected `{needle}` in: {err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    };
+    fails(&["run", "nope", "1", "--wait"], "no function");
+    fails(
+        &["run", "double", "--kwargs", "{not json", "--wait"],
+        "--kwargs",
+    );
+    fails(
+        &["run", "double", "--kwargs", "[1]", "--wait"],
+        "JSON object",
+    );
+    fails(
+        &["run", "double", "1", "--endpoint", "nowhere", "--wait"],
+        "no endpoint is named `nowhere`",
+    );
+    fails(
+        &["run", "double", "1", "--strategy", "fastest"],
+        "not one of warm-aware",
+    );
+    fails(&["task", "status", "xyz"], "not a task id");
+    fails(&["task", "status", &"0".repeat(32)], "no task");
+    // A function that needs a runtime no endpoint offers.
+    ok(&[
+        "function",
+        "register",
+        "--name",
+        "boxed",
+        "--shell",
+        "true",
+        "--container",
+        "docker:funcmesh/python:bookworm",
+        "--node",
+        p(&a1),
+    ]);
+    fails(&["run", "boxed", "--wait"], "the function needs docker");
+    // Wrong argument count: the Python error comes back; the endpoint still serves.
+    let out = run_wait(&a1, &["double", "1", "2", "--endpoint", "a2"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("TypeError"));
+    let out = run_wait(&a1, &["double", "5", "--endpoint", "a2"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "10");
+
+    // A batch from a JSON Lines file, run across both endpoints.
+    let batch = net.dir.join("batch.jsonl");
+    let lines: Vec<String> = (0..20)
+        .map(|i| format!(r#"{{"function": "double", "args": [{i}], "strategy": "round-robin"}}"#))
+        .collect();
+    std::fs::write(&batch, lines.join("\n")).unwrap();
+    let out = ok(&[
+        "run",
+        "--batch",
+        p(&batch),
+        "--wait",
+        "--node",
+        p(&a1),
+        "--json",
+    ]);
+    let list: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let tasks = list["tasks"].as_array().unwrap();
+    assert_eq!(tasks.len(), 20);
+    let mut endpoints = std::collections::BTreeSet::new();
+    for (i, t) in tasks.iter().enumerate() {
+        assert_eq!(t["task"]["outcome"]["value"], 2 * i as u64, "{t}");
+        endpoints.insert(t["task"]["endpoint"].as_str().unwrap().to_string());
+    }
+    assert_eq!(
+        endpoints.len(),
+        2,
+        "round-robin used both endpoints: {endpoints:?}"
+    );
+}
+
+#[test]
+fn a_lost_endpoint_retries_or_fails_and_a_killed_submitter_keeps_its_results() {
+    let net = Net::up("2", "2", &["--endpoint-policy", "federation"]);
+    let a1 = net.node("a1");
+    register(&a1, &net.dir);
+    net.wait_endpoints(&a1, 4);
+    // Make sure inst-b's endpoints are routable before the real tasks.
+    let out = run_wait(&a1, &["double", "1", "--institution", "inst-b"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A retryable and a non-retryable task on the same endpoint of inst-b.
+    let retryable = ok(&[
+        "run",
+        "slow",
+        "3",
+        "--institution",
+        "inst-b",
+        "--retries",
+        "1",
+        "--node",
+        p(&a1),
+    ]);
+    let first = task(&a1, &retryable)["endpoint"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let victim = first.split('@').next().unwrap().to_string();
+    let survivor = if victim == "b1" { "b2" } else { "b1" };
+    let single = ok(&["run", "slow", "3", "--endpoint", &victim, "--node", p(&a1)]);
+    wait_until("both tasks to run", Duration::from_secs(20), || {
+        task(&a1, &retryable)["status"] != "pending" && task(&a1, &single)["status"] != "pending"
+    });
+    net.kill(&victim);
+
+    assert_eq!(
+        ok(&[
+            "task",
+            "wait",
+            &retryable,
+            "--timeout",
+            "60s",
+            "--node",
+            p(&a1)
+        ]),
+        "3"
+    );
+    let t = task(&a1, &retryable);
+    assert_eq!(t["attempts"], 2, "{t}");
+    assert_eq!(t["endpoint"], format!("{survivor}@{survivor}"), "{t}");
+    assert!(t["lost"][0].as_str().unwrap().contains("was lost"), "{t}");
+
+    let out = funcmesh(&[
+        "task",
+        "wait",
+        &single,
+        "--timeout",
+        "60s",
+        "--node",
+        p(&a1),
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("EndpointLost") && err.contains("was lost"),
+        "{err}"
+    );
+    assert_eq!(task(&a1, &single)["status"], "failed");
+
+    // kill -9 of the submitter while its task runs: after a restart the result is there.
+    let id = ok(&["run", "slow", "2", "--endpoint", survivor, "--node", p(&a1)]);
+    wait_until(
+        "the task to reach its endpoint",
+        Duration::from_secs(20),
+        || task(&a1, &id)["status"] != "pending",
+    );
+    net.kill("a1");
+    net.restart("a1");
+    assert_eq!(
+        ok(&["task", "wait", &id, "--timeout", "60s", "--node", p(&a1)]),
+        "2"
+    );
+    // Tasks accepted before the crash are still there.
+    assert_eq!(task(&a1, &retryable)["status"], "succeeded");
+}
