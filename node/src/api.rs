@@ -82,6 +82,7 @@ fn router(inner: Shared) -> Router {
         .route("/v1/functions/{id}", get(function).delete(delete_function))
         .route("/v1/endpoints", get(endpoints))
         .route("/v1/endpoints/{id}", get(endpoint))
+        .route("/v1/adverts", get(adverts))
         .route("/v1/tasks", post(submit_tasks))
         .route("/v1/tasks/wait", post(wait_tasks))
         .route("/v1/tasks/{id}", get(task))
@@ -302,6 +303,32 @@ async fn endpoint(
         .cloned()
         .map(Json)
         .map_err(not_found)
+}
+
+/// One node's latest advertisement, as this node heard it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct NodeAdvert {
+    /// The advertising node.
+    pub peer_id: String,
+    /// What it said.
+    pub advert: mesh::routing::Advert,
+}
+
+async fn adverts(State(inner): State<Shared>) -> Result<Json<Vec<NodeAdvert>>, ApiError> {
+    let mut list: Vec<NodeAdvert> = inner
+        .tasks
+        .dispatcher
+        .adverts()
+        .await
+        .map_err(dispatch_error)?
+        .into_iter()
+        .map(|(peer, advert)| NodeAdvert {
+            peer_id: peer.to_string(),
+            advert,
+        })
+        .collect();
+    list.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
+    Ok(Json(list))
 }
 
 /// The answer to `POST /v1/tasks` and `POST /v1/tasks/wait`.

@@ -164,6 +164,11 @@ impl Client {
         .await
     }
 
+    /// `GET /v1/adverts`.
+    pub async fn adverts(&self) -> anyhow::Result<Vec<crate::api::NodeAdvert>> {
+        self.get("/v1/adverts").await
+    }
+
     /// `POST /v1/tasks/wait`.
     pub async fn wait_tasks(
         &self,

@@ -351,3 +351,137 @@ fn a_lost_endpoint_retries_or_fails_and_a_killed_submitter_keeps_its_results() {
     // Tasks accepted before the crash are still there.
     assert_eq!(task(&a1, &retryable)["status"], "succeeded");
 }
+
+/// Builds the project's Python image (cached), as `.ci/run` does.
+fn python_image() -> String {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/build-image.sh");
+    let out = std::process::Command::new(script)
+        .arg("python")
+        .output()
+        .expect("run scripts/build-image.sh");
+    assert!(
+        out.status.success(),
+        "scripts/build-image.sh python failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .last()
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+#[test]
+fn a_python_function_runs_in_a_warm_docker_container_and_warm_aware_routing_finds_it() {
+    let image = python_image();
+    let net = Net::up("1", "3", &["--runtimes", "host,docker"]);
+    let (a1, a2) = (net.node("a1"), net.node("a2"));
+    let src = net.dir.join("where.py");
+    std::fs::write(
+        &src,
+        "import platform\ndef where(x):\n    \
+         return [open('/etc/os-release').read().split('\\n')[0], platform.python_version(), x]\n",
+    )
+    .unwrap();
+    let container = format!("docker:{image}");
+    ok(&[
+        "function",
+        "register",
+        "--name",
+        "where",
+        "--python",
+        p(&src),
+        "--entrypoint",
+        "where",
+        "--container",
+        &container,
+        "--node",
+        p(&a1),
+    ]);
+    net.wait_endpoints(&a1, 3);
+
+    // First task: a2 starts a container for it (a cold start).
+    let out = run_wait(&a1, &["where", "1", "--endpoint", "a2", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let first: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let first = &first["tasks"][0]["task"];
+    assert_eq!(
+        first["outcome"]["value"][0], "PRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"",
+        "{first}"
+    );
+    assert_eq!(first["environment"], container.as_str());
+    assert_eq!(first["cold_start"], true, "{first}");
+    assert!(first["times"]["waiting_us"].as_u64().unwrap() > 0);
+    let worker = first["worker"].as_str().unwrap().to_string();
+    assert!(
+        worker.starts_with("fm-a2-"),
+        "the worker is a named container: {worker}"
+    );
+
+    // Second task to the same image: the same warm container, no cold start.
+    let id = ok(&["run", "where", "2", "--endpoint", "a2", "--node", p(&a1)]);
+    ok(&["task", "wait", &id, "--node", p(&a1)]);
+    let second = task(&a1, &id);
+    assert_eq!(second["cold_start"], false, "{second}");
+    assert_eq!(second["times"]["waiting_us"], 0, "{second}");
+    assert_eq!(second["worker"], worker.as_str(), "{second}");
+
+    // a2 now advertises a warm container for the image; a1 (local, zero RTT) and a3 have none.
+    wait_until(
+        "a2's advert of its warm container",
+        Duration::from_secs(10),
+        || {
+            let out = funcmesh(&["endpoint", "load", "--node", p(&a1), "--json"]);
+            let ads: Vec<serde_json::Value> =
+                serde_json::from_slice(&out.stdout).unwrap_or_default();
+            ads.iter().any(|a| {
+                a["advert"]["endpoints"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|e| {
+                        e["name"] == "a2"
+                            && e["environments"]
+                                .as_array()
+                                .unwrap()
+                                .iter()
+                                .any(|v| v["env"] == container.as_str() && v["idle"] == 1)
+                    })
+            })
+        },
+    );
+    let table = ok(&["endpoint", "load", "--node", p(&a1)]);
+    assert!(table.contains(&container), "{table}");
+    let id = ok(&["run", "where", "3", "--node", p(&a1)]);
+    ok(&["task", "wait", &id, "--node", p(&a1)]);
+    let routed = task(&a1, &id);
+    assert_eq!(
+        routed["endpoint"], "a2@a2",
+        "warm-aware picked the warm endpoint: {routed}"
+    );
+    assert_eq!(routed["cold_start"], false);
+    drop(net);
+    // Stopping the nodes removed their containers.
+    let out = std::process::Command::new("docker")
+        .args([
+            "ps",
+            "-a",
+            "--filter",
+            "name=fm-a2-",
+            "--format",
+            "{{.Names}}",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "",
+        "containers left behind"
+    );
+}
