@@ -151,6 +151,9 @@ pub enum Error {
 
 type Reply<T> = oneshot::Sender<T>;
 
+/// Answers to send once this turn's writes are stored.
+type Replies = Vec<Box<dyn FnOnce(&Actor) + Send>>;
+
 enum Cmd {
     Submit(Vec<Request>, Reply<Vec<Result<Submitted, String>>>),
     Get(Vec<TaskId>, Reply<Vec<Option<Submitted>>>),
@@ -362,7 +365,7 @@ impl Actor {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut slow = tokio::time::interval(Duration::from_secs(5));
         let mut slow_ticks: u64 = 0;
-        let mut replies: Vec<Box<dyn FnOnce(&Actor) + Send>> = Vec::new();
+        let mut replies: Replies = Vec::new();
         loop {
             tokio::select! {
                 () = cancel.cancelled() => break,
@@ -383,7 +386,7 @@ impl Actor {
                         }
                     }
                     // The retention sweep reads every stored task: every ten minutes is enough.
-                    if slow_ticks % 120 == 0 {
+                    if slow_ticks.is_multiple_of(120) {
                         self.sweep().await;
                     }
                     slow_ticks += 1;
@@ -400,7 +403,7 @@ impl Actor {
         self.flush(&mut replies).await;
     }
 
-    async fn flush(&mut self, replies: &mut Vec<Box<dyn FnOnce(&Actor) + Send>>) {
+    async fn flush(&mut self, replies: &mut Replies) {
         let mut ops: Vec<store::Op> = Vec::new();
         for id in self.dirty.drain() {
             if let Some(t) = self.live.get(&id) {
@@ -473,7 +476,7 @@ impl Actor {
         self.candidates_at = Some(Instant::now());
     }
 
-    async fn on_cmd(&mut self, cmd: Cmd, replies: &mut Vec<Box<dyn FnOnce(&Actor) + Send>>) {
+    async fn on_cmd(&mut self, cmd: Cmd, replies: &mut Replies) {
         match cmd {
             Cmd::Submit(requests, reply) => {
                 self.refresh_candidates(false).await;
@@ -849,7 +852,7 @@ impl Actor {
                 a.lost = Some(error.message.clone());
             }
             let env = Environment::of(t.submission.function.container.as_ref());
-            let choice = env.map_err(|e| e).and_then(|env| {
+            let choice = env.and_then(|env| {
                 self.router
                     .choose(
                         &env,

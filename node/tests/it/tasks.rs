@@ -123,7 +123,7 @@ fn run_wait(node: &Path, args: &[&str]) -> std::process::Output {
 #[test]
 fn tasks_run_on_another_nodes_endpoint_and_bad_input_gets_clear_errors() {
     let net = Net::up("1", "2", &[]);
-    let (a1, a2) = (net.node("a1"), net.node("a2"));
+    let a1 = net.node("a1");
     register(&a1, &net.dir);
     net.wait_endpoints(&a1, 2);
 
@@ -377,7 +377,7 @@ fn python_image() -> String {
 fn a_python_function_runs_in_a_warm_docker_container_and_warm_aware_routing_finds_it() {
     let image = python_image();
     let net = Net::up("1", "3", &["--runtimes", "host,docker"]);
-    let (a1, a2) = (net.node("a1"), net.node("a2"));
+    let a1 = net.node("a1");
     let src = net.dir.join("where.py");
     std::fs::write(
         &src,
