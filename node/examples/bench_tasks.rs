@@ -1,0 +1,302 @@
+//! Task benchmarks, on a local multi-process testnet (real processes, loopback).
+//!
+//! * `noop`: two endpoint nodes of one institution; the client submits through a1's API and the
+//!   tasks run on a2's endpoint (two warm host workers). Round trip of one no-op Python task
+//!   (p50, p99, mean over `M` samples after a warm-up), then throughput: `N` tasks in batches of
+//!   `B`, `C` batches in flight, from one client. Prints one JSON line, in the format of
+//!   `bench/competitors/noop.py`, so that `bench/run.sh` puts it beside Dask, Parsl and Ray.
+//! * `routing`: the warming-aware routing experiment of the funcX paper: `N` tasks (3,000) of
+//!   four functions, each in its own container image, over three endpoints of two workers each,
+//!   submitted as a stream (`C` tasks in flight); `warm-aware` against `random`. Prints the
+//!   completion time of each and the reduction.
+//!
+//! ```sh
+//! cargo build --release -p node --bin funcmesh --example bench_tasks && \
+//!   FUNCMESH_BIN=$CARGO_TARGET_DIR/release/funcmesh \
+//!   $CARGO_TARGET_DIR/release/examples/bench_tasks noop
+//! ```
+
+// A benchmark: a broken setup should stop loudly.
+#![allow(clippy::unwrap_used)]
+
+use std::time::{Duration, Instant};
+
+use mesh::membership::Role;
+use node::client::Client;
+use node::local_testnet;
+use node::tasks::NewTask;
+use node::{DataDir, registry::NewFunction};
+use serde_json::json;
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match std::env::args().nth(1).as_deref() {
+        Some("noop") => noop().await,
+        Some("routing") => routing().await,
+        _ => anyhow::bail!("usage: bench_tasks noop|routing"),
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let rank = (sorted.len() as f64 - 1.0) * p;
+    let (lo, hi) = (rank.floor() as usize, rank.ceil() as usize);
+    sorted[lo] + (sorted[hi] - sorted[lo]) * (rank - lo as f64)
+}
+
+fn task(function: &str, i: usize, endpoint: Option<&str>, strategy: &str) -> NewTask {
+    NewTask {
+        function: function.into(),
+        args: json!([i]),
+        endpoint: endpoint.map(str::to_owned),
+        strategy: Some(strategy.into()),
+        ..Default::default()
+    }
+}
+
+async fn register(
+    client: &Client,
+    name: &str,
+    container: Option<String>,
+) -> anyhow::Result<String> {
+    let f = NewFunction {
+        name: name.into(),
+        python: Some(format!("def {name}(x):\n    return None\n")),
+        entrypoint: Some(name.into()),
+        payload: None,
+        shell: None,
+        container,
+        description: "no-op".into(),
+    };
+    Ok(client.register_function(&f).await?.id)
+}
+
+/// Submits until the endpoint is routable (adverts take a moment after start).
+async fn until_routable(client: &Client, t: NewTask) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let list = client
+            .submit_tasks(vec![t.clone()], Duration::from_secs(60))
+            .await?;
+        let ok = list.tasks[0]
+            .task
+            .as_ref()
+            .is_some_and(|t| t.status.is_terminal());
+        if ok {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "not routable: {:?}",
+            list.tasks[0].error
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn noop() -> anyhow::Result<()> {
+    let samples = env_usize("M", 500);
+    let n = env_usize("N", 20_000);
+    let batch = env_usize("B", 1000);
+    let in_flight = env_usize("C", 4);
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("net");
+    let started = Instant::now();
+    let net = local_testnet::up(
+        &dir,
+        1,
+        2,
+        Role::Endpoint,
+        &node::ops::TestnetEndpoint::default(),
+    )
+    .await?;
+    let a1 = Client::for_node(&DataDir::new(&net.nodes[0].data_dir))?;
+    register(&a1, "noop", None).await?;
+    until_routable(&a1, task("noop", 0, Some("a2"), "warm-aware")).await?;
+    let startup_s = started.elapsed().as_secs_f64();
+
+    // Warm-up: both workers of a2 started, code paths hot.
+    for i in 0..50 {
+        a1.submit_tasks(
+            vec![task("noop", i, Some("a2"), "warm-aware")],
+            Duration::from_secs(10),
+        )
+        .await?;
+    }
+    a1.submit_tasks(
+        (0..1000)
+            .map(|i| task("noop", i, Some("a2"), "warm-aware"))
+            .collect(),
+        Duration::from_secs(60),
+    )
+    .await?;
+
+    let mut lat = Vec::with_capacity(samples);
+    let mut endpoint_ms = Vec::with_capacity(samples);
+    for i in 0..samples {
+        let t0 = Instant::now();
+        let list = a1
+            .submit_tasks(
+                vec![task("noop", i, Some("a2"), "warm-aware")],
+                Duration::from_secs(10),
+            )
+            .await?;
+        lat.push(t0.elapsed().as_secs_f64() * 1000.0);
+        let t = list.tasks[0].task.as_ref().unwrap();
+        anyhow::ensure!(t.status == compute::Status::Succeeded, "task failed: {t:?}");
+        endpoint_ms.push(t.times.finished_us.saturating_sub(t.times.received_us) as f64 / 1000.0);
+    }
+    let mean = lat.iter().sum::<f64>() / lat.len() as f64;
+    lat.sort_by(f64::total_cmp);
+    endpoint_ms.sort_by(f64::total_cmp);
+
+    let t0 = Instant::now();
+    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(in_flight));
+    let mut joins = tokio::task::JoinSet::new();
+    for start in (0..n).step_by(batch) {
+        let permit = sem.clone().acquire_owned().await?;
+        let client = a1.clone();
+        let tasks: Vec<NewTask> = (start..(start + batch).min(n))
+            .map(|i| task("noop", i, Some("a2"), "warm-aware"))
+            .collect();
+        joins.spawn(async move {
+            let list = client.submit_tasks(tasks, Duration::from_secs(300)).await;
+            drop(permit);
+            list
+        });
+    }
+    let mut done = 0;
+    while let Some(r) = joins.join_next().await {
+        let list = r??;
+        for s in list.tasks {
+            let t = s
+                .task
+                .ok_or_else(|| anyhow::anyhow!("refused: {:?}", s.error))?;
+            anyhow::ensure!(t.status == compute::Status::Succeeded, "task failed: {t:?}");
+            done += 1;
+        }
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    let line = json!({
+        "engine": "funcmesh",
+        "version": env!("CARGO_PKG_VERSION"),
+        "workers": 2,
+        "startup_s": startup_s,
+        "config": format!("testnet of 2 endpoint nodes; client → a1's API (HTTP) → a2's endpoint over the mesh; batches of {batch}, {in_flight} in flight"),
+        "latency_api": "POST /v1/tasks with wait (one task), from a Rust HTTP client with keep-alive",
+        "latency_samples": samples,
+        "latency_ms": {
+            "p50": percentile(&lat, 0.5),
+            "p99": percentile(&lat, 0.99),
+            "mean": mean,
+            "min": lat[0],
+            "max": lat[lat.len() - 1],
+        },
+        "endpoint_ms": {"p50": percentile(&endpoint_ms, 0.5), "p99": percentile(&endpoint_ms, 0.99)},
+        "throughput_api": format!("POST /v1/tasks with {batch} tasks and wait, {in_flight} in flight"),
+        "tasks": done,
+        "throughput_wall_s": wall,
+        "throughput_tasks_per_s": done as f64 / wall,
+    });
+    println!("{line}");
+    local_testnet::down(&net).await;
+    Ok(())
+}
+
+async fn routing() -> anyhow::Result<()> {
+    let n = env_usize("N", 3000);
+    let in_flight = env_usize("C", 12);
+    let images = env_usize("IMAGES", 4);
+    let base = std::env::var("IMAGE").unwrap_or_else(|_| "funcmesh/python:bookworm".into());
+    // Distinct image names are distinct environments, each with a real container cold start.
+    for i in 0..images {
+        let status = std::process::Command::new("docker")
+            .args(["tag", &base, &format!("funcmesh/bench-fn:{i}")])
+            .status()?;
+        anyhow::ensure!(
+            status.success(),
+            "docker tag {base} failed: build it with scripts/build-image.sh"
+        );
+    }
+    let mut results = Vec::new();
+    for strategy in ["warm-aware", "random"] {
+        let tmp = tempfile::tempdir()?;
+        let dir = tmp.path().join("net");
+        let endpoint = node::ops::TestnetEndpoint {
+            runtimes: vec!["host".into(), "docker".into()],
+            ..Default::default()
+        };
+        // a1 submits and runs nothing (the tasks need docker; a1 offers it too, so it is one of
+        // the three endpoints: a1, a2, a3).
+        let net = local_testnet::up(&dir, 1, 3, Role::Endpoint, &endpoint).await?;
+        let a1 = Client::for_node(&DataDir::new(&net.nodes[0].data_dir))?;
+        let mut names = Vec::new();
+        for i in 0..images {
+            let name = format!("f{i}");
+            register(&a1, &name, Some(format!("docker:funcmesh/bench-fn:{i}"))).await?;
+            names.push(name);
+        }
+        // Routable everywhere before the clock starts (no container is warm yet: the first task
+        // of each function goes to a1 explicitly, then the pools are emptied by a restart-free
+        // idle: simply start the clock after it — a1's warm containers count for both runs).
+        let probe = NewTask {
+            function: "f0".into(),
+            args: json!([0]),
+            endpoint: Some("a3".into()),
+            ..Default::default()
+        };
+        until_routable(&a1, probe).await?;
+        let mut rng_state: u64 = 0x9e3779b97f4a7c15;
+        let mut next = || {
+            rng_state ^= rng_state << 13;
+            rng_state ^= rng_state >> 7;
+            rng_state ^= rng_state << 17;
+            rng_state
+        };
+        let order: Vec<usize> = (0..n).map(|_| (next() % images as u64) as usize).collect();
+        let t0 = Instant::now();
+        let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(in_flight));
+        let mut joins = tokio::task::JoinSet::new();
+        for (i, f) in order.iter().enumerate() {
+            let permit = sem.clone().acquire_owned().await?;
+            let client = a1.clone();
+            let t = task(&names[*f], i, None, strategy);
+            joins.spawn(async move {
+                let r = client.submit_tasks(vec![t], Duration::from_secs(600)).await;
+                drop(permit);
+                r
+            });
+        }
+        let (mut ok, mut cold) = (0usize, 0usize);
+        while let Some(r) = joins.join_next().await {
+            for s in r??.tasks {
+                if let Some(t) = s.task {
+                    if t.status == compute::Status::Succeeded {
+                        ok += 1;
+                    }
+                    if t.cold_start {
+                        cold += 1;
+                    }
+                }
+            }
+        }
+        let wall = t0.elapsed().as_secs_f64();
+        println!(
+            "{}",
+            json!({"strategy": strategy, "tasks": n, "succeeded": ok, "cold_starts": cold, "completion_s": wall, "images": images, "endpoints": 3, "workers_per_endpoint": 2, "in_flight": in_flight})
+        );
+        results.push(wall);
+        local_testnet::down(&net).await;
+    }
+    println!(
+        "{}",
+        json!({"warm_aware_s": results[0], "random_s": results[1], "reduction_pct": 100.0 * (1.0 - results[0] / results[1])})
+    );
+    Ok(())
+}
