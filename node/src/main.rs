@@ -3,5 +3,16 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    restore_sigpipe();
     node::cli::main()
+}
+
+/// Rust ignores SIGPIPE, so `funcmesh task status … | head` would panic on the closed pipe.
+/// A command-line tool should end quietly there, as `cat` does.
+#[allow(unsafe_code)]
+fn restore_sigpipe() {
+    // SAFETY: called first thing in main, before any thread exists; SIG_DFL is a valid handler.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
 }
