@@ -167,6 +167,15 @@ enum Cmd {
     ),
     Adverts(Reply<Vec<(PeerId, Advert)>>),
     OwnAdvert(Advert),
+    Wait(Vec<TaskId>, Reply<Vec<Option<Submitted>>>),
+}
+
+/// A caller waiting for a set of tasks to finish.
+struct Waiter {
+    ids: Vec<TaskId>,
+    remaining: HashSet<TaskId>,
+    found: HashMap<TaskId, Submitted>,
+    reply: Reply<Vec<Option<Submitted>>>,
 }
 
 /// A cheap-clone handle to the dispatcher.
@@ -225,6 +234,9 @@ impl Dispatcher {
             tx: tx.clone(),
             tracker: tracker.clone(),
             started: Instant::now(),
+            waiters: HashMap::new(),
+            waiting_on: HashMap::new(),
+            next_waiter: 0,
         };
         actor.router.set_local(actor.me);
         if let Ok(members) = actor.mesh.members().await {
@@ -277,23 +289,23 @@ impl Dispatcher {
         ids: Vec<TaskId>,
         timeout: Duration,
     ) -> Result<Vec<Option<Submitted>>, Error> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        let mut finished = self.finished.clone();
-        loop {
-            finished.borrow_and_update();
-            let tasks = self.get(ids.clone()).await?;
-            let done = tasks
-                .iter()
-                .all(|t| t.as_ref().is_none_or(|t| t.status.is_terminal()));
-            if done {
-                return Ok(tasks);
-            }
-            match tokio::time::timeout_at(deadline, finished.changed()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => return Err(Error::Closed),
-                Err(_) => return Ok(tasks),
-            }
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Cmd::Wait(ids.clone(), tx))
+            .await
+            .map_err(|_| Error::Closed)?;
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(tasks)) => Ok(tasks),
+            Ok(Err(_)) => Err(Error::Closed),
+            // Not all finished in time: say where each is now.
+            Err(_) => self.get(ids).await,
         }
+    }
+
+    /// Resolves when any task submitted here finishes (for pollers).
+    pub async fn changed(&self) -> Result<(), Error> {
+        let mut f = self.finished.clone();
+        f.changed().await.map_err(|_| Error::Closed)
     }
 
     /// Cancels a task: tells its endpoint, which stops it if it runs.
@@ -342,6 +354,9 @@ struct Actor {
     tx: mpsc::Sender<Cmd>,
     tracker: TaskTracker,
     started: Instant,
+    waiters: HashMap<u64, Waiter>,
+    waiting_on: HashMap<TaskId, Vec<u64>>,
+    next_waiter: u64,
 }
 
 /// The id an endpoint knows attempt `n` of task `id` by: the task id itself first, then a hash,
@@ -404,6 +419,7 @@ impl Actor {
     }
 
     async fn flush(&mut self, replies: &mut Replies) {
+        self.wake_waiters(replies);
         let mut ops: Vec<store::Op> = Vec::new();
         for id in self.dirty.drain() {
             if let Some(t) = self.live.get(&id) {
@@ -610,7 +626,62 @@ impl Actor {
                 let _ = reply.send(self.router.adverts());
             }
             Cmd::OwnAdvert(a) => self.router.advert(self.me, a, Instant::now()),
+            Cmd::Wait(ids, reply) => {
+                let remaining: HashSet<TaskId> = ids
+                    .iter()
+                    .filter(|id| self.live.contains_key(*id))
+                    .cloned()
+                    .collect();
+                let mut found = HashMap::new();
+                let mut stored = Vec::new();
+                for id in &ids {
+                    if remaining.contains(id) {
+                        continue;
+                    }
+                    match self.done.iter().find(|t| &t.id == id) {
+                        Some(t) => {
+                            found.insert(id.clone(), t.clone());
+                        }
+                        None => stored.push(id.clone()),
+                    }
+                }
+                found.extend(self.load_stored(stored).await);
+                let w = self.next_waiter;
+                self.next_waiter += 1;
+                for id in &remaining {
+                    self.waiting_on.entry(id.clone()).or_default().push(w);
+                }
+                self.waiters.insert(
+                    w,
+                    Waiter {
+                        ids,
+                        remaining,
+                        found,
+                        reply,
+                    },
+                );
+            }
         }
+    }
+
+    async fn load_stored(&self, ids: Vec<TaskId>) -> HashMap<TaskId, Submitted> {
+        if ids.is_empty() {
+            return HashMap::new();
+        }
+        self.store
+            .blocking(move |s| {
+                let mut f = HashMap::new();
+                for id in ids {
+                    if let Some(v) = s.get(store::cf::SUBMITTED, id.as_str().as_bytes())? {
+                        if let Ok(t) = serde_json::from_slice::<Submitted>(&v) {
+                            f.insert(id, t);
+                        }
+                    }
+                }
+                Ok(f)
+            })
+            .await
+            .unwrap_or_default()
     }
 
     fn accept(&mut self, r: Request, now: Instant) -> Result<Submitted, String> {
@@ -920,7 +991,39 @@ impl Actor {
             self.by_wire.remove(&a.wire_id);
         }
         self.dirty.remove(&t.id);
+        if let Some(ws) = self.waiting_on.remove(&t.id) {
+            for w in ws {
+                if let Some(waiter) = self.waiters.get_mut(&w) {
+                    waiter.remaining.remove(&t.id);
+                    waiter.found.insert(t.id.clone(), t.clone());
+                }
+            }
+        }
         self.done.push(t);
+    }
+
+    /// Answers the waiters whose tasks have all finished (after this turn's writes).
+    fn wake_waiters(&mut self, replies: &mut Replies) {
+        let ready: Vec<u64> = self
+            .waiters
+            .iter()
+            .filter(|(_, w)| w.remaining.is_empty() || w.reply.is_closed())
+            .map(|(k, _)| *k)
+            .collect();
+        for k in ready {
+            let Some(mut w) = self.waiters.remove(&k) else {
+                continue;
+            };
+            for id in &w.remaining {
+                if let Some(list) = self.waiting_on.get_mut(id) {
+                    list.retain(|x| *x != k);
+                }
+            }
+            replies.push(Box::new(move |_| {
+                let out = w.ids.iter().map(|id| w.found.remove(id)).collect();
+                let _ = w.reply.send(out);
+            }));
+        }
     }
 
     fn on_event(&mut self, ev: Event) {
