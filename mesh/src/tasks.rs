@@ -110,3 +110,78 @@ impl TaskRequest {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::executor::block_on;
+    use libp2p::StreamProtocol;
+    use libp2p::request_response::Codec as _;
+    use libp2p::request_response::cbor::codec::Codec;
+    use proptest::prelude::{any, proptest};
+
+    fn codec() -> Codec<TaskRequest, TaskResponse> {
+        Codec::default()
+            .set_request_size_maximum(MAX_MESSAGE as u64)
+            .set_response_size_maximum(MAX_MESSAGE as u64)
+    }
+
+    fn read_request(bytes: &[u8]) -> std::io::Result<TaskRequest> {
+        let mut io = futures::io::Cursor::new(bytes.to_vec());
+        block_on(codec().read_request(&StreamProtocol::new(PROTOCOL), &mut io))
+    }
+
+    fn read_response(bytes: &[u8]) -> std::io::Result<TaskResponse> {
+        let mut io = futures::io::Cursor::new(bytes.to_vec());
+        block_on(codec().read_response(&StreamProtocol::new(PROTOCOL), &mut io))
+    }
+
+    fn encode(req: TaskRequest) -> Vec<u8> {
+        let mut io = futures::io::Cursor::new(Vec::new());
+        block_on(codec().write_request(&StreamProtocol::new(PROTOCOL), &mut io, req)).unwrap();
+        io.into_inner()
+    }
+
+    #[test]
+    fn requests_round_trip_through_the_wire_codec() {
+        let req = TaskRequest::Records {
+            endpoint: "ep".into(),
+            ids: vec![TaskId::random(), TaskId::random()],
+        };
+        assert_eq!(read_request(&encode(req.clone())).unwrap(), req);
+    }
+
+    #[test]
+    fn a_malformed_task_id_is_refused_by_the_decoder() {
+        let good = encode(TaskRequest::Cancel {
+            endpoint: "ep".into(),
+            id: TaskId::random(),
+        });
+        // Replace the id's text with uppercase hex: same length, not a task id.
+        let mut bad = good.clone();
+        let at = bad.len() - 32;
+        for b in &mut bad[at..] {
+            *b = b'A';
+        }
+        assert!(read_request(&bad).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic_the_task_codec(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let _ = read_request(&bytes);
+            let _ = read_response(&bytes);
+        }
+
+        #[test]
+        fn mutated_requests_never_panic_the_task_codec(flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8)) {
+            let mut bytes = encode(TaskRequest::Results { records: Vec::new() });
+            bytes.extend(encode(TaskRequest::Cancel { endpoint: "ep".into(), id: TaskId::random() }));
+            for (at, v) in flips {
+                let n = bytes.len();
+                bytes[at % n] ^= v;
+            }
+            let _ = read_request(&bytes);
+        }
+    }
+}

@@ -61,7 +61,12 @@ pub(crate) async fn serve(
     inner: Shared,
     cancel: CancellationToken,
 ) {
+    use axum::serve::ListenerExt as _;
     let app = router(inner);
+    // Small JSON answers: without TCP_NODELAY, Nagle and delayed ACKs add tens of milliseconds.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let r = axum::serve(listener, app)
         .with_graceful_shutdown(cancel.cancelled_owned())
         .await;

@@ -417,3 +417,51 @@ async fn accepted_tasks_survive_a_restart_and_duplicates_run_once() {
     .unwrap();
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pickled_function_and_arguments_run_when_cloudpickle_is_there() {
+    // What the Python SDK sends: cloudpickle of the function, and of (args, kwargs).
+    let out = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import base64, cloudpickle\n\
+             k = 3\n\
+             print(base64.b64encode(cloudpickle.dumps(lambda x, y=0: {'sum': x + y + k})).decode())\n\
+             print(base64.b64encode(cloudpickle.dumps(((4,), {'y': 5}))).decode())",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    let mut lines = text.lines();
+    let (payload, args) = (lines.next().unwrap(), lines.next().unwrap());
+    let f = FunctionRecord {
+        name: "lambda".into(),
+        owner: owner(),
+        kind: FunctionKind::Python,
+        spec: FunctionSpec::PythonPayload {
+            payload: payload.into(),
+        },
+        container: None,
+        description: String::new(),
+        created_ms: 0,
+    };
+    let mut h = start(config()).await;
+    let mut sub = submission(&f, json!(args), json!({}));
+    sub.encoding = Encoding::Pickle;
+    let rec = h.run(sub).await;
+    let pickled = value(&rec)["pickle"].as_str().unwrap().to_owned();
+    let check = std::process::Command::new("python3")
+        .args([
+            "-c",
+            &format!("import base64, pickle; print(pickle.loads(base64.b64decode('{pickled}')))"),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&check.stdout).trim(), "{'sum': 12}");
+    h.stop().await;
+}

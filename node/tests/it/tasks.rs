@@ -233,6 +233,19 @@ fn tasks_run_on_another_nodes_endpoint_and_bad_input_gets_clear_errors() {
     let out = run_wait(&a1, &["double", "5", "--endpoint", "a2"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "10");
 
+    // Cancel: the running task's worker is stopped, and the endpoint goes on serving.
+    let id = ok(&["run", "slow", "60", "--endpoint", "a2", "--node", p(&a1)]);
+    wait_until("the slow task to run", Duration::from_secs(20), || {
+        task(&a1, &id)["status"] != "pending"
+    });
+    let out = ok(&["task", "cancel", &id, "--node", p(&a1)]);
+    assert!(out.ends_with("cancelled"), "{out}");
+    assert_eq!(task(&a1, &id)["status"], "cancelled");
+    let out = funcmesh(&["task", "result", &id, "--node", p(&a1)]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cancelled"));
+    let out = run_wait(&a1, &["double", "6", "--endpoint", "a2"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "12");
+
     // A batch from a JSON Lines file, run across both endpoints.
     let batch = net.dir.join("batch.jsonl");
     let lines: Vec<String> = (0..20)

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The compute benchmarks of docs/benchmarks.md in one run, so that funcmesh and the engines it is
+# compared with share the machine's state: funcmesh's no-op round trip and throughput, then Dask,
+# Parsl (HTEX) and Ray doing the same no-op with two workers (bench/competitors), one JSON line
+# each. `bench/run.sh routing` runs the warming-aware routing experiment instead.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/env.sh
+set +u
+cargo build --release -p node --bin funcmesh --example bench_tasks >&2
+export FUNCMESH_BIN=$CARGO_TARGET_DIR/release/funcmesh
+if [ "${1:-noop}" = routing ]; then
+    scripts/build-image.sh python >&2
+    exec "$CARGO_TARGET_DIR/release/examples/bench_tasks" routing
+fi
+"$CARGO_TARGET_DIR/release/examples/bench_tasks" noop
+bench/competitors/run.sh
