@@ -9,6 +9,9 @@
 //!   four functions, each in its own container image, over three endpoints of two workers each,
 //!   submitted as a stream (`C` tasks in flight); `warm-aware` against `random`. Prints the
 //!   completion time of each and the reduction.
+//! * `coldstart`: each environment's cold start: an endpoint with the `cold` strategy (a fresh
+//!   worker per task) runs `K` no-op tasks on the host and `K` in a container; the cold start is
+//!   the time from the task waiting for its worker to the worker running it (task timestamps).
 //!
 //! ```sh
 //! cargo build --release -p node --bin funcmesh --example bench_tasks && \
@@ -40,7 +43,8 @@ async fn main() -> anyhow::Result<()> {
     match std::env::args().nth(1).as_deref() {
         Some("noop") => noop().await,
         Some("routing") => routing().await,
-        _ => anyhow::bail!("usage: bench_tasks noop|routing"),
+        Some("coldstart") => coldstart().await,
+        _ => anyhow::bail!("usage: bench_tasks noop|routing|coldstart"),
     }
 }
 
@@ -298,5 +302,68 @@ async fn routing() -> anyhow::Result<()> {
         "{}",
         json!({"warm_aware_s": results[0], "random_s": results[1], "reduction_pct": 100.0 * (1.0 - results[0] / results[1])})
     );
+    Ok(())
+}
+
+async fn coldstart() -> anyhow::Result<()> {
+    let k = env_usize("K", 10);
+    let tmp = tempfile::tempdir()?;
+    let dir = tmp.path().join("net");
+    let endpoint = node::ops::TestnetEndpoint {
+        runtimes: vec!["host".into(), "docker".into()],
+        ..Default::default()
+    };
+    let net = local_testnet::up(&dir, 1, 2, Role::Endpoint, &endpoint).await?;
+    // a2's endpoint starts a fresh worker for every task.
+    let a2_dir = DataDir::new(&net.nodes[1].data_dir);
+    let text = std::fs::read_to_string(a2_dir.config())?;
+    let mut table: toml::Table = text.parse()?;
+    let eps = table
+        .get_mut("endpoint")
+        .and_then(|e| e.as_array_mut())
+        .ok_or_else(|| anyhow::anyhow!("a2 has no endpoint"))?;
+    eps[0]
+        .as_table_mut()
+        .unwrap()
+        .insert("strategy".into(), toml::Value::String("cold".into()));
+    std::fs::write(a2_dir.config(), toml::to_string(&table)?)?;
+    let net = local_testnet::restart(&dir, "a2").await?;
+    let a1 = Client::for_node(&DataDir::new(&net.nodes[0].data_dir))?;
+    let image = std::env::var("IMAGE").unwrap_or_else(|_| "funcmesh/python:bookworm".into());
+    register(&a1, "noop_host", None).await?;
+    register(&a1, "noop_docker", Some(format!("docker:{image}"))).await?;
+    until_routable(&a1, task("noop_host", 0, Some("a2"), "warm-aware")).await?;
+    for (function, env) in [
+        ("noop_host", "host".to_string()),
+        ("noop_docker", format!("docker:{image}")),
+    ] {
+        let mut cold = Vec::new();
+        let mut round = Vec::new();
+        for i in 0..k {
+            let t0 = Instant::now();
+            let list = a1
+                .submit_tasks(
+                    vec![task(function, i, Some("a2"), "warm-aware")],
+                    Duration::from_secs(60),
+                )
+                .await?;
+            round.push(t0.elapsed().as_secs_f64() * 1000.0);
+            let t = list.tasks[0].task.as_ref().unwrap();
+            anyhow::ensure!(
+                t.cold_start && t.status == compute::Status::Succeeded,
+                "not a cold start: {t:?}"
+            );
+            cold.push(t.times.running_us.saturating_sub(t.times.waiting_us) as f64 / 1000.0);
+        }
+        cold.sort_by(f64::total_cmp);
+        round.sort_by(f64::total_cmp);
+        println!(
+            "{}",
+            json!({"environment": env, "samples": k,
+                   "cold_start_ms": {"p50": percentile(&cold, 0.5), "min": cold[0], "max": cold[k - 1]},
+                   "round_trip_ms": {"p50": percentile(&round, 0.5)}})
+        );
+    }
+    local_testnet::down(&net).await;
     Ok(())
 }
