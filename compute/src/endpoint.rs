@@ -156,7 +156,6 @@ impl Endpoint {
             acks: Vec::new(),
             replies: Vec::new(),
             tracker: tracker.clone(),
-            cancel: cancel.clone(),
         };
         driver.recover().await?;
         tracker.spawn(driver.run(rx, reports_rx, cancel));
@@ -292,7 +291,6 @@ struct Driver {
     /// Answers to send once this turn's writes are stored.
     replies: Vec<Reply>,
     tracker: TaskTracker,
-    cancel: CancellationToken,
 }
 
 impl Driver {
@@ -369,6 +367,7 @@ impl Driver {
         let mut sweep = tokio::time::interval(Duration::from_secs(60));
         loop {
             tokio::select! {
+                biased;
                 () = cancel.cancelled() => break,
                 cmd = cmds.recv() => match cmd {
                     Some(cmd) => self.on_cmd(cmd).await,
@@ -765,7 +764,9 @@ impl Driver {
             self.config.task_memory_mb,
         );
         let (orders_tx, orders_rx) = mpsc::channel(256);
-        let kill = self.cancel.child_token();
+        // Not a child of the endpoint's token: at shutdown the pool stops workers itself, after
+        // the loop has stopped reading their exits (which would otherwise fail their tasks).
+        let kill = CancellationToken::new();
         let launch = Launch {
             id: worker,
             env: env.clone(),
