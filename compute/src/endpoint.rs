@@ -809,7 +809,7 @@ impl Driver {
             l.rec.status = Status::Running;
             l.rec.times.running_us = now;
             l.rec.worker = Some(w.name.clone());
-            l.rec.cold_start = l.rec.cold_start || cold;
+            l.rec.cold_start = cold;
             self.dirty.insert(id.clone());
             first.push(w.loaded.insert(l.sub.function_id.clone()));
         }

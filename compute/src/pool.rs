@@ -5,8 +5,10 @@
 //! Rules:
 //! * Tasks queue per environment. An idle worker of the task's environment takes a batch
 //!   (`ceil(queued / idle workers)`, at most `batch_max`); otherwise a worker is started if the
-//!   pool has room (`max_workers`, and `container_cap` for containers), evicting the least
-//!   recently used idle worker of another environment when it has none.
+//!   pool has room (`max_workers`, and `container_cap` for containers). When it has none, the
+//!   least recently used idle worker of another environment is evicted, but only for an
+//!   environment with no worker at all: one that has workers queues for them instead of paying a
+//!   cold start.
 //! * `cold`: a worker runs one task and is stopped. `warm`: idle workers stay until
 //!   `idle_timeout`. `prewarm`: as `warm`, and `prewarm` workers per listed environment are kept
 //!   running at all times.
@@ -569,8 +571,14 @@ impl Pool {
                 .count();
             let waiting = self.queues.get(&env).map_or(0, VecDeque::len);
             let mut needed = waiting.saturating_sub(starting);
+            // Evict only to give an environment its first worker: one that already has workers
+            // waits for them rather than cold-start another in someone else's place.
+            let present = self.alive(&env) > 0;
             while needed > 0 {
                 if !self.room_for(&env) {
+                    if present {
+                        break;
+                    }
                     match self.victim(&env) {
                         Some(v) => self.stop(v, Stop::Evicted),
                         None => break,
@@ -912,6 +920,37 @@ mod tests {
             why: Stop::Evicted
         }));
         assert_eq!(spawned(&acts).len(), 1);
+    }
+
+    #[test]
+    fn a_busy_environment_waits_for_its_worker_instead_of_evicting_another() {
+        let t0 = Instant::now();
+        let a = Environment::parse("docker:a").unwrap();
+        let b = Environment::parse("docker:b").unwrap();
+        let mut p = Pool::new(&config(Strategy::Warm, 2));
+        p.submit(task(1, &a), t0);
+        p.submit(task(2, &b), t0);
+        let ws = spawned(&p.actions());
+        assert_eq!(ws.len(), 2);
+        for w in &ws {
+            p.ready(*w, t0);
+        }
+        p.actions();
+        // b's worker finishes and idles; a's is still busy when another task for a arrives.
+        assert!(p.result(ws[1], &task(2, &b).id, false, t0));
+        p.actions();
+        p.submit(task(3, &a), t0);
+        let acts = p.actions();
+        assert!(
+            spawned(&acts).is_empty() && !acts.iter().any(|x| matches!(x, Action::Kill { .. })),
+            "{acts:?}"
+        );
+        // When a's worker is done, it takes the queued task, warm.
+        assert!(p.result(ws[0], &task(1, &a).id, false, t0));
+        assert_eq!(
+            sent(&p.actions()),
+            vec![(ws[0], vec![task(3, &a).id], false)]
+        );
     }
 
     #[test]

@@ -740,7 +740,7 @@ impl Actor {
             submitted_us,
             finished_us: 0,
         };
-        self.router.dispatched(c.peer, &c.name);
+        self.router.dispatched(c.peer, &c.name, &env);
         self.by_wire.insert(id.clone(), id.clone());
         self.unsent.entry(c.peer).or_default().push(id.clone());
         self.dirty.insert(id.clone());
@@ -951,7 +951,9 @@ impl Actor {
                     t.status = Status::Pending;
                     t.record = None;
                     tracing::info!(task = %t.id, to = %c, "retrying a task whose endpoint was lost");
-                    self.router.dispatched(c.peer, &c.name);
+                    if let Ok(env) = Environment::of(t.submission.function.container.as_ref()) {
+                        self.router.dispatched(c.peer, &c.name, &env);
+                    }
                     self.by_wire.insert(wire, t.id.clone());
                     self.unsent.entry(c.peer).or_default().push(t.id.clone());
                     self.dirty.insert(t.id.clone());

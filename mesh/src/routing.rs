@@ -21,6 +21,10 @@ use libp2p::PeerId;
 use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
 use serde::{Deserialize, Serialize};
 
+/// Queued and running tasks per worker beyond which `warm-aware` stops queueing behind warm
+/// workers and pays for a cold start elsewhere.
+const OVERLOADED: f64 = 4.0;
+
 /// Gossip topic of adverts (under `funcmesh/<fed>/`).
 pub const ADVERT_TOPIC: &str = "adverts/1";
 /// Largest advert accepted.
@@ -102,6 +106,11 @@ impl Advert {
 }
 
 /// How the router picks among eligible endpoints.
+///
+/// `warm-aware` ranks endpoints by warmth for the task's environment: a warm idle worker first;
+/// then an endpoint already running (or starting) workers for it and not overloaded, where the
+/// task queues instead of paying a cold start (as the funcX warming-aware scheduler does); then
+/// the rest. Within a rank: least loaded, then lowest RTT.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Strategy {
@@ -207,6 +216,9 @@ pub struct Router {
     adverts: HashMap<PeerId, Seen>,
     /// Tasks sent to an endpoint since its node's last advert.
     inflight: HashMap<(PeerId, String), u32>,
+    /// The same, per environment: an endpoint sent a task for an environment has (or is
+    /// starting) a worker for it.
+    inflight_env: HashMap<(PeerId, String, String), u32>,
     rtt: HashMap<PeerId, Duration>,
     /// Members connected now: alive until they advertise, even before their first advert.
     connected: HashSet<PeerId>,
@@ -256,6 +268,7 @@ impl Router {
         Router {
             adverts: HashMap::new(),
             inflight: HashMap::new(),
+            inflight_env: HashMap::new(),
             rtt: HashMap::new(),
             connected: HashSet::new(),
             local: None,
@@ -273,6 +286,7 @@ impl Router {
             }
         }
         self.inflight.retain(|(p, _), _| *p != peer);
+        self.inflight_env.retain(|(p, _, _), _| *p != peer);
         self.adverts.insert(peer, Seen { advert, at: now });
     }
 
@@ -293,6 +307,7 @@ impl Router {
     pub fn forget(&mut self, peer: &PeerId) {
         self.adverts.remove(peer);
         self.inflight.retain(|(p, _), _| p != peer);
+        self.inflight_env.retain(|(p, _, _), _| p != peer);
     }
 
     /// This node (its endpoints are at zero RTT, and always alive).
@@ -329,8 +344,12 @@ impl Router {
 
     /// Notes that a task went to an endpoint, so that the next choice counts it before the
     /// endpoint's next advert does.
-    pub fn dispatched(&mut self, peer: PeerId, name: &str) {
+    pub fn dispatched(&mut self, peer: PeerId, name: &str, env: &Environment) {
         *self.inflight.entry((peer, name.to_owned())).or_default() += 1;
+        *self
+            .inflight_env
+            .entry((peer, name.to_owned(), env.to_string()))
+            .or_default() += 1;
     }
 
     /// Picks an endpoint for a task that runs in `env`, submitted by a member of `institution`.
@@ -393,9 +412,8 @@ impl Router {
             Strategy::WarmAware => *eligible
                 .iter()
                 .min_by(|a, b| {
-                    let wa = self.warm_idle(a, &key) > 0;
-                    let wb = self.warm_idle(b, &key) > 0;
-                    wb.cmp(&wa)
+                    self.warmth(a, &key)
+                        .cmp(&self.warmth(b, &key))
                         .then(self.load(a).total_cmp(&self.load(b)))
                         .then(self.rtt_of(a).cmp(&self.rtt_of(b)))
                         .then(a.id.cmp(&b.id))
@@ -456,6 +474,31 @@ impl Router {
             .unwrap_or(0)
     }
 
+    /// 0: a warm idle worker for `env` is free; 1: the endpoint has workers for `env` (busy or
+    /// starting) and is not overloaded, so the task waits in a queue that is cheaper than a cold
+    /// start elsewhere; 2: a task there needs a cold start (or it is overloaded).
+    fn warmth(&self, c: &Candidate, env: &str) -> u8 {
+        if self.warm_idle(c, env) > 0 {
+            return 0;
+        }
+        let present = self.load_of(&c.peer, &c.name).map_or(0, |l| {
+            l.environments
+                .iter()
+                .filter(|e| e.env == env)
+                .map(|e| e.idle + e.busy + e.starting)
+                .sum::<u32>()
+        }) + self
+            .inflight_env
+            .get(&(c.peer, c.name.clone(), env.to_owned()))
+            .copied()
+            .unwrap_or(0);
+        if present > 0 && self.load(c) < OVERLOADED {
+            1
+        } else {
+            2
+        }
+    }
+
     fn warm_idle(&self, c: &Candidate, env: &str) -> u32 {
         let idle = self.load_of(&c.peer, &c.name).map_or(0, |l| {
             l.environments
@@ -464,7 +507,12 @@ impl Router {
                 .map(|e| e.idle)
                 .sum::<u32>()
         });
-        idle.saturating_sub(self.inflight_of(c))
+        let sent = self
+            .inflight_env
+            .get(&(c.peer, c.name.clone(), env.to_owned()))
+            .copied()
+            .unwrap_or(0);
+        idle.saturating_sub(sent)
     }
 
     /// Queued and running tasks per worker, counting tasks sent since the last advert.
@@ -561,10 +609,20 @@ mod tests {
         r.advert(cs[0].peer, advert(&cs[0], 2, 3, &[(IMG, 1)]), now);
         r.advert(cs[1].peer, advert(&cs[1], 2, 0, &[("host", 2)]), now);
         assert_eq!(choose(&mut r, &cs, IMG, Strategy::WarmAware, now), "ep1");
-        // Once its warm worker is taken (by a task sent since the advert), load decides.
-        r.dispatched(cs[0].peer, "ep1");
-        assert_eq!(choose(&mut r, &cs, IMG, Strategy::WarmAware, now), "ep2");
+        // Its warm worker is now busy (a task was sent since the advert): queueing behind it
+        // still beats a cold start on ep2 ...
+        let img = Environment::parse(IMG).unwrap();
+        r.dispatched(cs[0].peer, "ep1", &img);
+        assert_eq!(choose(&mut r, &cs, IMG, Strategy::WarmAware, now), "ep1");
         assert_eq!(choose(&mut r, &cs, IMG, Strategy::LeastLoaded, now), "ep2");
+        // ... until ep1 is overloaded (4 tasks per worker).
+        for _ in 0..12 {
+            r.dispatched(cs[0].peer, "ep1", &img);
+        }
+        assert_eq!(choose(&mut r, &cs, IMG, Strategy::WarmAware, now), "ep2");
+        // ep2 was sent one: it is starting a worker for the image, so the next goes there too.
+        r.dispatched(cs[1].peer, "ep2", &img);
+        assert_eq!(choose(&mut r, &cs, IMG, Strategy::WarmAware, now), "ep2");
     }
 
     #[test]
@@ -575,7 +633,7 @@ mod tests {
         for _ in 0..12 {
             let name = choose(&mut r, &cs, host, Strategy::LeastLoaded, now);
             let c = cs.iter().find(|c| c.name == name).unwrap();
-            r.dispatched(c.peer, &c.name);
+            r.dispatched(c.peer, &c.name, &Environment::host());
             *counts.entry(name).or_default() += 1;
         }
         assert_eq!(counts.values().copied().collect::<Vec<_>>(), vec![4, 4, 4]);
