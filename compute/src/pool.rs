@@ -8,7 +8,8 @@
 //!   pool has room (`max_workers`, and `container_cap` for containers). When it has none, the
 //!   least recently used idle worker of another environment is evicted, but only for an
 //!   environment with no worker at all: one that has workers queues for them instead of paying a
-//!   cold start.
+//!   cold start. Likewise a task that a busy worker of its environment will take next starts no
+//!   worker, unless it has waited longer than that environment's measured cold start.
 //! * `cold`: a worker runs one task and is stopped. `warm`: idle workers stay until
 //!   `idle_timeout`. `prewarm`: as `warm`, and `prewarm` workers per listed environment are kept
 //!   running at all times.
@@ -570,7 +571,32 @@ impl Pool {
                 .filter(|w| w.env == env && w.state == State::Starting && !w.stopping)
                 .count();
             let waiting = self.queues.get(&env).map_or(0, VecDeque::len);
-            let mut needed = waiting.saturating_sub(starting);
+            let busy = self
+                .workers
+                .values()
+                .filter(|w| w.env == env && w.state == State::Busy && !w.stopping)
+                .count();
+            // Each busy worker will take one waiting task when it is done; start more only for
+            // the rest, or once the oldest task has waited longer than a cold start would take
+            // (then waiting costs more than starting).
+            let mut needed = waiting.saturating_sub(starting + busy);
+            if needed == 0 && waiting > starting {
+                let cold = self
+                    .cold_ms
+                    .get(&env)
+                    .map_or(Duration::from_millis(200), |ms| {
+                        Duration::from_secs_f64(ms / 1000.0)
+                    });
+                let oldest = self
+                    .queues
+                    .get(&env)
+                    .and_then(|q| q.front())
+                    .and_then(|id| self.tasks.get(id))
+                    .map(|t| t.queued_at);
+                if oldest.is_some_and(|at| now.saturating_duration_since(at) >= cold) {
+                    needed = 1;
+                }
+            }
             // Evict only to give an environment its first worker: one that already has workers
             // waits for them rather than cold-start another in someone else's place.
             let present = self.alive(&env) > 0;
@@ -950,6 +976,31 @@ mod tests {
         assert_eq!(
             sent(&p.actions()),
             vec![(ws[0], vec![task(3, &a).id], false)]
+        );
+    }
+
+    #[test]
+    fn a_task_behind_a_long_one_gets_its_own_worker_after_a_cold_start_time() {
+        let t0 = Instant::now();
+        let host = Environment::host();
+        let ms = Duration::from_millis;
+        let mut p = Pool::new(&config(Strategy::Warm, 2));
+        p.submit(task(1, &host), t0);
+        let w = spawned(&p.actions())[0];
+        p.ready(w, t0 + ms(100)); // a cold start of 100 ms
+        p.actions();
+        p.submit(task(2, &host), t0 + ms(100));
+        assert!(
+            spawned(&p.actions()).is_empty(),
+            "it may be done in a moment"
+        );
+        p.tick(t0 + ms(150));
+        assert!(spawned(&p.actions()).is_empty());
+        p.tick(t0 + ms(210));
+        assert_eq!(
+            spawned(&p.actions()).len(),
+            1,
+            "waiting now costs more than starting"
         );
     }
 
