@@ -158,7 +158,12 @@ enum Cmd {
     Submit(Vec<Request>, Reply<Vec<Result<Submitted, String>>>),
     Get(Vec<TaskId>, Reply<Vec<Option<Submitted>>>),
     Cancel(TaskId, Reply<Option<Submitted>>),
-    Results(PeerId, Vec<Record>, Reply<()>),
+    Results(
+        PeerId,
+        Vec<Record>,
+        Vec<crate::routing::EndpointLoad>,
+        Reply<()>,
+    ),
     Answered(PeerId, Vec<TaskId>, Result<TaskResponse, String>),
     CancelAnswered(
         TaskId,
@@ -314,8 +319,13 @@ impl Dispatcher {
     }
 
     /// Takes results from an endpoint's node; returns once they are stored (then acknowledge).
-    pub async fn results(&self, from: PeerId, records: Vec<Record>) -> Result<(), Error> {
-        self.ask(|r| Cmd::Results(from, records, r)).await
+    pub async fn results(
+        &self,
+        from: PeerId,
+        records: Vec<Record>,
+        loads: Vec<crate::routing::EndpointLoad>,
+    ) -> Result<(), Error> {
+        self.ask(|r| Cmd::Results(from, records, loads, r)).await
     }
 
     /// This node's own advert (gossip does not deliver a node's messages to itself).
@@ -613,7 +623,10 @@ impl Actor {
                     let _ = reply.send(t);
                 }));
             }
-            Cmd::Results(from, records, reply) => {
+            Cmd::Results(from, records, loads, reply) => {
+                for l in loads {
+                    self.router.fresh_load(from, l);
+                }
                 for rec in records {
                     self.on_record(rec, Some(from));
                 }
@@ -802,7 +815,10 @@ impl Actor {
 
     fn on_answered(&mut self, peer: PeerId, ids: Vec<TaskId>, res: Result<TaskResponse, String>) {
         match res {
-            Ok(TaskResponse::Submitted { answers }) => {
+            Ok(TaskResponse::Submitted { answers, loads }) => {
+                for l in loads {
+                    self.router.fresh_load(peer, l);
+                }
                 for (id, answer) in ids.into_iter().zip(answers) {
                     match answer {
                         Answer::Accepted(rec) => {

@@ -290,6 +290,27 @@ impl Router {
         self.adverts.insert(peer, Seen { advert, at: now });
     }
 
+    /// An endpoint's load as its node just told us in an answer: it replaces that endpoint's
+    /// entry of the node's last advert (and the tasks counted as sent since), without renewing
+    /// the node's liveness.
+    pub fn fresh_load(&mut self, peer: PeerId, load: EndpointLoad) {
+        let Some(seen) = self.adverts.get_mut(&peer) else {
+            return;
+        };
+        self.inflight.remove(&(peer, load.name.clone()));
+        self.inflight_env
+            .retain(|(p, n, _), _| !(*p == peer && *n == load.name));
+        match seen
+            .advert
+            .endpoints
+            .iter_mut()
+            .find(|e| e.name == load.name)
+        {
+            Some(e) => *e = load,
+            None => seen.advert.endpoints.push(load),
+        }
+    }
+
     /// The latest advert of every node heard from.
     pub fn adverts(&self) -> Vec<(PeerId, Advert)> {
         self.adverts

@@ -10,6 +10,8 @@
 //! Submitting a task id twice is harmless: the endpoint answers with the task's current record.
 
 use compute::task::{Record, Submission, TaskId};
+
+use crate::routing::EndpointLoad;
 use serde::{Deserialize, Serialize};
 
 /// The protocol name.
@@ -31,6 +33,9 @@ pub enum TaskRequest {
     Results {
         /// Their records.
         records: Vec<Record>,
+        /// The sending endpoints' load right now, fresher than their last advert.
+        #[serde(default)]
+        loads: Vec<EndpointLoad>,
     },
     /// Cancel a task.
     Cancel {
@@ -67,6 +72,9 @@ pub enum TaskResponse {
     Submitted {
         /// The answers.
         answers: Vec<Answer>,
+        /// The endpoints' load after taking them, fresher than their last advert.
+        #[serde(default)]
+        loads: Vec<EndpointLoad>,
     },
     /// The results are stored.
     Acknowledged,
@@ -98,7 +106,7 @@ impl TaskRequest {
     pub fn check(&self) -> Result<(), String> {
         let n = match self {
             TaskRequest::Submit { tasks } => tasks.len(),
-            TaskRequest::Results { records } => records.len(),
+            TaskRequest::Results { records, .. } => records.len(),
             TaskRequest::Records { ids, .. } => ids.len(),
             TaskRequest::Cancel { .. } => 1,
         };
@@ -175,7 +183,7 @@ mod tests {
 
         #[test]
         fn mutated_requests_never_panic_the_task_codec(flips in proptest::collection::vec((any::<usize>(), any::<u8>()), 1..8)) {
-            let mut bytes = encode(TaskRequest::Results { records: Vec::new() });
+            let mut bytes = encode(TaskRequest::Results { records: Vec::new(), loads: Vec::new() });
             bytes.extend(encode(TaskRequest::Cancel { endpoint: "ep".into(), id: TaskId::random() }));
             for (at, v) in flips {
                 let n = bytes.len();

@@ -71,6 +71,7 @@ impl Service {
                         }
                     }
                 }
+                let touched: Vec<String> = groups.keys().cloned().collect();
                 for (name, items) in groups {
                     let (ep, _) = &self.endpoints[&name];
                     let (idx, subs): (Vec<usize>, Vec<compute::Submission>) =
@@ -92,15 +93,22 @@ impl Service {
                         }
                     }
                 }
+                let mut loads = Vec::new();
+                for name in &touched {
+                    if let Ok(l) = self.endpoints[name].0.load().await {
+                        loads.push(endpoint_load(name, &l));
+                    }
+                }
                 TaskResponse::Submitted {
+                    loads,
                     answers: answers
                         .into_iter()
                         .map(|a| a.unwrap_or(Answer::Refused("not handled".into())))
                         .collect(),
                 }
             }
-            TaskRequest::Results { records } => match self.dispatcher.get() {
-                Some(d) => match d.results(peer, records).await {
+            TaskRequest::Results { records, loads } => match self.dispatcher.get() {
+                Some(d) => match d.results(peer, records, loads).await {
                     Ok(()) => TaskResponse::Acknowledged,
                     Err(e) => TaskResponse::Refused {
                         reason: e.to_string(),
@@ -378,14 +386,18 @@ fn deliver(
         let mesh = mesh.clone();
         let ep = ep.clone();
         tracker.spawn(async move {
+            let loads = match ep.load().await {
+                Ok(l) => vec![endpoint_load(ep.name(), &l)],
+                Err(_) => Vec::new(),
+            };
             let acked = if peer == service.me {
                 match service.dispatcher.get() {
-                    Some(d) => d.results(peer, records).await.is_ok(),
+                    Some(d) => d.results(peer, records, loads).await.is_ok(),
                     None => false,
                 }
             } else {
                 matches!(
-                    mesh.task_request(peer, TaskRequest::Results { records })
+                    mesh.task_request(peer, TaskRequest::Results { records, loads })
                         .await,
                     Ok(TaskResponse::Acknowledged)
                 )
