@@ -74,6 +74,7 @@ enum Cmd {
 pub struct Endpoint {
     name: String,
     tx: mpsc::Sender<Cmd>,
+    load: tokio::sync::watch::Receiver<Load>,
 }
 
 impl std::fmt::Debug for Cmd {
@@ -139,6 +140,7 @@ impl Endpoint {
         let (tx, rx) = mpsc::channel(1024);
         let (results_tx, results_rx) = mpsc::channel(8192);
         let (reports_tx, reports_rx) = mpsc::channel(1024);
+        let (load_tx, load_rx) = tokio::sync::watch::channel(Load::default());
         let mut driver = Driver {
             pool: Pool::new(&config),
             config: config.clone(),
@@ -156,6 +158,7 @@ impl Endpoint {
             acks: Vec::new(),
             replies: Vec::new(),
             tracker: tracker.clone(),
+            load_tx,
         };
         driver.recover().await?;
         tracker.spawn(driver.run(rx, reports_rx, cancel));
@@ -163,6 +166,7 @@ impl Endpoint {
             Endpoint {
                 name: config.name,
                 tx,
+                load: load_rx,
             },
             results_rx,
         ))
@@ -209,6 +213,12 @@ impl Endpoint {
     /// The pool's load.
     pub async fn load(&self) -> Result<Load, Error> {
         self.ask(Cmd::Load).await
+    }
+
+    /// The pool's load as of the driver's last turn, without asking it (for answers on the hot
+    /// path).
+    pub fn current_load(&self) -> Load {
+        self.load.borrow().clone()
     }
 
     /// The submitter has these results: drop them from the outbox.
@@ -291,6 +301,7 @@ struct Driver {
     /// Answers to send once this turn's writes are stored.
     replies: Vec<Reply>,
     tracker: TaskTracker,
+    load_tx: tokio::sync::watch::Sender<Load>,
 }
 
 impl Driver {
@@ -885,6 +896,7 @@ impl Driver {
                 return;
             }
         }
+        self.load_tx.send_replace(self.pool.load());
         for reply in std::mem::take(&mut self.replies) {
             reply(self);
         }

@@ -93,12 +93,10 @@ impl Service {
                         }
                     }
                 }
-                let mut loads = Vec::new();
-                for name in &touched {
-                    if let Ok(l) = self.endpoints[name].0.load().await {
-                        loads.push(endpoint_load(name, &l));
-                    }
-                }
+                let loads = touched
+                    .iter()
+                    .map(|name| endpoint_load(name, &self.endpoints[name].0.current_load()))
+                    .collect();
                 TaskResponse::Submitted {
                     loads,
                     answers: answers
@@ -304,9 +302,7 @@ pub(crate) async fn start(
                 names.sort();
                 for name in names {
                     let (ep, _) = &service.endpoints[name];
-                    if let Ok(l) = ep.load().await {
-                        loads.push(endpoint_load(name, &l));
-                    }
+                    loads.push(endpoint_load(name, &ep.current_load()));
                 }
                 let due = match &last {
                     None => true,
@@ -386,10 +382,7 @@ fn deliver(
         let mesh = mesh.clone();
         let ep = ep.clone();
         tracker.spawn(async move {
-            let loads = match ep.load().await {
-                Ok(l) => vec![endpoint_load(ep.name(), &l)],
-                Err(_) => Vec::new(),
-            };
+            let loads = vec![endpoint_load(ep.name(), &ep.current_load())];
             let acked = if peer == service.me {
                 match service.dispatcher.get() {
                     Some(d) => d.results(peer, records, loads).await.is_ok(),
