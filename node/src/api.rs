@@ -399,42 +399,21 @@ async fn submit_tasks(
             ));
         }
     };
-    let view = inner.mesh.registry().await.map_err(unavailable)?;
-    let requests = crate::tasks::requests(&view, tasks);
-    let mut ok = Vec::new();
-    let mut slots = Vec::new();
-    for r in requests {
-        match r {
-            Ok(r) => {
-                slots.push(Ok(()));
-                ok.push(r);
-            }
-            Err(e) => slots.push(Err(e)),
-        }
-    }
     let dispatcher = &inner.tasks.dispatcher;
-    let mut answers = dispatcher
-        .submit(ok)
+    let answers = crate::tasks::submit(&inner.mesh, dispatcher, tasks)
         .await
-        .map_err(dispatch_error)?
-        .into_iter();
-    let mut out: Vec<crate::tasks::Submitted1> = slots
+        .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}")))?;
+    let mut out: Vec<crate::tasks::Submitted1> = answers
         .into_iter()
-        .map(|s| {
-            let r = match s {
-                Ok(()) => answers.next().unwrap_or(Err("no answer".into())),
-                Err(e) => Err(e),
-            };
-            match r {
-                Ok(t) => crate::tasks::Submitted1 {
-                    task: Some((&t).into()),
-                    error: None,
-                },
-                Err(e) => crate::tasks::Submitted1 {
-                    task: None,
-                    error: Some(e),
-                },
-            }
+        .map(|r| match r {
+            Ok(t) => crate::tasks::Submitted1 {
+                task: Some((&t).into()),
+                error: None,
+            },
+            Err(e) => crate::tasks::Submitted1 {
+                task: None,
+                error: Some(e),
+            },
         })
         .collect();
     if wait_ms > 0 {

@@ -105,6 +105,8 @@ impl EndpointSection {
 
 impl Default for EndpointSection {
     fn default() -> Self {
+        // The compute defaults are the engine's own.
+        let c = compute::EndpointConfig::default();
         EndpointSection {
             name: "default".into(),
             description: String::new(),
@@ -115,18 +117,18 @@ impl Default for EndpointSection {
             tags: Default::default(),
             policy: "institution-and-capability".into(),
             public: true,
-            max_workers: 2,
-            container_cap: 4,
-            strategy: compute::Strategy::Warm,
-            prewarm: 1,
-            prewarm_environments: vec!["host".into()],
-            idle_timeout: Duration::from_secs(300),
-            task_timeout: Duration::ZERO,
-            task_memory_mb: 0,
-            result_limit: 10 << 20,
-            output_cap: 64 << 10,
-            retention: Duration::from_secs(7 * 24 * 3600),
-            python: "python3".into(),
+            max_workers: c.max_workers,
+            container_cap: c.container_cap,
+            strategy: c.strategy,
+            prewarm: c.prewarm,
+            prewarm_environments: c.prewarm_environments,
+            idle_timeout: c.idle_timeout,
+            task_timeout: c.task_timeout,
+            task_memory_mb: c.task_memory_mb,
+            result_limit: c.result_limit,
+            output_cap: c.output_cap,
+            retention: c.retention,
+            python: c.python,
         }
     }
 }

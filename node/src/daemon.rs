@@ -205,27 +205,7 @@ impl Node {
         &self,
         tasks: Vec<crate::tasks::NewTask>,
     ) -> anyhow::Result<Vec<Result<mesh::dispatch::Submitted, String>>> {
-        let view = self.mesh().registry().await?;
-        let requests = crate::tasks::requests(&view, tasks);
-        let mut ok = Vec::new();
-        let mut slots = Vec::new();
-        for r in requests {
-            match r {
-                Ok(r) => {
-                    slots.push(Ok(ok.len()));
-                    ok.push(r);
-                }
-                Err(e) => slots.push(Err(e)),
-            }
-        }
-        let mut answers = self.inner.tasks.dispatcher.submit(ok).await?.into_iter();
-        Ok(slots
-            .into_iter()
-            .map(|s| match s {
-                Ok(_) => answers.next().unwrap_or(Err("lost answer".into())),
-                Err(e) => Err(e),
-            })
-            .collect())
+        crate::tasks::submit(self.mesh(), &self.inner.tasks.dispatcher, tasks).await
     }
 
     /// The dispatcher (tasks this node submits).

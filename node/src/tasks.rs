@@ -565,3 +565,33 @@ pub(crate) fn requests(
         })
         .collect()
 }
+
+/// Resolves and submits API tasks: one answer per task, in order (refused ones with the reason).
+pub(crate) async fn submit(
+    mesh: &mesh::Handle,
+    dispatcher: &Dispatcher,
+    tasks: Vec<NewTask>,
+) -> anyhow::Result<Vec<Result<Submitted, String>>> {
+    let view = mesh.registry().await?;
+    let mut ok = Vec::new();
+    let mut slots = Vec::new();
+    for r in requests(&view, tasks) {
+        match r {
+            Ok(r) => {
+                slots.push(Ok(()));
+                ok.push(r);
+            }
+            Err(e) => slots.push(Err(e)),
+        }
+    }
+    let mut answers = dispatcher.submit(ok).await?.into_iter();
+    Ok(slots
+        .into_iter()
+        .map(|s| match s {
+            Ok(()) => answers
+                .next()
+                .unwrap_or(Err("no answer from the dispatcher".into())),
+            Err(e) => Err(e),
+        })
+        .collect())
+}

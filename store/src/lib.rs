@@ -185,6 +185,17 @@ impl Store {
 
     /// Applies puts (`Some(value)`) and deletes (`None`) atomically, synced.
     pub fn batch(&self, ops: &[Op]) -> Result<(), Error> {
+        self.write_batch(ops, true)
+    }
+
+    /// Applies puts and deletes atomically, written to the operating system but not synced: the
+    /// write survives the process being killed (`kill -9`), not the machine losing power. The
+    /// task path uses it, where an fsync per task would cost more than the task.
+    pub fn batch_unsynced(&self, ops: &[Op]) -> Result<(), Error> {
+        self.write_batch(ops, false)
+    }
+
+    fn write_batch(&self, ops: &[Op], sync: bool) -> Result<(), Error> {
         let mut batch = rocksdb::WriteBatch::default();
         for (cf, key, value) in ops {
             match value {
@@ -193,32 +204,12 @@ impl Store {
             }
         }
         let mut wo = WriteOptions::default();
-        wo.set_sync(true);
+        wo.set_sync(sync);
         self.db.write_opt(batch, &wo).map_err(|source| Error::Io {
             op: "batch",
             cf: ops.first().map_or("none", |o| o.0),
             source,
         })
-    }
-
-    /// Applies puts and deletes atomically, written to the operating system but not synced: the
-    /// write survives the process being killed (`kill -9`), not the machine losing power. The
-    /// task path uses it, where an fsync per task would cost more than the task.
-    pub fn batch_unsynced(&self, ops: &[Op]) -> Result<(), Error> {
-        let mut batch = rocksdb::WriteBatch::default();
-        for (cf, key, value) in ops {
-            match value {
-                Some(v) => batch.put_cf(self.handle(cf), key, v),
-                None => batch.delete_cf(self.handle(cf), key),
-            }
-        }
-        self.db
-            .write_opt(batch, &WriteOptions::default())
-            .map_err(|source| Error::Io {
-                op: "batch",
-                cf: ops.first().map_or("none", |o| o.0),
-                source,
-            })
     }
 
     /// Every entry whose key starts with `prefix`, in key order.
