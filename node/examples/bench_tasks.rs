@@ -143,7 +143,10 @@ async fn noop() -> anyhow::Result<()> {
 
     let mut lat = Vec::with_capacity(samples);
     let mut endpoint_ms = Vec::with_capacity(samples);
+    // Where the time goes, from the task's own timestamps (one clock: same machine).
+    let (mut to_submitter, mut to_endpoint, mut back) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..samples {
+        let sent_us = compute::task::now_us();
         let t0 = Instant::now();
         let list = a1
             .submit_tasks(
@@ -155,6 +158,13 @@ async fn noop() -> anyhow::Result<()> {
         let t = list.tasks[0].task.as_ref().unwrap();
         anyhow::ensure!(t.status == compute::Status::Succeeded, "task failed: {t:?}");
         endpoint_ms.push(t.times.finished_us.saturating_sub(t.times.received_us) as f64 / 1000.0);
+        let done_us = compute::task::now_us();
+        to_submitter.push(t.times.submitted_us.saturating_sub(sent_us) as f64 / 1000.0);
+        to_endpoint.push(t.times.received_us.saturating_sub(t.times.submitted_us) as f64 / 1000.0);
+        back.push(done_us.saturating_sub(t.times.finished_us) as f64 / 1000.0);
+    }
+    for v in [&mut to_submitter, &mut to_endpoint, &mut back] {
+        v.sort_by(f64::total_cmp);
     }
     let mean = lat.iter().sum::<f64>() / lat.len() as f64;
     lat.sort_by(f64::total_cmp);
@@ -203,6 +213,12 @@ async fn noop() -> anyhow::Result<()> {
             "max": lat[lat.len() - 1],
         },
         "endpoint_ms": {"p50": percentile(&endpoint_ms, 0.5), "p99": percentile(&endpoint_ms, 0.99)},
+        "breakdown_p50_ms": {
+            "client_to_submitter_stored": percentile(&to_submitter, 0.5),
+            "submitter_to_endpoint_received": percentile(&to_endpoint, 0.5),
+            "endpoint_received_to_finished": percentile(&endpoint_ms, 0.5),
+            "endpoint_finished_to_client": percentile(&back, 0.5),
+        },
         "throughput_api": format!("POST /v1/tasks with {batch} tasks and wait, {in_flight} in flight"),
         "tasks": done,
         "throughput_wall_s": wall,
