@@ -887,24 +887,27 @@ impl Driver {
         for id in self.acks.drain(..) {
             ops.push((store::cf::TASKS, okey(name, &id), None));
         }
+        // Results go out before the write: the submitter stores what it receives, and until it
+        // acknowledges, the outbox (written below) keeps the result for redelivery.
+        self.load_tx.send_replace(self.pool.load());
+        for rec in &self.finished {
+            if self.results_tx.try_send(rec.clone()).is_err() {
+                // The outbox has it; the node's redelivery sweep will send it.
+            }
+        }
         if !ops.is_empty() {
             if let Err(e) = self.store.blocking(move |s| s.batch_unsynced(&ops)).await {
-                // Nothing is acknowledged that is not stored: the submitter retries.
+                // Nothing is accepted that is not stored: the submitter retries.
                 tracing::error!(endpoint = %self.config.name, error = %e, "cannot store tasks");
                 self.replies.clear();
                 self.finished.clear();
                 return;
             }
         }
-        self.load_tx.send_replace(self.pool.load());
         for reply in std::mem::take(&mut self.replies) {
             reply(self);
         }
-        for rec in self.finished.drain(..) {
-            if self.results_tx.try_send(rec).is_err() {
-                // The outbox has it; the node's redelivery sweep will send it.
-            }
-        }
+        self.finished.clear();
     }
 
     /// Drops finished tasks older than the retention.

@@ -429,7 +429,18 @@ impl Actor {
     }
 
     async fn flush(&mut self, replies: &mut Replies) {
-        self.wake_waiters(replies);
+        // Two things need not wait for this turn's write, and each would cost a trip through
+        // the blocking pool on every task's path: local waiters (a finished result is in
+        // memory, and its endpoint keeps it until we acknowledge it, which waits), and sending
+        // new tasks to their endpoints (the caller is answered only after the write; if we crash
+        // first, the caller never had an id, and the endpoint's result is acknowledged and
+        // dropped as unknown).
+        let mut early: Replies = Vec::new();
+        self.wake_waiters(&mut early);
+        for r in early {
+            r(self);
+        }
+        self.send_unsent(None);
         let mut ops: Vec<store::Op> = Vec::new();
         for id in self.dirty.drain() {
             if let Some(t) = self.live.get(&id) {
@@ -464,7 +475,6 @@ impl Actor {
             self.done.clear();
             self.finished_tx.send_modify(|n| *n += 1);
         }
-        self.send_unsent(None);
     }
 
     async fn refresh_candidates(&mut self, force: bool) {
