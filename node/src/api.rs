@@ -518,3 +518,27 @@ async fn openapi() -> impl IntoResponse {
         include_str!("openapi.json"),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every route the router serves is documented in the OpenAPI file, and nothing else is.
+    #[test]
+    fn the_openapi_document_lists_every_route() {
+        let doc: serde_json::Value =
+            serde_json::from_str(include_str!("openapi.json")).expect("valid JSON");
+        let documented: std::collections::BTreeSet<String> = doc["paths"]
+            .as_object()
+            .expect("paths")
+            .keys()
+            .cloned()
+            .collect();
+        let source = include_str!("api.rs");
+        let served: std::collections::BTreeSet<String> = source
+            .split(".route(\"")
+            .skip(1)
+            .filter_map(|rest| rest.split('"').next())
+            .map(str::to_owned)
+            .collect();
+        assert_eq!(documented, served);
+    }
+}
