@@ -637,8 +637,9 @@ impl Actor {
                 for l in loads {
                     self.router.fresh_load(from, l);
                 }
+                let from_s = from.to_string();
                 for rec in records {
-                    self.on_record(rec, Some(from));
+                    self.on_record_from(rec, Some(&from_s));
                 }
                 replies.push(Box::new(move |_| {
                     let _ = reply.send(());
@@ -829,16 +830,19 @@ impl Actor {
                 for l in loads {
                     self.router.fresh_load(peer, l);
                 }
+                let peer_s = peer.to_string();
                 for (id, answer) in ids.into_iter().zip(answers) {
                     match answer {
                         Answer::Accepted(rec) => {
                             if rec.status.is_terminal() {
                                 self.on_record(rec, Some(peer));
                             } else if let Some(t) = self.live.get_mut(&id) {
-                                if t.target().is_some_and(|x| x.peer == peer.to_string()) {
+                                if t.target().is_some_and(|x| x.peer == peer_s) {
+                                    // Kept in memory only: after a restart every unfinished task
+                                    // is sent again and its endpoint answers afresh, so storing
+                                    // this would cost a write per task for nothing.
                                     t.status = rec.status;
                                     t.record = Some(rec);
-                                    self.dirty.insert(id);
                                 }
                             }
                         }
@@ -907,15 +911,20 @@ impl Actor {
 
     /// An endpoint's record of a task: finishes it if it is terminal.
     fn on_record(&mut self, rec: Record, from: Option<PeerId>) {
+        self.on_record_from(rec, from.map(|p| p.to_string()).as_deref());
+    }
+
+    fn on_record_from(&mut self, rec: Record, from: Option<&str>) {
         let Some(id) = self.by_wire.get(&rec.id).cloned() else {
             return;
         };
         let Some(t) = self.live.get(&id) else {
             return;
         };
-        let current = t.attempts.last().is_some_and(|a| {
-            a.wire_id == rec.id && from.is_none_or(|p| a.target.peer == p.to_string())
-        });
+        let current = t
+            .attempts
+            .last()
+            .is_some_and(|a| a.wire_id == rec.id && from.is_none_or(|p| a.target.peer == p));
         if !current {
             return;
         }
