@@ -173,6 +173,7 @@ enum Cmd {
     Adverts(Reply<Vec<(PeerId, Advert)>>),
     OwnAdvert(Advert),
     Wait(Vec<TaskId>, Reply<Vec<Option<Submitted>>>),
+    Live(TaskId, Reply<Option<Submitted>>),
 }
 
 /// A caller waiting for a set of tasks to finish.
@@ -281,6 +282,12 @@ impl Dispatcher {
         requests: Vec<Request>,
     ) -> Result<Vec<Result<Submitted, String>>, Error> {
         self.ask(|r| Cmd::Submit(requests, r)).await
+    }
+
+    /// A task as stored here, with its endpoint's live record if it is unfinished (asked with a
+    /// 2 s limit; the stored view if the endpoint does not answer).
+    pub async fn live(&self, id: TaskId) -> Result<Option<Submitted>, Error> {
+        self.ask(|r| Cmd::Live(id, r)).await
     }
 
     /// The tasks as stored here.
@@ -650,6 +657,42 @@ impl Actor {
                 let _ = reply.send(self.router.adverts());
             }
             Cmd::OwnAdvert(a) => self.router.advert(self.me, a, Instant::now()),
+            Cmd::Live(id, reply) => {
+                let Some(t) = self.live.get(&id).cloned() else {
+                    let found = self.load_stored(vec![id.clone()]).await.remove(&id);
+                    let _ = reply.send(found);
+                    return;
+                };
+                let (Some(a), Ok(peer)) = (
+                    t.attempts.last().cloned(),
+                    t.target()
+                        .map_or(Err(()), |x| x.peer.parse::<PeerId>().map_err(|_| ())),
+                ) else {
+                    let _ = reply.send(Some(t));
+                    return;
+                };
+                let fut = self.send_request(
+                    peer,
+                    TaskRequest::Records {
+                        endpoint: a.target.endpoint.clone(),
+                        ids: vec![a.wire_id.clone()],
+                    },
+                );
+                self.tracker.spawn(async move {
+                    let mut t = t;
+                    if let Ok(Ok(TaskResponse::Records { records })) =
+                        tokio::time::timeout(Duration::from_secs(2), fut).await
+                    {
+                        if let Some(Some(rec)) = records.into_iter().next() {
+                            if !t.status.is_terminal() {
+                                t.status = rec.status;
+                                t.record = Some(rec);
+                            }
+                        }
+                    }
+                    let _ = reply.send(Some(t));
+                });
+            }
             Cmd::Wait(ids, reply) => {
                 let remaining: HashSet<TaskId> = ids
                     .iter()

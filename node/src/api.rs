@@ -474,14 +474,14 @@ async fn task(
     State(inner): State<Shared>,
     Path(id): Path<String>,
 ) -> Result<Json<crate::tasks::TaskView>, ApiError> {
-    let ids = parse_ids(std::slice::from_ref(&id))?;
+    let tid = parse_ids(std::slice::from_ref(&id))?.remove(0);
     let t = inner
         .tasks
         .dispatcher
-        .get(ids)
+        .live(tid)
         .await
         .map_err(dispatch_error)?;
-    match t.into_iter().next().flatten() {
+    match t {
         Some(t) => Ok(Json((&t).into())),
         None => Err(ApiError(
             StatusCode::NOT_FOUND,

@@ -235,9 +235,11 @@ fn tasks_run_on_another_nodes_endpoint_and_bad_input_gets_clear_errors() {
 
     // Cancel: the running task's worker is stopped, and the endpoint goes on serving.
     let id = ok(&["run", "slow", "60", "--endpoint", "a2", "--node", p(&a1)]);
+    // Its status is the endpoint's, live: it shows running while it runs.
     wait_until("the slow task to run", Duration::from_secs(20), || {
-        task(&a1, &id)["status"] != "pending"
+        task(&a1, &id)["status"] == "running"
     });
+    assert!(task(&a1, &id)["times"]["running_us"].as_u64().unwrap() > 0);
     let out = ok(&["task", "cancel", &id, "--node", p(&a1)]);
     assert!(out.ends_with("cancelled"), "{out}");
     assert_eq!(task(&a1, &id)["status"], "cancelled");
