@@ -635,7 +635,13 @@ fn build_swarm(config: &Config) -> Result<Swarm<Behaviour>, Error> {
             yamux::Config::default,
         )
         .map_err(|e| Error::Build(e.to_string()))?
-        .with_quic()
+        // A dead peer's QUIC connection lingers until the idle timeout (libp2p's default is 10 s);
+        // endpoint loss and membership both want to know sooner.
+        .with_quic_config(|mut c| {
+            c.max_idle_timeout = 5_000;
+            c.keep_alive_interval = Duration::from_millis(1_500);
+            c
+        })
         .with_relay_client(noise::Config::new, yamux::Config::default)
         .map_err(|e| Error::Build(e.to_string()))?
         .with_behaviour(|key, relay_client| behaviour(key, relay_client, &fed, relay_server))
