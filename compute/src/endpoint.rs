@@ -483,12 +483,29 @@ impl Driver {
                 let stored = self.stored(unknown).await;
                 let now = Instant::now();
                 let mut answers = Vec::with_capacity(tasks.len());
+                // A task id belongs to its submitter: another member presenting it learns
+                // nothing and changes nothing.
+                let taken = |rec: &Record| {
+                    (rec.submitter != submitter).then(|| {
+                        format!(
+                            "task id {} is already used by another submitter: choose a fresh id",
+                            rec.id
+                        )
+                    })
+                };
                 for sub in tasks {
                     if let Some(l) = self.live.get(&sub.id) {
-                        answers.push(Ok(l.rec.clone()));
+                        answers.push(match taken(&l.rec) {
+                            Some(e) => Err(e),
+                            None => Ok(l.rec.clone()),
+                        });
                         continue;
                     }
                     if let Some(rec) = stored.get(&sub.id) {
+                        if let Some(e) = taken(rec) {
+                            answers.push(Err(e));
+                            continue;
+                        }
                         if rec.status.is_terminal() {
                             // The submitter may have missed it: send it again.
                             let _ = self.results_tx.try_send(rec.clone());

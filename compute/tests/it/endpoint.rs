@@ -400,8 +400,25 @@ async fn accepted_tasks_survive_a_restart_and_duplicates_run_once() {
         .unwrap();
     assert_eq!(error(&r).kind, FailureKind::EndpointLost, "{r:?}");
     // Submitting the finished task again returns its record and does not run it again.
-    let again = h.endpoint.submit("peer", vec![queued]).await.unwrap();
+    let again = h
+        .endpoint
+        .submit("peer", vec![queued.clone()])
+        .await
+        .unwrap();
     assert_eq!(again[0].as_ref().unwrap().status, Status::Succeeded);
+    // Another submitter presenting the same id gets neither the record nor a new run.
+    let other = h
+        .endpoint
+        .submit("someone-else", vec![queued])
+        .await
+        .unwrap();
+    assert!(
+        other[0]
+            .as_ref()
+            .unwrap_err()
+            .contains("already used by another submitter"),
+        "{other:?}"
+    );
     let unacked = h.endpoint.unacknowledged().await.unwrap();
     assert!(unacked.iter().any(|r| r.id == qid));
     h.endpoint
