@@ -491,31 +491,35 @@ impl Actor {
         if fresh && !force {
             return;
         }
-        let Ok(view) = self.mesh.registry().await else {
+        let listed = self
+            .mesh
+            .registry_with(|view| {
+                view.endpoints
+                    .values()
+                    .filter_map(|e| {
+                        let peer = e.peer_id.parse::<PeerId>().ok()?;
+                        let node_name = view.nodes.get(&e.peer_id).map_or_else(
+                            || e.peer_id.chars().take(12).collect(),
+                            |n| n.name.clone(),
+                        );
+                        Some(Candidate {
+                            id: e.id.clone(),
+                            name: e.record.name.clone(),
+                            peer,
+                            node_name,
+                            institution: e.institution.clone(),
+                            runtimes: e.record.runtimes.clone(),
+                            tags: e.record.capabilities.tags.clone(),
+                            policy: e.record.policy,
+                        })
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .await;
+        let Ok(listed) = listed else {
             return;
         };
-        self.candidates = view
-            .endpoints
-            .values()
-            .filter_map(|e| {
-                let peer = e.peer_id.parse::<PeerId>().ok()?;
-                let node_name = view
-                    .nodes
-                    .values()
-                    .find(|n| n.peer_id == e.peer_id)
-                    .map_or_else(|| e.peer_id.chars().take(12).collect(), |n| n.name.clone());
-                Some(Candidate {
-                    id: e.id.clone(),
-                    name: e.record.name.clone(),
-                    peer,
-                    node_name,
-                    institution: e.institution.clone(),
-                    runtimes: e.record.runtimes.clone(),
-                    tags: e.record.capabilities.tags.clone(),
-                    policy: e.record.policy,
-                })
-            })
-            .collect();
+        self.candidates = listed;
         self.candidates_at = Some(Instant::now());
     }
 

@@ -211,6 +211,7 @@ enum Command {
         reply: oneshot::Sender<Result<(), Error>>,
     },
     RegistryView(oneshot::Sender<crdt_registry::View>),
+    RegistryWith(Box<dyn FnOnce(&crdt_registry::View) + Send>),
     RegistryStatus(oneshot::Sender<registry::Status>),
     RegistryWrite {
         id: String,
@@ -364,6 +365,23 @@ impl Handle {
     /// The registry's typed view, as this node sees it now.
     pub async fn registry(&self) -> Result<crdt_registry::View, Error> {
         self.ask(Command::RegistryView).await
+    }
+
+    /// Runs `f` on the registry's typed view inside the mesh and returns what it returns: a
+    /// lookup without copying the whole view (keep `f` short, the mesh waits for it).
+    pub async fn registry_with<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&crdt_registry::View) -> T + Send + 'static,
+    ) -> Result<T, Error> {
+        let (tx, rx) = oneshot::channel();
+        let job: Box<dyn FnOnce(&crdt_registry::View) + Send> = Box::new(move |view| {
+            let _ = tx.send(f(view));
+        });
+        self.commands
+            .send(Command::RegistryWith(job))
+            .await
+            .map_err(|_| Error::Closed)?;
+        rx.await.map_err(|_| Error::Closed)
     }
 
     /// Counts and heads of the local registry replica.
@@ -1090,6 +1108,7 @@ impl EventLoop {
             Command::RegistryView(reply) => {
                 let _ = reply.send(self.replica.view().clone());
             }
+            Command::RegistryWith(job) => job(self.replica.view()),
             Command::RegistryStatus(reply) => {
                 let _ = reply.send(self.replica.status());
             }

@@ -518,21 +518,16 @@ pub struct Submitted1 {
 
 /// Turns API tasks into dispatcher requests, resolving functions in the registry.
 pub(crate) fn requests(
-    view: &crdt_registry::View,
+    functions: &HashMap<String, Result<crdt_registry::Function, String>>,
     tasks: Vec<NewTask>,
 ) -> Vec<Result<mesh::dispatch::Request, String>> {
-    let mut cache: HashMap<String, Result<crdt_registry::Function, String>> = HashMap::new();
     tasks
         .into_iter()
         .map(|t| {
-            let f = cache
-                .entry(t.function.clone())
-                .or_insert_with(|| {
-                    crate::registry::find_function(view, &t.function)
-                        .cloned()
-                        .map_err(|e| format!("{e:#}"))
-                })
-                .clone()?;
+            let f = functions
+                .get(&t.function)
+                .cloned()
+                .unwrap_or_else(|| Err(format!("function `{}` was not looked up", t.function)))?;
             let strategy = match &t.strategy {
                 None => mesh::routing::Strategy::default(),
                 Some(s) => mesh::routing::Strategy::parse(s)?,
@@ -572,10 +567,25 @@ pub(crate) async fn submit(
     dispatcher: &Dispatcher,
     tasks: Vec<NewTask>,
 ) -> anyhow::Result<Vec<Result<Submitted, String>>> {
-    let view = mesh.registry().await?;
+    // Look up each distinct function once, inside the mesh, without copying the registry.
+    let queries: std::collections::BTreeSet<String> =
+        tasks.iter().map(|t| t.function.clone()).collect();
+    let functions: HashMap<String, Result<crdt_registry::Function, String>> = mesh
+        .registry_with(move |view| {
+            queries
+                .into_iter()
+                .map(|q| {
+                    let found = crate::registry::find_function(view, &q)
+                        .cloned()
+                        .map_err(|e| format!("{e:#}"));
+                    (q, found)
+                })
+                .collect()
+        })
+        .await?;
     let mut ok = Vec::new();
     let mut slots = Vec::new();
-    for r in requests(&view, tasks) {
+    for r in requests(&functions, tasks) {
         match r {
             Ok(r) => {
                 slots.push(Ok(()));
