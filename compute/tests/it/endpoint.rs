@@ -129,11 +129,40 @@ impl Harness {
         .expect("the task finishes within 30 s")
     }
 
+    /// Waits until the endpoint reports the task running.
+    async fn until_running(&self, id: &TaskId) {
+        let ep = self.endpoint.clone();
+        until("the task to run", || {
+            let (ep, id) = (ep.clone(), id.clone());
+            async move {
+                let r = ep.records(vec![id]).await.unwrap();
+                r[0].as_ref().is_some_and(|r| r.status == Status::Running)
+            }
+        })
+        .await;
+    }
+
     async fn stop(self) -> (tempfile::TempDir, store::Store) {
         self.cancel.cancel();
         self.tracker.close();
         self.tracker.wait().await;
         (self._dir, self.store)
+    }
+}
+
+/// Polls `check` until it holds, failing after 20 s: a wait for a condition, not a fixed sleep.
+async fn until<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -263,17 +292,7 @@ async fn cancel_kills_the_running_task_and_the_next_one_runs() {
     let id = sub.id.clone();
     h.endpoint.submit("peer", vec![sub]).await.unwrap();
     // Cancel once it runs.
-    tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            let r = h.endpoint.records(vec![id.clone()]).await.unwrap();
-            if r[0].as_ref().is_some_and(|r| r.status == Status::Running) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .unwrap();
+    h.until_running(&id).await;
     let rec = h.endpoint.cancel(id.clone()).await.unwrap().unwrap();
     assert_eq!(rec.status, Status::Cancelled);
     let reported = h.wait(&id).await;
@@ -371,17 +390,7 @@ async fn accepted_tasks_survive_a_restart_and_duplicates_run_once() {
     let queued = submission(&f("add"), json!([41]), json!({}));
     let (rid, qid) = (running.id.clone(), queued.id.clone());
     h.endpoint.submit("peer", vec![running]).await.unwrap();
-    tokio::time::timeout(Duration::from_secs(20), async {
-        loop {
-            let r = h.endpoint.records(vec![rid.clone()]).await.unwrap();
-            if r[0].as_ref().is_some_and(|r| r.status == Status::Running) {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    })
-    .await
-    .unwrap();
+    h.until_running(&rid).await;
     h.endpoint
         .submit("peer", vec![queued.clone()])
         .await
@@ -425,13 +434,12 @@ async fn accepted_tasks_survive_a_restart_and_duplicates_run_once() {
         .acknowledge(vec![qid.clone(), rid.clone()])
         .await
         .unwrap();
-    tokio::time::timeout(Duration::from_secs(5), async {
-        while !h.endpoint.unacknowledged().await.unwrap().is_empty() {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+    let ep = h.endpoint.clone();
+    until("the outbox to empty", || {
+        let ep = ep.clone();
+        async move { ep.unacknowledged().await.unwrap().is_empty() }
     })
-    .await
-    .unwrap();
+    .await;
     h.stop().await;
 }
 
