@@ -102,6 +102,10 @@ pub struct Submission {
     /// Unix microseconds when the submitter accepted it.
     #[serde(default)]
     pub submitted_us: u64,
+    /// The capability token (text form) that lets the submitter use the endpoint, when its
+    /// access policy asks for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capability: Option<String>,
 }
 
 impl Submission {

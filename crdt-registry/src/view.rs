@@ -82,6 +82,9 @@ pub struct Node {
     pub name: String,
     /// Its institution (none for coordinators).
     pub institution: Option<String>,
+    /// Its institution's key.
+    #[serde(default)]
+    pub institution_key: Option<Key>,
     /// Its role.
     pub role: String,
     /// Mesh addresses.
@@ -493,6 +496,7 @@ pub(crate) fn build<'a>(
                             peer_id: f.peer_id.clone(),
                             name: name.clone(),
                             institution: inst(),
+                            institution_key: f.institution.as_ref().map(|(_, k)| *k),
                             role: f.role.clone(),
                             addrs: addrs.clone(),
                             data_addr: data_addr.clone(),

@@ -25,6 +25,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::access::Access;
 use crate::network::{Event, Handle};
 use crate::routing::{ADVERT_TOPIC, Advert, Candidate, Requirements, Router, Strategy};
 use crate::tasks::{Answer, MAX_BATCH, TaskRequest, TaskResponse};
@@ -91,6 +92,9 @@ pub struct Submitted {
     /// Finished, Unix microseconds.
     #[serde(default)]
     pub finished_us: u64,
+    /// The capability token the submitter asked to present, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capability: Option<String>,
 }
 
 impl Submitted {
@@ -119,6 +123,10 @@ pub struct Request {
     pub strategy: Strategy,
     /// Retries after an endpoint is lost.
     pub retries: u32,
+    /// A capability token to present (text form) instead of one this node holds: the router
+    /// then offers endpoints whose policy admits tokens without checking it, and the endpoint
+    /// decides.
+    pub capability: Option<String>,
 }
 
 /// Answers task requests addressed to this node's own endpoints (the mesh cannot dial itself).
@@ -136,6 +144,8 @@ pub struct Config {
     pub retention: Duration,
     /// This node's institution.
     pub institution: Option<String>,
+    /// Access policies and the capability tokens this node holds.
+    pub access: Arc<Access>,
 }
 
 /// Dispatcher errors.
@@ -508,6 +518,10 @@ impl Actor {
                             peer,
                             node_name,
                             institution: e.institution.clone(),
+                            institution_key: view
+                                .nodes
+                                .get(&e.peer_id)
+                                .and_then(|n| n.institution_key),
                             runtimes: e.record.runtimes.clone(),
                             tags: e.record.capabilities.tags.clone(),
                             policy: e.record.policy,
@@ -755,20 +769,76 @@ impl Actor {
             .unwrap_or_default()
     }
 
-    fn accept(&mut self, r: Request, now: Instant) -> Result<Submitted, String> {
-        let env = Environment::of(r.function.record.container.as_ref())?;
+    /// Chooses an endpoint among those this node may use (by policy, or with a capability
+    /// token: `explicit`, or one it holds), and the token to present there.
+    #[allow(clippy::too_many_arguments)]
+    fn route(
+        &mut self,
+        env: &Environment,
+        requirements: &Requirements,
+        strategy: Strategy,
+        function_id: &str,
+        explicit: Option<&str>,
+        exclude: &HashSet<String>,
+        now: Instant,
+    ) -> Result<(Candidate, Option<String>), String> {
+        let access = self.config.access.clone();
+        let institution = self.config.institution.clone();
+        let unix = now_us() / 1_000_000;
+        let policy = |c: &Candidate| {
+            crate::routing::may_use(c.policy, c.institution.as_deref(), institution.as_deref())
+        };
+        let check = |c: &Candidate| -> Result<(), String> {
+            match policy(c) {
+                Ok(()) => Ok(()),
+                Err(why) if crate::access::admits_tokens(c.policy) => {
+                    if explicit.is_some() {
+                        return Ok(());
+                    }
+                    access
+                        .token_for(&c.id, c.institution_key.as_ref(), function_id, unix)
+                        .map(|_| ())
+                        .map_err(|e| format!("{why}; {e}"))
+                }
+                Err(why) => Err(why),
+            }
+        };
         let c = self
             .router
             .choose(
-                &env,
-                &r.requirements,
-                self.config.institution.as_deref(),
-                r.strategy,
+                env,
+                requirements,
+                &check,
+                strategy,
                 &self.candidates,
-                &HashSet::new(),
+                exclude,
                 now,
             )
             .map_err(|e| e.to_string())?;
+        let token = if policy(&c).is_ok() {
+            None
+        } else {
+            match explicit {
+                Some(t) => Some(t.to_owned()),
+                None => {
+                    Some(access.token_for(&c.id, c.institution_key.as_ref(), function_id, unix)?)
+                }
+            }
+        };
+        Ok((c, token))
+    }
+
+    fn accept(&mut self, r: Request, now: Instant) -> Result<Submitted, String> {
+        let env = Environment::of(r.function.record.container.as_ref())?;
+        let (c, token) = self.route(
+            &env,
+            &r.requirements,
+            r.strategy,
+            &r.function.id,
+            r.capability.as_deref(),
+            &HashSet::new(),
+            now,
+        )?;
         let id = TaskId::random();
         let submitted_us = now_us();
         let submission = Submission {
@@ -789,6 +859,7 @@ impl Actor {
             encoding: r.encoding,
             timeout_ms: r.timeout_ms,
             submitted_us,
+            capability: token,
         };
         submission.check()?;
         let t = Submitted {
@@ -810,6 +881,7 @@ impl Actor {
             outcome: None,
             submitted_us,
             finished_us: 0,
+            capability: r.capability,
         };
         self.router.dispatched(c.peer, &c.name, &env);
         self.by_wire.insert(id.clone(), id.clone());
@@ -1006,20 +1078,19 @@ impl Actor {
             }
             let env = Environment::of(t.submission.function.container.as_ref());
             let choice = env.and_then(|env| {
-                self.router
-                    .choose(
-                        &env,
-                        &t.requirements,
-                        self.config.institution.as_deref(),
-                        t.strategy,
-                        &self.candidates,
-                        &exclude,
-                        Instant::now(),
-                    )
-                    .map_err(|e| e.to_string())
+                self.route(
+                    &env,
+                    &t.requirements.clone(),
+                    t.strategy,
+                    &t.submission.function_id.clone(),
+                    t.capability.clone().as_deref(),
+                    &exclude,
+                    Instant::now(),
+                )
             });
             match choice {
-                Ok(c) => {
+                Ok((c, token)) => {
+                    t.submission.capability = token;
                     t.retries_left -= 1;
                     let wire = wire_id(&t.id, t.attempts.len());
                     t.attempts.push(Attempt {

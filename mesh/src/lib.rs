@@ -27,6 +27,7 @@
 //! # Ok::<(), mesh::membership::Refusal>(())
 //! ```
 
+pub mod access;
 pub mod dispatch;
 pub mod keys;
 pub mod membership;

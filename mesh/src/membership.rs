@@ -727,6 +727,9 @@ pub struct Member {
     pub peer_id: String,
     /// Its institution (`None` for coordinators, which belong to the federation itself).
     pub institution: Option<String>,
+    /// Its institution's key, from the verified admission.
+    #[serde(default)]
+    pub institution_key: Option<PublicKeyB64>,
     /// Its role.
     pub role: Role,
     /// When it joined.
@@ -840,6 +843,7 @@ impl Proof {
                 Ok(Member {
                     peer_id: body.peer_id,
                     institution: None,
+                    institution_key: None,
                     role: Role::Coordinator,
                     joined_at: body.issued_at,
                 })
@@ -906,6 +910,7 @@ impl Proof {
                 Ok(Member {
                     peer_id: claimed.peer_id,
                     institution: Some(verified.institution),
+                    institution_key: Some(verified.institution_key),
                     role: verified.terms.role,
                     joined_at: claimed.bound_at,
                 })

@@ -153,6 +153,8 @@ pub struct Candidate {
     pub node_name: String,
     /// Its node's institution.
     pub institution: Option<String>,
+    /// That institution's key.
+    pub institution_key: Option<crdt_registry::Key>,
     /// Runtimes it offers.
     pub runtimes: Vec<String>,
     /// Its tags.
@@ -236,8 +238,8 @@ impl fmt::Debug for Router {
     }
 }
 
-/// Whether a member of `submitter` may use an endpoint with `policy` of `endpoint`'s institution,
-/// without a capability token (tokens come with capability delegation).
+/// Whether a member of `submitter` may use an endpoint with `policy` of `endpoint`'s institution
+/// without a capability token ([`crate::access`] adds tokens).
 pub fn may_use(
     policy: Policy,
     endpoint: Option<&str>,
@@ -252,7 +254,7 @@ pub fn may_use(
             endpoint.unwrap_or("its institution")
         )),
         Policy::InstitutionAndCapability | Policy::Capability => Err(format!(
-            "it admits {} and holders of a capability token, and this node holds none for it",
+            "it admits {} and holders of a capability token",
             if policy == Policy::Capability {
                 "only token holders".to_owned()
             } else {
@@ -260,6 +262,11 @@ pub fn may_use(
             }
         )),
     }
+}
+
+/// The access check of the policy alone, for a member of `institution` that holds no token.
+pub fn by_policy(institution: Option<&str>) -> impl Fn(&Candidate) -> Result<(), String> + '_ {
+    move |c| may_use(c.policy, c.institution.as_deref(), institution)
 }
 
 impl Router {
@@ -380,7 +387,7 @@ impl Router {
         &mut self,
         env: &Environment,
         req: &Requirements,
-        institution: Option<&str>,
+        access: &dyn Fn(&Candidate) -> Result<(), String>,
         strategy: Strategy,
         candidates: &[Candidate],
         exclude: &HashSet<String>,
@@ -399,7 +406,7 @@ impl Router {
                     continue;
                 }
             }
-            let why = self.refusal(c, env, req, institution, exclude, now);
+            let why = self.refusal(c, env, req, access, exclude, now);
             match why {
                 None => eligible.push(c),
                 Some(why) => reasons.push(format!("{c}: {why}")),
@@ -449,7 +456,7 @@ impl Router {
         c: &Candidate,
         env: &Environment,
         req: &Requirements,
-        institution: Option<&str>,
+        access: &dyn Fn(&Candidate) -> Result<(), String>,
         exclude: &HashSet<String>,
         now: Instant,
     ) -> Option<String> {
@@ -473,7 +480,7 @@ impl Router {
                 return Some(format!("it lacks the tag {k}={v}"));
             }
         }
-        if let Err(why) = may_use(c.policy, c.institution.as_deref(), institution) {
+        if let Err(why) = access(c) {
             return Some(why);
         }
         if !self.is_alive(&c.peer, now) {
@@ -564,6 +571,7 @@ mod tests {
             peer: PeerId::random(),
             node_name: format!("node{n}"),
             institution: Some(inst.into()),
+            institution_key: None,
             runtimes: runtimes.iter().map(|s| s.to_string()).collect(),
             tags: BTreeMap::new(),
             policy: Policy::InstitutionAndCapability,
@@ -613,7 +621,7 @@ mod tests {
         r.choose(
             &Environment::parse(env).unwrap(),
             &Requirements::default(),
-            Some("a"),
+            &by_policy(Some("a")),
             s,
             cs,
             &HashSet::new(),
@@ -692,7 +700,7 @@ mod tests {
                     tags: [("gpu".to_string(), "yes".to_string())].into(),
                     ..Default::default()
                 },
-                Some("a"),
+                &by_policy(Some("a")),
                 Strategy::WarmAware,
                 &cs,
                 &HashSet::new(),
@@ -719,7 +727,7 @@ mod tests {
                     endpoint: Some("nope".into()),
                     ..Default::default()
                 },
-                Some("a"),
+                &by_policy(Some("a")),
                 Strategy::WarmAware,
                 &cs,
                 &HashSet::new(),
@@ -735,7 +743,7 @@ mod tests {
                     endpoint: Some("ep3".into()),
                     ..Default::default()
                 },
-                Some("a"),
+                &by_policy(Some("a")),
                 Strategy::WarmAware,
                 &cs,
                 &HashSet::new(),
@@ -751,7 +759,7 @@ mod tests {
                     endpoint: Some("ep2".into()),
                     ..Default::default()
                 },
-                Some("a"),
+                &by_policy(Some("a")),
                 Strategy::WarmAware,
                 &cs,
                 &HashSet::new(),

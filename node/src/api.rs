@@ -88,6 +88,7 @@ fn router(inner: Shared) -> Router {
         .route("/v1/endpoints", get(endpoints))
         .route("/v1/endpoints/{id}", get(endpoint))
         .route("/v1/adverts", get(adverts))
+        .route("/v1/capabilities", get(capabilities).post(add_capability))
         .route("/v1/tasks", post(submit_tasks))
         .route("/v1/tasks/wait", post(wait_tasks))
         .route("/v1/tasks/{id}", get(task))
@@ -510,6 +511,44 @@ async fn cancel_task(
             format!("no task {id} was submitted from this node"),
         )),
     }
+}
+
+async fn capabilities(
+    State(inner): State<Shared>,
+) -> Result<Json<Vec<crate::capabilities::CapabilityView>>, ApiError> {
+    let access = inner.tasks.access.clone();
+    let me = inner.mesh.peer_id().to_string();
+    inner
+        .mesh
+        .registry_with(move |view| crate::capabilities::views(&access, view, &me))
+        .await
+        .map(Json)
+        .map_err(unavailable)
+}
+
+async fn add_capability(
+    State(inner): State<Shared>,
+    Json(req): Json<crate::capabilities::NewCapability>,
+) -> Result<Json<crate::capabilities::CapabilityView>, ApiError> {
+    let held = crate::capabilities::add(&inner.store, &inner.tasks.access, &req.token)
+        .await
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("{e:#}")))?;
+    let access = inner.tasks.access.clone();
+    let me = inner.mesh.peer_id().to_string();
+    let all = inner
+        .mesh
+        .registry_with(move |view| crate::capabilities::views(&access, view, &me))
+        .await
+        .map_err(unavailable)?;
+    all.into_iter()
+        .find(|v| v.token == held.text)
+        .map(Json)
+        .ok_or_else(|| {
+            ApiError(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "stored, then not found".into(),
+            )
+        })
 }
 
 async fn openapi() -> impl IntoResponse {

@@ -203,6 +203,37 @@ impl Client {
     pub async fn institutions(&self) -> anyhow::Result<Vec<crdt_registry::Institution>> {
         self.get("/v1/institutions").await
     }
+
+    /// `GET /v1/capabilities`.
+    pub async fn capabilities(&self) -> anyhow::Result<Vec<crate::capabilities::CapabilityView>> {
+        self.get("/v1/capabilities").await
+    }
+
+    /// `POST /v1/capabilities`.
+    pub async fn add_capability(
+        &self,
+        token: &str,
+    ) -> anyhow::Result<crate::capabilities::CapabilityView> {
+        self.post(
+            "/v1/capabilities",
+            &crate::capabilities::NewCapability {
+                token: token.to_owned(),
+            },
+        )
+        .await
+    }
+
+    /// `POST /v1/registry/entries`: an entry signed elsewhere.
+    pub async fn insert_entry(&self, entry: &[u8]) -> anyhow::Result<crate::api::Written> {
+        use base64::Engine as _;
+        self.post(
+            "/v1/registry/entries",
+            &crate::api::SignedEntry {
+                entry: base64::engine::general_purpose::STANDARD.encode(entry),
+            },
+        )
+        .await
+    }
 }
 
 /// Percent-encodes a path segment.

@@ -38,6 +38,8 @@ pub(crate) struct Inner {
     pub(crate) key: crdt_registry::Key,
     /// Tasks: this node's endpoints and its dispatcher.
     pub(crate) tasks: crate::tasks::Tasks,
+    /// The node's store.
+    pub(crate) store: store::Store,
 }
 
 impl Node {
@@ -126,6 +128,7 @@ impl Node {
         let tasks = crate::tasks::start(
             &mesh,
             &store,
+            key,
             &dir.root().join("endpoints"),
             config,
             &own,
@@ -144,6 +147,7 @@ impl Node {
             token: token.clone(),
             key,
             tasks,
+            store: store.clone(),
         });
         let listener = tokio::net::TcpListener::bind(config.api.listen)
             .await

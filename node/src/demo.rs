@@ -23,11 +23,11 @@ pub async fn run() -> anyhow::Result<()> {
         "\n-- 1. a federation: a coordinator and two institutions with two endpoint nodes each,"
     );
     println!("      each node a process that joined with an invite through `funcmesh join`;");
-    println!("      in this demo every endpoint admits the whole federation (policy `federation`)");
-    let endpoint = crate::ops::TestnetEndpoint {
-        policy: "federation".into(),
-        ..Default::default()
-    };
+    println!(
+        "      every endpoint has the default policy: its own institution, and holders of a \
+         capability token"
+    );
+    let endpoint = crate::ops::TestnetEndpoint::default();
     let net = local_testnet::up(&dir, 2, 2, Role::Endpoint, &endpoint).await?;
     let result = steps(&net, tmp.path()).await;
     let stopped = local_testnet::down(&net).await;
@@ -176,22 +176,24 @@ async fn registry_step(net: &Testnet, tmp: &std::path::Path) -> anyhow::Result<(
 /// Runs the registered functions from a node of one institution on endpoints of the other.
 async fn compute_step(net: &Testnet) -> anyhow::Result<()> {
     let a1 = &net.nodes[0];
-    let others: Vec<_> = net
+    let ours: Vec<_> = net
         .nodes
         .iter()
-        .filter(|n| n.institution != a1.institution)
+        .filter(|n| n.institution == a1.institution)
         .collect();
-    let (Some(b1), Some(b2)) = (others.first(), others.get(1)) else {
-        bail!("the demo needs two nodes of the second institution");
+    let b1 = net
+        .nodes
+        .iter()
+        .find(|n| n.institution != a1.institution)
+        .context("the demo needs a second institution")?;
+    let (Some(a2), Some(inst_a), Some(inst_b)) = (
+        ours.get(1),
+        a1.institution.as_deref(),
+        b1.institution.as_deref(),
+    ) else {
+        bail!("the demo needs two nodes of the first institution");
     };
-    println!(
-        "\n-- 2b. compute: {} ({}) runs `double` on {}'s endpoint and `greet` on {}'s ({})",
-        a1.name,
-        a1.institution.as_deref().unwrap_or("-"),
-        b1.name,
-        b2.name,
-        b1.institution.as_deref().unwrap_or("-"),
-    );
+    let on_b = Client::for_node(&DataDir::new(&b1.data_dir))?;
     let on_a = Client::for_node(&DataDir::new(&a1.data_dir))?;
     let run = |function: &str, args: serde_json::Value, kwargs: serde_json::Value, on: &str| {
         crate::tasks::NewTask {
@@ -202,41 +204,124 @@ async fn compute_step(net: &Testnet) -> anyhow::Result<()> {
             ..Default::default()
         }
     };
+    // Waits for the first adverts; returns the task, or why it was refused or failed.
+    let submit = |task: crate::tasks::NewTask| {
+        let on_b = on_b.clone();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(20);
+            loop {
+                let list = on_b
+                    .submit_tasks(vec![task.clone()], Duration::from_secs(30))
+                    .await?;
+                let one = list.tasks.into_iter().next().context("no answer")?;
+                match (one.task, one.error) {
+                    (Some(t), _) => return anyhow::Ok(Ok(t)),
+                    (None, Some(e))
+                        if e.contains("not advertised") && Instant::now() < deadline =>
+                    {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    (None, e) => return Ok(Err(e.unwrap_or_default())),
+                }
+            }
+        }
+    };
+
+    println!(
+        "\n-- 2b. capabilities: {} ({inst_b}) asks for `double` on {}'s endpoint ({inst_a}) \
+         without a token",
+        b1.name, a1.name
+    );
+    match submit(run(
+        "double",
+        serde_json::json!([21]),
+        serde_json::json!({}),
+        &a1.name,
+    ))
+    .await?
+    {
+        Err(why) => println!("refused by {}'s router: {why}", b1.name),
+        Ok(t) => bail!("the task was accepted without a token: {:?}", t.outcome),
+    }
+
+    let key_a = net
+        .institutions
+        .iter()
+        .find(|i| i.name == inst_a)
+        .context("institution key")?;
+    let (_, seed, _) = crate::capabilities::institution_key(&key_a.key)?;
+    let b_key = on_b
+        .institutions()
+        .await?
+        .into_iter()
+        .find(|i| i.name == inst_b)
+        .context("institution b in the registry")?
+        .key;
+    let expires = unix_now() + 3600;
+    let mut tokens = Vec::new();
+    for node in [a1, *a2] {
+        let endpoint = on_a.endpoint(&node.name).await?.id;
+        let token = crate::capabilities::grant(
+            &seed,
+            &capability::Grant {
+                to: b_key,
+                endpoint,
+                functions: vec![],
+                abilities: vec![capability::Ability::ComputeRun],
+                expires,
+                not_before: None,
+            },
+        )?;
+        on_b.add_capability(&token).await?;
+        tokens.push(token);
+    }
+    println!(
+        "{inst_a}'s admin grants {inst_b} compute.run on {} and {} for an hour (`funcmesh cap \
+         grant`); {} holds the tokens (`funcmesh cap add`):",
+        a1.name, a2.name, b1.name
+    );
+    for view in on_b.capabilities().await?.iter().take(1) {
+        for line in &view.chain {
+            println!("    {line}");
+        }
+        println!("    status: {}", view.status);
+    }
+
     let cases = [
         (
             "double",
             serde_json::json!([21]),
             serde_json::json!({}),
-            &b1.name,
+            &a1.name,
             "cold: a worker starts",
         ),
         (
             "double",
             serde_json::json!([50]),
             serde_json::json!({}),
-            &b1.name,
+            &a1.name,
             "warm: the same worker",
         ),
         (
             "greet",
             serde_json::json!([]),
             serde_json::json!({"name": "federation"}),
-            &b2.name,
+            &a2.name,
             "shell",
         ),
     ];
+    println!(
+        "\n-- 2c. compute: {} ({inst_b}) runs `double` on {}'s endpoint and `greet` on {}'s \
+         ({inst_a}), presenting the tokens",
+        b1.name, a1.name, a2.name
+    );
     for (function, args, kwargs, on, note) in cases {
         let started = Instant::now();
-        let list = on_a
-            .submit_tasks(
-                vec![run(function, args.clone(), kwargs, on)],
-                Duration::from_secs(30),
-            )
-            .await?;
-        let elapsed = started.elapsed();
-        let Some(task) = list.tasks.into_iter().next().and_then(|t| t.task) else {
-            bail!("{function} was refused");
+        let task = match submit(run(function, args.clone(), kwargs, on)).await? {
+            Ok(t) => t,
+            Err(why) => bail!("{function} was refused: {why}"),
         };
+        let elapsed = started.elapsed();
         let value = match &task.outcome {
             Some(compute::Outcome::Succeeded { value }) => value.clone(),
             other => bail!("{function} did not succeed: {other:?}"),
@@ -257,6 +342,61 @@ async fn compute_step(net: &Testnet) -> anyhow::Result<()> {
             elapsed.as_secs_f64() * 1000.0,
             if task.cold_start { ", cold start" } else { "" },
         );
+    }
+
+    println!(
+        "\n-- 2d. {inst_a} revokes its grant for {} (`funcmesh cap revoke`); the revocation \
+         spreads through the registry",
+        a1.name
+    );
+    let (_, signing) = mesh::keys::read_signing_key(&key_a.key, mesh::keys::KeyKind::Institution)?;
+    let chain = capability::inspect(
+        &capability::from_text(&tokens[0]).map_err(|e| anyhow::anyhow!("{e}"))?,
+    )
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let federation = on_a.status().await?.federation_id;
+    let entry = crate::capabilities::revocation_entry(
+        &federation,
+        &signing,
+        &chain.blocks[0].revocation_id,
+        "the demo's collaboration ended",
+    );
+    on_a.insert_entry(entry.bytes()).await?;
+    let revoked = Instant::now();
+    loop {
+        match submit(run(
+            "double",
+            serde_json::json!([1]),
+            serde_json::json!({}),
+            &a1.name,
+        ))
+        .await?
+        {
+            Ok(t) => match &t.outcome {
+                Some(compute::Outcome::Failed { error, .. }) => {
+                    println!(
+                        "{}'s next task is refused after {:.1} s: {}",
+                        b1.name,
+                        revoked.elapsed().as_secs_f64(),
+                        error.message
+                    );
+                    break;
+                }
+                _ if revoked.elapsed() > Duration::from_secs(10) => {
+                    bail!("the revoked token was still accepted after 10 s")
+                }
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
+            },
+            Err(why) => {
+                println!(
+                    "{}'s router no longer offers {} after {:.1} s: {why}",
+                    b1.name,
+                    a1.name,
+                    revoked.elapsed().as_secs_f64()
+                );
+                break;
+            }
+        }
     }
     Ok(())
 }

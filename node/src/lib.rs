@@ -5,6 +5,7 @@
 //! else is a library so that tests drive it without spawning processes.
 
 pub mod api;
+pub mod capabilities;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -11,6 +11,7 @@ use compute::task::{Outcome, Record, Status, TaskId};
 use crdt_registry::record::Policy;
 use futures::future::BoxFuture;
 use mesh::PeerId;
+use mesh::access::Access;
 use mesh::dispatch::{Dispatcher, Local, Submitted};
 use mesh::membership::Member;
 use mesh::routing::{ADVERT_TOPIC, ADVERT_VERSION, Advert, EndpointLoad, EnvironmentLoad};
@@ -24,6 +25,8 @@ use crate::config::Config;
 /// The running task service.
 pub(crate) struct Tasks {
     pub(crate) dispatcher: Dispatcher,
+    /// Access policies, the directory, and the capability tokens this node holds.
+    pub(crate) access: Arc<Access>,
 }
 
 /// Answers task requests for this node's endpoints.
@@ -31,6 +34,9 @@ pub(crate) struct Service {
     me: PeerId,
     own: Member,
     endpoints: HashMap<String, (compute::Endpoint, Policy)>,
+    /// Each endpoint's registry id, by name.
+    endpoint_ids: HashMap<String, String>,
+    access: Arc<Access>,
     dispatcher: std::sync::OnceLock<Dispatcher>,
     /// Results being delivered right now (the outbox sweep skips them).
     delivering: Mutex<HashSet<TaskId>>,
@@ -43,7 +49,8 @@ impl Service {
                 let mut answers: Vec<Option<Answer>> = vec![None; tasks.len()];
                 let mut groups: BTreeMap<String, Vec<(usize, compute::Submission)>> =
                     BTreeMap::new();
-                for (i, t) in tasks.into_iter().enumerate() {
+                let mut refused: Vec<(usize, String, TaskId, String)> = Vec::new();
+                for (i, mut t) in tasks.into_iter().enumerate() {
                     match self.endpoints.get(&t.endpoint) {
                         None => {
                             answers[i] = Some(Answer::Refused(format!(
@@ -51,25 +58,36 @@ impl Service {
                                 t.endpoint
                             )))
                         }
-                        Some((_, policy)) => {
-                            match mesh::routing::may_use(
-                                *policy,
-                                self.own.institution.as_deref(),
-                                from.institution.as_deref(),
-                            ) {
-                                Ok(()) => {
-                                    groups.entry(t.endpoint.clone()).or_default().push((i, t))
-                                }
-                                Err(why) => {
-                                    tracing::info!(%peer, endpoint = %t.endpoint, %why, "refused a task");
-                                    answers[i] = Some(Answer::Refused(format!(
-                                        "access denied to endpoint `{}`: {why}",
-                                        t.endpoint
-                                    )))
-                                }
+                        Some((_, policy)) => match self.admit(from, peer, *policy, &t) {
+                            Ok(()) => {
+                                // Checked: the endpoint keeps no copy of the token.
+                                t.capability = None;
+                                groups.entry(t.endpoint.clone()).or_default().push((i, t))
                             }
-                        }
+                            Err(why) => refused.push((
+                                i,
+                                t.endpoint.clone(),
+                                t.id.clone(),
+                                format!("access denied to endpoint `{}`: {why}", t.endpoint),
+                            )),
+                        },
                     }
+                }
+                // A task accepted earlier and sent again (after a restart of its submitter) keeps
+                // its answer even if its token has been revoked since: accepted work is never
+                // dropped.
+                for (i, endpoint, id, why) in refused {
+                    let (ep, _) = &self.endpoints[&endpoint];
+                    answers[i] = Some(match ep.records(vec![id]).await {
+                        Ok(mut r)
+                            if r[0]
+                                .as_ref()
+                                .is_some_and(|r| r.submitter == peer.to_string()) =>
+                        {
+                            Answer::Accepted(r.remove(0).expect("checked above"))
+                        }
+                        _ => Answer::Refused(why),
+                    });
                 }
                 let touched: Vec<String> = groups.keys().cloned().collect();
                 for (name, items) in groups {
@@ -162,6 +180,66 @@ impl Service {
     }
 }
 
+impl Service {
+    /// Whether the member `from` (`peer`) may run `t` on an endpoint with `policy`: by policy,
+    /// or with the capability token the task carries.
+    fn admit(
+        &self,
+        from: &Member,
+        peer: PeerId,
+        policy: Policy,
+        t: &compute::Submission,
+    ) -> Result<(), String> {
+        let why = match mesh::routing::may_use(
+            policy,
+            self.own.institution.as_deref(),
+            from.institution.as_deref(),
+        ) {
+            Ok(()) => return Ok(()),
+            Err(why) => why,
+        };
+        if !mesh::access::admits_tokens(policy) {
+            tracing::info!(%peer, endpoint = %t.endpoint, %why, "refused a task");
+            return Err(why);
+        }
+        let Some(token) = &t.capability else {
+            return Err(format!(
+                "{why}, and the task carries no token: an admin of {} grants one with `funcmesh \
+                 cap grant`, and the submitting node adds it with `funcmesh cap add`",
+                self.own
+                    .institution
+                    .as_deref()
+                    .unwrap_or("this institution")
+            ));
+        };
+        let (Some(root), Some(institution)) = (self.access.institution(), from.institution_key)
+        else {
+            return Err(format!(
+                "{why}; a capability token needs a member of an institution on both sides"
+            ));
+        };
+        let req = capability::Request {
+            peer: peer.to_string(),
+            institution: crdt_registry::Key(institution.0),
+            time: compute::task::now_us() / 1_000_000,
+            endpoint: self
+                .endpoint_ids
+                .get(&t.endpoint)
+                .cloned()
+                .unwrap_or_default(),
+            function: Some(t.function_id.clone()),
+            ability: capability::Ability::ComputeRun,
+        };
+        self.access.check(token, &root, &req).map_err(|refusal| {
+            let reason = refusal.to_string();
+            if self.access.first_refusal(token, &reason) {
+                tracing::info!(%peer, endpoint = %t.endpoint, %reason, "refused a capability token");
+            }
+            format!("capability refused: {reason}")
+        })
+    }
+}
+
 struct LocalService(Arc<Service>);
 
 impl Local for LocalService {
@@ -176,9 +254,11 @@ impl Local for LocalService {
 }
 
 /// Starts the endpoints of `config`, the dispatcher and the loops between them and the mesh.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn start(
     mesh: &mesh::Handle,
     store: &store::Store,
+    node_key: crdt_registry::Key,
     work_dir: &std::path::Path,
     config: &Config,
     own: &Member,
@@ -187,7 +267,27 @@ pub(crate) async fn start(
 ) -> anyhow::Result<Tasks> {
     let me = mesh.peer_id();
     let label: String = me.to_string().chars().rev().take(10).collect();
+    let access = Access::new(me, own.institution_key.map(|k| crdt_registry::Key(k.0)));
+    crate::capabilities::load(store, &access).await?;
+    crate::capabilities::refresh_directory(mesh, &access).await;
+    {
+        // Revocations and admissions reach the verifier within half a second of the registry.
+        let mesh = mesh.clone();
+        let access = access.clone();
+        let cancel = cancel.clone();
+        tracker.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = cancel.cancelled() => break,
+                    _ = tick.tick() => crate::capabilities::refresh_directory(&mesh, &access).await,
+                }
+            }
+        });
+    }
     let mut endpoints = HashMap::new();
+    let mut endpoint_ids = HashMap::new();
     let mut results = Vec::new();
     for section in &config.endpoint {
         let policy: Policy = section
@@ -204,12 +304,18 @@ pub(crate) async fn start(
         )
         .await?;
         results.push((ep.clone(), rx));
+        endpoint_ids.insert(
+            section.name.clone(),
+            crdt_registry::record::EndpointRecord::id_for(&node_key, &section.name),
+        );
         endpoints.insert(section.name.clone(), (ep, policy));
     }
     let service = Arc::new(Service {
         me,
         own: own.clone(),
         endpoints,
+        endpoint_ids,
+        access: access.clone(),
         dispatcher: std::sync::OnceLock::new(),
         delivering: Mutex::new(HashSet::new()),
     });
@@ -220,6 +326,7 @@ pub(crate) async fn start(
             lost_after: config.mesh.endpoint_lost_after,
             retention: Duration::from_secs(7 * 24 * 3600),
             institution: own.institution.clone(),
+            access: access.clone(),
         },
         Arc::new(LocalService(service.clone())),
         cancel.child_token(),
@@ -329,7 +436,7 @@ pub(crate) async fn start(
             }
         });
     }
-    Ok(Tasks { dispatcher })
+    Ok(Tasks { dispatcher, access })
 }
 
 fn endpoint_load(name: &str, l: &compute::pool::Load) -> EndpointLoad {
@@ -493,6 +600,9 @@ pub struct NewTask {
     pub retries: u32,
     /// Time limit, milliseconds (0: the endpoint's default).
     pub timeout_ms: u64,
+    /// A capability token to present (text form), instead of one this node holds.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub capability: Option<String>,
 }
 
 /// `POST /v1/tasks`: one task (the fields of [`NewTask`]) or many (`tasks`), optionally waiting.
@@ -556,6 +666,7 @@ pub(crate) fn requests(
                 },
                 strategy,
                 retries: t.retries,
+                capability: t.capability.map(|c| c.trim().to_owned()),
             })
         })
         .collect()

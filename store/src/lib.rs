@@ -38,8 +38,20 @@ pub mod cf {
     /// Tasks this node submitted (mesh dispatch): `<task id>` → JSON `mesh::tasks::Submitted`.
     pub const SUBMITTED: &str = "submitted";
 
+    /// Capability tokens this node holds (`funcmesh cap add`): the token's last revocation id
+    /// (hex) → the token's text form.
+    pub const CAPABILITIES: &str = "capabilities";
+
     /// All column families, in creation order.
-    pub const ALL: &[&str] = &[META, PEERS, REGISTRY, REGISTRY_SYNC, TASKS, SUBMITTED];
+    pub const ALL: &[&str] = &[
+        META,
+        PEERS,
+        REGISTRY,
+        REGISTRY_SYNC,
+        TASKS,
+        SUBMITTED,
+        CAPABILITIES,
+    ];
 }
 
 /// On-disk schema version, bumped on any incompatible layout change.

@@ -58,6 +58,7 @@ fn shell(command: &str) -> FunctionRecord {
 
 fn submission(f: &FunctionRecord, args: Value, kwargs: Value) -> Submission {
     Submission {
+        capability: None,
         id: TaskId::random(),
         endpoint: "ep".into(),
         function: f.clone(),

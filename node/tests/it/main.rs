@@ -3,5 +3,6 @@
 // Tests stop at the first surprise; unwrapping is how they say so.
 #![allow(clippy::unwrap_used)]
 
+mod caps;
 mod cli;
 mod tasks;

@@ -1,0 +1,170 @@
+//! Who may use which endpoint, on both sides of a task: the endpoint checks every task against
+//! its access policy and, where the policy asks for one, the capability token the task carries;
+//! the submitting node offers the router only endpoints it may use and attaches the token that
+//! lets it. Both sides share one [`Access`]: the registry's directory (admitted institutions,
+//! token revocations), the tokens this node holds, and a caching [`capability::Verifier`].
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, RwLock};
+
+use capability::{Ability, Directory, Key, Refusal, Request, Verifier};
+use crdt_registry::record::Policy;
+use libp2p::PeerId;
+
+/// Whether tokens can open an endpoint with this policy to those the policy alone refuses.
+pub fn admits_tokens(policy: Policy) -> bool {
+    matches!(
+        policy,
+        Policy::InstitutionAndCapability | Policy::Capability
+    )
+}
+
+/// A token this node holds.
+#[derive(Debug, Clone)]
+pub struct Held {
+    /// Its text form.
+    pub text: String,
+    bytes: Vec<u8>,
+    /// The endpoint it was granted for (registry id).
+    pub endpoint: String,
+}
+
+impl Held {
+    /// Reads a token's text form; refuses what cannot be a token.
+    pub fn parse(text: &str) -> Result<Held, Refusal> {
+        let bytes = capability::from_text(text)?;
+        let chain = capability::inspect(&bytes)?;
+        let endpoint = chain.endpoint().unwrap_or_default().to_owned();
+        Ok(Held {
+            text: capability::to_text(&bytes),
+            bytes,
+            endpoint,
+        })
+    }
+
+    /// The token's bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+/// Access state shared by the endpoint side and the submitting side of one node.
+#[derive(Debug)]
+pub struct Access {
+    me: String,
+    institution: Option<Key>,
+    directory: RwLock<Arc<Directory>>,
+    verifier: Verifier,
+    held: RwLock<Arc<Vec<Held>>>,
+    logged: Mutex<HashSet<(String, String)>>,
+}
+
+impl Access {
+    /// Access for the node `me` of `institution` (none for coordinators).
+    pub fn new(me: PeerId, institution: Option<Key>) -> Arc<Access> {
+        Arc::new(Access {
+            me: me.to_string(),
+            institution,
+            directory: RwLock::new(Arc::new(Directory::default())),
+            verifier: Verifier::new(),
+            held: RwLock::new(Arc::new(Vec::new())),
+            logged: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// This node's institution key.
+    pub fn institution(&self) -> Option<Key> {
+        self.institution
+    }
+
+    /// Replaces the directory (after a registry change).
+    pub fn set_directory(&self, directory: Directory) {
+        *self
+            .directory
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(directory);
+    }
+
+    /// The current directory.
+    pub fn directory(&self) -> Arc<Directory> {
+        self.directory
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Replaces the tokens this node holds.
+    pub fn set_held(&self, held: Vec<Held>) {
+        *self
+            .held
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(held);
+    }
+
+    /// The tokens this node holds.
+    pub fn held(&self) -> Arc<Vec<Held>> {
+        self.held
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Submitting side: the text of a held token that lets this node run `function` on the
+    /// endpoint `endpoint` (registry id) of the institution `root` at `now` (Unix seconds), or
+    /// why there is none.
+    pub fn token_for(
+        &self,
+        endpoint: &str,
+        root: Option<&Key>,
+        function: &str,
+        now: u64,
+    ) -> Result<String, String> {
+        let (Some(root), Some(institution)) = (root, self.institution) else {
+            return Err("this node holds no capability token for it".into());
+        };
+        let held = self.held();
+        let dir = self.directory();
+        let mut last = None;
+        for h in held.iter().filter(|h| h.endpoint == endpoint) {
+            let req = Request {
+                peer: self.me.clone(),
+                institution,
+                time: now,
+                endpoint: endpoint.to_owned(),
+                function: Some(function.to_owned()),
+                ability: Ability::ComputeRun,
+            };
+            match self.verifier.check(&h.bytes, &dir, root, &req) {
+                Ok(_) => return Ok(h.text.clone()),
+                Err(r) => last = Some(r),
+            }
+        }
+        Err(match last {
+            None => "this node holds no capability token for it (an admin of its institution \
+                     grants one with `funcmesh cap grant`; add it here with `funcmesh cap add`)"
+                .into(),
+            Some(r) => format!("the capability token held here is refused: {r}"),
+        })
+    }
+
+    /// Endpoint side: whether the token `text` lets the member `req.peer` do `req` on an
+    /// endpoint of the institution `root`.
+    pub fn check(&self, text: &str, root: &Key, req: &Request) -> Result<(), Refusal> {
+        let bytes = capability::from_text(text)?;
+        let dir = self.directory();
+        self.verifier.check(&bytes, &dir, root, req).map(|_| ())
+    }
+
+    /// Whether this refusal (of this token) is new here: refusals are logged once.
+    pub fn first_refusal(&self, token: &str, reason: &str) -> bool {
+        let tail: String = token.chars().rev().take(32).collect();
+        let mut logged = self
+            .logged
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if logged.len() > 4096 {
+            logged.clear();
+        }
+        logged.insert((tail, reason.to_owned()))
+    }
+}
