@@ -280,7 +280,16 @@ async fn compute_step(net: &Testnet) -> anyhow::Result<()> {
          grant`); {} holds the tokens (`funcmesh cap add`):",
         a1.name, a2.name, b1.name
     );
-    for view in on_b.capabilities().await?.iter().take(1) {
+    // The registry reaches b1 within moments; wait until its verifier knows every institution.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let held = loop {
+        let held = on_b.capabilities().await?;
+        if held.iter().all(|c| c.status == "usable") || Instant::now() > deadline {
+            break held;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    for view in held.iter().take(1) {
         for line in &view.chain {
             println!("    {line}");
         }

@@ -271,12 +271,12 @@ pub(crate) async fn start(
     crate::capabilities::load(store, &access).await?;
     crate::capabilities::refresh_directory(mesh, &access).await;
     {
-        // Revocations and admissions reach the verifier within half a second of the registry.
+        // Revocations and admissions reach the verifier within a quarter second of the registry.
         let mesh = mesh.clone();
         let access = access.clone();
         let cancel = cancel.clone();
         tracker.spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            let mut tick = tokio::time::interval(Duration::from_millis(250));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tokio::select! {
