@@ -85,10 +85,17 @@ fn main() {
     let ab_node = delegate(&grant, &b_seed, Audience::Node("peerB1".into()));
     let abc = delegate(&grant, &b_seed, Audience::Institution(c));
     let abc_node = delegate(&abc, &c_seed, Audience::Node("peerC1".into()));
+    // The most blocks a verifier accepts: seven delegations, alternating between B and C.
+    let mut longest = grant.clone();
+    for i in 0..7 {
+        let (seed, to) = if i % 2 == 0 { (&b_seed, c) } else { (&c_seed, b) };
+        longest = delegate(&longest, seed, Audience::Institution(to));
+    }
     let cases = [
         ("A->B", &grant, "peerB1", b),
         ("A->B->node", &ab_node, "peerB1", b),
         ("A->B->C->node", &abc_node, "peerC1", c),
+        ("A->B->C->...(8 blocks)", &longest, "peerC1", c),
     ];
     for (name, token, peer, inst) in cases {
         let req = Request {
