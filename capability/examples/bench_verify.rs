@@ -88,7 +88,11 @@ fn main() {
     // The most blocks a verifier accepts: seven delegations, alternating between B and C.
     let mut longest = grant.clone();
     for i in 0..7 {
-        let (seed, to) = if i % 2 == 0 { (&b_seed, c) } else { (&c_seed, b) };
+        let (seed, to) = if i % 2 == 0 {
+            (&b_seed, c)
+        } else {
+            (&c_seed, b)
+        };
         longest = delegate(&longest, seed, Audience::Institution(to));
     }
     let cases = [

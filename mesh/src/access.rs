@@ -19,6 +19,27 @@ pub fn admits_tokens(policy: Policy) -> bool {
     )
 }
 
+/// What an endpoint's policy says about a member before any token is looked at.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// The policy admits it.
+    Admitted,
+    /// Only with a capability token (the policy's reason for wanting one).
+    NeedsToken(String),
+    /// No token can help.
+    Refused(String),
+}
+
+/// The policy's verdict on a member of `submitter` using an endpoint of `endpoint`'s
+/// institution (names; `None` for coordinators).
+pub fn verdict(policy: Policy, endpoint: Option<&str>, submitter: Option<&str>) -> Verdict {
+    match crate::routing::may_use(policy, endpoint, submitter) {
+        Ok(()) => Verdict::Admitted,
+        Err(why) if admits_tokens(policy) => Verdict::NeedsToken(why),
+        Err(why) => Verdict::Refused(why),
+    }
+}
+
 /// A token this node holds.
 #[derive(Debug, Clone)]
 pub struct Held {
@@ -166,5 +187,50 @@ impl Access {
             logged.clear();
         }
         logged.insert((tail, reason.to_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_policy_admits_refuses_or_asks_for_a_token() {
+        use Policy::*;
+        let cases = [
+            (Federation, Some("a"), Some("b"), "admitted"),
+            (Federation, Some("a"), None, "admitted"),
+            (Institution, Some("a"), Some("a"), "admitted"),
+            (Institution, Some("a"), Some("b"), "refused"),
+            (InstitutionAndCapability, Some("a"), Some("a"), "admitted"),
+            (InstitutionAndCapability, Some("a"), Some("b"), "token"),
+            (InstitutionAndCapability, Some("a"), None, "token"),
+            (Capability, Some("a"), Some("a"), "token"),
+            (Capability, Some("a"), Some("b"), "token"),
+        ];
+        for (policy, endpoint, submitter, want) in cases {
+            let got = match verdict(policy, endpoint, submitter) {
+                Verdict::Admitted => "admitted",
+                Verdict::NeedsToken(why) => {
+                    assert!(why.contains("capability token"), "{why}");
+                    "token"
+                }
+                Verdict::Refused(why) => {
+                    assert!(why.contains("only members of a"), "{why}");
+                    "refused"
+                }
+            };
+            assert_eq!(got, want, "{policy:?} {endpoint:?} {submitter:?}");
+        }
+    }
+
+    #[test]
+    fn a_node_without_tokens_is_told_how_to_get_one() {
+        let access = Access::new(PeerId::random(), Some(Key([1; 32])));
+        let why = access
+            .token_for("ep", Some(&Key([2; 32])), "f", 0)
+            .unwrap_err();
+        assert!(why.contains("funcmesh cap add"), "{why}");
+        assert!(Held::parse("not a token").is_err());
     }
 }

@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::access::Access;
+use crate::access::{Access, Verdict};
 use crate::network::{Event, Handle};
 use crate::routing::{ADVERT_TOPIC, Advert, Candidate, Requirements, Router, Strategy};
 use crate::tasks::{Answer, MAX_BATCH, TaskRequest, TaskResponse};
@@ -785,22 +785,18 @@ impl Actor {
         let access = self.config.access.clone();
         let institution = self.config.institution.clone();
         let unix = now_us() / 1_000_000;
-        let policy = |c: &Candidate| {
-            crate::routing::may_use(c.policy, c.institution.as_deref(), institution.as_deref())
+        let verdict = |c: &Candidate| {
+            crate::access::verdict(c.policy, c.institution.as_deref(), institution.as_deref())
         };
         let check = |c: &Candidate| -> Result<(), String> {
-            match policy(c) {
-                Ok(()) => Ok(()),
-                Err(why) if crate::access::admits_tokens(c.policy) => {
-                    if explicit.is_some() {
-                        return Ok(());
-                    }
-                    access
-                        .token_for(&c.id, c.institution_key.as_ref(), function_id, unix)
-                        .map(|_| ())
-                        .map_err(|e| format!("{why}; {e}"))
-                }
-                Err(why) => Err(why),
+            match verdict(c) {
+                Verdict::Admitted => Ok(()),
+                Verdict::NeedsToken(_) if explicit.is_some() => Ok(()),
+                Verdict::NeedsToken(why) => access
+                    .token_for(&c.id, c.institution_key.as_ref(), function_id, unix)
+                    .map(|_| ())
+                    .map_err(|e| format!("{why}; {e}")),
+                Verdict::Refused(why) => Err(why),
             }
         };
         let c = self
@@ -815,7 +811,7 @@ impl Actor {
                 now,
             )
             .map_err(|e| e.to_string())?;
-        let token = if policy(&c).is_ok() {
+        let token = if verdict(&c) == Verdict::Admitted {
             None
         } else {
             match explicit {

@@ -41,10 +41,11 @@ fn env_usize(name: &str, default: usize) -> usize {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match std::env::args().nth(1).as_deref() {
-        Some("noop") => noop().await,
+        Some("noop") => noop(false).await,
+        Some("noop-cap") => noop(true).await,
         Some("routing") => routing().await,
         Some("coldstart") => coldstart().await,
-        _ => anyhow::bail!("usage: bench_tasks noop|routing|coldstart"),
+        _ => anyhow::bail!("usage: bench_tasks noop|noop-cap|routing|coldstart"),
     }
 }
 
@@ -104,7 +105,9 @@ async fn until_routable(client: &Client, t: NewTask) -> anyhow::Result<()> {
     }
 }
 
-async fn noop() -> anyhow::Result<()> {
+/// The no-op round trip and throughput. `cap`: across institutions, each task carrying a
+/// capability token that the endpoint verifies (b1 → a1, instead of a1 → a2).
+async fn noop(cap: bool) -> anyhow::Result<()> {
     let samples = env_usize("M", 500);
     let n = env_usize("N", 20_000);
     let batch = env_usize("B", 1000);
@@ -112,30 +115,54 @@ async fn noop() -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     let dir = tmp.path().join("net");
     let started = Instant::now();
+    let (institutions, per) = if cap { (2, 1) } else { (1, 2) };
     let net = local_testnet::up(
         &dir,
-        1,
-        2,
+        institutions,
+        per,
         Role::Endpoint,
         &node::ops::TestnetEndpoint::default(),
     )
     .await?;
-    let a1 = Client::for_node(&DataDir::new(&net.nodes[0].data_dir))?;
+    // The submitting node, and the endpoint it runs on.
+    let (submitter, target) = if cap { (1, "a1") } else { (0, "a2") };
+    let a1 = Client::for_node(&DataDir::new(&net.nodes[submitter].data_dir))?;
     register(&a1, "noop", None).await?;
-    until_routable(&a1, task("noop", 0, Some("a2"), "warm-aware")).await?;
+    if cap {
+        let endpoint = a1.endpoint(target).await?.id;
+        let (_, seed, _) = node::capabilities::institution_key(&net.institutions[0].key)?;
+        let (_, _, b) = node::capabilities::institution_key(&net.institutions[1].key)?;
+        let token = node::capabilities::grant(
+            &seed,
+            &capability::Grant {
+                to: b,
+                endpoint,
+                functions: vec![],
+                abilities: vec![],
+                expires: compute::task::now_us() / 1_000_000 + 3600,
+                not_before: None,
+            },
+        )?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while a1.add_capability(&token).await?.status != "usable" {
+            anyhow::ensure!(Instant::now() < deadline, "the token never became usable");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    until_routable(&a1, task("noop", 0, Some(target), "warm-aware")).await?;
     let startup_s = started.elapsed().as_secs_f64();
 
     // Warm-up: both workers of a2 started, code paths hot.
     for i in 0..50 {
         a1.submit_tasks(
-            vec![task("noop", i, Some("a2"), "warm-aware")],
+            vec![task("noop", i, Some(target), "warm-aware")],
             Duration::from_secs(10),
         )
         .await?;
     }
     a1.submit_tasks(
         (0..1000)
-            .map(|i| task("noop", i, Some("a2"), "warm-aware"))
+            .map(|i| task("noop", i, Some(target), "warm-aware"))
             .collect(),
         Duration::from_secs(60),
     )
@@ -150,7 +177,7 @@ async fn noop() -> anyhow::Result<()> {
         let t0 = Instant::now();
         let list = a1
             .submit_tasks(
-                vec![task("noop", i, Some("a2"), "warm-aware")],
+                vec![task("noop", i, Some(target), "warm-aware")],
                 Duration::from_secs(10),
             )
             .await?;
@@ -177,7 +204,7 @@ async fn noop() -> anyhow::Result<()> {
         let permit = sem.clone().acquire_owned().await?;
         let client = a1.clone();
         let tasks: Vec<NewTask> = (start..(start + batch).min(n))
-            .map(|i| task("noop", i, Some("a2"), "warm-aware"))
+            .map(|i| task("noop", i, Some(target), "warm-aware"))
             .collect();
         joins.spawn(async move {
             let list = client.submit_tasks(tasks, Duration::from_secs(300)).await;
@@ -202,7 +229,11 @@ async fn noop() -> anyhow::Result<()> {
         "version": env!("CARGO_PKG_VERSION"),
         "workers": 2,
         "startup_s": startup_s,
-        "config": format!("testnet of 2 endpoint nodes; client → a1's API (HTTP) → a2's endpoint over the mesh; batches of {batch}, {in_flight} in flight"),
+        "config": if cap {
+            format!("testnet of 2 institutions, 1 endpoint node each; client → b1's API (HTTP) → a1's endpoint over the mesh, every task carrying a capability token; batches of {batch}, {in_flight} in flight")
+        } else {
+            format!("testnet of 2 endpoint nodes; client → a1's API (HTTP) → a2's endpoint over the mesh; batches of {batch}, {in_flight} in flight")
+        },
         "latency_api": "POST /v1/tasks with wait (one task), from a Rust HTTP client with keep-alive",
         "latency_samples": samples,
         "latency_ms": {

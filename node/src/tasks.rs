@@ -11,7 +11,7 @@ use compute::task::{Outcome, Record, Status, TaskId};
 use crdt_registry::record::Policy;
 use futures::future::BoxFuture;
 use mesh::PeerId;
-use mesh::access::Access;
+use mesh::access::{Access, Verdict};
 use mesh::dispatch::{Dispatcher, Local, Submitted};
 use mesh::membership::Member;
 use mesh::routing::{ADVERT_TOPIC, ADVERT_VERSION, Advert, EndpointLoad, EnvironmentLoad};
@@ -190,18 +190,18 @@ impl Service {
         policy: Policy,
         t: &compute::Submission,
     ) -> Result<(), String> {
-        let why = match mesh::routing::may_use(
+        let why = match mesh::access::verdict(
             policy,
             self.own.institution.as_deref(),
             from.institution.as_deref(),
         ) {
-            Ok(()) => return Ok(()),
-            Err(why) => why,
+            Verdict::Admitted => return Ok(()),
+            Verdict::NeedsToken(why) => why,
+            Verdict::Refused(why) => {
+                tracing::info!(%peer, endpoint = %t.endpoint, %why, "refused a task");
+                return Err(why);
+            }
         };
-        if !mesh::access::admits_tokens(policy) {
-            tracing::info!(%peer, endpoint = %t.endpoint, %why, "refused a task");
-            return Err(why);
-        }
         let Some(token) = &t.capability else {
             return Err(format!(
                 "{why}, and the task carries no token: an admin of {} grants one with `funcmesh \
