@@ -664,8 +664,16 @@ fn build_swarm(config: &Config) -> Result<Swarm<Behaviour>, Error> {
         .map_err(|e| Error::Build(e.to_string()))?
         .with_behaviour(|key, relay_client| behaviour(key, relay_client, &fed, relay_server))
         .map_err(|e| Error::Build(e.to_string()))?
-        // Members stay connected; non-members are cut explicitly.
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(24 * 3600)))
+        // Members stay connected; non-members are cut explicitly. Every task, result and
+        // registry sync opens a stream proposing exactly one protocol: `V1Lazy` sends the
+        // proposal and the first message together instead of waiting a round trip for the
+        // listener's confirmation (wire-compatible with `V1`; no nested negotiations here).
+        .with_swarm_config(|c| {
+            c.with_idle_connection_timeout(Duration::from_secs(24 * 3600))
+                .with_substream_upgrade_protocol_override(
+                    libp2p::core::upgrade::Version::V1Lazy,
+                )
+        })
         .build();
     Ok(swarm)
 }
