@@ -1,11 +1,17 @@
 //! The endpoint: a handle and the driver task that owns its pool, its workers and its tasks.
 //!
-//! A submission is stored before it is acknowledged; every phase change is stored as it happens
-//! (batched per turn of the driver's loop); a finished task is stored with its outcome and an
-//! *outbox* mark that stays until the submitter acknowledges the result. After a crash, tasks
-//! that had not started are queued again, and tasks that were running fail with
-//! [`FailureKind::EndpointLost`]: they are never run twice by the endpoint itself (the submitter
-//! decides about retries).
+//! Storage, in the `tasks` column family, batched per turn of the driver's loop:
+//!
+//! * `s/<endpoint>/<id>`: the submission, with its submitter and receipt time, stored before the
+//!   task is acknowledged and kept until the submitter acknowledges the result. A finished task
+//!   whose `s/` entry remains is in the *outbox*.
+//! * `r/<endpoint>/<id>`: the task's record, written when it starts running and when it
+//!   finishes (a queued task's record lives in memory only: its `s/` entry says all a restart
+//!   needs).
+//!
+//! After a crash, tasks that had not started are queued again, and tasks that were running fail
+//! with [`FailureKind::EndpointLost`]: they are never run twice by the endpoint itself (the
+//! submitter decides about retries).
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -262,8 +268,24 @@ fn rkey(endpoint: &str, id: &TaskId) -> Vec<u8> {
 fn skey(endpoint: &str, id: &TaskId) -> Vec<u8> {
     format!("s/{endpoint}/{id}").into_bytes()
 }
-fn okey(endpoint: &str, id: &TaskId) -> Vec<u8> {
-    format!("o/{endpoint}/{id}").into_bytes()
+/// Outbox marks of stores written before `s/` entries doubled as the outbox; migrated on start.
+fn legacy_okey_prefix(endpoint: &str) -> Vec<u8> {
+    format!("o/{endpoint}/").into_bytes()
+}
+
+/// A submission as stored under `s/`: with what a restart needs to rebuild its record.
+#[derive(serde::Serialize)]
+struct PendingRef<'a> {
+    submitter: &'a str,
+    received_us: u64,
+    sub: &'a Submission,
+}
+
+#[derive(serde::Deserialize)]
+struct Pending {
+    submitter: String,
+    received_us: u64,
+    sub: Submission,
 }
 
 struct Live {
@@ -306,62 +328,138 @@ struct Driver {
 
 impl Driver {
     async fn recover(&mut self) -> Result<(), Error> {
-        let prefix = format!("r/{}/", self.config.name).into_bytes();
+        let name = self.config.name.clone();
+        // Stores of earlier versions marked the outbox with `o/` keys and deleted `s/` at finish:
+        // turn each mark into an (empty) `s/` entry, which is what marks the outbox now.
+        let migrate = name.clone();
+        self.store
+            .blocking(move |s| {
+                let prefix = legacy_okey_prefix(&migrate);
+                let mut ops = Vec::new();
+                for (k, _) in s.scan_prefix(store::cf::TASKS, &prefix)? {
+                    let id = &k[prefix.len()..];
+                    let mut skey = format!("s/{migrate}/").into_bytes();
+                    skey.extend_from_slice(id);
+                    if s.get(store::cf::TASKS, &skey)?.is_none() {
+                        ops.push((store::cf::TASKS, skey, Some(Vec::new())));
+                    }
+                    ops.push((store::cf::TASKS, k, None));
+                }
+                if !ops.is_empty() {
+                    s.batch(&ops)?;
+                }
+                Ok(())
+            })
+            .await?;
+        let scan = name.clone();
         let rows = self
             .store
-            .blocking(move |s| s.scan_prefix(store::cf::TASKS, &prefix))
+            .blocking(move |s| {
+                let prefix = format!("s/{scan}/").into_bytes();
+                let mut out = Vec::new();
+                for (k, v) in s.scan_prefix(store::cf::TASKS, &prefix)? {
+                    let mut rkey = format!("r/{scan}/").into_bytes();
+                    rkey.extend_from_slice(&k[prefix.len()..]);
+                    let rec = s.get(store::cf::TASKS, &rkey)?;
+                    out.push((k[prefix.len()..].to_vec(), v, rec));
+                }
+                Ok(out)
+            })
             .await?;
         let now = Instant::now();
-        let (mut requeued, mut lost) = (0, 0);
-        for (_, value) in rows {
-            let Ok(rec) = serde_json::from_slice::<Record>(&value) else {
+        let (mut requeued, mut lost, mut dropped) = (0, 0, Vec::new());
+        for (id, value, rec) in rows {
+            let rec = rec.and_then(|v| serde_json::from_slice::<Record>(&v).ok());
+            if rec.as_ref().is_some_and(|r| r.status.is_terminal()) {
+                continue; // In the outbox.
+            }
+            // Current entries carry the submitter; earlier ones were a bare submission, with the
+            // submitter in the record written at receipt.
+            let pending = serde_json::from_slice::<Pending>(&value).ok().or_else(|| {
+                let sub = serde_json::from_slice::<Submission>(&value).ok()?;
+                let r = rec.as_ref()?;
+                Some(Pending {
+                    submitter: r.submitter.clone(),
+                    received_us: r.times.received_us,
+                    sub,
+                })
+            });
+            let env = pending
+                .as_ref()
+                .and_then(|p| Environment::of(p.sub.function.container.as_ref()).ok());
+            let (Some(p), Some(env)) = (pending, env) else {
+                match rec {
+                    Some(mut rec) => {
+                        lost += 1;
+                        rec.status = Status::Failed;
+                        self.finish_record(
+                            rec,
+                            Outcome::failed(
+                                FailureKind::EndpointLost,
+                                "the endpoint stopped with this task and could not read it back",
+                            ),
+                        );
+                    }
+                    None => dropped.push(id),
+                }
                 continue;
             };
-            if rec.status.is_terminal() {
-                continue;
-            }
-            let key = skey(&self.config.name, &rec.id);
-            let sub = self
-                .store
-                .blocking(move |s| s.get(store::cf::TASKS, &key))
-                .await?
-                .and_then(|v| serde_json::from_slice::<Submission>(&v).ok());
-            let env = sub
-                .as_ref()
-                .and_then(|s| Environment::of(s.function.container.as_ref()).ok());
-            match (sub, env) {
-                (Some(sub), Some(env)) if rec.status != Status::Running => {
-                    requeued += 1;
-                    let q = self.queued(&sub, &env);
-                    self.live.insert(rec.id.clone(), Live { sub, rec });
-                    self.pool.submit(q, now);
-                }
-                (sub, env) => {
-                    lost += 1;
-                    let mut rec = rec;
-                    if let (Some(sub), Some(_)) = (sub, env) {
-                        self.live.insert(
-                            rec.id.clone(),
-                            Live {
-                                sub,
-                                rec: rec.clone(),
-                            },
-                        );
-                    } else {
-                        rec.status = Status::Failed;
-                    }
-                    self.finish_record(
-                        rec,
-                        Outcome::failed(
-                            FailureKind::EndpointLost,
-                            "the endpoint stopped while this task was running; it was not run again",
-                        ),
-                    );
-                }
+            let rec = rec.unwrap_or_else(|| Record {
+                v: RECORD_VERSION,
+                id: p.sub.id.clone(),
+                endpoint: name.clone(),
+                submitter: p.submitter.clone(),
+                function_id: p.sub.function_id.clone(),
+                status: Status::Queued,
+                times: Times {
+                    submitted_us: p.sub.submitted_us,
+                    received_us: p.received_us,
+                    queued_us: p.received_us,
+                    ..Times::default()
+                },
+                worker: None,
+                environment: env.to_string(),
+                cold_start: false,
+                outcome: None,
+            });
+            let sub = p.sub;
+            if rec.status == Status::Running {
+                lost += 1;
+                self.live.insert(
+                    rec.id.clone(),
+                    Live {
+                        sub,
+                        rec: rec.clone(),
+                    },
+                );
+                self.finish_record(
+                    rec,
+                    Outcome::failed(
+                        FailureKind::EndpointLost,
+                        "the endpoint stopped while this task was running; it was not run again",
+                    ),
+                );
+            } else {
+                requeued += 1;
+                let q = self.queued(&sub, &env);
+                self.live.insert(rec.id.clone(), Live { sub, rec });
+                self.pool.submit(q, now);
             }
         }
+        if !dropped.is_empty() {
+            tracing::warn!(endpoint = %name, n = dropped.len(), "dropping stored submissions that cannot be read");
+            let ops: Vec<store::Op> = dropped
+                .into_iter()
+                .map(|id| {
+                    let mut k = format!("s/{name}/").into_bytes();
+                    k.extend_from_slice(&id);
+                    (store::cf::TASKS, k, None)
+                })
+                .collect();
+            self.store.blocking(move |s| s.batch(&ops)).await?;
+        }
         if requeued + lost > 0 {
-            tracing::info!(endpoint = %self.config.name, requeued, lost, "recovered tasks from the store");
+            tracing::info!(endpoint = %name, requeued, lost, "recovered tasks from the store");
         }
         self.apply().await;
         Ok(())
@@ -587,19 +685,21 @@ impl Driver {
                 let found = self
                     .store
                     .blocking(move |s| {
-                        let prefix = format!("o/{name}/").into_bytes();
+                        // The outbox: `s/` entries whose record is final.
+                        let prefix = format!("s/{name}/").into_bytes();
                         let mut out = Vec::new();
-                        for (k, _) in s
-                            .scan_prefix(store::cf::TASKS, &prefix)?
-                            .into_iter()
-                            .take(1000)
-                        {
+                        for k in s.scan_keys(store::cf::TASKS, &prefix)? {
+                            if out.len() >= 1000 {
+                                break;
+                            }
                             let id = &k[prefix.len()..];
                             let mut key = format!("r/{name}/").into_bytes();
                             key.extend_from_slice(id);
                             if let Some(v) = s.get(store::cf::TASKS, &key)? {
                                 if let Ok(rec) = serde_json::from_slice::<Record>(&v) {
-                                    out.push(rec);
+                                    if rec.status.is_terminal() {
+                                        out.push(rec);
+                                    }
                                 }
                             }
                         }
@@ -885,24 +985,36 @@ impl Driver {
         let mut ops: Vec<store::Op> = Vec::new();
         for id in self.new_subs.drain(..) {
             if let Some(l) = self.live.get(&id) {
-                let v = serde_json::to_vec(&l.sub).expect("submissions serialise");
+                let v = serde_json::to_vec(&PendingRef {
+                    submitter: &l.rec.submitter,
+                    received_us: l.rec.times.received_us,
+                    sub: &l.sub,
+                })
+                .expect("submissions serialise");
                 ops.push((store::cf::TASKS, skey(name, &id), Some(v)));
             }
         }
         for id in self.dirty.drain() {
             if let Some(l) = self.live.get(&id) {
+                // Received, queued or waiting for a worker: the `s/` entry is enough to queue it
+                // again after a restart; the record is stored from the moment it runs.
+                if matches!(
+                    l.rec.status,
+                    Status::Received | Status::Queued | Status::WaitingForWorker
+                ) {
+                    continue;
+                }
                 let v = serde_json::to_vec(&l.rec).expect("records serialise");
                 ops.push((store::cf::TASKS, rkey(name, &id), Some(v)));
             }
         }
+        // A finished task keeps its `s/` entry: that is its place in the outbox.
         for rec in &self.finished {
             let v = serde_json::to_vec(rec).expect("records serialise");
             ops.push((store::cf::TASKS, rkey(name, &rec.id), Some(v)));
-            ops.push((store::cf::TASKS, skey(name, &rec.id), None));
-            ops.push((store::cf::TASKS, okey(name, &rec.id), Some(Vec::new())));
         }
         for id in self.acks.drain(..) {
-            ops.push((store::cf::TASKS, okey(name, &id), None));
+            ops.push((store::cf::TASKS, skey(name, &id), None));
         }
         // Results go out before the write: the submitter stores what it receives, and until it
         // acknowledges, the outbox (written below) keeps the result for redelivery.
@@ -942,7 +1054,7 @@ impl Driver {
                     };
                     if rec.status.is_terminal() && rec.times.finished_us < horizon {
                         ops.push((store::cf::TASKS, k, None));
-                        ops.push((store::cf::TASKS, okey(&name, &rec.id), None));
+                        ops.push((store::cf::TASKS, skey(&name, &rec.id), None));
                     }
                 }
                 let n = ops.len() / 2;

@@ -670,9 +670,7 @@ fn build_swarm(config: &Config) -> Result<Swarm<Behaviour>, Error> {
         // listener's confirmation (wire-compatible with `V1`; no nested negotiations here).
         .with_swarm_config(|c| {
             c.with_idle_connection_timeout(Duration::from_secs(24 * 3600))
-                .with_substream_upgrade_protocol_override(
-                    libp2p::core::upgrade::Version::V1Lazy,
-                )
+                .with_substream_upgrade_protocol_override(libp2p::core::upgrade::Version::V1Lazy)
         })
         .build();
     Ok(swarm)

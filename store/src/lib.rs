@@ -33,9 +33,10 @@ pub mod cf {
     /// Registry sync state per peer: peer id (UTF-8) → encoded Automerge `sync::State`.
     pub const REGISTRY_SYNC: &str = "registry_sync";
 
-    /// Tasks an endpoint of this node accepted (compute): `<endpoint name>/<task id>` → JSON
-    /// `compute::Record`; `~out/<endpoint name>/<task id>` → empty, while the finished task's
-    /// result has not been acknowledged by its submitter.
+    /// Tasks an endpoint of this node accepted (compute): `s/<endpoint>/<task id>` → JSON of the
+    /// submission with its submitter and receipt time, from receipt until the submitter
+    /// acknowledges the result (a finished task with an `s/` entry is in the outbox);
+    /// `r/<endpoint>/<task id>` → JSON `compute::Record`, from the moment the task runs.
     pub const TASKS: &str = "tasks";
     /// Tasks this node submitted (mesh dispatch): `<task id>` → JSON `mesh::tasks::Submitted`.
     pub const SUBMITTED: &str = "submitted";
@@ -259,6 +260,24 @@ impl Store {
                 break;
             }
             out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// The keys starting with `prefix`, in order, without copying their values.
+    pub fn scan_keys(&self, cf: &'static str, prefix: &[u8]) -> Result<Vec<Vec<u8>>, Error> {
+        let mode = rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward);
+        let mut out = Vec::new();
+        for r in self.db.iterator_cf(self.handle(cf), mode) {
+            let (k, _) = r.map_err(|source| Error::Io {
+                op: "scan",
+                cf,
+                source,
+            })?;
+            if !k.starts_with(prefix) {
+                break;
+            }
+            out.push(k.to_vec());
         }
         Ok(out)
     }

@@ -491,3 +491,84 @@ async fn a_pickled_function_and_arguments_run_when_cloudpickle_is_there() {
     assert_eq!(String::from_utf8_lossy(&check.stdout).trim(), "{'sum': 12}");
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_of_the_earlier_layout_keeps_its_outbox_and_queue_after_an_upgrade() {
+    // Before: `s/` held a bare submission until the task finished, every phase had an `r/`
+    // record, and `o/` marked results not yet acknowledged.
+    let dir = tempfile::tempdir().unwrap();
+    let finished = submission(&f("add"), json!([1]), json!({}));
+    let queued = submission(&f("add"), json!([9]), json!({}));
+    let record = |id: &compute::TaskId, status: Status, outcome: Option<Outcome>| Record {
+        v: compute::task::RECORD_VERSION,
+        id: id.clone(),
+        endpoint: "ep".into(),
+        submitter: "peer".into(),
+        function_id: f("add").content_id(),
+        status,
+        // Recent: the retention sweep (which runs at start) keeps it.
+        times: compute::task::Times {
+            submitted_us: compute::task::now_us(),
+            received_us: compute::task::now_us(),
+            finished_us: compute::task::now_us(),
+            ..Default::default()
+        },
+        worker: None,
+        environment: "host".into(),
+        cold_start: false,
+        outcome,
+    };
+    {
+        let store = store::Store::open(&dir.path().join("db")).unwrap();
+        let done = record(
+            &finished.id,
+            Status::Succeeded,
+            Some(Outcome::Succeeded { value: json!(2) }),
+        );
+        let put = |k: String, v: Vec<u8>| (store::cf::TASKS, k.into_bytes(), Some(v));
+        store
+            .batch(&[
+                put(
+                    format!("r/ep/{}", finished.id),
+                    serde_json::to_vec(&done).unwrap(),
+                ),
+                put(format!("o/ep/{}", finished.id), Vec::new()),
+                put(
+                    format!("r/ep/{}", queued.id),
+                    serde_json::to_vec(&record(&queued.id, Status::Queued, None)).unwrap(),
+                ),
+                put(
+                    format!("s/ep/{}", queued.id),
+                    serde_json::to_vec(&queued).unwrap(),
+                ),
+            ])
+            .unwrap();
+    }
+    let mut h = start_in(dir, config()).await;
+    let q = h.wait(&queued.id).await;
+    assert_eq!(
+        value(&q),
+        &json!(10),
+        "the queued task ran after the upgrade"
+    );
+    assert_eq!(q.submitter, "peer");
+    let unacked = h.endpoint.unacknowledged().await.unwrap();
+    let ids: Vec<&compute::TaskId> = unacked.iter().map(|r| &r.id).collect();
+    assert!(ids.contains(&&finished.id), "{ids:?}");
+    assert!(ids.contains(&&queued.id), "{ids:?}");
+    h.endpoint
+        .acknowledge(vec![finished.id.clone(), queued.id.clone()])
+        .await
+        .unwrap();
+    let ep = h.endpoint.clone();
+    until("the outbox to empty", || {
+        let ep = ep.clone();
+        async move { ep.unacknowledged().await.unwrap().is_empty() }
+    })
+    .await;
+    let (_dir, store) = h.stop().await;
+    assert!(
+        store.scan_keys(store::cf::TASKS, b"o/").unwrap().is_empty(),
+        "the old outbox marks are gone"
+    );
+}
