@@ -31,7 +31,7 @@ pub use token::{
 };
 pub use verify::{
     Directory, Refusal, Request, Verified, Verifier, authorize, check_revocations, run_datalog,
-    verify,
+    token_hash, verify,
 };
 
 pub use crdt_registry::Key;

@@ -405,6 +405,11 @@ pub fn authorize(v: &Verified, dir: &Directory, req: &Request) -> Result<(), Ref
 
 const CACHE_ENTRIES: usize = 4096;
 
+/// The cache key of a token's bytes (SHA-256).
+pub fn token_hash(token: &[u8]) -> [u8; 32] {
+    Sha256::digest(token).into()
+}
+
 #[derive(Debug, Default)]
 struct Caches {
     fingerprint: u64,
@@ -434,10 +439,22 @@ impl Verifier {
         root: &Key,
         req: &Request,
     ) -> Result<Arc<Verified>, Refusal> {
+        self.check_hashed(token, token_hash(token), dir, root, req)
+    }
+
+    /// [`Verifier::check`] with the token's [`token_hash`] computed once by the caller (a batch
+    /// of tasks presenting one token hashes it once).
+    pub fn check_hashed(
+        &self,
+        token: &[u8],
+        hash: [u8; 32],
+        dir: &Directory,
+        root: &Key,
+        req: &Request,
+    ) -> Result<Arc<Verified>, Refusal> {
         if token.len() > MAX_TOKEN_BYTES {
             return Err(Refusal::TooLarge(token.len()));
         }
-        let hash: [u8; 32] = Sha256::digest(token).into();
         let cached = {
             let mut c = self.lock();
             if c.fingerprint != dir.fingerprint {

@@ -69,6 +69,51 @@ impl Held {
     }
 }
 
+/// A token as a task presents it: decoded and hashed once per batch.
+#[derive(Debug, Clone)]
+pub struct Presented {
+    /// Its text form.
+    pub text: String,
+    bytes: Vec<u8>,
+    hash: [u8; 32],
+}
+
+impl Presented {
+    /// Decodes a token's text form.
+    pub fn from_text(text: &str) -> Result<Presented, Refusal> {
+        let bytes = capability::from_text(text)?;
+        Ok(Presented {
+            text: text.to_owned(),
+            hash: capability::token_hash(&bytes),
+            bytes,
+        })
+    }
+}
+
+/// How a task in a `Submit` batch refers to a token of the batch's table: `@<index>`. Token
+/// texts are URL-safe base64, which never starts with `@`.
+pub fn token_ref(index: usize) -> String {
+    format!("@{index}")
+}
+
+/// The token a task presents: a reference into the batch's `tokens`, or (from older
+/// submitters) the token itself.
+pub fn presented<'a>(
+    capability: &str,
+    table: &'a [Result<Presented, Refusal>],
+) -> Result<std::borrow::Cow<'a, Presented>, Refusal> {
+    match capability.strip_prefix('@') {
+        Some(i) => match i.parse::<usize>().ok().and_then(|i| table.get(i)) {
+            Some(Ok(p)) => Ok(std::borrow::Cow::Borrowed(p)),
+            Some(Err(e)) => Err(e.clone()),
+            None => Err(Refusal::Malformed(format!(
+                "the task refers to token {capability}, which its batch does not carry"
+            ))),
+        },
+        None => Presented::from_text(capability).map(std::borrow::Cow::Owned),
+    }
+}
+
 /// Access state shared by the endpoint side and the submitting side of one node.
 #[derive(Debug)]
 pub struct Access {
@@ -171,9 +216,20 @@ impl Access {
     /// Endpoint side: whether the token `text` lets the member `req.peer` do `req` on an
     /// endpoint of the institution `root`.
     pub fn check(&self, text: &str, root: &Key, req: &Request) -> Result<(), Refusal> {
-        let bytes = capability::from_text(text)?;
+        self.check_presented(&Presented::from_text(text)?, root, req)
+    }
+
+    /// [`Access::check`] for a token decoded once per batch.
+    pub fn check_presented(
+        &self,
+        token: &Presented,
+        root: &Key,
+        req: &Request,
+    ) -> Result<(), Refusal> {
         let dir = self.directory();
-        self.verifier.check(&bytes, &dir, root, req).map(|_| ())
+        self.verifier
+            .check_hashed(&token.bytes, token.hash, &dir, root, req)
+            .map(|_| ())
     }
 
     /// Whether this refusal (of this token) is new here: refusals are logged once.
@@ -222,6 +278,38 @@ mod tests {
             };
             assert_eq!(got, want, "{policy:?} {endpoint:?} {submitter:?}");
         }
+    }
+
+    #[test]
+    fn a_task_refers_to_its_batchs_tokens_by_index() {
+        let grant = capability::grant(
+            &[1; 32],
+            &capability::Grant {
+                to: Key([2; 32]),
+                endpoint: "ep".into(),
+                functions: vec![],
+                abilities: vec![],
+                expires: 4_000_000_000,
+                not_before: None,
+            },
+        )
+        .unwrap();
+        let text = capability::to_text(&grant);
+        let table = vec![
+            Presented::from_text(&text),
+            Err(Refusal::Malformed("bad".into())),
+        ];
+        assert_eq!(presented(&token_ref(0), &table).unwrap().text, text);
+        assert_eq!(presented(&text, &table).unwrap().text, text);
+        assert!(matches!(
+            presented("@1", &table),
+            Err(Refusal::Malformed(m)) if m == "bad"
+        ));
+        for bad in ["@2", "@", "@x", "@-1"] {
+            let e = presented(bad, &table).unwrap_err();
+            assert!(e.to_string().contains("does not carry"), "{bad}: {e}");
+        }
+        assert!(presented("not a token!", &table).is_err());
     }
 
     #[test]

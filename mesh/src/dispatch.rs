@@ -770,7 +770,8 @@ impl Actor {
     }
 
     /// Chooses an endpoint among those this node may use (by policy, or with a capability
-    /// token: `explicit`, or one it holds), and the token to present there.
+    /// token: `explicit`, or one it holds). The token itself is attached when the task is sent
+    /// ([`Actor::token_to_present`]).
     #[allow(clippy::too_many_arguments)]
     fn route(
         &mut self,
@@ -781,7 +782,7 @@ impl Actor {
         explicit: Option<&str>,
         exclude: &HashSet<String>,
         now: Instant,
-    ) -> Result<(Candidate, Option<String>), String> {
+    ) -> Result<Candidate, String> {
         let access = self.config.access.clone();
         let institution = self.config.institution.clone();
         let unix = now_us() / 1_000_000;
@@ -799,8 +800,7 @@ impl Actor {
                 Verdict::Refused(why) => Err(why),
             }
         };
-        let c = self
-            .router
+        self.router
             .choose(
                 env,
                 requirements,
@@ -810,23 +810,14 @@ impl Actor {
                 exclude,
                 now,
             )
-            .map_err(|e| e.to_string())?;
-        let token = if verdict(&c) == Verdict::Admitted {
-            None
-        } else {
-            match explicit {
-                Some(t) => Some(t.to_owned()),
-                None => {
-                    Some(access.token_for(&c.id, c.institution_key.as_ref(), function_id, unix)?)
-                }
-            }
-        };
-        Ok((c, token))
+            .map_err(|e| e.to_string())
     }
 
     fn accept(&mut self, r: Request, now: Instant) -> Result<Submitted, String> {
         let env = Environment::of(r.function.record.container.as_ref())?;
-        let (c, token) = self.route(
+        // A token is attached when the task is sent (`send_unsent`), once per batch; it is
+        // not stored with the task.
+        let c = self.route(
             &env,
             &r.requirements,
             r.strategy,
@@ -855,7 +846,7 @@ impl Actor {
             encoding: r.encoding,
             timeout_ms: r.timeout_ms,
             submitted_us,
-            capability: token,
+            capability: None,
         };
         submission.check()?;
         let t = Submitted {
@@ -905,6 +896,37 @@ impl Actor {
         }
     }
 
+    /// The token a task for `function` presents at the endpoint `endpoint` (registry id): the
+    /// one its submitter gave, or one this node holds when the endpoint's policy asks for one.
+    fn token_to_present(
+        &self,
+        endpoint: &str,
+        function: &str,
+        explicit: Option<&str>,
+    ) -> Option<String> {
+        if let Some(t) = explicit {
+            return Some(t.to_owned());
+        }
+        let c = self.candidates.iter().find(|c| c.id == endpoint)?;
+        match crate::access::verdict(
+            c.policy,
+            c.institution.as_deref(),
+            self.config.institution.as_deref(),
+        ) {
+            Verdict::NeedsToken(_) => self
+                .config
+                .access
+                .token_for(
+                    endpoint,
+                    c.institution_key.as_ref(),
+                    function,
+                    now_us() / 1_000_000,
+                )
+                .ok(),
+            _ => None,
+        }
+    }
+
     /// Sends the tasks waiting for their endpoint (all, or one peer's).
     fn send_unsent(&mut self, only: Option<PeerId>) {
         let now = Instant::now();
@@ -921,15 +943,49 @@ impl Actor {
                 continue;
             };
             for chunk in ids.chunks(MAX_BATCH.min(1024)) {
-                let tasks: Vec<Submission> = chunk
-                    .iter()
-                    .filter_map(|id| self.live.get(id).map(|t| t.submission.clone()))
-                    .collect();
+                let mut tokens: Vec<String> = Vec::new();
+                // Per (endpoint, function, explicit token): the index in `tokens`, if any.
+                let mut refs: HashMap<(String, String, Option<String>), Option<usize>> =
+                    HashMap::new();
+                let mut tasks: Vec<Submission> = Vec::with_capacity(chunk.len());
+                for id in chunk {
+                    let Some(t) = self.live.get(id) else {
+                        continue;
+                    };
+                    let endpoint = t
+                        .target()
+                        .map(|x| x.endpoint_id.clone())
+                        .unwrap_or_default();
+                    let key = (
+                        endpoint,
+                        t.submission.function_id.clone(),
+                        t.capability.clone(),
+                    );
+                    let index = match refs.get(&key) {
+                        Some(i) => *i,
+                        None => {
+                            let i = self.token_to_present(&key.0, &key.1, key.2.as_deref()).map(
+                                |text| match tokens.iter().position(|x| *x == text) {
+                                    Some(i) => i,
+                                    None => {
+                                        tokens.push(text);
+                                        tokens.len() - 1
+                                    }
+                                },
+                            );
+                            refs.insert(key, i);
+                            i
+                        }
+                    };
+                    let mut sub = t.submission.clone();
+                    sub.capability = index.map(crate::access::token_ref);
+                    tasks.push(sub);
+                }
                 if tasks.is_empty() {
                     continue;
                 }
                 let ids: Vec<TaskId> = chunk.to_vec();
-                let fut = self.send_request(peer, TaskRequest::Submit { tasks });
+                let fut = self.send_request(peer, TaskRequest::Submit { tasks, tokens });
                 let tx = self.tx.clone();
                 self.tracker.spawn(async move {
                     let res = fut.await;
@@ -1085,8 +1141,7 @@ impl Actor {
                 )
             });
             match choice {
-                Ok((c, token)) => {
-                    t.submission.capability = token;
+                Ok(c) => {
                     t.retries_left -= 1;
                     let wire = wire_id(&t.id, t.attempts.len());
                     t.attempts.push(Attempt {

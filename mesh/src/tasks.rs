@@ -26,8 +26,11 @@ pub const MAX_BATCH: usize = 4096;
 pub enum TaskRequest {
     /// Run these tasks.
     Submit {
-        /// The tasks.
+        /// The tasks. A task's `capability` is `@<index>` into `tokens`.
         tasks: Vec<Submission>,
+        /// The capability tokens the tasks present, each once.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        tokens: Vec<String>,
     },
     /// These tasks finished.
     Results {
@@ -105,7 +108,7 @@ impl TaskRequest {
     /// Checks the batch bounds.
     pub fn check(&self) -> Result<(), String> {
         let n = match self {
-            TaskRequest::Submit { tasks } => tasks.len(),
+            TaskRequest::Submit { tasks, tokens } => tasks.len().max(tokens.len()),
             TaskRequest::Results { records, .. } => records.len(),
             TaskRequest::Records { ids, .. } => ids.len(),
             TaskRequest::Cancel { .. } => 1,

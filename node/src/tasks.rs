@@ -11,7 +11,7 @@ use compute::task::{Outcome, Record, Status, TaskId};
 use crdt_registry::record::Policy;
 use futures::future::BoxFuture;
 use mesh::PeerId;
-use mesh::access::{Access, Verdict};
+use mesh::access::{Access, Presented, Verdict};
 use mesh::dispatch::{Dispatcher, Local, Submitted};
 use mesh::membership::Member;
 use mesh::routing::{ADVERT_TOPIC, ADVERT_VERSION, Advert, EndpointLoad, EnvironmentLoad};
@@ -45,7 +45,10 @@ pub(crate) struct Service {
 impl Service {
     async fn handle(&self, from: &Member, peer: PeerId, request: TaskRequest) -> TaskResponse {
         match request {
-            TaskRequest::Submit { tasks } => {
+            TaskRequest::Submit { tasks, tokens } => {
+                // Each distinct token is decoded and hashed once per batch.
+                let tokens: Vec<Result<Presented, capability::Refusal>> =
+                    tokens.iter().map(|t| Presented::from_text(t)).collect();
                 let mut answers: Vec<Option<Answer>> = vec![None; tasks.len()];
                 let mut groups: BTreeMap<String, Vec<(usize, compute::Submission)>> =
                     BTreeMap::new();
@@ -58,7 +61,7 @@ impl Service {
                                 t.endpoint
                             )))
                         }
-                        Some((_, policy)) => match self.admit(from, peer, *policy, &t) {
+                        Some((_, policy)) => match self.admit(from, peer, *policy, &t, &tokens) {
                             Ok(()) => {
                                 // Checked: the endpoint keeps no copy of the token.
                                 t.capability = None;
@@ -189,6 +192,7 @@ impl Service {
         peer: PeerId,
         policy: Policy,
         t: &compute::Submission,
+        tokens: &[Result<Presented, capability::Refusal>],
     ) -> Result<(), String> {
         let why = match mesh::access::verdict(
             policy,
@@ -230,13 +234,21 @@ impl Service {
             function: Some(t.function_id.clone()),
             ability: capability::Ability::ComputeRun,
         };
-        self.access.check(token, &root, &req).map_err(|refusal| {
-            let reason = refusal.to_string();
-            if self.access.first_refusal(token, &reason) {
-                tracing::info!(%peer, endpoint = %t.endpoint, %reason, "refused a capability token");
-            }
-            format!("capability refused: {reason}")
-        })
+        let presented = mesh::access::presented(token, tokens);
+        presented
+            .and_then(|p| {
+                self.access
+                    .check_presented(&p, &root, &req)
+                    .map_err(|refusal| (refusal, p.text.clone()))
+                    .map_err(|(refusal, text)| {
+                        let reason = refusal.to_string();
+                        if self.access.first_refusal(&text, &reason) {
+                            tracing::info!(%peer, endpoint = %t.endpoint, %reason, "refused a capability token");
+                        }
+                        refusal
+                    })
+            })
+            .map_err(|refusal| format!("capability refused: {refusal}"))
     }
 }
 
