@@ -494,6 +494,17 @@ impl Actor {
         }
     }
 
+    /// A task as stored, when it is no longer live.
+    async fn stored_one(&self, id: &TaskId) -> Option<Submitted> {
+        let k = id.as_str().as_bytes().to_vec();
+        self.store
+            .blocking(move |s| s.get(store::cf::SUBMITTED, &k))
+            .await
+            .ok()
+            .flatten()
+            .and_then(|v| serde_json::from_slice(&v).ok())
+    }
+
     async fn refresh_candidates(&mut self, force: bool) {
         let fresh = self
             .candidates_at
@@ -586,17 +597,7 @@ impl Actor {
             }
             Cmd::Cancel(id, reply) => {
                 let Some(t) = self.live.get(&id) else {
-                    let found = self
-                        .store
-                        .blocking({
-                            let k = id.as_str().as_bytes().to_vec();
-                            move |s| s.get(store::cf::SUBMITTED, &k)
-                        })
-                        .await
-                        .ok()
-                        .flatten()
-                        .and_then(|v| serde_json::from_slice(&v).ok());
-                    let _ = reply.send(found);
+                    let _ = reply.send(self.stored_one(&id).await);
                     return;
                 };
                 let Some(a) = t.attempts.last() else {
@@ -618,6 +619,12 @@ impl Actor {
                 });
             }
             Cmd::CancelAnswered(id, res, reply) => {
+                // Its result may have arrived first and concluded it in an earlier turn (the
+                // endpoint sends a finished task at once): answer with what is stored.
+                if !self.live.contains_key(&id) && !self.done.iter().any(|t| t.id == id) {
+                    let _ = reply.send(self.stored_one(&id).await);
+                    return;
+                }
                 match res {
                     Ok(TaskResponse::Cancelled { record: Some(rec) })
                         if rec.status.is_terminal() =>
