@@ -363,12 +363,23 @@ async fn bad_submissions_are_refused_with_the_reason() {
     let wrong_runtime = submission(&docker, json!([1]), json!({}));
     let mut elsewhere = submission(&f("add"), json!([1]), json!({}));
     elsewhere.endpoint = "other".into();
+    // Same id as a function the endpoint has just checked, other code: still refused (a
+    // function is hashed once per id only while its record stays the same).
+    let mut swapped = submission(&f("add"), json!([1]), json!({}));
+    swapped.function.description = "same code, other words".into();
+    if let FunctionSpec::PythonSource { source, .. } = &mut swapped.function.spec {
+        source.push_str("\nimport os\n");
+    }
     let answers = h
         .endpoint
-        .submit("peer", vec![tampered, bad_args, wrong_runtime, elsewhere])
+        .submit(
+            "peer",
+            vec![tampered, bad_args, wrong_runtime, elsewhere, swapped],
+        )
         .await
         .unwrap();
     let errs: Vec<String> = answers.into_iter().map(|a| a.unwrap_err()).collect();
+    assert!(errs[4].contains("does not match its id"), "{}", errs[4]);
     assert!(errs[0].contains("does not match its id"), "{}", errs[0]);
     assert!(errs[1].contains("args must be a JSON array"), "{}", errs[1]);
     assert!(
