@@ -27,7 +27,8 @@ mod verify;
 
 pub use inspect::{Block, Chain, Statement, inspect};
 pub use token::{
-    Audience, Delegation, Grant, append_plain, append_signed, delegate, delegate_unchecked, grant,
+    Audience, Delegation, Grant, append_plain, append_signed, claim_root, delegate,
+    delegate_unchecked, grant,
 };
 pub use verify::{
     Directory, Refusal, Request, Verified, Verifier, authorize, check_revocations, run_datalog,

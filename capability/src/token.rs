@@ -191,6 +191,36 @@ pub fn delegate_unchecked(
     Ok(child.to_vec()?)
 }
 
+/// The same token claiming to be issued by `claimed`: its unsigned root key id hint replaced,
+/// its signatures untouched. For tests: verifiers must refuse it as an invalid signature.
+pub fn claim_root(token: &[u8], claimed: &Key) -> Result<Vec<u8>, Error> {
+    let chain = crate::inspect(token).map_err(|e| Error::Unreadable(e.to_string()))?;
+    let hint = chain
+        .root_key_id
+        .ok_or_else(|| Error::Invalid("the token has no root key id".into()))?;
+    let (from, to) = (varint(hint), varint(root_key_id(claimed)));
+    let at = token
+        .windows(from.len())
+        .position(|w| w == from.as_slice())
+        .ok_or_else(|| Error::Invalid("root key id not found".into()))?;
+    let mut out = token.to_vec();
+    out.splice(at..at + from.len(), to);
+    Ok(out)
+}
+
+fn varint(mut v: u32) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let b = (v & 0x7f) as u8;
+        v >>= 7;
+        if v == 0 {
+            out.push(b);
+            return out;
+        }
+        out.push(b | 0x80);
+    }
+}
+
 /// Appends a plain (unsigned) block of Datalog: for tests of what such blocks cannot do.
 pub fn append_plain(token: &[u8], code: &str) -> Result<Vec<u8>, Error> {
     let parent = UnverifiedBiscuit::from(token).map_err(|e| Error::Unreadable(e.to_string()))?;

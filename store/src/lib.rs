@@ -248,6 +248,20 @@ impl Store {
 
     /// Every entry whose key starts with `prefix`, in key order.
     pub fn scan_prefix(&self, cf: &'static str, prefix: &[u8]) -> Result<Vec<Entry>, Error> {
+        self.scan_with(cf, prefix, |k, v| (k.to_vec(), v.to_vec()))
+    }
+
+    /// The keys starting with `prefix`, in order, without copying their values.
+    pub fn scan_keys(&self, cf: &'static str, prefix: &[u8]) -> Result<Vec<Vec<u8>>, Error> {
+        self.scan_with(cf, prefix, |k, _| k.to_vec())
+    }
+
+    fn scan_with<T>(
+        &self,
+        cf: &'static str,
+        prefix: &[u8],
+        take: impl Fn(&[u8], &[u8]) -> T,
+    ) -> Result<Vec<T>, Error> {
         let mode = rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward);
         let mut out = Vec::new();
         for r in self.db.iterator_cf(self.handle(cf), mode) {
@@ -259,25 +273,7 @@ impl Store {
             if !k.starts_with(prefix) {
                 break;
             }
-            out.push((k.to_vec(), v.to_vec()));
-        }
-        Ok(out)
-    }
-
-    /// The keys starting with `prefix`, in order, without copying their values.
-    pub fn scan_keys(&self, cf: &'static str, prefix: &[u8]) -> Result<Vec<Vec<u8>>, Error> {
-        let mode = rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward);
-        let mut out = Vec::new();
-        for r in self.db.iterator_cf(self.handle(cf), mode) {
-            let (k, _) = r.map_err(|source| Error::Io {
-                op: "scan",
-                cf,
-                source,
-            })?;
-            if !k.starts_with(prefix) {
-                break;
-            }
-            out.push(k.to_vec());
+            out.push(take(&k, &v));
         }
         Ok(out)
     }

@@ -140,30 +140,8 @@ fn forged(real: &str, a_key: &Path) -> String {
         expires: 4_000_000_000,
         not_before: None,
     };
-    let mut bytes = capability::grant(&z, &g).unwrap();
-    let z_id = capability::root_key_id(&crdt_registry::Key::of(
-        &ed25519_dalek::SigningKey::from_bytes(&z),
-    ));
-    let (zv, av) = (varint(z_id), varint(capability::root_key_id(&a_public)));
-    let at = bytes
-        .windows(zv.len())
-        .position(|w| w == zv.as_slice())
-        .unwrap();
-    bytes.splice(at..at + zv.len(), av);
+    let bytes = capability::claim_root(&capability::grant(&z, &g).unwrap(), &a_public).unwrap();
     capability::to_text(&bytes)
-}
-
-fn varint(mut v: u32) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let b = (v & 0x7f) as u8;
-        v >>= 7;
-        if v == 0 {
-            out.push(b);
-            return out;
-        }
-        out.push(b | 0x80);
-    }
 }
 
 #[test]
