@@ -144,91 +144,123 @@ fn forged(real: &str, a_key: &Path) -> String {
     capability::to_text(&bytes)
 }
 
-#[test]
-fn capability_tokens_open_endpoints_to_other_institutions_and_every_refusal_names_its_reason() {
-    let net = Net::up();
-    let (a1, b1, c1) = (net.node("a1"), net.node("b1"), net.node("c1"));
-    let src = net.dir.join("fns.py");
-    std::fs::write(
-        &src,
-        "def double(x):\n    return 2 * x\ndef triple(x):\n    return 3 * x\n",
-    )
-    .unwrap();
-    for f in ["double", "triple"] {
-        ok(&[
-            "function",
-            "register",
-            "--name",
-            f,
-            "--python",
-            p(&src),
-            "--entrypoint",
-            f,
-            "--node",
-            p(&a1),
-        ]);
-    }
-    wait_until(
-        "b1 and c1 see A's endpoint and functions",
-        Duration::from_secs(20),
-        || {
-            [&b1, &c1].iter().all(|n| {
-                funcmesh(&["endpoint", "show", "a1", "--node", p(n)])
-                    .status
-                    .success()
-                    && funcmesh(&["function", "show", "triple", "--node", p(n)])
+/// A testnet of three institutions with `double` and `triple` registered on a1 and visible
+/// everywhere, a1's endpoint routable, and `t`: inst-a's grant to inst-b of `double` on a1.
+struct Case {
+    net: Net,
+    a1: PathBuf,
+    b1: PathBuf,
+    c1: PathBuf,
+    t: String,
+}
+
+impl Case {
+    fn up() -> Case {
+        let net = Net::up();
+        let (a1, b1, c1) = (net.node("a1"), net.node("b1"), net.node("c1"));
+        let src = net.dir.join("fns.py");
+        std::fs::write(
+            &src,
+            "def double(x):\n    return 2 * x\ndef triple(x):\n    return 3 * x\n",
+        )
+        .unwrap();
+        for f in ["double", "triple"] {
+            ok(&[
+                "function",
+                "register",
+                "--name",
+                f,
+                "--python",
+                p(&src),
+                "--entrypoint",
+                f,
+                "--node",
+                p(&a1),
+            ]);
+        }
+        wait_until(
+            "b1 and c1 see A's endpoint and functions",
+            Duration::from_secs(20),
+            || {
+                [&b1, &c1].iter().all(|n| {
+                    funcmesh(&["endpoint", "show", "a1", "--node", p(n)])
                         .status
                         .success()
-            })
-        },
-    );
-    // A's own node runs on its endpoint without any token (the default policy admits its
-    // institution); wait for the first adverts to make it routable.
-    wait_until(
-        "a1's endpoint to run a1's task",
-        Duration::from_secs(20),
-        || run_on_a1(&a1, "double", "1", &[]).0,
-    );
+                        && funcmesh(&["function", "show", "triple", "--node", p(n)])
+                            .status
+                            .success()
+                })
+            },
+        );
+        // A's own node runs on its endpoint without any token (the default policy admits its
+        // institution); wait for the first adverts to make it routable.
+        wait_until(
+            "a1's endpoint to run a1's task",
+            Duration::from_secs(20),
+            || run_on_a1(&a1, "double", "1", &[]).0,
+        );
+        let t = grant(&net, &["--function", "double", "--ttl", "1h"]);
+        Case { net, a1, b1, c1, t }
+    }
 
+    /// The endpoint still serves: a1's own task and b1's with the grant.
+    fn still_serving(&self) {
+        let (success, out) = run_on_a1(&self.a1, "double", "50", &[]);
+        assert!(success && out.trim() == "100", "{out}");
+        let (success, out) = run_on_a1(&self.b1, "double", "3", &["--capability", &self.t]);
+        assert!(success && out.trim() == "6", "{out}");
+    }
+
+    fn key(&self, institution: &str) -> PathBuf {
+        self.net.key(institution)
+    }
+}
+
+#[test]
+fn a_direct_grant_is_held_by_the_grantees_node_and_attached_by_its_router() {
+    let c = Case::up();
     // No token: the router on b1 does not offer A's endpoint, and says why.
-    let (success, out) = run_on_a1(&b1, "double", "21", &[]);
+    let (success, out) = run_on_a1(&c.b1, "double", "21", &[]);
     assert!(!success);
     assert!(out.contains("capability token"), "{out}");
-
-    // 1. A direct grant (A → B), held by b1 and attached by its router.
-    let t = grant(&net, &["--function", "double", "--ttl", "1h"]);
-    let inspected = ok(&["cap", "inspect", &t, "--node", p(&b1)]);
+    let inspected = ok(&["cap", "inspect", &c.t, "--node", p(&c.b1)]);
     assert!(
         inspected.contains("the issuer granted to institution inst-b")
             && inspected.contains("functions"),
         "{inspected}"
     );
-    ok(&["cap", "add", &t, "--node", p(&b1)]);
-    let listed = ok(&["cap", "list", "--node", p(&b1)]);
+    ok(&["cap", "add", &c.t, "--node", p(&c.b1)]);
+    let listed = ok(&["cap", "list", "--node", p(&c.b1)]);
     assert!(listed.contains("status    usable"), "{listed}");
-    let (success, out) = run_on_a1(&b1, "double", "21", &[]);
+    let (success, out) = run_on_a1(&c.b1, "double", "21", &[]);
     assert!(success && out.trim() == "42", "{out}");
+}
 
-    // 2. Two hops: B narrows it to its node b1.
-    let b_key = net.key("inst-b");
-    let to_b1 = format!("node:{}", net.peer("b1"));
+#[test]
+fn a_two_hop_delegation_to_one_of_the_grantees_nodes_works() {
+    let c = Case::up();
+    let to_b1 = format!("node:{}", c.net.peer("b1"));
     let t2 = ok(&[
         "cap",
         "delegate",
-        &t,
+        &c.t,
         "--issuer-key",
-        p(&b_key),
+        p(&c.key("inst-b")),
         "--to",
         &to_b1,
     ]);
-    let (success, out) = run_on_a1(&b1, "double", "4", &["--capability", &t2]);
+    let (success, out) = run_on_a1(&c.b1, "double", "4", &["--capability", &t2]);
     assert!(success && out.trim() == "8", "{out}");
+}
 
-    // 3. Widening: the tool refuses; a hand-made widening grants nothing.
+#[test]
+fn an_attempt_to_widen_a_delegation_is_refused() {
+    let c = Case::up();
+    let b_key = c.key("inst-b");
     let out = funcmesh(&[
         "cap",
         "delegate",
-        &t,
+        &c.t,
         "--issuer-key",
         p(&b_key),
         "--to",
@@ -236,30 +268,28 @@ fn capability_tokens_open_endpoints_to_other_institutions_and_every_refusal_name
         "--function",
         "triple",
         "--node",
-        p(&b1),
+        p(&c.b1),
     ]);
     assert!(!out.status.success());
-    assert!(
-        String::from_utf8_lossy(&out.stderr).contains("cannot widen"),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot widen"), "{err}");
+    // Made by hand, the wider block grants nothing.
     let triple: serde_json::Value = serde_json::from_str(&ok(&[
         "function",
         "show",
         "triple",
         "--node",
-        p(&b1),
+        p(&c.b1),
         "--json",
     ]))
     .unwrap();
-    let c_public = node::capabilities::institution_key(&net.key("inst-c"))
+    let c_public = node::capabilities::institution_key(&c.key("inst-c"))
         .unwrap()
         .2;
     let (_, b_seed, _) = node::capabilities::institution_key(&b_key).unwrap();
     let wider = capability::to_text(
         &capability::delegate_unchecked(
-            &capability::from_text(&t).unwrap(),
+            &capability::from_text(&c.t).unwrap(),
             &b_seed,
             &capability::Delegation {
                 to: capability::Audience::Institution(c_public),
@@ -269,35 +299,58 @@ fn capability_tokens_open_endpoints_to_other_institutions_and_every_refusal_name
         )
         .unwrap(),
     );
-    refused_with(&c1, "triple", &wider, "not covered", "widened delegation");
+    refused_with(&c.c1, "triple", &wider, "not covered", "widened delegation");
+    c.still_serving();
+}
 
-    // 4–5. Expired, and not yet valid.
-    let expired = grant(&net, &["--expires", "2020-01-01"]);
-    refused_with(&b1, "double", &expired, "expired", "expired");
+#[test]
+fn an_expired_grant_is_refused_as_expired() {
+    let c = Case::up();
+    let expired = grant(&c.net, &["--expires", "2020-01-01"]);
+    refused_with(&c.b1, "double", &expired, "expired", "expired");
+    c.still_serving();
+}
+
+#[test]
+fn a_grant_used_before_its_start_is_not_yet_valid() {
+    let c = Case::up();
     let later = grant(
-        &net,
+        &c.net,
         &["--not-before", "2099-01-01", "--expires", "2099-12-31"],
     );
-    refused_with(&b1, "double", &later, "not yet valid", "not yet valid");
+    refused_with(&c.b1, "double", &later, "not yet valid", "not yet valid");
+    c.still_serving();
+}
 
-    // 6. B's token stolen and presented by C's node.
-    refused_with(&c1, "double", &t, "wrong audience", "stolen token");
+#[test]
+fn a_token_stolen_by_another_institutions_node_is_the_wrong_audience() {
+    let c = Case::up();
+    refused_with(&c.c1, "double", &c.t, "wrong audience", "stolen token");
+    c.still_serving();
+}
 
-    // 7. A function the grant does not cover.
-    refused_with(&b1, "triple", &t, "not covered", "function not covered");
+#[test]
+fn a_function_outside_the_grant_is_not_covered() {
+    let c = Case::up();
+    refused_with(&c.b1, "triple", &c.t, "not covered", "function not covered");
+    c.still_serving();
+}
 
-    // 8. A grant for another endpoint.
+#[test]
+fn a_grant_for_another_endpoint_is_not_covered() {
+    let c = Case::up();
     // Offline (no --node): the endpoint is taken as given, the audience by key.
-    let a_key = net.key("inst-a");
     let b_public = format!(
         "institution:{}",
-        node::capabilities::institution_key(&b_key).unwrap().2
+        node::capabilities::institution_key(&c.key("inst-b"))
+            .unwrap()
+            .2
     );
     let elsewhere = ok(&[
         "cap",
         "grant",
         "--issuer-key",
-        p(&a_key),
+        p(&c.key("inst-a")),
         "--to",
         &b_public,
         "--endpoint",
@@ -305,86 +358,82 @@ fn capability_tokens_open_endpoints_to_other_institutions_and_every_refusal_name
         "--ttl",
         "1h",
     ]);
-    refused_with(&b1, "double", &elsewhere, "not covered", "another endpoint");
+    refused_with(
+        &c.b1,
+        "double",
+        &elsewhere,
+        "not covered",
+        "another endpoint",
+    );
+    c.still_serving();
+}
 
-    // 9. A forged signature, 10. a truncated token, 11. a token rooted outside the federation,
-    // and one issued by another institution for A's endpoint.
-    refused_with(
-        &b1,
-        "double",
-        &forged(&t, &a_key),
-        "invalid signature",
-        "forged",
-    );
-    let truncated = {
-        let bytes = capability::from_text(&t).unwrap();
-        capability::to_text(&bytes[..bytes.len() / 2])
-    };
-    refused_with(&b1, "double", &truncated, "malformed", "truncated");
-    let outsider = {
-        let endpoint_id = capability::inspect(&capability::from_text(&t).unwrap())
-            .unwrap()
-            .endpoint()
-            .unwrap()
-            .to_owned();
-        capability::to_text(
-            &capability::grant(
-                &[7u8; 32],
-                &capability::Grant {
-                    to: node::capabilities::institution_key(&b_key).unwrap().2,
-                    endpoint: endpoint_id,
-                    functions: vec![],
-                    abilities: vec![],
-                    expires: 4_000_000_000,
-                    not_before: None,
-                },
-            )
-            .unwrap(),
-        )
-    };
-    refused_with(
-        &b1,
-        "double",
-        &outsider,
-        "root not an admitted institution",
-        "non-admitted root",
-    );
-    let by_c = ok(&[
+#[test]
+fn a_revoked_grant_is_refused_within_five_seconds_with_everything_derived_from_it() {
+    let c = Case::up();
+    ok(&["cap", "add", &c.t, "--node", p(&c.b1)]);
+    let to_b1 = format!("node:{}", c.net.peer("b1"));
+    let t2 = ok(&[
         "cap",
-        "grant",
+        "delegate",
+        &c.t,
         "--issuer-key",
-        p(&net.key("inst-c")),
+        p(&c.key("inst-b")),
         "--to",
-        "institution:inst-b",
-        "--endpoint",
-        "a1",
-        "--ttl",
-        "1h",
-        "--node",
-        p(&a1),
+        &to_b1,
     ]);
-    refused_with(
-        &b1,
-        "double",
-        &by_c,
-        "issued by inst-c",
-        "issued by another institution",
+    ok(&[
+        "cap",
+        "revoke",
+        &c.t,
+        "--issuer-key",
+        p(&c.key("inst-a")),
+        "--reason",
+        "the collaboration ended",
+        "--node",
+        p(&c.a1),
+    ]);
+    let revoked_at = Instant::now();
+    wait_until("the revocation to reach a1", Duration::from_secs(5), || {
+        let (success, out) = run_on_a1(&c.b1, "double", "7", &["--capability", &c.t]);
+        !success && out.contains("revoked") && out.contains("by inst-a")
+    });
+    eprintln!(
+        "the revocation reached the endpoint in {:?}",
+        revoked_at.elapsed()
     );
+    refused_with(
+        &c.b1,
+        "double",
+        &t2,
+        "revoked",
+        "derived from a revoked grant",
+    );
+    // b1's router stops offering the endpoint with its held token, and says why.
+    let (success, out) = run_on_a1(&c.b1, "double", "7", &[]);
+    assert!(!success && out.contains("revoked"), "{out}");
+    let listed = ok(&["cap", "list", "--node", p(&c.b1)]);
+    assert!(listed.contains("revoked"), "{listed}");
+    let (success, out) = run_on_a1(&c.a1, "double", "50", &[]);
+    assert!(success && out.trim() == "100", "{out}");
+}
 
-    // 12. A revoked middle delegation: B hands T to C, then revokes that block. C is refused
-    // within 5 s; B's own token still works.
+#[test]
+fn a_revoked_middle_delegation_refuses_its_holder_and_keeps_the_parent() {
+    let c = Case::up();
+    let b_key = c.key("inst-b");
     let to_c = ok(&[
         "cap",
         "delegate",
-        &t,
+        &c.t,
         "--issuer-key",
         p(&b_key),
         "--to",
         "institution:inst-c",
         "--node",
-        p(&b1),
+        p(&c.b1),
     ]);
-    let (success, out) = run_on_a1(&c1, "double", "5", &["--capability", &to_c]);
+    let (success, out) = run_on_a1(&c.c1, "double", "5", &["--capability", &to_c]);
     assert!(success && out.trim() == "10", "{out}");
     ok(&[
         "cap",
@@ -393,60 +442,93 @@ fn capability_tokens_open_endpoints_to_other_institutions_and_every_refusal_name
         "--issuer-key",
         p(&b_key),
         "--node",
-        p(&b1),
+        p(&c.b1),
     ]);
     let revoked_at = Instant::now();
-    wait_until(
-        "the middle revocation to reach a1",
-        Duration::from_secs(5),
-        || {
-            let (success, out) = run_on_a1(&c1, "double", "5", &["--capability", &to_c]);
-            !success && out.contains("revoked") && out.contains("by inst-b")
-        },
-    );
-    let middle_latency = revoked_at.elapsed();
-    let (success, out) = run_on_a1(&b1, "double", "6", &[]);
-    assert!(success && out.trim() == "12", "{out}");
-
-    // 13. A revoked root grant: A revokes T; b1's next task is refused, whoever presents it.
-    ok(&[
-        "cap",
-        "revoke",
-        &t,
-        "--issuer-key",
-        p(&a_key),
-        "--reason",
-        "the collaboration ended",
-        "--node",
-        p(&a1),
-    ]);
-    let revoked_at = Instant::now();
-    wait_until(
-        "the root revocation to reach a1",
-        Duration::from_secs(5),
-        || {
-            let (success, out) = run_on_a1(&b1, "double", "7", &["--capability", &t]);
-            !success && out.contains("revoked") && out.contains("by inst-a")
-        },
-    );
-    let root_latency = revoked_at.elapsed();
-    refused_with(
-        &b1,
-        "double",
-        &t2,
-        "revoked",
-        "derived from a revoked grant",
-    );
-    let listed = ok(&["cap", "list", "--node", p(&b1)]);
-    assert!(listed.contains("revoked"), "{listed}");
+    wait_until("the revocation to reach a1", Duration::from_secs(5), || {
+        let (success, out) = run_on_a1(&c.c1, "double", "5", &["--capability", &to_c]);
+        !success && out.contains("revoked") && out.contains("by inst-b")
+    });
     eprintln!(
-        "revocation reached the endpoint in {middle_latency:?} (middle), {root_latency:?} (root)"
+        "the revocation reached the endpoint in {:?}",
+        revoked_at.elapsed()
     );
+    c.still_serving();
+}
 
-    // The endpoint kept serving through all of it.
-    let (success, out) = run_on_a1(&a1, "double", "50", &[]);
-    assert!(success && out.trim() == "100", "{out}");
-    let fresh = grant(&net, &["--ttl", "1h"]);
-    let (success, out) = run_on_a1(&b1, "triple", "3", &["--capability", &fresh]);
-    assert!(success && out.trim() == "9", "{out}");
+#[test]
+fn a_forged_signature_is_refused() {
+    let c = Case::up();
+    let forged = forged(&c.t, &c.key("inst-a"));
+    refused_with(&c.b1, "double", &forged, "invalid signature", "forged");
+    c.still_serving();
+}
+
+#[test]
+fn a_truncated_token_is_malformed() {
+    let c = Case::up();
+    let truncated = {
+        let bytes = capability::from_text(&c.t).unwrap();
+        capability::to_text(&bytes[..bytes.len() / 2])
+    };
+    refused_with(&c.b1, "double", &truncated, "malformed", "truncated");
+    c.still_serving();
+}
+
+#[test]
+fn a_token_rooted_outside_the_endpoints_institution_is_refused() {
+    let c = Case::up();
+    let endpoint_id = capability::inspect(&capability::from_text(&c.t).unwrap())
+        .unwrap()
+        .endpoint()
+        .unwrap()
+        .to_owned();
+    let b = node::capabilities::institution_key(&c.key("inst-b"))
+        .unwrap()
+        .2;
+    // A key the federation never admitted.
+    let outsider = capability::to_text(
+        &capability::grant(
+            &[7u8; 32],
+            &capability::Grant {
+                to: b,
+                endpoint: endpoint_id,
+                functions: vec![],
+                abilities: vec![],
+                expires: 4_000_000_000,
+                not_before: None,
+            },
+        )
+        .unwrap(),
+    );
+    refused_with(
+        &c.b1,
+        "double",
+        &outsider,
+        "root not an admitted institution",
+        "non-admitted root",
+    );
+    // An admitted institution granting what it does not run.
+    let by_c = ok(&[
+        "cap",
+        "grant",
+        "--issuer-key",
+        p(&c.key("inst-c")),
+        "--to",
+        "institution:inst-b",
+        "--endpoint",
+        "a1",
+        "--ttl",
+        "1h",
+        "--node",
+        p(&c.a1),
+    ]);
+    refused_with(
+        &c.b1,
+        "double",
+        &by_c,
+        "issued by inst-c",
+        "issued by another institution",
+    );
+    c.still_serving();
 }
