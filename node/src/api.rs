@@ -7,7 +7,7 @@ use axum::extract::{Path, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -89,6 +89,7 @@ fn router(inner: Shared) -> Router {
         .route("/v1/endpoints/{id}", get(endpoint))
         .route("/v1/adverts", get(adverts))
         .route("/v1/capabilities", get(capabilities).post(add_capability))
+        .route("/v1/capabilities/{id}", delete(remove_capability))
         .route("/v1/tasks", post(submit_tasks))
         .route("/v1/tasks/wait", post(wait_tasks))
         .route("/v1/tasks/{id}", get(task))
@@ -548,6 +549,24 @@ async fn add_capability(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "stored, then not found".into(),
             )
+        })
+}
+
+async fn remove_capability(
+    State(inner): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Json<crate::capabilities::NewCapability>, ApiError> {
+    crate::capabilities::remove(&inner.store, &inner.tasks.access, &id)
+        .await
+        .map(|token| Json(crate::capabilities::NewCapability { token }))
+        .map_err(|e| {
+            let msg = format!("{e:#}");
+            let code = if msg.contains("holds no token") {
+                StatusCode::NOT_FOUND
+            } else {
+                StatusCode::BAD_REQUEST
+            };
+            ApiError(code, msg)
         })
 }
 

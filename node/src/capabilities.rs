@@ -91,6 +91,39 @@ pub(crate) async fn add(store: &store::Store, access: &Access, text: &str) -> an
     Ok(held)
 }
 
+/// Removes the held token whose id (as `cap list` shows it: a prefix of its last revocation id,
+/// 8 characters or more) is `id`; returns its text.
+pub(crate) async fn remove(
+    store: &store::Store,
+    access: &Access,
+    id: &str,
+) -> anyhow::Result<String> {
+    let id = id.trim();
+    if id.len() < 8 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+        bail!("{id:?} is not a token id: use the id `funcmesh cap list` shows (8+ hex characters)");
+    }
+    let mut found: Vec<(String, String)> = Vec::new();
+    for h in access.held().iter() {
+        let key = store_key(h)?;
+        if key.starts_with(id) {
+            found.push((key, h.text.clone()));
+        }
+    }
+    let (key, text) = match found.as_slice() {
+        [one] => one.clone(),
+        [] => bail!("this node holds no token {id} (see `funcmesh cap list`)"),
+        _ => bail!(
+            "{} tokens start with {id}: give more of the id",
+            found.len()
+        ),
+    };
+    store
+        .blocking(move |s| s.delete(store::cf::CAPABILITIES, key.as_bytes()))
+        .await?;
+    load(store, access).await?;
+    Ok(text)
+}
+
 /// The tokens this node holds, described with the registry's names.
 pub(crate) fn views(access: &Access, view: &crdt_registry::View, me: &str) -> Vec<CapabilityView> {
     let dir = access.directory();

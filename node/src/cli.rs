@@ -181,6 +181,14 @@ pub enum CapCommand {
     },
     /// The tokens a node holds, and whether it can use each now.
     List(NodeArgs),
+    /// Stop holding a token (by the id `cap list` shows); it is not revoked.
+    Remove {
+        /// The token's id.
+        id: String,
+        /// The node.
+        #[command(flatten)]
+        node: NodeArgs,
+    },
     /// Revoke a token (block 0 if you issued it, else the last block you signed): publishes a
     /// revocation in the registry, and every endpoint refuses the token within seconds.
     Revoke {
@@ -1455,6 +1463,12 @@ async fn cap_command(cmd: CapCommand) -> anyhow::Result<()> {
                     println!();
                 }
             }
+            Ok(())
+        }
+        CapCommand::Remove { id, node } => {
+            let client = Client::for_node(&DataDir::new(&node.node))?;
+            client.remove_capability(&id).await?;
+            println!("removed {id}; the node no longer presents it (it is not revoked)");
             Ok(())
         }
         CapCommand::Revoke {

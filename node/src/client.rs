@@ -223,6 +223,19 @@ impl Client {
         .await
     }
 
+    /// `DELETE /v1/capabilities/{id}`.
+    pub async fn remove_capability(
+        &self,
+        id: &str,
+    ) -> anyhow::Result<crate::capabilities::NewCapability> {
+        self.call(
+            reqwest::Method::DELETE,
+            &format!("/v1/capabilities/{}", encode(id)),
+            None::<&()>,
+        )
+        .await
+    }
+
     /// `POST /v1/registry/entries`: an entry signed elsewhere.
     pub async fn insert_entry(&self, entry: &[u8]) -> anyhow::Result<crate::api::Written> {
         use base64::Engine as _;

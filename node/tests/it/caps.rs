@@ -234,6 +234,20 @@ fn a_direct_grant_is_held_by_the_grantees_node_and_attached_by_its_router() {
     assert!(listed.contains("status    usable"), "{listed}");
     let (success, out) = run_on_a1(&c.b1, "double", "21", &[]);
     assert!(success && out.trim() == "42", "{out}");
+    // Removed from b1 (not revoked): b1's router stops offering the endpoint.
+    let held: Vec<serde_json::Value> =
+        serde_json::from_str(&ok(&["cap", "list", "--node", p(&c.b1), "--json"])).unwrap();
+    let id = held[0]["id"].as_str().unwrap();
+    let out = funcmesh(&["cap", "remove", "00000000", "--node", p(&c.b1)]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("holds no token"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ok(&["cap", "remove", id, "--node", p(&c.b1)]);
+    assert!(ok(&["cap", "list", "--node", p(&c.b1)]).contains("holds no capability token"));
+    let (success, out) = run_on_a1(&c.b1, "double", "21", &[]);
+    assert!(!success && out.contains("capability token"), "{out}");
 }
 
 #[test]
