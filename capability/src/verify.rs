@@ -397,10 +397,21 @@ fn classify(checks: &[FailedCheck]) -> Refusal {
     Refusal::NotCovered(rules.first().map_or_else(String::new, |r| (*r).to_owned()))
 }
 
-/// Whether a verified token allows the request now: revocations, then the token's checks.
+/// Whether a verified token allows the request now: the caller's institution is still
+/// admitted, no block is revoked, and the token's checks hold.
 pub fn authorize(v: &Verified, dir: &Directory, req: &Request) -> Result<(), Refusal> {
+    check_caller(dir, req)?;
     check_revocations(v, dir)?;
     run_datalog(v, req)
+}
+
+/// A member of an institution whose admission was revoked holds nothing, whatever its tokens
+/// say (its connections may outlive the revocation).
+fn check_caller(dir: &Directory, req: &Request) -> Result<(), Refusal> {
+    match dir.name(&req.institution) {
+        Some(_) => Ok(()),
+        None => Err(Refusal::WrongAudience),
+    }
 }
 
 const CACHE_ENTRIES: usize = 4096;
@@ -476,6 +487,7 @@ impl Verifier {
                 v?
             }
         };
+        check_caller(dir, req)?;
         check_revocations(&verified, dir)?;
         let key = (hash, req.clone());
         let decided = self.lock().decisions.get(&key).cloned();

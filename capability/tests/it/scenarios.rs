@@ -172,6 +172,33 @@ fn an_expired_token_is_refused_as_expired() {
 }
 
 #[test]
+fn a_holder_whose_institution_was_revoked_holds_nothing() {
+    let t = grant_ab();
+    // The federation revoked B: the directory no longer lists it.
+    let without_b = capability::Directory::new(
+        [Inst::A, Inst::C, Inst::X]
+            .into_iter()
+            .map(|i| (i.key(), i.name().to_string())),
+        Vec::new(),
+    );
+    assert_eq!(
+        check(&t, &without_b, &req("peerB1", Inst::B, NOW, "f1")),
+        Err(Refusal::WrongAudience)
+    );
+    let v = Verifier::new();
+    assert_eq!(
+        v.check(
+            &t,
+            &without_b,
+            &Inst::A.key(),
+            &req("peerB1", Inst::B, NOW, "f1")
+        )
+        .map(|_| ()),
+        Err(Refusal::WrongAudience)
+    );
+}
+
+#[test]
 fn a_token_used_before_its_start_is_not_yet_valid() {
     let dir = directory(&[]);
     let r = check(&grant_ab(), &dir, &req("peerB1", Inst::B, T0 - 1, "f1")).unwrap_err();
