@@ -102,6 +102,7 @@ impl Refusal {
 pub struct Directory {
     institutions: HashMap<Key, String>,
     revocations: HashMap<String, Vec<Key>>,
+    revoked_institutions: HashSet<Key>,
     fingerprint: u64,
 }
 
@@ -124,12 +125,26 @@ impl Directory {
         Directory {
             institutions,
             revocations: by_id,
+            revoked_institutions: HashSet::new(),
             fingerprint: h.finish(),
         }
     }
 
+    /// The same directory, knowing that the federation revoked these institutions.
+    pub fn with_revoked_institutions(mut self, keys: impl IntoIterator<Item = Key>) -> Directory {
+        self.revoked_institutions.extend(keys);
+        self
+    }
+
     /// The directory of a registry view (admitted, unrevoked institutions; token revocations).
     pub fn from_view(view: &crdt_registry::View) -> Directory {
+        let revoked = view
+            .revocations
+            .iter()
+            .filter_map(|r| match &r.record.target {
+                crdt_registry::record::Target::Institution { key } => Some(*key),
+                _ => None,
+            });
         Directory::new(
             view.institutions.values().map(|i| (i.key, i.name.clone())),
             view.revocations
@@ -141,6 +156,7 @@ impl Directory {
                     _ => None,
                 }),
         )
+        .with_revoked_institutions(revoked)
     }
 
     /// An admitted institution's name.
@@ -405,13 +421,14 @@ pub fn authorize(v: &Verified, dir: &Directory, req: &Request) -> Result<(), Ref
     run_datalog(v, req)
 }
 
-/// A member of an institution whose admission was revoked holds nothing, whatever its tokens
-/// say (its connections may outlive the revocation).
+/// A member of an institution whose admission the federation revoked holds nothing, whatever
+/// its tokens say (its connections may outlive the revocation). The caller's membership was
+/// verified, so an institution the registry has not delivered yet is not refused.
 fn check_caller(dir: &Directory, req: &Request) -> Result<(), Refusal> {
-    match dir.name(&req.institution) {
-        Some(_) => Ok(()),
-        None => Err(Refusal::WrongAudience),
+    if dir.revoked_institutions.contains(&req.institution) {
+        return Err(Refusal::WrongAudience);
     }
+    Ok(())
 }
 
 const CACHE_ENTRIES: usize = 4096;

@@ -174,13 +174,18 @@ fn an_expired_token_is_refused_as_expired() {
 #[test]
 fn a_holder_whose_institution_was_revoked_holds_nothing() {
     let t = grant_ab();
-    // The federation revoked B: the directory no longer lists it.
-    let without_b = capability::Directory::new(
-        [Inst::A, Inst::C, Inst::X]
-            .into_iter()
-            .map(|i| (i.key(), i.name().to_string())),
-        Vec::new(),
-    );
+    let listed_without_b = || {
+        capability::Directory::new(
+            [Inst::A, Inst::C, Inst::X]
+                .into_iter()
+                .map(|i| (i.key(), i.name().to_string())),
+            Vec::new(),
+        )
+    };
+    // Not delivered by the registry yet: B's membership was verified, so it still holds.
+    check(&t, &listed_without_b(), &req("peerB1", Inst::B, NOW, "f1")).unwrap();
+    // Revoked by the federation.
+    let without_b = listed_without_b().with_revoked_institutions([Inst::B.key()]);
     assert_eq!(
         check(&t, &without_b, &req("peerB1", Inst::B, NOW, "f1")),
         Err(Refusal::WrongAudience)
