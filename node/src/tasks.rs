@@ -234,21 +234,23 @@ impl Service {
             function: Some(t.function_id.clone()),
             ability: capability::Ability::ComputeRun,
         };
-        let presented = mesh::access::presented(token, tokens);
-        presented
-            .and_then(|p| {
-                self.access
-                    .check_presented(&p, &root, &req)
-                    .map_err(|refusal| (refusal, p.text.clone()))
-                    .map_err(|(refusal, text)| {
-                        let reason = refusal.to_string();
-                        if self.access.first_refusal(&text, &reason) {
-                            tracing::info!(%peer, endpoint = %t.endpoint, %reason, "refused a capability token");
-                        }
-                        refusal
-                    })
-            })
-            .map_err(|refusal| format!("capability refused: {refusal}"))
+        let checked = match mesh::access::presented(token, tokens) {
+            Ok(p) => self
+                .access
+                .check_presented(&p, &root, &req)
+                .map_err(|r| (r, Some(p.text.clone()))),
+            Err(r) => Err((r, None)),
+        };
+        checked.map_err(|(refusal, text)| {
+            let reason = refusal.to_string();
+            if self
+                .access
+                .first_refusal(text.as_deref().unwrap_or(token), &reason)
+            {
+                tracing::info!(%peer, endpoint = %t.endpoint, %reason, "refused a capability token");
+            }
+            format!("capability refused: {reason}")
+        })
     }
 }
 

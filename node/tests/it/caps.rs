@@ -367,6 +367,20 @@ fn a_grant_used_before_its_start_is_not_yet_valid() {
 fn a_token_stolen_by_another_institutions_node_is_the_wrong_audience() {
     let c = Case::up();
     refused_with(&c.c1, "double", &c.t, "wrong audience", "stolen token");
+    refused_with(
+        &c.c1,
+        "double",
+        &c.t,
+        "wrong audience",
+        "stolen token, again",
+    );
+    // The endpoint logged the refusal once.
+    let log = std::fs::read_to_string(c.a1.join("node.log")).unwrap();
+    let logged = log
+        .lines()
+        .filter(|l| l.contains("refused a capability token") && l.contains("wrong audience"))
+        .count();
+    assert_eq!(logged, 1, "{log}");
     c.still_serving();
 }
 
