@@ -38,8 +38,9 @@ impl std::fmt::Display for KeyKind {
 /// Key file errors.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The file could not be read or written.
-    #[error("{path}: {source}")]
+    /// The file could not be read or written (the cause is the error's source, so that a chain
+    /// printed with `{:#}` names it once).
+    #[error("{path}")]
     Io {
         /// The file.
         path: PathBuf,

@@ -110,6 +110,7 @@ pub enum Command {
 pub enum CapCommand {
     /// Grant another institution the use of one of your institution's endpoints; prints the
     /// token. Offline, except that names are resolved through --node when given.
+    #[command(group(clap::ArgGroup::new("validity").required(true).args(["expires", "ttl"])))]
     Grant {
         /// Your institution's key file (the token's root).
         #[arg(long)]
@@ -127,7 +128,7 @@ pub enum CapCommand {
         #[arg(long = "ability")]
         abilities: Vec<String>,
         /// Valid until this date (2027-01-31 or RFC 3339, UTC).
-        #[arg(long, required_unless_present = "ttl")]
+        #[arg(long)]
         expires: Option<String>,
         /// Valid for this long from now (e.g. 30d).
         #[arg(long, value_parser = humantime::parse_duration, conflicts_with = "expires")]
@@ -534,12 +535,17 @@ pub fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
             let rendered = e.render().to_string();
-            let first = rendered
-                .lines()
-                .next()
-                .unwrap_or("invalid command line")
-                .trim();
-            eprintln!("{first} (see `funcmesh --help`)");
+            let mut lines = rendered.lines().map(str::trim).filter(|l| !l.is_empty());
+            let mut first = lines.next().unwrap_or("invalid command line").to_owned();
+            // "the following required arguments were not provided:" lists them on the next
+            // lines: keep them on the one line.
+            if first.ends_with(':') {
+                let listed: Vec<&str> = lines
+                    .take_while(|l| !l.starts_with("Usage:") && !l.starts_with("For more"))
+                    .collect();
+                first = format!("{first} {}", listed.join(", "));
+            }
+            eprintln!("{} (see `funcmesh --help`)", first.trim_end());
             return ExitCode::from(2);
         }
     };

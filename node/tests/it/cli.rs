@@ -531,6 +531,39 @@ fn bad_input_gets_a_one_line_error_and_a_non_zero_exit() {
     let t = tempfile::tempdir().unwrap();
     let x = t.path().join("x");
     fails_with(&["--bogus"], "unexpected argument '--bogus'");
+    // Capability tokens, offline.
+    fails_with(
+        &["cap", "inspect", "garbage"],
+        "truncated or malformed token",
+    );
+    fails_with(
+        &[
+            "cap",
+            "grant",
+            "--issuer-key",
+            p(&x),
+            "--to",
+            "institution:b",
+            "--endpoint",
+            "e",
+        ],
+        "<--expires <EXPIRES>|--ttl <TTL>>",
+    );
+    fails_with(
+        &[
+            "cap",
+            "grant",
+            "--issuer-key",
+            p(&x),
+            "--to",
+            "b",
+            "--endpoint",
+            "e",
+            "--ttl",
+            "1h",
+        ],
+        "cannot read the institution key",
+    );
     fails_with(
         &["peers", "--node", p(&x), "--frobnicate"],
         "unexpected argument",
