@@ -241,6 +241,34 @@ impl Case {
     fn key(&self, institution: &str) -> PathBuf {
         self.net.key(institution)
     }
+
+    /// `cap delegate TOKEN --issuer-key <by>.key --to TO [EXTRA...]`, resolving names on b1.
+    fn delegate(&self, token: &str, by: &str, to: &str, extra: &[&str]) -> std::process::Output {
+        let key = self.key(by);
+        let mut args = vec![
+            "cap",
+            "delegate",
+            token,
+            "--issuer-key",
+            p(&key),
+            "--to",
+            to,
+            "--node",
+            p(&self.b1),
+        ];
+        args.extend_from_slice(extra);
+        funcmesh(&args)
+    }
+
+    fn delegated(&self, token: &str, by: &str, to: &str) -> String {
+        let out = self.delegate(token, by, to, &[]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
 }
 
 #[test]
@@ -281,15 +309,7 @@ fn a_direct_grant_is_held_by_the_grantees_node_and_attached_by_its_router() {
 fn a_two_hop_delegation_to_one_of_the_grantees_nodes_works() {
     let c = Case::up();
     let to_b1 = format!("node:{}", c.net.peer("b1"));
-    let t2 = ok(&[
-        "cap",
-        "delegate",
-        &c.t,
-        "--issuer-key",
-        p(&c.key("inst-b")),
-        "--to",
-        &to_b1,
-    ]);
+    let t2 = c.delegated(&c.t, "inst-b", &to_b1);
     let (success, out) = run_on_a1(&c.b1, "double", "4", &["--capability", &t2]);
     assert!(success && out.trim() == "8", "{out}");
 }
@@ -298,19 +318,12 @@ fn a_two_hop_delegation_to_one_of_the_grantees_nodes_works() {
 fn an_attempt_to_widen_a_delegation_is_refused() {
     let c = Case::up();
     let b_key = c.key("inst-b");
-    let out = funcmesh(&[
-        "cap",
-        "delegate",
+    let out = c.delegate(
         &c.t,
-        "--issuer-key",
-        p(&b_key),
-        "--to",
+        "inst-b",
         "institution:inst-c",
-        "--function",
-        "triple",
-        "--node",
-        p(&c.b1),
-    ]);
+        &["--function", "triple"],
+    );
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot widen"), "{err}");
@@ -428,15 +441,7 @@ fn a_revoked_grant_is_refused_within_five_seconds_with_everything_derived_from_i
     let c = Case::up();
     ok(&["cap", "add", &c.t, "--node", p(&c.b1)]);
     let to_b1 = format!("node:{}", c.net.peer("b1"));
-    let t2 = ok(&[
-        "cap",
-        "delegate",
-        &c.t,
-        "--issuer-key",
-        p(&c.key("inst-b")),
-        "--to",
-        &to_b1,
-    ]);
+    let t2 = c.delegated(&c.t, "inst-b", &to_b1);
     ok(&[
         "cap",
         "revoke",
@@ -477,17 +482,7 @@ fn a_revoked_grant_is_refused_within_five_seconds_with_everything_derived_from_i
 fn a_revoked_middle_delegation_refuses_its_holder_and_keeps_the_parent() {
     let c = Case::up();
     let b_key = c.key("inst-b");
-    let to_c = ok(&[
-        "cap",
-        "delegate",
-        &c.t,
-        "--issuer-key",
-        p(&b_key),
-        "--to",
-        "institution:inst-c",
-        "--node",
-        p(&c.b1),
-    ]);
+    let to_c = c.delegated(&c.t, "inst-b", "institution:inst-c");
     let (success, out) = run_on_a1(&c.c1, "double", "5", &["--capability", &to_c]);
     assert!(success && out.trim() == "10", "{out}");
     ok(&[
