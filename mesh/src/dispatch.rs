@@ -2,7 +2,7 @@
 //!
 //! [`Dispatcher`] is an actor. A submitted task is routed ([`crate::routing::Router`]), stored in
 //! RocksDB (`submitted`), acknowledged to the caller, then sent to its endpoint on
-//! `/funcmesh/task/1` (batched per endpoint). The endpoint's answer and, later, its result update
+//! `/funcmesh/task/2` (batched per endpoint). The endpoint's answer and, later, its result update
 //! the stored task. If the endpoint's node stops advertising (or the endpoint reports it lost the
 //! task), a task with retries left is sent again, elsewhere; one without fails with a reason that
 //! says the endpoint was lost. After a restart every unfinished task is sent again to its endpoint,

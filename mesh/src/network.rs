@@ -492,7 +492,7 @@ struct Behaviour {
     blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
     limits: connection_limits::Behaviour,
     registry_sync: request_response::cbor::Behaviour<SyncRequest, SyncResponse>,
-    tasks: request_response::cbor::Behaviour<TaskRequest, TaskResponse>,
+    tasks: request_response::json::Behaviour<TaskRequest, TaskResponse>,
     membership: request_response::cbor::Behaviour<Hello, HelloReply>,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
@@ -744,8 +744,10 @@ fn behaviour(
         )],
         request_response::Config::default().with_request_timeout(Duration::from_secs(30)),
     );
-    let tasks = request_response::cbor::Behaviour::with_codec(
-        request_response::cbor::codec::Codec::default()
+    // JSON, not CBOR: task arguments and results are JSON values, and libp2p's CBOR codec
+    // (cbor4ii) writes a JSON `null` as an empty array.
+    let tasks = request_response::json::Behaviour::with_codec(
+        request_response::json::codec::Codec::default()
             .set_request_size_maximum(crate::tasks::MAX_MESSAGE as u64)
             .set_response_size_maximum(crate::tasks::MAX_MESSAGE as u64),
         [(

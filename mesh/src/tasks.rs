@@ -1,4 +1,4 @@
-//! `/funcmesh/task/1`: task dispatch and results between a submitting node and an endpoint's
+//! `/funcmesh/task/2`: task dispatch and results between a submitting node and an endpoint's
 //! node, over direct request-response streams (never gossip).
 //!
 //! * submitter → endpoint: [`TaskRequest::Submit`] (a batch; each task is stored by the endpoint
@@ -15,7 +15,9 @@ use crate::routing::EndpointLoad;
 use serde::{Deserialize, Serialize};
 
 /// The protocol name.
-pub const PROTOCOL: &str = "/funcmesh/task/1";
+/// Version 2: JSON on the wire (version 1 was CBOR, which turned every JSON `null` in task
+/// arguments and results into `[]`).
+pub const PROTOCOL: &str = "/funcmesh/task/2";
 /// Largest request or response on the wire.
 pub const MAX_MESSAGE: usize = 32 << 20;
 /// Most tasks in one request.
@@ -128,7 +130,7 @@ mod tests {
     use futures::executor::block_on;
     use libp2p::StreamProtocol;
     use libp2p::request_response::Codec as _;
-    use libp2p::request_response::cbor::codec::Codec;
+    use libp2p::request_response::json::codec::Codec;
     use proptest::prelude::{any, proptest};
 
     fn codec() -> Codec<TaskRequest, TaskResponse> {
@@ -177,7 +179,119 @@ mod tests {
         assert!(read_request(&bad).is_err());
     }
 
+    fn encode_response(resp: TaskResponse) -> Vec<u8> {
+        let mut io = futures::io::Cursor::new(Vec::new());
+        block_on(codec().write_response(&StreamProtocol::new(PROTOCOL), &mut io, resp)).unwrap();
+        io.into_inner()
+    }
+
+    /// Any JSON value: nulls, nesting, numbers of every kind, awkward strings.
+    fn json_value() -> impl proptest::strategy::Strategy<Value = serde_json::Value> {
+        use proptest::prelude::*;
+        use serde_json::Value;
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            (-1e300f64..1e300).prop_map(Value::from),
+            ".{0,12}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 48, 6, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                proptest::collection::btree_map(".{0,6}", inner, 0..6)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn submission(args: serde_json::Value, kwargs: serde_json::Value) -> Submission {
+        use crdt_registry::record::{FunctionKind, FunctionRecord, FunctionSpec};
+        let function = FunctionRecord {
+            name: "echo".into(),
+            owner: crdt_registry::Key([7; 32]),
+            kind: FunctionKind::Python,
+            spec: FunctionSpec::PythonSource {
+                source: "def echo(*a, **k):\n    return a, k\n".into(),
+                entrypoint: "echo".into(),
+            },
+            container: None,
+            description: String::new(),
+            created_ms: 1,
+        };
+        Submission {
+            id: TaskId::random(),
+            endpoint: "ep".into(),
+            function_id: function.content_id(),
+            function,
+            args,
+            kwargs,
+            encoding: compute::task::Encoding::Json,
+            timeout_ms: 0,
+            submitted_us: 1,
+            capability: None,
+        }
+    }
+
+    fn record(outcome: compute::task::Outcome) -> Record {
+        Record {
+            v: compute::task::RECORD_VERSION,
+            id: TaskId::random(),
+            endpoint: "ep".into(),
+            submitter: "peer".into(),
+            function_id: "f".into(),
+            status: outcome.status(),
+            times: compute::task::Times::default(),
+            worker: None,
+            environment: "host".into(),
+            cold_start: false,
+            outcome: Some(outcome),
+        }
+    }
+
+    #[test]
+    fn a_null_crosses_the_wire_as_null() {
+        use serde_json::{Value, json};
+        let req = TaskRequest::Submit {
+            tasks: vec![submission(json!([null, [null], {"a": null}]), Value::Null)],
+            tokens: Vec::new(),
+        };
+        assert_eq!(read_request(&encode(req.clone())).unwrap(), req);
+        let resp = TaskResponse::Submitted {
+            answers: vec![Answer::Accepted(record(
+                compute::task::Outcome::Succeeded { value: Value::Null },
+            ))],
+            loads: Vec::new(),
+        };
+        assert_eq!(read_response(&encode_response(resp.clone())).unwrap(), resp);
+    }
+
     proptest! {
+        /// Arguments and results are the user's JSON values: the wire gives back exactly what
+        /// was sent, whatever the value.
+        #[test]
+        fn task_values_cross_the_wire_unchanged(
+            args in proptest::collection::vec(json_value(), 0..4),
+            kwargs in json_value(),
+            value in json_value(),
+            failed in proptest::option::of(json_value()),
+        ) {
+            let req = TaskRequest::Submit {
+                tasks: vec![submission(serde_json::Value::Array(args), kwargs)],
+                tokens: Vec::new(),
+            };
+            proptest::prop_assert_eq!(read_request(&encode(req.clone())).unwrap(), req);
+            let mut records = vec![record(compute::task::Outcome::Succeeded { value })];
+            records.push(record(compute::task::Outcome::Failed {
+                error: compute::task::TaskError::new(compute::task::FailureKind::Exception, "x"),
+                // `Some(null)` and `None` are one value here: a failure without output.
+                value: failed.filter(|v| !v.is_null()),
+            }));
+            let req = TaskRequest::Results { records, loads: Vec::new() };
+            proptest::prop_assert_eq!(read_request(&encode(req.clone())).unwrap(), req);
+        }
+
         #[test]
         fn arbitrary_bytes_never_panic_the_task_codec(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
             let _ = read_request(&bytes);

@@ -65,12 +65,13 @@ impl Drop for Net {
 const SOURCE: &str = "import time\n\
 def double(x):\n    return 2 * x\n\
 def boom(x):\n    raise ValueError('bad value %r' % x)\n\
-def slow(s):\n    time.sleep(s)\n    return s\n";
+def slow(s):\n    time.sleep(s)\n    return s\n\
+def echo(x):\n    return x\n";
 
 fn register(node: &Path, dir: &Path) {
     let src = dir.join("fns.py");
     std::fs::write(&src, SOURCE).unwrap();
-    for f in ["double", "boom", "slow"] {
+    for f in ["double", "boom", "slow", "echo"] {
         ok(&[
             "function",
             "register",
@@ -135,6 +136,16 @@ fn tasks_run_on_another_nodes_endpoint_and_bad_input_gets_clear_errors() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42");
+    // JSON values cross the mesh unchanged, nulls included, both ways.
+    for value in ["null", r#"{"a":null,"b":[null,1.5,-2,"x"]}"#] {
+        let out = run_wait(&a1, &["echo", value, "--endpoint", "a2"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), value);
+    }
     // Shell, with keyword arguments.
     let out = run_wait(
         &a1,
