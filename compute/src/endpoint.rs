@@ -262,6 +262,13 @@ async fn resolve_python(python: &str) -> String {
     }
 }
 
+/// A stored value's JSON, written in one go into a buffer of about its size.
+fn json<T: serde::Serialize>(v: &T) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1024);
+    serde_json::to_writer(&mut out, v).expect("tasks and records serialise");
+    out
+}
+
 fn rkey(endpoint: &str, id: &TaskId) -> Vec<u8> {
     format!("r/{endpoint}/{id}").into_bytes()
 }
@@ -985,12 +992,11 @@ impl Driver {
         let mut ops: Vec<store::Op> = Vec::new();
         for id in self.new_subs.drain(..) {
             if let Some(l) = self.live.get(&id) {
-                let v = serde_json::to_vec(&PendingRef {
+                let v = json(&PendingRef {
                     submitter: &l.rec.submitter,
                     received_us: l.rec.times.received_us,
                     sub: &l.sub,
-                })
-                .expect("submissions serialise");
+                });
                 ops.push((store::cf::TASKS, skey(name, &id), Some(v)));
             }
         }
@@ -1004,13 +1010,13 @@ impl Driver {
                 ) {
                     continue;
                 }
-                let v = serde_json::to_vec(&l.rec).expect("records serialise");
+                let v = json(&l.rec);
                 ops.push((store::cf::TASKS, rkey(name, &id), Some(v)));
             }
         }
         // A finished task keeps its `s/` entry: that is its place in the outbox.
         for rec in &self.finished {
-            let v = serde_json::to_vec(rec).expect("records serialise");
+            let v = json(rec);
             ops.push((store::cf::TASKS, rkey(name, &rec.id), Some(v)));
         }
         for id in self.acks.drain(..) {

@@ -166,6 +166,12 @@ type Replies = Vec<Box<dyn FnOnce(&Actor) + Send>>;
 
 enum Cmd {
     Submit(Vec<Request>, Reply<Vec<Result<Submitted, String>>>),
+    /// Submit, answer with the ids once stored, then with the tasks once all have finished.
+    SubmitWait(
+        Vec<Request>,
+        Reply<Vec<Result<TaskId, String>>>,
+        Reply<Vec<Option<Arc<Submitted>>>>,
+    ),
     Get(Vec<TaskId>, Reply<Vec<Option<Submitted>>>),
     Cancel(TaskId, Reply<Option<Submitted>>),
     Results(
@@ -182,7 +188,7 @@ enum Cmd {
     ),
     Adverts(Reply<Vec<(PeerId, Advert)>>),
     OwnAdvert(Advert),
-    Wait(Vec<TaskId>, Reply<Vec<Option<Submitted>>>),
+    Wait(Vec<TaskId>, Reply<Vec<Option<Arc<Submitted>>>>),
     Live(TaskId, Reply<Option<Submitted>>),
 }
 
@@ -190,8 +196,15 @@ enum Cmd {
 struct Waiter {
     ids: Vec<TaskId>,
     remaining: HashSet<TaskId>,
-    found: HashMap<TaskId, Submitted>,
-    reply: Reply<Vec<Option<Submitted>>>,
+    found: HashMap<TaskId, Arc<Submitted>>,
+    reply: Reply<Vec<Option<Arc<Submitted>>>>,
+}
+
+/// A task's stored form (JSON), written in one go into a buffer of about its size.
+fn stored_form(t: &Submitted) -> Vec<u8> {
+    let mut v = Vec::with_capacity(2048);
+    serde_json::to_writer(&mut v, t).expect("tasks serialise");
+    v
 }
 
 /// A cheap-clone handle to the dispatcher.
@@ -310,17 +323,66 @@ impl Dispatcher {
         &self,
         ids: Vec<TaskId>,
         timeout: Duration,
-    ) -> Result<Vec<Option<Submitted>>, Error> {
+    ) -> Result<Vec<Option<Arc<Submitted>>>, Error> {
         let (tx, rx) = oneshot::channel();
         self.tx
             .send(Cmd::Wait(ids.clone(), tx))
             .await
             .map_err(|_| Error::Closed)?;
+        self.finished_within(ids, timeout, rx).await
+    }
+
+    /// [`Dispatcher::submit`], then [`Dispatcher::wait`] for the accepted tasks, in one trip
+    /// through the dispatcher: what a caller that wants results (`POST /v1/tasks` with
+    /// `wait_ms`) needs, without a copy of each task at submission.
+    pub async fn submit_and_wait(
+        &self,
+        requests: Vec<Request>,
+        timeout: Duration,
+    ) -> Result<Vec<Result<Arc<Submitted>, String>>, Error> {
+        let (accepted_tx, accepted_rx) = oneshot::channel();
+        let (done_tx, done_rx) = oneshot::channel();
+        self.tx
+            .send(Cmd::SubmitWait(requests, accepted_tx, done_tx))
+            .await
+            .map_err(|_| Error::Closed)?;
+        let accepted = accepted_rx.await.map_err(|_| Error::Closed)?;
+        let ids: Vec<TaskId> = accepted
+            .iter()
+            .filter_map(|a| a.as_ref().ok().cloned())
+            .collect();
+        let mut tasks = self
+            .finished_within(ids, timeout, done_rx)
+            .await?
+            .into_iter();
+        Ok(accepted
+            .into_iter()
+            .map(|a| {
+                let id = a?;
+                tasks
+                    .next()
+                    .flatten()
+                    .ok_or_else(|| format!("task {id} was accepted but is not stored"))
+            })
+            .collect())
+    }
+
+    async fn finished_within(
+        &self,
+        ids: Vec<TaskId>,
+        timeout: Duration,
+        rx: oneshot::Receiver<Vec<Option<Arc<Submitted>>>>,
+    ) -> Result<Vec<Option<Arc<Submitted>>>, Error> {
         match tokio::time::timeout(timeout, rx).await {
             Ok(Ok(tasks)) => Ok(tasks),
             Ok(Err(_)) => Err(Error::Closed),
             // Not all finished in time: say where each is now.
-            Err(_) => self.get(ids).await,
+            Err(_) => Ok(self
+                .get(ids)
+                .await?
+                .into_iter()
+                .map(|t| t.map(Arc::new))
+                .collect()),
         }
     }
 
@@ -372,8 +434,9 @@ struct Actor {
     candidates: Vec<Candidate>,
     candidates_at: Option<Instant>,
     dirty: HashSet<TaskId>,
-    /// Tasks finished this turn (stored with the rest, then announced).
-    done: Vec<Submitted>,
+    /// Tasks finished this turn (stored with the rest, then announced); shared with the
+    /// waiters they answer.
+    done: Vec<Arc<Submitted>>,
     unsent: BTreeMap<PeerId, Vec<TaskId>>,
     /// Peers not to send to before then (they were unreachable or busy).
     backoff: HashMap<PeerId, Instant>,
@@ -461,7 +524,7 @@ impl Actor {
         let mut ops: Vec<store::Op> = Vec::new();
         for id in self.dirty.drain() {
             if let Some(t) = self.live.get(&id) {
-                let v = serde_json::to_vec(t).expect("tasks serialise");
+                let v = stored_form(t);
                 ops.push((
                     store::cf::SUBMITTED,
                     id.as_str().as_bytes().to_vec(),
@@ -470,7 +533,7 @@ impl Actor {
             }
         }
         for t in &self.done {
-            let v = serde_json::to_vec(t).expect("tasks serialise");
+            let v = stored_form(t);
             ops.push((
                 store::cf::SUBMITTED,
                 t.id.as_str().as_bytes().to_vec(),
@@ -553,10 +616,27 @@ impl Actor {
             Cmd::Submit(requests, reply) => {
                 self.refresh_candidates(false).await;
                 let now = Instant::now();
-                let answers: Vec<Result<Submitted, String>> =
-                    requests.into_iter().map(|r| self.accept(r, now)).collect();
+                let answers: Vec<Result<Submitted, String>> = requests
+                    .into_iter()
+                    .map(|r| {
+                        let id = self.accept(r, now)?;
+                        Ok(self.live[&id].clone())
+                    })
+                    .collect();
                 replies.push(Box::new(move |_| {
                     let _ = reply.send(answers);
+                }));
+            }
+            Cmd::SubmitWait(requests, accepted, done) => {
+                self.refresh_candidates(false).await;
+                let now = Instant::now();
+                let answers: Vec<Result<TaskId, String>> =
+                    requests.into_iter().map(|r| self.accept(r, now)).collect();
+                let ids: Vec<TaskId> = answers.iter().filter_map(|a| a.clone().ok()).collect();
+                // Their results come in later turns, after this turn's write.
+                self.add_waiter(ids, HashMap::new(), done);
+                replies.push(Box::new(move |_| {
+                    let _ = accepted.send(answers);
                 }));
             }
             Cmd::Get(ids, reply) => {
@@ -661,7 +741,7 @@ impl Actor {
                         .live
                         .get(&id)
                         .cloned()
-                        .or_else(|| a.done.iter().find(|t| t.id == id).cloned());
+                        .or_else(|| a.done.iter().find(|t| t.id == id).map(|t| (**t).clone()));
                     let _ = reply.send(t);
                 }));
             }
@@ -737,23 +817,44 @@ impl Actor {
                         None => stored.push(id.clone()),
                     }
                 }
-                found.extend(self.load_stored(stored).await);
-                let w = self.next_waiter;
-                self.next_waiter += 1;
-                for id in &remaining {
-                    self.waiting_on.entry(id.clone()).or_default().push(w);
-                }
-                self.waiters.insert(
-                    w,
-                    Waiter {
-                        ids,
-                        remaining,
-                        found,
-                        reply,
-                    },
+                found.extend(
+                    self.load_stored(stored)
+                        .await
+                        .into_iter()
+                        .map(|(id, t)| (id, Arc::new(t))),
                 );
+                self.add_waiter(ids, found, reply);
             }
         }
+    }
+
+    /// Answers `reply` once every task of `ids` that is live now has finished (`found` holds
+    /// the others).
+    fn add_waiter(
+        &mut self,
+        ids: Vec<TaskId>,
+        found: HashMap<TaskId, Arc<Submitted>>,
+        reply: Reply<Vec<Option<Arc<Submitted>>>>,
+    ) {
+        let remaining: HashSet<TaskId> = ids
+            .iter()
+            .filter(|id| self.live.contains_key(*id))
+            .cloned()
+            .collect();
+        let w = self.next_waiter;
+        self.next_waiter += 1;
+        for id in &remaining {
+            self.waiting_on.entry(id.clone()).or_default().push(w);
+        }
+        self.waiters.insert(
+            w,
+            Waiter {
+                ids,
+                remaining,
+                found,
+                reply,
+            },
+        );
     }
 
     async fn load_stored(&self, ids: Vec<TaskId>) -> HashMap<TaskId, Submitted> {
@@ -820,7 +921,8 @@ impl Actor {
             .map_err(|e| e.to_string())
     }
 
-    fn accept(&mut self, r: Request, now: Instant) -> Result<Submitted, String> {
+    /// Routes a task and takes it on (stored in this turn's write, sent to its endpoint).
+    fn accept(&mut self, r: Request, now: Instant) -> Result<TaskId, String> {
         let env = Environment::of(r.function.record.container.as_ref())?;
         // A token is attached when the task is sent (`send_unsent`), once per batch; it is
         // not stored with the task.
@@ -881,8 +983,8 @@ impl Actor {
         self.by_wire.insert(id.clone(), id.clone());
         self.unsent.entry(c.peer).or_default().push(id.clone());
         self.dirty.insert(id.clone());
-        self.live.insert(id, t.clone());
-        Ok(t)
+        self.live.insert(id.clone(), t);
+        Ok(id)
     }
 
     fn send_request(
@@ -1200,6 +1302,7 @@ impl Actor {
     }
 
     fn finish(&mut self, t: Submitted) {
+        let t = Arc::new(t);
         for a in &t.attempts {
             self.by_wire.remove(&a.wire_id);
         }

@@ -362,7 +362,7 @@ fn dispatch_error(e: mesh::dispatch::Error) -> ApiError {
 }
 
 fn views(
-    tasks: Vec<Option<mesh::dispatch::Submitted>>,
+    tasks: Vec<Option<std::sync::Arc<mesh::dispatch::Submitted>>>,
     ids: &[String],
 ) -> Vec<crate::tasks::Submitted1> {
     tasks
@@ -370,7 +370,7 @@ fn views(
         .zip(ids)
         .map(|(t, id)| match t {
             Some(t) => crate::tasks::Submitted1 {
-                task: Some((&t).into()),
+                task: Some((&*t).into()),
                 error: None,
             },
             None => crate::tasks::Submitted1 {
@@ -402,38 +402,10 @@ async fn submit_tasks(
         }
     };
     let dispatcher = &inner.tasks.dispatcher;
-    let answers = crate::tasks::submit(&inner.mesh, dispatcher, tasks)
+    let wait = (wait_ms > 0).then(|| std::time::Duration::from_millis(wait_ms));
+    let out = crate::tasks::submit_views(&inner.mesh, dispatcher, tasks, wait)
         .await
         .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}")))?;
-    let mut out: Vec<crate::tasks::Submitted1> = answers
-        .into_iter()
-        .map(|r| match r {
-            Ok(t) => crate::tasks::Submitted1 {
-                task: Some((&t).into()),
-                error: None,
-            },
-            Err(e) => crate::tasks::Submitted1 {
-                task: None,
-                error: Some(e),
-            },
-        })
-        .collect();
-    if wait_ms > 0 {
-        let ids: Vec<compute::TaskId> = out
-            .iter()
-            .filter_map(|s| s.task.as_ref().and_then(|t| t.id.parse().ok()))
-            .collect();
-        let done = dispatcher
-            .wait(ids, std::time::Duration::from_millis(wait_ms))
-            .await
-            .map_err(dispatch_error)?;
-        let mut done = done.into_iter();
-        for slot in out.iter_mut().filter(|s| s.task.is_some()) {
-            if let Some(Some(t)) = done.next() {
-                slot.task = Some((&t).into());
-            }
-        }
-    }
     Ok(Json(TaskList { tasks: out }))
 }
 

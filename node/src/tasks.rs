@@ -692,7 +692,47 @@ pub(crate) async fn submit(
     dispatcher: &Dispatcher,
     tasks: Vec<NewTask>,
 ) -> anyhow::Result<Vec<Result<Submitted, String>>> {
-    // Look up each distinct function once, inside the mesh, without copying the registry.
+    let (slots, ok) = resolve(mesh, tasks).await?;
+    Ok(merge(slots, dispatcher.submit(ok).await?))
+}
+
+/// Resolves and submits API tasks, and answers as `POST /v1/tasks` does: each task as it is
+/// once accepted, or, with `wait`, once finished (or when `wait` has passed).
+pub(crate) async fn submit_views(
+    mesh: &mesh::Handle,
+    dispatcher: &Dispatcher,
+    tasks: Vec<NewTask>,
+    wait: Option<Duration>,
+) -> anyhow::Result<Vec<Submitted1>> {
+    let (slots, ok) = resolve(mesh, tasks).await?;
+    let view = |r: Result<&Submitted, String>| match r {
+        Ok(t) => Submitted1 {
+            task: Some(t.into()),
+            error: None,
+        },
+        Err(e) => Submitted1 {
+            task: None,
+            error: Some(e),
+        },
+    };
+    Ok(match wait {
+        None => merge(slots, dispatcher.submit(ok).await?)
+            .into_iter()
+            .map(|r| view(r.as_ref().map_err(Clone::clone)))
+            .collect(),
+        Some(d) => merge(slots, dispatcher.submit_and_wait(ok, d).await?)
+            .into_iter()
+            .map(|r| view(r.as_deref().map_err(Clone::clone)))
+            .collect(),
+    })
+}
+
+/// Looks up each task's function (each distinct one once, inside the mesh, without copying the
+/// registry): a slot per task, refused ones with the reason, and the requests of the others.
+async fn resolve(
+    mesh: &mesh::Handle,
+    tasks: Vec<NewTask>,
+) -> anyhow::Result<(Vec<Result<(), String>>, Vec<mesh::dispatch::Request>)> {
     let queries: std::collections::BTreeSet<String> =
         tasks.iter().map(|t| t.function.clone()).collect();
     let functions: HashMap<String, Result<crdt_registry::Function, String>> = mesh
@@ -719,8 +759,16 @@ pub(crate) async fn submit(
             Err(e) => slots.push(Err(e)),
         }
     }
-    let mut answers = dispatcher.submit(ok).await?.into_iter();
-    Ok(slots
+    Ok((slots, ok))
+}
+
+/// The dispatcher's answers put back in the slots of the tasks that reached it.
+fn merge<T>(
+    slots: Vec<Result<(), String>>,
+    answers: Vec<Result<T, String>>,
+) -> Vec<Result<T, String>> {
+    let mut answers = answers.into_iter();
+    slots
         .into_iter()
         .map(|s| match s {
             Ok(()) => answers
@@ -728,5 +776,5 @@ pub(crate) async fn submit(
                 .unwrap_or(Err("no answer from the dispatcher".into())),
             Err(e) => Err(e),
         })
-        .collect())
+        .collect()
 }
