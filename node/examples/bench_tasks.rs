@@ -49,6 +49,40 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
+/// CPU time (user + system) so far of process `pid` and of its live child processes (an
+/// endpoint's workers), microseconds, from `/proc`.
+fn cpu_us(pid: u32) -> (u64, u64) {
+    let tick_us = 1_000_000 / clock_ticks();
+    let stat = |path: &std::path::Path| -> Option<(u32, u64)> {
+        let text = std::fs::read_to_string(path).ok()?;
+        // Fields after the command name (which may hold spaces) in parentheses.
+        let rest = &text[text.rfind(')')? + 2..];
+        let f: Vec<&str> = rest.split(' ').collect();
+        let ppid = f.get(1)?.parse().ok()?;
+        let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+        Some((ppid, ticks * tick_us))
+    };
+    let own = stat(&std::path::PathBuf::from(format!("/proc/{pid}/stat"))).map_or(0, |s| s.1);
+    let mut children = 0;
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for e in dir.flatten() {
+            if let Some((ppid, us)) = stat(&e.path().join("stat")) {
+                if ppid == pid {
+                    children += us;
+                }
+            }
+        }
+    }
+    (own, children)
+}
+
+fn clock_ticks() -> u64 {
+    #[allow(unsafe_code)]
+    // SAFETY: sysconf reads a constant of the system; it has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as u64 } else { 100 }
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     let rank = (sorted.len() as f64 - 1.0) * p;
     let (lo, hi) = (rank.floor() as usize, rank.ceil() as usize);
@@ -197,6 +231,20 @@ async fn noop(cap: bool) -> anyhow::Result<()> {
     lat.sort_by(f64::total_cmp);
     endpoint_ms.sort_by(f64::total_cmp);
 
+    // CPU per task during the throughput run: the submitting node, the endpoint's node, its
+    // workers, and this client.
+    let endpoint_node = net
+        .nodes
+        .iter()
+        .find(|n| n.name == target)
+        .map(|n| n.pid)
+        .ok_or_else(|| anyhow::anyhow!("no node {target}"))?;
+    let submitter_pid = net.nodes[submitter].pid;
+    let cpu_before = (
+        cpu_us(submitter_pid),
+        cpu_us(endpoint_node),
+        cpu_us(std::process::id()),
+    );
     let t0 = Instant::now();
     let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(in_flight));
     let mut joins = tokio::task::JoinSet::new();
@@ -224,6 +272,18 @@ async fn noop(cap: bool) -> anyhow::Result<()> {
         }
     }
     let wall = t0.elapsed().as_secs_f64();
+    let cpu_after = (
+        cpu_us(submitter_pid),
+        cpu_us(endpoint_node),
+        cpu_us(std::process::id()),
+    );
+    let per_task = |after: u64, before: u64| after.saturating_sub(before) as f64 / done as f64;
+    let cpu = json!({
+        "submitter_node": per_task(cpu_after.0.0, cpu_before.0.0),
+        "endpoint_node": per_task(cpu_after.1.0, cpu_before.1.0),
+        "endpoint_workers": per_task(cpu_after.1.1, cpu_before.1.1),
+        "client": per_task(cpu_after.2.0, cpu_before.2.0),
+    });
     let line = json!({
         "engine": "funcmesh",
         "version": env!("CARGO_PKG_VERSION"),
@@ -254,6 +314,7 @@ async fn noop(cap: bool) -> anyhow::Result<()> {
         "tasks": done,
         "throughput_wall_s": wall,
         "throughput_tasks_per_s": done as f64 / wall,
+        "throughput_cpu_us_per_task": cpu,
     });
     println!("{line}");
     local_testnet::down(&net).await;
