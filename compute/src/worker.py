@@ -17,6 +17,7 @@ The task's own stdout is redirected to stderr: the protocol pipe is private to t
 """
 
 import base64
+import collections
 import io
 import json
 import linecache
@@ -105,6 +106,9 @@ class Worker:
         self.lock = threading.Lock()
         self.base_vm = vm_size()
         self.hard_as = None
+        # The address-space limit in force (0: none), so that a task without a memory limit
+        # costs no setrlimit calls.
+        self.mem_limit = 0
 
     def reader(self):
         try:
@@ -117,8 +121,8 @@ class Worker:
                     with self.lock:
                         self.cancelled.update(frame.get("ids", []))
                 elif op == "run":
-                    for task in frame.get("tasks", []):
-                        self.inbox.put(task)
+                    # The whole batch is one item: one hand-over between the threads per batch.
+                    self.inbox.put(frame.get("tasks", []))
                 elif op == "exit":
                     break
         except Exception as e:  # a broken pipe or a bad frame: stop cleanly
@@ -137,17 +141,24 @@ class Worker:
         )
         self.ch.flush()
         threading.Thread(target=self.reader, daemon=True).start()
+        batch = collections.deque()
         while True:
-            try:
-                task = self.inbox.get_nowait()
-            except queue.Empty:
-                self.ch.flush()
-                task = self.inbox.get()
-            if task is None:
-                break
-            with self.lock:
-                skip = task.get("id") in self.cancelled
-                self.cancelled.discard(task.get("id"))
+            if not batch:
+                try:
+                    item = self.inbox.get_nowait()
+                except queue.Empty:
+                    self.ch.flush()
+                    item = self.inbox.get()
+                if item is None:
+                    break
+                batch.extend(item)
+                continue
+            task = batch.popleft()
+            skip = False
+            if self.cancelled:  # the lock only when there is a cancel to look at
+                with self.lock:
+                    skip = task.get("id") in self.cancelled
+                    self.cancelled.discard(task.get("id"))
             if skip:
                 self.ch.write({"op": "result", "id": task.get("id"), "ok": False,
                                "error": error("Cancelled", "cancelled before it started"),
@@ -158,7 +169,7 @@ class Worker:
                 if result.get("recycle"):
                     self.ch.flush()
                     break
-            self.ch.maybe_flush(self.inbox.empty())
+            self.ch.maybe_flush(not batch and self.inbox.empty())
         self.ch.flush()
 
     def run(self, task):
@@ -171,12 +182,15 @@ class Worker:
                 out = run_shell(fn[1], task)
             else:
                 args, kwargs = decode_args(task)
-                self.limit_memory(task.get("memory_mb") or 0)
+                mb = task.get("memory_mb") or 0
+                self.limit_memory(mb)
                 try:
                     value = fn[1](*args, **kwargs)
                 finally:
-                    self.limit_memory(0)
-                out = {"ok": True, "value": encode_value(value, task)}
+                    if mb:
+                        self.limit_memory(0)
+                value, size = encode_value(value, task)
+                out = {"ok": True, "value": value, "size": size}
         except MemoryError:
             recycle = True  # a worker that ran out of memory may be in any state: replace it
             limit = task.get("memory_mb") or 0
@@ -197,8 +211,10 @@ class Worker:
         if recycle:
             out["recycle"] = True
         limit = task.get("result_limit") or 0
+        size = out.pop("size", None)
         if limit and out.get("ok"):
-            size = len(json.dumps(out["value"], separators=(",", ":")))
+            if size is None:
+                size = len(json.dumps(out["value"], separators=(",", ":")))
             if size > limit:
                 out = {"op": "result", "id": tid, "ok": False, "run_us": out["run_us"],
                        "error": error("ResultTooLarge",
@@ -249,8 +265,9 @@ class Worker:
         return fn
 
     def limit_memory(self, mb):
-        if resource is None or self.base_vm is None:
+        if resource is None or self.base_vm is None or mb == self.mem_limit:
             return
+        self.mem_limit = mb
         try:
             if mb:
                 limit = self.base_vm + (mb << 20)
@@ -314,18 +331,20 @@ def decode_args(task):
 
 
 def encode_value(value, task):
+    """The value as sent, and its size in JSON bytes (checked against the result limit)."""
     if task.get("encoding") == "pickle":
         import cloudpickle
 
-        return {"pickle": base64.b64encode(cloudpickle.dumps(value)).decode()}
+        data = base64.b64encode(cloudpickle.dumps(value)).decode()
+        return {"pickle": data}, len(data) + len('{"pickle":""}')
     try:
-        json.dumps(value)
+        size = len(json.dumps(value, separators=(",", ":")))
     except (TypeError, ValueError) as e:
         raise TaskError("UnserialisableResult",
                         "the function returned a %s, which is not JSON: return JSON types "
                         "(dict, list, str, number, bool, None), or submit through the Python SDK, "
                         "which pickles (%s)" % (type(value).__name__, e))
-    return value
+    return value, size
 
 
 def cap(data, limit):
