@@ -16,3 +16,8 @@ fn restore_sigpipe() {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
 }
+
+// Many small, short-lived allocations per task (records, JSON buffers, strings) on two or more
+// threads: mimalloc's thread-local free lists serve them with less work than glibc's arenas.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
