@@ -28,7 +28,9 @@ pub const MAX_BATCH: usize = 4096;
 pub enum TaskRequest {
     /// Run these tasks.
     Submit {
-        /// The tasks. A task's `capability` is `@<index>` into `tokens`.
+        /// The tasks. A task's `capability` is `@<index>` into `tokens`. On the wire each
+        /// distinct function goes once per batch ([`function_table`]).
+        #[serde(with = "function_table")]
         tasks: Vec<Submission>,
         /// The capability tokens the tasks present, each once.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -56,6 +58,140 @@ pub enum TaskRequest {
         /// The tasks.
         ids: Vec<TaskId>,
     },
+}
+
+/// The wire form of a `Submit` batch's tasks: `{"functions": [record, ...], "tasks": [...]}`,
+/// each task naming its function by index, so that a batch of a thousand calls of one function
+/// carries its source once, not a thousand times.
+pub mod function_table {
+    use std::collections::HashMap;
+
+    use compute::task::{Encoding, Submission, TaskId};
+    use crdt_registry::record::FunctionRecord;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+    use serde_json::Value;
+
+    #[derive(Serialize)]
+    struct TableRef<'a> {
+        functions: Vec<&'a FunctionRecord>,
+        tasks: Vec<TaskRef<'a>>,
+    }
+
+    #[derive(Serialize)]
+    struct TaskRef<'a> {
+        id: &'a TaskId,
+        endpoint: &'a str,
+        function: usize,
+        function_id: &'a str,
+        args: &'a Value,
+        kwargs: &'a Value,
+        encoding: Encoding,
+        timeout_ms: u64,
+        submitted_us: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        capability: &'a Option<String>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Table {
+        functions: Vec<FunctionRecord>,
+        tasks: Vec<Task>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Task {
+        id: TaskId,
+        endpoint: String,
+        function: usize,
+        function_id: String,
+        #[serde(default)]
+        args: Value,
+        #[serde(default)]
+        kwargs: Value,
+        #[serde(default)]
+        encoding: Encoding,
+        #[serde(default)]
+        timeout_ms: u64,
+        #[serde(default)]
+        submitted_us: u64,
+        #[serde(default)]
+        capability: Option<String>,
+    }
+
+    /// Writes the tasks with their functions in a table.
+    pub fn serialize<S: Serializer>(tasks: &[Submission], s: S) -> Result<S::Ok, S::Error> {
+        let mut index: HashMap<&str, usize> = HashMap::new();
+        let mut functions = Vec::new();
+        let tasks = tasks
+            .iter()
+            .map(|t| {
+                // Every field named: a new field of `Submission` does not compile until the
+                // wire form has it too.
+                let Submission {
+                    id,
+                    endpoint,
+                    function,
+                    function_id,
+                    args,
+                    kwargs,
+                    encoding,
+                    timeout_ms,
+                    submitted_us,
+                    capability,
+                } = t;
+                let function = *index.entry(function_id.as_str()).or_insert_with(|| {
+                    functions.push(function);
+                    functions.len() - 1
+                });
+                TaskRef {
+                    id,
+                    endpoint,
+                    function,
+                    function_id,
+                    args,
+                    kwargs,
+                    encoding: *encoding,
+                    timeout_ms: *timeout_ms,
+                    submitted_us: *submitted_us,
+                    capability,
+                }
+            })
+            .collect();
+        TableRef { functions, tasks }.serialize(s)
+    }
+
+    /// Reads the tasks back, each with its function; an index outside the table is an error.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Submission>, D::Error> {
+        let table = Table::deserialize(d)?;
+        table
+            .tasks
+            .into_iter()
+            .map(|t| {
+                let function = table.functions.get(t.function).cloned().ok_or_else(|| {
+                    serde::de::Error::custom(format!(
+                        "task {} names function {} of a table of {}",
+                        t.id,
+                        t.function,
+                        table.functions.len()
+                    ))
+                })?;
+                Ok(Submission {
+                    id: t.id,
+                    endpoint: t.endpoint,
+                    function,
+                    function_id: t.function_id,
+                    args: t.args,
+                    kwargs: t.kwargs,
+                    encoding: t.encoding,
+                    timeout_ms: t.timeout_ms,
+                    submitted_us: t.submitted_us,
+                    capability: t.capability,
+                })
+            })
+            .collect()
+    }
 }
 
 /// One submitted task's answer.
@@ -248,6 +384,36 @@ mod tests {
             cold_start: false,
             outcome: Some(outcome),
         }
+    }
+
+    #[test]
+    fn a_batch_carries_each_function_once() {
+        let one = submission(serde_json::json!([1]), serde_json::Value::Null);
+        let mut other = submission(serde_json::json!([2]), serde_json::Value::Null);
+        other.function.name = "other".into();
+        other.function_id = other.function.content_id();
+        let tasks = vec![one.clone(), other.clone(), one.clone(), one];
+        let req = TaskRequest::Submit {
+            tasks,
+            tokens: Vec::new(),
+        };
+        let bytes = encode(req.clone());
+        let text = String::from_utf8_lossy(&bytes);
+        assert_eq!(text.matches("def echo").count(), 2, "{text}");
+        assert_eq!(read_request(&bytes).unwrap(), req);
+    }
+
+    #[test]
+    fn a_function_index_outside_the_table_is_refused() {
+        let req = TaskRequest::Submit {
+            tasks: vec![submission(serde_json::json!([1]), serde_json::Value::Null)],
+            tokens: Vec::new(),
+        };
+        let text = String::from_utf8(encode(req)).unwrap();
+        let bad = text.replace("\"function\":0", "\"function\":7");
+        assert_ne!(bad, text);
+        let err = read_request(bad.as_bytes()).unwrap_err().to_string();
+        assert!(err.contains("names function 7 of a table of 1"), "{err}");
     }
 
     #[test]
