@@ -472,9 +472,11 @@ fn a_revoked_grant_is_refused_within_five_seconds_with_everything_derived_from_i
     // b1's own directory learns of it on its next refresh (every 250 ms), which may come after
     // a1's: then b1 lists the token as revoked, and its router stops offering the endpoint with
     // it, and says why.
-    wait_until("b1 to list its token as revoked", Duration::from_secs(5), || {
-        ok(&["cap", "list", "--node", p(&c.b1)]).contains("revoked")
-    });
+    wait_until(
+        "b1 to list its token as revoked",
+        Duration::from_secs(5),
+        || ok(&["cap", "list", "--node", p(&c.b1)]).contains("revoked"),
+    );
     let (success, out) = run_on_a1(&c.b1, "double", "7", &[]);
     assert!(!success && out.contains("revoked"), "{out}");
     let (success, out) = run_on_a1(&c.a1, "double", "50", &[]);
