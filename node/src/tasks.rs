@@ -718,11 +718,17 @@ pub(crate) async fn submit_views(
     Ok(match wait {
         None => merge(slots, dispatcher.submit(ok).await?)
             .into_iter()
-            .map(|r| view(r.as_ref().map_err(Clone::clone)))
+            .map(|r| match r {
+                Ok(t) => view(Ok(&t)),
+                Err(e) => view(Err(e)),
+            })
             .collect(),
         Some(d) => merge(slots, dispatcher.submit_and_wait(ok, d).await?)
             .into_iter()
-            .map(|r| view(r.as_deref().map_err(Clone::clone)))
+            .map(|r| match r {
+                Ok(t) => view(Ok(&t)),
+                Err(e) => view(Err(e)),
+            })
             .collect(),
     })
 }
