@@ -40,6 +40,10 @@ const MAX_MEMBERSHIP_MESSAGE: u64 = 64 * 1024;
 const MAX_LISTED_MEMBERS: usize = 1024;
 /// Most addresses kept per peer.
 const MAX_ADDRS_PER_PEER: usize = 16;
+/// How many times a peer we were told about (but never reached) is dialled before we give up on
+/// it until someone mentions it again. With backoff doubling from `redial_interval`, six attempts
+/// span about 60 redial intervals.
+const MAX_INTRODUCTION_DIALS: u32 = 6;
 /// Capacity of the command queue: callers wait (backpressure) when the loop is this far behind.
 const COMMAND_QUEUE: usize = 256;
 /// Capacity of the event broadcast: slow subscribers lose the oldest events (and are told so).
@@ -72,7 +76,8 @@ pub struct Config {
     pub proof_timeout: Duration,
     /// How often to retry known members that are not connected (doubles per failure, up to 16x).
     pub redial_interval: Duration,
-    /// How often to run a registry sync round with a random member.
+    /// How often to run a registry sync round with a random member, and to swap member lists with
+    /// another random member (so that a missed introduction heals).
     pub anti_entropy: Duration,
     /// The node's store, for the known-peers table.
     pub store: store::Store,
@@ -146,6 +151,8 @@ pub enum Event {
     },
     /// A peer accepted this node's proof (and this node accepted theirs).
     AcceptedBy(Member),
+    /// A blocked or banned peer tried to connect and was turned away.
+    TurnedAway(PeerId),
     /// A peer refused this node's proof.
     RefusedBy {
         /// The peer.
@@ -514,6 +521,12 @@ struct Redial {
     failures: u32,
 }
 
+/// A peer a member listed that we are not connected to and have never verified.
+struct Introduced {
+    next: Instant,
+    dials: u32,
+}
+
 struct EventLoop {
     swarm: Swarm<Behaviour>,
     commands: mpsc::Receiver<Command>,
@@ -527,6 +540,10 @@ struct EventLoop {
     refused: HashMap<PeerId, Instant>,
     addrs: HashMap<PeerId, Vec<Multiaddr>>,
     known: HashMap<PeerId, Redial>,
+    /// Peers other members told us about, dialled with backoff until verified or given up on.
+    introduced: HashMap<PeerId, Introduced>,
+    /// When member lists were last swapped with a random member.
+    last_exchange: Instant,
     bootstrap: Vec<Multiaddr>,
     relay_listening: bool,
     config: Config,
@@ -602,6 +619,8 @@ pub async fn spawn(
         refused: HashMap::new(),
         addrs: HashMap::new(),
         known: HashMap::new(),
+        introduced: HashMap::new(),
+        last_exchange: Instant::now(),
         bootstrap: config.bootstrap.clone(),
         relay_listening: false,
         config,
@@ -1202,6 +1221,29 @@ impl EventLoop {
         {
             self.registry_out(vec![out]);
         }
+        // Swap member lists with a random member now and then: whoever missed an introduction
+        // (a dial that failed, a peer that joined while we were away) finds the rest this way.
+        if self.last_exchange.elapsed() >= self.config.anti_entropy && !members.is_empty() {
+            self.last_exchange = now;
+            let peer = members[rand::Rng::gen_range(&mut rand::thread_rng(), 0..members.len())];
+            let hello = self.hello(&peer);
+            self.swarm
+                .behaviour_mut()
+                .membership
+                .send_request(&peer, hello);
+        }
+        self.introduced
+            .retain(|_, i| i.next > now || i.dials < MAX_INTRODUCTION_DIALS);
+        let due: Vec<PeerId> = self
+            .introduced
+            .iter()
+            .filter(|(p, i)| i.next <= now && !self.swarm.is_connected(p))
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in due {
+            let addrs = self.addrs.get(&peer).cloned().unwrap_or_default();
+            self.dial_introduced_or_known(peer, addrs);
+        }
         for peer in take_due(&mut self.pending, now) {
             let reason = Refusal::NoProof(self.config.proof_timeout);
             warn!(%peer, %reason, "disconnecting peer");
@@ -1319,6 +1361,14 @@ impl EventLoop {
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 debug!(?peer_id, %error, "dial failed");
+            }
+            SwarmEvent::IncomingConnectionError {
+                peer_id: Some(peer),
+                error: libp2p::swarm::ListenError::Denied { .. },
+                ..
+            } => {
+                debug!(%peer, "turned away a blocked peer");
+                self.emit(Event::TurnedAway(peer));
             }
             SwarmEvent::Behaviour(ev) => self.on_behaviour_event(ev),
             _ => {}
@@ -1515,61 +1565,18 @@ impl EventLoop {
         match verdict {
             Ok(member) => {
                 self.pending.remove(&peer);
-                if self.members.contains_key(&peer) {
-                    return;
+                self.introduced.remove(&peer);
+                if !self.members.contains_key(&peer) {
+                    self.admit(peer, member);
                 }
-                info!(%peer, institution = ?member.institution, role = %member.role, "member connected");
-                self.members.insert(
-                    peer,
-                    MemberState {
-                        member: member.clone(),
-                        since: Instant::now(),
-                    },
-                );
-                self.known.insert(
-                    peer,
-                    Redial {
-                        next: Instant::now(),
-                        failures: 0,
-                    },
-                );
-                self.admit_to_routing(peer);
-                self.persist(peer);
-                self.swarm
-                    .behaviour_mut()
-                    .gossipsub
-                    .add_explicit_peer(&peer);
-                self.emit(Event::MemberConnected(member));
-                if let Some(out) = self.replica.start_sync(peer) {
-                    self.registry_out(vec![out]);
-                }
-                // Peer exchange: connect directly to the members it knows, so that the mesh does
-                // not depend on whoever introduced us.
-                for pa in listed.into_iter().take(MAX_LISTED_MEMBERS) {
-                    let Ok(other) = pa.peer_id.parse::<PeerId>() else {
-                        continue;
-                    };
-                    if other == *self.swarm.local_peer_id() || self.swarm.is_connected(&other) {
-                        continue;
-                    }
-                    let addrs: Vec<Multiaddr> = pa
-                        .addrs
-                        .iter()
-                        .take(MAX_ADDRS_PER_PEER)
-                        .filter_map(|a| a.parse().ok())
-                        .collect();
-                    for a in &addrs {
-                        self.remember_addr(other, a.clone());
-                    }
-                    let opts = DialOpts::peer_id(other)
-                        .addresses(addrs)
-                        .condition(PeerCondition::DisconnectedAndNotDialing)
-                        .build();
-                    let _ = self.swarm.dial(opts);
-                }
+                // Peer exchange, on every hello (the first one and the periodic swaps): connect
+                // directly to the members it knows, so that the mesh does not depend on whoever
+                // introduced us, nor on that first introduction going through.
+                self.introduce(listed);
             }
             Err(reason) => {
                 self.pending.remove(&peer);
+                self.introduced.remove(&peer);
                 warn!(%peer, %reason, "refusing peer");
                 self.emit(Event::Refused { peer, reason });
                 if self.members.remove(&peer).is_some() {
@@ -1581,6 +1588,82 @@ impl EventLoop {
                     let _ = self.swarm.disconnect_peer_id(peer);
                 }
             }
+        }
+    }
+
+    /// A newly verified member: remembered, routed to, synced with.
+    fn admit(&mut self, peer: PeerId, member: Member) {
+        info!(%peer, institution = ?member.institution, role = %member.role, "member connected");
+        self.members.insert(
+            peer,
+            MemberState {
+                member: member.clone(),
+                since: Instant::now(),
+            },
+        );
+        self.known.insert(
+            peer,
+            Redial {
+                next: Instant::now(),
+                failures: 0,
+            },
+        );
+        self.admit_to_routing(peer);
+        self.persist(peer);
+        self.swarm
+            .behaviour_mut()
+            .gossipsub
+            .add_explicit_peer(&peer);
+        self.emit(Event::MemberConnected(member));
+        if let Some(out) = self.replica.start_sync(peer) {
+            self.registry_out(vec![out]);
+        }
+    }
+
+    /// Dials the listed peers we are not connected to. One never verified becomes an
+    /// introduction, dialled again with backoff if this attempt fails.
+    fn introduce(&mut self, listed: Vec<PeerAddrs>) {
+        let now = Instant::now();
+        for pa in listed.into_iter().take(MAX_LISTED_MEMBERS) {
+            let Ok(other) = pa.peer_id.parse::<PeerId>() else {
+                continue;
+            };
+            if other == *self.swarm.local_peer_id() || self.swarm.is_connected(&other) {
+                continue;
+            }
+            let addrs: Vec<Multiaddr> = pa
+                .addrs
+                .iter()
+                .take(MAX_ADDRS_PER_PEER)
+                .filter_map(|a| a.parse().ok())
+                .collect();
+            for a in &addrs {
+                self.remember_addr(other, a.clone());
+            }
+            if !self.known.contains_key(&other) && self.introduced.len() < MAX_LISTED_MEMBERS {
+                let entry = self.introduced.entry(other).or_insert(Introduced {
+                    next: now,
+                    dials: 0,
+                });
+                // Mentioned again: a fresh budget, the next dial now.
+                entry.dials = 0;
+                entry.next = now;
+            }
+            self.dial_introduced_or_known(other, addrs);
+        }
+    }
+
+    fn dial_introduced_or_known(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
+        if let Some(i) = self.introduced.get_mut(&peer) {
+            i.dials += 1;
+            i.next = Instant::now() + self.config.redial_interval * (1u32 << i.dials.min(4));
+        }
+        let opts = DialOpts::peer_id(peer)
+            .addresses(addrs)
+            .condition(PeerCondition::DisconnectedAndNotDialing)
+            .build();
+        if let Err(e) = self.swarm.dial(opts) {
+            debug!(%peer, error = %e, "dial failed");
         }
     }
 

@@ -61,6 +61,67 @@ async fn the_mesh_survives_its_coordinator_and_restarted_members_rejoin_from_per
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_whose_introduction_failed_find_each_other_later() {
+    let mut net = Federation::start(1, 1).await.unwrap();
+    wait_for("full mesh", Duration::from_secs(5), || {
+        net.fully_connected()
+    })
+    .await
+    .unwrap();
+    let coordinator = net.coordinator().unwrap().peer_id();
+    let a1 = net.node(0).peer_id();
+    // a1 steps away, so the coordinator cannot introduce it to a2 when a2 joins...
+    net.node(0).mesh().block(coordinator, true).await.unwrap();
+    wait_for(
+        "the coordinator to lose a1",
+        Duration::from_secs(5),
+        || async { !net.anyone_lists(&a1).await },
+    )
+    .await
+    .unwrap();
+    let a2 = net.add_member(0).await.unwrap();
+    let a2_id = net.node(a2).peer_id();
+    // ...and a2 turns a1 away when a1 comes back and the coordinator introduces them. A
+    // one-off attempt (the introduction, Kademlia's lookups) gives up after a few tries; a1 has
+    // to keep trying, with backoff, and hear of a2 again in later member-list swaps.
+    net.node(a2).mesh().block(a1, true).await.unwrap();
+    let mut a2_events = net.node(a2).mesh().subscribe();
+    net.node(0).mesh().block(coordinator, false).await.unwrap();
+    let mut turned_away = 0;
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while turned_away < 12 {
+            match a2_events.recv().await {
+                Ok(mesh::Event::TurnedAway(p)) if p == a1 => turned_away += 1,
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                _ => {}
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("a1 gave up on a2 after {turned_away} attempts"));
+    assert!(
+        !net.node(0)
+            .mesh()
+            .members()
+            .await
+            .unwrap()
+            .iter()
+            .any(|m| m.peer_id == a2_id.to_string())
+    );
+    // Neither has ever been the other's member, so no redial of known peers brings them
+    // together: a retried introduction or a later swap of member lists has to.
+    net.node(a2).mesh().block(a1, false).await.unwrap();
+    wait_for(
+        "a1 and a2 to find each other",
+        Duration::from_secs(15),
+        || net.fully_connected(),
+    )
+    .await
+    .unwrap();
+    net.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_node_keeps_its_identity_federation_and_membership() {
     let mut net = Federation::start(1, 2).await.unwrap();
     wait_for("full mesh", Duration::from_secs(5), || {
