@@ -165,6 +165,7 @@ impl Endpoint {
             replies: Vec::new(),
             tracker: tracker.clone(),
             load_tx,
+            verified: HashMap::new(),
         };
         driver.recover().await?;
         tracker.spawn(driver.run(rx, reports_rx, cancel));
@@ -331,7 +332,12 @@ struct Driver {
     replies: Vec<Reply>,
     tracker: TaskTracker,
     load_tx: tokio::sync::watch::Sender<Load>,
+    /// Functions whose content id checked out, by id.
+    verified: HashMap<String, crdt_registry::record::FunctionRecord>,
 }
+
+/// How many checked functions the endpoint remembers.
+const MAX_VERIFIED_FUNCTIONS: usize = 1024;
 
 impl Driver {
     async fn recover(&mut self) -> Result<(), Error> {
@@ -547,14 +553,29 @@ impl Driver {
         }
     }
 
-    fn check(&self, sub: &Submission) -> Result<Environment, String> {
+    fn check(&mut self, sub: &Submission) -> Result<Environment, String> {
         if sub.endpoint != self.config.name {
             return Err(format!(
                 "this is endpoint `{}`, not `{}`",
                 self.config.name, sub.endpoint
             ));
         }
-        sub.check()?;
+        // Hashing the function to check its id costs more than comparing it with one that
+        // already checked out: remember those (a few, by id).
+        if self
+            .verified
+            .get(&sub.function_id)
+            .is_some_and(|f| *f == sub.function)
+        {
+            sub.check_args()?;
+        } else {
+            sub.check()?;
+            if self.verified.len() >= MAX_VERIFIED_FUNCTIONS {
+                self.verified.clear();
+            }
+            self.verified
+                .insert(sub.function_id.clone(), sub.function.clone());
+        }
         let env = Environment::of(sub.function.container.as_ref())?;
         if !self
             .config

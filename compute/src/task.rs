@@ -120,6 +120,11 @@ impl Submission {
                 self.function_id
             ));
         }
+        self.check_args()
+    }
+
+    /// Checks the arguments' shape (what [`Submission::check`] checks besides the function).
+    pub fn check_args(&self) -> Result<(), String> {
         match self.encoding {
             Encoding::Json => {
                 if !(self.args.is_array() || self.args.is_null()) {

@@ -590,6 +590,7 @@ impl Actor {
                             id: e.id.clone(),
                             name: e.record.name.clone(),
                             peer,
+                            peer_text: e.peer_id.clone(),
                             node_name,
                             institution: e.institution.clone(),
                             institution_key: view
@@ -957,7 +958,9 @@ impl Actor {
             submitted_us,
             capability: None,
         };
-        submission.check()?;
+        // The function comes from the registry view, which lists a function only under its
+        // content id: only the arguments need checking here.
+        submission.check_args()?;
         let t = Submitted {
             v: SUBMITTED_VERSION,
             id: id.clone(),
@@ -1194,7 +1197,7 @@ impl Actor {
         self.on_record_from(rec, from.map(|p| p.to_string()).as_deref());
     }
 
-    fn on_record_from(&mut self, rec: Record, from: Option<&str>) {
+    fn on_record_from(&mut self, mut rec: Record, from: Option<&str>) {
         let Some(id) = self.by_wire.get(&rec.id).cloned() else {
             return;
         };
@@ -1208,9 +1211,12 @@ impl Actor {
         if !current {
             return;
         }
-        match rec.outcome.clone() {
-            Some(outcome) if rec.status.is_terminal() => self.conclude(&id, outcome, Some(rec)),
-            _ => {}
+        if !rec.status.is_terminal() {
+            return;
+        }
+        // The outcome moves to the task (`Submitted::outcome`): kept, and stored, once.
+        if let Some(outcome) = rec.outcome.take() {
+            self.conclude(&id, outcome, Some(rec));
         }
     }
 
@@ -1431,7 +1437,7 @@ impl Actor {
 
 fn target(c: &Candidate) -> Target {
     Target {
-        peer: c.peer.to_string(),
+        peer: c.peer_text.clone(),
         node_name: c.node_name.clone(),
         endpoint: c.name.clone(),
         endpoint_id: c.id.clone(),

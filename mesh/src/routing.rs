@@ -149,6 +149,8 @@ pub struct Candidate {
     pub name: String,
     /// Its node.
     pub peer: PeerId,
+    /// Its node's peer id as text (kept: formatting a peer id is base58, costly per task).
+    pub peer_text: String,
     /// Its node's name.
     pub node_name: String,
     /// Its node's institution.
@@ -565,10 +567,12 @@ mod tests {
     use proptest::prelude::{any, proptest};
 
     fn cand(n: u8, inst: &str, runtimes: &[&str]) -> Candidate {
+        let peer = PeerId::random();
         Candidate {
             id: format!("e{n:02}aaaaaaaa"),
             name: format!("ep{n}"),
-            peer: PeerId::random(),
+            peer,
+            peer_text: peer.to_string(),
             node_name: format!("node{n}"),
             institution: Some(inst.into()),
             institution_key: None,
