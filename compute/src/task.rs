@@ -16,9 +16,16 @@ use serde_json::Value;
 pub struct TaskId(String);
 
 impl TaskId {
-    /// A fresh random id.
+    /// A fresh id: 48 bits of Unix milliseconds, then 80 random bits (the layout of a UUIDv7,
+    /// without its version bits). Ids sort by submission time, so a node's stores insert them
+    /// near each other rather than all over its key space.
     pub fn random() -> TaskId {
-        TaskId(hex::encode(rand::random::<[u8; 16]>()))
+        let mut b: [u8; 16] = rand::random();
+        let ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        b[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
+        TaskId(hex::encode(b))
     }
 
     /// The id as text.
@@ -377,6 +384,28 @@ mod tests {
         assert_eq!(id.as_str().parse::<TaskId>().unwrap(), id);
         assert!("xyz".parse::<TaskId>().is_err());
         assert!(serde_json::from_str::<TaskId>("\"ABCDEF0123456789ABCDEF0123456789\"").is_err());
+    }
+
+    #[test]
+    fn task_ids_start_with_their_creation_time_and_differ() {
+        let ms = || {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as u64
+        };
+        let before = ms();
+        let (a, b) = (TaskId::random(), TaskId::random());
+        let after = ms();
+        for id in [&a, &b] {
+            let at = u64::from_str_radix(&id.as_str()[..12], 16).unwrap();
+            assert!(
+                (before..=after).contains(&at),
+                "{id}: {at} not in {before}..={after}"
+            );
+        }
+        assert_ne!(a, b);
+        assert_ne!(a.as_str()[12..], b.as_str()[12..]);
     }
 
     #[test]
