@@ -147,6 +147,9 @@ impl Store {
         opts.set_max_background_jobs(2);
         opts.set_keep_log_file_num(3);
         opts.set_max_total_wal_size(64 << 20);
+        // Writers here are a handful of actors, each writing one batch at a time: the leader of
+        // a write group inserting every batch is cheaper than concurrent (CAS) skip-list inserts.
+        opts.set_allow_concurrent_memtable_write(false);
         let cfs = cf::ALL
             .iter()
             .map(|name| ColumnFamilyDescriptor::new(*name, cf_options()));
