@@ -999,12 +999,9 @@ impl Actor {
             let fut = self.local.request(request);
             Box::pin(async move { Ok(fut.await) })
         } else {
-            let mesh = self.mesh.clone();
-            Box::pin(async move {
-                mesh.task_request(peer, request)
-                    .await
-                    .map_err(|e| e.to_string())
-            })
+            // Queued for the mesh now; only the answer is awaited later.
+            let answer = self.mesh.task_request(peer, request);
+            Box::pin(async move { answer.await.map_err(|e| e.to_string()) })
         }
     }
 

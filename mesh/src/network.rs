@@ -304,18 +304,32 @@ impl Handle {
         self.peer_id
     }
 
-    /// Sends a task-protocol request to a peer and waits for its answer.
-    pub async fn task_request(
+    /// Sends a task-protocol request to a peer; the future is its answer. The request is queued
+    /// for the event loop when this is called, not when the future is first polled, so a caller
+    /// that spawns the wait adds no scheduling round to the request's path (a full queue is
+    /// waited for in the future instead).
+    pub fn task_request(
         &self,
         peer: PeerId,
         request: TaskRequest,
-    ) -> Result<TaskResponse, Error> {
-        self.ask(|reply| Command::TaskRequest {
+    ) -> impl Future<Output = Result<TaskResponse, Error>> + Send + 'static {
+        let (reply, answer) = oneshot::channel();
+        let command = Command::TaskRequest {
             peer,
             request,
             reply,
-        })
-        .await?
+        };
+        let queue = match self.commands.try_send(command) {
+            Ok(()) => Ok(None),
+            Err(mpsc::error::TrySendError::Full(command)) => Ok(Some((self.commands.clone(), command))),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(Error::Closed),
+        };
+        async move {
+            if let Some((commands, command)) = queue? {
+                commands.send(command).await.map_err(|_| Error::Closed)?;
+            }
+            answer.await.map_err(|_| Error::Closed)?
+        }
     }
 
     /// Takes the stream of inbound task requests (once: the node's task service consumes it).

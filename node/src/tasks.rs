@@ -500,22 +500,25 @@ fn deliver(
             .expect("not poisoned")
             .extend(ids.iter().cloned());
         let service = service.clone();
-        let mesh = mesh.clone();
         let ep = ep.clone();
-        tracker.spawn(async move {
-            let loads = vec![endpoint_load(ep.name(), &ep.current_load())];
-            let acked = if peer == service.me {
+        let loads = vec![endpoint_load(ep.name(), &ep.current_load())];
+        // A remote submitter's results are queued for the mesh now, before the wait is spawned.
+        let delivered = if peer == service.me {
+            let service = service.clone();
+            futures::future::Either::Left(async move {
                 match service.dispatcher.get() {
                     Some(d) => d.results(peer, records, loads).await.is_ok(),
                     None => false,
                 }
-            } else {
-                matches!(
-                    mesh.task_request(peer, TaskRequest::Results { records, loads })
-                        .await,
-                    Ok(TaskResponse::Acknowledged)
-                )
-            };
+            })
+        } else {
+            let answer = mesh.task_request(peer, TaskRequest::Results { records, loads });
+            futures::future::Either::Right(async move {
+                matches!(answer.await, Ok(TaskResponse::Acknowledged))
+            })
+        };
+        tracker.spawn(async move {
+            let acked = delivered.await;
             if acked {
                 let _ = ep.acknowledge(ids.clone()).await;
             }
