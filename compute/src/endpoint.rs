@@ -486,7 +486,12 @@ impl Driver {
     ) {
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut sweep = tokio::time::interval(Duration::from_secs(60));
+        // A quarter of the retention, between 250 ms and a minute.
+        let mut sweep = tokio::time::interval(
+            (self.config.retention / 4).clamp(Duration::from_millis(250), Duration::from_secs(60)),
+        );
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_full: Option<Instant> = None;
         loop {
             tokio::select! {
                 biased;
@@ -497,7 +502,14 @@ impl Driver {
                 },
                 Some(report) = reports.recv() => self.on_report(report),
                 _ = tick.tick() => self.pool.tick(Instant::now()),
-                _ = sweep.tick() => self.sweep().await,
+                _ = sweep.tick() => {
+                    // The first sweep after a start, and then one a day, reads every record.
+                    let full = last_full.is_none_or(|t| t.elapsed() >= crate::task::FULL_SWEEP_EVERY);
+                    if full {
+                        last_full = Some(Instant::now());
+                    }
+                    self.sweep(full).await;
+                }
             }
             // Take whatever else is waiting, so that one store write covers it all.
             for _ in 0..256 {
@@ -1066,8 +1078,10 @@ impl Driver {
         self.finished.clear();
     }
 
-    /// Drops finished tasks older than the retention.
-    async fn sweep(&mut self) {
+    /// Drops finished tasks older than the retention. `full`: every record is read; otherwise
+    /// only those of tasks whose id was made before the horizon (a task cannot finish before it
+    /// was made), which misses only ids of older versions, without their time.
+    async fn sweep(&mut self, full: bool) {
         let name = self.config.name.clone();
         let horizon = now_us().saturating_sub(self.config.retention.as_micros() as u64);
         let res = self
@@ -1075,7 +1089,14 @@ impl Driver {
             .blocking(move |s| {
                 let prefix = format!("r/{name}/").into_bytes();
                 let mut ops = Vec::new();
-                for (k, v) in s.scan_prefix(store::cf::TASKS, &prefix)? {
+                let rows = if full {
+                    s.scan_prefix(store::cf::TASKS, &prefix)?
+                } else {
+                    let mut until = prefix.clone();
+                    until.extend_from_slice(TaskId::lower_bound_at(horizon / 1000).as_bytes());
+                    s.scan_range(store::cf::TASKS, &prefix, &until)?
+                };
+                for (k, v) in rows {
                     let Ok(rec) = serde_json::from_slice::<Record>(&v) else {
                         continue;
                     };

@@ -32,6 +32,21 @@ impl TaskId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The smallest id made at `unix_ms` or later, as text: every id below it (in byte order,
+    /// which is the order of a store's keys) was made earlier. Ids of versions before ids carried
+    /// their time are random, and fall on either side.
+    pub fn lower_bound_at(unix_ms: u64) -> String {
+        format!("{:012x}{}", unix_ms.min((1 << 48) - 1), "0".repeat(20))
+    }
+
+    /// An id derived from this one for attempt `n` (n ≥ 1): a hash of both, behind this id's
+    /// time, so that it sorts with the tasks of its time.
+    pub fn derived(&self, n: usize) -> TaskId {
+        use sha2::Digest;
+        let h = sha2::Sha256::digest(format!("{self}/{n}").as_bytes());
+        TaskId(format!("{}{}", &self.0[..12], &hex::encode(h)[..20]))
+    }
 }
 
 impl fmt::Display for TaskId {
@@ -367,6 +382,10 @@ pub struct Record {
 /// The current record format version.
 pub const RECORD_VERSION: u32 = 1;
 
+/// How often a retention sweep reads every stored task, not only those made before its horizon
+/// (which misses the ids of older versions, without their time).
+pub const FULL_SWEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
 /// Now, Unix microseconds.
 pub fn now_us() -> u64 {
     SystemTime::now()
@@ -406,6 +425,28 @@ mod tests {
         }
         assert_ne!(a, b);
         assert_ne!(a.as_str()[12..], b.as_str()[12..]);
+    }
+
+    #[test]
+    fn ids_made_before_a_time_sort_below_its_bound_and_derived_ids_keep_their_time() {
+        let now_ms = || {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap()
+                .as_millis() as u64
+        };
+        let before = TaskId::random();
+        let bound = TaskId::lower_bound_at(now_ms() + 1);
+        assert!(before.as_str() < bound.as_str(), "{before} < {bound}");
+        assert!(bound.parse::<TaskId>().is_ok());
+        let earlier = TaskId::lower_bound_at(now_ms().saturating_sub(60_000));
+        assert!(before.as_str() >= earlier.as_str());
+        let retry = before.derived(1);
+        assert_eq!(retry.as_str()[..12], before.as_str()[..12]);
+        assert_ne!(retry, before);
+        assert_ne!(retry, before.derived(2));
+        assert_eq!(retry, before.derived(1), "derivation is deterministic");
+        assert!(retry.as_str().parse::<TaskId>().is_ok());
     }
 
     #[test]

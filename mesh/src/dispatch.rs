@@ -14,13 +14,13 @@ use std::time::{Duration, Instant};
 
 use compute::Environment;
 use compute::task::{
-    Encoding, FailureKind, Outcome, Record, Status, Submission, TaskError, TaskId, now_us,
+    Encoding, FULL_SWEEP_EVERY, FailureKind, Outcome, Record, Status, Submission, TaskError,
+    TaskId, now_us,
 };
 use futures::future::BoxFuture;
 use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sha2::Digest as _;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -455,8 +455,7 @@ fn wire_id(id: &TaskId, n: usize) -> TaskId {
     if n == 0 {
         return id.clone();
     }
-    let h = sha2::Sha256::digest(format!("{id}/{n}").as_bytes());
-    TaskId::try_from(hex::encode(&h[..16])).expect("32 hex characters")
+    id.derived(n)
 }
 
 impl Actor {
@@ -469,7 +468,7 @@ impl Actor {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut slow = tokio::time::interval(Duration::from_secs(5));
-        let mut slow_ticks: u64 = 0;
+        let (mut last_sweep, mut last_full): (Option<Instant>, Option<Instant>) = (None, None);
         let mut replies: Replies = Vec::new();
         loop {
             tokio::select! {
@@ -490,11 +489,18 @@ impl Actor {
                             self.router.rtt(p, d);
                         }
                     }
-                    // The retention sweep reads every stored task: every ten minutes is enough.
-                    if slow_ticks.is_multiple_of(120) {
-                        self.sweep().await;
+                    // Every quarter of the retention (at most every ten minutes), the retention
+                    // sweep reads the tasks made before its horizon; the first after a start,
+                    // and then one a day, reads them all.
+                    let every = (self.config.retention / 4).min(Duration::from_secs(600));
+                    if last_sweep.is_none_or(|t| t.elapsed() >= every) {
+                        last_sweep = Some(Instant::now());
+                        let full = last_full.is_none_or(|t| t.elapsed() >= FULL_SWEEP_EVERY);
+                        if full {
+                            last_full = Some(Instant::now());
+                        }
+                        self.sweep(full).await;
                     }
-                    slow_ticks += 1;
                 }
             }
             for _ in 0..256 {
@@ -1409,14 +1415,22 @@ impl Actor {
         self.send_unsent(None);
     }
 
-    /// Drops finished tasks older than the retention.
-    async fn sweep(&mut self) {
+    /// Drops finished tasks older than the retention. `full`: every stored task is read;
+    /// otherwise only those whose id was made before the horizon (a task cannot have finished
+    /// before it was made), which misses only ids of older versions, without their time.
+    async fn sweep(&mut self, full: bool) {
         let horizon = now_us().saturating_sub(self.config.retention.as_micros() as u64);
         let _ = self
             .store
             .blocking(move |s| {
                 let mut ops = Vec::new();
-                for (k, v) in s.scan(store::cf::SUBMITTED)? {
+                let rows = if full {
+                    s.scan(store::cf::SUBMITTED)?
+                } else {
+                    let until = TaskId::lower_bound_at(horizon / 1000);
+                    s.scan_range(store::cf::SUBMITTED, b"", until.as_bytes())?
+                };
+                for (k, v) in rows {
                     if let Ok(t) = serde_json::from_slice::<Submitted>(&v) {
                         if t.status.is_terminal() && t.finished_us < horizon {
                             ops.push((store::cf::SUBMITTED, k, None));

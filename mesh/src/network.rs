@@ -321,7 +321,9 @@ impl Handle {
         };
         let queue = match self.commands.try_send(command) {
             Ok(()) => Ok(None),
-            Err(mpsc::error::TrySendError::Full(command)) => Ok(Some((self.commands.clone(), command))),
+            Err(mpsc::error::TrySendError::Full(command)) => {
+                Ok(Some((self.commands.clone(), command)))
+            }
             Err(mpsc::error::TrySendError::Closed(_)) => Err(Error::Closed),
         };
         async move {

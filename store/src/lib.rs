@@ -249,6 +249,29 @@ impl Store {
         })
     }
 
+    /// Every entry with `from <= key < until`, in key order.
+    pub fn scan_range(
+        &self,
+        cf: &'static str,
+        from: &[u8],
+        until: &[u8],
+    ) -> Result<Vec<Entry>, Error> {
+        let mode = rocksdb::IteratorMode::From(from, rocksdb::Direction::Forward);
+        let mut out = Vec::new();
+        for r in self.db.iterator_cf(self.handle(cf), mode) {
+            let (k, v) = r.map_err(|source| Error::Io {
+                op: "scan",
+                cf,
+                source,
+            })?;
+            if *k >= *until {
+                break;
+            }
+            out.push((k.to_vec(), v.to_vec()));
+        }
+        Ok(out)
+    }
+
     /// Every entry whose key starts with `prefix`, in key order.
     pub fn scan_prefix(&self, cf: &'static str, prefix: &[u8]) -> Result<Vec<Entry>, Error> {
         self.scan_with(cf, prefix, |k, v| (k.to_vec(), v.to_vec()))
@@ -346,6 +369,29 @@ mod tests {
             s.scan(cf::PEERS).unwrap(),
             vec![(b"b".to_vec(), b"2".to_vec())]
         );
+    }
+
+    #[test]
+    fn a_range_scan_stops_before_its_upper_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        for k in ["a/1", "a/2", "a/3", "b/1"] {
+            s.put(cf::PEERS, k.as_bytes(), b"v").unwrap();
+        }
+        let keys = |rows: Vec<Entry>| -> Vec<String> {
+            rows.into_iter()
+                .map(|(k, _)| String::from_utf8(k).unwrap())
+                .collect()
+        };
+        assert_eq!(
+            keys(s.scan_range(cf::PEERS, b"a/", b"a/3").unwrap()),
+            ["a/1", "a/2"]
+        );
+        assert_eq!(
+            keys(s.scan_range(cf::PEERS, b"a/2", b"z").unwrap()),
+            ["a/2", "a/3", "b/1"]
+        );
+        assert!(s.scan_range(cf::PEERS, b"a/", b"a/").unwrap().is_empty());
     }
 
     #[test]

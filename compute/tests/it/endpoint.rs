@@ -392,6 +392,44 @@ async fn bad_submissions_are_refused_with_the_reason() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_tasks_are_dropped_once_past_their_retention() {
+    let mut cfg = config();
+    cfg.retention = Duration::from_secs(1);
+    let mut h = start(cfg.clone()).await;
+    let task = submission(&f("add"), json!([2]), json!({"b": 1}));
+    let id = task.id.clone();
+    assert_eq!(value(&h.run(task).await), &json!(3));
+    // An id of an older version is random: this one sorts after every horizon.
+    let mut old = submission(&f("add"), json!([1]), json!({"b": 1}));
+    old.id = "ffffffffffff00000000000000000000".parse().unwrap();
+    let old_id = old.id.clone();
+    assert_eq!(value(&h.run(old).await), &json!(2));
+    let kept = |h: &Harness, id: &TaskId| {
+        let (ep, id) = (h.endpoint.clone(), id.clone());
+        async move { ep.records(vec![id]).await.unwrap()[0].is_some() }
+    };
+    assert!(kept(&h, &id).await, "kept while within its retention");
+    // The sweeps read the tasks made before their horizon: this one goes a second after it
+    // finished...
+    until("the finished task to be dropped", || {
+        let k = kept(&h, &id);
+        async move { !k.await }
+    })
+    .await;
+    // ...while the old id waits for a sweep that reads every record: the first after a start.
+    assert!(kept(&h, &old_id).await);
+    let (dir, store) = h.stop().await;
+    drop(store);
+    let h = start_in(dir, cfg).await;
+    until("the task with an old id to be dropped", || {
+        let k = kept(&h, &old_id);
+        async move { !k.await }
+    })
+    .await;
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn accepted_tasks_survive_a_restart_and_duplicates_run_once() {
     let mut cfg = config();
     cfg.max_workers = 1;
