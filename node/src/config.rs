@@ -141,6 +141,10 @@ pub struct NodeSection {
     pub name: String,
     /// Log filter (tracing `EnvFilter` syntax), used by `funcmesh start`.
     pub log: String,
+    /// How long this node keeps the tasks it submitted once they finished (each endpoint has its
+    /// own `retention` for the tasks it ran).
+    #[serde(with = "humantime_serde_str")]
+    pub task_retention: Duration,
 }
 
 /// `[api]`
@@ -181,6 +185,7 @@ impl Default for NodeSection {
         NodeSection {
             name: "funcmesh-node".into(),
             log: "info".into(),
+            task_retention: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }

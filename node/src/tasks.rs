@@ -338,7 +338,7 @@ pub(crate) async fn start(
         store.clone(),
         mesh::dispatch::Config {
             lost_after: config.mesh.endpoint_lost_after,
-            retention: Duration::from_secs(7 * 24 * 3600),
+            retention: config.node.task_retention,
             institution: own.institution.clone(),
             access: access.clone(),
         },

@@ -255,6 +255,15 @@ impl Federation {
 
     /// Restarts member `i` from its data dir.
     pub async fn restart(&mut self, i: usize) -> anyhow::Result<()> {
+        self.restart_with(i, |_| {}).await
+    }
+
+    /// Restarts member `i` from its data dir, with `change` applied to its configuration.
+    pub async fn restart_with(
+        &mut self,
+        i: usize,
+        change: impl FnOnce(&mut Config),
+    ) -> anyhow::Result<()> {
         self.stop(i).await?;
         let dir = &self.members[i].dir;
         let mut config = Config::resolve(Some(&dir.config()), Vec::new(), &[])?;
@@ -262,6 +271,7 @@ impl Federation {
         config.mesh.proof_timeout = t.mesh.proof_timeout;
         config.mesh.redial_interval = t.mesh.redial_interval;
         config.mesh.anti_entropy = t.mesh.anti_entropy;
+        change(&mut config);
         let node = Node::start(dir, &config).await?;
         self.members[i].node = Some(node);
         Ok(())

@@ -6,3 +6,4 @@
 mod membership;
 mod refusals;
 mod registry;
+mod tasks;
