@@ -22,13 +22,12 @@ import io
 import json
 import linecache
 import os
-import queue
+import select
 import shlex
 import signal
 import struct
 import subprocess
 import sys
-import threading
 import time
 import traceback
 
@@ -50,11 +49,19 @@ except Exception:  # pragma: no cover
     resource = None
 
 
+# What `Channel.read` returns when it must not wait and no whole frame has arrived.
+NOTHING = object()
+
+
 class Channel:
     """The protocol pipe: frames in on stdin, frames out on a private copy of stdout."""
 
     def __init__(self):
-        self.rx = os.fdopen(os.dup(0), "rb", buffering=1 << 16)
+        # Read straight from the descriptor into our own buffer, so that `select` tells the
+        # truth about whether more input is waiting (a buffered reader may hold it unseen).
+        self.rfd = os.dup(0)
+        self.buf = bytearray()
+        self.eof = False
         self.tx = os.fdopen(os.dup(1), "wb", buffering=1 << 16)
         # Whatever the task prints goes to stderr, never into the protocol.
         devnull = os.open(os.devnull, os.O_RDONLY)
@@ -65,17 +72,26 @@ class Channel:
         self.pending = 0
         self.first_pending = 0.0
 
-    def read(self):
-        head = self.rx.read(4)
-        if len(head) < 4:
-            return None
-        (n,) = struct.unpack(">I", head)
-        if n > MAX_FRAME:
-            raise ValueError("frame of %d bytes is over the limit" % n)
-        body = self.rx.read(n)
-        if len(body) < n:
-            return None
-        return json.loads(body)
+    def read(self, wait=True):
+        """The next frame; None at the end of input; NOTHING if `wait` is false and no whole
+        frame has arrived yet."""
+        while True:
+            if len(self.buf) >= 4:
+                (n,) = struct.unpack_from(">I", self.buf)
+                if n > MAX_FRAME:
+                    raise ValueError("frame of %d bytes is over the limit" % n)
+                if len(self.buf) >= 4 + n:
+                    body = bytes(self.buf[4 : 4 + n])
+                    del self.buf[: 4 + n]
+                    return json.loads(body)
+            if self.eof:
+                return None
+            if not wait and not select.select([self.rfd], [], [], 0)[0]:
+                return NOTHING
+            chunk = os.read(self.rfd, 1 << 16)
+            if not chunk:
+                self.eof = True
+            self.buf += chunk
 
     def write(self, obj):
         body = json.dumps(obj, separators=(",", ":")).encode()
@@ -101,33 +117,31 @@ class Worker:
     def __init__(self, channel):
         self.ch = channel
         self.functions = {}
-        self.inbox = queue.Queue()
         self.cancelled = set()
-        self.lock = threading.Lock()
         self.base_vm = vm_size()
         self.hard_as = None
         # The address-space limit in force (0: none), so that a task without a memory limit
         # costs no setrlimit calls.
         self.mem_limit = 0
 
-    def reader(self):
-        try:
-            while True:
-                frame = self.ch.read()
-                if frame is None:
-                    break
-                op = frame.get("op")
-                if op == "cancel":
-                    with self.lock:
-                        self.cancelled.update(frame.get("ids", []))
-                elif op == "run":
-                    # The whole batch is one item: one hand-over between the threads per batch.
-                    self.inbox.put(frame.get("tasks", []))
-                elif op == "exit":
-                    break
-        except Exception as e:  # a broken pipe or a bad frame: stop cleanly
-            print("funcmesh worker: reading the pipe failed: %r" % (e,), file=sys.stderr)
-        self.inbox.put(None)
+    def take(self, batch, wait):
+        """Takes in the frames that have arrived, waiting for one if `wait`. One thread reads and
+        runs: a cancel that arrives while a batch runs is seen before the batch's next task (a
+        running task is cancelled by the endpoint, which stops the worker). False at the end."""
+        while True:
+            frame = self.ch.read(wait)
+            if frame is NOTHING:
+                return True
+            if frame is None:
+                return False
+            op = frame.get("op")
+            if op == "cancel":
+                self.cancelled.update(frame.get("ids", []))
+            elif op == "run":
+                batch.extend(frame.get("tasks", []))
+            elif op == "exit":
+                return False
+            wait = False
 
     def serve(self):
         self.ch.write(
@@ -140,25 +154,26 @@ class Worker:
             }
         )
         self.ch.flush()
-        threading.Thread(target=self.reader, daemon=True).start()
         batch = collections.deque()
+        ending = False
         while True:
             if not batch:
-                try:
-                    item = self.inbox.get_nowait()
-                except queue.Empty:
-                    self.ch.flush()
-                    item = self.inbox.get()
-                if item is None:
+                self.ch.flush()
+                if ending:
                     break
-                batch.extend(item)
+            if not ending:
+                try:
+                    ending = not self.take(batch, wait=not batch)
+                except Exception as e:  # a broken pipe or a bad frame: stop after this batch
+                    print("funcmesh worker: reading the pipe failed: %r" % (e,), file=sys.stderr)
+                    ending = True
+            if not batch:
                 continue
             task = batch.popleft()
             skip = False
-            if self.cancelled:  # the lock only when there is a cancel to look at
-                with self.lock:
-                    skip = task.get("id") in self.cancelled
-                    self.cancelled.discard(task.get("id"))
+            if self.cancelled:
+                skip = task.get("id") in self.cancelled
+                self.cancelled.discard(task.get("id"))
             if skip:
                 self.ch.write({"op": "result", "id": task.get("id"), "ok": False,
                                "error": error("Cancelled", "cancelled before it started"),
@@ -169,7 +184,7 @@ class Worker:
                 if result.get("recycle"):
                     self.ch.flush()
                     break
-            self.ch.maybe_flush(not batch and self.inbox.empty())
+            self.ch.maybe_flush(not batch)
         self.ch.flush()
 
     def run(self, task):
