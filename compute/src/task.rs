@@ -1,6 +1,6 @@
 //! Tasks: what a submitter asks an endpoint to run, the lifecycle it goes through there, and how
 //! it ends. These types are the versioned contract between submitters and endpoints: the mesh
-//! carries them on `/funcmesh/task/2`, and the store keeps them as JSON.
+//! carries them on `/funcmesh/task/3`, and the store keeps them as JSON.
 
 use std::fmt;
 use std::time::{SystemTime, UNIX_EPOCH};

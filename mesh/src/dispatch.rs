@@ -2,7 +2,7 @@
 //!
 //! [`Dispatcher`] is an actor. A submitted task is routed ([`crate::routing::Router`]), stored in
 //! RocksDB (`submitted`), acknowledged to the caller, then sent to its endpoint on
-//! `/funcmesh/task/2` (batched per endpoint). The endpoint's answer and, later, its result update
+//! `/funcmesh/task/3` (batched per endpoint). The endpoint's answer and, later, its result update
 //! the stored task. If the endpoint's node stops advertising (or the endpoint reports it lost the
 //! task), a task with retries left is sent again, elsewhere; one without fails with a reason that
 //! says the endpoint was lost. After a restart every unfinished task is sent again to its endpoint,
@@ -1119,16 +1119,16 @@ impl Actor {
                 let peer_s = peer.to_string();
                 for (id, answer) in ids.into_iter().zip(answers) {
                     match answer {
-                        Answer::Accepted(rec) => {
-                            if rec.status.is_terminal() {
-                                self.on_record(rec, Some(peer));
-                            } else if let Some(t) = self.live.get_mut(&id) {
+                        Answer::Accepted(rec) if rec.status.is_terminal() => {
+                            self.on_record(rec, Some(peer));
+                        }
+                        Answer::Accepted(Record { status, .. }) | Answer::Queued(status) => {
+                            if let Some(t) = self.live.get_mut(&id) {
                                 if t.target().is_some_and(|x| x.peer == peer_s) {
                                     // Kept in memory only: after a restart every unfinished task
                                     // is sent again and its endpoint answers afresh, so storing
                                     // this would cost a write per task for nothing.
-                                    t.status = rec.status;
-                                    t.record = Some(rec);
+                                    t.status = status;
                                 }
                             }
                         }

@@ -9,7 +9,7 @@
 //! * [`registry`] keeps this node's replica of the federation registry converged: pairwise
 //!   Automerge sync, gossip of changes, persistence, and strikes against peers that send bad data.
 //! * [`routing`] is the sans-IO router and the endpoint advertisements it reads; [`tasks`] the
-//!   `/funcmesh/task/2` messages; [`dispatch`] the submitting side of tasks (route, store, send,
+//!   `/funcmesh/task/3` messages; [`dispatch`] the submitting side of tasks (route, store, send,
 //!   follow results, retry when an endpoint is lost).
 //!
 //! ```

@@ -1,4 +1,4 @@
-//! `/funcmesh/task/2`: task dispatch and results between a submitting node and an endpoint's
+//! `/funcmesh/task/3`: task dispatch and results between a submitting node and an endpoint's
 //! node, over direct request-response streams (never gossip).
 //!
 //! * submitter → endpoint: [`TaskRequest::Submit`] (a batch; each task is stored by the endpoint
@@ -9,7 +9,7 @@
 //!
 //! Submitting a task id twice is harmless: the endpoint answers with the task's current record.
 
-use compute::task::{Record, Submission, TaskId};
+use compute::task::{Record, Status, Submission, TaskId};
 
 use crate::routing::EndpointLoad;
 use serde::{Deserialize, Serialize};
@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 /// The protocol name.
 /// Version 2: JSON on the wire (version 1 was CBOR, which turned every JSON `null` in task
 /// arguments and results into `[]`).
-pub const PROTOCOL: &str = "/funcmesh/task/2";
+pub const PROTOCOL: &str = "/funcmesh/task/3";
 /// Largest request or response on the wire.
 pub const MAX_MESSAGE: usize = 32 << 20;
 /// Most tasks in one request.
@@ -199,10 +199,24 @@ pub mod function_table {
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum Answer {
-    /// Stored; its record as it is now.
+    /// Stored, and already finished (a task sent again): its record.
     Accepted(Record),
+    /// Stored, not finished: its status. The record comes with the result (a `Records` request
+    /// asks for it sooner); sending it here would double the bytes of every task's answer.
+    Queued(Status),
     /// Refused, and why.
     Refused(String),
+}
+
+impl Answer {
+    /// The answer for an endpoint's record of a task it stored.
+    pub fn of(record: Record) -> Answer {
+        if record.status.is_terminal() {
+            Answer::Accepted(record)
+        } else {
+            Answer::Queued(record.status)
+        }
+    }
 }
 
 /// A response.
@@ -425,9 +439,13 @@ mod tests {
         };
         assert_eq!(read_request(&encode(req.clone())).unwrap(), req);
         let resp = TaskResponse::Submitted {
-            answers: vec![Answer::Accepted(record(
-                compute::task::Outcome::Succeeded { value: Value::Null },
-            ))],
+            answers: vec![
+                Answer::Accepted(record(compute::task::Outcome::Succeeded {
+                    value: Value::Null,
+                })),
+                Answer::Queued(compute::task::Status::Queued),
+                Answer::Refused("no".into()),
+            ],
             loads: Vec::new(),
         };
         assert_eq!(read_response(&encode_response(resp.clone())).unwrap(), resp);

@@ -87,7 +87,7 @@ impl Service {
                                 .as_ref()
                                 .is_some_and(|r| r.submitter == peer.to_string()) =>
                         {
-                            Answer::Accepted(r.remove(0).expect("checked above"))
+                            Answer::of(r.remove(0).expect("checked above"))
                         }
                         _ => Answer::Refused(why),
                     });
@@ -101,7 +101,7 @@ impl Service {
                         Ok(results) => {
                             for (i, r) in idx.into_iter().zip(results) {
                                 answers[i] = Some(match r {
-                                    Ok(rec) => Answer::Accepted(rec),
+                                    Ok(rec) => Answer::of(rec),
                                     Err(why) => Answer::Refused(why),
                                 });
                             }
