@@ -532,15 +532,27 @@ struct MemberState {
     since: Instant,
 }
 
+/// When to dial a peer we are not connected to again, with exponential backoff.
 struct Redial {
     next: Instant,
     failures: u32,
 }
 
-/// A peer a member listed that we are not connected to and have never verified.
-struct Introduced {
-    next: Instant,
-    dials: u32,
+impl Redial {
+    /// One more try is under way: the next waits twice as long, up to 16 times `base`.
+    fn tried(&mut self, base: Duration, now: Instant) {
+        self.failures = self.failures.saturating_add(1);
+        self.next = now + base * (1u32 << self.failures.min(4));
+    }
+}
+
+/// The peers of `redials` that are due and not connected.
+fn due(redials: &HashMap<PeerId, Redial>, swarm: &Swarm<Behaviour>, now: Instant) -> Vec<PeerId> {
+    redials
+        .iter()
+        .filter(|(p, r)| r.next <= now && !swarm.is_connected(p))
+        .map(|(p, _)| *p)
+        .collect()
 }
 
 struct EventLoop {
@@ -556,8 +568,9 @@ struct EventLoop {
     refused: HashMap<PeerId, Instant>,
     addrs: HashMap<PeerId, Vec<Multiaddr>>,
     known: HashMap<PeerId, Redial>,
-    /// Peers other members told us about, dialled with backoff until verified or given up on.
-    introduced: HashMap<PeerId, Introduced>,
+    /// Peers other members told us about and we never verified, dialled with backoff until
+    /// verified or given up on (`failures` counts the dials).
+    introduced: HashMap<PeerId, Redial>,
     /// When member lists were last swapped with a random member.
     last_exchange: Instant,
     bootstrap: Vec<Multiaddr>,
@@ -1249,14 +1262,8 @@ impl EventLoop {
                 .send_request(&peer, hello);
         }
         self.introduced
-            .retain(|_, i| i.next > now || i.dials < MAX_INTRODUCTION_DIALS);
-        let due: Vec<PeerId> = self
-            .introduced
-            .iter()
-            .filter(|(p, i)| i.next <= now && !self.swarm.is_connected(p))
-            .map(|(p, _)| *p)
-            .collect();
-        for peer in due {
+            .retain(|_, r| r.next > now || r.failures < MAX_INTRODUCTION_DIALS);
+        for peer in due(&self.introduced, &self.swarm, now) {
             let addrs = self.addrs.get(&peer).cloned().unwrap_or_default();
             self.dial_introduced_or_known(peer, addrs);
         }
@@ -1270,29 +1277,13 @@ impl EventLoop {
             let _ = self.swarm.disconnect_peer_id(peer);
         }
         // Redial known members we are not connected to, with exponential backoff.
-        let due: Vec<PeerId> = self
-            .known
-            .iter()
-            .filter(|(p, r)| r.next <= now && !self.swarm.is_connected(p))
-            .map(|(p, _)| *p)
-            .collect();
-        for peer in due {
+        for peer in due(&self.known, &self.swarm, now) {
             let addrs = self.addrs.get(&peer).cloned().unwrap_or_default();
-            let r = self
-                .known
-                .get_mut(&peer)
-                .expect("due peers come from known");
-            r.failures = (r.failures + 1).min(4);
-            r.next = now + self.config.redial_interval * (1u32 << r.failures);
-            if addrs.is_empty() {
-                continue;
+            if let Some(r) = self.known.get_mut(&peer) {
+                r.tried(self.config.redial_interval, now);
             }
-            let opts = DialOpts::peer_id(peer)
-                .addresses(addrs)
-                .condition(PeerCondition::DisconnectedAndNotDialing)
-                .build();
-            if let Err(e) = self.swarm.dial(opts) {
-                debug!(%peer, error = %e, "redial failed");
+            if !addrs.is_empty() {
+                self.dial(peer, addrs);
             }
         }
     }
@@ -1657,23 +1648,28 @@ impl EventLoop {
                 self.remember_addr(other, a.clone());
             }
             if !self.known.contains_key(&other) && self.introduced.len() < MAX_LISTED_MEMBERS {
-                let entry = self.introduced.entry(other).or_insert(Introduced {
-                    next: now,
-                    dials: 0,
-                });
-                // Mentioned again: a fresh budget, the next dial now.
-                entry.dials = 0;
-                entry.next = now;
+                // New, or mentioned again: a fresh budget, the next dial now.
+                self.introduced.insert(
+                    other,
+                    Redial {
+                        next: now,
+                        failures: 0,
+                    },
+                );
             }
             self.dial_introduced_or_known(other, addrs);
         }
     }
 
+    /// Dials a listed peer now, counting the dial against its introduction if it has one.
     fn dial_introduced_or_known(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
-        if let Some(i) = self.introduced.get_mut(&peer) {
-            i.dials += 1;
-            i.next = Instant::now() + self.config.redial_interval * (1u32 << i.dials.min(4));
+        if let Some(r) = self.introduced.get_mut(&peer) {
+            r.tried(self.config.redial_interval, Instant::now());
         }
+        self.dial(peer, addrs);
+    }
+
+    fn dial(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
         let opts = DialOpts::peer_id(peer)
             .addresses(addrs)
             .condition(PeerCondition::DisconnectedAndNotDialing)

@@ -256,20 +256,7 @@ impl Store {
         from: &[u8],
         until: &[u8],
     ) -> Result<Vec<Entry>, Error> {
-        let mode = rocksdb::IteratorMode::From(from, rocksdb::Direction::Forward);
-        let mut out = Vec::new();
-        for r in self.db.iterator_cf(self.handle(cf), mode) {
-            let (k, v) = r.map_err(|source| Error::Io {
-                op: "scan",
-                cf,
-                source,
-            })?;
-            if *k >= *until {
-                break;
-            }
-            out.push((k.to_vec(), v.to_vec()));
-        }
-        Ok(out)
+        self.scan_while(cf, from, |k| k < until, |k, v| (k.to_vec(), v.to_vec()))
     }
 
     /// Every entry whose key starts with `prefix`, in key order.
@@ -288,7 +275,18 @@ impl Store {
         prefix: &[u8],
         take: impl Fn(&[u8], &[u8]) -> T,
     ) -> Result<Vec<T>, Error> {
-        let mode = rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward);
+        self.scan_while(cf, prefix, |k| k.starts_with(prefix), take)
+    }
+
+    /// From `from` on, in key order, while `keep` holds for the key.
+    fn scan_while<T>(
+        &self,
+        cf: &'static str,
+        from: &[u8],
+        keep: impl Fn(&[u8]) -> bool,
+        take: impl Fn(&[u8], &[u8]) -> T,
+    ) -> Result<Vec<T>, Error> {
+        let mode = rocksdb::IteratorMode::From(from, rocksdb::Direction::Forward);
         let mut out = Vec::new();
         for r in self.db.iterator_cf(self.handle(cf), mode) {
             let (k, v) = r.map_err(|source| Error::Io {
@@ -296,7 +294,7 @@ impl Store {
                 cf,
                 source,
             })?;
-            if !k.starts_with(prefix) {
+            if !keep(&k) {
                 break;
             }
             out.push(take(&k, &v));
