@@ -2,8 +2,9 @@
 //!
 //! * `noop`: two endpoint nodes of one institution; the client submits through a1's API and the
 //!   tasks run on a2's endpoint (two warm host workers). Round trip of one no-op Python task
-//!   (p50, p99, mean over `M` samples after a warm-up), then throughput: `N` tasks in batches of
-//!   `B`, `C` batches in flight, from one client. Prints one JSON line, in the format of
+//!   (p50, p99, mean over `M` samples after a warm-up, and the CPU each round trip cost every
+//!   process), then throughput: `N` tasks in batches of `B`, `C` batches in flight, from one
+//!   client, with its CPU per task. Prints one JSON line, in the format of
 //!   `bench/competitors/noop.py`, so that `bench/run.sh` puts it beside Dask, Parsl and Ray.
 //! * `routing`: the warming-aware routing experiment of the funcX paper: `N` tasks (3,000) of
 //!   four functions, each in its own container image, over three endpoints of two workers each,
@@ -202,6 +203,19 @@ async fn noop(cap: bool) -> anyhow::Result<()> {
     )
     .await?;
 
+    // CPU per task of the round trips (one task at a time): nothing is amortised over a batch.
+    let endpoint_node = net
+        .nodes
+        .iter()
+        .find(|n| n.name == target)
+        .map(|n| n.pid)
+        .ok_or_else(|| anyhow::anyhow!("no node {target}"))?;
+    let submitter_pid = net.nodes[submitter].pid;
+    let lat_cpu_before = (
+        cpu_us(submitter_pid),
+        cpu_us(endpoint_node),
+        cpu_us(std::process::id()),
+    );
     let mut lat = Vec::with_capacity(samples);
     let mut endpoint_ms = Vec::with_capacity(samples);
     // Where the time goes, from the task's own timestamps (one clock: same machine).
@@ -224,6 +238,18 @@ async fn noop(cap: bool) -> anyhow::Result<()> {
         to_endpoint.push(t.times.received_us.saturating_sub(t.times.submitted_us) as f64 / 1000.0);
         back.push(done_us.saturating_sub(t.times.finished_us) as f64 / 1000.0);
     }
+    let lat_cpu_after = (
+        cpu_us(submitter_pid),
+        cpu_us(endpoint_node),
+        cpu_us(std::process::id()),
+    );
+    let per_sample = |after: u64, before: u64| after.saturating_sub(before) as f64 / samples as f64;
+    let latency_cpu = json!({
+        "submitter_node": per_sample(lat_cpu_after.0.0, lat_cpu_before.0.0),
+        "endpoint_node": per_sample(lat_cpu_after.1.0, lat_cpu_before.1.0),
+        "endpoint_workers": per_sample(lat_cpu_after.1.1, lat_cpu_before.1.1),
+        "client": per_sample(lat_cpu_after.2.0, lat_cpu_before.2.0),
+    });
     for v in [&mut to_submitter, &mut to_endpoint, &mut back] {
         v.sort_by(f64::total_cmp);
     }
@@ -233,13 +259,6 @@ async fn noop(cap: bool) -> anyhow::Result<()> {
 
     // CPU per task during the throughput run: the submitting node, the endpoint's node, its
     // workers, and this client.
-    let endpoint_node = net
-        .nodes
-        .iter()
-        .find(|n| n.name == target)
-        .map(|n| n.pid)
-        .ok_or_else(|| anyhow::anyhow!("no node {target}"))?;
-    let submitter_pid = net.nodes[submitter].pid;
     let cpu_before = (
         cpu_us(submitter_pid),
         cpu_us(endpoint_node),
@@ -303,6 +322,7 @@ async fn noop(cap: bool) -> anyhow::Result<()> {
             "min": lat[0],
             "max": lat[lat.len() - 1],
         },
+        "latency_cpu_us_per_task": latency_cpu,
         "endpoint_ms": {"p50": percentile(&endpoint_ms, 0.5), "p99": percentile(&endpoint_ms, 0.99)},
         "breakdown_p50_ms": {
             "client_to_submitter_stored": percentile(&to_submitter, 0.5),
