@@ -77,6 +77,35 @@ fn cpu_us(pid: u32) -> (u64, u64) {
     (own, children)
 }
 
+/// CPU time so far of the processes a task crosses: the submitting node, the endpoint's node and
+/// its workers, and this client.
+struct CpuSnapshot {
+    submitter: (u64, u64),
+    endpoint: (u64, u64),
+    client: (u64, u64),
+}
+
+impl CpuSnapshot {
+    fn take(submitter_pid: u32, endpoint_pid: u32) -> CpuSnapshot {
+        CpuSnapshot {
+            submitter: cpu_us(submitter_pid),
+            endpoint: cpu_us(endpoint_pid),
+            client: cpu_us(std::process::id()),
+        }
+    }
+
+    /// Microseconds of CPU per task since `before`, over `tasks` tasks, per process.
+    fn per_task_since(&self, before: &CpuSnapshot, tasks: usize) -> serde_json::Value {
+        let per = |after: u64, before: u64| after.saturating_sub(before) as f64 / tasks as f64;
+        json!({
+            "submitter_node": per(self.submitter.0, before.submitter.0),
+            "endpoint_node": per(self.endpoint.0, before.endpoint.0),
+            "endpoint_workers": per(self.endpoint.1, before.endpoint.1),
+            "client": per(self.client.0, before.client.0),
+        })
+    }
+}
+
 fn clock_ticks() -> u64 {
     #[allow(unsafe_code)]
     // SAFETY: sysconf reads a constant of the system; it has no preconditions.
@@ -211,11 +240,7 @@ async fn noop(cap: bool) -> anyhow::Result<()> {
         .map(|n| n.pid)
         .ok_or_else(|| anyhow::anyhow!("no node {target}"))?;
     let submitter_pid = net.nodes[submitter].pid;
-    let lat_cpu_before = (
-        cpu_us(submitter_pid),
-        cpu_us(endpoint_node),
-        cpu_us(std::process::id()),
-    );
+    let lat_cpu_before = CpuSnapshot::take(submitter_pid, endpoint_node);
     let mut lat = Vec::with_capacity(samples);
     let mut endpoint_ms = Vec::with_capacity(samples);
     // Where the time goes, from the task's own timestamps (one clock: same machine).
@@ -238,18 +263,8 @@ async fn noop(cap: bool) -> anyhow::Result<()> {
         to_endpoint.push(t.times.received_us.saturating_sub(t.times.submitted_us) as f64 / 1000.0);
         back.push(done_us.saturating_sub(t.times.finished_us) as f64 / 1000.0);
     }
-    let lat_cpu_after = (
-        cpu_us(submitter_pid),
-        cpu_us(endpoint_node),
-        cpu_us(std::process::id()),
-    );
-    let per_sample = |after: u64, before: u64| after.saturating_sub(before) as f64 / samples as f64;
-    let latency_cpu = json!({
-        "submitter_node": per_sample(lat_cpu_after.0.0, lat_cpu_before.0.0),
-        "endpoint_node": per_sample(lat_cpu_after.1.0, lat_cpu_before.1.0),
-        "endpoint_workers": per_sample(lat_cpu_after.1.1, lat_cpu_before.1.1),
-        "client": per_sample(lat_cpu_after.2.0, lat_cpu_before.2.0),
-    });
+    let latency_cpu =
+        CpuSnapshot::take(submitter_pid, endpoint_node).per_task_since(&lat_cpu_before, samples);
     for v in [&mut to_submitter, &mut to_endpoint, &mut back] {
         v.sort_by(f64::total_cmp);
     }
@@ -259,11 +274,7 @@ async fn noop(cap: bool) -> anyhow::Result<()> {
 
     // CPU per task during the throughput run: the submitting node, the endpoint's node, its
     // workers, and this client.
-    let cpu_before = (
-        cpu_us(submitter_pid),
-        cpu_us(endpoint_node),
-        cpu_us(std::process::id()),
-    );
+    let cpu_before = CpuSnapshot::take(submitter_pid, endpoint_node);
     let t0 = Instant::now();
     let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(in_flight));
     let mut joins = tokio::task::JoinSet::new();
@@ -291,18 +302,7 @@ async fn noop(cap: bool) -> anyhow::Result<()> {
         }
     }
     let wall = t0.elapsed().as_secs_f64();
-    let cpu_after = (
-        cpu_us(submitter_pid),
-        cpu_us(endpoint_node),
-        cpu_us(std::process::id()),
-    );
-    let per_task = |after: u64, before: u64| after.saturating_sub(before) as f64 / done as f64;
-    let cpu = json!({
-        "submitter_node": per_task(cpu_after.0.0, cpu_before.0.0),
-        "endpoint_node": per_task(cpu_after.1.0, cpu_before.1.0),
-        "endpoint_workers": per_task(cpu_after.1.1, cpu_before.1.1),
-        "client": per_task(cpu_after.2.0, cpu_before.2.0),
-    });
+    let cpu = CpuSnapshot::take(submitter_pid, endpoint_node).per_task_since(&cpu_before, done);
     let line = json!({
         "engine": "funcmesh",
         "version": env!("CARGO_PKG_VERSION"),
