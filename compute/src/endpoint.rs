@@ -927,6 +927,7 @@ impl Driver {
             env,
             &self.config.python,
             &self.worker_py,
+            crate::shell_worker::program(),
             &name,
             &labels,
             self.config.task_memory_mb,

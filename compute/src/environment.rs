@@ -131,20 +131,54 @@ impl From<Environment> for String {
 /// Where the worker script is mounted inside containers.
 pub const WORKER_IN_CONTAINER: &str = "/opt/funcmesh/worker.py";
 
+/// Where the `funcmesh` binary appears inside a container, for the shell worker.
+pub const SHELL_WORKER_IN_CONTAINER: &str = "/opt/funcmesh/funcmesh";
+
+/// Starts the Python worker when the environment has the interpreter, and the shell worker
+/// otherwise: `sh -c LAUNCH funcmesh-worker <python> <worker.py> <funcmesh>`.
+const LAUNCH: &str =
+    r#"if command -v "$1" >/dev/null 2>&1; then exec "$1" -u "$2"; fi; exec "$3" shell-worker"#;
+
 /// The command line (program, arguments) that starts a worker in `env`. `name` names the
-/// container, so that it can be killed by name.
+/// container, so that it can be killed by name. With `shell_worker` (the `funcmesh` binary), a
+/// small `sh` launcher picks the worker inside the environment: the Python worker where
+/// `python` runs there, the shell worker (`funcmesh shell-worker`, bind-mounted into containers)
+/// where it does not; without it, the Python worker always.
 pub fn worker_command(
     env: &Environment,
     python: &str,
     worker_py: &Path,
+    shell_worker: Option<&Path>,
     name: &str,
     labels: &[(String, String)],
     memory_mb: u64,
 ) -> (String, Vec<String>) {
     let script = worker_py.display().to_string();
     let image = env.image.clone().unwrap_or_default();
+    // The worker's own command line, inside the environment.
+    let inner = |python: &str, script: &str, funcmesh: &str| -> Vec<String> {
+        match shell_worker {
+            None => vec![python.into(), "-u".into(), script.into()],
+            Some(_) => vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                LAUNCH.into(),
+                "funcmesh-worker".into(),
+                python.into(),
+                script.into(),
+                funcmesh.into(),
+            ],
+        }
+    };
     match env.runtime {
-        Runtime::Host => (python.to_owned(), vec!["-u".into(), script]),
+        Runtime::Host => {
+            let funcmesh = shell_worker
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
+            let mut cmd = inner(python, &script, &funcmesh);
+            let program = cmd.remove(0);
+            (program, cmd)
+        }
         Runtime::Docker | Runtime::Podman => {
             let mut args = vec![
                 "run".into(),
@@ -157,6 +191,10 @@ pub fn worker_command(
                 "-v".into(),
                 format!("{script}:{WORKER_IN_CONTAINER}:ro"),
             ];
+            if let Some(p) = shell_worker {
+                args.push("-v".into());
+                args.push(format!("{}:{SHELL_WORKER_IN_CONTAINER}:ro", p.display()));
+            }
             for (k, v) in labels {
                 args.push("--label".into());
                 args.push(format!("{k}={v}"));
@@ -167,22 +205,32 @@ pub fn worker_command(
                 args.push("--memory".into());
                 args.push(format!("{}m", memory_mb + 256));
             }
-            args.extend(["--".into(), image, "python3".into(), "-u".into()]);
-            args.push(WORKER_IN_CONTAINER.into());
+            args.extend(["--".into(), image]);
+            args.extend(inner(
+                "python3",
+                WORKER_IN_CONTAINER,
+                SHELL_WORKER_IN_CONTAINER,
+            ));
             (env.runtime.as_str().to_owned(), args)
         }
-        Runtime::Apptainer => (
-            "apptainer".into(),
-            vec![
+        Runtime::Apptainer => {
+            let mut args = vec![
                 "exec".into(),
                 "--bind".into(),
                 format!("{script}:{WORKER_IN_CONTAINER}:ro"),
-                image,
-                "python3".into(),
-                "-u".into(),
-                WORKER_IN_CONTAINER.into(),
-            ],
-        ),
+            ];
+            if let Some(p) = shell_worker {
+                args.push("--bind".into());
+                args.push(format!("{}:{SHELL_WORKER_IN_CONTAINER}:ro", p.display()));
+            }
+            args.push(image);
+            args.extend(inner(
+                "python3",
+                WORKER_IN_CONTAINER,
+                SHELL_WORKER_IN_CONTAINER,
+            ));
+            ("apptainer".into(), args)
+        }
     }
 }
 
@@ -208,7 +256,7 @@ mod tests {
     #[test]
     fn an_image_can_never_become_an_option_of_docker_run() {
         let env = Environment::parse("docker:img:1").unwrap();
-        let (_, args) = worker_command(&env, "python3", Path::new("/w.py"), "n", &[], 0);
+        let (_, args) = worker_command(&env, "python3", Path::new("/w.py"), None, "n", &[], 0);
         let dashdash = args.iter().position(|a| a == "--").unwrap();
         assert_eq!(args[dashdash + 1], "img:1");
     }

@@ -16,6 +16,7 @@ mod endpoint;
 pub mod environment;
 pub mod pool;
 pub mod protocol;
+pub mod shell_worker;
 pub mod task;
 mod worker;
 

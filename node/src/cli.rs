@@ -40,6 +40,10 @@ pub struct NodeArgs {
 pub enum Command {
     /// Run a local federation in a temp dir and show what funcmesh does, then clean up.
     Demo,
+    /// Serve the worker protocol on stdin and stdout, for shell functions in environments
+    /// without python3 (endpoints start it; not for people).
+    #[command(hide = true)]
+    ShellWorker,
     /// Create a node identity and default config in a data dir.
     Init {
         /// The node's data dir.
@@ -549,6 +553,19 @@ pub fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if matches!(cli.command, Command::ShellWorker) {
+        return match compute::shell_worker::serve(std::io::stdin(), std::io::stdout().lock()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: the shell worker's pipe failed: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    // Endpoints of this process start `<this binary> shell-worker` where python3 is missing.
+    if let Ok(exe) = std::env::current_exe() {
+        compute::shell_worker::set_program(exe);
+    }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     builder.enable_all();
     // `TOKIO_WORKER_THREADS` wins when set; otherwise see `runtime_threads`.
@@ -594,6 +611,9 @@ fn init_tracing(filter: &str) {
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Demo => demo::run().await,
+        Command::ShellWorker => {
+            anyhow::bail!("`funcmesh shell-worker` runs on its own, before the runtime")
+        }
         Command::Init { data_dir, name } => {
             let dir = DataDir::new(data_dir);
             let peer = ops::init(&dir, name.as_deref())?;

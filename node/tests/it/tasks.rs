@@ -378,16 +378,17 @@ fn a_lost_endpoint_retries_or_fails_and_a_killed_submitter_keeps_its_results() {
     assert_eq!(task(&a1, &retryable)["status"], "succeeded");
 }
 
-/// Builds the project's Python image (cached), as `.ci/run` does.
-fn python_image() -> String {
+/// Builds one of the project's images (cached), as `.ci/run` does: `python` or `base` (Debian
+/// without python3).
+fn image(kind: &str) -> String {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/build-image.sh");
     let out = std::process::Command::new(script)
-        .arg("python")
+        .arg(kind)
         .output()
         .expect("run scripts/build-image.sh");
     assert!(
         out.status.success(),
-        "scripts/build-image.sh python failed: {}",
+        "scripts/build-image.sh {kind} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout)
@@ -397,6 +398,91 @@ fn python_image() -> String {
         .unwrap()
         .trim()
         .to_string()
+}
+
+fn python_image() -> String {
+    image("python")
+}
+
+#[test]
+fn shell_functions_run_in_an_image_without_python3_and_python_ones_say_why_they_cannot() {
+    let base = image("base");
+    let net = Net::up("1", "2", &["--runtimes", "host,docker"]);
+    let a1 = net.node("a1");
+    let container = format!("docker:{base}");
+    for (name, command) in [
+        (
+            "probe",
+            "command -v python3 || echo no python3 here; cat /etc/debian_version",
+        ),
+        ("shout", "echo {} | tr a-z A-Z"),
+    ] {
+        ok(&[
+            "function",
+            "register",
+            "--name",
+            name,
+            "--shell",
+            command,
+            "--container",
+            &container,
+            "--node",
+            p(&a1),
+        ]);
+    }
+    let src = net.dir.join("py.py");
+    std::fs::write(&src, "def f(x):\n    return x\n").unwrap();
+    ok(&[
+        "function",
+        "register",
+        "--name",
+        "py",
+        "--python",
+        p(&src),
+        "--entrypoint",
+        "f",
+        "--container",
+        &container,
+        "--node",
+        p(&a1),
+    ]);
+    net.wait_endpoints(&a1, 2);
+
+    // The image has no python3: the shell worker runs the command.
+    let out = run_wait(&a1, &["probe", "--endpoint", "a2", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let t = &listed["tasks"][0]["task"];
+    let stdout = t["outcome"]["value"]["stdout"].as_str().unwrap_or_default();
+    assert!(stdout.starts_with("no python3 here\n12."), "{t}");
+    assert_eq!(t["environment"], container.as_str(), "{t}");
+    let worker = t["worker"].as_str().unwrap().to_string();
+
+    // A Python function there fails with the reason, and the same worker goes on serving.
+    let out = run_wait(&a1, &["py", "1", "--endpoint", "a2"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("PythonMissing") && err.contains("python3"),
+        "{err}"
+    );
+    let id = ok(&[
+        "run",
+        "shout",
+        r#""it's quiet""#,
+        "--endpoint",
+        "a2",
+        "--node",
+        p(&a1),
+    ]);
+    assert_eq!(ok(&["task", "wait", &id, "--node", p(&a1)]), "IT'S QUIET");
+    let t = task(&a1, &id);
+    assert_eq!(t["worker"], worker.as_str(), "{t}");
+    assert_eq!(t["cold_start"], false, "{t}");
 }
 
 #[test]
