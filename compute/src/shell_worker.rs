@@ -579,6 +579,26 @@ mod tests {
     }
 
     #[test]
+    fn the_memory_limit_bounds_the_command() {
+        let (mut peer, worker) = Peer::start();
+        assert_eq!(peer.recv()["op"], "hello");
+        // The shell holds a 48 MB string: fine without a limit, refused under 16 MiB.
+        let hog = json!({"form": "shell",
+            "command": "x=$(head -c 48000000 /dev/zero | tr '\\0' a); echo ${{#x}}"});
+        peer.send(json!({"op": "run", "tasks": [
+            {"id": "free", "fid": "hog", "fn": hog},
+            {"id": "capped", "fid": "hog", "memory_mb": 16},
+        ]}));
+        let free = peer.recv();
+        assert_eq!(free["value"]["stdout"], "48000000\n", "{free}");
+        let capped = peer.recv();
+        assert_eq!(capped["ok"], false, "{capped}");
+        assert_eq!(capped["error"]["type"], "CommandFailed", "{capped}");
+        peer.send(json!({"op": "exit"}));
+        worker.join().unwrap().unwrap();
+    }
+
+    #[test]
     fn a_garbled_frame_ends_the_worker_without_a_panic() {
         let (mut peer, worker) = Peer::start();
         assert_eq!(peer.recv()["op"], "hello");
