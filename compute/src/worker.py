@@ -389,7 +389,9 @@ def run_shell(template, task):
     mb = task.get("memory_mb") or 0
 
     def limits():
-        os.setsid()
+        # A group of its own (a timeout kills the whole command), in the worker's session (the
+        # endpoint kills the session's leftovers when the worker ends).
+        os.setpgrp()
         if mb and resource is not None:
             base = vm_size() or 0
             resource.setrlimit(resource.RLIMIT_AS, (base + (mb << 20), resource.RLIM_INFINITY))

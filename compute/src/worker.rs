@@ -56,18 +56,23 @@ async fn drive(
     reports: &mpsc::Sender<Report>,
 ) -> String {
     let id = launch.id;
-    let mut child = match Command::new(&launch.program)
+    let mut command = Command::new(&launch.program);
+    command
         .args(&launch.args)
         .current_dir(&launch.cwd)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-    {
+        .kill_on_drop(true);
+    let host = launch.container.is_none();
+    if host {
+        new_session(&mut command);
+    }
+    let mut child = match command.spawn() {
         Ok(c) => c,
         Err(e) => return format!("cannot run `{}`: {e}", launch.program),
     };
+    let pid = child.id();
     let mut stdin = child.stdin.take().expect("stdin is piped");
     let mut stdout = child.stdout.take().expect("stdout is piped");
     let stderr = child.stderr.take().expect("stderr is piped");
@@ -149,6 +154,10 @@ async fn drive(
     };
     let _ = child.start_kill();
     let status = child.wait().await;
+    if let (true, Some(pid)) = (host, pid) {
+        // What the worker started (a shell command, a function's subprocess) dies with it.
+        kill_session(pid);
+    }
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), stderr_task).await;
     let _ = tail_rx.borrow_and_update();
     let tail = tail_rx.borrow().trim().to_owned();
@@ -167,6 +176,59 @@ async fn drive(
         out.push_str(&format!("; its last output: {}", last.join(" | ")));
     }
     out
+}
+
+/// Starts a host worker as the leader of a new session. Its commands run in process groups of
+/// their own (so that a timeout can kill one command's whole tree), but stay in this session, so
+/// that when the worker ends, [`kill_session`] finds everything it left running.
+#[allow(unsafe_code)]
+fn new_session(command: &mut Command) {
+    // SAFETY: the closure runs in the forked child before exec and calls only setsid, which is
+    // async-signal-safe; it touches no memory of the parent.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::setsid() == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Kills every process still in session `sid` (a host worker's, after the worker has ended): a
+/// cancelled task's command, or whatever a function started and left behind. Linux's `/proc`.
+pub(crate) fn kill_session(sid: u32) {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for entry in dir.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // After the command name in parentheses: state, ppid, pgrp, session.
+        let session = stat
+            .rfind(')')
+            .and_then(|i| stat[i + 1..].split_whitespace().nth(3))
+            .and_then(|f| f.parse::<u32>().ok());
+        if session == Some(sid) && pid as u32 != std::process::id() {
+            signal_kill(pid);
+        }
+    }
+}
+
+#[allow(unsafe_code)]
+fn signal_kill(pid: i32) {
+    // SAFETY: kill only sends a signal; `pid` is a process of the session being ended.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
 }
 
 fn describe(status: std::process::ExitStatus) -> String {

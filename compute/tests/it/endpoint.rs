@@ -303,6 +303,42 @@ async fn cancel_kills_the_running_task_and_the_next_one_runs() {
     h.stop().await;
 }
 
+/// Whether a process runs with exactly this command line.
+fn running(cmdline: &[&str]) -> bool {
+    let want: Vec<u8> = cmdline
+        .iter()
+        .flat_map(|a| [a.as_bytes(), b"\0"].concat())
+        .collect();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .any(|e| std::fs::read(e.path().join("cmdline")).is_ok_and(|c| c == want))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelling_a_running_shell_command_kills_the_command_and_its_children() {
+    let mut h = start(config()).await;
+    // The shell stays the command's parent (`; echo`), so the sleep is its child: the worker's
+    // grandchild, in a process group of its own.
+    let secs = format!("600.{}", rand::random::<u32>());
+    let sub = submission(&shell("sleep {0}; echo done"), json!([secs]), json!({}));
+    let id = sub.id.clone();
+    h.endpoint.submit("peer", vec![sub]).await.unwrap();
+    until("the command to start", || async {
+        running(&["sleep", &secs])
+    })
+    .await;
+    let rec = h.endpoint.cancel(id.clone()).await.unwrap().unwrap();
+    assert_eq!(rec.status, Status::Cancelled);
+    until("the cancelled command to be gone", || async {
+        !running(&["sleep", &secs])
+    })
+    .await;
+    let ok = h.run(submission(&f("add"), json!([5]), json!({}))).await;
+    assert_eq!(value(&ok), &json!(6));
+    h.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crashing_worker_or_garbage_on_its_pipe_fails_only_that_task() {
     let mut h = start(config()).await;
