@@ -254,6 +254,33 @@ mod tests {
     }
 
     #[test]
+    fn with_the_shell_worker_a_launcher_picks_the_worker_inside_the_environment() {
+        let fm = Path::new("/usr/bin/funcmesh");
+        let (program, args) = worker_command(
+            &Environment::host(),
+            "python3",
+            Path::new("/w.py"),
+            Some(fm),
+            "n",
+            &[],
+            0,
+        );
+        assert_eq!(program, "/bin/sh");
+        assert_eq!(args[..2], ["-c".to_string(), LAUNCH.to_string()]);
+        assert_eq!(args[3..], ["python3", "/w.py", "/usr/bin/funcmesh"]);
+        let env = Environment::parse("docker:img:1").unwrap();
+        let (_, args) = worker_command(&env, "python3", Path::new("/w.py"), Some(fm), "n", &[], 0);
+        assert!(args.contains(&format!("/usr/bin/funcmesh:{SHELL_WORKER_IN_CONTAINER}:ro")));
+        let image = args.iter().position(|a| a == "img:1").unwrap();
+        assert_eq!(args[image - 1], "--");
+        assert_eq!(args[image + 1], "/bin/sh");
+        assert_eq!(
+            args[image + 5..],
+            ["python3", WORKER_IN_CONTAINER, SHELL_WORKER_IN_CONTAINER]
+        );
+    }
+
+    #[test]
     fn an_image_can_never_become_an_option_of_docker_run() {
         let env = Environment::parse("docker:img:1").unwrap();
         let (_, args) = worker_command(&env, "python3", Path::new("/w.py"), None, "n", &[], 0);
