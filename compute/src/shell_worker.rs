@@ -530,7 +530,9 @@ mod tests {
             let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
             let out = theirs.try_clone().unwrap();
             let worker = std::thread::spawn(move || serve(theirs, out));
-            (Peer(ours), worker)
+            let mut peer = Peer(ours);
+            assert_eq!(peer.recv()["op"], "hello", "the worker speaks first");
+            (peer, worker)
         }
 
         fn send(&mut self, v: Value) {
@@ -549,7 +551,6 @@ mod tests {
     #[test]
     fn the_worker_serves_batch_after_batch_until_exit() {
         let (mut peer, worker) = Peer::start();
-        assert_eq!(peer.recv()["op"], "hello");
         let shell = json!({"form": "shell", "command": "echo {}"});
         peer.send(
             json!({"op": "run", "tasks": [{"id": "t1", "fid": "f", "fn": shell, "args": ["one"]}]}),
@@ -581,7 +582,6 @@ mod tests {
     #[test]
     fn the_memory_limit_bounds_the_command() {
         let (mut peer, worker) = Peer::start();
-        assert_eq!(peer.recv()["op"], "hello");
         // The shell holds a 48 MB string: fine without a limit, refused under 16 MiB.
         let hog = json!({"form": "shell",
             "command": "x=$(head -c 48000000 /dev/zero | tr '\\0' a); echo ${{#x}}"});
@@ -601,7 +601,6 @@ mod tests {
     #[test]
     fn a_garbled_frame_ends_the_worker_without_a_panic() {
         let (mut peer, worker) = Peer::start();
-        assert_eq!(peer.recv()["op"], "hello");
         peer.0.write_all(&5u32.to_be_bytes()).unwrap();
         peer.0.write_all(b"{nope").unwrap();
         worker.join().unwrap().unwrap();
