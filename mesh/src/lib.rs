@@ -4,12 +4,12 @@
 //!   that any peer verifies offline with nothing but the federation's public key.
 //! * [`keys`] reads and writes key files.
 //! * [`network`] runs the libp2p swarm (QUIC and TCP with noise and yamux, identify, ping,
-//!   Kademlia, gossipsub, request-response, relay, DCUtR, AutoNAT) behind a [`Handle`]; no other
+//!   Kademlia, gossipsub, request-response, streams, relay, DCUtR, AutoNAT) behind a [`Handle`]; no other
 //!   crate touches the swarm.
 //! * [`registry`] keeps this node's replica of the federation registry converged: pairwise
 //!   Automerge sync, gossip of changes, persistence, and strikes against peers that send bad data.
 //! * [`routing`] is the sans-IO router and the endpoint advertisements it reads; [`tasks`] the
-//!   `/funcmesh/task/3` messages; [`dispatch`] the submitting side of tasks (route, store, send,
+//!   `/funcmesh/task/4` messages and frames; [`dispatch`] the submitting side of tasks (route, store, send,
 //!   follow results, retry when an endpoint is lost).
 //!
 //! ```
@@ -30,6 +30,7 @@
 pub mod access;
 pub mod dispatch;
 pub mod keys;
+pub mod links;
 pub mod membership;
 pub mod network;
 pub mod registry;

@@ -28,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+use crate::links::{Links, Verified};
 use crate::membership::{Federation, Member, Proof, Refusal, Role, unix_now};
 use crate::registry::{self, Out, Replica, StoreOp, Strikes, SyncRequest, SyncResponse};
 use crate::tasks::{TaskRequest, TaskResponse};
@@ -235,15 +236,6 @@ enum Command {
         reply: oneshot::Sender<()>,
     },
     Block(PeerId, bool, oneshot::Sender<()>),
-    TaskRequest {
-        peer: PeerId,
-        request: TaskRequest,
-        reply: oneshot::Sender<Result<TaskResponse, Error>>,
-    },
-    TaskRespond {
-        channel: request_response::ResponseChannel<TaskResponse>,
-        response: TaskResponse,
-    },
     Rtts(oneshot::Sender<HashMap<PeerId, Duration>>),
 }
 
@@ -260,23 +252,26 @@ pub struct Inbound {
     pub responder: Responder,
 }
 
-/// Answers one inbound task request.
+/// Answers one inbound task request, on the stream it came in on.
 #[derive(Debug)]
 pub struct Responder {
-    channel: request_response::ResponseChannel<TaskResponse>,
-    commands: mpsc::Sender<Command>,
+    id: u64,
+    frames: mpsc::Sender<Vec<u8>>,
 }
 
 impl Responder {
+    pub(crate) fn new(id: u64, frames: mpsc::Sender<Vec<u8>>) -> Responder {
+        Responder { id, frames }
+    }
+
     /// Sends the answer (dropped silently if the mesh stopped or the peer went away).
     pub async fn respond(self, response: TaskResponse) {
-        let _ = self
-            .commands
-            .send(Command::TaskRespond {
-                channel: self.channel,
-                response,
-            })
-            .await;
+        match crate::tasks::frame::response(self.id, &response) {
+            Ok(frame) => {
+                let _ = self.frames.send(frame).await;
+            }
+            Err(why) => warn!(%why, "cannot answer a task request"),
+        }
     }
 }
 
@@ -296,6 +291,7 @@ pub struct Handle {
     commands: mpsc::Sender<Command>,
     events: broadcast::Sender<Event>,
     task_inbound: std::sync::Arc<std::sync::Mutex<Option<mpsc::Receiver<Inbound>>>>,
+    links: Links,
 }
 
 impl Handle {
@@ -304,34 +300,17 @@ impl Handle {
         self.peer_id
     }
 
-    /// Sends a task-protocol request to a peer; the future is its answer. The request is queued
-    /// for the event loop when this is called, not when the future is first polled, so a caller
-    /// that spawns the wait adds no scheduling round to the request's path (a full queue is
-    /// waited for in the future instead).
+    /// Sends a task-protocol request to a peer; the future is its answer. The request is on
+    /// its way when this returns, not when the future is first polled, so a caller that spawns
+    /// the wait adds no scheduling round to the request's path (a full queue is waited for in
+    /// the future instead). It fails, saying why, if the stream to the peer breaks or the peer
+    /// does not answer within [`crate::links::REQUEST_TIMEOUT`].
     pub fn task_request(
         &self,
         peer: PeerId,
         request: TaskRequest,
     ) -> impl Future<Output = Result<TaskResponse, Error>> + Send + 'static {
-        let (reply, answer) = oneshot::channel();
-        let command = Command::TaskRequest {
-            peer,
-            request,
-            reply,
-        };
-        let queue = match self.commands.try_send(command) {
-            Ok(()) => Ok(None),
-            Err(mpsc::error::TrySendError::Full(command)) => {
-                Ok(Some((self.commands.clone(), command)))
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(Error::Closed),
-        };
-        async move {
-            if let Some((commands, command)) = queue? {
-                commands.send(command).await.map_err(|_| Error::Closed)?;
-            }
-            answer.await.map_err(|_| Error::Closed)?
-        }
+        self.links.request(peer, &request)
     }
 
     /// Takes the stream of inbound task requests (once: the node's task service consumes it).
@@ -515,7 +494,7 @@ struct Behaviour {
     blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
     limits: connection_limits::Behaviour,
     registry_sync: request_response::cbor::Behaviour<SyncRequest, SyncResponse>,
-    tasks: request_response::json::Behaviour<TaskRequest, TaskResponse>,
+    tasks: libp2p_stream::Behaviour,
     membership: request_response::cbor::Behaviour<Hello, HelloReply>,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
@@ -584,11 +563,9 @@ struct EventLoop {
     persist: mpsc::Sender<PersistJob>,
     /// Jobs waiting for room in the persister's queue, in order.
     persist_backlog: std::collections::VecDeque<PersistJob>,
-    task_inbound: mpsc::Sender<Inbound>,
-    task_outbound:
-        HashMap<request_response::OutboundRequestId, oneshot::Sender<Result<TaskResponse, Error>>>,
+    /// The members in `members`, for the task streams' access checks.
+    verified: Verified,
     rtt: HashMap<PeerId, Duration>,
-    commands_tx: mpsc::Sender<Command>,
 }
 
 /// Starts the mesh: builds the swarm, listens, dials the bootstrap addresses and every known peer,
@@ -637,6 +614,14 @@ pub async fn spawn(
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
     let (ev_tx, _) = broadcast::channel(EVENT_QUEUE);
     let (inbound_tx, inbound_rx) = mpsc::channel(TASK_INBOUND_QUEUE);
+    let verified = Verified::default();
+    let links = Links::start(
+        swarm.behaviour().tasks.new_control(),
+        verified.clone(),
+        inbound_tx,
+        cancel.clone(),
+        tracker.clone(),
+    )?;
     let mut event_loop = EventLoop {
         swarm,
         commands: cmd_rx,
@@ -660,10 +645,8 @@ pub async fn spawn(
         strikes: Strikes::default(),
         persist: persist_tx,
         persist_backlog: std::collections::VecDeque::new(),
-        task_inbound: inbound_tx,
-        task_outbound: HashMap::new(),
+        verified: verified.clone(),
         rtt: HashMap::new(),
-        commands_tx: cmd_tx.clone(),
     };
     let now = Instant::now();
     for (peer, addrs) in known {
@@ -687,6 +670,7 @@ pub async fn spawn(
         commands: cmd_tx,
         events: ev_tx,
         task_inbound: std::sync::Arc::new(std::sync::Mutex::new(Some(inbound_rx))),
+        links,
     })
 }
 
@@ -792,20 +776,8 @@ fn behaviour(
         )],
         request_response::Config::default().with_request_timeout(Duration::from_secs(30)),
     );
-    // JSON, not CBOR: task arguments and results are JSON values, and libp2p's CBOR codec
-    // (cbor4ii) writes a JSON `null` as an empty array.
-    let tasks = request_response::json::Behaviour::with_codec(
-        request_response::json::codec::Codec::default()
-            .set_request_size_maximum(crate::tasks::MAX_MESSAGE as u64)
-            .set_response_size_maximum(crate::tasks::MAX_MESSAGE as u64),
-        [(
-            StreamProtocol::new(crate::tasks::PROTOCOL),
-            request_response::ProtocolSupport::Full,
-        )],
-        request_response::Config::default()
-            .with_request_timeout(Duration::from_secs(30))
-            .with_max_concurrent_streams(1024),
-    );
+    // Task messages are JSON frames on long-lived streams of their own (`links`).
+    let tasks = libp2p_stream::Behaviour::new();
     Ok(Behaviour {
         blocked: allow_block_list::Behaviour::default(),
         limits,
@@ -1009,112 +981,8 @@ impl EventLoop {
         }
     }
 
-    fn on_tasks(&mut self, event: request_response::Event<TaskRequest, TaskResponse>) {
-        use request_response::{Event as E, Message as M};
-        match event {
-            E::Message {
-                peer,
-                message: M::Request {
-                    request, channel, ..
-                },
-                ..
-            } => {
-                let refuse = |why: String| TaskResponse::Refused { reason: why };
-                let Some(member) = self.members.get(&peer).map(|m| m.member.clone()) else {
-                    // Often a member whose proof this node is still checking on a new
-                    // connection: it sends again; a non-member never gets further than this.
-                    let _ = self.swarm.behaviour_mut().tasks.send_response(
-                        channel,
-                        TaskResponse::Busy {
-                            reason: "this node takes tasks from verified members only, and has \
-                                     not verified yours (yet)"
-                                .into(),
-                        },
-                    );
-                    return;
-                };
-                if let Err(why) = request.check() {
-                    let _ = self
-                        .swarm
-                        .behaviour_mut()
-                        .tasks
-                        .send_response(channel, refuse(why));
-                    return;
-                }
-                let inbound = Inbound {
-                    from: member,
-                    peer,
-                    request,
-                    responder: Responder {
-                        channel,
-                        commands: self.commands_tx.clone(),
-                    },
-                };
-                if let Err(e) = self.task_inbound.try_send(inbound) {
-                    let inbound = match e {
-                        mpsc::error::TrySendError::Full(i)
-                        | mpsc::error::TrySendError::Closed(i) => i,
-                    };
-                    let _ = self.swarm.behaviour_mut().tasks.send_response(
-                        inbound.responder.channel,
-                        TaskResponse::Busy {
-                            reason: "this node is overloaded with task requests".into(),
-                        },
-                    );
-                }
-            }
-            E::Message {
-                message:
-                    M::Response {
-                        request_id,
-                        response,
-                    },
-                ..
-            } => {
-                if let Some(reply) = self.task_outbound.remove(&request_id) {
-                    let _ = reply.send(Ok(response));
-                }
-            }
-            E::OutboundFailure {
-                request_id,
-                error,
-                peer,
-                ..
-            } => {
-                if let Some(reply) = self.task_outbound.remove(&request_id) {
-                    let _ = reply.send(Err(Error::Request(format!(
-                        "task request to {peer} failed: {error}"
-                    ))));
-                }
-            }
-            E::InboundFailure { peer, error, .. } => {
-                debug!(%peer, %error, "inbound task request failed");
-            }
-            E::ResponseSent { .. } => {}
-        }
-    }
-
     fn on_command(&mut self, cmd: Command) {
         match cmd {
-            Command::TaskRequest {
-                peer,
-                request,
-                reply,
-            } => {
-                let id = self
-                    .swarm
-                    .behaviour_mut()
-                    .tasks
-                    .send_request(&peer, request);
-                self.task_outbound.insert(id, reply);
-            }
-            Command::TaskRespond { channel, response } => {
-                let _ = self
-                    .swarm
-                    .behaviour_mut()
-                    .tasks
-                    .send_response(channel, response);
-            }
             Command::Rtts(reply) => {
                 let _ = reply.send(self.rtt.clone());
             }
@@ -1355,6 +1223,7 @@ impl EventLoop {
                 self.pending.remove(&peer_id);
                 self.refused.remove(&peer_id);
                 if self.members.remove(&peer_id).is_some() {
+                    self.set_verified(peer_id, None);
                     info!(peer = %peer_id, "member disconnected");
                     self.emit(Event::MemberDisconnected(peer_id));
                 }
@@ -1386,7 +1255,7 @@ impl EventLoop {
         match event {
             BehaviourEvent::Membership(ev) => self.on_membership(ev),
             BehaviourEvent::RegistrySync(ev) => self.on_registry_sync(ev),
-            BehaviourEvent::Tasks(ev) => self.on_tasks(ev),
+            BehaviourEvent::Tasks(()) => {}
             BehaviourEvent::Ping(ping::Event {
                 peer,
                 result: Ok(rtt),
@@ -1587,6 +1456,7 @@ impl EventLoop {
                 warn!(%peer, %reason, "refusing peer");
                 self.emit(Event::Refused { peer, reason });
                 if self.members.remove(&peer).is_some() {
+                    self.set_verified(peer, None);
                     self.emit(Event::MemberDisconnected(peer));
                 }
                 if reply_owed {
@@ -1596,6 +1466,15 @@ impl EventLoop {
                 }
             }
         }
+    }
+
+    /// Tells the task streams who is a verified member.
+    fn set_verified(&self, peer: PeerId, member: Option<Member>) {
+        let mut verified = self.verified.write().unwrap_or_else(|e| e.into_inner());
+        match member {
+            Some(m) => verified.insert(peer, m),
+            None => verified.remove(&peer),
+        };
     }
 
     /// A newly verified member: remembered, routed to, synced with.
@@ -1608,6 +1487,7 @@ impl EventLoop {
                 since: Instant::now(),
             },
         );
+        self.set_verified(peer, Some(member.clone()));
         self.known.insert(
             peer,
             Redial {

@@ -1,5 +1,5 @@
-//! `/funcmesh/task/3`: task dispatch and results between a submitting node and an endpoint's
-//! node, over direct request-response streams (never gossip).
+//! `/funcmesh/task/4`: task dispatch and results between a submitting node and an endpoint's
+//! node, over direct streams (never gossip).
 //!
 //! * submitter → endpoint: [`TaskRequest::Submit`] (a batch; each task is stored by the endpoint
 //!   before it answers), [`TaskRequest::Cancel`], [`TaskRequest::Records`] (live status).
@@ -8,6 +8,10 @@
 //!   keeps them in its outbox and sends them again.
 //!
 //! Submitting a task id twice is harmless: the endpoint answers with the task's current record.
+//!
+//! On the wire ([`frame`]) a node keeps one long-lived stream to each peer it sends requests
+//! to; requests go out on it tagged with an id, and the answers come back on the same stream,
+//! tagged with the id they answer, in whatever order they are ready.
 
 use compute::task::{Record, Status, Submission, TaskId};
 
@@ -16,8 +20,9 @@ use serde::{Deserialize, Serialize};
 
 /// The protocol name.
 /// Version 2: JSON on the wire (version 1 was CBOR, which turned every JSON `null` in task
-/// arguments and results into `[]`).
-pub const PROTOCOL: &str = "/funcmesh/task/3";
+/// arguments and results into `[]`). Version 3: `Answer::Queued`. Version 4: one long-lived
+/// stream per peer with id-tagged frames ([`frame`]), instead of a stream per request.
+pub const PROTOCOL: &str = "/funcmesh/task/4";
 /// Largest request or response on the wire.
 pub const MAX_MESSAGE: usize = 32 << 20;
 /// Most tasks in one request.
@@ -274,35 +279,154 @@ impl TaskRequest {
     }
 }
 
+/// Frames on a task stream: a 4-byte big-endian length, then that many bytes of JSON —
+/// `{"id": N, "request": ...}` from the stream's opener, `{"id": N, "response": ...}` back.
+pub mod frame {
+    use futures::{AsyncRead, AsyncReadExt as _};
+    use serde::{Deserialize, Serialize};
+
+    use super::{MAX_MESSAGE, TaskRequest, TaskResponse};
+
+    #[derive(Serialize)]
+    struct RequestOut<'a> {
+        id: u64,
+        request: &'a TaskRequest,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct RequestIn {
+        id: u64,
+        request: TaskRequest,
+    }
+
+    #[derive(Serialize)]
+    struct ResponseOut<'a> {
+        id: u64,
+        response: &'a TaskResponse,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct ResponseIn {
+        id: u64,
+        response: TaskResponse,
+    }
+
+    /// A frame whose body did not parse, read again for its id alone.
+    #[derive(Deserialize)]
+    struct IdOnly {
+        id: u64,
+    }
+
+    fn encode<T: Serialize>(body: &T) -> Result<Vec<u8>, String> {
+        let mut out = Vec::with_capacity(256);
+        out.extend_from_slice(&[0; 4]);
+        serde_json::to_writer(&mut out, body).map_err(|e| format!("cannot encode: {e}"))?;
+        let len = out.len() - 4;
+        if len > MAX_MESSAGE {
+            return Err(format!(
+                "the message is {len} bytes; the task protocol carries at most {MAX_MESSAGE} \
+                 (send fewer tasks per batch)"
+            ));
+        }
+        out[..4].copy_from_slice(&(len as u32).to_be_bytes());
+        Ok(out)
+    }
+
+    /// A request frame, length prefix included.
+    pub fn request(id: u64, request: &TaskRequest) -> Result<Vec<u8>, String> {
+        encode(&RequestOut { id, request })
+    }
+
+    /// A response frame, length prefix included.
+    pub fn response(id: u64, response: &TaskResponse) -> Result<Vec<u8>, String> {
+        encode(&ResponseOut { id, response })
+    }
+
+    /// Reads a request frame's body. `Err`: not a frame at all (the stream is garbled);
+    /// `Ok((id, Err(why)))`: a frame with an id whose request is malformed, to be refused.
+    pub fn read_request(body: &[u8]) -> Result<(u64, Result<TaskRequest, String>), String> {
+        match serde_json::from_slice::<RequestIn>(body) {
+            Ok(f) => Ok((f.id, Ok(f.request))),
+            Err(e) => match serde_json::from_slice::<IdOnly>(body) {
+                Ok(f) => Ok((f.id, Err(format!("malformed task request: {e}")))),
+                Err(_) => Err(format!("not a task-protocol frame: {e}")),
+            },
+        }
+    }
+
+    /// Reads a response frame's body, like [`read_request`].
+    pub fn read_response(body: &[u8]) -> Result<(u64, Result<TaskResponse, String>), String> {
+        match serde_json::from_slice::<ResponseIn>(body) {
+            Ok(f) => Ok((f.id, Ok(f.response))),
+            Err(e) => match serde_json::from_slice::<IdOnly>(body) {
+                Ok(f) => Ok((f.id, Err(format!("malformed task response: {e}")))),
+                Err(_) => Err(format!("not a task-protocol frame: {e}")),
+            },
+        }
+    }
+
+    /// Reads the next frame's body into `body`. `Ok(false)`: the stream ended cleanly between
+    /// frames.
+    pub async fn read<R: AsyncRead + Unpin>(
+        io: &mut R,
+        body: &mut Vec<u8>,
+    ) -> std::io::Result<bool> {
+        let mut len = [0u8; 4];
+        let mut got = 0;
+        while got < 4 {
+            match io.read(&mut len[got..]).await? {
+                0 if got == 0 => return Ok(false),
+                0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                n => got += n,
+            }
+        }
+        let len = u32::from_be_bytes(len) as usize;
+        if len > MAX_MESSAGE {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("a frame of {len} bytes; the task protocol carries at most {MAX_MESSAGE}"),
+            ));
+        }
+        body.clear();
+        body.resize(len, 0);
+        io.read_exact(body).await?;
+        Ok(true)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use futures::executor::block_on;
-    use libp2p::StreamProtocol;
-    use libp2p::request_response::Codec as _;
-    use libp2p::request_response::json::codec::Codec;
     use proptest::prelude::{any, proptest};
 
-    fn codec() -> Codec<TaskRequest, TaskResponse> {
-        Codec::default()
-            .set_request_size_maximum(MAX_MESSAGE as u64)
-            .set_response_size_maximum(MAX_MESSAGE as u64)
+    /// Reads one frame from `bytes` and decodes it as a request.
+    fn read_request(bytes: &[u8]) -> Result<TaskRequest, String> {
+        let mut io = futures::io::Cursor::new(bytes.to_vec());
+        let mut body = Vec::new();
+        match block_on(frame::read(&mut io, &mut body)) {
+            Ok(true) => {}
+            Ok(false) => return Err("no frame".into()),
+            Err(e) => return Err(e.to_string()),
+        }
+        frame::read_request(&body)?.1
     }
 
-    fn read_request(bytes: &[u8]) -> std::io::Result<TaskRequest> {
+    fn read_response(bytes: &[u8]) -> Result<TaskResponse, String> {
         let mut io = futures::io::Cursor::new(bytes.to_vec());
-        block_on(codec().read_request(&StreamProtocol::new(PROTOCOL), &mut io))
-    }
-
-    fn read_response(bytes: &[u8]) -> std::io::Result<TaskResponse> {
-        let mut io = futures::io::Cursor::new(bytes.to_vec());
-        block_on(codec().read_response(&StreamProtocol::new(PROTOCOL), &mut io))
+        let mut body = Vec::new();
+        match block_on(frame::read(&mut io, &mut body)) {
+            Ok(true) => {}
+            Ok(false) => return Err("no frame".into()),
+            Err(e) => return Err(e.to_string()),
+        }
+        frame::read_response(&body)?.1
     }
 
     fn encode(req: TaskRequest) -> Vec<u8> {
-        let mut io = futures::io::Cursor::new(Vec::new());
-        block_on(codec().write_request(&StreamProtocol::new(PROTOCOL), &mut io, req)).unwrap();
-        io.into_inner()
+        frame::request(7, &req).unwrap()
     }
 
     #[test]
@@ -315,24 +439,93 @@ mod tests {
     }
 
     #[test]
-    fn a_malformed_task_id_is_refused_by_the_decoder() {
-        let good = encode(TaskRequest::Cancel {
+    fn frames_carry_their_ids_and_follow_one_another_on_a_stream() {
+        let a = TaskRequest::Cancel {
             endpoint: "ep".into(),
             id: TaskId::random(),
-        });
-        // Replace the id's text with uppercase hex: same length, not a task id.
-        let mut bad = good.clone();
-        let at = bad.len() - 32;
-        for b in &mut bad[at..] {
-            *b = b'A';
+        };
+        let mut bytes = frame::request(42, &a).unwrap();
+        bytes.extend(frame::response(43, &TaskResponse::Acknowledged).unwrap());
+        let mut io = futures::io::Cursor::new(bytes);
+        let mut body = Vec::new();
+        assert!(block_on(frame::read(&mut io, &mut body)).unwrap());
+        assert_eq!(frame::read_request(&body).unwrap(), (42, Ok(a)));
+        assert!(block_on(frame::read(&mut io, &mut body)).unwrap());
+        assert_eq!(
+            frame::read_response(&body).unwrap(),
+            (43, Ok(TaskResponse::Acknowledged))
+        );
+        // The end of the stream between frames is a clean end.
+        assert!(!block_on(frame::read(&mut io, &mut body)).unwrap());
+    }
+
+    #[test]
+    fn a_stream_cut_inside_a_frame_is_an_error() {
+        let bytes = frame::response(1, &TaskResponse::Acknowledged).unwrap();
+        for cut in [2, 4, bytes.len() - 1] {
+            let mut io = futures::io::Cursor::new(bytes[..cut].to_vec());
+            let err = block_on(frame::read(&mut io, &mut Vec::new())).unwrap_err();
+            assert_eq!(
+                err.kind(),
+                std::io::ErrorKind::UnexpectedEof,
+                "cut at {cut}"
+            );
         }
-        assert!(read_request(&bad).is_err());
+    }
+
+    #[test]
+    fn an_oversized_frame_is_refused_before_it_is_read() {
+        let mut bytes = ((MAX_MESSAGE + 1) as u32).to_be_bytes().to_vec();
+        bytes.extend(b"{}");
+        let mut io = futures::io::Cursor::new(bytes);
+        let mut body = Vec::new();
+        let err = block_on(frame::read(&mut io, &mut body)).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+        assert!(err.to_string().contains("at most"), "{err}");
+        assert!(
+            body.capacity() < 1024,
+            "the body was allocated: {}",
+            body.capacity()
+        );
+    }
+
+    #[test]
+    fn a_malformed_request_with_an_id_is_answered_and_one_without_is_not_a_frame() {
+        let (id, request) =
+            frame::read_request(br#"{"id": 5, "request": {"Explode": {}}}"#).unwrap();
+        assert_eq!(id, 5);
+        let why = request.unwrap_err();
+        assert!(why.starts_with("malformed task request"), "{why}");
+        let why = frame::read_request(br#"{"request": {"Cancel": {}}}"#).unwrap_err();
+        assert!(why.starts_with("not a task-protocol frame"), "{why}");
+        let (id, response) = frame::read_response(br#"{"id": 6, "response": 3}"#).unwrap();
+        assert_eq!(id, 6);
+        assert!(response.is_err());
+    }
+
+    #[test]
+    fn a_malformed_task_id_is_refused_by_the_decoder() {
+        let id = TaskId::random();
+        let good = encode(TaskRequest::Cancel {
+            endpoint: "ep".into(),
+            id: id.clone(),
+        });
+        assert!(read_request(&good).is_ok());
+        // Replace the id's text with uppercase hex: same length, not a task id.
+        let text = id.to_string();
+        let at = good
+            .windows(text.len())
+            .position(|w| w == text.as_bytes())
+            .expect("the id is on the wire as text");
+        let mut bad = good.clone();
+        bad[at..at + text.len()].make_ascii_uppercase();
+        assert_ne!(bad, good, "the id has letters to uppercase");
+        let err = read_request(&bad).unwrap_err();
+        assert!(err.starts_with("malformed task request"), "{err}");
     }
 
     fn encode_response(resp: TaskResponse) -> Vec<u8> {
-        let mut io = futures::io::Cursor::new(Vec::new());
-        block_on(codec().write_response(&StreamProtocol::new(PROTOCOL), &mut io, resp)).unwrap();
-        io.into_inner()
+        frame::response(9, &resp).unwrap()
     }
 
     /// Any JSON value: nulls, nesting, numbers of every kind, awkward strings.
@@ -423,10 +616,13 @@ mod tests {
             tasks: vec![submission(serde_json::json!([1]), serde_json::Value::Null)],
             tokens: Vec::new(),
         };
-        let text = String::from_utf8(encode(req)).unwrap();
+        let bytes = encode(req);
+        let text = String::from_utf8(bytes[4..].to_vec()).unwrap();
         let bad = text.replace("\"function\":0", "\"function\":7");
         assert_ne!(bad, text);
-        let err = read_request(bad.as_bytes()).unwrap_err().to_string();
+        let mut bad_frame = bytes[..4].to_vec();
+        bad_frame.extend(bad.as_bytes());
+        let err = read_request(&bad_frame).unwrap_err().to_string();
         assert!(err.contains("names function 7 of a table of 1"), "{err}");
     }
 
@@ -480,6 +676,14 @@ mod tests {
         fn arbitrary_bytes_never_panic_the_task_codec(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
             let _ = read_request(&bytes);
             let _ = read_response(&bytes);
+            // Bodies straight to the decoders, and a stream of frames read to its end.
+            let _ = frame::read_request(&bytes);
+            let _ = frame::read_response(&bytes);
+            let mut io = futures::io::Cursor::new(bytes);
+            let mut body = Vec::new();
+            while let Ok(true) = block_on(frame::read(&mut io, &mut body)) {
+                let _ = frame::read_request(&body);
+            }
         }
 
         #[test]

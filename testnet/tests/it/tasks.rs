@@ -2,8 +2,12 @@
 
 use std::time::Duration;
 
+use compute::task::TaskId;
+use mesh::membership::{Invite, Proof, Role, unix_now};
+use mesh::network::Error;
+use mesh::tasks::{TaskRequest, TaskResponse};
 use node::tasks::NewTask;
-use testnet::{Federation, shell_function, wait_for};
+use testnet::{Federation, rogue, shell_function, wait_for};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_submitter_drops_its_finished_tasks_once_past_their_retention() {
@@ -43,6 +47,96 @@ async fn a_submitter_drops_its_finished_tasks_once_past_their_retention() {
         "the submitter to drop the finished task",
         Duration::from_secs(20),
         || async { dispatcher.get(vec![id.clone()]).await.unwrap()[0].is_none() },
+    )
+    .await
+    .unwrap();
+    net.shutdown().await;
+}
+
+/// A request the task service answers with a refusal: proof that it got there.
+fn ask_nowhere() -> TaskRequest {
+    TaskRequest::Records {
+        endpoint: "nowhere".into(),
+        ids: vec![TaskId::random()],
+    }
+}
+
+fn answered_by_the_service(answer: &Result<TaskResponse, Error>) -> bool {
+    matches!(answer, Ok(TaskResponse::Refused { reason }) if reason.contains("no endpoint named `nowhere`"))
+}
+
+/// Task requests travel on one long-lived stream per peer: every request on it is answered,
+/// a node that is not a member never reaches the task service, a request to a peer that is
+/// gone fails with a reason naming it, and once the peer is back a new stream carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_streams_serve_members_only_and_reopen_after_the_peer_restarts() {
+    let mut net = Federation::start(1, 2).await.unwrap();
+    wait_for("full mesh", Duration::from_secs(10), || {
+        net.fully_connected()
+    })
+    .await
+    .unwrap();
+    let a = net.node(0).mesh().clone();
+    let b = net.node(1).peer_id();
+
+    // Many requests in flight at once, each answered under its own id.
+    let answers =
+        futures::future::join_all((0..200).map(|_| a.task_request(b, ask_nowhere()))).await;
+    for answer in &answers {
+        assert!(answered_by_the_service(answer), "{answer:?}");
+    }
+
+    // A node holding a stolen proof is refused; its task requests never reach the service.
+    let invite = Invite::decode(
+        &net.invite(0, Role::Endpoint, Duration::from_secs(3600))
+            .unwrap(),
+    )
+    .unwrap();
+    let owner = mesh::Keypair::generate_ed25519();
+    let (_, proof) = Proof::bind(&invite, &owner, unix_now()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let federation = net.node(1).federation().clone();
+    let (stranger, guard) = rogue(
+        dir.path(),
+        federation,
+        mesh::Keypair::generate_ed25519(),
+        proof,
+    )
+    .await
+    .unwrap();
+    let b_addr = net.node(1).dial_addrs().await.unwrap()[0].clone();
+    stranger.dial(b_addr).await.unwrap();
+    for _ in 0..5 {
+        let answer = stranger.task_request(b, ask_nowhere()).await;
+        assert!(
+            matches!(answer, Ok(TaskResponse::Busy { .. }) | Err(_)),
+            "a stranger got {answer:?}"
+        );
+    }
+    guard.stop().await;
+
+    // The peer stops: a request fails, naming it, well within the request timeout.
+    net.stop(1).await.unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(20), a.task_request(b, ask_nowhere()))
+        .await
+        .expect("a request to a stopped peer fails instead of hanging");
+    let err = answer.expect_err("nobody is there to answer").to_string();
+    assert!(err.contains(&b.to_string()), "{err}");
+
+    // It is back: requests reach it again, over a new stream.
+    net.restart(1).await.unwrap();
+    wait_for("full mesh again", Duration::from_secs(20), || {
+        net.fully_connected()
+    })
+    .await
+    .unwrap();
+    wait_for(
+        "a request to reach the restarted peer",
+        Duration::from_secs(20),
+        || {
+            let ask = a.task_request(b, ask_nowhere());
+            async move { answered_by_the_service(&ask.await) }
+        },
     )
     .await
     .unwrap();
