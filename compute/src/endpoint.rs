@@ -166,6 +166,7 @@ impl Endpoint {
             tracker: tracker.clone(),
             load_tx,
             verified: HashMap::new(),
+            stored_functions: HashSet::new(),
         };
         driver.recover().await?;
         tracker.spawn(driver.run(rx, reports_rx, cancel));
@@ -286,10 +287,16 @@ fn legacy_okey_prefix(endpoint: &str) -> Vec<u8> {
 struct PendingRef<'a> {
     submitter: &'a str,
     received_us: u64,
-    sub: &'a Submission,
+    sub: crate::task::stored::SansFunction<'a>,
 }
 
 #[derive(serde::Deserialize)]
+struct StoredPending {
+    submitter: String,
+    received_us: u64,
+    sub: crate::task::stored::StoredSubmission,
+}
+
 struct Pending {
     submitter: String,
     received_us: u64,
@@ -334,12 +341,44 @@ struct Driver {
     load_tx: tokio::sync::watch::Sender<Load>,
     /// Functions whose content id checked out, by id.
     verified: HashMap<String, crdt_registry::record::FunctionRecord>,
+    /// Ids of functions known to be in the store's `functions`.
+    stored_functions: HashSet<String>,
 }
+
+/// How many stored function ids the endpoint remembers (past that it forgets them all, and
+/// writes each function again with its next task: harmless, a function's entry never changes).
+const MAX_STORED_FUNCTIONS: usize = 65_536;
 
 /// How many checked functions the endpoint remembers.
 const MAX_VERIFIED_FUNCTIONS: usize = 1024;
 
 impl Driver {
+    /// Reads these functions from the store (those it has), and remembers them as stored.
+    async fn read_functions(
+        &mut self,
+        ids: HashSet<String>,
+    ) -> Result<HashMap<String, crdt_registry::record::FunctionRecord>, Error> {
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let found = self
+            .store
+            .blocking(move |s| {
+                let mut out = HashMap::new();
+                for id in ids {
+                    if let Some(v) = s.get(store::cf::FUNCTIONS, id.as_bytes())? {
+                        if let Ok(f) = serde_json::from_slice(&v) {
+                            out.insert(id, f);
+                        }
+                    }
+                }
+                Ok(out)
+            })
+            .await?;
+        self.stored_functions.extend(found.keys().cloned());
+        Ok(found)
+    }
+
     async fn recover(&mut self) -> Result<(), Error> {
         let name = self.config.name.clone();
         // Stores of earlier versions marked the outbox with `o/` keys and deleted `s/` at finish:
@@ -380,23 +419,49 @@ impl Driver {
             })
             .await?;
         let now = Instant::now();
+        let rows: Vec<_> = rows
+            .into_iter()
+            .filter_map(|(id, value, rec)| {
+                let rec = rec.and_then(|v| serde_json::from_slice::<Record>(&v).ok());
+                if rec.as_ref().is_some_and(|r| r.status.is_terminal()) {
+                    return None; // In the outbox.
+                }
+                let stored = serde_json::from_slice::<StoredPending>(&value).ok();
+                Some((id, value, rec, stored))
+            })
+            .collect();
+        // The functions the stored submissions name (current entries name them by id).
+        let wanted: HashSet<String> = rows
+            .iter()
+            .filter_map(|(_, _, _, p)| p.as_ref())
+            .filter(|p| p.sub.needs_function())
+            .map(|p| p.sub.function_id().to_owned())
+            .collect();
+        let functions = self.read_functions(wanted).await?;
         let (mut requeued, mut lost, mut dropped) = (0, 0, Vec::new());
-        for (id, value, rec) in rows {
-            let rec = rec.and_then(|v| serde_json::from_slice::<Record>(&v).ok());
-            if rec.as_ref().is_some_and(|r| r.status.is_terminal()) {
-                continue; // In the outbox.
-            }
+        for (id, value, rec, stored) in rows {
             // Current entries carry the submitter; earlier ones were a bare submission, with the
             // submitter in the record written at receipt.
-            let pending = serde_json::from_slice::<Pending>(&value).ok().or_else(|| {
-                let sub = serde_json::from_slice::<Submission>(&value).ok()?;
-                let r = rec.as_ref()?;
-                Some(Pending {
-                    submitter: r.submitter.clone(),
-                    received_us: r.times.received_us,
-                    sub,
-                })
-            });
+            let pending = match stored {
+                Some(p) => p
+                    .sub
+                    .join(|id| functions.get(id).cloned())
+                    .map(|sub| Pending {
+                        submitter: p.submitter,
+                        received_us: p.received_us,
+                        sub,
+                    }),
+                None => serde_json::from_slice::<Submission>(&value)
+                    .ok()
+                    .and_then(|sub| {
+                        let r = rec.as_ref()?;
+                        Some(Pending {
+                            submitter: r.submitter.clone(),
+                            received_us: r.times.received_us,
+                            sub,
+                        })
+                    }),
+            };
             let env = pending
                 .as_ref()
                 .and_then(|p| Environment::of(p.sub.function.container.as_ref()).ok());
@@ -1024,12 +1089,24 @@ impl Driver {
         }
         let name = &self.config.name;
         let mut ops: Vec<store::Op> = Vec::new();
+        if self.stored_functions.len() > MAX_STORED_FUNCTIONS {
+            self.stored_functions.clear();
+        }
         for id in self.new_subs.drain(..) {
             if let Some(l) = self.live.get(&id) {
+                // The function once, in the same batch as the first task that names it.
+                if !self.stored_functions.contains(&l.sub.function_id) {
+                    self.stored_functions.insert(l.sub.function_id.clone());
+                    ops.push((
+                        store::cf::FUNCTIONS,
+                        l.sub.function_id.as_bytes().to_vec(),
+                        Some(json(&l.sub.function)),
+                    ));
+                }
                 let v = json(&PendingRef {
                     submitter: &l.rec.submitter,
                     received_us: l.rec.times.received_us,
-                    sub: &l.sub,
+                    sub: crate::task::stored::SansFunction(&l.sub),
                 });
                 ops.push((store::cf::TASKS, skey(name, &id), Some(v)));
             }
@@ -1070,6 +1147,8 @@ impl Driver {
                 tracing::error!(endpoint = %self.config.name, error = %e, "cannot store tasks");
                 self.replies.clear();
                 self.finished.clear();
+                // Functions first written in this batch are not stored either.
+                self.stored_functions.clear();
                 return;
             }
         }

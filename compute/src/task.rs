@@ -169,6 +169,129 @@ impl Submission {
     }
 }
 
+/// The stored form of a [`Submission`]: everything but the function, which is stored once,
+/// by id, apart from the tasks that run it (a function's source can be large, and a node may
+/// store millions of tasks of one function).
+pub mod stored {
+    use crdt_registry::record::FunctionRecord;
+    use serde::{Deserialize, Serialize, Serializer};
+    use serde_json::Value;
+
+    use super::{Encoding, Submission, TaskId};
+
+    /// Writes a submission without its function.
+    #[derive(Debug, Clone, Copy)]
+    pub struct SansFunction<'a>(pub &'a Submission);
+
+    #[derive(Serialize)]
+    struct Ref<'a> {
+        id: &'a TaskId,
+        endpoint: &'a str,
+        function_id: &'a str,
+        args: &'a Value,
+        kwargs: &'a Value,
+        encoding: Encoding,
+        timeout_ms: u64,
+        submitted_us: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        capability: &'a Option<String>,
+    }
+
+    impl Serialize for SansFunction<'_> {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            // Every field named: a new field of `Submission` does not compile until the stored
+            // form has it too.
+            let Submission {
+                id,
+                endpoint,
+                function: _,
+                function_id,
+                args,
+                kwargs,
+                encoding,
+                timeout_ms,
+                submitted_us,
+                capability,
+            } = self.0;
+            Ref {
+                id,
+                endpoint,
+                function_id,
+                args,
+                kwargs,
+                encoding: *encoding,
+                timeout_ms: *timeout_ms,
+                submitted_us: *submitted_us,
+                capability,
+            }
+            .serialize(s)
+        }
+    }
+
+    /// A stored submission as read back: with its function when an earlier version stored it
+    /// inline, otherwise to be joined with it ([`StoredSubmission::join`]).
+    #[derive(Debug, Clone, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    pub struct StoredSubmission {
+        id: TaskId,
+        endpoint: String,
+        #[serde(default)]
+        function: Option<FunctionRecord>,
+        function_id: String,
+        #[serde(default)]
+        args: Value,
+        #[serde(default)]
+        kwargs: Value,
+        #[serde(default)]
+        encoding: Encoding,
+        #[serde(default)]
+        timeout_ms: u64,
+        #[serde(default)]
+        submitted_us: u64,
+        #[serde(default)]
+        capability: Option<String>,
+    }
+
+    impl StoredSubmission {
+        /// The function id it names.
+        pub fn function_id(&self) -> &str {
+            &self.function_id
+        }
+
+        /// Whether it still needs its function ([`StoredSubmission::join`]).
+        pub fn needs_function(&self) -> bool {
+            self.function.is_none()
+        }
+
+        /// The submission, with its function: the inline one, else the one `lookup` finds for
+        /// its id. `None` when neither has it, or the record found is not the function named.
+        pub fn join(
+            self,
+            lookup: impl FnOnce(&str) -> Option<FunctionRecord>,
+        ) -> Option<Submission> {
+            let function = match self.function {
+                Some(f) => f,
+                None => lookup(&self.function_id)?,
+            };
+            if function.content_id() != self.function_id {
+                return None;
+            }
+            Some(Submission {
+                id: self.id,
+                endpoint: self.endpoint,
+                function,
+                function_id: self.function_id,
+                args: self.args,
+                kwargs: self.kwargs,
+                encoding: self.encoding,
+                timeout_ms: self.timeout_ms,
+                submitted_us: self.submitted_us,
+                capability: self.capability,
+            })
+        }
+    }
+}
+
 /// Where a task is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]

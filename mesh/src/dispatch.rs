@@ -2,7 +2,7 @@
 //!
 //! [`Dispatcher`] is an actor. A submitted task is routed ([`crate::routing::Router`]), stored in
 //! RocksDB (`submitted`), acknowledged to the caller, then sent to its endpoint on
-//! `/funcmesh/task/3` (batched per endpoint). The endpoint's answer and, later, its result update
+//! `/funcmesh/task/4` (batched per endpoint). The endpoint's answer and, later, its result update
 //! the stored task. If the endpoint's node stops advertising (or the endpoint reports it lost the
 //! task), a task with retries left is sent again, elsewhere; one without fails with a reason that
 //! says the endpoint was lost. After a restart every unfinished task is sent again to its endpoint,
@@ -29,6 +29,10 @@ use crate::access::{Access, Verdict};
 use crate::network::{Event, Handle};
 use crate::routing::{ADVERT_TOPIC, Advert, Candidate, Requirements, Router, Strategy};
 use crate::tasks::{Answer, MAX_BATCH, TaskRequest, TaskResponse};
+
+/// How many stored function ids the dispatcher remembers (past that it forgets them all, and
+/// writes each function again with its next task: harmless, an entry never changes).
+const MAX_STORED_FUNCTIONS: usize = 65_536;
 
 /// Stored format version of [`Submitted`].
 pub const SUBMITTED_VERSION: u32 = 1;
@@ -201,10 +205,156 @@ struct Waiter {
 }
 
 /// A task's stored form (JSON), written in one go into a buffer of about its size.
+/// A [`Submitted`] as stored: its submission without the function, which is stored once, by
+/// id, in `functions`.
+#[derive(Serialize)]
+struct StoredRef<'a> {
+    v: u32,
+    id: &'a TaskId,
+    function_name: &'a str,
+    submission: compute::task::stored::SansFunction<'a>,
+    strategy: Strategy,
+    requirements: &'a Requirements,
+    retries_left: u32,
+    attempts: &'a [Attempt],
+    status: Status,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    record: &'a Option<Record>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    outcome: &'a Option<Outcome>,
+    submitted_us: u64,
+    finished_us: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    capability: &'a Option<String>,
+}
+
+/// A stored [`Submitted`] as read back (earlier versions stored the function inline).
+#[derive(Deserialize)]
+struct StoredSubmitted {
+    v: u32,
+    id: TaskId,
+    function_name: String,
+    submission: compute::task::stored::StoredSubmission,
+    strategy: Strategy,
+    requirements: Requirements,
+    retries_left: u32,
+    attempts: Vec<Attempt>,
+    status: Status,
+    #[serde(default)]
+    record: Option<Record>,
+    #[serde(default)]
+    outcome: Option<Outcome>,
+    submitted_us: u64,
+    #[serde(default)]
+    finished_us: u64,
+    #[serde(default)]
+    capability: Option<String>,
+}
+
 fn stored_form(t: &Submitted) -> Vec<u8> {
-    let mut v = Vec::with_capacity(2048);
-    serde_json::to_writer(&mut v, t).expect("tasks serialise");
-    v
+    // Every field named: a new field of `Submitted` does not compile until it is stored too.
+    let Submitted {
+        v,
+        id,
+        function_name,
+        submission,
+        strategy,
+        requirements,
+        retries_left,
+        attempts,
+        status,
+        record,
+        outcome,
+        submitted_us,
+        finished_us,
+        capability,
+    } = t;
+    let mut out = Vec::with_capacity(1024);
+    serde_json::to_writer(
+        &mut out,
+        &StoredRef {
+            v: *v,
+            id,
+            function_name,
+            submission: compute::task::stored::SansFunction(submission),
+            strategy: *strategy,
+            requirements,
+            retries_left: *retries_left,
+            attempts,
+            status: *status,
+            record,
+            outcome,
+            submitted_us: *submitted_us,
+            finished_us: *finished_us,
+            capability,
+        },
+    )
+    .expect("tasks serialise");
+    out
+}
+
+/// Functions read from the store while reading tasks back: each id once.
+type FunctionCache = HashMap<String, Option<crdt_registry::record::FunctionRecord>>;
+
+/// Reads a stored task back, with its function (from `functions`, through `cache`). `None`:
+/// unreadable, or its function is not in the store.
+fn read_stored(s: &store::Store, v: &[u8], cache: &mut FunctionCache) -> Option<Submitted> {
+    let t: StoredSubmitted = serde_json::from_slice(v).ok()?;
+    join_stored(s, t, cache)
+}
+
+fn join_stored(
+    s: &store::Store,
+    t: StoredSubmitted,
+    cache: &mut FunctionCache,
+) -> Option<Submitted> {
+    let StoredSubmitted {
+        v,
+        id,
+        function_name,
+        submission,
+        strategy,
+        requirements,
+        retries_left,
+        attempts,
+        status,
+        record,
+        outcome,
+        submitted_us,
+        finished_us,
+        capability,
+    } = t;
+    let submission = submission.join(|fid| {
+        cache
+            .entry(fid.to_owned())
+            .or_insert_with(|| {
+                s.get(store::cf::FUNCTIONS, fid.as_bytes())
+                    .ok()
+                    .flatten()
+                    .and_then(|v| serde_json::from_slice(&v).ok())
+            })
+            .clone()
+    });
+    let Some(submission) = submission else {
+        tracing::warn!(task = %id, "a stored task's function is not in the store; skipping it");
+        return None;
+    };
+    Some(Submitted {
+        v,
+        id,
+        function_name,
+        submission,
+        strategy,
+        requirements,
+        retries_left,
+        attempts,
+        status,
+        record,
+        outcome,
+        submitted_us,
+        finished_us,
+        capability,
+    })
 }
 
 /// A cheap-clone handle to the dispatcher.
@@ -230,14 +380,25 @@ impl Dispatcher {
         cancel: CancellationToken,
         tracker: &TaskTracker,
     ) -> Result<Dispatcher, Error> {
-        let rows = store.blocking(|s| s.scan(store::cf::SUBMITTED)).await?;
-        let mut live = HashMap::new();
-        for (_, v) in rows {
-            if let Ok(t) = serde_json::from_slice::<Submitted>(&v) {
-                if !t.status.is_terminal() {
-                    live.insert(t.id.clone(), t);
+        let unfinished = store
+            .blocking(|s| {
+                let mut cache = FunctionCache::new();
+                let mut out = Vec::new();
+                for (_, v) in s.scan(store::cf::SUBMITTED)? {
+                    let Ok(t) = serde_json::from_slice::<StoredSubmitted>(&v) else {
+                        continue;
+                    };
+                    if t.status.is_terminal() {
+                        continue;
+                    }
+                    out.extend(join_stored(s, t, &mut cache));
                 }
-            }
+                Ok(out)
+            })
+            .await?;
+        let mut live = HashMap::new();
+        for t in unfinished {
+            live.insert(t.id.clone(), t);
         }
         let (tx, rx) = mpsc::channel(1024);
         let (finished_tx, finished) = watch::channel(0);
@@ -256,6 +417,7 @@ impl Dispatcher {
             candidates: Vec::new(),
             candidates_at: None,
             dirty: HashSet::new(),
+            stored_functions: HashSet::new(),
             done: Vec::new(),
             unsent: BTreeMap::new(),
             backoff: HashMap::new(),
@@ -434,6 +596,8 @@ struct Actor {
     candidates: Vec<Candidate>,
     candidates_at: Option<Instant>,
     dirty: HashSet<TaskId>,
+    /// Ids of functions known to be in the store's `functions`.
+    stored_functions: HashSet<String>,
     /// Tasks finished this turn (stored with the rest, then announced); shared with the
     /// waiters they answer.
     done: Vec<Arc<Submitted>>,
@@ -528,8 +692,23 @@ impl Actor {
         }
         self.send_unsent(None);
         let mut ops: Vec<store::Op> = Vec::new();
+        if self.stored_functions.len() > MAX_STORED_FUNCTIONS {
+            self.stored_functions.clear();
+        }
         for id in self.dirty.drain() {
             if let Some(t) = self.live.get(&id) {
+                // The function once, in the same batch as the first task that names it.
+                let f = &t.submission;
+                if !self.stored_functions.contains(&f.function_id) {
+                    self.stored_functions.insert(f.function_id.clone());
+                    let mut v = Vec::with_capacity(512);
+                    serde_json::to_writer(&mut v, &f.function).expect("functions serialise");
+                    ops.push((
+                        store::cf::FUNCTIONS,
+                        f.function_id.as_bytes().to_vec(),
+                        Some(v),
+                    ));
+                }
                 let v = stored_form(t);
                 ops.push((
                     store::cf::SUBMITTED,
@@ -549,6 +728,8 @@ impl Actor {
         if !ops.is_empty() {
             if let Err(e) = self.store.blocking(move |s| s.batch_unsynced(&ops)).await {
                 tracing::error!(error = %e, "cannot store submitted tasks");
+                // Functions first written in this batch are not stored either.
+                self.stored_functions.clear();
                 // Unanswered callers see the dispatcher as failed and retry.
                 replies.clear();
                 return;
@@ -567,11 +748,13 @@ impl Actor {
     async fn stored_one(&self, id: &TaskId) -> Option<Submitted> {
         let k = id.as_str().as_bytes().to_vec();
         self.store
-            .blocking(move |s| s.get(store::cf::SUBMITTED, &k))
+            .blocking(move |s| {
+                Ok(s.get(store::cf::SUBMITTED, &k)?
+                    .and_then(|v| read_stored(s, &v, &mut FunctionCache::new())))
+            })
             .await
             .ok()
             .flatten()
-            .and_then(|v| serde_json::from_slice(&v).ok())
     }
 
     async fn refresh_candidates(&mut self, force: bool) {
@@ -666,18 +849,19 @@ impl Actor {
                     let found = self
                         .store
                         .blocking(move |s| {
+                            let mut cache = FunctionCache::new();
                             let mut f = Vec::new();
                             for (i, k) in keys {
                                 if let Some(v) = s.get(store::cf::SUBMITTED, &k)? {
-                                    f.push((i, v));
+                                    f.push((i, read_stored(s, &v, &mut cache)));
                                 }
                             }
                             Ok(f)
                         })
                         .await
                         .unwrap_or_default();
-                    for (i, v) in found {
-                        out[i] = serde_json::from_slice(&v).ok();
+                    for (i, t) in found {
+                        out[i] = t;
                     }
                 }
                 let _ = reply.send(out);
@@ -870,10 +1054,11 @@ impl Actor {
         }
         self.store
             .blocking(move |s| {
+                let mut cache = FunctionCache::new();
                 let mut f = HashMap::new();
                 for id in ids {
                     if let Some(v) = s.get(store::cf::SUBMITTED, id.as_str().as_bytes())? {
-                        if let Ok(t) = serde_json::from_slice::<Submitted>(&v) {
+                        if let Some(t) = read_stored(s, &v, &mut cache) {
                             f.insert(id, t);
                         }
                     }
@@ -1431,7 +1616,7 @@ impl Actor {
                     s.scan_range(store::cf::SUBMITTED, b"", until.as_bytes())?
                 };
                 for (k, v) in rows {
-                    if let Ok(t) = serde_json::from_slice::<Submitted>(&v) {
+                    if let Ok(t) = serde_json::from_slice::<StoredSubmitted>(&v) {
                         if t.status.is_terminal() && t.finished_us < horizon {
                             ops.push((store::cf::SUBMITTED, k, None));
                         }

@@ -44,6 +44,10 @@ pub mod cf {
     /// Capability tokens this node holds (`funcmesh cap add`): the token's last revocation id
     /// (hex) → the token's text form.
     pub const CAPABILITIES: &str = "capabilities";
+    /// The functions stored tasks run (compute endpoints and mesh dispatch), each once: function
+    /// content id → JSON `FunctionRecord`. Tasks in `tasks` and `submitted` name their function
+    /// by id; its record is written here in the same batch as the first task that names it.
+    pub const FUNCTIONS: &str = "functions";
 
     /// All column families, in creation order.
     pub const ALL: &[&str] = &[
@@ -54,6 +58,7 @@ pub mod cf {
         TASKS,
         SUBMITTED,
         CAPABILITIES,
+        FUNCTIONS,
     ];
 }
 

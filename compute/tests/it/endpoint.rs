@@ -529,6 +529,70 @@ async fn accepted_tasks_survive_a_restart_and_duplicates_run_once() {
     h.stop().await;
 }
 
+/// A function's source can be large, and an endpoint may hold many of its tasks: the store
+/// keeps the function once, by id, and each task names it; tasks queued across a restart get
+/// their function back from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_is_stored_once_and_its_queued_tasks_find_it_after_a_restart() {
+    let mut cfg = config();
+    cfg.max_workers = 1;
+    cfg.strategy = Strategy::Warm;
+    let h = start(cfg.clone()).await;
+    let filler = format!("# {}\n", "x".repeat(20_000));
+    let big = python("inc", &format!("{filler}def inc(x):\n    return x + 1\n"));
+    // One long task occupies the only worker; the others wait in the queue.
+    let running = submission(&f("sleep"), json!([30]), json!({}));
+    let rid = running.id.clone();
+    h.endpoint.submit("peer", vec![running]).await.unwrap();
+    h.until_running(&rid).await;
+    let queued: Vec<Submission> = (0..20)
+        .map(|i| submission(&big, json!([i]), json!({})))
+        .collect();
+    let ids: Vec<TaskId> = queued.iter().map(|s| s.id.clone()).collect();
+    for a in h.endpoint.submit("peer", queued).await.unwrap() {
+        a.unwrap();
+    }
+    let (dir, store) = h.stop().await;
+    let functions = store.scan(store::cf::FUNCTIONS).unwrap();
+    let big_id = big.content_id();
+    assert_eq!(
+        functions
+            .iter()
+            .filter(|(k, _)| k.as_slice() == big_id.as_bytes())
+            .count(),
+        1,
+        "the function is stored once"
+    );
+    let tasks = store.scan(store::cf::TASKS).unwrap();
+    let largest = tasks.iter().map(|(_, v)| v.len()).max().unwrap();
+    assert!(
+        largest < 2_000,
+        "a stored task holds no function source ({largest} bytes)"
+    );
+    drop(store);
+    let mut h = start_in(dir, cfg).await;
+    // They run in the order the store lists them, which need not be the order sent.
+    let mut got = std::collections::HashMap::new();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while got.len() < ids.len() {
+            let rec = h.results.recv().await.expect("endpoint running");
+            if ids.contains(&rec.id) {
+                got.insert(rec.id.clone(), rec);
+            }
+        }
+    })
+    .await
+    .expect("the queued tasks finish after the restart");
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(
+            value(&got[id]),
+            &json!(i + 1),
+            "task {i} ran after the restart"
+        );
+    }
+    h.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pickled_function_and_arguments_run_when_cloudpickle_is_there() {
     // What the Python SDK sends: cloudpickle of the function, and of (args, kwargs).

@@ -142,3 +142,76 @@ async fn task_streams_serve_members_only_and_reopen_after_the_peer_restarts() {
     .unwrap();
     net.shutdown().await;
 }
+
+/// The submitting node keeps each function once, by id, not with every task it submits; its
+/// finished tasks read back whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_submitter_stores_each_function_once_not_with_every_task() {
+    let mut net = Federation::start(1, 2).await.unwrap();
+    wait_for("full mesh", Duration::from_secs(10), || {
+        net.fully_connected()
+    })
+    .await
+    .unwrap();
+    let big = node::registry::NewFunction {
+        name: "big".into(),
+        python: Some(format!(
+            "# {}\ndef inc(x):\n    return x + 1\n",
+            "x".repeat(20_000)
+        )),
+        entrypoint: Some("inc".into()),
+        payload: None,
+        shell: None,
+        container: None,
+        description: String::new(),
+    };
+    let function = net.node(0).register_function(&big).await.unwrap();
+    let tasks = (0..5)
+        .map(|i| NewTask {
+            function: function.clone(),
+            args: serde_json::json!([i]),
+            ..Default::default()
+        })
+        .collect();
+    let submitted = net.node(0).submit(tasks).await.unwrap();
+    let ids: Vec<_> = submitted
+        .iter()
+        .map(|s| s.as_ref().unwrap().id.clone())
+        .collect();
+    let dispatcher = net.node(0).dispatcher().clone();
+    let done = dispatcher
+        .wait(ids.clone(), Duration::from_secs(30))
+        .await
+        .unwrap();
+    for t in &done {
+        let t = t.as_ref().expect("finished");
+        assert_eq!(t.status, compute::Status::Succeeded, "{:?}", t.outcome);
+    }
+    let db = net.members[0].dir.db();
+    net.stop(0).await.unwrap();
+    let store = store::Store::open(&db).unwrap();
+    let functions = store.scan(store::cf::FUNCTIONS).unwrap();
+    assert!(
+        functions.iter().any(|(_, v)| v.len() > 20_000),
+        "the function is stored"
+    );
+    for (k, v) in store.scan(store::cf::SUBMITTED).unwrap() {
+        assert!(
+            v.len() < 5_000,
+            "task {} is stored with its function ({} bytes): {}",
+            String::from_utf8_lossy(&k),
+            v.len(),
+            String::from_utf8_lossy(&v).replace(&"x".repeat(100), "")
+        );
+    }
+    drop(store);
+    // Read back after a restart: whole, function included.
+    net.restart(0).await.unwrap();
+    let back = net.node(0).dispatcher().get(ids).await.unwrap();
+    for t in back {
+        let t = t.expect("kept");
+        assert_eq!(t.submission.function_id, function);
+        assert!(t.submission.function.content_id() == function);
+    }
+    net.shutdown().await;
+}
