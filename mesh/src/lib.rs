@@ -9,8 +9,9 @@
 //! * [`registry`] keeps this node's replica of the federation registry converged: pairwise
 //!   Automerge sync, gossip of changes, persistence, and strikes against peers that send bad data.
 //! * [`routing`] is the sans-IO router and the endpoint advertisements it reads; [`tasks`] the
-//!   `/funcmesh/task/4` messages and frames; [`dispatch`] the submitting side of tasks (route, store, send,
-//!   follow results, retry when an endpoint is lost).
+//!   `/funcmesh/task/4` messages and frames; [`links`] the streams that carry them (one per peer,
+//!   outside the swarm's event loop); [`dispatch`] the submitting side of tasks (route, store,
+//!   send, follow results, retry when an endpoint is lost).
 //!
 //! ```
 //! use mesh::membership::{Admission, Genesis, Invite, Proof, Role, SigningKey};
