@@ -72,7 +72,7 @@ enum Cmd {
     },
     Load(oneshot::Sender<Load>),
     Acknowledge(Vec<TaskId>),
-    Unacknowledged(oneshot::Sender<Vec<Record>>),
+    Unacknowledged(HashSet<TaskId>, oneshot::Sender<Vec<Record>>),
 }
 
 /// A cheap-clone handle to a running endpoint.
@@ -237,9 +237,10 @@ impl Endpoint {
             .map_err(|_| Error::Closed)
     }
 
-    /// Finished tasks whose results no submitter acknowledged yet (at most 1,000).
-    pub async fn unacknowledged(&self) -> Result<Vec<Record>, Error> {
-        self.ask(Cmd::Unacknowledged).await
+    /// Finished tasks whose results no submitter acknowledged yet (at most 1,000), except
+    /// those in `except` (results on their way already).
+    pub async fn unacknowledged(&self, except: HashSet<TaskId>) -> Result<Vec<Record>, Error> {
+        self.ask(|reply| Cmd::Unacknowledged(except, reply)).await
     }
 }
 
@@ -785,19 +786,26 @@ impl Driver {
                 let _ = reply.send(self.pool.load());
             }
             Cmd::Acknowledge(ids) => self.acks.extend(ids),
-            Cmd::Unacknowledged(reply) => {
+            Cmd::Unacknowledged(mut except, reply) => {
                 let name = self.config.name.clone();
+                // Tasks still live are not finished: their `s/` entries are not the outbox's.
+                except.extend(self.live.keys().cloned());
                 let found = self
                     .store
                     .blocking(move |s| {
-                        // The outbox: `s/` entries whose record is final.
+                        // The outbox: `s/` entries whose record is final. Reads stop at 1,000
+                        // results, and skip the entries known not to be wanted without a read.
                         let prefix = format!("s/{name}/").into_bytes();
                         let mut out = Vec::new();
-                        for k in s.scan_keys(store::cf::TASKS, &prefix)? {
-                            if out.len() >= 1000 {
-                                break;
-                            }
+                        s.visit_keys(store::cf::TASKS, &prefix, |k| {
                             let id = &k[prefix.len()..];
+                            let skip = std::str::from_utf8(id)
+                                .ok()
+                                .and_then(|t| t.parse::<TaskId>().ok())
+                                .is_some_and(|t| except.contains(&t));
+                            if skip {
+                                return Ok(true);
+                            }
                             let mut key = format!("r/{name}/").into_bytes();
                             key.extend_from_slice(id);
                             if let Some(v) = s.get(store::cf::TASKS, &key)? {
@@ -807,7 +815,8 @@ impl Driver {
                                     }
                                 }
                             }
-                        }
+                            Ok(out.len() < 1000)
+                        })?;
                         Ok(out)
                     })
                     .await;

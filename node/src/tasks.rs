@@ -392,9 +392,8 @@ pub(crate) async fn start(
                         None => break,
                     },
                     _ = sweep.tick() => {
-                        let pending = ep.unacknowledged().await.unwrap_or_default();
                         let busy = service.delivering.lock().expect("not poisoned").clone();
-                        pending.into_iter().filter(|r| !busy.contains(&r.id)).collect()
+                        ep.unacknowledged(busy).await.unwrap_or_default()
                     }
                 };
                 deliver(&service, &mesh, &ep, batch, &t);

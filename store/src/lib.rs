@@ -274,6 +274,28 @@ impl Store {
         self.scan_with(cf, prefix, |k, _| k.to_vec())
     }
 
+    /// Visits the keys starting with `prefix`, in order, until `visit` returns `false`: for
+    /// scans that stop early, without reading the rest of the range.
+    pub fn visit_keys(
+        &self,
+        cf: &'static str,
+        prefix: &[u8],
+        mut visit: impl FnMut(&[u8]) -> Result<bool, Error>,
+    ) -> Result<(), Error> {
+        let mode = rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward);
+        for r in self.db.iterator_cf(self.handle(cf), mode) {
+            let (k, _) = r.map_err(|source| Error::Io {
+                op: "scan",
+                cf,
+                source,
+            })?;
+            if !k.starts_with(prefix) || !visit(&k)? {
+                break;
+            }
+        }
+        Ok(())
+    }
+
     fn scan_with<T>(
         &self,
         cf: &'static str,
@@ -372,6 +394,29 @@ mod tests {
             s.scan(cf::PEERS).unwrap(),
             vec![(b"b".to_vec(), b"2".to_vec())]
         );
+    }
+
+    #[test]
+    fn a_key_visit_stays_in_its_prefix_and_stops_when_told() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        for k in ["a/1", "a/2", "a/3", "b/1"] {
+            s.put(cf::PEERS, k.as_bytes(), b"v").unwrap();
+        }
+        let mut seen = Vec::new();
+        s.visit_keys(cf::PEERS, b"a/", |k| {
+            seen.push(String::from_utf8(k.to_vec()).unwrap());
+            Ok(true)
+        })
+        .unwrap();
+        assert_eq!(seen, ["a/1", "a/2", "a/3"]);
+        seen.clear();
+        s.visit_keys(cf::PEERS, b"a/", |k| {
+            seen.push(String::from_utf8(k.to_vec()).unwrap());
+            Ok(seen.len() < 2)
+        })
+        .unwrap();
+        assert_eq!(seen, ["a/1", "a/2"]);
     }
 
     #[test]
