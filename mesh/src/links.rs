@@ -37,7 +37,7 @@ const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 const WRITE_QUEUE: usize = 1024;
 /// At most this many frames' bytes are gathered into one write.
 const WRITE_BATCH: usize = 256 << 10;
-/// Bytes read from a stream at a time (many small frames arrive together).
+/// Bytes read from a stream at a time.
 const READ_BUFFER: usize = 64 << 10;
 /// Inbound task streams one peer may hold open at once (it needs one).
 const INBOUND_PER_PEER: usize = 4;
@@ -281,15 +281,12 @@ async fn drive(
         Ok(Err(e)) => return format!("could not be opened: {e}"),
         Err(_) => return format!("could not be opened within {OPEN_TIMEOUT:?}"),
     };
-    let (reader, writer) = futures::AsyncReadExt::split(stream);
-    let mut reader = futures::io::BufReader::with_capacity(READ_BUFFER, reader);
+    let (mut reader, writer) = split(stream);
     let read = async {
         let mut body = Vec::new();
         loop {
-            match frame::read(&mut reader, &mut body).await {
-                Ok(true) => {}
-                Ok(false) => return "was closed by the peer".to_owned(),
-                Err(e) => return format!("broke: {e}"),
+            if let Err(why) = next_frame(&mut reader, &mut body).await {
+                return why;
             }
             match frame::read_response(&body) {
                 Ok((id, answer)) => link.answer(id, answer.map_err(Error::Request)),
@@ -300,6 +297,32 @@ async fn drive(
     tokio::select! {
         why = read => why,
         why = write(writer, frames) => why,
+    }
+}
+
+/// A stream's halves: its reader buffered (many small frames arrive together).
+fn split<S: AsyncRead + AsyncWrite>(
+    stream: S,
+) -> (
+    futures::io::BufReader<futures::io::ReadHalf<S>>,
+    futures::io::WriteHalf<S>,
+) {
+    let (reader, writer) = futures::AsyncReadExt::split(stream);
+    (
+        futures::io::BufReader::with_capacity(READ_BUFFER, reader),
+        writer,
+    )
+}
+
+/// Reads the next frame into `body`; `Err` says why the stream ended.
+async fn next_frame<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    body: &mut Vec<u8>,
+) -> Result<(), String> {
+    match frame::read(reader, body).await {
+        Ok(true) => Ok(()),
+        Ok(false) => Err("was closed by the peer".to_owned()),
+        Err(e) => Err(format!("broke: {e}")),
     }
 }
 
@@ -377,16 +400,13 @@ impl Server {
         peer: PeerId,
         stream: S,
     ) -> String {
-        let (reader, writer) = futures::AsyncReadExt::split(stream);
-        let mut reader = futures::io::BufReader::with_capacity(READ_BUFFER, reader);
+        let (mut reader, writer) = split(stream);
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         let read = async {
             let mut body = Vec::new();
             loop {
-                match frame::read(&mut reader, &mut body).await {
-                    Ok(true) => {}
-                    Ok(false) => return "was closed by the peer".to_owned(),
-                    Err(e) => return format!("broke: {e}"),
+                if let Err(why) = next_frame(&mut reader, &mut body).await {
+                    return why;
                 }
                 let (id, request) = match frame::read_request(&body) {
                     Ok(r) => r,

@@ -402,27 +402,24 @@ mod tests {
     use futures::executor::block_on;
     use proptest::prelude::{any, proptest};
 
-    /// Reads one frame from `bytes` and decodes it as a request.
-    fn read_request(bytes: &[u8]) -> Result<TaskRequest, String> {
+    /// The body of the first frame in `bytes`.
+    fn first_body(bytes: &[u8]) -> Result<Vec<u8>, String> {
         let mut io = futures::io::Cursor::new(bytes.to_vec());
         let mut body = Vec::new();
         match block_on(frame::read(&mut io, &mut body)) {
-            Ok(true) => {}
-            Ok(false) => return Err("no frame".into()),
-            Err(e) => return Err(e.to_string()),
+            Ok(true) => Ok(body),
+            Ok(false) => Err("no frame".into()),
+            Err(e) => Err(e.to_string()),
         }
-        frame::read_request(&body)?.1
+    }
+
+    /// Reads one frame from `bytes` and decodes it as a request.
+    fn read_request(bytes: &[u8]) -> Result<TaskRequest, String> {
+        frame::read_request(&first_body(bytes)?)?.1
     }
 
     fn read_response(bytes: &[u8]) -> Result<TaskResponse, String> {
-        let mut io = futures::io::Cursor::new(bytes.to_vec());
-        let mut body = Vec::new();
-        match block_on(frame::read(&mut io, &mut body)) {
-            Ok(true) => {}
-            Ok(false) => return Err("no frame".into()),
-            Err(e) => return Err(e.to_string()),
-        }
-        frame::read_response(&body)?.1
+        frame::read_response(&first_body(bytes)?)?.1
     }
 
     fn encode(req: TaskRequest) -> Vec<u8> {
