@@ -166,7 +166,7 @@ impl Endpoint {
             tracker: tracker.clone(),
             load_tx,
             verified: HashMap::new(),
-            stored_functions: HashSet::new(),
+            stored_functions: Default::default(),
         };
         driver.recover().await?;
         tracker.spawn(driver.run(rx, reports_rx, cancel));
@@ -342,13 +342,9 @@ struct Driver {
     load_tx: tokio::sync::watch::Sender<Load>,
     /// Functions whose content id checked out, by id.
     verified: HashMap<String, crdt_registry::record::FunctionRecord>,
-    /// Ids of functions known to be in the store's `functions`.
-    stored_functions: HashSet<String>,
+    /// The functions this endpoint has put in the store.
+    stored_functions: crate::task::stored::StoredFunctions,
 }
-
-/// How many stored function ids the endpoint remembers (past that it forgets them all, and
-/// writes each function again with its next task: harmless, a function's entry never changes).
-const MAX_STORED_FUNCTIONS: usize = 65_536;
 
 /// How many checked functions the endpoint remembers.
 const MAX_VERIFIED_FUNCTIONS: usize = 1024;
@@ -367,16 +363,14 @@ impl Driver {
             .blocking(move |s| {
                 let mut out = HashMap::new();
                 for id in ids {
-                    if let Some(v) = s.get(store::cf::FUNCTIONS, id.as_bytes())? {
-                        if let Ok(f) = serde_json::from_slice(&v) {
-                            out.insert(id, f);
-                        }
+                    if let Some(f) = crate::task::stored::read_function(s, &id)? {
+                        out.insert(id, f);
                     }
                 }
                 Ok(out)
             })
             .await?;
-        self.stored_functions.extend(found.keys().cloned());
+        self.stored_functions.found(found.keys());
         Ok(found)
     }
 
@@ -1098,20 +1092,9 @@ impl Driver {
         }
         let name = &self.config.name;
         let mut ops: Vec<store::Op> = Vec::new();
-        if self.stored_functions.len() > MAX_STORED_FUNCTIONS {
-            self.stored_functions.clear();
-        }
         for id in self.new_subs.drain(..) {
             if let Some(l) = self.live.get(&id) {
-                // The function once, in the same batch as the first task that names it.
-                if !self.stored_functions.contains(&l.sub.function_id) {
-                    self.stored_functions.insert(l.sub.function_id.clone());
-                    ops.push((
-                        store::cf::FUNCTIONS,
-                        l.sub.function_id.as_bytes().to_vec(),
-                        Some(json(&l.sub.function)),
-                    ));
-                }
+                ops.extend(self.stored_functions.op_for(&l.sub));
                 let v = json(&PendingRef {
                     submitter: &l.rec.submitter,
                     received_us: l.rec.times.received_us,
@@ -1157,7 +1140,7 @@ impl Driver {
                 self.replies.clear();
                 self.finished.clear();
                 // Functions first written in this batch are not stored either.
-                self.stored_functions.clear();
+                self.stored_functions.forget();
                 return;
             }
         }

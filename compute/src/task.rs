@@ -228,6 +228,56 @@ pub mod stored {
         }
     }
 
+    /// Which functions a node has put in the store's `functions`, so that each is written
+    /// once: with the first stored task that names it.
+    #[derive(Debug, Default)]
+    pub struct StoredFunctions {
+        ids: std::collections::HashSet<String>,
+    }
+
+    impl StoredFunctions {
+        /// Ids remembered at most (past that all are forgotten, and each function is written
+        /// again with its next task: harmless, an entry never changes).
+        const MAX: usize = 65_536;
+
+        /// The write that stores `sub`'s function, unless it is stored already; to go in the
+        /// same batch as the task.
+        pub fn op_for(&mut self, sub: &Submission) -> Option<store::Op> {
+            if self.ids.len() > Self::MAX {
+                self.ids.clear();
+            }
+            if !self.ids.insert(sub.function_id.clone()) {
+                return None;
+            }
+            let mut v = Vec::with_capacity(512);
+            serde_json::to_writer(&mut v, &sub.function).expect("functions serialise");
+            Some((
+                store::cf::FUNCTIONS,
+                sub.function_id.as_bytes().to_vec(),
+                Some(v),
+            ))
+        }
+
+        /// Remembers functions found in the store.
+        pub fn found<'a>(&mut self, ids: impl IntoIterator<Item = &'a String>) {
+            self.ids.extend(ids.into_iter().cloned());
+        }
+
+        /// A batch with function writes failed: none of them is known to be stored any more.
+        pub fn forget(&mut self) {
+            self.ids.clear();
+        }
+    }
+
+    /// A function from the store's `functions` (`None`: not there, or unreadable).
+    pub fn read_function(
+        s: &store::Store,
+        id: &str,
+    ) -> Result<Option<FunctionRecord>, store::Error> {
+        Ok(s.get(store::cf::FUNCTIONS, id.as_bytes())?
+            .and_then(|v| serde_json::from_slice(&v).ok()))
+    }
+
     /// A stored submission as read back: with its function when an earlier version stored it
     /// inline, otherwise to be joined with it ([`StoredSubmission::join`]).
     #[derive(Debug, Clone, Deserialize)]

@@ -30,10 +30,6 @@ use crate::network::{Event, Handle};
 use crate::routing::{ADVERT_TOPIC, Advert, Candidate, Requirements, Router, Strategy};
 use crate::tasks::{Answer, MAX_BATCH, TaskRequest, TaskResponse};
 
-/// How many stored function ids the dispatcher remembers (past that it forgets them all, and
-/// writes each function again with its next task: harmless, an entry never changes).
-const MAX_STORED_FUNCTIONS: usize = 65_536;
-
 /// Stored format version of [`Submitted`].
 pub const SUBMITTED_VERSION: u32 = 1;
 
@@ -327,12 +323,7 @@ fn join_stored(
     let submission = submission.join(|fid| {
         cache
             .entry(fid.to_owned())
-            .or_insert_with(|| {
-                s.get(store::cf::FUNCTIONS, fid.as_bytes())
-                    .ok()
-                    .flatten()
-                    .and_then(|v| serde_json::from_slice(&v).ok())
-            })
+            .or_insert_with(|| compute::task::stored::read_function(s, fid).ok().flatten())
             .clone()
     });
     let Some(submission) = submission else {
@@ -417,7 +408,7 @@ impl Dispatcher {
             candidates: Vec::new(),
             candidates_at: None,
             dirty: HashSet::new(),
-            stored_functions: HashSet::new(),
+            stored_functions: Default::default(),
             done: Vec::new(),
             unsent: BTreeMap::new(),
             backoff: HashMap::new(),
@@ -596,8 +587,8 @@ struct Actor {
     candidates: Vec<Candidate>,
     candidates_at: Option<Instant>,
     dirty: HashSet<TaskId>,
-    /// Ids of functions known to be in the store's `functions`.
-    stored_functions: HashSet<String>,
+    /// The functions this node has put in the store.
+    stored_functions: compute::task::stored::StoredFunctions,
     /// Tasks finished this turn (stored with the rest, then announced); shared with the
     /// waiters they answer.
     done: Vec<Arc<Submitted>>,
@@ -692,23 +683,10 @@ impl Actor {
         }
         self.send_unsent(None);
         let mut ops: Vec<store::Op> = Vec::new();
-        if self.stored_functions.len() > MAX_STORED_FUNCTIONS {
-            self.stored_functions.clear();
-        }
         for id in self.dirty.drain() {
             if let Some(t) = self.live.get(&id) {
                 // The function once, in the same batch as the first task that names it.
-                let f = &t.submission;
-                if !self.stored_functions.contains(&f.function_id) {
-                    self.stored_functions.insert(f.function_id.clone());
-                    let mut v = Vec::with_capacity(512);
-                    serde_json::to_writer(&mut v, &f.function).expect("functions serialise");
-                    ops.push((
-                        store::cf::FUNCTIONS,
-                        f.function_id.as_bytes().to_vec(),
-                        Some(v),
-                    ));
-                }
+                ops.extend(self.stored_functions.op_for(&t.submission));
                 let v = stored_form(t);
                 ops.push((
                     store::cf::SUBMITTED,
@@ -729,7 +707,7 @@ impl Actor {
             if let Err(e) = self.store.blocking(move |s| s.batch_unsynced(&ops)).await {
                 tracing::error!(error = %e, "cannot store submitted tasks");
                 // Functions first written in this batch are not stored either.
-                self.stored_functions.clear();
+                self.stored_functions.forget();
                 // Unanswered callers see the dispatcher as failed and retry.
                 replies.clear();
                 return;
