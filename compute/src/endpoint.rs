@@ -273,10 +273,19 @@ fn json<T: serde::Serialize>(v: &T) -> Vec<u8> {
 }
 
 fn rkey(endpoint: &str, id: &TaskId) -> Vec<u8> {
-    format!("r/{endpoint}/{id}").into_bytes()
+    task_key(b"r/", endpoint, id)
 }
 fn skey(endpoint: &str, id: &TaskId) -> Vec<u8> {
-    format!("s/{endpoint}/{id}").into_bytes()
+    task_key(b"s/", endpoint, id)
+}
+/// `<kind><endpoint>/<id>`, without `format!`'s machinery (a few of these per task).
+fn task_key(kind: &[u8], endpoint: &str, id: &TaskId) -> Vec<u8> {
+    let mut k = Vec::with_capacity(kind.len() + endpoint.len() + 1 + id.as_str().len());
+    k.extend_from_slice(kind);
+    k.extend_from_slice(endpoint.as_bytes());
+    k.push(b'/');
+    k.extend_from_slice(id.as_str().as_bytes());
+    k
 }
 /// Outbox marks of stores written before `s/` entries doubled as the outbox; migrated on start.
 fn legacy_okey_prefix(endpoint: &str) -> Vec<u8> {
@@ -672,10 +681,16 @@ impl Driver {
                 tasks,
                 reply,
             } => {
-                // Ids this endpoint does not hold live may still be stored (a retry).
+                // Ids this endpoint does not hold live may still be stored (a retry). Almost
+                // all are new: the bloom filters rule those out here, without a trip through
+                // the blocking pool before the task can run.
+                let name = &self.config.name;
                 let unknown: Vec<TaskId> = tasks
                     .iter()
-                    .filter(|t| !self.live.contains_key(&t.id))
+                    .filter(|t| {
+                        !self.live.contains_key(&t.id)
+                            && self.store.may_hold(store::cf::TASKS, &rkey(name, &t.id))
+                    })
                     .map(|t| t.id.clone())
                     .collect();
                 let stored = self.stored(unknown).await;
@@ -790,6 +805,7 @@ impl Driver {
                         // The outbox: `s/` entries whose record is final. Reads stop at 1,000
                         // results, and skip the entries known not to be wanted without a read.
                         let prefix = format!("s/{name}/").into_bytes();
+                        let rprefix = format!("r/{name}/").into_bytes();
                         let mut out = Vec::new();
                         s.visit_keys(store::cf::TASKS, &prefix, |k| {
                             let id = &k[prefix.len()..];
@@ -800,7 +816,7 @@ impl Driver {
                             if skip {
                                 return Ok(true);
                             }
-                            let mut key = format!("r/{name}/").into_bytes();
+                            let mut key = rprefix.clone();
                             key.extend_from_slice(id);
                             if let Some(v) = s.get(store::cf::TASKS, &key)? {
                                 if let Ok(rec) = serde_json::from_slice::<Record>(&v) {

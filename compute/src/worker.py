@@ -52,6 +52,14 @@ except Exception:  # pragma: no cover
 # What `Channel.read` returns when it must not wait and no whole frame has arrived.
 NOTHING = object()
 
+# Compact JSON. `json.dumps` with any argument builds a new encoder on every call: one, kept.
+dumps = json.JSONEncoder(separators=(",", ":")).encode
+
+# While a batch runs, the pipe is looked at again (for cancels and more work) before the next
+# task once this long has passed since the last look: before every task of a batch of real
+# work, and every few dozen no-op tasks rather than with a system call each.
+POLL_EVERY = 0.0002
+
 
 class Channel:
     """The protocol pipe: frames in on stdin, frames out on a private copy of stdout."""
@@ -94,7 +102,7 @@ class Channel:
             self.buf += chunk
 
     def write(self, obj):
-        body = json.dumps(obj, separators=(",", ":")).encode()
+        body = dumps(obj).encode()
         self.tx.write(struct.pack(">I", len(body)))
         self.tx.write(body)
         if self.pending == 0:
@@ -126,8 +134,10 @@ class Worker:
 
     def take(self, batch, wait):
         """Takes in the frames that have arrived, waiting for one if `wait`. One thread reads and
-        runs: a cancel that arrives while a batch runs is seen before the batch's next task (a
-        running task is cancelled by the endpoint, which stops the worker). False at the end."""
+        runs: a cancel that arrives while a batch runs is seen before the batch's next task that
+        starts more than `POLL_EVERY` after it arrived (a running task is cancelled by the
+        endpoint, which stops the worker). False at the end."""
+        self.polled = time.monotonic()
         while True:
             frame = self.ch.read(wait)
             if frame is NOTHING:
@@ -156,12 +166,13 @@ class Worker:
         self.ch.flush()
         batch = collections.deque()
         ending = False
+        self.polled = 0.0
         while True:
             if not batch:
                 self.ch.flush()
                 if ending:
                     break
-            if not ending:
+            if not ending and (not batch or time.monotonic() - self.polled >= POLL_EVERY):
                 try:
                     ending = not self.take(batch, wait=not batch)
                 except Exception as e:  # a broken pipe or a bad frame: stop after this batch
@@ -229,7 +240,7 @@ class Worker:
         size = out.pop("size", None)
         if limit and out.get("ok"):
             if size is None:
-                size = len(json.dumps(out["value"], separators=(",", ":")))
+                size = len(dumps(out["value"]))
             if size > limit:
                 out = {"op": "result", "id": tid, "ok": False, "run_us": out["run_us"],
                        "error": error("ResultTooLarge",
@@ -352,8 +363,12 @@ def encode_value(value, task):
 
         data = base64.b64encode(cloudpickle.dumps(value)).decode()
         return {"pickle": data}, len(data) + len('{"pickle":""}')
+    if value is None or value is True or value is False:
+        return value, 5 if value is False else 4
+    if type(value) is int:
+        return value, len(str(value))
     try:
-        size = len(json.dumps(value, separators=(",", ":")))
+        size = len(dumps(value))
     except (TypeError, ValueError) as e:
         raise TaskError("UnserialisableResult",
                         "the function returned a %s, which is not JSON: return JSON types "

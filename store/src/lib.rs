@@ -199,6 +199,18 @@ impl Store {
             })
     }
 
+    /// Whether `key` may be stored, answered without touching the disk: from the memtables, the
+    /// bloom filters and the block cache (RocksDB's `KeyMayExist` at the block-cache tier).
+    /// `false` means surely absent; `true` means read it to know. It never does I/O and never
+    /// waits for a write, so unlike every other method here it may run on an async task's
+    /// thread: the task path checks ids it has not seen (almost always absent) this way, and
+    /// takes only the rest through [`Store::blocking`].
+    pub fn may_hold(&self, cf: &'static str, key: &[u8]) -> bool {
+        let mut ro = rocksdb::ReadOptions::default();
+        ro.set_read_tier(rocksdb::ReadTier::BlockCache);
+        self.db.key_may_exist_cf_opt(self.handle(cf), key, &ro)
+    }
+
     /// Writes one value, synced to disk before returning.
     pub fn put(&self, cf: &'static str, key: &[u8], value: &[u8]) -> Result<(), Error> {
         let mut wo = WriteOptions::default();
@@ -238,7 +250,14 @@ impl Store {
     }
 
     fn write_batch(&self, ops: &[Op], sync: bool) -> Result<(), Error> {
-        let mut batch = rocksdb::WriteBatch::default();
+        // Sized up front (a 12-byte header, then per op a tag, the column family and two
+        // lengths as varints, the key and the value): growing it copies every byte again.
+        let bytes = 12
+            + ops
+                .iter()
+                .map(|(_, k, v)| 16 + k.len() + v.as_ref().map_or(0, Vec::len))
+                .sum::<usize>();
+        let mut batch = rocksdb::WriteBatch::with_capacity_bytes(bytes);
         for (cf, key, value) in ops {
             match value {
                 Some(v) => batch.put_cf(self.handle(cf), key, v),
@@ -394,6 +413,43 @@ mod tests {
             s.scan(cf::PEERS).unwrap(),
             vec![(b"b".to_vec(), b"2".to_vec())]
         );
+    }
+
+    #[test]
+    fn may_hold_never_misses_a_stored_key_and_rules_out_most_absent_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let stored: Vec<String> = (0..2000).map(|i| format!("s/e/{i:08}")).collect();
+        let absent: Vec<String> = (0..2000).map(|i| format!("s/e/x{i:07}")).collect();
+        let check = |s: &Store, when: &str, expect_filtered: bool| {
+            for k in &stored {
+                assert!(s.may_hold(cf::TASKS, k.as_bytes()), "{when}: {k} is stored");
+            }
+            let maybe = absent
+                .iter()
+                .filter(|k| s.may_hold(cf::TASKS, k.as_bytes()))
+                .count();
+            if expect_filtered {
+                // Bloom filters of 10 bits per key: about 1 % false positives.
+                assert!(
+                    maybe < 100,
+                    "{when}: {maybe} of 2000 absent keys may be held"
+                );
+            }
+        };
+        {
+            let s = Store::open(dir.path()).unwrap();
+            let ops: Vec<Op> = stored
+                .iter()
+                .map(|k| (cf::TASKS, k.as_bytes().to_vec(), Some(b"v".to_vec())))
+                .collect();
+            s.batch_unsynced(&ops).unwrap();
+            check(&s, "in the memtable", true);
+            s.flush().unwrap();
+            check(&s, "in a table file", true);
+        }
+        // After a restart the table files may not be open yet: `true` (read it) is the answer.
+        let s = Store::open(dir.path()).unwrap();
+        check(&s, "after a restart", false);
     }
 
     #[test]

@@ -189,6 +189,7 @@ def sleep(s):\n    time.sleep(s)\n    return s\n\
 def big(n):\n    return 'x' * n\n\
 def hog(mb):\n    return len(bytearray(mb << 20))\n\
 def die():\n    os._exit(3)\n\
+def touch(path):\n    open(path, 'w').close()\n    return path\n\
 def garbage():\n    for fd in range(3, 10):\n        try:\n            os.write(fd, b'this is not a frame, it is text on the pipe')\n        except OSError:\n            pass\n    time.sleep(5)\n";
 
 fn f(name: &str) -> FunctionRecord {
@@ -300,6 +301,36 @@ async fn cancel_kills_the_running_task_and_the_next_one_runs() {
     assert_eq!(reported.status, Status::Cancelled);
     let ok = h.run(submission(&f("add"), json!([5]), json!({}))).await;
     assert_eq!(value(&ok), &json!(6));
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_cancelled_while_its_batch_runs_is_skipped_by_the_worker() {
+    let mut h = start(EndpointConfig {
+        max_workers: 1,
+        ..config()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("ran");
+    let first = submission(&f("sleep"), json!([0.5]), json!({}));
+    let second = submission(&f("touch"), json!([marker.to_str().unwrap()]), json!({}));
+    let (a, b) = (first.id.clone(), second.id.clone());
+    h.endpoint
+        .submit("peer", vec![first, second])
+        .await
+        .unwrap();
+    // One worker: both tasks are in its batch, the first one sleeping.
+    h.until_running(&a).await;
+    h.until_running(&b).await;
+    let rec = h.endpoint.cancel(b.clone()).await.unwrap().unwrap();
+    assert_eq!(rec.status, Status::Cancelled);
+    assert_eq!(h.wait(&a).await.status, Status::Succeeded);
+    // The worker runs its batch in order: once a later task is done, the skipped one would
+    // have run if it was going to.
+    let ok = h.run(submission(&f("add"), json!([1]), json!({}))).await;
+    assert_eq!(value(&ok), &json!(2));
+    assert!(!marker.exists(), "the cancelled task ran");
     h.stop().await;
 }
 
