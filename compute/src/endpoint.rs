@@ -162,6 +162,8 @@ impl Endpoint {
             new_subs: Vec::new(),
             finished: Vec::new(),
             acks: Vec::new(),
+            acks_since: None,
+            closing: false,
             replies: Vec::new(),
             tracker: tracker.clone(),
             load_tx,
@@ -344,7 +346,12 @@ struct Driver {
     new_subs: Vec<TaskId>,
     /// Tasks that finished this turn.
     finished: Vec<Record>,
+    /// Results the submitters acknowledged, whose `s/` entries (their place in the outbox) are
+    /// not deleted yet: with the next write, or once the oldest has waited `ACK_DELAY`.
     acks: Vec<TaskId>,
+    acks_since: Option<Instant>,
+    /// Set for the last turn: everything is written.
+    closing: bool,
     /// Answers to send once this turn's writes are stored.
     replies: Vec<Reply>,
     tracker: TaskTracker,
@@ -357,6 +364,9 @@ struct Driver {
 
 /// How many checked functions the endpoint remembers.
 const MAX_VERIFIED_FUNCTIONS: usize = 1024;
+/// The longest an acknowledgement waits for a write to ride on (the loop turns at least every
+/// 100 ms).
+const ACK_DELAY: Duration = Duration::from_millis(100);
 
 impl Driver {
     /// Reads these functions from the store (those it has), and remembers them as stored.
@@ -596,6 +606,7 @@ impl Driver {
             self.apply().await;
         }
         self.pool.shutdown();
+        self.closing = true;
         self.apply().await;
         // Wait (bounded) for the workers to go, so that containers are removed.
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
@@ -794,11 +805,18 @@ impl Driver {
             Cmd::Load(reply) => {
                 let _ = reply.send(self.pool.load());
             }
-            Cmd::Acknowledge(ids) => self.acks.extend(ids),
+            Cmd::Acknowledge(ids) => {
+                if self.acks.is_empty() {
+                    self.acks_since = Some(Instant::now());
+                }
+                self.acks.extend(ids);
+            }
             Cmd::Unacknowledged(mut except, reply) => {
                 let name = self.config.name.clone();
                 // Tasks still live are not finished: their `s/` entries are not the outbox's.
+                // Nor are acknowledged ones whose entries are still to be deleted.
                 except.extend(self.live.keys().cloned());
+                except.extend(self.acks.iter().cloned());
                 let found = self
                     .store
                     .blocking(move |s| {
@@ -1138,8 +1156,16 @@ impl Driver {
             let v = json(rec);
             ops.push((store::cf::TASKS, rkey(name, &rec.id), Some(v)));
         }
-        for id in self.acks.drain(..) {
-            ops.push((store::cf::TASKS, skey(name, &id), None));
+        // Acknowledgements ride on a write the turn makes anyway. A lone one waits (for
+        // `ACK_DELAY` at most): deleting an `s/` entry is not on any task's path, and each write
+        // of its own costs two thread wake-ups. Lost in a crash, it only means the result is
+        // sent again, and acknowledged again.
+        let due = self.acks_since.is_some_and(|t| t.elapsed() >= ACK_DELAY);
+        if !ops.is_empty() || due || self.closing {
+            for id in self.acks.drain(..) {
+                ops.push((store::cf::TASKS, skey(name, &id), None));
+            }
+            self.acks_since = None;
         }
         // Results go out before the write: the submitter stores what it receives, and until it
         // acknowledges, the outbox (written below) keeps the result for redelivery.

@@ -567,6 +567,22 @@ async fn accepted_tasks_survive_a_restart_and_duplicates_run_once() {
         }
     })
     .await;
+    // The acknowledged entries leave the store too: with the next write, or within 100 ms
+    // when no write comes.
+    let store = h.store.clone();
+    until("the acknowledged entries to be deleted", || {
+        let store = store.clone();
+        let ids = [qid.clone(), rid.clone()];
+        async move {
+            ids.iter().all(|id| {
+                store
+                    .get(store::cf::TASKS, format!("s/ep/{id}").as_bytes())
+                    .unwrap()
+                    .is_none()
+            })
+        }
+    })
+    .await;
     h.stop().await;
 }
 
