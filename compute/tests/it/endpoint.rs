@@ -143,6 +143,37 @@ impl Harness {
         .await;
     }
 
+    /// Acknowledges results, then waits until the outbox no longer offers them and their `s/`
+    /// entries have left the store (with the endpoint's next write, or within 100 ms).
+    async fn acknowledge_until_gone(&self, ids: &[TaskId]) {
+        self.endpoint.acknowledge(ids.to_vec()).await.unwrap();
+        let ep = self.endpoint.clone();
+        until("the outbox to empty", || {
+            let ep = ep.clone();
+            async move {
+                ep.unacknowledged(Default::default())
+                    .await
+                    .unwrap()
+                    .is_empty()
+            }
+        })
+        .await;
+        let store = self.store.clone();
+        until("the acknowledged entries to be deleted", || {
+            let store = store.clone();
+            let ids = ids.to_vec();
+            async move {
+                ids.iter().all(|id| {
+                    store
+                        .get(store::cf::TASKS, format!("s/ep/{id}").as_bytes())
+                        .unwrap()
+                        .is_none()
+                })
+            }
+        })
+        .await;
+    }
+
     async fn stop(self) -> (tempfile::TempDir, store::Store) {
         self.cancel.cancel();
         self.tracker.close();
@@ -552,37 +583,7 @@ async fn accepted_tasks_survive_a_restart_and_duplicates_run_once() {
     let unacked = h.endpoint.unacknowledged(except).await.unwrap();
     assert!(!unacked.iter().any(|r| r.id == qid), "{unacked:?}");
     assert!(unacked.iter().any(|r| r.id == rid), "{unacked:?}");
-    h.endpoint
-        .acknowledge(vec![qid.clone(), rid.clone()])
-        .await
-        .unwrap();
-    let ep = h.endpoint.clone();
-    until("the outbox to empty", || {
-        let ep = ep.clone();
-        async move {
-            ep.unacknowledged(Default::default())
-                .await
-                .unwrap()
-                .is_empty()
-        }
-    })
-    .await;
-    // The acknowledged entries leave the store too: with the next write, or within 100 ms
-    // when no write comes.
-    let store = h.store.clone();
-    until("the acknowledged entries to be deleted", || {
-        let store = store.clone();
-        let ids = [qid.clone(), rid.clone()];
-        async move {
-            ids.iter().all(|id| {
-                store
-                    .get(store::cf::TASKS, format!("s/ep/{id}").as_bytes())
-                    .unwrap()
-                    .is_none()
-            })
-        }
-    })
-    .await;
+    h.acknowledge_until_gone(&[qid.clone(), rid.clone()]).await;
     h.stop().await;
 }
 
@@ -762,21 +763,8 @@ async fn a_store_of_the_earlier_layout_keeps_its_outbox_and_queue_after_an_upgra
     let ids: Vec<&compute::TaskId> = unacked.iter().map(|r| &r.id).collect();
     assert!(ids.contains(&&finished.id), "{ids:?}");
     assert!(ids.contains(&&queued.id), "{ids:?}");
-    h.endpoint
-        .acknowledge(vec![finished.id.clone(), queued.id.clone()])
-        .await
-        .unwrap();
-    let ep = h.endpoint.clone();
-    until("the outbox to empty", || {
-        let ep = ep.clone();
-        async move {
-            ep.unacknowledged(Default::default())
-                .await
-                .unwrap()
-                .is_empty()
-        }
-    })
-    .await;
+    h.acknowledge_until_gone(&[finished.id.clone(), queued.id.clone()])
+        .await;
     let (_dir, store) = h.stop().await;
     assert!(
         store.scan_keys(store::cf::TASKS, b"o/").unwrap().is_empty(),
