@@ -131,6 +131,8 @@ class Worker:
         # The address-space limit in force (0: none), so that a task without a memory limit
         # costs no setrlimit calls.
         self.mem_limit = 0
+        # When `take` last looked at the pipe (time.monotonic()).
+        self.polled = 0.0
 
     def take(self, batch, wait):
         """Takes in the frames that have arrived, waiting for one if `wait`. One thread reads and
@@ -166,7 +168,6 @@ class Worker:
         self.ch.flush()
         batch = collections.deque()
         ending = False
-        self.polled = 0.0
         while True:
             if not batch:
                 self.ch.flush()
@@ -365,10 +366,9 @@ def encode_value(value, task):
         return {"pickle": data}, len(data) + len('{"pickle":""}')
     if value is None or value is True or value is False:
         return value, 5 if value is False else 4
-    if type(value) is int:
-        return value, len(str(value))
     try:
-        size = len(dumps(value))
+        # A plain int's JSON is its decimal digits (a huge one raises ValueError, as dumps does).
+        size = len(str(value)) if type(value) is int else len(dumps(value))
     except (TypeError, ValueError) as e:
         raise TaskError("UnserialisableResult",
                         "the function returned a %s, which is not JSON: return JSON types "
