@@ -391,7 +391,9 @@ impl Pool {
             }
             if let Some(front) = w.outstanding.front() {
                 if let Some(t) = self.tasks.get(front) {
-                    if !t.timeout.is_zero() && now >= w.front_since + t.timeout + t.grace {
+                    // A submitter may ask for any limit: one past the clock's range never fires.
+                    let due = w.front_since.checked_add(t.timeout.saturating_add(t.grace));
+                    if !t.timeout.is_zero() && due.is_some_and(|due| now >= due) {
                         overdue.push((*id, front.clone(), t.timeout));
                     }
                 }
@@ -824,6 +826,26 @@ mod tests {
         // The first submission went straight to an idle worker; the rest queue behind.
         let total: usize = sent(&p.actions()).iter().map(|(_, t, _)| t.len()).sum();
         assert!(total >= 2, "{total}");
+    }
+
+    #[test]
+    fn a_time_limit_past_the_clocks_range_never_fires() {
+        let t0 = Instant::now();
+        let host = Environment::host();
+        let mut p = Pool::new(&config(Strategy::Warm, 1));
+        let mut t = task(0, &host);
+        t.timeout = Duration::from_millis(u64::MAX);
+        t.grace = Duration::from_secs(2);
+        p.submit(t, t0);
+        let w = spawned(&p.actions())[0];
+        p.ready(w, t0);
+        assert_eq!(sent(&p.actions()).len(), 1);
+        p.tick(t0 + Duration::from_secs(3600));
+        assert!(
+            p.actions()
+                .iter()
+                .all(|a| !matches!(a, Action::Kill { .. } | Action::Finish { .. }))
+        );
     }
 
     #[test]

@@ -97,6 +97,9 @@ pub enum Encoding {
     Pickle,
 }
 
+/// The longest time limit a task may ask for: a year.
+pub const MAX_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
+
 /// What a submitter sends an endpoint: one task.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -145,8 +148,17 @@ impl Submission {
         self.check_args()
     }
 
-    /// Checks the arguments' shape (what [`Submission::check`] checks besides the function).
+    /// Checks the arguments' shape and the time limit (what [`Submission::check`] checks
+    /// besides the function).
     pub fn check_args(&self) -> Result<(), String> {
+        if u128::from(self.timeout_ms) > MAX_TIMEOUT.as_millis() {
+            return Err(format!(
+                "a time limit of {} ms is more than a task may ask for ({} days): give a \
+                 shorter timeout, or none for the endpoint's default",
+                self.timeout_ms,
+                MAX_TIMEOUT.as_secs() / 86_400
+            ));
+        }
         match self.encoding {
             Encoding::Json => {
                 if !(self.args.is_array() || self.args.is_null()) {

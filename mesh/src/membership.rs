@@ -939,6 +939,11 @@ fn check_peer(owner: &str, presenter: &PeerId) -> Result<(), Refusal> {
 
 /// Formats Unix seconds as RFC 3339.
 pub fn rfc3339(t: UnixTime) -> String {
+    // RFC 3339 ends with the year 9999; later times (a signer may write any) stay numbers.
+    const LAST: UnixTime = 253_402_300_799;
+    if t > LAST {
+        return format!("{t} (Unix seconds, after the year 9999)");
+    }
     humantime::format_rfc3339_seconds(std::time::UNIX_EPOCH + Duration::from_secs(t)).to_string()
 }
 
@@ -975,6 +980,13 @@ mod tests {
             inst_key,
             admission,
         }
+    }
+
+    #[test]
+    fn any_signed_time_formats_without_panicking() {
+        assert_eq!(rfc3339(NOW), "2027-01-15T08:00:00Z");
+        assert_eq!(rfc3339(253_402_300_799), "9999-12-31T23:59:59Z");
+        assert!(rfc3339(u64::MAX).contains("after the year 9999"));
     }
 
     #[test]

@@ -511,17 +511,25 @@ impl Router {
         if self.warm_idle(c, env) > 0 {
             return 0;
         }
-        let present = self.load_of(&c.peer, &c.name).map_or(0, |l| {
-            l.environments
-                .iter()
-                .filter(|e| e.env == env)
-                .map(|e| e.idle + e.busy + e.starting)
-                .sum::<u32>()
-        }) + self
-            .inflight_env
-            .get(&(c.peer, c.name.clone(), env.to_owned()))
-            .copied()
-            .unwrap_or(0);
+        // Counts come from peers' adverts: any value may arrive, so sums saturate.
+        let present = self
+            .load_of(&c.peer, &c.name)
+            .map_or(0, |l| {
+                l.environments
+                    .iter()
+                    .filter(|e| e.env == env)
+                    .fold(0u32, |n, e| {
+                        n.saturating_add(e.idle)
+                            .saturating_add(e.busy)
+                            .saturating_add(e.starting)
+                    })
+            })
+            .saturating_add(
+                self.inflight_env
+                    .get(&(c.peer, c.name.clone(), env.to_owned()))
+                    .copied()
+                    .unwrap_or(0),
+            );
         if present > 0 && self.load(c) < OVERLOADED {
             1
         } else {
@@ -534,8 +542,7 @@ impl Router {
             l.environments
                 .iter()
                 .filter(|e| e.env == env)
-                .map(|e| e.idle)
-                .sum::<u32>()
+                .fold(0u32, |n, e| n.saturating_add(e.idle))
         });
         let sent = self
             .inflight_env
@@ -784,10 +791,99 @@ mod tests {
         assert!(may_use(Policy::Capability, Some("a"), Some("a")).is_err());
     }
 
+    /// A count as a peer may advertise it: the extremes often, anything else too.
+    fn count() -> impl proptest::strategy::Strategy<Value = u32> {
+        use proptest::prelude::{Just, prop_oneof};
+        prop_oneof![Just(0), Just(1), Just(u32::MAX), any::<u32>()]
+    }
+
+    fn any_environment() -> impl proptest::strategy::Strategy<Value = EnvironmentLoad> {
+        use proptest::prelude::{Just, prop_oneof};
+        use proptest::strategy::Strategy as _;
+        (
+            prop_oneof![Just("host".to_owned()), Just(IMG.to_owned()), ".{0,8}"],
+            count(),
+            count(),
+            count(),
+            proptest::option::of(any::<u64>()),
+        )
+            .prop_map(
+                |(env, idle, busy, starting, cold_start_ms)| EnvironmentLoad {
+                    env,
+                    idle,
+                    busy,
+                    starting,
+                    cold_start_ms,
+                },
+            )
+    }
+
+    fn any_load(names: Vec<String>) -> impl proptest::strategy::Strategy<Value = EndpointLoad> {
+        use proptest::strategy::Strategy as _;
+        (
+            proptest::sample::select(names),
+            count(),
+            count(),
+            count(),
+            count(),
+            proptest::collection::vec(any_environment(), 0..4),
+        )
+            .prop_map(|(name, max_workers, workers, idle, queued, environments)| {
+                EndpointLoad {
+                    name,
+                    max_workers,
+                    workers,
+                    idle,
+                    queued,
+                    environments,
+                }
+            })
+    }
+
     proptest! {
         #[test]
         fn arbitrary_advert_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..1024)) {
             let _ = Advert::decode(&bytes);
+        }
+
+        /// Whatever counts a member advertises (extreme ones included), every strategy still
+        /// picks an eligible endpoint, and nothing overflows.
+        #[test]
+        fn any_advertised_load_still_routes(
+            loads in proptest::collection::vec(
+                proptest::collection::vec(any_load(vec!["ep1".into(), "ep2".into(), "ep3".into()]), 0..3),
+                3,
+            ),
+            fresh in proptest::collection::vec(any_load(vec!["ep1".into(), "ep2".into(), "ep3".into()]), 0..3),
+            seqs in proptest::collection::vec(any::<u64>(), 3),
+        ) {
+            let (mut r, cs, now) = setup();
+            for ((c, endpoints), seq) in cs.iter().zip(loads).zip(seqs) {
+                // Through the decoder, as gossip arrives.
+                let advert = Advert { v: ADVERT_VERSION, seq, at_ms: 0, endpoints };
+                let decoded = Advert::decode(&advert.encode()).unwrap();
+                r.advert(c.peer, decoded, now);
+                r.dispatched(c.peer, &c.name, &Environment::host());
+            }
+            for l in fresh {
+                r.fresh_load(cs[0].peer, l);
+            }
+            for s in [Strategy::WarmAware, Strategy::LeastLoaded, Strategy::Random, Strategy::RoundRobin] {
+                for env in ["host", IMG] {
+                    let got = r.choose(
+                        &Environment::parse(env).unwrap(),
+                        &Requirements::default(),
+                        &by_policy(Some("a")),
+                        s,
+                        &cs,
+                        &HashSet::new(),
+                        now,
+                    );
+                    if let Ok(c) = got {
+                        assert!(cs.iter().any(|x| x.id == c.id));
+                    }
+                }
+            }
         }
     }
 }

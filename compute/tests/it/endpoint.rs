@@ -221,6 +221,8 @@ def big(n):\n    return 'x' * n\n\
 def hog(mb):\n    return len(bytearray(mb << 20))\n\
 def die():\n    os._exit(3)\n\
 def touch(path):\n    open(path, 'w').close()\n    return path\n\
+def pid():\n    return os.getpid()\n\
+def pid_sleep(path, s):\n    with open(path + '.tmp', 'w') as f:\n        f.write(str(os.getpid()))\n    os.rename(path + '.tmp', path)\n    time.sleep(s)\n    return s\n\
 def garbage():\n    for fd in range(3, 10):\n        try:\n            os.write(fd, b'this is not a frame, it is text on the pipe')\n        except OSError:\n            pass\n    time.sleep(5)\n";
 
 fn f(name: &str) -> FunctionRecord {
@@ -278,15 +280,49 @@ async fn a_remote_exception_comes_back_with_type_message_and_traceback() {
     h.stop().await;
 }
 
+/// Whether a process has ended (gone, or a zombie not reaped yet).
+fn ended(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit(')')
+            .next()
+            .is_some_and(|rest| rest.trim_start().starts_with('Z')),
+    }
+}
+
+/// The pid a `pid_sleep` task wrote to `path`, once it has.
+async fn pid_in(path: &std::path::Path) -> u32 {
+    until("the task to write its pid", || async move { path.exists() }).await;
+    std::fs::read_to_string(path).unwrap().parse().unwrap()
+}
+
+/// Waits until the worker process `pid` has ended, then checks that the next task runs, in
+/// another worker.
+async fn worker_ended_and_another_serves(h: &mut Harness, pid: u32) {
+    until("the worker to be killed", || async move { ended(pid) }).await;
+    let next = h.run(submission(&f("pid"), json!([]), json!({}))).await;
+    let other = value(&next).as_u64().unwrap();
+    assert_ne!(other, u64::from(pid), "a new worker ran the next task");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timeout_stops_the_task_and_the_endpoint_keeps_serving() {
-    let mut h = start(config()).await;
-    let mut slow = submission(&f("sleep"), json!([30]), json!({}));
+    let mut h = start(EndpointConfig {
+        max_workers: 1,
+        ..config()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pid");
+    let mut slow = submission(&f("pid_sleep"), json!([path, 30]), json!({}));
     slow.timeout_ms = 300;
     let rec = h.run(slow).await;
     let e = error(&rec);
     assert_eq!(e.kind, FailureKind::Timeout, "{e:?}");
     assert!(e.message.contains("300ms"), "{}", e.message);
+    let pid = pid_in(&path).await;
+    worker_ended_and_another_serves(&mut h, pid).await;
     let ok = h.run(submission(&f("add"), json!([1]), json!({}))).await;
     assert_eq!(value(&ok), &json!(2));
     h.stop().await;
@@ -320,16 +356,25 @@ async fn a_result_over_the_size_limit_fails_and_says_so() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_kills_the_running_task_and_the_next_one_runs() {
-    let mut h = start(config()).await;
-    let sub = submission(&f("sleep"), json!([30]), json!({}));
+    // One worker: the next task can only run once the cancelled one's worker is gone.
+    let mut h = start(EndpointConfig {
+        max_workers: 1,
+        ..config()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("pid");
+    let sub = submission(&f("pid_sleep"), json!([path, 30]), json!({}));
     let id = sub.id.clone();
     h.endpoint.submit("peer", vec![sub]).await.unwrap();
     // Cancel once it runs.
     h.until_running(&id).await;
+    let pid = pid_in(&path).await;
     let rec = h.endpoint.cancel(id.clone()).await.unwrap().unwrap();
     assert_eq!(rec.status, Status::Cancelled);
     let reported = h.wait(&id).await;
     assert_eq!(reported.status, Status::Cancelled);
+    worker_ended_and_another_serves(&mut h, pid).await;
     let ok = h.run(submission(&f("add"), json!([5]), json!({}))).await;
     assert_eq!(value(&ok), &json!(6));
     h.stop().await;
@@ -448,7 +493,7 @@ async fn shell_functions_capture_output_and_time_out_with_124() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_submissions_are_refused_with_the_reason() {
-    let h = start(config()).await;
+    let mut h = start(config()).await;
     let mut tampered = submission(&f("add"), json!([1]), json!({}));
     tampered.function_id = "f0000".into();
     let mut bad_args = submission(&f("add"), json!({"not": "a list"}), json!({}));
@@ -468,11 +513,21 @@ async fn bad_submissions_are_refused_with_the_reason() {
     if let FunctionSpec::PythonSource { source, .. } = &mut swapped.function.spec {
         source.push_str("\nimport os\n");
     }
+    // Past the clock's range: refused, not a panic in the pool's timer.
+    let mut forever = submission(&f("add"), json!([1]), json!({}));
+    forever.timeout_ms = u64::MAX;
     let answers = h
         .endpoint
         .submit(
             "peer",
-            vec![tampered, bad_args, wrong_runtime, elsewhere, swapped],
+            vec![
+                tampered,
+                bad_args,
+                wrong_runtime,
+                elsewhere,
+                swapped,
+                forever,
+            ],
         )
         .await
         .unwrap();
@@ -486,6 +541,14 @@ async fn bad_submissions_are_refused_with_the_reason() {
         errs[2]
     );
     assert!(errs[3].contains("not `other`"), "{}", errs[3]);
+    assert!(
+        errs[5].contains("more than a task may ask for (365 days)"),
+        "{}",
+        errs[5]
+    );
+    // And the endpoint serves the next task.
+    let ok = submission(&f("add"), json!([2]), json!({"b": 1}));
+    assert_eq!(value(&h.run(ok).await), &json!(3));
     h.stop().await;
 }
 

@@ -322,8 +322,9 @@ fn a_lost_endpoint_retries_or_fails_and_a_killed_submitter_keeps_its_results() {
     let victim = first.split('@').next().unwrap().to_string();
     let survivor = if victim == "b1" { "b2" } else { "b1" };
     let single = ok(&["run", "slow", "3", "--endpoint", &victim, "--node", p(&a1)]);
+    // Killed mid-task: both are running (the endpoint has two workers, the tasks take 3 s).
     wait_until("both tasks to run", Duration::from_secs(20), || {
-        task(&a1, &retryable)["status"] != "pending" && task(&a1, &single)["status"] != "pending"
+        task(&a1, &retryable)["status"] == "running" && task(&a1, &single)["status"] == "running"
     });
     net.kill(&victim);
 
@@ -374,8 +375,9 @@ fn a_lost_endpoint_retries_or_fails_and_a_killed_submitter_keeps_its_results() {
         ok(&["task", "wait", &id, "--timeout", "60s", "--node", p(&a1)]),
         "2"
     );
-    // Tasks accepted before the crash are still there.
+    // Tasks accepted before the crash are still there, with their results.
     assert_eq!(task(&a1, &retryable)["status"], "succeeded");
+    assert_eq!(ok(&["task", "result", &retryable, "--node", p(&a1)]), "3");
 }
 
 /// Builds one of the project's images (cached), as `.ci/run` does: `python` or `base` (Debian
