@@ -555,7 +555,7 @@ impl Router {
     /// Queued and running tasks per worker, counting tasks sent since the last advert.
     fn load(&self, c: &Candidate) -> f64 {
         let l = self.load_of(&c.peer, &c.name);
-        let queued = l.map_or(0, |l| l.queued) + self.inflight_of(c);
+        let queued = l.map_or(0, |l| l.queued).saturating_add(self.inflight_of(c));
         let workers = l.map_or(1, |l| l.max_workers.max(1));
         f64::from(queued) / f64::from(workers)
     }
