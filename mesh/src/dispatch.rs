@@ -1226,6 +1226,8 @@ impl Actor {
                 let mut refs: HashMap<(String, String, Option<String>), Option<usize>> =
                     HashMap::new();
                 let mut tasks: Vec<Submission> = Vec::with_capacity(chunk.len());
+                // The ids of `tasks`, in order: answers come back in this order.
+                let mut ids: Vec<TaskId> = Vec::with_capacity(chunk.len());
                 for id in chunk {
                     let Some(t) = self.live.get(id) else {
                         continue;
@@ -1258,11 +1260,11 @@ impl Actor {
                     let mut sub = t.submission.clone();
                     sub.capability = index.map(crate::access::token_ref);
                     tasks.push(sub);
+                    ids.push(id.clone());
                 }
                 if tasks.is_empty() {
                     continue;
                 }
-                let ids: Vec<TaskId> = chunk.to_vec();
                 let fut = self.send_request(peer, TaskRequest::Submit { tasks, tokens });
                 let tx = self.tx.clone();
                 self.tracker.spawn(async move {

@@ -29,6 +29,8 @@ const OVERLOADED: f64 = 4.0;
 pub const ADVERT_TOPIC: &str = "adverts/1";
 /// Largest advert accepted.
 pub const MAX_ADVERT_BYTES: usize = 64 << 10;
+/// Most environments one endpoint's load may list when it comes in an answer.
+const MAX_ENVIRONMENTS: usize = 1024;
 /// Advert format version.
 pub const ADVERT_VERSION: u32 = 1;
 
@@ -301,23 +303,28 @@ impl Router {
 
     /// An endpoint's load as its node just told us in an answer: it replaces that endpoint's
     /// entry of the node's last advert (and the tasks counted as sent since), without renewing
-    /// the node's liveness.
+    /// the node's liveness. An endpoint the advert does not list waits for the next advert, so
+    /// that answers cannot grow an advert past what its decoder allows.
     pub fn fresh_load(&mut self, peer: PeerId, load: EndpointLoad) {
+        // An answer may be far larger than an advert: hold it to what an advert could carry.
+        if load.environments.len() > MAX_ENVIRONMENTS {
+            return;
+        }
         let Some(seen) = self.adverts.get_mut(&peer) else {
+            return;
+        };
+        let Some(e) = seen
+            .advert
+            .endpoints
+            .iter_mut()
+            .find(|e| e.name == load.name)
+        else {
             return;
         };
         self.inflight.remove(&(peer, load.name.clone()));
         self.inflight_env
             .retain(|(p, n, _), _| !(*p == peer && *n == load.name));
-        match seen
-            .advert
-            .endpoints
-            .iter_mut()
-            .find(|e| e.name == load.name)
-        {
-            Some(e) => *e = load,
-            None => seen.advert.endpoints.push(load),
-        }
+        *e = load;
     }
 
     /// The latest advert of every node heard from.
@@ -555,7 +562,9 @@ impl Router {
     /// Queued and running tasks per worker, counting tasks sent since the last advert.
     fn load(&self, c: &Candidate) -> f64 {
         let l = self.load_of(&c.peer, &c.name);
-        let queued = l.map_or(0, |l| l.queued).saturating_add(self.inflight_of(c));
+        let queued = l
+            .map_or(0, |l| l.queued)
+            .saturating_add(self.inflight_of(c));
         let workers = l.map_or(1, |l| l.max_workers.max(1));
         f64::from(queued) / f64::from(workers)
     }
@@ -779,6 +788,33 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("only members of b may use it"), "{err}");
+    }
+
+    #[test]
+    fn a_fresh_load_updates_only_an_endpoint_the_advert_lists() {
+        let (mut r, cs, _) = setup();
+        let peer = cs[0].peer;
+        let known = EndpointLoad {
+            name: cs[0].name.clone(),
+            queued: 9,
+            ..Default::default()
+        };
+        r.fresh_load(peer, known.clone());
+        r.fresh_load(
+            peer,
+            EndpointLoad {
+                name: "not-advertised".into(),
+                ..Default::default()
+            },
+        );
+        let huge = EndpointLoad {
+            name: cs[0].name.clone(),
+            environments: vec![EnvironmentLoad::default(); MAX_ENVIRONMENTS + 1],
+            ..Default::default()
+        };
+        r.fresh_load(peer, huge);
+        let (_, advert) = r.adverts().into_iter().find(|(p, _)| *p == peer).unwrap();
+        assert_eq!(advert.endpoints, vec![known]);
     }
 
     #[test]

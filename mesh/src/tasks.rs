@@ -25,6 +25,8 @@ use serde::{Deserialize, Serialize};
 pub const PROTOCOL: &str = "/funcmesh/task/4";
 /// Largest request or response on the wire.
 pub const MAX_MESSAGE: usize = 32 << 20;
+/// A frame's body is read this much at a time (and its buffer grown as it arrives).
+const READ_STEP: usize = 256 << 10;
 /// Most tasks in one request.
 pub const MAX_BATCH: usize = 4096;
 
@@ -285,7 +287,7 @@ pub mod frame {
     use futures::{AsyncRead, AsyncReadExt as _};
     use serde::{Deserialize, Serialize};
 
-    use super::{MAX_MESSAGE, TaskRequest, TaskResponse};
+    use super::{MAX_MESSAGE, READ_STEP, TaskRequest, TaskResponse};
 
     #[derive(Serialize)]
     struct RequestOut<'a> {
@@ -389,9 +391,17 @@ pub mod frame {
                 format!("a frame of {len} bytes; the task protocol carries at most {MAX_MESSAGE}"),
             ));
         }
+        // The buffer grows with the bytes that arrive, not with what the header claims: a peer
+        // cannot make this node hold more memory than it sends.
         body.clear();
-        body.resize(len, 0);
-        io.read_exact(body).await?;
+        let mut rest = len;
+        while rest > 0 {
+            let start = body.len();
+            let step = rest.min(READ_STEP);
+            body.resize(start + step, 0);
+            io.read_exact(&mut body[start..]).await?;
+            rest -= step;
+        }
         Ok(true)
     }
 }
@@ -454,6 +464,30 @@ mod tests {
         );
         // The end of the stream between frames is a clean end.
         assert!(!block_on(frame::read(&mut io, &mut body)).unwrap());
+    }
+
+    #[test]
+    fn a_frame_longer_than_one_read_step_arrives_whole() {
+        let body: Vec<u8> = (0..READ_STEP * 2 + 7).map(|i| (i % 251) as u8).collect();
+        let mut bytes = (body.len() as u32).to_be_bytes().to_vec();
+        bytes.extend(&body);
+        assert_eq!(first_body(&bytes).unwrap(), body);
+    }
+
+    #[test]
+    fn a_claimed_length_costs_no_memory_until_the_bytes_arrive() {
+        // The largest frame allowed is announced, and ten bytes follow.
+        let mut bytes = (MAX_MESSAGE as u32).to_be_bytes().to_vec();
+        bytes.extend([1u8; 10]);
+        let mut io = futures::io::Cursor::new(bytes);
+        let mut body = Vec::new();
+        let err = block_on(frame::read(&mut io, &mut body)).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);
+        assert!(
+            body.capacity() <= 2 * READ_STEP,
+            "{} bytes held for a frame that sent ten",
+            body.capacity()
+        );
     }
 
     #[test]
