@@ -154,3 +154,57 @@ fn a_second_change_under_an_honest_changes_actor_is_refused() {
     r.apply_changes(&changes[changes.len() - 1..]).unwrap();
     assert_eq!(r.len(), changes.len());
 }
+
+/// What `Registry` derives a change's actor from (see `change_actor` in `registry.rs`), so that
+/// a test can forge a change that passes that check.
+fn derived_actor(
+    entry: &[u8],
+    deps: &[automerge::ChangeHash],
+    time: i64,
+    start_op: u64,
+) -> Vec<u8> {
+    use sha2::{Digest as _, Sha256};
+    let mut deps = deps.to_vec();
+    deps.sort();
+    let mut h = Sha256::new();
+    h.update(b"funcmesh/registry/actor/v1\0");
+    h.update((entry.len() as u64).to_be_bytes());
+    h.update(entry);
+    for d in &deps {
+        h.update(d.0);
+    }
+    h.update(time.to_be_bytes());
+    h.update(start_op.to_be_bytes());
+    let mut out = start_op.to_be_bytes().to_vec();
+    out.extend_from_slice(&h.finalize()[..8]);
+    out
+}
+
+#[test]
+fn a_change_whose_op_counter_leaves_automerges_range_is_refused() {
+    // Automerge keeps a change's last op number as 32 bits: a change starting at 2^32 would wrap
+    // to 0 there, and reading the document back would underflow. Its parser refuses such a
+    // change first; this keeps it so.
+    let (_, changes) = honest_change();
+    let honest = automerge::Change::from_bytes(changes.last().unwrap().clone()).unwrap();
+    let mut forged = honest.decode();
+    let start = 1u64 << 32;
+    forged.start_op = std::num::NonZeroU64::new(start).unwrap();
+    let automerge::legacy::OpType::Put(automerge::ScalarValue::Bytes(entry)) =
+        &forged.operations[0].action
+    else {
+        panic!("a put of bytes")
+    };
+    forged.actor_id =
+        automerge::ActorId::from(derived_actor(entry, &forged.deps, forged.time, start));
+    let forged = automerge::Change::from(forged);
+    let mut r = Registry::new(FED);
+    r.apply_changes(&changes[..changes.len() - 1]).unwrap();
+    let n = r.len();
+    let err = r.apply_changes(&[forged.raw_bytes().to_vec()]).unwrap_err();
+    assert!(err.to_string().contains("counter too large"), "{err}");
+    assert_eq!(r.len(), n);
+    // The honest change still applies, and the document reads back.
+    r.apply_changes(&changes[changes.len() - 1..]).unwrap();
+    assert_eq!(r.len(), changes.len());
+}
