@@ -5,7 +5,7 @@
 
 use std::process::Stdio;
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 use tokio::sync::mpsc;
 
@@ -77,21 +77,24 @@ async fn drive(
     let mut stdout = child.stdout.take().expect("stdout is piped");
     let stderr = child.stderr.take().expect("stderr is piped");
     let (tail_tx, mut tail_rx) = tokio::sync::watch::channel(String::new());
+    // Everything the worker writes to stderr (the functions' own output included) is drained
+    // as bytes, whatever they are: a line that never ends, or is not UTF-8, must neither grow
+    // without bound here nor stop the draining (the worker would block on a full pipe).
     let stderr_task = tokio::spawn(async move {
-        let mut lines = BufReader::new(stderr).lines();
-        let mut tail = String::new();
-        while let Ok(Some(line)) = lines.next_line().await {
-            tracing::debug!(worker = id, "{line}");
-            tail.push_str(&line);
-            tail.push('\n');
-            if tail.len() > STDERR_TAIL {
-                let cut = tail.len() - STDERR_TAIL;
-                let cut = (cut..tail.len())
-                    .find(|i| tail.is_char_boundary(*i))
-                    .unwrap_or(cut);
-                tail.drain(..cut);
+        let mut stderr = stderr;
+        let mut chunk = vec![0u8; 8 << 10];
+        let mut tail: Vec<u8> = Vec::new();
+        while let Ok(n) = stderr.read(&mut chunk).await {
+            if n == 0 {
+                break;
             }
-            let _ = tail_tx.send(tail.clone());
+            let text = String::from_utf8_lossy(&chunk[..n]);
+            tracing::debug!(worker = id, "{}", text.trim_end());
+            tail.extend_from_slice(&chunk[..n]);
+            if tail.len() > STDERR_TAIL {
+                tail.drain(..tail.len() - STDERR_TAIL);
+            }
+            let _ = tail_tx.send(String::from_utf8_lossy(&tail).into_owned());
         }
     });
     let mut buf: Vec<u8> = Vec::with_capacity(64 << 10);

@@ -222,6 +222,7 @@ def hog(mb):\n    return len(bytearray(mb << 20))\n\
 def die():\n    os._exit(3)\n\
 def touch(path):\n    open(path, 'w').close()\n    return path\n\
 def pid():\n    return os.getpid()\n\
+def noisy(n):\n    import sys\n    sys.stderr.buffer.write(b'not utf-8: \\xff\\n' + b'x' * n)\n    sys.stderr.flush()\n    return n\n\
 def pid_sleep(path, s):\n    with open(path + '.tmp', 'w') as f:\n        f.write(str(os.getpid()))\n    os.rename(path + '.tmp', path)\n    time.sleep(s)\n    return s\n\
 def garbage():\n    for fd in range(3, 10):\n        try:\n            os.write(fd, b'this is not a frame, it is text on the pipe')\n        except OSError:\n            pass\n    time.sleep(5)\n";
 
@@ -325,6 +326,23 @@ async fn a_timeout_stops_the_task_and_the_endpoint_keeps_serving() {
     worker_ended_and_another_serves(&mut h, pid).await;
     let ok = h.run(submission(&f("add"), json!([1]), json!({}))).await;
     assert_eq!(value(&ok), &json!(2));
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_writing_endless_or_binary_stderr_does_not_stall_its_worker() {
+    let mut h = start(EndpointConfig {
+        max_workers: 1,
+        ..config()
+    })
+    .await;
+    // A line that is not UTF-8, then 4 MiB without a newline: far more than a pipe holds.
+    for _ in 0..2 {
+        let rec = h
+            .run(submission(&f("noisy"), json!([4 << 20]), json!({})))
+            .await;
+        assert_eq!(value(&rec), &json!(4 << 20));
+    }
     h.stop().await;
 }
 
