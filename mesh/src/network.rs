@@ -1129,8 +1129,20 @@ impl EventLoop {
                 .membership
                 .send_request(&peer, hello);
         }
-        self.introduced
-            .retain(|_, r| r.next > now || r.failures < MAX_INTRODUCTION_DIALS);
+        let mut given_up = Vec::new();
+        self.introduced.retain(|p, r| {
+            let keep = r.next > now || r.failures < MAX_INTRODUCTION_DIALS;
+            if !keep {
+                given_up.push(*p);
+            }
+            keep
+        });
+        // Their addresses go with them, unless they are members this node knows.
+        for p in given_up {
+            if !self.known.contains_key(&p) && !self.members.contains_key(&p) {
+                self.addrs.remove(&p);
+            }
+        }
         for peer in due(&self.introduced, &self.swarm, now) {
             let addrs = self.addrs.get(&peer).cloned().unwrap_or_default();
             self.dial_introduced_or_known(peer, addrs);
@@ -1524,9 +1536,6 @@ impl EventLoop {
                 .take(MAX_ADDRS_PER_PEER)
                 .filter_map(|a| a.parse().ok())
                 .collect();
-            for a in &addrs {
-                self.remember_addr(other, a.clone());
-            }
             if !self.known.contains_key(&other) && self.introduced.len() < MAX_LISTED_MEMBERS {
                 // New, or mentioned again: a fresh budget, the next dial now.
                 self.introduced.insert(
@@ -1536,6 +1545,13 @@ impl EventLoop {
                         failures: 0,
                     },
                 );
+            }
+            // Addresses are kept only for peers kept track of: lists cannot grow the table
+            // without bound with made-up peer ids.
+            if self.known.contains_key(&other) || self.introduced.contains_key(&other) {
+                for a in &addrs {
+                    self.remember_addr(other, a.clone());
+                }
             }
             self.dial_introduced_or_known(other, addrs);
         }
