@@ -10,6 +10,11 @@
 //! members this node has verified, as it arrives (a peer may open a stream while its proof is
 //! still being checked: it is told to come back, [`TaskResponse::Busy`]).
 //!
+//! A large request (over [`BULK_FRAME`], say a task with a big argument) does not queue on the
+//! link, where every small request behind it would wait until its last byte is written: it goes
+//! on a stream of its own, opened for it and closed once it is answered (a few at a time per
+//! peer, within what the peer serves).
+//!
 //! Failure is never silent: a request whose link breaks, or that gets no answer within
 //! [`REQUEST_TIMEOUT`], fails with a reason naming the peer.
 
@@ -39,8 +44,13 @@ const WRITE_QUEUE: usize = 1024;
 const WRITE_BATCH: usize = 256 << 10;
 /// Bytes read from a stream at a time.
 const READ_BUFFER: usize = 64 << 10;
-/// Inbound task streams one peer may hold open at once (it needs one).
-const INBOUND_PER_PEER: usize = 4;
+/// Inbound task streams one peer may hold open at once: its link, its bulk streams, and room
+/// for streams it has finished with that this side has not seen end yet.
+const INBOUND_PER_PEER: usize = 8;
+/// A request frame larger than this goes on a stream of its own.
+pub const BULK_FRAME: usize = 256 << 10;
+/// Bulk streams open to one peer at once.
+const BULK_PER_PEER: usize = 2;
 
 /// Members whose proofs this node has verified, as the event loop last saw them.
 pub(crate) type Verified = Arc<RwLock<HashMap<PeerId, Member>>>;
@@ -91,6 +101,20 @@ impl Link {
     }
 }
 
+/// Where [`Links::send`] put a request.
+enum Sent {
+    /// On the peer's link, under `id`.
+    Link {
+        link: Arc<Link>,
+        id: u64,
+        answer: oneshot::Receiver<Result<TaskResponse, Error>>,
+        /// The frame still to be sent, when the link's queue was full.
+        queued: Option<(mpsc::Sender<Vec<u8>>, Vec<u8>)>,
+    },
+    /// Too large for the link: for a stream of its own.
+    Bulk(Vec<u8>),
+}
+
 /// The task streams of one node: its links to peers and the service of inbound streams.
 #[derive(Clone)]
 pub(crate) struct Links {
@@ -106,6 +130,8 @@ impl std::fmt::Debug for Links {
 struct Inner {
     control: Mutex<libp2p_stream::Control>,
     links: Mutex<HashMap<PeerId, Arc<Link>>>,
+    /// Per peer: permits for bulk streams.
+    bulk: Mutex<HashMap<PeerId, Arc<tokio::sync::Semaphore>>>,
     cancel: CancellationToken,
     tracker: TaskTracker,
 }
@@ -134,6 +160,7 @@ impl Links {
             inner: Arc::new(Inner {
                 control: Mutex::new(control),
                 links: Mutex::new(HashMap::new()),
+                bulk: Mutex::new(HashMap::new()),
                 cancel,
                 tracker,
             }),
@@ -147,8 +174,17 @@ impl Links {
         request: &TaskRequest,
     ) -> impl Future<Output = Result<TaskResponse, Error>> + Send + 'static + use<> {
         let sent = self.send(peer, request);
+        let this = self.clone();
         async move {
-            let (link, id, answer, queued) = sent?;
+            let (link, id, answer, queued) = match sent? {
+                Sent::Link {
+                    link,
+                    id,
+                    answer,
+                    queued,
+                } => (link, id, answer, queued),
+                Sent::Bulk(frame) => return this.bulk(peer, frame).await,
+            };
             if let Some((frames, frame)) = queued {
                 if frames.send(frame).await.is_err() {
                     link.answer(
@@ -170,22 +206,70 @@ impl Links {
         }
     }
 
-    /// Registers and queues a request on the peer's link. `queued` is the frame still to be
-    /// sent when the link's queue was full.
-    #[allow(clippy::type_complexity)]
-    fn send(
-        &self,
-        peer: PeerId,
-        request: &TaskRequest,
-    ) -> Result<
-        (
-            Arc<Link>,
-            u64,
-            oneshot::Receiver<Result<TaskResponse, Error>>,
-            Option<(mpsc::Sender<Vec<u8>>, Vec<u8>)>,
-        ),
-        Error,
-    > {
+    /// Sends one large request on a stream of its own and reads its answer.
+    async fn bulk(&self, peer: PeerId, frame: Vec<u8>) -> Result<TaskResponse, Error> {
+        let permits = self
+            .inner
+            .bulk
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(peer)
+            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(BULK_PER_PEER)))
+            .clone();
+        let failed = |why: String| Error::Request(format!("the bulk task stream to {peer} {why}"));
+        let exchange = async {
+            let _permit = permits.acquire_owned().await.map_err(|_| Error::Closed)?;
+            let mut control = self
+                .inner
+                .control
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            let stream = match tokio::time::timeout(
+                OPEN_TIMEOUT,
+                control.open_stream(peer, StreamProtocol::new(PROTOCOL)),
+            )
+            .await
+            {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => return Err(failed(format!("could not be opened: {e}"))),
+                Err(_) => {
+                    return Err(failed(format!(
+                        "could not be opened within {OPEN_TIMEOUT:?}"
+                    )));
+                }
+            };
+            let (mut reader, mut writer) = split(stream);
+            writer
+                .write_all(&frame)
+                .await
+                .map_err(|e| failed(format!("broke: {e}")))?;
+            writer
+                .flush()
+                .await
+                .map_err(|e| failed(format!("broke: {e}")))?;
+            drop(frame);
+            let mut body = Vec::new();
+            next_frame(&mut reader, &mut body).await.map_err(failed)?;
+            let _ = writer.close().await;
+            match frame::read_response(&body) {
+                Ok((_, answer)) => answer.map_err(Error::Request),
+                Err(why) => Err(failed(format!("was garbled by the peer: {why}"))),
+            }
+        };
+        tokio::select! {
+            _ = self.inner.cancel.cancelled() => Err(Error::Closed),
+            answer = tokio::time::timeout(REQUEST_TIMEOUT, exchange) => answer.unwrap_or_else(|_| {
+                Err(Error::Request(format!(
+                    "{peer} did not answer a task request within {REQUEST_TIMEOUT:?}"
+                )))
+            }),
+        }
+    }
+
+    /// Registers and queues a request on the peer's link (`queued` is the frame still to be
+    /// sent when the link's queue was full), or hands back a large one for a stream of its own.
+    fn send(&self, peer: PeerId, request: &TaskRequest) -> Result<Sent, Error> {
         if self.inner.cancel.is_cancelled() {
             return Err(Error::Closed);
         }
@@ -196,6 +280,9 @@ impl Links {
             let link = self.link(peer);
             let id = link.next_id.fetch_add(1, Ordering::Relaxed);
             let frame = frame::request(id, request).map_err(Error::Request)?;
+            if frame.len() > BULK_FRAME {
+                return Ok(Sent::Bulk(frame));
+            }
             let (reply, answer) = oneshot::channel();
             {
                 let mut p = link.pending();
@@ -217,7 +304,12 @@ impl Links {
                     None
                 }
             };
-            return Ok((link, id, answer, queued));
+            return Ok(Sent::Link {
+                link,
+                id,
+                answer,
+                queued,
+            });
         }
     }
 

@@ -143,6 +143,68 @@ async fn task_streams_serve_members_only_and_reopen_after_the_peer_restarts() {
     net.shutdown().await;
 }
 
+/// A large request goes on a stream of its own: small requests sent after it are answered at
+/// once, not after its bytes have crossed and been read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_task_requests_do_not_wait_behind_a_large_one() {
+    let net = Federation::start(1, 2).await.unwrap();
+    wait_for("full mesh", Duration::from_secs(10), || {
+        net.fully_connected()
+    })
+    .await
+    .unwrap();
+    let a = net.node(0).mesh().clone();
+    let b = net.node(1).peer_id();
+    // The link is open and serving.
+    assert!(answered_by_the_service(
+        &a.task_request(b, ask_nowhere()).await
+    ));
+    // A 30 MiB result for a task b never sent: b reads it whole, then acknowledges it (a small
+    // answer), so the large request's round trip is its bytes crossing and being read.
+    let large = TaskRequest::Results {
+        records: vec![compute::task::Record {
+            v: compute::task::RECORD_VERSION,
+            id: TaskId::random(),
+            endpoint: "ep".into(),
+            submitter: b.to_string(),
+            function_id: "f".into(),
+            status: compute::Status::Succeeded,
+            times: Default::default(),
+            worker: None,
+            environment: "host".into(),
+            cold_start: false,
+            outcome: Some(compute::task::Outcome::Succeeded {
+                value: serde_json::Value::String("x".repeat(30 << 20)),
+            }),
+        }],
+        loads: Vec::new(),
+    };
+    let large = a.task_request(b, large);
+    let t0 = std::time::Instant::now();
+    let large = tokio::spawn(async move { (large.await, t0.elapsed()) });
+    let sent = std::time::Instant::now();
+    let answer = a.task_request(b, ask_nowhere()).await;
+    let small = sent.elapsed();
+    assert!(answered_by_the_service(&answer), "{answer:?}");
+    for _ in 0..10 {
+        assert!(answered_by_the_service(
+            &a.task_request(b, ask_nowhere()).await
+        ));
+    }
+    let (answer, large_took) = large.await.unwrap();
+    assert!(
+        matches!(answer, Ok(TaskResponse::Acknowledged)),
+        "{answer:?}"
+    );
+    eprintln!("small request: {small:?}; large request: {large_took:?}");
+    // Behind the large request on one stream, the small one would take as long as it.
+    assert!(
+        small * 4 < large_took,
+        "a small request sent after a large one took {small:?}, the large one {large_took:?}"
+    );
+    net.shutdown().await;
+}
+
 /// The submitting node keeps each function once, by id, not with every task it submits; its
 /// finished tasks read back whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
