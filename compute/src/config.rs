@@ -90,6 +90,15 @@ impl EndpointConfig {
         if self.batch_max == 0 {
             return Err(format!("{at}: batch_max must be at least 1"));
         }
+        // A result travels in one task-protocol message, beside the rest of its record.
+        let most = crate::task::MAX_ARGUMENTS_BYTES as u64;
+        if self.result_limit > most {
+            return Err(format!(
+                "{at}: result_limit is {} bytes; results go in one message, so it may be at \
+                 most {most} (larger values go by reference)",
+                self.result_limit
+            ));
+        }
         for e in &self.prewarm_environments {
             Environment::parse(e).map_err(|err| format!("{at}: prewarm_environments: {err}"))?;
         }
@@ -131,5 +140,29 @@ mod humantime_serde_compat {
             return Ok(Duration::ZERO);
         }
         humantime::parse_duration(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_result_limit_past_one_message_is_refused_with_the_most_allowed() {
+        let ok = EndpointConfig {
+            name: "ep".into(),
+            result_limit: crate::task::MAX_ARGUMENTS_BYTES as u64,
+            ..EndpointConfig::default()
+        };
+        assert_eq!(ok.validate(), Ok(()));
+        let too_big = EndpointConfig {
+            result_limit: ok.result_limit + 1,
+            ..ok
+        };
+        let err = too_big.validate().unwrap_err();
+        assert!(
+            err.contains("result_limit") && err.contains("16777216"),
+            "{err}"
+        );
     }
 }

@@ -97,6 +97,40 @@ pub enum Encoding {
     Pickle,
 }
 
+/// The most a task's arguments (positional and keyword together) may take, JSON-encoded: half
+/// of what one task-protocol message carries, so that any accepted task can be sent. Larger
+/// values go by reference (a file or a URL the function reads).
+pub const MAX_ARGUMENTS_BYTES: usize = 16 << 20;
+
+/// An upper bound on `v`'s size in compact JSON, found without encoding it (every number is
+/// counted at the longest a number prints, every string byte as it would be escaped).
+pub fn json_size_bound(v: &Value) -> usize {
+    match v {
+        Value::Null => 4,
+        Value::Bool(_) => 5,
+        Value::Number(_) => 24,
+        Value::String(s) => string_size_bound(s),
+        Value::Array(items) => 2 + items.iter().map(|i| json_size_bound(i) + 1).sum::<usize>(),
+        Value::Object(map) => {
+            2 + map
+                .iter()
+                .map(|(k, v)| string_size_bound(k) + 1 + json_size_bound(v) + 1)
+                .sum::<usize>()
+        }
+    }
+}
+
+fn string_size_bound(s: &str) -> usize {
+    2 + s
+        .bytes()
+        .map(|b| match b {
+            b'"' | b'\\' => 2,
+            0..0x20 => 6,
+            _ => 1,
+        })
+        .sum::<usize>()
+}
+
 /// The longest time limit a task may ask for: a year.
 pub const MAX_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
 
@@ -134,6 +168,11 @@ pub struct Submission {
 }
 
 impl Submission {
+    /// An upper bound on the encoded size of its arguments ([`json_size_bound`]).
+    pub fn arguments_size_bound(&self) -> usize {
+        json_size_bound(&self.args) + json_size_bound(&self.kwargs)
+    }
+
     /// Checks what an endpoint can check without running anything: the function matches its id,
     /// and the arguments have the right shape.
     pub fn check(&self) -> Result<(), String> {
@@ -151,6 +190,14 @@ impl Submission {
     /// Checks the arguments' shape and the time limit (what [`Submission::check`] checks
     /// besides the function).
     pub fn check_args(&self) -> Result<(), String> {
+        let size = self.arguments_size_bound();
+        if size > MAX_ARGUMENTS_BYTES {
+            return Err(format!(
+                "the arguments take up to {size} bytes encoded; a task carries at most \
+                 {MAX_ARGUMENTS_BYTES}: pass large values by reference (a file or a URL the \
+                 function reads)"
+            ));
+        }
         if u128::from(self.timeout_ms) > MAX_TIMEOUT.as_millis() {
             return Err(format!(
                 "a time limit of {} ms is more than a task may ask for ({} days): give a \
@@ -564,6 +611,32 @@ pub struct Record {
     pub outcome: Option<Outcome>,
 }
 
+impl Record {
+    /// An upper bound on its encoded size: its outcome's values and texts by
+    /// [`json_size_bound`], and room for the rest.
+    pub fn size_bound(&self) -> usize {
+        let text = |s: &str| string_size_bound(s);
+        let outcome = match &self.outcome {
+            None => 0,
+            Some(Outcome::Succeeded { value }) => json_size_bound(value),
+            Some(Outcome::Failed { error, value }) => {
+                text(&error.type_name)
+                    + text(&error.message)
+                    + error.traceback.as_deref().map_or(0, text)
+                    + value.as_ref().map_or(0, json_size_bound)
+            }
+            Some(Outcome::Cancelled { reason }) => text(reason),
+        };
+        outcome
+            + text(&self.endpoint)
+            + text(&self.submitter)
+            + text(&self.function_id)
+            + self.worker.as_deref().map_or(0, text)
+            + text(&self.environment)
+            + 1024
+    }
+}
+
 /// The current record format version.
 pub const RECORD_VERSION: u32 = 1;
 
@@ -581,6 +654,72 @@ pub fn now_us() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_json_size_bound_is_never_below_the_encoded_size() {
+        let values = [
+            serde_json::json!(null),
+            serde_json::json!([1, -2.5e300, u64::MAX, i64::MIN, true, "plain"]),
+            serde_json::json!({"quote\"": "back\\slash", "ctl": "\u{1}\n\t", "é": ["ünï", {}]}),
+            serde_json::json!("x".repeat(10_000)),
+        ];
+        for v in values {
+            let exact = serde_json::to_vec(&v).unwrap().len();
+            let bound = json_size_bound(&v);
+            assert!(bound >= exact, "{v}: bound {bound} < {exact}");
+            assert!(
+                bound <= exact * 6 + 64,
+                "{v}: bound {bound} far above {exact}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_records_size_bound_is_never_below_its_encoded_size() {
+        let mut rec = Record {
+            v: RECORD_VERSION,
+            id: TaskId::random(),
+            endpoint: "ep\"".into(),
+            submitter: "12D3KooW".into(),
+            function_id: "f".repeat(64),
+            status: Status::Failed,
+            times: Times {
+                submitted_us: u64::MAX,
+                received_us: u64::MAX,
+                queued_us: u64::MAX,
+                waiting_us: u64::MAX,
+                running_us: u64::MAX,
+                finished_us: u64::MAX,
+            },
+            worker: Some("w1\n".into()),
+            environment: "docker:img".into(),
+            cold_start: true,
+            outcome: Some(Outcome::Failed {
+                error: TaskError {
+                    kind: FailureKind::Exception,
+                    type_name: "ValueError".into(),
+                    message: "\u{0}\u{1f}".repeat(100),
+                    traceback: Some("line\n".repeat(100)),
+                },
+                value: Some(serde_json::json!({"stdout": "x".repeat(5000)})),
+            }),
+        };
+        for _ in 0..2 {
+            let exact = serde_json::to_vec(&rec).unwrap().len();
+            assert!(rec.size_bound() >= exact, "{} < {exact}", rec.size_bound());
+            rec.outcome = Some(Outcome::Succeeded {
+                value: serde_json::json!([1.5, "é", null]),
+            });
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_json_size_bound_holds_for_any_string(s in ".*", n in proptest::prelude::any::<f64>()) {
+            let v = serde_json::json!([s, {"k": n}]);
+            proptest::prop_assert!(json_size_bound(&v) >= serde_json::to_vec(&v).unwrap().len());
+        }
+    }
 
     #[test]
     fn task_ids_are_checked_when_parsed() {

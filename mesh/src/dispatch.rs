@@ -32,6 +32,9 @@ use crate::tasks::{Answer, MAX_BATCH, TaskRequest, TaskResponse};
 
 /// Stored format version of [`Submitted`].
 pub const SUBMITTED_VERSION: u32 = 1;
+/// The most one batch of tasks to an endpoint may carry, by [`Submission::arguments_size_bound`]:
+/// half of what one task-protocol message can.
+const BATCH_BYTES: usize = crate::tasks::MAX_MESSAGE / 2;
 
 /// Where a task was sent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -1220,7 +1223,8 @@ impl Actor {
             let Some(ids) = self.unsent.remove(&peer) else {
                 continue;
             };
-            for chunk in ids.chunks(MAX_BATCH.min(1024)) {
+            let peer_s = peer.to_string();
+            for chunk in self.batches(&ids) {
                 let mut tokens: Vec<String> = Vec::new();
                 // Per (endpoint, function, explicit token): the index in `tokens`, if any.
                 let mut refs: HashMap<(String, String, Option<String>), Option<usize>> =
@@ -1232,6 +1236,10 @@ impl Actor {
                     let Some(t) = self.live.get(id) else {
                         continue;
                     };
+                    // Queued here before it was retried elsewhere: it is the other peer's now.
+                    if !t.target().is_some_and(|x| is_peer(&x.peer, &peer_s, &peer)) {
+                        continue;
+                    }
                     let endpoint = t
                         .target()
                         .map(|x| x.endpoint_id.clone())
@@ -1275,13 +1283,60 @@ impl Actor {
         }
     }
 
+    /// Splits tasks to send into batches that fit one message: at most 1,024 tasks, and at
+    /// most [`BATCH_BYTES`] of arguments (and a registry entry's worth per function).
+    fn batches<'a>(&self, ids: &'a [TaskId]) -> Vec<&'a [TaskId]> {
+        let mut out = Vec::new();
+        let (mut start, mut bytes) = (0, 0);
+        // A function travels once per batch, in its table: counted at twice an entry's limit
+        // (its record, escaped once more).
+        const FUNCTION_BYTES: usize = 2 * crdt_registry::entry::MAX_ENTRY_BYTES;
+        let mut functions: HashSet<&str> = HashSet::new();
+        let mut last: Option<&str> = None;
+        for (i, id) in ids.iter().enumerate() {
+            let Some(t) = self.live.get(id) else {
+                continue;
+            };
+            let fid = t.submission.function_id.as_str();
+            let args = t.submission.arguments_size_bound() + 1024;
+            let full = i - start >= MAX_BATCH.min(1024)
+                || bytes + args + FUNCTION_BYTES > BATCH_BYTES && !functions.contains(fid)
+                || bytes + args > BATCH_BYTES;
+            if i > start && full {
+                out.push(&ids[start..i]);
+                start = i;
+                bytes = 0;
+                functions.clear();
+                last = None;
+            }
+            if last != Some(fid) && functions.insert(fid) {
+                bytes += FUNCTION_BYTES;
+            }
+            last = Some(fid);
+            bytes += args;
+        }
+        if start < ids.len() {
+            out.push(&ids[start..]);
+        }
+        out
+    }
+
     fn on_answered(&mut self, peer: PeerId, ids: Vec<TaskId>, res: Result<TaskResponse, String>) {
+        // A task may have moved on since it was sent here (its endpoint was lost, and it was
+        // retried elsewhere): this peer's answer no longer speaks for it. (Answers pair with
+        // `ids` by position, so `ids` itself stays whole.)
+        let peer_s = peer.to_string();
+        let here = |a: &Actor, id: &TaskId| {
+            a.live
+                .get(id)
+                .and_then(|t| t.target())
+                .is_some_and(|x| is_peer(&x.peer, &peer_s, &peer))
+        };
         match res {
             Ok(TaskResponse::Submitted { answers, loads }) => {
                 for l in loads {
                     self.router.fresh_load(peer, l);
                 }
-                let peer_s = peer.to_string();
                 for (id, answer) in ids.into_iter().zip(answers) {
                     match answer {
                         Answer::Accepted(rec) if rec.status.is_terminal() => {
@@ -1297,6 +1352,7 @@ impl Actor {
                                 }
                             }
                         }
+                        Answer::Refused(_) if !here(self, &id) => {}
                         Answer::Refused(why) => {
                             let ep = self
                                 .live
@@ -1322,10 +1378,7 @@ impl Actor {
             }
             Ok(TaskResponse::Busy { reason }) => {
                 tracing::debug!(%peer, %reason, "endpoint node busy; will send again");
-                let still: Vec<TaskId> = ids
-                    .into_iter()
-                    .filter(|id| self.live.contains_key(id))
-                    .collect();
+                let still: Vec<TaskId> = ids.into_iter().filter(|id| here(self, id)).collect();
                 self.backoff
                     .insert(peer, Instant::now() + Duration::from_millis(250));
                 self.unsent.entry(peer).or_default().extend(still);
@@ -1335,7 +1388,8 @@ impl Actor {
                     TaskResponse::Refused { reason } => reason,
                     o => format!("unexpected answer {o:?}"),
                 };
-                for id in ids {
+                let still: Vec<TaskId> = ids.into_iter().filter(|id| here(self, id)).collect();
+                for id in still {
                     self.conclude(
                         &id,
                         Outcome::failed(
@@ -1349,10 +1403,7 @@ impl Actor {
             Err(e) => {
                 // Unreachable for now: keep them; the loss check decides if it lasts.
                 tracing::debug!(%peer, error = %e, "cannot send tasks; will retry");
-                let still: Vec<TaskId> = ids
-                    .into_iter()
-                    .filter(|id| self.live.contains_key(id))
-                    .collect();
+                let still: Vec<TaskId> = ids.into_iter().filter(|id| here(self, id)).collect();
                 if !still.is_empty() {
                     self.unsent.entry(peer).or_default().extend(still);
                 }
@@ -1609,6 +1660,11 @@ impl Actor {
             })
             .await;
     }
+}
+
+/// Whether a target's peer (as the registry wrote it) is `peer` (whose text is `text`).
+fn is_peer(target: &str, text: &str, peer: &PeerId) -> bool {
+    target == text || target.parse::<PeerId>().is_ok_and(|p| p == *peer)
 }
 
 fn target(c: &Candidate) -> Target {

@@ -484,7 +484,27 @@ fn deliver(
     for r in batch {
         by_peer.entry(r.submitter.clone()).or_default().push(r);
     }
+    // Each message within half of what the task protocol carries (a result may be up to the
+    // endpoint's result limit): a batch too large to encode would never be delivered.
+    let budget = mesh::tasks::MAX_MESSAGE / 2;
+    let mut sends: Vec<(String, Vec<Record>)> = Vec::new();
     for (peer, records) in by_peer {
+        let mut part: Vec<Record> = Vec::new();
+        let mut bytes = 0;
+        for r in records {
+            let size = r.size_bound();
+            if !part.is_empty() && bytes + size > budget {
+                sends.push((peer.clone(), std::mem::take(&mut part)));
+                bytes = 0;
+            }
+            bytes += size;
+            part.push(r);
+        }
+        if !part.is_empty() {
+            sends.push((peer, part));
+        }
+    }
+    for (peer, records) in sends {
         let Ok(peer) = peer.parse::<PeerId>() else {
             // A submitter that is not a peer id cannot be answered: drop it from the outbox.
             let ep = ep.clone();

@@ -205,6 +205,85 @@ async fn small_task_requests_do_not_wait_behind_a_large_one() {
     net.shutdown().await;
 }
 
+/// Tasks whose arguments, and results, add up to more than one task-protocol message carries
+/// go in several messages, and all of them come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_and_results_too_large_for_one_message_all_arrive() {
+    let net = Federation::start(1, 2).await.unwrap();
+    wait_for("full mesh", Duration::from_secs(10), || {
+        net.fully_connected()
+    })
+    .await
+    .unwrap();
+    let echo = node::registry::NewFunction {
+        name: "echo".into(),
+        python: Some("def echo(s):\n    return s\n".into()),
+        entrypoint: Some("echo".into()),
+        payload: None,
+        shell: None,
+        container: None,
+        description: String::new(),
+    };
+    let function = net.node(0).register_function(&echo).await.unwrap();
+    // b's endpoint, by id: the tasks cross the mesh.
+    let b = net.node(1).peer_id().to_string();
+    let find = || {
+        let (mesh, b) = (net.node(0).mesh().clone(), b.clone());
+        async move {
+            mesh.registry_with(move |view| {
+                view.endpoints
+                    .values()
+                    .find(|e| e.peer_id == b)
+                    .map(|e| e.id.clone())
+            })
+            .await
+            .unwrap()
+        }
+    };
+    wait_for(
+        "b's endpoint in a's registry",
+        Duration::from_secs(20),
+        || async { find().await.is_some() },
+    )
+    .await
+    .unwrap();
+    let endpoint = find().await.unwrap();
+    // 20 tasks of 2 MiB each way: 40 MiB, more than the 32 MiB one message carries.
+    let big = "y".repeat(2 << 20);
+    let tasks: Vec<NewTask> = (0..20)
+        .map(|i| NewTask {
+            function: function.clone(),
+            args: serde_json::json!([format!("{i}{big}")]),
+            endpoint: Some(endpoint.clone()),
+            ..Default::default()
+        })
+        .collect();
+    let submitted = net.node(0).submit(tasks).await.unwrap();
+    let ids: Vec<TaskId> = submitted
+        .iter()
+        .map(|s| s.as_ref().unwrap().id.clone())
+        .collect();
+    let done = net
+        .node(0)
+        .dispatcher()
+        .wait(ids, Duration::from_secs(60))
+        .await
+        .unwrap();
+    for (i, t) in done.iter().enumerate() {
+        let t = t.as_ref().unwrap();
+        match &t.outcome {
+            Some(compute::task::Outcome::Succeeded { value }) => {
+                let s = value.as_str().unwrap();
+                assert!(
+                    s.starts_with(&i.to_string()) && s.len() == big.len() + i.to_string().len()
+                );
+            }
+            other => panic!("task {i} did not come back: {:?} {other:?}", t.status),
+        }
+    }
+    net.shutdown().await;
+}
+
 /// The submitting node keeps each function once, by id, not with every task it submits; its
 /// finished tasks read back whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
