@@ -38,6 +38,10 @@ pub struct EndpointConfig {
     /// How long an idle worker is kept, with `warm` and `prewarm`.
     #[serde(with = "humantime_serde_compat")]
     pub idle_timeout: Duration,
+    /// How long a worker may take to start (a container's image pulled and started, the
+    /// interpreter up) before it is given up; 0: no limit.
+    #[serde(with = "humantime_serde_compat")]
+    pub start_timeout: Duration,
     /// Default time limit per task (0: none).
     #[serde(with = "humantime_serde_compat")]
     pub task_timeout: Duration,
@@ -68,6 +72,7 @@ impl Default for EndpointConfig {
             prewarm: 1,
             prewarm_environments: vec!["host".into()],
             idle_timeout: Duration::from_secs(300),
+            start_timeout: Duration::from_secs(120),
             task_timeout: Duration::ZERO,
             task_memory_mb: 0,
             result_limit: 10 << 20,

@@ -60,6 +60,8 @@ pub enum Stop {
     Recycle,
     /// The endpoint is shutting down.
     Shutdown,
+    /// It did not start within the start timeout.
+    StartTimeout,
 }
 
 /// What the driver must do.
@@ -178,6 +180,7 @@ pub struct Pool {
     container_cap: usize,
     strategy: Strategy,
     idle_timeout: Duration,
+    start_timeout: Duration,
     batch_max: usize,
     prewarm: Vec<(Environment, usize)>,
     workers: BTreeMap<WorkerId, Worker>,
@@ -196,6 +199,7 @@ impl Pool {
             container_cap: config.container_cap,
             strategy: config.strategy,
             idle_timeout: config.idle_timeout,
+            start_timeout: config.start_timeout,
             batch_max: config.batch_max.max(1),
             prewarm: config
                 .prewarmed()
@@ -298,29 +302,7 @@ impl Pool {
         };
         let mut rest = w.outstanding;
         if w.state == State::Starting && !w.stopping {
-            // The environment cannot start workers (a missing image, no python3): every task
-            // waiting for it would wait forever, so they fail now with the reason.
-            let waiting = self.queues.remove(&w.env).unwrap_or_default();
-            // Only a worker that did start proves the environment works; other starting ones
-            // would most likely fail the same way.
-            let others_alive = self
-                .workers
-                .values()
-                .any(|o| o.env == w.env && !o.stopping && o.state != State::Starting);
-            if others_alive {
-                self.queues.insert(w.env.clone(), waiting);
-            } else {
-                for id in waiting {
-                    self.tasks.remove(&id);
-                    self.actions.push(Action::Finish {
-                        task: id,
-                        outcome: Outcome::failed(
-                            FailureKind::WorkerStart,
-                            format!("no worker could start in environment {}: {reason}", w.env),
-                        ),
-                    });
-                }
-            }
+            self.start_failed(&w.env, reason);
         } else if let Some(front) = rest.pop_front() {
             if !w.stopping {
                 if let Some(t) = self.tasks.remove(&front) {
@@ -340,6 +322,33 @@ impl Pool {
         }
         self.requeue(&w.env, rest);
         self.schedule(now);
+    }
+
+    /// A worker for `env` could not start (a missing image, no python3, a start that hangs):
+    /// every task waiting for the environment would wait forever, so they fail now with the
+    /// reason, unless a worker of it did start.
+    fn start_failed(&mut self, env: &Environment, reason: &str) {
+        let waiting = self.queues.remove(env).unwrap_or_default();
+        // Only a worker that did start proves the environment works; other starting ones
+        // would most likely fail the same way.
+        let others_alive = self
+            .workers
+            .values()
+            .any(|o| o.env == *env && !o.stopping && o.state != State::Starting);
+        if others_alive {
+            self.queues.insert(env.clone(), waiting);
+            return;
+        }
+        for id in waiting {
+            self.tasks.remove(&id);
+            self.actions.push(Action::Finish {
+                task: id,
+                outcome: Outcome::failed(
+                    FailureKind::WorkerStart,
+                    format!("no worker could start in environment {env}: {reason}"),
+                ),
+            });
+        }
     }
 
     /// Cancels a task. Returns false if the pool does not have it.
@@ -384,6 +393,27 @@ impl Pool {
 
     /// Enforces time limits and idle timeouts, and keeps prewarmed workers.
     pub fn tick(&mut self, now: Instant) {
+        if !self.start_timeout.is_zero() {
+            let stuck: Vec<(WorkerId, Environment)> = self
+                .workers
+                .iter()
+                .filter(|(_, w)| w.state == State::Starting && !w.stopping)
+                .filter(|(_, w)| {
+                    w.spawned
+                        .checked_add(self.start_timeout)
+                        .is_some_and(|due| now >= due)
+                })
+                .map(|(id, w)| (*id, w.env.clone()))
+                .collect();
+            for (id, env) in stuck {
+                self.stop(id, Stop::StartTimeout);
+                let why = format!(
+                    "its worker did not start within {}",
+                    humantime::format_duration(self.start_timeout)
+                );
+                self.start_failed(&env, &why);
+            }
+        }
         let mut overdue = Vec::new();
         for (id, w) in &self.workers {
             if w.stopping {
@@ -826,6 +856,68 @@ mod tests {
         // The first submission went straight to an idle worker; the rest queue behind.
         let total: usize = sent(&p.actions()).iter().map(|(_, t, _)| t.len()).sum();
         assert!(total >= 2, "{total}");
+    }
+
+    #[test]
+    fn a_worker_that_never_starts_is_given_up_and_its_tasks_fail_with_the_reason() {
+        let t0 = Instant::now();
+        let img = Environment::parse("docker:hangs").unwrap();
+        let mut p = Pool::new(&EndpointConfig {
+            start_timeout: Duration::from_secs(60),
+            ..config(Strategy::Warm, 2)
+        });
+        p.submit(task(1, &img), t0);
+        p.submit(task(2, &img), t0);
+        let w = spawned(&p.actions());
+        assert_eq!(w.len(), 2, "{w:?}");
+        p.tick(t0 + Duration::from_secs(59));
+        let early = p.actions();
+        assert!(
+            early
+                .iter()
+                .all(|a| !matches!(a, Action::Kill { .. } | Action::Finish { .. })),
+            "not yet: {early:?}"
+        );
+        p.tick(t0 + Duration::from_secs(60));
+        let a = p.actions();
+        for w in &w {
+            assert!(a.contains(&Action::Kill {
+                worker: *w,
+                why: Stop::StartTimeout
+            }));
+        }
+        let failed: Vec<&Outcome> = a
+            .iter()
+            .filter_map(|x| match x {
+                Action::Finish { outcome, .. } => Some(outcome),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(failed.len(), 2, "{a:?}");
+        for o in failed {
+            let Outcome::Failed { error, .. } = o else {
+                panic!("{o:?}")
+            };
+            assert_eq!(error.kind, FailureKind::WorkerStart);
+            assert!(
+                error.message.contains("did not start within 1m"),
+                "{}",
+                error.message
+            );
+        }
+        // Their slots are free again once they are gone: a later task starts a new worker.
+        for w in w {
+            p.exited(w, "killed", t0 + Duration::from_secs(61));
+        }
+        let after = p.actions();
+        assert!(
+            after
+                .iter()
+                .all(|a| !matches!(a, Action::Spawn { .. } | Action::Finish { .. })),
+            "nothing else fails or starts: {after:?}"
+        );
+        p.submit(task(3, &img), t0 + Duration::from_secs(62));
+        assert_eq!(spawned(&p.actions()).len(), 1);
     }
 
     #[test]

@@ -64,6 +64,9 @@ pub struct EndpointSection {
     /// How long an idle worker is kept.
     #[serde(with = "humantime_serde_str")]
     pub idle_timeout: Duration,
+    /// How long a worker may take to start before it is given up (`0s`: no limit).
+    #[serde(with = "humantime_serde_str")]
+    pub start_timeout: Duration,
     /// Default time limit per task (`0s`: none).
     #[serde(with = "humantime_serde_str")]
     pub task_timeout: Duration,
@@ -91,6 +94,7 @@ impl EndpointSection {
             prewarm: self.prewarm,
             prewarm_environments: self.prewarm_environments.clone(),
             idle_timeout: self.idle_timeout,
+            start_timeout: self.start_timeout,
             task_timeout: self.task_timeout,
             task_memory_mb: self.task_memory_mb,
             result_limit: self.result_limit,
@@ -123,6 +127,7 @@ impl Default for EndpointSection {
             prewarm: c.prewarm,
             prewarm_environments: c.prewarm_environments,
             idle_timeout: c.idle_timeout,
+            start_timeout: c.start_timeout,
             task_timeout: c.task_timeout,
             task_memory_mb: c.task_memory_mb,
             result_limit: c.result_limit,
