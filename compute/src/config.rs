@@ -56,6 +56,9 @@ pub struct EndpointConfig {
     pub retention: Duration,
     /// Most tasks sent to one worker in one batch.
     pub batch_max: usize,
+    /// Most tasks the endpoint holds unfinished (queued or running); submitters beyond it are
+    /// told to come back (`Busy`), and keep their tasks until it has room.
+    pub max_queued: usize,
     /// The Python interpreter for host workers.
     pub python: String,
     /// Runtimes offered (`host`, `docker`, `podman`, `apptainer`).
@@ -79,6 +82,7 @@ impl Default for EndpointConfig {
             output_cap: 64 << 10,
             retention: Duration::from_secs(7 * 24 * 3600),
             batch_max: 64,
+            max_queued: 100_000,
             python: "python3".into(),
             runtimes: vec!["host".into()],
         }
@@ -94,6 +98,9 @@ impl EndpointConfig {
         }
         if self.batch_max == 0 {
             return Err(format!("{at}: batch_max must be at least 1"));
+        }
+        if self.max_queued == 0 {
+            return Err(format!("{at}: max_queued must be at least 1"));
         }
         // A result travels in one task-protocol message, beside the rest of its record.
         let most = crate::task::MAX_ARGUMENTS_BYTES as u64;

@@ -79,6 +79,7 @@ enum Cmd {
 #[derive(Clone, Debug)]
 pub struct Endpoint {
     name: String,
+    max_queued: usize,
     tx: mpsc::Sender<Cmd>,
     load: tokio::sync::watch::Receiver<Load>,
 }
@@ -174,12 +175,18 @@ impl Endpoint {
         tracker.spawn(driver.run(rx, reports_rx, cancel));
         Ok((
             Endpoint {
+                max_queued: config.max_queued,
                 name: config.name,
                 tx,
                 load: load_rx,
             },
             results_rx,
         ))
+    }
+
+    /// Most unfinished tasks it holds ([`EndpointConfig::max_queued`]).
+    pub fn max_queued(&self) -> usize {
+        self.max_queued
     }
 
     /// Its name.

@@ -64,6 +64,8 @@ pub struct EndpointSection {
     /// How long an idle worker is kept.
     #[serde(with = "humantime_serde_str")]
     pub idle_timeout: Duration,
+    /// Most tasks held unfinished; submitters beyond it are asked to come back later.
+    pub max_queued: usize,
     /// How long a worker may take to start before it is given up (`0s`: no limit).
     #[serde(with = "humantime_serde_str")]
     pub start_timeout: Duration,
@@ -94,6 +96,7 @@ impl EndpointSection {
             prewarm: self.prewarm,
             prewarm_environments: self.prewarm_environments.clone(),
             idle_timeout: self.idle_timeout,
+            max_queued: self.max_queued,
             start_timeout: self.start_timeout,
             task_timeout: self.task_timeout,
             task_memory_mb: self.task_memory_mb,
@@ -127,6 +130,7 @@ impl Default for EndpointSection {
             prewarm: c.prewarm,
             prewarm_environments: c.prewarm_environments,
             idle_timeout: c.idle_timeout,
+            max_queued: c.max_queued,
             start_timeout: c.start_timeout,
             task_timeout: c.task_timeout,
             task_memory_mb: c.task_memory_mb,

@@ -92,6 +92,21 @@ impl Service {
                         _ => Answer::Refused(why),
                     });
                 }
+                // Backpressure: an endpoint that holds its most unfinished tasks takes no more
+                // now. The submitter keeps them (stored, pending) and sends them again shortly.
+                for (name, items) in &groups {
+                    let (ep, _) = &self.endpoints[name];
+                    let held = ep.current_load().queued;
+                    let most = ep.max_queued();
+                    if held > 0 && held + items.len() > most {
+                        return TaskResponse::Busy {
+                            reason: format!(
+                                "endpoint `{name}` holds {held} unfinished tasks and takes at \
+                                 most {most}: send these again later"
+                            ),
+                        };
+                    }
+                }
                 let touched: Vec<String> = groups.keys().cloned().collect();
                 for (name, items) in groups {
                     let (ep, _) = &self.endpoints[&name];

@@ -284,6 +284,113 @@ async fn tasks_and_results_too_large_for_one_message_all_arrive() {
     net.shutdown().await;
 }
 
+/// An endpoint that holds its most unfinished tasks tells submitters to come back: they keep
+/// the tasks and send them again, and every one runs, none refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_endpoint_pushes_back_and_its_submitters_send_again_later() {
+    let mut net = Federation::start(1, 2).await.unwrap();
+    net.restart_with(1, |c| {
+        for e in &mut c.endpoint {
+            e.max_queued = 1;
+            e.max_workers = 1;
+        }
+    })
+    .await
+    .unwrap();
+    wait_for("full mesh", Duration::from_secs(20), || {
+        net.fully_connected()
+    })
+    .await
+    .unwrap();
+    let nap = node::registry::NewFunction {
+        name: "nap".into(),
+        python: Some("import time\ndef nap(s):\n    time.sleep(s)\n    return s\n".into()),
+        entrypoint: Some("nap".into()),
+        payload: None,
+        shell: None,
+        container: None,
+        description: String::new(),
+    };
+    let function = net.node(0).register_function(&nap).await.unwrap();
+    let b = net.node(1).peer_id().to_string();
+    let find = || {
+        let (mesh, b) = (net.node(0).mesh().clone(), b.clone());
+        async move {
+            mesh.registry_with(move |view| {
+                view.endpoints
+                    .values()
+                    .find(|e| e.peer_id == b)
+                    .map(|e| e.id.clone())
+            })
+            .await
+            .unwrap()
+        }
+    };
+    wait_for(
+        "b's endpoint in a's registry",
+        Duration::from_secs(20),
+        || async { find().await.is_some() },
+    )
+    .await
+    .unwrap();
+    let endpoint = find().await.unwrap();
+    let task = || NewTask {
+        function: function.clone(),
+        args: serde_json::json!([1]),
+        endpoint: Some(endpoint.clone()),
+        ..Default::default()
+    };
+    let dispatcher = net.node(0).dispatcher().clone();
+    let submit = |t: NewTask| {
+        let node = net.node(0);
+        async move {
+            node.submit(vec![t]).await.unwrap()[0]
+                .as_ref()
+                .unwrap()
+                .id
+                .clone()
+        }
+    };
+    // The first one runs; two more come while it does.
+    let first = submit(task()).await;
+    wait_for("the first task to run", Duration::from_secs(30), || {
+        let (d, id) = (dispatcher.clone(), first.clone());
+        async move {
+            d.live(id)
+                .await
+                .unwrap()
+                .is_some_and(|t| t.status == compute::Status::Running)
+        }
+    })
+    .await
+    .unwrap();
+    let mut ids = vec![first];
+    ids.push(submit(task()).await);
+    ids.push(submit(task()).await);
+    let done = dispatcher.wait(ids, Duration::from_secs(60)).await.unwrap();
+    let mut records: Vec<compute::task::Record> = done
+        .iter()
+        .map(|t| {
+            let t = t.as_ref().unwrap();
+            assert_eq!(t.status, compute::Status::Succeeded, "{t:?}");
+            t.record.clone().unwrap()
+        })
+        .collect();
+    records.sort_by_key(|r| r.times.received_us);
+    // The two that came while the endpoint was full were taken only once the first had
+    // finished (together: an endpoint with nothing unfinished takes a whole batch).
+    let first = &records[0];
+    for later in &records[1..] {
+        assert!(
+            later.times.received_us >= first.times.finished_us,
+            "received at {} while the first ran until {}: {records:?}",
+            later.times.received_us,
+            first.times.finished_us
+        );
+    }
+    net.shutdown().await;
+}
+
 /// The submitting node keeps each function once, by id, not with every task it submits; its
 /// finished tasks read back whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
