@@ -205,27 +205,23 @@ async fn small_task_requests_do_not_wait_behind_a_large_one() {
     net.shutdown().await;
 }
 
-/// Tasks whose arguments, and results, add up to more than one task-protocol message carries
-/// go in several messages, and all of them come back.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tasks_and_results_too_large_for_one_message_all_arrive() {
-    let net = Federation::start(1, 2).await.unwrap();
-    wait_for("full mesh", Duration::from_secs(10), || {
-        net.fully_connected()
-    })
-    .await
-    .unwrap();
-    let echo = node::registry::NewFunction {
-        name: "echo".into(),
-        python: Some("def echo(s):\n    return s\n".into()),
-        entrypoint: Some("echo".into()),
+/// A Python function `name` with `source`, registered on node 0; its id.
+async fn python_on_node0(net: &Federation, name: &str, source: &str) -> String {
+    let f = node::registry::NewFunction {
+        name: name.into(),
+        python: Some(source.into()),
+        entrypoint: Some(name.into()),
         payload: None,
         shell: None,
         container: None,
         description: String::new(),
     };
-    let function = net.node(0).register_function(&echo).await.unwrap();
-    // b's endpoint, by id: the tasks cross the mesh.
+    net.node(0).register_function(&f).await.unwrap()
+}
+
+/// The id of node 1's endpoint, once node 0's registry lists it (tasks sent there cross the
+/// mesh).
+async fn endpoint_of_node1(net: &Federation) -> String {
     let b = net.node(1).peer_id().to_string();
     let find = || {
         let (mesh, b) = (net.node(0).mesh().clone(), b.clone());
@@ -241,13 +237,27 @@ async fn tasks_and_results_too_large_for_one_message_all_arrive() {
         }
     };
     wait_for(
-        "b's endpoint in a's registry",
+        "node 1's endpoint in node 0's registry",
         Duration::from_secs(20),
         || async { find().await.is_some() },
     )
     .await
     .unwrap();
-    let endpoint = find().await.unwrap();
+    find().await.unwrap()
+}
+
+/// Tasks whose arguments, and results, add up to more than one task-protocol message carries
+/// go in several messages, and all of them come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_and_results_too_large_for_one_message_all_arrive() {
+    let net = Federation::start(1, 2).await.unwrap();
+    wait_for("full mesh", Duration::from_secs(10), || {
+        net.fully_connected()
+    })
+    .await
+    .unwrap();
+    let function = python_on_node0(&net, "echo", "def echo(s):\n    return s\n").await;
+    let endpoint = endpoint_of_node1(&net).await;
     // 20 tasks of 2 MiB each way: 40 MiB, more than the 32 MiB one message carries.
     let big = "y".repeat(2 << 20);
     let tasks: Vec<NewTask> = (0..20)
@@ -302,38 +312,13 @@ async fn a_full_endpoint_pushes_back_and_its_submitters_send_again_later() {
     })
     .await
     .unwrap();
-    let nap = node::registry::NewFunction {
-        name: "nap".into(),
-        python: Some("import time\ndef nap(s):\n    time.sleep(s)\n    return s\n".into()),
-        entrypoint: Some("nap".into()),
-        payload: None,
-        shell: None,
-        container: None,
-        description: String::new(),
-    };
-    let function = net.node(0).register_function(&nap).await.unwrap();
-    let b = net.node(1).peer_id().to_string();
-    let find = || {
-        let (mesh, b) = (net.node(0).mesh().clone(), b.clone());
-        async move {
-            mesh.registry_with(move |view| {
-                view.endpoints
-                    .values()
-                    .find(|e| e.peer_id == b)
-                    .map(|e| e.id.clone())
-            })
-            .await
-            .unwrap()
-        }
-    };
-    wait_for(
-        "b's endpoint in a's registry",
-        Duration::from_secs(20),
-        || async { find().await.is_some() },
+    let function = python_on_node0(
+        &net,
+        "nap",
+        "import time\ndef nap(s):\n    time.sleep(s)\n    return s\n",
     )
-    .await
-    .unwrap();
-    let endpoint = find().await.unwrap();
+    .await;
+    let endpoint = endpoint_of_node1(&net).await;
     let task = || NewTask {
         function: function.clone(),
         args: serde_json::json!([1]),
