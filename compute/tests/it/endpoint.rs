@@ -99,6 +99,15 @@ async fn start(config: EndpointConfig) -> Harness {
     start_in(tempfile::tempdir().unwrap(), config).await
 }
 
+/// [`config`] with a single worker: a task after another one runs in the same worker, or in a
+/// new one once that has gone.
+fn one_worker() -> EndpointConfig {
+    EndpointConfig {
+        max_workers: 1,
+        ..config()
+    }
+}
+
 fn config() -> EndpointConfig {
     EndpointConfig {
         name: "ep".into(),
@@ -309,11 +318,7 @@ async fn worker_ended_and_another_serves(h: &mut Harness, pid: u32) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_timeout_stops_the_task_and_the_endpoint_keeps_serving() {
-    let mut h = start(EndpointConfig {
-        max_workers: 1,
-        ..config()
-    })
-    .await;
+    let mut h = start(one_worker()).await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("pid");
     let mut slow = submission(&f("pid_sleep"), json!([path, 30]), json!({}));
@@ -331,11 +336,7 @@ async fn a_timeout_stops_the_task_and_the_endpoint_keeps_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_function_writing_endless_or_binary_stderr_does_not_stall_its_worker() {
-    let mut h = start(EndpointConfig {
-        max_workers: 1,
-        ..config()
-    })
-    .await;
+    let mut h = start(one_worker()).await;
     // A line that is not UTF-8, then 4 MiB without a newline: far more than a pipe holds.
     for _ in 0..2 {
         let rec = h
@@ -375,11 +376,7 @@ async fn a_result_over_the_size_limit_fails_and_says_so() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_kills_the_running_task_and_the_next_one_runs() {
     // One worker: the next task can only run once the cancelled one's worker is gone.
-    let mut h = start(EndpointConfig {
-        max_workers: 1,
-        ..config()
-    })
-    .await;
+    let mut h = start(one_worker()).await;
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("pid");
     let sub = submission(&f("pid_sleep"), json!([path, 30]), json!({}));
@@ -400,11 +397,7 @@ async fn cancel_kills_the_running_task_and_the_next_one_runs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_cancelled_while_its_batch_runs_is_skipped_by_the_worker() {
-    let mut h = start(EndpointConfig {
-        max_workers: 1,
-        ..config()
-    })
-    .await;
+    let mut h = start(one_worker()).await;
     let dir = tempfile::tempdir().unwrap();
     let marker = dir.path().join("ran");
     let first = submission(&f("sleep"), json!([0.5]), json!({}));
