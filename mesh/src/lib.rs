@@ -8,10 +8,9 @@
 //!   crate touches the swarm.
 //! * [`registry`] keeps this node's replica of the federation registry converged: pairwise
 //!   Automerge sync, gossip of changes, persistence, and strikes against peers that send bad data.
-//! * [`routing`] is the sans-IO router and the endpoint advertisements it reads; [`tasks`] the
-//!   `/funcmesh/task/4` messages and frames; [`links`] the streams that carry them (one per peer,
-//!   outside the swarm's event loop); [`dispatch`] the submitting side of tasks (route, store,
-//!   send, follow results, retry when an endpoint is lost).
+//! * [`links`] is the small generic service other crates talk to peers through: framed
+//!   request streams to members, one long-lived stream per peer and protocol, outside the
+//!   swarm's event loop. The mesh does not know what the requests mean.
 //!
 //! ```
 //! use mesh::membership::{Admission, Genesis, Invite, Proof, Role, SigningKey};
@@ -28,15 +27,12 @@
 //! # Ok::<(), mesh::membership::Refusal>(())
 //! ```
 
-pub mod access;
-pub mod dispatch;
 pub mod keys;
 pub mod links;
 pub mod membership;
 pub mod network;
 pub mod registry;
-pub mod routing;
-pub mod tasks;
 
 pub use libp2p::{Multiaddr, PeerId, identity::Keypair};
+pub use links::{Links, Protocol};
 pub use network::{Config, Event, Handle, PeerInfo};

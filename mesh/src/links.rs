@@ -1,14 +1,20 @@
-//! The task protocol's streams ([`crate::tasks::frame`]).
+//! Links: framed request streams to members, offered to other crates as a small generic
+//! service ("send this request to that member", "serve requests of this protocol").
 //!
-//! A node sends its task requests to a peer over one long-lived stream, its *link* to that
-//! peer, opened on first use and opened again after it breaks. Requests are tagged with an id;
-//! the peer answers on the same stream, tagged with the id answered, in any order. Streams are
-//! read and written by their own tasks, outside the swarm's event loop: a task message costs a
-//! frame on a stream, not a new stream and two trips through the event loop on each side.
+//! A crate describes its protocol with [`Protocol`] (a name, its request and response types, and
+//! the answers for "not now" and "refused"), then asks the mesh for its [`Links`] and the
+//! [`Inbound`] requests of that protocol once ([`crate::Handle::links`]). The mesh knows nothing
+//! of what the requests mean.
+//!
+//! A node sends its requests to a peer over one long-lived stream per protocol, its *link* to
+//! that peer, opened on first use and opened again after it breaks. Requests are tagged with an
+//! id; the peer answers on the same stream, tagged with the id answered, in any order. Streams are
+//! read and written by their own tasks, outside the swarm's event loop: a message costs a frame on
+//! a stream, not a new stream and two trips through the event loop on each side.
 //!
 //! Inbound streams are served the same way. Every request on them is checked against the
 //! members this node has verified, as it arrives (a peer may open a stream while its proof is
-//! still being checked: it is told to come back, [`TaskResponse::Busy`]).
+//! still being checked: it is told to come back, [`Protocol::busy`]).
 //!
 //! A large request (over [`BULK_FRAME`], say a task with a big argument) does not queue on the
 //! link, where every small request behind it would wait until its last byte is written: it goes
@@ -25,14 +31,94 @@ use std::time::Duration;
 
 use futures::{AsyncRead, AsyncWrite, AsyncWriteExt as _, StreamExt as _};
 use libp2p::{PeerId, StreamProtocol};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::membership::Member;
-use crate::network::{Error, Inbound, Responder};
-use crate::tasks::{PROTOCOL, TaskRequest, TaskResponse, frame};
+
+/// A request-response protocol carried on links.
+pub trait Protocol: Send + Sync + 'static {
+    /// The protocol name on the wire, e.g. `/funcmesh/task/4`.
+    const NAME: &'static str;
+    /// What its messages are about, for errors (`"task"`: "the task stream to … broke").
+    const LABEL: &'static str;
+    /// The largest frame body, either way.
+    const MAX_MESSAGE: usize;
+    /// What the opener of a stream sends.
+    type Request: Serialize + DeserializeOwned + Send + Sync + 'static;
+    /// What comes back.
+    type Response: Serialize + DeserializeOwned + Send + 'static;
+    /// The answer for "not now, send it again later" (the sender is not verified yet, or the
+    /// consumer's queue is full).
+    fn busy(reason: String) -> Self::Response;
+    /// The answer for a request refused whole (malformed, or over the protocol's bounds).
+    fn refused(reason: String) -> Self::Response;
+    /// Checks a decoded request's bounds before it is handed on.
+    fn check(request: &Self::Request) -> Result<(), String>;
+}
+
+/// Why a request got no answer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    /// The stream to the peer could not be opened, broke, was garbled, or the peer did not
+    /// answer in time; the text names the peer and the reason.
+    #[error("{0}")]
+    Failed(String),
+    /// The request cannot be encoded within the protocol's bounds.
+    #[error("{0}")]
+    Encode(String),
+    /// The mesh has shut down.
+    #[error("the mesh is shut down")]
+    Closed,
+}
+
+/// A request from a verified member, to be answered through its [`Responder`].
+#[derive(Debug)]
+pub struct Inbound<P: Protocol> {
+    /// The member that sent it.
+    pub from: Member,
+    /// Its peer id.
+    pub peer: PeerId,
+    /// The request.
+    pub request: P::Request,
+    /// Where the answer goes.
+    pub responder: Responder<P>,
+}
+
+/// Answers one inbound request, on the stream it came in on.
+#[derive(Debug)]
+pub struct Responder<P: Protocol> {
+    id: u64,
+    frames: mpsc::Sender<Vec<u8>>,
+    protocol: std::marker::PhantomData<fn() -> P>,
+}
+
+impl<P: Protocol> Responder<P> {
+    fn new(id: u64, frames: mpsc::Sender<Vec<u8>>) -> Responder<P> {
+        Responder {
+            id,
+            frames,
+            protocol: std::marker::PhantomData,
+        }
+    }
+
+    /// Sends the answer (dropped silently if the mesh stopped or the peer went away).
+    pub async fn respond(self, response: P::Response) {
+        match frame::response::<P>(self.id, &response) {
+            Ok(frame) => {
+                let _ = self.frames.send(frame).await;
+            }
+            Err(why) => warn!(%why, protocol = P::NAME, "cannot answer a request"),
+        }
+    }
+}
+
+/// Inbound requests waiting for their consumer; when full, new ones are answered busy.
+pub(crate) const INBOUND_QUEUE: usize = 1024;
 
 /// How long a request waits for its answer.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -44,7 +130,7 @@ const WRITE_QUEUE: usize = 1024;
 const WRITE_BATCH: usize = 256 << 10;
 /// Bytes read from a stream at a time.
 const READ_BUFFER: usize = 64 << 10;
-/// Inbound task streams one peer may hold open at once: its link, its bulk streams, and room
+/// Inbound streams of one protocol one peer may hold open at once: its link, its bulk streams, and room
 /// for streams it has finished with that this side has not seen end yet.
 const INBOUND_PER_PEER: usize = 8;
 /// A request frame larger than this goes on a stream of its own.
@@ -55,25 +141,33 @@ const BULK_PER_PEER: usize = 2;
 /// Members whose proofs this node has verified, as the event loop last saw them.
 pub(crate) type Verified = Arc<RwLock<HashMap<PeerId, Member>>>;
 
-type Reply = oneshot::Sender<Result<TaskResponse, Error>>;
+type Reply<P> = oneshot::Sender<Result<<P as Protocol>::Response, Error>>;
 
 /// The requests waiting for answers on one link.
-#[derive(Default)]
-struct Pending {
-    replies: HashMap<u64, Reply>,
+struct Pending<P: Protocol> {
+    replies: HashMap<u64, Reply<P>>,
     /// Set once the link is broken: no request joins it after that.
     broken: Option<String>,
 }
 
+impl<P: Protocol> Default for Pending<P> {
+    fn default() -> Self {
+        Pending {
+            replies: HashMap::new(),
+            broken: None,
+        }
+    }
+}
+
 /// One outbound stream to a peer.
-struct Link {
+struct Link<P: Protocol> {
     frames: mpsc::Sender<Vec<u8>>,
-    pending: Mutex<Pending>,
+    pending: Mutex<Pending<P>>,
     next_id: AtomicU64,
 }
 
-impl Link {
-    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+impl<P: Protocol> Link<P> {
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending<P>> {
         self.pending.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -85,11 +179,11 @@ impl Link {
             std::mem::take(&mut p.replies)
         };
         for (_, reply) in replies {
-            let _ = reply.send(Err(Error::Request(why.to_owned())));
+            let _ = reply.send(Err(Error::Failed(why.to_owned())));
         }
     }
 
-    fn answer(&self, id: u64, answer: Result<TaskResponse, Error>) {
+    fn answer(&self, id: u64, answer: Result<P::Response, Error>) {
         let reply = self.pending().replies.remove(&id);
         match reply {
             Some(reply) => {
@@ -102,12 +196,12 @@ impl Link {
 }
 
 /// Where [`Links::send`] put a request.
-enum Sent {
+enum Sent<P: Protocol> {
     /// On the peer's link, under `id`.
     Link {
-        link: Arc<Link>,
+        link: Arc<Link<P>>,
         id: u64,
-        answer: oneshot::Receiver<Result<TaskResponse, Error>>,
+        answer: oneshot::Receiver<Result<P::Response, Error>>,
         /// The frame still to be sent, when the link's queue was full.
         queued: Option<(mpsc::Sender<Vec<u8>>, Vec<u8>)>,
     },
@@ -115,39 +209,48 @@ enum Sent {
     Bulk(Vec<u8>),
 }
 
-/// The task streams of one node: its links to peers and the service of inbound streams.
-#[derive(Clone)]
-pub(crate) struct Links {
-    inner: Arc<Inner>,
+/// One protocol's streams on this node: its links to peers and the service of inbound streams.
+pub struct Links<P: Protocol> {
+    inner: Arc<Inner<P>>,
 }
 
-impl std::fmt::Debug for Links {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Links").finish_non_exhaustive()
+impl<P: Protocol> Clone for Links<P> {
+    fn clone(&self) -> Self {
+        Links {
+            inner: self.inner.clone(),
+        }
     }
 }
 
-struct Inner {
+impl<P: Protocol> std::fmt::Debug for Links<P> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Links")
+            .field("protocol", &P::NAME)
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner<P: Protocol> {
     control: Mutex<libp2p_stream::Control>,
-    links: Mutex<HashMap<PeerId, Arc<Link>>>,
+    links: Mutex<HashMap<PeerId, Arc<Link<P>>>>,
     /// Per peer: permits for bulk streams.
     bulk: Mutex<HashMap<PeerId, Arc<tokio::sync::Semaphore>>>,
     cancel: CancellationToken,
     tracker: TaskTracker,
 }
 
-impl Links {
-    /// Starts serving inbound task streams (requests from verified members go to `inbound`).
+impl<P: Protocol> Links<P> {
+    /// Starts serving inbound streams of `P` (requests from verified members go to `inbound`).
     pub(crate) fn start(
         mut control: libp2p_stream::Control,
         verified: Verified,
-        inbound: mpsc::Sender<Inbound>,
+        inbound: mpsc::Sender<Inbound<P>>,
         cancel: CancellationToken,
         tracker: TaskTracker,
-    ) -> Result<Links, Error> {
+    ) -> Result<Links<P>, String> {
         let incoming = control
-            .accept(StreamProtocol::new(PROTOCOL))
-            .map_err(|e| Error::Build(format!("cannot serve {PROTOCOL}: {e}")))?;
+            .accept(StreamProtocol::new(P::NAME))
+            .map_err(|e| format!("cannot serve {}: {e}", P::NAME))?;
         let server = Server {
             verified,
             inbound,
@@ -167,12 +270,16 @@ impl Links {
         })
     }
 
-    /// Sends a request to `peer` now; the future is its answer.
-    pub(crate) fn request(
+    /// Sends a request to `peer`; the future is its answer. The request is on its way when this
+    /// returns, not when the future is first polled, so a caller that spawns the wait adds no
+    /// scheduling round to the request's path (a full queue is waited for in the future
+    /// instead). It fails, saying why, if the stream to the peer breaks or the peer does not
+    /// answer within [`REQUEST_TIMEOUT`].
+    pub fn request(
         &self,
         peer: PeerId,
-        request: &TaskRequest,
-    ) -> impl Future<Output = Result<TaskResponse, Error>> + Send + 'static + use<> {
+        request: &P::Request,
+    ) -> impl Future<Output = Result<P::Response, Error>> + Send + 'static + use<P> {
         let sent = self.send(peer, request);
         let this = self.clone();
         async move {
@@ -189,7 +296,10 @@ impl Links {
                 if frames.send(frame).await.is_err() {
                     link.answer(
                         id,
-                        Err(Error::Request(format!("the task stream to {peer} closed"))),
+                        Err(Error::Failed(format!(
+                            "the {} stream to {peer} closed",
+                            P::LABEL
+                        ))),
                     );
                 }
             }
@@ -198,8 +308,9 @@ impl Links {
                 Ok(Err(_)) => Err(Error::Closed),
                 Err(_) => {
                     link.pending().replies.remove(&id);
-                    Err(Error::Request(format!(
-                        "{peer} did not answer a task request within {REQUEST_TIMEOUT:?}"
+                    Err(Error::Failed(format!(
+                        "{peer} did not answer a {} request within {REQUEST_TIMEOUT:?}",
+                        P::LABEL
                     )))
                 }
             }
@@ -207,7 +318,7 @@ impl Links {
     }
 
     /// Sends one large request on a stream of its own and reads its answer.
-    async fn bulk(&self, peer: PeerId, frame: Vec<u8>) -> Result<TaskResponse, Error> {
+    async fn bulk(&self, peer: PeerId, frame: Vec<u8>) -> Result<P::Response, Error> {
         let permits = self
             .inner
             .bulk
@@ -216,7 +327,8 @@ impl Links {
             .entry(peer)
             .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(BULK_PER_PEER)))
             .clone();
-        let failed = |why: String| Error::Request(format!("the bulk task stream to {peer} {why}"));
+        let failed =
+            |why: String| Error::Failed(format!("the bulk {} stream to {peer} {why}", P::LABEL));
         let exchange = async {
             let _permit = permits.acquire_owned().await.map_err(|_| Error::Closed)?;
             let mut control = self
@@ -227,7 +339,7 @@ impl Links {
                 .clone();
             let stream = match tokio::time::timeout(
                 OPEN_TIMEOUT,
-                control.open_stream(peer, StreamProtocol::new(PROTOCOL)),
+                control.open_stream(peer, StreamProtocol::new(P::NAME)),
             )
             .await
             {
@@ -250,18 +362,21 @@ impl Links {
                 .map_err(|e| failed(format!("broke: {e}")))?;
             drop(frame);
             let mut body = Vec::new();
-            next_frame(&mut reader, &mut body).await.map_err(failed)?;
+            next_frame::<P, _>(&mut reader, &mut body)
+                .await
+                .map_err(failed)?;
             let _ = writer.close().await;
-            match frame::read_response(&body) {
-                Ok((_, answer)) => answer.map_err(Error::Request),
+            match frame::read_response::<P>(&body) {
+                Ok((_, answer)) => answer.map_err(Error::Failed),
                 Err(why) => Err(failed(format!("was garbled by the peer: {why}"))),
             }
         };
         tokio::select! {
             _ = self.inner.cancel.cancelled() => Err(Error::Closed),
             answer = tokio::time::timeout(REQUEST_TIMEOUT, exchange) => answer.unwrap_or_else(|_| {
-                Err(Error::Request(format!(
-                    "{peer} did not answer a task request within {REQUEST_TIMEOUT:?}"
+                Err(Error::Failed(format!(
+                    "{peer} did not answer a {} request within {REQUEST_TIMEOUT:?}",
+                    P::LABEL
                 )))
             }),
         }
@@ -269,7 +384,7 @@ impl Links {
 
     /// Registers and queues a request on the peer's link (`queued` is the frame still to be
     /// sent when the link's queue was full), or hands back a large one for a stream of its own.
-    fn send(&self, peer: PeerId, request: &TaskRequest) -> Result<Sent, Error> {
+    fn send(&self, peer: PeerId, request: &P::Request) -> Result<Sent<P>, Error> {
         if self.inner.cancel.is_cancelled() {
             return Err(Error::Closed);
         }
@@ -279,7 +394,7 @@ impl Links {
             attempts += 1;
             let link = self.link(peer);
             let id = link.next_id.fetch_add(1, Ordering::Relaxed);
-            let frame = frame::request(id, request).map_err(Error::Request)?;
+            let frame = frame::request::<P>(id, request).map_err(Error::Encode)?;
             if frame.len() > BULK_FRAME {
                 return Ok(Sent::Bulk(frame));
             }
@@ -292,7 +407,7 @@ impl Links {
                         self.forget(peer, &link);
                         continue;
                     }
-                    return Err(Error::Request(why.clone()));
+                    return Err(Error::Failed(why.clone()));
                 }
                 p.replies.insert(id, reply);
             }
@@ -314,7 +429,7 @@ impl Links {
     }
 
     /// The peer's link, opened if there is none.
-    fn link(&self, peer: PeerId) -> Arc<Link> {
+    fn link(&self, peer: PeerId) -> Arc<Link<P>> {
         let mut links = self.inner.links.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(link) = links.get(&peer) {
             return link.clone();
@@ -340,15 +455,15 @@ impl Links {
                 _ = this.inner.cancel.cancelled() => "closed: the mesh is shut down".to_owned(),
                 why = drive(peer, control, &opened, rx) => why,
             };
-            debug!(%peer, %why, "task stream ended");
-            opened.break_with(&format!("the task stream to {peer} {why}"));
+            debug!(%peer, %why, protocol = P::NAME, "link ended");
+            opened.break_with(&format!("the {} stream to {peer} {why}", P::LABEL));
             this.forget(peer, &opened);
         });
         link
     }
 
     /// Drops the peer's link if it is still `link`.
-    fn forget(&self, peer: PeerId, link: &Arc<Link>) {
+    fn forget(&self, peer: PeerId, link: &Arc<Link<P>>) {
         let mut links = self.inner.links.lock().unwrap_or_else(|e| e.into_inner());
         if links.get(&peer).is_some_and(|l| Arc::ptr_eq(l, link)) {
             links.remove(&peer);
@@ -357,15 +472,15 @@ impl Links {
 }
 
 /// Opens the link's stream and runs it until it breaks; returns why it ended.
-async fn drive(
+async fn drive<P: Protocol>(
     peer: PeerId,
     mut control: libp2p_stream::Control,
-    link: &Link,
+    link: &Link<P>,
     frames: mpsc::Receiver<Vec<u8>>,
 ) -> String {
     let stream = match tokio::time::timeout(
         OPEN_TIMEOUT,
-        control.open_stream(peer, StreamProtocol::new(PROTOCOL)),
+        control.open_stream(peer, StreamProtocol::new(P::NAME)),
     )
     .await
     {
@@ -377,11 +492,11 @@ async fn drive(
     let read = async {
         let mut body = Vec::new();
         loop {
-            if let Err(why) = next_frame(&mut reader, &mut body).await {
+            if let Err(why) = next_frame::<P, _>(&mut reader, &mut body).await {
                 return why;
             }
-            match frame::read_response(&body) {
-                Ok((id, answer)) => link.answer(id, answer.map_err(Error::Request)),
+            match frame::read_response::<P>(&body) {
+                Ok((id, answer)) => link.answer(id, answer.map_err(Error::Failed)),
                 Err(why) => return format!("was garbled by the peer: {why}"),
             }
         }
@@ -407,11 +522,11 @@ fn split<S: AsyncRead + AsyncWrite>(
 }
 
 /// Reads the next frame into `body`; `Err` says why the stream ended.
-async fn next_frame<R: AsyncRead + Unpin>(
+async fn next_frame<P: Protocol, R: AsyncRead + Unpin>(
     reader: &mut R,
     body: &mut Vec<u8>,
 ) -> Result<(), String> {
-    match frame::read(reader, body).await {
+    match frame::read(reader, body, P::MAX_MESSAGE).await {
         Ok(true) => Ok(()),
         Ok(false) => Err("was closed by the peer".to_owned()),
         Err(e) => Err(format!("broke: {e}")),
@@ -439,18 +554,29 @@ async fn write<W: AsyncWrite + Unpin>(mut io: W, mut frames: mpsc::Receiver<Vec<
     "was closed".to_owned()
 }
 
-/// Serves inbound task streams.
-#[derive(Clone)]
-struct Server {
+/// Serves inbound streams of one protocol.
+struct Server<P: Protocol> {
     verified: Verified,
-    inbound: mpsc::Sender<Inbound>,
+    inbound: mpsc::Sender<Inbound<P>>,
     /// Inbound streams open per peer.
     open: Arc<Mutex<HashMap<PeerId, usize>>>,
     tracker: TaskTracker,
     cancel: CancellationToken,
 }
 
-impl Server {
+impl<P: Protocol> Clone for Server<P> {
+    fn clone(&self) -> Self {
+        Server {
+            verified: self.verified.clone(),
+            inbound: self.inbound.clone(),
+            open: self.open.clone(),
+            tracker: self.tracker.clone(),
+            cancel: self.cancel.clone(),
+        }
+    }
+}
+
+impl<P: Protocol> Server<P> {
     async fn accept(self, mut incoming: libp2p_stream::IncomingStreams) {
         loop {
             let next = tokio::select! {
@@ -462,7 +588,7 @@ impl Server {
                 let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
                 let n = open.entry(peer).or_default();
                 if *n >= INBOUND_PER_PEER {
-                    debug!(%peer, "refusing another task stream: {INBOUND_PER_PEER} are open");
+                    debug!(%peer, protocol = P::NAME, "refusing another stream: {INBOUND_PER_PEER} are open");
                     continue;
                 }
                 *n += 1;
@@ -473,7 +599,7 @@ impl Server {
                     _ = server.cancel.cancelled() => "the mesh is shut down".to_owned(),
                     why = server.serve(peer, stream) => why,
                 };
-                debug!(%peer, %why, "inbound task stream ended");
+                debug!(%peer, %why, protocol = P::NAME, "inbound stream ended");
                 let mut open = server.open.lock().unwrap_or_else(|e| e.into_inner());
                 if let Some(n) = open.get_mut(&peer) {
                     *n -= 1;
@@ -485,7 +611,7 @@ impl Server {
         }
     }
 
-    /// Reads requests from one stream and hands them to the task service; answers go back on
+    /// Reads requests from one stream and hands them to the protocol's consumer; answers go back on
     /// the stream as they are ready. Returns why the stream ended.
     async fn serve<S: AsyncRead + AsyncWrite + Unpin + Send>(
         &self,
@@ -497,16 +623,16 @@ impl Server {
         let read = async {
             let mut body = Vec::new();
             loop {
-                if let Err(why) = next_frame(&mut reader, &mut body).await {
+                if let Err(why) = next_frame::<P, _>(&mut reader, &mut body).await {
                     return why;
                 }
-                let (id, request) = match frame::read_request(&body) {
+                let (id, request) = match frame::read_request::<P>(&body) {
                     Ok(r) => r,
                     Err(why) => return format!("was garbled by the peer: {why}"),
                 };
                 let responder = Responder::new(id, tx.clone());
                 if let Some(response) = self.take(peer, request, responder) {
-                    let Ok(frame) = frame::response(id, &response) else {
+                    let Ok(frame) = frame::response::<P>(id, &response) else {
                         continue;
                     };
                     if tx.send(frame).await.is_err() {
@@ -521,16 +647,17 @@ impl Server {
         }
     }
 
-    /// Passes a request to the task service; otherwise returns the answer that says why not.
+    /// Passes a request to the protocol's consumer; otherwise returns the answer that says why
+    /// not.
     fn take(
         &self,
         peer: PeerId,
-        request: Result<TaskRequest, String>,
-        responder: Responder,
-    ) -> Option<TaskResponse> {
+        request: Result<P::Request, String>,
+        responder: Responder<P>,
+    ) -> Option<P::Response> {
         let request = match request {
             Ok(r) => r,
-            Err(reason) => return Some(TaskResponse::Refused { reason }),
+            Err(reason) => return Some(P::refused(reason)),
         };
         let member = self
             .verified
@@ -541,14 +668,14 @@ impl Server {
         let Some(member) = member else {
             // Often a member whose proof this node is still checking on a new connection: it
             // sends again; a non-member never gets further than this.
-            return Some(TaskResponse::Busy {
-                reason: "this node takes tasks from verified members only, and has not \
-                         verified yours (yet)"
-                    .into(),
-            });
+            return Some(P::busy(format!(
+                "this node takes {} requests from verified members only, and has not verified \
+                 yours (yet)",
+                P::LABEL
+            )));
         };
-        if let Err(reason) = request.check() {
-            return Some(TaskResponse::Refused { reason });
+        if let Err(reason) = P::check(&request) {
+            return Some(P::refused(reason));
         }
         let inbound = Inbound {
             from: member,
@@ -556,11 +683,148 @@ impl Server {
             request,
             responder,
         };
-        self.inbound
-            .try_send(inbound)
-            .err()
-            .map(|_| TaskResponse::Busy {
-                reason: "this node is overloaded with task requests".into(),
-            })
+        self.inbound.try_send(inbound).err().map(|_| {
+            P::busy(format!(
+                "this node is overloaded with {} requests",
+                P::LABEL
+            ))
+        })
+    }
+}
+
+/// Frames on a link: a 4-byte big-endian length, then that many bytes of JSON —
+/// `{"id": N, "request": ...}` from the stream's opener, `{"id": N, "response": ...}` back.
+pub mod frame {
+    use futures::{AsyncRead, AsyncReadExt as _};
+    use serde::{Deserialize, Serialize};
+
+    use super::Protocol;
+
+    /// A frame's body is read this much at a time (and its buffer grown as it arrives).
+    pub const READ_STEP: usize = 256 << 10;
+
+    #[derive(Serialize)]
+    struct RequestOut<'a, T> {
+        id: u64,
+        request: &'a T,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct RequestIn<T> {
+        id: u64,
+        request: T,
+    }
+
+    #[derive(Serialize)]
+    struct ResponseOut<'a, T> {
+        id: u64,
+        response: &'a T,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct ResponseIn<T> {
+        id: u64,
+        response: T,
+    }
+
+    /// A frame whose body did not parse, read again for its id alone.
+    #[derive(Deserialize)]
+    struct IdOnly {
+        id: u64,
+    }
+
+    fn encode<P: Protocol, T: Serialize>(body: &T) -> Result<Vec<u8>, String> {
+        let mut out = Vec::with_capacity(256);
+        out.extend_from_slice(&[0; 4]);
+        serde_json::to_writer(&mut out, body).map_err(|e| format!("cannot encode: {e}"))?;
+        let len = out.len() - 4;
+        if len > P::MAX_MESSAGE {
+            return Err(format!(
+                "the message is {len} bytes; the {} protocol carries at most {} (send fewer \
+                 items per batch)",
+                P::LABEL,
+                P::MAX_MESSAGE
+            ));
+        }
+        out[..4].copy_from_slice(&(len as u32).to_be_bytes());
+        Ok(out)
+    }
+
+    /// A request frame, length prefix included.
+    pub fn request<P: Protocol>(id: u64, request: &P::Request) -> Result<Vec<u8>, String> {
+        encode::<P, _>(&RequestOut { id, request })
+    }
+
+    /// A response frame, length prefix included.
+    pub fn response<P: Protocol>(id: u64, response: &P::Response) -> Result<Vec<u8>, String> {
+        encode::<P, _>(&ResponseOut { id, response })
+    }
+
+    /// Reads a request frame's body. `Err`: not a frame at all (the stream is garbled);
+    /// `Ok((id, Err(why)))`: a frame with an id whose request is malformed, to be refused.
+    #[allow(clippy::type_complexity)]
+    pub fn read_request<P: Protocol>(
+        body: &[u8],
+    ) -> Result<(u64, Result<P::Request, String>), String> {
+        match serde_json::from_slice::<RequestIn<P::Request>>(body) {
+            Ok(f) => Ok((f.id, Ok(f.request))),
+            Err(e) => match serde_json::from_slice::<IdOnly>(body) {
+                Ok(f) => Ok((f.id, Err(format!("malformed {} request: {e}", P::LABEL)))),
+                Err(_) => Err(format!("not a {}-protocol frame: {e}", P::LABEL)),
+            },
+        }
+    }
+
+    /// Reads a response frame's body, like [`read_request`].
+    #[allow(clippy::type_complexity)]
+    pub fn read_response<P: Protocol>(
+        body: &[u8],
+    ) -> Result<(u64, Result<P::Response, String>), String> {
+        match serde_json::from_slice::<ResponseIn<P::Response>>(body) {
+            Ok(f) => Ok((f.id, Ok(f.response))),
+            Err(e) => match serde_json::from_slice::<IdOnly>(body) {
+                Ok(f) => Ok((f.id, Err(format!("malformed {} response: {e}", P::LABEL)))),
+                Err(_) => Err(format!("not a {}-protocol frame: {e}", P::LABEL)),
+            },
+        }
+    }
+
+    /// Reads the next frame's body (at most `max` bytes) into `body`. `Ok(false)`: the stream
+    /// ended cleanly between frames.
+    pub async fn read<R: AsyncRead + Unpin>(
+        io: &mut R,
+        body: &mut Vec<u8>,
+        max: usize,
+    ) -> std::io::Result<bool> {
+        let mut len = [0u8; 4];
+        let mut got = 0;
+        while got < 4 {
+            match io.read(&mut len[got..]).await? {
+                0 if got == 0 => return Ok(false),
+                0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                n => got += n,
+            }
+        }
+        let len = u32::from_be_bytes(len) as usize;
+        if len > max {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("a frame of {len} bytes; the protocol carries at most {max}"),
+            ));
+        }
+        // The buffer grows with the bytes that arrive, not with what the header claims: a peer
+        // cannot make this node hold more memory than it sends.
+        body.clear();
+        let mut rest = len;
+        while rest > 0 {
+            let start = body.len();
+            let step = rest.min(READ_STEP);
+            body.resize(start + step, 0);
+            io.read_exact(&mut body[start..]).await?;
+            rest -= step;
+        }
+        Ok(true)
     }
 }

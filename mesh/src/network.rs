@@ -28,10 +28,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::links::{Links, Verified};
+use crate::links::{self, Links, Verified};
 use crate::membership::{Federation, Member, Proof, Refusal, Role, unix_now};
 use crate::registry::{self, Out, Replica, StoreOp, Strikes, SyncRequest, SyncResponse};
-use crate::tasks::{TaskRequest, TaskResponse};
 
 /// Protocol name of the membership exchange.
 pub const MEMBERSHIP_PROTOCOL: &str = "/funcmesh/membership/1";
@@ -122,9 +121,6 @@ pub enum Error {
         /// Its reason.
         reason: String,
     },
-    /// A task-protocol request failed (unreachable peer, timeout, closed stream).
-    #[error("{0}")]
-    Request(String),
     /// Nothing happened in time.
     #[error("timed out after {0:?}")]
     Timeout(Duration),
@@ -239,45 +235,6 @@ enum Command {
     Rtts(oneshot::Sender<HashMap<PeerId, Duration>>),
 }
 
-/// A task-protocol request from a verified member, to be answered through [`Responder`].
-#[derive(Debug)]
-pub struct Inbound {
-    /// The member that sent it.
-    pub from: Member,
-    /// Its peer id.
-    pub peer: PeerId,
-    /// The request.
-    pub request: TaskRequest,
-    /// Where the answer goes.
-    pub responder: Responder,
-}
-
-/// Answers one inbound task request, on the stream it came in on.
-#[derive(Debug)]
-pub struct Responder {
-    id: u64,
-    frames: mpsc::Sender<Vec<u8>>,
-}
-
-impl Responder {
-    pub(crate) fn new(id: u64, frames: mpsc::Sender<Vec<u8>>) -> Responder {
-        Responder { id, frames }
-    }
-
-    /// Sends the answer (dropped silently if the mesh stopped or the peer went away).
-    pub async fn respond(self, response: TaskResponse) {
-        match crate::tasks::frame::response(self.id, &response) {
-            Ok(frame) => {
-                let _ = self.frames.send(frame).await;
-            }
-            Err(why) => warn!(%why, "cannot answer a task request"),
-        }
-    }
-}
-
-/// Inbound task requests waiting for their consumer; when full, new ones are refused as busy.
-const TASK_INBOUND_QUEUE: usize = 1024;
-
 /// A batch of store writes, and who to tell when it is durable.
 struct PersistJob {
     ops: Vec<StoreOp>,
@@ -290,8 +247,22 @@ pub struct Handle {
     peer_id: PeerId,
     commands: mpsc::Sender<Command>,
     events: broadcast::Sender<Event>,
-    task_inbound: std::sync::Arc<std::sync::Mutex<Option<mpsc::Receiver<Inbound>>>>,
-    links: Links,
+    streams: Streams,
+}
+
+/// What [`Handle::links`] needs to start a protocol's links.
+#[derive(Clone)]
+struct Streams {
+    control: libp2p_stream::Control,
+    verified: Verified,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl std::fmt::Debug for Streams {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Streams").finish_non_exhaustive()
+    }
 }
 
 impl Handle {
@@ -300,25 +271,18 @@ impl Handle {
         self.peer_id
     }
 
-    /// Sends a task-protocol request to a peer; the future is its answer. The request is on
-    /// its way when this returns, not when the future is first polled, so a caller that spawns
-    /// the wait adds no scheduling round to the request's path (a full queue is waited for in
-    /// the future instead). It fails, saying why, if the stream to the peer breaks or the peer
-    /// does not answer within [`crate::links::REQUEST_TIMEOUT`].
-    pub fn task_request(
+    /// Starts serving protocol `P` on links ([`crate::links`]): the returned [`Links`] send
+    /// requests to members, and the receiver yields the requests members send (only verified
+    /// members get through; when the receiver falls [`links::INBOUND_QUEUE`] behind, senders
+    /// are answered [`links::Protocol::busy`]). Once per protocol: a second call fails.
+    pub fn links<P: links::Protocol>(
         &self,
-        peer: PeerId,
-        request: TaskRequest,
-    ) -> impl Future<Output = Result<TaskResponse, Error>> + Send + 'static {
-        self.links.request(peer, &request)
-    }
-
-    /// Takes the stream of inbound task requests (once: the node's task service consumes it).
-    pub fn take_task_requests(&self) -> Option<mpsc::Receiver<Inbound>> {
-        self.task_inbound
-            .lock()
-            .expect("the inbound lock is never poisoned")
-            .take()
+    ) -> Result<(Links<P>, mpsc::Receiver<links::Inbound<P>>), Error> {
+        let (tx, rx) = mpsc::channel(links::INBOUND_QUEUE);
+        let s = self.streams.clone();
+        let links =
+            Links::start(s.control, s.verified, tx, s.cancel, s.tracker).map_err(Error::Build)?;
+        Ok((links, rx))
     }
 
     /// Round-trip times to connected peers, from ping.
@@ -494,7 +458,7 @@ struct Behaviour {
     blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
     limits: connection_limits::Behaviour,
     registry_sync: request_response::cbor::Behaviour<SyncRequest, SyncResponse>,
-    tasks: libp2p_stream::Behaviour,
+    streams: libp2p_stream::Behaviour,
     membership: request_response::cbor::Behaviour<Hello, HelloReply>,
     identify: identify::Behaviour,
     ping: ping::Behaviour,
@@ -613,15 +577,13 @@ pub async fn spawn(
     let known = load_known(&config.store).await;
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
     let (ev_tx, _) = broadcast::channel(EVENT_QUEUE);
-    let (inbound_tx, inbound_rx) = mpsc::channel(TASK_INBOUND_QUEUE);
     let verified = Verified::default();
-    let links = Links::start(
-        swarm.behaviour().tasks.new_control(),
-        verified.clone(),
-        inbound_tx,
-        cancel.clone(),
-        tracker.clone(),
-    )?;
+    let streams = Streams {
+        control: swarm.behaviour().streams.new_control(),
+        verified: verified.clone(),
+        cancel: cancel.clone(),
+        tracker: tracker.clone(),
+    };
     let mut event_loop = EventLoop {
         swarm,
         commands: cmd_rx,
@@ -669,8 +631,7 @@ pub async fn spawn(
         peer_id,
         commands: cmd_tx,
         events: ev_tx,
-        task_inbound: std::sync::Arc::new(std::sync::Mutex::new(Some(inbound_rx))),
-        links,
+        streams,
     })
 }
 
@@ -776,13 +737,13 @@ fn behaviour(
         )],
         request_response::Config::default().with_request_timeout(Duration::from_secs(30)),
     );
-    // Task messages are JSON frames on long-lived streams of their own (`links`).
-    let tasks = libp2p_stream::Behaviour::new();
+    // Links (other crates' protocols) are frames on long-lived streams of their own.
+    let streams = libp2p_stream::Behaviour::new();
     Ok(Behaviour {
         blocked: allow_block_list::Behaviour::default(),
         limits,
         registry_sync,
-        tasks,
+        streams,
         membership,
         identify,
         ping: ping::Behaviour::default(),
@@ -1267,7 +1228,7 @@ impl EventLoop {
         match event {
             BehaviourEvent::Membership(ev) => self.on_membership(ev),
             BehaviourEvent::RegistrySync(ev) => self.on_registry_sync(ev),
-            BehaviourEvent::Tasks(()) => {}
+            BehaviourEvent::Streams(()) => {}
             BehaviourEvent::Ping(ping::Event {
                 peer,
                 result: Ok(rtt),

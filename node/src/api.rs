@@ -318,7 +318,7 @@ pub struct NodeAdvert {
     /// The advertising node.
     pub peer_id: String,
     /// What it said.
-    pub advert: mesh::routing::Advert,
+    pub advert: compute::routing::Advert,
 }
 
 async fn adverts(State(inner): State<Shared>) -> Result<Json<Vec<NodeAdvert>>, ApiError> {
@@ -357,12 +357,12 @@ enum SubmitForm {
     },
 }
 
-fn dispatch_error(e: mesh::dispatch::Error) -> ApiError {
+fn dispatch_error(e: compute::submit::Error) -> ApiError {
     ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
 }
 
 fn views(
-    tasks: Vec<Option<std::sync::Arc<mesh::dispatch::Submitted>>>,
+    tasks: Vec<Option<std::sync::Arc<compute::submit::Submitted>>>,
     ids: &[String],
 ) -> Vec<crate::tasks::Submitted1> {
     tasks

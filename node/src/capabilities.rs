@@ -6,13 +6,44 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, bail};
 use capability::{Audience, Delegation, Directory, Grant, Key};
+use compute::access::{Access, Held};
 use crdt_registry::Entry;
 use crdt_registry::entry::Payload;
 use crdt_registry::record::{Body, RevocationRecord, Target};
-use mesh::access::{Access, Held};
 use serde::{Deserialize, Serialize};
 
 /// Loads the tokens this node holds into `access`.
+/// The node's verifier and the tokens it holds: loaded from the store, its directory refreshed
+/// from the registry every 250 ms (revocations and admissions reach it that soon) until `cancel`.
+pub(crate) async fn start(
+    mesh: &mesh::Handle,
+    store: &store::Store,
+    own: &mesh::membership::Member,
+    cancel: &tokio_util::sync::CancellationToken,
+    tracker: &tokio_util::task::TaskTracker,
+) -> anyhow::Result<std::sync::Arc<Access>> {
+    let access = Access::new(
+        mesh.peer_id(),
+        own.institution_key.map(|k| crdt_registry::Key(k.0)),
+    );
+    load(store, &access).await?;
+    refresh_directory(mesh, &access).await;
+    let mesh = mesh.clone();
+    let a = access.clone();
+    let cancel = cancel.clone();
+    tracker.spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(250));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = cancel.cancelled() => break,
+                _ = tick.tick() => refresh_directory(&mesh, &a).await,
+            }
+        }
+    });
+    Ok(access)
+}
+
 pub(crate) async fn load(store: &store::Store, access: &Access) -> anyhow::Result<()> {
     let rows = store
         .blocking(|s| s.scan(store::cf::CAPABILITIES))

@@ -221,9 +221,10 @@ pub struct RunArgs {
     #[arg(required_unless_present = "batch")]
     pub function: Option<String>,
     /// Positional arguments, each a JSON value (text that is not JSON is taken as a string).
+    #[arg(conflicts_with = "batch")]
     pub args: Vec<String>,
     /// Keyword arguments, a JSON object.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "batch")]
     pub kwargs: Option<String>,
     /// Run on this endpoint: id, id prefix, name or name@node.
     #[arg(long)]
@@ -234,12 +235,12 @@ pub struct RunArgs {
     /// Only on endpoints of this institution.
     #[arg(long)]
     pub institution: Option<String>,
-    /// Routing strategy: warm-aware, least-loaded, random, round-robin.
-    #[arg(long, default_value = "warm-aware")]
-    pub strategy: String,
-    /// Retry on another endpoint up to N times if the endpoint is lost.
-    #[arg(long, default_value_t = 0)]
-    pub retries: u32,
+    /// Routing strategy: warm-aware (the default), least-loaded, random, round-robin.
+    #[arg(long)]
+    pub strategy: Option<String>,
+    /// Retry on another endpoint up to N times if the endpoint is lost (default 0).
+    #[arg(long)]
+    pub retries: Option<u32>,
     /// Time limit of the task (e.g. 30s); default: the endpoint's.
     #[arg(long, value_parser = humantime::parse_duration)]
     pub timeout: Option<Duration>,
@@ -254,7 +255,9 @@ pub struct RunArgs {
     #[arg(long)]
     pub capability: Option<String>,
     /// Submit many tasks from a JSON Lines file: one task object per line
-    /// (`{"function": …, "args": […], "kwargs": {…}, "endpoint": …}`); `-` reads stdin.
+    /// (`{"function": …, "args": […], "kwargs": {…}, "endpoint": …}`); `-` reads stdin. The
+    /// flags --endpoint, --require, --institution, --strategy, --retries, --timeout and
+    /// --capability apply to every line that does not set its own.
     #[arg(long, conflicts_with = "function")]
     pub batch: Option<PathBuf>,
     /// The node to submit through, and output format.
@@ -283,8 +286,9 @@ pub enum TaskCommand {
     },
     /// Wait for a task to finish, then print its result.
     Wait {
-        /// The task id.
-        id: String,
+        /// The task ids (one or more).
+        #[arg(required = true)]
+        ids: Vec<String>,
         /// How long to wait.
         #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
         timeout: Duration,
@@ -768,6 +772,20 @@ fn json_arg(s: &str) -> serde_json::Value {
 }
 
 async fn run_command(a: RunArgs) -> anyhow::Result<()> {
+    let mut require = std::collections::BTreeMap::new();
+    for r in &a.require {
+        let Some((k, v)) = r.split_once('=') else {
+            anyhow::bail!("--require {r}: expected KEY=VALUE");
+        };
+        require.insert(k.to_owned(), v.to_owned());
+    }
+    if let Some(s) = &a.strategy {
+        compute::routing::Strategy::parse(s).map_err(|e| anyhow::anyhow!("--strategy: {e}"))?;
+    }
+    let capability = match &a.capability {
+        Some(c) => Some(capability::to_text(&crate::capabilities::token_arg(c)?)),
+        None => None,
+    };
     let tasks = match &a.batch {
         Some(path) => {
             let text = if path.as_os_str() == "-" {
@@ -776,18 +794,53 @@ async fn run_command(a: RunArgs) -> anyhow::Result<()> {
                 std::fs::read_to_string(path)
                     .with_context(|| format!("cannot read {}", path.display()))?
             };
+            // The flags given are defaults for every line that does not set its own.
+            let mut defaults = serde_json::Map::new();
+            let mut default = |key: &str, value: serde_json::Value| {
+                defaults.insert(key.to_owned(), value);
+            };
+            if let Some(e) = &a.endpoint {
+                default("endpoint", e.clone().into());
+            }
+            if !require.is_empty() {
+                default("require", serde_json::json!(require));
+            }
+            if let Some(i) = &a.institution {
+                default("institution", i.clone().into());
+            }
+            if let Some(s) = &a.strategy {
+                default("strategy", s.clone().into());
+            }
+            if let Some(r) = a.retries {
+                default("retries", r.into());
+            }
+            if let Some(t) = a.timeout {
+                default("timeout_ms", (t.as_millis() as u64).into());
+            }
+            if let Some(c) = &capability {
+                default("capability", c.clone().into());
+            }
             let mut tasks = Vec::new();
             for (n, line) in text.lines().enumerate() {
                 if line.trim().is_empty() {
                     continue;
                 }
-                let t: crate::tasks::NewTask = serde_json::from_str(line).with_context(|| {
+                let not_a_task = || {
                     format!(
                         "{} line {}: not a task object ({{\"function\": …, \"args\": […]}})",
                         path.display(),
                         n + 1
                     )
-                })?;
+                };
+                let mut v: serde_json::Value =
+                    serde_json::from_str(line).with_context(not_a_task)?;
+                if let Some(obj) = v.as_object_mut() {
+                    for (k, d) in &defaults {
+                        obj.entry(k.clone()).or_insert_with(|| d.clone());
+                    }
+                }
+                let t: crate::tasks::NewTask =
+                    serde_json::from_value(v).with_context(not_a_task)?;
                 tasks.push(t);
             }
             if tasks.is_empty() {
@@ -807,14 +860,6 @@ async fn run_command(a: RunArgs) -> anyhow::Result<()> {
                 }
                 None => serde_json::json!({}),
             };
-            let mut require = std::collections::BTreeMap::new();
-            for r in &a.require {
-                let Some((k, v)) = r.split_once('=') else {
-                    anyhow::bail!("--require {r}: expected KEY=VALUE");
-                };
-                require.insert(k.to_owned(), v.to_owned());
-            }
-            mesh::routing::Strategy::parse(&a.strategy).map_err(|e| anyhow::anyhow!(e))?;
             vec![crate::tasks::NewTask {
                 function: a.function.clone().unwrap_or_default(),
                 args: serde_json::Value::Array(a.args.iter().map(|s| json_arg(s)).collect()),
@@ -822,13 +867,10 @@ async fn run_command(a: RunArgs) -> anyhow::Result<()> {
                 endpoint: a.endpoint.clone(),
                 require,
                 institution: a.institution.clone(),
-                strategy: Some(a.strategy.clone()),
-                retries: a.retries,
+                strategy: a.strategy.clone(),
+                retries: a.retries.unwrap_or(0),
                 timeout_ms: a.timeout.map_or(0, |d| d.as_millis() as u64),
-                capability: match &a.capability {
-                    Some(c) => Some(capability::to_text(&crate::capabilities::token_arg(c)?)),
-                    None => None,
-                },
+                capability,
                 ..Default::default()
             }]
         }
@@ -979,16 +1021,49 @@ async fn task_command(cmd: TaskCommand) -> anyhow::Result<()> {
             let t = client.task(&id).await?;
             finish_result(&t, node.json)
         }
-        TaskCommand::Wait { id, timeout, node } => {
+        TaskCommand::Wait { ids, timeout, node } => {
             let client = Client::for_node(&DataDir::new(&node.node))?;
-            let list = client.wait_tasks(vec![id.clone()], timeout).await?;
-            let Some(s) = list.tasks.into_iter().next() else {
-                anyhow::bail!("no answer for task {id}");
-            };
-            match (s.task, s.error) {
-                (Some(t), _) => finish_result(&t, node.json),
-                (None, e) => anyhow::bail!("{}", e.unwrap_or_default()),
+            let list = client.wait_tasks(ids.clone(), timeout).await?;
+            if let [id] = ids.as_slice() {
+                let Some(s) = list.tasks.into_iter().next() else {
+                    anyhow::bail!("no answer for task {id}");
+                };
+                return match (s.task, s.error) {
+                    (Some(t), _) => finish_result(&t, node.json),
+                    (None, e) => anyhow::bail!("{}", e.unwrap_or_default()),
+                };
             }
+            if node.json {
+                println!("{}", serde_json::to_string_pretty(&list)?);
+                return Ok(());
+            }
+            // One line per task, in the order given: its value, or (on stderr) its error.
+            let mut failed = 0;
+            for (id, s) in ids.iter().zip(&list.tasks) {
+                match (&s.task, &s.error) {
+                    (Some(t), _) if t.status.is_terminal() => {
+                        if !print_result(t, false) {
+                            failed += 1;
+                        }
+                    }
+                    (Some(t), _) => {
+                        failed += 1;
+                        eprintln!(
+                            "{id}: still {} after {}",
+                            t.status,
+                            humantime::format_duration(timeout)
+                        );
+                    }
+                    (None, e) => {
+                        failed += 1;
+                        eprintln!("{id}: {}", e.clone().unwrap_or_default());
+                    }
+                }
+            }
+            if failed > 0 {
+                anyhow::bail!("{failed} of {} tasks did not succeed", ids.len());
+            }
+            Ok(())
         }
         TaskCommand::Cancel { id, node } => {
             let client = Client::for_node(&DataDir::new(&node.node))?;

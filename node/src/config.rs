@@ -187,6 +187,11 @@ pub struct MeshSection {
     /// retried elsewhere (`--retries`) or fail with that reason.
     #[serde(with = "humantime_serde_str")]
     pub endpoint_lost_after: Duration,
+    /// How long a task with retries left whose endpoint was lost waits for another endpoint that
+    /// can take it (say, while this node restarts and learns the endpoints again) before it
+    /// fails; a task with a longer time limit waits that long.
+    #[serde(with = "humantime_serde_str")]
+    pub route_wait: Duration,
 }
 
 impl Default for NodeSection {
@@ -220,6 +225,7 @@ impl Default for MeshSection {
             redial_interval: Duration::from_millis(500),
             anti_entropy: Duration::from_secs(10),
             endpoint_lost_after: Duration::from_secs(6),
+            route_wait: Duration::from_secs(300),
         }
     }
 }

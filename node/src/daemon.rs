@@ -37,7 +37,7 @@ pub(crate) struct Inner {
     /// This node's registry key (its ed25519 identity).
     pub(crate) key: crdt_registry::Key,
     /// Tasks: this node's endpoints and its dispatcher.
-    pub(crate) tasks: crate::tasks::Tasks,
+    pub(crate) tasks: compute::service::Tasks,
     /// The node's store.
     pub(crate) store: store::Store,
 }
@@ -125,13 +125,30 @@ impl Node {
                 }
             });
         }
-        let tasks = crate::tasks::start(
+        let access = crate::capabilities::start(&mesh, &store, &own, &cancel, &tracker)
+            .await
+            .context("cannot load the capability tokens this node holds")?;
+        let mut endpoints = Vec::new();
+        for section in &config.endpoint {
+            let policy: crdt_registry::record::Policy = section
+                .policy
+                .parse()
+                .map_err(|e: String| anyhow::anyhow!("[[endpoint]] {}: {e}", section.name))?;
+            endpoints.push((section.compute(), policy));
+        }
+        let tasks = compute::service::start(
             &mesh,
             &store,
             key,
             &dir.root().join("endpoints"),
-            config,
+            &compute::service::Config {
+                endpoints,
+                lost_after: config.mesh.endpoint_lost_after,
+                retention: config.node.task_retention,
+                route_wait: config.mesh.route_wait,
+            },
             &own,
+            access,
             &cancel,
             &tracker,
         )
@@ -208,13 +225,18 @@ impl Node {
     pub async fn submit(
         &self,
         tasks: Vec<crate::tasks::NewTask>,
-    ) -> anyhow::Result<Vec<Result<mesh::dispatch::Submitted, String>>> {
+    ) -> anyhow::Result<Vec<Result<compute::submit::Submitted, String>>> {
         crate::tasks::submit(self.mesh(), &self.inner.tasks.dispatcher, tasks).await
     }
 
     /// The dispatcher (tasks this node submits).
-    pub fn dispatcher(&self) -> &mesh::dispatch::Dispatcher {
+    pub fn dispatcher(&self) -> &compute::submit::Dispatcher {
         &self.inner.tasks.dispatcher
+    }
+
+    /// This node's links of the task protocol.
+    pub fn task_links(&self) -> &mesh::Links<compute::wire::TaskProtocol> {
+        &self.inner.tasks.links
     }
 
     /// This node's own verified membership.

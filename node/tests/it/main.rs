@@ -5,4 +5,5 @@
 
 mod caps;
 mod cli;
+mod layout;
 mod tasks;

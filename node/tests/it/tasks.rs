@@ -380,6 +380,75 @@ fn a_lost_endpoint_retries_or_fails_and_a_killed_submitter_keeps_its_results() {
     assert_eq!(ok(&["task", "result", &retryable, "--node", p(&a1)]), "3");
 }
 
+/// A submitter killed (-9) with 300 tasks out, some of them running on its own endpoint, and
+/// restarted: every task succeeds. Those that ran on its own endpoint are lost with the crash
+/// (they are never run twice) and retried on another endpoint once the restarted node has
+/// learned the endpoints again: a retry with no route yet waits for one instead of failing.
+/// Flags given with --batch are every line's defaults (`--retries 3` here).
+#[test]
+fn every_task_survives_a_kill_and_restart_of_its_submitter() {
+    let net = Net::up("1", "3", &[]);
+    let a1 = net.node("a1");
+    register(&a1, &net.dir);
+    net.wait_endpoints(&a1, 3);
+    for ep in ["a1", "a2", "a3"] {
+        let out = run_wait(&a1, &["double", "1", "--endpoint", ep]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let batch = net.dir.join("tasks.jsonl");
+    let lines: Vec<String> = (0..300)
+        .map(|i| format!(r#"{{"function": "slow", "args": [0.{}]}}"#, 1 + i % 3))
+        .collect();
+    std::fs::write(&batch, lines.join("\n")).unwrap();
+    let ids: Vec<String> = ok(&[
+        "run",
+        "--batch",
+        p(&batch),
+        "--retries",
+        "3",
+        "--strategy",
+        "round-robin",
+        "--node",
+        p(&a1),
+    ])
+    .lines()
+    .map(str::to_owned)
+    .collect();
+    assert_eq!(ids.len(), 300);
+    let t = task(&a1, &ids[0]);
+    assert_eq!(t["attempts"], 1, "{t}");
+    // Some are running on a1's own endpoint when it is killed.
+    wait_until("a task to run on a1", Duration::from_secs(30), || {
+        ids.iter().take(12).any(|id| {
+            let t = task(&a1, id);
+            t["status"] == "running" && t["endpoint"] == "a1@a1"
+        })
+    });
+    net.kill("a1");
+    net.restart("a1");
+    let mut args = vec!["task", "wait"];
+    args.extend(ids.iter().map(String::as_str));
+    args.extend(["--timeout", "240s", "--node", p(&a1)]);
+    let out = funcmesh(&args);
+    assert!(
+        out.status.success(),
+        "not every task succeeded: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout.lines().count(), 300, "{stdout}");
+    // The batch's flags reached every task: some were retried after the crash.
+    let retried = ids
+        .iter()
+        .filter(|id| task(&a1, id)["attempts"].as_u64() > Some(1))
+        .count();
+    assert!(retried > 0, "no task needed a retry: the crash hit nothing");
+}
+
 /// Builds one of the project's images (cached), as `.ci/run` does: `python` or `base` (Debian
 /// without python3).
 fn image(kind: &str) -> String {

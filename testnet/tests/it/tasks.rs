@@ -3,9 +3,9 @@
 use std::time::Duration;
 
 use compute::task::TaskId;
+use compute::wire::{TaskProtocol, TaskRequest, TaskResponse};
+use mesh::links::Error;
 use mesh::membership::{Invite, Proof, Role, unix_now};
-use mesh::network::Error;
-use mesh::tasks::{TaskRequest, TaskResponse};
 use node::tasks::NewTask;
 use testnet::{Federation, rogue, shell_function, wait_for};
 
@@ -76,12 +76,11 @@ async fn task_streams_serve_members_only_and_reopen_after_the_peer_restarts() {
     })
     .await
     .unwrap();
-    let a = net.node(0).mesh().clone();
+    let a = net.node(0).task_links().clone();
     let b = net.node(1).peer_id();
 
     // Many requests in flight at once, each answered under its own id.
-    let answers =
-        futures::future::join_all((0..200).map(|_| a.task_request(b, ask_nowhere()))).await;
+    let answers = futures::future::join_all((0..200).map(|_| a.request(b, &ask_nowhere()))).await;
     for answer in &answers {
         assert!(answered_by_the_service(answer), "{answer:?}");
     }
@@ -106,8 +105,9 @@ async fn task_streams_serve_members_only_and_reopen_after_the_peer_restarts() {
     .unwrap();
     let b_addr = net.node(1).dial_addrs().await.unwrap()[0].clone();
     stranger.dial(b_addr).await.unwrap();
+    let (stranger_links, _inbound) = stranger.links::<TaskProtocol>().unwrap();
     for _ in 0..5 {
-        let answer = stranger.task_request(b, ask_nowhere()).await;
+        let answer = stranger_links.request(b, &ask_nowhere()).await;
         assert!(
             matches!(answer, Ok(TaskResponse::Busy { .. }) | Err(_)),
             "a stranger got {answer:?}"
@@ -117,7 +117,7 @@ async fn task_streams_serve_members_only_and_reopen_after_the_peer_restarts() {
 
     // The peer stops: a request fails, naming it, well within the request timeout.
     net.stop(1).await.unwrap();
-    let answer = tokio::time::timeout(Duration::from_secs(20), a.task_request(b, ask_nowhere()))
+    let answer = tokio::time::timeout(Duration::from_secs(20), a.request(b, &ask_nowhere()))
         .await
         .expect("a request to a stopped peer fails instead of hanging");
     let err = answer.expect_err("nobody is there to answer").to_string();
@@ -134,7 +134,7 @@ async fn task_streams_serve_members_only_and_reopen_after_the_peer_restarts() {
         "a request to reach the restarted peer",
         Duration::from_secs(20),
         || {
-            let ask = a.task_request(b, ask_nowhere());
+            let ask = a.request(b, &ask_nowhere());
             async move { answered_by_the_service(&ask.await) }
         },
     )
@@ -153,12 +153,10 @@ async fn small_task_requests_do_not_wait_behind_a_large_one() {
     })
     .await
     .unwrap();
-    let a = net.node(0).mesh().clone();
+    let a = net.node(0).task_links().clone();
     let b = net.node(1).peer_id();
     // The link is open and serving.
-    assert!(answered_by_the_service(
-        &a.task_request(b, ask_nowhere()).await
-    ));
+    assert!(answered_by_the_service(&a.request(b, &ask_nowhere()).await));
     // A 30 MiB result for a task b never sent: b reads it whole, then acknowledges it (a small
     // answer), so the large request's round trip is its bytes crossing and being read.
     let large = TaskRequest::Results {
@@ -179,17 +177,15 @@ async fn small_task_requests_do_not_wait_behind_a_large_one() {
         }],
         loads: Vec::new(),
     };
-    let large = a.task_request(b, large);
+    let large = a.request(b, &large);
     let t0 = std::time::Instant::now();
     let large = tokio::spawn(async move { (large.await, t0.elapsed()) });
     let sent = std::time::Instant::now();
-    let answer = a.task_request(b, ask_nowhere()).await;
+    let answer = a.request(b, &ask_nowhere()).await;
     let small = sent.elapsed();
     assert!(answered_by_the_service(&answer), "{answer:?}");
     for _ in 0..10 {
-        assert!(answered_by_the_service(
-            &a.task_request(b, ask_nowhere()).await
-        ));
+        assert!(answered_by_the_service(&a.request(b, &ask_nowhere()).await));
     }
     let (answer, large_took) = large.await.unwrap();
     assert!(

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use capability::{Ability, Directory, Key, Refusal, Request, Verifier};
 use crdt_registry::record::Policy;
-use libp2p::PeerId;
+use mesh::PeerId;
 
 /// Whether tokens can open an endpoint with this policy to those the policy alone refuses.
 pub fn admits_tokens(policy: Policy) -> bool {

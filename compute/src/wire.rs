@@ -9,14 +9,14 @@
 //!
 //! Submitting a task id twice is harmless: the endpoint answers with the task's current record.
 //!
-//! On the wire ([`frame`]) a node keeps one long-lived stream to each peer it sends requests
-//! to; requests go out on it tagged with an id, and the answers come back on the same stream,
-//! tagged with the id they answer, in whatever order they are ready.
+//! On the wire (the mesh's [`mesh::links`]) a node keeps one long-lived stream to each peer it
+//! sends requests to; requests go out on it tagged with an id, and the answers come back on the
+//! same stream, tagged with the id they answer, in whatever order they are ready.
 
-use compute::task::{Record, Status, Submission, TaskId};
+use serde::{Deserialize, Serialize};
 
 use crate::routing::EndpointLoad;
-use serde::{Deserialize, Serialize};
+use crate::task::{Record, Status, Submission, TaskId};
 
 /// The protocol name.
 /// Version 2: JSON on the wire (version 1 was CBOR, which turned every JSON `null` in task
@@ -25,10 +25,32 @@ use serde::{Deserialize, Serialize};
 pub const PROTOCOL: &str = "/funcmesh/task/4";
 /// Largest request or response on the wire.
 pub const MAX_MESSAGE: usize = 32 << 20;
-/// A frame's body is read this much at a time (and its buffer grown as it arrives).
-const READ_STEP: usize = 256 << 10;
 /// Most tasks in one request.
 pub const MAX_BATCH: usize = 4096;
+
+/// The task protocol, as the mesh's links carry it.
+#[derive(Debug, Clone, Copy)]
+pub struct TaskProtocol;
+
+impl mesh::Protocol for TaskProtocol {
+    const NAME: &'static str = PROTOCOL;
+    const LABEL: &'static str = "task";
+    const MAX_MESSAGE: usize = MAX_MESSAGE;
+    type Request = TaskRequest;
+    type Response = TaskResponse;
+
+    fn busy(reason: String) -> TaskResponse {
+        TaskResponse::Busy { reason }
+    }
+
+    fn refused(reason: String) -> TaskResponse {
+        TaskResponse::Refused { reason }
+    }
+
+    fn check(request: &TaskRequest) -> Result<(), String> {
+        request.check()
+    }
+}
 
 /// A request.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -73,7 +95,7 @@ pub enum TaskRequest {
 pub mod function_table {
     use std::collections::HashMap;
 
-    use compute::task::{Encoding, Submission, TaskId};
+    use crate::task::{Encoding, Submission, TaskId};
     use crdt_registry::record::FunctionRecord;
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
     use serde_json::Value;
@@ -281,134 +303,41 @@ impl TaskRequest {
     }
 }
 
-/// Frames on a task stream: a 4-byte big-endian length, then that many bytes of JSON —
-/// `{"id": N, "request": ...}` from the stream's opener, `{"id": N, "response": ...}` back.
-pub mod frame {
-    use futures::{AsyncRead, AsyncReadExt as _};
-    use serde::{Deserialize, Serialize};
-
-    use super::{MAX_MESSAGE, READ_STEP, TaskRequest, TaskResponse};
-
-    #[derive(Serialize)]
-    struct RequestOut<'a> {
-        id: u64,
-        request: &'a TaskRequest,
-    }
-
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct RequestIn {
-        id: u64,
-        request: TaskRequest,
-    }
-
-    #[derive(Serialize)]
-    struct ResponseOut<'a> {
-        id: u64,
-        response: &'a TaskResponse,
-    }
-
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct ResponseIn {
-        id: u64,
-        response: TaskResponse,
-    }
-
-    /// A frame whose body did not parse, read again for its id alone.
-    #[derive(Deserialize)]
-    struct IdOnly {
-        id: u64,
-    }
-
-    fn encode<T: Serialize>(body: &T) -> Result<Vec<u8>, String> {
-        let mut out = Vec::with_capacity(256);
-        out.extend_from_slice(&[0; 4]);
-        serde_json::to_writer(&mut out, body).map_err(|e| format!("cannot encode: {e}"))?;
-        let len = out.len() - 4;
-        if len > MAX_MESSAGE {
-            return Err(format!(
-                "the message is {len} bytes; the task protocol carries at most {MAX_MESSAGE} \
-                 (send fewer tasks per batch)"
-            ));
-        }
-        out[..4].copy_from_slice(&(len as u32).to_be_bytes());
-        Ok(out)
-    }
-
-    /// A request frame, length prefix included.
-    pub fn request(id: u64, request: &TaskRequest) -> Result<Vec<u8>, String> {
-        encode(&RequestOut { id, request })
-    }
-
-    /// A response frame, length prefix included.
-    pub fn response(id: u64, response: &TaskResponse) -> Result<Vec<u8>, String> {
-        encode(&ResponseOut { id, response })
-    }
-
-    /// Reads a request frame's body. `Err`: not a frame at all (the stream is garbled);
-    /// `Ok((id, Err(why)))`: a frame with an id whose request is malformed, to be refused.
-    pub fn read_request(body: &[u8]) -> Result<(u64, Result<TaskRequest, String>), String> {
-        match serde_json::from_slice::<RequestIn>(body) {
-            Ok(f) => Ok((f.id, Ok(f.request))),
-            Err(e) => match serde_json::from_slice::<IdOnly>(body) {
-                Ok(f) => Ok((f.id, Err(format!("malformed task request: {e}")))),
-                Err(_) => Err(format!("not a task-protocol frame: {e}")),
-            },
-        }
-    }
-
-    /// Reads a response frame's body, like [`read_request`].
-    pub fn read_response(body: &[u8]) -> Result<(u64, Result<TaskResponse, String>), String> {
-        match serde_json::from_slice::<ResponseIn>(body) {
-            Ok(f) => Ok((f.id, Ok(f.response))),
-            Err(e) => match serde_json::from_slice::<IdOnly>(body) {
-                Ok(f) => Ok((f.id, Err(format!("malformed task response: {e}")))),
-                Err(_) => Err(format!("not a task-protocol frame: {e}")),
-            },
-        }
-    }
-
-    /// Reads the next frame's body into `body`. `Ok(false)`: the stream ended cleanly between
-    /// frames.
-    pub async fn read<R: AsyncRead + Unpin>(
-        io: &mut R,
-        body: &mut Vec<u8>,
-    ) -> std::io::Result<bool> {
-        let mut len = [0u8; 4];
-        let mut got = 0;
-        while got < 4 {
-            match io.read(&mut len[got..]).await? {
-                0 if got == 0 => return Ok(false),
-                0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-                n => got += n,
-            }
-        }
-        let len = u32::from_be_bytes(len) as usize;
-        if len > MAX_MESSAGE {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                format!("a frame of {len} bytes; the task protocol carries at most {MAX_MESSAGE}"),
-            ));
-        }
-        // The buffer grows with the bytes that arrive, not with what the header claims: a peer
-        // cannot make this node hold more memory than it sends.
-        body.clear();
-        let mut rest = len;
-        while rest > 0 {
-            let start = body.len();
-            let step = rest.min(READ_STEP);
-            body.resize(start + step, 0);
-            io.read_exact(&mut body[start..]).await?;
-            rest -= step;
-        }
-        Ok(true)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The task protocol's frames, as the mesh's links write and read them.
+    mod frame {
+        use super::super::{MAX_MESSAGE, TaskProtocol, TaskRequest, TaskResponse};
+        use mesh::links::frame as f;
+        pub(super) use mesh::links::frame::READ_STEP;
+
+        pub(super) fn request(id: u64, r: &TaskRequest) -> Result<Vec<u8>, String> {
+            f::request::<TaskProtocol>(id, r)
+        }
+        pub(super) fn response(id: u64, r: &TaskResponse) -> Result<Vec<u8>, String> {
+            f::response::<TaskProtocol>(id, r)
+        }
+        #[allow(clippy::type_complexity)]
+        pub(super) fn read_request(
+            body: &[u8],
+        ) -> Result<(u64, Result<TaskRequest, String>), String> {
+            f::read_request::<TaskProtocol>(body)
+        }
+        #[allow(clippy::type_complexity)]
+        pub(super) fn read_response(
+            body: &[u8],
+        ) -> Result<(u64, Result<TaskResponse, String>), String> {
+            f::read_response::<TaskProtocol>(body)
+        }
+        pub(super) async fn read<R: futures::AsyncRead + Unpin>(
+            io: &mut R,
+            body: &mut Vec<u8>,
+        ) -> std::io::Result<bool> {
+            f::read(io, body, MAX_MESSAGE).await
+        }
+    }
     use futures::executor::block_on;
     use proptest::prelude::{any, proptest};
 
@@ -468,7 +397,9 @@ mod tests {
 
     #[test]
     fn a_frame_longer_than_one_read_step_arrives_whole() {
-        let body: Vec<u8> = (0..READ_STEP * 2 + 7).map(|i| (i % 251) as u8).collect();
+        let body: Vec<u8> = (0..frame::READ_STEP * 2 + 7)
+            .map(|i| (i % 251) as u8)
+            .collect();
         let mut bytes = (body.len() as u32).to_be_bytes().to_vec();
         bytes.extend(&body);
         assert_eq!(first_body(&bytes).unwrap(), body);
@@ -484,7 +415,7 @@ mod tests {
         let err = block_on(frame::read(&mut io, &mut body)).unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);
         assert!(
-            body.capacity() <= 2 * READ_STEP,
+            body.capacity() <= 2 * frame::READ_STEP,
             "{} bytes held for a frame that sent ten",
             body.capacity()
         );
@@ -601,22 +532,22 @@ mod tests {
             function,
             args,
             kwargs,
-            encoding: compute::task::Encoding::Json,
+            encoding: crate::task::Encoding::Json,
             timeout_ms: 0,
             submitted_us: 1,
             capability: None,
         }
     }
 
-    fn record(outcome: compute::task::Outcome) -> Record {
+    fn record(outcome: crate::task::Outcome) -> Record {
         Record {
-            v: compute::task::RECORD_VERSION,
+            v: crate::task::RECORD_VERSION,
             id: TaskId::random(),
             endpoint: "ep".into(),
             submitter: "peer".into(),
             function_id: "f".into(),
             status: outcome.status(),
-            times: compute::task::Times::default(),
+            times: crate::task::Times::default(),
             worker: None,
             environment: "host".into(),
             cold_start: false,
@@ -667,10 +598,10 @@ mod tests {
         assert_eq!(read_request(&encode(req.clone())).unwrap(), req);
         let resp = TaskResponse::Submitted {
             answers: vec![
-                Answer::Accepted(record(compute::task::Outcome::Succeeded {
+                Answer::Accepted(record(crate::task::Outcome::Succeeded {
                     value: Value::Null,
                 })),
-                Answer::Queued(compute::task::Status::Queued),
+                Answer::Queued(crate::task::Status::Queued),
                 Answer::Refused("no".into()),
             ],
             loads: Vec::new(),
@@ -693,9 +624,9 @@ mod tests {
                 tokens: Vec::new(),
             };
             proptest::prop_assert_eq!(read_request(&encode(req.clone())).unwrap(), req);
-            let mut records = vec![record(compute::task::Outcome::Succeeded { value })];
-            records.push(record(compute::task::Outcome::Failed {
-                error: compute::task::TaskError::new(compute::task::FailureKind::Exception, "x"),
+            let mut records = vec![record(crate::task::Outcome::Succeeded { value })];
+            records.push(record(crate::task::Outcome::Failed {
+                error: crate::task::TaskError::new(crate::task::FailureKind::Exception, "x"),
                 // `Some(null)` and `None` are one value here: a failure without output.
                 value: failed.filter(|v| !v.is_null()),
             }));

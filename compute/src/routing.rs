@@ -15,9 +15,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::time::{Duration, Instant};
 
-use compute::Environment;
+use crate::Environment;
 use crdt_registry::record::Policy;
-use libp2p::PeerId;
+use mesh::PeerId;
 use rand::{Rng as _, SeedableRng as _, rngs::StdRng};
 use serde::{Deserialize, Serialize};
 
