@@ -6,14 +6,11 @@
 //! bytes ([`Entry::doc_key`]), so an entry can never be overwritten by different bytes: an update
 //! is a new entry with a higher `seq`, and which entry wins is decided by the typed view.
 
-use std::fmt;
-
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD;
 use ed25519_dalek::Signer as _;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
+use crate::key::Key;
 use crate::record::Body;
 
 /// Version byte that starts every entry.
@@ -22,55 +19,6 @@ pub const FORMAT: u8 = 1;
 pub const MAX_ENTRY_BYTES: usize = 256 * 1024;
 /// Domain separation for entry signatures.
 const DOMAIN: &[u8] = b"funcmesh/registry/entry/v1\0";
-
-/// An ed25519 public key: the author of an entry. Base64 in text.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Key(pub [u8; 32]);
-
-impl Key {
-    /// The public half of `signer`.
-    pub fn of(signer: &ed25519_dalek::SigningKey) -> Key {
-        Key(signer.verifying_key().to_bytes())
-    }
-}
-
-impl fmt::Display for Key {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&STANDARD.encode(self.0))
-    }
-}
-
-impl fmt::Debug for Key {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Key({self})")
-    }
-}
-
-impl std::str::FromStr for Key {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bytes = STANDARD
-            .decode(s.trim())
-            .map_err(|e| format!("not base64: {e}"))?;
-        let arr: [u8; 32] = bytes
-            .try_into()
-            .map_err(|_| "an ed25519 public key is 32 bytes".to_string())?;
-        Ok(Key(arr))
-    }
-}
-
-impl Serialize for Key {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.to_string())
-    }
-}
-
-impl<'de> Deserialize<'de> for Key {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
 
 /// What an entry says, signed by `author`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -209,17 +157,6 @@ fn signing_input(json: &[u8]) -> Vec<u8> {
     v.extend_from_slice(DOMAIN);
     v.extend_from_slice(json);
     v
-}
-
-/// Derives an id bound to its owner: `hex(sha256(kind ‖ owner ‖ discriminator))[..32]`.
-pub fn owned_id(kind: &str, owner: &Key, discriminator: &[u8]) -> String {
-    let mut h = Sha256::new();
-    h.update(b"funcmesh/id/v1\0");
-    h.update(kind.as_bytes());
-    h.update([0]);
-    h.update(owner.0);
-    h.update(discriminator);
-    hex::encode(&h.finalize()[..16])
 }
 
 #[cfg(test)]

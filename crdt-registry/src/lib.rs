@@ -4,6 +4,8 @@
 //! This crate is sans-IO: bytes and `now` go in, bytes and views come out. The mesh drives sync
 //! and gossip; the node persists what [`Registry`] hands it.
 //!
+//! * [`key`]: the ed25519 public key type (authors, institutions, the federation) and ids bound
+//!   to an owner.
 //! * [`entry`]: the signed, immutable entry, stored in the document under a key derived from its
 //!   bytes.
 //! * [`record`]: the schema of what entries say.
@@ -23,11 +25,13 @@
 //! ```
 
 pub mod entry;
+pub mod key;
 pub mod record;
 mod registry;
 mod view;
 
-pub use entry::{Entry, Key};
+pub use entry::Entry;
+pub use key::Key;
 pub use registry::{
     Applied, MAX_CHANGE_BYTES, MAX_GOSSIP_CHANGE_BYTES, MAX_SYNC_MESSAGE_BYTES, Registry, Rejected,
     SyncState, WriteError,

@@ -16,7 +16,8 @@ use automerge::sync::{self, SyncDoc as _};
 use automerge::transaction::{CommitOptions, Transactable as _};
 use automerge::{ActorId, Automerge, Change, ChangeHash, ROOT, ReadDoc as _, ScalarValue, Value};
 
-use crate::entry::{Entry, Invalid, Key, MAX_ENTRY_BYTES, Payload};
+use crate::entry::{Entry, Invalid, MAX_ENTRY_BYTES, Payload};
+use crate::key::Key;
 use crate::record::Body;
 use crate::view::{self, Authority, View};
 

@@ -22,7 +22,8 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::entry::{Entry, Key};
+use crate::entry::Entry;
+use crate::key::Key;
 use crate::record::{
     Body, EndpointRecord, FlowRecord, FunctionRecord, Kind, NodeRecord, RevocationRecord, Target,
 };

@@ -11,7 +11,7 @@ use base64::engine::general_purpose::STANDARD;
 use libp2p::identity::Keypair;
 use serde::{Deserialize, Serialize};
 
-use crate::membership::{PublicKeyB64, SigningKey};
+use crate::membership::{Key, SigningKey};
 
 /// What a key file holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,7 +84,7 @@ pub struct PublicKeyFile {
     /// The owner's name.
     pub name: String,
     /// The key.
-    pub public_key: PublicKeyB64,
+    pub public_key: Key,
 }
 
 fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), Error> {

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
-use ed25519_dalek::{Signer as _, Verifier as _};
+use ed25519_dalek::Signer as _;
 use libp2p::PeerId;
 use libp2p::identity::{Keypair, PublicKey};
 use serde::de::DeserializeOwned;
@@ -160,8 +160,8 @@ impl SigningKey {
     }
 
     /// The public half.
-    pub fn public(&self) -> PublicKeyB64 {
-        PublicKeyB64(self.0.verifying_key().to_bytes())
+    pub fn public(&self) -> Key {
+        Key(self.0.verifying_key().to_bytes())
     }
 
     fn sign<T: Serialize>(&self, domain: &str, value: &T) -> Signed<T> {
@@ -177,60 +177,18 @@ impl fmt::Debug for SigningKey {
     }
 }
 
-/// An ed25519 public key, base64 on the wire.
-#[derive(Clone, Copy, PartialEq, Eq, Hash)]
-pub struct PublicKeyB64(pub [u8; 32]);
+/// An ed25519 public key, base64 on the wire: the registry's key type, shared with the
+/// registry and capability tokens.
+pub use crdt_registry::Key;
 
-impl PublicKeyB64 {
-    fn verify(&self, domain: &str, signed: &SignedBytes, what: &str) -> Result<(), Refusal> {
-        let bad = || Refusal::BadSignature {
+/// Checks `signed` against `key` under `domain`; `what` names the document for the refusal.
+fn verify(key: &Key, domain: &str, signed: &SignedBytes, what: &str) -> Result<(), Refusal> {
+    if key.verifies(&signing_input(domain, &signed.body), &signed.sig) {
+        Ok(())
+    } else {
+        Err(Refusal::BadSignature {
             what: what.to_string(),
-        };
-        let key = ed25519_dalek::VerifyingKey::from_bytes(&self.0).map_err(|_| bad())?;
-        let sig: [u8; 64] = signed.sig.as_slice().try_into().map_err(|_| bad())?;
-        key.verify(
-            &signing_input(domain, &signed.body),
-            &ed25519_dalek::Signature::from_bytes(&sig),
-        )
-        .map_err(|_| bad())
-    }
-}
-
-impl fmt::Display for PublicKeyB64 {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&STANDARD.encode(self.0))
-    }
-}
-
-impl fmt::Debug for PublicKeyB64 {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "PublicKey({self})")
-    }
-}
-
-impl std::str::FromStr for PublicKeyB64 {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bytes = STANDARD
-            .decode(s.trim())
-            .map_err(|e| format!("not base64: {e}"))?;
-        let arr: [u8; 32] = bytes
-            .try_into()
-            .map_err(|_| "an ed25519 public key is 32 bytes".to_string())?;
-        Ok(PublicKeyB64(arr))
-    }
-}
-
-impl Serialize for PublicKeyB64 {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.to_string())
-    }
-}
-
-impl<'de> Deserialize<'de> for PublicKeyB64 {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
+        })
     }
 }
 
@@ -291,8 +249,8 @@ impl<T> Signed<T> {
 
 impl<T: DeserializeOwned> Signed<T> {
     /// Checks the signature against `key`, then decodes the body.
-    fn open(&self, key: &PublicKeyB64, domain: &str, what: &str) -> Result<T, Refusal> {
-        key.verify(domain, &self.bytes, what)?;
+    fn open(&self, key: &Key, domain: &str, what: &str) -> Result<T, Refusal> {
+        verify(key, domain, &self.bytes, what)?;
         self.decode(what)
     }
 
@@ -336,7 +294,7 @@ pub struct GenesisBody {
     /// Human name of the federation.
     pub name: String,
     /// The federation's root key.
-    pub federation_key: PublicKeyB64,
+    pub federation_key: Key,
     /// When it was created.
     pub created_at: UnixTime,
 }
@@ -405,7 +363,7 @@ pub struct Federation {
     /// Its human name.
     pub name: String,
     /// Its root key.
-    pub key: PublicKeyB64,
+    pub key: Key,
     /// The genesis it was verified from.
     pub genesis: Genesis,
 }
@@ -421,7 +379,7 @@ pub struct AdmissionBody {
     /// The institution's name.
     pub institution: String,
     /// The institution's key.
-    pub institution_key: PublicKeyB64,
+    pub institution_key: Key,
     /// When it was admitted.
     pub admitted_at: UnixTime,
 }
@@ -440,7 +398,7 @@ impl Admission {
         federation: &Federation,
         federation_key: &SigningKey,
         institution: &str,
-        institution_key: PublicKeyB64,
+        institution_key: Key,
         now: UnixTime,
     ) -> Admission {
         let body = AdmissionBody {
@@ -487,7 +445,7 @@ pub struct InviteBody {
     /// The federation joined.
     pub federation: FederationId,
     /// The inviting institution's key.
-    pub institution_key: PublicKeyB64,
+    pub institution_key: Key,
     /// The role the joining node takes.
     pub role: Role,
     /// Valid from.
@@ -516,7 +474,7 @@ pub struct VerifiedInvite {
     /// The institution that invited.
     pub institution: String,
     /// Its key.
-    pub institution_key: PublicKeyB64,
+    pub institution_key: Key,
     /// The invite's terms.
     pub terms: InviteBody,
 }
@@ -729,7 +687,7 @@ pub struct Member {
     pub institution: Option<String>,
     /// Its institution's key, from the verified admission.
     #[serde(default)]
-    pub institution_key: Option<PublicKeyB64>,
+    pub institution_key: Option<Key>,
     /// Its role.
     pub role: Role,
     /// When it joined.

@@ -12,7 +12,21 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
-use crate::daemon::Inner;
+/// What the API serves from; shared by the handlers.
+pub(crate) struct Inner {
+    pub(crate) mesh: mesh::Handle,
+    pub(crate) federation: mesh::membership::Federation,
+    pub(crate) own: mesh::membership::Member,
+    pub(crate) name: String,
+    pub(crate) started: std::time::Instant,
+    pub(crate) token: String,
+    /// This node's registry key (its ed25519 identity).
+    pub(crate) key: crdt_registry::Key,
+    /// Tasks: this node's endpoints and its dispatcher.
+    pub(crate) tasks: compute::service::Tasks,
+    /// The node's store.
+    pub(crate) store: store::Store,
+}
 
 /// `GET /v1/status`.
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -13,7 +13,10 @@ use crate::client::Client;
 use crate::config::Config;
 use crate::daemon::Node;
 use crate::datadir::DataDir;
-use crate::{demo, local_testnet, ops};
+use crate::local_testnet::{self, TestnetCommand};
+use crate::ops::parse_member_role;
+use crate::output::*;
+use crate::{demo, ops};
 
 /// funcmesh: a federated function-as-a-service mesh with no central broker.
 #[derive(Debug, Parser)]
@@ -463,71 +466,6 @@ pub enum InviteCommand {
     },
 }
 
-fn parse_member_role(s: &str) -> Result<Role, String> {
-    match s.parse()? {
-        Role::Coordinator => Err("coordinators are created by `federation create`".into()),
-        r => Ok(r),
-    }
-}
-
-/// `funcmesh testnet …`.
-#[derive(Debug, Subcommand)]
-pub enum TestnetCommand {
-    /// Start a coordinator and the members of N institutions as local processes.
-    Up {
-        /// The testnet's directory.
-        #[arg(long)]
-        dir: PathBuf,
-        /// Number of institutions.
-        #[arg(long, default_value_t = 2)]
-        institutions: usize,
-        /// Member nodes per institution.
-        #[arg(long, default_value_t = 2)]
-        nodes_per_institution: usize,
-        /// Role of the member nodes.
-        #[arg(long, default_value = "endpoint", value_parser = parse_member_role)]
-        role: Role,
-        /// Access policy of each node's endpoint: institution-and-capability, institution,
-        /// federation or capability.
-        #[arg(long, default_value = "institution-and-capability")]
-        endpoint_policy: String,
-        /// Runtimes each endpoint offers, comma-separated (host, docker, podman, apptainer).
-        #[arg(long, default_value = "host")]
-        runtimes: String,
-    },
-    /// Show the testnet's nodes and whether they run.
-    Status {
-        /// The testnet's directory.
-        #[arg(long)]
-        dir: PathBuf,
-        /// Print JSON.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Stop every node of the testnet.
-    Down {
-        /// The testnet's directory.
-        #[arg(long)]
-        dir: PathBuf,
-    },
-    /// SIGKILL one node.
-    Kill {
-        /// Node name (`coordinator`, `a1`, …).
-        node: String,
-        /// The testnet's directory.
-        #[arg(long)]
-        dir: PathBuf,
-    },
-    /// Restart one node (killed or not) from its data dir.
-    Restart {
-        /// Node name.
-        node: String,
-        /// The testnet's directory.
-        #[arg(long)]
-        dir: PathBuf,
-    },
-}
-
 /// Parses the command line and runs it; prints errors on one line.
 pub fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -915,95 +853,6 @@ async fn run_command(a: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Prints a task's value (stdout) or error (stderr); returns whether it succeeded.
-fn print_result(t: &crate::tasks::TaskView, bare: bool) -> bool {
-    use compute::Outcome;
-    match &t.outcome {
-        Some(Outcome::Succeeded { value }) => {
-            // A shell function's result is its output: show it as the command would.
-            let shell = value.get("returncode").is_some() && value.get("stdout").is_some();
-            if bare && shell {
-                print!("{}", value["stdout"].as_str().unwrap_or_default());
-                eprint!("{}", value["stderr"].as_str().unwrap_or_default());
-                return true;
-            }
-            let text = serde_json::to_string(value).unwrap_or_default();
-            if bare {
-                println!("{text}");
-            } else {
-                println!("{}  {text}", t.id);
-            }
-            true
-        }
-        Some(Outcome::Failed { error, value }) => {
-            if let Some(v) = value {
-                if let Some(out) = v.get("stdout").and_then(|o| o.as_str()) {
-                    print!("{out}");
-                }
-                if let Some(err) = v.get("stderr").and_then(|o| o.as_str()) {
-                    eprint!("{err}");
-                }
-            }
-            if let Some(tb) = &error.traceback {
-                eprint!("{tb}");
-                if !tb.ends_with('\n') {
-                    eprintln!();
-                }
-            }
-            eprintln!(
-                "task {} failed on {}: {}: {}",
-                t.id,
-                t.endpoint.as_deref().unwrap_or("?"),
-                error.type_name,
-                error.message
-            );
-            false
-        }
-        Some(Outcome::Cancelled { reason }) => {
-            eprintln!("task {} was cancelled: {reason}", t.id);
-            false
-        }
-        None => {
-            eprintln!("task {} is still {}", t.id, t.status);
-            false
-        }
-    }
-}
-
-fn print_task(t: &crate::tasks::TaskView) {
-    let at = |us: u64| {
-        if us == 0 {
-            "-".to_string()
-        } else {
-            let base = t.times.submitted_us;
-            format!("+{:.3} ms", (us.saturating_sub(base)) as f64 / 1000.0)
-        }
-    };
-    println!("id           {}", t.id);
-    println!("function     {} ({})", t.function, t.function_id);
-    println!("status       {}", t.status);
-    println!("endpoint     {}", t.endpoint.as_deref().unwrap_or("-"));
-    println!("attempts     {}", t.attempts);
-    for l in &t.lost {
-        println!("  lost       {l}");
-    }
-    println!("environment  {}", t.environment.as_deref().unwrap_or("-"));
-    println!(
-        "worker       {}{}",
-        t.worker.as_deref().unwrap_or("-"),
-        if t.cold_start { " (cold start)" } else { "" }
-    );
-    println!("submitted    {}", at(t.times.submitted_us));
-    println!("received     {}", at(t.times.received_us));
-    println!("queued       {}", at(t.times.queued_us));
-    println!("waiting      {}", at(t.times.waiting_us));
-    println!("running      {}", at(t.times.running_us));
-    println!("finished     {}", at(t.times.finished_us));
-    if let Some(compute::Outcome::Failed { error, .. }) = &t.outcome {
-        println!("error        {}: {}", error.type_name, error.message);
-    }
-}
-
 async fn task_command(cmd: TaskCommand) -> anyhow::Result<()> {
     match cmd {
         TaskCommand::Status { id, node } => {
@@ -1075,26 +924,6 @@ async fn task_command(cmd: TaskCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
-    }
-}
-
-fn finish_result(t: &crate::tasks::TaskView, json: bool) -> anyhow::Result<()> {
-    if json {
-        println!("{}", serde_json::to_string_pretty(t)?);
-        return Ok(());
-    }
-    if !t.status.is_terminal() {
-        anyhow::bail!(
-            "task {} is still {}: wait with `funcmesh task wait {}`",
-            t.id,
-            t.status,
-            t.id
-        );
-    }
-    if print_result(t, true) {
-        Ok(())
-    } else {
-        anyhow::bail!("task {} {}", t.id, t.status)
     }
 }
 
@@ -1240,122 +1069,6 @@ async fn endpoint_command(cmd: EndpointCommand) -> anyhow::Result<()> {
     }
 }
 
-fn container_str(c: &Option<crdt_registry::record::Container>) -> String {
-    c.as_ref()
-        .map_or_else(|| "-".into(), |c| format!("{}:{}", c.runtime, c.image))
-}
-
-fn short(peer: &str) -> &str {
-    peer.get(peer.len().saturating_sub(8)..).unwrap_or(peer)
-}
-
-/// Prints functions as a table.
-pub fn print_functions(fs: &[crdt_registry::Function]) {
-    println!(
-        "{:<32}  {:<20} {:<6} {:<14} {:<10} CONTAINER",
-        "ID", "NAME", "KIND", "INSTITUTION", "OWNER"
-    );
-    for f in fs {
-        let kind = match f.record.kind {
-            crdt_registry::record::FunctionKind::Python => "python",
-            crdt_registry::record::FunctionKind::Shell => "shell",
-        };
-        println!(
-            "{:<32}  {:<20} {:<6} {:<14} ..{:<8} {}",
-            f.id,
-            f.record.name,
-            kind,
-            f.institution.as_deref().unwrap_or("-"),
-            short(&f.owner_peer),
-            container_str(&f.record.container)
-        );
-    }
-}
-
-fn print_function(f: &crdt_registry::Function) {
-    use crdt_registry::record::FunctionSpec;
-    println!("id           {}", f.id);
-    println!("name         {}", f.record.name);
-    println!("owner        {}", f.owner_peer);
-    println!("institution  {}", f.institution.as_deref().unwrap_or("-"));
-    println!("container    {}", container_str(&f.record.container));
-    println!(
-        "registered   {}",
-        mesh::membership::rfc3339(f.record.created_ms / 1000)
-    );
-    if !f.record.description.is_empty() {
-        println!("description  {}", f.record.description);
-    }
-    match &f.record.spec {
-        FunctionSpec::PythonSource { source, entrypoint } => {
-            println!("kind         python, entrypoint {entrypoint}");
-            println!("---");
-            print!("{source}");
-            if !source.ends_with('\n') {
-                println!();
-            }
-        }
-        FunctionSpec::PythonPayload { payload } => {
-            println!(
-                "kind         python, serialized ({} bytes base64)",
-                payload.len()
-            );
-        }
-        FunctionSpec::Shell { command } => {
-            println!("kind         shell");
-            println!("command      {command}");
-        }
-    }
-}
-
-fn tags_str(tags: &std::collections::BTreeMap<String, String>) -> String {
-    if tags.is_empty() {
-        return "-".into();
-    }
-    tags.iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
-/// Prints endpoints as a table.
-pub fn print_endpoints(eps: &[crdt_registry::Endpoint]) {
-    println!(
-        "{:<32}  {:<12} {:<10} {:<14} {:<16} {:<26} TAGS",
-        "ID", "NAME", "NODE", "INSTITUTION", "RUNTIMES", "POLICY"
-    );
-    for e in eps {
-        println!(
-            "{:<32}  {:<12} ..{:<8} {:<14} {:<16} {:<26} {}",
-            e.id,
-            e.record.name,
-            short(&e.peer_id),
-            e.institution.as_deref().unwrap_or("-"),
-            e.record.runtimes.join(","),
-            e.record.policy.as_str(),
-            tags_str(&e.record.capabilities.tags)
-        );
-    }
-}
-
-fn print_endpoint(e: &crdt_registry::Endpoint) {
-    let c = &e.record.capabilities;
-    println!("id           {}", e.id);
-    println!("name         {}", e.record.name);
-    println!("node         {}", e.peer_id);
-    println!("institution  {}", e.institution.as_deref().unwrap_or("-"));
-    println!("runtimes     {}", e.record.runtimes.join(", "));
-    println!("cores        {}", c.cores);
-    println!("memory       {} MiB", c.memory_mb);
-    println!("gpus         {}", c.gpus);
-    println!("tags         {}", tags_str(&c.tags));
-    println!("policy       {}", e.record.policy.as_str());
-    println!("public       {}", e.record.public);
-    if !e.record.description.is_empty() {
-        println!("description  {}", e.record.description);
-    }
-}
-
 async fn start(args: StartArgs) -> anyhow::Result<()> {
     let dir = DataDir::new(&args.data_dir);
     if !dir.is_initialised() {
@@ -1392,24 +1105,6 @@ async fn wait_for_signal() -> anyhow::Result<()> {
     }
     tracing::info!("shutting down");
     Ok(())
-}
-
-/// Prints members as a table.
-pub fn print_peers(peers: &[mesh::PeerInfo]) {
-    println!(
-        "{:<54} {:<12} {:<14} {:>6}  ADDRESS",
-        "PEER", "ROLE", "INSTITUTION", "UP(s)"
-    );
-    for p in peers {
-        println!(
-            "{:<54} {:<12} {:<14} {:>6}  {}",
-            p.peer_id,
-            p.role.to_string(),
-            p.institution.as_deref().unwrap_or("-"),
-            p.connected_for_secs,
-            p.addrs.first().map(String::as_str).unwrap_or("-")
-        );
-    }
 }
 
 /// A client for `--node`, when given and running.
@@ -1615,19 +1310,5 @@ async fn cap_command(cmd: CapCommand) -> anyhow::Result<()> {
             );
             Ok(())
         }
-    }
-}
-
-fn print_capability(v: &crate::capabilities::CapabilityView) {
-    println!("id        {}", v.id);
-    println!(
-        "endpoint  {}",
-        v.endpoint_name
-            .as_deref()
-            .map_or_else(|| v.endpoint.clone(), |n| format!("{n} ({})", v.endpoint))
-    );
-    println!("status    {}", v.status);
-    for line in &v.chain {
-        println!("  {line}");
     }
 }

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::info;
 
-use crate::api;
+use crate::api::{self, Inner};
 use crate::config::Config;
 use crate::datadir::{ApiInfo, DataDir, write_json_atomic};
 
@@ -24,22 +24,6 @@ pub struct Node {
     store: store::Store,
     api_addr: SocketAddr,
     data_dir: DataDir,
-}
-
-/// What the API serves from; shared by the handlers.
-pub(crate) struct Inner {
-    pub(crate) mesh: mesh::Handle,
-    pub(crate) federation: Federation,
-    pub(crate) own: Member,
-    pub(crate) name: String,
-    pub(crate) started: Instant,
-    pub(crate) token: String,
-    /// This node's registry key (its ed25519 identity).
-    pub(crate) key: crdt_registry::Key,
-    /// Tasks: this node's endpoints and its dispatcher.
-    pub(crate) tasks: compute::service::Tasks,
-    /// The node's store.
-    pub(crate) store: store::Store,
 }
 
 impl Node {

@@ -48,7 +48,7 @@ async fn steps(net: &Testnet, tmp: &std::path::Path) -> anyhow::Result<()> {
         a1.name,
         a1.institution.as_deref().unwrap_or("-")
     );
-    crate::cli::print_peers(&view.peers().await?);
+    crate::output::print_peers(&view.peers().await?);
 
     registry_step(net, tmp).await?;
     compute_step(net).await?;
@@ -89,7 +89,7 @@ async fn steps(net: &Testnet, tmp: &std::path::Path) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     println!("coordinator down; members as {} sees them now:", a1.name);
-    crate::cli::print_peers(&peers);
+    crate::output::print_peers(&peers);
     let expected = net.nodes.len() - 1;
     if peers.len() != expected {
         bail!(
@@ -164,12 +164,12 @@ async fn registry_step(net: &Testnet, tmp: &std::path::Path) -> anyhow::Result<(
         b1.name,
         started.elapsed().as_millis()
     );
-    crate::cli::print_functions(&listed);
+    crate::output::print_functions(&listed);
     println!(
         "\nendpoints as {} sees them (one per endpoint node, from its config):",
         b1.name
     );
-    crate::cli::print_endpoints(&on_b.endpoints().await?);
+    crate::output::print_endpoints(&on_b.endpoints().await?);
     Ok(())
 }
 

@@ -14,6 +14,7 @@ pub mod datadir;
 pub mod demo;
 pub mod local_testnet;
 pub mod ops;
+pub mod output;
 pub mod registry;
 pub mod tasks;
 

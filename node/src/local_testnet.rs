@@ -13,10 +13,12 @@ use anyhow::{Context as _, bail};
 use mesh::membership::Role;
 use serde::{Deserialize, Serialize};
 
-use crate::cli::TestnetCommand;
+use clap::Subcommand;
+
 use crate::client::Client;
 use crate::datadir::{DataDir, read_json, write_json_atomic};
 use crate::ops;
+use crate::ops::parse_member_role;
 
 /// `testnet.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -565,4 +567,62 @@ async fn wait_dead(pid: u32, timeout: Duration) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     Ok(())
+}
+
+/// `funcmesh testnet …`.
+#[derive(Debug, Subcommand)]
+pub enum TestnetCommand {
+    /// Start a coordinator and the members of N institutions as local processes.
+    Up {
+        /// The testnet's directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Number of institutions.
+        #[arg(long, default_value_t = 2)]
+        institutions: usize,
+        /// Member nodes per institution.
+        #[arg(long, default_value_t = 2)]
+        nodes_per_institution: usize,
+        /// Role of the member nodes.
+        #[arg(long, default_value = "endpoint", value_parser = parse_member_role)]
+        role: Role,
+        /// Access policy of each node's endpoint: institution-and-capability, institution,
+        /// federation or capability.
+        #[arg(long, default_value = "institution-and-capability")]
+        endpoint_policy: String,
+        /// Runtimes each endpoint offers, comma-separated (host, docker, podman, apptainer).
+        #[arg(long, default_value = "host")]
+        runtimes: String,
+    },
+    /// Show the testnet's nodes and whether they run.
+    Status {
+        /// The testnet's directory.
+        #[arg(long)]
+        dir: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop every node of the testnet.
+    Down {
+        /// The testnet's directory.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// SIGKILL one node.
+    Kill {
+        /// Node name (`coordinator`, `a1`, …).
+        node: String,
+        /// The testnet's directory.
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Restart one node (killed or not) from its data dir.
+    Restart {
+        /// Node name.
+        node: String,
+        /// The testnet's directory.
+        #[arg(long)]
+        dir: PathBuf,
+    },
 }

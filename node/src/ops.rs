@@ -254,3 +254,10 @@ pub async fn join(
     set_config_list(dir, "bootstrap", &[addr.to_string()])?;
     Ok(node)
 }
+
+pub(crate) fn parse_member_role(s: &str) -> Result<Role, String> {
+    match s.parse()? {
+        Role::Coordinator => Err("coordinators are created by `federation create`".into()),
+        r => Ok(r),
+    }
+}
