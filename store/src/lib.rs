@@ -38,7 +38,7 @@ pub mod cf {
     /// acknowledges the result (a finished task with an `s/` entry is in the outbox);
     /// `r/<endpoint>/<task id>` → JSON `compute::Record`, from the moment the task runs.
     pub const TASKS: &str = "tasks";
-    /// Tasks this node submitted (mesh dispatch): `<task id>` → JSON `mesh::tasks::Submitted`.
+    /// Tasks this node submitted (compute::submit): `<task id>` → JSON `compute::submit::Submitted`.
     pub const SUBMITTED: &str = "submitted";
 
     /// Capability tokens this node holds (`funcmesh cap add`): the token's last revocation id
