@@ -6,6 +6,8 @@
 //! * [`network`] runs the libp2p swarm (QUIC and TCP with noise and yamux, identify, ping,
 //!   Kademlia, gossipsub, request-response, streams, relay, DCUtR, AutoNAT) behind a [`Handle`]; no other
 //!   crate touches the swarm.
+//! * `peers` (private) is the sans-IO peer table: proofs awaited, refusals, known members and
+//!   introductions redialled with backoff, addresses.
 //! * [`registry`] keeps this node's replica of the federation registry converged: pairwise
 //!   Automerge sync, gossip of changes, persistence, and strikes against peers that send bad data.
 //! * [`links`] is the small generic service other crates talk to peers through: framed
@@ -31,6 +33,7 @@ pub mod keys;
 pub mod links;
 pub mod membership;
 pub mod network;
+mod peers;
 pub mod registry;
 
 pub use libp2p::{Multiaddr, PeerId, identity::Keypair};

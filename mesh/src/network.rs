@@ -30,26 +30,17 @@ use tracing::{debug, info, warn};
 
 use crate::links::{self, Links, Verified};
 use crate::membership::{Federation, Member, Proof, Refusal, Role, unix_now};
+use crate::peers::{MAX_ADDRS_PER_PEER, MAX_LISTED_MEMBERS, PeerTable};
 use crate::registry::{self, Out, Replica, StoreOp, Strikes, SyncRequest, SyncResponse};
 
 /// Protocol name of the membership exchange.
 pub const MEMBERSHIP_PROTOCOL: &str = "/funcmesh/membership/1";
 /// Largest membership message accepted, checked by the codec before decoding.
 const MAX_MEMBERSHIP_MESSAGE: u64 = 64 * 1024;
-/// Most members a `Hello` or `Welcome` may list.
-const MAX_LISTED_MEMBERS: usize = 1024;
-/// Most addresses kept per peer.
-const MAX_ADDRS_PER_PEER: usize = 16;
-/// How many times a peer we were told about (but never reached) is dialled before we give up on
-/// it until someone mentions it again. With backoff doubling from `redial_interval`, six attempts
-/// span about 60 redial intervals.
-const MAX_INTRODUCTION_DIALS: u32 = 6;
 /// Capacity of the command queue: callers wait (backpressure) when the loop is this far behind.
 const COMMAND_QUEUE: usize = 256;
 /// Capacity of the event broadcast: slow subscribers lose the oldest events (and are told so).
 const EVENT_QUEUE: usize = 1024;
-/// How long a refused peer stays connected at most, to receive the reason.
-const REFUSAL_GRACE: Duration = Duration::from_secs(1);
 /// Largest gossip message.
 const MAX_GOSSIP_BYTES: usize = 256 * 1024;
 /// Largest registry sync message on the wire (the registry checks its own, smaller limit).
@@ -475,29 +466,6 @@ struct MemberState {
     since: Instant,
 }
 
-/// When to dial a peer we are not connected to again, with exponential backoff.
-struct Redial {
-    next: Instant,
-    failures: u32,
-}
-
-impl Redial {
-    /// One more try is under way: the next waits twice as long, up to 16 times `base`.
-    fn tried(&mut self, base: Duration, now: Instant) {
-        self.failures = self.failures.saturating_add(1);
-        self.next = now + base * (1u32 << self.failures.min(4));
-    }
-}
-
-/// The peers of `redials` that are due and not connected.
-fn due(redials: &HashMap<PeerId, Redial>, swarm: &Swarm<Behaviour>, now: Instant) -> Vec<PeerId> {
-    redials
-        .iter()
-        .filter(|(p, r)| r.next <= now && !swarm.is_connected(p))
-        .map(|(p, _)| *p)
-        .collect()
-}
-
 struct EventLoop {
     swarm: Swarm<Behaviour>,
     commands: mpsc::Receiver<Command>,
@@ -505,15 +473,8 @@ struct EventLoop {
     federation: Federation,
     proof: Vec<u8>,
     members: HashMap<PeerId, MemberState>,
-    /// Peers connected but not yet verified, with their deadline.
-    pending: HashMap<PeerId, Instant>,
-    /// Peers refused and due for disconnection once our reply is out (or at the deadline).
-    refused: HashMap<PeerId, Instant>,
-    addrs: HashMap<PeerId, Vec<Multiaddr>>,
-    known: HashMap<PeerId, Redial>,
-    /// Peers other members told us about and we never verified, dialled with backoff until
-    /// verified or given up on (`failures` counts the dials).
-    introduced: HashMap<PeerId, Redial>,
+    /// Pending proofs, refusals, known members, introductions and their addresses (sans-IO).
+    peers: PeerTable,
     /// When member lists were last swapped with a random member.
     last_exchange: Instant,
     bootstrap: Vec<Multiaddr>,
@@ -591,11 +552,7 @@ pub async fn spawn(
         federation: config.federation.clone(),
         proof: config.proof.to_bytes(),
         members: HashMap::new(),
-        pending: HashMap::new(),
-        refused: HashMap::new(),
-        addrs: HashMap::new(),
-        known: HashMap::new(),
-        introduced: HashMap::new(),
+        peers: PeerTable::new(config.redial_interval, config.proof_timeout),
         last_exchange: Instant::now(),
         bootstrap: config.bootstrap.clone(),
         relay_listening: false,
@@ -612,14 +569,7 @@ pub async fn spawn(
     };
     let now = Instant::now();
     for (peer, addrs) in known {
-        event_loop.addrs.insert(peer, addrs);
-        event_loop.known.insert(
-            peer,
-            Redial {
-                next: now,
-                failures: 0,
-            },
-        );
+        event_loop.peers.load_known(peer, addrs, now);
     }
     for addr in event_loop.bootstrap.clone() {
         if let Err(e) = event_loop.swarm.dial(addr.clone()) {
@@ -956,10 +906,11 @@ impl EventLoop {
                         institution: st.member.institution.clone(),
                         role: st.member.role,
                         addrs: self
-                            .addrs
-                            .get(peer)
-                            .map(|a| a.iter().map(|a| a.to_string()).collect())
-                            .unwrap_or_default(),
+                            .peers
+                            .addrs(peer)
+                            .iter()
+                            .map(|a| a.to_string())
+                            .collect(),
                         connected_for_secs: st.since.elapsed().as_secs(),
                     })
                     .collect();
@@ -1015,10 +966,7 @@ impl EventLoop {
                     b.block_peer(peer);
                 } else {
                     b.unblock_peer(peer);
-                    if let Some(r) = self.known.get_mut(&peer) {
-                        r.next = Instant::now();
-                        r.failures = 0;
-                    }
+                    self.peers.unblocked(&peer, Instant::now());
                 }
                 let _ = reply.send(());
             }
@@ -1090,42 +1038,23 @@ impl EventLoop {
                 .membership
                 .send_request(&peer, hello);
         }
-        let mut given_up = Vec::new();
-        self.introduced.retain(|p, r| {
-            let keep = r.next > now || r.failures < MAX_INTRODUCTION_DIALS;
-            if !keep {
-                given_up.push(*p);
-            }
-            keep
-        });
-        // Their addresses go with them, unless they are members this node knows.
-        for p in given_up {
-            if !self.known.contains_key(&p) && !self.members.contains_key(&p) {
-                self.addrs.remove(&p);
-            }
-        }
-        for peer in due(&self.introduced, &self.swarm, now) {
-            let addrs = self.addrs.get(&peer).cloned().unwrap_or_default();
-            self.dial_introduced_or_known(peer, addrs);
-        }
-        for peer in take_due(&mut self.pending, now) {
+        let swarm = &self.swarm;
+        let members = &self.members;
+        let due = self
+            .peers
+            .tick(now, |p| swarm.is_connected(p), |p| members.contains_key(p));
+        for peer in due.unproven {
             let reason = Refusal::NoProof(self.config.proof_timeout);
             warn!(%peer, %reason, "disconnecting peer");
             self.emit(Event::Refused { peer, reason });
             let _ = self.swarm.disconnect_peer_id(peer);
         }
-        for peer in take_due(&mut self.refused, now) {
+        for peer in due.refused {
             let _ = self.swarm.disconnect_peer_id(peer);
         }
-        // Redial known members we are not connected to, with exponential backoff.
-        for peer in due(&self.known, &self.swarm, now) {
-            let addrs = self.addrs.get(&peer).cloned().unwrap_or_default();
-            if let Some(r) = self.known.get_mut(&peer) {
-                r.tried(self.config.redial_interval, now);
-            }
-            if !addrs.is_empty() {
-                self.dial(peer, addrs);
-            }
+        // Introductions and known members we are not connected to, with exponential backoff.
+        for (peer, addrs) in due.dials {
+            self.dial(peer, addrs);
         }
     }
 
@@ -1149,11 +1078,7 @@ impl EventLoop {
             .take(MAX_LISTED_MEMBERS)
             .map(|p| PeerAddrs {
                 peer_id: p.to_string(),
-                addrs: self
-                    .addrs
-                    .get(p)
-                    .map(|a| a.iter().map(|a| a.to_string()).collect())
-                    .unwrap_or_default(),
+                addrs: self.peers.addrs(p).iter().map(|a| a.to_string()).collect(),
             })
             .collect()
     }
@@ -1178,9 +1103,7 @@ impl EventLoop {
                     self.remember_addr(peer_id, address.clone());
                 }
                 if num_established.get() == 1 && !self.members.contains_key(&peer_id) {
-                    self.pending
-                        .entry(peer_id)
-                        .or_insert_with(|| Instant::now() + self.config.proof_timeout);
+                    self.peers.awaiting_proof(peer_id, Instant::now());
                     let hello = self.hello(&peer_id);
                     self.swarm
                         .behaviour_mut()
@@ -1193,8 +1116,7 @@ impl EventLoop {
                 num_established: 0,
                 ..
             } => {
-                self.pending.remove(&peer_id);
-                self.refused.remove(&peer_id);
+                self.peers.disconnected(&peer_id);
                 if self.members.remove(&peer_id).is_some() {
                     self.set_verified(peer_id, None);
                     info!(peer = %peer_id, "member disconnected");
@@ -1321,7 +1243,7 @@ impl EventLoop {
             .members
             .iter()
             .filter(|(_, st)| st.member.role == Role::Coordinator)
-            .filter_map(|(p, _)| Some((*p, self.addrs.get(p)?.first()?.clone())))
+            .filter_map(|(p, _)| Some((*p, self.peers.addrs(p).first()?.clone())))
             .collect();
         for (peer, addr) in relays {
             let circuit = addr.with(Protocol::P2p(peer)).with(Protocol::P2pCircuit);
@@ -1413,8 +1335,6 @@ impl EventLoop {
     ) {
         match verdict {
             Ok(member) => {
-                self.pending.remove(&peer);
-                self.introduced.remove(&peer);
                 if !self.members.contains_key(&peer) {
                     self.admit(peer, member);
                 }
@@ -1424,17 +1344,14 @@ impl EventLoop {
                 self.introduce(listed);
             }
             Err(reason) => {
-                self.pending.remove(&peer);
-                self.introduced.remove(&peer);
+                self.peers.refused(peer, reply_owed, Instant::now());
                 warn!(%peer, %reason, "refusing peer");
                 self.emit(Event::Refused { peer, reason });
                 if self.members.remove(&peer).is_some() {
                     self.set_verified(peer, None);
                     self.emit(Event::MemberDisconnected(peer));
                 }
-                if reply_owed {
-                    self.refused.insert(peer, Instant::now() + REFUSAL_GRACE);
-                } else {
+                if !reply_owed {
                     let _ = self.swarm.disconnect_peer_id(peer);
                 }
             }
@@ -1461,13 +1378,7 @@ impl EventLoop {
             },
         );
         self.set_verified(peer, Some(member.clone()));
-        self.known.insert(
-            peer,
-            Redial {
-                next: Instant::now(),
-                failures: 0,
-            },
-        );
+        self.peers.verified(peer, Instant::now());
         self.admit_to_routing(peer);
         self.persist(peer);
         self.swarm
@@ -1483,47 +1394,28 @@ impl EventLoop {
     /// Dials the listed peers we are not connected to. One never verified becomes an
     /// introduction, dialled again with backoff if this attempt fails.
     fn introduce(&mut self, listed: Vec<PeerAddrs>) {
-        let now = Instant::now();
-        for pa in listed.into_iter().take(MAX_LISTED_MEMBERS) {
-            let Ok(other) = pa.peer_id.parse::<PeerId>() else {
-                continue;
-            };
-            if other == *self.swarm.local_peer_id() || self.swarm.is_connected(&other) {
-                continue;
-            }
-            let addrs: Vec<Multiaddr> = pa
-                .addrs
-                .iter()
-                .take(MAX_ADDRS_PER_PEER)
-                .filter_map(|a| a.parse().ok())
-                .collect();
-            if !self.known.contains_key(&other) && self.introduced.len() < MAX_LISTED_MEMBERS {
-                // New, or mentioned again: a fresh budget, the next dial now.
-                self.introduced.insert(
-                    other,
-                    Redial {
-                        next: now,
-                        failures: 0,
-                    },
-                );
-            }
-            // Addresses are kept only for peers kept track of: lists cannot grow the table
-            // without bound with made-up peer ids.
-            if self.known.contains_key(&other) || self.introduced.contains_key(&other) {
-                for a in &addrs {
-                    self.remember_addr(other, a.clone());
-                }
-            }
-            self.dial_introduced_or_known(other, addrs);
+        let listed: Vec<(PeerId, Vec<Multiaddr>)> = listed
+            .into_iter()
+            .take(MAX_LISTED_MEMBERS)
+            .filter_map(|pa| {
+                let peer = pa.peer_id.parse::<PeerId>().ok()?;
+                let addrs = pa
+                    .addrs
+                    .iter()
+                    .take(MAX_ADDRS_PER_PEER)
+                    .filter_map(|a| a.parse().ok())
+                    .collect();
+                Some((peer, addrs))
+            })
+            .collect();
+        let me = *self.swarm.local_peer_id();
+        let swarm = &self.swarm;
+        let dials = self
+            .peers
+            .introduce(listed, &me, |p| swarm.is_connected(p), Instant::now());
+        for (peer, addrs) in dials {
+            self.dial(peer, addrs);
         }
-    }
-
-    /// Dials a listed peer now, counting the dial against its introduction if it has one.
-    fn dial_introduced_or_known(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
-        if let Some(r) = self.introduced.get_mut(&peer) {
-            r.tried(self.config.redial_interval, Instant::now());
-        }
-        self.dial(peer, addrs);
     }
 
     fn dial(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
@@ -1537,21 +1429,11 @@ impl EventLoop {
     }
 
     fn remember_addr(&mut self, peer: PeerId, addr: Multiaddr) {
-        let addr: Multiaddr = addr
-            .into_iter()
-            .filter(|p| !matches!(p, Protocol::P2p(_)))
-            .collect();
-        let list = self.addrs.entry(peer).or_default();
-        if !list.contains(&addr) {
-            if list.len() >= MAX_ADDRS_PER_PEER {
-                list.remove(0);
-            }
-            list.push(addr);
-        }
+        self.peers.remember_addr(peer, addr);
     }
 
     fn admit_to_routing(&mut self, peer: PeerId) {
-        for addr in self.addrs.get(&peer).cloned().unwrap_or_default() {
+        for addr in self.peers.addrs(&peer).to_vec() {
             self.swarm.behaviour_mut().kad.add_address(&peer, addr);
         }
     }
@@ -1562,15 +1444,12 @@ impl EventLoop {
         let known = KnownPeer {
             version: 1,
             addrs: self
-                .addrs
-                .get(&peer)
-                .map(|a| {
-                    a.iter()
-                        .filter(|a| !is_circuit(a))
-                        .map(|a| a.to_string())
-                        .collect()
-                })
-                .unwrap_or_default(),
+                .peers
+                .addrs(&peer)
+                .iter()
+                .filter(|a| !is_circuit(a))
+                .map(|a| a.to_string())
+                .collect(),
             last_seen: unix_now(),
         };
         let value = serde_json::to_vec(&known).expect("known peers always serialise");
@@ -1604,18 +1483,6 @@ async fn persister(store: store::Store, mut jobs: mpsc::Receiver<PersistJob>) {
 }
 
 /// Removes and returns the peers whose deadline has passed.
-fn take_due(deadlines: &mut HashMap<PeerId, Instant>, now: Instant) -> Vec<PeerId> {
-    let due: Vec<PeerId> = deadlines
-        .iter()
-        .filter(|(_, d)| **d <= now)
-        .map(|(p, _)| *p)
-        .collect();
-    for p in &due {
-        deadlines.remove(p);
-    }
-    due
-}
-
 fn is_circuit(addr: &Multiaddr) -> bool {
     addr.iter().any(|p| matches!(p, Protocol::P2pCircuit))
 }

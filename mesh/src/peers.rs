@@ -1,0 +1,428 @@
+//! The peer table, sans-IO: who this node is waiting on for a proof, whom it refused, which
+//! members it knows and redials, which peers it was told about (introductions), and their
+//! addresses.
+//!
+//! The event loop ([`crate::network`]) tells the table what happened — a connection, a verdict,
+//! a list of members from a peer — with the time, and asks it on every tick what is due: which
+//! peers to dial, which to cut for never proving their membership, which refused peers to cut
+//! now that their answer is out. Whether a peer is connected is the swarm's to say, so the
+//! caller passes it in.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use libp2p::multiaddr::Protocol;
+use libp2p::{Multiaddr, PeerId};
+
+/// Most members a `Hello` or `Welcome` may list, and most introductions kept.
+pub(crate) const MAX_LISTED_MEMBERS: usize = 1024;
+/// Most addresses kept per peer.
+pub(crate) const MAX_ADDRS_PER_PEER: usize = 16;
+/// How many times a peer we were told about (but never reached) is dialled before we give up on
+/// it until someone mentions it again. With backoff doubling from the redial interval, six
+/// attempts span about 60 redial intervals.
+pub(crate) const MAX_INTRODUCTION_DIALS: u32 = 6;
+/// How long a refused peer stays connected at most, to receive the reason.
+pub(crate) const REFUSAL_GRACE: Duration = Duration::from_secs(1);
+
+/// When to dial a peer we are not connected to again, with exponential backoff.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Redial {
+    next: Instant,
+    failures: u32,
+}
+
+impl Redial {
+    fn now(now: Instant) -> Redial {
+        Redial {
+            next: now,
+            failures: 0,
+        }
+    }
+
+    /// One more try is under way: the next waits twice as long, up to 16 times `base`.
+    fn tried(&mut self, base: Duration, now: Instant) {
+        self.failures = self.failures.saturating_add(1);
+        self.next = now + base * (1u32 << self.failures.min(4));
+    }
+}
+
+/// What a tick found due.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Due {
+    /// Peers to dial, with the addresses to try.
+    pub(crate) dials: Vec<(PeerId, Vec<Multiaddr>)>,
+    /// Connected peers that did not prove their membership in time: cut them.
+    pub(crate) unproven: Vec<PeerId>,
+    /// Refused peers whose grace is over: cut them.
+    pub(crate) refused: Vec<PeerId>,
+}
+
+/// The peer table.
+#[derive(Debug)]
+pub(crate) struct PeerTable {
+    redial_interval: Duration,
+    proof_timeout: Duration,
+    /// Peers connected but not yet verified, with their deadline.
+    pending: HashMap<PeerId, Instant>,
+    /// Peers refused and due for disconnection once our reply is out (or at the deadline).
+    refused: HashMap<PeerId, Instant>,
+    addrs: HashMap<PeerId, Vec<Multiaddr>>,
+    /// Members verified once: redialled for good.
+    known: HashMap<PeerId, Redial>,
+    /// Peers other members told us about and we never verified, dialled with backoff until
+    /// verified or given up on (`failures` counts the dials).
+    introduced: HashMap<PeerId, Redial>,
+}
+
+impl PeerTable {
+    pub(crate) fn new(redial_interval: Duration, proof_timeout: Duration) -> PeerTable {
+        PeerTable {
+            redial_interval,
+            proof_timeout,
+            pending: HashMap::new(),
+            refused: HashMap::new(),
+            addrs: HashMap::new(),
+            known: HashMap::new(),
+            introduced: HashMap::new(),
+        }
+    }
+
+    /// A member remembered from an earlier run: dialled at once.
+    pub(crate) fn load_known(&mut self, peer: PeerId, addrs: Vec<Multiaddr>, now: Instant) {
+        self.addrs.insert(peer, addrs);
+        self.known.insert(peer, Redial::now(now));
+    }
+
+    /// A peer's first connection opened and it is not a member yet: it has until the proof
+    /// timeout to prove its membership.
+    pub(crate) fn awaiting_proof(&mut self, peer: PeerId, now: Instant) {
+        self.pending
+            .entry(peer)
+            .or_insert_with(|| now + self.proof_timeout);
+    }
+
+    /// A peer's last connection closed.
+    pub(crate) fn disconnected(&mut self, peer: &PeerId) {
+        self.pending.remove(peer);
+        self.refused.remove(peer);
+    }
+
+    /// A peer's proof verified: it is known from now on.
+    pub(crate) fn verified(&mut self, peer: PeerId, now: Instant) {
+        self.pending.remove(&peer);
+        self.introduced.remove(&peer);
+        self.known.insert(peer, Redial::now(now));
+    }
+
+    /// A peer's proof was refused. `cut_later`: an answer is on its way to it, so it is cut
+    /// once its grace is over rather than now (the caller cuts it now otherwise).
+    pub(crate) fn refused(&mut self, peer: PeerId, cut_later: bool, now: Instant) {
+        self.pending.remove(&peer);
+        self.introduced.remove(&peer);
+        if cut_later {
+            self.refused.insert(peer, now + REFUSAL_GRACE);
+        }
+    }
+
+    /// A known member was unblocked: try it again now.
+    pub(crate) fn unblocked(&mut self, peer: &PeerId, now: Instant) {
+        if let Some(r) = self.known.get_mut(peer) {
+            *r = Redial::now(now);
+        }
+    }
+
+    /// Whether `peer` is a member this node has verified once.
+    #[cfg(test)]
+    pub(crate) fn is_known(&self, peer: &PeerId) -> bool {
+        self.known.contains_key(peer)
+    }
+
+    /// Adds an address of `peer` (without its `/p2p/` part), keeping at most
+    /// [`MAX_ADDRS_PER_PEER`], the oldest dropped first.
+    pub(crate) fn remember_addr(&mut self, peer: PeerId, addr: Multiaddr) {
+        let addr: Multiaddr = addr
+            .into_iter()
+            .filter(|p| !matches!(p, Protocol::P2p(_)))
+            .collect();
+        let list = self.addrs.entry(peer).or_default();
+        if !list.contains(&addr) {
+            if list.len() >= MAX_ADDRS_PER_PEER {
+                list.remove(0);
+            }
+            list.push(addr);
+        }
+    }
+
+    /// The addresses kept for `peer`.
+    pub(crate) fn addrs(&self, peer: &PeerId) -> &[Multiaddr] {
+        self.addrs.get(peer).map_or(&[], Vec::as_slice)
+    }
+
+    /// A member listed other members (peer exchange): returns whom to dial now. One neither
+    /// known nor connected becomes an introduction, dialled again with backoff if this dial
+    /// fails; addresses are kept only for peers kept track of, so lists of made-up peer ids
+    /// cannot grow the table without bound.
+    pub(crate) fn introduce(
+        &mut self,
+        listed: Vec<(PeerId, Vec<Multiaddr>)>,
+        me: &PeerId,
+        connected: impl Fn(&PeerId) -> bool,
+        now: Instant,
+    ) -> Vec<(PeerId, Vec<Multiaddr>)> {
+        let mut dials = Vec::new();
+        for (other, addrs) in listed.into_iter().take(MAX_LISTED_MEMBERS) {
+            if other == *me || connected(&other) {
+                continue;
+            }
+            let addrs: Vec<Multiaddr> = addrs.into_iter().take(MAX_ADDRS_PER_PEER).collect();
+            if !self.known.contains_key(&other) && self.introduced.len() < MAX_LISTED_MEMBERS {
+                // New, or mentioned again: a fresh budget, the next dial now.
+                self.introduced.insert(other, Redial::now(now));
+            }
+            if self.known.contains_key(&other) || self.introduced.contains_key(&other) {
+                for a in &addrs {
+                    self.remember_addr(other, a.clone());
+                }
+            }
+            if let Some(r) = self.introduced.get_mut(&other) {
+                r.tried(self.redial_interval, now);
+            }
+            dials.push((other, addrs));
+        }
+        dials
+    }
+
+    /// What is due at `now`: introductions and known members to dial again (those not
+    /// connected, with backoff), introductions given up on after [`MAX_INTRODUCTION_DIALS`]
+    /// (their addresses dropped unless `is_member`), peers that did not prove their membership
+    /// in time, and refused peers whose grace is over.
+    pub(crate) fn tick(
+        &mut self,
+        now: Instant,
+        connected: impl Fn(&PeerId) -> bool,
+        is_member: impl Fn(&PeerId) -> bool,
+    ) -> Due {
+        let mut due = Due::default();
+        let mut given_up = Vec::new();
+        self.introduced.retain(|p, r| {
+            let keep = r.next > now || r.failures < MAX_INTRODUCTION_DIALS;
+            if !keep {
+                given_up.push(*p);
+            }
+            keep
+        });
+        for p in given_up {
+            if !self.known.contains_key(&p) && !is_member(&p) {
+                self.addrs.remove(&p);
+            }
+        }
+        let mut intro: Vec<PeerId> = self
+            .introduced
+            .iter()
+            .filter(|(p, r)| r.next <= now && !connected(p))
+            .map(|(p, _)| *p)
+            .collect();
+        intro.sort();
+        for peer in intro {
+            if let Some(r) = self.introduced.get_mut(&peer) {
+                r.tried(self.redial_interval, now);
+            }
+            due.dials.push((peer, self.addrs(&peer).to_vec()));
+        }
+        due.unproven = take_due(&mut self.pending, now);
+        due.refused = take_due(&mut self.refused, now);
+        let mut known: Vec<PeerId> = self
+            .known
+            .iter()
+            .filter(|(p, r)| r.next <= now && !connected(p))
+            .map(|(p, _)| *p)
+            .collect();
+        known.sort();
+        for peer in known {
+            if let Some(r) = self.known.get_mut(&peer) {
+                r.tried(self.redial_interval, now);
+            }
+            let addrs = self.addrs(&peer).to_vec();
+            if !addrs.is_empty() {
+                due.dials.push((peer, addrs));
+            }
+        }
+        due
+    }
+}
+
+/// Removes and returns the peers whose deadline has come, in a stable order.
+fn take_due(deadlines: &mut HashMap<PeerId, Instant>, now: Instant) -> Vec<PeerId> {
+    let mut due: Vec<PeerId> = deadlines
+        .iter()
+        .filter(|(_, d)| **d <= now)
+        .map(|(p, _)| *p)
+        .collect();
+    due.sort();
+    for p in &due {
+        deadlines.remove(p);
+    }
+    due
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const REDIAL: Duration = Duration::from_millis(500);
+    const PROOF: Duration = Duration::from_secs(5);
+
+    fn peer(n: u8) -> PeerId {
+        libp2p::identity::Keypair::ed25519_from_bytes([n; 32])
+            .expect("32 bytes are an ed25519 secret")
+            .public()
+            .to_peer_id()
+    }
+
+    fn addr(port: u16) -> Multiaddr {
+        format!("/ip4/127.0.0.1/tcp/{port}")
+            .parse()
+            .expect("a multiaddr")
+    }
+
+    fn nobody(_: &PeerId) -> bool {
+        false
+    }
+
+    fn ms(t0: Instant, n: u64) -> Instant {
+        t0 + Duration::from_millis(n)
+    }
+
+    #[test]
+    fn a_peer_that_never_proves_its_membership_is_cut_at_its_deadline() {
+        let t0 = Instant::now();
+        let mut t = PeerTable::new(REDIAL, PROOF);
+        t.awaiting_proof(peer(1), t0);
+        // A second connection does not move the deadline.
+        t.awaiting_proof(peer(1), ms(t0, 4_000));
+        assert!(t.tick(ms(t0, 4_999), nobody, nobody).unproven.is_empty());
+        assert_eq!(
+            t.tick(ms(t0, 5_000), nobody, nobody).unproven,
+            vec![peer(1)]
+        );
+        assert!(
+            t.tick(ms(t0, 9_000), nobody, nobody).unproven.is_empty(),
+            "once"
+        );
+        // One that proves it in time is not cut, and is known from then on.
+        t.awaiting_proof(peer(2), t0);
+        t.verified(peer(2), ms(t0, 100));
+        assert!(t.tick(ms(t0, 6_000), nobody, nobody).unproven.is_empty());
+        assert!(t.is_known(&peer(2)));
+    }
+
+    #[test]
+    fn a_refused_peer_is_cut_after_its_grace_or_at_once() {
+        let t0 = Instant::now();
+        let mut t = PeerTable::new(REDIAL, PROOF);
+        t.awaiting_proof(peer(1), t0);
+        t.refused(peer(1), true, t0);
+        let due = t.tick(ms(t0, 10), nobody, nobody);
+        assert!(due.refused.is_empty() && due.unproven.is_empty());
+        assert_eq!(
+            t.tick(t0 + REFUSAL_GRACE, nobody, nobody).refused,
+            vec![peer(1)]
+        );
+        // Without an answer owed, the caller cuts it at once: nothing is left due.
+        t.awaiting_proof(peer(2), t0);
+        t.refused(peer(2), false, t0);
+        assert_eq!(t.tick(ms(t0, 60_000), nobody, nobody), Due::default());
+    }
+
+    #[test]
+    fn an_introduction_is_dialled_with_backoff_then_given_up_and_forgotten() {
+        let t0 = Instant::now();
+        let mut t = PeerTable::new(REDIAL, PROOF);
+        let me = peer(0);
+        let dials = t.introduce(
+            vec![(peer(1), vec![addr(1)]), (me, vec![addr(2)])],
+            &me,
+            nobody,
+            t0,
+        );
+        assert_eq!(dials, vec![(peer(1), vec![addr(1)])], "never itself");
+        assert_eq!(t.addrs(&peer(1)), &[addr(1)]);
+        // The dial failed: tried again at 2x, 4x, 8x, 16x, 16x the interval, then given up.
+        let mut now = t0;
+        let mut times = Vec::new();
+        for _ in 0..400 {
+            now += Duration::from_millis(100);
+            let due = t.tick(now, nobody, nobody);
+            if !due.dials.is_empty() {
+                times.push(now.duration_since(t0).as_millis());
+            }
+        }
+        assert_eq!(times, vec![1_000, 3_000, 7_000, 15_000, 23_000]);
+        assert!(t.addrs(&peer(1)).is_empty(), "its addresses left with it");
+        // Mentioned again: a fresh budget.
+        let dials = t.introduce(vec![(peer(1), vec![addr(1)])], &me, nobody, now);
+        assert_eq!(dials.len(), 1);
+        assert_eq!(t.tick(now + REDIAL * 2, nobody, nobody).dials.len(), 1);
+    }
+
+    #[test]
+    fn known_members_are_redialled_for_good_with_capped_backoff() {
+        let t0 = Instant::now();
+        let mut t = PeerTable::new(REDIAL, PROOF);
+        t.load_known(peer(1), vec![addr(1)], t0);
+        assert_eq!(
+            t.tick(t0, nobody, nobody).dials,
+            vec![(peer(1), vec![addr(1)])]
+        );
+        let connected = |p: &PeerId| *p == peer(1);
+        assert!(
+            t.tick(ms(t0, 60_000), connected, nobody).dials.is_empty(),
+            "connected"
+        );
+        // Down: redialled at most every 16 intervals, never given up.
+        let mut now = ms(t0, 60_000);
+        let mut n = 0;
+        for _ in 0..600 {
+            now += Duration::from_millis(100);
+            n += t.tick(now, nobody, nobody).dials.len();
+        }
+        assert!(n >= 60_000 / 8_000, "{n} dials in a minute");
+        assert!(n <= 60_000 / 8_000 + 3, "{n} dials in a minute");
+        // Unblocked: tried at once.
+        t.unblocked(&peer(1), now);
+        assert_eq!(t.tick(now, nobody, nobody).dials.len(), 1);
+        // A known member is never an introduction: no budget runs out.
+        let dials = t.introduce(vec![(peer(1), vec![addr(9)])], &peer(0), nobody, now);
+        assert_eq!(dials.len(), 1);
+        assert!(t.addrs(&peer(1)).contains(&addr(9)));
+    }
+
+    #[test]
+    fn addresses_are_capped_and_lists_of_made_up_peers_are_bounded() {
+        let t0 = Instant::now();
+        let mut t = PeerTable::new(REDIAL, PROOF);
+        for port in 0..40 {
+            let a = addr(port).with(Protocol::P2p(peer(1)));
+            t.remember_addr(peer(1), a);
+        }
+        assert_eq!(t.addrs(&peer(1)).len(), MAX_ADDRS_PER_PEER);
+        assert_eq!(t.addrs(&peer(1))[0], addr(40 - MAX_ADDRS_PER_PEER as u16));
+        let listed: Vec<(PeerId, Vec<Multiaddr>)> = (0..3000u32)
+            .map(|i| {
+                let p = libp2p::identity::Keypair::generate_ed25519()
+                    .public()
+                    .to_peer_id();
+                (p, vec![addr((i % 60000) as u16)])
+            })
+            .collect();
+        let dials = t.introduce(listed, &peer(0), nobody, t0);
+        assert_eq!(
+            dials.len(),
+            MAX_LISTED_MEMBERS,
+            "a list is read up to its cap"
+        );
+        assert!(t.introduced.len() <= MAX_LISTED_MEMBERS);
+        assert!(t.addrs.len() <= MAX_LISTED_MEMBERS + 1);
+    }
+}
