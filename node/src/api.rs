@@ -70,6 +70,37 @@ impl IntoResponse for ApiError {
 
 type Shared = Arc<Inner>;
 
+/// A JSON request body. Unlike axum's `Json`, what it refuses is answered as every other error
+/// of the API is, `{"error": …}`: 415 for a body not sent as JSON, 400 for one that does not
+/// parse or does not have the call's shape.
+struct Body<T>(T);
+
+impl<T, S> axum::extract::FromRequest<S> for Body<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        use axum::extract::rejection::JsonRejection;
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Body(v)),
+            Err(JsonRejection::MissingJsonContentType(_)) => Err(ApiError(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "send the body as JSON, with the header Content-Type: application/json".into(),
+            )),
+            Err(other) => Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "the body is not what this call takes: {} (see /v1/openapi.json)",
+                    other.body_text()
+                ),
+            )),
+        }
+    }
+}
+
 pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
     inner: Shared,
@@ -207,7 +238,7 @@ pub struct Written {
 
 async fn insert_entry(
     State(inner): State<Shared>,
-    Json(req): Json<SignedEntry>,
+    Body(req): Body<SignedEntry>,
 ) -> Result<Json<Written>, ApiError> {
     use base64::Engine as _;
     let bytes = base64::engine::general_purpose::STANDARD
@@ -256,7 +287,7 @@ async fn function(
 
 async fn register_function(
     State(inner): State<Shared>,
-    Json(req): Json<crate::registry::NewFunction>,
+    Body(req): Body<crate::registry::NewFunction>,
 ) -> Result<Json<Written>, ApiError> {
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -444,7 +475,7 @@ fn parse_ids(ids: &[String]) -> Result<Vec<compute::TaskId>, ApiError> {
 
 async fn wait_tasks(
     State(inner): State<Shared>,
-    Json(body): Json<WaitBody>,
+    Body(body): Body<WaitBody>,
 ) -> Result<Json<TaskList>, ApiError> {
     let ids = parse_ids(&body.ids)?;
     let tasks = inner
@@ -515,7 +546,7 @@ async fn capabilities(
 
 async fn add_capability(
     State(inner): State<Shared>,
-    Json(req): Json<crate::capabilities::NewCapability>,
+    Body(req): Body<crate::capabilities::NewCapability>,
 ) -> Result<Json<crate::capabilities::CapabilityView>, ApiError> {
     let held = crate::capabilities::add(&inner.store, &inner.tasks.access, &req.token)
         .await
