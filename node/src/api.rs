@@ -446,6 +446,29 @@ async fn submit_tasks(
             ));
         }
     };
+    // What the document constrains is refused whole, before anything is submitted; what only
+    // the registry or the router can judge is answered per task.
+    for (i, t) in tasks.iter().enumerate() {
+        let bad = |why: String| ApiError(StatusCode::BAD_REQUEST, format!("task {i}: {why}"));
+        if t.function.is_empty() {
+            return Err(bad("name its function (`function`)".into()));
+        }
+        if let Some(s) = &t.strategy {
+            compute::routing::Strategy::parse(s).map_err(bad)?;
+        }
+        if !(t.kwargs.is_object() || t.kwargs.is_null()) {
+            return Err(bad(format!(
+                "kwargs must be a JSON object, not {}",
+                t.kwargs
+            )));
+        }
+        if t.encoding == compute::task::Encoding::Json && !(t.args.is_array() || t.args.is_null()) {
+            return Err(bad(format!(
+                "args must be a JSON array of positional arguments, not {}",
+                t.args
+            )));
+        }
+    }
     let dispatcher = &inner.tasks.dispatcher;
     let wait = (wait_ms > 0).then(|| std::time::Duration::from_millis(wait_ms));
     let out = crate::tasks::submit_views(&inner.mesh, dispatcher, tasks, wait)
