@@ -19,6 +19,7 @@ pub mod access;
 pub mod config;
 mod endpoint;
 pub mod environment;
+pub mod metrics;
 pub mod pool;
 pub mod protocol;
 pub mod routing;

@@ -36,6 +36,8 @@ pub struct Config {
     pub retention: Duration,
     /// How long a task with retries left waits for an endpoint that can take its retry.
     pub route_wait: Duration,
+    /// Where both sides count what they do.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Why the task service did not start.
@@ -161,6 +163,7 @@ pub async fn start(
             retention: config.retention,
             route_wait: config.route_wait,
             institution: own.institution.clone(),
+            metrics: config.metrics.clone(),
             access: access.clone(),
         },
         Arc::new(peers.clone()),
@@ -225,6 +228,7 @@ pub async fn start(
     // Advertise this node's endpoints' load.
     if !server.endpoints.is_empty() {
         let server = server.clone();
+        let metrics = config.metrics.clone();
         let mesh = mesh.clone();
         let dispatcher = dispatcher.clone();
         let cancel = cancel.clone();
@@ -245,6 +249,7 @@ pub async fn start(
                     let (ep, _) = &server.endpoints[name];
                     loads.push(endpoint_load(name, &ep.current_load()));
                 }
+                metrics.loads(&loads);
                 let due = match &last {
                     None => true,
                     Some((prev, at)) => {

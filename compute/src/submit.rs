@@ -53,6 +53,8 @@ pub struct Config {
     pub route_wait: Duration,
     /// This node's institution.
     pub institution: Option<String>,
+    /// Where the dispatcher counts what it does.
+    pub metrics: Arc<crate::metrics::Metrics>,
     /// Access policies and the capability tokens this node holds.
     pub access: Arc<Access>,
 }
@@ -635,6 +637,12 @@ impl Actor {
         for r in replies.drain(..) {
             r(self);
         }
+        for t in self.machine.done() {
+            self.config.metrics.finished(t);
+        }
+        self.config
+            .metrics
+            .live(self.machine.live_count(), self.machine.awaiting_route());
         if self.machine.end_turn() > 0 {
             self.finished_tx.send_modify(|n| *n += 1);
         }
@@ -705,7 +713,9 @@ impl Actor {
                 let answers: Vec<Result<Submitted, String>> = requests
                     .into_iter()
                     .map(|r| {
-                        let id = self.machine.accept(r, TaskId::random(), now)?;
+                        let id = self.machine.accept(r, TaskId::random(), now);
+                        self.config.metrics.submitted(id.is_ok());
+                        let id = id?;
                         Ok(self
                             .machine
                             .live(&id)
@@ -722,7 +732,11 @@ impl Actor {
                 let now = Now::current();
                 let answers: Vec<Result<TaskId, String>> = requests
                     .into_iter()
-                    .map(|r| self.machine.accept(r, TaskId::random(), now))
+                    .map(|r| {
+                        let id = self.machine.accept(r, TaskId::random(), now);
+                        self.config.metrics.submitted(id.is_ok());
+                        id
+                    })
                     .collect();
                 let ids: Vec<TaskId> = answers.iter().filter_map(|a| a.clone().ok()).collect();
                 // Their results come in later turns, after this turn's write.

@@ -26,6 +26,52 @@ pub(crate) struct Inner {
     pub(crate) tasks: compute::service::Tasks,
     /// The node's store.
     pub(crate) store: store::Store,
+    /// What `GET /metrics` exports.
+    pub(crate) metrics: Exported,
+}
+
+/// The node's metrics: the task path's (declared in `compute::metrics`) and the mesh's figures,
+/// read when scraped.
+pub(crate) struct Exported {
+    registry: prometheus_client::registry::Registry,
+    members: prometheus_client::metrics::gauge::Gauge,
+    registry_entries: prometheus_client::metrics::gauge::Gauge,
+    registry_ignored: prometheus_client::metrics::gauge::Gauge,
+    registry_syncing: prometheus_client::metrics::gauge::Gauge,
+}
+
+impl Exported {
+    pub(crate) fn new(mut registry: prometheus_client::registry::Registry) -> Exported {
+        let e = Exported {
+            registry: Default::default(),
+            members: Default::default(),
+            registry_entries: Default::default(),
+            registry_ignored: Default::default(),
+            registry_syncing: Default::default(),
+        };
+        let r = registry.sub_registry_with_prefix("funcmesh");
+        r.register(
+            "members",
+            "Verified members this node is connected to",
+            e.members.clone(),
+        );
+        r.register(
+            "registry_entries",
+            "Entries in this node's replica of the registry",
+            e.registry_entries.clone(),
+        );
+        r.register(
+            "registry_ignored_entries",
+            "Registry entries the typed view ignores (bad signature or authority, revoked author)",
+            e.registry_ignored.clone(),
+        );
+        r.register(
+            "registry_sync_sessions",
+            "Registry sync sessions in flight",
+            e.registry_syncing.clone(),
+        );
+        Exported { registry, ..e }
+    }
 }
 
 /// `GET /v1/status`.
@@ -139,6 +185,7 @@ fn router(inner: Shared) -> Router {
         .route("/v1/tasks/wait", post(wait_tasks))
         .route("/v1/tasks/{id}", get(task))
         .route("/v1/tasks/{id}/cancel", post(cancel_task))
+        .route("/metrics", get(metrics))
         // Everything above needs the token; the OpenAPI document below does not.
         .route_layer(middleware::from_fn_with_state(inner.clone(), auth))
         .route("/v1/openapi.json", get(openapi))
@@ -608,6 +655,32 @@ async fn remove_capability(
             };
             ApiError(code, msg)
         })
+}
+
+/// `GET /metrics`: Prometheus' text format.
+async fn metrics(State(inner): State<Shared>) -> Result<Response, ApiError> {
+    let m = &inner.metrics;
+    let members = inner.mesh.members().await.map_err(unavailable)?.len();
+    let status = inner.mesh.registry_status().await.map_err(unavailable)?;
+    m.members.set(members as i64);
+    m.registry_entries.set(status.entries as i64);
+    m.registry_ignored.set(status.ignored as i64);
+    m.registry_syncing.set(status.syncing as i64);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &m.registry).map_err(|e| {
+        ApiError(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot encode the metrics: {e}"),
+        )
+    })?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
 }
 
 async fn openapi() -> impl IntoResponse {

@@ -102,6 +102,8 @@ pub enum Command {
     Endpoint(EndpointCommand),
     /// Show the local replica of the registry: entries, heads, sync.
     Registry(NodeArgs),
+    /// Print the node's metrics (Prometheus' text format, as `GET /metrics` serves them).
+    Metrics(NodeArgs),
     /// Run a function on an endpoint of the federation (arguments are JSON values).
     Run(RunArgs),
     /// Follow, fetch or cancel tasks this node submitted.
@@ -684,6 +686,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Task(cmd) => task_command(cmd).await,
         Command::Cap(cmd) => cap_command(cmd).await,
         Command::Endpoint(cmd) => endpoint_command(cmd).await,
+        Command::Metrics(args) => {
+            let client = Client::for_node(&DataDir::new(&args.node))?;
+            print!("{}", client.metrics().await?);
+            Ok(())
+        }
         Command::Registry(args) => {
             let client = Client::for_node(&DataDir::new(&args.node))?;
             let s = client.registry_status().await?;

@@ -92,6 +92,30 @@ impl Client {
             .with_context(|| format!("unexpected answer from {url}"))
     }
 
+    /// `GET /metrics`: the node's metrics, Prometheus' text format.
+    pub async fn metrics(&self) -> anyhow::Result<String> {
+        let url = format!("{}/metrics", self.info.url);
+        let resp = self
+            .http
+            .get(&url)
+            .timeout(Duration::from_secs(10))
+            .bearer_auth(&self.info.token)
+            .send()
+            .await
+            .with_context(|| format!("request to {url} failed: is the node running?"))?;
+        let status = resp.status();
+        if !status.is_success() {
+            let body: Option<ErrorBody> = resp.json().await.ok();
+            bail!(
+                "node answered {status}: {}",
+                body.map(|b| b.error).unwrap_or_else(|| "no details".into())
+            );
+        }
+        resp.text()
+            .await
+            .with_context(|| format!("unexpected answer from {url}"))
+    }
+
     /// `GET /v1/status`.
     pub async fn status(&self) -> anyhow::Result<Status> {
         self.get("/v1/status").await

@@ -120,6 +120,8 @@ impl Node {
                 .map_err(|e: String| anyhow::anyhow!("[[endpoint]] {}: {e}", section.name))?;
             endpoints.push((section.compute(), policy));
         }
+        let mut registry = prometheus_client::registry::Registry::default();
+        let task_metrics = compute::metrics::Metrics::register(&mut registry);
         let tasks = compute::service::start(
             &mesh,
             &store,
@@ -130,6 +132,7 @@ impl Node {
                 lost_after: config.mesh.endpoint_lost_after,
                 retention: config.node.task_retention,
                 route_wait: config.mesh.route_wait,
+                metrics: task_metrics,
             },
             &own,
             access,
@@ -149,6 +152,7 @@ impl Node {
             key,
             tasks,
             store: store.clone(),
+            metrics: api::Exported::new(registry),
         });
         let listener = tokio::net::TcpListener::bind(config.api.listen)
             .await

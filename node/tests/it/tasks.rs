@@ -668,3 +668,81 @@ fn a_python_function_runs_in_a_warm_docker_container_and_warm_aware_routing_find
         "containers left behind"
     );
 }
+
+/// The value of the sample `name{labels}` in Prometheus' text format (0 when absent).
+fn sample(metrics: &str, name_and_labels: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// `GET /metrics` (`funcmesh metrics`) counts what the task path did: on the submitting node,
+/// tasks submitted, finished by outcome and kind; on the endpoint node, its queue and workers;
+/// on both, members and registry entries. Every metric has a help text.
+#[test]
+fn metrics_count_what_the_task_path_did() {
+    let net = Net::up("1", "2", &[]);
+    let a1 = net.node("a1");
+    register(&a1, &net.dir);
+    net.wait_endpoints(&a1, 2);
+    let out = run_wait(&a1, &["double", "2", "--endpoint", "a2"]);
+    assert!(out.status.success());
+    for x in ["3", "4"] {
+        assert_eq!(
+            ok(&[
+                "run",
+                "double",
+                x,
+                "--endpoint",
+                "a2",
+                "--wait",
+                "--node",
+                p(&a1)
+            ]),
+            (2 * x.parse::<i32>().unwrap()).to_string()
+        );
+    }
+    let failed = funcmesh(&[
+        "run",
+        "boom",
+        "1",
+        "--endpoint",
+        "a2",
+        "--wait",
+        "--node",
+        p(&a1),
+    ]);
+    assert!(!failed.status.success());
+    let m = ok(&["metrics", "--node", p(&a1)]);
+    assert!(sample(&m, "funcmesh_tasks_submitted_total") >= 4.0, "{m}");
+    assert!(
+        sample(
+            &m,
+            "funcmesh_tasks_finished_total{outcome=\"succeeded\",kind=\"\"}"
+        ) >= 3.0,
+        "{m}"
+    );
+    assert_eq!(
+        sample(
+            &m,
+            "funcmesh_tasks_finished_total{outcome=\"failed\",kind=\"Exception\"}"
+        ),
+        1.0,
+        "{m}"
+    );
+    assert_eq!(sample(&m, "funcmesh_tasks_live"), 0.0, "{m}");
+    assert!(sample(&m, "funcmesh_members") >= 1.0, "{m}");
+    assert!(sample(&m, "funcmesh_registry_entries") >= 4.0, "{m}");
+    // Every metric family is declared with a help text.
+    let families = m.lines().filter(|l| l.starts_with("# TYPE")).count();
+    let helps = m.lines().filter(|l| l.starts_with("# HELP")).count();
+    assert!(families >= 8 && helps == families, "{m}");
+    // The endpoint's node reports its endpoint's queue.
+    let m2 = ok(&["metrics", "--node", p(&net.node("a2"))]);
+    assert!(
+        m2.contains("funcmesh_endpoint_queued{endpoint=\"a2\"}"),
+        "{m2}"
+    );
+    assert_eq!(sample(&m2, "funcmesh_tasks_submitted_total"), 0.0, "{m2}");
+}
