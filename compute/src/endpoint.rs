@@ -971,6 +971,14 @@ impl Driver {
         self.dirty.remove(&rec.id);
         rec.status = outcome.status();
         rec.times.finished_us = now_us();
+        tracing::debug!(
+            task = %rec.id,
+            endpoint = %self.config.name,
+            submitter = %rec.submitter,
+            worker = rec.worker.as_deref(),
+            status = %rec.status,
+            "task finished"
+        );
         rec.outcome = Some(outcome);
         self.finished.push(rec);
     }

@@ -57,6 +57,7 @@ impl Server {
                         }
                         Some((_, policy)) => match self.admit(from, peer, *policy, &t, &tokens) {
                             Ok(()) => {
+                                tracing::debug!(task = %t.id, %peer, endpoint = %t.endpoint, "task taken");
                                 // Checked: the endpoint keeps no copy of the token.
                                 t.capability = None;
                                 groups.entry(t.endpoint.clone()).or_default().push((i, t))

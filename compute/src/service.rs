@@ -184,10 +184,14 @@ pub async fn start(
                     r = inbound.recv() => match r { Some(r) => r, None => break },
                 };
                 let server = server.clone();
-                t.spawn(async move {
-                    let resp = server.handle(&req.from, req.peer, req.request).await;
-                    req.responder.respond(resp).await;
-                });
+                let span = tracing::debug_span!("task_request", peer = %req.peer);
+                t.spawn(tracing::Instrument::instrument(
+                    async move {
+                        let resp = server.handle(&req.from, req.peer, req.request).await;
+                        req.responder.respond(resp).await;
+                    },
+                    span,
+                ));
             }
         });
     }
@@ -324,6 +328,8 @@ fn deliver(
             continue;
         };
         let ids: Vec<TaskId> = records.iter().map(|r| r.id.clone()).collect();
+        tracing::debug!(%peer, results = ids.len(), "sending results");
+        tracing::trace!(%peer, tasks = ?ids, "sending results");
         service
             .delivering
             .lock()

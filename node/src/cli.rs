@@ -548,6 +548,9 @@ fn init_tracing(filter: &str) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
+        // A node's log is often a file (`funcmesh testnet` writes node.log): colours only on a
+        // terminal, so that `grep <task id>` finds plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
 }
 

@@ -421,6 +421,7 @@ impl Machine {
             finished_us: 0,
             capability: r.capability,
         };
+        tracing::debug!(task = %id, to = %c, peer = %c.peer, "task accepted");
         self.router.dispatched(c.peer, &c.name, &env);
         self.by_wire.insert(id.clone(), id.clone());
         self.unsent.entry(c.peer).or_default().push(id.clone());
@@ -571,6 +572,8 @@ impl Machine {
                 if tasks.is_empty() {
                     continue;
                 }
+                tracing::debug!(%peer, tasks = sent.len(), "sending tasks");
+                tracing::trace!(%peer, tasks = ?sent, "sending tasks");
                 out.push(Outgoing {
                     peer,
                     ids: sent,
@@ -956,6 +959,13 @@ impl Machine {
     }
 
     fn finish(&mut self, t: Submitted) {
+        tracing::debug!(
+            task = %t.id,
+            status = %t.status,
+            attempts = t.attempts.len(),
+            endpoint = t.target().map(|x| x.endpoint.as_str()),
+            "task concluded"
+        );
         let t = Arc::new(t);
         for a in &t.attempts {
             self.by_wire.remove(&a.wire_id);
