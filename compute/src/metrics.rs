@@ -11,7 +11,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 use crate::routing::EndpointLoad;
-use crate::submit::Submitted;
+use crate::submit::machine::Submitted;
 use crate::task::Outcome;
 
 /// How a task ended, and why if it failed.

@@ -1,4 +1,35 @@
-//! What the CLI prints: tables for people, and the records behind them.
+//! What the CLI prints, and where a client command finds its node: `--node` and `--json`
+//! ([`NodeArgs`]), records printed as JSON or as a table for people ([`show`]).
+
+use std::path::PathBuf;
+
+use clap::Args;
+use serde::Serialize;
+
+/// Where a client command finds its node.
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    /// Data dir of the node to talk to.
+    #[arg(long, env = "FUNCMESH_NODE", value_name = "DATA_DIR")]
+    pub node: PathBuf,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Prints `value` as pretty JSON with `--json`, else as `table` draws it.
+pub(crate) fn show<T: Serialize>(
+    json: bool,
+    value: &T,
+    table: impl FnOnce(&T),
+) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        table(value);
+    }
+    Ok(())
+}
 
 /// Prints a task's value (stdout) or error (stderr); returns whether it succeeded.
 pub(crate) fn print_result(t: &crate::tasks::TaskView, bare: bool) -> bool {
