@@ -3,7 +3,7 @@
 //! Submitting: [`submit::Dispatcher`] routes a task ([`routing::Router`], with access verdicts
 //! from [`access`]), stores it, sends it to its endpoint's node as a [`wire::TaskRequest`], follows
 //! its answers and result, and retries it elsewhere when its endpoint is lost. Serving:
-//! [`serve`] answers those requests for this node's endpoints after the access check, and sends
+//! `serve` answers those requests for this node's endpoints after the access check, and sends
 //! results back. [`service::start`] wires both sides to the mesh; they reach other nodes only
 //! through the mesh's links, and this node's own endpoints the same way minus the wire.
 //!

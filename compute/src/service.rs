@@ -1,9 +1,9 @@
 //! A node's task service: both sides of the task lifecycle wired to the mesh.
 //!
-//! [`start`] starts this node's endpoints, the serving side ([`crate::serve`]) and the submitting
+//! [`start`] starts this node's endpoints, the serving side (`serve.rs`) and the submitting
 //! side ([`crate::submit`]), and the loops between them and the mesh: inbound requests from
 //! members, results back to their submitters, this node's advert. Both sides send requests
-//! through [`Peers`]: to another member over the mesh's links, or to this node's own server
+//! through `Peers`: to another member over the mesh's links, or to this node's own server
 //! without the wire, so a task for a local endpoint takes the same path minus the network.
 
 use std::collections::{BTreeMap, HashMap, HashSet};

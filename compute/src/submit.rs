@@ -27,7 +27,7 @@ use crate::access::Access;
 use crate::routing::{ADVERT_TOPIC, Advert, Candidate, Requirements, Strategy};
 use crate::task::{FULL_SWEEP_EVERY, Outcome, Record, Status, TaskId, now_us};
 use crate::wire::{TaskRequest, TaskResponse};
-pub use machine::{Attempt, Request, SUBMITTED_VERSION, Submitted, Target};
+pub use machine::{Attempt, Refusal, Request, SUBMITTED_VERSION, Submitted, Target};
 use machine::{Machine, Now, Settings};
 
 /// How the dispatcher reaches endpoint nodes: another member over the mesh's links, this
@@ -76,11 +76,11 @@ type Reply<T> = oneshot::Sender<T>;
 type Replies = Vec<Box<dyn FnOnce(&Actor) + Send>>;
 
 enum Cmd {
-    Submit(Vec<Request>, Reply<Vec<Result<Submitted, String>>>),
+    Submit(Vec<Request>, Reply<Vec<Result<Submitted, Refusal>>>),
     /// Submit, answer with the ids once stored, then with the tasks once all have finished.
     SubmitWait(
         Vec<Request>,
-        Reply<Vec<Result<TaskId, String>>>,
+        Reply<Vec<Result<TaskId, Refusal>>>,
         Reply<Vec<Option<Arc<Submitted>>>>,
     ),
     Get(Vec<TaskId>, Reply<Vec<Option<Submitted>>>),
@@ -376,7 +376,7 @@ impl Dispatcher {
     pub async fn submit(
         &self,
         requests: Vec<Request>,
-    ) -> Result<Vec<Result<Submitted, String>>, Error> {
+    ) -> Result<Vec<Result<Submitted, Refusal>>, Error> {
         self.ask(|r| Cmd::Submit(requests, r)).await
     }
 
@@ -412,7 +412,7 @@ impl Dispatcher {
         &self,
         requests: Vec<Request>,
         timeout: Duration,
-    ) -> Result<Vec<Result<Arc<Submitted>, String>>, Error> {
+    ) -> Result<Vec<Result<Arc<Submitted>, Refusal>>, Error> {
         let (accepted_tx, accepted_rx) = oneshot::channel();
         let (done_tx, done_rx) = oneshot::channel();
         self.tx
@@ -432,10 +432,7 @@ impl Dispatcher {
             .into_iter()
             .map(|a| {
                 let id = a?;
-                tasks
-                    .next()
-                    .flatten()
-                    .ok_or_else(|| format!("task {id} was accepted but is not stored"))
+                tasks.next().flatten().ok_or(Refusal::Unstored(id))
             })
             .collect())
     }
@@ -710,7 +707,7 @@ impl Actor {
             Cmd::Submit(requests, reply) => {
                 self.refresh_candidates(false).await;
                 let now = Now::current();
-                let answers: Vec<Result<Submitted, String>> = requests
+                let answers: Vec<Result<Submitted, Refusal>> = requests
                     .into_iter()
                     .map(|r| {
                         let id = self.machine.accept(r, TaskId::random(), now);
@@ -730,7 +727,7 @@ impl Actor {
             Cmd::SubmitWait(requests, accepted, done) => {
                 self.refresh_candidates(false).await;
                 let now = Now::current();
-                let answers: Vec<Result<TaskId, String>> = requests
+                let answers: Vec<Result<TaskId, Refusal>> = requests
                     .into_iter()
                     .map(|r| {
                         let id = self.machine.accept(r, TaskId::random(), now);

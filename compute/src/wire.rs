@@ -21,7 +21,7 @@ use crate::task::{Record, Status, Submission, TaskId};
 /// The protocol name.
 /// Version 2: JSON on the wire (version 1 was CBOR, which turned every JSON `null` in task
 /// arguments and results into `[]`). Version 3: `Answer::Queued`. Version 4: one long-lived
-/// stream per peer with id-tagged frames ([`frame`]), instead of a stream per request.
+/// stream per peer with id-tagged frames ([`mesh::links::frame`]), instead of a stream per request.
 pub const PROTOCOL: &str = "/funcmesh/task/4";
 /// Largest request or response on the wire.
 pub const MAX_MESSAGE: usize = 32 << 20;

@@ -118,7 +118,7 @@ impl<P: Protocol> Responder<P> {
 }
 
 /// Inbound requests waiting for their consumer; when full, new ones are answered busy.
-pub(crate) const INBOUND_QUEUE: usize = 1024;
+pub const INBOUND_QUEUE: usize = 1024;
 
 /// How long a request waits for its answer.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);

@@ -464,10 +464,12 @@ fn views(
             Some(t) => crate::tasks::Submitted1 {
                 task: Some((&*t).into()),
                 error: None,
+                error_kind: None,
             },
             None => crate::tasks::Submitted1 {
                 task: None,
                 error: Some(format!("no task {id} was submitted from this node")),
+                error_kind: Some("unknown_task".into()),
             },
         })
         .collect()

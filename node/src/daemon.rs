@@ -213,7 +213,7 @@ impl Node {
     pub async fn submit(
         &self,
         tasks: Vec<crate::tasks::NewTask>,
-    ) -> anyhow::Result<Vec<Result<compute::submit::Submitted, String>>> {
+    ) -> anyhow::Result<Vec<Result<compute::submit::Submitted, crate::tasks::Refused>>> {
         crate::tasks::submit(self.mesh(), &self.inner.tasks.dispatcher, tasks).await
     }
 

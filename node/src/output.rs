@@ -1,5 +1,5 @@
 //! What the CLI prints, and where a client command finds its node: `--node` and `--json`
-//! ([`NodeArgs`]), records printed as JSON or as a table for people ([`show`]).
+//! ([`NodeArgs`]), records printed as JSON or as a table for people (`show`).
 
 use std::path::PathBuf;
 

@@ -116,36 +116,90 @@ pub struct Submitted1 {
     /// The task, if accepted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task: Option<TaskView>,
-    /// Why not, if refused.
+    /// Why not, if refused: what the user reads.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The kind of refusal, for programs: `function` (not in the registry), `arguments`,
+    /// `environment`, `no_route`, `internal`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_kind: Option<String>,
+}
+
+/// Why a task of the API was not accepted. Every refusal on the way — the node's lookup of the
+/// function and the dispatcher's ([`compute::submit::Refusal`]) — becomes one of these, here,
+/// and the API sends its message and kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    /// A stable name for the kind (see [`Submitted1::error_kind`]).
+    pub kind: &'static str,
+    /// What the user reads.
+    pub message: String,
+}
+
+impl Refused {
+    fn new(kind: &'static str, message: impl Into<String>) -> Refused {
+        Refused {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl From<compute::submit::Refusal> for Refused {
+    fn from(r: compute::submit::Refusal) -> Refused {
+        Refused::new(r.kind(), r.to_string())
+    }
+}
+
+impl Submitted1 {
+    fn refused(r: Refused) -> Submitted1 {
+        Submitted1 {
+            task: None,
+            error: Some(r.message),
+            error_kind: Some(r.kind.to_owned()),
+        }
+    }
 }
 
 /// Turns API tasks into dispatcher requests, resolving functions in the registry.
 pub(crate) fn requests(
     functions: &HashMap<String, Result<crdt_registry::Function, String>>,
     tasks: Vec<NewTask>,
-) -> Vec<Result<compute::submit::Request, String>> {
+) -> Vec<Result<compute::submit::Request, Refused>> {
     tasks
         .into_iter()
         .map(|t| {
             let f = functions
                 .get(&t.function)
                 .cloned()
-                .unwrap_or_else(|| Err(format!("function `{}` was not looked up", t.function)))?;
+                .unwrap_or_else(|| Err(format!("function `{}` was not looked up", t.function)))
+                .map_err(|e| Refused::new("function", e))?;
             let strategy = match &t.strategy {
                 None => compute::routing::Strategy::default(),
-                Some(s) => compute::routing::Strategy::parse(s)?,
+                Some(s) => compute::routing::Strategy::parse(s)
+                    .map_err(|e| Refused::new("arguments", e))?,
             };
             if t.encoding == compute::task::Encoding::Json {
                 if !(t.args.is_array() || t.args.is_null()) {
-                    return Err(format!(
-                        "args must be a JSON array of positional arguments, not {}",
-                        t.args
+                    return Err(Refused::new(
+                        "arguments",
+                        format!(
+                            "args must be a JSON array of positional arguments, not {}",
+                            t.args
+                        ),
                     ));
                 }
                 if !(t.kwargs.is_object() || t.kwargs.is_null()) {
-                    return Err(format!("kwargs must be a JSON object, not {}", t.kwargs));
+                    return Err(Refused::new(
+                        "arguments",
+                        format!("kwargs must be a JSON object, not {}", t.kwargs),
+                    ));
                 }
             }
             Ok(compute::submit::Request {
@@ -172,7 +226,7 @@ pub(crate) async fn submit(
     mesh: &mesh::Handle,
     dispatcher: &Dispatcher,
     tasks: Vec<NewTask>,
-) -> anyhow::Result<Vec<Result<Submitted, String>>> {
+) -> anyhow::Result<Vec<Result<Submitted, Refused>>> {
     let (slots, ok) = resolve(mesh, tasks).await?;
     Ok(merge(slots, dispatcher.submit(ok).await?))
 }
@@ -186,15 +240,13 @@ pub(crate) async fn submit_views(
     wait: Option<Duration>,
 ) -> anyhow::Result<Vec<Submitted1>> {
     let (slots, ok) = resolve(mesh, tasks).await?;
-    let view = |r: Result<&Submitted, String>| match r {
+    let view = |r: Result<&Submitted, Refused>| match r {
         Ok(t) => Submitted1 {
             task: Some(t.into()),
             error: None,
+            error_kind: None,
         },
-        Err(e) => Submitted1 {
-            task: None,
-            error: Some(e),
-        },
+        Err(e) => Submitted1::refused(e),
     };
     Ok(match wait {
         None => merge(slots, dispatcher.submit(ok).await?)
@@ -219,7 +271,7 @@ pub(crate) async fn submit_views(
 async fn resolve(
     mesh: &mesh::Handle,
     tasks: Vec<NewTask>,
-) -> anyhow::Result<(Vec<Result<(), String>>, Vec<compute::submit::Request>)> {
+) -> anyhow::Result<(Vec<Result<(), Refused>>, Vec<compute::submit::Request>)> {
     let queries: std::collections::BTreeSet<String> =
         tasks.iter().map(|t| t.function.clone()).collect();
     let functions: HashMap<String, Result<crdt_registry::Function, String>> = mesh
@@ -251,16 +303,17 @@ async fn resolve(
 
 /// The dispatcher's answers put back in the slots of the tasks that reached it.
 fn merge<T>(
-    slots: Vec<Result<(), String>>,
-    answers: Vec<Result<T, String>>,
-) -> Vec<Result<T, String>> {
+    slots: Vec<Result<(), Refused>>,
+    answers: Vec<Result<T, compute::submit::Refusal>>,
+) -> Vec<Result<T, Refused>> {
     let mut answers = answers.into_iter();
     slots
         .into_iter()
         .map(|s| match s {
-            Ok(()) => answers
-                .next()
-                .unwrap_or(Err("no answer from the dispatcher".into())),
+            Ok(()) => answers.next().map_or_else(
+                || Err(Refused::new("internal", "no answer from the dispatcher")),
+                |a| a.map_err(Refused::from),
+            ),
             Err(e) => Err(e),
         })
         .collect()

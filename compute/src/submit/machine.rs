@@ -138,6 +138,37 @@ pub struct Request {
     pub capability: Option<String>,
 }
 
+/// Why a task was not accepted. Its text is what the user reads; [`Refusal::kind`] is what a
+/// program matches on (the API sends both).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    /// Its arguments are malformed or too large.
+    #[error("{0}")]
+    Arguments(String),
+    /// Its function names a container this node cannot run anything in (say, an unknown
+    /// runtime).
+    #[error("{0}")]
+    Environment(String),
+    /// No endpoint can run it: the reason for each endpoint considered.
+    #[error("{0}")]
+    NoRoute(#[from] crate::routing::NoRoute),
+    /// Accepted, then not found in the store (its write failed: the node's log says why).
+    #[error("task {0} was accepted but is not stored: see the node's log")]
+    Unstored(TaskId),
+}
+
+impl Refusal {
+    /// A stable name for the kind of refusal: `arguments`, `environment`, `no_route`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Refusal::Arguments(_) => "arguments",
+            Refusal::Environment(_) => "environment",
+            Refusal::NoRoute(_) => "no_route",
+            Refusal::Unstored(_) => "internal",
+        }
+    }
+}
+
 /// The time, as the machine sees it: a monotonic instant for deadlines, and Unix microseconds
 /// for what is stored and shown.
 #[derive(Debug, Clone, Copy)]
@@ -363,8 +394,9 @@ impl Machine {
 
     /// Routes a task and takes it on under `id` (to be stored in this turn's write, and sent to
     /// its endpoint): its id, or why no endpoint can run it.
-    pub fn accept(&mut self, r: Request, id: TaskId, now: Now) -> Result<TaskId, String> {
-        let env = Environment::of(r.function.record.container.as_ref())?;
+    pub fn accept(&mut self, r: Request, id: TaskId, now: Now) -> Result<TaskId, Refusal> {
+        let env =
+            Environment::of(r.function.record.container.as_ref()).map_err(Refusal::Environment)?;
         // A token is attached when the task is sent (`sends`), once per batch; it is not
         // stored with the task.
         let c = self.route(
@@ -399,7 +431,7 @@ impl Machine {
         };
         // The function comes from the registry view, which lists a function only under its
         // content id: only the arguments need checking here.
-        submission.check_args()?;
+        submission.check_args().map_err(Refusal::Arguments)?;
         let t = Submitted {
             v: SUBMITTED_VERSION,
             id: id.clone(),
@@ -442,7 +474,7 @@ impl Machine {
         explicit: Option<&str>,
         exclude: &HashSet<String>,
         now: Now,
-    ) -> Result<Candidate, String> {
+    ) -> Result<Candidate, crate::routing::NoRoute> {
         let access = self.settings.access.clone();
         let institution = self.settings.institution.clone();
         let unix = now.unix_us / 1_000_000;
@@ -458,17 +490,15 @@ impl Machine {
                 Verdict::Refused(why) => Err(why),
             }
         };
-        self.router
-            .choose(
-                env,
-                requirements,
-                &check,
-                strategy,
-                &self.candidates,
-                exclude,
-                now.at,
-            )
-            .map_err(|e| e.to_string())
+        self.router.choose(
+            env,
+            requirements,
+            &check,
+            strategy,
+            &self.candidates,
+            exclude,
+            now.at,
+        )
     }
 
     /// The token a task for `function` presents at the endpoint `endpoint` (registry id): the
@@ -904,6 +934,7 @@ impl Machine {
                 now,
             )
             .map(|c| (c, env))
+            .map_err(|e| e.to_string())
         });
         let Some(mut t) = self.live.remove(id) else {
             return;

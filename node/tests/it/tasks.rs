@@ -746,3 +746,31 @@ fn metrics_count_what_the_task_path_did() {
     );
     assert_eq!(sample(&m2, "funcmesh_tasks_submitted_total"), 0.0, "{m2}");
 }
+
+/// A task the node does not accept gets a reason for people and a kind for programs.
+#[test]
+fn a_refused_task_says_why_and_what_kind_of_refusal_it_is() {
+    let net = Net::up("1", "1", &[]);
+    let a1 = net.node("a1");
+    register(&a1, &net.dir);
+    net.wait_endpoints(&a1, 1);
+    let kind_of = |args: &[&str]| {
+        let mut full = vec!["run"];
+        full.extend_from_slice(args);
+        full.extend_from_slice(&["--json", "--node", p(&a1)]);
+        let out = funcmesh(&full);
+        let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let t = &list["tasks"][0];
+        assert!(t["error"].as_str().is_some_and(|e| !e.is_empty()), "{list}");
+        t["error_kind"].as_str().unwrap_or_default().to_owned()
+    };
+    assert_eq!(kind_of(&["no-such-function", "1"]), "function");
+    assert_eq!(
+        kind_of(&["double", "1", "--endpoint", "nowhere"]),
+        "no_route"
+    );
+    assert_eq!(
+        kind_of(&["double", "1", "--institution", "no-such-institution"]),
+        "no_route"
+    );
+}
