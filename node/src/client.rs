@@ -79,15 +79,9 @@ impl Client {
             };
             anyhow::anyhow!(hint)
         })?;
-        let status = resp.status();
-        if !status.is_success() {
-            let body: Option<ErrorBody> = resp.json().await.ok();
-            bail!(
-                "node answered {status}: {}",
-                body.map(|b| b.error).unwrap_or_else(|| "no details".into())
-            );
-        }
-        resp.json()
+        checked(resp)
+            .await?
+            .json()
             .await
             .with_context(|| format!("unexpected answer from {url}"))
     }
@@ -103,15 +97,9 @@ impl Client {
             .send()
             .await
             .with_context(|| format!("request to {url} failed: is the node running?"))?;
-        let status = resp.status();
-        if !status.is_success() {
-            let body: Option<ErrorBody> = resp.json().await.ok();
-            bail!(
-                "node answered {status}: {}",
-                body.map(|b| b.error).unwrap_or_else(|| "no details".into())
-            );
-        }
-        resp.text()
+        checked(resp)
+            .await?
+            .text()
             .await
             .with_context(|| format!("unexpected answer from {url}"))
     }
@@ -284,4 +272,17 @@ fn encode(s: &str) -> String {
             }
         })
         .collect()
+}
+
+/// The response if the node accepted the call; otherwise the error it gave.
+async fn checked(resp: reqwest::Response) -> anyhow::Result<reqwest::Response> {
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(resp);
+    }
+    let body: Option<ErrorBody> = resp.json().await.ok();
+    bail!(
+        "node answered {status}: {}",
+        body.map(|b| b.error).unwrap_or_else(|| "no details".into())
+    )
 }

@@ -6,73 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::cli::{funcmesh, ok, p, wait_until};
-
-struct Net {
-    _tmp: tempfile::TempDir,
-    dir: PathBuf,
-    json: serde_json::Value,
-}
-
-impl Net {
-    fn up() -> Net {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("net");
-        ok(&[
-            "testnet",
-            "up",
-            "--dir",
-            p(&dir),
-            "--institutions",
-            "3",
-            "--nodes-per-institution",
-            "1",
-        ]);
-        let json =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("testnet.json")).unwrap())
-                .unwrap();
-        Net {
-            _tmp: tmp,
-            dir,
-            json,
-        }
-    }
-
-    fn node(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
-    }
-
-    fn peer(&self, name: &str) -> String {
-        self.json["nodes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|n| n["name"] == name)
-            .unwrap()["peer_id"]
-            .as_str()
-            .unwrap()
-            .to_owned()
-    }
-
-    fn key(&self, institution: &str) -> PathBuf {
-        PathBuf::from(
-            self.json["institutions"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .find(|i| i["name"] == institution)
-                .unwrap()["key"]
-                .as_str()
-                .unwrap(),
-        )
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        let _ = funcmesh(&["testnet", "down", "--dir", p(&self.dir)]);
-    }
-}
+use crate::cli::{Net, funcmesh, ok, p, wait_until};
 
 /// `funcmesh run FUNCTION X --endpoint a1 --wait` from `node`, with extra arguments: the
 /// output (stdout and stderr) and whether it succeeded.
@@ -156,7 +90,7 @@ struct Case {
 
 impl Case {
     fn up() -> Case {
-        let net = Net::up();
+        let net = Net::up("3", "1", &[]);
         let (a1, b1, c1) = (net.node("a1"), net.node("b1"), net.node("c1"));
         let src = net.dir.join("fns.py");
         std::fs::write(

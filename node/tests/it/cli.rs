@@ -711,3 +711,102 @@ fn bad_input_gets_a_one_line_error_and_a_non_zero_exit() {
         "already exists",
     );
 }
+
+/// A multi-process testnet made by `funcmesh testnet up` in a temp dir, stopped on drop: the one
+/// helper every CLI test that needs a federation uses.
+pub(crate) struct Net {
+    _tmp: tempfile::TempDir,
+    pub(crate) dir: PathBuf,
+    /// `testnet.json`: its nodes and institutions.
+    json: serde_json::Value,
+}
+
+impl Net {
+    /// `institutions` × `per` endpoint nodes and a coordinator; `extra` are more `testnet up`
+    /// flags.
+    pub(crate) fn up(institutions: &str, per: &str, extra: &[&str]) -> Net {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("net");
+        let mut args = vec![
+            "testnet",
+            "up",
+            "--dir",
+            p(&dir),
+            "--institutions",
+            institutions,
+            "--nodes-per-institution",
+            per,
+        ];
+        args.extend_from_slice(extra);
+        ok(&args);
+        let json =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("testnet.json")).unwrap())
+                .unwrap();
+        Net {
+            _tmp: tmp,
+            dir,
+            json,
+        }
+    }
+
+    /// A node's data dir.
+    pub(crate) fn node(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// A node's peer id.
+    pub(crate) fn peer(&self, name: &str) -> String {
+        self.json["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["name"] == name)
+            .unwrap()["peer_id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    /// An institution's key file.
+    pub(crate) fn key(&self, institution: &str) -> PathBuf {
+        PathBuf::from(
+            self.json["institutions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|i| i["name"] == institution)
+                .unwrap()["key"]
+                .as_str()
+                .unwrap(),
+        )
+    }
+
+    /// SIGKILLs a node.
+    pub(crate) fn kill(&self, name: &str) {
+        ok(&["testnet", "kill", name, "--dir", p(&self.dir)]);
+    }
+
+    /// Restarts a node from its data dir.
+    pub(crate) fn restart(&self, name: &str) {
+        ok(&["testnet", "restart", name, "--dir", p(&self.dir)]);
+    }
+
+    /// Waits until `node` lists `n` endpoints.
+    pub(crate) fn wait_endpoints(&self, node: &Path, n: usize) {
+        wait_until(
+            "every endpoint in the registry",
+            Duration::from_secs(20),
+            || {
+                let out = funcmesh(&["endpoint", "list", "--node", p(node), "--json"]);
+                serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout)
+                    .is_ok_and(|l| l.len() == n)
+            },
+        );
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        let _ = funcmesh(&["testnet", "down", "--dir", p(&self.dir)]);
+    }
+}

@@ -1,66 +1,10 @@
 //! Tasks through the CLI on a multi-process testnet: submit on one node, run on another's
 //! endpoint, results back; remote errors; bad input; endpoint and submitter crashes.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
-use crate::cli::{funcmesh, ok, p, wait_until};
-
-struct Net {
-    _tmp: tempfile::TempDir,
-    dir: PathBuf,
-}
-
-impl Net {
-    fn up(institutions: &str, per: &str, extra: &[&str]) -> Net {
-        let tmp = tempfile::tempdir().unwrap();
-        let dir = tmp.path().join("net");
-        let mut args = vec![
-            "testnet",
-            "up",
-            "--dir",
-            p(&dir),
-            "--institutions",
-            institutions,
-            "--nodes-per-institution",
-            per,
-        ];
-        args.extend_from_slice(extra);
-        ok(&args);
-        Net { _tmp: tmp, dir }
-    }
-
-    fn node(&self, name: &str) -> PathBuf {
-        self.dir.join(name)
-    }
-
-    fn kill(&self, name: &str) {
-        ok(&["testnet", "kill", name, "--dir", p(&self.dir)]);
-    }
-
-    fn restart(&self, name: &str) {
-        ok(&["testnet", "restart", name, "--dir", p(&self.dir)]);
-    }
-
-    /// Waits until `node` lists `n` endpoints and can route to `endpoint`.
-    fn wait_endpoints(&self, node: &Path, n: usize) {
-        wait_until(
-            "every endpoint in the registry",
-            Duration::from_secs(20),
-            || {
-                let out = funcmesh(&["endpoint", "list", "--node", p(node), "--json"]);
-                serde_json::from_slice::<Vec<serde_json::Value>>(&out.stdout)
-                    .is_ok_and(|l| l.len() == n)
-            },
-        );
-    }
-}
-
-impl Drop for Net {
-    fn drop(&mut self) {
-        let _ = funcmesh(&["testnet", "down", "--dir", p(&self.dir)]);
-    }
-}
+use crate::cli::{Net, funcmesh, ok, p, wait_until};
 
 const SOURCE: &str = "import time\n\
 def double(x):\n    return 2 * x\n\
