@@ -53,7 +53,7 @@ pub enum Error {
     },
     /// The mesh would not serve the task protocol.
     #[error("cannot serve the task protocol: {0}")]
-    Mesh(#[from] mesh::network::Error),
+    Mesh(#[from] mesh::network::StartError),
     /// The dispatcher could not read its stored tasks.
     #[error(transparent)]
     Dispatcher(#[from] crate::submit::Error),

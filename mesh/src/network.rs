@@ -74,9 +74,9 @@ pub struct Config {
     pub store: store::Store,
 }
 
-/// Errors from the mesh.
+/// Why the mesh (or a protocol's links) did not start.
 #[derive(Debug, thiserror::Error)]
-pub enum Error {
+pub enum StartError {
     /// The swarm could not be built.
     #[error("cannot build the libp2p swarm: {0}")]
     Build(String),
@@ -88,6 +88,33 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+}
+
+/// Why joining a federation through a member failed.
+#[derive(Debug, thiserror::Error)]
+pub enum JoinError {
+    /// The peer refused this node's membership proof.
+    #[error("refused by {peer}: {reason}")]
+    Refused {
+        /// The refusing peer.
+        peer: PeerId,
+        /// Its reason.
+        reason: String,
+    },
+    /// The address could not be dialled.
+    #[error(transparent)]
+    Dial(Error),
+    /// No verdict in time.
+    #[error("no answer from the member within {0:?}")]
+    Timeout(Duration),
+    /// The mesh has shut down.
+    #[error("the mesh is shut down")]
+    Closed,
+}
+
+/// Why a request to the running mesh failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
     /// A dial failed.
     #[error("cannot dial {addr}: {reason}")]
     Dial {
@@ -104,17 +131,6 @@ pub enum Error {
         /// Why.
         reason: String,
     },
-    /// A peer refused this node's membership proof.
-    #[error("refused by {peer}: {reason}")]
-    Refused {
-        /// The refusing peer.
-        peer: PeerId,
-        /// Its reason.
-        reason: String,
-    },
-    /// Nothing happened in time.
-    #[error("timed out after {0:?}")]
-    Timeout(Duration),
     /// The mesh has shut down.
     #[error("the mesh is shut down")]
     Closed,
@@ -268,11 +284,11 @@ impl Handle {
     /// are answered [`links::Protocol::busy`]). Once per protocol: a second call fails.
     pub fn links<P: links::Protocol>(
         &self,
-    ) -> Result<(Links<P>, mpsc::Receiver<links::Inbound<P>>), Error> {
+    ) -> Result<(Links<P>, mpsc::Receiver<links::Inbound<P>>), StartError> {
         let (tx, rx) = mpsc::channel(links::INBOUND_QUEUE);
         let s = self.streams.clone();
-        let links =
-            Links::start(s.control, s.verified, tx, s.cancel, s.tracker).map_err(Error::Build)?;
+        let links = Links::start(s.control, s.verified, tx, s.cancel, s.tracker)
+            .map_err(StartError::Build)?;
         Ok((links, rx))
     }
 
@@ -384,13 +400,13 @@ impl Handle {
 
     /// Dials `addr` and waits until the peer there admits this node (returns its member record)
     /// or refuses it (returns its reason).
-    pub async fn join(&self, addr: Multiaddr, timeout: Duration) -> Result<Member, Error> {
+    pub async fn join(&self, addr: Multiaddr, timeout: Duration) -> Result<Member, JoinError> {
         let mut events = self.subscribe();
         let expected = addr.iter().find_map(|p| match p {
             Protocol::P2p(peer) => Some(peer),
             _ => None,
         });
-        self.dial(addr).await?;
+        self.dial(addr).await.map_err(JoinError::Dial)?;
         let wait = async {
             loop {
                 match events.recv().await {
@@ -400,23 +416,23 @@ impl Handle {
                         return Ok(m);
                     }
                     Ok(Event::RefusedBy { peer, reason }) if expected.is_none_or(|p| p == peer) => {
-                        return Err(Error::Refused { peer, reason });
+                        return Err(JoinError::Refused { peer, reason });
                     }
                     // We may refuse them first (a peer of another federation, say).
                     Ok(Event::Refused { peer, reason }) if expected.is_none_or(|p| p == peer) => {
-                        return Err(Error::Refused {
+                        return Err(JoinError::Refused {
                             peer,
                             reason: format!("it is not a member of our federation: {reason}"),
                         });
                     }
                     Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-                    Err(broadcast::error::RecvError::Closed) => return Err(Error::Closed),
+                    Err(broadcast::error::RecvError::Closed) => return Err(JoinError::Closed),
                 }
             }
         };
         tokio::time::timeout(timeout, wait)
             .await
-            .map_err(|_| Error::Timeout(timeout))?
+            .map_err(|_| JoinError::Timeout(timeout))?
     }
 }
 
@@ -499,14 +515,16 @@ pub async fn spawn(
     config: Config,
     cancel: CancellationToken,
     tracker: &TaskTracker,
-) -> Result<Handle, Error> {
+) -> Result<Handle, StartError> {
     let peer_id = config.keypair.public().to_peer_id();
     let mut swarm = build_swarm(&config)?;
     for addr in &config.listen {
-        swarm.listen_on(addr.clone()).map_err(|e| Error::Listen {
-            addr: addr.clone(),
-            reason: e.to_string(),
-        })?;
+        swarm
+            .listen_on(addr.clone())
+            .map_err(|e| StartError::Listen {
+                addr: addr.clone(),
+                reason: e.to_string(),
+            })?;
     }
     let topic_prefix = format!("funcmesh/{}/", config.federation.id);
     let announce = gossipsub::IdentTopic::new(format!("{topic_prefix}mesh/1"));
@@ -514,23 +532,23 @@ pub async fn spawn(
         .behaviour_mut()
         .gossipsub
         .subscribe(&announce)
-        .map_err(|e| Error::Build(format!("gossipsub subscribe: {e}")))?;
+        .map_err(|e| StartError::Build(format!("gossipsub subscribe: {e}")))?;
 
     let registry_topic = gossipsub::IdentTopic::new(format!("{topic_prefix}{}", registry::TOPIC));
     swarm
         .behaviour_mut()
         .gossipsub
         .subscribe(&registry_topic)
-        .map_err(|e| Error::Build(format!("gossipsub subscribe: {e}")))?;
+        .map_err(|e| StartError::Build(format!("gossipsub subscribe: {e}")))?;
     let signer = registry::signing_key(&config.keypair)
-        .ok_or_else(|| Error::Build("the node key is not an ed25519 key".into()))?;
+        .ok_or_else(|| StartError::Build("the node key is not an ed25519 key".into()))?;
     let replica = {
         let store = config.store.clone();
         let federation = config.federation.clone();
         tokio::task::spawn_blocking(move || registry::load(&store, &federation, signer))
             .await
-            .map_err(|e| Error::Build(format!("registry load: {e}")))?
-            .map_err(|e| Error::Build(format!("registry load: {e}")))?
+            .map_err(|e| StartError::Build(format!("registry load: {e}")))?
+            .map_err(|e| StartError::Build(format!("registry load: {e}")))?
     };
     let (persist_tx, persist_rx) = mpsc::channel(PERSIST_QUEUE);
     tracker.spawn(persister(config.store.clone(), persist_rx));
@@ -585,7 +603,7 @@ pub async fn spawn(
     })
 }
 
-fn build_swarm(config: &Config) -> Result<Swarm<Behaviour>, Error> {
+fn build_swarm(config: &Config) -> Result<Swarm<Behaviour>, StartError> {
     let fed = config.federation.id.clone();
     let relay_server = config.relay_server;
     let swarm = libp2p::SwarmBuilder::with_existing_identity(config.keypair.clone())
@@ -595,7 +613,7 @@ fn build_swarm(config: &Config) -> Result<Swarm<Behaviour>, Error> {
             noise::Config::new,
             yamux::Config::default,
         )
-        .map_err(|e| Error::Build(e.to_string()))?
+        .map_err(|e| StartError::Build(e.to_string()))?
         // A dead peer's QUIC connection lingers until the idle timeout (libp2p's default is 10 s);
         // endpoint loss and membership both want to know sooner.
         .with_quic_config(|mut c| {
@@ -604,9 +622,9 @@ fn build_swarm(config: &Config) -> Result<Swarm<Behaviour>, Error> {
             c
         })
         .with_relay_client(noise::Config::new, yamux::Config::default)
-        .map_err(|e| Error::Build(e.to_string()))?
+        .map_err(|e| StartError::Build(e.to_string()))?
         .with_behaviour(|key, relay_client| behaviour(key, relay_client, &fed, relay_server))
-        .map_err(|e| Error::Build(e.to_string()))?
+        .map_err(|e| StartError::Build(e.to_string()))?
         // Members stay connected; non-members are cut explicitly. Every task, result and
         // registry sync opens a stream proposing exactly one protocol: `V1Lazy` sends the
         // proposal and the first message together instead of waiting a round trip for the

@@ -464,7 +464,7 @@ async fn uninvited_attempt(net: &Testnet, tmp: &std::path::Path) -> anyhow::Resu
     tracker.close();
     tracker.wait().await;
     match outcome {
-        Err(mesh::network::Error::Refused { reason, .. }) => Ok(reason),
+        Err(mesh::network::JoinError::Refused { reason, .. }) => Ok(reason),
         Err(e) => bail!("the stranger was not refused as expected: {e}"),
         Ok(_) => bail!("the stranger was admitted: membership checks are broken"),
     }

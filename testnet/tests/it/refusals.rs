@@ -24,7 +24,7 @@ async fn presented(net: &Federation, keypair: Keypair, proof: Proof) -> String {
         )
         .await;
     let reason = match outcome {
-        Err(mesh::network::Error::Refused { reason, .. }) => reason,
+        Err(mesh::network::JoinError::Refused { reason, .. }) => reason,
         other => panic!("expected a refusal, got {other:?}"),
     };
     assert_never_listed_and_members_fine(net, &peer).await;
