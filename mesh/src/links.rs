@@ -137,6 +137,14 @@ const INBOUND_PER_PEER: usize = 8;
 pub const BULK_FRAME: usize = 256 << 10;
 /// Bulk streams open to one peer at once.
 const BULK_PER_PEER: usize = 2;
+/// The largest frame read from a peer whose membership is not verified (yet): enough for a small
+/// request, which is answered "busy" without being handed on. A larger one waits up to
+/// [`VERIFY_WAIT`] for the peer's proof to check out (a member may open its link while its
+/// proof is being checked), and cuts the stream if it does not: a stranger never makes this
+/// node read, let alone parse, more than this.
+pub const UNVERIFIED_FRAME: usize = 4 << 10;
+/// How long a large frame from a peer being verified waits for the verdict.
+const VERIFY_WAIT: Duration = Duration::from_secs(2);
 
 /// Members whose proofs this node has verified, as the event loop last saw them.
 pub(crate) type Verified = Arc<RwLock<HashMap<PeerId, Member>>>;
@@ -623,8 +631,26 @@ impl<P: Protocol> Server<P> {
         let read = async {
             let mut body = Vec::new();
             loop {
-                if let Err(why) = next_frame::<P, _>(&mut reader, &mut body).await {
-                    return why;
+                let len = match frame::read_len(&mut reader).await {
+                    Ok(Some(len)) => len,
+                    Ok(None) => return "was closed by the peer".to_owned(),
+                    Err(e) => return format!("broke: {e}"),
+                };
+                if len > P::MAX_MESSAGE {
+                    return format!(
+                        "carried a frame of {len} bytes; the {} protocol carries at most {}",
+                        P::LABEL,
+                        P::MAX_MESSAGE
+                    );
+                }
+                if len > UNVERIFIED_FRAME && !self.verified_within(&peer, VERIFY_WAIT).await {
+                    return format!(
+                        "carried a frame of {len} bytes from a peer that has not proven its \
+                         membership (at most {UNVERIFIED_FRAME} are read from such a peer)"
+                    );
+                }
+                if let Err(e) = frame::read_body(&mut reader, &mut body, len).await {
+                    return format!("broke: {e}");
                 }
                 let (id, request) = match frame::read_request::<P>(&body) {
                     Ok(r) => r,
@@ -644,6 +670,26 @@ impl<P: Protocol> Server<P> {
         tokio::select! {
             why = read => why,
             why = write(writer, rx) => why,
+        }
+    }
+
+    /// Whether `peer` is a verified member now, or becomes one within `wait`.
+    async fn verified_within(&self, peer: &PeerId, wait: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if self
+                .verified
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains_key(peer)
+            {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            // The event loop verifies proofs; this only waits to hear its verdict.
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
@@ -798,22 +844,40 @@ pub mod frame {
         body: &mut Vec<u8>,
         max: usize,
     ) -> std::io::Result<bool> {
-        let mut len = [0u8; 4];
-        let mut got = 0;
-        while got < 4 {
-            match io.read(&mut len[got..]).await? {
-                0 if got == 0 => return Ok(false),
-                0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
-                n => got += n,
-            }
-        }
-        let len = u32::from_be_bytes(len) as usize;
+        let Some(len) = read_len(io).await? else {
+            return Ok(false);
+        };
         if len > max {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidData,
                 format!("a frame of {len} bytes; the protocol carries at most {max}"),
             ));
         }
+        read_body(io, body, len).await?;
+        Ok(true)
+    }
+
+    /// Reads the next frame's length; `None`: the stream ended cleanly between frames.
+    pub async fn read_len<R: AsyncRead + Unpin>(io: &mut R) -> std::io::Result<Option<usize>> {
+        let mut len = [0u8; 4];
+        let mut got = 0;
+        while got < 4 {
+            match io.read(&mut len[got..]).await? {
+                0 if got == 0 => return Ok(None),
+                0 => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+                n => got += n,
+            }
+        }
+        Ok(Some(u32::from_be_bytes(len) as usize))
+    }
+
+    /// Reads a frame's body of `len` bytes (its length already read, and checked by the caller)
+    /// into `body`.
+    pub async fn read_body<R: AsyncRead + Unpin>(
+        io: &mut R,
+        body: &mut Vec<u8>,
+        len: usize,
+    ) -> std::io::Result<()> {
         // The buffer grows with the bytes that arrive, not with what the header claims: a peer
         // cannot make this node hold more memory than it sends.
         body.clear();
@@ -825,6 +889,6 @@ pub mod frame {
             io.read_exact(&mut body[start..]).await?;
             rest -= step;
         }
-        Ok(true)
+        Ok(())
     }
 }

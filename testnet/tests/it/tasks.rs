@@ -113,7 +113,18 @@ async fn task_streams_serve_members_only_and_reopen_after_the_peer_restarts() {
             "a stranger got {answer:?}"
         );
     }
+    // A frame larger than an unverified peer may send is never read, let alone parsed: the
+    // stream is cut (before, it was read whole, parsed, and answered "busy").
+    let large = TaskRequest::Records {
+        endpoint: "nowhere".into(),
+        ids: (0..2000).map(|_| TaskId::random()).collect(),
+    };
+    let answer = stranger_links.request(b, &large).await;
+    let err = answer.expect_err("a stranger's large frame is cut, not answered");
+    assert!(err.to_string().contains(&b.to_string()), "{err}");
     guard.stop().await;
+    // The node still serves its members.
+    assert!(answered_by_the_service(&a.request(b, &ask_nowhere()).await));
 
     // The peer stops: a request fails, naming it, well within the request timeout.
     net.stop(1).await.unwrap();
