@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use mesh::membership::Role;
 
@@ -55,9 +56,17 @@ pub enum Command {
     Join {
         /// The coordinator's multiaddr, as `funcmesh status` on it prints.
         address: String,
-        /// The invite string from `funcmesh invite create`.
-        #[arg(long)]
-        invite: String,
+        /// The invite string from `funcmesh invite create`; `-` reads it from stdin. On the
+        /// command line, other local users can read it (`/proc`): prefer `-` or --invite-file.
+        #[arg(
+            long,
+            required_unless_present = "invite_file",
+            conflicts_with = "invite_file"
+        )]
+        invite: Option<String>,
+        /// A file holding the invite string.
+        #[arg(long, value_name = "FILE")]
+        invite_file: Option<PathBuf>,
         /// The node's data dir (initialised if needed).
         #[arg(long)]
         data_dir: PathBuf,
@@ -266,6 +275,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Join {
             address,
             invite,
+            invite_file,
             data_dir,
             no_start,
             timeout,
@@ -280,7 +290,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             if !no_start {
                 init_tracing(&config.node.log);
             }
-            let node = ops::join(&dir, &address, &invite, &set, timeout).await?;
+            let invite = match (invite.as_deref(), invite_file) {
+                (_, Some(path)) => std::fs::read_to_string(&path)
+                    .with_context(|| format!("cannot read the invite file {}", path.display()))?,
+                (Some("-"), None) => std::io::read_to_string(std::io::stdin())
+                    .context("cannot read the invite from stdin")?,
+                (Some(text), None) => text.to_owned(),
+                (None, None) => anyhow::bail!("give the invite with --invite or --invite-file"),
+            };
+            let node = ops::join(&dir, &address, invite.trim(), &set, timeout).await?;
             let m = node.member().clone();
             println!(
                 "joined federation {} ({}) as {} of {} with peer id {}",

@@ -40,6 +40,8 @@ impl Node {
         federation: Federation,
         proof: Proof,
     ) -> anyhow::Result<Node> {
+        // A data dir made by an older version may be readable by others: tighten it.
+        dir.create()?;
         let keypair = mesh::keys::read_node_key(&dir.node_key())
             .with_context(|| format!("cannot read the node key of {}", dir.root().display()))?;
         let peer_id = keypair.public().to_peer_id();

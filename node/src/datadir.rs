@@ -47,6 +47,16 @@ impl DataDir {
     pub fn root(&self) -> &Path {
         &self.root
     }
+
+    /// Creates the data dir if needed, readable by its owner only (0700: it holds the node key,
+    /// the API token and other institutions' task data).
+    pub fn create(&self) -> anyhow::Result<()> {
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::create_dir_all(&self.root)
+            .with_context(|| format!("cannot create data dir {}", self.root.display()))?;
+        std::fs::set_permissions(&self.root, std::fs::Permissions::from_mode(0o700))
+            .with_context(|| format!("cannot make {} private (0700)", self.root.display()))
+    }
     /// The node key file.
     pub fn node_key(&self) -> PathBuf {
         self.root.join("node.key")
@@ -110,7 +120,8 @@ impl DataDir {
     /// Stores the federation and the node's proof (atomically, each file).
     pub fn write_membership(&self, fed: &Federation, proof: &Proof) -> anyhow::Result<()> {
         write_json_atomic(&self.federation(), &fed.genesis, 0o644)?;
-        write_json_atomic(&self.membership(), proof, 0o644)
+        // A proof is a credential: the owner's only.
+        write_json_atomic(&self.membership(), proof, 0o600)
     }
 
     /// Reads `api.json`, with an error that says what to do when no node runs here.
@@ -161,5 +172,9 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> anyhow::Result<()> 
     f.write_all(bytes)
         .and_then(|_| f.sync_all())
         .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))
+    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    // The rename is durable once the directory is.
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("cannot sync {}", dir.display()))
 }

@@ -16,8 +16,7 @@ use crate::datadir::{DataDir, read_json, write_atomic, write_json_atomic};
 /// Initialises a data dir: node key (mode 0600) and a default `config.toml`. Idempotent: an
 /// existing key is kept.
 pub fn init(dir: &DataDir, name: Option<&str>) -> anyhow::Result<PeerId> {
-    std::fs::create_dir_all(dir.root())
-        .with_context(|| format!("cannot create data dir {}", dir.root().display()))?;
+    dir.create()?;
     let key = if dir.node_key().exists() {
         keys::read_node_key(&dir.node_key())?
     } else {
@@ -35,8 +34,7 @@ pub fn init(dir: &DataDir, name: Option<&str>) -> anyhow::Result<PeerId> {
 
 /// Writes a node's `config.toml` (creating the data dir), replacing any there.
 pub fn write_config(dir: &DataDir, config: &Config) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir.root())
-        .with_context(|| format!("cannot create data dir {}", dir.root().display()))?;
+    dir.create()?;
     write_atomic(&dir.config(), config.to_toml().as_bytes(), 0o644)
 }
 

@@ -163,16 +163,36 @@ fn the_whole_cli_journey_runs_multi_process_on_loopback() {
     };
 
     // n1 joins and exits, then starts as a daemon from what it stored.
+    // The invite from stdin (`--invite -`): on the command line other local users could read it.
     let n1 = t.path().join("n1");
-    let out = ok(&[
-        "join",
-        &addr,
-        "--invite",
-        &invite("endpoint"),
-        "--data-dir",
-        p(&n1),
-        "--no-start",
-    ]);
+    let out = {
+        use std::io::Write as _;
+        let mut child = Command::new(BIN)
+            .args([
+                "join",
+                &addr,
+                "--invite",
+                "-",
+                "--data-dir",
+                p(&n1),
+                "--no-start",
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(invite("endpoint").as_bytes()).unwrap();
+        drop(stdin);
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
     assert!(out.contains("joined federation physics"), "{out}");
     use std::os::unix::fs::PermissionsExt as _;
     let mode = std::fs::metadata(n1.join("node.key"))
@@ -180,6 +200,10 @@ fn the_whole_cli_journey_runs_multi_process_on_loopback() {
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o600);
+    // The data dir is its owner's only, and so is the membership proof.
+    let mode_of = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode_of(&n1), 0o700);
+    assert_eq!(mode_of(&n1.join("membership.json")), 0o600);
     let mut n1_d = Daemon::spawn(&["start", "--data-dir", p(&n1)], &t.path().join("n1.log"));
     wait_api(&n1);
     // n2 joins and keeps running.
@@ -578,6 +602,30 @@ fn bad_input_gets_a_one_line_error_and_a_non_zero_exit() {
             p(&x),
         ],
         "malformed invite",
+    );
+    let invite_file = x.with_extension("invite");
+    std::fs::write(&invite_file, "garbage\n").unwrap();
+    fails_with(
+        &[
+            "join",
+            "/ip4/127.0.0.1/tcp/1",
+            "--invite-file",
+            p(&invite_file),
+            "--data-dir",
+            p(&x),
+        ],
+        "malformed invite",
+    );
+    fails_with(
+        &[
+            "join",
+            "/ip4/127.0.0.1/tcp/1",
+            "--invite-file",
+            "/nonexistent/invite",
+            "--data-dir",
+            p(&x),
+        ],
+        "cannot read the invite file",
     );
     fails_with(
         &[
