@@ -189,7 +189,65 @@ fn router(inner: Shared) -> Router {
         // Everything above needs the token; the OpenAPI document below does not.
         .route_layer(middleware::from_fn_with_state(inner.clone(), auth))
         .route("/v1/openapi.json", get(openapi))
+        // Bodies up to what one task-protocol message carries (a batch of tasks); larger ones
+        // are refused with 413 before they are read.
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+        .layer(middleware::from_fn(announced_length))
+        .layer(middleware::map_response(json_errors))
         .with_state(inner)
+}
+
+/// The largest request body the API reads.
+pub const MAX_BODY: usize = compute::wire::MAX_MESSAGE;
+
+/// A body whose announced length is over [`MAX_BODY`] is refused before a byte of it is read
+/// (a chunked one is cut once it passes the limit, by the extractors' `DefaultBodyLimit`).
+async fn announced_length(req: Request, next: Next) -> Response {
+    let announced = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > MAX_BODY as u64) {
+        return StatusCode::PAYLOAD_TOO_LARGE.into_response();
+    }
+    next.run(req).await
+}
+
+/// Every error is answered as the API's JSON error, `{"error": …}`, including those axum
+/// answers itself in plain text (a body over [`MAX_BODY`]: 413, an unknown route: 404, a wrong
+/// method: 405).
+async fn json_errors(resp: Response) -> Response {
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 64 << 10)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .unwrap_or_default();
+    let error = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => format!(
+            "the request body is larger than the {MAX_BODY} bytes the API takes: send fewer \
+             tasks per request, or pass large data by reference"
+        ),
+        _ if text.is_empty() => status
+            .canonical_reason()
+            .unwrap_or("request refused")
+            .to_owned(),
+        _ => text,
+    };
+    let mut out = (status, Json(ErrorBody { error })).into_response();
+    if let Some(allow) = parts.headers.get(header::ALLOW) {
+        out.headers_mut().insert(header::ALLOW, allow.clone());
+    }
+    out
 }
 
 async fn auth(State(inner): State<Shared>, req: Request, next: Next) -> Result<Response, ApiError> {

@@ -156,6 +156,14 @@ impl Node {
             store: store.clone(),
             metrics: api::Exported::new(registry),
         });
+        if !config.api.listen.ip().is_loopback() {
+            tracing::warn!(
+                listen = %config.api.listen,
+                "the API listens on an address other hosts may reach: whoever reaches it with the \
+                 token in api.json controls this node (set api.listen to 127.0.0.1 unless you \
+                 mean it)"
+            );
+        }
         let listener = tokio::net::TcpListener::bind(config.api.listen)
             .await
             .with_context(|| format!("cannot bind the API on {}", config.api.listen))?;

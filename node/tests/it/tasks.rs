@@ -718,3 +718,40 @@ fn a_refused_task_says_why_and_what_kind_of_refusal_it_is() {
         "no_route"
     );
 }
+
+/// The API answers a body larger than it takes with a JSON 413, before reading it, and an
+/// unknown route with a JSON 404.
+#[test]
+fn an_oversized_api_body_gets_a_json_413() {
+    use std::io::{Read as _, Write as _};
+    let net = Net::up("1", "1", &[]);
+    let api: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(net.node("a1").join("api.json")).unwrap())
+            .unwrap();
+    let addr = api["url"].as_str().unwrap().trim_start_matches("http://");
+    let token = api["token"].as_str().unwrap();
+    let ask = |head: String| {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(head.as_bytes()).unwrap();
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    let out = ask(format!(
+        "POST /v1/tasks HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        40 << 20
+    ));
+    assert!(out.starts_with("HTTP/1.1 413"), "{out}");
+    assert!(
+        out.contains("application/json") && out.contains("\"error\""),
+        "{out}"
+    );
+    let out = ask(format!(
+        "GET /v1/nowhere HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n\
+         Connection: close\r\n\r\n"
+    ));
+    assert!(out.starts_with("HTTP/1.1 404"), "{out}");
+    assert!(out.contains("\"error\""), "{out}");
+}
