@@ -22,6 +22,10 @@ pub(crate) const MAX_ADDRS_PER_PEER: usize = 16;
 /// it until someone mentions it again. With backoff doubling from the redial interval, six
 /// attempts span about 60 redial intervals.
 pub(crate) const MAX_INTRODUCTION_DIALS: u32 = 6;
+/// Most dials one member list (one peer's hello) starts at once, and most dials one tick starts:
+/// the rest of the introductions wait for later ticks, so a list of a thousand made-up peers
+/// cannot make this node open a thousand connections at once.
+pub(crate) const MAX_DIALS_AT_ONCE: usize = 16;
 /// How long a refused peer stays connected at most, to receive the reason.
 pub(crate) const REFUSAL_GRACE: Duration = Duration::from_secs(1);
 
@@ -185,6 +189,10 @@ impl PeerTable {
                     self.remember_addr(other, a.clone());
                 }
             }
+            if dials.len() >= MAX_DIALS_AT_ONCE {
+                // Tracked (as an introduction or a known member): a later tick dials it.
+                continue;
+            }
             if let Some(r) = self.introduced.get_mut(&other) {
                 r.tried(self.redial_interval, now);
             }
@@ -224,7 +232,7 @@ impl PeerTable {
             .map(|(p, _)| *p)
             .collect();
         intro.sort();
-        for peer in intro {
+        for peer in intro.into_iter().take(MAX_DIALS_AT_ONCE) {
             if let Some(r) = self.introduced.get_mut(&peer) {
                 r.tried(self.redial_interval, now);
             }
@@ -419,9 +427,22 @@ mod tests {
         let dials = t.introduce(listed, &peer(0), nobody, t0);
         assert_eq!(
             dials.len(),
+            MAX_DIALS_AT_ONCE,
+            "a list starts a few dials at once"
+        );
+        assert_eq!(
+            t.introduced.len(),
             MAX_LISTED_MEMBERS,
             "a list is read up to its cap"
         );
+        // The others are dialled by later ticks, a few at a time.
+        let mut dialled = dials.len();
+        for i in 1..200 {
+            let due = t.tick(t0 + Duration::from_millis(10 * i), nobody, nobody);
+            assert!(due.dials.len() <= MAX_DIALS_AT_ONCE, "{}", due.dials.len());
+            dialled += due.dials.len();
+        }
+        assert!(dialled >= MAX_LISTED_MEMBERS, "{dialled} dials");
         assert!(t.introduced.len() <= MAX_LISTED_MEMBERS);
         assert!(t.addrs.len() <= MAX_LISTED_MEMBERS + 1);
     }
