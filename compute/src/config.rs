@@ -45,6 +45,10 @@ pub struct EndpointConfig {
     /// Default time limit per task (0: none).
     #[serde(with = "humantime_serde_compat")]
     pub task_timeout: Duration,
+    /// The longest time limit a submitter may ask for; a task asking for more is refused
+    /// (0: no maximum).
+    #[serde(with = "humantime_serde_compat")]
+    pub max_task_timeout: Duration,
     /// Memory limit per task, MiB (0: none).
     pub task_memory_mb: u64,
     /// Largest result, bytes, as JSON.
@@ -76,7 +80,8 @@ impl Default for EndpointConfig {
             prewarm_environments: vec!["host".into()],
             idle_timeout: Duration::from_secs(300),
             start_timeout: Duration::from_secs(120),
-            task_timeout: Duration::ZERO,
+            task_timeout: Duration::from_secs(3600),
+            max_task_timeout: Duration::from_secs(24 * 3600),
             task_memory_mb: 0,
             result_limit: 10 << 20,
             output_cap: 64 << 10,

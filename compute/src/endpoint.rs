@@ -675,6 +675,16 @@ impl Driver {
             self.verified
                 .insert(sub.function_id.clone(), sub.function.clone());
         }
+        let most = self.config.max_task_timeout;
+        if !most.is_zero() && Duration::from_millis(sub.timeout_ms) > most {
+            return Err(format!(
+                "the task asks for a time limit of {}; endpoint `{}` allows at most {} (ask for \
+                 less, or ask its operator to raise max_task_timeout)",
+                humantime::format_duration(Duration::from_millis(sub.timeout_ms)),
+                self.config.name,
+                humantime::format_duration(most)
+            ));
+        }
         let env = Environment::of(sub.function.container.as_ref())?;
         if !self
             .config

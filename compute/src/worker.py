@@ -409,7 +409,9 @@ def run_shell(template, task):
         os.setpgrp()
         if mb and resource is not None:
             base = vm_size() or 0
-            resource.setrlimit(resource.RLIMIT_AS, (base + (mb << 20), resource.RLIM_INFINITY))
+            # Hard as well as soft: the command cannot raise its own limit.
+            limit = base + (mb << 20)
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
     proc = subprocess.Popen(cmd, shell=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, preexec_fn=limits)

@@ -69,9 +69,13 @@ pub struct EndpointSection {
     /// How long a worker may take to start before it is given up (`0s`: no limit).
     #[serde(with = "humantime_serde_str")]
     pub start_timeout: Duration,
-    /// Default time limit per task (`0s`: none).
+    /// Default time limit per task (`0s`: none; default 1h).
     #[serde(with = "humantime_serde_str")]
     pub task_timeout: Duration,
+    /// The longest time limit a submitter may ask for; a task asking for more is refused
+    /// (`0s`: no maximum; default 24h).
+    #[serde(with = "humantime_serde_str")]
+    pub max_task_timeout: Duration,
     /// Memory limit per task, MiB (0: none).
     pub task_memory_mb: u64,
     /// Largest result, bytes of JSON.
@@ -99,6 +103,7 @@ impl EndpointSection {
             max_queued: self.max_queued,
             start_timeout: self.start_timeout,
             task_timeout: self.task_timeout,
+            max_task_timeout: self.max_task_timeout,
             task_memory_mb: self.task_memory_mb,
             result_limit: self.result_limit,
             output_cap: self.output_cap,
@@ -133,6 +138,7 @@ impl Default for EndpointSection {
             max_queued: c.max_queued,
             start_timeout: c.start_timeout,
             task_timeout: c.task_timeout,
+            max_task_timeout: c.max_task_timeout,
             task_memory_mb: c.task_memory_mb,
             result_limit: c.result_limit,
             output_cap: c.output_cap,

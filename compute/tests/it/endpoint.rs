@@ -334,6 +334,45 @@ async fn a_timeout_stops_the_task_and_the_endpoint_keeps_serving() {
     h.stop().await;
 }
 
+/// A shell command runs under the task's memory limit, hard as well as soft: it cannot lift it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shell_command_cannot_lift_its_memory_limit() {
+    let mut h = start(config()).await;
+    let rec = h
+        .run(submission(
+            &shell("ulimit -v unlimited 2>/dev/null && echo lifted || echo kept"),
+            json!([]),
+            json!({}),
+        ))
+        .await;
+    assert_eq!(value(&rec)["stdout"], "kept\n", "{rec:?}");
+    h.stop().await;
+}
+
+/// A submitter cannot ask for more time than the endpoint's operator allows; within it, a
+/// task that asks for nothing gets the endpoint's (finite) default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_time_limit_over_the_operators_maximum_is_refused() {
+    assert!(
+        !EndpointConfig::default().task_timeout.is_zero(),
+        "a finite default"
+    );
+    let mut h = start(EndpointConfig {
+        max_task_timeout: std::time::Duration::from_secs(60),
+        ..one_worker()
+    })
+    .await;
+    let mut greedy = submission(&f("add"), json!([1]), json!({}));
+    greedy.timeout_ms = 61_000;
+    let answer = h.endpoint.submit("peer", vec![greedy]).await.unwrap();
+    let why = answer[0].as_ref().expect_err("refused");
+    assert!(why.contains("allows at most 1m"), "{why}");
+    let mut fair = submission(&f("add"), json!([1]), json!({}));
+    fair.timeout_ms = 60_000;
+    assert_eq!(value(&h.run(fair).await), &json!(2));
+    h.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_function_writing_endless_or_binary_stderr_does_not_stall_its_worker() {
     let mut h = start(one_worker()).await;
