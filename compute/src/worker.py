@@ -377,12 +377,63 @@ def encode_value(value, task):
     return value, size
 
 
-def cap(data, limit):
+def cap(data, limit, dropped=0):
+    """The last `limit` characters of `data` (`dropped`: bytes already cut before it)."""
     text = data.decode("utf-8", "replace")
-    if limit and len(text) > limit:
-        cut = len(text) - limit
+    if limit and (len(text) > limit or dropped):
+        cut = max(len(text) - limit, 0) + dropped
         text = "[... %d characters cut]\n" % cut + text[-limit:]
     return text
+
+
+# What a command may write to one stream is kept in memory up to this many bytes when the
+# endpoint sets no output cap.
+UNCAPPED_OUTPUT = 16 << 20
+
+
+def drain(proc, timeout, limit):
+    """Reads a command's stdout and stderr as they come, keeping only the last bytes of each that
+    the cap can show (a command that writes without end does not grow the worker), until both
+    close; kills the command's process group at `timeout`. Returns ((out, cut), (err, cut),
+    timed_out), `cut` being the bytes dropped from the front."""
+    keep = limit * 4 if limit else UNCAPPED_OUTPUT  # a character is at most 4 bytes
+    fds = [proc.stdout.fileno(), proc.stderr.fileno()]
+    bufs = {fd: bytearray() for fd in fds}
+    cut = {fd: 0 for fd in fds}
+    live = set(fds)
+    deadline = time.monotonic() + timeout if timeout else None
+    timed_out = False
+    while live:
+        wait = None
+        if deadline is not None:
+            wait = deadline - time.monotonic()
+            if wait <= 0:
+                if timed_out:
+                    break  # what the killed group left open is abandoned
+                timed_out = True
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except OSError:
+                    pass
+                deadline = time.monotonic() + 2.0
+                continue
+        ready, _, _ = select.select(list(live), [], [], wait)
+        for fd in ready:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                live.discard(fd)
+                continue
+            buf = bufs[fd]
+            buf += chunk
+            if len(buf) > keep:
+                over = len(buf) - keep
+                del buf[:over]
+                cut[fd] += over
+    proc.stdout.close()
+    proc.stderr.close()
+    proc.wait()
+    out, err = fds
+    return (bytes(bufs[out]), cut[out]), (bytes(bufs[err]), cut[err]), timed_out
 
 
 def run_shell(template, task):
@@ -415,18 +466,12 @@ def run_shell(template, task):
 
     proc = subprocess.Popen(cmd, shell=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, preexec_fn=limits)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-        code = proc.returncode
-    except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except OSError:
-            pass
-        out, err = proc.communicate()
-        code = 124  # as coreutils timeout(1) and Globus Compute's ShellFunction
     limit = task.get("output_cap") or 0
-    value = {"returncode": code, "stdout": cap(out, limit), "stderr": cap(err, limit), "cmd": cmd}
+    (out, out_cut), (err, err_cut), timed_out = drain(proc, timeout, limit)
+    # As coreutils timeout(1) and Globus Compute's ShellFunction.
+    code = 124 if timed_out else proc.returncode
+    value = {"returncode": code, "stdout": cap(out, limit, out_cut),
+             "stderr": cap(err, limit, err_cut), "cmd": cmd}
     if code != 0:
         what = ("timed out after %gs" % timeout) if code == 124 and timeout else (
             "exited with %d" % code)

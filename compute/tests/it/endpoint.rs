@@ -334,6 +334,42 @@ async fn a_timeout_stops_the_task_and_the_endpoint_keeps_serving() {
     h.stop().await;
 }
 
+/// A command that floods its output does not grow its worker: only the tail the cap can show is
+/// kept while the rest is read and dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_shell_output_does_not_grow_the_worker() {
+    let mut h = start(EndpointConfig {
+        output_cap: 1000,
+        task_memory_mb: 0,
+        ..config()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("worker-pid");
+    let rec = h
+        .run(submission(
+            &shell("echo $PPID > {0}; head -c 300000000 /dev/zero | tr '\\0' a"),
+            json!([path]),
+            json!({}),
+        ))
+        .await;
+    let out = value(&rec)["stdout"].as_str().unwrap().to_owned();
+    assert!(out.starts_with("[... 299999000 characters cut]"), "{}", &out[..80.min(out.len())]);
+    assert!(out.len() < 1100, "{} characters kept", out.len());
+    let pid: u32 = std::fs::read_to_string(&path).unwrap().trim().parse().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let peak_kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    assert!(
+        peak_kb < 100 << 10,
+        "the worker peaked at {peak_kb} kB for 300 MB of output"
+    );
+    h.stop().await;
+}
+
 /// A shell command runs under the task's memory limit, hard as well as soft: it cannot lift it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shell_command_cannot_lift_its_memory_limit() {
