@@ -312,10 +312,22 @@ class TaskError(Exception):
         self.payload = error(type_name, message, tb)
 
 
+# An error's message and traceback are each cut to this many characters (their ends kept), so
+# that every failure can be delivered, however much the exception carried.
+ERROR_TEXT_CAP = 64 << 10
+
+
+def clip(text):
+    if len(text) <= ERROR_TEXT_CAP:
+        return text
+    half = ERROR_TEXT_CAP // 2
+    return "%s\n[... %d characters cut]\n%s" % (text[:half], len(text) - 2 * half, text[-half:])
+
+
 def error(type_name, message, tb=None):
-    e = {"type": type_name, "message": message}
+    e = {"type": clip(str(type_name)), "message": clip(str(message))}
     if tb:
-        e["traceback"] = tb
+        e["traceback"] = clip(tb)
     return e
 
 

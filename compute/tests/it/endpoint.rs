@@ -290,6 +290,38 @@ async fn a_remote_exception_comes_back_with_type_message_and_traceback() {
     h.stop().await;
 }
 
+/// An exception carrying 40 MB is delivered, cut: its message keeps its two ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_exception_is_delivered_truncated() {
+    let mut h = start(EndpointConfig {
+        task_memory_mb: 0,
+        ..config()
+    })
+    .await;
+    let huge = python(
+        "huge",
+        "def huge():\n    raise ValueError('start' + 'x' * 40_000_000 + 'end')\n",
+    );
+    let rec = h.run(submission(&huge, json!([]), json!({}))).await;
+    assert_eq!(rec.status, Status::Failed);
+    let e = error(&rec);
+    assert_eq!(
+        e.kind,
+        FailureKind::Exception,
+        "{}",
+        &e.message[..200.min(e.message.len())]
+    );
+    assert_eq!(e.type_name, "ValueError");
+    assert!(e.message.len() < 100_000, "{} characters", e.message.len());
+    assert!(e.message.starts_with("start") && e.message.ends_with("end"));
+    assert!(e.message.contains("characters cut"));
+    assert!(e.traceback.as_deref().is_some_and(|t| t.len() < 100_000));
+    // The worker serves on.
+    let ok = h.run(submission(&f("add"), json!([1]), json!({}))).await;
+    assert_eq!(value(&ok), &json!(2));
+    h.stop().await;
+}
+
 /// Whether a process has ended (gone, or a zombie not reaped yet).
 fn ended(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
@@ -354,9 +386,17 @@ async fn a_flood_of_shell_output_does_not_grow_the_worker() {
         ))
         .await;
     let out = value(&rec)["stdout"].as_str().unwrap().to_owned();
-    assert!(out.starts_with("[... 299999000 characters cut]"), "{}", &out[..80.min(out.len())]);
+    assert!(
+        out.starts_with("[... 299999000 characters cut]"),
+        "{}",
+        &out[..80.min(out.len())]
+    );
     assert!(out.len() < 1100, "{} characters kept", out.len());
-    let pid: u32 = std::fs::read_to_string(&path).unwrap().trim().parse().unwrap();
+    let pid: u32 = std::fs::read_to_string(&path)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let peak_kb: u64 = status
         .lines()
