@@ -70,6 +70,57 @@ pub struct Tasks {
     pub links: Links<TaskProtocol>,
 }
 
+/// Requests of one peer handled at once; more are answered "busy".
+const HANDLERS_PER_PEER: usize = 64;
+
+/// Counts the requests being handled per peer, up to a bound.
+#[derive(Clone)]
+struct InFlight {
+    most: usize,
+    per_peer: Arc<Mutex<HashMap<PeerId, usize>>>,
+}
+
+/// One request being handled; dropping it frees its place.
+struct Slot {
+    peer: PeerId,
+    per_peer: Arc<Mutex<HashMap<PeerId, usize>>>,
+}
+
+impl InFlight {
+    fn new(most: usize) -> InFlight {
+        InFlight {
+            most,
+            per_peer: Arc::default(),
+        }
+    }
+
+    /// A place for one more request of `peer`, if it has fewer than the bound in flight.
+    fn enter(&self, peer: PeerId) -> Option<Slot> {
+        let mut m = self.per_peer.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(peer).or_default();
+        if *n >= self.most {
+            return None;
+        }
+        *n += 1;
+        Some(Slot {
+            peer,
+            per_peer: self.per_peer.clone(),
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut m = self.per_peer.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.peer);
+            }
+        }
+    }
+}
+
 /// Sends task requests: to another member over the mesh's links, to this node's own server
 /// directly.
 #[derive(Clone)]
@@ -172,21 +223,33 @@ pub async fn start(
     )
     .await?;
 
-    // Inbound requests from members.
+    // Inbound requests from members, each handled by a task of its own, at most
+    // `HANDLERS_PER_PEER` at once per peer: past that a peer is told to come back later.
     {
         let server = server.clone();
         let cancel = cancel.clone();
         let t = tracker.clone();
+        let in_flight = InFlight::new(HANDLERS_PER_PEER);
         tracker.spawn(async move {
             loop {
                 let req = tokio::select! {
                     () = cancel.cancelled() => break,
                     r = inbound.recv() => match r { Some(r) => r, None => break },
                 };
+                let Some(slot) = in_flight.enter(req.peer) else {
+                    let busy = TaskResponse::Busy {
+                        reason: format!(
+                            "this node is handling {HANDLERS_PER_PEER} requests of yours already"
+                        ),
+                    };
+                    t.spawn(req.responder.respond(busy));
+                    continue;
+                };
                 let server = server.clone();
                 let span = tracing::debug_span!("task_request", peer = %req.peer);
                 t.spawn(tracing::Instrument::instrument(
                     async move {
+                        let _slot = slot;
                         let resp = server.handle(&req.from, req.peer, req.request).await;
                         req.responder.respond(resp).await;
                     },
@@ -350,5 +413,33 @@ fn deliver(
                 d.remove(id);
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(n: u8) -> PeerId {
+        mesh::Keypair::ed25519_from_bytes([n; 32])
+            .expect("32 bytes are an ed25519 secret")
+            .public()
+            .to_peer_id()
+    }
+
+    #[test]
+    fn a_peer_gets_at_most_its_share_of_request_handlers() {
+        let f = InFlight::new(2);
+        let a1 = f.enter(peer(1)).expect("first");
+        let a2 = f.enter(peer(1)).expect("second");
+        assert!(f.enter(peer(1)).is_none(), "a third of the same peer waits");
+        let b = f.enter(peer(2)).expect("another peer is not held up");
+        drop(a1);
+        let a3 = f.enter(peer(1)).expect("a place was freed");
+        drop((a2, a3, b));
+        assert!(
+            f.per_peer.lock().expect("not poisoned").is_empty(),
+            "idle peers leave no entry"
+        );
     }
 }
