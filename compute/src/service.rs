@@ -71,7 +71,7 @@ pub struct Tasks {
 }
 
 /// Requests of one peer handled at once; more are answered "busy".
-const HANDLERS_PER_PEER: usize = 64;
+const HANDLERS_PER_PEER: usize = 256;
 
 /// Counts the requests being handled per peer, up to a bound.
 #[derive(Clone)]

@@ -106,10 +106,17 @@ async fn task_streams_serve_members_only_and_reopen_after_the_peer_restarts() {
     let b_addr = net.node(1).dial_addrs().await.unwrap()[0].clone();
     stranger.dial(b_addr).await.unwrap();
     let (stranger_links, _inbound) = stranger.links::<TaskProtocol>().unwrap();
+    // Its requests are answered "busy", fail, or (once b has cut it off) go unanswered: a
+    // stranger's request is never served. (The link's own timeout is 30 s; waiting it out adds
+    // nothing.)
     for _ in 0..5 {
-        let answer = stranger_links.request(b, &ask_nowhere()).await;
+        let answer = tokio::time::timeout(
+            Duration::from_secs(3),
+            stranger_links.request(b, &ask_nowhere()),
+        )
+        .await;
         assert!(
-            matches!(answer, Ok(TaskResponse::Busy { .. }) | Err(_)),
+            matches!(answer, Ok(Ok(TaskResponse::Busy { .. }) | Err(_)) | Err(_)),
             "a stranger got {answer:?}"
         );
     }
@@ -119,9 +126,12 @@ async fn task_streams_serve_members_only_and_reopen_after_the_peer_restarts() {
         endpoint: "nowhere".into(),
         ids: (0..2000).map(|_| TaskId::random()).collect(),
     };
-    let answer = stranger_links.request(b, &large).await;
-    let err = answer.expect_err("a stranger's large frame is cut, not answered");
-    assert!(err.to_string().contains(&b.to_string()), "{err}");
+    let answer =
+        tokio::time::timeout(Duration::from_secs(10), stranger_links.request(b, &large)).await;
+    assert!(
+        matches!(answer, Ok(Err(_)) | Err(_)),
+        "a stranger's large frame was answered: {answer:?}"
+    );
     guard.stop().await;
     // The node still serves its members.
     assert!(answered_by_the_service(&a.request(b, &ask_nowhere()).await));
