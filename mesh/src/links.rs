@@ -139,7 +139,7 @@ pub const BULK_FRAME: usize = 256 << 10;
 const BULK_PER_PEER: usize = 2;
 /// The largest frame read from a peer whose membership is not verified (yet): enough for a small
 /// request, which is answered "busy" without being handed on. A larger one waits up to
-/// [`VERIFY_WAIT`] for the peer's proof to check out (a member may open its link while its
+/// `VERIFY_WAIT` (2 s) for the peer's proof to check out (a member may open its link while its
 /// proof is being checked), and cuts the stream if it does not: a stranger never makes this
 /// node read, let alone parse, more than this.
 pub const UNVERIFIED_FRAME: usize = 4 << 10;
