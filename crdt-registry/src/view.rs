@@ -48,6 +48,9 @@ pub struct NodeFacts {
     pub institution: Option<(String, Key)>,
     /// Its role (`coordinator`, `endpoint`, `client`).
     pub role: String,
+    /// The invite it joined with and when it was admitted (`None` for coordinators): an invite
+    /// admits one node, the one admitted first.
+    pub invite: Option<(String, u64)>,
 }
 
 /// Verifies the federation's documents for the view. The mesh implements it with the membership
@@ -184,6 +187,8 @@ pub struct View {
     /// Revocations in force, by id then revoker. A token may be "revoked" by several members;
     /// the capability verifier honours only the one by the key that signed the revoked block.
     pub revocations: Vec<Revocation>,
+    /// For each invite used, the peer id of the one node it admitted.
+    pub used_invites: BTreeMap<String, String>,
     /// Entries that did not count.
     pub ignored: Vec<Ignored>,
 }
@@ -251,6 +256,35 @@ pub(crate) fn build<'a>(
             node_facts.entry(p.author).or_insert_with(|| facts.clone());
         }
     }
+    // An invite admits one node: the one admitted first (then the lowest peer id), the same
+    // choice on every replica. The others are not members.
+    let mut first_use: HashMap<&str, (u64, &str)> = HashMap::new();
+    for facts in node_facts.values() {
+        if let Some((invite, at)) = &facts.invite {
+            let candidate = (*at, facts.peer_id.as_str());
+            first_use
+                .entry(invite.as_str())
+                .and_modify(|best| *best = (*best).min(candidate))
+                .or_insert(candidate);
+        }
+    }
+    view.used_invites = first_use
+        .iter()
+        .map(|(invite, (_, peer))| (invite.to_string(), peer.to_string()))
+        .collect();
+    let mut reused: HashMap<Key, String> = HashMap::new();
+    for (key, facts) in &node_facts {
+        if let Some((invite, _)) = &facts.invite {
+            let first = first_use[invite.as_str()].1;
+            if first != facts.peer_id {
+                reused.insert(
+                    *key,
+                    format!("its invite was used first by node {first}: an invite admits one node"),
+                );
+            }
+        }
+    }
+    node_facts.retain(|key, _| !reused.contains_key(key));
     // 2. Institution facts from admissions.
     let mut inst_facts: HashMap<String, InstitutionFacts> = HashMap::new();
     for e in &entries {
@@ -345,6 +379,9 @@ pub(crate) fn build<'a>(
     // A revoked author is revoked for every key acting for it: a node of a revoked institution
     // is revoked too.
     let node_ok = |key: &Key| -> Result<&NodeFacts, String> {
+        if let Some(reason) = reused.get(key) {
+            return Err(format!("{key} is not a member: {reason}"));
+        }
         let facts = node_facts
             .get(key)
             .ok_or_else(|| format!("{key} is not a member node of the federation"))?;

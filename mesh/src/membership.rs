@@ -1,14 +1,23 @@
 //! Federation membership: the signed chain that lets any peer check, offline and with nothing but
 //! the federation's public key, that another peer is a member.
 //!
-//! The chain is `genesis → admission → invite → binding`:
+//! The chain is `genesis → admission → invite → binding → receipt`:
 //!
 //! * the **genesis** names the federation and its root key, signed by that key; the federation id
 //!   is the hash of the signed genesis bytes, so two federations with the same name differ;
 //! * an **admission** is the federation key's signature over an institution's key;
-//! * an **invite** is the institution key's signature over a role and a validity window;
+//! * an **invite** is the institution key's signature over a role, a validity window and the
+//!   public half of a one-time **invite key**; the invite string carries the secret half;
 //! * a **binding** is the joining node's own signature (with its libp2p identity key) over the
-//!   invite, its peer id and the time it joined.
+//!   invite's digest and its peer id, *endorsed* by the invite key: only the invite's holder can
+//!   make one, and a proof holds signatures but no secret, so nobody mints an invite from it;
+//! * a **receipt** is a coordinator's signature over the binding and the time the coordinator
+//!   admitted it, by its own clock: the invite's expiry is judged there, by a party other than
+//!   the joiner, and a binding older than [`JOIN_WINDOW`] gets no receipt, so nobody back-dates.
+//!
+//! One invite admits one node: a coordinator refuses an invite its registry shows as used by
+//! another peer, and the registry's view keeps, for each invite, only the node admitted first
+//! (earliest receipt, then lowest peer id), the same on every member.
 //!
 //! Coordinators are the federation's own nodes: the federation key signs their peer id directly.
 //!
@@ -27,10 +36,15 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-/// Version of every membership document this code writes and accepts.
+/// Version of the federation's documents (genesis, admission, coordinator certificate).
 pub const FORMAT_VERSION: u32 = 1;
+/// Version of invites, bindings and receipts. Version 1 proofs carried a reusable invite; they
+/// are refused with [`Refusal::Outdated`], and their nodes re-join with a new invite.
+pub const INVITE_VERSION: u32 = 2;
 /// Prefix of an invite string; the version is part of it so old strings fail with a clear error.
-pub const INVITE_PREFIX: &str = "fminvite1.";
+pub const INVITE_PREFIX: &str = "fminvite2.";
+/// How recent (by the coordinator's clock) a binding must be for a coordinator to admit it.
+pub const JOIN_WINDOW: Duration = Duration::from_secs(15 * 60);
 /// Largest encoded invite or proof accepted from a user or a peer, checked before decoding.
 pub const MAX_DOCUMENT_BYTES: usize = 16 * 1024;
 /// How far in the future a peer's clock may be before its binding is refused.
@@ -101,6 +115,43 @@ pub enum Refusal {
     /// The peer presented no proof in time.
     #[error("no membership proof presented within {0:?}")]
     NoProof(Duration),
+    /// The document is of the first invite format, whose proofs could be turned back into
+    /// invites.
+    #[error(
+        "{what} was made by an older funcmesh (invite format 1, whose proofs could be reused as \
+         invites) and is no longer accepted; ask your institution for a new invite \
+         (`funcmesh invite create`) and join again with a new data dir: \
+         `funcmesh join COORDINATOR --invite-file FILE --data-dir NEW_DIR`"
+    )]
+    Outdated {
+        /// Which document.
+        what: String,
+    },
+    /// A member's proof without a coordinator's receipt, shown to a node that is not a
+    /// coordinator.
+    #[error(
+        "membership proof has no coordinator's receipt: the node has not finished joining; \
+         join through a coordinator with `funcmesh join COORDINATOR --invite …`"
+    )]
+    NoReceipt,
+    /// The invite was already used by another node.
+    #[error(
+        "this invite was already used by node {by}: an invite admits one node; ask your \
+         institution for a new one"
+    )]
+    InviteUsed {
+        /// The peer that used it first.
+        by: String,
+    },
+    /// The binding is too old for a coordinator to admit.
+    #[error(
+        "the binding was made at {bound_at}, more than 15 minutes ago by the coordinator's \
+         clock; run `funcmesh join` again (and check the clocks)"
+    )]
+    Stale {
+        /// RFC 3339 time of the binding.
+        bound_at: String,
+    },
 }
 
 /// What a member node does in the federation.
@@ -204,8 +255,10 @@ fn signing_input(domain: &str, body: &[u8]) -> Vec<u8> {
 mod domain {
     pub(super) const GENESIS: &str = "funcmesh/genesis/1";
     pub(super) const ADMISSION: &str = "funcmesh/admission/1";
-    pub(super) const INVITE: &str = "funcmesh/invite/1";
-    pub(super) const BINDING: &str = "funcmesh/binding/1";
+    pub(super) const INVITE: &str = "funcmesh/invite/2";
+    pub(super) const BINDING: &str = "funcmesh/binding/2";
+    pub(super) const ENDORSEMENT: &str = "funcmesh/endorsement/2";
+    pub(super) const RECEIPT: &str = "funcmesh/receipt/2";
     pub(super) const COORDINATOR: &str = "funcmesh/coordinator/1";
 }
 
@@ -440,23 +493,39 @@ impl Admission {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct InviteBody {
-    /// Format version.
+    /// Format version ([`INVITE_VERSION`]).
     pub version: u32,
     /// The federation joined.
     pub federation: FederationId,
     /// The inviting institution's key.
     pub institution_key: Key,
+    /// The public half of the invite's one-time key. A binding counts only if this key signed
+    /// it, and its secret half travels in the invite string alone, never in a proof.
+    pub invite_key: Key,
     /// The role the joining node takes.
     pub role: Role,
     /// Valid from.
     pub issued_at: UnixTime,
-    /// Valid until (the moment of joining must fall before it).
+    /// Valid until: a coordinator must admit the node before it (by the coordinator's clock).
     pub expires_at: UnixTime,
     /// Makes every invite distinct.
     pub nonce: String,
 }
 
-/// An invite: the copy-pasteable string `funcmesh invite create` prints.
+/// Bytes that travel as base64: signatures, and the invite's secret.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Bytes(#[serde(with = "b64")] Vec<u8>);
+
+impl fmt::Debug for Bytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never print what may be a secret.
+        write!(f, "Bytes({} bytes)", self.0.len())
+    }
+}
+
+/// An invite: the copy-pasteable string `funcmesh invite create` prints. Whoever holds it can
+/// bind one node; it must be handled like a password.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Invite {
     /// The federation's genesis: all a new node needs to verify everyone else.
@@ -464,6 +533,8 @@ pub struct Invite {
     /// The institution's admission.
     pub admission: Admission,
     invite: Signed<InviteBody>,
+    /// The secret half of `invite_key`.
+    secret: Bytes,
 }
 
 /// The verified content of an invite chain.
@@ -477,6 +548,98 @@ pub struct VerifiedInvite {
     pub institution_key: Key,
     /// The invite's terms.
     pub terms: InviteBody,
+}
+
+impl VerifiedInvite {
+    /// Whether the invite may be used at `at`.
+    fn valid_at(&self, at: UnixTime) -> Result<(), Refusal> {
+        if at > self.terms.expires_at {
+            return Err(Refusal::Expired {
+                expired_at: rfc3339(self.terms.expires_at),
+                used_at: rfc3339(at),
+            });
+        }
+        if at.saturating_add(CLOCK_SKEW.as_secs()) < self.terms.issued_at {
+            return Err(Refusal::NotYetValid {
+                what: "invite".into(),
+                at: rfc3339(self.terms.issued_at),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// The `version` of a signed document, read before anything else so that an old format gets
+/// its own refusal rather than a decoding error.
+fn version_of<T>(signed: &Signed<T>) -> Option<u32> {
+    #[derive(Deserialize)]
+    struct Versioned {
+        version: u32,
+    }
+    serde_json::from_slice::<Versioned>(&signed.bytes.body)
+        .ok()
+        .map(|v| v.version)
+}
+
+/// Refuses documents of the invite format before [`INVITE_VERSION`].
+fn current<T>(signed: &Signed<T>, what: &str) -> Result<(), Refusal> {
+    match version_of(signed) {
+        Some(v) if v < INVITE_VERSION => Err(Refusal::Outdated {
+            what: what.to_string(),
+        }),
+        Some(v) if v > INVITE_VERSION => Err(Refusal::Malformed {
+            what: what.to_string(),
+            reason: format!("format version {v}, this node understands {INVITE_VERSION}"),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Verifies genesis → admission → invite against `federation`, at no particular time.
+fn verify_chain(
+    federation: &Federation,
+    genesis: &Genesis,
+    admission: &Admission,
+    invite: &Signed<InviteBody>,
+) -> Result<VerifiedInvite, Refusal> {
+    let theirs = genesis.verify()?;
+    if theirs.id != federation.id {
+        return Err(Refusal::WrongFederation {
+            what: "invite".into(),
+            ours: federation.id.to_string(),
+            theirs: theirs.id.to_string(),
+        });
+    }
+    let adm = admission.verify(federation)?;
+    current(invite, "invite")?;
+    let claimed = invite.decode("invite")?;
+    if claimed.federation != federation.id {
+        return Err(Refusal::WrongFederation {
+            what: "invite".into(),
+            ours: federation.id.to_string(),
+            theirs: claimed.federation.to_string(),
+        });
+    }
+    if claimed.institution_key != adm.institution_key {
+        // Signed by a key the federation never admitted (perhaps pasted next to another
+        // institution's admission).
+        return Err(Refusal::NotAdmitted {
+            institution: adm.institution,
+        });
+    }
+    let terms = invite.open(&adm.institution_key, domain::INVITE, "invite")?;
+    if terms.role == Role::Coordinator {
+        return Err(Refusal::Malformed {
+            what: "invite".into(),
+            reason: "institutions cannot invite coordinators".into(),
+        });
+    }
+    Ok(VerifiedInvite {
+        federation: federation.clone(),
+        institution: adm.institution,
+        institution_key: adm.institution_key,
+        terms,
+    })
 }
 
 impl Invite {
@@ -513,10 +676,12 @@ impl Invite {
             .decode("admission")
             .map(|a| a.federation)
             .unwrap_or_else(|_| FederationId(String::new()));
+        let one_time = SigningKey::generate();
         let body = InviteBody {
-            version: FORMAT_VERSION,
+            version: INVITE_VERSION,
             federation,
             institution_key: institution_key.public(),
+            invite_key: one_time.public(),
             role,
             issued_at: now,
             expires_at: now.saturating_add(ttl.as_secs()),
@@ -526,6 +691,24 @@ impl Invite {
             genesis: admission.genesis.clone(),
             admission: admission.clone(),
             invite: institution_key.sign(domain::INVITE, &body),
+            secret: Bytes(one_time.secret().to_vec()),
+        }
+    }
+
+    /// What an attacker can rebuild from a member's proof: the genesis, the admission and the
+    /// signed invite, but not the secret. `secret` is whatever the attacker guesses; tests use
+    /// this to show that such an invite binds nothing.
+    pub fn rebuilt_from(proof: &Proof, genesis: Genesis, secret: [u8; 32]) -> Option<Invite> {
+        match proof {
+            Proof::Member {
+                admission, invite, ..
+            } => Some(Invite {
+                genesis,
+                admission: admission.clone(),
+                invite: invite.clone(),
+                secret: Bytes(secret.to_vec()),
+            }),
+            Proof::Coordinator { .. } => None,
         }
     }
 
@@ -548,6 +731,11 @@ impl Invite {
                 s.len()
             )));
         }
+        if s.starts_with("fminvite1.") {
+            return Err(Refusal::Outdated {
+                what: "invite".into(),
+            });
+        }
         let Some(payload) = s.strip_prefix(INVITE_PREFIX) else {
             return Err(malformed(format!(
                 "an invite starts with `{INVITE_PREFIX}`; copy the whole string that \
@@ -557,72 +745,32 @@ impl Invite {
         let json = URL_SAFE_NO_PAD
             .decode(payload)
             .map_err(|e| malformed(format!("not valid base64 ({e}); was it truncated?")))?;
-        serde_json::from_slice(&json)
-            .map_err(|e| malformed(format!("undecodable ({e}); was it truncated?")))
+        let invite: Invite = serde_json::from_slice(&json)
+            .map_err(|e| malformed(format!("undecodable ({e}); was it truncated?")))?;
+        if invite.secret.0.len() != 32 {
+            return Err(malformed("its one-time key is not 32 bytes".into()));
+        }
+        Ok(invite)
     }
 
     /// Verifies the chain genesis → admission → invite against `federation`, and that the invite
     /// is valid at `at`.
     pub fn verify(&self, federation: &Federation, at: UnixTime) -> Result<VerifiedInvite, Refusal> {
-        let theirs = self.genesis.verify()?;
-        if theirs.id != federation.id {
-            return Err(Refusal::WrongFederation {
-                what: "invite".into(),
-                ours: federation.id.to_string(),
-                theirs: theirs.id.to_string(),
-            });
-        }
-        let adm = self.admission.verify(federation)?;
-        let claimed = self.invite.decode("invite")?;
-        if claimed.version != FORMAT_VERSION {
-            return Err(unsupported("invite", claimed.version));
-        }
-        if claimed.federation != federation.id {
-            return Err(Refusal::WrongFederation {
-                what: "invite".into(),
-                ours: federation.id.to_string(),
-                theirs: claimed.federation.to_string(),
-            });
-        }
-        if claimed.institution_key != adm.institution_key {
-            // Signed by a key the federation never admitted (perhaps pasted next to another
-            // institution's admission).
-            return Err(Refusal::NotAdmitted {
-                institution: adm.institution,
-            });
-        }
-        let terms = self
-            .invite
-            .open(&adm.institution_key, domain::INVITE, "invite")?;
-        if terms.role == Role::Coordinator {
-            return Err(Refusal::Malformed {
-                what: "invite".into(),
-                reason: "institutions cannot invite coordinators".into(),
-            });
-        }
-        if at > terms.expires_at {
-            return Err(Refusal::Expired {
-                expired_at: rfc3339(terms.expires_at),
-                used_at: rfc3339(at),
-            });
-        }
-        if at.saturating_add(CLOCK_SKEW.as_secs()) < terms.issued_at {
-            return Err(Refusal::NotYetValid {
-                what: "invite".into(),
-                at: rfc3339(terms.issued_at),
-            });
-        }
-        Ok(VerifiedInvite {
-            federation: federation.clone(),
-            institution: adm.institution,
-            institution_key: adm.institution_key,
-            terms,
-        })
+        let verified = verify_chain(federation, &self.genesis, &self.admission, &self.invite)?;
+        verified.valid_at(at)?;
+        Ok(verified)
     }
 
     /// The federation this invite claims to be for (verified).
     pub fn federation(&self) -> Result<Federation, Refusal> {
         self.genesis.verify()
+    }
+
+    fn one_time_key(&self) -> SigningKey {
+        let mut secret = [0u8; 32];
+        let n = self.secret.0.len().min(32);
+        secret[..n].copy_from_slice(&self.secret.0[..n]);
+        SigningKey::from_secret(secret)
     }
 }
 
@@ -630,7 +778,7 @@ impl Invite {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BindingBody {
-    /// Format version.
+    /// Format version ([`INVITE_VERSION`]).
     pub version: u32,
     /// The federation.
     pub federation: FederationId,
@@ -640,7 +788,8 @@ pub struct BindingBody {
     pub public_key: String,
     /// The digest of the invite's signed bytes.
     pub invite: String,
-    /// When the node joined; must fall in the invite's validity window.
+    /// When the node bound the invite (its own clock; a coordinator admits it only if this is
+    /// recent by the coordinator's clock).
     pub bound_at: UnixTime,
 }
 
@@ -658,6 +807,155 @@ pub struct CoordinatorBody {
     pub issued_at: UnixTime,
 }
 
+/// A coordinator's statement that it admitted a binding at a time of its own clock.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiptBody {
+    /// Format version ([`INVITE_VERSION`]).
+    pub version: u32,
+    /// The federation.
+    pub federation: FederationId,
+    /// The coordinator's public key (protobuf, base64); it must be the key of the peer id its
+    /// certificate names.
+    pub coordinator_key: String,
+    /// The admitted peer.
+    pub peer_id: String,
+    /// The digest of the invite's signed bytes.
+    pub invite: String,
+    /// The digest of the binding's signed bytes.
+    pub binding: String,
+    /// When the coordinator admitted the node, by its clock.
+    pub admitted_at: UnixTime,
+}
+
+/// A coordinator's receipt for one binding: its federation certificate, and its node key's
+/// signature over the [`ReceiptBody`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Receipt {
+    cert: Signed<CoordinatorBody>,
+    receipt: Signed<ReceiptBody>,
+}
+
+/// A binding a coordinator found fit to admit: what it signs a [`Receipt`] for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Joining {
+    /// The joining peer.
+    pub peer_id: String,
+    /// The digest of the invite it used (one node per invite).
+    pub invite: String,
+    /// The digest of its binding.
+    pub binding: String,
+    /// Its institution.
+    pub institution: String,
+    /// Its role.
+    pub role: Role,
+}
+
+fn decode_peer_key(b64: &str, what: &str) -> Result<PublicKey, Refusal> {
+    let malformed = |reason: String| Refusal::Malformed {
+        what: what.to_string(),
+        reason,
+    };
+    let bytes = STANDARD.decode(b64).map_err(|e| malformed(e.to_string()))?;
+    PublicKey::try_decode_protobuf(&bytes).map_err(|e| malformed(e.to_string()))
+}
+
+impl Receipt {
+    /// Signs a receipt for `joining` as the coordinator whose proof is `own` and whose node key
+    /// is `keypair`. `None` when `own` is not a coordinator's proof.
+    pub fn issue(own: &Proof, keypair: &Keypair, joining: &Joining, now: UnixTime) -> Option<Receipt> {
+        let Proof::Coordinator { cert } = own else {
+            return None;
+        };
+        let federation = cert.decode("coordinator certificate").ok()?.federation;
+        let body = ReceiptBody {
+            version: INVITE_VERSION,
+            federation,
+            coordinator_key: STANDARD.encode(keypair.public().encode_protobuf()),
+            peer_id: joining.peer_id.clone(),
+            invite: joining.invite.clone(),
+            binding: joining.binding.clone(),
+            admitted_at: now,
+        };
+        let bytes = serde_json::to_vec(&body).expect("receipts always serialise");
+        let sig = keypair
+            .sign(&signing_input(domain::RECEIPT, &bytes))
+            .expect("ed25519 signing cannot fail");
+        Some(Receipt {
+            cert: cert.clone(),
+            receipt: Signed::new(bytes, sig),
+        })
+    }
+
+    /// Encodes the receipt for the wire.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("receipts always serialise")
+    }
+
+    /// Decodes a receipt received from a peer; the size is checked before decoding.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Receipt, Refusal> {
+        if bytes.len() > MAX_DOCUMENT_BYTES {
+            return Err(Refusal::Malformed {
+                what: "receipt".into(),
+                reason: format!("{} bytes, at most {MAX_DOCUMENT_BYTES}", bytes.len()),
+            });
+        }
+        serde_json::from_slice(bytes).map_err(|e| Refusal::Malformed {
+            what: "receipt".into(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Checks that a coordinator of `federation` admitted this binding of this invite for
+    /// `presenter`, and returns when.
+    fn check(
+        &self,
+        federation: &Federation,
+        presenter: &PeerId,
+        invite: &str,
+        binding: &str,
+    ) -> Result<UnixTime, Refusal> {
+        let claimed = self.cert.decode("receipt's coordinator certificate")?;
+        if claimed.federation != federation.id {
+            return Err(Refusal::WrongFederation {
+                what: "receipt".into(),
+                ours: federation.id.to_string(),
+                theirs: claimed.federation.to_string(),
+            });
+        }
+        let cert = self.cert.open(
+            &federation.key,
+            domain::COORDINATOR,
+            "receipt's coordinator certificate",
+        )?;
+        current(&self.receipt, "receipt")?;
+        let body = self.receipt.decode("receipt")?;
+        let key = decode_peer_key(&body.coordinator_key, "receipt")?;
+        let forged = || Refusal::BadSignature {
+            what: "receipt".into(),
+        };
+        if key.to_peer_id().to_string() != cert.peer_id
+            || !key.verify(
+                &signing_input(domain::RECEIPT, &self.receipt.bytes.body),
+                &self.receipt.bytes.sig,
+            )
+        {
+            return Err(forged());
+        }
+        if body.federation != federation.id
+            || body.invite != invite
+            || body.binding != binding
+        {
+            return Err(Refusal::Malformed {
+                what: "receipt".into(),
+                reason: "it was issued for another binding".into(),
+            });
+        }
+        check_peer(&body.peer_id, presenter)?;
+        Ok(body.admitted_at)
+    }
+}
+
 /// A node's proof of membership, presented to every peer right after connecting.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase")]
@@ -666,10 +964,18 @@ pub enum Proof {
     Member {
         /// The institution's admission.
         admission: Admission,
-        /// The invite it was given.
+        /// The invite's signed terms (not its secret).
         invite: Signed<InviteBody>,
         /// Its own binding.
         binding: Signed<BindingBody>,
+        /// The invite's one-time key's signature over the binding: only the invite's holder
+        /// could make it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        endorsement: Option<Bytes>,
+        /// A coordinator's receipt; a proof without one is still joining and counts only
+        /// with a coordinator.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        receipt: Option<Receipt>,
     },
     /// A coordinator certified by the federation key.
     Coordinator {
@@ -690,12 +996,24 @@ pub struct Member {
     pub institution_key: Option<Key>,
     /// Its role.
     pub role: Role,
-    /// When it joined.
+    /// When it joined: when a coordinator admitted it (or was certified).
     pub joined_at: UnixTime,
+    /// The digest of the invite it joined with (`None` for coordinators): one node per invite.
+    #[serde(default)]
+    pub invite: Option<String>,
+}
+
+/// A member's binding with everything but its receipt and its time checked.
+struct Bound {
+    body: BindingBody,
+    invite: VerifiedInvite,
+    invite_id: String,
+    binding_id: String,
 }
 
 impl Proof {
-    /// Makes the proof for a node joining with `invite` at `now` (checks the invite first).
+    /// Makes the proof for a node joining with `invite` at `now` (checks the invite first). The
+    /// proof still needs a coordinator's receipt: see [`Proof::with_receipt`].
     pub fn bind(
         invite: &Invite,
         node: &Keypair,
@@ -718,7 +1036,7 @@ impl Proof {
         now: UnixTime,
     ) -> Proof {
         let body = BindingBody {
-            version: FORMAT_VERSION,
+            version: INVITE_VERSION,
             federation: federation.id.clone(),
             peer_id: node.public().to_peer_id().to_string(),
             public_key: STANDARD.encode(node.public().encode_protobuf()),
@@ -729,10 +1047,18 @@ impl Proof {
         let sig = node
             .sign(&signing_input(domain::BINDING, &bytes))
             .expect("ed25519 signing cannot fail");
+        let endorsement = invite
+            .one_time_key()
+            .0
+            .sign(&signing_input(domain::ENDORSEMENT, &bytes))
+            .to_bytes()
+            .to_vec();
         Proof::Member {
             admission: invite.admission.clone(),
             invite: invite.invite.clone(),
             binding: Signed::new(bytes, sig),
+            endorsement: Some(Bytes(endorsement)),
+            receipt: None,
         }
     }
 
@@ -752,6 +1078,36 @@ impl Proof {
         Proof::Coordinator {
             cert: federation_key.sign(domain::COORDINATOR, &body),
         }
+    }
+
+    /// The proof with a coordinator's receipt attached.
+    pub fn with_receipt(self, receipt: Receipt) -> Proof {
+        match self {
+            Proof::Member {
+                admission,
+                invite,
+                binding,
+                endorsement,
+                ..
+            } => Proof::Member {
+                admission,
+                invite,
+                binding,
+                endorsement,
+                receipt: Some(receipt),
+            },
+            coordinator => coordinator,
+        }
+    }
+
+    /// Whether this is a member's proof that no coordinator has admitted yet.
+    pub fn is_joining(&self) -> bool {
+        matches!(self, Proof::Member { receipt: None, .. })
+    }
+
+    /// Whether this is a coordinator's certificate.
+    pub fn is_coordinator(&self) -> bool {
+        matches!(self, Proof::Coordinator { .. })
     }
 
     /// Encodes the proof for the wire.
@@ -774,8 +1130,60 @@ impl Proof {
         serde_json::from_slice(bytes).map_err(|e| malformed(e.to_string()))
     }
 
+    /// Checks a member's binding: its signatures (the node's and the invite key's), and the
+    /// invite chain, at no particular time.
+    fn check_binding(
+        federation: &Federation,
+        presenter: &PeerId,
+        admission: &Admission,
+        invite: &Signed<InviteBody>,
+        binding: &Signed<BindingBody>,
+        endorsement: Option<&Bytes>,
+    ) -> Result<Bound, Refusal> {
+        current(binding, "membership proof")?;
+        let claimed = binding.decode("binding")?;
+        if claimed.federation != federation.id {
+            return Err(Refusal::WrongFederation {
+                what: "membership proof".into(),
+                ours: federation.id.to_string(),
+                theirs: claimed.federation.to_string(),
+            });
+        }
+        check_peer(&claimed.peer_id, presenter)?;
+        let key = decode_peer_key(&claimed.public_key, "binding")?;
+        let forged = |what: &str| Refusal::BadSignature { what: what.into() };
+        if key.to_peer_id() != *presenter
+            || !key.verify(
+                &signing_input(domain::BINDING, &binding.bytes.body),
+                &binding.bytes.sig,
+            )
+            || claimed.invite != invite.digest()
+        {
+            return Err(forged("binding"));
+        }
+        let verified = verify_chain(federation, &federation.genesis, admission, invite)?;
+        let endorsed = endorsement.is_some_and(|sig| {
+            verified.terms.invite_key.verifies(
+                &signing_input(domain::ENDORSEMENT, &binding.bytes.body),
+                &sig.0,
+            )
+        });
+        if !endorsed {
+            return Err(forged(
+                "binding (it is not signed with the invite's one-time key: an invite cannot be \
+                 rebuilt from a member's proof)",
+            ));
+        }
+        Ok(Bound {
+            body: claimed,
+            invite: verified,
+            invite_id: invite.digest(),
+            binding_id: binding.digest(),
+        })
+    }
+
     /// Verifies that `presenter` is a member of `federation`, using nothing but the federation's
-    /// public key and the clock.
+    /// public key and the clock. A member's proof counts only with a coordinator's receipt.
     pub fn verify(
         &self,
         federation: &Federation,
@@ -804,76 +1212,98 @@ impl Proof {
                     institution_key: None,
                     role: Role::Coordinator,
                     joined_at: body.issued_at,
+                    invite: None,
                 })
             }
             Proof::Member {
                 admission,
                 invite,
                 binding,
+                endorsement,
+                receipt,
             } => {
-                let claimed = binding.decode("binding")?;
-                if claimed.version != FORMAT_VERSION {
-                    return Err(unsupported("binding", claimed.version));
-                }
-                if claimed.federation != federation.id {
-                    return Err(Refusal::WrongFederation {
-                        what: "membership proof".into(),
-                        ours: federation.id.to_string(),
-                        theirs: claimed.federation.to_string(),
-                    });
-                }
-                check_peer(&claimed.peer_id, presenter)?;
-                let key_bytes =
-                    STANDARD
-                        .decode(&claimed.public_key)
-                        .map_err(|e| Refusal::Malformed {
-                            what: "binding".into(),
-                            reason: e.to_string(),
-                        })?;
-                let key =
-                    PublicKey::try_decode_protobuf(&key_bytes).map_err(|e| Refusal::Malformed {
-                        what: "binding".into(),
-                        reason: e.to_string(),
-                    })?;
-                if key.to_peer_id() != *presenter {
-                    return Err(Refusal::BadSignature {
-                        what: "binding".into(),
-                    });
-                }
-                if !key.verify(
-                    &signing_input(domain::BINDING, &binding.bytes.body),
-                    &binding.bytes.sig,
-                ) {
-                    return Err(Refusal::BadSignature {
-                        what: "binding".into(),
-                    });
-                }
-                if claimed.invite != invite.digest() {
-                    return Err(Refusal::BadSignature {
-                        what: "binding".into(),
-                    });
-                }
-                let chain = Invite {
-                    genesis: federation.genesis.clone(),
-                    admission: admission.clone(),
-                    invite: invite.clone(),
-                };
-                let verified = chain.verify(federation, claimed.bound_at)?;
-                if claimed.bound_at > now.saturating_add(CLOCK_SKEW.as_secs()) {
+                let bound = Proof::check_binding(
+                    federation,
+                    presenter,
+                    admission,
+                    invite,
+                    binding,
+                    endorsement.as_ref(),
+                )?;
+                let receipt = receipt.as_ref().ok_or(Refusal::NoReceipt)?;
+                let admitted_at =
+                    receipt.check(federation, presenter, &bound.invite_id, &bound.binding_id)?;
+                // The invite's window is judged by the coordinator's clock, not the joiner's.
+                bound.invite.valid_at(admitted_at)?;
+                if admitted_at > now.saturating_add(CLOCK_SKEW.as_secs()) {
                     return Err(Refusal::NotYetValid {
-                        what: "binding".into(),
-                        at: rfc3339(claimed.bound_at),
+                        what: "receipt".into(),
+                        at: rfc3339(admitted_at),
                     });
                 }
                 Ok(Member {
-                    peer_id: claimed.peer_id,
-                    institution: Some(verified.institution),
-                    institution_key: Some(verified.institution_key),
-                    role: verified.terms.role,
-                    joined_at: claimed.bound_at,
+                    peer_id: bound.body.peer_id,
+                    institution: Some(bound.invite.institution),
+                    institution_key: Some(bound.invite.institution_key),
+                    role: bound.invite.terms.role,
+                    joined_at: admitted_at,
+                    invite: Some(bound.invite_id),
                 })
             }
         }
+    }
+
+    /// What a coordinator checks before it signs a receipt: the whole chain, that the invite is
+    /// valid now by the coordinator's clock, and that the binding is fresh (made within
+    /// [`JOIN_WINDOW`]), so that nobody joins with an old binding. Whether the invite was used
+    /// already is for the caller to check against the registry.
+    pub fn verify_joining(
+        &self,
+        federation: &Federation,
+        presenter: &PeerId,
+        now: UnixTime,
+    ) -> Result<Joining, Refusal> {
+        let Proof::Member {
+            admission,
+            invite,
+            binding,
+            endorsement,
+            ..
+        } = self
+        else {
+            return Err(Refusal::Malformed {
+                what: "proof".into(),
+                reason: "a coordinator does not join; it is certified by the federation key"
+                    .into(),
+            });
+        };
+        let bound = Proof::check_binding(
+            federation,
+            presenter,
+            admission,
+            invite,
+            binding,
+            endorsement.as_ref(),
+        )?;
+        bound.invite.valid_at(now)?;
+        if bound.body.bound_at.saturating_add(JOIN_WINDOW.as_secs()) < now {
+            return Err(Refusal::Stale {
+                bound_at: rfc3339(bound.body.bound_at),
+            });
+        }
+        if bound.body.bound_at > now.saturating_add(CLOCK_SKEW.as_secs()) {
+            return Err(Refusal::NotYetValid {
+                what: "binding".into(),
+                at: rfc3339(bound.body.bound_at),
+            });
+        }
+        Ok(Joining {
+            peer_id: bound.body.peer_id,
+            invite: bound.invite_id,
+            binding: bound.binding_id,
+            institution: bound.invite.institution,
+            role: bound.invite.terms.role,
+        })
     }
 
     /// The federation the proof claims, without verifying it (for error messages).
@@ -925,6 +1355,8 @@ mod tests {
         fed_key: SigningKey,
         inst_key: SigningKey,
         admission: Admission,
+        coordinator: Keypair,
+        coordinator_proof: Proof,
     }
 
     fn world() -> World {
@@ -932,11 +1364,34 @@ mod tests {
         let fed = Genesis::create("test", &fed_key, NOW).verify().unwrap();
         let inst_key = SigningKey::generate();
         let admission = Admission::issue(&fed, &fed_key, "uni-a", inst_key.public(), NOW);
+        let coordinator = Keypair::generate_ed25519();
+        let coordinator_proof =
+            Proof::coordinator(&fed, &fed_key, coordinator.public().to_peer_id(), NOW);
         World {
             fed,
             fed_key,
             inst_key,
             admission,
+            coordinator,
+            coordinator_proof,
+        }
+    }
+
+    impl World {
+        /// What the coordinator does with a joining proof at `now`.
+        fn admit(&self, proof: Proof, node: &Keypair, now: UnixTime) -> Result<Proof, Refusal> {
+            let joining = proof.verify_joining(&self.fed, &node.public().to_peer_id(), now)?;
+            let receipt =
+                Receipt::issue(&self.coordinator_proof, &self.coordinator, &joining, now).unwrap();
+            Ok(proof.with_receipt(receipt))
+        }
+
+        fn member(&self, role: Role) -> (Keypair, Proof) {
+            let invite = Invite::issue(&self.admission, &self.inst_key, role, HOUR, NOW).unwrap();
+            let node = Keypair::generate_ed25519();
+            let (_, proof) = Proof::bind(&invite, &node, NOW).unwrap();
+            let proof = self.admit(proof, &node, NOW + 1).unwrap();
+            (node, proof)
         }
     }
 
@@ -948,25 +1403,28 @@ mod tests {
     }
 
     #[test]
-    fn a_bound_invite_verifies_for_its_peer_only() {
+    fn a_bound_invite_verifies_for_its_peer_only_once_a_coordinator_admitted_it() {
         let w = world();
         let invite = Invite::issue(&w.admission, &w.inst_key, Role::Endpoint, HOUR, NOW).unwrap();
         let invite = Invite::decode(&invite.encode()).unwrap();
         let node = Keypair::generate_ed25519();
+        let peer = node.public().to_peer_id();
         let (fed, proof) = Proof::bind(&invite, &node, NOW + 10).unwrap();
         assert_eq!(fed, w.fed);
+        assert!(proof.is_joining());
+        assert_eq!(
+            proof.verify(&w.fed, &peer, NOW + 20),
+            Err(Refusal::NoReceipt)
+        );
+        let proof = w.admit(proof, &node, NOW + 15).unwrap();
         let proof = Proof::from_bytes(&proof.to_bytes()).unwrap();
-        let member = proof
-            .verify(&w.fed, &node.public().to_peer_id(), NOW + 20)
-            .unwrap();
+        let member = proof.verify(&w.fed, &peer, NOW + 20).unwrap();
         assert_eq!(member.institution.as_deref(), Some("uni-a"));
         assert_eq!(member.role, Role::Endpoint);
-        // Membership outlives the invite: it is checked at the moment of joining.
-        assert!(
-            proof
-                .verify(&w.fed, &node.public().to_peer_id(), NOW + 10 * 3600)
-                .is_ok()
-        );
+        assert_eq!(member.joined_at, NOW + 15, "the coordinator's time");
+        assert!(member.invite.is_some());
+        // Membership outlives the invite: the invite was judged when the coordinator admitted.
+        assert!(proof.verify(&w.fed, &peer, NOW + 10 * 3600).is_ok());
 
         let thief = Keypair::generate_ed25519().public().to_peer_id();
         assert!(matches!(
@@ -988,6 +1446,138 @@ mod tests {
             Proof::bind(&invite, &node, NOW - 3600),
             Err(Refusal::NotYetValid { .. })
         ));
+    }
+
+    /// The attack of issue 17: a binding dated inside the invite's window, made (or presented)
+    /// after it. The coordinator judges the invite by its own clock and the binding's age.
+    #[test]
+    fn a_back_dated_binding_is_refused_by_the_coordinator() {
+        let w = world();
+        let invite = Invite::issue(&w.admission, &w.inst_key, Role::Endpoint, HOUR, NOW).unwrap();
+        let node = Keypair::generate_ed25519();
+        // Made "at NOW + 60", inside the window, but presented two hours later.
+        let late = Proof::sign_binding(&invite, &w.fed, &node, NOW + 60);
+        assert!(matches!(
+            w.admit(late.clone(), &node, NOW + 2 * 3600),
+            Err(Refusal::Expired { .. })
+        ));
+        // A long invite, but a binding older than the join window.
+        let long = Invite::issue(
+            &w.admission,
+            &w.inst_key,
+            Role::Endpoint,
+            Duration::from_secs(30 * 86400),
+            NOW,
+        )
+        .unwrap();
+        let old = Proof::sign_binding(&long, &w.fed, &node, NOW);
+        assert!(matches!(
+            w.admit(old.clone(), &node, NOW + JOIN_WINDOW.as_secs() + 60),
+            Err(Refusal::Stale { .. })
+        ));
+        assert!(w.admit(old, &node, NOW + 60).is_ok(), "fresh, it is admitted");
+    }
+
+    /// The attack of issue 17: everything a member publishes (its proof) rebuilt into an invite.
+    #[test]
+    fn an_invite_rebuilt_from_a_published_proof_binds_nothing() {
+        let w = world();
+        let (_, proof) = w.member(Role::Endpoint);
+        let rebuilt = Invite::rebuilt_from(&proof, w.fed.genesis.clone(), rand::random()).unwrap();
+        // It decodes and its chain verifies: only the one-time key is missing.
+        let rebuilt = Invite::decode(&rebuilt.encode()).unwrap();
+        assert!(rebuilt.verify(&w.fed, NOW + 60).is_ok());
+        let thief = Keypair::generate_ed25519();
+        let (_, forged) = Proof::bind(&rebuilt, &thief, NOW + 60).unwrap();
+        let err = w.admit(forged, &thief, NOW + 60).unwrap_err();
+        assert!(
+            matches!(&err, Refusal::BadSignature { what } if what.contains("one-time key")),
+            "{err}"
+        );
+        // Nor does the member's receipt help another binding.
+        let Proof::Member { receipt, .. } = proof else {
+            panic!()
+        };
+        let (_, forged) = Proof::bind(&rebuilt, &thief, NOW + 60).unwrap();
+        let forged = forged.with_receipt(receipt.unwrap());
+        assert!(
+            forged
+                .verify(&w.fed, &thief.public().to_peer_id(), NOW + 60)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn receipts_come_from_certified_coordinators_for_this_binding_only() {
+        let w = world();
+        let invite = Invite::issue(&w.admission, &w.inst_key, Role::Endpoint, HOUR, NOW).unwrap();
+        let node = Keypair::generate_ed25519();
+        let peer = node.public().to_peer_id();
+        let (_, proof) = Proof::bind(&invite, &node, NOW).unwrap();
+        let joining = proof.verify_joining(&w.fed, &peer, NOW).unwrap();
+        // A node whose certificate was not signed by the federation key.
+        let impostor = Keypair::generate_ed25519();
+        let fake_cert = Proof::coordinator(
+            &w.fed,
+            &SigningKey::generate(),
+            impostor.public().to_peer_id(),
+            NOW,
+        );
+        let receipt = Receipt::issue(&fake_cert, &impostor, &joining, NOW).unwrap();
+        assert!(matches!(
+            proof.clone().with_receipt(receipt).verify(&w.fed, &peer, NOW),
+            Err(Refusal::BadSignature { .. })
+        ));
+        // A real certificate, signed by another key than the coordinator's.
+        let receipt = Receipt::issue(&w.coordinator_proof, &impostor, &joining, NOW).unwrap();
+        assert!(matches!(
+            proof.clone().with_receipt(receipt).verify(&w.fed, &peer, NOW),
+            Err(Refusal::BadSignature { .. })
+        ));
+        // A real receipt for another binding of the same node.
+        let (_, other) = Proof::bind(&invite, &node, NOW + 1).unwrap();
+        let other_joining = other.verify_joining(&w.fed, &peer, NOW + 1).unwrap();
+        let receipt =
+            Receipt::issue(&w.coordinator_proof, &w.coordinator, &other_joining, NOW).unwrap();
+        assert!(proof.clone().with_receipt(receipt).verify(&w.fed, &peer, NOW).is_err());
+        // Members do not issue receipts.
+        let (member, member_proof) = w.member(Role::Endpoint);
+        assert!(Receipt::issue(&member_proof, &member, &joining, NOW).is_none());
+    }
+
+    #[test]
+    fn first_format_invites_and_proofs_are_refused_with_the_way_to_rejoin() {
+        let err = Invite::decode("fminvite1.eyJnZW5lc2lzIjp7fX0").unwrap_err();
+        assert!(matches!(err, Refusal::Outdated { .. }), "{err}");
+        assert!(err.to_string().contains("funcmesh join"), "{err}");
+        // A version-1 binding (re-signed, so only the version differs).
+        let w = world();
+        let (node, proof) = w.member(Role::Endpoint);
+        let Proof::Member {
+            admission,
+            invite,
+            binding,
+            endorsement,
+            receipt,
+        } = proof
+        else {
+            panic!()
+        };
+        let mut body = binding.decode("binding").unwrap();
+        body.version = 1;
+        let bytes = serde_json::to_vec(&body).unwrap();
+        let sig = node.sign(&signing_input(domain::BINDING, &bytes)).unwrap();
+        let old = Proof::Member {
+            admission,
+            invite,
+            binding: Signed::new(bytes, sig),
+            endorsement,
+            receipt,
+        };
+        let err = old
+            .verify(&w.fed, &node.public().to_peer_id(), NOW)
+            .unwrap_err();
+        assert!(matches!(err, Refusal::Outdated { .. }), "{err}");
     }
 
     #[test]
@@ -1018,48 +1608,32 @@ mod tests {
     #[test]
     fn tampered_documents_are_forgeries() {
         let w = world();
-        let invite = Invite::issue(&w.admission, &w.inst_key, Role::Endpoint, HOUR, NOW).unwrap();
-        let node = Keypair::generate_ed25519();
-        let (_, proof) = Proof::bind(&invite, &node, NOW).unwrap();
+        let (node, proof) = w.member(Role::Endpoint);
+        let peer = node.public().to_peer_id();
         let Proof::Member {
             admission,
             invite,
-            mut binding,
-        } = proof.clone()
-        else {
-            panic!()
-        };
-        binding.tamper();
-        let forged = Proof::Member {
-            admission,
-            invite,
             binding,
-        };
-        assert!(
-            forged
-                .verify(&w.fed, &node.public().to_peer_id(), NOW)
-                .is_err()
-        );
-
-        let Proof::Member {
-            admission,
-            mut invite,
-            binding,
+            endorsement,
+            receipt,
         } = proof
         else {
             panic!()
         };
-        invite.tamper();
-        let forged = Proof::Member {
-            admission,
-            invite,
-            binding,
+        let rebuild = |invite: &Signed<InviteBody>, binding: &Signed<BindingBody>| Proof::Member {
+            admission: admission.clone(),
+            invite: invite.clone(),
+            binding: binding.clone(),
+            endorsement: endorsement.clone(),
+            receipt: receipt.clone(),
         };
-        assert!(
-            forged
-                .verify(&w.fed, &node.public().to_peer_id(), NOW)
-                .is_err()
-        );
+        let mut b = binding.clone();
+        b.tamper();
+        assert!(rebuild(&invite, &b).verify(&w.fed, &peer, NOW).is_err());
+        let mut i = invite.clone();
+        i.tamper();
+        assert!(rebuild(&i, &binding).verify(&w.fed, &peer, NOW).is_err());
+        assert!(rebuild(&invite, &binding).verify(&w.fed, &peer, NOW).is_ok());
     }
 
     #[test]
@@ -1074,6 +1648,11 @@ mod tests {
         ));
         let node = Keypair::generate_ed25519();
         let (_, proof) = Proof::bind(&invite, &node, NOW).unwrap();
+        assert!(matches!(
+            proof.verify_joining(&w.fed, &node.public().to_peer_id(), NOW),
+            Err(Refusal::WrongFederation { .. })
+        ));
+        let (node, proof) = other.member(Role::Endpoint);
         assert!(matches!(
             proof.verify(&w.fed, &node.public().to_peer_id(), NOW),
             Err(Refusal::WrongFederation { .. })
@@ -1120,19 +1699,19 @@ mod tests {
             let peer = Keypair::generate_ed25519().public().to_peer_id();
             if let Ok(p) = Proof::from_bytes(&bytes) {
                 let _ = p.verify(&w.fed, &peer, NOW);
+                let _ = p.verify_joining(&w.fed, &peer, NOW);
             }
+            let _ = Receipt::from_bytes(&bytes);
             let s = String::from_utf8_lossy(&bytes);
             let _ = Invite::decode(&s);
             let _ = Invite::decode(&format!("{INVITE_PREFIX}{s}"));
         }
 
         #[test]
-        fn mutated_proofs_never_verify_for_another_chain(idx in 0usize..4096, bit in 0u8..8) {
+        fn mutated_proofs_never_verify_for_another_chain(idx in 0usize..8192, bit in 0u8..8) {
             let w = world();
-            let invite = Invite::issue(&w.admission, &w.inst_key, Role::Endpoint, HOUR, NOW).unwrap();
-            let node = Keypair::generate_ed25519();
+            let (node, proof) = w.member(Role::Endpoint);
             let peer = node.public().to_peer_id();
-            let (_, proof) = Proof::bind(&invite, &node, NOW).unwrap();
             let mut bytes = proof.to_bytes();
             let i = idx % bytes.len();
             bytes[i] ^= 1 << bit;

@@ -29,7 +29,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use crate::links::{self, Links, Verified};
-use crate::membership::{Federation, Member, Proof, Refusal, Role, unix_now};
+use crate::membership::{Federation, Member, Proof, Receipt, Refusal, Role, unix_now};
 use crate::peers::{MAX_ADDRS_PER_PEER, MAX_LISTED_MEMBERS, PeerTable};
 use crate::registry::{self, Out, Replica, StoreOp, Strikes, SyncRequest, SyncResponse};
 
@@ -155,6 +155,9 @@ pub enum Event {
     },
     /// A peer accepted this node's proof (and this node accepted theirs).
     AcceptedBy(Member),
+    /// A coordinator admitted this joining node: its proof, now with the coordinator's
+    /// receipt, is what it presents from now on and what `join` stores.
+    Admitted(Box<Proof>),
     /// A blocked or banned peer tried to connect and was turned away.
     TurnedAway(PeerId),
     /// A peer refused this node's proof.
@@ -401,19 +404,65 @@ impl Handle {
     /// Dials `addr` and waits until the peer there admits this node (returns its member record)
     /// or refuses it (returns its reason).
     pub async fn join(&self, addr: Multiaddr, timeout: Duration) -> Result<Member, JoinError> {
+        self.join_inner(addr, timeout).await.map(|(m, _)| m)
+    }
+
+    /// For a node still joining: dials the coordinator at `addr` and waits until it admits this
+    /// node. Returns the proof with the coordinator's receipt, which the node stores.
+    pub async fn join_as_new(&self, addr: Multiaddr, timeout: Duration) -> Result<Proof, JoinError> {
+        match self.join_inner(addr, timeout).await? {
+            (_, Some(proof)) => Ok(proof),
+            (member, None) => Err(JoinError::Refused {
+                peer: member.peer_id.parse().unwrap_or(self.peer_id),
+                reason: format!(
+                    "{} is a member ({}), not a coordinator: only a coordinator admits new \
+                     nodes; join through the coordinator's address",
+                    member.peer_id, member.role
+                ),
+            }),
+        }
+    }
+
+    async fn join_inner(
+        &self,
+        addr: Multiaddr,
+        timeout: Duration,
+    ) -> Result<(Member, Option<Proof>), JoinError> {
         let mut events = self.subscribe();
         let expected = addr.iter().find_map(|p| match p {
             Protocol::P2p(peer) => Some(peer),
             _ => None,
         });
+        // Already a member (a known peer redialled at start, before this call subscribed).
+        if let Some(peer) = expected
+            && let Some(m) = self
+                .members()
+                .await
+                .map_err(|_| JoinError::Closed)?
+                .into_iter()
+                .find(|m| m.peer_id == peer.to_string())
+        {
+            let member = Member {
+                peer_id: m.peer_id,
+                institution: m.institution,
+                institution_key: None,
+                role: m.role,
+                joined_at: 0,
+                invite: None,
+            };
+            return Ok((member, None));
+        }
         self.dial(addr).await.map_err(JoinError::Dial)?;
         let wait = async {
+            let mut admitted = None;
             loop {
                 match events.recv().await {
+                    // The coordinator's receipt comes with its welcome, just before it.
+                    Ok(Event::Admitted(proof)) => admitted = Some(*proof),
                     Ok(Event::AcceptedBy(m))
                         if expected.is_none_or(|p| p.to_string() == m.peer_id) =>
                     {
-                        return Ok(m);
+                        return Ok((m, admitted));
                     }
                     Ok(Event::RefusedBy { peer, reason }) if expected.is_none_or(|p| p == peer) => {
                         return Err(JoinError::Refused { peer, reason });
@@ -448,6 +497,9 @@ enum HelloReply {
     Welcome {
         proof: Vec<u8>,
         members: Vec<PeerAddrs>,
+        /// A coordinator's receipt, for a peer that presented a joining proof.
+        #[serde(default)]
+        receipt: Option<Vec<u8>>,
     },
     Refused {
         reason: String,
@@ -487,7 +539,14 @@ struct EventLoop {
     commands: mpsc::Receiver<Command>,
     events: broadcast::Sender<Event>,
     federation: Federation,
+    /// This node's proof, and its encoding as sent.
+    own_proof: Proof,
     proof: Vec<u8>,
+    /// Invites this coordinator issued receipts for, and to whom (the registry learns them a
+    /// moment later).
+    receipts: HashMap<String, PeerId>,
+    /// When connected members' invites were last checked against the registry.
+    last_invite_check: Instant,
     members: HashMap<PeerId, MemberState>,
     /// Pending proofs, refusals, known members, introductions and their addresses (sans-IO).
     peers: PeerTable,
@@ -568,7 +627,10 @@ pub async fn spawn(
         commands: cmd_rx,
         events: ev_tx.clone(),
         federation: config.federation.clone(),
+        own_proof: config.proof.clone(),
         proof: config.proof.to_bytes(),
+        receipts: HashMap::new(),
+        last_invite_check: Instant::now(),
         members: HashMap::new(),
         peers: PeerTable::new(config.redial_interval, config.proof_timeout),
         last_exchange: Instant::now(),
@@ -1056,6 +1118,10 @@ impl EventLoop {
                 .membership
                 .send_request(&peer, hello);
         }
+        if self.last_invite_check.elapsed() >= Duration::from_secs(2) {
+            self.last_invite_check = now;
+            self.cut_reused_invites();
+        }
         let swarm = &self.swarm;
         let members = &self.members;
         let due = self
@@ -1081,11 +1147,17 @@ impl EventLoop {
         let _ = self.events.send(event);
     }
 
-    fn hello(&self, except: &PeerId) -> Hello {
+    /// The hello for `peer`: this node's proof, and the member list only if `peer` has proven
+    /// its own membership (a stranger learns nobody).
+    fn hello(&self, peer: &PeerId) -> Hello {
         Hello {
             version: 1,
             proof: self.proof.clone(),
-            members: self.member_list(except),
+            members: if self.members.contains_key(peer) {
+                self.member_list(peer)
+            } else {
+                Vec::new()
+            },
         }
     }
 
@@ -1120,13 +1192,20 @@ impl EventLoop {
                 {
                     self.remember_addr(peer_id, address.clone());
                 }
-                if num_established.get() == 1 && !self.members.contains_key(&peer_id) {
-                    self.peers.awaiting_proof(peer_id, Instant::now());
-                    let hello = self.hello(&peer_id);
-                    self.swarm
-                        .behaviour_mut()
-                        .membership
-                        .send_request(&peer_id, hello);
+                if !self.members.contains_key(&peer_id) {
+                    if num_established.get() == 1 {
+                        self.peers.awaiting_proof(peer_id, Instant::now());
+                    }
+                    // Whoever dials proves first: a stranger that connects to us gets nothing
+                    // until it has proven itself, and then it gets our proof in the answer.
+                    // (Two crossing connections: each side dialled one, so both send.)
+                    if endpoint.is_dialer() {
+                        let hello = self.hello(&peer_id);
+                        self.swarm
+                            .behaviour_mut()
+                            .membership
+                            .send_request(&peer_id, hello);
+                    }
                 }
             }
             SwarmEvent::ConnectionClosed {
@@ -1285,11 +1364,12 @@ impl EventLoop {
                 },
                 ..
             } => {
-                let verdict = self.verify(&peer, request.version, &request.proof);
+                let verdict = self.judge(&peer, request.version, &request.proof);
                 let reply = match &verdict {
-                    Ok(_) => HelloReply::Welcome {
+                    Ok((_, receipt)) => HelloReply::Welcome {
                         proof: self.proof.clone(),
                         members: self.member_list(&peer),
+                        receipt: receipt.as_ref().map(Receipt::to_bytes),
                     },
                     Err(reason) => HelloReply::Refused {
                         reason: reason.to_string(),
@@ -1300,19 +1380,36 @@ impl EventLoop {
                     .behaviour_mut()
                     .membership
                     .send_response(channel, reply);
-                self.on_verdict(peer, verdict, request.members, true);
+                self.on_verdict(peer, verdict.map(|(m, _)| m), request.members, true);
             }
             E::Message {
                 peer,
                 message: M::Response { response, .. },
                 ..
             } => match response {
-                HelloReply::Welcome { proof, members } => {
-                    let verdict = self.verify(&peer, 1, &proof);
+                HelloReply::Welcome {
+                    proof,
+                    members,
+                    receipt,
+                } => {
+                    if let Some(receipt) = receipt {
+                        self.take_receipt(&peer, &receipt);
+                    }
+                    let verdict = self.judge(&peer, 1, &proof).map(|(m, _)| m);
+                    let newly = verdict.is_ok() && !self.members.contains_key(&peer);
                     if let Ok(member) = &verdict {
                         self.emit(Event::AcceptedBy(member.clone()));
                     }
                     self.on_verdict(peer, verdict, members, false);
+                    // Our first hello to a peer not yet proven carried no member list: now that
+                    // it has proven itself, swap lists.
+                    if newly {
+                        let hello = self.hello(&peer);
+                        self.swarm
+                            .behaviour_mut()
+                            .membership
+                            .send_request(&peer, hello);
+                    }
                 }
                 HelloReply::Refused { reason } => {
                     warn!(%peer, %reason, "peer refused our membership proof");
@@ -1332,14 +1429,106 @@ impl EventLoop {
         }
     }
 
-    fn verify(&self, peer: &PeerId, version: u32, proof: &[u8]) -> Result<Member, Refusal> {
+    /// Judges a peer's proof. A coordinator admits a joining proof (fresh binding, invite
+    /// valid now, not used by another node) and returns the receipt it signed for it.
+    fn judge(
+        &mut self,
+        peer: &PeerId,
+        version: u32,
+        proof: &[u8],
+    ) -> Result<(Member, Option<Receipt>), Refusal> {
         if version != 1 {
             return Err(Refusal::Malformed {
                 what: "hello".into(),
                 reason: format!("membership protocol version {version}, this node speaks 1"),
             });
         }
-        Proof::from_bytes(proof)?.verify(&self.federation, peer, unix_now())
+        let proof = Proof::from_bytes(proof)?;
+        let now = unix_now();
+        if proof.is_joining() {
+            let Some(joining) = self
+                .own_proof
+                .is_coordinator()
+                .then(|| proof.verify_joining(&self.federation, peer, now))
+                .transpose()?
+            else {
+                return Err(Refusal::NoReceipt);
+            };
+            self.invite_free(&joining.invite, peer)?;
+            let receipt = Receipt::issue(&self.own_proof, &self.config.keypair, &joining, now)
+                .ok_or(Refusal::NoReceipt)?;
+            let member = proof
+                .with_receipt(receipt.clone())
+                .verify(&self.federation, peer, now)?;
+            self.receipts.insert(joining.invite, *peer);
+            info!(%peer, institution = %joining.institution, role = %joining.role, "admitted a new member");
+            return Ok((member, Some(receipt)));
+        }
+        let member = proof.verify(&self.federation, peer, now)?;
+        if let Some(invite) = &member.invite {
+            self.invite_free(invite, peer)?;
+        }
+        Ok((member, None))
+    }
+
+    /// Refuses `peer` if another node used `invite` first, as this node knows.
+    fn invite_free(&mut self, invite: &str, peer: &PeerId) -> Result<(), Refusal> {
+        if let Some(other) = self.receipts.get(invite).filter(|p| *p != peer) {
+            return Err(Refusal::InviteUsed {
+                by: other.to_string(),
+            });
+        }
+        let me = peer.to_string();
+        if let Some(first) = self
+            .replica
+            .view()
+            .used_invites
+            .get(invite)
+            .filter(|p| **p != me)
+        {
+            return Err(Refusal::InviteUsed { by: first.clone() });
+        }
+        Ok(())
+    }
+
+    /// A coordinator's receipt for this joining node: from now on the node presents the proof
+    /// with it.
+    fn take_receipt(&mut self, from: &PeerId, receipt: &[u8]) {
+        if !self.own_proof.is_joining() {
+            return;
+        }
+        let me = self.config.keypair.public().to_peer_id();
+        let admitted = Receipt::from_bytes(receipt).and_then(|r| {
+            let proof = self.own_proof.clone().with_receipt(r);
+            proof.verify(&self.federation, &me, unix_now())?;
+            Ok(proof)
+        });
+        match admitted {
+            Ok(proof) => {
+                info!(coordinator = %from, "admitted to the federation");
+                self.proof = proof.to_bytes();
+                self.own_proof = proof.clone();
+                self.emit(Event::Admitted(Box::new(proof)));
+            }
+            Err(reason) => warn!(peer = %from, %reason, "ignoring an invalid receipt"),
+        }
+    }
+
+    /// Cuts connected members whose invite the registry now says another node used first (two
+    /// nodes that joined with one invite at once, through two coordinators).
+    fn cut_reused_invites(&mut self) {
+        let used = &self.replica.view().used_invites;
+        let reused: Vec<(PeerId, String)> = self
+            .members
+            .iter()
+            .filter_map(|(peer, state)| {
+                let first = used.get(state.member.invite.as_ref()?)?;
+                (*first != peer.to_string()).then(|| (*peer, first.clone()))
+            })
+            .collect();
+        for (peer, first) in reused {
+            self.on_verdict(peer, Err(Refusal::InviteUsed { by: first }), vec![], false);
+        }
     }
 
     /// Acts on a proof's verdict. `reply_owed`: the proof came in a request we just answered, so a

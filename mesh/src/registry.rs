@@ -119,7 +119,7 @@ impl Authority for MeshAuthority {
         let proof = Proof::from_bytes(proof.as_bytes()).map_err(|e| e.to_string())?;
         // Verdicts are cached and must agree across replicas, so they may not depend on when
         // they are made: judge as if at the end of time (invites are checked against the
-        // binding's own time; only "bound in the future" would depend on the clock).
+        // coordinator's receipt; only "admitted in the future" would depend on the clock).
         let member = proof
             .verify(&self.federation, &peer, u64::MAX / 2)
             .map_err(|e| e.to_string())?;
@@ -136,6 +136,7 @@ impl Authority for MeshAuthority {
             peer_id: member.peer_id,
             institution,
             role: member.role.to_string(),
+            invite: member.invite.map(|invite| (invite, member.joined_at)),
         })
     }
 }

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use crdt_registry::record::Body;
 use crdt_registry::{Key, Registry};
-use mesh::membership::{Admission, Genesis, Invite, Proof, Role, SigningKey, unix_now};
+use mesh::membership::{Admission, Genesis, Invite, Proof, Receipt, Role, SigningKey, unix_now};
 use mesh::registry::MeshAuthority;
 use node::client::Client;
 use node::local_testnet;
@@ -176,7 +176,12 @@ fn document() -> anyhow::Result<()> {
         now,
     )?;
     let keypair = mesh::Keypair::generate_ed25519();
-    let (_, proof) = Proof::bind(&invite, &keypair, now)?;
+    let (_, joining) = Proof::bind(&invite, &keypair, now)?;
+    let coordinator = mesh::Keypair::generate_ed25519();
+    let cert = Proof::coordinator(&federation, &fed_key, coordinator.public().to_peer_id(), now);
+    let admitted = joining.verify_joining(&federation, &keypair.public().to_peer_id(), now)?;
+    let receipt = Receipt::issue(&cert, &coordinator, &admitted, now).expect("a coordinator");
+    let proof = joining.with_receipt(receipt);
     let signer = mesh::registry::signing_key(&keypair).unwrap();
     let me = Key::of(&signer);
     let authority = MeshAuthority::new(federation.clone());

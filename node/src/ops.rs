@@ -237,20 +237,64 @@ pub async fn join(
     }
     init(dir, None)?;
     let keypair = keys::read_node_key(&dir.node_key())?;
-    let (federation, proof) =
+    let (federation, joining) =
         Proof::bind(&invite, &keypair, unix_now()).context("cannot use this invite")?;
     let config = Config::resolve(Some(&dir.config()), std::env::vars(), overrides)?;
-    let node = Node::start_with(dir, &config, federation.clone(), proof.clone()).await?;
-    match node.mesh().join(addr.clone(), timeout).await {
-        Ok(_) => {}
-        Err(e) => {
-            let _ = node.shutdown().await;
-            return Err(anyhow::anyhow!("joining through {addr} failed: {e}"));
-        }
-    }
+    let proof = admitted_by_coordinator(dir, &config, &federation, keypair, joining, &addr, timeout)
+        .await
+        .with_context(|| format!("joining through {addr} failed"))?;
     dir.write_membership(&federation, &proof)?;
+    let node = Node::start_with(dir, &config, federation.clone(), proof.clone()).await?;
+    if let Err(e) = node.mesh().join(addr.clone(), timeout).await {
+        let _ = node.shutdown().await;
+        return Err(anyhow::anyhow!("joining through {addr} failed: {e}"));
+    }
     set_config_list(dir, "bootstrap", &[addr.to_string()])?;
     Ok(node)
+}
+
+/// The first step of joining: a bare mesh presents the joining proof to the coordinator, which
+/// checks it (fresh, invite valid by its clock and unused) and answers with its receipt. The node
+/// itself starts only with the admitted proof, so that everything it publishes counts.
+async fn admitted_by_coordinator(
+    dir: &DataDir,
+    config: &Config,
+    federation: &Federation,
+    keypair: mesh::Keypair,
+    joining: Proof,
+    coordinator: &Multiaddr,
+    timeout: Duration,
+) -> anyhow::Result<Proof> {
+    let db = dir.db();
+    let store = tokio::task::spawn_blocking(move || store::Store::open(&db))
+        .await
+        .context("store task")?
+        .map_err(|e| anyhow::anyhow!("{e} (is a node already running on this data dir?)"))?;
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let tracker = tokio_util::task::TaskTracker::new();
+    let mesh_config = mesh::Config {
+        keypair,
+        federation: federation.clone(),
+        proof: joining,
+        listen: vec![],
+        bootstrap: vec![],
+        relay_server: false,
+        proof_timeout: config.mesh.proof_timeout,
+        redial_interval: config.mesh.redial_interval,
+        anti_entropy: config.mesh.anti_entropy,
+        store,
+    };
+    let outcome = match mesh::network::spawn(mesh_config, cancel.child_token(), &tracker).await {
+        Ok(mesh) => mesh
+            .join_as_new(coordinator.clone(), timeout)
+            .await
+            .map_err(anyhow::Error::from),
+        Err(e) => Err(e.into()),
+    };
+    cancel.cancel();
+    tracker.close();
+    tracker.wait().await;
+    outcome
 }
 
 pub(crate) fn parse_member_role(s: &str) -> Result<Role, String> {

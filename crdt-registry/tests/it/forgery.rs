@@ -328,3 +328,72 @@ fn a_foreign_entry_at_the_highest_seq_neither_crashes_nor_blocks_the_owner() {
         "updated"
     );
 }
+
+/// Two nodes that joined with the same invite (concurrently, through two coordinators): every
+/// replica keeps the one admitted first, whatever order it learns them in, and ignores the
+/// other and everything it writes.
+#[test]
+fn an_invite_admits_one_node_the_same_on_every_replica() {
+    let toy = Toy::new();
+    let inst = key(1);
+    let admission = toy.admit("inst1", &inst);
+    let node_entry = |node: &ed25519_dalek::SigningKey, at: u64| {
+        let mut scratch = Registry::new(FED);
+        let (_, c) = scratch
+            .write(
+                node,
+                Key::of(node).to_string(),
+                Body::Node(NodeRecord {
+                    name: "n".into(),
+                    proof: toy.proof_with_invite(&admission, &inst, node, Some(("inv-1", at))),
+                    addrs: vec![],
+                    data_addr: None,
+                }),
+                at,
+            )
+            .unwrap();
+        let rec = function(node, "f");
+        let (_, f) = scratch
+            .write(node, rec.content_id(), Body::Function(rec), at + 1)
+            .unwrap();
+        vec![c, f]
+    };
+    let (first, second) = (key(20), key(21));
+    let early = node_entry(&first, 100);
+    let late = node_entry(&second, 200);
+    let mut inst_reg = Registry::new(FED);
+    let (_, i) = inst_reg
+        .write(
+            &first,
+            Key::of(&inst).to_string(),
+            Body::Institution(InstitutionRecord {
+                admission: admission.clone(),
+            }),
+            1,
+        )
+        .unwrap();
+    let mut a = Registry::new(FED);
+    let mut b = Registry::new(FED);
+    a.apply_changes(&[i.clone()]).unwrap();
+    b.apply_changes(&[i]).unwrap();
+    // a learns the late one first and counts it until it hears of the earlier use.
+    a.apply_changes(&late).unwrap();
+    assert_eq!(a.view(&toy).nodes.len(), 1);
+    a.apply_changes(&early).unwrap();
+    b.apply_changes(&early).unwrap();
+    b.apply_changes(&late).unwrap();
+    for r in [&mut a, &mut b] {
+        let v = r.view(&toy);
+        let peers: Vec<&String> = v.nodes.keys().collect();
+        assert_eq!(peers.len(), 1, "{peers:?}");
+        assert_eq!(v.nodes.values().next().unwrap().key, Key::of(&first));
+        assert_eq!(v.used_invites.len(), 1);
+        assert_eq!(v.functions.len(), 1, "the second node's function does not count");
+        assert!(
+            v.ignored.iter().any(|i| i.reason.contains("used first")),
+            "{:?}",
+            v.ignored
+        );
+    }
+    assert_eq!(a.view(&toy), b.view(&toy));
+}

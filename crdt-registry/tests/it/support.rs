@@ -27,6 +27,10 @@ struct Proof {
     admission: String,
     node: Key,
     sig: Vec<u8>,
+    /// The invite used and when the node was admitted (not signed: the toy checks only the
+    /// view's rule that an invite admits one node).
+    #[serde(default)]
+    invite: Option<(String, u64)>,
 }
 
 pub(crate) fn key(seed: u8) -> SigningKey {
@@ -62,12 +66,24 @@ impl Toy {
     }
 
     pub(crate) fn proof(&self, admission: &str, inst: &SigningKey, node: &SigningKey) -> String {
+        self.proof_with_invite(admission, inst, node, None)
+    }
+
+    /// A proof that says the node joined with `invite`, admitted at `at`.
+    pub(crate) fn proof_with_invite(
+        &self,
+        admission: &str,
+        inst: &SigningKey,
+        node: &SigningKey,
+        invite: Option<(&str, u64)>,
+    ) -> String {
         let node = Key::of(node);
         let sig = inst.sign(&node.0).to_bytes().to_vec();
         serde_json::to_string(&Proof {
             admission: admission.into(),
             node,
             sig,
+            invite: invite.map(|(i, at)| (i.to_string(), at)),
         })
         .unwrap()
     }
@@ -107,6 +123,7 @@ impl Authority for Toy {
             peer_id: format!("peer-{}", &node_key.to_string()[..8]),
             institution: Some((inst.name, inst.key)),
             role: "endpoint".into(),
+            invite: p.invite,
         })
     }
 }
