@@ -245,6 +245,21 @@ impl Federation {
         Ok(())
     }
 
+    /// Restarts the coordinator from its data dir (on a new port: see `coordinator_addr`).
+    pub async fn restart_coordinator(&mut self) -> anyhow::Result<()> {
+        self.stop_coordinator().await?;
+        let coordinator = Node::start(&self.coordinator_dir, &test_config()).await?;
+        self.coordinator_addr = coordinator
+            .dial_addrs()
+            .await?
+            .into_iter()
+            .find(|a| a.to_string().contains("/tcp/"))
+            .context("coordinator has no TCP address")?
+            .to_string();
+        self.coordinator = Some(coordinator);
+        Ok(())
+    }
+
     /// Stops member `i` gracefully.
     pub async fn stop(&mut self, i: usize) -> anyhow::Result<()> {
         if let Some(n) = self.members[i].node.take() {

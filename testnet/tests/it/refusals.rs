@@ -237,3 +237,119 @@ async fn truncated_or_garbage_invite_strings_are_refused_with_a_clear_error() {
     .unwrap();
     net.shutdown().await;
 }
+
+/// Issue 17's first attack: everything a member publishes (its proof, in every hello it
+/// answers and in the registry) rebuilt into an invite string, and `funcmesh join` with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invite_rebuilt_from_a_published_proof_is_refused() {
+    let net = small().await;
+    let (federation, published) = net.node(0).data_dir().read_membership().unwrap();
+    let rebuilt = Invite::rebuilt_from(&published, federation.genesis.clone(), [7; 32])
+        .expect("a member's proof");
+    let dir = net.new_dir("rebuilt");
+    let err = testnet::join_with_test_config(&dir, net.coordinator_addr(), &rebuilt.encode())
+        .await
+        .err()
+        .expect("a rebuilt invite is refused");
+    let msg = format!("{err:#}");
+    assert!(msg.contains("one-time key"), "{msg}");
+    assert!(!dir.membership().exists(), "nothing joined");
+    let peer = mesh::keys::read_node_key(&dir.node_key())
+        .unwrap()
+        .public()
+        .to_peer_id();
+    assert_never_listed_and_members_fine(&net, &peer).await;
+    net.shutdown().await;
+}
+
+/// An invite admits one node: a second `join` with the same string is refused, and the
+/// coordinator still refuses it after a restart (from the registry, not only its memory).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_use_of_an_invite_is_refused() {
+    let mut net = small().await;
+    let invite = net.invite(0, Role::Endpoint, HOUR).unwrap();
+    let first = net.new_dir("first");
+    let node = testnet::join_with_test_config(&first, net.coordinator_addr(), &invite)
+        .await
+        .unwrap();
+    let first_peer = node.peer_id();
+    let second = net.new_dir("second");
+    let err = testnet::join_with_test_config(&second, net.coordinator_addr(), &invite)
+        .await
+        .err()
+        .expect("a second use is refused");
+    let msg = format!("{err:#}");
+    assert!(
+        msg.contains(&format!("already used by node {first_peer}")),
+        "{msg}"
+    );
+    // The coordinator forgets its receipts when it restarts; the registry remembers.
+    let coordinator = net.coordinator().unwrap().mesh().clone();
+    wait_for(
+        "the coordinator's registry to record the first use",
+        Duration::from_secs(10),
+        || {
+            let coordinator = coordinator.clone();
+            async move {
+                coordinator.registry().await.is_ok_and(|v| {
+                    v.used_invites
+                        .values()
+                        .any(|p| *p == first_peer.to_string())
+                })
+            }
+        },
+    )
+    .await
+    .unwrap();
+    net.restart_coordinator().await.unwrap();
+    let third = net.new_dir("third");
+    let err = testnet::join_with_test_config(&third, net.coordinator_addr(), &invite)
+        .await
+        .err()
+        .expect("a use after the coordinator's restart is refused");
+    assert!(format!("{err:#}").contains("already used"), "{err:#}");
+    node.shutdown().await.unwrap();
+    net.shutdown().await;
+}
+
+/// A stranger that connects to a member learns neither the member's proof nor anyone in the
+/// federation: the member waits for the stranger's proof and answers a refusal only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranger_that_connects_learns_no_proof_and_no_member_list() {
+    let net = small().await;
+    let invite = Invite::decode(&net.invite(0, Role::Endpoint, HOUR).unwrap()).unwrap();
+    // The stranger has the federation (public) and a proof that is not its own.
+    let owner = Keypair::generate_ed25519();
+    let (_, stolen) = Proof::bind(&invite, &owner, unix_now()).unwrap();
+    let stranger = Keypair::generate_ed25519();
+    let dir = tempfile::tempdir().unwrap();
+    let (handle, guard) = rogue(
+        dir.path(),
+        net.node(0).federation().clone(),
+        stranger,
+        stolen,
+    )
+    .await
+    .unwrap();
+    let mut events = handle.subscribe();
+    let member_addr = net.node(1).dial_addrs().await.unwrap()[0].clone();
+    let outcome = handle.join(member_addr, Duration::from_secs(10)).await;
+    assert!(
+        matches!(outcome, Err(mesh::network::JoinError::Refused { .. })),
+        "{outcome:?}"
+    );
+    // Had the member sent its hello, the stranger's mesh would have verified the member's
+    // proof and listed it, and dialled the members in its list.
+    assert!(handle.members().await.unwrap().is_empty());
+    while let Ok(event) = events.try_recv() {
+        assert!(
+            !matches!(
+                event,
+                mesh::Event::MemberConnected(_) | mesh::Event::AcceptedBy(_)
+            ),
+            "the stranger learned a member's proof: {event:?}"
+        );
+    }
+    guard.stop().await;
+    net.shutdown().await;
+}
