@@ -59,6 +59,7 @@ pub enum Error {
 enum Cmd {
     Submit {
         submitter: String,
+        tenant: String,
         tasks: Vec<Submission>,
         reply: oneshot::Sender<Vec<Result<Record, String>>>,
     },
@@ -200,16 +201,20 @@ impl Endpoint {
         rx.await.map_err(|_| Error::Closed)
     }
 
-    /// Accepts tasks from `submitter`: each is stored before this returns, or refused with the
-    /// reason. A task id seen before returns its current record instead of running again.
+    /// Accepts tasks from `submitter` (a peer id) of institution `tenant`: each is stored before
+    /// this returns, or refused with the reason. A task id seen before returns its current record
+    /// instead of running again. Workers never run two tenants' code.
     pub async fn submit(
         &self,
         submitter: &str,
+        tenant: &str,
         tasks: Vec<Submission>,
     ) -> Result<Vec<Result<Record, String>>, Error> {
         let submitter = submitter.to_owned();
+        let tenant = tenant.to_owned();
         self.ask(|reply| Cmd::Submit {
             submitter,
+            tenant,
             tasks,
             reply,
         })
@@ -540,7 +545,9 @@ impl Driver {
                 );
             } else {
                 requeued += 1;
-                let q = self.queued(&sub, &env);
+                // The submitter's institution is not stored: after a restart its tasks form a
+                // lane of their own (still never sharing a worker with another institution).
+                let q = self.queued(&sub, &env, &format!("peer:{}", rec.submitter));
                 self.live.insert(rec.id.clone(), Live { sub, rec });
                 self.pool.submit(q, now);
             }
@@ -628,7 +635,7 @@ impl Driver {
         }
     }
 
-    fn queued(&self, sub: &Submission, env: &Environment) -> Queued {
+    fn queued(&self, sub: &Submission, env: &Environment, tenant: &str) -> Queued {
         let timeout = if sub.timeout_ms > 0 {
             Duration::from_millis(sub.timeout_ms)
         } else {
@@ -641,6 +648,7 @@ impl Driver {
         Queued {
             id: sub.id.clone(),
             env: env.clone(),
+            tenant: tenant.to_owned(),
             timeout,
             // Shell commands are timed out by the worker itself (exit 124); the pool steps in
             // only if that fails.
@@ -706,6 +714,7 @@ impl Driver {
         match cmd {
             Cmd::Submit {
                 submitter,
+                tenant,
                 tasks,
                 reply,
             } => {
@@ -779,7 +788,7 @@ impl Driver {
                         outcome: None,
                     };
                     answers.push(Ok(rec.clone()));
-                    let q = self.queued(&sub, &env);
+                    let q = self.queued(&sub, &env, &tenant);
                     self.new_subs.push(sub.id.clone());
                     self.dirty.insert(sub.id.clone());
                     self.live.insert(sub.id.clone(), Live { sub, rec });

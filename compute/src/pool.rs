@@ -3,7 +3,11 @@
 //! the warm-pool strategies, eviction and the timeout rules be tested deterministically.
 //!
 //! Rules:
-//! * Tasks queue per environment. An idle worker of the task's environment takes a batch
+//! * Tasks queue per *lane*: environment and tenant (the submitting institution). A worker only
+//!   ever runs one tenant's code: it is bound to the tenant of its first batch, and prewarmed
+//!   workers start unbound and are bound when first used (a new spare is started in their place).
+//!   What follows says "environment" for a lane.
+//! * An idle worker of the task's environment takes a batch
 //!   (`ceil(queued / idle workers)`, at most `batch_max`); otherwise a worker is started if the
 //!   pool has room (`max_workers`, and `container_cap` for containers). When it has none, the
 //!   least recently used idle worker of another environment is evicted, but only for an
@@ -15,7 +19,8 @@
 //!   running at all times.
 //! * A worker runs its batch in order and answers in order, so the task it is running is the
 //!   first unanswered one, and that task started no later than the previous answer arrived.
-//!   Its deadline counts from then, so a timeout never fires early.
+//!   Its deadline counts from then, so a timeout never fires early. An answer for any other task
+//!   (user code writing to the protocol pipe) is refused and the worker stopped.
 //! * Killing a worker for a timeout or a cancel fails (or cancels) only the task it is running;
 //!   the rest of its batch goes back to the front of the queue.
 
@@ -29,6 +34,17 @@ use crate::task::{FailureKind, Outcome, Status, TaskId};
 /// A worker's id within its endpoint.
 pub type WorkerId = u64;
 
+/// Whose code a worker runs: the submitting institution (or, for tasks reloaded after a restart,
+/// the submitting peer). Workers are never shared between tenants.
+pub type Tenant = String;
+
+/// Where a task waits: its environment and its tenant.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+struct Lane {
+    env: Environment,
+    tenant: Tenant,
+}
+
 /// A task waiting for a worker.
 #[derive(Debug, Clone)]
 pub struct Queued {
@@ -36,6 +52,8 @@ pub struct Queued {
     pub id: TaskId,
     /// Its environment.
     pub env: Environment,
+    /// Whose code it is.
+    pub tenant: Tenant,
     /// Its time limit (zero: none).
     pub timeout: Duration,
     /// Extra time before the pool kills the worker, for workers that enforce the limit themselves
@@ -123,6 +141,8 @@ enum State {
 #[derive(Debug)]
 struct Worker {
     env: Environment,
+    /// The tenant it runs code for; `None` for a prewarmed worker not used yet.
+    tenant: Option<Tenant>,
     state: State,
     spawned: Instant,
     last_used: Instant,
@@ -135,7 +155,7 @@ struct Worker {
 
 #[derive(Debug)]
 struct Task {
-    env: Environment,
+    lane: Lane,
     timeout: Duration,
     grace: Duration,
     queued_at: Instant,
@@ -185,7 +205,7 @@ pub struct Pool {
     prewarm: Vec<(Environment, usize)>,
     workers: BTreeMap<WorkerId, Worker>,
     next_worker: WorkerId,
-    queues: BTreeMap<Environment, VecDeque<TaskId>>,
+    queues: BTreeMap<Lane, VecDeque<TaskId>>,
     tasks: HashMap<TaskId, Task>,
     cold_ms: HashMap<Environment, f64>,
     actions: Vec<Action>,
@@ -230,8 +250,12 @@ impl Pool {
         if self.tasks.contains_key(&q.id) {
             return;
         }
+        let lane = Lane {
+            env: q.env,
+            tenant: q.tenant,
+        };
         self.queues
-            .entry(q.env.clone())
+            .entry(lane.clone())
             .or_default()
             .push_back(q.id.clone());
         self.actions.push(Action::Phase {
@@ -241,7 +265,7 @@ impl Pool {
         self.tasks.insert(
             q.id,
             Task {
-                env: q.env,
+                lane,
                 timeout: q.timeout,
                 grace: q.grace,
                 queued_at: now,
@@ -277,6 +301,26 @@ impl Pool {
         let Some(pos) = w.outstanding.iter().position(|t| t == task) else {
             return false;
         };
+        if pos != 0 {
+            // Only the running task may be answered. Another answer is forged (user code
+            // writing to the protocol pipe) or comes from a broken worker: stop it.
+            let front = w.outstanding.front().cloned();
+            self.kill_running(worker, Stop::Recycle);
+            if let Some(front) = front
+                && self.tasks.remove(&front).is_some_and(|t| !t.cancelled)
+            {
+                self.actions.push(Action::Finish {
+                    task: front,
+                    outcome: Outcome::failed(
+                        FailureKind::WorkerLost,
+                        "the worker answered for a task other than the one it was running (a \
+                         task writing to the worker's protocol pipe?); it was stopped",
+                    ),
+                });
+            }
+            self.schedule(now);
+            return false;
+        }
         w.outstanding.remove(pos);
         w.front_since = now;
         w.runs += 1;
@@ -320,7 +364,7 @@ impl Pool {
                 rest.push_front(front);
             }
         }
-        self.requeue(&w.env, rest);
+        self.requeue(rest);
         self.schedule(now);
     }
 
@@ -328,7 +372,6 @@ impl Pool {
     /// every task waiting for the environment would wait forever, so they fail now with the
     /// reason, unless a worker of it did start.
     fn start_failed(&mut self, env: &Environment, reason: &str) {
-        let waiting = self.queues.remove(env).unwrap_or_default();
         // Only a worker that did start proves the environment works; other starting ones
         // would most likely fail the same way.
         let others_alive = self
@@ -336,9 +379,18 @@ impl Pool {
             .values()
             .any(|o| o.env == *env && !o.stopping && o.state != State::Starting);
         if others_alive {
-            self.queues.insert(env.clone(), waiting);
             return;
         }
+        let lanes: Vec<Lane> = self
+            .queues
+            .keys()
+            .filter(|l| l.env == *env)
+            .cloned()
+            .collect();
+        let waiting: Vec<TaskId> = lanes
+            .iter()
+            .flat_map(|l| self.queues.remove(l).unwrap_or_default())
+            .collect();
         for id in waiting {
             self.tasks.remove(&id);
             self.actions.push(Action::Finish {
@@ -358,7 +410,7 @@ impl Pool {
         };
         match t.worker {
             None => {
-                if let Some(q) = self.queues.get_mut(&t.env) {
+                if let Some(q) = self.queues.get_mut(&t.lane) {
                     q.retain(|x| x != task);
                 }
                 self.tasks.remove(task);
@@ -445,17 +497,17 @@ impl Pool {
         }
         if self.strategy != Strategy::Cold {
             let keep: HashMap<Environment, usize> = self.prewarm.iter().cloned().collect();
-            let mut idle: Vec<(WorkerId, Instant, Environment)> = self
+            let mut idle: Vec<(WorkerId, Instant, Environment, bool)> = self
                 .workers
                 .iter()
                 .filter(|(_, w)| w.state == State::Idle && !w.stopping)
                 .filter(|(_, w)| now >= w.last_used + self.idle_timeout)
-                .map(|(id, w)| (*id, w.last_used, w.env.clone()))
+                .map(|(id, w)| (*id, w.last_used, w.env.clone(), w.tenant.is_some()))
                 .collect();
-            idle.sort_by_key(|(_, at, _)| *at);
-            for (id, _, env) in idle {
-                let alive = self.alive(&env);
-                if alive > keep.get(&env).copied().unwrap_or(0) {
+            idle.sort_by_key(|(_, at, _, _)| *at);
+            // Prewarming keeps unbound spares; a bound worker idles out like any other.
+            for (id, _, env, bound) in idle {
+                if bound || self.spares(&env) > keep.get(&env).copied().unwrap_or(0) {
                     self.stop(id, Stop::Idle);
                 }
             }
@@ -482,9 +534,9 @@ impl Pool {
                 State::Busy => e.busy += 1,
             }
         }
-        for (env, q) in &self.queues {
+        for (lane, q) in &self.queues {
             if !q.is_empty() {
-                envs.entry(env.clone()).or_default().queued += q.len();
+                envs.entry(lane.env.clone()).or_default().queued += q.len();
             }
         }
         for (env, ms) in &self.cold_ms {
@@ -499,15 +551,24 @@ impl Pool {
         }
     }
 
-    fn alive(&self, env: &Environment) -> usize {
+    /// Live workers that can take `lane`'s tasks.
+    fn alive(&self, lane: &Lane) -> usize {
         self.workers
             .values()
-            .filter(|w| &w.env == env && !w.stopping)
+            .filter(|w| serves(w, lane) && !w.stopping)
             .count()
     }
 
-    fn requeue(&mut self, env: &Environment, tasks: VecDeque<TaskId>) {
-        let q = self.queues.entry(env.clone()).or_default();
+    /// Live prewarmed workers of `env` not bound to a tenant yet.
+    fn spares(&self, env: &Environment) -> usize {
+        self.workers
+            .values()
+            .filter(|w| &w.env == env && w.tenant.is_none() && !w.stopping)
+            .count()
+    }
+
+    /// Puts tasks back at the front of their queues, in order.
+    fn requeue(&mut self, tasks: VecDeque<TaskId>) {
         for id in tasks.into_iter().rev() {
             if let Some(t) = self.tasks.get_mut(&id) {
                 if t.cancelled {
@@ -515,7 +576,10 @@ impl Pool {
                     continue;
                 }
                 t.worker = None;
-                q.push_front(id);
+                self.queues
+                    .entry(t.lane.clone())
+                    .or_default()
+                    .push_front(id);
             }
         }
     }
@@ -525,9 +589,8 @@ impl Pool {
         if let Some(w) = self.workers.get_mut(&worker) {
             let mut rest = std::mem::take(&mut w.outstanding);
             rest.pop_front();
-            let env = w.env.clone();
             self.stop(worker, why);
-            self.requeue(&env, rest);
+            self.requeue(rest);
         }
     }
 
@@ -548,25 +611,26 @@ impl Pool {
         total < self.max_workers && (!env.is_container() || containers < self.container_cap)
     }
 
-    /// The least recently used idle worker that could make room for `env`.
-    fn victim(&self, env: &Environment) -> Option<WorkerId> {
+    /// The least recently used idle worker that could make room for `lane`.
+    fn victim(&self, lane: &Lane) -> Option<WorkerId> {
         let live = self.workers.values().filter(|w| !w.stopping).count();
         self.workers
             .iter()
-            .filter(|(_, w)| w.state == State::Idle && !w.stopping && &w.env != env)
+            .filter(|(_, w)| w.state == State::Idle && !w.stopping && !serves(w, lane))
             // Evicting a host worker frees no container slot; it only helps under max_workers.
             .filter(|(_, w)| w.env.is_container() || live >= self.max_workers)
             .min_by_key(|(_, w)| w.last_used)
             .map(|(id, _)| *id)
     }
 
-    fn spawn(&mut self, env: &Environment, now: Instant) {
+    fn spawn(&mut self, env: &Environment, tenant: Option<Tenant>, now: Instant) {
         let id = self.next_worker;
         self.next_worker += 1;
         self.workers.insert(
             id,
             Worker {
                 env: env.clone(),
+                tenant,
                 state: State::Starting,
                 spawned: now,
                 last_used: now,
@@ -583,30 +647,31 @@ impl Pool {
     }
 
     fn schedule(&mut self, now: Instant) {
-        // Oldest waiting task first, across environments.
-        let mut envs: Vec<(Instant, Environment)> = self
+        // Oldest waiting task first, across lanes.
+        let mut lanes: Vec<(Instant, Lane)> = self
             .queues
             .iter()
-            .filter_map(|(env, q)| {
+            .filter_map(|(lane, q)| {
                 q.front()
                     .and_then(|id| self.tasks.get(id))
-                    .map(|t| (t.queued_at, env.clone()))
+                    .map(|t| (t.queued_at, lane.clone()))
             })
             .collect();
-        envs.sort();
-        for (_, env) in envs {
-            self.assign(&env, now);
+        lanes.sort();
+        for (_, lane) in lanes {
+            let env = lane.env.clone();
+            self.assign(&lane, now);
             // Start workers for what is still waiting, beyond those already starting.
             let starting = self
                 .workers
                 .values()
-                .filter(|w| w.env == env && w.state == State::Starting && !w.stopping)
+                .filter(|w| serves(w, &lane) && w.state == State::Starting && !w.stopping)
                 .count();
-            let waiting = self.queues.get(&env).map_or(0, VecDeque::len);
+            let waiting = self.queues.get(&lane).map_or(0, VecDeque::len);
             let busy = self
                 .workers
                 .values()
-                .filter(|w| w.env == env && w.state == State::Busy && !w.stopping)
+                .filter(|w| serves(w, &lane) && w.state == State::Busy && !w.stopping)
                 .count();
             // Each busy worker will take one waiting task when it is done; start more only for
             // the rest, or once the oldest task has waited longer than a cold start would take
@@ -621,7 +686,7 @@ impl Pool {
                     });
                 let oldest = self
                     .queues
-                    .get(&env)
+                    .get(&lane)
                     .and_then(|q| q.front())
                     .and_then(|id| self.tasks.get(id))
                     .map(|t| t.queued_at);
@@ -631,13 +696,13 @@ impl Pool {
             }
             // Evict only to give an environment its first worker: one that already has workers
             // waits for them rather than cold-start another in someone else's place.
-            let present = self.alive(&env) > 0;
+            let present = self.alive(&lane) > 0;
             while needed > 0 {
                 if !self.room_for(&env) {
                     if present {
                         break;
                     }
-                    match self.victim(&env) {
+                    match self.victim(&lane) {
                         Some(v) => self.stop(v, Stop::Evicted),
                         None => break,
                     }
@@ -645,16 +710,16 @@ impl Pool {
                         continue;
                     }
                 }
-                self.spawn(&env, now);
+                self.spawn(&env, Some(lane.tenant.clone()), now);
                 needed -= 1;
             }
             // Mark the tasks that wait for a starting worker: their cold start.
             let starting = self
                 .workers
                 .values()
-                .filter(|w| w.env == env && w.state == State::Starting && !w.stopping)
+                .filter(|w| serves(w, &lane) && w.state == State::Starting && !w.stopping)
                 .count();
-            if let Some(q) = self.queues.get(&env) {
+            if let Some(q) = self.queues.get(&lane) {
                 for id in q.iter().take(starting) {
                     self.actions.push(Action::Phase {
                         task: id.clone(),
@@ -665,26 +730,29 @@ impl Pool {
         }
         // Keep prewarmed environments stocked.
         for (env, n) in self.prewarm.clone() {
-            while self.alive(&env) < n && self.room_for(&env) {
-                self.spawn(&env, now);
+            while self.spares(&env) < n && self.room_for(&env) {
+                self.spawn(&env, None, now);
             }
         }
     }
 
-    fn assign(&mut self, env: &Environment, now: Instant) {
-        let idle: Vec<WorkerId> = self
+    fn assign(&mut self, lane: &Lane, now: Instant) {
+        // Workers already bound to the tenant first, so that spares stay spare.
+        let mut idle: Vec<(bool, WorkerId)> = self
             .workers
             .iter()
-            .filter(|(_, w)| &w.env == env && w.state == State::Idle && !w.stopping)
-            .map(|(id, _)| *id)
+            .filter(|(_, w)| serves(w, lane) && w.state == State::Idle && !w.stopping)
+            .map(|(id, w)| (w.tenant.is_none(), *id))
             .collect();
-        // Workers still starting for this environment will take their share when ready.
+        idle.sort();
+        let idle: Vec<WorkerId> = idle.into_iter().map(|(_, id)| id).collect();
+        // Workers still starting for this lane will take their share when ready.
         let starting = self
             .workers
             .values()
-            .filter(|w| &w.env == env && w.state == State::Starting && !w.stopping)
+            .filter(|w| serves(w, lane) && w.state == State::Starting && !w.stopping)
             .count();
-        let Some(queue) = self.queues.get_mut(env) else {
+        let Some(queue) = self.queues.get_mut(lane) else {
             return;
         };
         let mut left = idle.len() + starting;
@@ -708,6 +776,7 @@ impl Pool {
                     .tasks
                     .get(first)
                     .is_some_and(|t| t.queued_at <= w.spawned);
+            w.tenant = Some(lane.tenant.clone());
             w.state = State::Busy;
             w.front_since = now;
             w.last_used = now;
@@ -724,9 +793,15 @@ impl Pool {
             });
         }
         if queue.is_empty() {
-            self.queues.remove(env);
+            self.queues.remove(lane);
         }
     }
+}
+
+/// Whether `w` may run `lane`'s tasks: same environment, and bound to the same tenant or not yet
+/// bound.
+fn serves(w: &Worker, lane: &Lane) -> bool {
+    w.env == lane.env && w.tenant.as_ref().is_none_or(|t| *t == lane.tenant)
 }
 
 #[cfg(test)]
@@ -749,6 +824,7 @@ mod tests {
         Queued {
             id: TaskId::try_from(format!("{n:032x}")).unwrap(),
             env: env.clone(),
+            tenant: "inst-a".into(),
             timeout: Duration::from_secs(5),
             grace: Duration::ZERO,
         }
@@ -994,10 +1070,6 @@ mod tests {
             worker: w,
             tasks: vec![task_id(1)]
         }));
-        assert!(
-            !p.result(w, &task_id(1), false, t0),
-            "a skipped task's answer does not count"
-        );
         assert!(p.cancel(&task_id(0), t0));
         let a = p.actions();
         assert!(a.contains(&Action::Kill {
@@ -1005,6 +1077,91 @@ mod tests {
             why: Stop::Cancelled
         }));
         assert!(!p.cancel(&task_id(0), t0), "already gone");
+        assert!(
+            !p.result(w, &task_id(1), false, t0),
+            "a skipped task's answer does not count"
+        );
+    }
+
+    /// Issue 17: user code that writes to the protocol pipe answers for a later task of its
+    /// worker's batch. The pool takes answers only for the task the worker is running.
+    #[test]
+    fn an_answer_for_a_task_the_worker_is_not_running_is_refused_and_stops_it() {
+        let t0 = Instant::now();
+        let host = Environment::host();
+        let mut p = Pool::new(&config(Strategy::Warm, 1));
+        p.submit(task(0, &host), t0);
+        p.submit(task(1, &host), t0);
+        let w = spawned(&p.actions())[0];
+        p.ready(w, t0);
+        let a = p.actions();
+        assert!(a.contains(&Action::Send {
+            worker: w,
+            tasks: vec![task_id(0), task_id(1)],
+            cold: true
+        }));
+        assert!(!p.result(w, &task_id(1), false, t0), "forged");
+        let a = p.actions();
+        assert!(a.contains(&Action::Kill {
+            worker: w,
+            why: Stop::Recycle
+        }));
+        assert!(a.iter().any(|x| matches!(x, Action::Finish { task, outcome: Outcome::Failed { error, .. } } if *task == task_id(0) && error.kind == FailureKind::WorkerLost)));
+        assert!(p.has(&task_id(1)), "the forged task is requeued, to run for real");
+        assert!(!p.result(w, &task_id(0), false, t0), "the stopped worker counts no more");
+    }
+
+    /// Issue 17: a worker runs one institution's code only; a prewarmed spare is bound to the
+    /// first institution that uses it and replaced.
+    #[test]
+    fn workers_are_never_shared_between_institutions() {
+        let t0 = Instant::now();
+        let host = Environment::host();
+        let mut p = Pool::new(&config(Strategy::Prewarm, 4));
+        p.tick(t0);
+        let spare = spawned(&p.actions())[0];
+        p.ready(spare, t0);
+        p.actions();
+        let t1 = t0 + Duration::from_secs(1);
+        let mut a_task = task(0, &host);
+        a_task.tenant = "inst-a".into();
+        p.submit(a_task, t1);
+        let a = p.actions();
+        assert!(a.contains(&Action::Send {
+            worker: spare,
+            tasks: vec![task_id(0)],
+            cold: false
+        }));
+        let replacement = spawned(&a);
+        assert_eq!(replacement.len(), 1, "a new spare replaces the bound one: {a:?}");
+        assert!(p.result(spare, &task_id(0), false, t1));
+        p.actions();
+        // inst-b's task does not go to inst-a's idle worker: the spare takes it.
+        let mut b_task = task(1, &host);
+        b_task.tenant = "inst-b".into();
+        p.submit(b_task, t1);
+        let a = p.actions();
+        assert!(
+            !a.iter().any(|x| matches!(x, Action::Send { worker, .. } if *worker == spare)),
+            "{a:?}"
+        );
+        p.ready(replacement[0], t1);
+        let a = p.actions();
+        assert!(
+            a.iter().any(|x| matches!(x, Action::Send { worker, tasks, .. }
+                if *worker == replacement[0] && *tasks == vec![task_id(1)])),
+            "{a:?}"
+        );
+        // inst-a's next task reuses its own warm worker.
+        let mut again = task(2, &host);
+        again.tenant = "inst-a".into();
+        p.submit(again, t1);
+        let a = p.actions();
+        assert!(a.contains(&Action::Send {
+            worker: spare,
+            tasks: vec![task_id(2)],
+            cold: false
+        }), "{a:?}");
     }
 
     #[test]

@@ -107,7 +107,12 @@ impl Server {
                     let (ep, _) = &self.endpoints[&name];
                     let (idx, subs): (Vec<usize>, Vec<crate::Submission>) =
                         items.into_iter().unzip();
-                    match ep.submit(&peer.to_string(), subs).await {
+                    // Workers are per institution; a coordinator (no institution) is its own.
+                    let tenant = from
+                        .institution
+                        .clone()
+                        .unwrap_or_else(|| format!("peer:{peer}"));
+                    match ep.submit(&peer.to_string(), &tenant, subs).await {
                         Ok(results) => {
                             for (i, r) in idx.into_iter().zip(results) {
                                 answers[i] = Some(match r {
