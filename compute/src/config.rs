@@ -19,6 +19,19 @@ pub enum Strategy {
     Prewarm,
 }
 
+/// Whom host workers run as.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HostUser {
+    /// A fresh unprivileged uid per worker (no account needed), in a scratch directory outside
+    /// the data dir with a cleared environment, when the node runs as root; the node's own
+    /// user otherwise.
+    #[default]
+    Auto,
+    /// Always the node's own user (for functions that need its files or software).
+    Node,
+}
+
 /// One endpoint's settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -67,6 +80,12 @@ pub struct EndpointConfig {
     pub python: String,
     /// Runtimes offered (`host`, `docker`, `podman`, `apptainer`).
     pub runtimes: Vec<String>,
+    /// Whom host workers run as.
+    pub host_user: HostUser,
+    /// Whether tasks of other institutions may run on the `host` runtime when host workers
+    /// run as the node's own user (they could read its key, its API token and its store).
+    /// Without isolation and without this, such tasks are refused.
+    pub foreign_host_tasks: bool,
 }
 
 impl Default for EndpointConfig {
@@ -90,6 +109,8 @@ impl Default for EndpointConfig {
             max_queued: 100_000,
             python: "python3".into(),
             runtimes: vec!["host".into()],
+            host_user: HostUser::Auto,
+            foreign_host_tasks: false,
         }
     }
 }

@@ -23,6 +23,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::EndpointConfig;
 use crate::environment::{self, Environment, Runtime};
+use crate::isolation::HostIsolation;
 use crate::pool::{Action, Load, Pool, Queued, WorkerId};
 use crate::protocol::{self, ToWorker, WorkerResult, WorkerTask};
 use crate::task::{
@@ -81,6 +82,7 @@ enum Cmd {
 pub struct Endpoint {
     name: String,
     max_queued: usize,
+    foreign_host_refused: bool,
     tx: mpsc::Sender<Cmd>,
     load: tokio::sync::watch::Receiver<Load>,
 }
@@ -139,6 +141,19 @@ impl Endpoint {
         })?;
         let mut config = config;
         config.python = resolve_python(&config.python).await;
+        let isolation = {
+            let config = config.clone();
+            tokio::task::spawn_blocking(move || HostIsolation::prepare(&config, WORKER_PY))
+                .await
+                .map_err(|e| Error::WorkDir {
+                    path: std::env::temp_dir(),
+                    source: std::io::Error::other(e),
+                })?
+                .map_err(|source| Error::WorkDir {
+                    path: std::env::temp_dir(),
+                    source,
+                })?
+        };
         let label = format!("funcmesh.endpoint={label}.{}", config.name);
         for runtime in [Runtime::Docker, Runtime::Podman] {
             if config.runtimes.iter().any(|r| r == runtime.as_str()) {
@@ -155,6 +170,7 @@ impl Endpoint {
             store,
             worker_py,
             work_dir,
+            isolation,
             label,
             live: HashMap::new(),
             workers: HashMap::new(),
@@ -176,6 +192,8 @@ impl Endpoint {
         tracker.spawn(driver.run(rx, reports_rx, cancel));
         Ok((
             Endpoint {
+                foreign_host_refused: !crate::isolation::available(&config)
+                    && !config.foreign_host_tasks,
                 max_queued: config.max_queued,
                 name: config.name,
                 tx,
@@ -183,6 +201,12 @@ impl Endpoint {
             },
             results_rx,
         ))
+    }
+
+    /// Whether it refuses host tasks of other institutions: its host workers run as the node's
+    /// own user and the operator did not set `foreign_host_tasks`.
+    pub fn refuses_foreign_host_tasks(&self) -> bool {
+        self.foreign_host_refused
     }
 
     /// Most unfinished tasks it holds ([`EndpointConfig::max_queued`]).
@@ -347,6 +371,8 @@ struct Driver {
     pool: Pool,
     worker_py: PathBuf,
     work_dir: PathBuf,
+    /// Where and as whom isolated host workers run (`None`: as the node, in `work_dir`).
+    isolation: Option<HostIsolation>,
     label: String,
     live: HashMap<TaskId, Live>,
     workers: HashMap<WorkerId, WorkerHandle>,
@@ -1059,10 +1085,30 @@ impl Driver {
             self.label.split_once('=').map_or("", |p| p.0).to_owned(),
             self.label.split_once('=').map_or("", |p| p.1).to_owned(),
         )];
+        let isolated = self.isolation.as_ref().filter(|_| !env.is_container());
+        let scratch = isolated.and_then(|iso| match iso.scratch(worker) {
+            Ok(dir) => Some((iso, dir)),
+            Err(e) => {
+                tracing::warn!(endpoint = %self.config.name, error = %e, "cannot make a worker's scratch dir");
+                None
+            }
+        });
+        if isolated.is_some() && scratch.is_none() {
+            // Never fall back to running as the node.
+            let _ = self.reports_tx.try_send(Report::Exited(
+                worker,
+                "cannot prepare the worker's isolated scratch directory".into(),
+            ));
+            return;
+        }
         let (program, args) = environment::worker_command(
             env,
-            &self.config.python,
-            &self.worker_py,
+            scratch
+                .as_ref()
+                .map_or(&self.config.python, |(iso, _)| &iso.python),
+            scratch
+                .as_ref()
+                .map_or(&self.worker_py, |(iso, _)| &iso.worker_py),
             crate::shell_worker::program(),
             &name,
             &labels,
@@ -1078,7 +1124,10 @@ impl Driver {
             program,
             args,
             container: env.is_container().then(|| name.clone()),
-            cwd: self.work_dir.clone(),
+            cwd: scratch
+                .as_ref()
+                .map_or_else(|| self.work_dir.clone(), |(_, dir)| dir.clone()),
+            run_as: scratch.as_ref().map(|(iso, _)| iso.uid(worker)),
             frame_limit: (self.config.result_limit as usize + (1 << 20)).max(protocol::MAX_FRAME),
             kill: kill.clone(),
         };

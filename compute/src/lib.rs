@@ -19,6 +19,7 @@ pub mod access;
 pub mod config;
 mod endpoint;
 pub mod environment;
+mod isolation;
 pub mod metrics;
 pub mod pool;
 pub mod protocol;

@@ -1107,8 +1107,14 @@ mod tests {
             why: Stop::Recycle
         }));
         assert!(a.iter().any(|x| matches!(x, Action::Finish { task, outcome: Outcome::Failed { error, .. } } if *task == task_id(0) && error.kind == FailureKind::WorkerLost)));
-        assert!(p.has(&task_id(1)), "the forged task is requeued, to run for real");
-        assert!(!p.result(w, &task_id(0), false, t0), "the stopped worker counts no more");
+        assert!(
+            p.has(&task_id(1)),
+            "the forged task is requeued, to run for real"
+        );
+        assert!(
+            !p.result(w, &task_id(0), false, t0),
+            "the stopped worker counts no more"
+        );
     }
 
     /// Issue 17: a worker runs one institution's code only; a prewarmed spare is bound to the
@@ -1133,7 +1139,11 @@ mod tests {
             cold: false
         }));
         let replacement = spawned(&a);
-        assert_eq!(replacement.len(), 1, "a new spare replaces the bound one: {a:?}");
+        assert_eq!(
+            replacement.len(),
+            1,
+            "a new spare replaces the bound one: {a:?}"
+        );
         assert!(p.result(spare, &task_id(0), false, t1));
         p.actions();
         // inst-b's task does not go to inst-a's idle worker: the spare takes it.
@@ -1142,13 +1152,15 @@ mod tests {
         p.submit(b_task, t1);
         let a = p.actions();
         assert!(
-            !a.iter().any(|x| matches!(x, Action::Send { worker, .. } if *worker == spare)),
+            !a.iter()
+                .any(|x| matches!(x, Action::Send { worker, .. } if *worker == spare)),
             "{a:?}"
         );
         p.ready(replacement[0], t1);
         let a = p.actions();
         assert!(
-            a.iter().any(|x| matches!(x, Action::Send { worker, tasks, .. }
+            a.iter()
+                .any(|x| matches!(x, Action::Send { worker, tasks, .. }
                 if *worker == replacement[0] && *tasks == vec![task_id(1)])),
             "{a:?}"
         );
@@ -1157,11 +1169,14 @@ mod tests {
         again.tenant = "inst-a".into();
         p.submit(again, t1);
         let a = p.actions();
-        assert!(a.contains(&Action::Send {
-            worker: spare,
-            tasks: vec![task_id(2)],
-            cold: false
-        }), "{a:?}");
+        assert!(
+            a.contains(&Action::Send {
+                worker: spare,
+                tasks: vec![task_id(2)],
+                cold: false
+            }),
+            "{a:?}"
+        );
     }
 
     #[test]

@@ -55,6 +55,23 @@ impl Server {
                                 t.endpoint
                             )))
                         }
+                        Some((ep, _))
+                            if ep.refuses_foreign_host_tasks()
+                                && from.institution != self.own.institution
+                                && crate::environment::Environment::of(
+                                    t.function.container.as_ref(),
+                                )
+                                .is_ok_and(|env| !env.is_container()) =>
+                        {
+                            answers[i] = Some(Answer::Refused(format!(
+                                "endpoint `{}` runs host tasks as its node's own user, so it \
+                                 takes host tasks from its own institution only: run the \
+                                 function in a container, or ask the operator to run the node \
+                                 as root (each worker then gets a uid of its own) or to set \
+                                 foreign_host_tasks = true",
+                                t.endpoint
+                            )))
+                        }
                         Some((_, policy)) => match self.admit(from, peer, *policy, &t, &tokens) {
                             Ok(()) => {
                                 tracing::debug!(task = %t.id, %peer, endpoint = %t.endpoint, "task taken");

@@ -30,6 +30,9 @@ pub(crate) struct Launch {
     pub(crate) args: Vec<String>,
     pub(crate) container: Option<String>,
     pub(crate) cwd: std::path::PathBuf,
+    /// Run as this uid (and gid), with a cleared environment, in `cwd` (the worker's own scratch
+    /// directory, removed when it exits).
+    pub(crate) run_as: Option<u32>,
     pub(crate) frame_limit: usize,
     pub(crate) kill: tokio_util::sync::CancellationToken,
 }
@@ -46,6 +49,10 @@ pub(crate) async fn run(
     let reason = drive(&launch, &mut orders, &reports).await;
     if let Some(name) = &launch.container {
         stop_container(launch.env.runtime, name).await;
+    }
+    if launch.run_as.is_some() {
+        let scratch = launch.cwd.clone();
+        let _ = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(scratch)).await;
     }
     let _ = reports.send(Report::Exited(id, reason)).await;
 }
@@ -67,6 +74,17 @@ async fn drive(
     let host = launch.container.is_none();
     if host {
         new_session(&mut command);
+    }
+    if let Some(uid) = launch.run_as {
+        // Nothing of the node's environment (tokens, paths to its data) reaches the task.
+        command
+            .env_clear()
+            .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+            .env("HOME", &launch.cwd)
+            .env("TMPDIR", &launch.cwd)
+            .env("LANG", "C.UTF-8")
+            .uid(uid)
+            .gid(uid);
     }
     let mut child = match command.spawn() {
         Ok(c) => c,

@@ -863,7 +863,12 @@ fn decode_peer_key(b64: &str, what: &str) -> Result<PublicKey, Refusal> {
 impl Receipt {
     /// Signs a receipt for `joining` as the coordinator whose proof is `own` and whose node key
     /// is `keypair`. `None` when `own` is not a coordinator's proof.
-    pub fn issue(own: &Proof, keypair: &Keypair, joining: &Joining, now: UnixTime) -> Option<Receipt> {
+    pub fn issue(
+        own: &Proof,
+        keypair: &Keypair,
+        joining: &Joining,
+        now: UnixTime,
+    ) -> Option<Receipt> {
         let Proof::Coordinator { cert } = own else {
             return None;
         };
@@ -942,10 +947,7 @@ impl Receipt {
         {
             return Err(forged());
         }
-        if body.federation != federation.id
-            || body.invite != invite
-            || body.binding != binding
-        {
+        if body.federation != federation.id || body.invite != invite || body.binding != binding {
             return Err(Refusal::Malformed {
                 what: "receipt".into(),
                 reason: "it was issued for another binding".into(),
@@ -1273,8 +1275,7 @@ impl Proof {
         else {
             return Err(Refusal::Malformed {
                 what: "proof".into(),
-                reason: "a coordinator does not join; it is certified by the federation key"
-                    .into(),
+                reason: "a coordinator does not join; it is certified by the federation key".into(),
             });
         };
         let bound = Proof::check_binding(
@@ -1475,7 +1476,10 @@ mod tests {
             w.admit(old.clone(), &node, NOW + JOIN_WINDOW.as_secs() + 60),
             Err(Refusal::Stale { .. })
         ));
-        assert!(w.admit(old, &node, NOW + 60).is_ok(), "fresh, it is admitted");
+        assert!(
+            w.admit(old, &node, NOW + 60).is_ok(),
+            "fresh, it is admitted"
+        );
     }
 
     /// The attack of issue 17: everything a member publishes (its proof) rebuilt into an invite.
@@ -1525,13 +1529,19 @@ mod tests {
         );
         let receipt = Receipt::issue(&fake_cert, &impostor, &joining, NOW).unwrap();
         assert!(matches!(
-            proof.clone().with_receipt(receipt).verify(&w.fed, &peer, NOW),
+            proof
+                .clone()
+                .with_receipt(receipt)
+                .verify(&w.fed, &peer, NOW),
             Err(Refusal::BadSignature { .. })
         ));
         // A real certificate, signed by another key than the coordinator's.
         let receipt = Receipt::issue(&w.coordinator_proof, &impostor, &joining, NOW).unwrap();
         assert!(matches!(
-            proof.clone().with_receipt(receipt).verify(&w.fed, &peer, NOW),
+            proof
+                .clone()
+                .with_receipt(receipt)
+                .verify(&w.fed, &peer, NOW),
             Err(Refusal::BadSignature { .. })
         ));
         // A real receipt for another binding of the same node.
@@ -1539,7 +1549,13 @@ mod tests {
         let other_joining = other.verify_joining(&w.fed, &peer, NOW + 1).unwrap();
         let receipt =
             Receipt::issue(&w.coordinator_proof, &w.coordinator, &other_joining, NOW).unwrap();
-        assert!(proof.clone().with_receipt(receipt).verify(&w.fed, &peer, NOW).is_err());
+        assert!(
+            proof
+                .clone()
+                .with_receipt(receipt)
+                .verify(&w.fed, &peer, NOW)
+                .is_err()
+        );
         // Members do not issue receipts.
         let (member, member_proof) = w.member(Role::Endpoint);
         assert!(Receipt::issue(&member_proof, &member, &joining, NOW).is_none());
@@ -1633,7 +1649,11 @@ mod tests {
         let mut i = invite.clone();
         i.tamper();
         assert!(rebuild(&i, &binding).verify(&w.fed, &peer, NOW).is_err());
-        assert!(rebuild(&invite, &binding).verify(&w.fed, &peer, NOW).is_ok());
+        assert!(
+            rebuild(&invite, &binding)
+                .verify(&w.fed, &peer, NOW)
+                .is_ok()
+        );
     }
 
     #[test]

@@ -409,7 +409,11 @@ impl Handle {
 
     /// For a node still joining: dials the coordinator at `addr` and waits until it admits this
     /// node. Returns the proof with the coordinator's receipt, which the node stores.
-    pub async fn join_as_new(&self, addr: Multiaddr, timeout: Duration) -> Result<Proof, JoinError> {
+    pub async fn join_as_new(
+        &self,
+        addr: Multiaddr,
+        timeout: Duration,
+    ) -> Result<Proof, JoinError> {
         match self.join_inner(addr, timeout).await? {
             (_, Some(proof)) => Ok(proof),
             (member, None) => Err(JoinError::Refused {

@@ -178,7 +178,12 @@ fn document() -> anyhow::Result<()> {
     let keypair = mesh::Keypair::generate_ed25519();
     let (_, joining) = Proof::bind(&invite, &keypair, now)?;
     let coordinator = mesh::Keypair::generate_ed25519();
-    let cert = Proof::coordinator(&federation, &fed_key, coordinator.public().to_peer_id(), now);
+    let cert = Proof::coordinator(
+        &federation,
+        &fed_key,
+        coordinator.public().to_peer_id(),
+        now,
+    );
     let admitted = joining.verify_joining(&federation, &keypair.public().to_peer_id(), now)?;
     let receipt = Receipt::issue(&cert, &coordinator, &admitted, now).expect("a coordinator");
     let proof = joining.with_receipt(receipt);

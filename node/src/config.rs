@@ -87,6 +87,12 @@ pub struct EndpointSection {
     pub retention: Duration,
     /// The Python interpreter for host workers.
     pub python: String,
+    /// Whom host workers run as: `auto` (a uid of its own per worker, outside the data dir,
+    /// when the node runs as root; the node's user otherwise) or `node`.
+    pub host_user: compute::config::HostUser,
+    /// Let other institutions' tasks run on `host` even when host workers run as the node's
+    /// own user (they could then read its key, API token and store).
+    pub foreign_host_tasks: bool,
 }
 
 impl EndpointSection {
@@ -110,6 +116,8 @@ impl EndpointSection {
             retention: self.retention,
             python: self.python.clone(),
             runtimes: self.runtimes.clone(),
+            host_user: self.host_user,
+            foreign_host_tasks: self.foreign_host_tasks,
             ..compute::EndpointConfig::default()
         }
     }
@@ -144,6 +152,8 @@ impl Default for EndpointSection {
             output_cap: c.output_cap,
             retention: c.retention,
             python: c.python,
+            host_user: c.host_user,
+            foreign_host_tasks: c.foreign_host_tasks,
         }
     }
 }

@@ -240,9 +240,10 @@ pub async fn join(
     let (federation, joining) =
         Proof::bind(&invite, &keypair, unix_now()).context("cannot use this invite")?;
     let config = Config::resolve(Some(&dir.config()), std::env::vars(), overrides)?;
-    let proof = admitted_by_coordinator(dir, &config, &federation, keypair, joining, &addr, timeout)
-        .await
-        .with_context(|| format!("joining through {addr} failed"))?;
+    let proof =
+        admitted_by_coordinator(dir, &config, &federation, keypair, joining, &addr, timeout)
+            .await
+            .with_context(|| format!("joining through {addr} failed"))?;
     dir.write_membership(&federation, &proof)?;
     let node = Node::start_with(dir, &config, federation.clone(), proof.clone()).await?;
     if let Err(e) = node.mesh().join(addr.clone(), timeout).await {

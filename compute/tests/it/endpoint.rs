@@ -121,7 +121,11 @@ fn config() -> EndpointConfig {
 impl Harness {
     async fn run(&mut self, sub: Submission) -> Record {
         let id = sub.id.clone();
-        let accepted = self.endpoint.submit("peer", vec![sub]).await.unwrap();
+        let accepted = self
+            .endpoint
+            .submit("peer", "inst-a", vec![sub])
+            .await
+            .unwrap();
         assert!(accepted[0].is_ok(), "{accepted:?}");
         self.wait(&id).await
     }
@@ -440,7 +444,11 @@ async fn a_time_limit_over_the_operators_maximum_is_refused() {
     .await;
     let mut greedy = submission(&f("add"), json!([1]), json!({}));
     greedy.timeout_ms = 61_000;
-    let answer = h.endpoint.submit("peer", vec![greedy]).await.unwrap();
+    let answer = h
+        .endpoint
+        .submit("peer", "inst-a", vec![greedy])
+        .await
+        .unwrap();
     let why = answer[0].as_ref().expect_err("refused");
     assert!(why.contains("allows at most 1m"), "{why}");
     let mut fair = submission(&f("add"), json!([1]), json!({}));
@@ -496,7 +504,10 @@ async fn cancel_kills_the_running_task_and_the_next_one_runs() {
     let path = dir.path().join("pid");
     let sub = submission(&f("pid_sleep"), json!([path, 30]), json!({}));
     let id = sub.id.clone();
-    h.endpoint.submit("peer", vec![sub]).await.unwrap();
+    h.endpoint
+        .submit("peer", "inst-a", vec![sub])
+        .await
+        .unwrap();
     // Cancel once it runs.
     h.until_running(&id).await;
     let pid = pid_in(&path).await;
@@ -519,7 +530,7 @@ async fn a_task_cancelled_while_its_batch_runs_is_skipped_by_the_worker() {
     let second = submission(&f("touch"), json!([marker.to_str().unwrap()]), json!({}));
     let (a, b) = (first.id.clone(), second.id.clone());
     h.endpoint
-        .submit("peer", vec![first, second])
+        .submit("peer", "inst-a", vec![first, second])
         .await
         .unwrap();
     // One worker: both tasks are in its batch, the first one sleeping.
@@ -556,7 +567,10 @@ async fn cancelling_a_running_shell_command_kills_the_command_and_its_children()
     let secs = format!("600.{}", rand::random::<u32>());
     let sub = submission(&shell("sleep {0}; echo done"), json!([secs]), json!({}));
     let id = sub.id.clone();
-    h.endpoint.submit("peer", vec![sub]).await.unwrap();
+    h.endpoint
+        .submit("peer", "inst-a", vec![sub])
+        .await
+        .unwrap();
     until("the command to start", || async {
         running(&["sleep", &secs])
     })
@@ -646,6 +660,7 @@ async fn bad_submissions_are_refused_with_the_reason() {
         .endpoint
         .submit(
             "peer",
+            "inst-a",
             vec![
                 tampered,
                 bad_args,
@@ -726,10 +741,13 @@ async fn accepted_tasks_survive_a_restart_and_duplicates_run_once() {
     let running = submission(&f("sleep"), json!([30]), json!({}));
     let queued = submission(&f("add"), json!([41]), json!({}));
     let (rid, qid) = (running.id.clone(), queued.id.clone());
-    h.endpoint.submit("peer", vec![running]).await.unwrap();
+    h.endpoint
+        .submit("peer", "inst-a", vec![running])
+        .await
+        .unwrap();
     h.until_running(&rid).await;
     h.endpoint
-        .submit("peer", vec![queued.clone()])
+        .submit("peer", "inst-a", vec![queued.clone()])
         .await
         .unwrap();
     let (dir, store) = h.stop().await;
@@ -748,14 +766,14 @@ async fn accepted_tasks_survive_a_restart_and_duplicates_run_once() {
     // Submitting the finished task again returns its record and does not run it again.
     let again = h
         .endpoint
-        .submit("peer", vec![queued.clone()])
+        .submit("peer", "inst-a", vec![queued.clone()])
         .await
         .unwrap();
     assert_eq!(again[0].as_ref().unwrap().status, Status::Succeeded);
     // Another submitter presenting the same id gets neither the record nor a new run.
     let other = h
         .endpoint
-        .submit("someone-else", vec![queued])
+        .submit("someone-else", "inst-b", vec![queued])
         .await
         .unwrap();
     assert!(
@@ -790,13 +808,16 @@ async fn a_function_is_stored_once_and_its_queued_tasks_find_it_after_a_restart(
     // One long task occupies the only worker; the others wait in the queue.
     let running = submission(&f("sleep"), json!([30]), json!({}));
     let rid = running.id.clone();
-    h.endpoint.submit("peer", vec![running]).await.unwrap();
+    h.endpoint
+        .submit("peer", "inst-a", vec![running])
+        .await
+        .unwrap();
     h.until_running(&rid).await;
     let queued: Vec<Submission> = (0..20)
         .map(|i| submission(&big, json!([i]), json!({})))
         .collect();
     let ids: Vec<TaskId> = queued.iter().map(|s| s.id.clone()).collect();
-    for a in h.endpoint.submit("peer", queued).await.unwrap() {
+    for a in h.endpoint.submit("peer", "inst-a", queued).await.unwrap() {
         a.unwrap();
     }
     let (dir, store) = h.stop().await;

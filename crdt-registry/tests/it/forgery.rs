@@ -388,7 +388,11 @@ fn an_invite_admits_one_node_the_same_on_every_replica() {
         assert_eq!(peers.len(), 1, "{peers:?}");
         assert_eq!(v.nodes.values().next().unwrap().key, Key::of(&first));
         assert_eq!(v.used_invites.len(), 1);
-        assert_eq!(v.functions.len(), 1, "the second node's function does not count");
+        assert_eq!(
+            v.functions.len(),
+            1,
+            "the second node's function does not count"
+        );
         assert!(
             v.ignored.iter().any(|i| i.reason.contains("used first")),
             "{:?}",

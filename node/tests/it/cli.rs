@@ -632,11 +632,23 @@ fn bad_input_gets_a_one_line_error_and_a_non_zero_exit() {
             "join",
             "/ip4/127.0.0.1/tcp/1",
             "--invite",
-            "fminvite1.eyJnZW5l",
+            "fminvite2.eyJnZW5l",
             "--data-dir",
             p(&x),
         ],
         "truncated",
+    );
+    // An invite of the first format (whose proofs could be reused as invites) says what to do.
+    fails_with(
+        &[
+            "join",
+            "/ip4/127.0.0.1/tcp/1",
+            "--invite",
+            "fminvite1.eyJnZW5l",
+            "--data-dir",
+            p(&x),
+        ],
+        "ask your institution for a new invite",
     );
     fails_with(
         &[

@@ -465,3 +465,125 @@ async fn a_submitter_stores_each_function_once_not_with_every_task() {
     }
     net.shutdown().await;
 }
+
+/// Issue 17's second attack: a task of another institution on the default `host` runtime reads
+/// the node's key, its API token and its store. Host workers now run as a uid of their own, in a
+/// scratch dir outside the data dir, with a cleared environment; an endpoint that cannot isolate
+/// them refuses other institutions' host tasks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_host_task_cannot_read_the_node_key_the_api_token_or_the_store() {
+    if unsafe_free_is_root() {
+        let mut net = Federation::start(2, 1).await.unwrap();
+        // b1's endpoint takes anyone's tasks: no capability needed for this test.
+        net.restart_with(1, |c| {
+            for e in &mut c.endpoint {
+                e.policy = "federation".into();
+            }
+        })
+        .await
+        .unwrap();
+        wait_for("full mesh", Duration::from_secs(10), || {
+            net.fully_connected()
+        })
+        .await
+        .unwrap();
+        let dir = net.node(1).data_dir().clone();
+        let secrets = [
+            dir.node_key(),
+            dir.api(),
+            dir.db().join("CURRENT"),
+            dir.membership(),
+        ];
+        let function = python_on_node0(
+            &net,
+            "probe",
+            "def probe(paths):\n    import os\n    out = {}\n    for p in paths + ['../../node.key', '../../api.json']:\n        try:\n            with open(p, 'rb') as f:\n                f.read(1)\n            out[p] = 'read'\n        except Exception as e:\n            out[p] = type(e).__name__\n    out['uid'] = os.getuid()\n    out['cwd'] = os.getcwd()\n    out['env'] = sorted(os.environ)\n    return out\n",
+        )
+        .await;
+        let endpoint = endpoint_of_node1(&net).await;
+        let paths: Vec<String> = secrets.iter().map(|p| p.display().to_string()).collect();
+        let submitted = net
+            .node(0)
+            .submit(vec![NewTask {
+                function,
+                args: serde_json::json!([paths]),
+                endpoint: Some(endpoint),
+                ..Default::default()
+            }])
+            .await
+            .unwrap();
+        let id = submitted[0].as_ref().unwrap().id.clone();
+        let done = net
+            .node(0)
+            .dispatcher()
+            .wait(vec![id], Duration::from_secs(60))
+            .await
+            .unwrap();
+        let t = done[0].as_ref().unwrap();
+        let Some(compute::task::Outcome::Succeeded { value }) = &t.outcome else {
+            panic!("the probe did not run: {:?}", t.outcome);
+        };
+        for p in &paths {
+            assert_eq!(value[p], "PermissionError", "{p}: {value}");
+        }
+        assert_ne!(value["../../node.key"], "read", "{value}");
+        assert_ne!(value["../../api.json"], "read", "{value}");
+        assert_ne!(value["uid"], 0, "{value}");
+        let cwd = value["cwd"].as_str().unwrap();
+        assert!(!cwd.starts_with(&dir.root().display().to_string()), "{cwd}");
+        let env = value["env"].to_string();
+        assert!(!env.contains("FUNCMESH") && !env.contains("RUST"), "{env}");
+
+        // Without isolation (workers as the node's user), the same task is refused.
+        net.restart_with(1, |c| {
+            for e in &mut c.endpoint {
+                e.policy = "federation".into();
+                e.host_user = compute::config::HostUser::Node;
+            }
+        })
+        .await
+        .unwrap();
+        wait_for("full mesh", Duration::from_secs(10), || {
+            net.fully_connected()
+        })
+        .await
+        .unwrap();
+        let function = python_on_node0(&net, "noop", "def noop():\n    return 1\n").await;
+        let endpoint = endpoint_of_node1(&net).await;
+        let refused = net
+            .node(0)
+            .submit(vec![NewTask {
+                function,
+                endpoint: Some(endpoint),
+                ..Default::default()
+            }])
+            .await
+            .unwrap();
+        let id = refused[0].as_ref().unwrap().id.clone();
+        let done = net
+            .node(0)
+            .dispatcher()
+            .wait(vec![id], Duration::from_secs(60))
+            .await
+            .unwrap();
+        let t = done[0].as_ref().unwrap();
+        let text = format!("{:?}", t.outcome);
+        assert!(text.contains("own institution only"), "{text}");
+        net.shutdown().await;
+    } else {
+        eprintln!(
+            "not root: workers cannot get a uid of their own; the refusal is tested by compute's endpoint tests"
+        );
+    }
+}
+
+fn unsafe_free_is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
