@@ -116,6 +116,23 @@ impl Default for EndpointConfig {
 }
 
 impl EndpointConfig {
+    /// Whether host workers run isolated on this machine: `host_user = "auto"` and the node
+    /// runs as root.
+    #[allow(unsafe_code)]
+    pub fn isolates_host_workers(&self) -> bool {
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        self.host_user == HostUser::Auto && unsafe { libc::geteuid() } == 0
+    }
+
+    /// What `funcmesh endpoint show` says about host isolation.
+    pub fn host_isolation(&self) -> &'static str {
+        match (self.isolates_host_workers(), self.foreign_host_tasks) {
+            (true, _) => "uid",
+            (false, false) => "node-user",
+            (false, true) => "node-user, foreign tasks allowed",
+        }
+    }
+
     /// Checks the values, naming the first bad one.
     pub fn validate(&self) -> Result<(), String> {
         let at = format!("[[endpoint]] `{}`", self.name);

@@ -13,7 +13,7 @@
 use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
 use std::path::PathBuf;
 
-use crate::config::{EndpointConfig, HostUser};
+use crate::config::EndpointConfig;
 use crate::pool::WorkerId;
 
 /// The first uid handed to isolated workers; each endpoint takes a random block of a million.
@@ -45,10 +45,8 @@ fn anyone_may_run(path: &std::path::Path) -> bool {
 }
 
 /// Whether host workers of `config` run isolated on this machine.
-#[allow(unsafe_code)]
 pub(crate) fn available(config: &EndpointConfig) -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    config.host_user == HostUser::Auto && unsafe { libc::geteuid() } == 0
+    config.isolates_host_workers()
 }
 
 impl HostIsolation {

@@ -178,6 +178,11 @@ pub struct EndpointRecord {
     pub policy: Policy,
     /// Listed for everyone in the federation to see.
     pub public: bool,
+    /// How its host workers are isolated: `uid` (a uid of their own each, outside the data
+    /// dir), `node-user` (as the node's user; other institutions' host tasks are refused) or
+    /// `node-user, foreign tasks allowed`. Empty when not said.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub host_isolation: String,
 }
 
 impl EndpointRecord {

@@ -1,7 +1,8 @@
 //! The funcmesh mesh: who may be part of a federation, and the libp2p network its members form.
 //!
-//! * [`membership`] is the sans-IO core: the signed chain genesis → admission → invite → binding
-//!   that any peer verifies offline with nothing but the federation's public key.
+//! * [`membership`] is the sans-IO core: the signed chain genesis → admission → invite →
+//!   endorsed binding → coordinator's receipt that any peer verifies offline with nothing but
+//!   the federation's public key.
 //! * [`keys`] reads and writes key files.
 //! * [`network`] runs the libp2p swarm (QUIC and TCP with noise and yamux, identify, ping,
 //!   Kademlia, gossipsub, request-response, streams, relay, DCUtR, AutoNAT) behind a [`Handle`]; no other
@@ -15,7 +16,7 @@
 //!   swarm's event loop. The mesh does not know what the requests mean.
 //!
 //! ```
-//! use mesh::membership::{Admission, Genesis, Invite, Proof, Role, SigningKey};
+//! use mesh::membership::{Admission, Genesis, Invite, Proof, Receipt, Role, SigningKey};
 //! let fed_key = SigningKey::generate();
 //! let federation = Genesis::create("demo", &fed_key, 1_800_000_000).verify()?;
 //! let inst = SigningKey::generate();
@@ -23,7 +24,13 @@
 //! let invite = Invite::issue(&admission, &inst, Role::Endpoint,
 //!     std::time::Duration::from_secs(3600), 1_800_000_000)?;
 //! let node = libp2p::identity::Keypair::generate_ed25519();
-//! let (_, proof) = Proof::bind(&invite, &node, 1_800_000_100)?;
+//! let (_, joining) = Proof::bind(&invite, &node, 1_800_000_100)?;
+//! // A coordinator admits the binding and signs a receipt with its own clock.
+//! let coordinator = libp2p::identity::Keypair::generate_ed25519();
+//! let cert = Proof::coordinator(&federation, &fed_key, coordinator.public().to_peer_id(), 1_800_000_000);
+//! let admitted = joining.verify_joining(&federation, &node.public().to_peer_id(), 1_800_000_150)?;
+//! let receipt = Receipt::issue(&cert, &coordinator, &admitted, 1_800_000_150).unwrap();
+//! let proof = joining.with_receipt(receipt);
 //! let member = proof.verify(&federation, &node.public().to_peer_id(), 1_800_000_200)?;
 //! assert_eq!(member.institution.as_deref(), Some("uni-a"));
 //! # Ok::<(), mesh::membership::Refusal>(())

@@ -58,6 +58,12 @@ async fn steps(net: &Testnet, tmp: &std::path::Path) -> anyhow::Result<()> {
     );
     let reason = uninvited_attempt(net, tmp).await?;
     println!("refused by the coordinator: {reason}");
+    println!(
+        "\n-- 3b. an invite rebuilt from what {} shows every member (its membership proof)",
+        a1.name
+    );
+    let reason = rebuilt_invite_attempt(net, tmp).await?;
+    println!("refused: {reason}");
     let listed = view.peers().await?.len();
     println!(
         "node {} still lists {listed} members; the stranger is not among them",
@@ -408,6 +414,29 @@ async fn compute_step(net: &Testnet) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Someone who has seen a member's proof (every member has: it is in the registry) rebuilds the
+/// invite string it came from and joins with it. The proof carries the invite's signed terms but
+/// not its one-time secret, so the rebuilt invite binds nothing.
+async fn rebuilt_invite_attempt(net: &Testnet, tmp: &std::path::Path) -> anyhow::Result<String> {
+    let (federation, published) = DataDir::new(&net.nodes[0].data_dir).read_membership()?;
+    let rebuilt = Invite::rebuilt_from(&published, federation.genesis, rand::random())
+        .context("a1's proof is a member's proof")?;
+    let addr = net
+        .coordinator
+        .listen_addrs
+        .iter()
+        .find(|a| a.contains("/tcp/"))
+        .context("coordinator address")?;
+    let dir = DataDir::new(tmp.join("rebuilt-invite"));
+    match crate::ops::join(&dir, addr, &rebuilt.encode(), &[], Duration::from_secs(10)).await {
+        Err(e) => Ok(format!("{e:#}")),
+        Ok(node) => {
+            let _ = node.shutdown().await;
+            bail!("a rebuilt invite joined: membership checks are broken")
+        }
+    }
 }
 
 /// A stranger forges an "admission" into our federation with a key that is not the federation's,

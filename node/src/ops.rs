@@ -57,6 +57,10 @@ pub fn testnet_config(
             tags: [("institution".to_string(), institution.to_string())].into(),
             policy: endpoint.policy.clone(),
             runtimes: endpoint.runtimes.clone(),
+            // A local testnet's "institutions" are one person's processes: when its workers
+            // cannot get uids of their own (not root), its endpoints still take each other's
+            // host tasks, and `endpoint show` says so.
+            foreign_host_tasks: true,
             ..Default::default()
         });
     }

@@ -251,6 +251,19 @@ pub(crate) fn print_endpoint(e: &crdt_registry::Endpoint) {
     println!("tags         {}", tags_str(&c.tags));
     println!("policy       {}", e.record.policy.as_str());
     println!("public       {}", e.record.public);
+    match e.record.host_isolation.as_str() {
+        "" => {}
+        "uid" => {
+            println!("host tasks   each worker runs as a uid of its own, outside the data dir")
+        }
+        "node-user" => println!(
+            "host tasks   run as the node's own user: other institutions' host tasks are refused"
+        ),
+        other => println!(
+            "host tasks   run as the node's own user ({other}): FOREIGN CODE CAN READ THIS NODE'S \
+             KEY, API TOKEN AND STORE"
+        ),
+    }
     if !e.record.description.is_empty() {
         println!("description  {}", e.record.description);
     }

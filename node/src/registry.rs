@@ -148,6 +148,7 @@ pub fn endpoint_record(e: &EndpointSection, node: Key) -> EndpointRecord {
         e.memory_mb
     };
     EndpointRecord {
+        host_isolation: e.compute().host_isolation().to_owned(),
         name: e.name.clone(),
         description: e.description.clone(),
         node,

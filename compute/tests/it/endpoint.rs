@@ -114,6 +114,9 @@ fn config() -> EndpointConfig {
         max_workers: 2,
         result_limit: 4096,
         task_memory_mb: 200,
+        // These tests drive the endpoint's mechanics with marker files in the test's own temp
+        // dir, which an isolated worker may not touch; isolation has its own test in testnet.
+        host_user: compute::config::HostUser::Node,
         ..EndpointConfig::default()
     }
 }

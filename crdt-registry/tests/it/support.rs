@@ -209,6 +209,7 @@ pub(crate) fn function(owner: &SigningKey, name: &str) -> FunctionRecord {
 
 pub(crate) fn endpoint(node: &SigningKey, name: &str, tag: &str) -> EndpointRecord {
     EndpointRecord {
+        host_isolation: String::new(),
         name: name.into(),
         description: String::new(),
         node: Key::of(node),
