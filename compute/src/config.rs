@@ -82,6 +82,14 @@ pub struct EndpointConfig {
     pub runtimes: Vec<String>,
     /// Whom host workers run as.
     pub host_user: HostUser,
+    /// Give containers a network (default: none, `--network none`).
+    pub container_network: bool,
+    /// Most processes in one container (`--pids-limit`).
+    pub container_pids: u32,
+    /// Container images this endpoint runs: exact names, or prefixes ending in `*`. Empty: the
+    /// images of `prewarm_environments` and `funcmesh/*` (what `scripts/build-image.sh`
+    /// builds).
+    pub images: Vec<String>,
     /// Whether tasks of other institutions may run on the `host` runtime when host workers
     /// run as the node's own user (they could read its key, its API token and its store).
     /// Without isolation and without this, such tasks are refused.
@@ -111,6 +119,9 @@ impl Default for EndpointConfig {
             runtimes: vec!["host".into()],
             host_user: HostUser::Auto,
             foreign_host_tasks: false,
+            container_network: false,
+            container_pids: 512,
+            images: Vec::new(),
         }
     }
 }
@@ -122,6 +133,40 @@ impl EndpointConfig {
     pub fn isolates_host_workers(&self) -> bool {
         // SAFETY: geteuid has no preconditions and cannot fail.
         self.host_user == HostUser::Auto && unsafe { libc::geteuid() } == 0
+    }
+
+    /// Whether the operator accepts containers of `image`.
+    pub fn image_allowed(&self, image: &str) -> bool {
+        let matches = |pattern: &str| match pattern.strip_suffix('*') {
+            Some(prefix) => image.starts_with(prefix),
+            None => image == pattern,
+        };
+        if self.images.is_empty() {
+            matches("funcmesh/*")
+                || self
+                    .prewarm_environments
+                    .iter()
+                    .filter_map(|e| Environment::parse(e).ok())
+                    .any(|e| e.image.as_deref() == Some(image))
+        } else {
+            self.images.iter().any(|p| matches(p))
+        }
+    }
+
+    /// The images accepted, as the refusal of another one names them.
+    pub fn images_accepted(&self) -> String {
+        if self.images.is_empty() {
+            let mut list = vec!["funcmesh/*".to_owned()];
+            list.extend(
+                self.prewarm_environments
+                    .iter()
+                    .filter_map(|e| Environment::parse(e).ok())
+                    .filter_map(|e| e.image),
+            );
+            list.join(", ")
+        } else {
+            self.images.join(", ")
+        }
     }
 
     /// What `funcmesh endpoint show` says about host isolation.

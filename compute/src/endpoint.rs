@@ -733,6 +733,16 @@ impl Driver {
                 self.config.runtimes.join(", ")
             ));
         }
+        if let Some(image) = &env.image
+            && !self.config.image_allowed(image)
+        {
+            return Err(format!(
+                "endpoint `{}` does not run image `{image}`: its operator accepts {} (ask for the \
+                 image to be added to the endpoint's `images`)",
+                self.config.name,
+                self.config.images_accepted()
+            ));
+        }
         Ok(env)
     }
 
@@ -1113,6 +1123,10 @@ impl Driver {
             &name,
             &labels,
             self.config.task_memory_mb,
+            &environment::Sandbox {
+                network: self.config.container_network,
+                pids: self.config.container_pids,
+            },
         );
         let (orders_tx, orders_rx) = mpsc::channel(256);
         // Not a child of the endpoint's token: at shutdown the pool stops workers itself, after

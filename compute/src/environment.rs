@@ -139,6 +139,24 @@ pub const SHELL_WORKER_IN_CONTAINER: &str = "/opt/funcmesh/funcmesh";
 const LAUNCH: &str =
     r#"if command -v "$1" >/dev/null 2>&1; then exec "$1" -u "$2"; fi; exec "$3" shell-worker"#;
 
+/// How containers are confined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sandbox {
+    /// Give the container a network.
+    pub network: bool,
+    /// Most processes in it.
+    pub pids: u32,
+}
+
+impl Default for Sandbox {
+    fn default() -> Self {
+        Sandbox {
+            network: false,
+            pids: 512,
+        }
+    }
+}
+
 /// The command line (program, arguments) that starts a worker in `env`. `name` names the
 /// container, so that it can be killed by name. With `shell_worker` (the `funcmesh` binary), a
 /// small `sh` launcher picks the worker inside the environment: the Python worker where
@@ -152,6 +170,7 @@ pub fn worker_command(
     name: &str,
     labels: &[(String, String)],
     memory_mb: u64,
+    sandbox: &Sandbox,
 ) -> (String, Vec<String>) {
     let script = worker_py.display().to_string();
     let image = env.image.clone().unwrap_or_default();
@@ -188,9 +207,34 @@ pub fn worker_command(
                 name.to_owned(),
                 "--log-driver".into(),
                 "none".into(),
+                // Hardened: only local images, an unprivileged user without capabilities, no
+                // privilege gain, bounded processes, a read-only root with a private /tmp as
+                // the only writable place (and the working directory), no network unless the
+                // endpoint allows it.
+                "--pull".into(),
+                "never".into(),
+                "--user".into(),
+                "65534:65534".into(),
+                "--cap-drop".into(),
+                "ALL".into(),
+                "--security-opt".into(),
+                "no-new-privileges".into(),
+                "--pids-limit".into(),
+                sandbox.pids.max(16).to_string(),
+                "--read-only".into(),
+                "--tmpfs".into(),
+                "/tmp:rw,nosuid,nodev,mode=1777".into(),
+                "--workdir".into(),
+                "/tmp".into(),
+                "--env".into(),
+                "HOME=/tmp".into(),
                 "-v".into(),
                 format!("{script}:{WORKER_IN_CONTAINER}:ro"),
             ];
+            if !sandbox.network {
+                args.push("--network".into());
+                args.push("none".into());
+            }
             if let Some(p) = shell_worker {
                 args.push("-v".into());
                 args.push(format!("{}:{SHELL_WORKER_IN_CONTAINER}:ro", p.display()));
@@ -264,12 +308,22 @@ mod tests {
             "n",
             &[],
             0,
+            &Sandbox::default(),
         );
         assert_eq!(program, "/bin/sh");
         assert_eq!(args[..2], ["-c".to_string(), LAUNCH.to_string()]);
         assert_eq!(args[3..], ["python3", "/w.py", "/usr/bin/funcmesh"]);
         let env = Environment::parse("docker:img:1").unwrap();
-        let (_, args) = worker_command(&env, "python3", Path::new("/w.py"), Some(fm), "n", &[], 0);
+        let (_, args) = worker_command(
+            &env,
+            "python3",
+            Path::new("/w.py"),
+            Some(fm),
+            "n",
+            &[],
+            0,
+            &Sandbox::default(),
+        );
         assert!(args.contains(&format!("/usr/bin/funcmesh:{SHELL_WORKER_IN_CONTAINER}:ro")));
         let image = args.iter().position(|a| a == "img:1").unwrap();
         assert_eq!(args[image - 1], "--");
@@ -283,8 +337,55 @@ mod tests {
     #[test]
     fn an_image_can_never_become_an_option_of_docker_run() {
         let env = Environment::parse("docker:img:1").unwrap();
-        let (_, args) = worker_command(&env, "python3", Path::new("/w.py"), None, "n", &[], 0);
+        let (_, args) = worker_command(
+            &env,
+            "python3",
+            Path::new("/w.py"),
+            None,
+            "n",
+            &[],
+            0,
+            &Sandbox::default(),
+        );
         let dashdash = args.iter().position(|a| a == "--").unwrap();
         assert_eq!(args[dashdash + 1], "img:1");
+    }
+
+    /// Issue 17: containers run hardened unless the endpoint says otherwise.
+    #[test]
+    fn containers_run_without_network_root_capabilities_or_a_writable_root() {
+        let env = Environment::parse("docker:img:1").unwrap();
+        let run = |sandbox: &Sandbox| {
+            let (_, args) = worker_command(
+                &env,
+                "python3",
+                Path::new("/w.py"),
+                None,
+                "n",
+                &[],
+                0,
+                sandbox,
+            );
+            let dashdash = args.iter().position(|a| a == "--").unwrap();
+            args[..dashdash].join(" ")
+        };
+        let line = run(&Sandbox::default());
+        for part in [
+            "--pull never",
+            "--user 65534:65534",
+            "--cap-drop ALL",
+            "--security-opt no-new-privileges",
+            "--pids-limit 512",
+            "--read-only",
+            "--tmpfs /tmp:",
+            "--network none",
+        ] {
+            assert!(line.contains(part), "`{part}` missing from: {line}");
+        }
+        let open = run(&Sandbox {
+            network: true,
+            pids: 64,
+        });
+        assert!(!open.contains("--network none") && open.contains("--pids-limit 64"));
     }
 }

@@ -93,6 +93,13 @@ pub struct EndpointSection {
     /// Let other institutions' tasks run on `host` even when host workers run as the node's
     /// own user (they could then read its key, API token and store).
     pub foreign_host_tasks: bool,
+    /// Give containers a network (default: none).
+    pub container_network: bool,
+    /// Most processes in one container.
+    pub container_pids: u32,
+    /// Container images accepted: names, or prefixes ending in `*` (default: the images of
+    /// `prewarm_environments` and `funcmesh/*`).
+    pub images: Vec<String>,
 }
 
 impl EndpointSection {
@@ -118,6 +125,9 @@ impl EndpointSection {
             runtimes: self.runtimes.clone(),
             host_user: self.host_user,
             foreign_host_tasks: self.foreign_host_tasks,
+            container_network: self.container_network,
+            container_pids: self.container_pids,
+            images: self.images.clone(),
             ..compute::EndpointConfig::default()
         }
     }
@@ -154,6 +164,9 @@ impl Default for EndpointSection {
             python: c.python,
             host_user: c.host_user,
             foreign_host_tasks: c.foreign_host_tasks,
+            container_network: c.container_network,
+            container_pids: c.container_pids,
+            images: c.images,
         }
     }
 }

@@ -696,6 +696,36 @@ async fn bad_submissions_are_refused_with_the_reason() {
     h.stop().await;
 }
 
+/// Issue 17: an endpoint runs only the container images its operator accepts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_image_the_operator_did_not_accept_is_refused() {
+    let h = start(EndpointConfig {
+        runtimes: vec!["host".into(), "docker".into()],
+        ..config()
+    })
+    .await;
+    let mut evil = f("add");
+    evil.container = Some(Container {
+        runtime: "docker".into(),
+        image: "someone/miner:latest".into(),
+    });
+    let answers = h
+        .endpoint
+        .submit(
+            "peer",
+            "inst-b",
+            vec![submission(&evil, json!([1]), json!({}))],
+        )
+        .await
+        .unwrap();
+    let err = answers[0].as_ref().unwrap_err();
+    assert!(
+        err.contains("does not run image `someone/miner:latest`") && err.contains("funcmesh/*"),
+        "{err}"
+    );
+    h.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn finished_tasks_are_dropped_once_past_their_retention() {
     let mut cfg = config();

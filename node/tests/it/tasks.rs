@@ -509,7 +509,15 @@ fn a_python_function_runs_in_a_warm_docker_container_and_warm_aware_routing_find
     std::fs::write(
         &src,
         "import platform\ndef where(x):\n    \
-         return [open('/etc/os-release').read().split('\\n')[0], platform.python_version(), x]\n",
+         return [open('/etc/os-release').read().split('\\n')[0], platform.python_version(), x]\n\
+         def confined():\n    \
+         import os, socket\n    \
+         out = {'uid': os.getuid()}\n    \
+         try:\n        open('/etc/evil', 'w'); out['root_writable'] = True\n    \
+         except OSError:\n        out['root_writable'] = False\n    \
+         ifaces = [l.split(':')[0].strip() for l in open('/proc/net/dev').read().splitlines()[2:]]\n    \
+         out['interfaces'] = ifaces\n    \
+         return out\n",
     )
     .unwrap();
     let container = format!("docker:{image}");
@@ -585,6 +593,33 @@ fn a_python_function_runs_in_a_warm_docker_container_and_warm_aware_routing_find
     );
     let table = ok(&["endpoint", "load", "--node", p(&a1)]);
     assert!(table.contains(&container), "{table}");
+
+    // Issue 17: the container is confined: not root, a read-only root, no network but loopback.
+    ok(&[
+        "function",
+        "register",
+        "--name",
+        "confined",
+        "--python",
+        p(&src),
+        "--entrypoint",
+        "confined",
+        "--container",
+        &container,
+        "--node",
+        p(&a1),
+    ]);
+    let out = run_wait(&a1, &["confined", "--endpoint", "a2", "--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let probe: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let value = &probe["tasks"][0]["task"]["outcome"]["value"];
+    assert_eq!(value["uid"], 65534, "{value}");
+    assert_eq!(value["root_writable"], false, "{value}");
+    assert_eq!(value["interfaces"], serde_json::json!(["lo"]), "{value}");
     let id = ok(&["run", "where", "3", "--node", p(&a1)]);
     ok(&["task", "wait", &id, "--node", p(&a1)]);
     let routed = task(&a1, &id);
