@@ -209,13 +209,8 @@ class Worker:
                 out = run_shell(fn[1], task)
             else:
                 args, kwargs = decode_args(task)
-                mb = task.get("memory_mb") or 0
-                self.limit_memory(mb)
-                try:
-                    value = fn[1](*args, **kwargs)
-                finally:
-                    if mb:
-                        self.limit_memory(0)
+                self.limit_memory(task.get("memory_mb") or 0)
+                value = fn[1](*args, **kwargs)
                 value, size = encode_value(value, task)
                 out = {"ok": True, "value": value, "size": size}
         except MemoryError:
@@ -292,18 +287,24 @@ class Worker:
         return fn
 
     def limit_memory(self, mb):
-        if resource is None or self.base_vm is None or mb == self.mem_limit:
+        """Limits the worker's address space to what it used at start plus `mb` MiB, hard as
+        well as soft, so that no task can lift it. The limit is the endpoint's, the same for
+        every task, so the worker never needs to raise it; a task whose limit cannot be set is
+        not run."""
+        if not mb or mb == self.mem_limit:
             return
-        self.mem_limit = mb
+        if resource is None or self.base_vm is None:
+            raise TaskError("MemoryLimitError",
+                            "this worker cannot set a memory limit (no resource module, or no "
+                            "/proc); the task was not run")
+        limit = self.base_vm + (mb << 20)
         try:
-            if mb:
-                limit = self.base_vm + (mb << 20)
-                resource.setrlimit(resource.RLIMIT_AS, (limit, resource.RLIM_INFINITY))
-            else:
-                resource.setrlimit(resource.RLIMIT_AS,
-                                   (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
-        except (ValueError, OSError):
-            pass
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        except (ValueError, OSError) as e:
+            raise TaskError("MemoryLimitError",
+                            "cannot set the memory limit of %d MiB (%s); the task was not run"
+                            % (mb, e))
+        self.mem_limit = mb
 
 
 class TaskError(Exception):

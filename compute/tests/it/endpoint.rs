@@ -432,6 +432,23 @@ async fn a_shell_command_cannot_lift_its_memory_limit() {
     h.stop().await;
 }
 
+/// Issue 17: a Python task cannot lift the endpoint's memory limit (it is hard as well as
+/// soft), so allocating past it still fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_task_cannot_lift_its_memory_limit() {
+    let mut h = start(one_worker()).await;
+    let lift = python(
+        "lift",
+        "def lift():\n    import resource\n    try:\n        resource.setrlimit(resource.RLIMIT_AS, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))\n        lifted = True\n    except (ValueError, OSError):\n        lifted = False\n    try:\n        blob = bytearray(400 << 20)\n        return [lifted, len(blob)]\n    except MemoryError:\n        return [lifted, 0]\n",
+    );
+    let rec = h.run(submission(&lift, json!([]), json!({}))).await;
+    assert_eq!(value(&rec), &json!([false, 0]), "{rec:?}");
+    // The worker keeps serving under its limit.
+    let ok = submission(&f("add"), json!([2]), json!({"b": 1}));
+    assert_eq!(value(&h.run(ok).await), &json!(3));
+    h.stop().await;
+}
+
 /// A submitter cannot ask for more time than the endpoint's operator allows; within it, a
 /// task that asks for nothing gets the endpoint's (finite) default.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
