@@ -187,6 +187,7 @@ impl Endpoint {
             load_tx,
             verified: HashMap::new(),
             stored_functions: Default::default(),
+            outbox_cursor: Vec::new(),
         };
         driver.recover().await?;
         tracker.spawn(driver.run(rx, reports_rx, cancel));
@@ -398,10 +399,16 @@ struct Driver {
     verified: HashMap<String, crdt_registry::record::FunctionRecord>,
     /// The functions this endpoint has put in the store.
     stored_functions: crate::task::stored::StoredFunctions,
+    /// Where the next outbox sweep starts (a task id; empty: the beginning). Sweeps rotate
+    /// through the outbox, so that one submitter's many unacknowledged results (a submitter
+    /// that is away) cannot keep the others' from being sent again.
+    outbox_cursor: Vec<u8>,
 }
 
 /// How many checked functions the endpoint remembers.
 const MAX_VERIFIED_FUNCTIONS: usize = 1024;
+/// Most finished tasks one outbox sweep sends again.
+const OUTBOX_SWEEP: usize = 1000;
 /// The longest an acknowledgement waits for a write to ride on (the loop turns at least every
 /// 100 ms).
 const ACK_DELAY: Duration = Duration::from_millis(100);
@@ -879,41 +886,75 @@ impl Driver {
                 // Nor are acknowledged ones whose entries are still to be deleted.
                 except.extend(self.live.keys().cloned());
                 except.extend(self.acks.iter().cloned());
+                let cursor = std::mem::take(&mut self.outbox_cursor);
                 let found = self
                     .store
                     .blocking(move |s| {
                         // The outbox: `s/` entries whose record is final. Reads stop at 1,000
                         // results, and skip the entries known not to be wanted without a read.
+                        // A sweep starts where the last one stopped and wraps around.
                         let prefix = format!("s/{name}/").into_bytes();
                         let rprefix = format!("r/{name}/").into_bytes();
                         let mut out = Vec::new();
-                        s.visit_keys(store::cf::TASKS, &prefix, |k| {
-                            let id = &k[prefix.len()..];
-                            let skip = std::str::from_utf8(id)
-                                .ok()
-                                .and_then(|t| t.parse::<TaskId>().ok())
-                                .is_some_and(|t| except.contains(&t));
-                            if skip {
-                                return Ok(true);
-                            }
-                            let mut key = rprefix.clone();
-                            key.extend_from_slice(id);
-                            if let Some(v) = s.get(store::cf::TASKS, &key)? {
-                                if let Ok(rec) = serde_json::from_slice::<Record>(&v) {
-                                    if rec.status.is_terminal() {
-                                        out.push(rec);
+                        let mut last: Option<Vec<u8>> = None;
+                        let sweep = |from: &[u8],
+                                     until: Option<&[u8]>,
+                                     out: &mut Vec<Record>,
+                                     last: &mut Option<Vec<u8>>| {
+                            s.visit_keys_from(store::cf::TASKS, &prefix, from, |k| {
+                                let id = &k[prefix.len()..];
+                                if until.is_some_and(|u| id >= u) {
+                                    return Ok(false);
+                                }
+                                *last = Some(id.to_vec());
+                                let skip = std::str::from_utf8(id)
+                                    .ok()
+                                    .and_then(|t| t.parse::<TaskId>().ok())
+                                    .is_some_and(|t| except.contains(&t));
+                                if skip {
+                                    return Ok(true);
+                                }
+                                let mut key = rprefix.clone();
+                                key.extend_from_slice(id);
+                                if let Some(v) = s.get(store::cf::TASKS, &key)? {
+                                    if let Ok(rec) = serde_json::from_slice::<Record>(&v) {
+                                        if rec.status.is_terminal() {
+                                            out.push(rec);
+                                        }
                                     }
                                 }
-                            }
-                            Ok(out.len() < 1000)
-                        })?;
-                        Ok(out)
+                                Ok(out.len() < OUTBOX_SWEEP)
+                            })
+                        };
+                        let mut from = prefix.clone();
+                        from.extend_from_slice(&cursor);
+                        sweep(&from, None, &mut out, &mut last)?;
+                        if out.len() < OUTBOX_SWEEP && !cursor.is_empty() {
+                            // Reached the end: go on from the beginning up to where this began.
+                            sweep(&prefix, Some(&cursor), &mut out, &mut last)?;
+                        }
+                        let next = if out.len() < OUTBOX_SWEEP {
+                            Vec::new()
+                        } else {
+                            // Just after the last entry read.
+                            let mut next = last.unwrap_or_default();
+                            next.push(0);
+                            next
+                        };
+                        Ok((out, next))
                     })
                     .await;
-                let _ = reply.send(found.unwrap_or_else(|e| {
-                    tracing::warn!(error = %e, "cannot read the outbox");
-                    Vec::new()
-                }));
+                let found = match found {
+                    Ok((found, next)) => {
+                        self.outbox_cursor = next;
+                        found
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read the outbox");
+                        Vec::new()
+                    }
+                };
+                let _ = reply.send(found);
             }
         }
     }

@@ -299,9 +299,21 @@ impl Store {
         &self,
         cf: &'static str,
         prefix: &[u8],
+        visit: impl FnMut(&[u8]) -> Result<bool, Error>,
+    ) -> Result<(), Error> {
+        self.visit_keys_from(cf, prefix, prefix, visit)
+    }
+
+    /// As [`Store::visit_keys`], starting at `from` (a key under `prefix`, or `prefix`).
+    pub fn visit_keys_from(
+        &self,
+        cf: &'static str,
+        prefix: &[u8],
+        from: &[u8],
         mut visit: impl FnMut(&[u8]) -> Result<bool, Error>,
     ) -> Result<(), Error> {
-        let mode = rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward);
+        let from = if from < prefix { prefix } else { from };
+        let mode = rocksdb::IteratorMode::From(from, rocksdb::Direction::Forward);
         for r in self.db.iterator_cf(self.handle(cf), mode) {
             let (k, _) = r.map_err(|source| Error::Io {
                 op: "scan",

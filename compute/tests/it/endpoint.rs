@@ -713,6 +713,44 @@ async fn bad_submissions_are_refused_with_the_reason() {
     h.stop().await;
 }
 
+/// Issue 17: the outbox sweep rotates. A submitter that is away leaves many unacknowledged
+/// results; sweeps that always began at the start of the outbox would send the same first 1,000
+/// again and again, and never the others'.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_sweeps_rotate_through_every_unacknowledged_result() {
+    let mut h = start(config()).await;
+    let subs: Vec<Submission> = (0..1500)
+        .map(|i| submission(&f("add"), json!([i]), json!({"b": 1})))
+        .collect();
+    let ids: std::collections::HashSet<TaskId> = subs.iter().map(|s| s.id.clone()).collect();
+    for chunk in subs.chunks(500) {
+        let accepted = h
+            .endpoint
+            .submit("away", "inst-b", chunk.to_vec())
+            .await
+            .unwrap();
+        assert!(accepted.iter().all(Result::is_ok));
+    }
+    let mut finished = 0;
+    while finished < ids.len() {
+        let rec = tokio::time::timeout(Duration::from_secs(60), h.results.recv())
+            .await
+            .expect("all finish")
+            .unwrap();
+        if ids.contains(&rec.id) {
+            finished += 1;
+        }
+    }
+    let mut seen: std::collections::HashSet<TaskId> = Default::default();
+    for _ in 0..2 {
+        let swept = h.endpoint.unacknowledged(Default::default()).await.unwrap();
+        assert_eq!(swept.len(), 1000, "a sweep sends at most 1,000");
+        seen.extend(swept.into_iter().map(|r| r.id));
+    }
+    assert_eq!(seen, ids, "two sweeps cover all 1,500");
+    h.stop().await;
+}
+
 /// Issue 17: an endpoint runs only the container images its operator accepts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_image_the_operator_did_not_accept_is_refused() {
