@@ -76,6 +76,9 @@ pub struct EndpointConfig {
     /// Most tasks the endpoint holds unfinished (queued or running); submitters beyond it are
     /// told to come back (`Busy`), and keep their tasks until it has room.
     pub max_queued: usize,
+    /// Most bytes of arguments the endpoint holds for unfinished tasks. One institution may
+    /// hold at most half of this and half of `max_queued`, so that another always finds room.
+    pub max_queued_bytes: u64,
     /// The Python interpreter for host workers.
     pub python: String,
     /// Runtimes offered (`host`, `docker`, `podman`, `apptainer`).
@@ -115,6 +118,7 @@ impl Default for EndpointConfig {
             retention: Duration::from_secs(7 * 24 * 3600),
             batch_max: 64,
             max_queued: 100_000,
+            max_queued_bytes: 1 << 30,
             python: "python3".into(),
             runtimes: vec!["host".into()],
             host_user: HostUser::Auto,

@@ -82,6 +82,7 @@ enum Cmd {
 pub struct Endpoint {
     name: String,
     max_queued: usize,
+    max_queued_bytes: u64,
     foreign_host_refused: bool,
     tx: mpsc::Sender<Cmd>,
     load: tokio::sync::watch::Receiver<Load>,
@@ -196,6 +197,7 @@ impl Endpoint {
                 foreign_host_refused: !crate::isolation::available(&config)
                     && !config.foreign_host_tasks,
                 max_queued: config.max_queued,
+                max_queued_bytes: config.max_queued_bytes,
                 name: config.name,
                 tx,
                 load: load_rx,
@@ -208,6 +210,40 @@ impl Endpoint {
     /// own user and the operator did not set `foreign_host_tasks`.
     pub fn refuses_foreign_host_tasks(&self) -> bool {
         self.foreign_host_refused
+    }
+
+    /// Why it cannot take `tasks` more tasks with `bytes` bytes of arguments from `tenant` now
+    /// (the submitter keeps them and sends them again later), or `None`: it holds at most
+    /// `max_queued` tasks and `max_queued_bytes`, and one institution at most half of each,
+    /// so that another always finds room. An empty endpoint (or tenant) takes any one batch.
+    pub fn pushback(&self, tenant: &str, tasks: usize, bytes: u64) -> Option<String> {
+        let load = self.current_load();
+        let name = &self.name;
+        let (most, most_bytes) = (self.max_queued, self.max_queued_bytes);
+        if load.queued > 0 && load.queued + tasks > most {
+            return Some(format!(
+                "endpoint `{name}` holds {} unfinished tasks and takes at most {most}: send \
+                 these again later",
+                load.queued
+            ));
+        }
+        if load.queued_bytes > 0 && load.queued_bytes + bytes > most_bytes {
+            return Some(format!(
+                "endpoint `{name}` holds {} bytes of arguments and takes at most {most_bytes}: \
+                 send these again later",
+                load.queued_bytes
+            ));
+        }
+        let (held, held_bytes) = load.held_by.get(tenant).copied().unwrap_or_default();
+        let (share, share_bytes) = ((most / 2).max(1), (most_bytes / 2).max(1));
+        if held > 0 && (held + tasks > share || held_bytes + bytes > share_bytes) {
+            return Some(format!(
+                "endpoint `{name}` holds {held} unfinished tasks ({held_bytes} bytes) of \
+                 institution {tenant}, and one institution may hold at most half of its \
+                 capacity ({share} tasks, {share_bytes} bytes): send these again later"
+            ));
+        }
+        None
     }
 
     /// Most unfinished tasks it holds ([`EndpointConfig::max_queued`]).
@@ -682,6 +718,7 @@ impl Driver {
             id: sub.id.clone(),
             env: env.clone(),
             tenant: tenant.to_owned(),
+            bytes: sub.arguments_size_bound() as u64,
             timeout,
             // Shell commands are timed out by the worker itself (exit 124); the pool steps in
             // only if that fails.
@@ -897,35 +934,36 @@ impl Driver {
                         let rprefix = format!("r/{name}/").into_bytes();
                         let mut out = Vec::new();
                         let mut last: Option<Vec<u8>> = None;
-                        let sweep = |from: &[u8],
-                                     until: Option<&[u8]>,
-                                     out: &mut Vec<Record>,
-                                     last: &mut Option<Vec<u8>>| {
-                            s.visit_keys_from(store::cf::TASKS, &prefix, from, |k| {
-                                let id = &k[prefix.len()..];
-                                if until.is_some_and(|u| id >= u) {
-                                    return Ok(false);
-                                }
-                                *last = Some(id.to_vec());
-                                let skip = std::str::from_utf8(id)
-                                    .ok()
-                                    .and_then(|t| t.parse::<TaskId>().ok())
-                                    .is_some_and(|t| except.contains(&t));
-                                if skip {
-                                    return Ok(true);
-                                }
-                                let mut key = rprefix.clone();
-                                key.extend_from_slice(id);
-                                if let Some(v) = s.get(store::cf::TASKS, &key)? {
-                                    if let Ok(rec) = serde_json::from_slice::<Record>(&v) {
-                                        if rec.status.is_terminal() {
-                                            out.push(rec);
+                        let sweep =
+                            |from: &[u8],
+                             until: Option<&[u8]>,
+                             out: &mut Vec<Record>,
+                             last: &mut Option<Vec<u8>>| {
+                                s.visit_keys_from(store::cf::TASKS, &prefix, from, |k| {
+                                    let id = &k[prefix.len()..];
+                                    if until.is_some_and(|u| id >= u) {
+                                        return Ok(false);
+                                    }
+                                    *last = Some(id.to_vec());
+                                    let skip = std::str::from_utf8(id)
+                                        .ok()
+                                        .and_then(|t| t.parse::<TaskId>().ok())
+                                        .is_some_and(|t| except.contains(&t));
+                                    if skip {
+                                        return Ok(true);
+                                    }
+                                    let mut key = rprefix.clone();
+                                    key.extend_from_slice(id);
+                                    if let Some(v) = s.get(store::cf::TASKS, &key)? {
+                                        if let Ok(rec) = serde_json::from_slice::<Record>(&v) {
+                                            if rec.status.is_terminal() {
+                                                out.push(rec);
+                                            }
                                         }
                                     }
-                                }
-                                Ok(out.len() < OUTBOX_SWEEP)
-                            })
-                        };
+                                    Ok(out.len() < OUTBOX_SWEEP)
+                                })
+                            };
                         let mut from = prefix.clone();
                         from.extend_from_slice(&cursor);
                         sweep(&from, None, &mut out, &mut last)?;

@@ -54,6 +54,8 @@ pub struct Queued {
     pub env: Environment,
     /// Whose code it is.
     pub tenant: Tenant,
+    /// How many bytes its arguments take (an upper bound), for the endpoint's byte limit.
+    pub bytes: u64,
     /// Its time limit (zero: none).
     pub timeout: Duration,
     /// Extra time before the pool kills the worker, for workers that enforce the limit themselves
@@ -156,6 +158,7 @@ struct Worker {
 #[derive(Debug)]
 struct Task {
     lane: Lane,
+    bytes: u64,
     timeout: Duration,
     grace: Duration,
     queued_at: Instant,
@@ -189,6 +192,10 @@ pub struct Load {
     pub idle: usize,
     /// Tasks queued or running.
     pub queued: usize,
+    /// Their arguments' bytes (an upper bound).
+    pub queued_bytes: u64,
+    /// Tasks and argument bytes held per tenant.
+    pub held_by: BTreeMap<Tenant, (usize, u64)>,
     /// Per environment.
     pub environments: BTreeMap<Environment, EnvLoad>,
 }
@@ -207,6 +214,9 @@ pub struct Pool {
     next_worker: WorkerId,
     queues: BTreeMap<Lane, VecDeque<TaskId>>,
     tasks: HashMap<TaskId, Task>,
+    /// Tasks and argument bytes held per tenant.
+    held: HashMap<Tenant, (usize, u64)>,
+    held_bytes: u64,
     cold_ms: HashMap<Environment, f64>,
     actions: Vec<Action>,
 }
@@ -230,6 +240,8 @@ impl Pool {
             next_worker: 1,
             queues: BTreeMap::new(),
             tasks: HashMap::new(),
+            held: HashMap::new(),
+            held_bytes: 0,
             cold_ms: HashMap::new(),
             actions: Vec::new(),
         }
@@ -258,6 +270,10 @@ impl Pool {
             .entry(lane.clone())
             .or_default()
             .push_back(q.id.clone());
+        let held = self.held.entry(lane.tenant.clone()).or_default();
+        held.0 += 1;
+        held.1 += q.bytes;
+        self.held_bytes += q.bytes;
         self.actions.push(Action::Phase {
             task: q.id.clone(),
             status: Status::Queued,
@@ -266,6 +282,7 @@ impl Pool {
             q.id,
             Task {
                 lane,
+                bytes: q.bytes,
                 timeout: q.timeout,
                 grace: q.grace,
                 queued_at: now,
@@ -307,7 +324,7 @@ impl Pool {
             let front = w.outstanding.front().cloned();
             self.kill_running(worker, Stop::Recycle);
             if let Some(front) = front
-                && self.tasks.remove(&front).is_some_and(|t| !t.cancelled)
+                && self.forget(&front).is_some_and(|t| !t.cancelled)
             {
                 self.actions.push(Action::Finish {
                     task: front,
@@ -325,12 +342,13 @@ impl Pool {
         w.front_since = now;
         w.runs += 1;
         w.last_used = now;
-        let counts = self.tasks.remove(task).is_some_and(|t| !t.cancelled);
-        if w.outstanding.is_empty() && !w.stopping {
+        let now_idle = w.outstanding.is_empty() && !w.stopping;
+        if now_idle {
             w.state = State::Idle;
-            if self.strategy == Strategy::Cold {
-                self.stop(worker, Stop::Done);
-            }
+        }
+        let counts = self.forget(task).is_some_and(|t| !t.cancelled);
+        if now_idle && self.strategy == Strategy::Cold {
+            self.stop(worker, Stop::Done);
         }
         if recycle {
             self.stop(worker, Stop::Recycle);
@@ -349,7 +367,7 @@ impl Pool {
             self.start_failed(&w.env, reason);
         } else if let Some(front) = rest.pop_front() {
             if !w.stopping {
-                if let Some(t) = self.tasks.remove(&front) {
+                if let Some(t) = self.forget(&front) {
                     if !t.cancelled {
                         self.actions.push(Action::Finish {
                             task: front,
@@ -392,7 +410,7 @@ impl Pool {
             .flat_map(|l| self.queues.remove(l).unwrap_or_default())
             .collect();
         for id in waiting {
-            self.tasks.remove(&id);
+            self.forget(&id);
             self.actions.push(Action::Finish {
                 task: id,
                 outcome: Outcome::failed(
@@ -413,7 +431,7 @@ impl Pool {
                 if let Some(q) = self.queues.get_mut(&t.lane) {
                     q.retain(|x| x != task);
                 }
-                self.tasks.remove(task);
+                self.forget(task);
             }
             Some(worker) => {
                 t.cancelled = true;
@@ -423,7 +441,7 @@ impl Pool {
                     .and_then(|w| w.outstanding.front())
                     == Some(task);
                 if front {
-                    self.tasks.remove(task);
+                    self.forget(task);
                     self.kill_running(worker, Stop::Cancelled);
                 } else {
                     self.actions.push(Action::Skip {
@@ -482,7 +500,7 @@ impl Pool {
             }
         }
         for (worker, task, limit) in overdue {
-            self.tasks.remove(&task);
+            self.forget(&task);
             self.kill_running(worker, Stop::Timeout);
             self.actions.push(Action::Finish {
                 task,
@@ -547,6 +565,8 @@ impl Pool {
             workers: self.workers.values().filter(|w| !w.stopping).count(),
             idle: envs.values().map(|e| e.idle).sum(),
             queued: self.tasks.len(),
+            queued_bytes: self.held_bytes,
+            held_by: self.held.iter().map(|(t, h)| (t.clone(), *h)).collect(),
             environments: envs,
         }
     }
@@ -567,12 +587,26 @@ impl Pool {
             .count()
     }
 
+    /// Removes a task, keeping the per-tenant counts.
+    fn forget(&mut self, id: &TaskId) -> Option<Task> {
+        let t = self.tasks.remove(id)?;
+        self.held_bytes -= t.bytes;
+        if let Some(held) = self.held.get_mut(&t.lane.tenant) {
+            held.0 -= 1;
+            held.1 -= t.bytes;
+            if held.0 == 0 {
+                self.held.remove(&t.lane.tenant);
+            }
+        }
+        Some(t)
+    }
+
     /// Puts tasks back at the front of their queues, in order.
     fn requeue(&mut self, tasks: VecDeque<TaskId>) {
         for id in tasks.into_iter().rev() {
             if let Some(t) = self.tasks.get_mut(&id) {
                 if t.cancelled {
-                    self.tasks.remove(&id);
+                    self.forget(&id);
                     continue;
                 }
                 t.worker = None;
@@ -825,6 +859,7 @@ mod tests {
             id: TaskId::try_from(format!("{n:032x}")).unwrap(),
             env: env.clone(),
             tenant: "inst-a".into(),
+            bytes: 10,
             timeout: Duration::from_secs(5),
             grace: Duration::ZERO,
         }

@@ -31,6 +31,14 @@ pub(crate) struct Server {
     pub(crate) delivering: Mutex<HashSet<TaskId>>,
 }
 
+/// Whose tasks these are, for workers and shares: the member's institution; a coordinator (no
+/// institution) is its own.
+fn tenant_of(from: &Member, peer: &PeerId) -> String {
+    from.institution
+        .clone()
+        .unwrap_or_else(|| format!("peer:{peer}"))
+}
+
 impl Server {
     /// Answers one request from the member `from` (`peer`; this node itself for its own tasks).
     pub(crate) async fn handle(
@@ -104,19 +112,18 @@ impl Server {
                         _ => Answer::Refused(why),
                     });
                 }
-                // Backpressure: an endpoint that holds its most unfinished tasks takes no more
-                // now. The submitter keeps them (stored, pending) and sends them again shortly.
+                // Backpressure: an endpoint that holds its most unfinished tasks (or bytes), or
+                // this institution's share of them, takes no more now. The submitter keeps them
+                // (stored, pending) and sends them again shortly.
+                let tenant = tenant_of(from, &peer);
                 for (name, items) in &groups {
                     let (ep, _) = &self.endpoints[name];
-                    let held = ep.current_load().queued;
-                    let most = ep.max_queued();
-                    if held > 0 && held + items.len() > most {
-                        return TaskResponse::Busy {
-                            reason: format!(
-                                "endpoint `{name}` holds {held} unfinished tasks and takes at \
-                                 most {most}: send these again later"
-                            ),
-                        };
+                    let bytes = items
+                        .iter()
+                        .map(|(_, t)| t.arguments_size_bound() as u64)
+                        .sum();
+                    if let Some(reason) = ep.pushback(&tenant, items.len(), bytes) {
+                        return TaskResponse::Busy { reason };
                     }
                 }
                 let touched: Vec<String> = groups.keys().cloned().collect();
@@ -124,11 +131,6 @@ impl Server {
                     let (ep, _) = &self.endpoints[&name];
                     let (idx, subs): (Vec<usize>, Vec<crate::Submission>) =
                         items.into_iter().unzip();
-                    // Workers are per institution; a coordinator (no institution) is its own.
-                    let tenant = from
-                        .institution
-                        .clone()
-                        .unwrap_or_else(|| format!("peer:{peer}"));
                     match ep.submit(&peer.to_string(), &tenant, subs).await {
                         Ok(results) => {
                             for (i, r) in idx.into_iter().zip(results) {

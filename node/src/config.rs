@@ -66,6 +66,9 @@ pub struct EndpointSection {
     pub idle_timeout: Duration,
     /// Most tasks held unfinished; submitters beyond it are asked to come back later.
     pub max_queued: usize,
+    /// Most bytes of arguments held for unfinished tasks (one institution: at most half of
+    /// this and of `max_queued`).
+    pub max_queued_bytes: u64,
     /// How long a worker may take to start before it is given up (`0s`: no limit).
     #[serde(with = "humantime_serde_str")]
     pub start_timeout: Duration,
@@ -114,6 +117,7 @@ impl EndpointSection {
             prewarm_environments: self.prewarm_environments.clone(),
             idle_timeout: self.idle_timeout,
             max_queued: self.max_queued,
+            max_queued_bytes: self.max_queued_bytes,
             start_timeout: self.start_timeout,
             task_timeout: self.task_timeout,
             max_task_timeout: self.max_task_timeout,
@@ -154,6 +158,7 @@ impl Default for EndpointSection {
             prewarm_environments: c.prewarm_environments,
             idle_timeout: c.idle_timeout,
             max_queued: c.max_queued,
+            max_queued_bytes: c.max_queued_bytes,
             start_timeout: c.start_timeout,
             task_timeout: c.task_timeout,
             max_task_timeout: c.max_task_timeout,

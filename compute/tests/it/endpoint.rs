@@ -751,6 +751,58 @@ async fn outbox_sweeps_rotate_through_every_unacknowledged_result() {
     h.stop().await;
 }
 
+/// Issue 17: one institution may hold at most half of an endpoint's capacity, in tasks and in
+/// bytes, so that another always finds room; beyond it, its submitters are asked to come back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_institution_cannot_take_an_endpoints_whole_queue() {
+    let h = start(EndpointConfig {
+        max_queued: 4,
+        max_queued_bytes: 1 << 20,
+        ..one_worker()
+    })
+    .await;
+    let slow: Vec<Submission> = (0..2)
+        .map(|_| submission(&f("sleep"), json!([5]), json!({})))
+        .collect();
+    assert!(h.endpoint.pushback("inst-a", 2, 100).is_none());
+    let accepted = h.endpoint.submit("a1", "inst-a", slow).await.unwrap();
+    assert!(accepted.iter().all(Result::is_ok));
+    let ep = h.endpoint.clone();
+    until("the endpoint's load to count inst-a's tasks", || {
+        let ep = ep.clone();
+        async move {
+            ep.current_load()
+                .held_by
+                .get("inst-a")
+                .is_some_and(|h| h.0 == 2)
+        }
+    })
+    .await;
+    let refused = h
+        .endpoint
+        .pushback("inst-a", 1, 100)
+        .expect("over inst-a's share");
+    assert!(
+        refused.contains("institution inst-a") && refused.contains("half"),
+        "{refused}"
+    );
+    assert!(
+        h.endpoint.pushback("inst-b", 2, 100).is_none(),
+        "inst-b still has room"
+    );
+    // Bytes count too: half of 1 MiB.
+    assert!(
+        h.endpoint.pushback("inst-b", 1, 600 << 10).is_none(),
+        "an empty tenant takes one batch"
+    );
+    let big = h
+        .endpoint
+        .pushback("inst-a", 0, 600 << 10)
+        .expect("over inst-a's byte share");
+    assert!(big.contains("bytes"), "{big}");
+    h.stop().await;
+}
+
 /// Issue 17: an endpoint runs only the container images its operator accepts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_image_the_operator_did_not_accept_is_refused() {
