@@ -47,6 +47,10 @@ const MAX_GOSSIP_BYTES: usize = 256 * 1024;
 const MAX_SYNC_WIRE_BYTES: u64 = crdt_registry::MAX_SYNC_MESSAGE_BYTES as u64 + 1024;
 /// Capacity of the persistence queue.
 const PERSIST_QUEUE: usize = 256;
+/// Persistence jobs waiting beyond the queue before this node stops taking registry changes
+/// from peers (gossip is ignored, sync requests refused and responses dropped) until the
+/// store catches up; peers send them again with their next sync.
+const MAX_PERSIST_BACKLOG: usize = 1024;
 
 /// Mesh configuration, resolved by the node.
 #[derive(Debug, Clone)]
@@ -947,6 +951,15 @@ impl EventLoop {
                     );
                     return;
                 }
+                if self.persist_backlog.len() >= MAX_PERSIST_BACKLOG {
+                    let _ = self.swarm.behaviour_mut().registry_sync.send_response(
+                        channel,
+                        SyncResponse::Refused(
+                            "busy storing earlier registry changes: sync again later".into(),
+                        ),
+                    );
+                    return;
+                }
                 let (resp, changes, out) = self.replica.on_sync_request(peer, request);
                 let _ = self
                     .swarm
@@ -961,6 +974,11 @@ impl EventLoop {
                 message: M::Response { response, .. },
                 ..
             } => {
+                if self.persist_backlog.len() >= MAX_PERSIST_BACKLOG {
+                    debug!(%peer, "registry sync response dropped: the store is behind");
+                    self.replica.on_sync_failure(peer);
+                    return;
+                }
                 let (changes, out) = self.replica.on_sync_response(peer, response);
                 self.registry_persist(changes, None);
                 self.registry_out(out);
@@ -1277,7 +1295,22 @@ impl EventLoop {
                     .source
                     .is_some_and(|s| self.members.contains_key(&s));
                 let relay_ok = self.members.contains_key(&propagation_source);
-                if author_ok && relay_ok && message.topic == self.registry_topic {
+                if author_ok
+                    && relay_ok
+                    && message.topic == self.registry_topic
+                    && self.persist_backlog.len() >= MAX_PERSIST_BACKLOG
+                {
+                    // Saturated: neither accept nor blame; the next sync brings it again.
+                    debug!(peer = %propagation_source, "registry gossip ignored: the store is behind");
+                    self.swarm
+                        .behaviour_mut()
+                        .gossipsub
+                        .report_message_validation_result(
+                            &message_id,
+                            &propagation_source,
+                            gossipsub::MessageAcceptance::Ignore,
+                        );
+                } else if author_ok && relay_ok && message.topic == self.registry_topic {
                     // Forward registry gossip only if it checks out, and blame whoever sent it
                     // to us if not: an honest peer never forwards what fails these checks.
                     let (valid, changes, out) =
