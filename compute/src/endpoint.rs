@@ -1201,10 +1201,10 @@ impl Driver {
             crate::shell_worker::program(),
             &name,
             &labels,
-            self.config.task_memory_mb,
             &environment::Sandbox {
                 network: self.config.container_network,
                 pids: self.config.container_pids,
+                memory_mb: self.config.task_memory_mb,
             },
         );
         let (orders_tx, orders_rx) = mpsc::channel(256);

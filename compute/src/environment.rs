@@ -146,6 +146,9 @@ pub struct Sandbox {
     pub network: bool,
     /// Most processes in it.
     pub pids: u32,
+    /// The tasks' memory limit, MiB (0: none); the container gets room for the interpreter
+    /// on top.
+    pub memory_mb: u64,
 }
 
 impl Default for Sandbox {
@@ -153,6 +156,7 @@ impl Default for Sandbox {
         Sandbox {
             network: false,
             pids: 512,
+            memory_mb: 0,
         }
     }
 }
@@ -169,9 +173,9 @@ pub fn worker_command(
     shell_worker: Option<&Path>,
     name: &str,
     labels: &[(String, String)],
-    memory_mb: u64,
     sandbox: &Sandbox,
 ) -> (String, Vec<String>) {
+    let memory_mb = sandbox.memory_mb;
     let script = worker_py.display().to_string();
     let image = env.image.clone().unwrap_or_default();
     // The worker's own command line, inside the environment.
@@ -307,7 +311,6 @@ mod tests {
             Some(fm),
             "n",
             &[],
-            0,
             &Sandbox::default(),
         );
         assert_eq!(program, "/bin/sh");
@@ -321,7 +324,6 @@ mod tests {
             Some(fm),
             "n",
             &[],
-            0,
             &Sandbox::default(),
         );
         assert!(args.contains(&format!("/usr/bin/funcmesh:{SHELL_WORKER_IN_CONTAINER}:ro")));
@@ -344,7 +346,6 @@ mod tests {
             None,
             "n",
             &[],
-            0,
             &Sandbox::default(),
         );
         let dashdash = args.iter().position(|a| a == "--").unwrap();
@@ -356,16 +357,8 @@ mod tests {
     fn containers_run_without_network_root_capabilities_or_a_writable_root() {
         let env = Environment::parse("docker:img:1").unwrap();
         let run = |sandbox: &Sandbox| {
-            let (_, args) = worker_command(
-                &env,
-                "python3",
-                Path::new("/w.py"),
-                None,
-                "n",
-                &[],
-                0,
-                sandbox,
-            );
+            let (_, args) =
+                worker_command(&env, "python3", Path::new("/w.py"), None, "n", &[], sandbox);
             let dashdash = args.iter().position(|a| a == "--").unwrap();
             args[..dashdash].join(" ")
         };
@@ -385,6 +378,7 @@ mod tests {
         let open = run(&Sandbox {
             network: true,
             pids: 64,
+            memory_mb: 0,
         });
         assert!(!open.contains("--network none") && open.contains("--pids-limit 64"));
     }

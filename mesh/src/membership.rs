@@ -977,7 +977,7 @@ pub enum Proof {
         /// A coordinator's receipt; a proof without one is still joining and counts only
         /// with a coordinator.
         #[serde(default, skip_serializing_if = "Option::is_none")]
-        receipt: Option<Receipt>,
+        receipt: Option<Box<Receipt>>,
     },
     /// A coordinator certified by the federation key.
     Coordinator {
@@ -1096,7 +1096,7 @@ impl Proof {
                 invite,
                 binding,
                 endorsement,
-                receipt: Some(receipt),
+                receipt: Some(Box::new(receipt)),
             },
             coordinator => coordinator,
         }
@@ -1232,7 +1232,7 @@ impl Proof {
                     binding,
                     endorsement.as_ref(),
                 )?;
-                let receipt = receipt.as_ref().ok_or(Refusal::NoReceipt)?;
+                let receipt = receipt.as_deref().ok_or(Refusal::NoReceipt)?;
                 let admitted_at =
                     receipt.check(federation, presenter, &bound.invite_id, &bound.binding_id)?;
                 // The invite's window is judged by the coordinator's clock, not the joiner's.
@@ -1503,7 +1503,7 @@ mod tests {
             panic!()
         };
         let (_, forged) = Proof::bind(&rebuilt, &thief, NOW + 60).unwrap();
-        let forged = forged.with_receipt(receipt.unwrap());
+        let forged = forged.with_receipt(*receipt.unwrap());
         assert!(
             forged
                 .verify(&w.fed, &thief.public().to_peer_id(), NOW + 60)

@@ -374,7 +374,7 @@ fn an_invite_admits_one_node_the_same_on_every_replica() {
         .unwrap();
     let mut a = Registry::new(FED);
     let mut b = Registry::new(FED);
-    a.apply_changes(&[i.clone()]).unwrap();
+    a.apply_changes(std::slice::from_ref(&i)).unwrap();
     b.apply_changes(&[i]).unwrap();
     // a learns the late one first and counts it until it hears of the earlier use.
     a.apply_changes(&late).unwrap();
