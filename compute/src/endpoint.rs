@@ -187,7 +187,7 @@ impl Endpoint {
             tracker: tracker.clone(),
             load_tx,
             verified: HashMap::new(),
-            stored_functions: Default::default(),
+            stored_functions: crate::task::stored::StoredFunctions::for_endpoint(&config.name),
             outbox_cursor: Vec::new(),
         };
         driver.recover().await?;
@@ -443,6 +443,9 @@ struct Driver {
 
 /// How many checked functions the endpoint remembers.
 const MAX_VERIFIED_FUNCTIONS: usize = 1024;
+/// How often an endpoint collects the functions no stored task names (and at its first sweep
+/// after a start).
+const FUNCTION_GC_EVERY: Duration = Duration::from_secs(600);
 /// Most finished tasks one outbox sweep sends again.
 const OUTBOX_SWEEP: usize = 1000;
 /// The longest an acknowledgement waits for a write to ride on (the loop turns at least every
@@ -458,12 +461,13 @@ impl Driver {
         if ids.is_empty() {
             return Ok(HashMap::new());
         }
+        let name = self.config.name.clone();
         let found = self
             .store
             .blocking(move |s| {
                 let mut out = HashMap::new();
                 for id in ids {
-                    if let Some(f) = crate::task::stored::read_function(s, &id)? {
+                    if let Some(f) = crate::task::stored::read_endpoint_function(s, &name, &id)? {
                         out.insert(id, f);
                     }
                 }
@@ -654,6 +658,7 @@ impl Driver {
         );
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_full: Option<Instant> = None;
+        let mut last_gc: Option<Instant> = None;
         loop {
             tokio::select! {
                 biased;
@@ -671,6 +676,10 @@ impl Driver {
                         last_full = Some(Instant::now());
                     }
                     self.sweep(full).await;
+                    if last_gc.is_none_or(|t| t.elapsed() >= FUNCTION_GC_EVERY) {
+                        last_gc = Some(Instant::now());
+                        self.collect_functions().await;
+                    }
                 }
             }
             // Take whatever else is waiting, so that one store write covers it all.
@@ -1366,6 +1375,76 @@ impl Driver {
             reply(self);
         }
         self.finished.clear();
+    }
+
+    /// Deletes this endpoint's stored functions that neither a live task nor a stored
+    /// submission (`s/`: queued, running, or finished and not yet acknowledged) names.
+    async fn collect_functions(&mut self) {
+        let name = self.config.name.clone();
+        let live: HashSet<String> = self
+            .live
+            .values()
+            .map(|l| l.sub.function_id.clone())
+            .collect();
+        let res = self
+            .store
+            .blocking(move |s| {
+                #[derive(serde::Deserialize)]
+                struct Names {
+                    function_id: String,
+                }
+                // An `s/` entry holds the submission under `sub`; older versions stored the
+                // submission itself.
+                #[derive(serde::Deserialize)]
+                #[serde(untagged)]
+                enum Entry {
+                    Wrapped { sub: Names },
+                    Bare(Names),
+                }
+                let mut named = live;
+                let mut unreadable = false;
+                let tasks = format!("s/{name}/").into_bytes();
+                s.visit_keys(store::cf::TASKS, &tasks, |k| {
+                    if let Some(v) = s.get(store::cf::TASKS, k)? {
+                        match serde_json::from_slice::<Entry>(&v) {
+                            Ok(Entry::Wrapped { sub: n } | Entry::Bare(n)) => {
+                                named.insert(n.function_id);
+                            }
+                            Err(_) => unreadable = true,
+                        }
+                    }
+                    Ok(true)
+                })?;
+                if unreadable {
+                    // Never collect what an unreadable entry might name.
+                    return Ok(Vec::new());
+                }
+                let scope = crate::task::stored::function_scope(&name);
+                let mut dropped = Vec::new();
+                let mut ops = Vec::new();
+                s.visit_keys(store::cf::FUNCTIONS, &scope, |k| {
+                    let id = String::from_utf8_lossy(&k[scope.len()..]).into_owned();
+                    if !named.contains(&id) {
+                        ops.push((store::cf::FUNCTIONS, k.to_vec(), None));
+                        dropped.push(id);
+                    }
+                    Ok(true)
+                })?;
+                if !ops.is_empty() {
+                    s.batch_unsynced(&ops)?;
+                }
+                Ok(dropped)
+            })
+            .await;
+        match res {
+            Ok(dropped) => {
+                self.stored_functions.dropped(&dropped);
+                if !dropped.is_empty() {
+                    tracing::info!(endpoint = %self.config.name, n = dropped.len(), "collected stored functions no task names");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "collecting stored functions failed"),
+        }
     }
 
     /// Drops finished tasks older than the retention. `full`: every record is read; otherwise

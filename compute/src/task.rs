@@ -288,13 +288,29 @@ pub mod stored {
     }
 
     /// Which functions a node has put in the store's `functions`, so that each is written
-    /// once: with the first stored task that names it.
+    /// once: with the first stored task that names it. An endpoint keeps its own copies under
+    /// its scope (`ep:<name>/<id>`), which it collects once no stored task names them; the
+    /// submitting side's are unscoped (`<id>`).
     #[derive(Debug, Default)]
     pub struct StoredFunctions {
         ids: std::collections::HashSet<String>,
+        scope: Vec<u8>,
+    }
+
+    /// The key prefix of endpoint `name`'s functions.
+    pub fn function_scope(endpoint: &str) -> Vec<u8> {
+        format!("ep:{endpoint}/").into_bytes()
     }
 
     impl StoredFunctions {
+        /// For endpoint `name`: its functions go under its scope.
+        pub fn for_endpoint(name: &str) -> StoredFunctions {
+            StoredFunctions {
+                ids: Default::default(),
+                scope: function_scope(name),
+            }
+        }
+
         /// Ids remembered at most (past that all are forgotten, and each function is written
         /// again with its next task: harmless, an entry never changes).
         const MAX: usize = 65_536;
@@ -310,11 +326,16 @@ pub mod stored {
             }
             let mut v = Vec::with_capacity(512);
             serde_json::to_writer(&mut v, &sub.function).expect("functions serialise");
-            Some((
-                store::cf::FUNCTIONS,
-                sub.function_id.as_bytes().to_vec(),
-                Some(v),
-            ))
+            let mut key = self.scope.clone();
+            key.extend_from_slice(sub.function_id.as_bytes());
+            Some((store::cf::FUNCTIONS, key, Some(v)))
+        }
+
+        /// These functions were collected from the store.
+        pub fn dropped<'a>(&mut self, ids: impl IntoIterator<Item = &'a String>) {
+            for id in ids {
+                self.ids.remove(id);
+            }
         }
 
         /// Remembers functions found in the store.
@@ -335,6 +356,20 @@ pub mod stored {
     ) -> Result<Option<FunctionRecord>, store::Error> {
         Ok(s.get(store::cf::FUNCTIONS, id.as_bytes())?
             .and_then(|v| serde_json::from_slice(&v).ok()))
+    }
+
+    /// Endpoint `name`'s copy of a function, or the unscoped one (stores of older versions).
+    pub fn read_endpoint_function(
+        s: &store::Store,
+        name: &str,
+        id: &str,
+    ) -> Result<Option<FunctionRecord>, store::Error> {
+        let mut key = function_scope(name);
+        key.extend_from_slice(id.as_bytes());
+        match s.get(store::cf::FUNCTIONS, &key)? {
+            Some(v) => Ok(serde_json::from_slice(&v).ok()),
+            None => read_function(s, id),
+        }
     }
 
     /// A stored submission as read back: with its function when an earlier version stored it

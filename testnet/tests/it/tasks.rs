@@ -539,6 +539,7 @@ async fn a_foreign_host_task_cannot_read_the_node_key_the_api_token_or_the_store
             for e in &mut c.endpoint {
                 e.policy = "federation".into();
                 e.host_user = compute::config::HostUser::Node;
+                e.foreign_host_tasks = false;
             }
         })
         .await
