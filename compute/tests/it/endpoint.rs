@@ -863,6 +863,53 @@ async fn stored_functions_no_task_names_are_collected() {
     h.stop().await;
 }
 
+/// Issue 17's third attack, end to end through real workers: institution A's task leaves a hook
+/// in its worker's interpreter (here, a patched builtin that would see every later task's
+/// arguments); institution B's task never runs in that worker, while A's next task does (warm).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_institutions_task_never_runs_in_a_worker_with_hooks_left_by_this_one() {
+    let h = start(config()).await;
+    let plant = python(
+        "plant",
+        "def plant():\n    import builtins, os\n    builtins.funcmesh_hook = os.getpid()\n    return os.getpid()\n",
+    );
+    let look = python(
+        "look",
+        "def look():\n    import builtins, os\n    return [os.getpid(), getattr(builtins, 'funcmesh_hook', None)]\n",
+    );
+    let mut results = h.results;
+    let mut run_as = async |tenant: &str, f: &FunctionRecord| -> Value {
+        let sub = submission(f, json!([]), json!({}));
+        let id = sub.id.clone();
+        let accepted = h.endpoint.submit("peer", tenant, vec![sub]).await.unwrap();
+        assert!(accepted[0].is_ok(), "{accepted:?}");
+        let rec = tokio::time::timeout(Duration::from_secs(30), async {
+            loop {
+                let rec = results.recv().await.unwrap();
+                if rec.id == id {
+                    return rec;
+                }
+            }
+        })
+        .await
+        .unwrap();
+        value(&rec).clone()
+    };
+    let a_pid = run_as("inst-a", &plant).await;
+    let b = run_as("inst-b", &look).await;
+    assert_ne!(b[0], a_pid, "inst-b ran in inst-a's worker");
+    assert_eq!(b[1], Value::Null, "inst-b saw inst-a's hook");
+    let a = run_as("inst-a", &look).await;
+    assert_eq!(
+        a,
+        json!([a_pid, a_pid]),
+        "inst-a's own warm worker, hook and all"
+    );
+    h.cancel.cancel();
+    h.tracker.close();
+    h.tracker.wait().await;
+}
+
 /// Issue 17: an endpoint runs only the container images its operator accepts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_image_the_operator_did_not_accept_is_refused() {
