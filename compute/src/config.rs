@@ -32,6 +32,17 @@ pub enum HostUser {
     Node,
 }
 
+/// Whom a warm worker may serve.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WorkersPer {
+    /// One institution's tasks (the default): never another institution's code.
+    #[default]
+    Institution,
+    /// One submitting node's tasks: not even another node of the same institution's.
+    Node,
+}
+
 /// One endpoint's settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -85,6 +96,8 @@ pub struct EndpointConfig {
     pub runtimes: Vec<String>,
     /// Whom host workers run as.
     pub host_user: HostUser,
+    /// Whom a warm worker may serve: one institution's tasks, or one submitting node's.
+    pub workers_per: WorkersPer,
     /// Give containers a network (default: none, `--network none`).
     pub container_network: bool,
     /// Most processes in one container (`--pids-limit`).
@@ -122,6 +135,7 @@ impl Default for EndpointConfig {
             python: "python3".into(),
             runtimes: vec!["host".into()],
             host_user: HostUser::Auto,
+            workers_per: WorkersPer::Institution,
             foreign_host_tasks: false,
             container_network: false,
             container_pids: 512,

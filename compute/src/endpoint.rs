@@ -81,6 +81,7 @@ enum Cmd {
 #[derive(Clone, Debug)]
 pub struct Endpoint {
     name: String,
+    workers_per: crate::config::WorkersPer,
     max_queued: usize,
     max_queued_bytes: u64,
     foreign_host_refused: bool,
@@ -194,6 +195,7 @@ impl Endpoint {
         tracker.spawn(driver.run(rx, reports_rx, cancel));
         Ok((
             Endpoint {
+                workers_per: config.workers_per,
                 foreign_host_refused: !crate::isolation::available(&config)
                     && !config.foreign_host_tasks,
                 max_queued: config.max_queued,
@@ -204,6 +206,15 @@ impl Endpoint {
             },
             results_rx,
         ))
+    }
+
+    /// Whose tasks `from`'s are, for its workers and its shares: `from`'s institution (a
+    /// coordinator, which has none, is its own), or with `workers_per = "node"` the node.
+    pub fn tenant_of(&self, institution: Option<&str>, peer: &str) -> String {
+        match (self.workers_per, institution) {
+            (crate::config::WorkersPer::Institution, Some(i)) => i.to_owned(),
+            _ => format!("peer:{peer}"),
+        }
     }
 
     /// Whether it refuses host tasks of other institutions: its host workers run as the node's

@@ -31,14 +31,6 @@ pub(crate) struct Server {
     pub(crate) delivering: Mutex<HashSet<TaskId>>,
 }
 
-/// Whose tasks these are, for workers and shares: the member's institution; a coordinator (no
-/// institution) is its own.
-fn tenant_of(from: &Member, peer: &PeerId) -> String {
-    from.institution
-        .clone()
-        .unwrap_or_else(|| format!("peer:{peer}"))
-}
-
 impl Server {
     /// Answers one request from the member `from` (`peer`; this node itself for its own tasks).
     pub(crate) async fn handle(
@@ -115,9 +107,10 @@ impl Server {
                 // Backpressure: an endpoint that holds its most unfinished tasks (or bytes), or
                 // this institution's share of them, takes no more now. The submitter keeps them
                 // (stored, pending) and sends them again shortly.
-                let tenant = tenant_of(from, &peer);
+                let submitter = peer.to_string();
                 for (name, items) in &groups {
                     let (ep, _) = &self.endpoints[name];
+                    let tenant = ep.tenant_of(from.institution.as_deref(), &submitter);
                     let bytes = items
                         .iter()
                         .map(|(_, t)| t.arguments_size_bound() as u64)
@@ -131,7 +124,8 @@ impl Server {
                     let (ep, _) = &self.endpoints[&name];
                     let (idx, subs): (Vec<usize>, Vec<crate::Submission>) =
                         items.into_iter().unzip();
-                    match ep.submit(&peer.to_string(), &tenant, subs).await {
+                    let tenant = ep.tenant_of(from.institution.as_deref(), &submitter);
+                    match ep.submit(&submitter, &tenant, subs).await {
                         Ok(results) => {
                             for (i, r) in idx.into_iter().zip(results) {
                                 answers[i] = Some(match r {

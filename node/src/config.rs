@@ -93,6 +93,8 @@ pub struct EndpointSection {
     /// Whom host workers run as: `auto` (a uid of its own per worker, outside the data dir,
     /// when the node runs as root; the node's user otherwise) or `node`.
     pub host_user: compute::config::HostUser,
+    /// Whom a warm worker may serve: `institution` (default) or `node` (one submitting node).
+    pub workers_per: compute::config::WorkersPer,
     /// Let other institutions' tasks run on `host` even when host workers run as the node's
     /// own user (they could then read its key, API token and store).
     pub foreign_host_tasks: bool,
@@ -128,6 +130,7 @@ impl EndpointSection {
             python: self.python.clone(),
             runtimes: self.runtimes.clone(),
             host_user: self.host_user,
+            workers_per: self.workers_per,
             foreign_host_tasks: self.foreign_host_tasks,
             container_network: self.container_network,
             container_pids: self.container_pids,
@@ -168,6 +171,7 @@ impl Default for EndpointSection {
             retention: c.retention,
             python: c.python,
             host_user: c.host_user,
+            workers_per: c.workers_per,
             foreign_host_tasks: c.foreign_host_tasks,
             container_network: c.container_network,
             container_pids: c.container_pids,

@@ -910,6 +910,23 @@ async fn another_institutions_task_never_runs_in_a_worker_with_hooks_left_by_thi
     h.tracker.wait().await;
 }
 
+/// Workers serve one institution by default; an operator may narrow that to one submitting
+/// node (`workers_per = "node"`). A coordinator, which has no institution, is its own tenant.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workers_serve_one_institution_or_one_node() {
+    let h = start(config()).await;
+    assert_eq!(h.endpoint.tenant_of(Some("inst-a"), "p1"), "inst-a");
+    assert_eq!(h.endpoint.tenant_of(None, "p1"), "peer:p1");
+    h.stop().await;
+    let h = start(EndpointConfig {
+        workers_per: compute::config::WorkersPer::Node,
+        ..config()
+    })
+    .await;
+    assert_eq!(h.endpoint.tenant_of(Some("inst-a"), "p1"), "peer:p1");
+    h.stop().await;
+}
+
 /// Issue 17: an endpoint runs only the container images its operator accepts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_image_the_operator_did_not_accept_is_refused() {
