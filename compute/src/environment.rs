@@ -262,11 +262,20 @@ pub fn worker_command(
             (env.runtime.as_str().to_owned(), args)
         }
         Runtime::Apptainer => {
+            // Contained: its own PID and IPC namespaces, no host home, /tmp or environment
+            // (`--containall`), no privileges even for root (`--no-privs`), and no network
+            // unless the endpoint allows it. (Apptainer is not installed where funcmesh's tests
+            // run: these flags are checked as arguments only.)
             let mut args = vec![
                 "exec".into(),
+                "--containall".into(),
+                "--no-privs".into(),
                 "--bind".into(),
                 format!("{script}:{WORKER_IN_CONTAINER}:ro"),
             ];
+            if !sandbox.network {
+                args.extend(["--net".into(), "--network".into(), "none".into()]);
+            }
             if let Some(p) = shell_worker {
                 args.push("--bind".into());
                 args.push(format!("{}:{SHELL_WORKER_IN_CONTAINER}:ro", p.display()));
@@ -381,5 +390,20 @@ mod tests {
             memory_mb: 0,
         });
         assert!(!open.contains("--network none") && open.contains("--pids-limit 64"));
+        let env = Environment::parse("apptainer:/img.sif").unwrap();
+        let (program, args) = worker_command(
+            &env,
+            "python3",
+            Path::new("/w.py"),
+            None,
+            "n",
+            &[],
+            &Sandbox::default(),
+        );
+        assert_eq!(program, "apptainer");
+        let line = args.join(" ");
+        for part in ["--containall", "--no-privs", "--net --network none"] {
+            assert!(line.contains(part), "`{part}` missing from: {line}");
+        }
     }
 }
