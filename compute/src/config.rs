@@ -73,7 +73,8 @@ pub struct EndpointConfig {
     /// (0: no maximum).
     #[serde(with = "humantime_serde_compat")]
     pub max_task_timeout: Duration,
-    /// Memory limit per task, MiB (0: none).
+    /// Memory limit per task, MiB of address space beyond the worker's own, hard (default
+    /// 4096; 0: none).
     pub task_memory_mb: u64,
     /// Largest result, bytes, as JSON.
     pub result_limit: u64,
@@ -125,7 +126,7 @@ impl Default for EndpointConfig {
             start_timeout: Duration::from_secs(120),
             task_timeout: Duration::from_secs(3600),
             max_task_timeout: Duration::from_secs(24 * 3600),
-            task_memory_mb: 0,
+            task_memory_mb: 4096,
             result_limit: 10 << 20,
             output_cap: 64 << 10,
             retention: Duration::from_secs(7 * 24 * 3600),

@@ -79,7 +79,8 @@ pub struct EndpointSection {
     /// (`0s`: no maximum; default 24h).
     #[serde(with = "humantime_serde_str")]
     pub max_task_timeout: Duration,
-    /// Memory limit per task, MiB (0: none).
+    /// Memory limit per task, MiB of address space beyond the worker's own, hard (default
+    /// 4096; 0: none).
     pub task_memory_mb: u64,
     /// Largest result, bytes of JSON.
     pub result_limit: u64,
