@@ -475,6 +475,10 @@ def run_shell(template, task):
             base = vm_size() or 0
             # Hard as well as soft: the command cannot raise its own limit.
             limit = base + (mb << 20)
+            # Never above the worker's own hard limit (a Python task may have set it).
+            hard = resource.getrlimit(resource.RLIMIT_AS)[1]
+            if hard != resource.RLIM_INFINITY:
+                limit = min(limit, hard)
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
     proc = subprocess.Popen(cmd, shell=True, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,

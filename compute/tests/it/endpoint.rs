@@ -449,6 +449,20 @@ async fn a_python_task_cannot_lift_its_memory_limit() {
     h.stop().await;
 }
 
+/// A shell command after a Python task in the same worker: the worker's hard limit is set, and
+/// the command's own limit stays under it instead of failing to be set.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shell_command_runs_after_a_python_task_set_the_workers_limit() {
+    let mut h = start(one_worker()).await;
+    let ok = submission(&f("add"), json!([2]), json!({"b": 1}));
+    assert_eq!(value(&h.run(ok).await), &json!(3));
+    let rec = h
+        .run(submission(&shell("echo fine"), json!([]), json!({})))
+        .await;
+    assert_eq!(value(&rec)["stdout"], "fine\n", "{rec:?}");
+    h.stop().await;
+}
+
 /// A submitter cannot ask for more time than the endpoint's operator allows; within it, a
 /// task that asks for nothing gets the endpoint's (finite) default.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
