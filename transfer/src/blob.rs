@@ -1,0 +1,351 @@
+//! The content-addressed blob store, with BLAKE3 verified streaming.
+//!
+//! Layout, under the store's directory (created 0700):
+//!
+//! * `<hash>.data` and `<hash>.obao`: a complete blob and its pre-order outboard (the bao tree's
+//!   parent hashes, `BaoTree::outboard_size` bytes);
+//! * `partial/<hash>.data`, `partial/<hash>.obao`: a blob being received. The data file has the
+//!   blob's full size from the start; the outboard is filled in as parent hashes arrive. Only
+//!   verified bytes are ever written, so whatever [`BlobStore::missing`] finds valid there is.
+//!
+//! Everything here is blocking file IO: call it from a blocking task.
+
+use std::fmt;
+use std::fs::{File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt as _, FileExt as _};
+use std::path::{Path, PathBuf};
+
+use bao_tree::io::outboard::PreOrderOutboard;
+use bao_tree::io::sync::{
+    CreateOutboard as _, DecodeResponseIter, OutboardMut as _, encode_ranges_validated,
+    valid_ranges,
+};
+use bao_tree::io::{BaoContentItem, Leaf, Parent};
+use bao_tree::{BaoTree, BlockSize, ChunkNum, ChunkRanges, blake3};
+
+/// Chunk groups of 16 KiB (2⁴ BLAKE3 chunks of 1 KiB): the unit that is verified, and that is
+/// sent again when it arrives corrupt. The outboard costs 64 bytes per group (0.4 %).
+pub const BLOCK_SIZE: BlockSize = BlockSize::from_chunk_log(4);
+
+/// A blob's BLAKE3 hash: its name everywhere.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Hash(pub [u8; 32]);
+
+impl Hash {
+    /// The hash of `bytes`.
+    pub fn of(bytes: &[u8]) -> Hash {
+        Hash(*blake3::hash(bytes).as_bytes())
+    }
+
+    fn blake3(&self) -> blake3::Hash {
+        blake3::Hash::from_bytes(self.0)
+    }
+}
+
+impl fmt::Display for Hash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for Hash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Hash({self})")
+    }
+}
+
+impl std::str::FromStr for Hash {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Hash, Error> {
+        let bad = || Error::BadHash(s.chars().take(80).collect());
+        let bytes = hex::decode(s).map_err(|_| bad())?;
+        Ok(Hash(bytes.try_into().map_err(|_| bad())?))
+    }
+}
+
+/// What can go wrong with a blob.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Reading or writing the store failed.
+    #[error("blob store: {0}")]
+    Io(#[from] io::Error),
+    /// Not a BLAKE3 hash in hex.
+    #[error("`{0}` is not a blob hash (64 hexadecimal characters)")]
+    BadHash(String),
+    /// The store does not hold this blob (or not the ranges asked for).
+    #[error("this node does not hold blob {0} (or not the part asked for)")]
+    Missing(Hash),
+    /// The stream did not verify against the hash: nothing from the bad chunk group on was
+    /// written. Ask again for what [`BlobStore::missing`] reports.
+    #[error(
+        "blob {hash}: the stream does not verify against its hash ({reason}); the bad part was not written, ask for it again"
+    )]
+    Corrupt {
+        /// The blob.
+        hash: Hash,
+        /// What did not verify.
+        reason: String,
+    },
+}
+
+/// The blob store of one node.
+#[derive(Debug, Clone)]
+pub struct BlobStore {
+    dir: PathBuf,
+}
+
+/// The chunk ranges covering bytes `start..end` of a blob, in whole chunk groups (the unit
+/// that is verified and stored).
+pub fn byte_ranges(start: u64, end: u64) -> ChunkRanges {
+    groups(ChunkRanges::from(
+        ChunkNum(start / 1024)..ChunkNum(end.div_ceil(1024)),
+    ))
+}
+
+/// `ranges` widened to whole chunk groups: a receiver keeps only groups it could verify whole.
+fn groups(ranges: ChunkRanges) -> ChunkRanges {
+    bao_tree::io::round_up_to_chunks_groups(ranges, BLOCK_SIZE)
+}
+
+impl BlobStore {
+    /// The store in `dir` (created if need be, 0700).
+    pub fn open(dir: impl AsRef<Path>) -> Result<BlobStore, Error> {
+        let dir = dir.as_ref().to_path_buf();
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir.join("partial"))?;
+        Ok(BlobStore { dir })
+    }
+
+    fn complete(&self, hash: &Hash) -> (PathBuf, PathBuf) {
+        (
+            self.dir.join(format!("{hash}.data")),
+            self.dir.join(format!("{hash}.obao")),
+        )
+    }
+
+    fn partial(&self, hash: &Hash) -> (PathBuf, PathBuf) {
+        let dir = self.dir.join("partial");
+        (
+            dir.join(format!("{hash}.data")),
+            dir.join(format!("{hash}.obao")),
+        )
+    }
+
+    /// Stores everything `data` yields; returns its hash and size. A blob already held is not
+    /// stored twice.
+    pub fn import(&self, mut data: impl Read) -> Result<(Hash, u64), Error> {
+        let tag = hex::encode(rand_tag());
+        let tmp_data = self.dir.join(format!(".import-{tag}.data"));
+        let tmp_obao = self.dir.join(format!(".import-{tag}.obao"));
+        let result = (|| {
+            let mut file = File::create(&tmp_data)?;
+            let size = io::copy(&mut data, &mut file)?;
+            file.sync_all()?;
+            let tree = BaoTree::new(size, BLOCK_SIZE);
+            let obao = File::create(&tmp_obao)?;
+            obao.set_len(tree.outboard_size())?;
+            let mut outboard = PreOrderOutboard {
+                root: blake3::hash(&[]),
+                tree,
+                data: obao,
+            };
+            outboard.init_from(io::BufReader::with_capacity(
+                1 << 20,
+                File::open(&tmp_data)?,
+            ))?;
+            outboard.sync()?;
+            let hash = Hash(*outboard.root.as_bytes());
+            let (data_path, obao_path) = self.complete(&hash);
+            if !data_path.exists() {
+                std::fs::rename(&tmp_obao, &obao_path)?;
+                std::fs::rename(&tmp_data, &data_path)?;
+            }
+            Ok((hash, size))
+        })();
+        let _ = std::fs::remove_file(&tmp_data);
+        let _ = std::fs::remove_file(&tmp_obao);
+        result
+    }
+
+    /// The size of a complete blob this store holds.
+    pub fn size(&self, hash: &Hash) -> Option<u64> {
+        let (data, obao) = self.complete(hash);
+        if !obao.exists() {
+            return None;
+        }
+        std::fs::metadata(data).ok().map(|m| m.len())
+    }
+
+    /// The path of a complete blob's bytes (to read or copy out).
+    pub fn path(&self, hash: &Hash) -> Result<PathBuf, Error> {
+        self.size(hash).ok_or(Error::Missing(*hash))?;
+        Ok(self.complete(hash).0)
+    }
+
+    fn outboard(&self, hash: &Hash, obao: &Path, size: u64) -> io::Result<PreOrderOutboard<File>> {
+        Ok(PreOrderOutboard {
+            root: hash.blake3(),
+            tree: BaoTree::new(size, BLOCK_SIZE),
+            data: OpenOptions::new().read(true).write(true).open(obao)?,
+        })
+    }
+
+    /// Writes the verified stream of `ranges` of a complete blob to `out`: the chunk groups
+    /// and the parent hashes that prove them. Every group is checked before it is sent, so a
+    /// blob corrupted on this node's disk is never passed on.
+    pub fn encode(&self, hash: &Hash, ranges: &ChunkRanges, out: impl Write) -> Result<(), Error> {
+        let size = self.size(hash).ok_or(Error::Missing(*hash))?;
+        let (data, obao) = self.complete(hash);
+        let outboard = self.outboard(hash, &obao, size)?;
+        let data = File::open(data)?;
+        encode_ranges_validated(data, outboard, &groups(ranges.clone()), out).map_err(|e| match e {
+            bao_tree::io::EncodeError::Io(e) => Error::Io(e),
+            other => Error::Corrupt {
+                hash: *hash,
+                reason: format!("this node's copy: {other}"),
+            },
+        })
+    }
+
+    /// Receives the verified stream of `ranges` of blob `hash` of `size` bytes, as
+    /// [`BlobStore::encode`] writes it, into the partial blob (made if need be). Returns how
+    /// many bytes of data were written. A blob found complete afterwards becomes complete.
+    ///
+    /// On a group that does not verify, stops with [`Error::Corrupt`]: what came before it is
+    /// kept, and [`BlobStore::missing`] tells what to ask for again.
+    pub fn receive(
+        &self,
+        hash: &Hash,
+        size: u64,
+        ranges: &ChunkRanges,
+        encoded: impl Read,
+    ) -> Result<u64, Error> {
+        if self.size(hash).is_some() {
+            return Ok(0);
+        }
+        let (data_path, obao_path) = self.partial(hash);
+        let tree = BaoTree::new(size, BLOCK_SIZE);
+        let data = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&data_path)?;
+        if data.metadata()?.len() != size {
+            data.set_len(size)?;
+        }
+        let obao = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&obao_path)?;
+        if obao.metadata()?.len() != tree.outboard_size() {
+            obao.set_len(tree.outboard_size())?;
+        }
+        let mut outboard = PreOrderOutboard {
+            root: hash.blake3(),
+            tree,
+            data: obao,
+        };
+        let mut written = 0u64;
+        let mut outcome = Ok(());
+        let ranges = groups(ranges.clone());
+        for item in DecodeResponseIter::new(hash.blake3(), tree, encoded, &ranges) {
+            match item {
+                Ok(BaoContentItem::Parent(Parent { node, pair })) => outboard.save(node, &pair)?,
+                Ok(BaoContentItem::Leaf(Leaf {
+                    offset,
+                    data: bytes,
+                })) => {
+                    data.write_all_at(&bytes, offset)?;
+                    written += bytes.len() as u64;
+                }
+                Err(bao_tree::io::DecodeError::Io(e)) => {
+                    outcome = Err(Error::Io(e));
+                    break;
+                }
+                Err(e) => {
+                    outcome = Err(Error::Corrupt {
+                        hash: *hash,
+                        reason: e.to_string(),
+                    });
+                    break;
+                }
+            }
+        }
+        data.sync_data()?;
+        outboard.sync()?;
+        outcome?;
+        if self.missing(hash, size)?.is_empty() {
+            let (complete_data, complete_obao) = self.complete(hash);
+            std::fs::rename(&obao_path, complete_obao)?;
+            std::fs::rename(&data_path, complete_data)?;
+        }
+        Ok(written)
+    }
+
+    /// The chunk ranges of blob `hash` (`size` bytes) this store does not hold verified: all of
+    /// it for a blob never seen, none for a complete one. Rehashes what a partial blob holds
+    /// (run it when resuming, not per group).
+    pub fn missing(&self, hash: &Hash, size: u64) -> Result<ChunkRanges, Error> {
+        let all = ChunkRanges::from(ChunkNum(0)..BaoTree::new(size, BLOCK_SIZE).chunks());
+        if self.size(hash).is_some() {
+            return Ok(ChunkRanges::empty());
+        }
+        let (data_path, obao_path) = self.partial(hash);
+        if !data_path.exists() || !obao_path.exists() {
+            return Ok(all);
+        }
+        let outboard = self.outboard(hash, &obao_path, size)?;
+        let data = File::open(&data_path)?;
+        let mut valid = ChunkRanges::empty();
+        for range in valid_ranges(outboard, data, &all) {
+            valid |= ChunkRanges::from(range?);
+        }
+        Ok(&all - &valid)
+    }
+
+    /// Bytes `start..end` of a blob, verified, whether it is complete or partial (the range
+    /// must be held).
+    pub fn read_range(
+        &self,
+        hash: &Hash,
+        size: u64,
+        start: u64,
+        end: u64,
+    ) -> Result<Vec<u8>, Error> {
+        let end = end.min(size);
+        if start >= end {
+            return Ok(Vec::new());
+        }
+        let (data_path, obao_path) = match self.size(hash) {
+            Some(_) => self.complete(hash),
+            None => self.partial(hash),
+        };
+        let wanted = byte_ranges(start, end);
+        if !(&self.missing(hash, size)? & &wanted).is_empty() {
+            return Err(Error::Missing(*hash));
+        }
+        let _ = obao_path;
+        let data = File::open(data_path)?;
+        let mut buf = vec![0u8; (end - start) as usize];
+        // Verified above; read plainly.
+        data.read_exact_at(&mut buf, start)?;
+        Ok(buf)
+    }
+}
+
+/// A name for an import's temporary files: unique in this process, and across processes by
+/// the pid.
+fn rand_tag() -> [u8; 12] {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut tag = [0u8; 12];
+    tag[..4].copy_from_slice(&std::process::id().to_le_bytes());
+    tag[4..].copy_from_slice(&n.to_le_bytes());
+    tag
+}

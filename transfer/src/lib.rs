@@ -1,0 +1,16 @@
+//! funcmesh's data plane.
+//!
+//! So far: [`blob`], the content-addressed blob store every node keeps in its data dir. Blobs
+//! are named by their BLAKE3 hash and travel as BLAKE3 *verified streams* (`bao-tree`): the
+//! sender encodes the chunk groups asked for together with the tree hashes that prove them, and
+//! the receiver checks every 16 KiB chunk group against the root hash as it arrives, before a
+//! byte of it is written. A corrupt group stops the stream; everything before it is kept, and
+//! what is still missing is asked for again (from the same member or another). A partial blob
+//! survives restarts: [`blob::BlobStore::missing`] says what to ask for to resume.
+//!
+//! Still to come (the transfer issue): the QUIC endpoint between members, endpoint data roots,
+//! durable transfer jobs, and large task values by reference.
+
+pub mod blob;
+
+pub use blob::{BlobStore, Error, Hash};
