@@ -8,9 +8,12 @@
 //! what is still missing is asked for again (from the same member or another). A partial blob
 //! survives restarts: [`blob::BlobStore::missing`] says what to ask for to resume.
 //!
-//! Still to come (the transfer issue): the QUIC endpoint between members, endpoint data roots,
-//! durable transfer jobs, and large task values by reference.
+//! [`net`] is the QUIC endpoint members fetch blobs from each other with, authenticated by their
+//! libp2p identities. Still to come (the transfer issue): wiring it into the node (its
+//! `data_addr`, membership as the admission rule), endpoint data roots, durable transfer jobs,
+//! and large task values by reference.
 
 pub mod blob;
+pub mod net;
 
 pub use blob::{BlobStore, Error, Hash};

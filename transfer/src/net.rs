@@ -1,0 +1,524 @@
+//! The data plane's QUIC endpoint: blobs between members, directly.
+//!
+//! Every node binds one `quinn` endpoint on a UDP port of its own. Both sides of a connection
+//! present their libp2p identity in the TLS handshake (`libp2p-tls` certificates): the client
+//! checks that the server is the peer it meant to reach, and the server admits a client only if
+//! `admit` says its peer id is a verified member; anyone else's connection is closed before a
+//! stream is read.
+//!
+//! The protocol, one request per bidirectional stream: the requester writes a length-prefixed
+//! JSON [`Request`] and finishes its side; the server answers a length-prefixed JSON
+//! [`Response`] and, for a `Get`, the verified stream of the chunk groups asked for
+//! ([`BlobStore::encode`]). The requester checks every group as it arrives
+//! ([`BlobStore::receive`]) and asks again for whatever is still missing.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bao_tree::{ChunkNum, ChunkRanges};
+use libp2p::PeerId;
+use libp2p::identity::Keypair;
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use serde::{Deserialize, Serialize};
+use tokio::io::AsyncReadExt as _;
+
+use crate::blob::{BlobStore, Hash};
+
+/// Largest request or response header, checked before it is read.
+pub const MAX_HEADER: usize = 64 * 1024;
+/// Most ranges one request may name.
+pub const MAX_RANGES: usize = 4096;
+/// Protocol version, in every header.
+pub const VERSION: u32 = 1;
+
+/// What a member asks of another's data plane.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Request {
+    /// The size of a blob, if the server holds it complete.
+    Stat {
+        /// Protocol version.
+        v: u32,
+        /// The blob.
+        hash: String,
+    },
+    /// The verified stream of these chunk ranges (`[start, end)` in 1 KiB chunks) of a blob.
+    Get {
+        /// Protocol version.
+        v: u32,
+        /// The blob.
+        hash: String,
+        /// Chunk ranges; widened to whole chunk groups by the server.
+        ranges: Vec<(u64, u64)>,
+    },
+}
+
+/// The answer's header.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Response {
+    /// The blob is here, of this size (for a `Get`, its stream follows).
+    Found {
+        /// Bytes.
+        size: u64,
+    },
+    /// Refused, or not here.
+    Refused {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Why a data-plane call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The endpoint could not be set up.
+    #[error("data plane: {0}")]
+    Setup(String),
+    /// Connecting to the peer failed (unreachable, or not the peer expected, or it refused us).
+    #[error("data plane: cannot connect to {peer}: {reason}")]
+    Connect {
+        /// The peer.
+        peer: PeerId,
+        /// Why.
+        reason: String,
+    },
+    /// The peer answered something malformed, or the stream broke.
+    #[error("data plane: {0}")]
+    Protocol(String),
+    /// The peer refused the request, or does not hold the blob.
+    #[error("data plane: {peer} refused: {reason}")]
+    Refused {
+        /// The peer.
+        peer: PeerId,
+        /// Its reason.
+        reason: String,
+    },
+    /// The blob store failed or the stream did not verify.
+    #[error(transparent)]
+    Blob(#[from] crate::blob::Error),
+}
+
+/// Decides whether a peer that completed the handshake may use this node's data plane.
+pub type Admit = Arc<dyn Fn(&PeerId) -> bool + Send + Sync>;
+
+/// A node's data-plane endpoint.
+#[derive(Clone)]
+pub struct DataPlane {
+    endpoint: quinn::Endpoint,
+    keypair: Keypair,
+    store: BlobStore,
+}
+
+fn transport() -> Arc<quinn::TransportConfig> {
+    let mut t = quinn::TransportConfig::default();
+    // Windows large enough for a loopback or LAN path to stay full.
+    t.stream_receive_window(quinn::VarInt::from_u32(16 << 20));
+    t.receive_window(quinn::VarInt::from_u32(64 << 20));
+    t.send_window(64 << 20);
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(64));
+    t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
+    t.keep_alive_interval(Some(Duration::from_secs(5)));
+    Arc::new(t)
+}
+
+/// The peer id a connection's client presented in its certificate.
+fn peer_of(conn: &quinn::Connection) -> Option<PeerId> {
+    let identity = conn.peer_identity()?;
+    let certs = identity
+        .downcast::<Vec<rustls::pki_types::CertificateDer<'static>>>()
+        .ok()?;
+    let cert = certs.first()?;
+    libp2p_tls::certificate::parse(cert)
+        .ok()
+        .map(|c| c.peer_id())
+}
+
+impl DataPlane {
+    /// Binds the endpoint on `addr` (port 0: any) and serves `store` to the peers `admit`
+    /// accepts, until the endpoint is dropped.
+    pub fn bind(
+        keypair: &Keypair,
+        addr: SocketAddr,
+        store: BlobStore,
+        admit: Admit,
+    ) -> Result<DataPlane, Error> {
+        let setup = |e: &dyn std::fmt::Display| Error::Setup(e.to_string());
+        let tls = libp2p_tls::make_server_config(keypair).map_err(|e| setup(&e))?;
+        let crypto = QuicServerConfig::try_from(tls).map_err(|e| setup(&e))?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        server.transport_config(transport());
+        let endpoint = quinn::Endpoint::server(server, addr).map_err(|e| setup(&e))?;
+        let plane = DataPlane {
+            endpoint: endpoint.clone(),
+            keypair: keypair.clone(),
+            store: store.clone(),
+        };
+        tokio::spawn(async move {
+            while let Some(incoming) = endpoint.accept().await {
+                let store = store.clone();
+                let admit = admit.clone();
+                tokio::spawn(async move {
+                    let Ok(conn) = incoming.await else {
+                        return;
+                    };
+                    match peer_of(&conn) {
+                        Some(peer) if admit(&peer) => serve(conn, store).await,
+                        _ => conn.close(quinn::VarInt::from_u32(1), b"not a member"),
+                    }
+                });
+            }
+        });
+        Ok(plane)
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> Result<SocketAddr, Error> {
+        self.endpoint
+            .local_addr()
+            .map_err(|e| Error::Setup(e.to_string()))
+    }
+
+    async fn connect(&self, peer: PeerId, addr: SocketAddr) -> Result<quinn::Connection, Error> {
+        let fail = |reason: String| Error::Connect { peer, reason };
+        let tls = libp2p_tls::make_client_config(&self.keypair, Some(peer))
+            .map_err(|e| fail(e.to_string()))?;
+        let crypto = QuicClientConfig::try_from(tls).map_err(|e| fail(e.to_string()))?;
+        let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+        client.transport_config(transport());
+        // The server name is not checked (libp2p-tls checks the peer id instead).
+        let connecting = self
+            .endpoint
+            .connect_with(client, addr, "l")
+            .map_err(|e| fail(e.to_string()))?;
+        connecting.await.map_err(|e| fail(e.to_string()))
+    }
+
+    /// Fetches blob `hash` from `peer` at `addr` into this node's store, asking only for what
+    /// the store is missing and asking again after a chunk group that does not verify (up to
+    /// `attempts` rounds). Returns the blob's size and the bytes of data received.
+    pub async fn fetch(
+        &self,
+        peer: PeerId,
+        addr: SocketAddr,
+        hash: Hash,
+        attempts: usize,
+    ) -> Result<(u64, u64), Error> {
+        let conn = self.connect(peer, addr).await?;
+        let size = match ask(
+            &conn,
+            &Request::Stat {
+                v: VERSION,
+                hash: hash.to_string(),
+            },
+        )
+        .await?
+        {
+            (Response::Found { size }, _) => size,
+            (Response::Refused { reason }, _) => return Err(Error::Refused { peer, reason }),
+        };
+        let mut received = 0;
+        let mut last = None;
+        for _ in 0..attempts.max(1) {
+            let store = self.store.clone();
+            let missing = tokio::task::spawn_blocking(move || store.missing(&hash, size))
+                .await
+                .map_err(|e| Error::Protocol(e.to_string()))??;
+            if missing.is_empty() {
+                return Ok((size, received));
+            }
+            let ranges: Vec<(u64, u64)> = ranges_of(&missing, size);
+            let (head, recv) = ask(
+                &conn,
+                &Request::Get {
+                    v: VERSION,
+                    hash: hash.to_string(),
+                    ranges,
+                },
+            )
+            .await?;
+            match head {
+                Response::Found { size: s } if s == size => {}
+                Response::Found { size: s } => {
+                    return Err(Error::Protocol(format!(
+                        "{peer} says blob {hash} has {s} bytes, then {size}"
+                    )));
+                }
+                Response::Refused { reason } => return Err(Error::Refused { peer, reason }),
+            }
+            let store = self.store.clone();
+            let (reader, pump) = bridge::reader(recv);
+            let outcome =
+                tokio::task::spawn_blocking(move || store.receive(&hash, size, &missing, reader))
+                    .await
+                    .map_err(|e| Error::Protocol(e.to_string()))?;
+            pump.abort();
+            match outcome {
+                Ok(n) => received += n,
+                Err(e @ crate::blob::Error::Corrupt { .. }) => last = Some(e),
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let store = self.store.clone();
+        let missing = tokio::task::spawn_blocking(move || store.missing(&hash, size))
+            .await
+            .map_err(|e| Error::Protocol(e.to_string()))??;
+        match (missing.is_empty(), last) {
+            (true, _) => Ok((size, received)),
+            (false, Some(e)) => Err(e.into()),
+            (false, None) => Err(Error::Protocol(format!(
+                "blob {hash} still incomplete after {attempts} rounds"
+            ))),
+        }
+    }
+}
+
+/// The `[start, end)` chunk ranges of a range set, with an open end closed at the blob's end.
+fn ranges_of(set: &ChunkRanges, size: u64) -> Vec<(u64, u64)> {
+    let end = size.div_ceil(1024).max(1);
+    set.iter()
+        .map(|r| {
+            let (start, stop) = match r {
+                range_collections::range_set::RangeSetRange::Range(r) => (r.start.0, r.end.0),
+                range_collections::range_set::RangeSetRange::RangeFrom(r) => (r.start.0, end),
+            };
+            (start, stop)
+        })
+        .collect()
+}
+
+async fn write_header<T: Serialize>(send: &mut quinn::SendStream, value: &T) -> Result<(), Error> {
+    let bytes = serde_json::to_vec(value).map_err(|e| Error::Protocol(e.to_string()))?;
+    send.write_all(&(bytes.len() as u32).to_be_bytes())
+        .await
+        .map_err(|e| Error::Protocol(e.to_string()))?;
+    send.write_all(&bytes)
+        .await
+        .map_err(|e| Error::Protocol(e.to_string()))
+}
+
+/// Reads a length-prefixed JSON header, refusing one over [`MAX_HEADER`] before reading it.
+pub async fn read_header<T: for<'de> Deserialize<'de>>(
+    recv: &mut (impl tokio::io::AsyncRead + Unpin),
+) -> Result<T, Error> {
+    let mut len = [0u8; 4];
+    recv.read_exact(&mut len)
+        .await
+        .map_err(|e| Error::Protocol(format!("reading a header: {e}")))?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_HEADER {
+        return Err(Error::Protocol(format!(
+            "a header of {len} bytes, at most {MAX_HEADER}"
+        )));
+    }
+    let mut buf = vec![0u8; len];
+    recv.read_exact(&mut buf)
+        .await
+        .map_err(|e| Error::Protocol(format!("reading a header: {e}")))?;
+    decode_header(&buf)
+}
+
+/// Decodes a header's JSON (the part of [`read_header`] that sees peer bytes).
+pub fn decode_header<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, Error> {
+    serde_json::from_slice(bytes).map_err(|e| Error::Protocol(format!("a malformed header: {e}")))
+}
+
+async fn ask(
+    conn: &quinn::Connection,
+    request: &Request,
+) -> Result<(Response, quinn::RecvStream), Error> {
+    let (mut send, mut recv) = conn
+        .open_bi()
+        .await
+        .map_err(|e| Error::Protocol(e.to_string()))?;
+    write_header(&mut send, request).await?;
+    send.finish().map_err(|e| Error::Protocol(e.to_string()))?;
+    let head = read_header(&mut recv).await?;
+    Ok((head, recv))
+}
+
+/// Checks a request from a peer: version, hash, range count and order.
+pub fn check(request: &Request) -> Result<(Hash, Option<ChunkRanges>), String> {
+    let (v, hash, ranges) = match request {
+        Request::Stat { v, hash } => (*v, hash, None),
+        Request::Get { v, hash, ranges } => (*v, hash, Some(ranges)),
+    };
+    if v != VERSION {
+        return Err(format!(
+            "data-plane protocol {v}, this node speaks {VERSION}"
+        ));
+    }
+    let hash: Hash = hash
+        .parse()
+        .map_err(|e: crate::blob::Error| e.to_string())?;
+    let Some(ranges) = ranges else {
+        return Ok((hash, None));
+    };
+    if ranges.len() > MAX_RANGES {
+        return Err(format!("{} ranges, at most {MAX_RANGES}", ranges.len()));
+    }
+    let mut set = ChunkRanges::empty();
+    for &(start, end) in ranges {
+        if start >= end {
+            return Err(format!("an empty or reversed range {start}..{end}"));
+        }
+        set |= ChunkRanges::from(ChunkNum(start)..ChunkNum(end));
+    }
+    Ok((hash, Some(set)))
+}
+
+async fn serve(conn: quinn::Connection, store: BlobStore) {
+    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let request: Request = match read_header(&mut recv).await {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = write_header(
+                        &mut send,
+                        &Response::Refused {
+                            reason: e.to_string(),
+                        },
+                    )
+                    .await;
+                    let _ = send.finish();
+                    return;
+                }
+            };
+            let (hash, ranges) = match check(&request) {
+                Ok(ok) => ok,
+                Err(reason) => {
+                    let _ = write_header(&mut send, &Response::Refused { reason }).await;
+                    let _ = send.finish();
+                    return;
+                }
+            };
+            let Some(size) = store.size(&hash) else {
+                let _ = write_header(
+                    &mut send,
+                    &Response::Refused {
+                        reason: format!("this node does not hold blob {hash}"),
+                    },
+                )
+                .await;
+                let _ = send.finish();
+                return;
+            };
+            if write_header(&mut send, &Response::Found { size })
+                .await
+                .is_err()
+            {
+                return;
+            }
+            if let Some(ranges) = ranges {
+                let (writer, mut chunks) = bridge::writer();
+                let encoding = tokio::task::spawn_blocking(move || {
+                    let mut out = std::io::BufWriter::with_capacity(1 << 20, writer);
+                    store.encode(&hash, &ranges, &mut out)?;
+                    std::io::Write::flush(&mut out)?;
+                    Ok::<(), crate::blob::Error>(())
+                });
+                while let Some(chunk) = chunks.recv().await {
+                    if send.write_all(&chunk).await.is_err() {
+                        return;
+                    }
+                }
+                if let Ok(Err(e)) = encoding.await {
+                    tracing::warn!(%hash, error = %e, "cannot send a blob");
+                    let _ = send.reset(quinn::VarInt::from_u32(2));
+                    return;
+                }
+            }
+            let _ = send.finish();
+        });
+    }
+}
+
+/// Between the async QUIC streams and the blob store's blocking IO.
+mod bridge {
+    use std::io;
+
+    /// A blocking `Read` fed by a task that reads `recv`; abort the task when done.
+    pub(super) fn reader(
+        mut recv: quinn::RecvStream,
+    ) -> (ChannelReader, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(16);
+        let pump = tokio::spawn(async move {
+            loop {
+                let mut buf = vec![0u8; 256 << 10];
+                match recv.read(&mut buf).await {
+                    Ok(None) | Ok(Some(0)) => break,
+                    Ok(Some(n)) => {
+                        buf.truncate(n);
+                        let tx = tx.clone();
+                        if tokio::task::spawn_blocking(move || tx.send(Ok(buf)))
+                            .await
+                            .map_or(true, |r| r.is_err())
+                        {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.try_send(Err(io::Error::other(e)));
+                        break;
+                    }
+                }
+            }
+        });
+        (
+            ChannelReader {
+                rx,
+                buf: Vec::new(),
+                at: 0,
+            },
+            pump,
+        )
+    }
+
+    pub(super) struct ChannelReader {
+        rx: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
+        buf: Vec<u8>,
+        at: usize,
+    }
+
+    impl io::Read for ChannelReader {
+        fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+            while self.at == self.buf.len() {
+                match self.rx.recv() {
+                    Ok(chunk) => {
+                        self.buf = chunk?;
+                        self.at = 0;
+                    }
+                    Err(_) => return Ok(0),
+                }
+            }
+            let n = out.len().min(self.buf.len() - self.at);
+            out[..n].copy_from_slice(&self.buf[self.at..self.at + n]);
+            self.at += n;
+            Ok(n)
+        }
+    }
+
+    /// A blocking `Write` whose chunks an async task sends on.
+    pub(super) fn writer() -> (ChannelWriter, tokio::sync::mpsc::Receiver<Vec<u8>>) {
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        (ChannelWriter { tx }, rx)
+    }
+
+    pub(super) struct ChannelWriter {
+        tx: tokio::sync::mpsc::Sender<Vec<u8>>,
+    }
+
+    impl io::Write for ChannelWriter {
+        fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+            self.tx
+                .blocking_send(data.to_vec())
+                .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the stream closed"))?;
+            Ok(data.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,169 @@
+//! The data plane over real QUIC on loopback: two endpoints, as two members' nodes.
+
+use std::sync::Arc;
+
+use libp2p::identity::Keypair;
+use rand::RngCore as _;
+use transfer::blob::{BlobStore, Hash};
+use transfer::net::{DataPlane, Error, Request, check, decode_header};
+
+struct Node {
+    plane: DataPlane,
+    key: Keypair,
+    store: BlobStore,
+    _dir: tempfile::TempDir,
+}
+
+fn node(admit: bool) -> Node {
+    let dir = tempfile::tempdir().unwrap();
+    let store = BlobStore::open(dir.path().join("blobs")).unwrap();
+    let key = Keypair::generate_ed25519();
+    let plane = DataPlane::bind(
+        &key,
+        "127.0.0.1:0".parse().unwrap(),
+        store.clone(),
+        Arc::new(move |_| admit),
+    )
+    .unwrap();
+    Node {
+        plane,
+        key,
+        store,
+        _dir: dir,
+    }
+}
+
+fn random(n: usize) -> Vec<u8> {
+    let mut v = vec![0u8; n];
+    rand::thread_rng().fill_bytes(&mut v);
+    v
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_fetches_a_blob_over_quic_and_it_keeps_its_hash() {
+    let (a, b) = (node(true), node(true));
+    let bytes = random(8 << 20);
+    let (hash, size) = a.store.import(&bytes[..]).unwrap();
+    let from = (a.key.public().to_peer_id(), a.plane.local_addr().unwrap());
+    let (got, received) = b.plane.fetch(from.0, from.1, hash, 3).await.unwrap();
+    assert_eq!((got, received), (size, size));
+    assert_eq!(std::fs::read(b.store.path(&hash).unwrap()).unwrap(), bytes);
+    assert_eq!(
+        Hash::of(&std::fs::read(b.store.path(&hash).unwrap()).unwrap()),
+        hash
+    );
+    // Held now: nothing travels again.
+    assert_eq!(
+        b.plane.fetch(from.0, from.1, hash, 3).await.unwrap(),
+        (size, 0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_member_gets_no_blob() {
+    let (a, b) = (node(false), node(true));
+    let (hash, _) = a.store.import(&random(100_000)[..]).unwrap();
+    let err = b
+        .plane
+        .fetch(
+            a.key.public().to_peer_id(),
+            a.plane.local_addr().unwrap(),
+            hash,
+            1,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::Protocol(_) | Error::Connect { .. }),
+        "{err}"
+    );
+    assert!(b.store.size(&hash).is_none());
+}
+
+/// The client checks that the server is the peer it meant: another node at that address fails
+/// the handshake.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_is_not_the_expected_peer_fails_the_handshake() {
+    let (a, b) = (node(true), node(true));
+    let (hash, _) = a.store.import(&random(10_000)[..]).unwrap();
+    let impostor = Keypair::generate_ed25519().public().to_peer_id();
+    let err = b
+        .plane
+        .fetch(impostor, a.plane.local_addr().unwrap(), hash, 1)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Connect { .. }), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_the_peer_does_not_hold_is_refused_with_the_reason() {
+    let (a, b) = (node(true), node(true));
+    let err = b
+        .plane
+        .fetch(
+            a.key.public().to_peer_id(),
+            a.plane.local_addr().unwrap(),
+            Hash::of(b"nowhere"),
+            1,
+        )
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("does not hold blob"), "{err}");
+}
+
+#[test]
+fn requests_are_checked_before_anything_is_read() {
+    let h = Hash::of(b"x").to_string();
+    assert!(
+        check(&Request::Get {
+            v: 1,
+            hash: h.clone(),
+            ranges: vec![(0, 4)]
+        })
+        .is_ok()
+    );
+    assert!(
+        check(&Request::Get {
+            v: 1,
+            hash: h.clone(),
+            ranges: vec![(4, 4)]
+        })
+        .is_err()
+    );
+    assert!(
+        check(&Request::Get {
+            v: 2,
+            hash: h.clone(),
+            ranges: vec![]
+        })
+        .is_err()
+    );
+    assert!(
+        check(&Request::Stat {
+            v: 1,
+            hash: "nothex".into()
+        })
+        .is_err()
+    );
+    let many = vec![(0, 1); 5000];
+    assert!(
+        check(&Request::Get {
+            v: 1,
+            hash: h,
+            ranges: many
+        })
+        .is_err()
+    );
+}
+
+proptest::proptest! {
+    /// Whatever a peer sends as a header decodes or is refused, never panics; a decoded
+    /// request is checked without panicking.
+    #[test]
+    fn arbitrary_headers_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+        if let Ok(request) = decode_header::<Request>(&bytes) {
+            let _ = check(&request);
+        }
+        let _ = decode_header::<transfer::net::Response>(&bytes);
+    }
+}
