@@ -2,9 +2,9 @@
 //!
 //! Every node binds one `quinn` endpoint on a UDP port of its own. Both sides of a connection
 //! present their libp2p identity in the TLS handshake (`libp2p-tls` certificates): the client
-//! checks that the server is the peer it meant to reach, and the server admits a client only if
-//! `admit` says its peer id is a verified member; anyone else's connection is closed before a
-//! stream is read.
+//! checks that the server is the peer it meant to reach, and the server's certificate verifier
+//! accepts a client only if `admit` says its peer id is a verified member, so that anyone else
+//! fails the handshake itself.
 //!
 //! The protocol, one request per bidirectional stream: the requester writes a length-prefixed
 //! JSON [`Request`] and finishes its side; the server answers a length-prefixed JSON
@@ -109,6 +109,8 @@ pub struct DataPlane {
     endpoint: quinn::Endpoint,
     keypair: Keypair,
     store: BlobStore,
+    /// Connections that completed the handshake on the server side.
+    established: Arc<std::sync::atomic::AtomicU64>,
 }
 
 fn transport() -> Arc<quinn::TransportConfig> {
@@ -121,6 +123,118 @@ fn transport() -> Arc<quinn::TransportConfig> {
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
     t.keep_alive_interval(Some(Duration::from_secs(5)));
     Arc::new(t)
+}
+
+/// The server's check of a client's certificate: a valid libp2p certificate (self-signed,
+/// carrying the peer's identity key and its signature) of a peer `admit` accepts. Anyone else
+/// fails the TLS handshake itself.
+struct MembersOnly {
+    admit: Admit,
+}
+
+impl std::fmt::Debug for MembersOnly {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MembersOnly")
+    }
+}
+
+fn tls_error(e: impl std::fmt::Display) -> rustls::Error {
+    rustls::Error::General(e.to_string())
+}
+
+impl rustls::server::danger::ClientCertVerifier for MembersOnly {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::server::danger::ClientCertVerified, rustls::Error> {
+        if !intermediates.is_empty() {
+            return Err(tls_error(
+                "a libp2p client presents exactly one certificate",
+            ));
+        }
+        let cert = libp2p_tls::certificate::parse(end_entity).map_err(tls_error)?;
+        if !(self.admit)(&cert.peer_id()) {
+            return Err(tls_error(format!(
+                "{} is not a member of this federation",
+                cert.peer_id()
+            )));
+        }
+        Ok(rustls::server::danger::ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &rustls::pki_types::CertificateDer<'_>,
+        _dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Err(tls_error("only TLS 1.3 is offered"))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        libp2p_tls::certificate::parse(cert)
+            .map_err(tls_error)?
+            .verify_signature(dss.scheme, message, dss.signature())
+            .map_err(tls_error)?;
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        vec![
+            rustls::SignatureScheme::ECDSA_NISTP384_SHA384,
+            rustls::SignatureScheme::ECDSA_NISTP256_SHA256,
+            rustls::SignatureScheme::ED25519,
+        ]
+    }
+}
+
+/// The server's TLS: libp2p's certificate for this node, TLS 1.3 only, ALPN `libp2p`, and
+/// clients checked by [`MembersOnly`].
+fn server_tls(keypair: &Keypair, admit: Admit) -> Result<rustls::ServerConfig, Error> {
+    let setup = |e: &dyn std::fmt::Display| Error::Setup(e.to_string());
+    let (cert, key) = libp2p_tls::certificate::generate(keypair).map_err(|e| setup(&e))?;
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    provider.cipher_suites = vec![
+        rustls::crypto::aws_lc_rs::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+        rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_256_GCM_SHA384,
+        rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256,
+    ];
+    // The certificate carries libp2p's critical extension, which webpki's checks of
+    // `with_single_cert` refuse: resolve it directly.
+    let signing =
+        rustls::crypto::aws_lc_rs::sign::any_supported_type(&key).map_err(|e| setup(&e))?;
+    let certified = Arc::new(rustls::sign::CertifiedKey::new(vec![cert], signing));
+    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| setup(&e))?
+        .with_client_cert_verifier(Arc::new(MembersOnly { admit }))
+        .with_cert_resolver(Arc::new(OwnCert(certified)));
+    tls.alpn_protocols = vec![b"libp2p".to_vec()];
+    Ok(tls)
+}
+
+/// Always this node's libp2p certificate.
+#[derive(Debug)]
+struct OwnCert(Arc<rustls::sign::CertifiedKey>);
+
+impl rustls::server::ResolvesServerCert for OwnCert {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
 }
 
 /// The peer id a connection's client presented in its certificate.
@@ -145,24 +259,30 @@ impl DataPlane {
         admit: Admit,
     ) -> Result<DataPlane, Error> {
         let setup = |e: &dyn std::fmt::Display| Error::Setup(e.to_string());
-        let tls = libp2p_tls::make_server_config(keypair).map_err(|e| setup(&e))?;
+        let tls = server_tls(keypair, admit.clone())?;
         let crypto = QuicServerConfig::try_from(tls).map_err(|e| setup(&e))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         server.transport_config(transport());
         let endpoint = quinn::Endpoint::server(server, addr).map_err(|e| setup(&e))?;
+        let established = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let plane = DataPlane {
             endpoint: endpoint.clone(),
             keypair: keypair.clone(),
             store: store.clone(),
+            established: established.clone(),
         };
         tokio::spawn(async move {
             while let Some(incoming) = endpoint.accept().await {
                 let store = store.clone();
                 let admit = admit.clone();
+                let established = established.clone();
                 tokio::spawn(async move {
                     let Ok(conn) = incoming.await else {
                         return;
                     };
+                    established.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    // The handshake admitted only members; checked again, in case
+                    // membership ended in between.
                     match peer_of(&conn) {
                         Some(peer) if admit(&peer) => serve(conn, store).await,
                         _ => conn.close(quinn::VarInt::from_u32(1), b"not a member"),
@@ -171,6 +291,11 @@ impl DataPlane {
             }
         });
         Ok(plane)
+    }
+
+    /// How many connections completed the handshake on this node's server side.
+    pub fn established(&self) -> u64 {
+        self.established.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The address it listens on.
