@@ -400,6 +400,15 @@ impl Handle {
         self.ask(|reply| Command::Block(peer, blocked, reply)).await
     }
 
+    /// Whether `peer` is a member whose proof verified on this node and who is connected now.
+    pub fn is_member(&self, peer: &PeerId) -> bool {
+        self.streams
+            .verified
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(peer)
+    }
+
     /// Subscribes to mesh events from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.events.subscribe()

@@ -23,6 +23,8 @@ pub struct Config {
     pub api: ApiSection,
     /// The libp2p mesh.
     pub mesh: MeshSection,
+    /// The data plane.
+    pub transfer: TransferSection,
     /// Endpoints this node runs, published in the registry on start (`[[endpoint]]` tables;
     /// set them in the TOML file).
     pub endpoint: Vec<EndpointSection>,
@@ -193,6 +195,23 @@ pub struct NodeSection {
     /// own `retention` for the tasks it ran).
     #[serde(with = "humantime_serde_str")]
     pub task_retention: Duration,
+}
+
+/// `[transfer]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TransferSection {
+    /// UDP address of the data plane's QUIC endpoint (published as the node's `data_addr`);
+    /// port 0 picks a free port.
+    pub listen: SocketAddr,
+}
+
+impl Default for TransferSection {
+    fn default() -> Self {
+        TransferSection {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        }
+    }
 }
 
 /// `[api]`

@@ -19,6 +19,8 @@ use crate::datadir::{ApiInfo, DataDir, write_json_atomic};
 /// is cancelled on drop) but does not wait for them.
 pub struct Node {
     inner: Arc<Inner>,
+    blobs: transfer::BlobStore,
+    data_plane: transfer::net::DataPlane,
     cancel: CancellationToken,
     tracker: TaskTracker,
     store: store::Store,
@@ -80,6 +82,7 @@ impl Node {
             store: store.clone(),
         };
         let own_proof = mesh_config.proof.clone();
+        let data_keypair = mesh_config.keypair.clone();
         let mesh = mesh::network::spawn(mesh_config, cancel.child_token(), &tracker).await?;
         // Return only once the listeners have their ports: callers dial us right away, and the
         // node record we publish carries the addresses.
@@ -94,6 +97,24 @@ impl Node {
         if addrs.is_empty() {
             anyhow::bail!("the mesh did not start listening within 5 s: check mesh.listen");
         }
+        let blobs = transfer::BlobStore::open(dir.root().join("blobs"))
+            .context("cannot open the blob store")?;
+        let data_plane = {
+            let mesh = mesh.clone();
+            transfer::net::DataPlane::bind(
+                &data_keypair,
+                config.transfer.listen,
+                blobs.clone(),
+                Arc::new(move |peer| mesh.is_member(peer)),
+            )
+            .with_context(|| {
+                format!(
+                    "cannot start the data plane on {} (set transfer.listen)",
+                    config.transfer.listen
+                )
+            })?
+        };
+        let data_addr = data_plane.local_addr()?.to_string();
         {
             let mesh = mesh.clone();
             let name = config.node.name.clone();
@@ -104,8 +125,16 @@ impl Node {
                     .map(|a| a.with(mesh::network::p2p(peer_id)).to_string())
                     .collect();
                 if let Err(e) =
-                    crate::registry::publish_own(&mesh, key, &name, &own_proof, addrs, &endpoints)
-                        .await
+                    crate::registry::publish_own(
+                        &mesh,
+                        key,
+                        &name,
+                        &own_proof,
+                        addrs,
+                        Some(data_addr),
+                        &endpoints,
+                    )
+                    .await
                 {
                     tracing::warn!(error = %format!("{e:#}"), "cannot publish this node's records in the registry");
                 }
@@ -180,6 +209,8 @@ impl Node {
         info!(%peer_id, federation = %inner.federation.id, api = %api_addr, "node started");
         Ok(Node {
             inner,
+            blobs,
+            data_plane,
             cancel,
             tracker,
             store,
@@ -252,6 +283,16 @@ impl Node {
         self.api_addr
     }
 
+    /// This node's blob store.
+    pub fn blobs(&self) -> &transfer::BlobStore {
+        &self.blobs
+    }
+
+    /// This node's data-plane endpoint (members only).
+    pub fn data_plane(&self) -> &transfer::net::DataPlane {
+        &self.data_plane
+    }
+
     /// The data dir.
     pub fn data_dir(&self) -> &DataDir {
         &self.data_dir
@@ -273,6 +314,7 @@ impl Node {
     /// removes `api.json`.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         self.cancel.cancel();
+        self.data_plane.close();
         self.tracker.close();
         if tokio::time::timeout(Duration::from_secs(10), self.tracker.wait())
             .await

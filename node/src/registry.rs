@@ -184,6 +184,7 @@ pub async fn publish_own(
     name: &str,
     proof: &Proof,
     addrs: Vec<String>,
+    data_addr: Option<String>,
     endpoints: &[EndpointSection],
 ) -> anyhow::Result<()> {
     let view = mesh.registry().await?;
@@ -202,7 +203,8 @@ pub async fn publish_own(
     }
     let proof_json = String::from_utf8(proof.to_bytes()).context("proof")?;
     let current = view.node_by_key(&keypair_key);
-    let same = current.is_some_and(|n| n.name == name && n.addrs == addrs);
+    let same =
+        current.is_some_and(|n| n.name == name && n.addrs == addrs && n.data_addr == data_addr);
     if !same {
         mesh.registry_write(
             keypair_key.to_string(),
@@ -210,7 +212,7 @@ pub async fn publish_own(
                 name: name.to_string(),
                 proof: proof_json,
                 addrs,
-                data_addr: None,
+                data_addr,
             }),
         )
         .await?;

@@ -293,6 +293,12 @@ impl DataPlane {
         Ok(plane)
     }
 
+    /// Stops accepting and closes every connection.
+    pub fn close(&self) {
+        self.endpoint
+            .close(quinn::VarInt::from_u32(0), b"node stopping");
+    }
+
     /// How many connections completed the handshake on this node's server side.
     pub fn established(&self) -> u64 {
         self.established.load(std::sync::atomic::Ordering::Relaxed)

@@ -594,3 +594,45 @@ fn unsafe_free_is_root() -> bool {
         })
         .unwrap_or(false)
 }
+
+/// The data plane inside the federation: every node publishes its QUIC endpoint as its
+/// `data_addr`; a member fetches a blob another member holds, verified, directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_fetches_a_blob_from_another_over_the_data_plane() {
+    let net = Federation::start(2, 1).await.unwrap();
+    wait_for("full mesh", Duration::from_secs(10), || {
+        net.fully_connected()
+    })
+    .await
+    .unwrap();
+    let bytes: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let (hash, size) = net.node(0).blobs().import(&bytes[..]).unwrap();
+    let a = net.node(0).peer_id();
+    let a_str = a.to_string();
+    let data_addr = || {
+        let (mesh, a_str) = (net.node(1).mesh().clone(), a_str.clone());
+        async move {
+            mesh.registry_with(move |view| view.nodes.get(&a_str).and_then(|n| n.data_addr.clone()))
+                .await
+                .unwrap()
+        }
+    };
+    wait_for(
+        "node 0's data_addr in node 1's registry",
+        Duration::from_secs(10),
+        || async { data_addr().await.is_some() },
+    )
+    .await
+    .unwrap();
+    let addr = data_addr().await.unwrap().parse().unwrap();
+    let (got, received) = net
+        .node(1)
+        .data_plane()
+        .fetch(a, addr, hash, 3)
+        .await
+        .unwrap();
+    assert_eq!((got, received), (size, size));
+    let path = net.node(1).blobs().path(&hash).unwrap();
+    assert_eq!(std::fs::read(path).unwrap(), bytes);
+    net.shutdown().await;
+}
