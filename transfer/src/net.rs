@@ -111,6 +111,8 @@ pub struct DataPlane {
     store: BlobStore,
     /// Connections that completed the handshake on the server side.
     established: Arc<std::sync::atomic::AtomicU64>,
+    /// Test hook: blob streams still to corrupt on the way out.
+    corrupt: Arc<std::sync::atomic::AtomicU64>,
 }
 
 fn transport() -> Arc<quinn::TransportConfig> {
@@ -265,17 +267,20 @@ impl DataPlane {
         server.transport_config(transport());
         let endpoint = quinn::Endpoint::server(server, addr).map_err(|e| setup(&e))?;
         let established = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let corrupt = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let plane = DataPlane {
             endpoint: endpoint.clone(),
             keypair: keypair.clone(),
             store: store.clone(),
             established: established.clone(),
+            corrupt: corrupt.clone(),
         };
         tokio::spawn(async move {
             while let Some(incoming) = endpoint.accept().await {
                 let store = store.clone();
                 let admit = admit.clone();
                 let established = established.clone();
+                let corrupt = corrupt.clone();
                 tokio::spawn(async move {
                     let Ok(conn) = incoming.await else {
                         return;
@@ -284,13 +289,20 @@ impl DataPlane {
                     // The handshake admitted only members; checked again, in case
                     // membership ended in between.
                     match peer_of(&conn) {
-                        Some(peer) if admit(&peer) => serve(conn, store).await,
+                        Some(peer) if admit(&peer) => serve(conn, store, corrupt).await,
                         _ => conn.close(quinn::VarInt::from_u32(1), b"not a member"),
                     }
                 });
             }
         });
         Ok(plane)
+    }
+
+    /// Test hook: corrupt one byte in each of the next `n` blob streams this node sends (to
+    /// show that receivers detect it and ask again).
+    #[doc(hidden)]
+    pub fn corrupt_next_sends(&self, n: u64) {
+        self.corrupt.store(n, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Stops accepting and closes every connection.
@@ -499,9 +511,14 @@ pub fn check(request: &Request) -> Result<(Hash, Option<ChunkRanges>), String> {
     Ok((hash, Some(set)))
 }
 
-async fn serve(conn: quinn::Connection, store: BlobStore) {
+async fn serve(
+    conn: quinn::Connection,
+    store: BlobStore,
+    corrupt: Arc<std::sync::atomic::AtomicU64>,
+) {
     while let Ok((mut send, mut recv)) = conn.accept_bi().await {
         let store = store.clone();
+        let corrupt = corrupt.clone();
         tokio::spawn(async move {
             let request: Request = match read_header(&mut recv).await {
                 Ok(r) => r,
@@ -550,7 +567,20 @@ async fn serve(conn: quinn::Connection, store: BlobStore) {
                     std::io::Write::flush(&mut out)?;
                     Ok::<(), crate::blob::Error>(())
                 });
-                while let Some(chunk) = chunks.recv().await {
+                let mut flip = corrupt
+                    .fetch_update(
+                        std::sync::atomic::Ordering::Relaxed,
+                        std::sync::atomic::Ordering::Relaxed,
+                        |n| n.checked_sub(1),
+                    )
+                    .is_ok();
+                while let Some(mut chunk) = chunks.recv().await {
+                    if flip && chunk.len() > 1024 {
+                        // Test hook: one byte flipped in the middle of the stream's first chunk.
+                        let at = chunk.len() / 2;
+                        chunk[at] ^= 0x20;
+                        flip = false;
+                    }
                     if send.write_all(&chunk).await.is_err() {
                         return;
                     }
