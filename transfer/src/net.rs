@@ -604,24 +604,18 @@ mod bridge {
     pub(super) fn reader(
         mut recv: quinn::RecvStream,
     ) -> (ChannelReader, tokio::task::JoinHandle<()>) {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<io::Result<Vec<u8>>>(16);
+        let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<bytes::Bytes>>(64);
         let pump = tokio::spawn(async move {
             loop {
-                let mut buf = vec![0u8; 256 << 10];
-                match recv.read(&mut buf).await {
-                    Ok(None) | Ok(Some(0)) => break,
-                    Ok(Some(n)) => {
-                        buf.truncate(n);
-                        let tx = tx.clone();
-                        if tokio::task::spawn_blocking(move || tx.send(Ok(buf)))
-                            .await
-                            .map_or(true, |r| r.is_err())
-                        {
+                match recv.read_chunk(1 << 20, true).await {
+                    Ok(None) => break,
+                    Ok(Some(chunk)) => {
+                        if tx.send(Ok(chunk.bytes)).await.is_err() {
                             break;
                         }
                     }
                     Err(e) => {
-                        let _ = tx.try_send(Err(io::Error::other(e)));
+                        let _ = tx.send(Err(io::Error::other(e))).await;
                         break;
                     }
                 }
@@ -630,33 +624,28 @@ mod bridge {
         (
             ChannelReader {
                 rx,
-                buf: Vec::new(),
-                at: 0,
+                buf: bytes::Bytes::new(),
             },
             pump,
         )
     }
 
     pub(super) struct ChannelReader {
-        rx: std::sync::mpsc::Receiver<io::Result<Vec<u8>>>,
-        buf: Vec<u8>,
-        at: usize,
+        rx: tokio::sync::mpsc::Receiver<io::Result<bytes::Bytes>>,
+        buf: bytes::Bytes,
     }
 
     impl io::Read for ChannelReader {
         fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
-            while self.at == self.buf.len() {
-                match self.rx.recv() {
-                    Ok(chunk) => {
-                        self.buf = chunk?;
-                        self.at = 0;
-                    }
-                    Err(_) => return Ok(0),
+            while self.buf.is_empty() {
+                match self.rx.blocking_recv() {
+                    Some(chunk) => self.buf = chunk?,
+                    None => return Ok(0),
                 }
             }
-            let n = out.len().min(self.buf.len() - self.at);
-            out[..n].copy_from_slice(&self.buf[self.at..self.at + n]);
-            self.at += n;
+            let n = out.len().min(self.buf.len());
+            out[..n].copy_from_slice(&self.buf[..n]);
+            let _ = self.buf.split_to(n);
             Ok(n)
         }
     }
