@@ -478,7 +478,7 @@ async fn a_submitter_stores_each_function_once_not_with_every_task() {
 /// them refuses other institutions' host tasks.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_foreign_host_task_cannot_read_the_node_key_the_api_token_or_the_store() {
-    if unsafe_free_is_root() {
+    if running_as_root() {
         let mut net = Federation::start(2, 1).await.unwrap();
         // b1's endpoint takes anyone's tasks: no capability needed for this test.
         net.restart_with(1, |c| {
@@ -508,26 +508,9 @@ async fn a_foreign_host_task_cannot_read_the_node_key_the_api_token_or_the_store
         .await;
         let endpoint = endpoint_of_node1(&net).await;
         let paths: Vec<String> = secrets.iter().map(|p| p.display().to_string()).collect();
-        let submitted = net
-            .node(0)
-            .submit(vec![NewTask {
-                function,
-                args: serde_json::json!([paths]),
-                endpoint: Some(endpoint),
-                ..Default::default()
-            }])
-            .await
-            .unwrap();
-        let id = submitted[0].as_ref().unwrap().id.clone();
-        let done = net
-            .node(0)
-            .dispatcher()
-            .wait(vec![id], Duration::from_secs(60))
-            .await
-            .unwrap();
-        let t = done[0].as_ref().unwrap();
-        let Some(compute::task::Outcome::Succeeded { value }) = &t.outcome else {
-            panic!("the probe did not run: {:?}", t.outcome);
+        let outcome = run_on_node0(&net, function, endpoint, serde_json::json!([paths])).await;
+        let Some(compute::task::Outcome::Succeeded { value }) = &outcome else {
+            panic!("the probe did not run: {outcome:?}");
         };
         for p in &paths {
             assert_eq!(value[p], "PermissionError", "{p}: {value}");
@@ -557,24 +540,8 @@ async fn a_foreign_host_task_cannot_read_the_node_key_the_api_token_or_the_store
         .unwrap();
         let function = python_on_node0(&net, "noop", "def noop():\n    return 1\n").await;
         let endpoint = endpoint_of_node1(&net).await;
-        let refused = net
-            .node(0)
-            .submit(vec![NewTask {
-                function,
-                endpoint: Some(endpoint),
-                ..Default::default()
-            }])
-            .await
-            .unwrap();
-        let id = refused[0].as_ref().unwrap().id.clone();
-        let done = net
-            .node(0)
-            .dispatcher()
-            .wait(vec![id], Duration::from_secs(60))
-            .await
-            .unwrap();
-        let t = done[0].as_ref().unwrap();
-        let text = format!("{:?}", t.outcome);
+        let outcome = run_on_node0(&net, function, endpoint, serde_json::json!([])).await;
+        let text = format!("{outcome:?}");
         assert!(text.contains("own institution only"), "{text}");
         net.shutdown().await;
     } else {
@@ -584,7 +551,35 @@ async fn a_foreign_host_task_cannot_read_the_node_key_the_api_token_or_the_store
     }
 }
 
-fn unsafe_free_is_root() -> bool {
+/// Runs `function` from node 0 on `endpoint` and waits for its outcome.
+async fn run_on_node0(
+    net: &Federation,
+    function: String,
+    endpoint: String,
+    args: serde_json::Value,
+) -> Option<compute::task::Outcome> {
+    let submitted = net
+        .node(0)
+        .submit(vec![NewTask {
+            function,
+            args,
+            endpoint: Some(endpoint),
+            ..Default::default()
+        }])
+        .await
+        .unwrap();
+    let id = submitted[0].as_ref().unwrap().id.clone();
+    let done = net
+        .node(0)
+        .dispatcher()
+        .wait(vec![id], Duration::from_secs(60))
+        .await
+        .unwrap();
+    done[0].as_ref().unwrap().outcome.clone()
+}
+
+/// Whether this test process runs as root (read from /proc, without `unsafe`).
+fn running_as_root() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
