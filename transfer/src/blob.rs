@@ -226,61 +226,10 @@ impl BlobStore {
         if self.size(hash).is_some() {
             return Ok(0);
         }
-        let (data_path, obao_path) = self.partial(hash);
-        let tree = BaoTree::new(size, BLOCK_SIZE);
-        let data = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(&data_path)?;
-        if data.metadata()?.len() != size {
-            data.set_len(size)?;
-        }
-        let obao = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .read(true)
-            .write(true)
-            .open(&obao_path)?;
-        if obao.metadata()?.len() != tree.outboard_size() {
-            obao.set_len(tree.outboard_size())?;
-        }
-        let mut outboard = PreOrderOutboard {
-            root: hash.blake3(),
-            tree,
-            data: obao,
-        };
-        let mut written = 0u64;
-        let mut outcome = Ok(());
-        let ranges = groups(ranges.clone());
-        for item in DecodeResponseIter::new(hash.blake3(), tree, encoded, &ranges) {
-            match item {
-                Ok(BaoContentItem::Parent(Parent { node, pair })) => outboard.save(node, &pair)?,
-                Ok(BaoContentItem::Leaf(Leaf {
-                    offset,
-                    data: bytes,
-                })) => {
-                    data.write_all_at(&bytes, offset)?;
-                    written += bytes.len() as u64;
-                }
-                Err(bao_tree::io::DecodeError::Io(e)) => {
-                    outcome = Err(Error::Io(e));
-                    break;
-                }
-                Err(e) => {
-                    outcome = Err(Error::Corrupt {
-                        hash: *hash,
-                        reason: e.to_string(),
-                    });
-                    break;
-                }
-            }
-        }
-        data.sync_data()?;
-        outboard.sync()?;
-        outcome?;
-        if self.missing(hash, size)?.is_empty() {
+        let mut partial = self.open_partial(hash, size)?;
+        let written = partial.receive(ranges, encoded)?;
+        if partial.missing()?.is_empty() {
+            let (data_path, obao_path) = self.partial(hash);
             let (complete_data, complete_obao) = self.complete(hash);
             std::fs::rename(&obao_path, complete_obao)?;
             std::fs::rename(&data_path, complete_data)?;
@@ -288,25 +237,31 @@ impl BlobStore {
         Ok(written)
     }
 
+    fn open_partial(&self, hash: &Hash, size: u64) -> Result<Partial, Error> {
+        let (data_path, obao_path) = self.partial(hash);
+        let open = |p: &Path| {
+            OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .read(true)
+                .write(true)
+                .open(p)
+        };
+        Partial::open(*hash, size, open(&data_path)?, open(&obao_path)?)
+    }
+
     /// The chunk ranges of blob `hash` (`size` bytes) this store does not hold verified: all of
     /// it for a blob never seen, none for a complete one. Rehashes what a partial blob holds
     /// (run it when resuming, not per group).
     pub fn missing(&self, hash: &Hash, size: u64) -> Result<ChunkRanges, Error> {
-        let all = ChunkRanges::from(ChunkNum(0)..BaoTree::new(size, BLOCK_SIZE).chunks());
         if self.size(hash).is_some() {
             return Ok(ChunkRanges::empty());
         }
         let (data_path, obao_path) = self.partial(hash);
         if !data_path.exists() || !obao_path.exists() {
-            return Ok(all);
+            return Ok(all_chunks(size));
         }
-        let outboard = self.outboard(hash, &obao_path, size)?;
-        let data = File::open(&data_path)?;
-        let mut valid = ChunkRanges::empty();
-        for range in valid_ranges(outboard, data, &all) {
-            valid |= ChunkRanges::from(range?);
-        }
-        Ok(&all - &valid)
+        self.open_partial(hash, size)?.missing()
     }
 
     /// Bytes `start..end` of a blob, verified, whether it is complete or partial (the range
@@ -337,6 +292,155 @@ impl BlobStore {
         data.read_exact_at(&mut buf, start)?;
         Ok(buf)
     }
+}
+
+fn all_chunks(size: u64) -> ChunkRanges {
+    ChunkRanges::from(ChunkNum(0)..BaoTree::new(size, BLOCK_SIZE).chunks())
+}
+
+/// A blob being received into a data file of its full size and an outboard file: only
+/// verified bytes are ever written to either, so whatever [`Partial::missing`] finds valid is.
+/// The blob store keeps its partial blobs this way; a file copy keeps one next to its
+/// destination.
+#[derive(Debug)]
+pub struct Partial {
+    hash: Hash,
+    size: u64,
+    data: File,
+    outboard: PreOrderOutboard<File>,
+}
+
+impl Partial {
+    /// A partial blob in `data` and `obao` (both opened read-write; resized if need be, their
+    /// verified contents kept).
+    pub fn open(hash: Hash, size: u64, data: File, obao: File) -> Result<Partial, Error> {
+        let tree = BaoTree::new(size, BLOCK_SIZE);
+        if data.metadata()?.len() != size {
+            data.set_len(size)?;
+        }
+        if obao.metadata()?.len() != tree.outboard_size() {
+            obao.set_len(tree.outboard_size())?;
+        }
+        Ok(Partial {
+            hash,
+            size,
+            data,
+            outboard: PreOrderOutboard {
+                root: hash.blake3(),
+                tree,
+                data: obao,
+            },
+        })
+    }
+
+    /// The blob's hash.
+    pub fn hash(&self) -> Hash {
+        self.hash
+    }
+
+    /// The blob's size.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The data file.
+    pub fn data(&self) -> &File {
+        &self.data
+    }
+
+    /// Receives the verified stream of `ranges` (as [`encode_file`] writes it); returns the
+    /// bytes of data written. Stops at the first group that does not verify, with
+    /// [`Error::Corrupt`], keeping everything before it.
+    pub fn receive(&mut self, ranges: &ChunkRanges, encoded: impl Read) -> Result<u64, Error> {
+        let mut written = 0u64;
+        let mut outcome = Ok(());
+        let ranges = groups(ranges.clone());
+        let tree = self.outboard.tree;
+        for item in DecodeResponseIter::new(self.hash.blake3(), tree, encoded, &ranges) {
+            match item {
+                Ok(BaoContentItem::Parent(Parent { node, pair })) => {
+                    self.outboard.save(node, &pair)?
+                }
+                Ok(BaoContentItem::Leaf(Leaf {
+                    offset,
+                    data: bytes,
+                })) => {
+                    self.data.write_all_at(&bytes, offset)?;
+                    written += bytes.len() as u64;
+                }
+                Err(bao_tree::io::DecodeError::Io(e)) => {
+                    outcome = Err(Error::Io(e));
+                    break;
+                }
+                Err(e) => {
+                    outcome = Err(Error::Corrupt {
+                        hash: self.hash,
+                        reason: e.to_string(),
+                    });
+                    break;
+                }
+            }
+        }
+        self.data.sync_data()?;
+        self.outboard.sync()?;
+        outcome.map(|()| written)
+    }
+
+    /// The chunk ranges not held verified (rehashes what is held: once per resume).
+    pub fn missing(&self) -> Result<ChunkRanges, Error> {
+        let all = all_chunks(self.size);
+        let outboard = PreOrderOutboard {
+            root: self.hash.blake3(),
+            tree: self.outboard.tree,
+            data: &self.outboard.data,
+        };
+        let mut valid = ChunkRanges::empty();
+        for range in valid_ranges(outboard, &self.data, &all) {
+            valid |= ChunkRanges::from(range?);
+        }
+        Ok(&all - &valid)
+    }
+
+    /// The data file, once complete.
+    pub fn into_data(self) -> File {
+        self.data
+    }
+}
+
+/// A file's BLAKE3 hash and its outboard (64 bytes per 16 KiB group; empty for a file of one
+/// group), read in one pass.
+pub fn outboard_of(data: impl Read, size: u64) -> Result<(Hash, Vec<u8>), Error> {
+    let outboard = PreOrderOutboard::<Vec<u8>>::create_sized(
+        io::BufReader::with_capacity(1 << 20, data),
+        size,
+        BLOCK_SIZE,
+    )?;
+    Ok((Hash(*outboard.root.as_bytes()), outboard.data))
+}
+
+/// Writes the verified stream of `ranges` of `data` (`size` bytes, hash `hash`, outboard from
+/// [`outboard_of`]). Every group is checked before it goes out: a file that changed since it was
+/// hashed fails with [`Error::Corrupt`] instead of sending bytes the receiver would refuse.
+pub fn encode_file(
+    data: &File,
+    hash: &Hash,
+    size: u64,
+    outboard: &[u8],
+    ranges: &ChunkRanges,
+    out: impl Write,
+) -> Result<(), Error> {
+    let outboard = PreOrderOutboard {
+        root: hash.blake3(),
+        tree: BaoTree::new(size, BLOCK_SIZE),
+        data: outboard,
+    };
+    encode_ranges_validated(data, outboard, &groups(ranges.clone()), out).map_err(|e| match e {
+        bao_tree::io::EncodeError::Io(e) => Error::Io(e),
+        other => Error::Corrupt {
+            hash: *hash,
+            reason: format!("the source changed since it was hashed: {other}"),
+        },
+    })
 }
 
 /// A name for an import's temporary files: unique in this process, and across processes by

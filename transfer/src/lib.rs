@@ -14,6 +14,8 @@
 //! and large task values by reference.
 
 pub mod blob;
+pub mod files;
 pub mod net;
+pub mod root;
 
 pub use blob::{BlobStore, Error, Hash};

@@ -25,8 +25,14 @@ use tokio::io::AsyncReadExt as _;
 
 use crate::blob::{BlobStore, Hash};
 
-/// Largest request or response header, checked before it is read.
-pub const MAX_HEADER: usize = 64 * 1024;
+/// Largest request header, checked before it is read.
+pub const MAX_HEADER: usize = 1 << 20;
+/// Largest response header (listings and walks travel in it), checked before it is read.
+pub const MAX_RESPONSE: usize = 64 << 20;
+/// Most paths one [`Request::Hashes`] may name.
+pub const MAX_PATHS: usize = 1024;
+/// Most entries a walk returns.
+pub const MAX_WALK: usize = 200_000;
 /// Most ranges one request may name.
 pub const MAX_RANGES: usize = 4096;
 /// Protocol version, in every header.
@@ -52,6 +58,101 @@ pub enum Request {
         /// Chunk ranges; widened to whole chunk groups by the server.
         ranges: Vec<(u64, u64)>,
     },
+    /// The entries of a directory of an endpoint's data root.
+    List {
+        /// Protocol version.
+        v: u32,
+        /// The endpoint (its name on the serving node).
+        endpoint: String,
+        /// The directory, relative to the data root.
+        path: String,
+        /// The capability token that allows it, if the endpoint's policy wants one.
+        #[serde(default)]
+        token: Option<String>,
+    },
+    /// The metadata of one path of a data root.
+    PathStat {
+        /// Protocol version.
+        v: u32,
+        /// The endpoint.
+        endpoint: String,
+        /// The path.
+        path: String,
+        /// The capability token.
+        #[serde(default)]
+        token: Option<String>,
+    },
+    /// Every entry below a directory of a data root (at most [`MAX_WALK`]).
+    Walk {
+        /// Protocol version.
+        v: u32,
+        /// The endpoint.
+        endpoint: String,
+        /// The directory.
+        path: String,
+        /// The capability token.
+        #[serde(default)]
+        token: Option<String>,
+    },
+    /// The BLAKE3 hashes of files of a data root (at most [`MAX_PATHS`]).
+    Hashes {
+        /// Protocol version.
+        v: u32,
+        /// The endpoint.
+        endpoint: String,
+        /// The files.
+        paths: Vec<String>,
+        /// The capability token.
+        #[serde(default)]
+        token: Option<String>,
+    },
+    /// The verified stream of chunk ranges of a file of a data root, which must still have the
+    /// hash the requester was told.
+    GetFile {
+        /// Protocol version.
+        v: u32,
+        /// The endpoint.
+        endpoint: String,
+        /// The file.
+        path: String,
+        /// Its hash, from [`Request::Hashes`].
+        hash: String,
+        /// Chunk ranges.
+        ranges: Vec<(u64, u64)>,
+        /// The capability token.
+        #[serde(default)]
+        token: Option<String>,
+    },
+    /// Makes a directory in a data root.
+    Mkdir {
+        /// Protocol version.
+        v: u32,
+        /// The endpoint.
+        endpoint: String,
+        /// The directory.
+        path: String,
+        /// Make missing parents too (and accept an existing directory).
+        #[serde(default)]
+        parents: bool,
+        /// The capability token.
+        #[serde(default)]
+        token: Option<String>,
+    },
+    /// Removes a path of a data root.
+    Remove {
+        /// Protocol version.
+        v: u32,
+        /// The endpoint.
+        endpoint: String,
+        /// The path.
+        path: String,
+        /// Remove a directory with everything in it.
+        #[serde(default)]
+        recursive: bool,
+        /// The capability token.
+        #[serde(default)]
+        token: Option<String>,
+    },
 }
 
 /// The answer's header.
@@ -68,6 +169,23 @@ pub enum Response {
         /// Why.
         reason: String,
     },
+    /// Directory entries (a listing, or a walk).
+    Entries {
+        /// The entries, sorted by path.
+        entries: Vec<crate::root::Entry>,
+    },
+    /// One path's metadata.
+    Entry {
+        /// The metadata.
+        entry: crate::root::Entry,
+    },
+    /// Files' hashes, in the order asked.
+    Hashes {
+        /// One per path asked.
+        files: Vec<crate::files::FileHash>,
+    },
+    /// Done.
+    Done,
 }
 
 /// Why a data-plane call failed.
@@ -113,7 +231,13 @@ pub struct DataPlane {
     established: Arc<std::sync::atomic::AtomicU64>,
     /// Test hook: blob streams still to corrupt on the way out.
     corrupt: Arc<std::sync::atomic::AtomicU64>,
+    /// This node's data roots, once the node serves them.
+    roots: RootsSlot,
+    /// Open connections to peers, reused by every call.
+    conns: Arc<std::sync::Mutex<std::collections::HashMap<PeerId, quinn::Connection>>>,
 }
+
+pub(crate) type RootsSlot = Arc<std::sync::RwLock<Option<Arc<dyn crate::files::Roots>>>>;
 
 fn transport() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
@@ -268,19 +392,27 @@ impl DataPlane {
         let endpoint = quinn::Endpoint::server(server, addr).map_err(|e| setup(&e))?;
         let established = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let corrupt = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let roots: RootsSlot = Arc::default();
+        let outboards = Arc::new(crate::files::Outboards::default());
         let plane = DataPlane {
             endpoint: endpoint.clone(),
             keypair: keypair.clone(),
             store: store.clone(),
             established: established.clone(),
             corrupt: corrupt.clone(),
+            roots: roots.clone(),
+            conns: Arc::default(),
         };
         tokio::spawn(async move {
             while let Some(incoming) = endpoint.accept().await {
-                let store = store.clone();
+                let server = Server {
+                    store: store.clone(),
+                    corrupt: corrupt.clone(),
+                    roots: roots.clone(),
+                    outboards: outboards.clone(),
+                };
                 let admit = admit.clone();
                 let established = established.clone();
-                let corrupt = corrupt.clone();
                 tokio::spawn(async move {
                     let Ok(conn) = incoming.await else {
                         return;
@@ -289,13 +421,21 @@ impl DataPlane {
                     // The handshake admitted only members; checked again, in case
                     // membership ended in between.
                     match peer_of(&conn) {
-                        Some(peer) if admit(&peer) => serve(conn, store, corrupt).await,
+                        Some(peer) if admit(&peer) => server.serve(conn, peer).await,
                         _ => conn.close(quinn::VarInt::from_u32(1), b"not a member"),
                     }
                 });
             }
         });
         Ok(plane)
+    }
+
+    /// Serves `roots` (this node's endpoints' data roots) to members from now on.
+    pub fn serve_roots(&self, roots: Arc<dyn crate::files::Roots>) {
+        *self
+            .roots
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(roots);
     }
 
     /// Test hook: corrupt one byte in each of the next `n` blob streams this node sends (to
@@ -323,7 +463,31 @@ impl DataPlane {
             .map_err(|e| Error::Setup(e.to_string()))
     }
 
-    async fn connect(&self, peer: PeerId, addr: SocketAddr) -> Result<quinn::Connection, Error> {
+    /// A connection to `peer` at `addr`: the open one if there is one, else a new one.
+    pub(crate) async fn connect(
+        &self,
+        peer: PeerId,
+        addr: SocketAddr,
+    ) -> Result<quinn::Connection, Error> {
+        let open = self
+            .conns
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&peer)
+            .filter(|c| c.close_reason().is_none() && c.remote_address() == addr)
+            .cloned();
+        if let Some(conn) = open {
+            return Ok(conn);
+        }
+        let conn = self.connect_new(peer, addr).await?;
+        self.conns
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(peer, conn.clone());
+        Ok(conn)
+    }
+
+    async fn connect_new(&self, peer: PeerId, addr: SocketAddr) -> Result<quinn::Connection, Error> {
         let fail = |reason: String| Error::Connect { peer, reason };
         let tls = libp2p_tls::make_client_config(&self.keypair, Some(peer))
             .map_err(|e| fail(e.to_string()))?;
@@ -360,6 +524,11 @@ impl DataPlane {
         {
             (Response::Found { size }, _) => size,
             (Response::Refused { reason }, _) => return Err(Error::Refused { peer, reason }),
+            (other, _) => {
+                return Err(Error::Protocol(format!(
+                    "{peer} answered {other:?} to a blob request"
+                )));
+            }
         };
         let mut received = 0;
         let mut last = None;
@@ -389,6 +558,11 @@ impl DataPlane {
                     )));
                 }
                 Response::Refused { reason } => return Err(Error::Refused { peer, reason }),
+                other => {
+                    return Err(Error::Protocol(format!(
+                        "{peer} answered {other:?} to a blob request"
+                    )));
+                }
             }
             let store = self.store.clone();
             let (reader, pump) = bridge::reader(recv);
@@ -418,7 +592,7 @@ impl DataPlane {
 }
 
 /// The `[start, end)` chunk ranges of a range set, with an open end closed at the blob's end.
-fn ranges_of(set: &ChunkRanges, size: u64) -> Vec<(u64, u64)> {
+pub(crate) fn ranges_of(set: &ChunkRanges, size: u64) -> Vec<(u64, u64)> {
     let end = size.div_ceil(1024).max(1);
     set.iter()
         .map(|r| {
@@ -431,7 +605,7 @@ fn ranges_of(set: &ChunkRanges, size: u64) -> Vec<(u64, u64)> {
         .collect()
 }
 
-async fn write_header<T: Serialize>(send: &mut quinn::SendStream, value: &T) -> Result<(), Error> {
+pub(crate) async fn write_header<T: Serialize>(send: &mut quinn::SendStream, value: &T) -> Result<(), Error> {
     let bytes = serde_json::to_vec(value).map_err(|e| Error::Protocol(e.to_string()))?;
     send.write_all(&(bytes.len() as u32).to_be_bytes())
         .await
@@ -441,18 +615,19 @@ async fn write_header<T: Serialize>(send: &mut quinn::SendStream, value: &T) -> 
         .map_err(|e| Error::Protocol(e.to_string()))
 }
 
-/// Reads a length-prefixed JSON header, refusing one over [`MAX_HEADER`] before reading it.
+/// Reads a length-prefixed JSON header, refusing one over `limit` bytes before reading it.
 pub async fn read_header<T: for<'de> Deserialize<'de>>(
     recv: &mut (impl tokio::io::AsyncRead + Unpin),
+    limit: usize,
 ) -> Result<T, Error> {
     let mut len = [0u8; 4];
     recv.read_exact(&mut len)
         .await
         .map_err(|e| Error::Protocol(format!("reading a header: {e}")))?;
     let len = u32::from_be_bytes(len) as usize;
-    if len > MAX_HEADER {
+    if len > limit {
         return Err(Error::Protocol(format!(
-            "a header of {len} bytes, at most {MAX_HEADER}"
+            "a header of {len} bytes, at most {limit}"
         )));
     }
     let mut buf = vec![0u8; len];
@@ -467,7 +642,7 @@ pub fn decode_header<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, Er
     serde_json::from_slice(bytes).map_err(|e| Error::Protocol(format!("a malformed header: {e}")))
 }
 
-async fn ask(
+pub(crate) async fn ask(
     conn: &quinn::Connection,
     request: &Request,
 ) -> Result<(Response, quinn::RecvStream), Error> {
@@ -477,27 +652,50 @@ async fn ask(
         .map_err(|e| Error::Protocol(e.to_string()))?;
     write_header(&mut send, request).await?;
     send.finish().map_err(|e| Error::Protocol(e.to_string()))?;
-    let head = read_header(&mut recv).await?;
+    let head = read_header(&mut recv, MAX_RESPONSE).await?;
     Ok((head, recv))
 }
 
-/// Checks a request from a peer: version, hash, range count and order.
+/// The protocol version of any request.
+pub fn version(request: &Request) -> u32 {
+    match request {
+        Request::Stat { v, .. }
+        | Request::Get { v, .. }
+        | Request::List { v, .. }
+        | Request::PathStat { v, .. }
+        | Request::Walk { v, .. }
+        | Request::Hashes { v, .. }
+        | Request::GetFile { v, .. }
+        | Request::Mkdir { v, .. }
+        | Request::Remove { v, .. } => *v,
+    }
+}
+
+/// Checks a blob request from a peer: version, hash, range count and order. (Requests on data
+/// roots are checked by [`crate::files::check`].)
 pub fn check(request: &Request) -> Result<(Hash, Option<ChunkRanges>), String> {
-    let (v, hash, ranges) = match request {
-        Request::Stat { v, hash } => (*v, hash, None),
-        Request::Get { v, hash, ranges } => (*v, hash, Some(ranges)),
-    };
+    let v = version(request);
     if v != VERSION {
         return Err(format!(
             "data-plane protocol {v}, this node speaks {VERSION}"
         ));
     }
+    let (hash, ranges) = match request {
+        Request::Stat { hash, .. } => (hash, None),
+        Request::Get { hash, ranges, .. } => (hash, Some(ranges)),
+        _ => return Err("not a blob request".into()),
+    };
     let hash: Hash = hash
         .parse()
         .map_err(|e: crate::blob::Error| e.to_string())?;
     let Some(ranges) = ranges else {
         return Ok((hash, None));
     };
+    Ok((hash, Some(chunk_ranges(ranges)?)))
+}
+
+/// A peer's `[start, end)` chunk ranges as a set: bounded in number, none empty or reversed.
+pub fn chunk_ranges(ranges: &[(u64, u64)]) -> Result<ChunkRanges, String> {
     if ranges.len() > MAX_RANGES {
         return Err(format!("{} ranges, at most {MAX_RANGES}", ranges.len()));
     }
@@ -508,100 +706,122 @@ pub fn check(request: &Request) -> Result<(Hash, Option<ChunkRanges>), String> {
         }
         set |= ChunkRanges::from(ChunkNum(start)..ChunkNum(end));
     }
-    Ok((hash, Some(set)))
+    Ok(set)
 }
 
-async fn serve(
-    conn: quinn::Connection,
-    store: BlobStore,
-    corrupt: Arc<std::sync::atomic::AtomicU64>,
-) {
-    while let Ok((mut send, mut recv)) = conn.accept_bi().await {
-        let store = store.clone();
-        let corrupt = corrupt.clone();
-        tokio::spawn(async move {
-            let request: Request = match read_header(&mut recv).await {
-                Ok(r) => r,
-                Err(e) => {
-                    let _ = write_header(
-                        &mut send,
-                        &Response::Refused {
-                            reason: e.to_string(),
-                        },
-                    )
-                    .await;
-                    let _ = send.finish();
-                    return;
+/// The serving side of one node's data plane.
+#[derive(Clone)]
+pub(crate) struct Server {
+    pub(crate) store: BlobStore,
+    pub(crate) corrupt: Arc<std::sync::atomic::AtomicU64>,
+    pub(crate) roots: RootsSlot,
+    pub(crate) outboards: Arc<crate::files::Outboards>,
+}
+
+/// Answers a refusal and finishes the stream.
+pub(crate) async fn refuse(send: &mut quinn::SendStream, reason: String) {
+    let _ = write_header(send, &Response::Refused { reason }).await;
+    let _ = send.finish();
+}
+
+impl Server {
+    async fn serve(self, conn: quinn::Connection, peer: PeerId) {
+        while let Ok((mut send, mut recv)) = conn.accept_bi().await {
+            let server = self.clone();
+            tokio::spawn(async move {
+                let request: Request = match read_header(&mut recv, MAX_HEADER).await {
+                    Ok(r) => r,
+                    Err(e) => return refuse(&mut send, e.to_string()).await,
+                };
+                match request {
+                    Request::Stat { .. } | Request::Get { .. } => {
+                        server.blob(&mut send, &request).await
+                    }
+                    other => crate::files::handle(&server, peer, &mut send, other).await,
                 }
-            };
-            let (hash, ranges) = match check(&request) {
-                Ok(ok) => ok,
-                Err(reason) => {
-                    let _ = write_header(&mut send, &Response::Refused { reason }).await;
-                    let _ = send.finish();
-                    return;
-                }
-            };
-            let Some(size) = store.size(&hash) else {
-                let _ = write_header(
-                    &mut send,
-                    &Response::Refused {
-                        reason: format!("this node does not hold blob {hash}"),
-                    },
-                )
+            });
+        }
+    }
+
+    async fn blob(&self, send: &mut quinn::SendStream, request: &Request) {
+        let (hash, ranges) = match check(request) {
+            Ok(ok) => ok,
+            Err(reason) => return refuse(send, reason).await,
+        };
+        let Some(size) = self.store.size(&hash) else {
+            return refuse(send, format!("this node does not hold blob {hash}")).await;
+        };
+        if write_header(send, &Response::Found { size }).await.is_err() {
+            return;
+        }
+        if let Some(ranges) = ranges {
+            let store = self.store.clone();
+            let sent = self
+                .stream(send, move |out| store.encode(&hash, &ranges, out))
                 .await;
-                let _ = send.finish();
-                return;
-            };
-            if write_header(&mut send, &Response::Found { size })
-                .await
-                .is_err()
-            {
+            if let Err(e) = sent {
+                tracing::warn!(%hash, error = %e, "cannot send a blob");
                 return;
             }
-            if let Some(ranges) = ranges {
-                let (writer, mut chunks) = bridge::writer();
-                let encoding = tokio::task::spawn_blocking(move || {
-                    let mut out = std::io::BufWriter::with_capacity(1 << 20, writer);
-                    store.encode(&hash, &ranges, &mut out)?;
-                    std::io::Write::flush(&mut out)?;
-                    Ok::<(), crate::blob::Error>(())
-                });
-                let mut flip = corrupt
-                    .fetch_update(
-                        std::sync::atomic::Ordering::Relaxed,
-                        std::sync::atomic::Ordering::Relaxed,
-                        |n| n.checked_sub(1),
-                    )
-                    .is_ok();
-                while let Some(mut chunk) = chunks.recv().await {
-                    if flip && chunk.len() > 1024 {
-                        // Test hook: one byte flipped in the middle of the stream's first chunk.
-                        let at = chunk.len() / 2;
-                        chunk[at] ^= 0x20;
-                        flip = false;
-                    }
-                    if send.write_all(&chunk).await.is_err() {
-                        return;
-                    }
-                }
-                if let Ok(Err(e)) = encoding.await {
-                    tracing::warn!(%hash, error = %e, "cannot send a blob");
-                    let _ = send.reset(quinn::VarInt::from_u32(2));
-                    return;
-                }
-            }
-            let _ = send.finish();
+        }
+        let _ = send.finish();
+    }
+
+    /// Runs `encode` on a blocking thread and sends what it writes; resets the stream if it
+    /// fails (the receiver keeps what verified and asks again).
+    pub(crate) async fn stream(
+        &self,
+        send: &mut quinn::SendStream,
+        encode: impl FnOnce(&mut dyn std::io::Write) -> Result<(), crate::blob::Error> + Send + 'static,
+    ) -> Result<(), crate::blob::Error> {
+        let (writer, mut chunks) = bridge::writer();
+        let encoding = tokio::task::spawn_blocking(move || {
+            let mut out = std::io::BufWriter::with_capacity(1 << 20, writer);
+            encode(&mut out)?;
+            std::io::Write::flush(&mut out)?;
+            Ok::<(), crate::blob::Error>(())
         });
+        let mut flip = self
+            .corrupt
+            .fetch_update(
+                std::sync::atomic::Ordering::Relaxed,
+                std::sync::atomic::Ordering::Relaxed,
+                |n| n.checked_sub(1),
+            )
+            .is_ok();
+        while let Some(mut chunk) = chunks.recv().await {
+            if flip && chunk.len() > 1024 {
+                // Test hook: one byte flipped in the middle of the stream's first chunk.
+                let at = chunk.len() / 2;
+                chunk[at] ^= 0x20;
+                flip = false;
+            }
+            if send.write_all(&chunk).await.is_err() {
+                return Err(crate::blob::Error::Io(std::io::Error::other(
+                    "the receiver closed the stream",
+                )));
+            }
+        }
+        match encoding.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => {
+                let _ = send.reset(quinn::VarInt::from_u32(2));
+                Err(e)
+            }
+            Err(e) => {
+                let _ = send.reset(quinn::VarInt::from_u32(2));
+                Err(crate::blob::Error::Io(std::io::Error::other(e.to_string())))
+            }
+        }
     }
 }
 
 /// Between the async QUIC streams and the blob store's blocking IO.
-mod bridge {
+pub(crate) mod bridge {
     use std::io;
 
     /// A blocking `Read` fed by a task that reads `recv`; abort the task when done.
-    pub(super) fn reader(
+    pub(crate) fn reader(
         mut recv: quinn::RecvStream,
     ) -> (ChannelReader, tokio::task::JoinHandle<()>) {
         let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<bytes::Bytes>>(64);
@@ -630,7 +850,7 @@ mod bridge {
         )
     }
 
-    pub(super) struct ChannelReader {
+    pub(crate) struct ChannelReader {
         rx: tokio::sync::mpsc::Receiver<io::Result<bytes::Bytes>>,
         buf: bytes::Bytes,
     }

@@ -1,0 +1,703 @@
+//! Data roots over the data plane: listing, metadata, hashes, verified file streams, `mkdir`
+//! and `rm`, each judged by the node that owns the root.
+//!
+//! The serving node answers a request only after [`Roots::open`] said yes for the calling
+//! member, the endpoint, the ability (read or write) and the path; the path is then resolved by
+//! [`DataRoot`], which never leaves the root. A file is streamed like a blob: its BLAKE3 hash and
+//! outboard are computed when it is first asked for (and kept in memory, keyed by its inode,
+//! size and times), and every chunk group is checked against that hash before it goes out, so a
+//! file that changes under a transfer is refused rather than sent torn.
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::File;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use libp2p::PeerId;
+use serde::{Deserialize, Serialize};
+
+use crate::blob::{Hash, Partial, encode_file, outboard_of};
+use crate::net::{
+    DataPlane, Error, MAX_PATHS, MAX_WALK, Request, Response, Server, VERSION, ask, refuse,
+    write_header,
+};
+use crate::root::{DataRoot, Entry, RelPath};
+
+/// What a member asks to do in a data root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Want {
+    /// List, stat, hash, read.
+    Read,
+    /// Make directories, remove, write.
+    Write,
+}
+
+impl Want {
+    /// The capability ability it needs.
+    pub fn ability(self) -> &'static str {
+        match self {
+            Want::Read => "transfer.read",
+            Want::Write => "transfer.write",
+        }
+    }
+}
+
+/// One request on a data root, as the owning node judges it.
+#[derive(Debug, Clone, Copy)]
+pub struct Ask<'a> {
+    /// The endpoint's name on this node.
+    pub endpoint: &'a str,
+    /// Read or write.
+    pub want: Want,
+    /// The path (checked).
+    pub path: &'a RelPath,
+    /// The token the member presented.
+    pub token: Option<&'a str>,
+}
+
+/// The data roots of a node, behind its access rules.
+pub trait Roots: Send + Sync + 'static {
+    /// The root of `ask.endpoint` if the member `peer` may do what it asks there, or why not.
+    fn open(&self, peer: &PeerId, ask: &Ask<'_>) -> Result<Arc<DataRoot>, String>;
+}
+
+/// A file's hash and metadata, as [`Request::Hashes`] answers them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileHash {
+    /// The path asked.
+    pub path: String,
+    /// Its BLAKE3 hash (hex), unless `error`.
+    #[serde(default)]
+    pub hash: Option<String>,
+    /// Bytes.
+    #[serde(default)]
+    pub size: u64,
+    /// Permission bits.
+    #[serde(default)]
+    pub mode: u32,
+    /// Modification time, ns since the epoch.
+    #[serde(default)]
+    pub mtime_ns: i64,
+    /// Why it could not be hashed.
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// What identifies one version of a file: if any of it changes, the file is hashed again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct Version {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i64,
+    ctime_ns: i64,
+}
+
+fn version_of(file: &File) -> std::io::Result<(Version, u32)> {
+    let st = rustix::fs::fstat(file)?;
+    Ok((
+        Version {
+            dev: st.st_dev,
+            ino: st.st_ino,
+            size: st.st_size.max(0) as u64,
+            mtime_ns: st.st_mtime.saturating_mul(1_000_000_000) + st.st_mtime_nsec as i64,
+            ctime_ns: st.st_ctime.saturating_mul(1_000_000_000) + st.st_ctime_nsec as i64,
+        },
+        st.st_mode & 0o7777,
+    ))
+}
+
+/// Outboards of files this node served, bounded in memory.
+#[derive(Debug, Default)]
+pub struct Outboards {
+    inner: Mutex<OutboardCache>,
+}
+
+#[derive(Debug, Default)]
+struct OutboardCache {
+    map: HashMap<Version, Arc<(Hash, Vec<u8>)>>,
+    order: VecDeque<Version>,
+    bytes: usize,
+}
+
+/// Memory for cached outboards (a 1 GiB file's is 4 MiB).
+const OUTBOARD_CACHE: usize = 256 << 20;
+
+impl Outboards {
+    /// The hash and outboard of `file` (hashing it unless this version was seen).
+    fn of(&self, file: &File) -> Result<(Arc<(Hash, Vec<u8>)>, Version, u32), crate::blob::Error> {
+        let (v, mode) = version_of(file)?;
+        if let Some(hit) = self.lock().map.get(&v) {
+            return Ok((hit.clone(), v, mode));
+        }
+        let computed = Arc::new(outboard_of(file, v.size)?);
+        // Changed while it was read: the hash may be of neither version.
+        let (after, _) = version_of(file)?;
+        if after != v {
+            return Err(crate::blob::Error::Io(std::io::Error::other(
+                "the file changed while it was hashed; try again",
+            )));
+        }
+        let mut cache = self.lock();
+        cache.bytes += computed.1.len() + 64;
+        cache.order.push_back(v);
+        cache.map.insert(v, computed.clone());
+        while cache.bytes > OUTBOARD_CACHE {
+            let Some(old) = cache.order.pop_front() else {
+                break;
+            };
+            if let Some(gone) = cache.map.remove(&old) {
+                cache.bytes -= gone.1.len() + 64;
+            }
+        }
+        Ok((computed, v, mode))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, OutboardCache> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// Checks the parts of a data-root request every kind shares: version, path(s), counts.
+/// Returns the endpoint, what it wants, the paths (checked), and the token.
+pub fn check(request: &Request) -> Result<(&str, Want, Vec<RelPath>, Option<&str>), String> {
+    let v = crate::net::version(request);
+    if v != VERSION {
+        return Err(format!(
+            "data-plane protocol {v}, this node speaks {VERSION}"
+        ));
+    }
+    let one = |p: &str| RelPath::parse(p).map(|p| vec![p]).map_err(|e| e.to_string());
+    let (endpoint, want, paths, token) = match request {
+        Request::List {
+            endpoint,
+            path,
+            token,
+            ..
+        }
+        | Request::PathStat {
+            endpoint,
+            path,
+            token,
+            ..
+        }
+        | Request::Walk {
+            endpoint,
+            path,
+            token,
+            ..
+        }
+        | Request::GetFile {
+            endpoint,
+            path,
+            token,
+            ..
+        } => (endpoint, Want::Read, one(path)?, token),
+        Request::Mkdir {
+            endpoint,
+            path,
+            token,
+            ..
+        }
+        | Request::Remove {
+            endpoint,
+            path,
+            token,
+            ..
+        } => (endpoint, Want::Write, one(path)?, token),
+        Request::Hashes {
+            endpoint,
+            paths,
+            token,
+            ..
+        } => {
+            if paths.len() > MAX_PATHS {
+                return Err(format!("{} paths, at most {MAX_PATHS}", paths.len()));
+            }
+            let paths = paths
+                .iter()
+                .map(|p| RelPath::parse(p).map_err(|e| e.to_string()))
+                .collect::<Result<Vec<_>, _>>()?;
+            (endpoint, Want::Read, paths, token)
+        }
+        Request::Stat { .. } | Request::Get { .. } => {
+            return Err("a blob request, not one on a data root".into());
+        }
+    };
+    if endpoint.is_empty() || endpoint.len() > 256 {
+        return Err("a data-root request names an endpoint (at most 256 bytes)".into());
+    }
+    Ok((endpoint, want, paths, token.as_deref()))
+}
+
+/// The root a request may use: every path it names is judged on its own.
+fn judge(
+    server: &Server,
+    peer: PeerId,
+    endpoint: &str,
+    want: Want,
+    paths: &[RelPath],
+    token: Option<&str>,
+) -> Result<Arc<DataRoot>, String> {
+    let roots = server
+        .roots
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone()
+        .ok_or_else(|| "this node serves no data roots yet".to_owned())?;
+    let mut root = None;
+    for path in paths.iter().take(MAX_PATHS) {
+        root = Some(roots.open(
+            &peer,
+            &Ask {
+                endpoint,
+                want,
+                path,
+                token,
+            },
+        )?);
+    }
+    match root {
+        Some(r) => Ok(r),
+        None => roots.open(
+            &peer,
+            &Ask {
+                endpoint,
+                want,
+                path: &RelPath::root(),
+                token,
+            },
+        ),
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, String> + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| format!("internal error: {e}"))?
+}
+
+/// Serves one data-root request.
+pub(crate) async fn handle(
+    server: &Server,
+    peer: PeerId,
+    send: &mut quinn::SendStream,
+    request: Request,
+) {
+    let (endpoint, want, paths, token) = match check(&request) {
+        Ok(c) => c,
+        Err(reason) => return refuse(send, reason).await,
+    };
+    let root = match judge(server, peer, endpoint, want, &paths, token) {
+        Ok(r) => r,
+        Err(reason) => {
+            tracing::info!(%peer, endpoint, want = want.ability(), %reason, "refused a data-root request");
+            return refuse(send, reason).await;
+        }
+    };
+    let path = paths.first().cloned().unwrap_or_default();
+    let answer: Result<Response, String> = match &request {
+        Request::List { .. } => {
+            blocking(move || {
+                root.list(&path)
+                    .map(|entries| Response::Entries { entries })
+                    .map_err(|e| e.to_string())
+            })
+            .await
+        }
+        Request::PathStat { .. } => {
+            blocking(move || {
+                root.stat(&path)
+                    .map(|entry| Response::Entry { entry })
+                    .map_err(|e| e.to_string())
+            })
+            .await
+        }
+        Request::Walk { .. } => {
+            blocking(move || {
+                root.walk(&path, MAX_WALK)
+                    .map(|entries| Response::Entries { entries })
+                    .map_err(|e| e.to_string())
+            })
+            .await
+        }
+        Request::Mkdir { parents, .. } => {
+            let parents = *parents;
+            blocking(move || {
+                root.mkdir(&path, parents)
+                    .map(|()| Response::Done)
+                    .map_err(|e| e.to_string())
+            })
+            .await
+        }
+        Request::Remove { recursive, .. } => {
+            let recursive = *recursive;
+            blocking(move || {
+                root.remove(&path, recursive)
+                    .map(|()| Response::Done)
+                    .map_err(|e| e.to_string())
+            })
+            .await
+        }
+        Request::Hashes { .. } => {
+            let outboards = server.outboards.clone();
+            blocking(move || {
+                let files = paths
+                    .iter()
+                    .map(|p| hash_one(&root, &outboards, p))
+                    .collect();
+                Ok(Response::Hashes { files })
+            })
+            .await
+        }
+        Request::GetFile { hash, ranges, .. } => {
+            return get_file(server, send, root, path, hash, ranges).await;
+        }
+        Request::Stat { .. } | Request::Get { .. } => Err("not a data-root request".into()),
+    };
+    match answer {
+        Ok(response) => {
+            if write_header(send, &response).await.is_ok() {
+                let _ = send.finish();
+            }
+        }
+        Err(reason) => refuse(send, reason).await,
+    }
+}
+
+fn hash_one(root: &DataRoot, outboards: &Outboards, path: &RelPath) -> FileHash {
+    let mut out = FileHash {
+        path: path.as_str().to_owned(),
+        hash: None,
+        size: 0,
+        mode: 0,
+        mtime_ns: 0,
+        error: None,
+    };
+    let hashed = root
+        .open_file(path)
+        .map_err(|e| e.to_string())
+        .and_then(|f| outboards.of(&f).map_err(|e| e.to_string()));
+    match hashed {
+        Ok((ob, v, mode)) => {
+            out.hash = Some(ob.0.to_string());
+            out.size = v.size;
+            out.mode = mode;
+            out.mtime_ns = v.mtime_ns;
+        }
+        Err(e) => out.error = Some(e),
+    }
+    out
+}
+
+async fn get_file(
+    server: &Server,
+    send: &mut quinn::SendStream,
+    root: Arc<DataRoot>,
+    path: RelPath,
+    hash: &str,
+    ranges: &[(u64, u64)],
+) {
+    let want: Hash = match hash.parse() {
+        Ok(h) => h,
+        Err(e) => return refuse(send, format!("{e}")).await,
+    };
+    let ranges = match crate::net::chunk_ranges(ranges) {
+        Ok(r) => r,
+        Err(reason) => return refuse(send, reason).await,
+    };
+    let outboards = server.outboards.clone();
+    let shown = path.to_string();
+    let opened = blocking(move || {
+        let file = root.open_file(&path).map_err(|e| e.to_string())?;
+        let (ob, v, _) = outboards.of(&file).map_err(|e| e.to_string())?;
+        Ok((file, ob, v.size))
+    })
+    .await;
+    let (file, ob, size) = match opened {
+        Ok(o) => o,
+        Err(reason) => return refuse(send, reason).await,
+    };
+    if ob.0 != want {
+        return refuse(
+            send,
+            format!(
+                "`{shown}` changed since it was listed (its hash is now {}): start the copy again",
+                ob.0
+            ),
+        )
+        .await;
+    }
+    if write_header(send, &Response::Found { size }).await.is_err() {
+        return;
+    }
+    let sent = server
+        .stream(send, move |out| {
+            encode_file(&file, &ob.0, size, &ob.1, &ranges, out)
+        })
+        .await;
+    match sent {
+        Ok(()) => {
+            let _ = send.finish();
+        }
+        Err(e) => tracing::info!(path = %shown, error = %e, "a file stream stopped"),
+    }
+}
+
+/// A peer's data roots, through one connection.
+#[derive(Clone)]
+pub struct Remote {
+    plane: DataPlane,
+    peer: PeerId,
+    addr: SocketAddr,
+}
+
+fn refused(peer: PeerId, reason: String) -> Error {
+    Error::Refused { peer, reason }
+}
+
+fn unexpected(peer: PeerId, r: &Response) -> Error {
+    Error::Protocol(format!("{peer} answered {r:?}, which does not fit the request"))
+}
+
+impl DataPlane {
+    /// The data roots of `peer`, whose data plane listens at `addr`.
+    pub fn remote(&self, peer: PeerId, addr: SocketAddr) -> Remote {
+        Remote {
+            plane: self.clone(),
+            peer,
+            addr,
+        }
+    }
+}
+
+impl Remote {
+    /// The peer.
+    pub fn peer(&self) -> PeerId {
+        self.peer
+    }
+
+    async fn call(&self, request: &Request) -> Result<(Response, quinn::RecvStream), Error> {
+        let conn = self.plane.connect(self.peer, self.addr).await?;
+        match ask(&conn, request).await {
+            Ok((Response::Refused { reason }, _)) => Err(refused(self.peer, reason)),
+            other => other,
+        }
+    }
+
+    /// The entries of a directory.
+    pub async fn list(
+        &self,
+        endpoint: &str,
+        path: &str,
+        token: Option<String>,
+    ) -> Result<Vec<Entry>, Error> {
+        let r = Request::List {
+            v: VERSION,
+            endpoint: endpoint.into(),
+            path: path.into(),
+            token,
+        };
+        match self.call(&r).await?.0 {
+            Response::Entries { entries } => Ok(entries),
+            other => Err(unexpected(self.peer, &other)),
+        }
+    }
+
+    /// Every entry below a directory.
+    pub async fn walk(
+        &self,
+        endpoint: &str,
+        path: &str,
+        token: Option<String>,
+    ) -> Result<Vec<Entry>, Error> {
+        let r = Request::Walk {
+            v: VERSION,
+            endpoint: endpoint.into(),
+            path: path.into(),
+            token,
+        };
+        match self.call(&r).await?.0 {
+            Response::Entries { entries } => Ok(entries),
+            other => Err(unexpected(self.peer, &other)),
+        }
+    }
+
+    /// One path's metadata.
+    pub async fn stat(
+        &self,
+        endpoint: &str,
+        path: &str,
+        token: Option<String>,
+    ) -> Result<Entry, Error> {
+        let r = Request::PathStat {
+            v: VERSION,
+            endpoint: endpoint.into(),
+            path: path.into(),
+            token,
+        };
+        match self.call(&r).await?.0 {
+            Response::Entry { entry } => Ok(entry),
+            other => Err(unexpected(self.peer, &other)),
+        }
+    }
+
+    /// Makes a directory.
+    pub async fn mkdir(
+        &self,
+        endpoint: &str,
+        path: &str,
+        parents: bool,
+        token: Option<String>,
+    ) -> Result<(), Error> {
+        let r = Request::Mkdir {
+            v: VERSION,
+            endpoint: endpoint.into(),
+            path: path.into(),
+            parents,
+            token,
+        };
+        match self.call(&r).await?.0 {
+            Response::Done => Ok(()),
+            other => Err(unexpected(self.peer, &other)),
+        }
+    }
+
+    /// Removes a path.
+    pub async fn remove(
+        &self,
+        endpoint: &str,
+        path: &str,
+        recursive: bool,
+        token: Option<String>,
+    ) -> Result<(), Error> {
+        let r = Request::Remove {
+            v: VERSION,
+            endpoint: endpoint.into(),
+            path: path.into(),
+            recursive,
+            token,
+        };
+        match self.call(&r).await?.0 {
+            Response::Done => Ok(()),
+            other => Err(unexpected(self.peer, &other)),
+        }
+    }
+
+    /// The hashes of files (any number: asked [`MAX_PATHS`] at a time).
+    pub async fn hashes(
+        &self,
+        endpoint: &str,
+        paths: &[String],
+        token: Option<String>,
+    ) -> Result<Vec<FileHash>, Error> {
+        let mut out = Vec::with_capacity(paths.len());
+        for batch in paths.chunks(MAX_PATHS) {
+            let r = Request::Hashes {
+                v: VERSION,
+                endpoint: endpoint.into(),
+                paths: batch.to_vec(),
+                token: token.clone(),
+            };
+            match self.call(&r).await?.0 {
+                Response::Hashes { files } if files.len() == batch.len() => out.extend(files),
+                other => return Err(unexpected(self.peer, &other)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Receives into `partial` what it is missing of the file `path` (which must still have
+    /// the partial's hash), asking again after a chunk group that does not verify (up to
+    /// `attempts` rounds). Returns the partial and the bytes of data received; complete when
+    /// its `missing()` is empty.
+    pub async fn fetch_file(
+        &self,
+        endpoint: &str,
+        path: &str,
+        token: Option<String>,
+        mut partial: Partial,
+        attempts: usize,
+        received: Arc<std::sync::atomic::AtomicU64>,
+    ) -> Result<Partial, (Partial, Error)> {
+        let mut last = None;
+        for _ in 0..attempts.max(1) {
+            let (p, missing) = match tokio::task::spawn_blocking(move || {
+                let m = partial.missing();
+                (partial, m)
+            })
+            .await
+            {
+                Ok((p, Ok(m))) => (p, m),
+                Ok((p, Err(e))) => return Err((p, e.into())),
+                Err(e) => std::panic::resume_unwind(e.into_panic()),
+            };
+            partial = p;
+            if missing.is_empty() {
+                return Ok(partial);
+            }
+            let r = Request::GetFile {
+                v: VERSION,
+                endpoint: endpoint.into(),
+                path: path.into(),
+                hash: partial.hash().to_string(),
+                ranges: crate::net::ranges_of(&missing, partial.size()),
+                token: token.clone(),
+            };
+            let recv = match self.call(&r).await {
+                Ok((Response::Found { size }, recv)) if size == partial.size() => recv,
+                Ok((other, _)) => return Err((partial, unexpected(self.peer, &other))),
+                Err(e) => return Err((partial, e)),
+            };
+            let (reader, pump) = crate::net::bridge::reader(recv);
+            let counter = Counting {
+                inner: reader,
+                n: received.clone(),
+            };
+            let (p, outcome) = match tokio::task::spawn_blocking(move || {
+                let o = partial.receive(&missing, counter);
+                (partial, o)
+            })
+            .await
+            {
+                Ok(x) => x,
+                Err(e) => std::panic::resume_unwind(e.into_panic()),
+            };
+            pump.abort();
+            partial = p;
+            match outcome {
+                Ok(_) => {}
+                Err(e @ crate::blob::Error::Corrupt { .. }) => last = Some(e),
+                Err(e) => return Err((partial, e.into())),
+            }
+        }
+        Err((
+            partial,
+            match last {
+                Some(e) => e.into(),
+                None => Error::Protocol(format!("still incomplete after {attempts} rounds")),
+            },
+        ))
+    }
+}
+
+/// Counts the bytes read through it (the job's "bytes received", which includes what was sent
+/// twice).
+struct Counting<R> {
+    inner: R,
+    n: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl<R: std::io::Read> std::io::Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.n
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        Ok(n)
+    }
+}
