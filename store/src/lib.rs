@@ -49,6 +49,9 @@ pub mod cf {
     /// by id; its record is written here in the same batch as the first task that names it.
     pub const FUNCTIONS: &str = "functions";
 
+    /// Transfer jobs this node runs (transfer::copy): job id → JSON `transfer::copy::Job`.
+    pub const TRANSFERS: &str = "transfers";
+
     /// All column families, in creation order.
     pub const ALL: &[&str] = &[
         META,
@@ -59,6 +62,7 @@ pub mod cf {
         SUBMITTED,
         CAPABILITIES,
         FUNCTIONS,
+        TRANSFERS,
     ];
 }
 

@@ -170,7 +170,11 @@ pub fn check(request: &Request) -> Result<(&str, Want, Vec<RelPath>, Option<&str
             "data-plane protocol {v}, this node speaks {VERSION}"
         ));
     }
-    let one = |p: &str| RelPath::parse(p).map(|p| vec![p]).map_err(|e| e.to_string());
+    let one = |p: &str| {
+        RelPath::parse(p)
+            .map(|p| vec![p])
+            .map_err(|e| e.to_string())
+    };
     let (endpoint, want, paths, token) = match request {
         Request::List {
             endpoint,
@@ -462,7 +466,9 @@ fn refused(peer: PeerId, reason: String) -> Error {
 }
 
 fn unexpected(peer: PeerId, r: &Response) -> Error {
-    Error::Protocol(format!("{peer} answered {r:?}, which does not fit the request"))
+    Error::Protocol(format!(
+        "{peer} answered {r:?}, which does not fit the request"
+    ))
 }
 
 impl DataPlane {

@@ -14,6 +14,7 @@
 //! and large task values by reference.
 
 pub mod blob;
+pub mod copy;
 pub mod files;
 pub mod net;
 pub mod root;

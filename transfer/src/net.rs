@@ -487,7 +487,11 @@ impl DataPlane {
         Ok(conn)
     }
 
-    async fn connect_new(&self, peer: PeerId, addr: SocketAddr) -> Result<quinn::Connection, Error> {
+    async fn connect_new(
+        &self,
+        peer: PeerId,
+        addr: SocketAddr,
+    ) -> Result<quinn::Connection, Error> {
         let fail = |reason: String| Error::Connect { peer, reason };
         let tls = libp2p_tls::make_client_config(&self.keypair, Some(peer))
             .map_err(|e| fail(e.to_string()))?;
@@ -605,7 +609,10 @@ pub(crate) fn ranges_of(set: &ChunkRanges, size: u64) -> Vec<(u64, u64)> {
         .collect()
 }
 
-pub(crate) async fn write_header<T: Serialize>(send: &mut quinn::SendStream, value: &T) -> Result<(), Error> {
+pub(crate) async fn write_header<T: Serialize>(
+    send: &mut quinn::SendStream,
+    value: &T,
+) -> Result<(), Error> {
     let bytes = serde_json::to_vec(value).map_err(|e| Error::Protocol(e.to_string()))?;
     send.write_all(&(bytes.len() as u32).to_be_bytes())
         .await

@@ -178,7 +178,8 @@ impl RelPath {
     pub fn starts_with(&self, prefix: &RelPath) -> bool {
         prefix.is_root()
             || self.0 == prefix.0
-            || (self.0.starts_with(&prefix.0) && self.0.as_bytes().get(prefix.0.len()) == Some(&b'/'))
+            || (self.0.starts_with(&prefix.0)
+                && self.0.as_bytes().get(prefix.0.len()) == Some(&b'/'))
     }
 
     /// What `openat` gets: the root is `.`.
@@ -347,7 +348,8 @@ impl DataRoot {
         mode: Mode,
     ) -> Result<OwnedFd, PathError> {
         let Some((parent, name)) = rel.split_last() else {
-            return rustix::fs::openat(&self.dir, ".", flags, mode).map_err(|e| Self::error(rel, e));
+            return rustix::fs::openat(&self.dir, ".", flags, mode)
+                .map_err(|e| Self::error(rel, e));
         };
         let mut dir: Option<OwnedFd> = None;
         for part in parent.as_str().split('/').filter(|p| !p.is_empty()) {
@@ -362,7 +364,8 @@ impl DataRoot {
             dir = Some(next);
         }
         let at: BorrowedFd<'_> = dir.as_ref().map_or(self.dir.as_fd(), |d| d.as_fd());
-        rustix::fs::openat(at, name, flags | OFlags::NOFOLLOW, mode).map_err(|e| Self::error(rel, e))
+        rustix::fs::openat(at, name, flags | OFlags::NOFOLLOW, mode)
+            .map_err(|e| Self::error(rel, e))
     }
 
     /// The parent directory of `rel`, opened below the root, and `rel`'s last component.
@@ -509,7 +512,11 @@ impl DataRoot {
     /// A file being received for `rel`: `.funcmesh-part.<tag>` next to where it will go (so that
     /// the final rename stays on one file system), created if need be, kept otherwise (to
     /// resume). The parent directories are made.
-    pub fn part_file(&self, rel: &RelPath, tag: &str) -> Result<(File, OwnedFd, String), PathError> {
+    pub fn part_file(
+        &self,
+        rel: &RelPath,
+        tag: &str,
+    ) -> Result<(File, OwnedFd, String), PathError> {
         let (parent, name) = rel.split_last().ok_or_else(|| PathError::Invalid {
             path: ".".into(),
             why: "a file cannot replace the data root".into(),
@@ -540,7 +547,8 @@ impl DataRoot {
         mtime_ns: i64,
     ) -> Result<(), PathError> {
         let name = rel.split_last().map(|(_, n)| n).unwrap_or(".");
-        rustix::fs::fchmod(file, Mode::from_raw_mode(mode & 0o7777)).map_err(|e| Self::error(rel, e))?;
+        rustix::fs::fchmod(file, Mode::from_raw_mode(mode & 0o7777))
+            .map_err(|e| Self::error(rel, e))?;
         let ts = rustix::fs::Timespec {
             tv_sec: mtime_ns.div_euclid(1_000_000_000),
             tv_nsec: mtime_ns.rem_euclid(1_000_000_000) as _,
@@ -601,7 +609,8 @@ fn remove_contents(dir: &OwnedFd, rel: &RelPath) -> Result<(), PathError> {
             rustix::fs::unlinkat(dir, os, AtFlags::REMOVEDIR)
                 .map_err(|e| DataRoot::error(&shown, e))?;
         } else {
-            rustix::fs::unlinkat(dir, os, AtFlags::empty()).map_err(|e| DataRoot::error(&shown, e))?;
+            rustix::fs::unlinkat(dir, os, AtFlags::empty())
+                .map_err(|e| DataRoot::error(&shown, e))?;
         }
     }
     Ok(())
@@ -616,12 +625,25 @@ mod tests {
         assert_eq!(RelPath::parse("a//b/./c/").unwrap().as_str(), "a/b/c");
         assert!(RelPath::parse("").unwrap().is_root());
         assert!(RelPath::parse("./").unwrap().is_root());
-        assert!(matches!(RelPath::parse("/etc"), Err(PathError::Absolute(_))));
-        assert!(matches!(RelPath::parse("a/../b"), Err(PathError::DotDot(_))));
-        assert!(matches!(RelPath::parse("a\0b"), Err(PathError::Invalid { .. })));
+        assert!(matches!(
+            RelPath::parse("/etc"),
+            Err(PathError::Absolute(_))
+        ));
+        assert!(matches!(
+            RelPath::parse("a/../b"),
+            Err(PathError::DotDot(_))
+        ));
+        assert!(matches!(
+            RelPath::parse("a\0b"),
+            Err(PathError::Invalid { .. })
+        ));
         let p = RelPath::parse("data/run1").unwrap();
         assert!(p.starts_with(&RelPath::parse("data").unwrap()));
-        assert!(!RelPath::parse("database").unwrap().starts_with(&RelPath::parse("data").unwrap()));
+        assert!(
+            !RelPath::parse("database")
+                .unwrap()
+                .starts_with(&RelPath::parse("data").unwrap())
+        );
         assert!(p.starts_with(&RelPath::root()));
     }
 }

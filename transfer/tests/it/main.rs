@@ -4,4 +4,6 @@
 #![allow(clippy::unwrap_used)]
 
 mod blob;
+mod copy;
 mod net;
+mod root;
