@@ -61,6 +61,7 @@ fn main() {
     let grant = capability::grant(
         &a_seed,
         &Grant {
+            paths: vec![],
             to: b,
             endpoint: "ep".into(),
             functions: vec!["f1".into(), "f2".into()],
@@ -75,6 +76,7 @@ fn main() {
             t,
             seed,
             &Delegation {
+                paths: vec![],
                 to,
                 functions: vec![],
                 expires: None,
@@ -109,6 +111,7 @@ fn main() {
             endpoint: "ep".into(),
             function: Some("f1".into()),
             ability: Ability::ComputeRun,
+            path: None,
         };
         let v = capability::verify(token, &dir, &a).expect("verifies");
         capability::authorize(&v, &dir, &req).expect("allowed");

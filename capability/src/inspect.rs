@@ -24,6 +24,8 @@ pub enum Statement {
     Functions(Vec<String>),
     /// Only these abilities.
     Abilities(Vec<String>),
+    /// Only data-root paths below these prefixes.
+    Paths(Vec<String>),
     /// Not after this second.
     Expires(u64),
     /// Not before this second.
@@ -131,6 +133,26 @@ impl Chain {
         out
     }
 
+    /// The data-root path prefixes every block allows (`None`: no block restricts them): a
+    /// path must be below a prefix of every restricting block, so this is each block's list
+    /// kept to what the earlier ones cover.
+    pub fn paths(&self) -> Option<Vec<String>> {
+        let mut out: Option<Vec<String>> = None;
+        for s in self.blocks.iter().flat_map(|b| &b.statements) {
+            if let Statement::Paths(ps) = s {
+                out = Some(match out {
+                    None => ps.clone(),
+                    Some(prev) => ps
+                        .iter()
+                        .filter(|p| prev.iter().any(|q| crate::token::under(p, q)))
+                        .cloned()
+                        .collect(),
+                });
+            }
+        }
+        out
+    }
+
     /// The earliest expiry of any block.
     pub fn expires(&self) -> Option<u64> {
         self.blocks
@@ -179,6 +201,7 @@ impl Chain {
                     Statement::Endpoint(e) => format!("on endpoint {e}"),
                     Statement::Functions(fs) => format!("functions {}", fs.join(", ")),
                     Statement::Abilities(a) => format!("abilities {}", a.join(", ")),
+                    Statement::Paths(p) => format!("paths below {}", p.join(", ")),
                     Statement::Expires(t) => format!("until {}", rfc3339(*t)),
                     Statement::NotBefore(t) => format!("from {}", rfc3339(*t)),
                     Statement::Other(o) => format!("with restriction `{o}`"),
@@ -268,6 +291,9 @@ fn statement(l: &str) -> Statement {
         _ if l.starts_with("check if ability($a), {") && l.ends_with("}.contains($a)") => {
             return Statement::Abilities(q);
         }
+        _ if l.starts_with("check if under($d), {") && l.ends_with("}.contains($d)") => {
+            return Statement::Paths(q);
+        }
         _ => {}
     }
     if let Some(d) = l.strip_prefix("check if time($t), $t <= ") {
@@ -292,6 +318,7 @@ impl fmt::Display for Statement {
             Statement::Endpoint(e) => write!(f, "endpoint {e}"),
             Statement::Functions(fs) => write!(f, "functions {}", fs.join(", ")),
             Statement::Abilities(a) => write!(f, "abilities {}", a.join(", ")),
+            Statement::Paths(p) => write!(f, "paths below {}", p.join(", ")),
             Statement::Expires(t) => write!(f, "until {}", rfc3339(*t)),
             Statement::NotBefore(t) => write!(f, "from {}", rfc3339(*t)),
             Statement::Other(o) => f.write_str(o),

@@ -28,7 +28,7 @@ mod verify;
 pub use inspect::{Block, Chain, Statement, inspect};
 pub use token::{
     Audience, Delegation, Grant, append_plain, append_signed, claim_root, delegate,
-    delegate_unchecked, grant,
+    delegate_unchecked, grant, path_prefixes, under,
 };
 pub use verify::{
     Directory, Refusal, Request, Verified, Verifier, authorize, check_revocations, run_datalog,

@@ -24,6 +24,9 @@ pub struct Grant {
     pub expires: u64,
     /// First valid second, Unix time (none: valid at once).
     pub not_before: Option<u64>,
+    /// Data-root path prefixes it covers (`transfer.*`); empty: the whole root. A token with
+    /// prefixes allows only requests that name a path below one of them.
+    pub paths: Vec<String>,
 }
 
 /// Who a delegation hands the token to.
@@ -44,6 +47,40 @@ pub struct Delegation {
     pub functions: Vec<String>,
     /// End sooner, Unix seconds.
     pub expires: Option<u64>,
+    /// Restrict to these data-root path prefixes (empty: no further restriction).
+    pub paths: Vec<String>,
+}
+
+/// Normalises path prefixes: `/`-trimmed, `.` and empty components dropped; `..` refused.
+/// `None` when one of them is the whole root (no restriction).
+pub fn path_prefixes(paths: &[String]) -> Result<Option<Vec<String>>, Error> {
+    let mut out = Vec::new();
+    for p in paths {
+        let mut parts = Vec::new();
+        for c in p.split('/') {
+            match c {
+                "" | "." => {}
+                ".." => {
+                    return Err(Error::Invalid(format!(
+                        "path prefix {p:?} contains `..`: name a directory inside the data root"
+                    )));
+                }
+                c => parts.push(c),
+            }
+        }
+        if parts.is_empty() {
+            return Ok(None);
+        }
+        out.push(parts.join("/"));
+    }
+    Ok((!out.is_empty()).then_some(out))
+}
+
+/// Whether `path` is `prefix` or below it.
+pub fn under(path: &str, prefix: &str) -> bool {
+    prefix.is_empty()
+        || path == prefix
+        || (path.starts_with(prefix) && path.as_bytes().get(prefix.len()) == Some(&b'/'))
 }
 
 pub(crate) fn keypair(seed: &[u8; 32]) -> Result<KeyPair, Error> {
@@ -101,6 +138,10 @@ pub fn grant(issuer_seed: &[u8; 32], g: &Grant) -> Result<Vec<u8>, Error> {
         code.push_str("check if function($f), {functions}.contains($f);\n");
         params.insert("functions".into(), set(g.functions.iter().cloned()));
     }
+    if let Some(paths) = path_prefixes(&g.paths)? {
+        code.push_str("check if under($d), {paths}.contains($d);\n");
+        params.insert("paths".into(), set(paths));
+    }
     let token = Biscuit::builder()
         .code_with_params(code, params, HashMap::new())?
         .context(CONTEXT.into())
@@ -133,6 +174,14 @@ pub fn delegate(token: &[u8], holder_seed: &[u8; 32], d: &Delegation) -> Result<
             return Err(Error::Widening(format!(
                 "function {extra} is not covered by the token, which allows only {}",
                 allowed.iter().cloned().collect::<Vec<_>>().join(", ")
+            )));
+        }
+    }
+    if let (Some(allowed), Some(want)) = (chain.paths(), path_prefixes(&d.paths)?) {
+        if let Some(extra) = want.iter().find(|w| !allowed.iter().any(|a| under(w, a))) {
+            return Err(Error::Widening(format!(
+                "path {extra} is not covered by the token, which allows only {}",
+                allowed.join(", ")
             )));
         }
     }
@@ -178,6 +227,10 @@ pub fn delegate_unchecked(
     if !d.functions.is_empty() {
         code.push_str("check if function($f), {functions}.contains($f);\n");
         params.insert("functions".into(), set(d.functions.iter().cloned()));
+    }
+    if let Some(paths) = path_prefixes(&d.paths)? {
+        code.push_str("check if under($d), {paths}.contains($d);\n");
+        params.insert("paths".into(), set(paths));
     }
     if let Some(exp) = d.expires {
         code.push_str("check if time($t), $t <= {exp};\n");

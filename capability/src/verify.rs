@@ -207,6 +207,8 @@ pub struct Request {
     pub function: Option<String>,
     /// The ability used.
     pub ability: Ability,
+    /// The data-root path, for `transfer.*` (relative, normalised).
+    pub path: Option<String>,
 }
 
 fn limits() -> RunLimits {
@@ -359,6 +361,21 @@ pub fn run_datalog(v: &Verified, req: &Request) -> Result<(), Refusal> {
     if let Some(f) = &req.function {
         code.push_str("function({fn});\n");
         params.insert("fn".into(), Term::Str(f.clone()));
+    }
+    if let Some(p) = &req.path {
+        // The path and each directory above it, up to the root (""): a prefix check in
+        // Datalog is then a set membership.
+        let mut at = p.as_str();
+        let mut i = 0;
+        loop {
+            code.push_str(&format!("under({{d{i}}});\n"));
+            params.insert(format!("d{i}"), Term::Str(at.to_owned()));
+            i += 1;
+            if at.is_empty() || i > 64 {
+                break;
+            }
+            at = at.rsplit_once('/').map_or("", |(parent, _)| parent);
+        }
     }
     code.push_str("check if peer_institution($i), holder($i);\nallow if true;\n");
     let mut b = AuthorizerBuilder::new()

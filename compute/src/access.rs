@@ -199,6 +199,7 @@ impl Access {
                 endpoint: endpoint.to_owned(),
                 function: Some(function.to_owned()),
                 ability: Ability::ComputeRun,
+                path: None,
             };
             match self.verifier.check(&h.bytes, &dir, root, &req) {
                 Ok(_) => return Ok(h.text.clone()),
@@ -209,6 +210,39 @@ impl Access {
             None => "this node holds no capability token for it (an admin of its institution \
                      grants one with `funcmesh cap grant`; add it here with `funcmesh cap add`)"
                 .into(),
+            Some(r) => format!("the capability token held here is refused: {r}"),
+        })
+    }
+
+    /// The text of a held token for `endpoint` (of the institution `root`) that allows `req`
+    /// (whose `peer` and `institution` are filled in here), or why there is none.
+    pub fn token_allowing(
+        &self,
+        endpoint: &str,
+        root: &Key,
+        mut req: Request,
+    ) -> Result<String, String> {
+        let Some(institution) = self.institution else {
+            return Err("a coordinator holds no capability tokens".into());
+        };
+        req.peer = self.me.clone();
+        req.institution = institution;
+        let held = self.held();
+        let dir = self.directory();
+        let mut last = None;
+        for h in held.iter().filter(|h| h.endpoint == endpoint) {
+            match self.verifier.check(&h.bytes, &dir, root, &req) {
+                Ok(_) => return Ok(h.text.clone()),
+                Err(r) => last = Some(r),
+            }
+        }
+        Err(match last {
+            None => format!(
+                "this node holds no capability token for endpoint {endpoint} (an admin of its \
+                 institution grants one with `funcmesh cap grant --ability {}`; add it here \
+                 with `funcmesh cap add`)",
+                req.ability
+            ),
             Some(r) => format!("the capability token held here is refused: {r}"),
         })
     }
@@ -285,6 +319,7 @@ mod tests {
         let grant = capability::grant(
             &[1; 32],
             &capability::Grant {
+                paths: vec![],
                 to: Key([2; 32]),
                 endpoint: "ep".into(),
                 functions: vec![],

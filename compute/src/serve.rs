@@ -258,6 +258,7 @@ impl Server {
                 .unwrap_or_default(),
             function: Some(t.function_id.clone()),
             ability: capability::Ability::ComputeRun,
+            path: None,
         };
         let checked = match crate::access::presented(token, tokens) {
             Ok(p) => self

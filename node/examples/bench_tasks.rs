@@ -202,6 +202,7 @@ async fn noop(cap: bool) -> anyhow::Result<()> {
         let token = node::capabilities::grant(
             &seed,
             &capability::Grant {
+                paths: vec![],
                 to: b,
                 endpoint,
                 functions: vec![],

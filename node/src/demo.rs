@@ -270,6 +270,7 @@ async fn compute_step(net: &Testnet) -> anyhow::Result<()> {
         let token = crate::capabilities::grant(
             &seed,
             &capability::Grant {
+                paths: vec![],
                 to: b_key,
                 endpoint,
                 functions: vec![],

@@ -13,6 +13,7 @@ fn real_tokens() -> Vec<Vec<u8>> {
         &ab,
         &Inst::B.seed(),
         &Delegation {
+            paths: vec![],
             to: Audience::Institution(Inst::C.key()),
             functions: vec!["f1".into()],
             expires: None,
@@ -23,6 +24,7 @@ fn real_tokens() -> Vec<Vec<u8>> {
         &abc,
         &Inst::C.seed(),
         &Delegation {
+            paths: vec![],
             to: Audience::Node("peerC1".into()),
             functions: vec![],
             expires: Some(T0 + 600),

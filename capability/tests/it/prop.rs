@@ -87,6 +87,7 @@ fn apply(token: &[u8], op: &Op, vocab: &[String]) -> Vec<u8> {
             token,
             &by.seed(),
             &Delegation {
+                paths: vec![],
                 to: Audience::Node((*peer).into()),
                 functions: vec![],
                 expires: None,
@@ -97,6 +98,7 @@ fn apply(token: &[u8], op: &Op, vocab: &[String]) -> Vec<u8> {
             token,
             &by.seed(),
             &Delegation {
+                paths: vec![],
                 to: Audience::Institution(to.key()),
                 functions: fs.iter().map(|f| (*f).to_string()).collect(),
                 expires: None,
@@ -127,6 +129,7 @@ fn request() -> impl Strategy<Value = Request> {
             endpoint: ep.into(),
             function: Some(f.into()),
             ability,
+            path: None,
         })
 }
 

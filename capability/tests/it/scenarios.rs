@@ -9,6 +9,7 @@ fn to_node(token: &[u8], by: Inst, peer: &str) -> Vec<u8> {
         token,
         &by.seed(),
         &Delegation {
+            paths: vec![],
             to: Audience::Node(peer.into()),
             functions: vec![],
             expires: None,
@@ -22,6 +23,7 @@ fn to_inst(token: &[u8], by: Inst, to: Inst) -> Vec<u8> {
         token,
         &by.seed(),
         &Delegation {
+            paths: vec![],
             to: Audience::Institution(to.key()),
             functions: vec![],
             expires: None,
@@ -73,6 +75,7 @@ fn a_holder_hands_the_token_on_and_the_partner_narrows_it_to_a_node() {
 fn an_attempt_to_widen_a_delegation_is_refused_when_made_and_when_used() {
     let dir = directory(&[]);
     let wider = Delegation {
+        paths: vec![],
         to: Audience::Institution(Inst::C.key()),
         functions: vec!["f1".into(), "f2".into()],
         expires: Some(T1 + 86_400),
@@ -93,6 +96,7 @@ fn an_attempt_to_widen_a_delegation_is_refused_when_made_and_when_used() {
         &grant_ab(),
         &Inst::X.seed(),
         &Delegation {
+            paths: vec![],
             to: Audience::Institution(Inst::X.key()),
             functions: vec![],
             expires: None,
@@ -156,6 +160,7 @@ fn an_expired_token_is_refused_as_expired() {
         &t,
         &Inst::B.seed(),
         &Delegation {
+            paths: vec![],
             to: Audience::Node("peerB1".into()),
             functions: vec![],
             expires: Some(NOW + 10),
@@ -305,6 +310,7 @@ fn a_forged_signature_is_refused() {
     // Z signs a grant that claims to be A's (A's root key id).
     let forged = {
         let g = Grant {
+            paths: vec![],
             to: Inst::B.key(),
             endpoint: EP.into(),
             functions: vec![],
@@ -356,6 +362,7 @@ fn a_truncated_token_is_malformed() {
 fn a_token_rooted_in_a_non_admitted_institution_is_refused() {
     let dir = directory(&[]);
     let g = Grant {
+        paths: vec![],
         to: Inst::B.key(),
         endpoint: EP.into(),
         functions: vec![],
@@ -457,4 +464,90 @@ fn inspect_describes_the_chain_in_plain_words() {
         capability::from_text(&capability::to_text(&abc)).unwrap(),
         abc
     );
+}
+
+#[test]
+fn a_grant_narrowed_to_a_path_prefix_allows_only_paths_below_it() {
+    let dir = directory(&[]);
+    let token = capability::grant(
+        &Inst::A.seed(),
+        &Grant {
+            paths: vec!["/shared/".into()],
+            to: Inst::B.key(),
+            endpoint: EP.into(),
+            functions: vec![],
+            abilities: vec![Ability::TransferRead],
+            expires: T1,
+            not_before: None,
+        },
+    )
+    .unwrap();
+    let at = |path: Option<&str>, ability: Ability| capability::Request {
+        path: path.map(str::to_owned),
+        ability,
+        function: None,
+        ..req("peerB1", Inst::B, NOW, "f1")
+    };
+    for ok in ["shared", "shared/run1/data.h5"] {
+        check(&token, &dir, &at(Some(ok), Ability::TransferRead)).unwrap();
+    }
+    for refused in ["", "private", "sharedx", "other/shared"] {
+        let r = check(&token, &dir, &at(Some(refused), Ability::TransferRead)).unwrap_err();
+        assert!(r.to_string().contains("under"), "{refused}: {r}");
+    }
+    // No path at all (a compute request) is not below the prefix either.
+    assert!(check(&token, &dir, &at(None, Ability::TransferRead)).is_err());
+    // Writing is not granted, whatever the path.
+    assert!(check(&token, &dir, &at(Some("shared/x"), Ability::TransferWrite)).is_err());
+    assert_eq!(
+        capability::inspect(&token).unwrap().paths(),
+        Some(vec!["shared".to_owned()])
+    );
+
+    // B narrows it to a subdirectory for C; it cannot widen it.
+    let narrow = capability::delegate(
+        &token,
+        &Inst::B.seed(),
+        &Delegation {
+            paths: vec!["shared/run1".into()],
+            to: Audience::Institution(Inst::C.key()),
+            functions: vec![],
+            expires: None,
+        },
+    )
+    .unwrap();
+    let as_c = |p: &str| capability::Request {
+        path: Some(p.into()),
+        ability: Ability::TransferRead,
+        function: None,
+        ..req("peerC1", Inst::C, NOW, "f1")
+    };
+    check(&narrow, &dir, &as_c("shared/run1/a")).unwrap();
+    assert!(check(&narrow, &dir, &as_c("shared/run2/a")).is_err());
+    let wider = capability::delegate(
+        &token,
+        &Inst::B.seed(),
+        &Delegation {
+            paths: vec!["private".into()],
+            to: Audience::Institution(Inst::C.key()),
+            functions: vec![],
+            expires: None,
+        },
+    )
+    .unwrap_err();
+    assert!(wider.to_string().contains("not covered"), "{wider}");
+    // Forced past the delegate's check, the wider block still cannot widen.
+    let forced = capability::delegate_unchecked(
+        &token,
+        &Inst::B.seed(),
+        &Delegation {
+            paths: vec!["private".into()],
+            to: Audience::Institution(Inst::C.key()),
+            functions: vec![],
+            expires: None,
+        },
+    )
+    .unwrap();
+    assert!(check(&forced, &dir, &as_c("private/a")).is_err());
+    assert!(capability::path_prefixes(&["a/../b".into()]).is_err());
 }

@@ -52,6 +52,7 @@ pub(crate) fn grant_ab() -> Vec<u8> {
     capability::grant(
         &Inst::A.seed(),
         &Grant {
+            paths: vec![],
             to: Inst::B.key(),
             endpoint: EP.into(),
             functions: vec!["f1".into()],
@@ -72,6 +73,7 @@ pub(crate) fn req(peer: &str, inst: Inst, time: u64, function: &str) -> Request 
         endpoint: EP.into(),
         function: Some(function.into()),
         ability: Ability::ComputeRun,
+        path: None,
     }
 }
 

@@ -209,6 +209,7 @@ pub(crate) async fn cap_command(cmd: CapCommand) -> anyhow::Result<()> {
                 anyhow::bail!("a grant needs --expires DATE or --ttl DURATION");
             };
             let grant = capability::Grant {
+                paths: vec![],
                 to,
                 endpoint,
                 functions: function_ids(client.as_ref(), &functions).await?,
@@ -233,6 +234,7 @@ pub(crate) async fn cap_command(cmd: CapCommand) -> anyhow::Result<()> {
             let client = optional_client(node.as_ref())?;
             let known = institution_keys(client.as_ref()).await?;
             let d = capability::Delegation {
+                paths: vec![],
                 to: caps::audience(&to, &|q| resolve_institution(&known, q))?,
                 functions: function_ids(client.as_ref(), &functions).await?,
                 expires: caps::expiry(expires.as_deref(), ttl)?,

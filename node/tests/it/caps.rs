@@ -67,6 +67,7 @@ fn forged(real: &str, a_key: &Path) -> String {
     let z = [9u8; 32];
     let chain = capability::inspect(&capability::from_text(real).unwrap()).unwrap();
     let g = capability::Grant {
+        paths: vec![],
         to: a_public, // anything: the signature fails first
         endpoint: chain.endpoint().unwrap().to_owned(),
         functions: vec![],
@@ -280,6 +281,7 @@ fn an_attempt_to_widen_a_delegation_is_refused() {
             &capability::from_text(&c.t).unwrap(),
             &b_seed,
             &capability::Delegation {
+                paths: vec![],
                 to: capability::Audience::Institution(c_public),
                 functions: vec![triple["id"].as_str().unwrap().to_owned()],
                 expires: None,
@@ -480,6 +482,7 @@ fn a_token_rooted_outside_the_endpoints_institution_is_refused() {
         &capability::grant(
             &[7u8; 32],
             &capability::Grant {
+                paths: vec![],
                 to: b,
                 endpoint: endpoint_id,
                 functions: vec![],
