@@ -409,6 +409,16 @@ impl Handle {
             .contains_key(peer)
     }
 
+    /// The verified membership of `peer`, if it is a member connected now.
+    pub fn member(&self, peer: &PeerId) -> Option<Member> {
+        self.streams
+            .verified
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(peer)
+            .cloned()
+    }
+
     /// Subscribes to mesh events from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.events.subscribe()

@@ -28,6 +28,8 @@ pub(crate) struct Inner {
     pub(crate) store: store::Store,
     /// What `GET /metrics` exports.
     pub(crate) metrics: Exported,
+    /// Data roots, copy jobs, blobs.
+    pub(crate) transfers: Arc<crate::transfers::Transfers>,
 }
 
 /// The node's metrics: the task path's (declared in `compute::metrics`) and the mesh's figures,
@@ -185,6 +187,17 @@ fn router(inner: Shared) -> Router {
         .route("/v1/tasks/wait", post(wait_tasks))
         .route("/v1/tasks/{id}", get(task))
         .route("/v1/tasks/{id}/cancel", post(cancel_task))
+        .route("/v1/transfers", get(transfers).post(new_transfer))
+        .route("/v1/transfers/ls", get(transfer_ls))
+        .route("/v1/transfers/mkdir", post(transfer_mkdir))
+        .route("/v1/transfers/rm", post(transfer_rm))
+        .route("/v1/transfers/{id}", get(transfer))
+        .route("/v1/transfers/{id}/cancel", post(cancel_transfer))
+        .route(
+            "/v1/blobs",
+            post(put_blob).layer(axum::extract::DefaultBodyLimit::disable()),
+        )
+        .route("/v1/blobs/{hash}", get(get_blob))
         .route("/metrics", get(metrics))
         // Everything above needs the token; the OpenAPI document below does not.
         .route_layer(middleware::from_fn_with_state(inner.clone(), auth))
@@ -741,6 +754,176 @@ async fn metrics(State(inner): State<Shared>) -> Result<Response, ApiError> {
         text,
     )
         .into_response())
+}
+
+fn failed((status, message): crate::transfers::Failure) -> ApiError {
+    ApiError(status, message)
+}
+
+async fn transfers(State(inner): State<Shared>) -> Json<Vec<transfer::copy::Job>> {
+    let jobs = inner.transfers.jobs.clone();
+    Json(tokio::task::spawn_blocking(move || jobs.list()).await.unwrap_or_default())
+}
+
+async fn new_transfer(
+    State(inner): State<Shared>,
+    Body(t): Body<crate::transfers::NewTransfer>,
+) -> Result<(StatusCode, Json<transfer::copy::Job>), ApiError> {
+    let job = inner.transfers.copy(t).await.map_err(failed)?;
+    Ok((StatusCode::ACCEPTED, Json(job)))
+}
+
+async fn transfer(
+    State(inner): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Json<transfer::copy::Job>, ApiError> {
+    inner.transfers.jobs.get(&id).map(Json).ok_or_else(|| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no transfer {id} runs on this node (a copy runs on its destination's node)"),
+        )
+    })
+}
+
+async fn cancel_transfer(
+    State(inner): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Json<transfer::copy::Job>, ApiError> {
+    let jobs = inner.transfers.jobs.clone();
+    tokio::task::spawn_blocking(move || jobs.cancel(&id))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map(Json)
+        .map_err(|e| ApiError(StatusCode::NOT_FOUND, e))
+}
+
+/// Query parameters, read by hand so that a missing one is answered like every other error.
+type Params = axum::extract::Query<std::collections::HashMap<String, String>>;
+
+async fn transfer_ls(
+    State(inner): State<Shared>,
+    axum::extract::Query(q): Params,
+) -> Result<Json<Vec<transfer::root::Entry>>, ApiError> {
+    let path = q.get("path").ok_or_else(|| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            "name what to list: ?path=ENDPOINT:PATH".into(),
+        )
+    })?;
+    inner.transfers.ls(path).await.map(Json).map_err(failed)
+}
+
+async fn transfer_mkdir(
+    State(inner): State<Shared>,
+    Body(op): Body<crate::transfers::PathOp>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    inner.transfers.mkdir(&op).await.map_err(failed)?;
+    Ok(Json(serde_json::json!({})))
+}
+
+async fn transfer_rm(
+    State(inner): State<Shared>,
+    Body(op): Body<crate::transfers::PathOp>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    inner.transfers.rm(&op).await.map_err(failed)?;
+    Ok(Json(serde_json::json!({})))
+}
+
+/// `POST /v1/blobs`: the blob's hash and size.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BlobRef {
+    /// BLAKE3, hex.
+    pub hash: String,
+    /// Bytes.
+    pub size: u64,
+}
+
+async fn put_blob(
+    State(inner): State<Shared>,
+    body: axum::body::Body,
+) -> Result<Json<BlobRef>, ApiError> {
+    use futures::StreamExt as _;
+    use std::io::Write as _;
+    let internal = |e: &dyn std::fmt::Display| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+    let spool = tempfile::NamedTempFile::new_in(inner.transfers.blobs.dir()).map_err(|e| internal(&e))?;
+    let mut file = std::io::BufWriter::with_capacity(1 << 20, spool.reopen().map_err(|e| internal(&e))?);
+    let mut stream = body.into_data_stream();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("reading the body: {e}")))?;
+        file.write_all(&chunk).map_err(|e| internal(&e))?;
+    }
+    file.flush().map_err(|e| internal(&e))?;
+    drop(file);
+    let blobs = inner.transfers.blobs.clone();
+    let (hash, size) = tokio::task::spawn_blocking(move || {
+        let f = spool.reopen()?;
+        blobs.import(f)
+    })
+    .await
+    .map_err(|e| internal(&e))?
+    .map_err(|e| internal(&e))?;
+    Ok(Json(BlobRef {
+        hash: hash.to_string(),
+        size,
+    }))
+}
+
+async fn get_blob(
+    State(inner): State<Shared>,
+    Path(hash): Path<String>,
+    axum::extract::Query(q): Params,
+) -> Result<Response, ApiError> {
+    let t = &inner.transfers;
+    let hash: transfer::Hash = hash
+        .parse()
+        .map_err(|e: transfer::Error| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    if t.blobs.size(&hash).is_none() {
+        let Some(from) = q.get("from").cloned() else {
+            return Err(ApiError(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "this node does not hold blob {hash}: name a member that does with \
+                     ?from=PEER_ID (`funcmesh transfer get HASH --from PEER_ID`)"
+                ),
+            ));
+        };
+        let peer: PeerIdText = from.parse().map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("?from: {e}")))?;
+        let addr = inner
+            .mesh
+            .registry_with(move |view| {
+                view.nodes
+                    .values()
+                    .find(|n| n.peer_id == peer.0.to_string())
+                    .and_then(|n| n.data_addr.clone())
+            })
+            .await
+            .map_err(unavailable)?
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no data-plane address for node {from} in the registry")))?;
+        t.plane
+            .fetch(peer.0, addr, hash, 8)
+            .await
+            .map_err(|e| ApiError(StatusCode::BAD_GATEWAY, e.to_string()))?;
+    }
+    let path = t
+        .blobs
+        .path(&hash)
+        .map_err(|e| ApiError(StatusCode::NOT_FOUND, e.to_string()))?;
+    let file = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::with_capacity(file, 1 << 20));
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response())
+}
+
+/// A peer id from a query string.
+struct PeerIdText(mesh::PeerId);
+
+impl std::str::FromStr for PeerIdText {
+    type Err = String;
+    fn from_str(s: &str) -> Result<PeerIdText, String> {
+        s.parse().map(PeerIdText).map_err(|e| format!("{s:?} is not a peer id: {e}"))
+    }
 }
 
 async fn openapi() -> impl IntoResponse {

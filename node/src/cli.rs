@@ -21,6 +21,7 @@ use crate::verbs::function::{FunctionCommand, function_command};
 use crate::verbs::run::{RunArgs, run_command};
 use crate::verbs::start::{StartArgs, init_tracing, start, wait_for_signal};
 use crate::verbs::task::{TaskCommand, task_command};
+use crate::verbs::transfer::{TransferCommand, transfer_command};
 use crate::{demo, ops};
 
 /// funcmesh: a federated function-as-a-service mesh with no central broker.
@@ -114,6 +115,9 @@ pub enum Command {
     /// Capability tokens: grant access to an endpoint, delegate, inspect, hold, revoke.
     #[command(subcommand)]
     Cap(CapCommand),
+    /// Move data: blobs in and out of a node, files between members' data roots.
+    #[command(subcommand)]
+    Transfer(TransferCommand),
 }
 
 /// `funcmesh federation …`.
@@ -395,6 +399,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Run(args) => run_command(args).await,
         Command::Task(cmd) => task_command(cmd).await,
         Command::Cap(cmd) => cap_command(cmd).await,
+        Command::Transfer(cmd) => transfer_command(cmd).await,
         Command::Endpoint(cmd) => endpoint_command(cmd).await,
         Command::Metrics(args) => {
             let client = Client::for_node(&DataDir::new(&args.node))?;

@@ -211,6 +211,114 @@ impl Client {
             .await
     }
 
+    /// `GET /v1/transfers`.
+    pub async fn transfers(&self) -> anyhow::Result<Vec<transfer::copy::Job>> {
+        self.get("/v1/transfers").await
+    }
+
+    /// `GET /v1/transfers/{id}`.
+    pub async fn transfer(&self, id: &str) -> anyhow::Result<transfer::copy::Job> {
+        self.get(&format!("/v1/transfers/{}", encode(id))).await
+    }
+
+    /// `POST /v1/transfers`.
+    pub async fn new_transfer(
+        &self,
+        t: &crate::transfers::NewTransfer,
+    ) -> anyhow::Result<transfer::copy::Job> {
+        self.call_within(reqwest::Method::POST, "/v1/transfers", Some(t), Duration::from_secs(120))
+            .await
+    }
+
+    /// `POST /v1/transfers/{id}/cancel`.
+    pub async fn cancel_transfer(&self, id: &str) -> anyhow::Result<transfer::copy::Job> {
+        self.post(&format!("/v1/transfers/{}/cancel", encode(id)), &())
+            .await
+    }
+
+    /// `GET /v1/transfers/ls?path=`.
+    pub async fn ls(&self, path: &str) -> anyhow::Result<Vec<transfer::root::Entry>> {
+        self.get(&format!("/v1/transfers/ls?path={}", encode(path)))
+            .await
+    }
+
+    /// `POST /v1/transfers/mkdir` or `/rm`.
+    pub async fn path_op(
+        &self,
+        op: &str,
+        path: &str,
+        recursive: bool,
+    ) -> anyhow::Result<serde_json::Value> {
+        self.post(
+            &format!("/v1/transfers/{op}"),
+            &crate::transfers::PathOp {
+                path: path.to_owned(),
+                recursive,
+            },
+        )
+        .await
+    }
+
+    /// `POST /v1/blobs` with the file at `path` as the body.
+    pub async fn put_blob(&self, path: &std::path::Path) -> anyhow::Result<crate::api::BlobRef> {
+        let file = tokio::fs::File::open(path)
+            .await
+            .with_context(|| format!("cannot open {}", path.display()))?;
+        let url = format!("{}/v1/blobs", self.info.url);
+        let resp = self
+            .http
+            .post(&url)
+            .bearer_auth(&self.info.token)
+            .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+            .body(reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(
+                file,
+                1 << 20,
+            )))
+            .send()
+            .await
+            .with_context(|| format!("request to {url} failed: is the node running?"))?;
+        checked(resp)
+            .await?
+            .json()
+            .await
+            .with_context(|| format!("unexpected answer from {url}"))
+    }
+
+    /// `GET /v1/blobs/{hash}` into `out` (written to a temporary name, then renamed); returns
+    /// the bytes written.
+    pub async fn get_blob(
+        &self,
+        hash: &str,
+        from: Option<&str>,
+        out: &std::path::Path,
+    ) -> anyhow::Result<u64> {
+        use tokio::io::AsyncWriteExt as _;
+        let mut url = format!("{}/v1/blobs/{}", self.info.url, encode(hash));
+        if let Some(f) = from {
+            url.push_str(&format!("?from={}", encode(f)));
+        }
+        let resp = self
+            .http
+            .get(&url)
+            .bearer_auth(&self.info.token)
+            .send()
+            .await
+            .with_context(|| format!("request to {url} failed: is the node running?"))?;
+        let mut resp = checked(resp).await?;
+        let tmp = out.with_extension("funcmesh-part");
+        let mut file = tokio::fs::File::create(&tmp)
+            .await
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        let mut n = 0u64;
+        while let Some(chunk) = resp.chunk().await.context("reading the blob")? {
+            file.write_all(&chunk).await?;
+            n += chunk.len() as u64;
+        }
+        file.sync_all().await?;
+        tokio::fs::rename(&tmp, out).await?;
+        Ok(n)
+    }
+
     /// `GET /v1/institutions`.
     pub async fn institutions(&self) -> anyhow::Result<Vec<crdt_registry::Institution>> {
         self.get("/v1/institutions").await

@@ -108,6 +108,9 @@ pub struct EndpointSection {
     /// Container images accepted: names, or prefixes ending in `*` (default: the images of
     /// `prewarm_environments` and `funcmesh/*`).
     pub images: Vec<String>,
+    /// The directory this endpoint exposes to transfers (`ls`, `copy`, ...): paths are
+    /// relative to it and never leave it. None: no data root.
+    pub data_root: Option<std::path::PathBuf>,
 }
 
 impl EndpointSection {
@@ -179,6 +182,7 @@ impl Default for EndpointSection {
             container_network: c.container_network,
             container_pids: c.container_pids,
             images: c.images,
+            data_root: None,
         }
     }
 }
@@ -204,12 +208,16 @@ pub struct TransferSection {
     /// UDP address of the data plane's QUIC endpoint (published as the node's `data_addr`);
     /// port 0 picks a free port.
     pub listen: SocketAddr,
+    /// How long a copy keeps trying to reach a source that went away before it fails.
+    #[serde(with = "humantime_serde_str")]
+    pub patience: Duration,
 }
 
 impl Default for TransferSection {
     fn default() -> Self {
         TransferSection {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            patience: Duration::from_secs(3600),
         }
     }
 }

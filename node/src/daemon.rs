@@ -105,7 +105,8 @@ impl Node {
                 &data_keypair,
                 config.transfer.listen,
                 blobs.clone(),
-                Arc::new(move |peer| mesh.is_member(peer)),
+                // Members, and this node itself (its API reaches its own roots the same way).
+                Arc::new(move |peer| *peer == peer_id || mesh.is_member(peer)),
             )
             .with_context(|| {
                 format!(
@@ -172,8 +173,21 @@ impl Node {
         )
         .await
         .context("cannot start the task service")?;
+        let transfers = crate::transfers::start(
+            &config.endpoint,
+            &key,
+            &own,
+            &mesh,
+            tasks.access.clone(),
+            data_plane.clone(),
+            blobs.clone(),
+            store.clone(),
+            dir.root(),
+            config.transfer.patience,
+        )?;
         let token = hex::encode(rand::random::<[u8; 24]>());
         let inner = Arc::new(Inner {
+            transfers,
             mesh,
             federation,
             own,

@@ -17,6 +17,7 @@ pub mod ops;
 pub mod output;
 pub mod registry;
 pub mod tasks;
+pub mod transfers;
 pub mod verbs;
 
 pub use config::Config;

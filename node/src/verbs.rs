@@ -7,3 +7,4 @@ pub mod function;
 pub mod run;
 pub mod start;
 pub mod task;
+pub mod transfer;

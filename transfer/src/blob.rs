@@ -170,6 +170,11 @@ impl BlobStore {
         result
     }
 
+    /// The store's directory (a spool file made here renames into place).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// The size of a complete blob this store holds.
     pub fn size(&self, hash: &Hash) -> Option<u64> {
         let (data, obao) = self.complete(hash);

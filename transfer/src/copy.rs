@@ -183,16 +183,19 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// A boxed future (what [`Context`] returns, so that it stays a trait object).
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
 /// What the node provides to jobs.
 pub trait Context: Send + Sync + 'static {
     /// The source's data roots (its node's data plane) and the token to present for reading
     /// `path` of `endpoint` there.
-    fn source(
-        &self,
-        node: &str,
-        endpoint: &str,
-        path: &str,
-    ) -> Result<(Remote, Option<String>), String>;
+    fn source<'a>(
+        &'a self,
+        node: &'a str,
+        endpoint: &'a str,
+        path: &'a str,
+    ) -> BoxFuture<'a, Result<(Remote, Option<String>), String>>;
     /// This node's data root of `endpoint`.
     fn destination(&self, endpoint: &str) -> Result<Arc<DataRoot>, String>;
 }
@@ -499,6 +502,7 @@ impl Jobs {
             .inner
             .ctx
             .source(&spec.src_node, &spec.src_endpoint, &spec.src_path)
+            .await
             .map_err(Stop::Failed)?;
         let src_root = RelPath::parse(&spec.src_path).map_err(|e| Stop::Failed(e.to_string()))?;
         let dst_base = RelPath::parse(&spec.dst_path).map_err(|e| Stop::Failed(e.to_string()))?;

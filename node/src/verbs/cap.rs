@@ -41,6 +41,10 @@ pub enum CapCommand {
         /// Not valid before this date.
         #[arg(long)]
         not_before: Option<String>,
+        /// Only data-root paths below this directory (transfer.*); repeatable. Default: the
+        /// whole data root.
+        #[arg(long = "path")]
+        paths: Vec<String>,
         /// A node to resolve names through.
         #[arg(long, env = "FUNCMESH_NODE", value_name = "DATA_DIR")]
         node: Option<PathBuf>,
@@ -65,6 +69,10 @@ pub enum CapCommand {
         /// End sooner: valid until this date.
         #[arg(long, conflicts_with = "ttl")]
         expires: Option<String>,
+        /// Only data-root paths below this directory (within what the token allows);
+        /// repeatable.
+        #[arg(long = "path")]
+        paths: Vec<String>,
         /// A node to resolve names through.
         #[arg(long, env = "FUNCMESH_NODE", value_name = "DATA_DIR")]
         node: Option<PathBuf>,
@@ -184,6 +192,7 @@ pub(crate) async fn cap_command(cmd: CapCommand) -> anyhow::Result<()> {
             expires,
             ttl,
             not_before,
+            paths,
             node,
         } => {
             let (_, seed, _) = caps::institution_key(&issuer_key)?;
@@ -209,7 +218,7 @@ pub(crate) async fn cap_command(cmd: CapCommand) -> anyhow::Result<()> {
                 anyhow::bail!("a grant needs --expires DATE or --ttl DURATION");
             };
             let grant = capability::Grant {
-                paths: vec![],
+                paths,
                 to,
                 endpoint,
                 functions: function_ids(client.as_ref(), &functions).await?,
@@ -227,6 +236,7 @@ pub(crate) async fn cap_command(cmd: CapCommand) -> anyhow::Result<()> {
             functions,
             ttl,
             expires,
+            paths,
             node,
         } => {
             let bytes = caps::token_arg(&token)?;
@@ -234,7 +244,7 @@ pub(crate) async fn cap_command(cmd: CapCommand) -> anyhow::Result<()> {
             let client = optional_client(node.as_ref())?;
             let known = institution_keys(client.as_ref()).await?;
             let d = capability::Delegation {
-                paths: vec![],
+                paths,
                 to: caps::audience(&to, &|q| resolve_institution(&known, q))?,
                 functions: function_ids(client.as_ref(), &functions).await?,
                 expires: caps::expiry(expires.as_deref(), ttl)?,

@@ -72,13 +72,14 @@ struct Ctx {
 }
 
 impl Context for Ctx {
-    fn source(
-        &self,
-        _node: &str,
-        _ep: &str,
-        _path: &str,
-    ) -> Result<(Remote, Option<String>), String> {
-        Ok((self.source.lock().unwrap().clone(), None))
+    fn source<'a>(
+        &'a self,
+        _node: &'a str,
+        _ep: &'a str,
+        _path: &'a str,
+    ) -> transfer::copy::BoxFuture<'a, Result<(Remote, Option<String>), String>> {
+        let remote = self.source.lock().unwrap().clone();
+        Box::pin(async move { Ok((remote, None)) })
     }
     fn destination(&self, _endpoint: &str) -> Result<Arc<DataRoot>, String> {
         Ok(self.dst.clone())
