@@ -762,7 +762,11 @@ fn failed((status, message): crate::transfers::Failure) -> ApiError {
 
 async fn transfers(State(inner): State<Shared>) -> Json<Vec<transfer::copy::Job>> {
     let jobs = inner.transfers.jobs.clone();
-    Json(tokio::task::spawn_blocking(move || jobs.list()).await.unwrap_or_default())
+    Json(
+        tokio::task::spawn_blocking(move || jobs.list())
+            .await
+            .unwrap_or_default(),
+    )
 }
 
 async fn new_transfer(
@@ -844,12 +848,16 @@ async fn put_blob(
 ) -> Result<Json<BlobRef>, ApiError> {
     use futures::StreamExt as _;
     use std::io::Write as _;
-    let internal = |e: &dyn std::fmt::Display| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
-    let spool = tempfile::NamedTempFile::new_in(inner.transfers.blobs.dir()).map_err(|e| internal(&e))?;
-    let mut file = std::io::BufWriter::with_capacity(1 << 20, spool.reopen().map_err(|e| internal(&e))?);
+    let internal =
+        |e: &dyn std::fmt::Display| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+    let spool =
+        tempfile::NamedTempFile::new_in(inner.transfers.blobs.dir()).map_err(|e| internal(&e))?;
+    let mut file =
+        std::io::BufWriter::with_capacity(1 << 20, spool.reopen().map_err(|e| internal(&e))?);
     let mut stream = body.into_data_stream();
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("reading the body: {e}")))?;
+        let chunk = chunk
+            .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("reading the body: {e}")))?;
         file.write_all(&chunk).map_err(|e| internal(&e))?;
     }
     file.flush().map_err(|e| internal(&e))?;
@@ -887,7 +895,9 @@ async fn get_blob(
                 ),
             ));
         };
-        let peer: PeerIdText = from.parse().map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("?from: {e}")))?;
+        let peer: PeerIdText = from
+            .parse()
+            .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("?from: {e}")))?;
         let addr = inner
             .mesh
             .registry_with(move |view| {
@@ -899,7 +909,12 @@ async fn get_blob(
             .await
             .map_err(unavailable)?
             .and_then(|a| a.parse().ok())
-            .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no data-plane address for node {from} in the registry")))?;
+            .ok_or_else(|| {
+                ApiError(
+                    StatusCode::NOT_FOUND,
+                    format!("no data-plane address for node {from} in the registry"),
+                )
+            })?;
         t.plane
             .fetch(peer.0, addr, hash, 8)
             .await
@@ -912,7 +927,8 @@ async fn get_blob(
     let file = tokio::fs::File::open(path)
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::with_capacity(file, 1 << 20));
+    let body =
+        axum::body::Body::from_stream(tokio_util::io::ReaderStream::with_capacity(file, 1 << 20));
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response())
 }
 
@@ -922,7 +938,9 @@ struct PeerIdText(mesh::PeerId);
 impl std::str::FromStr for PeerIdText {
     type Err = String;
     fn from_str(s: &str) -> Result<PeerIdText, String> {
-        s.parse().map(PeerIdText).map_err(|e| format!("{s:?} is not a peer id: {e}"))
+        s.parse()
+            .map(PeerIdText)
+            .map_err(|e| format!("{s:?} is not a peer id: {e}"))
     }
 }
 

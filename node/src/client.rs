@@ -226,8 +226,13 @@ impl Client {
         &self,
         t: &crate::transfers::NewTransfer,
     ) -> anyhow::Result<transfer::copy::Job> {
-        self.call_within(reqwest::Method::POST, "/v1/transfers", Some(t), Duration::from_secs(120))
-            .await
+        self.call_within(
+            reqwest::Method::POST,
+            "/v1/transfers",
+            Some(t),
+            Duration::from_secs(120),
+        )
+        .await
     }
 
     /// `POST /v1/transfers/{id}/cancel`.
@@ -270,10 +275,9 @@ impl Client {
             .post(&url)
             .bearer_auth(&self.info.token)
             .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
-            .body(reqwest::Body::wrap_stream(tokio_util::io::ReaderStream::with_capacity(
-                file,
-                1 << 20,
-            )))
+            .body(reqwest::Body::wrap_stream(
+                tokio_util::io::ReaderStream::with_capacity(file, 1 << 20),
+            ))
             .send()
             .await
             .with_context(|| format!("request to {url} failed: is the node running?"))?;

@@ -371,10 +371,14 @@ async fn build(
             ])?;
             let ndir = DataDir::new(dir.join(&node_name));
             std::fs::create_dir_all(ndir.root()).context("node dir")?;
-            ops::write_config(
-                &ndir,
-                &ops::testnet_config(&node_name, &name, role, endpoint),
-            )?;
+            let mut config = ops::testnet_config(&node_name, &name, role, endpoint);
+            // Each endpoint exposes `<node dir>/data` to transfers.
+            for e in &mut config.endpoint {
+                let data = ndir.root().join("data");
+                std::fs::create_dir_all(&data).context("data root")?;
+                e.data_root = Some(data);
+            }
+            ops::write_config(&ndir, &config)?;
             let log = ndir.root().join("node.log");
             let mut child = spawn_daemon(
                 &[

@@ -60,12 +60,10 @@ impl NodeRoots {
 
 impl Roots for NodeRoots {
     fn open(&self, peer: &PeerId, ask: &Ask<'_>) -> Result<Arc<DataRoot>, String> {
-        let r = self.roots.get(ask.endpoint).ok_or_else(|| {
-            format!(
-                "endpoint {} on this node has no data root",
-                ask.endpoint
-            )
-        })?;
+        let r = self
+            .roots
+            .get(ask.endpoint)
+            .ok_or_else(|| format!("endpoint {} on this node has no data root", ask.endpoint))?;
         if *peer == self.me {
             return Ok(r.root.clone());
         }
@@ -87,7 +85,10 @@ impl Roots for NodeRoots {
                 "{why}, and the request carries no token: an admin of {} grants one with \
                  `funcmesh cap grant --ability {}` (narrowed with --path), and the asking \
                  node adds it with `funcmesh cap add`",
-                self.own.institution.as_deref().unwrap_or("this institution"),
+                self.own
+                    .institution
+                    .as_deref()
+                    .unwrap_or("this institution"),
                 ability(ask.want)
             ));
         };
@@ -134,9 +135,9 @@ pub(crate) struct Place {
 
 /// Splits `ENDPOINT:PATH` (the path may be empty: the root).
 pub(crate) fn split_place(text: &str) -> anyhow::Result<(&str, RelPath)> {
-    let (ep, path) = text.split_once(':').ok_or_else(|| {
-        anyhow!("{text:?} is not ENDPOINT:PATH (for example `ep-a:data/run1`)")
-    })?;
+    let (ep, path) = text
+        .split_once(':')
+        .ok_or_else(|| anyhow!("{text:?} is not ENDPOINT:PATH (for example `ep-a:data/run1`)"))?;
     if ep.is_empty() {
         bail!("{text:?} names no endpoint before the `:`");
     }
@@ -401,7 +402,9 @@ impl Transfers {
     /// Accepts a copy whose destination is on this node.
     pub(crate) async fn copy(&self, t: NewTransfer) -> Result<transfer::copy::Job, Failure> {
         use axum::http::StatusCode;
-        let src = resolve(&self.mesh, &t.source).await.map_err(|e| bad(format!("{e:#}")))?;
+        let src = resolve(&self.mesh, &t.source)
+            .await
+            .map_err(|e| bad(format!("{e:#}")))?;
         let dst = resolve(&self.mesh, &t.destination)
             .await
             .map_err(|e| bad(format!("{e:#}")))?;
@@ -415,12 +418,7 @@ impl Transfers {
                 ),
             ));
         }
-        let sync = t
-            .sync
-            .as_deref()
-            .map(str::parse)
-            .transpose()
-            .map_err(bad)?;
+        let sync = t.sync.as_deref().map(str::parse).transpose().map_err(bad)?;
         let id = match t.request_id {
             Some(id) => id,
             None => hex::encode(rand::random::<[u8; 12]>()),
@@ -460,7 +458,9 @@ impl Transfers {
 
     /// `ls ENDPOINT:PATH`: a directory's entries, or a file's own.
     pub(crate) async fn ls(&self, text: &str) -> Result<Vec<transfer::root::Entry>, Failure> {
-        let place = resolve(&self.mesh, text).await.map_err(|e| bad(format!("{e:#}")))?;
+        let place = resolve(&self.mesh, text)
+            .await
+            .map_err(|e| bad(format!("{e:#}")))?;
         let token = self.token(&place, Want::Read)?;
         let remote = self.remote_of(&place)?;
         let entry = remote

@@ -498,19 +498,25 @@ impl Jobs {
             .ctx
             .destination(&spec.dst_endpoint)
             .map_err(Stop::Failed)?;
-        let (remote, token) = self
+        let first = self
             .inner
             .ctx
             .source(&spec.src_node, &spec.src_endpoint, &spec.src_path)
             .await
             .map_err(Stop::Failed)?;
+        let source = Source {
+            ctx: self.inner.ctx.clone(),
+            spec: spec.clone(),
+            now: tokio::sync::Mutex::new(first),
+        };
         let src_root = RelPath::parse(&spec.src_path).map_err(|e| Stop::Failed(e.to_string()))?;
         let dst_base = RelPath::parse(&spec.dst_path).map_err(|e| Stop::Failed(e.to_string()))?;
 
         // What the source has, relative to its path ("" for a single file).
+        let src_text = src_root.as_str();
         let top = self
-            .patient(live, || {
-                remote.stat(&spec.src_endpoint, src_root.as_str(), token.clone())
+            .patient(live, &source, |remote, token| async move {
+                remote.stat(&spec.src_endpoint, src_text, token).await
             })
             .await?;
         let entries: Vec<Entry> = match (top.kind, spec.recursive) {
@@ -519,8 +525,8 @@ impl Jobs {
                 ..top
             }],
             (Kind::Dir, true) => {
-                self.patient(live, || {
-                    remote.walk(&spec.src_endpoint, src_root.as_str(), token.clone())
+                self.patient(live, &source, |remote, token| async move {
+                    remote.walk(&spec.src_endpoint, src_text, token).await
                 })
                 .await?
             }
@@ -641,8 +647,9 @@ impl Jobs {
                 .iter()
                 .map(|&i| source_of(&plan[i].0.path))
                 .collect::<Result<_, _>>()?;
-            self.patient(live, || {
-                remote.hashes(&spec.src_endpoint, &paths, token.clone())
+            let paths = &paths;
+            self.patient(live, &source, |remote, token| async move {
+                remote.hashes(&spec.src_endpoint, paths, token).await
             })
             .await?
         };
@@ -722,8 +729,7 @@ impl Jobs {
             .map(|(i, hash, size, mode, mtime_ns)| {
                 let (entry, to) = (&plan[i].0, plan[i].1.clone());
                 let from = source_of(&entry.path);
-                let remote = remote.clone();
-                let token = token.clone();
+                let source = &source;
                 let dst = dst.clone();
                 let live = live.clone();
                 let job_id = job.id.clone();
@@ -738,10 +744,9 @@ impl Jobs {
                     let r = self
                         .pull(
                             &job_id,
-                            &remote,
+                            source,
                             &spec.src_endpoint,
                             &from,
-                            token,
                             &dst,
                             &to,
                             hash,
@@ -807,9 +812,9 @@ impl Jobs {
 
     /// Runs `call` until it succeeds, retrying (with backoff) while the source is unreachable,
     /// for up to the job's patience; a refusal ends it at once.
-    async fn patient<T, F, Fut>(&self, live: &Live, mut call: F) -> Result<T, Stop>
+    async fn patient<T, F, Fut>(&self, live: &Live, source: &Source, mut call: F) -> Result<T, Stop>
     where
-        F: FnMut() -> Fut,
+        F: FnMut(Remote, Option<String>) -> Fut,
         Fut: std::future::Future<Output = Result<T, crate::net::Error>>,
     {
         let started = Instant::now();
@@ -818,7 +823,8 @@ impl Jobs {
             if live.cancel.load(Ordering::SeqCst) {
                 return Err(Stop::Cancelled);
             }
-            match call().await {
+            let (remote, token) = source.now().await;
+            match call(remote, token).await {
                 Ok(t) => return Ok(t),
                 Err(crate::net::Error::Refused { reason, .. }) => return Err(Stop::Failed(reason)),
                 Err(e) if started.elapsed() > self.inner.patience => {
@@ -831,6 +837,7 @@ impl Jobs {
                     tracing::debug!(error = %e, "transfer source unreachable; retrying");
                     let _ = tokio::time::timeout(wait, live.wake.notified()).await;
                     wait = (wait * 2).min(Duration::from_secs(5));
+                    source.refresh().await;
                 }
             }
         }
@@ -841,10 +848,9 @@ impl Jobs {
     async fn pull(
         &self,
         job: &str,
-        remote: &Remote,
+        source: &Source,
         endpoint: &str,
         from: &str,
-        token: Option<String>,
         dst: &Arc<DataRoot>,
         to: &RelPath,
         hash: Hash,
@@ -898,8 +904,9 @@ impl Jobs {
                     .await;
                     return Err("cancelled".into());
                 }
+                let (remote, token) = source.now().await;
                 let fetched = tokio::select! {
-                    r = remote.fetch_file(endpoint, from, token.clone(), partial, CORRUPT_ROUNDS, live.received.clone()) => r,
+                    r = remote.fetch_file(endpoint, from, token, partial, CORRUPT_ROUNDS, live.received.clone()) => r,
                     () = cancelled(live) => {
                         let dst = dst.clone();
                         let _ = blocking(move || {
@@ -931,6 +938,7 @@ impl Jobs {
                         tracing::debug!(path = %from, error = %e, "file transfer interrupted; resuming");
                         let _ = tokio::time::timeout(wait, live.wake.notified()).await;
                         wait = (wait * 2).min(Duration::from_secs(5));
+                        source.refresh().await;
                     }
                 }
             }
@@ -957,6 +965,32 @@ impl Jobs {
             Stop::Failed(e) => e,
             Stop::Cancelled => "cancelled".into(),
         })
+    }
+}
+
+/// The source of a running job: its node's data plane, looked up again after a failure (a
+/// restarted node may listen on another port).
+struct Source {
+    ctx: Arc<dyn Context>,
+    spec: Spec,
+    now: tokio::sync::Mutex<(Remote, Option<String>)>,
+}
+
+impl Source {
+    async fn now(&self) -> (Remote, Option<String>) {
+        self.now.lock().await.clone()
+    }
+
+    async fn refresh(&self) {
+        let s = &self.spec;
+        match self
+            .ctx
+            .source(&s.src_node, &s.src_endpoint, &s.src_path)
+            .await
+        {
+            Ok(fresh) => *self.now.lock().await = fresh,
+            Err(e) => tracing::debug!(error = %e, "cannot look the transfer source up again"),
+        }
     }
 }
 

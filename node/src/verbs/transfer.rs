@@ -250,8 +250,7 @@ async fn follow(client: &Client, mut job: Job, json: bool) -> anyhow::Result<Job
             let p = &job.progress;
             bar.set_length(p.bytes_total.max(1));
             bar.set_position(
-                (p.bytes_done + p.bytes_skipped)
-                    .max(p.bytes_received.min(p.bytes_total)),
+                (p.bytes_done + p.bytes_skipped).max(p.bytes_received.min(p.bytes_total)),
             );
             bar.set_message(format!(
                 "{}/{} files",

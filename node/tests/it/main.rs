@@ -7,3 +7,4 @@ mod caps;
 mod cli;
 mod layout;
 mod tasks;
+mod transfer;

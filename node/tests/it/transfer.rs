@@ -1,0 +1,195 @@
+//! Transfers through the CLI on a multi-process testnet of two institutions: B copies from A's
+//! data root under a path-limited grant; outside the path, or without a grant, it is refused;
+//! a copy survives a `kill -9` of its source.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::cli::{Net, funcmesh, ok, p, wait_until};
+
+fn out_of(args: &[&str]) -> (bool, String) {
+    let out = funcmesh(args);
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn job(b1: &Path, id: &str) -> serde_json::Value {
+    serde_json::from_str(&ok(&["transfer", "status", id, "--node", p(b1), "--json"])).unwrap()
+}
+
+fn fill(dir: &Path, files: usize) {
+    for i in 0..files {
+        let sub = dir.join(format!("s{}", i % 4));
+        std::fs::create_dir_all(&sub).unwrap();
+        let body: Vec<u8> = (0..(i * 997 % 70_000))
+            .map(|j| (j * 31 + i) as u8)
+            .collect();
+        std::fs::write(sub.join(format!("f{i}.dat")), body).unwrap();
+    }
+}
+
+#[test]
+fn a_path_limited_grant_lets_another_institution_copy_that_path_and_nothing_else() {
+    let net = Net::up("2", "1", &[]);
+    let (a1, b1) = (net.node("a1"), net.node("b1"));
+    let shared = a1.join("data/shared");
+    fill(&shared, 60);
+    std::fs::create_dir_all(a1.join("data/private")).unwrap();
+    std::fs::write(a1.join("data/private/secret"), b"inst-a only").unwrap();
+    net.wait_endpoints(&b1, 2);
+
+    // No token yet: A's endpoint (institution-and-capability) refuses B, and says how to get one.
+    let (success, out) = out_of(&["transfer", "ls", "a1:shared", "--node", p(&b1)]);
+    assert!(!success, "{out}");
+    assert!(out.contains("cap grant --ability transfer.read"), "{out}");
+
+    // A grants B reading below `shared` only; B's node holds it.
+    let key = net.key("inst-a");
+    let token = ok(&[
+        "cap",
+        "grant",
+        "--issuer-key",
+        p(&key),
+        "--to",
+        "institution:inst-b",
+        "--endpoint",
+        "a1",
+        "--ability",
+        "transfer.read",
+        "--path",
+        "shared",
+        "--ttl",
+        "1h",
+        "--node",
+        p(&a1),
+    ]);
+    ok(&["cap", "add", token.trim(), "--node", p(&b1)]);
+
+    let listed = ok(&["transfer", "ls", "a1:shared", "--node", p(&b1), "--json"]);
+    let listed: Vec<serde_json::Value> = serde_json::from_str(&listed).unwrap();
+    assert_eq!(listed.len(), 4, "{listed:?}");
+
+    // The copy: b1 pulls from a1 into its own data root, verified.
+    ok(&[
+        "transfer",
+        "copy",
+        "a1:shared",
+        "b1:incoming",
+        "--recursive",
+        "--id",
+        "copy-1",
+        "--node",
+        p(&b1),
+    ]);
+    let j = job(&b1, "copy-1");
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert_eq!(j["progress"]["files_done"], 60, "{j}");
+    for i in 0..60 {
+        let rel = format!("s{}/f{i}.dat", i % 4);
+        assert_eq!(
+            std::fs::read(shared.join(&rel)).unwrap(),
+            std::fs::read(b1.join("data/incoming").join(&rel)).unwrap(),
+            "{rel}"
+        );
+    }
+    // Again with --sync checksum: nothing moves.
+    ok(&[
+        "transfer",
+        "copy",
+        "a1:shared",
+        "b1:incoming",
+        "--recursive",
+        "--sync",
+        "checksum",
+        "--id",
+        "copy-2",
+        "--node",
+        p(&b1),
+    ]);
+    let j = job(&b1, "copy-2");
+    assert_eq!(j["progress"]["files_skipped"], 60, "{j}");
+    assert_eq!(j["progress"]["bytes_received"], 0, "{j}");
+
+    // Outside the granted path: refused by a1, with the reason.
+    let (success, out) = out_of(&["transfer", "ls", "a1:private", "--node", p(&b1)]);
+    assert!(!success, "{out}");
+    assert!(out.contains("refused") && out.contains("under"), "{out}");
+    let (success, out) = out_of(&[
+        "transfer",
+        "copy",
+        "a1:private/secret",
+        "b1:stolen",
+        "--id",
+        "copy-3",
+        "--node",
+        p(&b1),
+    ]);
+    assert!(!success, "{out}");
+    assert!(out.contains("refused") && out.contains("under"), "{out}");
+    assert!(!b1.join("data/stolen").exists());
+    // Reading was granted, writing was not.
+    let (success, out) = out_of(&["transfer", "mkdir", "a1:shared/new", "--node", p(&b1)]);
+    assert!(!success, "{out}");
+    assert!(!shared.join("new").exists());
+    // Escapes are refused before anything is opened.
+    let (success, out) = out_of(&["transfer", "ls", "a1:shared/../private", "--node", p(&b1)]);
+    assert!(!success && out.contains("cannot leave"), "{out}");
+}
+
+#[test]
+fn a_copy_resumes_after_its_source_is_killed_half_way_and_sends_little_twice() {
+    let net = Net::up("1", "2", &[]);
+    let (a1, a2) = (net.node("a1"), net.node("a2"));
+    let size: usize = 160 << 20;
+    let body: Vec<u8> = (0..size)
+        .map(|i| (i as u64).wrapping_mul(2_654_435_761) as u8 ^ (i >> 13) as u8)
+        .collect();
+    std::fs::write(a1.join("data/big"), &body).unwrap();
+    net.wait_endpoints(&a2, 2);
+    ok(&[
+        "transfer",
+        "copy",
+        "a1:big",
+        "a2:big",
+        "--id",
+        "big-1",
+        "--no-wait",
+        "--node",
+        p(&a2),
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let j = job(&a2, "big-1");
+        assert_eq!(
+            j["state"], "active",
+            "finished before it could be interrupted: {j}"
+        );
+        if j["progress"]["bytes_received"].as_u64().unwrap() >= size as u64 / 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no progress: {j}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    net.kill("a1");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(job(&a2, "big-1")["state"], "active");
+    net.restart("a1");
+    wait_until("the copy finishes", Duration::from_secs(180), || {
+        job(&a2, "big-1")["state"] != "active"
+    });
+    let j = job(&a2, "big-1");
+    assert_eq!(j["state"], "succeeded", "{j}");
+    let got = std::fs::read(a2.join("data/big")).unwrap();
+    assert!(got == body, "the copy differs from the source");
+    let twice = j["progress"]["bytes_received"].as_u64().unwrap() - size as u64;
+    assert!(
+        twice < size as u64 / 10,
+        "{twice} of {size} bytes sent twice: {j}"
+    );
+}
