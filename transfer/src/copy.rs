@@ -341,7 +341,7 @@ impl Jobs {
     pub fn list(&self) -> Vec<Job> {
         let jobs: Vec<Job> = self.lock_jobs().values().cloned().collect();
         let mut out: Vec<Job> = jobs.into_iter().map(|j| self.snapshot(j)).collect();
-        out.sort_by(|a, b| b.created_ms.cmp(&a.created_ms));
+        out.sort_by_key(|j| std::cmp::Reverse(j.created_ms));
         out
     }
 

@@ -108,6 +108,12 @@ fn version_of(file: &File) -> std::io::Result<(Version, u32)> {
     ))
 }
 
+/// A file's hash and outboard, the version they are of, and its mode.
+type Hashed = (Arc<(Hash, Vec<u8>)>, Version, u32);
+
+/// A data-root request, checked: the endpoint, what it wants, its paths, its token.
+pub type Checked<'a> = (&'a str, Want, Vec<RelPath>, Option<&'a str>);
+
 /// Outboards of files this node served, bounded in memory.
 #[derive(Debug, Default)]
 pub struct Outboards {
@@ -126,7 +132,7 @@ const OUTBOARD_CACHE: usize = 256 << 20;
 
 impl Outboards {
     /// The hash and outboard of `file` (hashing it unless this version was seen).
-    fn of(&self, file: &File) -> Result<(Arc<(Hash, Vec<u8>)>, Version, u32), crate::blob::Error> {
+    fn of(&self, file: &File) -> Result<Hashed, crate::blob::Error> {
         let (v, mode) = version_of(file)?;
         if let Some(hit) = self.lock().map.get(&v) {
             return Ok((hit.clone(), v, mode));
@@ -163,7 +169,7 @@ impl Outboards {
 
 /// Checks the parts of a data-root request every kind shares: version, path(s), counts.
 /// Returns the endpoint, what it wants, the paths (checked), and the token.
-pub fn check(request: &Request) -> Result<(&str, Want, Vec<RelPath>, Option<&str>), String> {
+pub fn check(request: &Request) -> Result<Checked<'_>, String> {
     let v = crate::net::version(request);
     if v != VERSION {
         return Err(format!(
