@@ -212,7 +212,40 @@ proptest::proptest! {
     fn arbitrary_headers_never_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
         if let Ok(request) = decode_header::<Request>(&bytes) {
             let _ = check(&request);
+            let _ = transfer::files::check(&request);
         }
         let _ = decode_header::<transfer::net::Response>(&bytes);
+    }
+
+    /// Data-root requests with any path text: checking never panics, and every path it lets
+    /// through is relative, without `..` and without NUL.
+    #[test]
+    fn data_root_requests_never_let_an_escaping_path_through(
+        op in 0..7u8,
+        path in "(/|\\.\\.|[a-z]{0,3}|\\.|\u{0}|/){0,12}",
+        paths in proptest::collection::vec("(/|\\.\\.|[a-z]{0,3}){0,6}", 0..4),
+        endpoint in "[a-z]{0,4}",
+    ) {
+        let v = transfer::net::VERSION;
+        let (token, ep) = (None, endpoint.clone());
+        let request = match op {
+            0 => Request::List { v, endpoint: ep, path: path.clone(), token },
+            1 => Request::PathStat { v, endpoint: ep, path: path.clone(), token },
+            2 => Request::Walk { v, endpoint: ep, path: path.clone(), token },
+            3 => Request::Hashes { v, endpoint: ep, paths: paths.clone(), token },
+            4 => Request::GetFile { v, endpoint: ep, path: path.clone(), hash: "00".repeat(32), ranges: vec![(0, 1)], token },
+            5 => Request::Mkdir { v, endpoint: ep, path: path.clone(), parents: true, token },
+            _ => Request::Remove { v, endpoint: ep, path: path.clone(), recursive: true, token },
+        };
+        // Through the wire format, as a peer would send it.
+        let bytes = serde_json::to_vec(&request).unwrap();
+        let decoded: Request = decode_header(&bytes).unwrap();
+        if let Ok((_, _, checked, _)) = transfer::files::check(&decoded) {
+            for p in checked {
+                let t = p.as_str();
+                proptest::prop_assert!(!t.starts_with('/') && !t.contains('\0'));
+                proptest::prop_assert!(t.split('/').all(|c| c != ".."));
+            }
+        }
     }
 }
