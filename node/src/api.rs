@@ -169,6 +169,8 @@ pub(crate) async fn serve(
 }
 
 fn router(inner: Shared) -> Router {
+    // A blob is streamed to disk: no body limit.
+    let put_blob_route = post(put_blob).layer(axum::extract::DefaultBodyLimit::disable());
     Router::new()
         .route("/v1/status", get(status))
         .route("/v1/peers", get(peers))
@@ -193,10 +195,7 @@ fn router(inner: Shared) -> Router {
         .route("/v1/transfers/rm", post(transfer_rm))
         .route("/v1/transfers/{id}", get(transfer))
         .route("/v1/transfers/{id}/cancel", post(cancel_transfer))
-        .route(
-            "/v1/blobs",
-            post(put_blob).layer(axum::extract::DefaultBodyLimit::disable()),
-        )
+        .route("/v1/blobs", put_blob_route)
         .route("/v1/blobs/{hash}", get(get_blob))
         .route("/metrics", get(metrics))
         // Everything above needs the token; the OpenAPI document below does not.
@@ -221,7 +220,9 @@ async fn announced_length(req: Request, next: Next) -> Response {
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if announced.is_some_and(|n| n > MAX_BODY as u64) {
+    // A blob is streamed to disk, whatever its size.
+    let streamed = req.uri().path() == "/v1/blobs";
+    if announced.is_some_and(|n| n > MAX_BODY as u64) && !streamed {
         return StatusCode::PAYLOAD_TOO_LARGE.into_response();
     }
     next.run(req).await

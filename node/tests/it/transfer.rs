@@ -71,6 +71,12 @@ fn a_path_limited_grant_lets_another_institution_copy_that_path_and_nothing_else
     ]);
     ok(&["cap", "add", token.trim(), "--node", p(&b1)]);
 
+    // b1's verifier knows inst-a once the registry reached it.
+    wait_until("b1 may list a1:shared", Duration::from_secs(20), || {
+        funcmesh(&["transfer", "ls", "a1:shared", "--node", p(&b1)])
+            .status
+            .success()
+    });
     let listed = ok(&["transfer", "ls", "a1:shared", "--node", p(&b1), "--json"]);
     let listed: Vec<serde_json::Value> = serde_json::from_str(&listed).unwrap();
     assert_eq!(listed.len(), 4, "{listed:?}");
@@ -137,6 +143,29 @@ fn a_path_limited_grant_lets_another_institution_copy_that_path_and_nothing_else
     let (success, out) = out_of(&["transfer", "mkdir", "a1:shared/new", "--node", p(&b1)]);
     assert!(!success, "{out}");
     assert!(!shared.join("new").exists());
+    // A blob larger than the API's body limit: put on a1, fetched verified by b1 from a1.
+    let blob: Vec<u8> = (0..40_000_000u32).map(|i| (i % 253) as u8).collect();
+    std::fs::write(net.dir.join("blob.in"), &blob).unwrap();
+    let hash = ok(&[
+        "transfer",
+        "put",
+        p(&net.dir.join("blob.in")),
+        "--node",
+        p(&a1),
+    ]);
+    let out = net.dir.join("blob.out");
+    ok(&[
+        "transfer",
+        "get",
+        hash.trim(),
+        "--from",
+        &net.peer("a1"),
+        "--out",
+        p(&out),
+        "--node",
+        p(&b1),
+    ]);
+    assert!(std::fs::read(&out).unwrap() == blob, "the blob differs");
     // Escapes are refused before anything is opened.
     let (success, out) = out_of(&["transfer", "ls", "a1:shared/../private", "--node", p(&b1)]);
     assert!(!success && out.contains("cannot leave"), "{out}");
