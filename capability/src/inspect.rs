@@ -144,7 +144,7 @@ impl Chain {
                     None => ps.clone(),
                     Some(prev) => ps
                         .iter()
-                        .filter(|p| prev.iter().any(|q| crate::token::under(p, q)))
+                        .filter(|p| prev.iter().any(|q| crate::under(p, q)))
                         .cloned()
                         .collect(),
                 });

@@ -28,8 +28,15 @@ mod verify;
 pub use inspect::{Block, Chain, Statement, inspect};
 pub use token::{
     Audience, Delegation, Grant, append_plain, append_signed, claim_root, delegate,
-    delegate_unchecked, grant, path_prefixes, under,
+    delegate_unchecked, grant, path_prefixes,
 };
+
+/// Whether `path` is `prefix` or below it.
+pub fn under(path: &str, prefix: &str) -> bool {
+    prefix.is_empty()
+        || path == prefix
+        || (path.starts_with(prefix) && path.as_bytes().get(prefix.len()) == Some(&b'/'))
+}
 pub use verify::{
     Directory, Refusal, Request, Verified, Verifier, authorize, check_revocations, run_datalog,
     token_hash, verify,

@@ -76,13 +76,6 @@ pub fn path_prefixes(paths: &[String]) -> Result<Option<Vec<String>>, Error> {
     Ok((!out.is_empty()).then_some(out))
 }
 
-/// Whether `path` is `prefix` or below it.
-pub fn under(path: &str, prefix: &str) -> bool {
-    prefix.is_empty()
-        || path == prefix
-        || (path.starts_with(prefix) && path.as_bytes().get(prefix.len()) == Some(&b'/'))
-}
-
 pub(crate) fn keypair(seed: &[u8; 32]) -> Result<KeyPair, Error> {
     let sk = PrivateKey::from_bytes(seed, Algorithm::Ed25519)
         .map_err(|e| Error::Invalid(format!("not an ed25519 key: {e:?}")))?;
@@ -178,7 +171,10 @@ pub fn delegate(token: &[u8], holder_seed: &[u8; 32], d: &Delegation) -> Result<
         }
     }
     if let (Some(allowed), Some(want)) = (chain.paths(), path_prefixes(&d.paths)?) {
-        if let Some(extra) = want.iter().find(|w| !allowed.iter().any(|a| under(w, a))) {
+        if let Some(extra) = want
+            .iter()
+            .find(|w| !allowed.iter().any(|a| crate::under(w, a)))
+        {
             return Err(Error::Widening(format!(
                 "path {extra} is not covered by the token, which allows only {}",
                 allowed.join(", ")

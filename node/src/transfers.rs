@@ -18,8 +18,8 @@ use mesh::PeerId;
 use mesh::membership::Member;
 use serde::{Deserialize, Serialize};
 use transfer::copy::{BoxFuture, Jobs};
-use transfer::files::{Ask, Remote, Roots, Want};
-use transfer::net::DataPlane;
+use transfer::files::{Ask, Roots, Want};
+use transfer::net::{DataPlane, Remote};
 use transfer::root::{DataRoot, RelPath};
 
 /// One endpoint's data root on this node.

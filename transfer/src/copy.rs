@@ -22,8 +22,9 @@ use futures::StreamExt as _;
 use serde::{Deserialize, Serialize};
 
 use crate::blob::{Hash, Partial};
-use crate::files::{FileHash, Remote};
+use crate::net::Remote;
 use crate::root::{DataRoot, Entry, Kind, RelPath};
+use crate::wire::FileHash;
 
 /// Files pulled at once.
 const CONCURRENT_FILES: usize = 8;

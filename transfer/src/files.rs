@@ -10,18 +10,15 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use libp2p::PeerId;
-use serde::{Deserialize, Serialize};
 
-use crate::blob::{Hash, Partial, encode_file, outboard_of};
-use crate::net::{
-    DataPlane, Error, MAX_PATHS, MAX_WALK, Request, Response, Server, VERSION, ask, refuse,
-    write_header,
+use crate::blob::{Hash, encode_file, outboard_of};
+use crate::root::{DataRoot, RelPath};
+use crate::wire::{
+    FileHash, MAX_PATHS, MAX_WALK, Request, Response, VERSION, refuse, write_header,
 };
-use crate::root::{DataRoot, Entry, RelPath};
 
 /// What a member asks to do in a data root.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,27 +58,15 @@ pub trait Roots: Send + Sync + 'static {
     fn open(&self, peer: &PeerId, ask: &Ask<'_>) -> Result<Arc<DataRoot>, String>;
 }
 
-/// A file's hash and metadata, as [`Request::Hashes`] answers them.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FileHash {
-    /// The path asked.
-    pub path: String,
-    /// Its BLAKE3 hash (hex), unless `error`.
-    #[serde(default)]
-    pub hash: Option<String>,
-    /// Bytes.
-    #[serde(default)]
-    pub size: u64,
-    /// Permission bits.
-    #[serde(default)]
-    pub mode: u32,
-    /// Modification time, ns since the epoch.
-    #[serde(default)]
-    pub mtime_ns: i64,
-    /// Why it could not be hashed.
-    #[serde(default)]
-    pub error: Option<String>,
+/// Where a node's data roots are, once it serves them.
+pub type RootsSlot = Arc<std::sync::RwLock<Option<Arc<dyn Roots>>>>;
+
+/// What serving data-root requests needs: the roots, the outboard cache, the test hook.
+#[derive(Clone)]
+pub(crate) struct Serving {
+    pub(crate) roots: RootsSlot,
+    pub(crate) outboards: Arc<Outboards>,
+    pub(crate) corrupt: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// What identifies one version of a file: if any of it changes, the file is hashed again.
@@ -170,7 +155,7 @@ impl Outboards {
 /// Checks the parts of a data-root request every kind shares: version, path(s), counts.
 /// Returns the endpoint, what it wants, the paths (checked), and the token.
 pub fn check(request: &Request) -> Result<Checked<'_>, String> {
-    let v = crate::net::version(request);
+    let v = crate::wire::version(request);
     if v != VERSION {
         return Err(format!(
             "data-plane protocol {v}, this node speaks {VERSION}"
@@ -245,7 +230,7 @@ pub fn check(request: &Request) -> Result<Checked<'_>, String> {
 
 /// The root a request may use: every path it names is judged on its own.
 fn judge(
-    server: &Server,
+    server: &Serving,
     peer: PeerId,
     endpoint: &str,
     want: Want,
@@ -292,13 +277,19 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| format!("internal error: {e}"))?
 }
 
-/// Serves one data-root request.
-pub(crate) async fn handle(
-    server: &Server,
-    peer: PeerId,
-    send: &mut quinn::SendStream,
-    request: Request,
-) {
+impl Serving {
+    /// Serves one data-root request.
+    pub(crate) async fn handle(
+        &self,
+        peer: PeerId,
+        send: &mut quinn::SendStream,
+        request: Request,
+    ) {
+        handle(self, peer, send, request).await
+    }
+}
+
+async fn handle(server: &Serving, peer: PeerId, send: &mut quinn::SendStream, request: Request) {
     let (endpoint, want, paths, token) = match check(&request) {
         Ok(c) => c,
         Err(reason) => return refuse(send, reason).await,
@@ -406,7 +397,7 @@ fn hash_one(root: &DataRoot, outboards: &Outboards, path: &RelPath) -> FileHash 
 }
 
 async fn get_file(
-    server: &Server,
+    server: &Serving,
     send: &mut quinn::SendStream,
     root: Arc<DataRoot>,
     path: RelPath,
@@ -417,7 +408,7 @@ async fn get_file(
         Ok(h) => h,
         Err(e) => return refuse(send, format!("{e}")).await,
     };
-    let ranges = match crate::net::chunk_ranges(ranges) {
+    let ranges = match crate::wire::chunk_ranges(ranges) {
         Ok(r) => r,
         Err(reason) => return refuse(send, reason).await,
     };
@@ -446,270 +437,14 @@ async fn get_file(
     if write_header(send, &Response::Found { size }).await.is_err() {
         return;
     }
-    let sent = server
-        .stream(send, move |out| {
-            encode_file(&file, &ob.0, size, &ob.1, &ranges, out)
-        })
-        .await;
+    let sent = crate::wire::stream(&server.corrupt, send, move |out| {
+        encode_file(&file, &ob.0, size, &ob.1, &ranges, out)
+    })
+    .await;
     match sent {
         Ok(()) => {
             let _ = send.finish();
         }
         Err(e) => tracing::info!(path = %shown, error = %e, "a file stream stopped"),
-    }
-}
-
-/// A peer's data roots, through one connection.
-#[derive(Clone)]
-pub struct Remote {
-    plane: DataPlane,
-    peer: PeerId,
-    addr: SocketAddr,
-}
-
-fn refused(peer: PeerId, reason: String) -> Error {
-    Error::Refused { peer, reason }
-}
-
-fn unexpected(peer: PeerId, r: &Response) -> Error {
-    Error::Protocol(format!(
-        "{peer} answered {r:?}, which does not fit the request"
-    ))
-}
-
-impl DataPlane {
-    /// The data roots of `peer`, whose data plane listens at `addr`.
-    pub fn remote(&self, peer: PeerId, addr: SocketAddr) -> Remote {
-        Remote {
-            plane: self.clone(),
-            peer,
-            addr,
-        }
-    }
-}
-
-impl Remote {
-    /// The peer.
-    pub fn peer(&self) -> PeerId {
-        self.peer
-    }
-
-    async fn call(&self, request: &Request) -> Result<(Response, quinn::RecvStream), Error> {
-        let conn = self.plane.connect(self.peer, self.addr).await?;
-        match ask(&conn, request).await {
-            Ok((Response::Refused { reason }, _)) => Err(refused(self.peer, reason)),
-            other => other,
-        }
-    }
-
-    /// The entries of a directory.
-    pub async fn list(
-        &self,
-        endpoint: &str,
-        path: &str,
-        token: Option<String>,
-    ) -> Result<Vec<Entry>, Error> {
-        let r = Request::List {
-            v: VERSION,
-            endpoint: endpoint.into(),
-            path: path.into(),
-            token,
-        };
-        match self.call(&r).await?.0 {
-            Response::Entries { entries } => Ok(entries),
-            other => Err(unexpected(self.peer, &other)),
-        }
-    }
-
-    /// Every entry below a directory.
-    pub async fn walk(
-        &self,
-        endpoint: &str,
-        path: &str,
-        token: Option<String>,
-    ) -> Result<Vec<Entry>, Error> {
-        let r = Request::Walk {
-            v: VERSION,
-            endpoint: endpoint.into(),
-            path: path.into(),
-            token,
-        };
-        match self.call(&r).await?.0 {
-            Response::Entries { entries } => Ok(entries),
-            other => Err(unexpected(self.peer, &other)),
-        }
-    }
-
-    /// One path's metadata.
-    pub async fn stat(
-        &self,
-        endpoint: &str,
-        path: &str,
-        token: Option<String>,
-    ) -> Result<Entry, Error> {
-        let r = Request::PathStat {
-            v: VERSION,
-            endpoint: endpoint.into(),
-            path: path.into(),
-            token,
-        };
-        match self.call(&r).await?.0 {
-            Response::Entry { entry } => Ok(entry),
-            other => Err(unexpected(self.peer, &other)),
-        }
-    }
-
-    /// Makes a directory.
-    pub async fn mkdir(
-        &self,
-        endpoint: &str,
-        path: &str,
-        parents: bool,
-        token: Option<String>,
-    ) -> Result<(), Error> {
-        let r = Request::Mkdir {
-            v: VERSION,
-            endpoint: endpoint.into(),
-            path: path.into(),
-            parents,
-            token,
-        };
-        match self.call(&r).await?.0 {
-            Response::Done => Ok(()),
-            other => Err(unexpected(self.peer, &other)),
-        }
-    }
-
-    /// Removes a path.
-    pub async fn remove(
-        &self,
-        endpoint: &str,
-        path: &str,
-        recursive: bool,
-        token: Option<String>,
-    ) -> Result<(), Error> {
-        let r = Request::Remove {
-            v: VERSION,
-            endpoint: endpoint.into(),
-            path: path.into(),
-            recursive,
-            token,
-        };
-        match self.call(&r).await?.0 {
-            Response::Done => Ok(()),
-            other => Err(unexpected(self.peer, &other)),
-        }
-    }
-
-    /// The hashes of files (any number: asked [`MAX_PATHS`] at a time).
-    pub async fn hashes(
-        &self,
-        endpoint: &str,
-        paths: &[String],
-        token: Option<String>,
-    ) -> Result<Vec<FileHash>, Error> {
-        let mut out = Vec::with_capacity(paths.len());
-        for batch in paths.chunks(MAX_PATHS) {
-            let r = Request::Hashes {
-                v: VERSION,
-                endpoint: endpoint.into(),
-                paths: batch.to_vec(),
-                token: token.clone(),
-            };
-            match self.call(&r).await?.0 {
-                Response::Hashes { files } if files.len() == batch.len() => out.extend(files),
-                other => return Err(unexpected(self.peer, &other)),
-            }
-        }
-        Ok(out)
-    }
-
-    /// Receives into `partial` what it is missing of the file `path` (which must still have
-    /// the partial's hash), asking again after a chunk group that does not verify (up to
-    /// `attempts` rounds). Returns the partial and the bytes of data received; complete when
-    /// its `missing()` is empty.
-    pub async fn fetch_file(
-        &self,
-        endpoint: &str,
-        path: &str,
-        token: Option<String>,
-        mut partial: Partial,
-        attempts: usize,
-        received: Arc<std::sync::atomic::AtomicU64>,
-    ) -> Result<Partial, (Partial, Error)> {
-        let mut last = None;
-        for _ in 0..attempts.max(1) {
-            let (p, missing) = match tokio::task::spawn_blocking(move || {
-                let m = partial.missing();
-                (partial, m)
-            })
-            .await
-            {
-                Ok((p, Ok(m))) => (p, m),
-                Ok((p, Err(e))) => return Err((p, e.into())),
-                Err(e) => std::panic::resume_unwind(e.into_panic()),
-            };
-            partial = p;
-            if missing.is_empty() {
-                return Ok(partial);
-            }
-            let r = Request::GetFile {
-                v: VERSION,
-                endpoint: endpoint.into(),
-                path: path.into(),
-                hash: partial.hash().to_string(),
-                ranges: crate::net::ranges_of(&missing, partial.size()),
-                token: token.clone(),
-            };
-            let recv = match self.call(&r).await {
-                Ok((Response::Found { size }, recv)) if size == partial.size() => recv,
-                Ok((other, _)) => return Err((partial, unexpected(self.peer, &other))),
-                Err(e) => return Err((partial, e)),
-            };
-            let (reader, pump) = crate::net::bridge::reader(recv);
-            let counter = Counting {
-                inner: reader,
-                n: received.clone(),
-            };
-            let (p, outcome) = match tokio::task::spawn_blocking(move || {
-                let o = partial.receive(&missing, counter);
-                (partial, o)
-            })
-            .await
-            {
-                Ok(x) => x,
-                Err(e) => std::panic::resume_unwind(e.into_panic()),
-            };
-            pump.abort();
-            partial = p;
-            match outcome {
-                Ok(_) => {}
-                Err(e @ crate::blob::Error::Corrupt { .. }) => last = Some(e),
-                Err(e) => return Err((partial, e.into())),
-            }
-        }
-        Err((
-            partial,
-            match last {
-                Some(e) => e.into(),
-                None => Error::Protocol(format!("still incomplete after {attempts} rounds")),
-            },
-        ))
-    }
-}
-
-/// Counts the bytes read through it (the job's "bytes received", which includes what was sent
-/// twice).
-struct Counting<R> {
-    inner: R,
-    n: Arc<std::sync::atomic::AtomicU64>,
-}
-
-impl<R: std::io::Read> std::io::Read for Counting<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.n
-            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
-        Ok(n)
     }
 }

@@ -18,5 +18,6 @@ pub mod copy;
 pub mod files;
 pub mod net;
 pub mod root;
+pub mod wire;
 
 pub use blob::{BlobStore, Error, Hash};

@@ -10,8 +10,9 @@ use libp2p::identity::Keypair;
 use rand::RngCore as _;
 use transfer::blob::{BlobStore, Hash};
 use transfer::copy::{Context, Job, Jobs, Spec, State, SyncLevel};
-use transfer::files::{Ask, Remote, Roots, Want};
+use transfer::files::{Ask, Roots, Want};
 use transfer::net::DataPlane;
+use transfer::net::Remote;
 use transfer::root::{DataRoot, RelPath};
 
 /// A node's roots: endpoint name → root, reads allowed only below `readable` (if set).
