@@ -229,21 +229,27 @@ impl Access {
         req.institution = institution;
         let held = self.held();
         let dir = self.directory();
-        let mut last = None;
+        let mut refusals = Vec::new();
         for h in held.iter().filter(|h| h.endpoint == endpoint) {
             match self.verifier.check(&h.bytes, &dir, root, &req) {
                 Ok(_) => return Ok(h.text.clone()),
-                Err(r) => last = Some(r),
+                Err(r) => refusals.push(r.to_string()),
             }
         }
-        Err(match last {
-            None => format!(
+        refusals.dedup();
+        Err(match refusals.as_slice() {
+            [] => format!(
                 "this node holds no capability token for endpoint {endpoint} (an admin of its \
                  institution grants one with `funcmesh cap grant --ability {}`; add it here \
                  with `funcmesh cap add`)",
                 req.ability
             ),
-            Some(r) => format!("the capability token held here is refused: {r}"),
+            [one] => format!("the capability token held here is refused: {one}"),
+            many => format!(
+                "the {} capability tokens held here for it are refused: {}",
+                many.len(),
+                many.join("; ")
+            ),
         })
     }
 

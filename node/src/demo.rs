@@ -139,7 +139,7 @@ async fn transfer_step(net: &Testnet) -> anyhow::Result<()> {
     std::fs::create_dir_all(data.join("private"))?;
     std::fs::write(data.join("private/notes.txt"), b"inst-a only")?;
     println!(
-        "\n-- 2d. transfer: {} ({inst_a}) exposes {} as its data root; {inst_a}'s admin grants \
+        "\n-- 2e. transfer: {} ({inst_a}) exposes {} as its data root; {inst_a}'s admin grants \
          {inst_b} transfer.read below `shared` only (`funcmesh cap grant --ability \
          transfer.read --path shared`)",
         a1.name,
