@@ -782,24 +782,24 @@ async fn transfer(
     State(inner): State<Shared>,
     Path(id): Path<String>,
 ) -> Result<Json<transfer::copy::Job>, ApiError> {
-    inner.transfers.jobs.get(&id).map(Json).ok_or_else(|| {
-        ApiError(
-            StatusCode::NOT_FOUND,
-            format!("no transfer {id} runs on this node (a copy runs on its destination's node)"),
-        )
-    })
+    inner
+        .transfers
+        .status(&id, false)
+        .await
+        .map(Json)
+        .map_err(failed)
 }
 
 async fn cancel_transfer(
     State(inner): State<Shared>,
     Path(id): Path<String>,
 ) -> Result<Json<transfer::copy::Job>, ApiError> {
-    let jobs = inner.transfers.jobs.clone();
-    tokio::task::spawn_blocking(move || jobs.cancel(&id))
+    inner
+        .transfers
+        .status(&id, true)
         .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
         .map(Json)
-        .map_err(|e| ApiError(StatusCode::NOT_FOUND, e))
+        .map_err(failed)
 }
 
 /// Query parameters, read by hand so that a missing one is answered like every other error.

@@ -211,6 +211,9 @@ pub struct TransferSection {
     /// How long a copy keeps trying to reach a source that went away before it fails.
     #[serde(with = "humantime_serde_str")]
     pub patience: Duration,
+    /// Blobs not used (stored, fetched, served) for this long are removed.
+    #[serde(with = "humantime_serde_str")]
+    pub blob_retention: Duration,
 }
 
 impl Default for TransferSection {
@@ -218,6 +221,7 @@ impl Default for TransferSection {
         TransferSection {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             patience: Duration::from_secs(3600),
+            blob_retention: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }

@@ -185,6 +185,30 @@ impl Node {
             dir.root(),
             config.transfer.patience,
         )?;
+        {
+            // Unused blobs go after `blob_retention`: swept at start, then hourly.
+            let (blobs, keep, cancel) = (
+                blobs.clone(),
+                config.transfer.blob_retention,
+                cancel.child_token(),
+            );
+            tracker.spawn(async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(3600));
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        () = cancel.cancelled() => break,
+                    }
+                    let b = blobs.clone();
+                    match tokio::task::spawn_blocking(move || b.collect(keep)).await {
+                        Ok(Ok((0, _))) => {}
+                        Ok(Ok((n, bytes))) => info!(blobs = n, bytes, "removed unused blobs"),
+                        Ok(Err(e)) => tracing::warn!(error = %e, "cannot sweep the blob store"),
+                        Err(_) => break,
+                    }
+                }
+            });
+        }
         let token = hex::encode(rand::random::<[u8; 24]>());
         let inner = Arc::new(Inner {
             transfers,

@@ -18,7 +18,7 @@ use mesh::PeerId;
 use mesh::membership::Member;
 use serde::{Deserialize, Serialize};
 use transfer::copy::{BoxFuture, Jobs};
-use transfer::files::{Ask, Roots, Want};
+use transfer::files::{Ask, Desk, Roots, Want};
 use transfer::net::{DataPlane, Remote};
 use transfer::root::{DataRoot, RelPath};
 
@@ -147,6 +147,7 @@ pub(crate) fn split_place(text: &str) -> anyhow::Result<(&str, RelPath)> {
 /// The transfer side of a node.
 pub(crate) struct Transfers {
     pub(crate) jobs: Jobs,
+    store: store::Store,
     pub(crate) plane: DataPlane,
     pub(crate) blobs: transfer::BlobStore,
     pub(crate) roots: Arc<NodeRoots>,
@@ -281,6 +282,139 @@ async fn resolve_node_endpoint(
     .await?
 }
 
+/// Copies other members ask this node to run, into its endpoints' data roots.
+struct NodeDesk {
+    jobs: Jobs,
+    roots: Arc<NodeRoots>,
+    mesh: mesh::Handle,
+    access: Arc<Access>,
+}
+
+impl NodeDesk {
+    fn own_job(&self, peer: PeerId, id: &str) -> Result<transfer::copy::Job, String> {
+        let job = self
+            .jobs
+            .get(id)
+            .ok_or_else(|| format!("no transfer {id} runs on this node"))?;
+        if job.spec.requester != peer.to_string() {
+            return Err(format!("transfer {id} was asked for by another member"));
+        }
+        Ok(job)
+    }
+}
+
+fn as_json(job: &transfer::copy::Job) -> Result<serde_json::Value, String> {
+    serde_json::to_value(job).map_err(|e| e.to_string())
+}
+
+impl Desk for NodeDesk {
+    fn submit(
+        &self,
+        peer: PeerId,
+        id: String,
+        spec: serde_json::Value,
+        write_token: Option<String>,
+        read_token: Option<String>,
+    ) -> BoxFuture<'_, Result<serde_json::Value, String>> {
+        Box::pin(async move {
+            let mut spec: transfer::copy::Spec =
+                serde_json::from_value(spec).map_err(|e| format!("not a copy: {e}"))?;
+            spec.requester = peer.to_string();
+            let dst_path = RelPath::parse(&spec.dst_path).map_err(|e| e.to_string())?;
+            self.roots.open(
+                &peer,
+                &Ask {
+                    endpoint: &spec.dst_endpoint,
+                    want: Want::Write,
+                    path: &dst_path,
+                    token: write_token.as_deref(),
+                },
+            )?;
+            // This node reads the source with its own rights; it lends them to nobody: the
+            // asking member must be able to read the source itself.
+            let src: PeerId = spec
+                .src_node
+                .parse()
+                .map_err(|e| format!("the source node is not a peer id: {e}"))?;
+            let place = resolve_node_endpoint(&self.mesh, src, &spec.src_endpoint, &spec.src_path)
+                .await
+                .map_err(|e| format!("{e:#}"))?;
+            may_read(
+                &self.access,
+                &self.mesh,
+                peer,
+                &place,
+                read_token.as_deref(),
+            )?;
+            let jobs = self.jobs.clone();
+            let job = tokio::task::spawn_blocking(move || jobs.submit(&id, spec))
+                .await
+                .map_err(|e| e.to_string())??;
+            as_json(&job)
+        })
+    }
+
+    fn status(&self, peer: PeerId, id: &str) -> Result<serde_json::Value, String> {
+        as_json(&self.own_job(peer, id)?)
+    }
+
+    fn cancel(&self, peer: PeerId, id: &str) -> Result<serde_json::Value, String> {
+        self.own_job(peer, id)?;
+        as_json(&self.jobs.cancel(id)?)
+    }
+}
+
+/// Whether the member `peer` may read `place` (its endpoint's policy, or `token`): judged here,
+/// offline, as the source's node would judge it.
+fn may_read(
+    access: &Access,
+    mesh: &mesh::Handle,
+    peer: PeerId,
+    place: &Place,
+    token: Option<&str>,
+) -> Result<(), String> {
+    if place.peer == peer {
+        return Ok(());
+    }
+    let member = mesh
+        .member(&peer)
+        .ok_or_else(|| format!("{peer} is not a member connected to this node"))?;
+    let why = match compute::access::verdict(
+        place.policy,
+        place.institution.as_ref().map(|(_, n)| n.as_str()),
+        member.institution.as_deref(),
+    ) {
+        Verdict::Admitted => return Ok(()),
+        Verdict::Refused(why) => {
+            return Err(format!("the source endpoint {}: {why}", place.endpoint));
+        }
+        Verdict::NeedsToken(why) => why,
+    };
+    let (Some(token), Some((root, _)), Some(institution)) =
+        (token, &place.institution, member.institution_key)
+    else {
+        return Err(format!(
+            "the source endpoint {} ({why}): the asking member presents no token to read it",
+            place.endpoint
+        ));
+    };
+    access
+        .check(
+            token,
+            root,
+            &capability::Request {
+                peer: peer.to_string(),
+                institution: crdt_registry::Key(institution.0),
+                time: mesh::membership::unix_now(),
+                endpoint: place.id.clone(),
+                function: None,
+                ability: Ability::TransferRead,
+                path: Some(place.path.as_str().to_owned()),
+            },
+        )
+        .map_err(|r| format!("reading the source: capability refused: {r}"))
+}
+
 /// Starts the transfer side: serves the data roots of `sections` on `plane` and resumes the
 /// copy jobs stored in `store`.
 #[allow(clippy::too_many_arguments)]
@@ -328,7 +462,7 @@ pub(crate) fn start(
     });
     plane.serve_roots(roots.clone());
     let jobs = Jobs::start(
-        store,
+        store.clone(),
         Arc::new(JobContext {
             plane: plane.clone(),
             mesh: mesh.clone(),
@@ -339,8 +473,15 @@ pub(crate) fn start(
         patience,
     )
     .map_err(|e| anyhow!("cannot start the transfer jobs: {e}"))?;
+    plane.serve_desk(Arc::new(NodeDesk {
+        jobs: jobs.clone(),
+        roots: roots.clone(),
+        mesh: mesh.clone(),
+        access: access.clone(),
+    }));
     Ok(Arc::new(Transfers {
         jobs,
+        store,
         plane,
         blobs,
         roots,
@@ -399,7 +540,8 @@ fn remote_failure(e: transfer::net::Error) -> Failure {
 }
 
 impl Transfers {
-    /// Accepts a copy whose destination is on this node.
+    /// Accepts a copy: run here if the destination is one of this node's endpoints, else
+    /// asked of the destination's node (which pulls from the source itself).
     pub(crate) async fn copy(&self, t: NewTransfer) -> Result<transfer::copy::Job, Failure> {
         use axum::http::StatusCode;
         let src = resolve(&self.mesh, &t.source)
@@ -408,37 +550,123 @@ impl Transfers {
         let dst = resolve(&self.mesh, &t.destination)
             .await
             .map_err(|e| bad(format!("{e:#}")))?;
-        if dst.peer != self.mesh.peer_id() {
-            return Err((
-                StatusCode::CONFLICT,
-                format!(
-                    "the destination endpoint {} runs on node {}: ask that node for the copy \
-                     (its `funcmesh transfer copy`), which pulls from the source itself",
-                    dst.endpoint, dst.peer
-                ),
-            ));
-        }
         let sync = t.sync.as_deref().map(str::parse).transpose().map_err(bad)?;
         let id = match t.request_id {
             Some(id) => id,
             None => hex::encode(rand::random::<[u8; 12]>()),
         };
+        transfer::copy::check_id(&id).map_err(bad)?;
+        let me = self.mesh.peer_id();
         let spec = transfer::copy::Spec {
             src_node: src.peer.to_string(),
-            src_endpoint: src.endpoint,
+            src_endpoint: src.endpoint.clone(),
             src_path: src.path.as_str().to_owned(),
-            dst_endpoint: dst.endpoint,
+            dst_endpoint: dst.endpoint.clone(),
             dst_path: dst.path.as_str().to_owned(),
             recursive: t.recursive,
             sync,
             delete: t.delete,
-            requester: self.mesh.peer_id().to_string(),
+            requester: me.to_string(),
         };
+        if dst.peer == me {
+            let jobs = self.jobs.clone();
+            return tokio::task::spawn_blocking(move || jobs.submit(&id, spec))
+                .await
+                .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+                .map_err(|e| (StatusCode::CONFLICT, e));
+        }
+        // A third-party copy: the destination's node runs it; this node asks with its own
+        // rights to write there and to read the source (both checked by that node).
+        let write_token = self.token(&dst, Want::Write)?;
+        let read_token = self.token(&src, Want::Read)?;
+        let spec = serde_json::to_value(&spec)
+            .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        let job = self
+            .remote_of(&dst)?
+            .submit_copy(&id, spec, write_token, read_token)
+            .await
+            .map_err(remote_failure)?;
+        let job: transfer::copy::Job = serde_json::from_value(job).map_err(|e| {
+            (
+                StatusCode::BAD_GATEWAY,
+                format!("{} answered a job that does not parse: {e}", dst.peer),
+            )
+        })?;
+        let key = [transfer::copy::FORWARDED, id.as_bytes()].concat();
+        let peer = dst.peer.to_string();
+        self.store
+            .blocking(move |s| s.put(store::cf::TRANSFERS, &key, peer.as_bytes()))
+            .await
+            .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        Ok(job)
+    }
+
+    /// A copy job: run here, or asked of another node by this one.
+    pub(crate) async fn status(
+        &self,
+        id: &str,
+        cancel: bool,
+    ) -> Result<transfer::copy::Job, Failure> {
+        use axum::http::StatusCode;
         let jobs = self.jobs.clone();
-        tokio::task::spawn_blocking(move || jobs.submit(&id, spec))
+        let local = {
+            let id = id.to_owned();
+            tokio::task::spawn_blocking(move || {
+                if cancel {
+                    jobs.get(&id).map(|_| jobs.cancel(&id))
+                } else {
+                    jobs.get(&id).map(Ok)
+                }
+            })
             .await
             .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-            .map_err(|e| (StatusCode::CONFLICT, e))
+        };
+        if let Some(job) = local {
+            return job.map_err(|e| (StatusCode::CONFLICT, e));
+        }
+        let key = [transfer::copy::FORWARDED, id.as_bytes()].concat();
+        let peer = self
+            .store
+            .blocking(move |s| s.get(store::cf::TRANSFERS, &key))
+            .await
+            .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+            .and_then(|v| String::from_utf8(v).ok())
+            .and_then(|p| p.parse::<PeerId>().ok())
+            .ok_or_else(|| {
+                (
+                    StatusCode::NOT_FOUND,
+                    format!("no transfer {id} runs on this node or was asked for by it"),
+                )
+            })?;
+        let addr = self
+            .mesh
+            .registry_with({
+                let p = peer.to_string();
+                move |view| view.nodes.get(&p).and_then(|n| n.data_addr.clone())
+            })
+            .await
+            .map_err(|e| (StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?
+            .and_then(|a| a.parse().ok())
+            .ok_or_else(|| {
+                (
+                    StatusCode::BAD_GATEWAY,
+                    format!(
+                        "node {peer}, which runs transfer {id}, publishes no data-plane address"
+                    ),
+                )
+            })?;
+        let job = self
+            .plane
+            .remote(peer, addr)
+            .copy_status(id, cancel)
+            .await
+            .map_err(remote_failure)?;
+        serde_json::from_value(job).map_err(|e| {
+            (
+                StatusCode::BAD_GATEWAY,
+                format!("{peer} answered a job that does not parse: {e}"),
+            )
+        })
     }
 
     fn remote_of(&self, place: &Place) -> Result<Remote, Failure> {

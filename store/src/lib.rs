@@ -49,7 +49,8 @@ pub mod cf {
     /// by id; its record is written here in the same batch as the first task that names it.
     pub const FUNCTIONS: &str = "functions";
 
-    /// Transfer jobs this node runs (transfer::copy): job id → JSON `transfer::copy::Job`.
+    /// Transfer jobs this node runs (transfer::copy): job id → JSON `transfer::copy::Job`;
+    /// `fwd/<job id>` → the peer id of the node this node asked to run a copy.
     pub const TRANSFERS: &str = "transfers";
 
     /// All column families, in creation order.

@@ -162,6 +162,8 @@ impl BlobStore {
             if !data_path.exists() {
                 std::fs::rename(&tmp_obao, &obao_path)?;
                 std::fs::rename(&tmp_data, &data_path)?;
+            } else {
+                self.touch(&hash);
             }
             Ok((hash, size))
         })();
@@ -173,6 +175,45 @@ impl BlobStore {
     /// The store's directory (a spool file made here renames into place).
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Marks a blob as used now (what [`BlobStore::collect`] goes by).
+    pub fn touch(&self, hash: &Hash) {
+        let (data, _) = self.complete(hash);
+        if let Ok(f) = OpenOptions::new().write(true).open(data) {
+            let _ = f.set_modified(std::time::SystemTime::now());
+        }
+    }
+
+    /// Removes the blobs and partial blobs not used (imported, received, served or touched)
+    /// for `unused`; returns how many blobs and bytes went.
+    pub fn collect(&self, unused: std::time::Duration) -> Result<(usize, u64), Error> {
+        let Some(cutoff) = std::time::SystemTime::now().checked_sub(unused) else {
+            return Ok((0, 0));
+        };
+        let mut gone = (0usize, 0u64);
+        for dir in [self.dir.clone(), self.dir.join("partial")] {
+            for entry in std::fs::read_dir(&dir)? {
+                let entry = entry?;
+                let name = entry.file_name();
+                let Some(stem) = name.to_str().and_then(|n| n.strip_suffix(".data")) else {
+                    continue;
+                };
+                if stem.parse::<Hash>().is_err() {
+                    continue;
+                }
+                let meta = entry.metadata()?;
+                if meta.modified()? >= cutoff {
+                    continue;
+                }
+                // The outboard first: without it the blob no longer counts as held.
+                let _ = std::fs::remove_file(dir.join(format!("{stem}.obao")));
+                std::fs::remove_file(entry.path())?;
+                gone.0 += 1;
+                gone.1 += meta.len();
+            }
+        }
+        Ok(gone)
     }
 
     /// The size of a complete blob this store holds.

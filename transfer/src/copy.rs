@@ -26,6 +26,9 @@ use crate::net::Remote;
 use crate::root::{DataRoot, Entry, Kind, RelPath};
 use crate::wire::FileHash;
 
+/// Key prefix, in the `transfers` column family, of copies this node asked another to run.
+pub const FORWARDED: &[u8] = b"fwd/";
+
 /// Files pulled at once.
 const CONCURRENT_FILES: usize = 8;
 /// Per-file errors kept in a job's record.
@@ -184,8 +187,7 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-/// A boxed future (what [`Context`] returns, so that it stays a trait object).
-pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+pub use crate::wire::BoxFuture;
 
 /// What the node provides to jobs.
 pub trait Context: Send + Sync + 'static {
@@ -257,6 +259,9 @@ impl Jobs {
             .scan(store::cf::TRANSFERS)
             .map_err(|e| e.to_string())?
         {
+            if key.starts_with(FORWARDED) {
+                continue;
+            }
             match serde_json::from_slice::<Job>(&value) {
                 Ok(job) => {
                     jobs.insert(job.id.clone(), job);
@@ -301,9 +306,7 @@ impl Jobs {
         {
             let jobs = self.lock_jobs();
             if let Some(old) = jobs.get(id) {
-                let mut same = old.spec.clone();
-                same.requester = spec.requester.clone();
-                if same != spec {
+                if old.spec != spec {
                     return Err(format!(
                         "request id {id} was already used for another transfer: choose a new one"
                     ));

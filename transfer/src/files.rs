@@ -17,7 +17,7 @@ use libp2p::PeerId;
 use crate::blob::{Hash, encode_file, outboard_of};
 use crate::root::{DataRoot, RelPath};
 use crate::wire::{
-    FileHash, MAX_PATHS, MAX_WALK, Request, Response, VERSION, refuse, write_header,
+    BoxFuture, FileHash, MAX_PATHS, MAX_WALK, Request, Response, VERSION, refuse, write_header,
 };
 
 /// What a member asks to do in a data root.
@@ -58,6 +58,27 @@ pub trait Roots: Send + Sync + 'static {
     fn open(&self, peer: &PeerId, ask: &Ask<'_>) -> Result<Arc<DataRoot>, String>;
 }
 
+/// Where copies are asked for: the node that owns a copy's destination runs it for a member
+/// that may write there and read the source.
+pub trait Desk: Send + Sync + 'static {
+    /// Accepts a copy for `peer` (or returns the one it already accepted under `id`).
+    fn submit(
+        &self,
+        peer: PeerId,
+        id: String,
+        spec: serde_json::Value,
+        write_token: Option<String>,
+        read_token: Option<String>,
+    ) -> BoxFuture<'_, Result<serde_json::Value, String>>;
+    /// A copy `peer` asked for.
+    fn status(&self, peer: PeerId, id: &str) -> Result<serde_json::Value, String>;
+    /// Cancels a copy `peer` asked for.
+    fn cancel(&self, peer: PeerId, id: &str) -> Result<serde_json::Value, String>;
+}
+
+/// Where a node's copy desk is, once it runs one.
+pub type DeskSlot = Arc<std::sync::RwLock<Option<Arc<dyn Desk>>>>;
+
 /// Where a node's data roots are, once it serves them.
 pub type RootsSlot = Arc<std::sync::RwLock<Option<Arc<dyn Roots>>>>;
 
@@ -65,6 +86,7 @@ pub type RootsSlot = Arc<std::sync::RwLock<Option<Arc<dyn Roots>>>>;
 #[derive(Clone)]
 pub(crate) struct Serving {
     pub(crate) roots: RootsSlot,
+    pub(crate) desk: DeskSlot,
     pub(crate) outboards: Arc<Outboards>,
     pub(crate) corrupt: Arc<std::sync::atomic::AtomicU64>,
 }
@@ -218,8 +240,12 @@ pub fn check(request: &Request) -> Result<Checked<'_>, String> {
                 .collect::<Result<Vec<_>, _>>()?;
             (endpoint, Want::Read, paths, token)
         }
-        Request::Stat { .. } | Request::Get { .. } => {
-            return Err("a blob request, not one on a data root".into());
+        Request::Stat { .. }
+        | Request::Get { .. }
+        | Request::SubmitCopy { .. }
+        | Request::CopyStatus { .. }
+        | Request::CopyCancel { .. } => {
+            return Err("not a request on a data root".into());
         }
     };
     if endpoint.is_empty() || endpoint.len() > 256 {
@@ -278,6 +304,51 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl Serving {
+    /// Serves one request about copy jobs.
+    pub(crate) async fn copies(
+        &self,
+        peer: PeerId,
+        send: &mut quinn::SendStream,
+        request: Request,
+    ) {
+        let v = crate::wire::version(&request);
+        if v != VERSION {
+            return refuse(
+                send,
+                format!("data-plane protocol {v}, this node speaks {VERSION}"),
+            )
+            .await;
+        }
+        let Some(desk) = self
+            .desk
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+        else {
+            return refuse(send, "this node runs no copies yet".into()).await;
+        };
+        let answer = match request {
+            Request::SubmitCopy {
+                id,
+                spec,
+                write_token,
+                read_token,
+                ..
+            } => desk.submit(peer, id, spec, write_token, read_token).await,
+            Request::CopyStatus { id, .. } => desk.status(peer, &id),
+            Request::CopyCancel { id, .. } => desk.cancel(peer, &id),
+            _ => Err("not a request about copies".into()),
+        };
+        match answer {
+            Ok(job) => {
+                if write_header(send, &Response::Job { job }).await.is_ok() {
+                    let _ = send.finish();
+                }
+            }
+            Err(reason) => refuse(send, reason).await,
+        }
+    }
+
     /// Serves one data-root request.
     pub(crate) async fn handle(
         &self,
@@ -359,7 +430,7 @@ async fn handle(server: &Serving, peer: PeerId, send: &mut quinn::SendStream, re
         Request::GetFile { hash, ranges, .. } => {
             return get_file(server, send, root, path, hash, ranges).await;
         }
-        Request::Stat { .. } | Request::Get { .. } => Err("not a data-root request".into()),
+        _ => Err("not a data-root request".into()),
     };
     match answer {
         Ok(response) => {

@@ -44,6 +44,8 @@ pub struct DataPlane {
     corrupt: Arc<std::sync::atomic::AtomicU64>,
     /// This node's data roots, once the node serves them.
     roots: RootsSlot,
+    /// This node's copy desk, once it runs one.
+    desk: crate::files::DeskSlot,
     /// Open connections to peers, reused by every call.
     conns: Arc<std::sync::Mutex<std::collections::HashMap<PeerId, quinn::Connection>>>,
 }
@@ -202,6 +204,7 @@ impl DataPlane {
         let established = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let corrupt = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let roots: RootsSlot = Arc::default();
+        let desk: crate::files::DeskSlot = Arc::default();
         let outboards = Arc::new(crate::files::Outboards::default());
         let plane = DataPlane {
             endpoint: endpoint.clone(),
@@ -210,6 +213,7 @@ impl DataPlane {
             established: established.clone(),
             corrupt: corrupt.clone(),
             roots: roots.clone(),
+            desk: desk.clone(),
             conns: Arc::default(),
         };
         tokio::spawn(async move {
@@ -219,6 +223,7 @@ impl DataPlane {
                     corrupt: corrupt.clone(),
                     serving: crate::files::Serving {
                         roots: roots.clone(),
+                        desk: desk.clone(),
                         outboards: outboards.clone(),
                         corrupt: corrupt.clone(),
                     },
@@ -248,6 +253,14 @@ impl DataPlane {
             .roots
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(roots);
+    }
+
+    /// Runs copies other members ask for through `desk` from now on.
+    pub fn serve_desk(&self, desk: Arc<dyn crate::files::Desk>) {
+        *self
+            .desk
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(desk);
     }
 
     /// Test hook: corrupt one byte in each of the next `n` blob streams this node sends (to
@@ -428,6 +441,11 @@ impl Server {
                     Request::Stat { .. } | Request::Get { .. } => {
                         server.blob(&mut send, &request).await
                     }
+                    Request::SubmitCopy { .. }
+                    | Request::CopyStatus { .. }
+                    | Request::CopyCancel { .. } => {
+                        server.serving.copies(peer, &mut send, request).await
+                    }
                     other => server.serving.handle(peer, &mut send, other).await,
                 }
             });
@@ -442,6 +460,7 @@ impl Server {
         let Some(size) = self.store.size(&hash) else {
             return refuse(send, format!("this node does not hold blob {hash}")).await;
         };
+        self.store.touch(&hash);
         if write_header(send, &Response::Found { size }).await.is_err() {
             return;
         }
@@ -623,6 +642,46 @@ impl Remote {
             }
         }
         Ok(out)
+    }
+
+    /// Asks the peer to run a copy to one of its endpoints; returns the job (as JSON).
+    pub async fn submit_copy(
+        &self,
+        id: &str,
+        spec: serde_json::Value,
+        write_token: Option<String>,
+        read_token: Option<String>,
+    ) -> Result<serde_json::Value, Error> {
+        let r = Request::SubmitCopy {
+            v: VERSION,
+            id: id.into(),
+            spec,
+            write_token,
+            read_token,
+        };
+        match self.call(&r).await?.0 {
+            Response::Job { job } => Ok(job),
+            other => Err(unexpected(self.peer, &other)),
+        }
+    }
+
+    /// A copy this node asked the peer to run.
+    pub async fn copy_status(&self, id: &str, cancel: bool) -> Result<serde_json::Value, Error> {
+        let r = if cancel {
+            Request::CopyCancel {
+                v: VERSION,
+                id: id.into(),
+            }
+        } else {
+            Request::CopyStatus {
+                v: VERSION,
+                id: id.into(),
+            }
+        };
+        match self.call(&r).await?.0 {
+            Response::Job { job } => Ok(job),
+            other => Err(unexpected(self.peer, &other)),
+        }
     }
 
     /// Receives into `partial` what it is missing of the file `path` (which must still have

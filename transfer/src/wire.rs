@@ -139,6 +139,35 @@ pub enum Request {
         #[serde(default)]
         token: Option<String>,
     },
+    /// Asks the node of a copy's destination to run it (the asking node orchestrates).
+    SubmitCopy {
+        /// Protocol version.
+        v: u32,
+        /// The request id.
+        id: String,
+        /// The copy (`copy::Spec` as JSON; its `requester` is set by the receiving node).
+        spec: serde_json::Value,
+        /// The token allowing the asking node to write at the destination.
+        #[serde(default)]
+        write_token: Option<String>,
+        /// The token allowing the asking node to read the source.
+        #[serde(default)]
+        read_token: Option<String>,
+    },
+    /// A copy job this node asked another to run.
+    CopyStatus {
+        /// Protocol version.
+        v: u32,
+        /// The request id.
+        id: String,
+    },
+    /// Cancels a copy job this node asked another to run.
+    CopyCancel {
+        /// Protocol version.
+        v: u32,
+        /// The request id.
+        id: String,
+    },
 }
 
 /// The answer's header.
@@ -172,7 +201,15 @@ pub enum Response {
     },
     /// Done.
     Done,
+    /// A copy job (`copy::Job` as JSON).
+    Job {
+        /// The job.
+        job: serde_json::Value,
+    },
 }
+
+/// A boxed future: what the node's hooks return, so that they stay trait objects.
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
 /// Why a data-plane call failed.
 #[derive(Debug, thiserror::Error)]
@@ -306,7 +343,10 @@ pub fn version(request: &Request) -> u32 {
         | Request::Hashes { v, .. }
         | Request::GetFile { v, .. }
         | Request::Mkdir { v, .. }
-        | Request::Remove { v, .. } => *v,
+        | Request::Remove { v, .. }
+        | Request::SubmitCopy { v, .. }
+        | Request::CopyStatus { v, .. }
+        | Request::CopyCancel { v, .. } => *v,
     }
 }
 

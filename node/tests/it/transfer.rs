@@ -36,13 +36,13 @@ fn fill(dir: &Path, files: usize) {
 
 #[test]
 fn a_path_limited_grant_lets_another_institution_copy_that_path_and_nothing_else() {
-    let net = Net::up("2", "1", &[]);
-    let (a1, b1) = (net.node("a1"), net.node("b1"));
+    let net = Net::up("2", "2", &[]);
+    let (a1, b1, b2) = (net.node("a1"), net.node("b1"), net.node("b2"));
     let shared = a1.join("data/shared");
     fill(&shared, 60);
     std::fs::create_dir_all(a1.join("data/private")).unwrap();
     std::fs::write(a1.join("data/private/secret"), b"inst-a only").unwrap();
-    net.wait_endpoints(&b1, 2);
+    net.wait_endpoints(&b1, 4);
 
     // No token yet: A's endpoint (institution-and-capability) refuses B, and says how to get one.
     let (success, out) = out_of(&["transfer", "ls", "a1:shared", "--node", p(&b1)]);
@@ -70,6 +70,7 @@ fn a_path_limited_grant_lets_another_institution_copy_that_path_and_nothing_else
         p(&a1),
     ]);
     ok(&["cap", "add", token.trim(), "--node", p(&b1)]);
+    ok(&["cap", "add", token.trim(), "--node", p(&b2)]);
 
     // b1's verifier knows inst-a once the registry reached it.
     wait_until("b1 may list a1:shared", Duration::from_secs(20), || {
@@ -121,6 +122,45 @@ fn a_path_limited_grant_lets_another_institution_copy_that_path_and_nothing_else
     let j = job(&b1, "copy-2");
     assert_eq!(j["progress"]["files_skipped"], 60, "{j}");
     assert_eq!(j["progress"]["bytes_received"], 0, "{j}");
+
+    // A third-party copy: b2 asks b1 to pull from a1; b1 runs it (b2 only orchestrates, and
+    // follows it from b2), after checking that b2 may write at b1 and read a1:shared.
+    ok(&[
+        "transfer",
+        "copy",
+        "a1:shared/s1",
+        "b1:third",
+        "--recursive",
+        "--id",
+        "copy-b2",
+        "--node",
+        p(&b2),
+    ]);
+    let j = job(&b2, "copy-b2");
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert_eq!(j["spec"]["requester"], net.peer("b2"), "{j}");
+    assert_eq!(j["progress"]["files_done"], 15, "{j}");
+    assert_eq!(
+        std::fs::read(shared.join("s1/f1.dat")).unwrap(),
+        std::fs::read(b1.join("data/third/f1.dat")).unwrap()
+    );
+    // b1 runs it: it is in b1's list, and no data went through b2.
+    assert!(ok(&["transfer", "status", "--node", p(&b1)]).contains("copy-b2"));
+    assert!(!b2.join("data/third").exists());
+    // b2 cannot have b1 pull what b2 itself may not read.
+    let (success, out) = out_of(&[
+        "transfer",
+        "copy",
+        "a1:private",
+        "b1:leak",
+        "--recursive",
+        "--id",
+        "copy-b2-leak",
+        "--node",
+        p(&b2),
+    ]);
+    assert!(!success && out.contains("refused"), "{out}");
+    assert!(!b1.join("data/leak").exists());
 
     // Outside the granted path: refused by a1, with the reason.
     let (success, out) = out_of(&["transfer", "ls", "a1:private", "--node", p(&b1)]);

@@ -163,3 +163,27 @@ proptest::proptest! {
         proptest::prop_assert!(b.size(&hash).is_none() || size == 13);
     }
 }
+
+#[test]
+fn blobs_unused_for_the_retention_are_collected_and_used_ones_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = BlobStore::open(dir.path()).unwrap();
+    let (old, _) = store.import(&b"old bytes"[..]).unwrap();
+    let (fresh, _) = store.import(&b"fresh bytes"[..]).unwrap();
+    let (used, _) = store.import(&b"used again"[..]).unwrap();
+    let long_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(3600);
+    for h in [old, used] {
+        std::fs::File::options()
+            .write(true)
+            .open(store.path(&h).unwrap())
+            .unwrap()
+            .set_modified(long_ago)
+            .unwrap();
+    }
+    // Stored again: used now.
+    store.import(&b"used again"[..]).unwrap();
+    let (n, bytes) = store.collect(std::time::Duration::from_secs(60)).unwrap();
+    assert_eq!((n, bytes), (1, 9));
+    assert!(store.size(&old).is_none());
+    assert!(store.size(&fresh).is_some() && store.size(&used).is_some());
+}
