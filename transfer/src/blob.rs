@@ -269,12 +269,26 @@ impl BlobStore {
         ranges: &ChunkRanges,
         encoded: impl Read,
     ) -> Result<u64, Error> {
+        self.receive_known(hash, size, ranges, None, encoded)
+    }
+
+    /// [`BlobStore::receive`] when the caller knows what the partial blob is missing (it just
+    /// asked [`BlobStore::missing`]): completeness is then known without hashing the blob again.
+    pub fn receive_known(
+        &self,
+        hash: &Hash,
+        size: u64,
+        ranges: &ChunkRanges,
+        missing: Option<ChunkRanges>,
+        encoded: impl Read,
+    ) -> Result<u64, Error> {
         if self.size(hash).is_some() {
             return Ok(0);
         }
         let mut partial = self.open_partial(hash, size)?;
+        partial.known = missing;
         let written = partial.receive(ranges, encoded)?;
-        if partial.missing()?.is_empty() {
+        if partial.missing_known()?.is_empty() {
             let (data_path, obao_path) = self.partial(hash);
             let (complete_data, complete_obao) = self.complete(hash);
             std::fs::rename(&obao_path, complete_obao)?;
@@ -354,6 +368,9 @@ pub struct Partial {
     size: u64,
     data: File,
     outboard: PreOrderOutboard<File>,
+    /// What is missing, when known without hashing again (after [`Partial::missing`], kept up
+    /// to date by every receive that verified).
+    known: Option<ChunkRanges>,
 }
 
 impl Partial {
@@ -376,6 +393,7 @@ impl Partial {
                 tree,
                 data: obao,
             },
+            known: None,
         })
     }
 
@@ -429,11 +447,26 @@ impl Partial {
         }
         self.data.sync_data()?;
         self.outboard.sync()?;
+        match &outcome {
+            // Every group asked for verified and is written.
+            Ok(()) => self.known = self.known.take().map(|m| &m - &ranges),
+            Err(_) => self.known = None,
+        }
         outcome.map(|()| written)
     }
 
-    /// The chunk ranges not held verified (rehashes what is held: once per resume).
-    pub fn missing(&self) -> Result<ChunkRanges, Error> {
+    /// What is missing: as known from the receives since the last [`Partial::missing`], or
+    /// found by hashing again.
+    pub fn missing_known(&mut self) -> Result<ChunkRanges, Error> {
+        match &self.known {
+            Some(m) => Ok(m.clone()),
+            None => self.missing(),
+        }
+    }
+
+    /// The chunk ranges not held verified (rehashes what is held: once per resume, and once
+    /// at the end to check what was written).
+    pub fn missing(&mut self) -> Result<ChunkRanges, Error> {
         let all = all_chunks(self.size);
         let outboard = PreOrderOutboard {
             root: self.hash.blake3(),
@@ -444,7 +477,9 @@ impl Partial {
         for range in valid_ranges(outboard, &self.data, &all) {
             valid |= ChunkRanges::from(range?);
         }
-        Ok(&all - &valid)
+        let missing = &all - &valid;
+        self.known = Some(missing.clone());
+        Ok(missing)
     }
 
     /// The data file, once complete.

@@ -50,6 +50,9 @@ pub struct DataPlane {
     conns: Arc<std::sync::Mutex<std::collections::HashMap<PeerId, quinn::Connection>>>,
 }
 
+/// Largest UDP payload the data plane sends or accepts (what a loopback path carries).
+const MAX_DATAGRAM: u16 = 65_000;
+
 fn transport() -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     // Windows large enough for a loopback or LAN path to stay full.
@@ -59,6 +62,12 @@ fn transport() -> Arc<quinn::TransportConfig> {
     t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(64));
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
     t.keep_alive_interval(Some(Duration::from_secs(5)));
+    // Let path MTU discovery go past Ethernet's 1,452 bytes where the path allows (loopback,
+    // jumbo frames): fewer, larger datagrams cost fewer system calls and less per-packet
+    // crypto. On a 1,500-byte path it settles where it did before.
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(MAX_DATAGRAM);
+    t.mtu_discovery_config(Some(mtu));
     Arc::new(t)
 }
 
@@ -142,10 +151,12 @@ fn server_tls(keypair: &Keypair, admit: Admit) -> Result<rustls::ServerConfig, E
     let setup = |e: &dyn std::fmt::Display| Error::Setup(e.to_string());
     let (cert, key) = libp2p_tls::certificate::generate(keypair).map_err(|e| setup(&e))?;
     let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    // AES-GCM first, and the server's order wins: with AES-NI it costs a fraction of
+    // ChaCha20-Poly1305 per byte (a profile of a 1 GiB fetch spent 16 % of its time in ChaCha).
     provider.cipher_suites = vec![
-        rustls::crypto::aws_lc_rs::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
-        rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_256_GCM_SHA384,
         rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_128_GCM_SHA256,
+        rustls::crypto::aws_lc_rs::cipher_suite::TLS13_AES_256_GCM_SHA384,
+        rustls::crypto::aws_lc_rs::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
     ];
     // The certificate carries libp2p's critical extension, which webpki's checks of
     // `with_single_cert` refuse: resolve it directly.
@@ -158,6 +169,7 @@ fn server_tls(keypair: &Keypair, admit: Admit) -> Result<rustls::ServerConfig, E
         .with_client_cert_verifier(Arc::new(MembersOnly { admit }))
         .with_cert_resolver(Arc::new(OwnCert(certified)));
     tls.alpn_protocols = vec![b"libp2p".to_vec()];
+    tls.ignore_client_order = true;
     Ok(tls)
 }
 
@@ -200,7 +212,15 @@ impl DataPlane {
         let crypto = QuicServerConfig::try_from(tls).map_err(|e| setup(&e))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         server.transport_config(transport());
-        let endpoint = quinn::Endpoint::server(server, addr).map_err(|e| setup(&e))?;
+        let mut config = quinn::EndpointConfig::default();
+        config
+            .max_udp_payload_size(MAX_DATAGRAM)
+            .map_err(|e| setup(&e))?;
+        let socket = std::net::UdpSocket::bind(addr).map_err(|e| setup(&e))?;
+        let runtime = quinn::default_runtime()
+            .ok_or_else(|| Error::Setup("no async runtime for the data plane".into()))?;
+        let endpoint =
+            quinn::Endpoint::new(config, Some(server), socket, runtime).map_err(|e| setup(&e))?;
         let established = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let corrupt = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let roots: RootsSlot = Arc::default();
@@ -395,10 +415,11 @@ impl DataPlane {
             }
             let store = self.store.clone();
             let (reader, pump) = bridge::reader(recv);
-            let outcome =
-                tokio::task::spawn_blocking(move || store.receive(&hash, size, &missing, reader))
-                    .await
-                    .map_err(|e| Error::Protocol(e.to_string()))?;
+            let outcome = tokio::task::spawn_blocking(move || {
+                store.receive_known(&hash, size, &missing, Some(missing.clone()), reader)
+            })
+            .await
+            .map_err(|e| Error::Protocol(e.to_string()))?;
             pump.abort();
             match outcome {
                 Ok(n) => received += n,
@@ -700,7 +721,7 @@ impl Remote {
         let mut last = None;
         for _ in 0..attempts.max(1) {
             let (p, missing) = match tokio::task::spawn_blocking(move || {
-                let m = partial.missing();
+                let m = partial.missing_known();
                 (partial, m)
             })
             .await
