@@ -352,6 +352,11 @@ impl Node {
     /// removes `api.json`.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         self.cancel.cancel();
+        self.inner
+            .transfers
+            .jobs
+            .stop(Duration::from_secs(10))
+            .await;
         self.data_plane.close();
         self.tracker.close();
         if tokio::time::timeout(Duration::from_secs(10), self.tracker.wait())

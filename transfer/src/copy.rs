@@ -241,6 +241,8 @@ struct Inner {
     live: Mutex<HashMap<String, Arc<Live>>>,
     /// How long a source may stay unreachable before a job gives up on it.
     patience: Duration,
+    /// Set when the node stops: running jobs end without a verdict, to resume at the next start.
+    stopping: AtomicBool,
 }
 
 impl Jobs {
@@ -286,6 +288,7 @@ impl Jobs {
                 jobs: Mutex::new(jobs),
                 live: Mutex::new(HashMap::new()),
                 patience,
+                stopping: AtomicBool::new(false),
             }),
         };
         for id in active {
@@ -333,6 +336,24 @@ impl Jobs {
         self.lock_jobs().insert(id.to_owned(), job.clone());
         self.launch(id);
         Ok(job)
+    }
+
+    /// Stops every running job without ending it (each stays active in the store and resumes
+    /// at the next start; part files are kept), and waits up to `within` for them to let go.
+    pub async fn stop(&self, within: Duration) {
+        self.inner.stopping.store(true, Ordering::SeqCst);
+        for live in self.lock_live().values() {
+            live.cancel.store(true, Ordering::SeqCst);
+            live.wake.notify_waiters();
+        }
+        let deadline = Instant::now() + within;
+        while !self.lock_live().is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn stopping(&self) -> bool {
+        self.inner.stopping.load(Ordering::SeqCst)
     }
 
     /// A job, with its live counters.
@@ -420,6 +441,9 @@ impl Jobs {
     }
 
     fn launch(&self, id: &str) {
+        if self.stopping() {
+            return;
+        }
         let Some(mut job) = self.lock_jobs().get(id).cloned() else {
             return;
         };
@@ -454,6 +478,11 @@ impl Jobs {
             };
             let outcome = this.run(&job, &live).await;
             saver.abort();
+            if this.stopping() {
+                // Left active in the store: it resumes when the node starts again.
+                this.lock_live().remove(&job.id);
+                return;
+            }
             let mut done = this.snapshot(
                 this.lock_jobs()
                     .get(&job.id)
@@ -899,6 +928,9 @@ impl Jobs {
             let mut wait = Duration::from_millis(200);
             loop {
                 if live.cancel.load(Ordering::SeqCst) {
+                    if self.stopping() {
+                        return Err("the node is stopping".into());
+                    }
                     let dst = dst.clone();
                     let _ = blocking(move || {
                         dst.remove_part(&dir, &part);
@@ -912,6 +944,9 @@ impl Jobs {
                 let fetched = tokio::select! {
                     r = remote.fetch_file(endpoint, from, token, partial, CORRUPT_ROUNDS, live.received.clone()) => r,
                     () = cancelled(live) => {
+                        if self.stopping() {
+                            return Err("the node is stopping".into());
+                        }
                         let dst = dst.clone();
                         let _ = blocking(move || {
                             dst.remove_part(&dir, &part);

@@ -294,6 +294,19 @@ impl DataPlane {
     pub fn close(&self) {
         self.endpoint
             .close(quinn::VarInt::from_u32(0), b"node stopping");
+        // The hooks hold the node's jobs and through them its store; the jobs hold this plane.
+        *self
+            .roots
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        *self
+            .desk
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        self.conns
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
     }
 
     /// How many connections completed the handshake on this node's server side.
