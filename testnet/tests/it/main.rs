@@ -7,3 +7,4 @@ mod membership;
 mod refusals;
 mod registry;
 mod tasks;
+mod transfer;
