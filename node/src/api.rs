@@ -896,28 +896,41 @@ async fn get_blob(
                 ),
             ));
         };
-        let peer: PeerIdText = from
-            .parse()
+        // One member or several (comma-separated): the blob is split among them.
+        let peers = from
+            .split(',')
+            .map(|p| p.trim().parse::<PeerIdText>().map(|p| p.0))
+            .collect::<Result<Vec<_>, _>>()
             .map_err(|e| ApiError(StatusCode::BAD_REQUEST, format!("?from: {e}")))?;
-        let addr = inner
+        let wanted: Vec<String> = peers.iter().map(ToString::to_string).collect();
+        let addrs = inner
             .mesh
             .registry_with(move |view| {
-                view.nodes
-                    .values()
-                    .find(|n| n.peer_id == peer.0.to_string())
-                    .and_then(|n| n.data_addr.clone())
+                wanted
+                    .iter()
+                    .map(|p| {
+                        view.nodes
+                            .get(p)
+                            .and_then(|n| n.data_addr.clone())
+                            .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+                    })
+                    .collect::<Vec<_>>()
             })
             .await
-            .map_err(unavailable)?
-            .and_then(|a| a.parse().ok())
-            .ok_or_else(|| {
-                ApiError(
-                    StatusCode::NOT_FOUND,
-                    format!("no data-plane address for node {from} in the registry"),
-                )
-            })?;
+            .map_err(unavailable)?;
+        let sources: Vec<_> = peers
+            .into_iter()
+            .zip(addrs)
+            .filter_map(|(p, a)| a.map(|a| (p, a)))
+            .collect();
+        if sources.is_empty() {
+            return Err(ApiError(
+                StatusCode::NOT_FOUND,
+                format!("no data-plane address for {from} in the registry"),
+            ));
+        }
         t.plane
-            .fetch(peer.0, addr, hash, 8)
+            .fetch_many(&sources, hash, 8)
             .await
             .map_err(|e| ApiError(StatusCode::BAD_GATEWAY, e.to_string()))?;
     }

@@ -272,6 +272,37 @@ impl BlobStore {
         self.receive_known(hash, size, ranges, None, encoded)
     }
 
+    /// Receives part of a blob into its partial blob without completing it: for several
+    /// sources writing disjoint ranges at once. [`BlobStore::finish`] completes it.
+    pub fn receive_part(
+        &self,
+        hash: &Hash,
+        size: u64,
+        ranges: &ChunkRanges,
+        encoded: impl Read,
+    ) -> Result<u64, Error> {
+        if self.size(hash).is_some() {
+            return Ok(0);
+        }
+        self.open_partial(hash, size)?.receive(ranges, encoded)
+    }
+
+    /// Completes a partial blob if nothing is missing (hashing what it holds); returns what is
+    /// still missing.
+    pub fn finish(&self, hash: &Hash, size: u64) -> Result<ChunkRanges, Error> {
+        if self.size(hash).is_some() {
+            return Ok(ChunkRanges::empty());
+        }
+        let missing = self.open_partial(hash, size)?.missing()?;
+        if missing.is_empty() {
+            let (data_path, obao_path) = self.partial(hash);
+            let (complete_data, complete_obao) = self.complete(hash);
+            std::fs::rename(&obao_path, complete_obao)?;
+            std::fs::rename(&data_path, complete_data)?;
+        }
+        Ok(missing)
+    }
+
     /// [`BlobStore::receive`] when the caller knows what the partial blob is missing (it just
     /// asked [`BlobStore::missing`]): completeness is then known without hashing the blob again.
     pub fn receive_known(

@@ -71,6 +71,34 @@ fn transport() -> Arc<quinn::TransportConfig> {
     Arc::new(t)
 }
 
+/// Splits `set` into at most `n` parts of about equal size, on chunk-group boundaries.
+fn split(set: &bao_tree::ChunkRanges, size: u64, n: usize) -> Vec<bao_tree::ChunkRanges> {
+    use bao_tree::{ChunkNum, ChunkRanges};
+    let group = 1u64 << crate::blob::BLOCK_SIZE.chunk_log();
+    let spans = ranges_of(set, size);
+    let total: u64 = spans.iter().map(|(a, b)| b - a).sum();
+    let per = total.div_ceil(n.max(1) as u64).div_ceil(group).max(1) * group;
+    let mut parts = Vec::new();
+    let mut cur = ChunkRanges::empty();
+    let mut room = per;
+    for (mut a, b) in spans {
+        while a < b {
+            let take = (b - a).min(room);
+            cur |= ChunkRanges::from(ChunkNum(a)..ChunkNum(a + take));
+            a += take;
+            room -= take;
+            if room == 0 {
+                parts.push(std::mem::replace(&mut cur, ChunkRanges::empty()));
+                room = per;
+            }
+        }
+    }
+    if !cur.is_empty() {
+        parts.push(cur);
+    }
+    parts
+}
+
 /// The server's check of a client's certificate: a valid libp2p certificate (self-signed,
 /// carrying the peer's identity key and its signature) of a peer `admit` accepts. Anyone else
 /// fails the TLS handshake itself.
@@ -362,6 +390,126 @@ impl DataPlane {
             .connect_with(client, addr, "l")
             .map_err(|e| fail(e.to_string()))?;
         connecting.await.map_err(|e| fail(e.to_string()))
+    }
+
+    /// Fetches blob `hash` from several members that hold it at once: the missing chunk groups
+    /// are split among the sources that answer, each part on its own stream; a part whose
+    /// source fails goes to the next source (up to `attempts` rounds). Returns the blob's size
+    /// and the bytes of data received.
+    pub async fn fetch_many(
+        &self,
+        sources: &[(PeerId, SocketAddr)],
+        hash: Hash,
+        attempts: usize,
+    ) -> Result<(u64, u64), Error> {
+        // Who holds it, and its size (sources that disagree on the size are left out).
+        let mut live = Vec::new();
+        let mut size = None;
+        let mut last_err = None;
+        for &(peer, addr) in sources {
+            let stat = async {
+                let conn = self.connect(peer, addr).await?;
+                ask(
+                    &conn,
+                    &Request::Stat {
+                        v: VERSION,
+                        hash: hash.to_string(),
+                    },
+                )
+                .await
+            };
+            match stat.await {
+                Ok((Response::Found { size: s }, _)) if size.is_none_or(|z| z == s) => {
+                    size = Some(s);
+                    live.push((peer, addr));
+                }
+                Ok((Response::Refused { reason }, _)) => {
+                    last_err = Some(Error::Refused { peer, reason })
+                }
+                Ok((other, _)) => {
+                    last_err = Some(Error::Protocol(format!(
+                        "{peer} answered {other:?} to a blob request"
+                    )))
+                }
+                Err(e) => last_err = Some(e),
+            }
+        }
+        let Some(size) = size else {
+            return Err(last_err.unwrap_or_else(|| Error::Setup("no source to fetch from".into())));
+        };
+        let mut received = 0u64;
+        for round in 0..attempts.max(1) {
+            let store = self.store.clone();
+            let missing = tokio::task::spawn_blocking(move || store.finish(&hash, size))
+                .await
+                .map_err(|e| Error::Protocol(e.to_string()))??;
+            if missing.is_empty() {
+                return Ok((size, received));
+            }
+            if live.is_empty() {
+                break;
+            }
+            let parts = split(&missing, size, live.len());
+            let fetches = parts.into_iter().enumerate().map(|(i, part)| {
+                // Each round shifts the assignment, so that a part whose source failed goes
+                // to another one.
+                let (peer, addr) = live[(i + round) % live.len()];
+                let store = self.store.clone();
+                async move {
+                    let conn = self.connect(peer, addr).await?;
+                    let ranges = ranges_of(&part, size);
+                    let (head, recv) = ask(
+                        &conn,
+                        &Request::Get {
+                            v: VERSION,
+                            hash: hash.to_string(),
+                            ranges,
+                        },
+                    )
+                    .await?;
+                    match head {
+                        Response::Found { size: s } if s == size => {}
+                        Response::Refused { reason } => {
+                            return Err(Error::Refused { peer, reason });
+                        }
+                        other => {
+                            return Err(Error::Protocol(format!(
+                                "{peer} answered {other:?} to a blob request"
+                            )));
+                        }
+                    }
+                    let (reader, pump) = bridge::reader(recv);
+                    let got = tokio::task::spawn_blocking(move || {
+                        store.receive_part(&hash, size, &part, reader)
+                    })
+                    .await
+                    .map_err(|e| Error::Protocol(e.to_string()));
+                    pump.abort();
+                    Ok::<u64, Error>(got??)
+                }
+            });
+            for outcome in futures::future::join_all(fetches).await {
+                match outcome {
+                    Ok(n) => received += n,
+                    Err(e) => {
+                        tracing::debug!(%hash, error = %e, "one source of a blob failed");
+                        last_err = Some(e);
+                    }
+                }
+            }
+        }
+        let store = self.store.clone();
+        let missing = tokio::task::spawn_blocking(move || store.finish(&hash, size))
+            .await
+            .map_err(|e| Error::Protocol(e.to_string()))??;
+        if missing.is_empty() {
+            return Ok((size, received));
+        }
+        Err(last_err.unwrap_or_else(|| {
+            Error::Protocol(format!(
+                "blob {hash} still incomplete after {attempts} rounds"
+            ))
+        }))
     }
 
     /// Fetches blob `hash` from `peer` at `addr` into this node's store, asking only for what

@@ -28,7 +28,7 @@ pub enum TransferCommand {
         /// Where to write it (default: the hash, in the current directory).
         #[arg(long)]
         out: Option<PathBuf>,
-        /// A member that holds it (peer id).
+        /// Members that hold it (peer ids, comma-separated): fetched from all of them at once.
         #[arg(long)]
         from: Option<String>,
         /// The node.

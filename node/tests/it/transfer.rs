@@ -183,23 +183,29 @@ fn a_path_limited_grant_lets_another_institution_copy_that_path_and_nothing_else
     let (success, out) = out_of(&["transfer", "mkdir", "a1:shared/new", "--node", p(&b1)]);
     assert!(!success, "{out}");
     assert!(!shared.join("new").exists());
-    // A blob larger than the API's body limit: put on a1, fetched verified by b1 from a1.
+    // A blob larger than the API's body limit: put on a1 and a2, fetched verified by b1 from both.
     let blob: Vec<u8> = (0..40_000_000u32).map(|i| (i % 253) as u8).collect();
     std::fs::write(net.dir.join("blob.in"), &blob).unwrap();
-    let hash = ok(&[
-        "transfer",
-        "put",
-        p(&net.dir.join("blob.in")),
-        "--node",
-        p(&a1),
-    ]);
+    let put = |node: &Path| {
+        ok(&[
+            "transfer",
+            "put",
+            p(&net.dir.join("blob.in")),
+            "--node",
+            p(node),
+        ])
+    };
+    let hash = put(&a1);
+    assert_eq!(hash, put(&net.node("a2")));
     let out = net.dir.join("blob.out");
+    // From both holders at once.
+    let from = format!("{},{}", net.peer("a1"), net.peer("a2"));
     ok(&[
         "transfer",
         "get",
         hash.trim(),
         "--from",
-        &net.peer("a1"),
+        &from,
         "--out",
         p(&out),
         "--node",

@@ -249,3 +249,44 @@ proptest::proptest! {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_blob_comes_from_several_members_at_once_and_a_bad_source_is_routed_around() {
+    let (a, b, c) = (node(true), node(true), node(true));
+    let bytes = random(6 << 20);
+    let (hash, size) = a.store.import(&bytes[..]).unwrap();
+    b.store.import(&bytes[..]).unwrap();
+    let src = |n: &Node| (n.key.public().to_peer_id(), n.plane.local_addr().unwrap());
+    let (got, received) = c
+        .plane
+        .fetch_many(&[src(&a), src(&b)], hash, 3)
+        .await
+        .unwrap();
+    assert_eq!((got, received), (size, size));
+    // Both sources were asked (one connection each), and the blob verifies.
+    assert_eq!((a.plane.established(), b.plane.established()), (1, 1));
+    assert_eq!(std::fs::read(c.store.path(&hash).unwrap()).unwrap(), bytes);
+
+    // A source that corrupts what it sends, and one that does not hold the blob: the corrupt
+    // part is asked again of the other source; the blob still arrives whole.
+    let (d, empty) = (node(true), node(true));
+    a.plane.corrupt_next_sends(1);
+    let (got, received) = d
+        .plane
+        .fetch_many(&[src(&empty), src(&a), src(&b)], hash, 4)
+        .await
+        .unwrap();
+    assert_eq!(got, size);
+    assert!(received < 2 * size, "{received}");
+    assert_eq!(
+        Hash::of(&std::fs::read(d.store.path(&hash).unwrap()).unwrap()),
+        hash
+    );
+    // Nobody holds it: the refusal says so.
+    let err = d
+        .plane
+        .fetch_many(&[src(&empty)], Hash::of(b"nobody has this"), 2)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("does not hold"), "{err}");
+}
