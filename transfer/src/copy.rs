@@ -448,6 +448,10 @@ impl Jobs {
             return;
         };
         job.runs += 1;
+        if let Err(e) = self.save(&job) {
+            tracing::warn!(job = %job.id, error = %e, "cannot store a transfer's start");
+        }
+        self.lock_jobs().insert(job.id.clone(), job.clone());
         let live = Arc::new(Live {
             cancel: AtomicBool::new(false),
             wake: tokio::sync::Notify::new(),

@@ -268,3 +268,69 @@ fn a_copy_resumes_after_its_source_is_killed_half_way_and_sends_little_twice() {
         "{twice} of {size} bytes sent twice: {j}"
     );
 }
+
+#[test]
+fn a_copy_resumes_after_its_destination_is_killed_half_way() {
+    let net = Net::up("1", "2", &[]);
+    let (a1, a2) = (net.node("a1"), net.node("a2"));
+    let size: usize = 160 << 20;
+    let body: Vec<u8> = (0..size)
+        .map(|i| (i as u64).wrapping_mul(0x9E37_79B9) as u8 ^ (i >> 11) as u8)
+        .collect();
+    std::fs::write(a1.join("data/big"), &body).unwrap();
+    net.wait_endpoints(&a2, 2);
+    ok(&[
+        "transfer",
+        "copy",
+        "a1:big",
+        "a2:big",
+        "--id",
+        "dst-1",
+        "--no-wait",
+        "--node",
+        p(&a2),
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let j = job(&a2, "dst-1");
+        assert_eq!(
+            j["state"], "active",
+            "finished before it could be interrupted: {j}"
+        );
+        if j["progress"]["bytes_received"].as_u64().unwrap() >= size as u64 / 2 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no progress: {j}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The node running the copy dies; its part file and the job's record stay on disk.
+    net.kill("a2");
+    let parts: Vec<_> = std::fs::read_dir(a2.join("data"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        parts.iter().any(|n| n.starts_with(".funcmesh-part.")),
+        "{parts:?}"
+    );
+    net.restart("a2");
+    wait_until(
+        "the copy finishes after the restart",
+        Duration::from_secs(180),
+        || job(&a2, "dst-1")["state"] != "active",
+    );
+    let j = job(&a2, "dst-1");
+    assert_eq!(j["state"], "succeeded", "{j}");
+    // Started once, resumed once.
+    assert_eq!(j["runs"], 2, "{j}");
+    assert!(
+        std::fs::read(a2.join("data/big")).unwrap() == body,
+        "the copy differs"
+    );
+    let left: Vec<_> = std::fs::read_dir(a2.join("data"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".funcmesh-part."))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
