@@ -385,6 +385,11 @@ impl BlobStore {
     }
 }
 
+/// The size of the outboard of a blob of `size` bytes (0 for one chunk group).
+pub fn outboard_size(size: u64) -> u64 {
+    BaoTree::new(size, BLOCK_SIZE).outboard_size()
+}
+
 fn all_chunks(size: u64) -> ChunkRanges {
     ChunkRanges::from(ChunkNum(0)..BaoTree::new(size, BLOCK_SIZE).chunks())
 }
@@ -476,8 +481,8 @@ impl Partial {
                 }
             }
         }
-        self.data.sync_data()?;
-        self.outboard.sync()?;
+        // No fsync here: whatever a crash loses is found missing by the rehash on resume and
+        // asked for again, and a file is synced once, when it is put in place.
         match &outcome {
             // Every group asked for verified and is written.
             Ok(()) => self.known = self.known.take().map(|m| &m - &ranges),

@@ -843,6 +843,11 @@ impl Jobs {
             .await?;
             lock(&live.progress).deleted = deleted;
         }
+        // Everything in place reaches the disk before the job counts as done.
+        {
+            let dst = dst.clone();
+            blocking(move || dst.sync().map_err(|e| e.to_string())).await?;
+        }
         errors.truncate(MAX_ERRORS);
         Ok(RunOutcome { errors, tree_hash })
     }
@@ -911,12 +916,18 @@ impl Jobs {
             let obao_path = obao_path.clone();
             blocking(move || {
                 let (file, dir, part) = dst.part_file(&to, &tag).map_err(|e| e.to_string())?;
+                // A file of one chunk group has an empty outboard: no file for it (creating
+                // and removing one per small file cost more than the file itself).
                 let obao = std::fs::OpenOptions::new()
                     .create(true)
                     .truncate(false)
                     .read(true)
                     .write(true)
-                    .open(&obao_path)
+                    .open(if crate::blob::outboard_size(size) == 0 {
+                        std::path::Path::new("/dev/null")
+                    } else {
+                        obao_path.as_path()
+                    })
                     .map_err(|e| format!("{}: {e}", obao_path.display()))?;
                 let partial = Partial::open(hash, size, file, obao).map_err(|e| e.to_string())?;
                 Ok((partial, dir, part))
