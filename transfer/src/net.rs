@@ -704,6 +704,24 @@ impl Remote {
         }
     }
 
+    /// Sends `request` and takes the answer `pick` accepts; anything else is a protocol error.
+    async fn answer<T>(
+        &self,
+        request: &Request,
+        pick: impl FnOnce(Response) -> Result<T, Response>,
+    ) -> Result<T, Error> {
+        let (response, _) = self.call(request).await?;
+        pick(response).map_err(|other| unexpected(self.peer, &other))
+    }
+
+    async fn done(&self, request: &Request) -> Result<(), Error> {
+        self.answer(request, |a| match a {
+            Response::Done => Ok(()),
+            other => Err(other),
+        })
+        .await
+    }
+
     /// The entries of a directory.
     pub async fn list(
         &self,
@@ -717,10 +735,11 @@ impl Remote {
             path: path.into(),
             token,
         };
-        match self.call(&r).await?.0 {
+        self.answer(&r, |a| match a {
             Response::Entries { entries } => Ok(entries),
-            other => Err(unexpected(self.peer, &other)),
-        }
+            other => Err(other),
+        })
+        .await
     }
 
     /// Every entry below a directory.
@@ -736,10 +755,11 @@ impl Remote {
             path: path.into(),
             token,
         };
-        match self.call(&r).await?.0 {
+        self.answer(&r, |a| match a {
             Response::Entries { entries } => Ok(entries),
-            other => Err(unexpected(self.peer, &other)),
-        }
+            other => Err(other),
+        })
+        .await
     }
 
     /// One path's metadata.
@@ -755,10 +775,11 @@ impl Remote {
             path: path.into(),
             token,
         };
-        match self.call(&r).await?.0 {
+        self.answer(&r, |a| match a {
             Response::Entry { entry } => Ok(entry),
-            other => Err(unexpected(self.peer, &other)),
-        }
+            other => Err(other),
+        })
+        .await
     }
 
     /// Makes a directory.
@@ -776,10 +797,7 @@ impl Remote {
             parents,
             token,
         };
-        match self.call(&r).await?.0 {
-            Response::Done => Ok(()),
-            other => Err(unexpected(self.peer, &other)),
-        }
+        self.done(&r).await
     }
 
     /// Removes a path.
@@ -797,10 +815,7 @@ impl Remote {
             recursive,
             token,
         };
-        match self.call(&r).await?.0 {
-            Response::Done => Ok(()),
-            other => Err(unexpected(self.peer, &other)),
-        }
+        self.done(&r).await
     }
 
     /// The hashes of files (any number: asked [`MAX_PATHS`] at a time).
@@ -841,10 +856,11 @@ impl Remote {
             write_token,
             read_token,
         };
-        match self.call(&r).await?.0 {
+        self.answer(&r, |a| match a {
             Response::Job { job } => Ok(job),
-            other => Err(unexpected(self.peer, &other)),
-        }
+            other => Err(other),
+        })
+        .await
     }
 
     /// A copy this node asked the peer to run.
@@ -860,10 +876,11 @@ impl Remote {
                 id: id.into(),
             }
         };
-        match self.call(&r).await?.0 {
+        self.answer(&r, |a| match a {
             Response::Job { job } => Ok(job),
-            other => Err(unexpected(self.peer, &other)),
-        }
+            other => Err(other),
+        })
+        .await
     }
 
     /// Receives into `partial` what it is missing of the file `path` (which must still have

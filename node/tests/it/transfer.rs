@@ -3,7 +3,7 @@
 //! a copy survives a `kill -9` of its source.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::cli::{Net, funcmesh, ok, p, wait_until};
 
@@ -220,39 +220,11 @@ fn a_path_limited_grant_lets_another_institution_copy_that_path_and_nothing_else
 #[test]
 fn a_copy_resumes_after_its_source_is_killed_half_way_and_sends_little_twice() {
     let net = Net::up("1", "2", &[]);
-    let (a1, a2) = (net.node("a1"), net.node("a2"));
-    let size: usize = 160 << 20;
-    let body: Vec<u8> = (0..size)
-        .map(|i| (i as u64).wrapping_mul(2_654_435_761) as u8 ^ (i >> 13) as u8)
-        .collect();
-    std::fs::write(a1.join("data/big"), &body).unwrap();
-    net.wait_endpoints(&a2, 2);
-    ok(&[
-        "transfer",
-        "copy",
-        "a1:big",
-        "a2:big",
-        "--id",
-        "big-1",
-        "--no-wait",
-        "--node",
-        p(&a2),
-    ]);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let j = job(&a2, "big-1");
-        assert_eq!(
-            j["state"], "active",
-            "finished before it could be interrupted: {j}"
-        );
-        if j["progress"]["bytes_received"].as_u64().unwrap() >= size as u64 / 2 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no progress: {j}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let a2 = net.node("a2");
+    let body = copy_half_way(&net, "big-1");
+    let size = body.len();
     net.kill("a1");
-    std::thread::sleep(Duration::from_millis(500));
+    // Losing its source does not end the job: it waits for it.
     assert_eq!(job(&a2, "big-1")["state"], "active");
     net.restart("a1");
     wait_until("the copy finishes", Duration::from_secs(180), || {
@@ -272,37 +244,8 @@ fn a_copy_resumes_after_its_source_is_killed_half_way_and_sends_little_twice() {
 #[test]
 fn a_copy_resumes_after_its_destination_is_killed_half_way() {
     let net = Net::up("1", "2", &[]);
-    let (a1, a2) = (net.node("a1"), net.node("a2"));
-    let size: usize = 160 << 20;
-    let body: Vec<u8> = (0..size)
-        .map(|i| (i as u64).wrapping_mul(0x9E37_79B9) as u8 ^ (i >> 11) as u8)
-        .collect();
-    std::fs::write(a1.join("data/big"), &body).unwrap();
-    net.wait_endpoints(&a2, 2);
-    ok(&[
-        "transfer",
-        "copy",
-        "a1:big",
-        "a2:big",
-        "--id",
-        "dst-1",
-        "--no-wait",
-        "--node",
-        p(&a2),
-    ]);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let j = job(&a2, "dst-1");
-        assert_eq!(
-            j["state"], "active",
-            "finished before it could be interrupted: {j}"
-        );
-        if j["progress"]["bytes_received"].as_u64().unwrap() >= size as u64 / 2 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "no progress: {j}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let a2 = net.node("a2");
+    let body = copy_half_way(&net, "dst-1");
     // The node running the copy dies; its part file and the job's record stay on disk.
     net.kill("a2");
     let parts: Vec<_> = std::fs::read_dir(a2.join("data"))
@@ -333,4 +276,36 @@ fn a_copy_resumes_after_its_destination_is_killed_half_way() {
         .filter(|n| n.starts_with(".funcmesh-part."))
         .collect();
     assert!(left.is_empty(), "{left:?}");
+}
+
+/// Writes a 160 MiB file into a1's data root, starts copying it to a2 as job `id`, and returns
+/// its bytes once half of them have arrived (the job still active).
+fn copy_half_way(net: &Net, id: &str) -> Vec<u8> {
+    let (a1, a2) = (net.node("a1"), net.node("a2"));
+    let size: usize = 160 << 20;
+    let body: Vec<u8> = (0..size)
+        .map(|i| (i as u64).wrapping_mul(2_654_435_761) as u8 ^ (i >> 13) as u8)
+        .collect();
+    std::fs::write(a1.join("data/big"), &body).unwrap();
+    net.wait_endpoints(&a2, 2);
+    ok(&[
+        "transfer",
+        "copy",
+        "a1:big",
+        "a2:big",
+        "--id",
+        id,
+        "--no-wait",
+        "--node",
+        p(&a2),
+    ]);
+    wait_until("half of the file arrived", Duration::from_secs(120), || {
+        let j = job(&a2, id);
+        assert_eq!(
+            j["state"], "active",
+            "finished before it could be interrupted: {j}"
+        );
+        j["progress"]["bytes_received"].as_u64().unwrap() >= size as u64 / 2
+    });
+    body
 }
