@@ -76,7 +76,9 @@ pub struct EndpointConfig {
     /// Memory limit per task, MiB of address space beyond the worker's own, hard (default
     /// 4096; 0: none).
     pub task_memory_mb: u64,
-    /// Largest result, bytes, as JSON.
+    /// Largest result, bytes, as JSON (default 10 GiB). Results over the node's inline limit go
+    /// by reference, as blobs; on a node without blobs, results go inline, and at most
+    /// [`crate::task::MAX_ARGUMENTS_BYTES`].
     pub result_limit: u64,
     /// Cap on captured shell output, characters per stream.
     pub output_cap: u64,
@@ -127,7 +129,7 @@ impl Default for EndpointConfig {
             task_timeout: Duration::from_secs(3600),
             max_task_timeout: Duration::from_secs(24 * 3600),
             task_memory_mb: 4096,
-            result_limit: 10 << 20,
+            result_limit: 10 << 30,
             output_cap: 64 << 10,
             retention: Duration::from_secs(7 * 24 * 3600),
             batch_max: 64,
@@ -144,6 +146,9 @@ impl Default for EndpointConfig {
         }
     }
 }
+
+/// The largest `result_limit` an endpoint may set.
+pub const MAX_RESULT_LIMIT: u64 = 1 << 40;
 
 impl EndpointConfig {
     /// Whether host workers run isolated on this machine: `host_user = "auto"` and the node
@@ -209,12 +214,11 @@ impl EndpointConfig {
         if self.max_queued == 0 {
             return Err(format!("{at}: max_queued must be at least 1"));
         }
-        // A result travels in one task-protocol message, beside the rest of its record.
-        let most = crate::task::MAX_ARGUMENTS_BYTES as u64;
+        // Results over the node's inline limit go by reference, as blobs: up to this.
+        let most = MAX_RESULT_LIMIT;
         if self.result_limit > most {
             return Err(format!(
-                "{at}: result_limit is {} bytes; results go in one message, so it may be at \
-                 most {most} (larger values go by reference)",
+                "{at}: result_limit is {} bytes; it may be at most {most} (1 TiB)",
                 self.result_limit
             ));
         }
@@ -267,10 +271,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_result_limit_past_one_message_is_refused_with_the_most_allowed() {
+    fn a_result_limit_past_a_tebibyte_is_refused_with_the_most_allowed() {
         let ok = EndpointConfig {
             name: "ep".into(),
-            result_limit: crate::task::MAX_ARGUMENTS_BYTES as u64,
+            result_limit: MAX_RESULT_LIMIT,
             ..EndpointConfig::default()
         };
         assert_eq!(ok.validate(), Ok(()));
@@ -280,7 +284,7 @@ mod tests {
         };
         let err = too_big.validate().unwrap_err();
         assert!(
-            err.contains("result_limit") && err.contains("16777216"),
+            err.contains("result_limit") && err.contains(&MAX_RESULT_LIMIT.to_string()),
             "{err}"
         );
     }

@@ -104,6 +104,7 @@ impl Endpoint {
     /// labels. Finished tasks arrive on the returned receiver.
     pub async fn start(
         config: EndpointConfig,
+        values: Option<crate::blobs::Values>,
         store: store::Store,
         work_dir: &Path,
         label: &str,
@@ -190,6 +191,8 @@ impl Endpoint {
             verified: HashMap::new(),
             stored_functions: crate::task::stored::StoredFunctions::for_endpoint(&config.name),
             outbox_cursor: Vec::new(),
+            values,
+            fetching: HashMap::new(),
         };
         driver.recover().await?;
         tracker.spawn(driver.run(rx, reports_rx, cancel));
@@ -402,6 +405,8 @@ struct Pending {
 struct Live {
     sub: Submission,
     rec: Record,
+    /// Its arguments, fetched (the submission has them by reference).
+    inputs: Option<Box<crate::blobs::Arguments>>,
 }
 
 struct WorkerHandle {
@@ -450,6 +455,10 @@ struct Driver {
     /// through the outbox, so that one submitter's many unacknowledged results (a submitter
     /// that is away) cannot keep the others' from being sent again.
     outbox_cursor: Vec<u8>,
+    /// How this node passes large values (`None`: all inline).
+    values: Option<crate::blobs::Values>,
+    /// Tasks whose arguments are being fetched, with their place in the queue once they are.
+    fetching: HashMap<TaskId, Queued>,
 }
 
 /// How many checked functions the endpoint remembers.
@@ -618,6 +627,7 @@ impl Driver {
                     Live {
                         sub,
                         rec: rec.clone(),
+                        inputs: None,
                     },
                 );
                 self.finish_record(
@@ -632,8 +642,7 @@ impl Driver {
                 // The submitter's institution is not stored: after a restart its tasks form a
                 // lane of their own (still never sharing a worker with another institution).
                 let q = self.queued(&sub, &env, &format!("peer:{}", rec.submitter));
-                self.live.insert(rec.id.clone(), Live { sub, rec });
-                self.pool.submit(q, now);
+                self.admit(sub, rec, q, now);
             }
         }
         if !dropped.is_empty() {
@@ -724,6 +733,63 @@ impl Driver {
         }
     }
 
+    /// Takes on a stored task: into the queue, or, when its arguments come by reference, first
+    /// to fetch them from its submitter (it fails with the reason if they cannot be fetched).
+    fn admit(&mut self, sub: Submission, rec: Record, q: Queued, now: Instant) {
+        let id = sub.id.clone();
+        let wanted = sub.args_ref.clone().zip(self.values.clone());
+        let submitter = rec.submitter.clone();
+        self.live.insert(
+            id.clone(),
+            Live {
+                sub,
+                rec,
+                inputs: None,
+            },
+        );
+        let Some((value, values)) = wanted else {
+            self.pool.submit(q, now);
+            return;
+        };
+        let Ok(from) = submitter.parse::<mesh::PeerId>() else {
+            self.finish(
+                &id,
+                Outcome::failed(
+                    FailureKind::InputUnavailable,
+                    format!("the task's submitter {submitter:?} is not a peer id to fetch its arguments from"),
+                ),
+            );
+            return;
+        };
+        self.fetching.insert(id.clone(), q);
+        let reports = self.reports_tx.clone();
+        self.tracker.spawn(async move {
+            let got = crate::blobs::fetch_arguments(values.blobs, value, from).await;
+            let _ = reports.send(Report::Inputs(id, got.map(Box::new))).await;
+        });
+    }
+
+    /// A task's arguments arrived, or could not be fetched.
+    fn on_inputs(
+        &mut self,
+        id: TaskId,
+        got: Result<Box<crate::blobs::Arguments>, String>,
+        now: Instant,
+    ) {
+        let Some(q) = self.fetching.remove(&id) else {
+            return; // cancelled meanwhile
+        };
+        match got {
+            Ok(inputs) => {
+                if let Some(l) = self.live.get_mut(&id) {
+                    l.inputs = Some(inputs);
+                    self.pool.submit(q, now);
+                }
+            }
+            Err(e) => self.finish(&id, Outcome::failed(FailureKind::InputUnavailable, e)),
+        }
+    }
+
     fn queued(&self, sub: &Submission, env: &Environment, tenant: &str) -> Queued {
         let timeout = if sub.timeout_ms > 0 {
             Duration::from_millis(sub.timeout_ms)
@@ -738,7 +804,7 @@ impl Driver {
             id: sub.id.clone(),
             env: env.clone(),
             tenant: tenant.to_owned(),
-            bytes: sub.arguments_size_bound() as u64,
+            bytes: sub.arguments_size_bound() as u64 + sub.args_ref.as_ref().map_or(0, |r| r.size),
             timeout,
             // Shell commands are timed out by the worker itself (exit 124); the pool steps in
             // only if that fails.
@@ -782,6 +848,22 @@ impl Driver {
                 self.config.name,
                 humantime::format_duration(most)
             ));
+        }
+        if let Some(r) = &sub.args_ref {
+            if self.values.is_none() {
+                return Err(format!(
+                    "endpoint `{}` takes no arguments by reference (its node keeps no blobs): \
+                     send them inline",
+                    self.config.name
+                ));
+            }
+            if r.size > self.config.result_limit {
+                return Err(format!(
+                    "the arguments are {} bytes; endpoint `{}` takes values of at most {} bytes \
+                     (its result_limit)",
+                    r.size, self.config.name, self.config.result_limit
+                ));
+            }
         }
         let env = Environment::of(sub.function.container.as_ref())?;
         if !self
@@ -891,15 +973,23 @@ impl Driver {
                     let q = self.queued(&sub, &env, &tenant);
                     self.new_subs.push(sub.id.clone());
                     self.dirty.insert(sub.id.clone());
-                    self.live.insert(sub.id.clone(), Live { sub, rec });
-                    self.pool.submit(q, now);
+                    self.admit(sub, rec, q, now);
                 }
                 self.replies.push(Box::new(move |_| {
                     let _ = reply.send(answers);
                 }));
             }
             Cmd::Cancel { id, reply } => {
-                if self.live.contains_key(&id) {
+                if self.fetching.remove(&id).is_some() {
+                    self.finish(
+                        &id,
+                        Outcome::Cancelled {
+                            reason: "cancelled by the submitter".into(),
+                        },
+                    );
+                    let rec = self.finished.iter().find(|r| r.id == id).cloned();
+                    let _ = reply.send(rec);
+                } else if self.live.contains_key(&id) {
                     self.pool.cancel(&id, Instant::now());
                     self.replies.push(Box::new(move |d: &Driver| {
                         let rec = d.finished.iter().find(|r| r.id == id).cloned();
@@ -1051,6 +1141,7 @@ impl Driver {
                     self.on_result(w, r, now);
                 }
             }
+            Report::Inputs(id, got) => self.on_inputs(id, got, now),
             Report::Exited(w, reason) => {
                 self.workers.remove(&w);
                 tracing::debug!(endpoint = %self.config.name, worker = w, %reason, "worker gone");
@@ -1075,6 +1166,7 @@ impl Driver {
         let outcome = if r.ok {
             Outcome::Succeeded {
                 value: r.value.unwrap_or(serde_json::Value::Null),
+                value_ref: r.value_ref,
             }
         } else {
             let e = r.error.unwrap_or(protocol::WorkerError {
@@ -1241,7 +1333,9 @@ impl Driver {
                 .as_ref()
                 .map_or_else(|| self.work_dir.clone(), |(_, dir)| dir.clone()),
             run_as: scratch.as_ref().map(|(iso, _)| iso.uid(worker)),
-            frame_limit: (self.config.result_limit as usize + (1 << 20)).max(protocol::MAX_FRAME),
+            frame_limit: (self.inline_result_limit() as usize + (1 << 20)).max(protocol::MAX_FRAME),
+            values: self.values.clone(),
+            spill_limit: self.config.result_limit,
             kill: kill.clone(),
         };
         self.workers.insert(
@@ -1262,6 +1356,10 @@ impl Driver {
     }
 
     fn send(&mut self, worker: WorkerId, tasks: Vec<TaskId>, cold: bool) {
+        let (result_limit, inline_limit) = match &self.values {
+            Some(v) => (self.config.result_limit, v.inline_limit),
+            None => (self.inline_result_limit(), 0),
+        };
         let Some(w) = self.workers.get_mut(&worker) else {
             return;
         };
@@ -1281,16 +1379,26 @@ impl Driver {
             first.push(w.loaded.insert(l.sub.function_id.clone()));
         }
         let timeout_default = self.config.task_timeout.as_millis() as u64;
-        let items: Vec<WorkerTask<'_>> = tasks
+        let mut items: Vec<WorkerTask<'_>> = Vec::with_capacity(tasks.len());
+        // Tasks with fetched (large) arguments go in frames of their own, so that no frame
+        // carries more than one large value.
+        let mut large: Vec<WorkerTask<'_>> = Vec::new();
+        for (l, first) in tasks
             .iter()
             .zip(first)
-            .filter_map(|(id, first)| self.live.get(id).map(|l| (&l.sub, first)))
-            .map(|(sub, first)| WorkerTask {
+            .filter_map(|(id, first)| self.live.get(id).map(|l| (l, first)))
+        {
+            let sub = &l.sub;
+            let (args, kwargs) = match &l.inputs {
+                Some(i) => (&i.args, &i.kwargs),
+                None => (&sub.args, &sub.kwargs),
+            };
+            let item = WorkerTask {
                 id: sub.id.as_str(),
                 fid: &sub.function_id,
                 r#fn: first.then_some(&sub.function.spec),
-                args: &sub.args,
-                kwargs: &sub.kwargs,
+                args,
+                kwargs,
                 encoding: sub.encoding,
                 timeout_ms: if sub.timeout_ms > 0 {
                     sub.timeout_ms
@@ -1298,15 +1406,38 @@ impl Driver {
                     timeout_default
                 },
                 memory_mb: self.config.task_memory_mb,
-                result_limit: self.config.result_limit,
+                result_limit,
+                inline_limit,
                 output_cap: self.config.output_cap,
-            })
-            .collect();
-        let frame = protocol::encode(&ToWorker::Run { tasks: items });
-        if w.orders.try_send(frame).is_err() {
-            tracing::warn!(endpoint = %self.config.name, worker, "worker's queue is full; stopping it");
-            w.kill.cancel();
+            };
+            if l.inputs.is_some() {
+                large.push(item);
+            } else {
+                items.push(item);
+            }
         }
+        let mut frames = Vec::new();
+        if !items.is_empty() {
+            frames.push(protocol::encode(&ToWorker::Run { tasks: items }));
+        }
+        for item in large {
+            frames.push(protocol::encode(&ToWorker::Run { tasks: vec![item] }));
+        }
+        for frame in frames {
+            if w.orders.try_send(frame).is_err() {
+                tracing::warn!(endpoint = %self.config.name, worker, "worker's queue is full; stopping it");
+                w.kill.cancel();
+                break;
+            }
+        }
+    }
+
+    /// The largest result a worker may send inline: the endpoint's limit, within what one
+    /// task-protocol message carries.
+    fn inline_result_limit(&self) -> u64 {
+        self.config
+            .result_limit
+            .min(crate::task::MAX_ARGUMENTS_BYTES as u64)
     }
 
     /// Runs the pool's actions, stores this turn's changes, then answers and reports.

@@ -16,6 +16,7 @@
 //! ([`task::Record`]).
 //!
 pub mod access;
+pub mod blobs;
 pub mod config;
 mod endpoint;
 pub mod environment;
@@ -35,4 +36,4 @@ mod worker;
 pub use config::{EndpointConfig, Strategy};
 pub use endpoint::{Endpoint, Error, Results};
 pub use environment::{Environment, Runtime};
-pub use task::{FailureKind, Outcome, Record, Status, Submission, TaskError, TaskId};
+pub use task::{FailureKind, Outcome, Record, Status, Submission, TaskError, TaskId, ValueRef};

@@ -4,7 +4,9 @@
 //! first (`hello`, with its protocol version); the endpoint then sends batches of tasks (`run`),
 //! cancellations of tasks not yet started (`cancel`) and `exit`; the worker answers each task
 //! with one `result`, in the order it received them, and flushes results at least every
-//! millisecond while busy and at once when idle. `worker.py` is the Python side.
+//! millisecond while busy and at once when idle. A result larger than the task's
+//! `inline_limit` is spilled: its frame says `spill: N`, and the value's JSON follows as N raw
+//! bytes, which the endpoint streams into a blob. `worker.py` is the Python side.
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -56,6 +58,13 @@ pub struct WorkerResult {
     /// The worker exits after this result (it ran out of memory, or the function exited).
     #[serde(default)]
     pub recycle: bool,
+    /// The value is larger than the task's inline limit: its JSON, this many bytes, follows
+    /// this frame on the pipe, raw, and goes into a blob.
+    #[serde(default)]
+    pub spill: Option<u64>,
+    /// Where the endpoint stored a spilled value (set by the endpoint, never sent).
+    #[serde(skip)]
+    pub value_ref: Option<crate::task::ValueRef>,
 }
 
 /// A task's error as a worker reports it.
@@ -97,6 +106,8 @@ pub struct WorkerTask<'a> {
     pub memory_mb: u64,
     /// Result size limit, bytes (0: none).
     pub result_limit: u64,
+    /// Results whose JSON is larger than this are spilled (0: never; all go inline).
+    pub inline_limit: u64,
     /// Cap on captured shell output, characters per stream.
     pub output_cap: u64,
 }

@@ -38,6 +38,8 @@ pub struct Config {
     pub route_wait: Duration,
     /// Where both sides count what they do.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// How large values pass between this node and others (`None`: all inline).
+    pub values: Option<crate::blobs::Values>,
 }
 
 /// Why the task service did not start.
@@ -172,6 +174,7 @@ pub async fn start(
     for (section, policy) in &config.endpoints {
         let (ep, rx) = crate::Endpoint::start(
             section.clone(),
+            config.values.clone(),
             store.clone(),
             work_dir,
             &label,
@@ -216,6 +219,7 @@ pub async fn start(
             institution: own.institution.clone(),
             metrics: config.metrics.clone(),
             access: access.clone(),
+            values: config.values.clone(),
         },
         Arc::new(peers.clone()),
         cancel.child_token(),

@@ -206,11 +206,16 @@ fn run(functions: &mut HashMap<String, Function>, task: &Task) -> Value {
     let mut out = match outcome {
         Ok(value) => {
             let size = serde_json::to_string(&value).map_or(0, |s| s.len()) as u64;
-            if task.result_limit > 0 && size > task.result_limit {
+            // This worker sends every result inline: within one task message.
+            let limit = match task.result_limit {
+                0 => crate::task::MAX_ARGUMENTS_BYTES as u64,
+                l => l.min(crate::task::MAX_ARGUMENTS_BYTES as u64),
+            };
+            if size > limit {
                 json!({"ok": false, "error": error("ResultTooLarge", &format!(
-                    "the result is {size} bytes, over this endpoint's limit of {} bytes: return \
-                     less, or write large data to a file and return its path",
-                    task.result_limit
+                    "the command's output is {size} bytes, over the {limit} bytes a shell \
+                     function returns: write large output to a file in the endpoint's data \
+                     root, and return its path"
                 ))})
             } else {
                 json!({"ok": true, "value": value})

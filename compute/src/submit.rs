@@ -57,6 +57,10 @@ pub struct Config {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Access policies and the capability tokens this node holds.
     pub access: Arc<Access>,
+    /// How large values pass (`None`: all inline). Results by reference are fetched from the
+    /// endpoint's node as they arrive; the blobs of a task go with it at the end of its
+    /// retention.
+    pub values: Option<crate::blobs::Values>,
 }
 
 /// Dispatcher errors.
@@ -812,6 +816,20 @@ impl Actor {
                 }));
             }
             Cmd::Results(from, records, loads, reply) => {
+                if let Some(values) = &self.config.values {
+                    // Large results are fetched now, while their endpoint surely holds them.
+                    for value in records
+                        .iter()
+                        .filter_map(|r| r.outcome.as_ref()?.value_ref().cloned())
+                    {
+                        let blobs = values.blobs.clone();
+                        self.tracker.spawn(async move {
+                            if let Err(e) = blobs.fetch(&value, from).await {
+                                tracing::warn!(blob = %value.blake3, %from, error = %e, "cannot fetch a task's result; it is fetched again when asked for");
+                            }
+                        });
+                    }
+                }
                 self.machine.results(from, records, loads, Now::current());
                 replies.push(Box::new(move |_| {
                     let _ = reply.send(());
@@ -947,10 +965,11 @@ impl Actor {
     /// before it was made), which misses only ids of older versions, without their time.
     async fn sweep(&mut self, full: bool) {
         let horizon = now_us().saturating_sub(self.config.retention.as_micros() as u64);
-        let _ = self
+        let gone = self
             .store
             .blocking(move |s| {
                 let mut ops = Vec::new();
+                let mut values = Vec::new();
                 let rows = if full {
                     s.scan(store::cf::SUBMITTED)?
                 } else {
@@ -961,14 +980,22 @@ impl Actor {
                     if let Ok(t) = serde_json::from_slice::<StoredSubmitted>(&v) {
                         if t.status.is_terminal() && t.finished_us < horizon {
                             ops.push((store::cf::SUBMITTED, k, None));
+                            values.extend(t.submission.args_ref().cloned());
+                            values.extend(t.outcome.as_ref().and_then(|o| o.value_ref()).cloned());
                         }
                     }
                 }
                 if !ops.is_empty() {
                     s.batch_unsynced(&ops)?;
                 }
-                Ok(())
+                Ok(values)
             })
             .await;
+        // The task's large values go with it.
+        if let (Ok(gone), Some(v)) = (gone, &self.config.values) {
+            for value in gone {
+                v.blobs.release(&value);
+            }
+        }
     }
 }

@@ -131,6 +131,37 @@ fn string_size_bound(s: &str) -> usize {
         .sum::<usize>()
 }
 
+/// A value kept apart from its task, as a blob on the data plane: the BLAKE3 hash and the size of
+/// its bytes. For arguments the blob holds `{"args": …, "kwargs": …}` as JSON; for a result, the
+/// value's JSON. Whoever needs the value fetches it from the node that holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValueRef {
+    /// The blob's BLAKE3 hash, 64 lowercase hex characters.
+    pub blake3: String,
+    /// Its size in bytes.
+    pub size: u64,
+}
+
+impl ValueRef {
+    /// Checks the hash's form.
+    pub fn check(&self) -> Result<(), String> {
+        if self.blake3.len() == 64
+            && self
+                .blake3
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            Ok(())
+        } else {
+            Err(format!(
+                "`{}` is not a BLAKE3 hash (64 lowercase hex characters)",
+                self.blake3.chars().take(70).collect::<String>()
+            ))
+        }
+    }
+}
+
 /// The longest time limit a task may ask for: a year.
 pub const MAX_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(365 * 24 * 3600);
 
@@ -152,6 +183,11 @@ pub struct Submission {
     /// Keyword arguments: a JSON object.
     #[serde(default)]
     pub kwargs: Value,
+    /// The arguments by reference, when they are too large to travel with the task: a blob
+    /// (`{"args": …, "kwargs": …}`) the endpoint fetches from the submitter. `args` and `kwargs`
+    /// are then empty.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub args_ref: Option<ValueRef>,
     /// Argument and result encoding.
     #[serde(default)]
     pub encoding: Encoding,
@@ -190,6 +226,21 @@ impl Submission {
     /// Checks the arguments' shape and the time limit (what [`Submission::check`] checks
     /// besides the function).
     pub fn check_args(&self) -> Result<(), String> {
+        if let Some(r) = &self.args_ref {
+            r.check().map_err(|e| format!("args_ref: {e}"))?;
+            let empty = |v: &Value| {
+                v.is_null()
+                    || v.as_array().is_some_and(Vec::is_empty)
+                    || v.as_object().is_some_and(serde_json::Map::is_empty)
+            };
+            if !empty(&self.args) || !empty(&self.kwargs) {
+                return Err(
+                    "a task with args_ref carries its arguments in that blob: leave args and \
+                     kwargs empty"
+                        .into(),
+                );
+            }
+        }
         let size = self.arguments_size_bound();
         if size > MAX_ARGUMENTS_BYTES {
             return Err(format!(
@@ -216,7 +267,7 @@ impl Submission {
                 }
             }
             Encoding::Pickle => {
-                if !self.args.is_string() {
+                if !self.args.is_string() && self.args_ref.is_none() {
                     return Err("pickled args must be a base64 string".into());
                 }
                 if self.function.kind != FunctionKind::Python {
@@ -249,6 +300,8 @@ pub mod stored {
         function_id: &'a str,
         args: &'a Value,
         kwargs: &'a Value,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        args_ref: &'a Option<super::ValueRef>,
         encoding: Encoding,
         timeout_ms: u64,
         submitted_us: u64,
@@ -267,6 +320,7 @@ pub mod stored {
                 function_id,
                 args,
                 kwargs,
+                args_ref,
                 encoding,
                 timeout_ms,
                 submitted_us,
@@ -278,6 +332,7 @@ pub mod stored {
                 function_id,
                 args,
                 kwargs,
+                args_ref,
                 encoding: *encoding,
                 timeout_ms: *timeout_ms,
                 submitted_us: *submitted_us,
@@ -387,6 +442,8 @@ pub mod stored {
         #[serde(default)]
         kwargs: Value,
         #[serde(default)]
+        args_ref: Option<super::ValueRef>,
+        #[serde(default)]
         encoding: Encoding,
         #[serde(default)]
         timeout_ms: u64,
@@ -400,6 +457,11 @@ pub mod stored {
         /// The function id it names.
         pub fn function_id(&self) -> &str {
             &self.function_id
+        }
+
+        /// Its arguments' reference, when they went by reference.
+        pub fn args_ref(&self) -> Option<&super::ValueRef> {
+            self.args_ref.as_ref()
         }
 
         /// Whether it still needs its function ([`StoredSubmission::join`]).
@@ -427,6 +489,7 @@ pub mod stored {
                 function_id: self.function_id,
                 args: self.args,
                 kwargs: self.kwargs,
+                args_ref: self.args_ref,
                 encoding: self.encoding,
                 timeout_ms: self.timeout_ms,
                 submitted_us: self.submitted_us,
@@ -525,6 +588,8 @@ pub enum FailureKind {
     Refused,
     /// The task itself is malformed.
     BadInput,
+    /// Its arguments, passed by reference, could not be fetched.
+    InputUnavailable,
 }
 
 /// A failed task's error: the remote exception's type, message and traceback, or the reason
@@ -556,6 +621,7 @@ impl TaskError {
             FailureKind::EndpointLost => "EndpointLost",
             FailureKind::Refused => "Refused",
             FailureKind::BadInput => "BadInput",
+            FailureKind::InputUnavailable => "InputUnavailable",
         };
         TaskError {
             kind,
@@ -578,8 +644,12 @@ impl fmt::Display for TaskError {
 pub enum Outcome {
     /// It returned a value (for shell functions: the return code and captured output).
     Succeeded {
-        /// The value.
+        /// The value (null when it went by reference).
         value: Value,
+        /// The value by reference, when it was larger than the endpoint sends inline: a blob
+        /// (the value's JSON) held by the endpoint's node, and by the submitter's once fetched.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        value_ref: Option<ValueRef>,
     },
     /// It failed.
     Failed {
@@ -597,6 +667,22 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    /// A success with `value`, inline.
+    pub fn succeeded(value: Value) -> Outcome {
+        Outcome::Succeeded {
+            value,
+            value_ref: None,
+        }
+    }
+
+    /// The value's reference, when it went by reference.
+    pub fn value_ref(&self) -> Option<&ValueRef> {
+        match self {
+            Outcome::Succeeded { value_ref, .. } => value_ref.as_ref(),
+            _ => None,
+        }
+    }
+
     /// A failure with no value.
     pub fn failed(kind: FailureKind, message: impl Into<String>) -> Outcome {
         Outcome::Failed {
@@ -653,7 +739,9 @@ impl Record {
         let text = |s: &str| string_size_bound(s);
         let outcome = match &self.outcome {
             None => 0,
-            Some(Outcome::Succeeded { value }) => json_size_bound(value),
+            Some(Outcome::Succeeded { value, value_ref }) => {
+                json_size_bound(value) + value_ref.as_ref().map_or(0, |_| 128)
+            }
             Some(Outcome::Failed { error, value }) => {
                 text(&error.type_name)
                     + text(&error.message)
@@ -744,6 +832,10 @@ mod tests {
             assert!(rec.size_bound() >= exact, "{} < {exact}", rec.size_bound());
             rec.outcome = Some(Outcome::Succeeded {
                 value: serde_json::json!([1.5, "é", null]),
+                value_ref: Some(ValueRef {
+                    blake3: "a".repeat(64),
+                    size: u64::MAX,
+                }),
             });
         }
     }

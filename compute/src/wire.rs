@@ -119,6 +119,8 @@ pub mod function_table {
         submitted_us: u64,
         #[serde(skip_serializing_if = "Option::is_none")]
         capability: &'a Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        args_ref: &'a Option<crate::task::ValueRef>,
     }
 
     #[derive(Deserialize)]
@@ -147,6 +149,8 @@ pub mod function_table {
         submitted_us: u64,
         #[serde(default)]
         capability: Option<String>,
+        #[serde(default)]
+        args_ref: Option<crate::task::ValueRef>,
     }
 
     /// Writes the tasks with their functions in a table.
@@ -165,6 +169,7 @@ pub mod function_table {
                     function_id,
                     args,
                     kwargs,
+                    args_ref,
                     encoding,
                     timeout_ms,
                     submitted_us,
@@ -185,6 +190,7 @@ pub mod function_table {
                     timeout_ms: *timeout_ms,
                     submitted_us: *submitted_us,
                     capability,
+                    args_ref,
                 }
             })
             .collect();
@@ -213,6 +219,7 @@ pub mod function_table {
                     function_id: t.function_id,
                     args: t.args,
                     kwargs: t.kwargs,
+                    args_ref: t.args_ref,
                     encoding: t.encoding,
                     timeout_ms: t.timeout_ms,
                     submitted_us: t.submitted_us,
@@ -532,6 +539,7 @@ mod tests {
             function,
             args,
             kwargs,
+            args_ref: None,
             encoding: crate::task::Encoding::Json,
             timeout_ms: 0,
             submitted_us: 1,
@@ -598,9 +606,7 @@ mod tests {
         assert_eq!(read_request(&encode(req.clone())).unwrap(), req);
         let resp = TaskResponse::Submitted {
             answers: vec![
-                Answer::Accepted(record(crate::task::Outcome::Succeeded {
-                    value: Value::Null,
-                })),
+                Answer::Accepted(record(crate::task::Outcome::succeeded(Value::Null))),
                 Answer::Queued(crate::task::Status::Queued),
                 Answer::Refused("no".into()),
             ],
@@ -624,7 +630,7 @@ mod tests {
                 tokens: Vec::new(),
             };
             proptest::prop_assert_eq!(read_request(&encode(req.clone())).unwrap(), req);
-            let mut records = vec![record(crate::task::Outcome::Succeeded { value })];
+            let mut records = vec![record(crate::task::Outcome::succeeded(value))];
             records.push(record(crate::task::Outcome::Failed {
                 error: crate::task::TaskError::new(crate::task::FailureKind::Exception, "x"),
                 // `Some(null)` and `None` are one value here: a failure without output.

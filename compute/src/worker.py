@@ -8,11 +8,15 @@ Protocol, version 1 (see compute/src/protocol.rs, which is the reference):
   every frame is a 4-byte big-endian length followed by that many bytes of UTF-8 JSON.
   worker -> endpoint: {"op": "hello", "v": 1, "pid", "python", "cloudpickle"} once, then
                       {"op": "result", "id", "ok", "value" | "error", "run_us", "recycle"}
+                      or, for a value over the task's inline_limit, {"op": "result", "id",
+                      "ok": true, "spill": N, "run_us"} followed by the value's JSON as N raw
+                      bytes (the endpoint stores it as a blob)
   endpoint -> worker: {"op": "run", "tasks": [task, ...]}  a batch, run in order
                       {"op": "cancel", "ids": [...]}       skip these if not started yet
                       {"op": "exit"}
   task: {"id", "fid", "fn" (only the first time this worker sees fid), "args", "kwargs",
-         "encoding": "json" | "pickle", "timeout_ms", "memory_mb", "result_limit", "output_cap"}
+         "encoding": "json" | "pickle", "timeout_ms", "memory_mb", "result_limit",
+         "inline_limit" (0: never spill), "output_cap"}
 The task's own stdout is redirected to stderr: the protocol pipe is private to the worker.
 """
 
@@ -101,10 +105,13 @@ class Channel:
                 self.eof = True
             self.buf += chunk
 
-    def write(self, obj):
+    def write(self, obj, raw=None):
+        """Writes a frame; `raw` (bytes) follows it unframed: a spilled value."""
         body = dumps(obj).encode()
         self.tx.write(struct.pack(">I", len(body)))
         self.tx.write(body)
+        if raw is not None:
+            self.tx.write(raw)
         if self.pending == 0:
             self.first_pending = time.monotonic()
         self.pending += 1
@@ -192,7 +199,8 @@ class Worker:
                                "run_us": 0})
             else:
                 result = self.run(task)
-                self.ch.write(result)
+                raw = result.pop("_spilled", None)
+                self.ch.write(result, raw)
                 if result.get("recycle"):
                     self.ch.flush()
                     break
@@ -233,16 +241,23 @@ class Worker:
         if recycle:
             out["recycle"] = True
         limit = task.get("result_limit") or 0
+        inline = task.get("inline_limit") or 0
         size = out.pop("size", None)
-        if limit and out.get("ok"):
+        if (limit or inline) and out.get("ok"):
             if size is None:
                 size = len(dumps(out["value"]))
-            if size > limit:
+            if limit and size > limit:
                 out = {"op": "result", "id": tid, "ok": False, "run_us": out["run_us"],
                        "error": error("ResultTooLarge",
                                       "the result is %d bytes, over this endpoint's limit of %d "
-                                      "bytes: return less, or write large data to a file and "
-                                      "return its path" % (size, limit))}
+                                      "bytes: return less, or write large data to a file in "
+                                      "the endpoint's data root and return its path"
+                                      % (size, limit))}
+            elif inline and size > inline:
+                # Too large to travel with the task: it follows the frame, raw, into a blob.
+                data = dumps(out.pop("value")).encode()
+                out["spill"] = len(data)
+                out["_spilled"] = data
         return out
 
     def function(self, task):

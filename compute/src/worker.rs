@@ -19,6 +19,11 @@ pub(crate) enum Report {
     Ready(WorkerId),
     Results(WorkerId, Vec<WorkerResult>),
     Exited(WorkerId, String),
+    /// A task's arguments, fetched by reference (or why they could not be).
+    Inputs(
+        crate::task::TaskId,
+        Result<Box<crate::blobs::Arguments>, String>,
+    ),
 }
 
 /// How to start one worker.
@@ -34,6 +39,10 @@ pub(crate) struct Launch {
     /// directory, removed when it exits).
     pub(crate) run_as: Option<u32>,
     pub(crate) frame_limit: usize,
+    /// Where spilled results go (`None`: the worker is never told to spill).
+    pub(crate) values: Option<crate::blobs::Values>,
+    /// The largest result the worker may spill.
+    pub(crate) spill_limit: u64,
     pub(crate) kill: tokio_util::sync::CancellationToken,
 }
 
@@ -116,8 +125,10 @@ async fn drive(
         }
     });
     let mut buf: Vec<u8> = Vec::with_capacity(64 << 10);
-    let mut chunk = vec![0u8; 64 << 10];
+    let mut chunk = vec![0u8; 256 << 10];
     let mut hello = false;
+    // A spilled result being received: the result, the bytes still to come, where they go.
+    let mut spill: Option<(WorkerResult, u64, Box<dyn crate::blobs::Spool>)> = None;
     let reason = loop {
         tokio::select! {
             read = stdout.read(&mut chunk) => {
@@ -128,6 +139,34 @@ async fn drive(
                 let mut results = Vec::new();
                 let mut used = 0;
                 let failure = loop {
+                    if let Some((_, left, sink)) = &mut spill {
+                        let n = (*left).min((buf.len() - used) as u64) as usize;
+                        if let Err(e) = sink.write(&buf[used..used + n]) {
+                            break Some(format!("cannot store the worker's result: {e}"));
+                        }
+                        used += n;
+                        *left -= n as u64;
+                        if *left > 0 {
+                            break None;
+                        }
+                        let (mut r, _, sink) = spill.take().expect("a spill is in progress");
+                        match sink.finish().await {
+                            Ok(value) => r.value_ref = Some(value),
+                            Err(e) => {
+                                r.ok = false;
+                                r.error = Some(protocol::WorkerError {
+                                    type_name: "ResultNotStored".into(),
+                                    message: format!(
+                                        "the endpoint could not store the task's large result: {e}"
+                                    ),
+                                    traceback: None,
+                                    value: None,
+                                });
+                            }
+                        }
+                        results.push(r);
+                        continue;
+                    }
                     match protocol::decode(&buf[used..], launch.frame_limit) {
                         Ok(None) => break None,
                         Ok(Some((msg, n))) => {
@@ -143,6 +182,22 @@ async fn drive(
                                     hello = true;
                                     if reports.send(Report::Ready(id)).await.is_err() {
                                         break Some("the endpoint stopped".into());
+                                    }
+                                }
+                                FromWorker::Result(r) if hello && r.spill.is_some() => {
+                                    let size = r.spill.unwrap_or(0);
+                                    if size > launch.spill_limit {
+                                        break Some(format!(
+                                            "the worker spilled a result of {size} bytes, over the limit of {}",
+                                            launch.spill_limit
+                                        ));
+                                    }
+                                    let Some(values) = &launch.values else {
+                                        break Some("the worker spilled a result, and this endpoint keeps no blobs".into());
+                                    };
+                                    match values.blobs.spool() {
+                                        Ok(sink) => spill = Some((r, size, sink)),
+                                        Err(e) => break Some(format!("cannot store the worker's result: {e}")),
                                     }
                                 }
                                 FromWorker::Result(r) if hello => results.push(r),

@@ -24,6 +24,8 @@ pub(crate) struct Inner {
     pub(crate) key: crdt_registry::Key,
     /// Tasks: this node's endpoints and its dispatcher.
     pub(crate) tasks: compute::service::Tasks,
+    /// How large task values pass, as blobs.
+    pub(crate) values: compute::blobs::Values,
     /// The node's store.
     pub(crate) store: store::Store,
     /// What `GET /metrics` exports.
@@ -188,6 +190,7 @@ fn router(inner: Shared) -> Router {
         .route("/v1/tasks", post(submit_tasks))
         .route("/v1/tasks/wait", post(wait_tasks))
         .route("/v1/tasks/{id}", get(task))
+        .route("/v1/tasks/{id}/value", get(task_value))
         .route("/v1/tasks/{id}/cancel", post(cancel_task))
         .route("/v1/transfers", get(transfers).post(new_transfer))
         .route("/v1/transfers/ls", get(transfer_ls))
@@ -592,7 +595,7 @@ async fn submit_tasks(
     }
     let dispatcher = &inner.tasks.dispatcher;
     let wait = (wait_ms > 0).then(|| std::time::Duration::from_millis(wait_ms));
-    let out = crate::tasks::submit_views(&inner.mesh, dispatcher, tasks, wait)
+    let out = crate::tasks::submit_views(&inner.mesh, dispatcher, &inner.values, tasks, wait)
         .await
         .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}")))?;
     Ok(Json(TaskList { tasks: out }))
@@ -653,6 +656,84 @@ async fn task(
             ),
         )),
     }
+}
+
+/// `GET /v1/tasks/{id}/value`: a succeeded task's value as JSON, whether it came inline or by
+/// reference (then streamed from this node's blob store, fetched from the endpoint's node first
+/// if need be).
+async fn task_value(
+    State(inner): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let internal =
+        |e: &dyn std::fmt::Display| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+    let tid = parse_ids(std::slice::from_ref(&id))?.remove(0);
+    let t = inner
+        .tasks
+        .dispatcher
+        .get(vec![tid])
+        .await
+        .map_err(dispatch_error)?
+        .pop()
+        .flatten()
+        .ok_or_else(|| {
+            ApiError(
+                StatusCode::NOT_FOUND,
+                format!("no task {id} was submitted from this node"),
+            )
+        })?;
+    let (value, value_ref) = match &t.outcome {
+        Some(compute::Outcome::Succeeded { value, value_ref }) => (value, value_ref),
+        _ => {
+            return Err(ApiError(
+                StatusCode::CONFLICT,
+                format!(
+                    "task {id} has no value: it is {} (GET /v1/tasks/{id} says why)",
+                    t.status
+                ),
+            ));
+        }
+    };
+    let Some(r) = value_ref else {
+        let body = serde_json::to_vec(value).map_err(|e| internal(&e))?;
+        return Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response());
+    };
+    let blobs = &inner.values.blobs;
+    if !blobs.holds(r) {
+        let from = t
+            .target()
+            .and_then(|x| x.peer.parse::<mesh::PeerId>().ok())
+            .ok_or_else(|| {
+                ApiError(
+                    StatusCode::NOT_FOUND,
+                    format!("task {id}'s value is not here, and its endpoint is not known"),
+                )
+            })?;
+        blobs.fetch(r, from).await.map_err(|e| {
+            ApiError(
+                StatusCode::BAD_GATEWAY,
+                format!(
+                    "task {id}'s value (blob {}) could not be fetched: {e}",
+                    r.blake3
+                ),
+            )
+        })?;
+    }
+    let hash: transfer::Hash = r
+        .blake3
+        .parse()
+        .map_err(|e: transfer::Error| internal(&e))?;
+    let path = inner
+        .transfers
+        .blobs
+        .path(&hash)
+        .map_err(|e| ApiError(StatusCode::NOT_FOUND, e.to_string()))?;
+    let file = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let body =
+        axum::body::Body::from_stream(tokio_util::io::ReaderStream::with_capacity(file, 1 << 20));
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
 async fn cancel_task(

@@ -296,25 +296,46 @@ impl Client {
         from: Option<&str>,
         out: &std::path::Path,
     ) -> anyhow::Result<u64> {
-        use tokio::io::AsyncWriteExt as _;
         let mut url = format!("{}/v1/blobs/{}", self.info.url, encode(hash));
         if let Some(f) = from {
             url.push_str(&format!("?from={}", encode(f)));
         }
+        self.download(&url, Some(out)).await
+    }
+
+    /// `GET /v1/tasks/{id}/value` into `out`, or to stdout; returns the bytes written.
+    pub async fn task_value(&self, id: &str, out: Option<&std::path::Path>) -> anyhow::Result<u64> {
+        let url = format!("{}/v1/tasks/{}/value", self.info.url, encode(id));
+        self.download(&url, out).await
+    }
+
+    /// The body of `GET url` into `out` (a temporary name, then renamed), or to stdout.
+    async fn download(&self, url: &str, out: Option<&std::path::Path>) -> anyhow::Result<u64> {
+        use tokio::io::AsyncWriteExt as _;
         let resp = self
             .http
-            .get(&url)
+            .get(url)
             .bearer_auth(&self.info.token)
             .send()
             .await
             .with_context(|| format!("request to {url} failed: is the node running?"))?;
         let mut resp = checked(resp).await?;
+        let mut n = 0u64;
+        let Some(out) = out else {
+            let mut stdout = tokio::io::stdout();
+            while let Some(chunk) = resp.chunk().await.context("reading the answer")? {
+                stdout.write_all(&chunk).await?;
+                n += chunk.len() as u64;
+            }
+            stdout.write_all(b"\n").await?;
+            stdout.flush().await?;
+            return Ok(n);
+        };
         let tmp = out.with_extension("funcmesh-part");
         let mut file = tokio::fs::File::create(&tmp)
             .await
             .with_context(|| format!("cannot write {}", tmp.display()))?;
-        let mut n = 0u64;
-        while let Some(chunk) = resp.chunk().await.context("reading the blob")? {
+        while let Some(chunk) = resp.chunk().await.context("reading the answer")? {
             file.write_all(&chunk).await?;
             n += chunk.len() as u64;
         }

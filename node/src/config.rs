@@ -214,6 +214,9 @@ pub struct TransferSection {
     /// Blobs not used (stored, fetched, served) for this long are removed.
     #[serde(with = "humantime_serde_str")]
     pub blob_retention: Duration,
+    /// Task arguments and results whose JSON is larger than this many bytes go by reference,
+    /// as blobs fetched over the data plane (default 1 MiB; at most 16 MiB).
+    pub inline_limit: u64,
 }
 
 impl Default for TransferSection {
@@ -222,6 +225,7 @@ impl Default for TransferSection {
             listen: SocketAddr::from(([127, 0, 0, 1], 0)),
             patience: Duration::from_secs(3600),
             blob_retention: Duration::from_secs(7 * 24 * 3600),
+            inline_limit: 1 << 20,
         }
     }
 }

@@ -152,6 +152,20 @@ impl Node {
                 .map_err(|e: String| anyhow::anyhow!("[[endpoint]] {}: {e}", section.name))?;
             endpoints.push((section.compute(), policy));
         }
+        let most_inline = compute::task::MAX_ARGUMENTS_BYTES as u64;
+        if config.transfer.inline_limit > most_inline {
+            anyhow::bail!(
+                "transfer.inline_limit is {} bytes; values up to it travel with their task, \
+                 in one message, so it may be at most {most_inline}",
+                config.transfer.inline_limit
+            );
+        }
+        let values = crate::values::values(
+            blobs.clone(),
+            data_plane.clone(),
+            mesh.clone(),
+            config.transfer.inline_limit,
+        );
         let mut registry = prometheus_client::registry::Registry::default();
         let task_metrics = compute::metrics::Metrics::register(&mut registry);
         let tasks = compute::service::start(
@@ -165,6 +179,7 @@ impl Node {
                 retention: config.node.task_retention,
                 route_wait: config.mesh.route_wait,
                 metrics: task_metrics,
+                values: Some(values.clone()),
             },
             &own,
             access,
@@ -220,6 +235,7 @@ impl Node {
             token: token.clone(),
             key,
             tasks,
+            values,
             store: store.clone(),
             metrics: api::Exported::new(registry),
         });
@@ -293,7 +309,13 @@ impl Node {
         &self,
         tasks: Vec<crate::tasks::NewTask>,
     ) -> anyhow::Result<Vec<Result<compute::submit::Submitted, crate::tasks::Refused>>> {
-        crate::tasks::submit(self.mesh(), &self.inner.tasks.dispatcher, tasks).await
+        crate::tasks::submit(
+            self.mesh(),
+            &self.inner.tasks.dispatcher,
+            &self.inner.values,
+            tasks,
+        )
+        .await
     }
 
     /// The dispatcher (tasks this node submits).

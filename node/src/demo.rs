@@ -453,7 +453,7 @@ async fn compute_step(net: &Testnet) -> anyhow::Result<()> {
         };
         let elapsed = started.elapsed();
         let value = match &task.outcome {
-            Some(compute::Outcome::Succeeded { value }) => value.clone(),
+            Some(compute::Outcome::Succeeded { value, .. }) => value.clone(),
             other => bail!("{function} did not succeed: {other:?}"),
         };
         let shown = match value.get("stdout").and_then(|v| v.as_str()) {

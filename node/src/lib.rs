@@ -18,6 +18,7 @@ pub mod output;
 pub mod registry;
 pub mod tasks;
 pub mod transfers;
+pub mod values;
 pub mod verbs;
 
 pub use config::Config;

@@ -35,7 +35,21 @@ pub(crate) fn show<T: Serialize>(
 pub(crate) fn print_result(t: &crate::tasks::TaskView, bare: bool) -> bool {
     use compute::Outcome;
     match &t.outcome {
-        Some(Outcome::Succeeded { value }) => {
+        Some(Outcome::Succeeded {
+            value_ref: Some(r), ..
+        }) => {
+            let note = format!(
+                "<{} bytes by reference (blake3 {}): `funcmesh task value {}` prints it>",
+                r.size, r.blake3, t.id
+            );
+            if bare {
+                eprintln!("{note}");
+            } else {
+                println!("{}  {note}", t.id);
+            }
+            true
+        }
+        Some(Outcome::Succeeded { value, .. }) => {
             // A shell function's result is its output: show it as the command would.
             let shell = value.get("returncode").is_some() && value.get("stdout").is_some();
             if bare && shell {
@@ -120,7 +134,16 @@ pub(crate) fn print_task(t: &crate::tasks::TaskView) {
     }
 }
 
-pub(crate) fn finish_result(t: &crate::tasks::TaskView, json: bool) -> anyhow::Result<()> {
+pub(crate) async fn finish_result(
+    client: &crate::client::Client,
+    t: &crate::tasks::TaskView,
+    json: bool,
+) -> anyhow::Result<()> {
+    if !json && t.outcome.as_ref().and_then(|o| o.value_ref()).is_some() {
+        // A value by reference is printed whole, as an inline one is.
+        client.task_value(&t.id, None).await?;
+        return Ok(());
+    }
     if json {
         println!("{}", serde_json::to_string_pretty(t)?);
         return Ok(());

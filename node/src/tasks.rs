@@ -81,6 +81,11 @@ pub struct NewTask {
     pub args: serde_json::Value,
     /// Keyword arguments (a JSON object).
     pub kwargs: serde_json::Value,
+    /// The arguments by reference: a blob this node holds (`POST /v1/blobs`) with
+    /// `{"args": […], "kwargs": {…}}` as JSON; `args` and `kwargs` are then left out. Arguments
+    /// larger than the node's inline limit go by reference without this.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub args_ref: Option<compute::task::ValueRef>,
     /// `json` (default) or `pickle`.
     pub encoding: compute::task::Encoding,
     /// An explicit endpoint: id, id prefix, `name` or `name@node`.
@@ -206,6 +211,7 @@ pub(crate) fn requests(
                 function: f,
                 args: t.args,
                 kwargs: t.kwargs,
+                args_ref: t.args_ref,
                 encoding: t.encoding,
                 timeout_ms: t.timeout_ms,
                 requirements: compute::routing::Requirements {
@@ -225,9 +231,10 @@ pub(crate) fn requests(
 pub(crate) async fn submit(
     mesh: &mesh::Handle,
     dispatcher: &Dispatcher,
+    values: &compute::blobs::Values,
     tasks: Vec<NewTask>,
 ) -> anyhow::Result<Vec<Result<Submitted, Refused>>> {
-    let (slots, ok) = resolve(mesh, tasks).await?;
+    let (slots, ok) = resolve(mesh, values, tasks).await?;
     Ok(merge(slots, dispatcher.submit(ok).await?))
 }
 
@@ -236,10 +243,11 @@ pub(crate) async fn submit(
 pub(crate) async fn submit_views(
     mesh: &mesh::Handle,
     dispatcher: &Dispatcher,
+    values: &compute::blobs::Values,
     tasks: Vec<NewTask>,
     wait: Option<Duration>,
 ) -> anyhow::Result<Vec<Submitted1>> {
-    let (slots, ok) = resolve(mesh, tasks).await?;
+    let (slots, ok) = resolve(mesh, values, tasks).await?;
     let view = |r: Result<&Submitted, Refused>| match r {
         Ok(t) => Submitted1 {
             task: Some(t.into()),
@@ -270,6 +278,7 @@ pub(crate) async fn submit_views(
 /// registry): a slot per task, refused ones with the reason, and the requests of the others.
 async fn resolve(
     mesh: &mesh::Handle,
+    values: &compute::blobs::Values,
     tasks: Vec<NewTask>,
 ) -> anyhow::Result<(Vec<Result<(), Refused>>, Vec<compute::submit::Request>)> {
     let queries: std::collections::BTreeSet<String> =
@@ -291,7 +300,12 @@ async fn resolve(
     let mut slots = Vec::new();
     for r in requests(&functions, tasks) {
         match r {
-            Ok(r) => {
+            Ok(mut r) => {
+                // Large arguments go by reference, as a blob the endpoint fetches from here.
+                if let Err(e) = crate::values::by_reference(values, &mut r).await {
+                    slots.push(Err(Refused::new("arguments", e)));
+                    continue;
+                }
                 slots.push(Ok(()));
                 ok.push(r);
             }

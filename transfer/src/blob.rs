@@ -137,39 +137,46 @@ impl BlobStore {
     /// Stores everything `data` yields; returns its hash and size. A blob already held is not
     /// stored twice.
     pub fn import(&self, mut data: impl Read) -> Result<(Hash, u64), Error> {
-        let tag = hex::encode(rand_tag());
-        let tmp_data = self.dir.join(format!(".import-{tag}.data"));
-        let tmp_obao = self.dir.join(format!(".import-{tag}.obao"));
-        let result = (|| {
-            let mut file = File::create(&tmp_data)?;
-            let size = io::copy(&mut data, &mut file)?;
-            file.sync_all()?;
-            let tree = BaoTree::new(size, BLOCK_SIZE);
-            let obao = File::create(&tmp_obao)?;
-            obao.set_len(tree.outboard_size())?;
-            let mut outboard = PreOrderOutboard {
-                root: blake3::hash(&[]),
-                tree,
-                data: obao,
-            };
-            outboard.init_from(io::BufReader::with_capacity(
-                1 << 20,
-                File::open(&tmp_data)?,
-            ))?;
-            outboard.sync()?;
-            let hash = Hash(*outboard.root.as_bytes());
-            let (data_path, obao_path) = self.complete(&hash);
-            if !data_path.exists() {
-                std::fs::rename(&tmp_obao, &obao_path)?;
-                std::fs::rename(&tmp_data, &data_path)?;
-            } else {
-                self.touch(&hash);
-            }
-            Ok((hash, size))
-        })();
-        let _ = std::fs::remove_file(&tmp_data);
-        let _ = std::fs::remove_file(&tmp_obao);
-        result
+        let mut file = tempfile::NamedTempFile::with_prefix_in(".import-", &self.dir)?;
+        io::copy(&mut data, file.as_file_mut())?;
+        self.adopt(file)
+    }
+
+    /// Stores the file `spool` (made in [`BlobStore::dir`], written whole) as a blob, moving
+    /// it into place; returns its hash and size. A blob already held is not stored twice.
+    pub fn adopt(&self, spool: tempfile::NamedTempFile) -> Result<(Hash, u64), Error> {
+        spool.as_file().sync_all()?;
+        let size = spool.as_file().metadata()?.len();
+        let tree = BaoTree::new(size, BLOCK_SIZE);
+        let obao = tempfile::NamedTempFile::with_prefix_in(".import-", &self.dir)?;
+        obao.as_file().set_len(tree.outboard_size())?;
+        let mut outboard = PreOrderOutboard {
+            root: blake3::hash(&[]),
+            tree,
+            data: obao.reopen()?,
+        };
+        outboard.init_from(io::BufReader::with_capacity(1 << 20, spool.reopen()?))?;
+        outboard.sync()?;
+        let hash = Hash(*outboard.root.as_bytes());
+        let (data_path, obao_path) = self.complete(&hash);
+        if !data_path.exists() {
+            obao.persist(&obao_path).map_err(|e| e.error)?;
+            spool.persist(&data_path).map_err(|e| e.error)?;
+        } else {
+            self.touch(&hash);
+        }
+        Ok((hash, size))
+    }
+
+    /// Removes a blob (held whole or in part); whether there was one.
+    pub fn remove(&self, hash: &Hash) -> bool {
+        let mut any = false;
+        for (data, obao) in [self.complete(hash), self.partial(hash)] {
+            // The outboard first: without it the blob no longer counts as held.
+            any |= std::fs::remove_file(obao).is_ok();
+            any |= std::fs::remove_file(data).is_ok();
+        }
+        any
     }
 
     /// The store's directory (a spool file made here renames into place).
@@ -558,15 +565,4 @@ pub fn encode_file(
             reason: format!("the source changed since it was hashed: {other}"),
         },
     })
-}
-
-/// A name for an import's temporary files: unique in this process, and across processes by
-/// the pid.
-fn rand_tag() -> [u8; 12] {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let mut tag = [0u8; 12];
-    tag[..4].copy_from_slice(&std::process::id().to_le_bytes());
-    tag[4..].copy_from_slice(&n.to_le_bytes());
-    tag
 }

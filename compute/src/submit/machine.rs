@@ -122,6 +122,8 @@ pub struct Request {
     pub args: Value,
     /// Keyword arguments.
     pub kwargs: Value,
+    /// The arguments by reference (a blob this node holds), instead of `args` and `kwargs`.
+    pub args_ref: Option<crate::task::ValueRef>,
     /// Encoding.
     pub encoding: Encoding,
     /// Time limit, ms (0: the endpoint's default).
@@ -424,6 +426,7 @@ impl Machine {
             } else {
                 r.kwargs
             },
+            args_ref: r.args_ref,
             encoding: r.encoding,
             timeout_ms: r.timeout_ms,
             submitted_us,

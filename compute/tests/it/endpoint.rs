@@ -65,6 +65,7 @@ fn submission(f: &FunctionRecord, args: Value, kwargs: Value) -> Submission {
         function_id: f.content_id(),
         args,
         kwargs,
+        args_ref: None,
         encoding: Encoding::Json,
         timeout_ms: 0,
         submitted_us: 0,
@@ -72,11 +73,20 @@ fn submission(f: &FunctionRecord, args: Value, kwargs: Value) -> Submission {
 }
 
 async fn start_in(dir: tempfile::TempDir, config: EndpointConfig) -> Harness {
+    start_with(dir, config, None).await
+}
+
+async fn start_with(
+    dir: tempfile::TempDir,
+    config: EndpointConfig,
+    values: Option<compute::blobs::Values>,
+) -> Harness {
     let store = store::Store::open(&dir.path().join("db")).unwrap();
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
     let (endpoint, results) = Endpoint::start(
         config,
+        values,
         store.clone(),
         &dir.path().join("work"),
         "test",
@@ -216,7 +226,7 @@ where
 
 fn value(rec: &Record) -> &Value {
     match &rec.outcome {
-        Some(Outcome::Succeeded { value }) => value,
+        Some(Outcome::Succeeded { value, .. }) => value,
         other => panic!("expected success, got {other:?}"),
     }
 }
@@ -230,6 +240,7 @@ fn error(rec: &Record) -> &compute::TaskError {
 
 const SOURCE: &str = "import os, time\n\
 def add(a, b=1):\n    return a + b\n\
+def length(s, extra=''):\n    return len(s) + len(extra)\n\
 def boom(x):\n    return helper(x)\n\
 def helper(x):\n    raise ValueError('bad value %r' % x)\n\
 def sleep(s):\n    time.sleep(s)\n    return s\n\
@@ -1218,7 +1229,7 @@ async fn a_store_of_the_earlier_layout_keeps_its_outbox_and_queue_after_an_upgra
         let done = record(
             &finished.id,
             Status::Succeeded,
-            Some(Outcome::Succeeded { value: json!(2) }),
+            Some(Outcome::succeeded(json!(2))),
         );
         let put = |k: String, v: Vec<u8>| (store::cf::TASKS, k.into_bytes(), Some(v));
         store
@@ -1258,4 +1269,192 @@ async fn a_store_of_the_earlier_layout_keeps_its_outbox_and_queue_after_an_upgra
         store.scan_keys(store::cf::TASKS, b"o/").unwrap().is_empty(),
         "the old outbox marks are gone"
     );
+}
+
+/// Blobs in memory, named by SHA-256 (the node's are BLAKE3 on disk; the endpoint only passes
+/// the names on): `held` is this node's, `elsewhere` what fetching from another member finds.
+#[derive(Default)]
+struct MemBlobs {
+    held: std::sync::Mutex<std::collections::HashMap<String, Vec<u8>>>,
+    elsewhere: std::sync::Mutex<std::collections::HashMap<String, Vec<u8>>>,
+}
+
+fn name_of(bytes: &[u8]) -> compute::ValueRef {
+    use sha2::Digest as _;
+    compute::ValueRef {
+        blake3: hex::encode(sha2::Sha256::digest(bytes)),
+        size: bytes.len() as u64,
+    }
+}
+
+struct MemSpool(Vec<u8>, std::sync::Arc<MemBlobs>);
+
+impl compute::blobs::Spool for MemSpool {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.0.extend_from_slice(bytes);
+        Ok(())
+    }
+    fn finish(
+        self: Box<Self>,
+    ) -> futures::future::BoxFuture<'static, Result<compute::ValueRef, String>> {
+        let r = name_of(&self.0);
+        self.1.held.lock().unwrap().insert(r.blake3.clone(), self.0);
+        Box::pin(async move { Ok(r) })
+    }
+}
+
+struct Shared(std::sync::Arc<MemBlobs>);
+
+impl compute::blobs::Blobs for Shared {
+    fn put(
+        &self,
+        bytes: Vec<u8>,
+    ) -> futures::future::BoxFuture<'static, Result<compute::ValueRef, String>> {
+        let r = name_of(&bytes);
+        self.0.held.lock().unwrap().insert(r.blake3.clone(), bytes);
+        Box::pin(async move { Ok(r) })
+    }
+    fn holds(&self, value: &compute::ValueRef) -> bool {
+        self.0.held.lock().unwrap().contains_key(&value.blake3)
+    }
+    fn fetch(
+        &self,
+        value: &compute::ValueRef,
+        _from: mesh::PeerId,
+    ) -> futures::future::BoxFuture<'static, Result<(), String>> {
+        let found = self.holds(value) || {
+            let there = self.0.elsewhere.lock().unwrap().get(&value.blake3).cloned();
+            there.is_some_and(|b| {
+                self.0.held.lock().unwrap().insert(value.blake3.clone(), b);
+                true
+            })
+        };
+        Box::pin(async move {
+            if found {
+                Ok(())
+            } else {
+                Err("no member holds it".into())
+            }
+        })
+    }
+    fn read(
+        &self,
+        value: &compute::ValueRef,
+    ) -> futures::future::BoxFuture<'static, Result<Vec<u8>, String>> {
+        let b = self.0.held.lock().unwrap().get(&value.blake3).cloned();
+        Box::pin(async move { b.ok_or_else(|| "not held".to_string()) })
+    }
+    fn spool(&self) -> Result<Box<dyn compute::blobs::Spool>, String> {
+        Ok(Box::new(MemSpool(Vec::new(), self.0.clone())))
+    }
+    fn release(&self, value: &compute::ValueRef) {
+        self.0.held.lock().unwrap().remove(&value.blake3);
+    }
+}
+
+fn by_reference(f: &FunctionRecord, r: compute::ValueRef) -> Submission {
+    Submission {
+        args_ref: Some(r),
+        ..submission(f, Value::Null, Value::Null)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_arguments_and_results_go_by_reference_and_a_missing_input_fails_the_task() {
+    let blobs = std::sync::Arc::new(MemBlobs::default());
+    let values = compute::blobs::Values {
+        blobs: std::sync::Arc::new(Shared(blobs.clone())),
+        inline_limit: 1 << 20,
+    };
+    let config = EndpointConfig {
+        result_limit: 64 << 20,
+        ..config()
+    };
+    // The submitter's peer id: where the endpoint fetches arguments from.
+    let submitter = libp2p_identity_peer();
+    let mut h = start_with(tempfile::tempdir().unwrap(), config, Some(values)).await;
+    let endpoint = h.endpoint.clone();
+    let run = |sub: Submission| {
+        let ep = endpoint.clone();
+        let submitter = submitter.clone();
+        async move {
+            let id = sub.id.clone();
+            let a = ep.submit(&submitter, "inst-a", vec![sub]).await.unwrap();
+            assert!(a[0].is_ok(), "{a:?}");
+            id
+        }
+    };
+
+    // 3 MiB of arguments, held by the submitter: fetched, then run.
+    let input =
+        serde_json::to_vec(&json!({"args": ["x".repeat(3 << 20)], "kwargs": {"extra": "yz"}}))
+            .unwrap();
+    let r = name_of(&input);
+    blobs
+        .elsewhere
+        .lock()
+        .unwrap()
+        .insert(r.blake3.clone(), input);
+    let id = run(by_reference(&f("length"), r)).await;
+    let rec = h.wait(&id).await;
+    assert_eq!(value(&rec), &json!((3 << 20) + 2));
+
+    // A 3 MiB result: spilled by the worker into a blob, the outcome holds its reference.
+    let id = run(submission(&f("big"), json!([3 << 20]), json!({}))).await;
+    let rec = h.wait(&id).await;
+    let Some(Outcome::Succeeded {
+        value: inline,
+        value_ref: Some(r),
+    }) = &rec.outcome
+    else {
+        panic!("expected a value by reference: {:?}", rec.outcome);
+    };
+    assert!(inline.is_null());
+    assert_eq!(r.size, (3 << 20) + 2, "the JSON string, quotes included");
+    let held = blobs.held.lock().unwrap().get(&r.blake3).cloned().unwrap();
+    assert_eq!(name_of(&held), *r);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&held).unwrap(),
+        json!("x".repeat(3 << 20))
+    );
+
+    // A small result still goes inline.
+    let id = run(submission(&f("big"), json!([10]), json!({}))).await;
+    let rec = h.wait(&id).await;
+    assert_eq!(rec.outcome.as_ref().unwrap().value_ref(), None);
+    assert_eq!(value(&rec), &json!("xxxxxxxxxx"));
+
+    // Arguments no member holds: the task fails, and says why.
+    let id = run(by_reference(
+        &f("length"),
+        name_of(b"{\"args\": [\"gone\"]}"),
+    ))
+    .await;
+    let rec = h.wait(&id).await;
+    let e = error(&rec);
+    assert_eq!(e.kind, FailureKind::InputUnavailable, "{e:?}");
+    assert!(
+        e.message.contains("could not be fetched") && e.message.contains("no member holds it"),
+        "{}",
+        e.message
+    );
+    h.stop().await;
+}
+
+fn libp2p_identity_peer() -> String {
+    mesh::PeerId::random().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_without_blobs_refuses_arguments_by_reference() {
+    let h = start(config()).await;
+    let sub = by_reference(&f("length"), name_of(b"{}"));
+    let a = h
+        .endpoint
+        .submit("peer", "inst-a", vec![sub])
+        .await
+        .unwrap();
+    let e = a[0].as_ref().unwrap_err();
+    assert!(e.contains("by reference"), "{e}");
+    h.stop().await;
 }

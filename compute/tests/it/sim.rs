@@ -507,6 +507,7 @@ impl Sim {
                     function: function(),
                     args: json!([n]),
                     kwargs,
+                    args_ref: None,
                     encoding: Encoding::Json,
                     timeout_ms: 0,
                     requirements: Requirements::default(),
@@ -721,9 +722,7 @@ impl Sim {
                 let n = t.sub.args[0].clone();
                 let rec = record(
                     &t.sub,
-                    Outcome::Succeeded {
-                        value: json!({"n": n, "wire": wire.to_string(), "ep": ep}),
-                    },
+                    Outcome::succeeded(json!({"n": n, "wire": wire.to_string(), "ep": ep})),
                 );
                 t.state = EpState::Done(Box::new(rec.clone()));
                 e.outbox.insert(wire);
@@ -892,7 +891,7 @@ impl Sim {
             let last = t.attempts.last().expect("a task has an attempt");
             let ep = self.ep_of(last.target.peer.parse().expect("a peer id"));
             match &t.outcome {
-                Some(Outcome::Succeeded { value }) => {
+                Some(Outcome::Succeeded { value, .. }) => {
                     if value["n"] != json!(n) {
                         return Err(format!(
                             "task {id} (n = {n}) was credited another task's result: {value}"

@@ -22,6 +22,11 @@ pub struct RunArgs {
     /// Keyword arguments, a JSON object.
     #[arg(long, conflicts_with = "batch")]
     pub kwargs: Option<String>,
+    /// The arguments from a JSON file, `{"args": […], "kwargs": {…}}`, passed by reference:
+    /// uploaded to the node as a blob, which the endpoint fetches over the data plane (for
+    /// large inputs; arguments over the node's inline limit go by reference anyway).
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["batch", "args", "kwargs"])]
+    pub input: Option<PathBuf>,
     /// Run on this endpoint: id, id prefix, name or name@node.
     #[arg(long)]
     pub endpoint: Option<String>,
@@ -150,6 +155,16 @@ pub(crate) async fn run_command(a: RunArgs) -> anyhow::Result<()> {
         }
     };
     let client = Client::for_node(&DataDir::new(&a.node.node))?;
+    let mut tasks = tasks;
+    if let (Some(path), [task]) = (&a.input, tasks.as_mut_slice()) {
+        let blob = client.put_blob(path).await?;
+        task.args = serde_json::Value::Null;
+        task.kwargs = serde_json::Value::Null;
+        task.args_ref = Some(compute::task::ValueRef {
+            blake3: blob.hash,
+            size: blob.size,
+        });
+    }
     let wait = if a.wait {
         a.wait_timeout
     } else {
@@ -164,6 +179,11 @@ pub(crate) async fn run_command(a: RunArgs) -> anyhow::Result<()> {
     let mut failed = 0;
     for s in &list.tasks {
         match (&s.task, &s.error) {
+            (Some(t), _)
+                if a.wait && single && t.outcome.as_ref().and_then(|o| o.value_ref()).is_some() =>
+            {
+                client.task_value(&t.id, None).await?;
+            }
             (Some(t), _) if a.wait => {
                 if !print_result(t, single) {
                     failed += 1;

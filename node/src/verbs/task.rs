@@ -27,6 +27,18 @@ pub enum TaskCommand {
         #[command(flatten)]
         node: NodeArgs,
     },
+    /// Print a succeeded task's value as JSON, also one that came by reference (a large one:
+    /// give --out to write it to a file).
+    Value {
+        /// The task id.
+        id: String,
+        /// Write it here instead of to stdout.
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+        /// The node that submitted it.
+        #[command(flatten)]
+        node: NodeArgs,
+    },
     /// Wait for a task to finish, then print its result.
     Wait {
         /// The task ids (one or more).
@@ -61,7 +73,15 @@ pub(crate) async fn task_command(cmd: TaskCommand) -> anyhow::Result<()> {
         TaskCommand::Result { id, node } => {
             let client = Client::for_node(&DataDir::new(&node.node))?;
             let t = client.task(&id).await?;
-            finish_result(&t, node.json)
+            finish_result(&client, &t, node.json).await
+        }
+        TaskCommand::Value { id, out, node } => {
+            let client = Client::for_node(&DataDir::new(&node.node))?;
+            let n = client.task_value(&id, out.as_deref()).await?;
+            if let Some(out) = out {
+                eprintln!("wrote {n} bytes to {}", out.display());
+            }
+            Ok(())
         }
         TaskCommand::Wait { ids, timeout, node } => {
             let client = Client::for_node(&DataDir::new(&node.node))?;
@@ -71,7 +91,7 @@ pub(crate) async fn task_command(cmd: TaskCommand) -> anyhow::Result<()> {
                     anyhow::bail!("no answer for task {id}");
                 };
                 return match (s.task, s.error) {
-                    (Some(t), _) => finish_result(&t, node.json),
+                    (Some(t), _) => finish_result(&client, &t, node.json).await,
                     (None, e) => anyhow::bail!("{}", e.unwrap_or_default()),
                 };
             }

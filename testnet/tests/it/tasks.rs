@@ -192,9 +192,9 @@ async fn small_task_requests_do_not_wait_behind_a_large_one() {
             worker: None,
             environment: "host".into(),
             cold_start: false,
-            outcome: Some(compute::task::Outcome::Succeeded {
-                value: serde_json::Value::String("x".repeat(30 << 20)),
-            }),
+            outcome: Some(compute::task::Outcome::succeeded(
+                serde_json::Value::String("x".repeat(30 << 20)),
+            )),
         }],
         loads: Vec::new(),
     };
@@ -305,7 +305,7 @@ async fn tasks_and_results_too_large_for_one_message_all_arrive() {
     for (i, t) in done.iter().enumerate() {
         let t = t.as_ref().unwrap();
         match &t.outcome {
-            Some(compute::task::Outcome::Succeeded { value }) => {
+            Some(compute::task::Outcome::Succeeded { value, .. }) => {
                 let s = value.as_str().unwrap();
                 assert!(
                     s.starts_with(&i.to_string()) && s.len() == big.len() + i.to_string().len()
@@ -509,7 +509,7 @@ async fn a_foreign_host_task_cannot_read_the_node_key_the_api_token_or_the_store
         let endpoint = endpoint_of_node1(&net).await;
         let paths: Vec<String> = secrets.iter().map(|p| p.display().to_string()).collect();
         let outcome = run_on_node0(&net, function, endpoint, serde_json::json!([paths])).await;
-        let Some(compute::task::Outcome::Succeeded { value }) = &outcome else {
+        let Some(compute::task::Outcome::Succeeded { value, .. }) = &outcome else {
             panic!("the probe did not run: {outcome:?}");
         };
         for p in &paths {

@@ -48,6 +48,7 @@ fn request(n: u64, retries: u32) -> Request {
         },
         args: serde_json::json!([n]),
         kwargs: Value::Null,
+        args_ref: None,
         encoding: Encoding::Json,
         timeout_ms: 0,
         requirements: Requirements::default(),
@@ -127,7 +128,7 @@ fn advert(m: &mut Machine, n: u8, at: Now) {
 }
 
 fn result(wire: &TaskId, value: Value) -> Record {
-    let outcome = Outcome::Succeeded { value };
+    let outcome = Outcome::succeeded(value);
     Record {
         v: crate::task::RECORD_VERSION,
         id: wire.clone(),
@@ -288,9 +289,7 @@ fn a_task_whose_endpoint_is_lost_is_retried_elsewhere_and_the_old_one_is_not_hea
     let done = m.done_task(&t).expect("concluded by its current endpoint");
     assert_eq!(
         done.outcome,
-        Some(Outcome::Succeeded {
-            value: serde_json::json!("new")
-        })
+        Some(Outcome::succeeded(serde_json::json!("new")))
     );
 }
 
