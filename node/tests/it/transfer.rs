@@ -309,3 +309,112 @@ fn copy_half_way(net: &Net, id: &str) -> Vec<u8> {
     });
     body
 }
+
+/// Functions with a large argument and a large result.
+const LARGE: &str = "def length(s):\n    return len(s)\n\
+def make(n):\n    return 'y' * n\n";
+
+#[test]
+fn fifty_mib_arguments_and_results_go_by_reference_between_institutions() {
+    const SIZE: usize = 50 << 20;
+    let net = Net::up("2", "1", &[]);
+    let (a1, b1) = (net.node("a1"), net.node("b1"));
+    let src = net.dir.join("large.py");
+    std::fs::write(&src, LARGE).unwrap();
+    for f in ["length", "make"] {
+        ok(&[
+            "function",
+            "register",
+            "--name",
+            f,
+            "--python",
+            p(&src),
+            "--entrypoint",
+            f,
+            "--node",
+            p(&b1),
+        ]);
+    }
+    // A lets institution B run anything on a1.
+    let key = net.key("inst-a");
+    let mut token = String::new();
+    wait_until("a1 to know inst-b", Duration::from_secs(20), || {
+        let out = funcmesh(&[
+            "cap",
+            "grant",
+            "--issuer-key",
+            p(&key),
+            "--to",
+            "institution:inst-b",
+            "--endpoint",
+            "a1",
+            "--ttl",
+            "1h",
+            "--node",
+            p(&a1),
+        ]);
+        token = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        out.status.success()
+    });
+    ok(&["cap", "add", &token, "--node", p(&b1)]);
+
+    // A 50 MiB argument: uploaded to b1 as a blob, fetched by a1 over the data plane.
+    let input = net.dir.join("input.json");
+    std::fs::write(
+        &input,
+        serde_json::to_vec(&serde_json::json!({"args": ["x".repeat(SIZE)]})).unwrap(),
+    )
+    .unwrap();
+    let mut last = String::new();
+    wait_until("a1 to run b1's task", Duration::from_secs(30), || {
+        let out = funcmesh(&[
+            "run",
+            "length",
+            "--input",
+            p(&input),
+            "--endpoint",
+            "a1",
+            "--wait",
+            "--node",
+            p(&b1),
+        ]);
+        last = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.status.success()
+    });
+    assert_eq!(last.trim(), SIZE.to_string(), "{last}");
+
+    // A 50 MiB result: spilled into a blob on a1, fetched by b1, printed whole.
+    let id = ok(&[
+        "run",
+        "make",
+        &SIZE.to_string(),
+        "--endpoint",
+        "a1",
+        "--node",
+        p(&b1),
+    ]);
+    let out = funcmesh(&["task", "wait", &id, "--node", p(&b1)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout.len(), SIZE + 3, "a JSON string and a newline");
+    assert!(out.stdout.starts_with(b"\"yyyy") && out.stdout.ends_with(b"y\"\n"));
+    let t: serde_json::Value =
+        serde_json::from_str(&ok(&["task", "status", &id, "--node", p(&b1), "--json"])).unwrap();
+    let r = &t["outcome"]["value_ref"];
+    assert_eq!(r["size"], SIZE as u64 + 2, "{t}");
+    // b1 fetched it when the result arrived: it serves it from its own store.
+    let hash = r["blake3"].as_str().unwrap();
+    wait_until("b1 to hold the result", Duration::from_secs(20), || {
+        b1.join("blobs").join(format!("{hash}.data")).exists()
+    });
+    let saved = net.dir.join("value.json");
+    ok(&["task", "value", &id, "--out", p(&saved), "--node", p(&b1)]);
+    assert_eq!(std::fs::metadata(&saved).unwrap().len(), SIZE as u64 + 2);
+}
