@@ -474,6 +474,56 @@ async fn compute_step(net: &Testnet) -> anyhow::Result<()> {
         );
     }
 
+    // A result too large to travel with its task goes by reference.
+    let size: u64 = 50 << 20;
+    on_b.register_function(&crate::registry::NewFunction {
+        name: "make_data".into(),
+        python: Some("def make_data(n):\n    return 'x' * n\n".into()),
+        entrypoint: Some("make_data".into()),
+        payload: None,
+        shell: None,
+        container: None,
+        description: "returns n characters of text".into(),
+    })
+    .await?;
+    let started = Instant::now();
+    let task = match submit(run(
+        "make_data",
+        serde_json::json!([size]),
+        serde_json::json!({}),
+        &a2.name,
+    ))
+    .await?
+    {
+        Ok(t) => t,
+        Err(why) => bail!("make_data was refused: {why}"),
+    };
+    let Some(r) = task.outcome.as_ref().and_then(|o| o.value_ref()).cloned() else {
+        bail!(
+            "make_data's 50 MiB result did not come by reference: {:?}",
+            task.status
+        );
+    };
+    let out = b1.data_dir.join("make_data.json");
+    let got = on_b.task_value(&task.id, Some(&out)).await?;
+    let _ = std::fs::remove_file(&out);
+    if got != size + 2 || r.size != size + 2 {
+        bail!(
+            "make_data's value is {got} bytes, its reference says {}",
+            r.size
+        );
+    }
+    println!(
+        "make_data({size}) on {} = a {} MiB string, by reference: {}'s worker streamed it into \
+         a blob (blake3 {}…), {} fetched it over QUIC; {} ms in all (`funcmesh task value ID`)",
+        a2.name,
+        size >> 20,
+        a2.name,
+        &r.blake3[..16],
+        b1.name,
+        started.elapsed().as_millis()
+    );
+
     println!(
         "\n-- 2d. {inst_a} revokes its grant for {} (`funcmesh cap revoke`); the revocation \
          spreads through the registry",

@@ -48,6 +48,8 @@ pub struct DataPlane {
     desk: crate::files::DeskSlot,
     /// Open connections to peers, reused by every call.
     conns: Arc<std::sync::Mutex<std::collections::HashMap<PeerId, quinn::Connection>>>,
+    /// One fetch of a blob at a time: a second waits for the first, then finds what it left.
+    fetching: Arc<std::sync::Mutex<std::collections::HashMap<Hash, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
 /// Largest UDP payload the data plane sends or accepts (what a loopback path carries).
@@ -263,6 +265,7 @@ impl DataPlane {
             roots: roots.clone(),
             desk: desk.clone(),
             conns: Arc::default(),
+            fetching: Arc::default(),
         };
         tokio::spawn(async move {
             while let Some(incoming) = endpoint.accept().await {
@@ -392,6 +395,14 @@ impl DataPlane {
         connecting.await.map_err(|e| fail(e.to_string()))
     }
 
+    /// The lock that keeps fetches of `hash` from running at once (both would write its partial
+    /// files); locks no one holds are dropped on the way.
+    fn blob_lock(&self, hash: Hash) -> Arc<tokio::sync::Mutex<()>> {
+        let mut m = self.fetching.lock().unwrap_or_else(|e| e.into_inner());
+        m.retain(|_, l| Arc::strong_count(l) > 1);
+        m.entry(hash).or_default().clone()
+    }
+
     /// Fetches blob `hash` from several members that hold it at once: the missing chunk groups
     /// are split among the sources that answer, each part on its own stream; a part whose
     /// source fails goes to the next source (up to `attempts` rounds). Returns the blob's size
@@ -402,6 +413,8 @@ impl DataPlane {
         hash: Hash,
         attempts: usize,
     ) -> Result<(u64, u64), Error> {
+        let lock = self.blob_lock(hash);
+        let _one = lock.lock().await;
         // Who holds it, and its size (sources that disagree on the size are left out).
         let mut live = Vec::new();
         let mut size = None;
@@ -522,6 +535,8 @@ impl DataPlane {
         hash: Hash,
         attempts: usize,
     ) -> Result<(u64, u64), Error> {
+        let lock = self.blob_lock(hash);
+        let _one = lock.lock().await;
         let conn = self.connect(peer, addr).await?;
         let size = match ask(
             &conn,

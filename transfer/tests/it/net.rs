@@ -60,6 +60,29 @@ async fn a_member_fetches_a_blob_over_quic_and_it_keeps_its_hash() {
     );
 }
 
+/// Two fetches of one blob at once (a task's result fetched when it arrives and when the user
+/// asks for it): the second waits for the first and finds the blob held; both succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetches_of_one_blob_at_once_both_succeed_and_it_travels_once() {
+    let (a, b) = (node(true), node(true));
+    let bytes = random(16 << 20);
+    let (hash, size) = a.store.import(&bytes[..]).unwrap();
+    let (peer, addr) = (a.key.public().to_peer_id(), a.plane.local_addr().unwrap());
+    let sources = [(peer, addr)];
+    let (one, two) = tokio::join!(
+        b.plane.fetch(peer, addr, hash, 3),
+        b.plane.fetch_many(&sources, hash, 3)
+    );
+    let (one, two) = (one.unwrap(), two.unwrap());
+    assert_eq!((one.0, two.0), (size, size));
+    assert_eq!(
+        one.1 + two.1,
+        size,
+        "the bytes travelled once: {one:?} {two:?}"
+    );
+    assert_eq!(std::fs::read(b.store.path(&hash).unwrap()).unwrap(), bytes);
+}
+
 /// Bytes flipped on the sender's side of the stream: the receiver refuses the bad chunk group,
 /// keeps what verified, asks again for the rest, and the blob arrives intact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
