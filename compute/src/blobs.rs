@@ -26,6 +26,8 @@ pub trait Blobs: Send + Sync + 'static {
     fn spool(&self) -> Result<Box<dyn Spool>, String>;
     /// This node no longer needs `value` (the task that held it is gone).
     fn release(&self, value: &ValueRef);
+    /// This node's peer id (where others fetch what it holds).
+    fn node(&self) -> String;
 }
 
 /// A value being written; dropped unfinished, it leaves nothing behind.

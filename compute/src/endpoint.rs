@@ -769,6 +769,72 @@ impl Driver {
         });
     }
 
+    /// A running function asks for a blob: fetched from its task's submitter unless this node
+    /// holds it, then sent down the worker's pipe (or why not).
+    fn on_get(&mut self, worker: WorkerId, task: String, value: crate::task::ValueRef) {
+        let Some(handle) = self.workers.get(&worker) else {
+            return;
+        };
+        let orders = handle.orders.clone();
+        let refuse = |why: &str| {
+            let _ = orders.try_send(protocol::blob_error(why));
+        };
+        let running = TaskId::try_from(task)
+            .ok()
+            .and_then(|id| self.live.get(&id))
+            .filter(|l| {
+                l.rec.status == Status::Running
+                    && l.rec.worker.as_deref() == Some(handle.name.as_str())
+            });
+        let Some(l) = running else {
+            refuse("the task asking is not running on this worker");
+            return;
+        };
+        let Some(values) = self.values.clone() else {
+            refuse("this endpoint keeps no blobs");
+            return;
+        };
+        if value.size > self.config.result_limit {
+            refuse(&format!(
+                "the blob is {} bytes; this endpoint hands functions at most {} (its result_limit)",
+                value.size, self.config.result_limit
+            ));
+            return;
+        }
+        let from = l.rec.submitter.parse::<mesh::PeerId>();
+        self.tracker.spawn(async move {
+            let got = async {
+                value.check()?;
+                if !values.blobs.holds(&value) {
+                    let from =
+                        from.map_err(|e| format!("the task's submitter is not a peer id: {e}"))?;
+                    values.blobs.fetch(&value, from).await.map_err(|e| {
+                        format!(
+                            "blob {} could not be fetched from the task's submitter: {e}",
+                            value.blake3
+                        )
+                    })?;
+                }
+                values.blobs.read(&value).await
+            }
+            .await;
+            let frame = match got {
+                Ok(bytes) => {
+                    let mut f = protocol::encode(&ToWorker::Blob {
+                        value: None,
+                        node: None,
+                        size: Some(bytes.len() as u64),
+                        error: None,
+                    });
+                    f.extend_from_slice(&bytes);
+                    f
+                }
+                Err(e) => protocol::blob_error(&e),
+            };
+            let _ = orders.send(frame).await;
+        });
+    }
+
     /// A task's arguments arrived, or could not be fetched.
     fn on_inputs(
         &mut self,
@@ -1142,6 +1208,7 @@ impl Driver {
                 }
             }
             Report::Inputs(id, got) => self.on_inputs(id, got, now),
+            Report::Get(w, task, value) => self.on_get(w, task, value),
             Report::Exited(w, reason) => {
                 self.workers.remove(&w);
                 tracing::debug!(endpoint = %self.config.name, worker = w, %reason, "worker gone");

@@ -37,6 +37,21 @@ pub enum FromWorker {
     },
     /// One task's result.
     Result(WorkerResult),
+    /// A running function stores a file as a blob: its bytes, `spill` of them, follow raw.
+    Put {
+        /// The task.
+        id: String,
+        /// The file's size.
+        spill: u64,
+    },
+    /// A running function asks for a blob (fetched from the task's submitter unless held).
+    Get {
+        /// The task.
+        id: String,
+        /// The blob.
+        #[serde(rename = "ref")]
+        value: crate::task::ValueRef,
+    },
 }
 
 /// One task's result from a worker.
@@ -128,6 +143,32 @@ pub enum ToWorker<'a> {
     },
     /// Finish and exit.
     Exit,
+    /// The answer to a function's `put` (the reference, and the node that holds it) or `get`
+    /// (the size of the bytes that follow raw), or why there is none.
+    Blob {
+        /// The stored blob.
+        #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+        value: Option<&'a crate::task::ValueRef>,
+        /// The node that holds it (peer id).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        node: Option<&'a str>,
+        /// The bytes that follow.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        size: Option<u64>,
+        /// Why not.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        error: Option<&'a str>,
+    },
+}
+
+/// The answer to a `put` or `get` that failed.
+pub fn blob_error(why: &str) -> Vec<u8> {
+    encode(&ToWorker::Blob {
+        value: None,
+        node: None,
+        size: None,
+        error: Some(why),
+    })
 }
 
 /// Encodes one frame.

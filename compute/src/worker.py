@@ -11,13 +11,21 @@ Protocol, version 1 (see compute/src/protocol.rs, which is the reference):
                       or, for a value over the task's inline_limit, {"op": "result", "id",
                       "ok": true, "spill": N, "run_us"} followed by the value's JSON as N raw
                       bytes (the endpoint stores it as a blob)
+                      {"op": "put", "id", "spill": N} + N raw bytes: a function stores a file
+                      {"op": "get", "id", "ref": {"blake3", "size"}}: a function wants a blob
   endpoint -> worker: {"op": "run", "tasks": [task, ...]}  a batch, run in order
+                      {"op": "blob", "ref" | "size" (+ that many raw bytes) | "error"}: the
+                      answer to a put or a get
                       {"op": "cancel", "ids": [...]}       skip these if not started yet
                       {"op": "exit"}
   task: {"id", "fid", "fn" (only the first time this worker sees fid), "args", "kwargs",
          "encoding": "json" | "pickle", "timeout_ms", "memory_mb", "result_limit",
          "inline_limit" (0: never spill), "output_cap"}
 The task's own stdout is redirected to stderr: the protocol pipe is private to the worker.
+
+Functions reach the blob store through the module `funcmesh_blobs`, which this worker provides:
+`put(path)` stores a file and returns its reference, `get(ref)` fetches a blob (from the task's
+submitter, unless the endpoint's node holds it) into a file and returns its path.
 """
 
 import base64
@@ -83,10 +91,40 @@ class Channel:
         sys.stdout = sys.stderr
         self.pending = 0
         self.first_pending = 0.0
+        # Frames that arrived while a function waited for a blob answer, to be read next.
+        self.stash = collections.deque()
 
     def read(self, wait=True):
         """The next frame; None at the end of input; NOTHING if `wait` is false and no whole
         frame has arrived yet."""
+        if self.stash:
+            return self.stash.popleft()
+        return self.read_pipe(wait)
+
+    def answer(self):
+        """Waits for the endpoint's `blob` answer, keeping the frames that come before it."""
+        while True:
+            frame = self.read_pipe(True)
+            if frame is None:
+                raise EOFError("the endpoint closed the pipe")
+            if frame.get("op") == "blob":
+                return frame
+            self.stash.append(frame)
+
+    def read_raw(self, n, out):
+        """Copies the next `n` raw bytes of the pipe into the file `out`."""
+        while n > 0:
+            if not self.buf:
+                chunk = os.read(self.rfd, 1 << 20)
+                if not chunk:
+                    raise EOFError("the endpoint closed the pipe in the middle of a blob")
+                self.buf += chunk
+            take = min(n, len(self.buf))
+            out.write(self.buf[:take])
+            del self.buf[:take]
+            n -= take
+
+    def read_pipe(self, wait):
         while True:
             if len(self.buf) >= 4:
                 (n,) = struct.unpack_from(">I", self.buf)
@@ -209,6 +247,7 @@ class Worker:
 
     def run(self, task):
         tid = task.get("id")
+        CURRENT["id"] = tid
         start = time.perf_counter()
         recycle = False
         try:
@@ -513,8 +552,74 @@ def run_shell(template, task):
     return {"ok": True, "value": value}
 
 
+# The running task's id, for the blob helpers.
+CURRENT = {"id": None, "channel": None}
+
+
+def blob_put(path):
+    """Stores the file at `path` in the endpoint node's blob store; returns its reference,
+    {"blake3": ..., "size": ..., "node": <the endpoint node's peer id>}: return it, and the
+    submitter fetches the blob with `funcmesh transfer get HASH --from NODE`."""
+    ch = CURRENT["channel"]
+    if ch is None or CURRENT["id"] is None:
+        raise RuntimeError("funcmesh_blobs.put works inside a task only")
+    size = os.path.getsize(path)
+    ch.write({"op": "put", "id": CURRENT["id"], "spill": size})
+    with open(path, "rb") as f:
+        left = size
+        while left > 0:
+            chunk = f.read(min(left, 1 << 20))
+            if not chunk:
+                raise RuntimeError("%s shrank while it was being stored" % path)
+            ch.tx.write(chunk)
+            left -= len(chunk)
+    ch.flush()
+    reply = ch.answer()
+    if reply.get("error"):
+        raise RuntimeError(reply["error"])
+    ref = dict(reply["ref"])
+    if reply.get("node"):
+        ref["node"] = reply["node"]
+    return ref
+
+
+def blob_get(ref, path=None):
+    """Fetches the blob `ref` ({"blake3", "size"}, as `put` or `funcmesh transfer put` gave it)
+    from the task's submitter, unless the endpoint's node holds it, into a file: `path`, or a
+    new file in the working directory. Returns the file's path."""
+    ch = CURRENT["channel"]
+    if ch is None or CURRENT["id"] is None:
+        raise RuntimeError("funcmesh_blobs.get works inside a task only")
+    want = {"blake3": str(ref["blake3"]), "size": int(ref["size"])}
+    ch.write({"op": "get", "id": CURRENT["id"], "ref": want})
+    ch.flush()
+    reply = ch.answer()
+    if reply.get("error"):
+        raise RuntimeError(reply["error"])
+    if path is None:
+        import tempfile
+
+        fd, path = tempfile.mkstemp(prefix="blob-%s-" % want["blake3"][:12], dir=os.getcwd())
+        os.close(fd)
+    with open(path, "wb") as out:
+        ch.read_raw(int(reply["size"]), out)
+    return path
+
+
+def install_blob_helpers(channel):
+    import types
+
+    module = types.ModuleType("funcmesh_blobs")
+    module.__doc__ = "Blobs for funcmesh functions: put(path) -> ref, get(ref) -> path."
+    module.put = blob_put
+    module.get = blob_get
+    sys.modules["funcmesh_blobs"] = module
+    CURRENT["channel"] = channel
+
+
 def main():
     channel = Channel()
+    install_blob_helpers(channel)
     Worker(channel).serve()
 
 

@@ -19,6 +19,8 @@ pub(crate) enum Report {
     Ready(WorkerId),
     Results(WorkerId, Vec<WorkerResult>),
     Exited(WorkerId, String),
+    /// A running function asks for a blob.
+    Get(WorkerId, String, crate::task::ValueRef),
     /// A task's arguments, fetched by reference (or why they could not be).
     Inputs(
         crate::task::TaskId,
@@ -127,8 +129,11 @@ async fn drive(
     let mut buf: Vec<u8> = Vec::with_capacity(64 << 10);
     let mut chunk = vec![0u8; 256 << 10];
     let mut hello = false;
-    // A spilled result being received: the result, the bytes still to come, where they go.
-    let mut spill: Option<(WorkerResult, u64, Box<dyn crate::blobs::Spool>)> = None;
+    // Raw bytes being received: for a spilled result (`Some`) or a function's `put` (`None`),
+    // the bytes still to come, and where they go.
+    let mut spill: Option<(Option<WorkerResult>, u64, Box<dyn crate::blobs::Spool>)> = None;
+    // Answers to `put`s, written to the worker once its output is read.
+    let mut answers: Vec<Vec<u8>> = Vec::new();
     let reason = loop {
         tokio::select! {
             read = stdout.read(&mut chunk) => {
@@ -149,8 +154,22 @@ async fn drive(
                         if *left > 0 {
                             break None;
                         }
-                        let (mut r, _, sink) = spill.take().expect("a spill is in progress");
-                        match sink.finish().await {
+                        let (result, _, sink) = spill.take().expect("a spill is in progress");
+                        let stored = sink.finish().await;
+                        let Some(mut r) = result else {
+                            let node = launch.values.as_ref().map(|v| v.blobs.node());
+                            answers.push(match &stored {
+                                Ok(value) => protocol::encode(&protocol::ToWorker::Blob {
+                                    value: Some(value),
+                                    node: node.as_deref(),
+                                    size: None,
+                                    error: None,
+                                }),
+                                Err(e) => protocol::blob_error(&format!("the endpoint could not store the file: {e}")),
+                            });
+                            continue;
+                        };
+                        match stored {
                             Ok(value) => r.value_ref = Some(value),
                             Err(e) => {
                                 r.ok = false;
@@ -196,8 +215,30 @@ async fn drive(
                                         break Some("the worker spilled a result, and this endpoint keeps no blobs".into());
                                     };
                                     match values.blobs.spool() {
-                                        Ok(sink) => spill = Some((r, size, sink)),
+                                        Ok(sink) => spill = Some((Some(r), size, sink)),
                                         Err(e) => break Some(format!("cannot store the worker's result: {e}")),
+                                    }
+                                }
+                                FromWorker::Put { spill: size, .. } if hello => {
+                                    // The bytes follow whatever the answer: they are taken in
+                                    // (or dropped) before the pipe is read as frames again.
+                                    if size > launch.spill_limit {
+                                        break Some(format!(
+                                            "a function stored a file of {size} bytes, over the limit of {}",
+                                            launch.spill_limit
+                                        ));
+                                    }
+                                    let Some(values) = &launch.values else {
+                                        break Some("a function stored a file, and this endpoint keeps no blobs".into());
+                                    };
+                                    match values.blobs.spool() {
+                                        Ok(sink) => spill = Some((None, size, sink)),
+                                        Err(e) => break Some(format!("cannot store a function's file: {e}")),
+                                    }
+                                }
+                                FromWorker::Get { id: task, value } if hello => {
+                                    if reports.send(Report::Get(id, task, value)).await.is_err() {
+                                        break Some("the endpoint stopped".into());
                                     }
                                 }
                                 FromWorker::Result(r) if hello => results.push(r),
@@ -210,6 +251,11 @@ async fn drive(
                     }
                 };
                 buf.drain(..used);
+                for answer in answers.drain(..) {
+                    if stdin.write_all(&answer).await.is_err() {
+                        break;
+                    }
+                }
                 if !results.is_empty() && reports.send(Report::Results(id, results)).await.is_err() {
                     break "the endpoint stopped".into();
                 }

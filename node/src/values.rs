@@ -137,6 +137,10 @@ impl Blobs for NodeBlobs {
             self.store.remove(&h);
         }
     }
+
+    fn node(&self) -> String {
+        self.mesh.peer_id().to_string()
+    }
 }
 
 /// A value being written into the blob store.

@@ -241,6 +241,9 @@ fn error(rec: &Record) -> &compute::TaskError {
 const SOURCE: &str = "import os, time\n\
 def add(a, b=1):\n    return a + b\n\
 def length(s, extra=''):\n    return len(s) + len(extra)\n\
+def shout(ref):\n    import funcmesh_blobs, tempfile\n    text = open(funcmesh_blobs.get(ref)).read()\n    \
+out = tempfile.NamedTemporaryFile('w', delete=False)\n    out.write(text.upper())\n    out.close()\n    \
+return funcmesh_blobs.put(out.name)\n\
 def boom(x):\n    return helper(x)\n\
 def helper(x):\n    raise ValueError('bad value %r' % x)\n\
 def sleep(s):\n    time.sleep(s)\n    return s\n\
@@ -1350,6 +1353,9 @@ impl compute::blobs::Blobs for Shared {
     fn release(&self, value: &compute::ValueRef) {
         self.0.held.lock().unwrap().remove(&value.blake3);
     }
+    fn node(&self) -> String {
+        "the-endpoints-node".into()
+    }
 }
 
 fn by_reference(f: &FunctionRecord, r: compute::ValueRef) -> Submission {
@@ -1433,6 +1439,56 @@ async fn large_arguments_and_results_go_by_reference_and_a_missing_input_fails_t
     let rec = h.wait(&id).await;
     let e = error(&rec);
     assert_eq!(e.kind, FailureKind::InputUnavailable, "{e:?}");
+    assert!(
+        e.message.contains("could not be fetched") && e.message.contains("no member holds it"),
+        "{}",
+        e.message
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_gets_and_puts_blobs_itself() {
+    let blobs = std::sync::Arc::new(MemBlobs::default());
+    let values = compute::blobs::Values {
+        blobs: std::sync::Arc::new(Shared(blobs.clone())),
+        inline_limit: 1 << 20,
+    };
+    let mut h = start_with(tempfile::tempdir().unwrap(), config(), Some(values)).await;
+    let submitter = libp2p_identity_peer();
+    // A blob only the submitter holds: the function fetches it, and stores a new one.
+    let r = name_of(b"hello, blobs");
+    blobs
+        .elsewhere
+        .lock()
+        .unwrap()
+        .insert(r.blake3.clone(), b"hello, blobs".to_vec());
+    let sub = submission(&f("shout"), json!([r]), json!({}));
+    let id = sub.id.clone();
+    let a = h
+        .endpoint
+        .submit(&submitter, "inst-a", vec![sub])
+        .await
+        .unwrap();
+    assert!(a[0].is_ok(), "{a:?}");
+    let rec = h.wait(&id).await;
+    let out = value(&rec).clone();
+    let want = name_of(b"HELLO, BLOBS");
+    assert_eq!(out["blake3"], want.blake3.as_str(), "{out}");
+    assert_eq!(out["size"], 12);
+    assert_eq!(out["node"], "the-endpoints-node");
+    assert_eq!(blobs.held.lock().unwrap()[&want.blake3], b"HELLO, BLOBS");
+
+    // A blob no one holds: the function's `get` raises, with the reason.
+    let sub = submission(&f("shout"), json!([name_of(b"nowhere")]), json!({}));
+    let id = sub.id.clone();
+    h.endpoint
+        .submit(&submitter, "inst-a", vec![sub])
+        .await
+        .unwrap();
+    let rec = h.wait(&id).await;
+    let e = error(&rec);
+    assert_eq!(e.type_name, "RuntimeError", "{e:?}");
     assert!(
         e.message.contains("could not be fetched") && e.message.contains("no member holds it"),
         "{}",
