@@ -771,7 +771,13 @@ impl Driver {
 
     /// A running function asks for a blob: fetched from its task's submitter unless this node
     /// holds it, then sent down the worker's pipe (or why not).
-    fn on_get(&mut self, worker: WorkerId, task: String, value: crate::task::ValueRef) {
+    fn on_get(
+        &mut self,
+        worker: WorkerId,
+        task: String,
+        value: crate::task::ValueRef,
+        from: Option<String>,
+    ) {
         let Some(handle) = self.workers.get(&worker) else {
             return;
         };
@@ -801,18 +807,19 @@ impl Driver {
             ));
             return;
         }
-        let from = l.rec.submitter.parse::<mesh::PeerId>();
+        // A blob's hash is what lets a member fetch it from any other: the function names the
+        // member, or its task's submitter is asked.
+        let from = from
+            .unwrap_or_else(|| l.rec.submitter.clone())
+            .parse::<mesh::PeerId>();
         self.tracker.spawn(async move {
             let got = async {
                 value.check()?;
                 if !values.blobs.holds(&value) {
-                    let from =
-                        from.map_err(|e| format!("the task's submitter is not a peer id: {e}"))?;
+                    let from = from
+                        .map_err(|e| format!("the member to fetch from is not a peer id: {e}"))?;
                     values.blobs.fetch(&value, from).await.map_err(|e| {
-                        format!(
-                            "blob {} could not be fetched from the task's submitter: {e}",
-                            value.blake3
-                        )
+                        format!("blob {} could not be fetched from {from}: {e}", value.blake3)
                     })?;
                 }
                 values.blobs.read(&value).await
@@ -1208,7 +1215,7 @@ impl Driver {
                 }
             }
             Report::Inputs(id, got) => self.on_inputs(id, got, now),
-            Report::Get(w, task, value) => self.on_get(w, task, value),
+            Report::Get(w, task, value, from) => self.on_get(w, task, value, from),
             Report::Exited(w, reason) => {
                 self.workers.remove(&w);
                 tracing::debug!(endpoint = %self.config.name, worker = w, %reason, "worker gone");

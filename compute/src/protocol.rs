@@ -51,6 +51,9 @@ pub enum FromWorker {
         /// The blob.
         #[serde(rename = "ref")]
         value: crate::task::ValueRef,
+        /// The member to fetch it from (a peer id; default: the task's submitter).
+        #[serde(default)]
+        from: Option<String>,
     },
 }
 

@@ -12,7 +12,8 @@ Protocol, version 1 (see compute/src/protocol.rs, which is the reference):
                       "ok": true, "spill": N, "run_us"} followed by the value's JSON as N raw
                       bytes (the endpoint stores it as a blob)
                       {"op": "put", "id", "spill": N} + N raw bytes: a function stores a file
-                      {"op": "get", "id", "ref": {"blake3", "size"}}: a function wants a blob
+                      {"op": "get", "id", "ref": {"blake3", "size"}, "from"?}: a function wants
+                      a blob (from the member `from`, else the task's submitter)
   endpoint -> worker: {"op": "run", "tasks": [task, ...]}  a batch, run in order
                       {"op": "blob", "ref" | "size" (+ that many raw bytes) | "error"}: the
                       answer to a put or a get
@@ -585,13 +586,17 @@ def blob_put(path):
 
 def blob_get(ref, path=None):
     """Fetches the blob `ref` ({"blake3", "size"}, as `put` or `funcmesh transfer put` gave it)
-    from the task's submitter, unless the endpoint's node holds it, into a file: `path`, or a
-    new file in the working directory. Returns the file's path."""
+    from the member it names (`node`, as `put` sets it) or else the task's submitter, unless the
+    endpoint's node holds it, into a file: `path`, or a new file in the working directory.
+    Returns the file's path."""
     ch = CURRENT["channel"]
     if ch is None or CURRENT["id"] is None:
         raise RuntimeError("funcmesh_blobs.get works inside a task only")
     want = {"blake3": str(ref["blake3"]), "size": int(ref["size"])}
-    ch.write({"op": "get", "id": CURRENT["id"], "ref": want})
+    ask = {"op": "get", "id": CURRENT["id"], "ref": want}
+    if ref.get("node"):
+        ask["from"] = str(ref["node"])
+    ch.write(ask)
     ch.flush()
     reply = ch.answer()
     if reply.get("error"):

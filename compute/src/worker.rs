@@ -20,7 +20,7 @@ pub(crate) enum Report {
     Results(WorkerId, Vec<WorkerResult>),
     Exited(WorkerId, String),
     /// A running function asks for a blob.
-    Get(WorkerId, String, crate::task::ValueRef),
+    Get(WorkerId, String, crate::task::ValueRef, Option<String>),
     /// A task's arguments, fetched by reference (or why they could not be).
     Inputs(
         crate::task::TaskId,
@@ -236,8 +236,8 @@ async fn drive(
                                         Err(e) => break Some(format!("cannot store a function's file: {e}")),
                                     }
                                 }
-                                FromWorker::Get { id: task, value } if hello => {
-                                    if reports.send(Report::Get(id, task, value)).await.is_err() {
+                                FromWorker::Get { id: task, value, from } if hello => {
+                                    if reports.send(Report::Get(id, task, value, from)).await.is_err() {
                                         break Some("the endpoint stopped".into());
                                     }
                                 }
