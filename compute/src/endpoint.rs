@@ -819,7 +819,10 @@ impl Driver {
                     let from = from
                         .map_err(|e| format!("the member to fetch from is not a peer id: {e}"))?;
                     values.blobs.fetch(&value, from).await.map_err(|e| {
-                        format!("blob {} could not be fetched from {from}: {e}", value.blake3)
+                        format!(
+                            "blob {} could not be fetched from {from}: {e}",
+                            value.blake3
+                        )
                     })?;
                 }
                 values.blobs.read(&value).await

@@ -160,10 +160,12 @@ impl Spool for NodeSpool {
             let file = out
                 .into_inner()
                 .map_err(|e| format!("cannot write the value: {}", e.error()))?;
-            let (hash, size) = tokio::task::spawn_blocking(move || store.adopt(file))
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| format!("cannot store the value: {e}"))?;
+            let (hash, size) = tokio::task::spawn_blocking(move || {
+                store.adopt(file, transfer::blob::Durability::Written)
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("cannot store the value: {e}"))?;
             Ok(reference(hash, size))
         })
     }

@@ -89,6 +89,16 @@ pub enum Error {
     },
 }
 
+/// How far a stored blob must have reached before it counts as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// On the disk (fsynced): what a user uploads.
+    Synced,
+    /// Written, to reach the disk with the page cache: survives the process, not the machine.
+    /// A task's value, as durable as the task's record (written unsynced too).
+    Written,
+}
+
 /// The blob store of one node.
 #[derive(Debug, Clone)]
 pub struct BlobStore {
@@ -139,13 +149,19 @@ impl BlobStore {
     pub fn import(&self, mut data: impl Read) -> Result<(Hash, u64), Error> {
         let mut file = tempfile::NamedTempFile::with_prefix_in(".import-", &self.dir)?;
         io::copy(&mut data, file.as_file_mut())?;
-        self.adopt(file)
+        self.adopt(file, Durability::Synced)
     }
 
     /// Stores the file `spool` (made in [`BlobStore::dir`], written whole) as a blob, moving
     /// it into place; returns its hash and size. A blob already held is not stored twice.
-    pub fn adopt(&self, spool: tempfile::NamedTempFile) -> Result<(Hash, u64), Error> {
-        spool.as_file().sync_all()?;
+    pub fn adopt(
+        &self,
+        spool: tempfile::NamedTempFile,
+        durability: Durability,
+    ) -> Result<(Hash, u64), Error> {
+        if durability == Durability::Synced {
+            spool.as_file().sync_all()?;
+        }
         let size = spool.as_file().metadata()?.len();
         let tree = BaoTree::new(size, BLOCK_SIZE);
         let obao = tempfile::NamedTempFile::with_prefix_in(".import-", &self.dir)?;
@@ -156,7 +172,9 @@ impl BlobStore {
             data: obao.reopen()?,
         };
         outboard.init_from(io::BufReader::with_capacity(1 << 20, spool.reopen()?))?;
-        outboard.sync()?;
+        if durability == Durability::Synced {
+            outboard.sync()?;
+        }
         let hash = Hash(*outboard.root.as_bytes());
         let (data_path, obao_path) = self.complete(&hash);
         if !data_path.exists() {
