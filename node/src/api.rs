@@ -518,7 +518,7 @@ enum SubmitForm {
     Many(crate::tasks::SubmitBody),
     One {
         #[serde(flatten)]
-        task: crate::tasks::NewTask,
+        task: Box<crate::tasks::NewTask>,
         #[serde(default)]
         wait_ms: u64,
     },
@@ -562,7 +562,7 @@ async fn submit_tasks(
     })?;
     let (tasks, wait_ms) = match form {
         SubmitForm::Many(b) if !b.tasks.is_empty() => (b.tasks, b.wait_ms),
-        SubmitForm::One { task, wait_ms } if !task.function.is_empty() => (vec![task], wait_ms),
+        SubmitForm::One { task, wait_ms } if !task.function.is_empty() => (vec![*task], wait_ms),
         _ => {
             return Err(ApiError(
                 StatusCode::BAD_REQUEST,

@@ -401,11 +401,10 @@ pub(crate) async fn stream(
     send: &mut quinn::SendStream,
     encode: impl FnOnce(&mut dyn std::io::Write) -> Result<(), crate::blob::Error> + Send + 'static,
 ) -> Result<(), crate::blob::Error> {
-    let (writer, mut chunks) = bridge::writer();
+    let (mut writer, mut chunks) = bridge::writer();
     let encoding = tokio::task::spawn_blocking(move || {
-        let mut out = std::io::BufWriter::with_capacity(1 << 20, writer);
-        encode(&mut out)?;
-        std::io::Write::flush(&mut out)?;
+        encode(&mut writer)?;
+        std::io::Write::flush(&mut writer)?;
         Ok::<(), crate::blob::Error>(())
     });
     let mut flip = corrupt
@@ -418,11 +417,14 @@ pub(crate) async fn stream(
     while let Some(mut chunk) = chunks.recv().await {
         if flip && chunk.len() > 1024 {
             // Test hook: one byte flipped in the middle of the stream's first chunk.
-            let at = chunk.len() / 2;
-            chunk[at] ^= 0x20;
+            let mut bytes = chunk.to_vec();
+            let at = bytes.len() / 2;
+            bytes[at] ^= 0x20;
+            chunk = bytes.into();
             flip = false;
         }
-        if send.write_all(&chunk).await.is_err() {
+        // Handed to QUIC as it is: no copy into its send buffer.
+        if send.write_chunk(chunk).await.is_err() {
             return Err(crate::blob::Error::Io(std::io::Error::other(
                 "the receiver closed the stream",
             )));
@@ -495,25 +497,50 @@ pub(crate) mod bridge {
         }
     }
 
-    /// A blocking `Write` whose chunks an async task sends on.
-    pub(super) fn writer() -> (ChannelWriter, tokio::sync::mpsc::Receiver<Vec<u8>>) {
+    /// How much a [`ChannelWriter`] gathers before it hands a chunk over.
+    const CHUNK: usize = 1 << 20;
+
+    /// A blocking `Write` whose chunks an async task sends on: what is written is gathered
+    /// into chunks of [`CHUNK`] bytes, each handed over whole (moved, not copied again).
+    pub(super) fn writer() -> (ChannelWriter, tokio::sync::mpsc::Receiver<bytes::Bytes>) {
         let (tx, rx) = tokio::sync::mpsc::channel(16);
-        (ChannelWriter { tx }, rx)
+        (
+            ChannelWriter {
+                tx,
+                buf: Vec::with_capacity(CHUNK),
+            },
+            rx,
+        )
     }
 
     pub(super) struct ChannelWriter {
-        tx: tokio::sync::mpsc::Sender<Vec<u8>>,
+        tx: tokio::sync::mpsc::Sender<bytes::Bytes>,
+        buf: Vec<u8>,
+    }
+
+    impl ChannelWriter {
+        fn hand_over(&mut self) -> io::Result<()> {
+            if self.buf.is_empty() {
+                return Ok(());
+            }
+            let full = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK));
+            self.tx
+                .blocking_send(full.into())
+                .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the stream closed"))
+        }
     }
 
     impl io::Write for ChannelWriter {
         fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-            self.tx
-                .blocking_send(data.to_vec())
-                .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the stream closed"))?;
-            Ok(data.len())
+            let n = data.len().min(CHUNK - self.buf.len());
+            self.buf.extend_from_slice(&data[..n]);
+            if self.buf.len() == CHUNK {
+                self.hand_over()?;
+            }
+            Ok(n)
         }
         fn flush(&mut self) -> io::Result<()> {
-            Ok(())
+            self.hand_over()
         }
     }
 }
