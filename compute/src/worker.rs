@@ -53,11 +53,11 @@ const STDERR_TAIL: usize = 2048;
 /// Runs one worker until it exits or is killed; always ends with `Report::Exited`.
 pub(crate) async fn run(
     launch: Launch,
-    mut orders: mpsc::Receiver<Vec<u8>>,
+    orders: mpsc::Receiver<Vec<u8>>,
     reports: mpsc::Sender<Report>,
 ) {
     let id = launch.id;
-    let reason = drive(&launch, &mut orders, &reports).await;
+    let reason = drive(&launch, orders, &reports).await;
     if let Some(name) = &launch.container {
         stop_container(launch.env.runtime, name).await;
     }
@@ -70,7 +70,7 @@ pub(crate) async fn run(
 
 async fn drive(
     launch: &Launch,
-    orders: &mut mpsc::Receiver<Vec<u8>>,
+    orders: mpsc::Receiver<Vec<u8>>,
     reports: &mpsc::Sender<Report>,
 ) -> String {
     let id = launch.id;
@@ -102,7 +102,7 @@ async fn drive(
         Err(e) => return format!("cannot run `{}`: {e}", launch.program),
     };
     let pid = child.id();
-    let mut stdin = child.stdin.take().expect("stdin is piped");
+    let stdin = child.stdin.take().expect("stdin is piped");
     let mut stdout = child.stdout.take().expect("stdout is piped");
     let stderr = child.stderr.take().expect("stderr is piped");
     let (tail_tx, mut tail_rx) = tokio::sync::watch::channel(String::new());
@@ -126,6 +126,11 @@ async fn drive(
             let _ = tail_tx.send(String::from_utf8_lossy(&tail).into_owned());
         }
     });
+    // Orders go to the worker from a task of their own, so that reading its output never waits
+    // on writing its input: a worker writing a large result while the endpoint writes it large
+    // arguments would otherwise block both on full pipes.
+    let (to_stdin, answers_rx) = mpsc::channel::<Vec<u8>>(16);
+    let mut writer = tokio::spawn(write_orders(stdin, orders, answers_rx));
     let mut buf: Vec<u8> = Vec::with_capacity(64 << 10);
     let mut chunk = vec![0u8; 256 << 10];
     let mut hello = false;
@@ -252,7 +257,7 @@ async fn drive(
                 };
                 buf.drain(..used);
                 for answer in answers.drain(..) {
-                    if stdin.write_all(&answer).await.is_err() {
+                    if to_stdin.send(answer).await.is_err() {
                         break;
                     }
                 }
@@ -263,17 +268,13 @@ async fn drive(
                     break f;
                 }
             }
-            order = orders.recv() => match order {
-                Some(bytes) => {
-                    if let Err(e) = stdin.write_all(&bytes).await {
-                        break format!("cannot write to the worker: {e}");
-                    }
-                }
-                None => break "stopped by the endpoint".into(),
-            },
+            ended = &mut writer => {
+                break ended.unwrap_or_else(|e| format!("the worker's writer failed: {e}"));
+            }
             () = launch.kill.cancelled() => break "stopped by the endpoint".into(),
         }
     };
+    writer.abort();
     let _ = child.start_kill();
     let status = child.wait().await;
     if let (true, Some(pid)) = (host, pid) {
@@ -298,6 +299,27 @@ async fn drive(
         out.push_str(&format!("; its last output: {}", last.join(" | ")));
     }
     out
+}
+
+/// Writes the endpoint's orders and the answers to the worker's requests to its stdin, until
+/// the endpoint stops sending orders; returns why it ended.
+async fn write_orders(
+    mut stdin: tokio::process::ChildStdin,
+    mut orders: mpsc::Receiver<Vec<u8>>,
+    mut answers: mpsc::Receiver<Vec<u8>>,
+) -> String {
+    loop {
+        let bytes = tokio::select! {
+            order = orders.recv() => match order {
+                Some(b) => b,
+                None => return "stopped by the endpoint".into(),
+            },
+            Some(a) = answers.recv() => a,
+        };
+        if let Err(e) = stdin.write_all(&bytes).await {
+            return format!("cannot write to the worker: {e}");
+        }
+    }
 }
 
 /// Starts a host worker as the leader of a new session. Its commands run in process groups of

@@ -96,10 +96,10 @@ impl Blobs for NodeBlobs {
                 return Err(format!("this node no longer holds blob {hash}"));
             }
             let addr = data_addr(&mesh, from).await?;
-            let (size, _) = plane
-                .fetch(from, addr, hash, ATTEMPTS)
-                .await
-                .map_err(|e| e.to_string())?;
+            tracing::debug!(%hash, %from, %addr, "fetching a task's value");
+            let got = plane.fetch(from, addr, hash, ATTEMPTS).await;
+            tracing::debug!(%hash, ?got, "fetched");
+            let (size, _) = got.map_err(|e| e.to_string())?;
             if size != value.size {
                 store.remove(&hash);
                 return Err(format!(

@@ -241,6 +241,7 @@ fn error(rec: &Record) -> &compute::TaskError {
 const SOURCE: &str = "import os, time\n\
 def add(a, b=1):\n    return a + b\n\
 def length(s, extra=''):\n    return len(s) + len(extra)\n\
+def same(s):\n    return s\n\
 def shout(ref):\n    import funcmesh_blobs, tempfile\n    text = open(funcmesh_blobs.get(ref)).read()\n    \
 out = tempfile.NamedTemporaryFile('w', delete=False)\n    out.write(text.upper())\n    out.close()\n    \
 return funcmesh_blobs.put(out.name)\n\
@@ -1494,6 +1495,58 @@ async fn a_function_gets_and_puts_blobs_itself() {
         "{}",
         e.message
     );
+    h.stop().await;
+}
+
+/// Large arguments going in while large results come out of one worker: neither pipe waits
+/// on the other (writing a worker's input while it writes its output once blocked both).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_values_in_and_out_of_one_worker_at_once_all_arrive() {
+    let blobs = std::sync::Arc::new(MemBlobs::default());
+    let values = compute::blobs::Values {
+        blobs: std::sync::Arc::new(Shared(blobs.clone())),
+        inline_limit: 1 << 20,
+    };
+    let config = EndpointConfig {
+        max_workers: 1,
+        result_limit: 64 << 20,
+        ..config()
+    };
+    let mut h = start_with(tempfile::tempdir().unwrap(), config, Some(values)).await;
+    let submitter = libp2p_identity_peer();
+    let mut subs = Vec::new();
+    for i in 0..8 {
+        let text = format!("{i}{}", "z".repeat(3 << 20));
+        let input = serde_json::to_vec(&json!({"args": [text]})).unwrap();
+        let r = name_of(&input);
+        blobs
+            .elsewhere
+            .lock()
+            .unwrap()
+            .insert(r.blake3.clone(), input);
+        subs.push(by_reference(&f("same"), r));
+    }
+    let ids: Vec<TaskId> = subs.iter().map(|s| s.id.clone()).collect();
+    let a = h.endpoint.submit(&submitter, "inst-a", subs).await.unwrap();
+    assert!(a.iter().all(Result::is_ok), "{a:?}");
+    let mut done = std::collections::HashMap::new();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while done.len() < ids.len() {
+            let rec = h.results.recv().await.expect("endpoint running");
+            done.insert(rec.id.clone(), rec);
+        }
+    })
+    .await
+    .expect("every task finishes within 60 s");
+    for (i, id) in ids.iter().enumerate() {
+        let rec = &done[id];
+        let r = rec.outcome.as_ref().and_then(|o| o.value_ref()).cloned();
+        let r = r.unwrap_or_else(|| panic!("task {i}: {:?}", rec.outcome));
+        let held = blobs.held.lock().unwrap()[&r.blake3].clone();
+        let v: Value = serde_json::from_slice(&held).unwrap();
+        assert!(v.as_str().unwrap().starts_with(&i.to_string()));
+        assert_eq!(r.size, (3 << 20) + 3);
+    }
     h.stop().await;
 }
 

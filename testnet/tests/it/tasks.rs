@@ -271,7 +271,15 @@ async fn tasks_and_results_too_large_for_one_message_all_arrive() {
     // 80 MB cross one connection: under a loaded CI machine, node 1's adverts can queue behind
     // them for more than the testnet's 3 s "endpoint lost" threshold. Loss detection is not
     // what this test is about.
-    net.restart_with(0, |c| c.mesh.endpoint_lost_after = Duration::from_secs(60))
+    // Values up to 16 MiB travel inline (the default sends those over 1 MiB by reference):
+    // this test is about task messages, so the values stay in them.
+    net.restart_with(0, |c| {
+        c.mesh.endpoint_lost_after = Duration::from_secs(60);
+        c.transfer.inline_limit = 16 << 20;
+    })
+    .await
+    .unwrap();
+    net.restart_with(1, |c| c.transfer.inline_limit = 16 << 20)
         .await
         .unwrap();
     wait_for("full mesh", Duration::from_secs(10), || {
