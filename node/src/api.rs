@@ -580,6 +580,9 @@ async fn submit_tasks(
         if let Some(s) = &t.strategy {
             compute::routing::Strategy::parse(s).map_err(bad)?;
         }
+        if let Some(r) = &t.args_ref {
+            r.check().map_err(|e| bad(format!("args_ref: {e}")))?;
+        }
         if !(t.kwargs.is_object() || t.kwargs.is_null()) {
             return Err(bad(format!(
                 "kwargs must be a JSON object, not {}",
