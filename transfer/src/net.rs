@@ -48,9 +48,15 @@ pub struct DataPlane {
     desk: crate::files::DeskSlot,
     /// Open connections to peers, reused by every call.
     conns: Arc<std::sync::Mutex<std::collections::HashMap<PeerId, quinn::Connection>>>,
+    /// One connection attempt per peer at a time: callers that find none open wait for the
+    /// first attempt and share its connection.
+    dialing: Arc<std::sync::Mutex<std::collections::HashMap<PeerId, Arc<tokio::sync::Mutex<()>>>>>,
     /// One fetch of a blob at a time: a second waits for the first, then finds what it left.
     fetching: Arc<std::sync::Mutex<std::collections::HashMap<Hash, Arc<tokio::sync::Mutex<()>>>>>,
 }
+
+/// How long a connection's handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Largest UDP payload the data plane sends or accepts (what a loopback path carries).
 const MAX_DATAGRAM: u16 = 65_000;
@@ -265,8 +271,11 @@ impl DataPlane {
             roots: roots.clone(),
             desk: desk.clone(),
             conns: Arc::default(),
+            dialing: Arc::default(),
             fetching: Arc::default(),
         };
+        let per_peer: Arc<std::sync::Mutex<std::collections::HashMap<PeerId, usize>>> =
+            Arc::default();
         tokio::spawn(async move {
             while let Some(incoming) = endpoint.accept().await {
                 let server = Server {
@@ -281,6 +290,7 @@ impl DataPlane {
                 };
                 let admit = admit.clone();
                 let established = established.clone();
+                let per_peer = per_peer.clone();
                 tokio::spawn(async move {
                     let Ok(conn) = incoming.await else {
                         return;
@@ -288,10 +298,19 @@ impl DataPlane {
                     established.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     // The handshake admitted only members; checked again, in case
                     // membership ended in between.
-                    match peer_of(&conn) {
-                        Some(peer) if admit(&peer) => server.serve(conn, peer).await,
-                        _ => conn.close(quinn::VarInt::from_u32(1), b"not a member"),
-                    }
+                    let peer = match peer_of(&conn) {
+                        Some(peer) if admit(&peer) => peer,
+                        _ => return conn.close(quinn::VarInt::from_u32(1), b"not a member"),
+                    };
+                    // A member's requests are bounded per connection (streams); its
+                    // connections are bounded here.
+                    let Some(_slot) = ConnSlot::take(&per_peer, peer) else {
+                        return conn.close(
+                            quinn::VarInt::from_u32(3),
+                            b"too many connections from this member",
+                        );
+                    };
+                    server.serve(conn, peer).await;
                 });
             }
         });
@@ -368,6 +387,27 @@ impl DataPlane {
         if let Some(conn) = open {
             return Ok(conn);
         }
+        self.dial(peer, addr).await
+    }
+
+    /// Opens a connection to `peer`, one attempt at a time per peer.
+    async fn dial(&self, peer: PeerId, addr: SocketAddr) -> Result<quinn::Connection, Error> {
+        let lock = {
+            let mut m = self.dialing.lock().unwrap_or_else(|e| e.into_inner());
+            m.retain(|_, l| Arc::strong_count(l) > 1);
+            m.entry(peer).or_default().clone()
+        };
+        let _one = lock.lock().await;
+        let open = self
+            .conns
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&peer)
+            .filter(|c| c.close_reason().is_none() && c.remote_address() == addr)
+            .cloned();
+        if let Some(conn) = open {
+            return Ok(conn);
+        }
         let conn = self.connect_new(peer, addr).await?;
         self.conns
             .lock()
@@ -392,7 +432,15 @@ impl DataPlane {
             .endpoint
             .connect_with(client, addr, "l")
             .map_err(|e| fail(e.to_string()))?;
-        connecting.await.map_err(|e| fail(e.to_string()))
+        // A handshake takes a round trip or two: an address where nothing answers (a node that
+        // restarted elsewhere) fails in seconds, not at the idle timeout.
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, connecting).await {
+            Ok(r) => r.map_err(|e| fail(e.to_string())),
+            Err(_) => Err(fail(format!(
+                "no answer from {addr} within {} s",
+                HANDSHAKE_TIMEOUT.as_secs()
+            ))),
+        }
     }
 
     /// The lock that keeps fetches of `hash` from running at once (both would write its partial
@@ -613,6 +661,46 @@ impl DataPlane {
             (false, None) => Err(Error::Protocol(format!(
                 "blob {hash} still incomplete after {attempts} rounds"
             ))),
+        }
+    }
+}
+
+/// The most connections one member may hold open to a node's data plane at once (each carries
+/// at most 64 requests at a time).
+pub const MAX_CONNECTIONS_PER_PEER: usize = 8;
+
+/// One of a member's connections, counted while it is served.
+struct ConnSlot {
+    peer: PeerId,
+    per_peer: Arc<std::sync::Mutex<std::collections::HashMap<PeerId, usize>>>,
+}
+
+impl ConnSlot {
+    fn take(
+        per_peer: &Arc<std::sync::Mutex<std::collections::HashMap<PeerId, usize>>>,
+        peer: PeerId,
+    ) -> Option<ConnSlot> {
+        let mut m = per_peer.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.entry(peer).or_default();
+        if *n >= MAX_CONNECTIONS_PER_PEER {
+            return None;
+        }
+        *n += 1;
+        Some(ConnSlot {
+            peer,
+            per_peer: per_peer.clone(),
+        })
+    }
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        let mut m = self.per_peer.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = m.get_mut(&self.peer) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.peer);
+            }
         }
     }
 }

@@ -299,7 +299,7 @@ pub async fn read_header<T: for<'de> Deserialize<'de>>(
     let mut len = [0u8; 4];
     recv.read_exact(&mut len)
         .await
-        .map_err(|e| Error::Protocol(format!("reading a header: {e}")))?;
+        .map_err(|e| Error::Protocol(format!("reading a header: {}", read_failure(&e))))?;
     let len = u32::from_be_bytes(len) as usize;
     if len > limit {
         return Err(Error::Protocol(format!(
@@ -309,8 +309,19 @@ pub async fn read_header<T: for<'de> Deserialize<'de>>(
     let mut buf = vec![0u8; len];
     recv.read_exact(&mut buf)
         .await
-        .map_err(|e| Error::Protocol(format!("reading a header: {e}")))?;
+        .map_err(|e| Error::Protocol(format!("reading a header: {}", read_failure(&e))))?;
     decode_header(&buf)
+}
+
+/// Why a read failed, with the peer's reason when it closed the connection.
+fn read_failure(e: &std::io::Error) -> String {
+    match e
+        .get_ref()
+        .and_then(|i| i.downcast_ref::<quinn::ReadError>())
+    {
+        Some(quinn::ReadError::ConnectionLost(c)) => format!("connection lost: {c}"),
+        _ => e.to_string(),
+    }
 }
 
 /// Decodes a header's JSON (the part of [`read_header`] that sees peer bytes).

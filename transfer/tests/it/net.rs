@@ -60,6 +60,70 @@ async fn a_member_fetches_a_blob_over_quic_and_it_keeps_its_hash() {
     );
 }
 
+/// Many fetches from one member at once share one connection (they used to open one each).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fetches_from_one_member_at_once_share_one_connection() {
+    let (a, b) = (node(true), node(true));
+    let (peer, addr) = (a.key.public().to_peer_id(), a.plane.local_addr().unwrap());
+    let hashes: Vec<Hash> = (0..20)
+        .map(|_| a.store.import(&random(64 << 10)[..]).unwrap().0)
+        .collect();
+    let fetches = hashes.iter().map(|h| b.plane.fetch(peer, addr, *h, 3));
+    for got in futures::future::join_all(fetches).await {
+        assert_eq!(got.unwrap().0, 64 << 10);
+    }
+    assert_eq!(a.plane.established(), 1);
+}
+
+/// A member holds at most `MAX_CONNECTIONS_PER_PEER` connections to a node's data plane: one
+/// more is closed with the reason; once one of its connections ends, it may open another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_holds_a_bounded_number_of_connections() {
+    let a = node(true);
+    let (hash, size) = a.store.import(&random(1 << 10)[..]).unwrap();
+    let (peer, addr) = (a.key.public().to_peer_id(), a.plane.local_addr().unwrap());
+    // One member (one key), many client endpoints: each holds its own connection open.
+    let key = Keypair::generate_ed25519();
+    let client = || {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path().join("blobs")).unwrap();
+        let plane = DataPlane::bind(
+            &key,
+            "127.0.0.1:0".parse().unwrap(),
+            store,
+            Arc::new(|_| true),
+        )
+        .unwrap();
+        (plane, dir)
+    };
+    let mut held = Vec::new();
+    for _ in 0..transfer::net::MAX_CONNECTIONS_PER_PEER {
+        let (plane, dir) = client();
+        assert_eq!(plane.fetch(peer, addr, hash, 1).await.unwrap().0, size);
+        held.push((plane, dir));
+    }
+    let (extra, _dir) = client();
+    let err = extra.fetch(peer, addr, hash, 1).await.unwrap_err();
+    assert!(err.to_string().contains("too many connections"), "{err}");
+    // One connection ends: the member may open another.
+    held.pop().unwrap().0.close();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (late, _d) = client();
+        match late.fetch(peer, addr, hash, 1).await {
+            Ok(got) => {
+                assert_eq!(got.0, size);
+                break;
+            }
+            Err(e) => assert!(
+                std::time::Instant::now() < deadline,
+                "no connection after one ended: {e}"
+            ),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
 /// Two fetches of one blob at once (a task's result fetched when it arrives and when the user
 /// asks for it): the second waits for the first and finds the blob held; both succeed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
