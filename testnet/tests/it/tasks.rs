@@ -12,7 +12,7 @@ use testnet::{Federation, rogue, shell_function, wait_for};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_submitter_drops_its_finished_tasks_once_past_their_retention() {
     let mut net = Federation::start(1, 2).await.unwrap();
-    net.restart_with(0, |c| c.node.task_retention = Duration::from_secs(1))
+    net.restart_with(0, |c| c.node.task_retention = Duration::from_secs(3))
         .await
         .unwrap();
     wait_for("full mesh", Duration::from_secs(10), || {
@@ -50,6 +50,53 @@ async fn a_submitter_drops_its_finished_tasks_once_past_their_retention() {
     )
     .await
     .unwrap();
+
+    // A task whose argument and result went by reference: its blobs go with it.
+    let echo = python_on_node0(&net, "echo", "def echo(s):\n    return s\n").await;
+    let task = NewTask {
+        function: echo,
+        args: serde_json::json!(["v".repeat(2 << 20)]),
+        ..Default::default()
+    };
+    let submitted = net.node(0).submit(vec![task]).await.unwrap();
+    let id = submitted[0].as_ref().unwrap().id.clone();
+    let done = dispatcher
+        .wait(vec![id.clone()], Duration::from_secs(20))
+        .await
+        .unwrap();
+    let done = done[0].as_ref().expect("the task finishes");
+    let args = done
+        .submission
+        .args_ref
+        .clone()
+        .expect("the argument went by reference");
+    let result = done
+        .outcome
+        .as_ref()
+        .and_then(|o| o.value_ref())
+        .cloned()
+        .unwrap_or_else(|| panic!("the result went by reference: {:?}", done.outcome));
+    let held = |r: &compute::ValueRef| {
+        net.node(0)
+            .blobs()
+            .size(&r.blake3.parse().unwrap())
+            .is_some()
+    };
+    wait_for(
+        "the submitter to hold both blobs",
+        Duration::from_secs(20),
+        || async { held(&args) && held(&result) },
+    )
+    .await
+    .unwrap();
+    wait_for(
+        "the blobs to go with the task",
+        Duration::from_secs(20),
+        || async { !held(&args) && !held(&result) },
+    )
+    .await
+    .unwrap();
+    assert!(dispatcher.get(vec![id]).await.unwrap()[0].is_none());
     net.shutdown().await;
 }
 
