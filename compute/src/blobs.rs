@@ -22,6 +22,8 @@ pub trait Blobs: Send + Sync + 'static {
     fn fetch(&self, value: &ValueRef, from: PeerId) -> BoxFuture<'static, Result<(), String>>;
     /// The bytes of a value held here.
     fn read(&self, value: &ValueRef) -> BoxFuture<'static, Result<Vec<u8>, String>>;
+    /// A value held here, to read as a stream (blocking reads).
+    fn reader(&self, value: &ValueRef) -> Result<Box<dyn std::io::Read + Send>, String>;
     /// A spool to write a new value into as it arrives (a worker's result).
     fn spool(&self) -> Result<Box<dyn Spool>, String>;
     /// This node no longer needs `value` (the task that held it is gone).

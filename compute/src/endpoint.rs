@@ -411,6 +411,8 @@ struct Live {
 
 struct WorkerHandle {
     orders: mpsc::Sender<Vec<u8>>,
+    /// Answers to the worker's own requests (a function's `get`), beside the orders.
+    answers: mpsc::Sender<worker::Answer>,
     kill: CancellationToken,
     loaded: HashSet<String>,
     name: String,
@@ -781,9 +783,10 @@ impl Driver {
         let Some(handle) = self.workers.get(&worker) else {
             return;
         };
-        let orders = handle.orders.clone();
+        let answers = handle.answers.clone();
+        let kill = handle.kill.clone();
         let refuse = |why: &str| {
-            let _ = orders.try_send(protocol::blob_error(why));
+            let _ = answers.try_send(worker::Answer::Frame(protocol::blob_error(why)));
         };
         let running = TaskId::try_from(task)
             .ok()
@@ -825,23 +828,53 @@ impl Driver {
                         )
                     })?;
                 }
-                values.blobs.read(&value).await
+                values.blobs.reader(&value)
             }
             .await;
-            let frame = match got {
-                Ok(bytes) => {
-                    let mut f = protocol::encode(&ToWorker::Blob {
-                        value: None,
-                        node: None,
-                        size: Some(bytes.len() as u64),
-                        error: None,
-                    });
-                    f.extend_from_slice(&bytes);
-                    f
+            let reader = match got {
+                Ok(r) => r,
+                Err(e) => {
+                    let _ = answers
+                        .send(worker::Answer::Frame(protocol::blob_error(&e)))
+                        .await;
+                    return;
                 }
-                Err(e) => protocol::blob_error(&e),
             };
-            let _ = orders.send(frame).await;
+            let head = protocol::encode(&ToWorker::Blob {
+                value: None,
+                node: None,
+                size: Some(value.size),
+                error: None,
+            });
+            let (pieces, stream) = mpsc::channel(4);
+            if answers
+                .send(worker::Answer::Stream(head, stream))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            // The bytes follow in pieces, as the worker takes them: a blob is never held in
+            // memory whole.
+            let size = value.size;
+            let sent = tokio::task::spawn_blocking(move || {
+                let mut reader = reader;
+                let mut left = size;
+                while left > 0 {
+                    let mut piece = vec![0u8; (256 << 10).min(left) as usize];
+                    std::io::Read::read_exact(&mut reader, &mut piece)?;
+                    left -= piece.len() as u64;
+                    if pieces.blocking_send(piece).is_err() {
+                        break;
+                    }
+                }
+                Ok::<(), std::io::Error>(())
+            })
+            .await;
+            if !matches!(sent, Ok(Ok(()))) {
+                // The worker was promised bytes that cannot come: its pipe is out of step.
+                kill.cancel();
+            }
         });
     }
 
@@ -1397,6 +1430,7 @@ impl Driver {
             },
         );
         let (orders_tx, orders_rx) = mpsc::channel(256);
+        let (answers_tx, answers_rx) = mpsc::channel(16);
         // Not a child of the endpoint's token: at shutdown the pool stops workers itself, after
         // the loop has stopped reading their exits (which would otherwise fail their tasks).
         let kill = CancellationToken::new();
@@ -1419,6 +1453,7 @@ impl Driver {
             worker,
             WorkerHandle {
                 orders: orders_tx,
+                answers: answers_tx.clone(),
                 kill,
                 loaded: HashSet::new(),
                 name: if env.is_container() {
@@ -1428,8 +1463,12 @@ impl Driver {
                 },
             },
         );
-        self.tracker
-            .spawn(worker::run(launch, orders_rx, self.reports_tx.clone()));
+        self.tracker.spawn(worker::run(
+            launch,
+            orders_rx,
+            (answers_tx, answers_rx),
+            self.reports_tx.clone(),
+        ));
     }
 
     fn send(&mut self, worker: WorkerId, tasks: Vec<TaskId>, cold: bool) {

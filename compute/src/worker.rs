@@ -54,10 +54,11 @@ const STDERR_TAIL: usize = 2048;
 pub(crate) async fn run(
     launch: Launch,
     orders: mpsc::Receiver<Vec<u8>>,
+    answers: (mpsc::Sender<Answer>, mpsc::Receiver<Answer>),
     reports: mpsc::Sender<Report>,
 ) {
     let id = launch.id;
-    let reason = drive(&launch, orders, &reports).await;
+    let reason = drive(&launch, orders, answers, &reports).await;
     if let Some(name) = &launch.container {
         stop_container(launch.env.runtime, name).await;
     }
@@ -71,6 +72,7 @@ pub(crate) async fn run(
 async fn drive(
     launch: &Launch,
     orders: mpsc::Receiver<Vec<u8>>,
+    (to_stdin, answers_rx): (mpsc::Sender<Answer>, mpsc::Receiver<Answer>),
     reports: &mpsc::Sender<Report>,
 ) -> String {
     let id = launch.id;
@@ -129,7 +131,6 @@ async fn drive(
     // Orders go to the worker from a task of their own, so that reading its output never waits
     // on writing its input: a worker writing a large result while the endpoint writes it large
     // arguments would otherwise block both on full pipes.
-    let (to_stdin, answers_rx) = mpsc::channel::<Vec<u8>>(16);
     let mut writer = tokio::spawn(write_orders(stdin, orders, answers_rx));
     let mut buf: Vec<u8> = Vec::with_capacity(64 << 10);
     let mut chunk = vec![0u8; 256 << 10];
@@ -257,7 +258,7 @@ async fn drive(
                 };
                 buf.drain(..used);
                 for answer in answers.drain(..) {
-                    if to_stdin.send(answer).await.is_err() {
+                    if to_stdin.send(Answer::Frame(answer)).await.is_err() {
                         break;
                     }
                 }
@@ -306,20 +307,44 @@ async fn drive(
 async fn write_orders(
     mut stdin: tokio::process::ChildStdin,
     mut orders: mpsc::Receiver<Vec<u8>>,
-    mut answers: mpsc::Receiver<Vec<u8>>,
+    mut answers: mpsc::Receiver<Answer>,
 ) -> String {
+    let fail = |e: std::io::Error| format!("cannot write to the worker: {e}");
     loop {
-        let bytes = tokio::select! {
+        let answer = tokio::select! {
             order = orders.recv() => match order {
-                Some(b) => b,
+                Some(b) => Answer::Frame(b),
                 None => return "stopped by the endpoint".into(),
             },
             Some(a) = answers.recv() => a,
         };
-        if let Err(e) = stdin.write_all(&bytes).await {
-            return format!("cannot write to the worker: {e}");
+        match answer {
+            Answer::Frame(bytes) => {
+                if let Err(e) = stdin.write_all(&bytes).await {
+                    return fail(e);
+                }
+            }
+            // A frame and the raw bytes it announces, with nothing between them.
+            Answer::Stream(head, mut pieces) => {
+                if let Err(e) = stdin.write_all(&head).await {
+                    return fail(e);
+                }
+                while let Some(piece) = pieces.recv().await {
+                    if let Err(e) = stdin.write_all(&piece).await {
+                        return fail(e);
+                    }
+                }
+            }
         }
     }
+}
+
+/// What goes to a worker besides the endpoint's orders: an answer to one of its requests.
+pub(crate) enum Answer {
+    /// One whole frame.
+    Frame(Vec<u8>),
+    /// A frame, then the raw bytes it announces, as they come.
+    Stream(Vec<u8>, mpsc::Receiver<Vec<u8>>),
 }
 
 /// Starts a host worker as the leader of a new session. Its commands run in process groups of

@@ -123,6 +123,14 @@ impl Blobs for NodeBlobs {
         })
     }
 
+    fn reader(&self, value: &ValueRef) -> Result<Box<dyn std::io::Read + Send>, String> {
+        let hash = hash_of(value)?;
+        let path = self.store.path(&hash).map_err(|e| e.to_string())?;
+        let file =
+            std::fs::File::open(&path).map_err(|e| format!("cannot read blob {hash}: {e}"))?;
+        Ok(Box::new(file))
+    }
+
     fn spool(&self) -> Result<Box<dyn Spool>, String> {
         let file = tempfile::NamedTempFile::with_prefix_in(".spool-", self.store.dir())
             .map_err(|e| format!("cannot make a spool file in the blob store: {e}"))?;

@@ -242,6 +242,7 @@ const SOURCE: &str = "import os, time\n\
 def add(a, b=1):\n    return a + b\n\
 def length(s, extra=''):\n    return len(s) + len(extra)\n\
 def same(s):\n    return s\n\
+def got_size(ref):\n    import funcmesh_blobs\n    return os.path.getsize(funcmesh_blobs.get(ref))\n\
 def shout(ref):\n    import funcmesh_blobs, tempfile\n    text = open(funcmesh_blobs.get(ref)).read()\n    \
 out = tempfile.NamedTemporaryFile('w', delete=False)\n    out.write(text.upper())\n    out.close()\n    \
 return funcmesh_blobs.put(out.name)\n\
@@ -1348,6 +1349,11 @@ impl compute::blobs::Blobs for Shared {
         let b = self.0.held.lock().unwrap().get(&value.blake3).cloned();
         Box::pin(async move { b.ok_or_else(|| "not held".to_string()) })
     }
+    fn reader(&self, value: &compute::ValueRef) -> Result<Box<dyn std::io::Read + Send>, String> {
+        let b = self.0.held.lock().unwrap().get(&value.blake3).cloned();
+        b.map(|b| Box::new(std::io::Cursor::new(b)) as Box<dyn std::io::Read + Send>)
+            .ok_or_else(|| "not held".to_string())
+    }
     fn spool(&self) -> Result<Box<dyn compute::blobs::Spool>, String> {
         Ok(Box::new(MemSpool(Vec::new(), self.0.clone())))
     }
@@ -1455,7 +1461,12 @@ async fn a_function_gets_and_puts_blobs_itself() {
         blobs: std::sync::Arc::new(Shared(blobs.clone())),
         inline_limit: 1 << 20,
     };
-    let mut h = start_with(tempfile::tempdir().unwrap(), config(), Some(values)).await;
+    // Blobs up to 64 MiB.
+    let config = EndpointConfig {
+        result_limit: 64 << 20,
+        ..config()
+    };
+    let mut h = start_with(tempfile::tempdir().unwrap(), config, Some(values)).await;
     let submitter = libp2p_identity_peer();
     // A blob only the submitter holds: the function fetches it, and stores a new one.
     let r = name_of(b"hello, blobs");
@@ -1479,6 +1490,37 @@ async fn a_function_gets_and_puts_blobs_itself() {
     assert_eq!(out["size"], 12);
     assert_eq!(out["node"], "the-endpoints-node");
     assert_eq!(blobs.held.lock().unwrap()[&want.blake3], b"HELLO, BLOBS");
+
+    // A larger blob comes down the pipe in pieces, all of it.
+    let big: Vec<u8> = (0..(3u32 << 20) + 5).map(|i| (i % 251) as u8).collect();
+    let r = name_of(&big);
+    blobs
+        .elsewhere
+        .lock()
+        .unwrap()
+        .insert(r.blake3.clone(), big);
+    let sub = submission(&f("got_size"), json!([r]), json!({}));
+    let id = sub.id.clone();
+    h.endpoint
+        .submit(&submitter, "inst-a", vec![sub])
+        .await
+        .unwrap();
+    assert_eq!(value(&h.wait(&id).await), &json!((3 << 20) + 5));
+
+    // A blob over the endpoint's result_limit is refused before anything is fetched.
+    let huge = json!({"blake3": "a".repeat(64), "size": 1u64 << 40});
+    let sub = submission(&f("got_size"), json!([huge]), json!({}));
+    let id = sub.id.clone();
+    h.endpoint
+        .submit(&submitter, "inst-a", vec![sub])
+        .await
+        .unwrap();
+    let rec = h.wait(&id).await;
+    assert!(
+        error(&rec).message.contains("at most 67108864"),
+        "{:?}",
+        rec.outcome
+    );
 
     // A blob no one holds: the function's `get` raises, with the reason.
     let sub = submission(&f("shout"), json!([name_of(b"nowhere")]), json!({}));
