@@ -14,6 +14,9 @@ use transfer::{BlobStore, Hash};
 
 /// Rounds of refetching a blob whose chunk groups do not verify.
 const ATTEMPTS: usize = 8;
+/// How long a value's fetch keeps trying a member it cannot reach (one that restarted listens
+/// elsewhere until the registry says where).
+const PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// This node's blobs, as tasks use them.
 pub(crate) struct NodeBlobs {
@@ -95,11 +98,40 @@ impl Blobs for NodeBlobs {
             if from == mesh.peer_id() {
                 return Err(format!("this node no longer holds blob {hash}"));
             }
-            let addr = data_addr(&mesh, from).await?;
-            tracing::debug!(%hash, %from, %addr, "fetching a task's value");
-            let got = plane.fetch(from, addr, hash, ATTEMPTS).await;
-            tracing::debug!(%hash, ?got, "fetched");
-            let (size, _) = got.map_err(|e| e.to_string())?;
+            // A member that just restarted listens elsewhere, and the registry may still say
+            // where it was: ask again, looking its address up each time, for a while.
+            let started = std::time::Instant::now();
+            let mut wait = std::time::Duration::from_millis(200);
+            let size = loop {
+                let got = match data_addr(&mesh, from).await {
+                    Ok(addr) => {
+                        tracing::debug!(%hash, %from, %addr, "fetching a task's value");
+                        plane.fetch(from, addr, hash, ATTEMPTS).await.map_err(|e| {
+                            (
+                                matches!(e, transfer::net::Error::Refused { .. }),
+                                e.to_string(),
+                            )
+                        })
+                    }
+                    Err(e) => Err((false, e)),
+                };
+                match got {
+                    Ok((size, _)) => break size,
+                    // The member answered: it does not have it. Asking again changes nothing.
+                    Err((true, e)) => return Err(e),
+                    Err((false, e)) if started.elapsed() + wait > PATIENCE => {
+                        return Err(format!(
+                            "{e} (still failing after {} s)",
+                            started.elapsed().as_secs()
+                        ));
+                    }
+                    Err((false, e)) => {
+                        tracing::debug!(%hash, %from, error = %e, "fetching a task's value failed; trying again");
+                        tokio::time::sleep(wait).await;
+                        wait = (wait * 2).min(std::time::Duration::from_secs(5));
+                    }
+                }
+            };
             if size != value.size {
                 store.remove(&hash);
                 return Err(format!(
