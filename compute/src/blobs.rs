@@ -12,6 +12,10 @@ use serde_json::Value;
 
 use crate::task::ValueRef;
 
+/// The largest arguments a task may pass by reference: an endpoint holds them in memory from
+/// their fetch until the task runs, and sends them to the worker in one frame.
+pub const MAX_ARGUMENTS_BY_REFERENCE: u64 = 256 << 20;
+
 /// A node's blob store and data plane, as the task service uses them.
 pub trait Blobs: Send + Sync + 'static {
     /// Stores `bytes`; returns their reference.

@@ -966,11 +966,17 @@ impl Driver {
                     self.config.name
                 ));
             }
-            if r.size > self.config.result_limit {
+            let most = self
+                .config
+                .result_limit
+                .min(crate::blobs::MAX_ARGUMENTS_BY_REFERENCE);
+            if r.size > most {
                 return Err(format!(
-                    "the arguments are {} bytes; endpoint `{}` takes values of at most {} bytes \
-                     (its result_limit)",
-                    r.size, self.config.name, self.config.result_limit
+                    "the arguments are {} bytes; endpoint `{}` takes arguments of at most {most} \
+                     bytes (they are held in memory while the task waits): pass a larger input \
+                     as a blob the function fetches itself (funcmesh_blobs.get) or a file in a \
+                     data root",
+                    r.size, self.config.name
                 ));
             }
         }

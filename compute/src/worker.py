@@ -45,7 +45,7 @@ import time
 import traceback
 
 VERSION = 1
-MAX_FRAME = 256 << 20
+MAX_FRAME = 512 << 20  # arguments by reference (at most 256 MiB of JSON) and their envelope
 
 try:
     # Found, not imported: importing it costs tens of milliseconds of every cold start, and

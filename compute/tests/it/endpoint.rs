@@ -1609,3 +1609,29 @@ async fn an_endpoint_without_blobs_refuses_arguments_by_reference() {
     assert!(e.contains("by reference"), "{e}");
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn arguments_by_reference_past_what_an_endpoint_holds_in_memory_are_refused() {
+    let values = compute::blobs::Values {
+        blobs: std::sync::Arc::new(Shared(std::sync::Arc::new(MemBlobs::default()))),
+        inline_limit: 1 << 20,
+    };
+    let config = EndpointConfig {
+        result_limit: 1 << 30,
+        ..config()
+    };
+    let h = start_with(tempfile::tempdir().unwrap(), config, Some(values)).await;
+    let mut r = name_of(b"{}");
+    r.size = compute::blobs::MAX_ARGUMENTS_BY_REFERENCE + 1;
+    let a = h
+        .endpoint
+        .submit("peer", "inst-a", vec![by_reference(&f("length"), r)])
+        .await
+        .unwrap();
+    let e = a[0].as_ref().unwrap_err();
+    assert!(
+        e.contains("at most 268435456") && e.contains("funcmesh_blobs.get"),
+        "{e}"
+    );
+    h.stop().await;
+}
