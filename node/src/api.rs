@@ -726,17 +726,7 @@ async fn task_value(
         .blake3
         .parse()
         .map_err(|e: transfer::Error| internal(&e))?;
-    let path = inner
-        .transfers
-        .blobs
-        .path(&hash)
-        .map_err(|e| ApiError(StatusCode::NOT_FOUND, e.to_string()))?;
-    let file = tokio::fs::File::open(path)
-        .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    let body =
-        axum::body::Body::from_stream(tokio_util::io::ReaderStream::with_capacity(file, 1 << 20));
-    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+    blob_body(&inner.transfers.blobs, &hash, "application/json").await
 }
 
 async fn cancel_task(
@@ -1018,16 +1008,24 @@ async fn get_blob(
             .await
             .map_err(|e| ApiError(StatusCode::BAD_GATEWAY, e.to_string()))?;
     }
-    let path = t
-        .blobs
-        .path(&hash)
+    blob_body(&t.blobs, &hash, "application/octet-stream").await
+}
+
+/// A response streaming a blob this node holds, as `content_type`.
+async fn blob_body(
+    blobs: &transfer::BlobStore,
+    hash: &transfer::Hash,
+    content_type: &'static str,
+) -> Result<Response, ApiError> {
+    let path = blobs
+        .path(hash)
         .map_err(|e| ApiError(StatusCode::NOT_FOUND, e.to_string()))?;
     let file = tokio::fs::File::open(path)
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     let body =
         axum::body::Body::from_stream(tokio_util::io::ReaderStream::with_capacity(file, 1 << 20));
-    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response())
+    Ok(([(header::CONTENT_TYPE, content_type)], body).into_response())
 }
 
 /// A peer id from a query string.

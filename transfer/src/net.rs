@@ -371,20 +371,23 @@ impl DataPlane {
             .map_err(|e| Error::Setup(e.to_string()))
     }
 
+    /// The open connection to `peer` at `addr`, if there is one.
+    fn open(&self, peer: PeerId, addr: SocketAddr) -> Option<quinn::Connection> {
+        self.conns
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&peer)
+            .filter(|c| c.close_reason().is_none() && c.remote_address() == addr)
+            .cloned()
+    }
+
     /// A connection to `peer` at `addr`: the open one if there is one, else a new one.
     pub(crate) async fn connect(
         &self,
         peer: PeerId,
         addr: SocketAddr,
     ) -> Result<quinn::Connection, Error> {
-        let open = self
-            .conns
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(&peer)
-            .filter(|c| c.close_reason().is_none() && c.remote_address() == addr)
-            .cloned();
-        if let Some(conn) = open {
+        if let Some(conn) = self.open(peer, addr) {
             return Ok(conn);
         }
         self.dial(peer, addr).await
@@ -398,14 +401,7 @@ impl DataPlane {
             m.entry(peer).or_default().clone()
         };
         let _one = lock.lock().await;
-        let open = self
-            .conns
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(&peer)
-            .filter(|c| c.close_reason().is_none() && c.remote_address() == addr)
-            .cloned();
-        if let Some(conn) = open {
+        if let Some(conn) = self.open(peer, addr) {
             return Ok(conn);
         }
         let conn = self.connect_new(peer, addr).await?;

@@ -1365,6 +1365,14 @@ impl compute::blobs::Blobs for Shared {
     }
 }
 
+/// Values over 1 MiB go by reference, into `blobs`.
+fn mem_values(blobs: &std::sync::Arc<MemBlobs>) -> compute::blobs::Values {
+    compute::blobs::Values {
+        blobs: std::sync::Arc::new(Shared(blobs.clone())),
+        inline_limit: 1 << 20,
+    }
+}
+
 fn by_reference(f: &FunctionRecord, r: compute::ValueRef) -> Submission {
     Submission {
         args_ref: Some(r),
@@ -1375,10 +1383,7 @@ fn by_reference(f: &FunctionRecord, r: compute::ValueRef) -> Submission {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_arguments_and_results_go_by_reference_and_a_missing_input_fails_the_task() {
     let blobs = std::sync::Arc::new(MemBlobs::default());
-    let values = compute::blobs::Values {
-        blobs: std::sync::Arc::new(Shared(blobs.clone())),
-        inline_limit: 1 << 20,
-    };
+    let values = mem_values(&blobs);
     let config = EndpointConfig {
         result_limit: 64 << 20,
         ..config()
@@ -1457,10 +1462,7 @@ async fn large_arguments_and_results_go_by_reference_and_a_missing_input_fails_t
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_function_gets_and_puts_blobs_itself() {
     let blobs = std::sync::Arc::new(MemBlobs::default());
-    let values = compute::blobs::Values {
-        blobs: std::sync::Arc::new(Shared(blobs.clone())),
-        inline_limit: 1 << 20,
-    };
+    let values = mem_values(&blobs);
     // Blobs up to 64 MiB.
     let config = EndpointConfig {
         result_limit: 64 << 20,
@@ -1545,10 +1547,7 @@ async fn a_function_gets_and_puts_blobs_itself() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_values_in_and_out_of_one_worker_at_once_all_arrive() {
     let blobs = std::sync::Arc::new(MemBlobs::default());
-    let values = compute::blobs::Values {
-        blobs: std::sync::Arc::new(Shared(blobs.clone())),
-        inline_limit: 1 << 20,
-    };
+    let values = mem_values(&blobs);
     let config = EndpointConfig {
         max_workers: 1,
         result_limit: 64 << 20,
@@ -1612,10 +1611,7 @@ async fn an_endpoint_without_blobs_refuses_arguments_by_reference() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn arguments_by_reference_past_what_an_endpoint_holds_in_memory_are_refused() {
-    let values = compute::blobs::Values {
-        blobs: std::sync::Arc::new(Shared(std::sync::Arc::new(MemBlobs::default()))),
-        inline_limit: 1 << 20,
-    };
+    let values = mem_values(&std::sync::Arc::new(MemBlobs::default()));
     let config = EndpointConfig {
         result_limit: 1 << 30,
         ..config()
