@@ -58,10 +58,19 @@ pub struct DataPlane {
 /// How long a connection's handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Largest UDP payload the data plane sends or accepts (what a loopback path carries).
+/// Largest UDP payload the data plane accepts, and sends on a loopback path.
 const MAX_DATAGRAM: u16 = 65_000;
 
-fn transport() -> Arc<quinn::TransportConfig> {
+/// Largest UDP payload sent on any other path. quinn hands the kernel up to 10 datagrams in one
+/// segmentation-offload (GSO) write, and Linux refuses a write past 64 KiB: with larger
+/// datagrams every batch would be dropped, counted as loss, and the path MTU reset to 1,200
+/// bytes. A 1,500-byte path settles at 1,452 as before; jumbo frames go up to this.
+const MAX_GSO_DATAGRAM: u16 = 6_500;
+
+/// The QUIC transport for a path to a peer. On `loopback` (two nodes on one machine: testnets,
+/// benchmarks) datagrams of up to 65,000 bytes, one per system call; elsewhere
+/// segmentation offload with datagrams of at most [`MAX_GSO_DATAGRAM`].
+fn transport(loopback: bool) -> Arc<quinn::TransportConfig> {
     let mut t = quinn::TransportConfig::default();
     // Windows large enough for a loopback or LAN path to stay full.
     t.stream_receive_window(quinn::VarInt::from_u32(16 << 20));
@@ -70,13 +79,34 @@ fn transport() -> Arc<quinn::TransportConfig> {
     t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(64));
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
     t.keep_alive_interval(Some(Duration::from_secs(5)));
-    // Let path MTU discovery go past Ethernet's 1,452 bytes where the path allows (loopback,
-    // jumbo frames): fewer, larger datagrams cost fewer system calls and less per-packet
-    // crypto. On a 1,500-byte path it settles where it did before.
+    // Path MTU discovery past Ethernet's 1,452 bytes where the path allows: fewer, larger
+    // datagrams cost fewer system calls and less per-packet work.
     let mut mtu = quinn::MtuDiscoveryConfig::default();
-    mtu.upper_bound(MAX_DATAGRAM);
+    if loopback {
+        mtu.upper_bound(MAX_DATAGRAM);
+        t.enable_segmentation_offload(false);
+    } else {
+        mtu.upper_bound(MAX_GSO_DATAGRAM);
+    }
     t.mtu_discovery_config(Some(mtu));
     Arc::new(t)
+}
+
+/// How much a data plane's UDP socket buffers in each direction.
+const SOCKET_BUFFER: usize = 64 << 20;
+
+/// Sizes the socket's buffers for large datagrams: the kernel's default (about 208 KiB) holds
+/// three 65,000-byte datagrams, so a burst overflows it, the datagrams are dropped and the
+/// congestion controller slows down. Forced past `net.core.rmem_max` where the process may
+/// (CAP_NET_ADMIN), else as large as that limit allows.
+fn socket_buffers(socket: &std::net::UdpSocket) {
+    use rustix::net::sockopt;
+    if sockopt::set_socket_recv_buffer_size_force(socket, SOCKET_BUFFER).is_err() {
+        let _ = sockopt::set_socket_recv_buffer_size(socket, SOCKET_BUFFER);
+    }
+    if sockopt::set_socket_send_buffer_size_force(socket, SOCKET_BUFFER).is_err() {
+        let _ = sockopt::set_socket_send_buffer_size(socket, SOCKET_BUFFER);
+    }
 }
 
 /// Splits `set` into at most `n` parts of about equal size, on chunk-group boundaries.
@@ -246,13 +276,19 @@ impl DataPlane {
         let setup = |e: &dyn std::fmt::Display| Error::Setup(e.to_string());
         let tls = server_tls(keypair, admit.clone())?;
         let crypto = QuicServerConfig::try_from(tls).map_err(|e| setup(&e))?;
-        let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-        server.transport_config(transport());
+        let crypto: Arc<dyn quinn::crypto::ServerConfig> = Arc::new(crypto);
+        let mut server = quinn::ServerConfig::with_crypto(crypto.clone());
+        server.transport_config(transport(false));
+        // The same, for peers on loopback (see `transport`).
+        let mut local = quinn::ServerConfig::with_crypto(crypto);
+        local.transport_config(transport(true));
+        let local = Arc::new(local);
         let mut config = quinn::EndpointConfig::default();
         config
             .max_udp_payload_size(MAX_DATAGRAM)
             .map_err(|e| setup(&e))?;
         let socket = std::net::UdpSocket::bind(addr).map_err(|e| setup(&e))?;
+        socket_buffers(&socket);
         let runtime = quinn::default_runtime()
             .ok_or_else(|| Error::Setup("no async runtime for the data plane".into()))?;
         let endpoint =
@@ -291,8 +327,17 @@ impl DataPlane {
                 let admit = admit.clone();
                 let established = established.clone();
                 let per_peer = per_peer.clone();
+                let local = local.clone();
                 tokio::spawn(async move {
-                    let Ok(conn) = incoming.await else {
+                    let accepted = if incoming.remote_address().ip().is_loopback() {
+                        incoming.accept_with(local)
+                    } else {
+                        incoming.accept()
+                    };
+                    let Ok(conn) = (match accepted {
+                        Ok(connecting) => connecting.await,
+                        Err(e) => Err(e),
+                    }) else {
                         return;
                     };
                     established.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -422,7 +467,7 @@ impl DataPlane {
             .map_err(|e| fail(e.to_string()))?;
         let crypto = QuicClientConfig::try_from(tls).map_err(|e| fail(e.to_string()))?;
         let mut client = quinn::ClientConfig::new(Arc::new(crypto));
-        client.transport_config(transport());
+        client.transport_config(transport(addr.ip().is_loopback()));
         // The server name is not checked (libp2p-tls checks the peer id instead).
         let connecting = self
             .endpoint
@@ -601,64 +646,102 @@ impl DataPlane {
         };
         let mut received = 0;
         let mut last = None;
-        for _ in 0..attempts.max(1) {
-            let store = self.store.clone();
-            let missing = tokio::task::spawn_blocking(move || store.missing(&hash, size))
-                .await
-                .map_err(|e| Error::Protocol(e.to_string()))??;
-            if missing.is_empty() {
-                return Ok((size, received));
-            }
-            let ranges: Vec<(u64, u64)> = ranges_of(&missing, size);
-            let (head, recv) = ask(
-                &conn,
-                &Request::Get {
-                    v: VERSION,
-                    hash: hash.to_string(),
-                    ranges,
-                },
-            )
-            .await?;
-            match head {
-                Response::Found { size: s } if s == size => {}
-                Response::Found { size: s } => {
-                    return Err(Error::Protocol(format!(
-                        "{peer} says blob {hash} has {s} bytes, then {size}"
-                    )));
-                }
-                Response::Refused { reason } => return Err(Error::Refused { peer, reason }),
-                other => {
-                    return Err(Error::Protocol(format!(
-                        "{peer} answered {other:?} to a blob request"
-                    )));
-                }
-            }
-            let store = self.store.clone();
-            let (reader, pump) = bridge::reader(recv);
-            let outcome = tokio::task::spawn_blocking(move || {
-                store.receive_known(&hash, size, &missing, Some(missing.clone()), reader)
-            })
-            .await
-            .map_err(|e| Error::Protocol(e.to_string()))?;
-            pump.abort();
-            match outcome {
-                Ok(n) => received += n,
-                Err(e @ crate::blob::Error::Corrupt { .. }) => last = Some(e),
-                Err(e) => return Err(e.into()),
-            }
-        }
         let store = self.store.clone();
-        let missing = tokio::task::spawn_blocking(move || store.missing(&hash, size))
+        let mut missing = tokio::task::spawn_blocking(move || store.missing(&hash, size))
             .await
             .map_err(|e| Error::Protocol(e.to_string()))??;
+        for _ in 0..attempts.max(1) {
+            if missing.is_empty() {
+                break;
+            }
+            // Several streams at once, each with its own blocking receiver: verifying and
+            // writing a large blob then uses more than one core at each end.
+            let parts = split(&missing, size, streams_for(size));
+            let fetches = parts.into_iter().map(|part| {
+                let store = self.store.clone();
+                let conn = conn.clone();
+                async move {
+                    let (head, recv) = ask(
+                        &conn,
+                        &Request::Get {
+                            v: VERSION,
+                            hash: hash.to_string(),
+                            ranges: ranges_of(&part, size),
+                        },
+                    )
+                    .await?;
+                    match head {
+                        Response::Found { size: s } if s == size => {}
+                        Response::Found { size: s } => {
+                            return Err(Error::Protocol(format!(
+                                "{peer} says blob {hash} has {s} bytes, then {size}"
+                            )));
+                        }
+                        Response::Refused { reason } => {
+                            return Err(Error::Refused { peer, reason });
+                        }
+                        other => {
+                            return Err(Error::Protocol(format!(
+                                "{peer} answered {other:?} to a blob request"
+                            )));
+                        }
+                    }
+                    let (reader, pump) = bridge::reader(recv);
+                    let got = tokio::task::spawn_blocking(move || {
+                        store.receive_part(&hash, size, &part, reader)
+                    })
+                    .await
+                    .map_err(|e| Error::Protocol(e.to_string()));
+                    pump.abort();
+                    got
+                }
+            });
+            let mut verified = true;
+            for outcome in futures::future::join_all(fetches).await {
+                match outcome? {
+                    Ok(n) => received += n,
+                    Err(e @ crate::blob::Error::Corrupt { .. }) => {
+                        verified = false;
+                        last = Some(e);
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            let store = self.store.clone();
+            missing = tokio::task::spawn_blocking(move || {
+                if verified {
+                    // Every part asked for arrived verified: nothing is missing, and the blob
+                    // is complete without hashing it again.
+                    store
+                        .complete_verified(&hash, size)
+                        .map(|()| bao_tree::ChunkRanges::empty())
+                } else {
+                    store.missing(&hash, size)
+                }
+            })
+            .await
+            .map_err(|e| Error::Protocol(e.to_string()))??;
+        }
         match (missing.is_empty(), last) {
-            (true, _) => Ok((size, received)),
+            (true, _) => {
+                let store = self.store.clone();
+                tokio::task::spawn_blocking(move || store.complete_verified(&hash, size))
+                    .await
+                    .map_err(|e| Error::Protocol(e.to_string()))??;
+                Ok((size, received))
+            }
             (false, Some(e)) => Err(e.into()),
             (false, None) => Err(Error::Protocol(format!(
                 "blob {hash} still incomplete after {attempts} rounds"
             ))),
         }
     }
+}
+
+/// How many streams fetch a blob of `size` bytes from one source: one below 8 MiB, else up to
+/// four parts of at least 4 MiB.
+fn streams_for(size: u64) -> usize {
+    (size / (4 << 20)).clamp(1, 4) as usize
 }
 
 /// The most connections one member may hold open to a node's data plane at once (each carries
