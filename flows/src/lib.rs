@@ -1,0 +1,16 @@
+//! Globus Flows compatibility for funcmesh's flow engine.
+//!
+//! So far: [`expr`], the expression language of flow definitions (the `"name.=":
+//! "<expression>"` parameters), a restricted, bounded subset of Python expressions evaluated
+//! over the run's JSON state.
+//!
+//! ```
+//! use serde_json::json;
+//!
+//! let state = json!({"state_manager": {"counter": 41}});
+//! let counter = flows::expr::evaluate("state_manager.counter + 1", &state)?;
+//! assert_eq!(counter, json!(42));
+//! # Ok::<(), flows::expr::Error>(())
+//! ```
+
+pub mod expr;
