@@ -13,4 +13,9 @@
 //! # Ok::<(), flows::expr::Error>(())
 //! ```
 
+pub mod choice;
+pub mod definition;
 pub mod expr;
+pub mod path;
+pub mod template;
+pub mod time;

@@ -1,0 +1,4 @@
+//! The flows crate's integration tests, one binary.
+
+mod definition;
+mod expr;
