@@ -15,7 +15,9 @@
 
 pub mod choice;
 pub mod definition;
+pub mod engine;
 pub mod expr;
 pub mod path;
+pub mod provider;
 pub mod template;
 pub mod time;

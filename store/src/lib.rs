@@ -53,6 +53,11 @@ pub mod cf {
     /// `fwd/<job id>` → the peer id of the node this node asked to run a copy.
     pub const TRANSFERS: &str = "transfers";
 
+    /// Flow runs this node hosts (flows::engine): `run/<run id>` → JSON `flows::engine::Run`
+    /// (the run's summary, rewritten with each transition); `ev/<run id>/<seq, 16 hex digits>` →
+    /// JSON `flows::engine::Event`, the run's log, appended before each effect.
+    pub const FLOWS: &str = "flows";
+
     /// All column families, in creation order.
     pub const ALL: &[&str] = &[
         META,
@@ -64,6 +69,7 @@ pub mod cf {
         CAPABILITIES,
         FUNCTIONS,
         TRANSFERS,
+        FLOWS,
     ];
 }
 

@@ -1,0 +1,408 @@
+//! The run engine: corpus flows run to completion, a run survives its engine's death in the
+//! middle of an action without starting the action twice, Retry, Catch, Wait, and an INACTIVE
+//! action resumed.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::Duration;
+
+use flows::engine::{Engine, Event, RunStatus};
+use flows::provider::{
+    Action, BoxFuture, HelloWorld, Provider, Providers, Refusal, Request, Status,
+};
+use serde_json::{Value, json};
+
+use crate::definition::corpus_dir;
+
+fn corpus(rel: &str) -> Value {
+    let text = std::fs::read_to_string(corpus_dir().join(rel)).expect("corpus file");
+    serde_json::from_str(&text).expect("corpus JSON")
+}
+
+fn open(dir: &std::path::Path, providers: Providers) -> Engine {
+    let store = store::Store::open(&dir.join("db")).expect("store");
+    Engine::open(store, providers).expect("engine")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_corpus_counting_loop_runs_to_its_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path(), Providers::builtin());
+    let def = corpus("globus-automate-client/loop-a-set-number-of-times/definition.json");
+    engine
+        .start("loop-1", "flow-loop", &def, json!({}), "alice", None)
+        .unwrap();
+    let run = engine
+        .wait("loop-1", Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(run.status, RunStatus::Succeeded, "{run:?}");
+    assert_eq!(
+        run.details,
+        json!({"output": {"state_manager": {"counter": 10}}})
+    );
+    // Test, Initialize, then ten rounds of Test and Increment, then Test and Success.
+    let exits = engine
+        .log("loop-1")
+        .unwrap()
+        .iter()
+        .filter(|e| matches!(e, Event::StateExited { .. }))
+        .count();
+    assert_eq!(exits, 2 + 2 * 10 + 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_corpus_hello_world_runs_with_its_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path(), Providers::builtin());
+    let def = corpus("globus-automate-client/hello-world/definition.json");
+    // The corpus input sleeps 20 s; the same flow with a short sleep.
+    let input = json!({"input": {"echo_string": "From automate cli", "sleep_time": 0.2}});
+    engine
+        .start(
+            "hello-1",
+            "flow-hello",
+            &def,
+            input.clone(),
+            "alice",
+            Some("hi".into()),
+        )
+        .unwrap();
+    let run = engine
+        .wait("hello-1", Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(run.status, RunStatus::Succeeded, "{run:?}");
+    let out = &run.details["output"];
+    assert_eq!(out["input"], input["input"]);
+    assert_eq!(out["HelloResult"]["status"], "SUCCEEDED");
+    assert_eq!(out["HelloResult"]["state_name"], "RunHelloWorld");
+    assert_eq!(
+        out["HelloResult"]["details"],
+        json!({"Hello": "World", "hello": "From automate cli"})
+    );
+    assert_eq!(out["HelloResult"]["label"], "hi");
+}
+
+#[test]
+fn a_run_killed_in_the_middle_of_an_action_resumes_without_starting_it_again() {
+    let dir = tempfile::tempdir().unwrap();
+    // The provider outlives the node, as a remote provider would.
+    let hello = Arc::new(HelloWorld::default());
+    let providers = || {
+        let mut p = Providers::builtin();
+        p.add("https://actions.globus.org/hello_world", hello.clone());
+        p
+    };
+    let def = json!({
+        "StartAt": "Hello",
+        "States": {
+            "Hello": {
+                "Type": "Action",
+                "ActionUrl": "https://actions.globus.org/hello_world",
+                "Parameters": {"echo_string.$": "$.who", "sleep_time": 1.5},
+                "ResultPath": "$.said",
+                "Next": "Done"
+            },
+            "Done": {"Type": "Pass", "End": true}
+        }
+    });
+    // First life: the run starts its action; the runtime is torn down while it runs.
+    let first = tokio::runtime::Runtime::new().unwrap();
+    first.block_on(async {
+        let engine = open(dir.path(), providers());
+        engine
+            .start(
+                "crash-1",
+                "flow",
+                &def,
+                json!({"who": "you"}),
+                "alice",
+                None,
+            )
+            .unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while hello.started() == 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the action never started"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let log = engine.log("crash-1").unwrap();
+        assert!(log.iter().any(|e| matches!(e, Event::ActionStarted { .. })));
+        assert_eq!(
+            engine.get("crash-1").unwrap().unwrap().status,
+            RunStatus::Active
+        );
+    });
+    // Every task of the first life is dropped with its runtime (the store closes with them).
+    drop(first);
+    // Second life: the same store; the run goes on from its log.
+    let second = tokio::runtime::Runtime::new().unwrap();
+    second.block_on(async {
+        let engine = open(dir.path(), providers());
+        let run = engine
+            .wait("crash-1", Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert_eq!(run.status, RunStatus::Succeeded, "{run:?}");
+        assert_eq!(run.details["output"]["said"]["details"]["hello"], "you");
+        let started: Vec<String> = engine
+            .log("crash-1")
+            .unwrap()
+            .into_iter()
+            .filter_map(|e| match e {
+                Event::ActionStarted { request_id, .. } => Some(request_id),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(started.len(), 1, "one request id: {started:?}");
+    });
+    assert_eq!(hello.started(), 1, "the action was started once");
+}
+
+/// Fails its first `fails` actions (FAILED status), then succeeds; or INACTIVE until `open`.
+struct Flaky {
+    fails: u32,
+    calls: AtomicU32,
+    gate: Option<Arc<AtomicBool>>,
+}
+
+impl Provider for Flaky {
+    fn run(&self, request: Request) -> BoxFuture<'_, Result<Action, Refusal>> {
+        Box::pin(async move {
+            if let Some(gate) = &self.gate {
+                let mut a = Action::done(&request, true, json!({"ok": true}));
+                if !gate.load(Ordering::SeqCst) {
+                    a.status = Status::Inactive;
+                    a.details = json!({"code": "ConsentRequired", "description": "grant it"});
+                }
+                return Ok(a);
+            }
+            let n = self.calls.fetch_add(1, Ordering::SeqCst);
+            Ok(if n < self.fails {
+                Action::done(&request, false, json!({"attempt": n}))
+            } else {
+                Action::done(&request, true, json!({"attempt": n}))
+            })
+        })
+    }
+    fn status(&self, _: &str) -> BoxFuture<'_, Result<Action, Refusal>> {
+        Box::pin(async {
+            Err(Refusal {
+                code: "ActionNotFound".into(),
+                description: "synchronous".into(),
+            })
+        })
+    }
+    fn cancel(&self, id: &str) -> BoxFuture<'_, Result<Action, Refusal>> {
+        self.status(id)
+    }
+}
+
+fn with(url: &str, p: Flaky) -> Providers {
+    let mut providers = Providers::builtin();
+    providers.add(url, Arc::new(p));
+    providers
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_runs_a_failed_action_again_and_catch_takes_what_retry_gives_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = "https://flaky.example/run";
+    let engine = open(
+        dir.path(),
+        with(
+            url,
+            Flaky {
+                fails: 2,
+                calls: AtomicU32::new(0),
+                gate: None,
+            },
+        ),
+    );
+    let def = |attempts: u32| {
+        json!({
+            "StartAt": "Try",
+            "States": {
+                "Try": {
+                    "Type": "Action", "ActionUrl": url, "Parameters": {},
+                    "ResultPath": "$.result",
+                    "Retry": [{"ErrorEquals": ["ActionFailedException"], "IntervalSeconds": 0.05, "MaxAttempts": attempts}],
+                    "Catch": [{"ErrorEquals": ["States.ALL"], "ResultPath": "$.error", "Next": "Caught"}],
+                    "End": true
+                },
+                "Caught": {"Type": "Pass", "End": true}
+            }
+        })
+    };
+    // Two failures, two retries: the third attempt succeeds.
+    engine
+        .start("retry-1", "f", &def(2), json!({}), "alice", None)
+        .unwrap();
+    let run = engine
+        .wait("retry-1", Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(run.status, RunStatus::Succeeded, "{run:?}");
+    assert_eq!(run.details["output"]["result"]["details"]["attempt"], 2);
+    let retries = engine
+        .log("retry-1")
+        .unwrap()
+        .iter()
+        .filter(|e| matches!(e, Event::Retrying { .. }))
+        .count();
+    assert_eq!(retries, 2);
+
+    // One retry is not enough for the next flaky provider: Catch takes the error.
+    let dir2 = tempfile::tempdir().unwrap();
+    let engine = open(
+        dir2.path(),
+        with(
+            url,
+            Flaky {
+                fails: 5,
+                calls: AtomicU32::new(0),
+                gate: None,
+            },
+        ),
+    );
+    engine
+        .start("retry-2", "f", &def(1), json!({"kept": 1}), "alice", None)
+        .unwrap();
+    let run = engine
+        .wait("retry-2", Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(run.status, RunStatus::Succeeded, "{run:?}");
+    let out = &run.details["output"];
+    assert_eq!(out["kept"], 1);
+    assert_eq!(out["error"]["Error"], "ActionFailedException");
+    assert_eq!(out["error"]["details"]["details"]["attempt"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_uncaught_failure_fails_the_run_with_its_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path(), Providers::builtin());
+    let def = json!({
+        "StartAt": "Check",
+        "States": {
+            "Check": {
+                "Type": "Choice",
+                "Choices": [{"Variable": "$.n", "NumericGreaterThan": 3, "Next": "Big"}],
+                "Default": "Small"
+            },
+            "Big": {"Type": "Pass", "End": true},
+            "Small": {"Type": "Fail", "Error": "TooSmall", "CausePath": "$.why"}
+        }
+    });
+    engine
+        .start(
+            "fail-1",
+            "f",
+            &def,
+            json!({"n": 2, "why": "n is 2"}),
+            "alice",
+            None,
+        )
+        .unwrap();
+    let run = engine
+        .wait("fail-1", Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(run.status, RunStatus::Failed);
+    assert_eq!(run.details["Error"], "TooSmall");
+    assert_eq!(run.details["Cause"], "n is 2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_state_waits_and_its_timer_is_in_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path(), Providers::builtin());
+    let def = json!({
+        "StartAt": "Nap",
+        "States": {"Nap": {"Type": "Wait", "SecondsPath": "$.s", "Next": "Up"},
+                   "Up": {"Type": "Pass", "Result": "awake", "ResultPath": "$.state", "End": true}}
+    });
+    engine
+        .start("wait-1", "f", &def, json!({"s": 1}), "alice", None)
+        .unwrap();
+    let run = engine
+        .wait("wait-1", Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(run.status, RunStatus::Succeeded);
+    assert_eq!(run.details["output"], json!({"s": 1, "state": "awake"}));
+    let log = engine.log("wait-1").unwrap();
+    let until = log
+        .iter()
+        .find_map(|e| match e {
+            Event::Waiting { until_ms, .. } => Some(*until_ms),
+            _ => None,
+        })
+        .expect("a Waiting event");
+    let started = flows::time::parse_rfc3339(&run.start_time).unwrap();
+    let ended = flows::time::parse_rfc3339(run.completion_time.as_deref().unwrap()).unwrap();
+    assert!(until >= started + 1_000, "waits a second from its start");
+    assert!(ended >= until, "ends after its timer");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inactive_action_makes_the_run_inactive_until_resumed() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = "https://gated.example/run";
+    let gate = Arc::new(AtomicBool::new(false));
+    let engine = open(
+        dir.path(),
+        with(
+            url,
+            Flaky {
+                fails: 0,
+                calls: AtomicU32::new(0),
+                gate: Some(gate.clone()),
+            },
+        ),
+    );
+    let def = json!({
+        "StartAt": "Gated",
+        "States": {"Gated": {"Type": "Action", "ActionUrl": url, "Parameters": {}, "ResultPath": "$.r", "End": true}}
+    });
+    engine
+        .start("gate-1", "f", &def, json!({}), "alice", None)
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let run = engine.get("gate-1").unwrap().unwrap();
+        if run.status == RunStatus::Inactive {
+            assert_eq!(run.details["details"]["code"], "ConsentRequired");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never inactive: {run:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    gate.store(true, Ordering::SeqCst);
+    engine.resume("gate-1").unwrap();
+    let run = engine
+        .wait("gate-1", Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(run.status, RunStatus::Succeeded, "{run:?}");
+    assert_eq!(run.details["output"]["r"]["details"]["ok"], true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_definition_with_an_unknown_action_url_is_not_started() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path(), Providers::builtin());
+    let def = json!({"StartAt": "A", "States": {"A": {"Type": "Action", "ActionUrl": "https://nowhere.example", "Parameters": {}, "End": true}}});
+    let e = engine
+        .start("x-1", "f", &def, json!({}), "alice", None)
+        .unwrap_err();
+    assert!(e.contains("state `A`, field `ActionUrl`"), "{e}");
+    assert!(engine.get("x-1").unwrap().is_none());
+}
