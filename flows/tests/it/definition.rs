@@ -452,3 +452,124 @@ fn the_ast_extensions_parse() {
         other => panic!("{other:?}"),
     }
 }
+
+/// Arbitrary JSON, biased towards the words of the language.
+fn arb_json() -> impl proptest::strategy::Strategy<Value = Value> {
+    use proptest::prelude::*;
+    let words = prop::sample::select(vec![
+        "Type",
+        "Pass",
+        "Action",
+        "Choice",
+        "Wait",
+        "Fail",
+        "Succeed",
+        "Map",
+        "Parallel",
+        "ExpressionEval",
+        "Next",
+        "End",
+        "StartAt",
+        "States",
+        "Parameters",
+        "ResultPath",
+        "InputPath",
+        "Choices",
+        "Variable",
+        "And",
+        "Not",
+        "Branches",
+        "Iterator",
+        "Catch",
+        "Retry",
+        "ErrorEquals",
+        "ActionUrl",
+        "Seconds",
+        "x.$",
+        "y.=",
+        "$",
+        "$.a",
+        "$[*]",
+        "$..b",
+        "a + 1",
+        "A",
+        "B",
+        "$$.Map.Item.Value",
+        "States.ALL",
+        "NumericEquals",
+    ]);
+    let leaf = prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i32>().prop_map(|n| json!(n)),
+        words.clone().prop_map(|w| json!(w)),
+        ".{0,12}".prop_map(Value::String),
+    ];
+    leaf.prop_recursive(6, 64, 6, move |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..5).prop_map(Value::Array),
+            prop::collection::vec((words.clone(), inner), 0..6).prop_map(|kv| {
+                Value::Object(kv.into_iter().map(|(k, v)| (k.to_string(), v)).collect())
+            }),
+        ]
+    })
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+    /// Any JSON gives a definition or an error naming a field; nothing panics.
+    #[test]
+    fn any_json_is_read_or_refused_without_panic(doc in arb_json()) {
+        if let Err(e) = Definition::parse(&doc) {
+            proptest::prop_assert!(!e.field.is_empty());
+            proptest::prop_assert!(!e.message.is_empty());
+        }
+    }
+
+    /// A corpus definition with one value replaced anywhere is read or refused, never a panic.
+    #[test]
+    fn mutated_corpus_definitions_are_read_or_refused(
+        pick in 0usize..64, at in 0usize..4096, with in arb_json()
+    ) {
+        let defs = corpus_definitions();
+        let (_, mut doc) = defs[pick % defs.len()].clone();
+        let mut n = at;
+        replace_nth(&mut doc, &mut n, &with);
+        let _ = Definition::parse(&doc);
+    }
+}
+
+/// Replaces the `n`th value (depth first) of `doc` by `with`.
+fn replace_nth(doc: &mut Value, n: &mut usize, with: &Value) -> bool {
+    if *n == 0 {
+        *doc = with.clone();
+        return true;
+    }
+    *n -= 1;
+    match doc {
+        Value::Array(items) => items.iter_mut().any(|v| replace_nth(v, n, with)),
+        Value::Object(map) => map.values_mut().any(|v| replace_nth(v, n, with)),
+        _ => false,
+    }
+}
+
+proptest::proptest! {
+    /// Any string is a path or an error; a path selects from any document without panic,
+    /// and a reference path writes where it names.
+    #[test]
+    fn paths_parse_select_and_write_without_panic(
+        text in "\\$[\\[\\]\\.a-c0-9'\"*:?@,\\-$ ]{0,24}", doc in arb_json()
+    ) {
+        if let Ok(p) = flows::path::Path::parse(&text) {
+            let _ = p.select(&doc);
+            let _ = p.is_present(&doc);
+        }
+        if let Ok(r) = flows::path::RefPath::parse(&text) {
+            let mut d = json!({});
+            if r.set(&mut d, json!("here")).is_ok() {
+                proptest::prop_assert_eq!(flows::path::get(&d, r.steps()), Some(&json!("here")));
+            }
+        }
+    }
+}
