@@ -1,6 +1,6 @@
 //! `Parameters` (and `Result` where it holds paths): a JSON template whose keys ending in `.$`
 //! take the value a [`Path`] selects from the state's input, and whose keys ending in `.=` take
-//! the value of an [`expr`](crate::expr) expression evaluated over it. Everything else is a
+//! the value of an [`expr`] expression evaluated over it. Everything else is a
 //! constant. Compiled once, when the definition is read, so that a bad path or expression is
 //! an error before anything runs.
 //!
