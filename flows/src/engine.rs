@@ -72,6 +72,9 @@ pub struct Run {
     pub details: Value,
     /// How many events its log holds.
     pub events: u64,
+    /// The run this one is a branch or an iteration of.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<String>,
 }
 
 /// An error of a step: a name `Catch` and `Retry` match, and what happened.
@@ -246,6 +249,12 @@ pub fn check_run_id(id: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The `url` a `Parallel` or `Map` state's `ActionStarted` names: its children, not a provider.
+const CHILDREN: &str = "funcmesh:children";
+
+/// Most items one `Map` state runs.
+pub const MAX_ITEMS: usize = 10_000;
+
 /// The longest a provider is left without a status check while an action runs.
 const POLL_MAX: Duration = Duration::from_secs(600);
 
@@ -292,13 +301,6 @@ impl Engine {
         label: Option<String>,
     ) -> Result<Run, String> {
         check_run_id(run_id)?;
-        if let Some(run) = self.get(run_id)? {
-            return Ok(run);
-        }
-        let def = Definition::parse(definition).map_err(|e| e.to_string())?;
-        def.check_actions(&|u| self.inner.providers.knows(u))
-            .map_err(|e| e.to_string())?;
-        let now = crate::time::format_rfc3339(crate::time::now_ms());
         let context = json!({
             "run_id": run_id,
             "flow_id": flow_id,
@@ -307,7 +309,33 @@ impl Engine {
             "identities": [user],
             "label": label,
         });
+        self.start_with(
+            run_id, flow_id, definition, input, user, label, context, None,
+        )
+    }
+
+    /// Starts a run with its context given: a branch or an iteration of `parent`.
+    #[allow(clippy::too_many_arguments)]
+    fn start_with(
+        &self,
+        run_id: &str,
+        flow_id: &str,
+        definition: &Value,
+        input: Value,
+        user: &str,
+        label: Option<String>,
+        context: Value,
+        parent: Option<String>,
+    ) -> Result<Run, String> {
+        if let Some(run) = self.get(run_id)? {
+            return Ok(run);
+        }
+        let def = Definition::parse(definition).map_err(|e| e.to_string())?;
+        def.check_actions(&|u| self.inner.providers.knows(u))
+            .map_err(|e| e.to_string())?;
+        let now = crate::time::format_rfc3339(crate::time::now_ms());
         let run = Run {
+            parent,
             run_id: run_id.to_string(),
             flow_id: flow_id.to_string(),
             user: user.to_string(),
@@ -490,8 +518,13 @@ impl Engine {
         let mut cur = fold(&def, input, &log);
         loop {
             if live.cancel.load(std::sync::atomic::Ordering::SeqCst) {
-                if let Some((request_id, url, _, _)) = &cur.pending {
-                    if let Some(p) = self.inner.providers.get(url) {
+                if let Some((request_id, url, body, _)) = &cur.pending {
+                    if url == CHILDREN {
+                        let n = body["inputs"].as_array().map_or(0, Vec::len);
+                        for i in 0..n {
+                            let _ = self.cancel(&format!("{request_id}.{i}"));
+                        }
+                    } else if let Some(p) = self.inner.providers.get(url) {
                         let _ = p.cancel(request_id).await;
                     }
                 }
@@ -505,7 +538,7 @@ impl Engine {
                 return Err(format!("run {run_id} is at unknown state {}", cur.state));
             };
             let step = self
-                .step(run_id, &run, &context, &cur, state, live, seq)
+                .step(run_id, &run, &context, &definition, &cur, state, live, seq)
                 .await;
             let events = match step {
                 Step::Events(events) => events,
@@ -618,6 +651,7 @@ impl Engine {
         run_id: &str,
         run: &Run,
         context: &Value,
+        definition: &Value,
         cur: &Cursor,
         state: &crate::definition::State,
         live: &Live,
@@ -732,14 +766,217 @@ impl Engine {
                 self.action(run_id, run, cur, &scope, action, live, seq)
                     .await
             }
-            Kind::Parallel { .. } | Kind::Map { .. } => Step::Fail(Failure {
-                error: "States.Runtime".into(),
-                cause: format!(
-                    "state `{name}`: Parallel and Map states are read and checked but this \
-                     engine does not run them yet"
-                ),
-                details: Value::Null,
-            }),
+            Kind::Parallel { io, next, .. } | Kind::Map { io, next, .. } => {
+                let raw = &definition["States"][name.as_str()];
+                self.children(
+                    run_id, run, context, cur, &scope, state, raw, io, next, live, seq,
+                )
+                .await
+            }
+        }
+    }
+
+    /// A `Parallel` or `Map` state: its branches or iterations are runs of their own (ids
+    /// `<run>.<seq>.<i>`, durable and resumed like any run), started once the state has
+    /// written which they are, and gathered in order.
+    #[allow(clippy::too_many_arguments)]
+    async fn children(
+        &self,
+        run_id: &str,
+        run: &Run,
+        context: &Value,
+        cur: &Cursor,
+        scope: &Value,
+        state: &crate::definition::State,
+        raw: &Value,
+        io: &Io,
+        next: &Next,
+        live: &Live,
+        seq: u64,
+    ) -> Step {
+        let Some((request_id, _, body, _)) = cur.pending.clone() else {
+            // Which children, on which inputs: written before any starts.
+            let plan = match self.plan(cur, scope, state, raw, io) {
+                Ok(p) => p,
+                Err(f) => return Step::Fail(f),
+            };
+            return Step::Events(vec![Event::ActionStarted {
+                state: cur.state.clone(),
+                request_id: format!("{run_id}.{seq}"),
+                url: CHILDREN.into(),
+                body: plan,
+                at_ms: crate::time::now_ms(),
+            }]);
+        };
+        let inputs = body["inputs"].as_array().cloned().unwrap_or_default();
+        let definitions = body["definitions"].as_array().cloned().unwrap_or_default();
+        let limit = body["max_concurrency"].as_u64().unwrap_or(0) as usize;
+        let ids: Vec<String> = (0..inputs.len())
+            .map(|i| format!("{request_id}.{i}"))
+            .collect();
+        let mut changes = self.changes();
+        loop {
+            let mut outputs = Vec::with_capacity(ids.len());
+            let mut running = 0usize;
+            let mut failed = None;
+            for (i, id) in ids.iter().enumerate() {
+                let child = match self.get(id) {
+                    Ok(c) => c,
+                    Err(e) => return Step::Fail(Failure::runtime(e)),
+                };
+                match child {
+                    Some(c) if c.status == RunStatus::Succeeded => {
+                        outputs.push(c.details["output"].clone())
+                    }
+                    Some(c) if c.status.is_final() => {
+                        failed.get_or_insert((id.clone(), c.details.clone()));
+                    }
+                    Some(_) => running += 1,
+                    None if limit == 0 || running < limit => {
+                        let def = definitions
+                            .get(i)
+                            .or_else(|| definitions.first())
+                            .cloned()
+                            .unwrap_or(Value::Null);
+                        let mut ctx = context.clone();
+                        if let Some(item) = body["items"].get(i) {
+                            ctx["map_item"] = json!({"index": i, "value": item});
+                        }
+                        if let Err(e) = self.start_with(
+                            id,
+                            &run.flow_id,
+                            &def,
+                            inputs[i].clone(),
+                            &run.user,
+                            run.label.clone(),
+                            ctx,
+                            Some(run_id.to_string()),
+                        ) {
+                            return Step::Fail(Failure::runtime(e));
+                        }
+                        running += 1;
+                    }
+                    None => {}
+                }
+            }
+            if let Some((id, details)) = failed {
+                // The first failure fails the state; the others stop.
+                for other in &ids {
+                    let _ = self.cancel(other);
+                }
+                let error = details["Error"].as_str().unwrap_or("States.BranchFailed");
+                return Step::Fail(Failure {
+                    error: error.to_string(),
+                    cause: format!(
+                        "{id} failed: {}",
+                        details["Cause"].as_str().unwrap_or("cancelled")
+                    ),
+                    details,
+                });
+            }
+            if outputs.len() == ids.len() {
+                return match output_of(io, &cur.doc, Value::Array(outputs)) {
+                    Ok(out) => Step::Events(vec![Event::StateExited {
+                        state: cur.state.clone(),
+                        output: out,
+                        next: match next {
+                            Next::To(s) => Some(s.clone()),
+                            Next::End => None,
+                        },
+                        caught: None,
+                    }]),
+                    Err(f) => Step::Fail(f),
+                };
+            }
+            if live.cancel.load(std::sync::atomic::Ordering::SeqCst) {
+                for id in &ids {
+                    let _ = self.cancel(id);
+                }
+                return Step::Again;
+            }
+            tokio::select! {
+                _ = changes.recv() => {}
+                () = live.wake.notified() => {}
+                () = tokio::time::sleep(Duration::from_secs(5)) => {}
+            }
+        }
+    }
+
+    /// The children of a `Parallel` or `Map` state: their definitions and inputs.
+    fn plan(
+        &self,
+        cur: &Cursor,
+        scope: &Value,
+        state: &crate::definition::State,
+        raw: &Value,
+        io: &Io,
+    ) -> Result<Value, Failure> {
+        let selected = match &io.input_path {
+            Some(p) => p.select(scope).map_err(Failure::runtime)?,
+            None => scope.clone(),
+        };
+        match &state.kind {
+            Kind::Parallel { .. } => {
+                let input = match &io.parameters {
+                    Some(t) => t.render(&selected).map_err(Failure::runtime)?,
+                    None => strip_context(selected),
+                };
+                let branches = raw["Branches"].as_array().cloned().unwrap_or_default();
+                Ok(json!({
+                    "definitions": branches,
+                    "inputs": vec![input; branches.len()],
+                }))
+            }
+            Kind::Map {
+                items_path,
+                max_concurrency,
+                ..
+            } => {
+                let items = match items_path.select(&selected).map_err(Failure::runtime)? {
+                    Value::Array(items) => items,
+                    other => {
+                        return Err(Failure::runtime(format!(
+                            "state `{}`: ItemsPath `{}` selects {other}, not a list",
+                            cur.state,
+                            items_path.as_str()
+                        )));
+                    }
+                };
+                if items.len() > MAX_ITEMS {
+                    return Err(Failure::runtime(format!(
+                        "state `{}`: {} items, more than a Map runs ({MAX_ITEMS})",
+                        cur.state,
+                        items.len()
+                    )));
+                }
+                let mut inputs = Vec::with_capacity(items.len());
+                for (i, item) in items.iter().enumerate() {
+                    inputs.push(match &io.parameters {
+                        Some(t) => {
+                            let mut scope = selected.clone();
+                            if let Value::Object(m) = &mut scope {
+                                let mut ctx = m.get("_context").cloned().unwrap_or(json!({}));
+                                ctx["map_item"] = json!({"index": i, "value": item});
+                                m.insert("_context".into(), ctx);
+                            }
+                            t.render(&scope).map_err(Failure::runtime)?
+                        }
+                        None => item.clone(),
+                    });
+                }
+                let iterator = if raw.get("ItemProcessor").is_some() {
+                    raw["ItemProcessor"].clone()
+                } else {
+                    raw["Iterator"].clone()
+                };
+                Ok(json!({
+                    "definitions": [iterator],
+                    "inputs": inputs,
+                    "items": items,
+                    "max_concurrency": max_concurrency,
+                }))
+            }
+            _ => Err(Failure::runtime("not a Parallel or Map state")),
         }
     }
 

@@ -406,3 +406,145 @@ async fn a_definition_with_an_unknown_action_url_is_not_started() {
     assert!(e.contains("state `A`, field `ActionUrl`"), "{e}");
     assert!(engine.get("x-1").unwrap().is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parallel_branches_run_as_runs_of_their_own_and_gather_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path(), Providers::builtin());
+    let def = json!({
+        "StartAt": "Both",
+        "States": {
+            "Both": {
+                "Type": "Parallel",
+                "Parameters": {"n.$": "$.n"},
+                "Branches": [
+                    {"StartAt": "Double", "States": {"Double": {
+                        "Type": "ExpressionEval", "Parameters": {"v.=": "n * 2"},
+                        "ResultPath": "$", "End": true}}},
+                    {"StartAt": "Hello", "States": {"Hello": {
+                        "Type": "Action", "ActionUrl": "https://actions.globus.org/hello_world",
+                        "Parameters": {"echo_string": "branch", "sleep_time": 0.1},
+                        "ResultPath": "$.said", "End": true}}}
+                ],
+                "ResultPath": "$.both",
+                "End": true
+            }
+        }
+    });
+    engine
+        .start("par-1", "f", &def, json!({"n": 21}), "alice", None)
+        .unwrap();
+    let run = engine.wait("par-1", Duration::from_secs(30)).await.unwrap();
+    assert_eq!(run.status, RunStatus::Succeeded, "{run:?}");
+    let both = &run.details["output"]["both"];
+    assert_eq!(both[0], json!({"v": 42}));
+    assert_eq!(both[1]["n"], 21);
+    assert_eq!(both[1]["said"]["details"]["hello"], "branch");
+    let children: Vec<String> = engine
+        .list()
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.parent.as_deref() == Some("par-1"))
+        .map(|r| r.run_id)
+        .collect();
+    assert_eq!(children.len(), 2, "{children:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn map_runs_its_iterator_per_item_within_its_concurrency() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path(), Providers::builtin());
+    let def = json!({
+        "StartAt": "Each",
+        "States": {
+            "Each": {
+                "Type": "Map",
+                "ItemsPath": "$.files",
+                "MaxConcurrency": 2,
+                "ItemSelector": {"name.$": "$$.Map.Item.Value", "index.$": "$$.Map.Item.Index", "dir.$": "$.dir"},
+                "ItemProcessor": {"StartAt": "Path", "States": {"Path": {
+                    "Type": "ExpressionEval",
+                    "Parameters": {"path.=": "dir + '/' + name", "i.$": "$.index"},
+                    "ResultPath": "$", "End": true}}},
+                "ResultPath": "$.paths",
+                "End": true
+            }
+        }
+    });
+    let files: Vec<String> = (0..7).map(|i| format!("f{i}")).collect();
+    engine
+        .start(
+            "map-1",
+            "f",
+            &def,
+            json!({"dir": "/data", "files": files}),
+            "alice",
+            None,
+        )
+        .unwrap();
+    let run = engine.wait("map-1", Duration::from_secs(60)).await.unwrap();
+    assert_eq!(run.status, RunStatus::Succeeded, "{run:?}");
+    let paths = run.details["output"]["paths"].as_array().unwrap().clone();
+    assert_eq!(paths.len(), 7);
+    for (i, p) in paths.iter().enumerate() {
+        assert_eq!(p, &json!({"path": format!("/data/f{i}"), "i": i}));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_branch_fails_the_parallel_state_and_catch_takes_its_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path(), Providers::builtin());
+    let def = json!({
+        "StartAt": "Both",
+        "States": {
+            "Both": {
+                "Type": "Parallel",
+                "Branches": [
+                    {"StartAt": "Ok", "States": {"Ok": {"Type": "Pass", "End": true}}},
+                    {"StartAt": "No", "States": {"No": {"Type": "Fail", "Error": "Broken", "Cause": "on purpose"}}}
+                ],
+                "Catch": [{"ErrorEquals": ["Broken"], "ResultPath": "$.why", "Next": "After"}],
+                "End": true
+            },
+            "After": {"Type": "Pass", "End": true}
+        }
+    });
+    engine
+        .start("par-2", "f", &def, json!({}), "alice", None)
+        .unwrap();
+    let run = engine.wait("par-2", Duration::from_secs(30)).await.unwrap();
+    assert_eq!(run.status, RunStatus::Succeeded, "{run:?}");
+    assert_eq!(run.details["output"]["why"]["Error"], "Broken");
+    assert!(
+        run.details["output"]["why"]["Cause"]
+            .as_str()
+            .unwrap()
+            .contains("on purpose")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nested_parallel_and_map_runs_complete() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path(), Providers::builtin());
+    let inner = json!({"StartAt": "Each", "States": {"Each": {
+        "Type": "Map", "ItemsPath": "$.xs",
+        "Iterator": {"StartAt": "Sq", "States": {"Sq": {
+            "Type": "ExpressionEval", "Parameters": {"v.=": "x * x"}, "ResultPath": "$", "End": true}}},
+        "ItemSelector": {"x.$": "$$.Map.Item.Value"},
+        "ResultPath": "$.squares", "End": true}}});
+    let def = json!({"StartAt": "Outer", "States": {"Outer": {
+        "Type": "Parallel", "Branches": [inner.clone(), inner], "ResultPath": "$.out", "End": true}}});
+    engine
+        .start("nest-1", "f", &def, json!({"xs": [1, 2, 3]}), "alice", None)
+        .unwrap();
+    let run = engine
+        .wait("nest-1", Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(run.status, RunStatus::Succeeded, "{run:?}");
+    let squares = json!([{"v": 1}, {"v": 4}, {"v": 9}]);
+    assert_eq!(run.details["output"]["out"][0]["squares"], squares);
+    assert_eq!(run.details["output"]["out"][1]["squares"], squares);
+}
