@@ -32,6 +32,8 @@ pub(crate) struct Inner {
     pub(crate) metrics: Exported,
     /// Data roots, copy jobs, blobs.
     pub(crate) transfers: Arc<crate::transfers::Transfers>,
+    /// Flow runs this node hosts.
+    pub(crate) runs: flows::engine::Engine,
 }
 
 /// The node's metrics: the task path's (declared in `compute::metrics`) and the mesh's figures,
@@ -200,6 +202,12 @@ fn router(inner: Shared) -> Router {
         .route("/v1/transfers/{id}/cancel", post(cancel_transfer))
         .route("/v1/blobs", put_blob_route)
         .route("/v1/blobs/{hash}", get(get_blob))
+        .route("/v1/flows/validate", post(validate_flow))
+        .route("/v1/runs", get(runs).post(start_run))
+        .route("/v1/runs/{id}", get(run))
+        .route("/v1/runs/{id}/log", get(run_log))
+        .route("/v1/runs/{id}/cancel", post(cancel_run))
+        .route("/v1/runs/{id}/resume", post(resume_run))
         .route("/metrics", get(metrics))
         // Everything above needs the token; the OpenAPI document below does not.
         .route_layer(middleware::from_fn_with_state(inner.clone(), auth))
@@ -874,6 +882,132 @@ async fn cancel_transfer(
         .await
         .map(Json)
         .map_err(failed)
+}
+
+/// `POST /v1/flows/validate`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ValidateBody {
+    definition: serde_json::Value,
+}
+
+async fn validate_flow(
+    State(inner): State<Shared>,
+    Body(body): Body<ValidateBody>,
+) -> Result<Json<crate::runs::Validated>, ApiError> {
+    crate::runs::validate(&body.definition, inner.runs.providers())
+        .map(Json)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))
+}
+
+/// `POST /v1/runs`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewRun {
+    definition: serde_json::Value,
+    #[serde(default)]
+    input: Option<serde_json::Value>,
+    #[serde(default)]
+    label: Option<String>,
+    #[serde(default)]
+    run_id: Option<String>,
+    #[serde(default)]
+    flow_id: Option<String>,
+}
+
+async fn start_run(
+    State(inner): State<Shared>,
+    Body(body): Body<NewRun>,
+) -> Result<(StatusCode, Json<flows::engine::Run>), ApiError> {
+    let run_id = match body.run_id {
+        Some(id) => {
+            flows::engine::check_run_id(&id).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
+            id
+        }
+        None => hex::encode(rand::random::<[u8; 12]>()),
+    };
+    if let Some(label) = &body.label {
+        if label.is_empty() || label.len() > 128 {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                "a run's label has 1 to 128 characters".into(),
+            ));
+        }
+    }
+    crate::runs::validate(&body.definition, inner.runs.providers())
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
+    let flow_id = body.flow_id.unwrap_or_else(|| "inline".into());
+    let user = format!("urn:funcmesh:node:{}", inner.name);
+    let runs = inner.runs.clone();
+    let input = body.input.unwrap_or_else(|| serde_json::json!({}));
+    let label = body.label;
+    let run = tokio::task::spawn_blocking(move || {
+        runs.start(&run_id, &flow_id, &body.definition, input, &user, label)
+    })
+    .await
+    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
+    Ok((StatusCode::CREATED, Json(run)))
+}
+
+async fn runs(State(inner): State<Shared>) -> Result<Json<Vec<flows::engine::Run>>, ApiError> {
+    let engine = inner.runs.clone();
+    tokio::task::spawn_blocking(move || engine.list())
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map(Json)
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))
+}
+
+fn no_run(id: &str) -> ApiError {
+    ApiError(
+        StatusCode::NOT_FOUND,
+        format!("no run {id} on this node (`funcmesh flow list` shows the runs it hosts)"),
+    )
+}
+
+async fn run(
+    State(inner): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Json<flows::engine::Run>, ApiError> {
+    match inner.runs.get(&id) {
+        Ok(Some(run)) => Ok(Json(run)),
+        Ok(None) => Err(no_run(&id)),
+        Err(e) => Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, e)),
+    }
+}
+
+async fn run_log(
+    State(inner): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Json<Vec<flows::engine::Event>>, ApiError> {
+    if inner
+        .runs
+        .get(&id)
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?
+        .is_none()
+    {
+        return Err(no_run(&id));
+    }
+    inner
+        .runs
+        .log(&id)
+        .map(Json)
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))
+}
+
+async fn cancel_run(
+    State(inner): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Json<flows::engine::Run>, ApiError> {
+    inner.runs.cancel(&id).map(Json).map_err(|_| no_run(&id))
+}
+
+async fn resume_run(
+    State(inner): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Json<flows::engine::Run>, ApiError> {
+    inner.runs.resume(&id).map(Json).map_err(|_| no_run(&id))
 }
 
 /// Query parameters, read by hand so that a missing one is answered like every other error.

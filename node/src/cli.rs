@@ -17,6 +17,7 @@ use crate::ops::parse_member_role;
 use crate::output::*;
 use crate::verbs::cap::{CapCommand, cap_command};
 use crate::verbs::endpoint::{EndpointCommand, endpoint_command};
+use crate::verbs::flow::{FlowCommand, flow_command};
 use crate::verbs::function::{FunctionCommand, function_command};
 use crate::verbs::run::{RunArgs, run_command};
 use crate::verbs::start::{StartArgs, init_tracing, start, wait_for_signal};
@@ -118,6 +119,9 @@ pub enum Command {
     /// Move data: blobs in and out of a node, files between members' data roots.
     #[command(subcommand)]
     Transfer(TransferCommand),
+    /// Flows (Globus Flows definitions): validate, run, follow, cancel, resume.
+    #[command(subcommand)]
+    Flow(FlowCommand),
 }
 
 /// `funcmesh federation …`.
@@ -400,6 +404,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Task(cmd) => task_command(cmd).await,
         Command::Cap(cmd) => cap_command(cmd).await,
         Command::Transfer(cmd) => transfer_command(cmd).await,
+        Command::Flow(cmd) => flow_command(cmd).await,
         Command::Endpoint(cmd) => endpoint_command(cmd).await,
         Command::Metrics(args) => {
             let client = Client::for_node(&DataDir::new(&args.node))?;

@@ -344,6 +344,44 @@ impl Client {
         Ok(n)
     }
 
+    /// `POST /v1/flows/validate`.
+    pub async fn validate_flow(
+        &self,
+        definition: &serde_json::Value,
+    ) -> anyhow::Result<serde_json::Value> {
+        self.post(
+            "/v1/flows/validate",
+            &serde_json::json!({ "definition": definition }),
+        )
+        .await
+    }
+
+    /// `POST /v1/runs`.
+    pub async fn start_run(&self, body: &serde_json::Value) -> anyhow::Result<flows::engine::Run> {
+        self.post("/v1/runs", body).await
+    }
+
+    /// `GET /v1/runs`.
+    pub async fn runs(&self) -> anyhow::Result<Vec<flows::engine::Run>> {
+        self.get("/v1/runs").await
+    }
+
+    /// `GET /v1/runs/{id}`.
+    pub async fn run(&self, id: &str) -> anyhow::Result<flows::engine::Run> {
+        self.get(&format!("/v1/runs/{id}")).await
+    }
+
+    /// `GET /v1/runs/{id}/log`.
+    pub async fn run_log(&self, id: &str) -> anyhow::Result<Vec<flows::engine::Event>> {
+        self.get(&format!("/v1/runs/{id}/log")).await
+    }
+
+    /// `POST /v1/runs/{id}/cancel` or `/resume`.
+    pub async fn run_op(&self, id: &str, op: &str) -> anyhow::Result<flows::engine::Run> {
+        self.post(&format!("/v1/runs/{id}/{op}"), &serde_json::json!({}))
+            .await
+    }
+
     /// `GET /v1/institutions`.
     pub async fn institutions(&self) -> anyhow::Result<Vec<crdt_registry::Institution>> {
         self.get("/v1/institutions").await

@@ -3,6 +3,7 @@
 
 pub mod cap;
 pub mod endpoint;
+pub mod flow;
 pub mod function;
 pub mod run;
 pub mod start;

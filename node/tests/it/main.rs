@@ -5,6 +5,7 @@
 
 mod caps;
 mod cli;
+mod flows;
 mod layout;
 mod tasks;
 mod transfer;
