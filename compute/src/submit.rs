@@ -714,7 +714,12 @@ impl Actor {
                 let answers: Vec<Result<Submitted, Refusal>> = requests
                     .into_iter()
                     .map(|r| {
-                        let id = self.machine.accept(r, TaskId::random(), now);
+                        if let Some(known) = r.id.as_ref().and_then(|id| self.machine.live(id)) {
+                            // Asked again under its id: the task as it is.
+                            return Ok(known.clone());
+                        }
+                        let fresh = r.id.clone().unwrap_or_else(TaskId::random);
+                        let id = self.machine.accept(r, fresh, now);
                         self.config.metrics.submitted(id.is_ok());
                         let id = id?;
                         Ok(self
@@ -734,7 +739,12 @@ impl Actor {
                 let answers: Vec<Result<TaskId, Refusal>> = requests
                     .into_iter()
                     .map(|r| {
-                        let id = self.machine.accept(r, TaskId::random(), now);
+                        if let Some(id) = r.id.as_ref().filter(|id| self.machine.live(id).is_some())
+                        {
+                            return Ok(id.clone());
+                        }
+                        let fresh = r.id.clone().unwrap_or_else(TaskId::random);
+                        let id = self.machine.accept(r, fresh, now);
                         self.config.metrics.submitted(id.is_ok());
                         id
                     })

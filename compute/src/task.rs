@@ -40,6 +40,18 @@ impl TaskId {
         format!("{:012x}{}", unix_ms.min((1 << 48) - 1), "0".repeat(20))
     }
 
+    /// The id of the task a caller names by `key` (an idempotency key) and a time it fixed
+    /// (Unix milliseconds): the same key and time give the same id, which sorts with the tasks
+    /// of that time.
+    pub fn keyed(unix_ms: u64, key: &str) -> TaskId {
+        use sha2::Digest;
+        let h = sha2::Sha256::digest(key.as_bytes());
+        let mut b = [0u8; 16];
+        b[..6].copy_from_slice(&unix_ms.min((1 << 48) - 1).to_be_bytes()[2..]);
+        b[6..].copy_from_slice(&h[..10]);
+        TaskId(hex::encode(b))
+    }
+
     /// An id derived from this one for attempt `n` (n ≥ 1): a hash of both, behind this id's
     /// time, so that it sorts with the tasks of its time.
     pub fn derived(&self, n: usize) -> TaskId {

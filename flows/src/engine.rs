@@ -1019,6 +1019,7 @@ impl Engine {
             user: run.user.clone(),
             run_as: action.run_as.clone(),
             run_id: run_id.to_string(),
+            at_ms,
         };
         // Asking again with the same key re-attaches to the action it started.
         let mut status = match provider.run(request).await {

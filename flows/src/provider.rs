@@ -102,6 +102,10 @@ pub struct Request {
     /// The run that asks, and its state.
     #[serde(default)]
     pub run_id: String,
+    /// When the engine first asked for this action (Unix milliseconds; the same on every ask
+    /// under this `request_id`, so that a provider can derive stable ids from both).
+    #[serde(default)]
+    pub at_ms: i64,
 }
 
 /// Why a provider could not start or report an action (the engine's `ActionUnableToRun`).

@@ -225,8 +225,11 @@ impl Node {
             });
         }
         // Flow runs: the engine resumes the runs this node hosted before it stopped.
-        let runs = flows::engine::Engine::open(store.clone(), crate::runs::providers())
-            .map_err(|e| anyhow::anyhow!("cannot open the flow runs: {e}"))?;
+        let runs = flows::engine::Engine::open(
+            store.clone(),
+            crate::runs::node_providers(&mesh, &tasks.dispatcher, &values),
+        )
+        .map_err(|e| anyhow::anyhow!("cannot open the flow runs: {e}"))?;
         let token = hex::encode(rand::random::<[u8; 24]>());
         let inner = Arc::new(Inner {
             runs,

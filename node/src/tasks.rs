@@ -103,6 +103,9 @@ pub struct NewTask {
     /// A capability token to present (text form), instead of one this node holds.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub capability: Option<String>,
+    /// The task's id, chosen by the node itself (a flow's compute action); not in the API.
+    #[serde(skip)]
+    pub id: Option<compute::TaskId>,
 }
 
 /// `POST /v1/tasks`: one task (the fields of [`NewTask`]) or many (`tasks`), optionally waiting.
@@ -222,6 +225,7 @@ pub(crate) fn requests(
                 strategy,
                 retries: t.retries,
                 capability: t.capability.map(|c| c.trim().to_owned()),
+                id: t.id,
             })
         })
         .collect()

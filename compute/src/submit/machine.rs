@@ -138,6 +138,10 @@ pub struct Request {
     /// then offers endpoints whose policy admits tokens without checking it, and the endpoint
     /// decides.
     pub capability: Option<String>,
+    /// The task's id, chosen by the caller (a flow's action derives it from its idempotency
+    /// key), instead of a fresh one. A task this node already holds under that id is answered
+    /// as it is, not submitted again.
+    pub id: Option<TaskId>,
 }
 
 /// Why a task was not accepted. Its text is what the user reads; [`Refusal::kind`] is what a

@@ -514,6 +514,7 @@ impl Sim {
                     strategy: Strategy::WarmAware,
                     retries: 3,
                     capability: None,
+                    id: None,
                 };
                 let id = TaskId::try_from(format!("{:032x}", n + 1)).expect("a valid id");
                 match m.accept(r, id.clone(), now) {

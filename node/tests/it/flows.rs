@@ -107,3 +107,132 @@ fn a_flow_runs_on_a_node_and_survives_its_sigkill_mid_action() {
         .collect();
     assert_eq!(started.len(), 1, "one request id across the crash: {log:?}");
 }
+
+#[test]
+fn a_compute_action_runs_functions_on_the_mesh_and_is_not_run_twice_after_a_sigkill() {
+    let net = Net::up("1", "2", &[]);
+    let a1 = net.node("a1");
+    net.wait_endpoints(&a1, 2);
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("fns.py");
+    std::fs::write(
+        &src,
+        "import time\ndef double(x):\n    return 2 * x\n\
+         def slow(s, mark):\n    open(mark, 'a').write('ran\\n')\n    time.sleep(s)\n    return s\n",
+    )
+    .unwrap();
+    for f in ["double", "slow"] {
+        ok(&[
+            "function",
+            "register",
+            "--name",
+            f,
+            "--python",
+            p(&src),
+            "--entrypoint",
+            f,
+            "--node",
+            p(&a1),
+        ]);
+    }
+    // Globus' compute action shapes: one task per list item, results in order.
+    let def = dir.path().join("compute.json");
+    std::fs::write(
+        &def,
+        serde_json::json!({
+            "StartAt": "Double",
+            "States": {"Double": {
+                "Type": "Action", "ActionUrl": "https://compute.actions.globus.org/v3",
+                "Parameters": {"tasks": [
+                    {"function_id": "double", "args.$": "$.a"},
+                    {"function_id": "double", "args": [100]}
+                ]},
+                "ResultPath": "$.doubled", "End": true}}
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let mut run = serde_json::Value::Null;
+    // The first adverts take a moment after start: retried until routable.
+    wait_until(
+        "the compute flow to succeed",
+        Duration::from_secs(60),
+        || {
+            let out = funcmesh(&[
+                "flow",
+                "run",
+                p(&def),
+                "--input",
+                r#"{"a": [21]}"#,
+                "--wait",
+                "--json",
+                "--node",
+                p(&a1),
+            ]);
+            run = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            run["status"] == "SUCCEEDED"
+        },
+    );
+    assert_eq!(
+        run["details"]["output"]["doubled"]["details"]["result"],
+        serde_json::json!([42, 200])
+    );
+
+    // The node hosting the run dies while its task runs; after the restart the run re-attaches
+    // to the same task (its id derives from the action's request id) and finishes.
+    let slow = dir.path().join("slow.json");
+    std::fs::write(
+        &slow,
+        serde_json::json!({
+            "StartAt": "Slow",
+            "States": {"Slow": {
+                "Type": "Action", "ActionUrl": "https://compute.actions.globus.org",
+                "Parameters": {"function": "slow", "args": [3], "kwargs": {"mark.$": "$.mark"}, "endpoint": "a2"},
+                "ResultPath": "$.slept", "End": true}}
+        })
+        .to_string(),
+    )
+    .unwrap();
+    // Each run of the function leaves a line here (workers run as other users: open to all).
+    let marks = tempfile::tempdir_in("/tmp").unwrap();
+    let mark = marks.path().join("ran");
+    std::fs::set_permissions(
+        marks.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let input = serde_json::json!({"mark": p(&mark)}).to_string();
+    ok(&[
+        "flow",
+        "run",
+        p(&slow),
+        "--input",
+        &input,
+        "--id",
+        "slow-1",
+        "--node",
+        p(&a1),
+    ]);
+    wait_until("the function to start", Duration::from_secs(30), || {
+        mark.exists()
+    });
+    net.kill("a1");
+    net.restart("a1");
+    wait_until(
+        "the slow run to finish after the restart",
+        Duration::from_secs(60),
+        || {
+            let out = funcmesh(&["flow", "status", "slow-1", "--json", "--node", p(&a1)]);
+            run = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            run["status"] == "SUCCEEDED"
+        },
+    );
+    let results = &run["details"]["output"]["slept"]["details"]["results"];
+    assert_eq!(results.as_array().unwrap().len(), 1, "{run}");
+    assert_eq!(results[0]["output"], 3);
+    assert_eq!(
+        std::fs::read_to_string(&mark).unwrap(),
+        "ran\n",
+        "the function ran once across the crash"
+    );
+}

@@ -55,6 +55,7 @@ fn request(n: u64, retries: u32) -> Request {
         strategy: Strategy::RoundRobin,
         retries,
         capability: None,
+        id: None,
     }
 }
 
