@@ -227,7 +227,7 @@ impl Node {
         // Flow runs: the engine resumes the runs this node hosted before it stopped.
         let runs = flows::engine::Engine::open(
             store.clone(),
-            crate::runs::node_providers(&mesh, &tasks.dispatcher, &values),
+            crate::runs::node_providers(&mesh, &tasks.dispatcher, &values, &transfers),
         )
         .map_err(|e| anyhow::anyhow!("cannot open the flow runs: {e}"))?;
         let token = hex::encode(rand::random::<[u8; 24]>());

@@ -15,14 +15,21 @@ pub fn providers() -> flows::provider::Providers {
         // Only `knows` is asked of these.
         p.add(url, none.clone());
     }
+    for base in TRANSFER_BASES {
+        for op in TRANSFER_OPS {
+            p.add(&format!("{base}/{op}"), none.clone());
+        }
+    }
     p
 }
 
-/// The action providers of a node's flow engine: the built-ins, and compute on the mesh.
-pub fn node_providers(
+/// The action providers of a node's flow engine: the built-ins, compute on the mesh, and
+/// transfer on endpoints' data roots.
+pub(crate) fn node_providers(
     mesh: &mesh::Handle,
     dispatcher: &compute::submit::Dispatcher,
     values: &compute::blobs::Values,
+    transfers: &std::sync::Arc<crate::transfers::Transfers>,
 ) -> flows::provider::Providers {
     let mut p = flows::provider::Providers::builtin();
     let compute: std::sync::Arc<dyn flows::provider::Provider> = std::sync::Arc::new(
@@ -30,6 +37,17 @@ pub fn node_providers(
     );
     for url in COMPUTE_URLS {
         p.add(url, compute.clone());
+    }
+    for op in TRANSFER_OPS {
+        let provider: std::sync::Arc<dyn flows::provider::Provider> =
+            std::sync::Arc::new(TransferProvider {
+                op,
+                transfers: transfers.clone(),
+                actions: Default::default(),
+            });
+        for base in TRANSFER_BASES {
+            p.add(&format!("{base}/{op}"), provider.clone());
+        }
     }
     p
 }
@@ -348,5 +366,404 @@ impl flows::provider::Provider for ComputeProvider {
                 let _ = self.dispatcher.wait(ids, at_most).await;
             }
         })
+    }
+}
+
+/// The hosts Globus' transfer action providers were and are at; funcmesh's transfer provider
+/// answers `…/transfer`, `…/ls`, `…/stat`, `…/mkdir` and `…/delete` under each.
+pub const TRANSFER_BASES: &[&str] = &[
+    "https://transfer.actions.globus.org",
+    "https://actions.globus.org/transfer",
+    "https://actions.automate.globus.org/transfer",
+];
+
+/// The operations of the transfer provider.
+pub const TRANSFER_OPS: &[&str] = &["transfer", "ls", "stat", "mkdir", "delete"];
+
+/// A Globus path (`/~/data/x`, `/data/x`) as a path in an endpoint's data root (`data/x`): a
+/// data root is the whole of what a funcmesh endpoint exposes, its home and its root at once.
+pub fn root_path(globus: &str) -> String {
+    let p = globus.strip_prefix("/~").unwrap_or(globus);
+    p.trim_start_matches('/').to_string()
+}
+
+/// Moves and inspects data on endpoints' data roots for a flow's `Action` state, in the
+/// Globus transfer action providers' shapes (endpoints named as `funcmesh transfer` names
+/// them). A transfer is one durable copy job per `DATA` item, run by the destination's node,
+/// idempotent by the action's request id; `ls`, `stat`, `mkdir` and `delete` answer at once.
+pub struct TransferProvider {
+    op: &'static str,
+    transfers: std::sync::Arc<crate::transfers::Transfers>,
+    actions: std::sync::Mutex<
+        std::collections::HashMap<String, (flows::provider::Request, Vec<String>)>,
+    >,
+}
+
+fn refusal((status, message): crate::transfers::Failure) -> flows::provider::Refusal {
+    flows::provider::Refusal {
+        code: match status.as_u16() {
+            400 => "BadActionRequest",
+            403 => "UnauthorizedRequest",
+            404 => "ActionNotFound",
+            _ => "ActionProviderError",
+        }
+        .into(),
+        description: message,
+    }
+}
+
+impl TransferProvider {
+    fn field<'a>(body: &'a serde_json::Value, names: &[&str]) -> Option<&'a str> {
+        names
+            .iter()
+            .find_map(|n| body.get(*n).and_then(|v| v.as_str()))
+    }
+
+    fn place(endpoint: &str, path: &str) -> String {
+        format!("{endpoint}:{}", root_path(path))
+    }
+
+    fn entry(e: &transfer::root::Entry) -> serde_json::Value {
+        let name = e.path.rsplit('/').next().unwrap_or(&e.path).to_string();
+        let kind = match e.kind {
+            transfer::root::Kind::File => "file",
+            transfer::root::Kind::Dir => "dir",
+            transfer::root::Kind::Symlink => "invalid_symlink",
+            transfer::root::Kind::Other => "other",
+        };
+        serde_json::json!({
+            "DATA_TYPE": "file",
+            "name": name,
+            "type": kind,
+            "size": e.size,
+            "permissions": format!("{:04o}", e.mode),
+            "last_modified": flows::time::format_rfc3339(e.mtime_ns / 1_000_000),
+        })
+    }
+
+    async fn once(
+        &self,
+        request: &flows::provider::Request,
+    ) -> Result<serde_json::Value, flows::provider::Refusal> {
+        use flows::provider::Refusal;
+        let body = &request.body;
+        let endpoint = TransferProvider::field(body, &["endpoint_id", "endpoint"])
+            .ok_or_else(|| Refusal::bad("name the endpoint (`endpoint_id`)"))?;
+        match self.op {
+            "ls" | "stat" => {
+                let path = TransferProvider::field(body, &["path"]).unwrap_or("/");
+                let place = TransferProvider::place(endpoint, path);
+                if self.op == "stat" {
+                    return match self.transfers.stat(&place).await {
+                        Ok(e) => Ok(TransferProvider::entry(&e)),
+                        // A missing path is an answer, as Globus' stat gives it.
+                        Err((_, m)) if m.contains("does not exist") => Ok(serde_json::json!({
+                            "code": "NotFound",
+                            "message": m,
+                        })),
+                        Err(f) => Err(refusal(f)),
+                    };
+                }
+                let entries = self.transfers.ls(&place).await.map_err(refusal)?;
+                let data: Vec<serde_json::Value> =
+                    entries.iter().map(TransferProvider::entry).collect();
+                Ok(serde_json::json!({
+                    "DATA_TYPE": "file_list",
+                    "DATA": data,
+                    "endpoint": endpoint,
+                    "path": path,
+                    "length": data.len(),
+                    "total": data.len(),
+                }))
+            }
+            "mkdir" => {
+                let path = TransferProvider::field(body, &["path"])
+                    .ok_or_else(|| Refusal::bad("name the directory to make (`path`)"))?;
+                let op = crate::transfers::PathOp {
+                    path: TransferProvider::place(endpoint, path),
+                    recursive: false,
+                };
+                self.transfers.mkdir(&op).await.map_err(refusal)?;
+                Ok(serde_json::json!({
+                    "DATA_TYPE": "mkdir_result",
+                    "code": "DirectoryCreated",
+                    "message": "The directory was created successfully",
+                }))
+            }
+            "delete" => {
+                let recursive = body
+                    .get("recursive")
+                    .and_then(|v| v.as_bool())
+                    .unwrap_or(false);
+                let ignore_missing = body
+                    .get("ignore_missing")
+                    .and_then(|v| v.as_bool())
+                    .unwrap_or(false);
+                let paths: Vec<String> = match (body.get("DATA"), body.get("items")) {
+                    (Some(serde_json::Value::Array(items)), _) => items
+                        .iter()
+                        .filter_map(|i| i.get("path").and_then(|p| p.as_str()).map(str::to_string))
+                        .collect(),
+                    (_, Some(serde_json::Value::Array(items))) => items
+                        .iter()
+                        .filter_map(|i| i.as_str().map(str::to_string))
+                        .collect(),
+                    _ => {
+                        return Err(Refusal::bad(
+                            "list what to delete (`DATA`: [{\"path\": ...}])",
+                        ));
+                    }
+                };
+                let mut deleted = 0;
+                for p in &paths {
+                    let op = crate::transfers::PathOp {
+                        path: TransferProvider::place(endpoint, p),
+                        recursive,
+                    };
+                    match self.transfers.rm(&op).await {
+                        Ok(()) => deleted += 1,
+                        Err((_, m)) if ignore_missing && m.contains("does not exist") => {}
+                        Err(f) => return Err(refusal(f)),
+                    }
+                }
+                Ok(serde_json::json!({
+                    "DATA_TYPE": "task", "type": "DELETE", "status": "SUCCEEDED",
+                    "files": paths.len(), "deleted": deleted,
+                }))
+            }
+            _ => Err(Refusal::bad(format!("no operation `{}`", self.op))),
+        }
+    }
+
+    /// The copy jobs of a transfer action's body, submitted under ids derived from the
+    /// request's (submitting again is harmless: the same id is the same job).
+    async fn submit(
+        &self,
+        request: &flows::provider::Request,
+    ) -> Result<Vec<String>, flows::provider::Refusal> {
+        use flows::provider::Refusal;
+        let body = &request.body;
+        let src = TransferProvider::field(body, &["source_endpoint", "source_endpoint_id"])
+            .ok_or_else(|| Refusal::bad("name the source endpoint (`source_endpoint`)"))?;
+        let dst =
+            TransferProvider::field(body, &["destination_endpoint", "destination_endpoint_id"])
+                .ok_or_else(|| {
+                    Refusal::bad("name the destination endpoint (`destination_endpoint`)")
+                })?;
+        let items = match body.get("DATA").or_else(|| body.get("transfer_items")) {
+            Some(serde_json::Value::Array(items)) if !items.is_empty() => items.clone(),
+            _ => {
+                return Err(Refusal::bad(
+                    "list what to move (`DATA`: [{\"source_path\", \"destination_path\"}])",
+                ));
+            }
+        };
+        let sync = match body.get("sync_level") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(serde_json::Value::Number(n)) => Some(
+                ["exists", "size", "mtime", "checksum"]
+                    .get(n.as_u64().unwrap_or(9) as usize)
+                    .ok_or_else(|| Refusal::bad("`sync_level` is 0 to 3"))?
+                    .to_string(),
+            ),
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(_) => {
+                return Err(Refusal::bad(
+                    "`sync_level` is 0 to 3 or exists|size|mtime|checksum",
+                ));
+            }
+        };
+        let delete = body
+            .get("delete_destination_extra")
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false);
+        let mut ids = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let from = item
+                .get("source_path")
+                .and_then(|v| v.as_str())
+                .ok_or_else(|| Refusal::bad(format!("DATA[{i}] has no `source_path`")))?;
+            let to = item
+                .get("destination_path")
+                .and_then(|v| v.as_str())
+                .ok_or_else(|| Refusal::bad(format!("DATA[{i}] has no `destination_path`")))?;
+            let source = TransferProvider::place(src, from);
+            let recursive = match item.get("recursive").and_then(|v| v.as_bool()) {
+                Some(r) => r,
+                // Not said: as the source is (Globus works it out too).
+                None => {
+                    self.transfers.stat(&source).await.map_err(refusal)?.kind
+                        == transfer::root::Kind::Dir
+                }
+            };
+            let id = format!("{}.{i}", request.request_id);
+            self.transfers
+                .copy(crate::transfers::NewTransfer {
+                    request_id: Some(id.clone()),
+                    source,
+                    destination: TransferProvider::place(dst, to),
+                    recursive,
+                    sync: sync.clone(),
+                    delete,
+                })
+                .await
+                .map_err(refusal)?;
+            ids.push(id);
+        }
+        Ok(ids)
+    }
+
+    async fn jobs(
+        &self,
+        request: &flows::provider::Request,
+        ids: &[String],
+    ) -> Result<flows::provider::Action, flows::provider::Refusal> {
+        use flows::provider::{Action, Status};
+        let mut jobs = Vec::new();
+        for id in ids {
+            jobs.push(self.transfers.status(id, false).await.map_err(refusal)?);
+        }
+        let active = jobs
+            .iter()
+            .any(|j| j.state == transfer::copy::State::Active);
+        let failed = jobs.iter().find(|j| {
+            matches!(
+                j.state,
+                transfer::copy::State::Failed | transfer::copy::State::Cancelled
+            )
+        });
+        let sum = |f: fn(&transfer::copy::Progress) -> u64| {
+            jobs.iter().map(|j| f(&j.progress)).sum::<u64>()
+        };
+        let status = if active {
+            "ACTIVE"
+        } else if failed.is_some() {
+            "FAILED"
+        } else {
+            "SUCCEEDED"
+        };
+        let details = serde_json::json!({
+            "DATA_TYPE": "task",
+            "type": "TRANSFER",
+            "task_id": request.request_id,
+            "status": status,
+            "label": request.label,
+            "source_endpoint_id": TransferProvider::field(&request.body, &["source_endpoint", "source_endpoint_id"]),
+            "destination_endpoint_id": TransferProvider::field(&request.body, &["destination_endpoint", "destination_endpoint_id"]),
+            "files": sum(|p| p.files_total),
+            "files_transferred": sum(|p| p.files_done),
+            "files_skipped": sum(|p| p.files_skipped),
+            "bytes_transferred": sum(|p| p.bytes_done),
+            "faults": jobs.iter().map(|j| j.errors.len()).sum::<usize>(),
+            "fatal_error": failed.map(|j| serde_json::json!({
+                "code": "TransferFailed",
+                "description": j.error.clone().unwrap_or_else(|| format!("{:?}", j.state)),
+            })),
+            "jobs": jobs.iter().map(|j| j.id.clone()).collect::<Vec<_>>(),
+        });
+        let mut action = Action::done(request, failed.is_none(), details);
+        if active {
+            action.status = Status::Active;
+            action.display_status = Some("ACTIVE".into());
+            action.completion_time = None;
+        }
+        Ok(action)
+    }
+
+    fn known(&self, action_id: &str) -> Option<(flows::provider::Request, Vec<String>)> {
+        self.actions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(action_id)
+            .cloned()
+    }
+}
+
+impl flows::provider::Provider for TransferProvider {
+    fn run(
+        &self,
+        request: flows::provider::Request,
+    ) -> flows::provider::BoxFuture<'_, Result<flows::provider::Action, flows::provider::Refusal>>
+    {
+        Box::pin(async move {
+            if self.op != "transfer" {
+                return Ok(match self.once(&request).await {
+                    Ok(details) => flows::provider::Action::done(&request, true, details),
+                    Err(r) if r.code == "BadActionRequest" => return Err(r),
+                    Err(r) => flows::provider::Action::done(
+                        &request,
+                        false,
+                        serde_json::json!({"code": r.code, "description": r.description}),
+                    ),
+                });
+            }
+            let ids = self.submit(&request).await?;
+            self.actions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(request.request_id.clone(), (request.clone(), ids.clone()));
+            self.jobs(&request, &ids).await
+        })
+    }
+
+    fn status(
+        &self,
+        action_id: &str,
+    ) -> flows::provider::BoxFuture<'_, Result<flows::provider::Action, flows::provider::Refusal>>
+    {
+        let known = self.known(action_id);
+        let id = action_id.to_string();
+        Box::pin(async move {
+            match known {
+                Some((request, ids)) => self.jobs(&request, &ids).await,
+                None => Err(flows::provider::Refusal {
+                    code: "ActionNotFound".into(),
+                    description: format!("no transfer action {id} on this node"),
+                }),
+            }
+        })
+    }
+
+    fn cancel(
+        &self,
+        action_id: &str,
+    ) -> flows::provider::BoxFuture<'_, Result<flows::provider::Action, flows::provider::Refusal>>
+    {
+        let known = self.known(action_id);
+        let id = action_id.to_string();
+        Box::pin(async move {
+            let Some((request, ids)) = known else {
+                return Err(flows::provider::Refusal {
+                    code: "ActionNotFound".into(),
+                    description: format!("no transfer action {id} on this node"),
+                });
+            };
+            for j in &ids {
+                let _ = self.transfers.status(j, true).await;
+            }
+            self.jobs(&request, &ids).await
+        })
+    }
+
+    fn release(
+        &self,
+        action_id: &str,
+    ) -> flows::provider::BoxFuture<'_, Result<(), flows::provider::Refusal>> {
+        self.actions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(action_id);
+        Box::pin(async { Ok(()) })
+    }
+
+    fn changed(
+        &self,
+        _action_id: &str,
+        at_most: std::time::Duration,
+    ) -> flows::provider::BoxFuture<'_, ()> {
+        // Copy jobs have no completion hook here: look again soon.
+        Box::pin(tokio::time::sleep(
+            at_most.min(std::time::Duration::from_millis(100)),
+        ))
     }
 }

@@ -705,6 +705,18 @@ impl Transfers {
     }
 
     /// `mkdir ENDPOINT:PATH`.
+    /// What is at `ENDPOINT:PATH` (a file, a directory, ...).
+    pub(crate) async fn stat(&self, text: &str) -> Result<transfer::root::Entry, Failure> {
+        let place = resolve(&self.mesh, text)
+            .await
+            .map_err(|e| bad(format!("{e:#}")))?;
+        let token = self.token(&place, Want::Read)?;
+        self.remote_of(&place)?
+            .stat(&place.endpoint, place.path.as_str(), token)
+            .await
+            .map_err(remote_failure)
+    }
+
     pub(crate) async fn mkdir(&self, op: &PathOp) -> Result<(), Failure> {
         let place = resolve(&self.mesh, &op.path)
             .await

@@ -236,3 +236,73 @@ fn a_compute_action_runs_functions_on_the_mesh_and_is_not_run_twice_after_a_sigk
         "the function ran once across the crash"
     );
 }
+
+#[test]
+fn the_corpus_transfer_flows_move_files_between_endpoints() {
+    let net = Net::up("1", "2", &[]);
+    let (a1, a2) = (net.node("a1"), net.node("a2"));
+    net.wait_endpoints(&a1, 2);
+    let src = a1.join("data/source-directory");
+    std::fs::create_dir_all(src.join("sub")).unwrap();
+    std::fs::write(src.join("one.txt"), b"first file\n").unwrap();
+    std::fs::write(src.join("sub/two.bin"), vec![7u8; 100_000]).unwrap();
+    let input = |dst: &str| {
+        serde_json::json!({
+            "source": {"id": "a1", "path": "/~/source-directory"},
+            "destination": {"id": "a2", "path": format!("/~/{dst}")}
+        })
+        .to_string()
+    };
+    let run = |def: &str, input: &str| -> serde_json::Value {
+        let def = corpus(def);
+        let mut run = serde_json::Value::Null;
+        wait_until("the flow to succeed", Duration::from_secs(60), || {
+            let out = funcmesh(&[
+                "flow",
+                "run",
+                p(&def),
+                "--input",
+                input,
+                "--wait",
+                "--json",
+                "--node",
+                p(&a2),
+            ]);
+            run = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            run["status"] == "SUCCEEDED"
+        });
+        run
+    };
+
+    // simple: one transfer, a directory (recursive worked out from the source).
+    let done = run(
+        "globus-flows-examples/transfer_examples/simple/definition.json",
+        &input("copied"),
+    );
+    let dst = a2.join("data/copied");
+    assert_eq!(std::fs::read(dst.join("one.txt")).unwrap(), b"first file\n");
+    assert_eq!(
+        std::fs::read(dst.join("sub/two.bin")).unwrap(),
+        vec![7u8; 100_000]
+    );
+    // No ResultPath: the action's status is the run's output, as at Globus.
+    assert_eq!(
+        done["details"]["output"]["details"]["files_transferred"], 2,
+        "{done}"
+    );
+
+    // move: stat both sides (the destination is missing: NotFound is an answer, not an
+    // error), choose, transfer, delete the source.
+    let moved = run(
+        "globus-flows-examples/transfer_examples/move/definition.json",
+        &input("moved"),
+    );
+    let out = &moved["details"]["output"];
+    assert_eq!(out["PathTypes"]["dest_exists"], false, "{moved}");
+    assert_eq!(out["PathTypes"]["source_is_dir"], true);
+    assert_eq!(
+        std::fs::read(a2.join("data/moved/sub/two.bin")).unwrap(),
+        vec![7u8; 100_000]
+    );
+    assert!(!src.exists(), "the source was deleted after the copy");
+}
