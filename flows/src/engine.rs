@@ -1021,6 +1021,10 @@ impl Engine {
             run_id: run_id.to_string(),
             at_ms,
         };
+        // Resumed after INACTIVE: tell the action first (the right it waited for may be there).
+        if cur.inactive {
+            let _ = provider.resume(&request_id).await;
+        }
         // Asking again with the same key re-attaches to the action it started.
         let mut status = match provider.run(request).await {
             Ok(a) => a,

@@ -232,12 +232,37 @@ impl Providers {
 pub struct HelloWorld {
     actions: Mutex<HashMap<String, (Request, i64)>>,
     started: std::sync::atomic::AtomicU64,
+    /// Actions that asked for a `required_dependent_scope` and were resumed since (consent,
+    /// in Globus' terms, was given).
+    consented: Mutex<std::collections::HashSet<String>>,
 }
 
 impl HelloWorld {
     /// How many actions it started (requests with a `request_id` seen before not counted).
     pub fn started(&self) -> u64 {
         self.started.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn answer_now(&self, request: &Request, started_ms: i64) -> Action {
+        let mut action = HelloWorld::answer(request, started_ms);
+        if let Some(scope) = request.body.get("required_dependent_scope") {
+            let consented = self
+                .consented
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&request.request_id);
+            if !consented {
+                action.status = Status::Inactive;
+                action.display_status = Some("INACTIVE".into());
+                action.completion_time = None;
+                action.details = json!({
+                    "code": "ConsentRequired",
+                    "description": "the action needs a right it was not given: grant it, then resume the run",
+                    "required_scope": scope,
+                });
+            }
+        }
+        action
     }
 
     fn answer(request: &Request, started_ms: i64) -> Action {
@@ -278,7 +303,7 @@ impl Provider for HelloWorld {
                     (request, crate::time::now_ms())
                 })
                 .clone();
-            Ok(HelloWorld::answer(&request, started))
+            Ok(self.answer_now(&request, started))
         })
     }
 
@@ -292,7 +317,7 @@ impl Provider for HelloWorld {
         let id = action_id.to_string();
         Box::pin(async move {
             match found {
-                Some((request, started)) => Ok(HelloWorld::answer(&request, started)),
+                Some((request, started)) => Ok(self.answer_now(&request, started)),
                 None => Err(Refusal {
                     code: "ActionNotFound".into(),
                     description: format!("no action {id}"),
@@ -302,6 +327,14 @@ impl Provider for HelloWorld {
     }
 
     fn cancel(&self, action_id: &str) -> BoxFuture<'_, Result<Action, Refusal>> {
+        self.status(action_id)
+    }
+
+    fn resume(&self, action_id: &str) -> BoxFuture<'_, Result<Action, Refusal>> {
+        self.consented
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(action_id.to_string());
         self.status(action_id)
     }
 

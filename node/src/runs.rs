@@ -465,15 +465,25 @@ impl TransferProvider {
                     };
                 }
                 let entries = self.transfers.ls(&place).await.map_err(refusal)?;
-                let data: Vec<serde_json::Value> =
-                    entries.iter().map(TransferProvider::entry).collect();
+                let offset = body.get("offset").and_then(|v| v.as_u64()).unwrap_or(0) as usize;
+                let limit = body
+                    .get("limit")
+                    .and_then(|v| v.as_u64())
+                    .map_or(usize::MAX, |l| l as usize);
+                let data: Vec<serde_json::Value> = entries
+                    .iter()
+                    .skip(offset)
+                    .take(limit)
+                    .map(TransferProvider::entry)
+                    .collect();
                 Ok(serde_json::json!({
                     "DATA_TYPE": "file_list",
                     "DATA": data,
                     "endpoint": endpoint,
                     "path": path,
+                    "offset": offset,
                     "length": data.len(),
-                    "total": data.len(),
+                    "total": entries.len(),
                 }))
             }
             "mkdir" => {

@@ -306,3 +306,205 @@ fn the_corpus_transfer_flows_move_files_between_endpoints() {
     );
     assert!(!src.exists(), "the source was deleted after the copy");
 }
+
+/// Runs a corpus definition on `node` with `input` until it reaches a final status (retrying
+/// while the first adverts make endpoints routable); returns the run.
+fn run_corpus(node: &std::path::Path, def: &str, input: &serde_json::Value) -> serde_json::Value {
+    let def = corpus(def);
+    let input = input.to_string();
+    let mut run = serde_json::Value::Null;
+    wait_until("the flow to end", Duration::from_secs(90), || {
+        let out = funcmesh(&[
+            "flow",
+            "run",
+            p(&def),
+            "--input",
+            &input,
+            "--wait",
+            "--json",
+            "--node",
+            p(node),
+        ]);
+        run = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        matches!(run["status"].as_str(), Some("SUCCEEDED" | "FAILED"))
+    });
+    run
+}
+
+#[test]
+fn corpus_hello_world_and_friends_run_to_their_ends() {
+    let net = Net::up("1", "1", &[]);
+    let a1 = net.node("a1");
+    // hello-world: its sample input, with a one-second sleep instead of twenty.
+    let run = run_corpus(
+        &a1,
+        "globus-automate-client/hello-world/definition.json",
+        &serde_json::json!({"input": {"echo_string": "From automate cli", "sleep_time": 1}}),
+    );
+    assert_eq!(run["status"], "SUCCEEDED", "{run}");
+    assert_eq!(
+        run["details"]["output"]["HelloResult"]["details"]["hello"],
+        "From automate cli"
+    );
+    // complex-hello-world: a loop over its input's list through hello-world and
+    // expression-eval, ended by a JSONPath slice that selects [].
+    let input: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(corpus(
+            "globus-automate-client/complex-hello-world/input.json",
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let run = run_corpus(
+        &a1,
+        "globus-automate-client/complex-hello-world/definition.json",
+        &input,
+    );
+    assert_eq!(run["status"], "SUCCEEDED", "{run}");
+    let out = &run["details"]["output"];
+    assert_eq!(out["input"]["Hellos"], serde_json::json!([]));
+    assert_eq!(
+        out["HelloOutput"]["details"]["hello"], "Second",
+        "the last one said"
+    );
+    assert_eq!(out["ComputeCompletionOut"]["details"]["loop_done"], true);
+    // pass-with-parameters (no input in the corpus: an empty one).
+    let run = run_corpus(
+        &a1,
+        "globus-automate-client/pass-with-parameters/definition.json",
+        &serde_json::json!({}),
+    );
+    assert_eq!(
+        run["details"]["output"],
+        serde_json::json!({"PassResult": {"foo": "bar", "value_5": 5}})
+    );
+}
+
+#[test]
+fn corpus_failed_consent_waits_inactive_then_fails_as_written() {
+    let net = Net::up("1", "1", &[]);
+    let a1 = net.node("a1");
+    let def = corpus("globus-automate-client/failed-consent/definition.json");
+    ok(&[
+        "flow",
+        "run",
+        p(&def),
+        "--id",
+        "consent-1",
+        "--node",
+        p(&a1),
+    ]);
+    wait_until("the run to go INACTIVE", Duration::from_secs(30), || {
+        let out = funcmesh(&["flow", "status", "consent-1", "--json", "--node", p(&a1)]);
+        let run: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        run["status"] == "INACTIVE" && run["details"]["details"]["code"] == "ConsentRequired"
+    });
+    ok(&["flow", "resume", "consent-1", "--node", p(&a1)]);
+    let mut run = serde_json::Value::Null;
+    wait_until(
+        "the run to fail at its Fail state",
+        Duration::from_secs(30),
+        || {
+            let out = funcmesh(&["flow", "status", "consent-1", "--json", "--node", p(&a1)]);
+            run = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            run["status"] == "FAILED"
+        },
+    );
+    assert_eq!(run["details"]["Error"], "YourErrorCode", "{run}");
+}
+
+#[test]
+fn corpus_old_schema_transfers_move_files() {
+    let net = Net::up("1", "2", &[]);
+    let (a1, a2) = (net.node("a1"), net.node("a2"));
+    net.wait_endpoints(&a1, 2);
+    std::fs::write(a1.join("data/flows_testing"), b"hello plus transfer\n").unwrap();
+    std::fs::write(a1.join("data/file1.txt"), b"single transfer\n").unwrap();
+    // hello-plus-transfer: its input with go#ep1 and go#ep2 as a1 and a2.
+    let run = run_corpus(
+        &a2,
+        "globus-automate-client/hello-plus-transfer/definition.json",
+        &serde_json::json!({
+            "HelloInput": {"echo_string": "Hello plus Transfer test case"},
+            "TransferInput": {
+                "destination_endpoint_id": "a2", "source_endpoint_id": "a1",
+                "destination_path": "/~/flows_testing", "recursive": false,
+                "source_path": "/~/flows_testing"
+            }
+        }),
+    );
+    assert_eq!(run["status"], "SUCCEEDED", "{run}");
+    assert_eq!(
+        std::fs::read(a2.join("data/flows_testing")).unwrap(),
+        b"hello plus transfer\n"
+    );
+    // single-transfer: the old schema's transfer_items, a relative source path.
+    let run = run_corpus(
+        &a2,
+        "globus-automate-client/single-transfer/definition.json",
+        &serde_json::json!({
+            "source_endpoint_id": "a1", "destination_endpoint_id": "a2",
+            "transfer_items": [{"source_path": "file1.txt", "destination_path": "/~/copied_file1.txt"}]
+        }),
+    );
+    assert_eq!(run["status"], "SUCCEEDED", "{run}");
+    assert_eq!(
+        std::fs::read(a2.join("data/copied_file1.txt")).unwrap(),
+        b"single transfer\n"
+    );
+}
+
+#[test]
+fn corpus_two_hop_and_looping_batched_move_move_files() {
+    let net = Net::up("1", "2", &[]);
+    let (a1, a2) = (net.node("a1"), net.node("a2"));
+    net.wait_endpoints(&a1, 2);
+    let src = a1.join("data/ep1-example-directory");
+    std::fs::create_dir_all(src.join("d")).unwrap();
+    std::fs::write(src.join("a.txt"), b"a\n").unwrap();
+    std::fs::write(src.join("d/b.txt"), b"b\n").unwrap();
+    // two_hop: a1 → a2 (intermediate) → a1 again, as its sample input has it; the flow wants
+    // its intermediate directory to exist.
+    std::fs::create_dir_all(a2.join("data/ep2-intermediate-directory")).unwrap();
+    let run = run_corpus(
+        &a1,
+        "globus-flows-examples/transfer_examples/two_hop/definition.json",
+        &serde_json::json!({
+            "source": {"id": "a1", "path": "/~/ep1-example-directory/"},
+            "intermediate": {"id": "a2", "path": "/~/ep2-intermediate-directory/"},
+            "destination": {"id": "a1", "path": "/~/ep1-duplicate-example-directory/"}
+        }),
+    );
+    assert_eq!(run["status"], "SUCCEEDED", "{run}");
+    assert_eq!(
+        std::fs::read(a1.join("data/ep1-duplicate-example-directory/d/b.txt")).unwrap(),
+        b"b\n"
+    );
+
+    // looping_batched_move: list, move what is listed, delete it, until the source is empty.
+    let many = a1.join("data/source-directory");
+    std::fs::create_dir_all(&many).unwrap();
+    for i in 0..5 {
+        std::fs::write(many.join(format!("f{i}")), format!("{i}\n")).unwrap();
+    }
+    let run = run_corpus(
+        &a2,
+        "globus-flows-examples/transfer_examples/looping_batched_move/definition.json",
+        &serde_json::json!({
+            "source": {"id": "a1", "path": "/~/source-directory"},
+            "destination": {"id": "a2", "path": "/~/destination-directory"}
+        }),
+    );
+    assert_eq!(run["status"], "SUCCEEDED", "{run}");
+    for i in 0..5 {
+        assert_eq!(
+            std::fs::read_to_string(a2.join(format!("data/destination-directory/f{i}"))).unwrap(),
+            format!("{i}\n")
+        );
+    }
+    assert_eq!(
+        std::fs::read_dir(&many).unwrap().count(),
+        0,
+        "the source emptied"
+    );
+}
