@@ -19,5 +19,6 @@ pub mod engine;
 pub mod expr;
 pub mod path;
 pub mod provider;
+pub mod schema;
 pub mod template;
 pub mod time;

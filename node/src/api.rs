@@ -202,7 +202,9 @@ fn router(inner: Shared) -> Router {
         .route("/v1/transfers/{id}/cancel", post(cancel_transfer))
         .route("/v1/blobs", put_blob_route)
         .route("/v1/blobs/{hash}", get(get_blob))
+        .route("/v1/flows", get(flows_list).post(deploy_flow))
         .route("/v1/flows/validate", post(validate_flow))
+        .route("/v1/flows/{id}", get(flow))
         .route("/v1/runs", get(runs).post(start_run))
         .route("/v1/runs/{id}", get(run))
         .route("/v1/runs/{id}/log", get(run_log))
@@ -900,11 +902,70 @@ async fn validate_flow(
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))
 }
 
+/// `POST /v1/flows`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewFlow {
+    definition: serde_json::Value,
+    title: String,
+    #[serde(default)]
+    input_schema: Option<serde_json::Value>,
+    #[serde(default)]
+    description: Option<String>,
+}
+
+async fn deploy_flow(
+    State(inner): State<Shared>,
+    Body(body): Body<NewFlow>,
+) -> Result<(StatusCode, Json<Written>), ApiError> {
+    let bad = |e: String| ApiError(StatusCode::BAD_REQUEST, e);
+    if body.title.is_empty() || body.title.len() > 128 {
+        return Err(bad("a flow's title has 1 to 128 characters".into()));
+    }
+    crate::runs::validate(&body.definition, inner.runs.providers()).map_err(bad)?;
+    let input_schema = body.input_schema.unwrap_or(serde_json::Value::Null);
+    flows::schema::check_schema(&input_schema).map_err(bad)?;
+    let record = crdt_registry::record::FlowRecord {
+        title: body.title,
+        owner: inner.key,
+        definition: body.definition,
+        input_schema,
+        description: body.description.unwrap_or_default(),
+        nonce: hex::encode(rand::random::<[u8; 12]>()),
+    };
+    let id = crdt_registry::record::FlowRecord::id_for(&inner.key, &record.nonce);
+    inner
+        .mesh
+        .registry_write(id.clone(), crdt_registry::record::Body::Flow(record))
+        .await
+        .map_err(|e| bad(e.to_string()))?;
+    Ok((StatusCode::CREATED, Json(Written { id, created: true })))
+}
+
+async fn flows_list(
+    State(inner): State<Shared>,
+) -> Result<Json<Vec<crdt_registry::Flow>>, ApiError> {
+    let view = inner.mesh.registry().await.map_err(unavailable)?;
+    Ok(Json(view.flows.values().cloned().collect()))
+}
+
+async fn flow(
+    State(inner): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Json<crdt_registry::Flow>, ApiError> {
+    let view = inner.mesh.registry().await.map_err(unavailable)?;
+    crate::runs::find_flow(&view, &id)
+        .cloned()
+        .map(Json)
+        .map_err(|e| ApiError(StatusCode::NOT_FOUND, e))
+}
+
 /// `POST /v1/runs`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct NewRun {
-    definition: serde_json::Value,
+    #[serde(default)]
+    definition: Option<serde_json::Value>,
     #[serde(default)]
     input: Option<serde_json::Value>,
     #[serde(default)]
@@ -934,15 +995,34 @@ async fn start_run(
             ));
         }
     }
-    crate::runs::validate(&body.definition, inner.runs.providers())
+    let input = body.input.unwrap_or_else(|| serde_json::json!({}));
+    // A definition given inline, or a deployed flow by id, id prefix or title.
+    let (definition, flow_id) = match (body.definition, body.flow_id) {
+        (Some(d), flow_id) => (d, flow_id.unwrap_or_else(|| "inline".into())),
+        (None, Some(query)) => {
+            let view = inner.mesh.registry().await.map_err(unavailable)?;
+            let flow = crate::runs::find_flow(&view, &query)
+                .map_err(|e| ApiError(StatusCode::NOT_FOUND, e))?;
+            crate::runs::may_run(&view, flow, &inner.own)
+                .map_err(|e| ApiError(StatusCode::FORBIDDEN, e))?;
+            flows::schema::check_input(&flow.record.input_schema, &input)
+                .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
+            (flow.record.definition.clone(), flow.id.clone())
+        }
+        (None, None) => {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                "give a `definition`, or a deployed flow's id or title as `flow_id`".into(),
+            ));
+        }
+    };
+    crate::runs::validate(&definition, inner.runs.providers())
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
-    let flow_id = body.flow_id.unwrap_or_else(|| "inline".into());
     let user = format!("urn:funcmesh:node:{}", inner.name);
     let runs = inner.runs.clone();
-    let input = body.input.unwrap_or_else(|| serde_json::json!({}));
     let label = body.label;
     let run = tokio::task::spawn_blocking(move || {
-        runs.start(&run_id, &flow_id, &body.definition, input, &user, label)
+        runs.start(&run_id, &flow_id, &definition, input, &user, label)
     })
     .await
     .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
@@ -962,7 +1042,7 @@ async fn runs(State(inner): State<Shared>) -> Result<Json<Vec<flows::engine::Run
 fn no_run(id: &str) -> ApiError {
     ApiError(
         StatusCode::NOT_FOUND,
-        format!("no run {id} on this node (`funcmesh flow list` shows the runs it hosts)"),
+        format!("no run {id} on this node (`funcmesh flow runs` lists the runs it hosts)"),
     )
 }
 

@@ -356,6 +356,16 @@ impl Client {
         .await
     }
 
+    /// `POST /v1/flows`.
+    pub async fn deploy_flow(&self, body: &serde_json::Value) -> anyhow::Result<serde_json::Value> {
+        self.post("/v1/flows", body).await
+    }
+
+    /// `GET /v1/flows`.
+    pub async fn flows(&self) -> anyhow::Result<Vec<crdt_registry::Flow>> {
+        self.get("/v1/flows").await
+    }
+
     /// `POST /v1/runs`.
     pub async fn start_run(&self, body: &serde_json::Value) -> anyhow::Result<flows::engine::Run> {
         self.post("/v1/runs", body).await

@@ -79,6 +79,59 @@ pub fn validate(
     })
 }
 
+/// A deployed flow by id, id prefix (6 characters or more) or title.
+pub fn find_flow<'a>(
+    view: &'a crdt_registry::View,
+    query: &str,
+) -> Result<&'a crdt_registry::Flow, String> {
+    if let Some(f) = view.flows.get(query) {
+        return Ok(f);
+    }
+    let matches: Vec<&crdt_registry::Flow> = view
+        .flows
+        .values()
+        .filter(|f| (query.len() >= 6 && f.id.starts_with(query)) || f.record.title == query)
+        .collect();
+    match matches.as_slice() {
+        [one] => Ok(one),
+        [] => Err(format!(
+            "no deployed flow has id or title `{query}` (`funcmesh flow list` shows them)"
+        )),
+        many => Err(format!(
+            "`{query}` names {} flows: give its id ({})",
+            many.len(),
+            many.iter()
+                .map(|f| f.id.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
+    }
+}
+
+/// Whether this node may run `flow`: a flow of its own institution. Another institution's
+/// flow needs that institution's `flow.run` grant, which this node does not check yet, so it
+/// is refused with that reason.
+pub fn may_run(
+    view: &crdt_registry::View,
+    flow: &crdt_registry::Flow,
+    own: &mesh::membership::Member,
+) -> Result<(), String> {
+    let owner = view.nodes.get(&flow.owner_peer);
+    let theirs = owner.and_then(|n| n.institution.clone());
+    let their_key = owner.and_then(|n| n.institution_key);
+    let our_key = own.institution_key.map(|k| crdt_registry::Key(k.0));
+    if their_key.is_some() && their_key == our_key {
+        return Ok(());
+    }
+    Err(format!(
+        "flow {} belongs to institution {}: running another institution's flow needs its \
+         flow.run grant, which this version does not accept yet; run its definition yourself \
+         (`funcmesh flow run FILE`)",
+        flow.id,
+        theirs.as_deref().unwrap_or("(unknown)")
+    ))
+}
+
 /// The URLs of Globus' compute action provider (all versions); funcmesh's compute provider
 /// answers under each.
 pub const COMPUTE_URLS: &[&str] = &[

@@ -573,3 +573,26 @@ proptest::proptest! {
         }
     }
 }
+
+#[test]
+fn input_schemas_check_run_inputs_and_never_fetch() {
+    let path = corpus_dir()
+        .join("globus-flows-examples/compute_transfer_examples/tar_and_transfer/compute_transfer_example_1_schema.json");
+    let schema: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    flows::schema::check_schema(&schema).unwrap();
+    let ok = json!({"source_paths": ["/a"], "destination_endpoint_id": "b1"});
+    flows::schema::check_input(&schema, &ok).unwrap();
+    let e = flows::schema::check_input(&schema, &json!({"source_paths": "/a", "extra": 1}))
+        .unwrap_err();
+    assert!(e.contains("/source_paths"), "{e}");
+    assert!(
+        e.contains("destination_endpoint_id"),
+        "names what is missing: {e}"
+    );
+    // Any input when there is no schema.
+    flows::schema::check_input(&Value::Null, &json!([1, 2])).unwrap();
+    // Not a schema; a reference elsewhere is not fetched.
+    assert!(flows::schema::check_schema(&json!({"type": 7})).is_err());
+    let remote = json!({"$ref": "http://127.0.0.1:9/schema.json"});
+    assert!(flows::schema::check_schema(&remote).is_err());
+}

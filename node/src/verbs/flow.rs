@@ -23,10 +23,33 @@ pub enum FlowCommand {
         #[arg(long, env = "FUNCMESH_NODE", value_name = "DATA_DIR")]
         node: Option<PathBuf>,
     },
-    /// Run a definition on this node.
-    Run {
+    /// Deploy a definition to the federation's registry as a flow (signed by this node).
+    Deploy {
         /// The definition file.
         file: PathBuf,
+        /// Its title.
+        #[arg(long)]
+        title: String,
+        /// A JSON Schema file every run's input must match.
+        #[arg(long)]
+        input_schema: Option<PathBuf>,
+        /// What it does.
+        #[arg(long)]
+        description: Option<String>,
+        /// The node.
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+    /// The flows deployed in the federation.
+    List {
+        /// The node.
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+    /// Run a flow on this node: a deployed flow (id, id prefix or title) or a definition file.
+    Run {
+        /// The flow, or a definition file.
+        flow: String,
         /// The run's input: JSON, or @FILE.
         #[arg(long, default_value = "{}")]
         input: String,
@@ -47,7 +70,7 @@ pub enum FlowCommand {
         node: NodeArgs,
     },
     /// The runs this node hosts.
-    List {
+    Runs {
         /// The node.
         #[command(flatten)]
         node: NodeArgs,
@@ -158,8 +181,40 @@ pub(crate) async fn flow_command(cmd: FlowCommand) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        FlowCommand::Run {
+        FlowCommand::Deploy {
             file,
+            title,
+            input_schema,
+            description,
+            node,
+        } => {
+            let client = Client::for_node(&DataDir::new(&node.node))?;
+            let mut body = serde_json::json!({
+                "definition": read_json("the definition", &file)?,
+                "title": title,
+            });
+            if let Some(s) = input_schema {
+                body["input_schema"] = read_json("the input schema", &s)?;
+            }
+            if let Some(d) = description {
+                body["description"] = d.into();
+            }
+            let written = client.deploy_flow(&body).await?;
+            show(node.json, &written, |w| {
+                println!("{}", w["id"].as_str().unwrap_or("?"))
+            })
+        }
+        FlowCommand::List { node } => {
+            let client = Client::for_node(&DataDir::new(&node.node))?;
+            let flows = client.flows().await?;
+            show(node.json, &flows, |flows| {
+                for f in flows {
+                    println!("{:<56} {}", f.id, f.record.title);
+                }
+            })
+        }
+        FlowCommand::Run {
+            flow,
             input,
             label,
             id,
@@ -168,8 +223,13 @@ pub(crate) async fn flow_command(cmd: FlowCommand) -> anyhow::Result<()> {
             node,
         } => {
             let client = Client::for_node(&DataDir::new(&node.node))?;
-            let def = read_json("the definition", &file)?;
-            let mut body = serde_json::json!({"definition": def, "input": input_of(&input)?});
+            let file = Path::new(&flow);
+            let mut body = if file.is_file() {
+                serde_json::json!({"definition": read_json("the definition", file)?})
+            } else {
+                serde_json::json!({"flow_id": flow})
+            };
+            body["input"] = input_of(&input)?;
             if let Some(l) = label {
                 body["label"] = l.into();
             }
@@ -200,7 +260,7 @@ pub(crate) async fn flow_command(cmd: FlowCommand) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        FlowCommand::List { node } => {
+        FlowCommand::Runs { node } => {
             let client = Client::for_node(&DataDir::new(&node.node))?;
             let runs = client.runs().await?;
             show(node.json, &runs, |runs| {

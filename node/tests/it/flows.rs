@@ -508,3 +508,66 @@ fn corpus_two_hop_and_looping_batched_move_move_files() {
         "the source emptied"
     );
 }
+
+#[test]
+fn a_deployed_flow_runs_by_title_and_its_input_schema_is_enforced() {
+    let net = Net::up("1", "1", &[]);
+    let a1 = net.node("a1");
+    let dir = tempfile::tempdir().unwrap();
+    let schema = dir.path().join("schema.json");
+    std::fs::write(
+        &schema,
+        r#"{"type": "object", "required": ["n"], "properties": {"n": {"type": "integer"}}}"#,
+    )
+    .unwrap();
+    let def = dir.path().join("double.json");
+    std::fs::write(
+        &def,
+        r#"{"StartAt": "D", "States": {"D": {"Type": "ExpressionEval",
+            "Parameters": {"doubled.=": "n * 2"}, "ResultPath": "$.out", "End": true}}}"#,
+    )
+    .unwrap();
+    let id = ok(&[
+        "flow",
+        "deploy",
+        p(&def),
+        "--title",
+        "doubler",
+        "--input-schema",
+        p(&schema),
+        "--node",
+        p(&a1),
+    ]);
+    assert!(id.len() >= 16 && id.chars().all(|c| c.is_ascii_hexdigit()), "{id}");
+    let listed = ok(&["flow", "list", "--node", p(&a1)]);
+    assert!(
+        listed.contains("doubler") && listed.contains(&id),
+        "{listed}"
+    );
+    let out = ok(&[
+        "flow",
+        "run",
+        "doubler",
+        "--input",
+        r#"{"n": 21}"#,
+        "--wait",
+        "--json",
+        "--node",
+        p(&a1),
+    ]);
+    let run: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(run["details"]["output"]["out"]["doubled"], 42, "{run}");
+    assert_eq!(run["flow_id"], id.as_str());
+    let bad = funcmesh(&[
+        "flow",
+        "run",
+        "doubler",
+        "--input",
+        r#"{"n": "many"}"#,
+        "--node",
+        p(&a1),
+    ]);
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("input schema") && err.contains("/n"), "{err}");
+}
