@@ -217,6 +217,26 @@ pub struct Engine {
     inner: Arc<Inner>,
 }
 
+/// An engine that does not keep the engine alive (for a provider that runs flows, which the
+/// engine itself holds).
+#[derive(Clone, Default)]
+pub struct WeakEngine {
+    inner: std::sync::Weak<Inner>,
+}
+
+impl WeakEngine {
+    /// The engine, while it lives.
+    pub fn upgrade(&self) -> Option<Engine> {
+        self.inner.upgrade().map(|inner| Engine { inner })
+    }
+}
+
+impl std::fmt::Debug for WeakEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WeakEngine")
+    }
+}
+
 impl std::fmt::Debug for Engine {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Engine")
@@ -277,6 +297,13 @@ impl Engine {
             }
         }
         Ok(engine)
+    }
+
+    /// A handle that does not keep the engine alive.
+    pub fn downgrade(&self) -> WeakEngine {
+        WeakEngine {
+            inner: Arc::downgrade(&self.inner),
+        }
     }
 
     /// The providers.
@@ -1019,6 +1046,7 @@ impl Engine {
             user: run.user.clone(),
             run_as: action.run_as.clone(),
             run_id: run_id.to_string(),
+            url: action.url.clone(),
             at_ms,
         };
         // Resumed after INACTIVE: tell the action first (the right it waited for may be there).

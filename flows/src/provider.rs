@@ -102,6 +102,9 @@ pub struct Request {
     /// The run that asks, and its state.
     #[serde(default)]
     pub run_id: String,
+    /// The action URL it was asked at (a flow provider reads the flow from it).
+    #[serde(default)]
+    pub url: String,
     /// When the engine first asked for this action (Unix milliseconds; the same on every ask
     /// under this `request_id`, so that a provider can derive stable ids from both).
     #[serde(default)]
@@ -163,6 +166,8 @@ pub trait Provider: Send + Sync {
 #[derive(Clone, Default)]
 pub struct Providers {
     by_url: HashMap<String, Arc<dyn Provider>>,
+    /// Providers of every URL under a prefix (a flow's URL names the flow).
+    by_prefix: Vec<(String, Arc<dyn Provider>)>,
 }
 
 impl std::fmt::Debug for Providers {
@@ -207,14 +212,25 @@ impl Providers {
             .insert(url.trim_end_matches('/').to_string(), provider);
     }
 
+    /// Adds the provider of every URL that starts with `prefix` and names something after it.
+    pub fn add_prefix(&mut self, prefix: &str, provider: Arc<dyn Provider>) {
+        self.by_prefix.push((prefix.to_string(), provider));
+    }
+
     /// The provider at `url`.
     pub fn get(&self, url: &str) -> Option<Arc<dyn Provider>> {
-        self.by_url.get(url.trim_end_matches('/')).cloned()
+        let url = url.trim_end_matches('/');
+        self.by_url.get(url).cloned().or_else(|| {
+            self.by_prefix
+                .iter()
+                .find(|(p, _)| url.len() > p.len() && url.starts_with(p.as_str()))
+                .map(|(_, provider)| provider.clone())
+        })
     }
 
     /// Whether a provider is at `url`.
     pub fn knows(&self, url: &str) -> bool {
-        self.by_url.contains_key(url.trim_end_matches('/'))
+        self.get(url).is_some()
     }
 
     /// Every URL, sorted.

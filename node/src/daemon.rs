@@ -225,11 +225,21 @@ impl Node {
             });
         }
         // Flow runs: the engine resumes the runs this node hosted before it stopped.
+        let engine_slot = std::sync::Arc::new(std::sync::OnceLock::new());
         let runs = flows::engine::Engine::open(
             store.clone(),
-            crate::runs::node_providers(&mesh, &tasks.dispatcher, &values, &transfers),
+            crate::runs::node_providers(
+                &mesh,
+                &own,
+                &tasks.dispatcher,
+                &values,
+                &transfers,
+                &engine_slot,
+            ),
         )
         .map_err(|e| anyhow::anyhow!("cannot open the flow runs: {e}"))?;
+        // Flows that run flows reach the engine through this.
+        let _ = engine_slot.set(runs.downgrade());
         let token = hex::encode(rand::random::<[u8; 24]>());
         let inner = Arc::new(Inner {
             runs,

@@ -538,7 +538,10 @@ fn a_deployed_flow_runs_by_title_and_its_input_schema_is_enforced() {
         "--node",
         p(&a1),
     ]);
-    assert!(id.len() >= 16 && id.chars().all(|c| c.is_ascii_hexdigit()), "{id}");
+    assert!(
+        id.len() >= 16 && id.chars().all(|c| c.is_ascii_hexdigit()),
+        "{id}"
+    );
     let listed = ok(&["flow", "list", "--node", p(&a1)]);
     assert!(
         listed.contains("doubler") && listed.contains(&id),
@@ -558,6 +561,43 @@ fn a_deployed_flow_runs_by_title_and_its_input_schema_is_enforced() {
     let run: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(run["details"]["output"]["out"]["doubled"], 42, "{run}");
     assert_eq!(run["flow_id"], id.as_str());
+    // A flow as an action of another: the child is a run of its own, its output the
+    // action's details.
+    let parent = dir.path().join("parent.json");
+    std::fs::write(
+        &parent,
+        r#"{"StartAt": "Child", "States": {"Child": {"Type": "Action",
+            "ActionUrl": "https://flows.globus.org/flows/doubler",
+            "Parameters": {"n.$": "$.x"}, "ResultPath": "$.child", "End": true}}}"#,
+    )
+    .unwrap();
+    let out = ok(&[
+        "flow",
+        "run",
+        p(&parent),
+        "--input",
+        r#"{"x": 5}"#,
+        "--wait",
+        "--json",
+        "--node",
+        p(&a1),
+    ]);
+    let run: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(run["status"], "SUCCEEDED", "{run}");
+    assert_eq!(
+        run["details"]["output"]["child"]["details"]["out"]["doubled"], 10,
+        "{run}"
+    );
+    let runs = ok(&["flow", "runs", "--json", "--node", p(&a1)]);
+    let runs: Vec<serde_json::Value> = serde_json::from_str(&runs).unwrap();
+    let child = run["details"]["output"]["child"]["action_id"]
+        .as_str()
+        .unwrap();
+    assert!(
+        runs.iter()
+            .any(|r| r["run_id"] == child && r["flow_id"] == id.as_str()),
+        "the child is a run of the deployed flow: {runs:?}"
+    );
     let bad = funcmesh(&[
         "flow",
         "run",
