@@ -53,6 +53,7 @@ async fn steps(net: &Testnet, tmp: &std::path::Path) -> anyhow::Result<()> {
     registry_step(net, tmp).await?;
     compute_step(net).await?;
     transfer_step(net).await?;
+    flow_step(net).await?;
 
     println!(
         "\n-- 3. an uninvited node: its institution signed its own admission, not the federation"
@@ -218,6 +219,115 @@ async fn transfer_step(net: &Testnet) -> anyhow::Result<()> {
         ),
         Err(e) => println!("{} lists {}:private: refused, {e:#}", b1.name, a1.name),
     }
+    Ok(())
+}
+
+/// Runs a flow on the second institution's node: it moves a directory from the first
+/// institution's endpoint (under the grant of the transfer step), lists what arrived, and
+/// analyses the listing with a function on its own endpoint; every transition is in the run's
+/// log, in the node's store.
+async fn flow_step(net: &Testnet) -> anyhow::Result<()> {
+    let a1 = &net.nodes[0];
+    let b1 = net
+        .nodes
+        .iter()
+        .find(|n| n.institution != a1.institution)
+        .context("the demo needs a second institution")?;
+    let on_b = Client::for_node(&DataDir::new(&b1.data_dir))?;
+    let summarize = crate::registry::NewFunction {
+        name: "summarize".into(),
+        python: Some(
+            "def summarize(listing):\n    sizes = [f['size'] for f in listing if f['type'] == 'file']\n    \
+             return {'files': len(sizes), 'bytes': sum(sizes), 'largest': max(sizes)}\n"
+                .into(),
+        ),
+        entrypoint: Some("summarize".into()),
+        payload: None,
+        shell: None,
+        container: None,
+        description: "sums up a directory listing".into(),
+    };
+    on_b.register_function(&summarize).await?;
+    let definition = serde_json::json!({
+        "Comment": "Move a run's data from inst-a, then analyse what arrived",
+        "StartAt": "Move",
+        "States": {
+            "Move": {
+                "Type": "Action",
+                "ActionUrl": "https://transfer.actions.globus.org/transfer",
+                "Parameters": {
+                    "source_endpoint.$": "$.source", "destination_endpoint.$": "$.destination",
+                    "DATA": [{"source_path": "/~/shared/run2", "destination_path": "/~/analysis/run2"}]
+                },
+                "ResultPath": "$.moved", "Next": "List"
+            },
+            "List": {
+                "Type": "Action",
+                "ActionUrl": "https://transfer.actions.globus.org/ls",
+                "Parameters": {"endpoint_id.$": "$.destination", "path": "/~/analysis/run2"},
+                "ResultPath": "$.listing", "Next": "Analyse"
+            },
+            "Analyse": {
+                "Type": "Action",
+                "ActionUrl": "https://compute.actions.globus.org/v3",
+                "Parameters": {
+                    "endpoint_id.$": "$.destination",
+                    "tasks": [{"function_id": "summarize", "kwargs": {"listing.$": "$.listing.details.DATA"}}]
+                },
+                "ResultPath": "$.analysis", "End": true
+            }
+        }
+    });
+    println!(
+        "\n-- 2f. a flow on {}: move {}:shared/run2 here (transfer), list it (ls), analyse the \
+         listing with a function on {}'s endpoint (compute) — Globus Flows' language, run durably \
+         (`funcmesh flow run FILE --wait`)",
+        b1.name, a1.name, b1.name
+    );
+    let started = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let run = loop {
+        let mut run = on_b
+            .start_run(&serde_json::json!({
+                "definition": definition,
+                "input": {"source": a1.name, "destination": b1.name},
+                "run_id": format!("demo-flow-{}", started.elapsed().as_millis()),
+            }))
+            .await?;
+        while !run.status.is_final() {
+            if Instant::now() > deadline {
+                bail!("the flow did not finish within a minute: {run:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            run = on_b.run(&run.run_id).await?;
+        }
+        // The first adverts take a moment: a run that found no route yet is tried again.
+        let no_route = run.details.to_string().contains("no endpoint");
+        if run.status == flows::engine::RunStatus::Succeeded || !no_route {
+            break run;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the flow found no endpoint within a minute: {}",
+                run.details
+            );
+        }
+    };
+    if run.status != flows::engine::RunStatus::Succeeded {
+        bail!("the flow did not succeed: {}", run.details);
+    }
+    let out = &run.details["output"];
+    let log = on_b.run_log(&run.run_id).await?;
+    println!(
+        "run {} succeeded in {} ms, {} transitions in its log: moved {} files, listed {}, \
+         analysis {}",
+        run.run_id,
+        started.elapsed().as_millis(),
+        log.len(),
+        out["moved"]["details"]["files_transferred"],
+        out["listing"]["details"]["total"],
+        out["analysis"]["details"]["result"][0]
+    );
     Ok(())
 }
 
