@@ -54,6 +54,7 @@ pub(crate) fn node_providers(
             std::sync::Arc::new(TransferProvider {
                 op,
                 transfers: transfers.clone(),
+                resumed: Default::default(),
                 actions: Default::default(),
             });
         for base in TRANSFER_BASES {
@@ -143,6 +144,32 @@ pub fn may_run(
     ))
 }
 
+/// An action waiting for a right its node does not hold: INACTIVE, with what was refused and
+/// what to do (the run resumes after `funcmesh cap add` and `funcmesh flow resume`).
+fn needs_right(request: &flows::provider::Request, why: &str) -> flows::provider::Action {
+    let mut action = flows::provider::Action::done(
+        request,
+        true,
+        serde_json::json!({
+            "code": "AuthorizationRequired",
+            "description": format!(
+                "{why} — add a grant that covers it (`funcmesh cap add TOKEN`), then resume the \
+                 run (`funcmesh flow resume RUN`)"
+            ),
+        }),
+    );
+    action.status = flows::provider::Status::Inactive;
+    action.display_status = Some("INACTIVE".into());
+    action.completion_time = None;
+    action
+}
+
+/// Whether a refusal is about rights (a missing or refused capability), which a grant fixes.
+fn about_rights(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    m.contains("access denied") || m.contains("capabilit") || m.contains("forbidden")
+}
+
 /// The URLs of Globus' compute action provider (all versions); funcmesh's compute provider
 /// answers under each.
 pub const COMPUTE_URLS: &[&str] = &[
@@ -172,6 +199,9 @@ pub struct ComputeProvider {
     actions: std::sync::Mutex<
         std::collections::HashMap<String, (flows::provider::Request, Vec<compute::TaskId>)>,
     >,
+    /// How often each action was resumed: a resumed action's tasks get new ids (its refused
+    /// ones are kept as they were).
+    resumed: std::sync::Mutex<std::collections::HashMap<String, u32>>,
 }
 
 impl ComputeProvider {
@@ -186,6 +216,7 @@ impl ComputeProvider {
             dispatcher,
             values,
             actions: Default::default(),
+            resumed: Default::default(),
         }
     }
 
@@ -258,6 +289,7 @@ impl ComputeProvider {
         let mut results = Vec::new();
         let mut failed = None;
         let mut running = false;
+        let mut refused = None;
         for (id, t) in ids.iter().zip(got) {
             let Some(t) = t else {
                 return Err(Refusal {
@@ -275,6 +307,9 @@ impl ComputeProvider {
                     results.push(serde_json::json!({"task_id": id.to_string(), "output": output}));
                 }
                 Some(compute::Outcome::Failed { error, .. }) => {
+                    if error.kind == compute::FailureKind::Refused && about_rights(&error.message) {
+                        refused.get_or_insert_with(|| error.to_string());
+                    }
                     failed.get_or_insert_with(|| error.to_string());
                     result.push(serde_json::Value::Null);
                     results.push(serde_json::json!({"task_id": id.to_string(), "exception": error.to_string(), "traceback": error.traceback}));
@@ -286,6 +321,9 @@ impl ComputeProvider {
                 }
                 None => running = true,
             }
+        }
+        if let (Some(why), false) = (&refused, running) {
+            return Ok(needs_right(request, why));
         }
         let mut action = Action::done(
             request,
@@ -322,8 +360,21 @@ impl flows::provider::Provider for ComputeProvider {
             use flows::provider::Refusal;
             let mut tasks = ComputeProvider::tasks(&request.body).map_err(Refusal::bad)?;
             let at = u64::try_from(request.at_ms).unwrap_or(0);
+            let generation = self
+                .resumed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&request.request_id)
+                .copied()
+                .unwrap_or(0);
             let ids: Vec<compute::TaskId> = (0..tasks.len())
-                .map(|i| compute::TaskId::keyed(at, &format!("{}/{i}", request.request_id)))
+                .map(|i| {
+                    let key = match generation {
+                        0 => format!("{}/{i}", request.request_id),
+                        g => format!("{}/{i}/resumed-{g}", request.request_id),
+                    };
+                    compute::TaskId::keyed(at, &key)
+                })
                 .collect();
             // Tasks submitted before (the node asked again after a restart) are not again.
             let held = self
@@ -352,6 +403,9 @@ impl flows::provider::Provider for ComputeProvider {
                             description: format!("{e:#}"),
                         })?;
                 if let Some(Err(refused)) = answers.into_iter().find(|a| a.is_err()) {
+                    if about_rights(&refused.message) {
+                        return Ok(needs_right(&request, &refused.message));
+                    }
                     return Err(Refusal::bad(refused.message));
                 }
             }
@@ -400,6 +454,21 @@ impl flows::provider::Provider for ComputeProvider {
             }
             self.answer(&request, &ids).await
         })
+    }
+
+    fn resume(
+        &self,
+        action_id: &str,
+    ) -> flows::provider::BoxFuture<'_, Result<flows::provider::Action, flows::provider::Refusal>>
+    {
+        // The next ask runs the action's tasks again, under new ids.
+        *self
+            .resumed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(action_id.to_string())
+            .or_default() += 1;
+        self.status(action_id)
     }
 
     fn release(
@@ -458,6 +527,9 @@ pub fn root_path(globus: &str) -> String {
 pub struct TransferProvider {
     op: &'static str,
     transfers: std::sync::Arc<crate::transfers::Transfers>,
+    /// How often each action was resumed: a resumed transfer's copy jobs get new ids (a job
+    /// refused for want of a right stays as it ended).
+    resumed: std::sync::Mutex<std::collections::HashMap<String, u32>>,
     actions: std::sync::Mutex<
         std::collections::HashMap<String, (flows::provider::Request, Vec<String>)>,
     >,
@@ -651,6 +723,13 @@ impl TransferProvider {
             .get("delete_destination_extra")
             .and_then(|v| v.as_bool())
             .unwrap_or(false);
+        let generation = self
+            .resumed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&request.request_id)
+            .copied()
+            .unwrap_or(0);
         let mut ids = Vec::new();
         for (i, item) in items.iter().enumerate() {
             let from = item
@@ -670,7 +749,10 @@ impl TransferProvider {
                         == transfer::root::Kind::Dir
                 }
             };
-            let id = format!("{}.{i}", request.request_id);
+            let id = match generation {
+                0 => format!("{}.{i}", request.request_id),
+                g => format!("{}.{i}.r{g}", request.request_id),
+            };
             self.transfers
                 .copy(crate::transfers::NewTransfer {
                     request_id: Some(id.clone()),
@@ -700,6 +782,16 @@ impl TransferProvider {
         let active = jobs
             .iter()
             .any(|j| j.state == transfer::copy::State::Active);
+        if !active {
+            if let Some(why) = jobs
+                .iter()
+                .filter(|j| j.state == transfer::copy::State::Failed)
+                .filter_map(|j| j.error.as_deref())
+                .find(|e| about_rights(e))
+            {
+                return Ok(needs_right(request, why));
+            }
+        }
         let failed = jobs.iter().find(|j| {
             matches!(
                 j.state,
@@ -763,6 +855,9 @@ impl flows::provider::Provider for TransferProvider {
             if self.op != "transfer" {
                 return Ok(match self.once(&request).await {
                     Ok(details) => flows::provider::Action::done(&request, true, details),
+                    Err(r) if r.code == "UnauthorizedRequest" => {
+                        needs_right(&request, &r.description)
+                    }
                     Err(r) if r.code == "BadActionRequest" => return Err(r),
                     Err(r) => flows::provider::Action::done(
                         &request,
@@ -771,7 +866,13 @@ impl flows::provider::Provider for TransferProvider {
                     ),
                 });
             }
-            let ids = self.submit(&request).await?;
+            let ids = match self.submit(&request).await {
+                Ok(ids) => ids,
+                Err(r) if r.code == "UnauthorizedRequest" => {
+                    return Ok(needs_right(&request, &r.description));
+                }
+                Err(r) => return Err(r),
+            };
             self.actions
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
@@ -817,6 +918,21 @@ impl flows::provider::Provider for TransferProvider {
             }
             self.jobs(&request, &ids).await
         })
+    }
+
+    fn resume(
+        &self,
+        action_id: &str,
+    ) -> flows::provider::BoxFuture<'_, Result<flows::provider::Action, flows::provider::Refusal>>
+    {
+        // The next ask submits the action's copy jobs again, under new ids.
+        *self
+            .resumed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(action_id.to_string())
+            .or_default() += 1;
+        self.status(action_id)
     }
 
     fn release(

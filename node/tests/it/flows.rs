@@ -611,3 +611,84 @@ fn a_deployed_flow_runs_by_title_and_its_input_schema_is_enforced() {
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(err.contains("input schema") && err.contains("/n"), "{err}");
 }
+
+#[test]
+fn a_run_without_a_right_waits_inactive_and_completes_after_cap_add_and_resume() {
+    let net = Net::up("2", "1", &[]);
+    let (a1, b1) = (net.node("a1"), net.node("b1"));
+    net.wait_endpoints(&b1, 2);
+    let shared = a1.join("data/shared");
+    std::fs::create_dir_all(&shared).unwrap();
+    std::fs::write(shared.join("result.csv"), b"x,y\n1,2\n").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let def = dir.path().join("pull.json");
+    std::fs::write(
+        &def,
+        serde_json::json!({
+            "StartAt": "Pull",
+            "States": {"Pull": {
+                "Type": "Action", "ActionUrl": "https://transfer.actions.globus.org/transfer",
+                "Parameters": {"source_endpoint": "a1", "destination_endpoint": "b1",
+                    "DATA": [{"source_path": "/~/shared", "destination_path": "/~/from-a", "recursive": true}]},
+                "ResultPath": "$.pulled", "End": true}}
+        })
+        .to_string(),
+    )
+    .unwrap();
+    // inst-b's node holds no grant for a1's data root: the run waits, saying what it needs.
+    ok(&["flow", "run", p(&def), "--id", "pull-1", "--node", p(&b1)]);
+    let mut run = serde_json::Value::Null;
+    wait_until(
+        "the run to wait for a right",
+        Duration::from_secs(30),
+        || {
+            let out = funcmesh(&["flow", "status", "pull-1", "--json", "--node", p(&b1)]);
+            run = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            run["status"] == "INACTIVE"
+        },
+    );
+    let why = run["details"]["details"]["description"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        why.contains("cap add") && why.contains("flow resume"),
+        "{run}"
+    );
+    assert!(!b1.join("data/from-a").exists());
+
+    // inst-a grants inst-b reading `shared`; b1 holds the grant; the run is resumed.
+    let token = ok(&[
+        "cap",
+        "grant",
+        "--issuer-key",
+        p(&net.key("inst-a")),
+        "--to",
+        "institution:inst-b",
+        "--endpoint",
+        "a1",
+        "--ability",
+        "transfer.read",
+        "--path",
+        "shared",
+        "--ttl",
+        "1h",
+        "--node",
+        p(&a1),
+    ]);
+    ok(&["cap", "add", token.trim(), "--node", p(&b1)]);
+    wait_until("b1 may list a1:shared", Duration::from_secs(20), || {
+        funcmesh(&["transfer", "ls", "a1:shared", "--node", p(&b1)])
+            .status
+            .success()
+    });
+    ok(&["flow", "resume", "pull-1", "--node", p(&b1)]);
+    wait_until("the resumed run to finish", Duration::from_secs(60), || {
+        let out = funcmesh(&["flow", "status", "pull-1", "--json", "--node", p(&b1)]);
+        run = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        run["status"] == "SUCCEEDED"
+    });
+    assert_eq!(
+        std::fs::read(b1.join("data/from-a/result.csv")).unwrap(),
+        b"x,y\n1,2\n"
+    );
+}
