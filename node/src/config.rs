@@ -25,9 +25,21 @@ pub struct Config {
     pub mesh: MeshSection,
     /// The data plane.
     pub transfer: TransferSection,
+    /// Flows.
+    pub flows: FlowsSection,
     /// Endpoints this node runs, published in the registry on start (`[[endpoint]]` tables;
     /// set them in the TOML file).
     pub endpoint: Vec<EndpointSection>,
+}
+
+/// `[flows]`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FlowsSection {
+    /// External action providers (Globus action-provider API over HTTP) that flows run on this
+    /// node may call, by their action URL. Only these: a flow definition is someone else's
+    /// document, and must not make the node send requests anywhere it names.
+    pub action_providers: Vec<String>,
 }
 
 /// One `[[endpoint]]` table.
@@ -364,6 +376,11 @@ impl Config {
         let config = Config::deserialize(toml::Value::Table(table))
             .map_err(|e| anyhow::anyhow!("invalid configuration: {}", one_line(&e.to_string())))?;
         config.check_endpoints()?;
+        for url in &config.flows.action_providers {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                bail!("flows.action_providers: {url:?} is not an http:// or https:// URL");
+            }
+        }
         Ok(config)
     }
 

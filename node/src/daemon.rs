@@ -235,6 +235,7 @@ impl Node {
                 &values,
                 &transfers,
                 &engine_slot,
+                &config.flows.action_providers,
             ),
         )
         .map_err(|e| anyhow::anyhow!("cannot open the flow runs: {e}"))?;

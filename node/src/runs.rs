@@ -33,8 +33,22 @@ pub(crate) fn node_providers(
     values: &compute::blobs::Values,
     transfers: &std::sync::Arc<crate::transfers::Transfers>,
     engine: &std::sync::Arc<std::sync::OnceLock<flows::engine::WeakEngine>>,
+    external: &[String],
 ) -> flows::provider::Providers {
     let mut p = flows::provider::Providers::builtin();
+    let http = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(30))
+        .build()
+        .unwrap_or_default();
+    for url in external {
+        p.add(
+            url,
+            std::sync::Arc::new(HttpProvider {
+                base: url.trim_end_matches('/').to_string(),
+                http: http.clone(),
+            }),
+        );
+    }
     p.add_prefix(
         FLOWS_URL,
         std::sync::Arc::new(FlowProvider {
@@ -1143,5 +1157,116 @@ impl flows::provider::Provider for FlowProvider {
                 None => tokio::time::sleep(at_most).await,
             }
         })
+    }
+}
+
+/// An external action provider, over HTTP: the Globus action-provider API (`POST /run`, `GET
+/// /{id}/status`, `POST /{id}/cancel|release|resume`), at a URL the node's configuration lists
+/// (`[flows] action_providers`).
+pub struct HttpProvider {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl HttpProvider {
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<serde_json::Value>,
+    ) -> Result<flows::provider::Action, flows::provider::Refusal> {
+        use flows::provider::Refusal;
+        let url = format!("{}{path}", self.base);
+        let mut req = self.http.request(method, &url);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.map_err(|e| Refusal {
+            code: "Unreachable".into(),
+            description: format!("{url}: {e}"),
+        })?;
+        let status = resp.status();
+        let text = resp.text().await.map_err(|e| Refusal {
+            code: "Unreachable".into(),
+            description: format!("{url}: {e}"),
+        })?;
+        if !status.is_success() {
+            // The API's error body: {"code", "description"}.
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+            return Err(Refusal {
+                code: v["code"]
+                    .as_str()
+                    .unwrap_or("ActionProviderError")
+                    .to_string(),
+                description: format!(
+                    "{url} answered {status}: {}",
+                    v["description"]
+                        .as_str()
+                        .unwrap_or(text.chars().take(300).collect::<String>().as_str())
+                ),
+            });
+        }
+        serde_json::from_str(&text).map_err(|e| Refusal {
+            code: "ActionProviderError".into(),
+            description: format!("{url} answered what is not an action status: {e}"),
+        })
+    }
+}
+
+impl flows::provider::Provider for HttpProvider {
+    fn run(
+        &self,
+        request: flows::provider::Request,
+    ) -> flows::provider::BoxFuture<'_, Result<flows::provider::Action, flows::provider::Refusal>>
+    {
+        Box::pin(async move {
+            let mut body = serde_json::json!({
+                "request_id": request.request_id,
+                "body": request.body,
+            });
+            if let Some(l) = &request.label {
+                body["label"] = l.clone().into();
+            }
+            self.call(reqwest::Method::POST, "/run", Some(body)).await
+        })
+    }
+
+    fn status(
+        &self,
+        action_id: &str,
+    ) -> flows::provider::BoxFuture<'_, Result<flows::provider::Action, flows::provider::Refusal>>
+    {
+        let path = format!("/{action_id}/status");
+        Box::pin(async move { self.call(reqwest::Method::GET, &path, None).await })
+    }
+
+    fn cancel(
+        &self,
+        action_id: &str,
+    ) -> flows::provider::BoxFuture<'_, Result<flows::provider::Action, flows::provider::Refusal>>
+    {
+        let path = format!("/{action_id}/cancel");
+        Box::pin(async move { self.call(reqwest::Method::POST, &path, None).await })
+    }
+
+    fn release(
+        &self,
+        action_id: &str,
+    ) -> flows::provider::BoxFuture<'_, Result<(), flows::provider::Refusal>> {
+        let path = format!("/{action_id}/release");
+        Box::pin(async move {
+            self.call(reqwest::Method::POST, &path, None)
+                .await
+                .map(|_| ())
+        })
+    }
+
+    fn resume(
+        &self,
+        action_id: &str,
+    ) -> flows::provider::BoxFuture<'_, Result<flows::provider::Action, flows::provider::Refusal>>
+    {
+        let path = format!("/{action_id}/resume");
+        Box::pin(async move { self.call(reqwest::Method::POST, &path, None).await })
     }
 }

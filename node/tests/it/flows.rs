@@ -692,3 +692,114 @@ fn a_run_without_a_right_waits_inactive_and_completes_after_cap_add_and_resume()
         b"x,y\n1,2\n"
     );
 }
+
+/// A small external action provider speaking the Globus action-provider API: an action is
+/// ACTIVE for its first two status checks, then SUCCEEDED with its body echoed; `/run` is
+/// idempotent by `request_id`. Returns its base URL and how many actions it started.
+fn action_provider(
+    rt: &tokio::runtime::Runtime,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use axum::extract::{Path as UrlPath, State};
+    use axum::routing::{get, post};
+    use std::collections::HashMap;
+    use std::sync::{Arc, Mutex};
+    type Actions = Arc<Mutex<HashMap<String, (serde_json::Value, u32)>>>;
+    let started = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let actions: Actions = Arc::default();
+    fn doc(id: &str, body: &serde_json::Value, polls: u32) -> serde_json::Value {
+        serde_json::json!({
+            "action_id": id, "creator_id": "urn:test", "details": {"echo": body},
+            "status": if polls >= 2 { "SUCCEEDED" } else { "ACTIVE" },
+        })
+    }
+    let run = {
+        let started = started.clone();
+        move |State(a): State<Actions>, axum::Json(req): axum::Json<serde_json::Value>| {
+            let started = started.clone();
+            async move {
+                let id = req["request_id"].as_str().unwrap_or("").to_string();
+                let mut a = a.lock().unwrap();
+                let entry = a.entry(id.clone()).or_insert_with(|| {
+                    started.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    (req["body"].clone(), 0)
+                });
+                axum::Json(doc(&id, &entry.0, entry.1))
+            }
+        }
+    };
+    let status = |State(a): State<Actions>, UrlPath(id): UrlPath<String>| async move {
+        let mut a = a.lock().unwrap();
+        let entry = a.get_mut(&id).unwrap();
+        entry.1 += 1;
+        axum::Json(doc(&id, &entry.0, entry.1))
+    };
+    let other = |State(a): State<Actions>, UrlPath((id, _op)): UrlPath<(String, String)>| async move {
+        let a = a.lock().unwrap();
+        let entry = a.get(&id).unwrap();
+        axum::Json(doc(&id, &entry.0, entry.1))
+    };
+    let app = axum::Router::new()
+        .route("/ap/run", post(run))
+        .route("/ap/{id}/status", get(status))
+        .route("/ap/{id}/{op}", post(other))
+        .with_state(actions);
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    rt.spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (format!("http://{addr}/ap"), started)
+}
+
+#[test]
+fn an_external_action_provider_is_called_over_http_only_when_configured() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (url, started) = action_provider(&rt);
+    let net = Net::up("1", "1", &[]);
+    let a1 = net.node("a1");
+    let dir = tempfile::tempdir().unwrap();
+    let def = dir.path().join("external.json");
+    std::fs::write(
+        &def,
+        serde_json::json!({"StartAt": "Ext", "States": {"Ext": {
+            "Type": "Action", "ActionUrl": url, "Parameters": {"x.$": "$.x"},
+            "ResultPath": "$.ext", "End": true}}})
+        .to_string(),
+    )
+    .unwrap();
+    // Not in the node's configuration: refused before anything runs.
+    let out = funcmesh(&["flow", "run", p(&def), "--node", p(&a1)]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("field `ActionUrl`"), "{err}");
+    assert_eq!(started.load(std::sync::atomic::Ordering::SeqCst), 0);
+
+    // Listed in [flows] action_providers: called, polled until it succeeds.
+    let config = a1.join("config.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.contains("action_providers = []"), "{text}");
+    let text = text.replace(
+        "action_providers = []",
+        &format!("action_providers = [\"{url}\"]"),
+    );
+    std::fs::write(&config, text).unwrap();
+    net.restart("a1");
+    let out = ok(&[
+        "flow",
+        "run",
+        p(&def),
+        "--input",
+        r#"{"x": 7}"#,
+        "--wait",
+        "--json",
+        "--node",
+        p(&a1),
+    ]);
+    let run: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(run["status"], "SUCCEEDED", "{run}");
+    assert_eq!(
+        run["details"]["output"]["ext"]["details"]["echo"],
+        serde_json::json!({"x": 7})
+    );
+    assert_eq!(started.load(std::sync::atomic::Ordering::SeqCst), 1);
+}
