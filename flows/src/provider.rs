@@ -134,6 +134,22 @@ impl Refusal {
             description: description.into(),
         }
     }
+
+    /// An action the provider does not know (or no longer keeps).
+    pub fn not_found(description: impl Into<String>) -> Refusal {
+        Refusal {
+            code: "ActionNotFound".into(),
+            description: description.into(),
+        }
+    }
+
+    /// The provider itself failed (what it depends on is down or answered nonsense).
+    pub fn provider(description: impl Into<String>) -> Refusal {
+        Refusal {
+            code: "ActionProviderError".into(),
+            description: description.into(),
+        }
+    }
 }
 
 /// An action provider.
@@ -334,10 +350,7 @@ impl Provider for HelloWorld {
         Box::pin(async move {
             match found {
                 Some((request, started)) => Ok(self.answer_now(&request, started)),
-                None => Err(Refusal {
-                    code: "ActionNotFound".into(),
-                    description: format!("no action {id}"),
-                }),
+                None => Err(Refusal::not_found(format!("no action {id}"))),
             }
         })
     }
@@ -432,10 +445,9 @@ impl Provider for ExpressionEval {
     fn status(&self, action_id: &str) -> BoxFuture<'_, Result<Action, Refusal>> {
         let id = action_id.to_string();
         Box::pin(async move {
-            Err(Refusal {
-                code: "ActionNotFound".into(),
-                description: format!("expression-eval keeps no actions ({id}): it answers at once"),
-            })
+            Err(Refusal::not_found(format!(
+                "expression-eval keeps no actions ({id}): it answers at once"
+            )))
         })
     }
 

@@ -68,8 +68,7 @@ pub(crate) fn node_providers(
             std::sync::Arc::new(TransferProvider {
                 op,
                 transfers: transfers.clone(),
-                resumed: Default::default(),
-                actions: Default::default(),
+                held: Held::default(),
             });
         for base in TRANSFER_BASES {
             p.add(&format!("{base}/{op}"), provider.clone());
@@ -193,6 +192,55 @@ pub const COMPUTE_URLS: &[&str] = &[
     "https://automate.funcx.org",
 ];
 
+/// The actions a provider started and still follows (by action id: its request and what it
+/// started, task or job ids), and how often each was resumed: a resumed action starts again
+/// under new ids, its refused ones kept as they ended. In memory: after a restart the engine
+/// asks again under the same request id and the provider finds what it started by that id.
+#[derive(Debug)]
+struct Held<T> {
+    actions: std::sync::Mutex<std::collections::HashMap<String, (flows::provider::Request, T)>>,
+    resumed: std::sync::Mutex<std::collections::HashMap<String, u32>>,
+}
+
+impl<T> Default for Held<T> {
+    fn default() -> Self {
+        Held {
+            actions: Default::default(),
+            resumed: Default::default(),
+        }
+    }
+}
+
+impl<T: Clone> Held<T> {
+    fn hold(&self, request: &flows::provider::Request, started: T) {
+        lock(&self.actions).insert(request.request_id.clone(), (request.clone(), started));
+    }
+
+    fn get(&self, action_id: &str) -> Option<(flows::provider::Request, T)> {
+        lock(&self.actions).get(action_id).cloned()
+    }
+
+    fn forget(&self, action_id: &str) {
+        lock(&self.actions).remove(action_id);
+    }
+
+    /// Counts a resume of `action_id`.
+    fn resume(&self, action_id: &str) {
+        *lock(&self.resumed)
+            .entry(action_id.to_string())
+            .or_default() += 1;
+    }
+
+    /// How often `request_id` was resumed (0: never).
+    fn generation(&self, request_id: &str) -> u32 {
+        lock(&self.resumed).get(request_id).copied().unwrap_or(0)
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Most tasks one compute action runs.
 pub const MAX_ACTION_TASKS: usize = 1_000;
 
@@ -210,12 +258,7 @@ pub struct ComputeProvider {
     mesh: mesh::Handle,
     dispatcher: compute::submit::Dispatcher,
     values: compute::blobs::Values,
-    actions: std::sync::Mutex<
-        std::collections::HashMap<String, (flows::provider::Request, Vec<compute::TaskId>)>,
-    >,
-    /// How often each action was resumed: a resumed action's tasks get new ids (its refused
-    /// ones are kept as they were).
-    resumed: std::sync::Mutex<std::collections::HashMap<String, u32>>,
+    held: Held<Vec<compute::TaskId>>,
 }
 
 impl ComputeProvider {
@@ -229,8 +272,7 @@ impl ComputeProvider {
             mesh,
             dispatcher,
             values,
-            actions: Default::default(),
-            resumed: Default::default(),
+            held: Held::default(),
         }
     }
 
@@ -295,10 +337,7 @@ impl ComputeProvider {
             .dispatcher
             .get(ids.to_vec())
             .await
-            .map_err(|e| Refusal {
-                code: "ActionProviderError".into(),
-                description: e.to_string(),
-            })?;
+            .map_err(|e| Refusal::provider(e.to_string()))?;
         let mut result = Vec::new();
         let mut results = Vec::new();
         let mut failed = None;
@@ -306,10 +345,7 @@ impl ComputeProvider {
         let mut refused = None;
         for (id, t) in ids.iter().zip(got) {
             let Some(t) = t else {
-                return Err(Refusal {
-                    code: "ActionNotFound".into(),
-                    description: format!("task {id} is not on this node"),
-                });
+                return Err(Refusal::not_found(format!("task {id} is not on this node")));
             };
             match &t.outcome {
                 Some(compute::Outcome::Succeeded { value, value_ref }) => {
@@ -356,11 +392,7 @@ impl ComputeProvider {
     }
 
     fn known(&self, action_id: &str) -> Option<(flows::provider::Request, Vec<compute::TaskId>)> {
-        self.actions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(action_id)
-            .cloned()
+        self.held.get(action_id)
     }
 }
 
@@ -374,13 +406,7 @@ impl flows::provider::Provider for ComputeProvider {
             use flows::provider::Refusal;
             let mut tasks = ComputeProvider::tasks(&request.body).map_err(Refusal::bad)?;
             let at = u64::try_from(request.at_ms).unwrap_or(0);
-            let generation = self
-                .resumed
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(&request.request_id)
-                .copied()
-                .unwrap_or(0);
+            let generation = self.held.generation(&request.request_id);
             let ids: Vec<compute::TaskId> = (0..tasks.len())
                 .map(|i| {
                     let key = match generation {
@@ -395,10 +421,7 @@ impl flows::provider::Provider for ComputeProvider {
                 .dispatcher
                 .get(ids.clone())
                 .await
-                .map_err(|e| Refusal {
-                    code: "ActionProviderError".into(),
-                    description: e.to_string(),
-                })?;
+                .map_err(|e| Refusal::provider(e.to_string()))?;
             let mut fresh = Vec::new();
             for ((task, id), held) in tasks.drain(..).zip(&ids).zip(held) {
                 if held.is_none() {
@@ -412,10 +435,7 @@ impl flows::provider::Provider for ComputeProvider {
                 let answers =
                     crate::tasks::submit(&self.mesh, &self.dispatcher, &self.values, fresh)
                         .await
-                        .map_err(|e| Refusal {
-                            code: "ActionProviderError".into(),
-                            description: format!("{e:#}"),
-                        })?;
+                        .map_err(|e| Refusal::provider(format!("{e:#}")))?;
                 if let Some(Err(refused)) = answers.into_iter().find(|a| a.is_err()) {
                     if about_rights(&refused.message) {
                         return Ok(needs_right(&request, &refused.message));
@@ -423,10 +443,7 @@ impl flows::provider::Provider for ComputeProvider {
                     return Err(Refusal::bad(refused.message));
                 }
             }
-            self.actions
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(request.request_id.clone(), (request.clone(), ids.clone()));
+            self.held.hold(&request, ids.clone());
             self.answer(&request, &ids).await
         })
     }
@@ -441,10 +458,9 @@ impl flows::provider::Provider for ComputeProvider {
         Box::pin(async move {
             match known {
                 Some((request, ids)) => self.answer(&request, &ids).await,
-                None => Err(flows::provider::Refusal {
-                    code: "ActionNotFound".into(),
-                    description: format!("no compute action {id} on this node"),
-                }),
+                None => Err(flows::provider::Refusal::not_found(format!(
+                    "no compute action {id} on this node"
+                ))),
             }
         })
     }
@@ -458,10 +474,9 @@ impl flows::provider::Provider for ComputeProvider {
         let id = action_id.to_string();
         Box::pin(async move {
             let Some((request, ids)) = known else {
-                return Err(flows::provider::Refusal {
-                    code: "ActionNotFound".into(),
-                    description: format!("no compute action {id} on this node"),
-                });
+                return Err(flows::provider::Refusal::not_found(format!(
+                    "no compute action {id} on this node"
+                )));
             };
             for t in &ids {
                 let _ = self.dispatcher.cancel(t.clone()).await;
@@ -476,12 +491,7 @@ impl flows::provider::Provider for ComputeProvider {
     ) -> flows::provider::BoxFuture<'_, Result<flows::provider::Action, flows::provider::Refusal>>
     {
         // The next ask runs the action's tasks again, under new ids.
-        *self
-            .resumed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(action_id.to_string())
-            .or_default() += 1;
+        self.held.resume(action_id);
         self.status(action_id)
     }
 
@@ -489,10 +499,7 @@ impl flows::provider::Provider for ComputeProvider {
         &self,
         action_id: &str,
     ) -> flows::provider::BoxFuture<'_, Result<(), flows::provider::Refusal>> {
-        self.actions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(action_id);
+        self.held.forget(action_id);
         Box::pin(async { Ok(()) })
     }
 
@@ -541,12 +548,7 @@ pub fn root_path(globus: &str) -> String {
 pub struct TransferProvider {
     op: &'static str,
     transfers: std::sync::Arc<crate::transfers::Transfers>,
-    /// How often each action was resumed: a resumed transfer's copy jobs get new ids (a job
-    /// refused for want of a right stays as it ended).
-    resumed: std::sync::Mutex<std::collections::HashMap<String, u32>>,
-    actions: std::sync::Mutex<
-        std::collections::HashMap<String, (flows::provider::Request, Vec<String>)>,
-    >,
+    held: Held<Vec<String>>,
 }
 
 fn refusal((status, message): crate::transfers::Failure) -> flows::provider::Refusal {
@@ -737,13 +739,7 @@ impl TransferProvider {
             .get("delete_destination_extra")
             .and_then(|v| v.as_bool())
             .unwrap_or(false);
-        let generation = self
-            .resumed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&request.request_id)
-            .copied()
-            .unwrap_or(0);
+        let generation = self.held.generation(&request.request_id);
         let mut ids = Vec::new();
         for (i, item) in items.iter().enumerate() {
             let from = item
@@ -851,11 +847,7 @@ impl TransferProvider {
     }
 
     fn known(&self, action_id: &str) -> Option<(flows::provider::Request, Vec<String>)> {
-        self.actions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(action_id)
-            .cloned()
+        self.held.get(action_id)
     }
 }
 
@@ -887,10 +879,7 @@ impl flows::provider::Provider for TransferProvider {
                 }
                 Err(r) => return Err(r),
             };
-            self.actions
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(request.request_id.clone(), (request.clone(), ids.clone()));
+            self.held.hold(&request, ids.clone());
             self.jobs(&request, &ids).await
         })
     }
@@ -905,10 +894,9 @@ impl flows::provider::Provider for TransferProvider {
         Box::pin(async move {
             match known {
                 Some((request, ids)) => self.jobs(&request, &ids).await,
-                None => Err(flows::provider::Refusal {
-                    code: "ActionNotFound".into(),
-                    description: format!("no transfer action {id} on this node"),
-                }),
+                None => Err(flows::provider::Refusal::not_found(format!(
+                    "no transfer action {id} on this node"
+                ))),
             }
         })
     }
@@ -922,10 +910,9 @@ impl flows::provider::Provider for TransferProvider {
         let id = action_id.to_string();
         Box::pin(async move {
             let Some((request, ids)) = known else {
-                return Err(flows::provider::Refusal {
-                    code: "ActionNotFound".into(),
-                    description: format!("no transfer action {id} on this node"),
-                });
+                return Err(flows::provider::Refusal::not_found(format!(
+                    "no transfer action {id} on this node"
+                )));
             };
             for j in &ids {
                 let _ = self.transfers.status(j, true).await;
@@ -940,12 +927,7 @@ impl flows::provider::Provider for TransferProvider {
     ) -> flows::provider::BoxFuture<'_, Result<flows::provider::Action, flows::provider::Refusal>>
     {
         // The next ask submits the action's copy jobs again, under new ids.
-        *self
-            .resumed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(action_id.to_string())
-            .or_default() += 1;
+        self.held.resume(action_id);
         self.status(action_id)
     }
 
@@ -953,10 +935,7 @@ impl flows::provider::Provider for TransferProvider {
         &self,
         action_id: &str,
     ) -> flows::provider::BoxFuture<'_, Result<(), flows::provider::Refusal>> {
-        self.actions
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(action_id);
+        self.held.forget(action_id);
         Box::pin(async { Ok(()) })
     }
 
@@ -991,17 +970,15 @@ impl FlowProvider {
     fn engine(&self) -> Result<flows::engine::Engine, flows::provider::Refusal> {
         for _ in 0..500 {
             if let Some(weak) = self.engine.get() {
-                return weak.upgrade().ok_or_else(|| flows::provider::Refusal {
-                    code: "ActionProviderError".into(),
-                    description: "the node is stopping".into(),
-                });
+                return weak
+                    .upgrade()
+                    .ok_or_else(|| flows::provider::Refusal::provider("the node is stopping"));
             }
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
-        Err(flows::provider::Refusal {
-            code: "ActionProviderError".into(),
-            description: "the flow engine did not start".into(),
-        })
+        Err(flows::provider::Refusal::provider(
+            "the flow engine did not start",
+        ))
     }
 
     fn answer(
@@ -1034,13 +1011,9 @@ impl FlowProvider {
         let engine = self.engine()?;
         let run = engine
             .get(action_id)
-            .map_err(|e| flows::provider::Refusal {
-                code: "ActionProviderError".into(),
-                description: e,
-            })?
-            .ok_or_else(|| flows::provider::Refusal {
-                code: "ActionNotFound".into(),
-                description: format!("no run {action_id} on this node"),
+            .map_err(flows::provider::Refusal::provider)?
+            .ok_or_else(|| {
+                flows::provider::Refusal::not_found(format!("no run {action_id} on this node"))
             })?;
         let request = flows::provider::Request {
             request_id: run.run_id.clone(),
@@ -1071,10 +1044,11 @@ impl flows::provider::Provider for FlowProvider {
                 .map(|q| q.trim_end_matches('/').trim_end_matches("/run"))
                 .unwrap_or_default()
                 .to_string();
-            let view = self.mesh.registry().await.map_err(|e| Refusal {
-                code: "ActionProviderError".into(),
-                description: e.to_string(),
-            })?;
+            let view = self
+                .mesh
+                .registry()
+                .await
+                .map_err(|e| Refusal::provider(e.to_string()))?;
             let flow = find_flow(&view, &query).map_err(Refusal::bad)?;
             may_run(&view, flow, &self.own).map_err(|e| Refusal {
                 code: "UnauthorizedRequest".into(),
@@ -1096,10 +1070,7 @@ impl flows::provider::Provider for FlowProvider {
                     .map(|run| (request, run))
             })
             .await
-            .map_err(|e| Refusal {
-                code: "ActionProviderError".into(),
-                description: e.to_string(),
-            })?
+            .map_err(|e| Refusal::provider(e.to_string()))?
             .map_err(Refusal::bad);
             let (request, run) = run?;
             Ok(FlowProvider::answer(&request, &run))
@@ -1206,9 +1177,8 @@ impl HttpProvider {
                 ),
             });
         }
-        serde_json::from_str(&text).map_err(|e| Refusal {
-            code: "ActionProviderError".into(),
-            description: format!("{url} answered what is not an action status: {e}"),
+        serde_json::from_str(&text).map_err(|e| {
+            Refusal::provider(format!("{url} answered what is not an action status: {e}"))
         })
     }
 }

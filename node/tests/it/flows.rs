@@ -803,3 +803,75 @@ fn an_external_action_provider_is_called_over_http_only_when_configured() {
     );
     assert_eq!(started.load(std::sync::atomic::Ordering::SeqCst), 1);
 }
+
+#[test]
+fn another_institutions_deployed_flow_is_not_run_here() {
+    let net = Net::up("2", "1", &[]);
+    let (a1, b1) = (net.node("a1"), net.node("b1"));
+    let dir = tempfile::tempdir().unwrap();
+    let def = dir.path().join("pass.json");
+    std::fs::write(
+        &def,
+        r#"{"StartAt": "P", "States": {"P": {"Type": "Pass", "End": true}}}"#,
+    )
+    .unwrap();
+    let id = ok(&[
+        "flow",
+        "deploy",
+        p(&def),
+        "--title",
+        "a-only",
+        "--node",
+        p(&a1),
+    ]);
+    wait_until("b1 to see inst-a's flow", Duration::from_secs(20), || {
+        ok(&["flow", "list", "--node", p(&b1)]).contains(&id)
+    });
+    // Listed everywhere, run only by its own institution: inst-b is refused, saying why.
+    let out = funcmesh(&["flow", "run", "a-only", "--node", p(&b1)]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("inst-a") && err.contains("flow.run"), "{err}");
+    assert!(ok(&["flow", "runs", "--json", "--node", p(&b1)]) == "[]");
+    // As an action of inst-b's own flow: refused the same way, so the run fails.
+    let parent = dir.path().join("parent.json");
+    std::fs::write(
+        &parent,
+        format!(
+            r#"{{"StartAt": "C", "States": {{"C": {{"Type": "Action",
+                "ActionUrl": "https://flows.globus.org/flows/{id}", "Parameters": {{}},
+                "End": true}}}}}}"#
+        ),
+    )
+    .unwrap();
+    let out = funcmesh(&[
+        "flow",
+        "run",
+        p(&parent),
+        "--wait",
+        "--json",
+        "--node",
+        p(&b1),
+    ]);
+    let run: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(run["status"], "FAILED", "{run}");
+    assert_eq!(run["details"]["Error"], "ActionUnableToRun", "{run}");
+    assert!(
+        run["details"]["Cause"]
+            .as_str()
+            .unwrap()
+            .contains("flow.run"),
+        "{run}"
+    );
+    // inst-a runs it.
+    let out = ok(&[
+        "flow",
+        "run",
+        "a-only",
+        "--wait",
+        "--json",
+        "--node",
+        p(&a1),
+    ]);
+    assert!(out.contains("SUCCEEDED"), "{out}");
+}
