@@ -12,6 +12,8 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
+mod actions;
+
 /// What the API serves from; shared by the handlers.
 pub(crate) struct Inner {
     pub(crate) mesh: mesh::Handle,
@@ -210,6 +212,25 @@ fn router(inner: Shared) -> Router {
         .route("/v1/runs/{id}/log", get(run_log))
         .route("/v1/runs/{id}/cancel", post(cancel_run))
         .route("/v1/runs/{id}/resume", post(resume_run))
+        .route("/v1/actions/flows/{flow}", get(actions::describe))
+        .route("/v1/actions/flows/{flow}/run", post(actions::run))
+        .route(
+            "/v1/actions/flows/{flow}/{action}/status",
+            get(actions::status),
+        )
+        .route("/v1/actions/flows/{flow}/{action}/log", get(actions::log))
+        .route(
+            "/v1/actions/flows/{flow}/{action}/cancel",
+            post(actions::cancel),
+        )
+        .route(
+            "/v1/actions/flows/{flow}/{action}/release",
+            post(actions::release),
+        )
+        .route(
+            "/v1/actions/flows/{flow}/{action}/resume",
+            post(actions::resume),
+        )
         .route("/metrics", get(metrics))
         // Everything above needs the token; the OpenAPI document below does not.
         .route_layer(middleware::from_fn_with_state(inner.clone(), auth))
@@ -1003,7 +1024,7 @@ async fn start_run(
             let view = inner.mesh.registry().await.map_err(unavailable)?;
             let flow = crate::runs::find_flow(&view, &query)
                 .map_err(|e| ApiError(StatusCode::NOT_FOUND, e))?;
-            crate::runs::may_run(&view, flow, &inner.own)
+            crate::runs::may_run(&view, flow, &inner.own, &inner.tasks.access)
                 .map_err(|e| ApiError(StatusCode::FORBIDDEN, e))?;
             flows::schema::check_input(&flow.record.input_schema, &input)
                 .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
@@ -1276,10 +1297,10 @@ mod tests {
             .collect();
         let source = include_str!("api.rs");
         let served: std::collections::BTreeSet<String> = source
-            .split(".route(\"")
+            .split(".route(")
             .skip(1)
-            .filter_map(|rest| rest.split('"').next())
-            .map(str::to_owned)
+            .filter_map(|rest| rest.trim_start().strip_prefix("\"/")?.split('"').next())
+            .map(|route| format!("/{route}"))
             .collect();
         assert_eq!(documented, served);
     }

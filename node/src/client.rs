@@ -366,6 +366,11 @@ impl Client {
         self.get("/v1/flows").await
     }
 
+    /// `GET /v1/flows/{id}`: a deployed flow by id, id prefix or title.
+    pub async fn flow(&self, query: &str) -> anyhow::Result<crdt_registry::Flow> {
+        self.get(&format!("/v1/flows/{}", encode(query))).await
+    }
+
     /// `POST /v1/runs`.
     pub async fn start_run(&self, body: &serde_json::Value) -> anyhow::Result<flows::engine::Run> {
         self.post("/v1/runs", body).await

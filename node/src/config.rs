@@ -40,6 +40,9 @@ pub struct FlowsSection {
     /// node may call, by their action URL. Only these: a flow definition is someone else's
     /// document, and must not make the node send requests anywhere it names.
     pub action_providers: Vec<String>,
+    /// Bearer tokens for some of them: action URL → a file holding the token (read at start).
+    /// Another funcmesh node's flows (`…/v1/actions/flows/FLOW`) take that node's API token.
+    pub action_provider_token_files: std::collections::BTreeMap<String, std::path::PathBuf>,
 }
 
 /// One `[[endpoint]]` table.
@@ -379,6 +382,14 @@ impl Config {
         for url in &config.flows.action_providers {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
                 bail!("flows.action_providers: {url:?} is not an http:// or https:// URL");
+            }
+        }
+        for url in config.flows.action_provider_token_files.keys() {
+            if !config.flows.action_providers.contains(url) {
+                bail!(
+                    "flows.action_provider_token_files: {url:?} is not one of \
+                     flows.action_providers: list it there too"
+                );
             }
         }
         Ok(config)

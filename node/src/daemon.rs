@@ -231,11 +231,11 @@ impl Node {
             crate::runs::node_providers(
                 &mesh,
                 &own,
-                &tasks.dispatcher,
+                &tasks,
                 &values,
                 &transfers,
                 &engine_slot,
-                &config.flows.action_providers,
+                &crate::runs::external_providers(&config.flows)?,
             ),
         )
         .map_err(|e| anyhow::anyhow!("cannot open the flow runs: {e}"))?;

@@ -24,28 +24,58 @@ pub fn providers() -> flows::provider::Providers {
     p
 }
 
+/// The external action providers `[flows]` lists, each with its bearer token when one is
+/// configured (read from its file now).
+pub(crate) fn external_providers(
+    flows: &crate::config::FlowsSection,
+) -> anyhow::Result<Vec<(String, Option<String>)>> {
+    flows
+        .action_providers
+        .iter()
+        .map(|url| {
+            let token = match flows.action_provider_token_files.get(url) {
+                Some(file) => Some(
+                    std::fs::read_to_string(file)
+                        .map_err(|e| {
+                            anyhow::anyhow!(
+                                "flows.action_provider_token_files: cannot read {} (for \
+                                 {url}): {e}",
+                                file.display()
+                            )
+                        })?
+                        .trim()
+                        .to_owned(),
+                ),
+                None => None,
+            };
+            Ok((url.clone(), token))
+        })
+        .collect()
+}
+
 /// The action providers of a node's flow engine: the built-ins, compute on the mesh, and
 /// transfer on endpoints' data roots.
 pub(crate) fn node_providers(
     mesh: &mesh::Handle,
     own: &mesh::membership::Member,
-    dispatcher: &compute::submit::Dispatcher,
+    tasks: &compute::service::Tasks,
     values: &compute::blobs::Values,
     transfers: &std::sync::Arc<crate::transfers::Transfers>,
     engine: &std::sync::Arc<std::sync::OnceLock<flows::engine::WeakEngine>>,
-    external: &[String],
+    external: &[(String, Option<String>)],
 ) -> flows::provider::Providers {
     let mut p = flows::provider::Providers::builtin();
     let http = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(30))
         .build()
         .unwrap_or_default();
-    for url in external {
+    for (url, token) in external {
         p.add(
             url,
             std::sync::Arc::new(HttpProvider {
                 base: url.trim_end_matches('/').to_string(),
                 http: http.clone(),
+                token: token.clone(),
             }),
         );
     }
@@ -54,11 +84,12 @@ pub(crate) fn node_providers(
         std::sync::Arc::new(FlowProvider {
             mesh: mesh.clone(),
             own: own.clone(),
+            access: tasks.access.clone(),
             engine: engine.clone(),
         }),
     );
     let compute: std::sync::Arc<dyn flows::provider::Provider> = std::sync::Arc::new(
-        ComputeProvider::new(mesh.clone(), dispatcher.clone(), values.clone()),
+        ComputeProvider::new(mesh.clone(), tasks.dispatcher.clone(), values.clone()),
     );
     for url in COMPUTE_URLS {
         p.add(url, compute.clone());
@@ -133,13 +164,14 @@ pub fn find_flow<'a>(
     }
 }
 
-/// Whether this node may run `flow`: a flow of its own institution. Another institution's
-/// flow needs that institution's `flow.run` grant, which this node does not check yet, so it
-/// is refused with that reason.
+/// Whether this node may run `flow`: a flow of its own institution, or another institution's
+/// flow for which this node holds that institution's `flow.run` grant (`funcmesh cap grant
+/// --flow`), valid now and not revoked. The run then acts with this node's own rights.
 pub fn may_run(
     view: &crdt_registry::View,
     flow: &crdt_registry::Flow,
     own: &mesh::membership::Member,
+    access: &compute::access::Access,
 ) -> Result<(), String> {
     let owner = view.nodes.get(&flow.owner_peer);
     let theirs = owner.and_then(|n| n.institution.clone());
@@ -148,13 +180,38 @@ pub fn may_run(
     if their_key.is_some() && their_key == our_key {
         return Ok(());
     }
-    Err(format!(
-        "flow {} belongs to institution {}: running another institution's flow needs its \
-         flow.run grant, which this version does not accept yet; run its definition yourself \
-         (`funcmesh flow run FILE`)",
-        flow.id,
-        theirs.as_deref().unwrap_or("(unknown)")
-    ))
+    let Some(root) = their_key else {
+        return Err(format!(
+            "flow {} was deployed by a node the registry does not list with an institution: \
+             it cannot be run here",
+            flow.id
+        ));
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let req = capability::Request {
+        peer: String::new(),
+        institution: root,
+        time: now,
+        endpoint: flow.id.clone(),
+        function: None,
+        ability: capability::Ability::FlowRun,
+        path: None,
+    };
+    access
+        .token_allowing(&flow.id, &root, req)
+        .map(|_| ())
+        .map_err(|why| {
+            format!(
+                "flow {} belongs to institution {}: running it needs that institution's \
+                 flow.run grant (`funcmesh cap grant --flow {} --to institution:YOURS`, then \
+                 `funcmesh cap add`): {why}",
+                flow.id,
+                theirs.as_deref().unwrap_or("(unknown)"),
+                flow.id
+            )
+        })
 }
 
 /// An action waiting for a right its node does not hold: INACTIVE, with what was refused and
@@ -961,6 +1018,7 @@ pub const FLOWS_URL: &str = "https://flows.globus.org/flows/";
 pub struct FlowProvider {
     mesh: mesh::Handle,
     own: mesh::membership::Member,
+    access: std::sync::Arc<compute::access::Access>,
     engine: std::sync::Arc<std::sync::OnceLock<flows::engine::WeakEngine>>,
 }
 
@@ -1050,7 +1108,7 @@ impl flows::provider::Provider for FlowProvider {
                 .await
                 .map_err(|e| Refusal::provider(e.to_string()))?;
             let flow = find_flow(&view, &query).map_err(Refusal::bad)?;
-            may_run(&view, flow, &self.own).map_err(|e| Refusal {
+            may_run(&view, flow, &self.own, &self.access).map_err(|e| Refusal {
                 code: "UnauthorizedRequest".into(),
                 description: e,
             })?;
@@ -1133,10 +1191,13 @@ impl flows::provider::Provider for FlowProvider {
 
 /// An external action provider, over HTTP: the Globus action-provider API (`POST /run`, `GET
 /// /{id}/status`, `POST /{id}/cancel|release|resume`), at a URL the node's configuration lists
-/// (`[flows] action_providers`).
+/// (`[flows] action_providers`, with a bearer token from `action_provider_token_files`). Another
+/// funcmesh node's deployed flows are such providers (`node::api::actions`).
 pub struct HttpProvider {
     base: String,
     http: reqwest::Client,
+    /// Sent as `Authorization: Bearer …`, when configured.
+    token: Option<String>,
 }
 
 impl HttpProvider {
@@ -1149,6 +1210,9 @@ impl HttpProvider {
         use flows::provider::Refusal;
         let url = format!("{}{path}", self.base);
         let mut req = self.http.request(method, &url);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
         if let Some(b) = body {
             req = req.json(&b);
         }

@@ -13,9 +13,11 @@ use crate::output::*;
 /// `funcmesh cap …`.
 #[derive(Debug, Subcommand)]
 pub enum CapCommand {
-    /// Grant another institution the use of one of your institution's endpoints; prints the
-    /// token. Offline, except that names are resolved through --node when given.
+    /// Grant another institution the use of one of your institution's endpoints (or, with
+    /// --flow, the running of one of its deployed flows); prints the token. Offline, except
+    /// that names are resolved through --node when given.
     #[command(group(clap::ArgGroup::new("validity").required(true).args(["expires", "ttl"])))]
+    #[command(group(clap::ArgGroup::new("resource").required(true).args(["endpoint", "flow"])))]
     Grant {
         /// Your institution's key file (the token's root).
         #[arg(long)]
@@ -25,7 +27,11 @@ pub enum CapCommand {
         to: String,
         /// The endpoint: its registry id (or, with --node, a name or id prefix).
         #[arg(long)]
-        endpoint: String,
+        endpoint: Option<String>,
+        /// A deployed flow of your institution instead: its id (or, with --node, its title or
+        /// an id prefix). The token allows flow.run.
+        #[arg(long)]
+        flow: Option<String>,
         /// Only this function (id, or with --node a name); repeatable. Default: all.
         #[arg(long = "function")]
         functions: Vec<String>,
@@ -187,6 +193,7 @@ pub(crate) async fn cap_command(cmd: CapCommand) -> anyhow::Result<()> {
             issuer_key,
             to,
             endpoint,
+            flow,
             functions,
             abilities,
             expires,
@@ -205,15 +212,34 @@ pub(crate) async fn cap_command(cmd: CapCommand) -> anyhow::Result<()> {
                     "a grant goes to an institution (--to institution:NAME_OR_KEY); narrow it to a node with `cap delegate`"
                 );
             };
-            let endpoint = match &client {
-                Some(c) => c.endpoint(&endpoint).await?.id,
-                None => endpoint,
-            };
-            let abilities = abilities
+            let mut abilities = abilities
                 .iter()
                 .map(|a| a.parse::<capability::Ability>())
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|e| anyhow::anyhow!(e))?;
+            // A grant's resource is an endpoint, or a flow (whose only ability is flow.run).
+            let endpoint = match (endpoint, flow) {
+                (Some(endpoint), None) => match &client {
+                    Some(c) => c.endpoint(&endpoint).await?.id,
+                    None => endpoint,
+                },
+                (None, Some(flow)) => {
+                    if abilities.iter().any(|a| *a != capability::Ability::FlowRun) {
+                        anyhow::bail!("a grant for a flow (--flow) allows flow.run only");
+                    }
+                    if !functions.is_empty() || !paths.is_empty() {
+                        anyhow::bail!(
+                            "--function and --path narrow endpoint grants, not a flow's (--flow)"
+                        );
+                    }
+                    abilities = vec![capability::Ability::FlowRun];
+                    match &client {
+                        Some(c) => c.flow(&flow).await?.id,
+                        None => flow,
+                    }
+                }
+                _ => anyhow::bail!("give --endpoint or --flow"),
+            };
             let Some(expires) = caps::expiry(expires.as_deref(), ttl)? else {
                 anyhow::bail!("a grant needs --expires DATE or --ttl DURATION");
             };

@@ -310,14 +310,22 @@ fn the_corpus_transfer_flows_move_files_between_endpoints() {
 /// Runs a corpus definition on `node` with `input` until it reaches a final status (retrying
 /// while the first adverts make endpoints routable); returns the run.
 fn run_corpus(node: &std::path::Path, def: &str, input: &serde_json::Value) -> serde_json::Value {
-    let def = corpus(def);
+    run_file(node, &corpus(def), input)
+}
+
+/// Runs the definition in file `def` on `node` as [`run_corpus`] does.
+fn run_file(
+    node: &std::path::Path,
+    def: &std::path::Path,
+    input: &serde_json::Value,
+) -> serde_json::Value {
     let input = input.to_string();
     let mut run = serde_json::Value::Null;
     wait_until("the flow to end", Duration::from_secs(90), || {
         let out = funcmesh(&[
             "flow",
             "run",
-            p(&def),
+            p(def),
             "--input",
             &input,
             "--wait",
@@ -805,7 +813,7 @@ fn an_external_action_provider_is_called_over_http_only_when_configured() {
 }
 
 #[test]
-fn another_institutions_deployed_flow_is_not_run_here() {
+fn another_institutions_flow_runs_here_only_with_its_flow_run_grant() {
     let net = Net::up("2", "1", &[]);
     let (a1, b1) = (net.node("a1"), net.node("b1"));
     let dir = tempfile::tempdir().unwrap();
@@ -874,4 +882,400 @@ fn another_institutions_deployed_flow_is_not_run_here() {
         p(&a1),
     ]);
     assert!(out.contains("SUCCEEDED"), "{out}");
+
+    // inst-a grants inst-b flow.run on this flow, and on no other.
+    let other = ok(&[
+        "flow",
+        "deploy",
+        p(&def),
+        "--title",
+        "a-other",
+        "--node",
+        p(&a1),
+    ]);
+    let token = ok(&[
+        "cap",
+        "grant",
+        "--issuer-key",
+        p(&net.key("inst-a")),
+        "--to",
+        "institution:inst-b",
+        "--flow",
+        "a-only",
+        "--ttl",
+        "1h",
+        "--node",
+        p(&a1),
+    ]);
+    ok(&["cap", "add", token.trim(), "--node", p(&b1)]);
+    let mut out = String::new();
+    wait_until("b1 to run inst-a's flow", Duration::from_secs(20), || {
+        let o = funcmesh(&[
+            "flow",
+            "run",
+            "a-only",
+            "--wait",
+            "--json",
+            "--node",
+            p(&b1),
+        ]);
+        out = String::from_utf8_lossy(&o.stdout).into_owned();
+        o.status.success()
+    });
+    assert!(out.contains("SUCCEEDED"), "{out}");
+    let run: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(run["flow_id"], id.trim(), "{run}");
+    // As an action too.
+    let out = ok(&[
+        "flow",
+        "run",
+        p(&parent),
+        "--wait",
+        "--json",
+        "--node",
+        p(&b1),
+    ]);
+    assert!(out.contains("SUCCEEDED"), "{out}");
+    // The other flow stays refused.
+    wait_until("b1 to see the other flow", Duration::from_secs(20), || {
+        ok(&["flow", "list", "--node", p(&b1)]).contains(other.trim())
+    });
+    let out = funcmesh(&["flow", "run", "a-other", "--node", p(&b1)]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("flow.run"), "{err}");
+    // A flow grant cannot carry another ability.
+    let out = funcmesh(&[
+        "cap",
+        "grant",
+        "--issuer-key",
+        p(&net.key("inst-a")),
+        "--to",
+        "institution:inst-b",
+        "--flow",
+        "a-only",
+        "--ability",
+        "compute.run",
+        "--ttl",
+        "1h",
+        "--node",
+        p(&a1),
+    ]);
+    assert!(!out.status.success());
+}
+
+/// A function that works on an endpoint's data root, as the corpus' `do_tar` works on a Globus
+/// collection's storage: collection paths (`/x`, `/~/x`) under `gcs_base_path` on disk.
+const TAR_PATHS: &str = r#"import os, tarfile, uuid
+def tar_paths(src_paths, dest_path, gcs_base_path='/'):
+    def real(p):
+        p = p[2:] if p.startswith('/~') else p
+        return os.path.join(gcs_base_path, p.lstrip('/'))
+    if isinstance(src_paths, str):
+        src_paths = [src_paths]
+    dest = real(dest_path)
+    if os.path.isdir(dest):
+        dest = os.path.join(dest, uuid.uuid4().hex + '.tar.gz')
+    with tarfile.open(dest, 'w:gz') as tar:
+        for s in src_paths:
+            tar.add(real(s), arcname=os.path.basename(real(s).rstrip('/')))
+    return '/' + os.path.relpath(dest, gcs_base_path)
+"#;
+
+/// A corpus definition with its placeholders filled in, written to `dir`.
+fn filled(dir: &std::path::Path, def: &str, fill: &[(&str, &str)]) -> PathBuf {
+    let mut text = std::fs::read_to_string(corpus(def)).unwrap();
+    for (from, to) in fill {
+        assert!(text.contains(from), "{def} has no {from}");
+        text = text.replace(from, to);
+    }
+    let out = dir.join(std::path::Path::new(def).file_name().unwrap());
+    std::fs::write(&out, text).unwrap();
+    out
+}
+
+/// The names in a `.tar.gz` file.
+fn tar_names(file: &std::path::Path) -> Vec<String> {
+    let out = std::process::Command::new("tar")
+        .arg("tzf")
+        .arg(file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut names: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.trim_end_matches('/').to_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn corpus_tar_and_transfer_flows_tar_on_the_compute_endpoint_and_move_the_archive() {
+    let net = Net::up("1", "2", &[]);
+    let (a1, a2) = (net.node("a1"), net.node("a2"));
+    // a1 is both the "GCS" and the compute endpoint: its workers run as the node's user, so a
+    // function reaches the data root on disk, as a Compute endpoint reaches its collection's
+    // storage at Globus.
+    let config = a1.join("config.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.contains("host_user = \"auto\""), "{text}");
+    std::fs::write(
+        &config,
+        text.replacen("host_user = \"auto\"", "host_user = \"node\"", 1),
+    )
+    .unwrap();
+    net.kill("a1");
+    net.restart("a1");
+    net.wait_endpoints(&a2, 2);
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("tar.py");
+    std::fs::write(&src, TAR_PATHS).unwrap();
+    ok(&[
+        "function",
+        "register",
+        "--name",
+        "tar_paths",
+        "--python",
+        p(&src),
+        "--entrypoint",
+        "tar_paths",
+        "--node",
+        p(&a2),
+    ]);
+    let root = std::fs::canonicalize(a1.join("data")).unwrap();
+    let fill = [
+        ("<INSERT YOUR GCS ENDPOINT ID HERE>", "a1"),
+        ("<INSERT YOUR COMPUTE ENDPOINT ID HERE>", "a1"),
+        ("<INSERT YOUR COMPUTE FUNCTION ID HERE>", "tar_paths"),
+        (
+            "\"gcs_base_path\": \"/\"",
+            &format!("\"gcs_base_path\": \"{}/\"", root.display()),
+        ),
+    ];
+    let base = "globus-flows-examples/compute_transfer_examples/tar_and_transfer";
+
+    // Example 1: the data is already on the compute endpoint's storage.
+    std::fs::create_dir_all(a1.join("data/results/sub")).unwrap();
+    std::fs::write(a1.join("data/results/a.txt"), b"alpha\n").unwrap();
+    std::fs::write(a1.join("data/results/sub/b.txt"), b"beta\n").unwrap();
+    let def = filled(
+        dir.path(),
+        &format!("{base}/compute_transfer_example_1_definition.json"),
+        &fill,
+    );
+    let run = run_file(
+        &a2,
+        &def,
+        &serde_json::json!({
+            "source_paths": ["/results/a.txt", "/results/sub/"],
+            "destination_endpoint_id": "a2",
+            "destination_path": "/~/archive1.tar.gz"
+        }),
+    );
+    assert_eq!(run["status"], "SUCCEEDED", "{run}");
+    let out = &run["details"]["output"];
+    let run_id = run["run_id"].as_str().unwrap();
+    let made = out["compute_func_result"]["details"]["result"][0]
+        .as_str()
+        .unwrap();
+    assert!(made.starts_with(&format!("/{run_id}/")), "{made}");
+    assert_eq!(
+        tar_names(&a2.join("data/archive1.tar.gz")),
+        ["a.txt", "sub", "sub/b.txt"]
+    );
+    assert!(
+        !a1.join("data").join(run_id).exists(),
+        "the working directory on the compute endpoint was cleaned up"
+    );
+
+    // Example 2: the data comes from another endpoint first; the archive's name is the
+    // function's, the destination the default `/~/<name>`.
+    std::fs::create_dir_all(a2.join("data/raw/run7")).unwrap();
+    std::fs::write(a2.join("data/raw/run7/c.dat"), vec![3u8; 50_000]).unwrap();
+    std::fs::write(a2.join("data/raw/notes.txt"), b"notes\n").unwrap();
+    let def = filled(
+        dir.path(),
+        &format!("{base}/compute_transfer_example_2_definition.json"),
+        &fill,
+    );
+    let run = run_file(
+        &a2,
+        &def,
+        &serde_json::json!({
+            "source_endpoint": "a2",
+            "source_paths": ["/raw/run7/", "/raw/notes.txt"],
+            "destination_endpoint_id": "a2"
+        }),
+    );
+    assert_eq!(run["status"], "SUCCEEDED", "{run}");
+    let out = &run["details"]["output"];
+    let dest = out["destination"]["details"]["result"]["path"]
+        .as_str()
+        .or(out["destination"]["path"].as_str())
+        .unwrap_or_else(|| panic!("{run}"))
+        .to_owned();
+    let name = dest.strip_prefix("/~/").unwrap();
+    assert!(name.ends_with(".tar.gz"), "{dest}");
+    assert_eq!(
+        tar_names(&a2.join("data").join(name)),
+        ["notes.txt", "run7", "run7/c.dat"]
+    );
+    let run_id = run["run_id"].as_str().unwrap();
+    assert!(!a1.join("data").join(run_id).exists());
+}
+
+#[test]
+fn a_deployed_flow_is_an_action_provider_over_http_for_clients_and_other_nodes() {
+    let net = Net::up("1", "2", &[]);
+    let (a1, a2) = (net.node("a1"), net.node("a2"));
+    let dir = tempfile::tempdir().unwrap();
+    let def = dir.path().join("twice.json");
+    std::fs::write(
+        &def,
+        r#"{"StartAt": "E", "States": {"E": {"Type": "ExpressionEval",
+            "Parameters": {"y.=": "x * 2"}, "ResultPath": "$.out", "End": true}}}"#,
+    )
+    .unwrap();
+    let schema = dir.path().join("schema.json");
+    std::fs::write(
+        &schema,
+        r#"{"type": "object", "required": ["x"], "properties": {"x": {"type": "number"}}}"#,
+    )
+    .unwrap();
+    let id = ok(&[
+        "flow",
+        "deploy",
+        p(&def),
+        "--title",
+        "twice",
+        "--input-schema",
+        p(&schema),
+        "--node",
+        p(&a1),
+    ]);
+    let id = id.trim().to_owned();
+    let api: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(a1.join("api.json")).unwrap()).unwrap();
+    let (url, token) = (
+        api["url"].as_str().unwrap().to_owned(),
+        api["token"].as_str().unwrap().to_owned(),
+    );
+    let base = format!("{url}/v1/actions/flows/{id}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let http = reqwest::Client::new();
+    let call = |method: reqwest::Method, path: &str, body: Option<serde_json::Value>| {
+        let mut req = http
+            .request(method, format!("{base}{path}"))
+            .bearer_auth(&token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        rt.block_on(async {
+            let resp = req.send().await.unwrap();
+            let status = resp.status().as_u16();
+            (status, resp.json::<serde_json::Value>().await.unwrap())
+        })
+    };
+
+    // Its description carries the flow's input schema.
+    let (code, about) = call(reqwest::Method::GET, "", None);
+    assert_eq!(code, 200, "{about}");
+    assert_eq!(about["title"], "twice");
+    assert_eq!(about["input_schema"]["required"][0], "x");
+    // Run, then run again under the same request_id: one run.
+    let run = serde_json::json!({"request_id": "ap-1", "body": {"x": 21}});
+    let (code, action) = call(reqwest::Method::POST, "/run", Some(run.clone()));
+    assert_eq!(code, 201, "{action}");
+    assert_eq!(action["action_id"], "ap-1");
+    let mut done = serde_json::Value::Null;
+    wait_until("the action to succeed", Duration::from_secs(20), || {
+        let (_, a) = call(reqwest::Method::GET, "/ap-1/status", None);
+        done = a;
+        done["status"] == "SUCCEEDED"
+    });
+    assert_eq!(done["details"]["out"]["y"], 42, "{done}");
+    let (code, again) = call(reqwest::Method::POST, "/run", Some(run));
+    assert_eq!((code, &again["action_id"]), (201, &"ap-1".into()));
+    let runs: Vec<serde_json::Value> =
+        serde_json::from_str(&ok(&["flow", "runs", "--json", "--node", p(&a1)])).unwrap();
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    let (code, log) = call(reqwest::Method::GET, "/ap-1/log", None);
+    assert_eq!(code, 200);
+    assert!(log["count"].as_u64().unwrap() >= 2, "{log}");
+    let (code, released) = call(reqwest::Method::POST, "/ap-1/release", None);
+    assert_eq!((code, &released["status"]), (200, &"SUCCEEDED".into()));
+    // Input against the schema, unknown actions, and callers without the token are refused.
+    let (code, err) = call(
+        reqwest::Method::POST,
+        "/run",
+        Some(serde_json::json!({"request_id": "ap-2", "body": {"x": "no"}})),
+    );
+    assert_eq!(
+        (code, &err["code"]),
+        (400, &"BadActionRequest".into()),
+        "{err}"
+    );
+    let (code, err) = call(reqwest::Method::GET, "/nope/status", None);
+    assert_eq!(
+        (code, &err["code"]),
+        (404, &"ActionNotFound".into()),
+        "{err}"
+    );
+    let anon = rt
+        .block_on(http.get(&base).send())
+        .unwrap()
+        .status()
+        .as_u16();
+    assert_eq!(anon, 401);
+
+    // Another node calls it as an external provider of one of its flows, with a1's token.
+    let token_file = a2.join("a1-token");
+    std::fs::write(&token_file, &token).unwrap();
+    let config = a2.join("config.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.contains("action_providers = []"), "{text}");
+    let header = "[flows.action_provider_token_files]\n";
+    let entry = format!("\"{base}\" = \"{}\"\n", token_file.display());
+    let mut text = text.replace(
+        "action_providers = []",
+        &format!("action_providers = [\"{base}\"]"),
+    );
+    if text.contains(header) {
+        text = text.replace(header, &format!("{header}{entry}"));
+    } else {
+        text.push_str(&format!("\n{header}{entry}"));
+    }
+    std::fs::write(&config, text).unwrap();
+    net.restart("a2");
+    let outer = dir.path().join("outer.json");
+    std::fs::write(
+        &outer,
+        serde_json::json!({"StartAt": "Remote", "States": {"Remote": {
+            "Type": "Action", "ActionUrl": base, "Parameters": {"x.$": "$.n"},
+            "ResultPath": "$.remote", "End": true}}})
+        .to_string(),
+    )
+    .unwrap();
+    let out = ok(&[
+        "flow",
+        "run",
+        p(&outer),
+        "--input",
+        r#"{"n": 5}"#,
+        "--wait",
+        "--json",
+        "--node",
+        p(&a2),
+    ]);
+    let run: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(run["status"], "SUCCEEDED", "{run}");
+    assert_eq!(
+        run["details"]["output"]["remote"]["details"]["out"]["y"],
+        10
+    );
 }
