@@ -200,6 +200,11 @@ fn router(inner: Shared) -> Router {
         .route("/v1/transfers/ls", get(transfer_ls))
         .route("/v1/transfers/mkdir", post(transfer_mkdir))
         .route("/v1/transfers/rm", post(transfer_rm))
+        .route(
+            "/v1/transfers/shares",
+            get(transfer_shares).post(transfer_share),
+        )
+        .route("/v1/transfers/unshare", post(transfer_unshare))
         .route("/v1/transfers/{id}", get(transfer))
         .route("/v1/transfers/{id}/cancel", post(cancel_transfer))
         .route("/v1/blobs", put_blob_route)
@@ -1133,6 +1138,47 @@ async fn transfer_mkdir(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     inner.transfers.mkdir(&op).await.map_err(failed)?;
     Ok(Json(serde_json::json!({})))
+}
+
+async fn transfer_shares(
+    State(inner): State<Shared>,
+    axum::extract::Query(q): Params,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let endpoint = q.get("endpoint").ok_or_else(|| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            "name the endpoint: ?endpoint=ENDPOINT".into(),
+        )
+    })?;
+    inner
+        .transfers
+        .shares(endpoint, transfer::wire::ShareChange::List)
+        .await
+        .map(Json)
+        .map_err(failed)
+}
+
+async fn transfer_share(
+    State(inner): State<Shared>,
+    Body(new): Body<crate::transfers::NewShare>,
+) -> Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let share = inner.transfers.share(&new).await.map_err(failed)?;
+    Ok((StatusCode::CREATED, Json(share)))
+}
+
+async fn transfer_unshare(
+    State(inner): State<Shared>,
+    Body(u): Body<crate::transfers::Unshare>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    inner
+        .transfers
+        .shares(
+            &u.endpoint,
+            transfer::wire::ShareChange::Remove { id: u.id },
+        )
+        .await
+        .map(Json)
+        .map_err(failed)
 }
 
 async fn transfer_rm(

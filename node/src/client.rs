@@ -247,6 +247,39 @@ impl Client {
             .await
     }
 
+    /// `GET /v1/transfers/shares`.
+    pub async fn shares(&self, endpoint: &str) -> anyhow::Result<Vec<crate::transfers::Share>> {
+        self.get(&format!(
+            "/v1/transfers/shares?endpoint={}",
+            encode(endpoint)
+        ))
+        .await
+    }
+
+    /// `POST /v1/transfers/shares`.
+    pub async fn share(
+        &self,
+        new: &crate::transfers::NewShare,
+    ) -> anyhow::Result<crate::transfers::Share> {
+        self.post("/v1/transfers/shares", new).await
+    }
+
+    /// `POST /v1/transfers/unshare`.
+    pub async fn unshare(
+        &self,
+        endpoint: &str,
+        id: &str,
+    ) -> anyhow::Result<crate::transfers::Share> {
+        self.post(
+            "/v1/transfers/unshare",
+            &crate::transfers::Unshare {
+                endpoint: endpoint.to_owned(),
+                id: id.to_owned(),
+            },
+        )
+        .await
+    }
+
     /// `POST /v1/transfers/mkdir` or `/rm`.
     pub async fn path_op(
         &self,

@@ -589,7 +589,15 @@ pub const TRANSFER_BASES: &[&str] = &[
 ];
 
 /// The operations of the transfer provider.
-pub const TRANSFER_OPS: &[&str] = &["transfer", "ls", "stat", "mkdir", "delete"];
+pub const TRANSFER_OPS: &[&str] = &[
+    "transfer",
+    "ls",
+    "stat",
+    "mkdir",
+    "delete",
+    "collection_info",
+    "manage_permission",
+];
 
 /// A Globus path (`/~/data/x`, `/data/x`) as a path in an endpoint's data root (`data/x`): a
 /// data root is the whole of what a funcmesh endpoint exposes, its home and its root at once.
@@ -750,7 +758,95 @@ impl TransferProvider {
                     "files": paths.len(), "deleted": deleted,
                 }))
             }
+            "collection_info" => self
+                .transfers
+                .collection_info(endpoint)
+                .await
+                .map_err(refusal),
+            "manage_permission" => self.manage_permission(endpoint, body).await,
             _ => Err(Refusal::bad(format!("no operation `{}`", self.op))),
+        }
+    }
+
+    /// Globus' `manage_permission` (an access rule on a guest collection) as a share of the
+    /// endpoint's data root: `CREATE` with `path`, `permissions` (`r` or `rw`), `principal_type`
+    /// (`institution` or `node`) and `principal` (a name, key or peer id); `DELETE` with
+    /// `rule_id` (or `access_id`).
+    async fn manage_permission(
+        &self,
+        endpoint: &str,
+        body: &serde_json::Value,
+    ) -> Result<serde_json::Value, flows::provider::Refusal> {
+        use flows::provider::Refusal;
+        let operation = TransferProvider::field(body, &["operation"]).unwrap_or("CREATE");
+        match operation {
+            "CREATE" => {
+                let path = TransferProvider::field(body, &["path"])
+                    .ok_or_else(|| Refusal::bad("name the path to share (`path`)"))?;
+                let write = match TransferProvider::field(body, &["permissions"]).unwrap_or("r") {
+                    "r" => false,
+                    "rw" => true,
+                    other => {
+                        return Err(Refusal::bad(format!(
+                            "`permissions` is `r` or `rw`, not {other:?}"
+                        )));
+                    }
+                };
+                let principal = TransferProvider::field(body, &["principal"])
+                    .ok_or_else(|| Refusal::bad("name whom to share with (`principal`)"))?;
+                let to = match TransferProvider::field(body, &["principal_type"]) {
+                    _ if principal.starts_with("institution:")
+                        || principal.starts_with("node:") =>
+                    {
+                        principal.to_string()
+                    }
+                    Some("institution") => format!("institution:{principal}"),
+                    Some("node") => format!("node:{principal}"),
+                    other => {
+                        return Err(Refusal::bad(format!(
+                            "`principal_type` {other:?}: funcmesh shares with institutions and \
+                             nodes (`institution` or `node`), not Globus identities or groups"
+                        )));
+                    }
+                };
+                let share = self
+                    .transfers
+                    .share(&crate::transfers::NewShare {
+                        path: TransferProvider::place(endpoint, path),
+                        to,
+                        write,
+                    })
+                    .await
+                    .map_err(refusal)?;
+                Ok(serde_json::json!({
+                    "DATA_TYPE": "access_create_result",
+                    "code": "Created",
+                    "message": "Access rule created successfully.",
+                    "access_id": share["id"],
+                    "rule": share,
+                }))
+            }
+            "DELETE" => {
+                let id = TransferProvider::field(body, &["rule_id", "access_id"])
+                    .ok_or_else(|| Refusal::bad("name the rule to delete (`rule_id`)"))?;
+                let share = self
+                    .transfers
+                    .shares(
+                        endpoint,
+                        transfer::wire::ShareChange::Remove { id: id.to_string() },
+                    )
+                    .await
+                    .map_err(refusal)?;
+                Ok(serde_json::json!({
+                    "DATA_TYPE": "result",
+                    "code": "Deleted",
+                    "message": "Access rule deleted successfully.",
+                    "rule": share,
+                }))
+            }
+            other => Err(Refusal::bad(format!(
+                "`operation` is CREATE or DELETE, not {other:?}"
+            ))),
         }
     }
 

@@ -30,13 +30,62 @@ struct Root {
     id: String,
 }
 
-/// This node's data roots, judged by their endpoints' policies.
+/// This node's data roots, judged by their endpoints' policies and shares.
 pub(crate) struct NodeRoots {
     me: PeerId,
     own: Member,
     roots: HashMap<String, Root>,
     mesh: mesh::Handle,
     access: Arc<Access>,
+    store: store::Store,
+    /// The shares of every root, as stored.
+    shares: std::sync::RwLock<Vec<Share>>,
+}
+
+/// A share of a data root (Globus' access rule on a guest collection): one institution, or one
+/// node, may read — or read and write — below a path, without a token, whatever the endpoint's
+/// policy. Made and removed by members of the endpoint's own institution only.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Share {
+    /// Its id (16 hex digits).
+    pub id: String,
+    /// The endpoint (its name on this node).
+    pub endpoint: String,
+    /// The path shared, relative to the data root (`""`: all of it).
+    pub path: String,
+    /// `institution:<key>` or `node:<peer id>`.
+    pub principal: String,
+    /// Writing too.
+    pub write: bool,
+    /// The node that made it.
+    pub created_by: String,
+    /// When, Unix seconds.
+    pub created_at: u64,
+}
+
+/// Most shares one data root keeps.
+pub const MAX_SHARES: usize = 1000;
+
+fn share_key(endpoint: &str, id: &str) -> Vec<u8> {
+    let mut k = transfer::copy::SHARES.to_vec();
+    k.extend_from_slice(format!("{endpoint}/{id}").as_bytes());
+    k
+}
+
+/// Checks a share's principal: `institution:<key>` or `node:<peer id>`.
+fn check_principal(principal: &str) -> Result<(), String> {
+    if let Some(peer) = principal.strip_prefix("node:") {
+        return peer
+            .parse::<PeerId>()
+            .map(|_| ())
+            .map_err(|e| format!("{peer:?} is not a peer id: {e}"));
+    }
+    if capability::institution_of_term(principal).is_some() {
+        return Ok(());
+    }
+    Err(format!(
+        "a share's principal is institution:<key> or node:<peer id>, not {principal:?}"
+    ))
 }
 
 fn ability(want: Want) -> Ability {
@@ -47,6 +96,152 @@ fn ability(want: Want) -> Ability {
 }
 
 impl NodeRoots {
+    /// Whether a share of `endpoint` lets `peer` (of `member`'s institution) do `want` at
+    /// `path`.
+    fn shared(
+        &self,
+        endpoint: &str,
+        peer: &PeerId,
+        member: &Member,
+        want: Want,
+        path: &str,
+    ) -> bool {
+        let node = format!("node:{peer}");
+        let institution = member
+            .institution_key
+            .map(|k| capability::institution_term(&crdt_registry::Key(k.0)));
+        self.shares
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .any(|s| {
+                s.endpoint == endpoint
+                    && (s.principal == node || Some(&s.principal) == institution.as_ref())
+                    && (want == Want::Read || s.write)
+                    && capability::under(path, &s.path)
+            })
+    }
+
+    /// Whether `peer` may manage this node's shares: this node, or a member of its institution.
+    fn may_manage(&self, peer: &PeerId) -> Result<(), String> {
+        if *peer == self.me {
+            return Ok(());
+        }
+        let theirs = self.mesh.member(peer).and_then(|m| m.institution_key);
+        match (theirs, self.access.institution()) {
+            (Some(t), Some(o)) if crdt_registry::Key(t.0) == o => Ok(()),
+            _ => Err(format!(
+                "only members of {} manage the shares of its endpoints",
+                self.own
+                    .institution
+                    .as_deref()
+                    .unwrap_or("this node's institution")
+            )),
+        }
+    }
+
+    /// Loads the stored shares.
+    fn load_shares(&self) -> anyhow::Result<()> {
+        let rows = self
+            .store
+            .scan_prefix(store::cf::TRANSFERS, transfer::copy::SHARES)
+            .context("reading the data-root shares")?;
+        let mut shares = Vec::new();
+        for (key, value) in rows {
+            match serde_json::from_slice::<Share>(&value) {
+                Ok(s) => shares.push(s),
+                Err(e) => tracing::warn!(
+                    key = %String::from_utf8_lossy(&key),
+                    error = %e,
+                    "an unreadable share record: ignored"
+                ),
+            }
+        }
+        *self
+            .shares
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = shares;
+        Ok(())
+    }
+
+    /// Lists or changes the shares of `endpoint` (the caller may manage them).
+    async fn change_shares(
+        &self,
+        endpoint: String,
+        created_by: &PeerId,
+        change: transfer::wire::ShareChange,
+    ) -> Result<serde_json::Value, String> {
+        use transfer::wire::ShareChange;
+        if !self.roots.contains_key(&endpoint) {
+            return Err(format!("endpoint {endpoint} on this node has no data root"));
+        }
+        let current: Vec<Share> = self
+            .shares
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .filter(|s| s.endpoint == endpoint)
+            .cloned()
+            .collect();
+        match change {
+            ShareChange::List => Ok(serde_json::to_value(current).unwrap_or_default()),
+            ShareChange::Add {
+                path,
+                principal,
+                write,
+            } => {
+                let path = RelPath::parse(&path).map_err(|e| e.to_string())?;
+                check_principal(&principal)?;
+                if let Some(same) = current.iter().find(|s| {
+                    s.path == path.as_str() && s.principal == principal && s.write == write
+                }) {
+                    return Ok(serde_json::to_value(same).unwrap_or_default());
+                }
+                if current.len() >= MAX_SHARES {
+                    return Err(format!(
+                        "endpoint {endpoint} has {MAX_SHARES} shares, the most it keeps: remove                          some first"
+                    ));
+                }
+                let share = Share {
+                    id: hex::encode(rand::random::<[u8; 8]>()),
+                    endpoint,
+                    path: path.as_str().to_owned(),
+                    principal,
+                    write,
+                    created_by: created_by.to_string(),
+                    created_at: mesh::membership::unix_now(),
+                };
+                let bytes = serde_json::to_vec(&share).map_err(|e| e.to_string())?;
+                let key = share_key(&share.endpoint, &share.id);
+                self.store
+                    .blocking(move |s| s.put(store::cf::TRANSFERS, &key, &bytes))
+                    .await
+                    .map_err(|e| format!("cannot store the share: {e}"))?;
+                self.shares
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(share.clone());
+                Ok(serde_json::to_value(share).unwrap_or_default())
+            }
+            ShareChange::Remove { id } => {
+                let share = current
+                    .into_iter()
+                    .find(|s| s.id == id)
+                    .ok_or_else(|| format!("endpoint {endpoint} has no share {id}"))?;
+                let key = share_key(&share.endpoint, &share.id);
+                self.store
+                    .blocking(move |s| s.delete(store::cf::TRANSFERS, &key))
+                    .await
+                    .map_err(|e| format!("cannot remove the share: {e}"))?;
+                self.shares
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .retain(|s| s.id != share.id);
+                Ok(serde_json::to_value(share).unwrap_or_default())
+            }
+        }
+    }
+
     /// The data root of this node's endpoint `name`.
     pub(crate) fn local(&self, name: &str) -> Result<Arc<DataRoot>, String> {
         self.roots.get(name).map(|r| r.root.clone()).ok_or_else(|| {
@@ -71,6 +266,9 @@ impl Roots for NodeRoots {
             .mesh
             .member(peer)
             .ok_or_else(|| format!("{peer} is not a member connected to this node"))?;
+        if self.shared(ask.endpoint, peer, &member, ask.want, ask.path.as_str()) {
+            return Ok(r.root.clone());
+        }
         let why = match compute::access::verdict(
             r.policy,
             self.own.institution.as_deref(),
@@ -111,6 +309,18 @@ impl Roots for NodeRoots {
             .check(token, &root, &req)
             .map(|()| r.root.clone())
             .map_err(|refusal| format!("capability refused: {refusal}"))
+    }
+
+    fn shares(
+        &self,
+        peer: PeerId,
+        endpoint: String,
+        change: transfer::wire::ShareChange,
+    ) -> BoxFuture<'_, Result<serde_json::Value, String>> {
+        Box::pin(async move {
+            self.may_manage(&peer)?;
+            self.change_shares(endpoint, &peer, change).await
+        })
     }
 }
 
@@ -191,42 +401,46 @@ impl transfer::copy::Context for JobContext {
 }
 
 /// The token to present for `want` at `place`: none when the policy admits this node's
-/// institution, a held token otherwise.
+/// institution; else a held token that allows it, or — when none does — one held for that
+/// endpoint anyway (or none at all): the endpoint's node decides, since a share of its data
+/// root may admit this node without a token, and its refusal says why.
 fn token_for(
     access: &Access,
     own: &Member,
     place: &Place,
     want: Want,
 ) -> Result<Option<String>, String> {
-    match compute::access::verdict(
+    if let Verdict::Admitted = compute::access::verdict(
         place.policy,
         place.institution.as_ref().map(|(_, n)| n.as_str()),
         own.institution.as_deref(),
     ) {
-        Verdict::Admitted => Ok(None),
-        Verdict::Refused(why) => Err(format!("endpoint {}: {why}", place.endpoint)),
-        Verdict::NeedsToken(why) => {
-            let Some((root, _)) = &place.institution else {
-                return Err(format!("endpoint {}: {why}", place.endpoint));
-            };
-            access
-                .token_allowing(
-                    &place.id,
-                    root,
-                    capability::Request {
-                        peer: String::new(),
-                        institution: crdt_registry::Key([0; 32]),
-                        time: mesh::membership::unix_now(),
-                        endpoint: place.id.clone(),
-                        function: None,
-                        ability: ability(want),
-                        path: Some(place.path.as_str().to_owned()),
-                    },
-                )
-                .map(Some)
-                .map_err(|e| format!("endpoint {} ({why}): {e}", place.endpoint))
-        }
+        return Ok(None);
     }
+    let Some((root, _)) = &place.institution else {
+        return Ok(None);
+    };
+    let allowing = access.token_allowing(
+        &place.id,
+        root,
+        capability::Request {
+            peer: String::new(),
+            institution: crdt_registry::Key([0; 32]),
+            time: mesh::membership::unix_now(),
+            endpoint: place.id.clone(),
+            function: None,
+            ability: ability(want),
+            path: Some(place.path.as_str().to_owned()),
+        },
+    );
+    Ok(match allowing {
+        Ok(token) => Some(token),
+        Err(_) => access
+            .held()
+            .iter()
+            .find(|h| h.endpoint == place.id)
+            .map(|h| h.text.clone()),
+    })
 }
 
 fn place_of(
@@ -459,7 +673,10 @@ pub(crate) fn start(
         roots,
         mesh: mesh.clone(),
         access: access.clone(),
+        store: store.clone(),
+        shares: std::sync::RwLock::new(Vec::new()),
     });
+    roots.load_shares()?;
     plane.serve_roots(roots.clone());
     let jobs = Jobs::start(
         store.clone(),
@@ -522,6 +739,56 @@ pub struct PathOp {
     /// directory with everything in it.
     #[serde(default)]
     pub recursive: bool,
+}
+
+/// `POST /v1/transfers/shares`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewShare {
+    /// `ENDPOINT:PATH` to share.
+    pub path: String,
+    /// With whom: `institution:NAME_OR_KEY` or `node:NAME_OR_PEER_ID`.
+    pub to: String,
+    /// Writing too, not only reading.
+    #[serde(default)]
+    pub write: bool,
+}
+
+/// `POST /v1/transfers/unshare`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Unshare {
+    /// The endpoint.
+    pub endpoint: String,
+    /// The share's id.
+    pub id: String,
+}
+
+/// A principal as shares name it (`institution:<key>`, `node:<peer id>`), from a name or key.
+pub(crate) fn principal_of(view: &crdt_registry::View, to: &str) -> anyhow::Result<String> {
+    if let Some(q) = to.strip_prefix("institution:") {
+        if let Ok(key) = q.parse::<crdt_registry::Key>() {
+            return Ok(capability::institution_term(&key));
+        }
+        let found: Vec<_> = view.institutions.values().filter(|i| i.name == q).collect();
+        return match found.as_slice() {
+            [one] => Ok(capability::institution_term(&one.key)),
+            [] => bail!("no institution {q:?} in the registry"),
+            _ => bail!("several institutions are named {q:?}: give its key"),
+        };
+    }
+    if let Some(q) = to.strip_prefix("node:") {
+        if q.parse::<PeerId>().is_ok() {
+            return Ok(format!("node:{q}"));
+        }
+        let found: Vec<_> = view.nodes.values().filter(|n| n.name == q).collect();
+        return match found.as_slice() {
+            [one] => Ok(format!("node:{}", one.peer_id)),
+            [] => bail!("no node {q:?} in the registry"),
+            _ => bail!("several nodes are named {q:?}: give its peer id"),
+        };
+    }
+    bail!("share with institution:NAME_OR_KEY or node:NAME_OR_PEER_ID, not {to:?}")
 }
 
 /// What the API's transfer calls fail with: a status and a message.
@@ -684,6 +951,72 @@ impl Transfers {
             .map_err(|e| (axum::http::StatusCode::FORBIDDEN, e))
     }
 
+    /// Lists or changes the shares of the data root of `endpoint` (any member's: asked of its
+    /// node, which lets only members of its own institution do it).
+    pub(crate) async fn shares(
+        &self,
+        endpoint: &str,
+        change: transfer::wire::ShareChange,
+    ) -> Result<serde_json::Value, Failure> {
+        let place = resolve(&self.mesh, &format!("{endpoint}:"))
+            .await
+            .map_err(|e| bad(format!("{e:#}")))?;
+        if place.peer == self.mesh.peer_id() {
+            return Roots::shares(&*self.roots, place.peer, place.endpoint.clone(), change)
+                .await
+                .map_err(bad);
+        }
+        self.remote_of(&place)?
+            .shares(&place.endpoint, change)
+            .await
+            .map_err(remote_failure)
+    }
+
+    /// What Globus' `collection_info` says of a collection, for an endpoint: every funcmesh
+    /// data root is what Globus calls a guest collection (one storage, access by rules:
+    /// shares and tokens).
+    pub(crate) async fn collection_info(
+        &self,
+        endpoint: &str,
+    ) -> Result<serde_json::Value, Failure> {
+        let place = resolve(&self.mesh, &format!("{endpoint}:"))
+            .await
+            .map_err(|e| bad(format!("{e:#}")))?;
+        if place.addr.is_none() {
+            return Err((
+                axum::http::StatusCode::NOT_FOUND,
+                format!("endpoint {endpoint}'s node publishes no data plane: it is no collection"),
+            ));
+        }
+        Ok(serde_json::json!({
+            "DATA_TYPE": "collection",
+            "id": place.id,
+            "display_name": place.endpoint,
+            "entity_type": "GCSv5_guest_collection",
+            "node": place.peer.to_string(),
+            "institution": place.institution.as_ref().map(|(_, n)| n.clone()),
+            "policy": place.policy,
+        }))
+    }
+
+    /// Shares `ENDPOINT:PATH` with a principal named by name or key.
+    pub(crate) async fn share(&self, new: &NewShare) -> Result<serde_json::Value, Failure> {
+        let (endpoint, path) = split_place(&new.path).map_err(|e| bad(format!("{e:#}")))?;
+        let to = new.to.clone();
+        let principal = self
+            .mesh
+            .registry_with(move |view| principal_of(view, &to))
+            .await
+            .map_err(|e| (axum::http::StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?
+            .map_err(|e| bad(format!("{e:#}")))?;
+        let change = transfer::wire::ShareChange::Add {
+            path: path.as_str().to_owned(),
+            principal,
+            write: new.write,
+        };
+        self.shares(endpoint, change).await
+    }
+
     /// `ls ENDPOINT:PATH`: a directory's entries, or a file's own.
     pub(crate) async fn ls(&self, text: &str) -> Result<Vec<transfer::root::Entry>, Failure> {
         let place = resolve(&self.mesh, text)
@@ -738,5 +1071,55 @@ impl Transfers {
             .remove(&place.endpoint, place.path.as_str(), op.recursive, token)
             .await
             .map_err(remote_failure)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    proptest::proptest! {
+        /// A share change from a peer, whatever its text: decoded or refused, its principal and
+        /// path checked or refused, never a panic; a principal let through is one of the two
+        /// forms shares match.
+        #[test]
+        fn share_changes_from_peers_are_checked_without_panic(
+            principal in "(institution:|node:|)[A-Za-z0-9+/=_-]{0,60}",
+            path in "(/|\\.\\.|[a-z]{0,3}|\\.){0,8}",
+            raw in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200),
+        ) {
+            let _ = serde_json::from_slice::<transfer::wire::ShareChange>(&raw);
+            let change = transfer::wire::ShareChange::Add { path: path.clone(), principal: principal.clone(), write: false };
+            let bytes = serde_json::to_vec(&change).unwrap();
+            let back: transfer::wire::ShareChange = serde_json::from_slice(&bytes).unwrap();
+            proptest::prop_assert_eq!(&back, &change);
+            if check_principal(&principal).is_ok() {
+                proptest::prop_assert!(
+                    principal.starts_with("node:")
+                        || capability::institution_of_term(&principal).is_some()
+                );
+            }
+            if let Ok(p) = RelPath::parse(&path) {
+                proptest::prop_assert!(p.as_str().split('/').all(|c| c != ".."));
+                proptest::prop_assert!(capability::under(p.as_str(), ""));
+            }
+        }
+    }
+
+    #[test]
+    fn a_principal_is_an_institution_key_or_a_peer_id() {
+        let key = crdt_registry::Key([7; 32]);
+        assert!(check_principal(&capability::institution_term(&key)).is_ok());
+        let peer = PeerId::random();
+        assert!(check_principal(&format!("node:{peer}")).is_ok());
+        for bad in [
+            "institution:inst-b",
+            "node:b1",
+            "inst-b",
+            "identity:46bd0f56",
+            "",
+        ] {
+            assert!(check_principal(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -50,7 +50,8 @@ pub mod cf {
     pub const FUNCTIONS: &str = "functions";
 
     /// Transfer jobs this node runs (transfer::copy): job id → JSON `transfer::copy::Job`;
-    /// `fwd/<job id>` → the peer id of the node this node asked to run a copy.
+    /// `fwd/<job id>` → the peer id of the node this node asked to run a copy;
+    /// `share/<endpoint>/<share id>` → JSON `node::transfers::Share`, a share of a data root.
     pub const TRANSFERS: &str = "transfers";
 
     /// Flow runs this node hosts (flows::engine): `run/<run id>` → JSON `flows::engine::Run`

@@ -28,6 +28,9 @@ use crate::wire::FileHash;
 
 /// Key prefix, in the `transfers` column family, of copies this node asked another to run.
 pub const FORWARDED: &[u8] = b"fwd/";
+/// Key prefix, in the `transfers` column family, of the node's data-root shares (kept by the
+/// node, not by the jobs).
+pub const SHARES: &[u8] = b"share/";
 
 /// Files pulled at once.
 const CONCURRENT_FILES: usize = 8;
@@ -261,7 +264,7 @@ impl Jobs {
             .scan(store::cf::TRANSFERS)
             .map_err(|e| e.to_string())?
         {
-            if key.starts_with(FORWARDED) {
+            if key.starts_with(FORWARDED) || key.starts_with(SHARES) {
                 continue;
             }
             match serde_json::from_slice::<Job>(&value) {

@@ -56,6 +56,16 @@ pub struct Ask<'a> {
 pub trait Roots: Send + Sync + 'static {
     /// The root of `ask.endpoint` if the member `peer` may do what it asks there, or why not.
     fn open(&self, peer: &PeerId, ask: &Ask<'_>) -> Result<Arc<DataRoot>, String>;
+    /// Lists or changes the shares of `endpoint`'s data root for `peer`, if it may (as JSON).
+    fn shares(
+        &self,
+        peer: PeerId,
+        endpoint: String,
+        change: crate::wire::ShareChange,
+    ) -> BoxFuture<'_, Result<serde_json::Value, String>> {
+        let _ = (peer, change);
+        Box::pin(async move { Err(format!("endpoint {endpoint} on this node keeps no shares")) })
+    }
 }
 
 /// Where copies are asked for: the node that owns a copy's destination runs it for a member
@@ -244,7 +254,8 @@ pub fn check(request: &Request) -> Result<Checked<'_>, String> {
         | Request::Get { .. }
         | Request::SubmitCopy { .. }
         | Request::CopyStatus { .. }
-        | Request::CopyCancel { .. } => {
+        | Request::CopyCancel { .. }
+        | Request::Shares { .. } => {
             return Err("not a request on a data root".into());
         }
     };
@@ -342,6 +353,55 @@ impl Serving {
         match answer {
             Ok(job) => {
                 if write_header(send, &Response::Job { job }).await.is_ok() {
+                    let _ = send.finish();
+                }
+            }
+            Err(reason) => refuse(send, reason).await,
+        }
+    }
+
+    /// Serves one request about a data root's shares.
+    pub(crate) async fn shares(
+        &self,
+        peer: PeerId,
+        send: &mut quinn::SendStream,
+        request: Request,
+    ) {
+        let v = crate::wire::version(&request);
+        if v != VERSION {
+            return refuse(
+                send,
+                format!("data-plane protocol {v}, this node speaks {VERSION}"),
+            )
+            .await;
+        }
+        let Request::Shares {
+            endpoint, change, ..
+        } = request
+        else {
+            return refuse(send, "not a request about shares".into()).await;
+        };
+        if endpoint.is_empty() || endpoint.len() > 256 {
+            return refuse(
+                send,
+                "a shares request names an endpoint (at most 256 bytes)".into(),
+            )
+            .await;
+        }
+        let Some(roots) = self
+            .roots
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+        else {
+            return refuse(send, "this node serves no data roots yet".into()).await;
+        };
+        match roots.shares(peer, endpoint, change).await {
+            Ok(shares) => {
+                if write_header(send, &Response::Shares { shares })
+                    .await
+                    .is_ok()
+                {
                     let _ = send.finish();
                 }
             }

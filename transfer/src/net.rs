@@ -810,6 +810,7 @@ impl Server {
                     | Request::CopyCancel { .. } => {
                         server.serving.copies(peer, &mut send, request).await
                     }
+                    Request::Shares { .. } => server.serving.shares(peer, &mut send, request).await,
                     other => server.serving.handle(peer, &mut send, other).await,
                 }
             });
@@ -1040,6 +1041,24 @@ impl Remote {
         };
         self.answer(&r, |a| match a {
             Response::Job { job } => Ok(job),
+            other => Err(other),
+        })
+        .await
+    }
+
+    /// Lists or changes the shares of the peer's endpoint `endpoint` (as JSON).
+    pub async fn shares(
+        &self,
+        endpoint: &str,
+        change: crate::wire::ShareChange,
+    ) -> Result<serde_json::Value, Error> {
+        let r = Request::Shares {
+            v: VERSION,
+            endpoint: endpoint.into(),
+            change,
+        };
+        self.answer(&r, |a| match a {
+            Response::Shares { shares } => Ok(shares),
             other => Err(other),
         })
         .await

@@ -168,6 +168,40 @@ pub enum Request {
         /// The request id.
         id: String,
     },
+    /// Lists or changes the shares of an endpoint's data root (asked by a member of the
+    /// endpoint's own institution).
+    Shares {
+        /// Protocol version.
+        v: u32,
+        /// The endpoint.
+        endpoint: String,
+        /// What to do.
+        change: ShareChange,
+    },
+}
+
+/// A change to a data root's shares (Globus' access rules on a guest collection): a share lets
+/// one institution, or one node, read (or read and write) below a path without a token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "do", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ShareChange {
+    /// The shares.
+    List,
+    /// Adds a share (or answers the same one already there).
+    Add {
+        /// The directory or file shared, relative to the data root.
+        path: String,
+        /// `institution:<key>` or `node:<peer id>`.
+        principal: String,
+        /// Writing too, not only reading.
+        #[serde(default)]
+        write: bool,
+    },
+    /// Removes a share by id.
+    Remove {
+        /// Its id.
+        id: String,
+    },
 }
 
 /// The answer's header.
@@ -205,6 +239,11 @@ pub enum Response {
     Job {
         /// The job.
         job: serde_json::Value,
+    },
+    /// A data root's shares (a list, or the one added or removed), as JSON.
+    Shares {
+        /// The answer.
+        shares: serde_json::Value,
     },
 }
 
@@ -357,7 +396,8 @@ pub fn version(request: &Request) -> u32 {
         | Request::Remove { v, .. }
         | Request::SubmitCopy { v, .. }
         | Request::CopyStatus { v, .. }
-        | Request::CopyCancel { v, .. } => *v,
+        | Request::CopyCancel { v, .. }
+        | Request::Shares { v, .. } => *v,
     }
 }
 

@@ -92,6 +92,39 @@ pub enum TransferCommand {
         #[command(flatten)]
         node: NodeArgs,
     },
+    /// Share a path of one of your institution's data roots with another institution or node:
+    /// it may then read (with --write, also write) below it without a token.
+    Share {
+        /// ENDPOINT:PATH.
+        path: String,
+        /// With whom: institution:NAME_OR_KEY or node:NAME_OR_PEER_ID.
+        #[arg(long)]
+        to: String,
+        /// Writing too.
+        #[arg(long)]
+        write: bool,
+        /// The node.
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+    /// List the shares of an endpoint's data root.
+    Shares {
+        /// The endpoint.
+        endpoint: String,
+        /// The node.
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+    /// Remove a share.
+    Unshare {
+        /// The endpoint.
+        endpoint: String,
+        /// The share's id (`funcmesh transfer shares` lists them).
+        id: String,
+        /// The node.
+        #[command(flatten)]
+        node: NodeArgs,
+    },
     /// Show one copy job, or all of this node's.
     Status {
         /// The job's id.
@@ -194,6 +227,38 @@ pub(crate) async fn transfer_command(cmd: TransferCommand) -> anyhow::Result<()>
             let client = Client::for_node(&DataDir::new(&node.node))?;
             client.path_op("rm", &path, recursive).await?;
             Ok(())
+        }
+        TransferCommand::Share {
+            path,
+            to,
+            write,
+            node,
+        } => {
+            let client = Client::for_node(&DataDir::new(&node.node))?;
+            let share = client
+                .share(&crate::transfers::NewShare { path, to, write })
+                .await?;
+            show(node.json, &share, |s| println!("{}", s.id))
+        }
+        TransferCommand::Shares { endpoint, node } => {
+            let client = Client::for_node(&DataDir::new(&node.node))?;
+            let shares = client.shares(&endpoint).await?;
+            show(node.json, &shares, |ss| {
+                for s in ss {
+                    println!(
+                        "{}  /{:<30} {:<5} {}",
+                        s.id,
+                        s.path,
+                        if s.write { "rw" } else { "r" },
+                        s.principal
+                    );
+                }
+            })
+        }
+        TransferCommand::Unshare { endpoint, id, node } => {
+            let client = Client::for_node(&DataDir::new(&node.node))?;
+            let share = client.unshare(&endpoint, &id).await?;
+            show(node.json, &share, |s| println!("removed {}", s.id))
         }
         TransferCommand::Status { id, node } => {
             let client = Client::for_node(&DataDir::new(&node.node))?;

@@ -1279,3 +1279,57 @@ fn a_deployed_flow_is_an_action_provider_over_http_for_clients_and_other_nodes()
         10
     );
 }
+
+#[test]
+fn corpus_transfer_share_copies_to_a_guest_collection_and_shares_it() {
+    let net = Net::up("2", "1", &[]);
+    let (a1, b1) = (net.node("a1"), net.node("b1"));
+    net.wait_endpoints(&a1, 2);
+    let src = a1.join("data/source-directory");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(src.join("observations.csv"), b"t,v\n0,1\n").unwrap();
+    // Its sample input, with a1 as both collections and inst-b as the principal.
+    let run = run_corpus(
+        &a1,
+        "globus-flows-examples/transfer_examples/transfer_share/definition.json",
+        &serde_json::json!({
+            "source": {"id": "a1", "path": "/~/source-directory"},
+            "destination": {"id": "a1", "path": "/~/destination-directory"},
+            "principal": {"type": "institution", "id": "inst-b"}
+        }),
+    );
+    assert_eq!(run["status"], "SUCCEEDED", "{run}");
+    let out = &run["details"]["output"];
+    assert_eq!(
+        out["DestinationInfo"]["details"]["entity_type"],
+        "GCSv5_guest_collection"
+    );
+    assert_eq!(out["SetPermission"]["details"]["code"], "Created", "{run}");
+    assert_eq!(
+        std::fs::read(a1.join("data/destination-directory/observations.csv")).unwrap(),
+        b"t,v\n0,1\n"
+    );
+    // inst-b reads what was shared with it, and only that.
+    let listed = ok(&[
+        "transfer",
+        "ls",
+        "a1:destination-directory",
+        "--node",
+        p(&b1),
+    ]);
+    assert!(listed.contains("observations.csv"), "{listed}");
+    let out = funcmesh(&["transfer", "ls", "a1:source-directory", "--node", p(&b1)]);
+    assert!(!out.status.success());
+    // Globus identities are not funcmesh principals: the run fails, saying so.
+    let run = run_corpus(
+        &a1,
+        "globus-flows-examples/transfer_examples/transfer_share/definition.json",
+        &serde_json::json!({
+            "source": {"id": "a1", "path": "/~/source-directory"},
+            "destination": {"id": "a1", "path": "/~/destination-directory"},
+            "principal": {"type": "identity", "id": "46bd0f56-e24f-11e5-a510-131bef46955c"}
+        }),
+    );
+    assert_eq!(run["status"], "FAILED", "{run}");
+    assert!(run.to_string().contains("institutions and nodes"), "{run}");
+}

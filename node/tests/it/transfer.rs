@@ -418,3 +418,91 @@ fn fifty_mib_arguments_and_results_go_by_reference_between_institutions() {
     ok(&["task", "value", &id, "--out", p(&saved), "--node", p(&b1)]);
     assert_eq!(std::fs::metadata(&saved).unwrap().len(), SIZE as u64 + 2);
 }
+
+#[test]
+fn a_share_lets_another_institution_read_one_path_without_a_token_until_it_is_removed() {
+    let net = Net::up("2", "1", &[]);
+    let (a1, b1) = (net.node("a1"), net.node("b1"));
+    std::fs::create_dir_all(a1.join("data/results")).unwrap();
+    std::fs::write(a1.join("data/results/r.txt"), b"shared result\n").unwrap();
+    std::fs::create_dir_all(a1.join("data/private")).unwrap();
+    std::fs::write(a1.join("data/private/secret"), b"inst-a only").unwrap();
+    net.wait_endpoints(&b1, 2);
+    let (success, out) = out_of(&["transfer", "ls", "a1:results", "--node", p(&b1)]);
+    assert!(!success, "{out}");
+
+    // inst-a shares `results` with inst-b, read-only.
+    let id = ok(&[
+        "transfer",
+        "share",
+        "a1:results",
+        "--to",
+        "institution:inst-b",
+        "--node",
+        p(&a1),
+    ]);
+    let id = id.trim().to_owned();
+    let listed: Vec<serde_json::Value> = serde_json::from_str(&ok(&[
+        "transfer",
+        "shares",
+        "a1",
+        "--json",
+        "--node",
+        p(&a1),
+    ]))
+    .unwrap();
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(
+        (listed[0]["id"].as_str(), &listed[0]["path"]),
+        (Some(id.as_str()), &"results".into())
+    );
+    let out = ok(&["transfer", "ls", "a1:results", "--node", p(&b1)]);
+    assert!(out.contains("r.txt"), "{out}");
+    ok(&[
+        "transfer",
+        "copy",
+        "a1:results",
+        "b1:got",
+        "--recursive",
+        "--node",
+        p(&b1),
+    ]);
+    assert_eq!(
+        std::fs::read(b1.join("data/got/r.txt")).unwrap(),
+        b"shared result\n"
+    );
+    // Nothing else, no writing, and no managing a1's shares from inst-b.
+    let (success, out) = out_of(&["transfer", "ls", "a1:private", "--node", p(&b1)]);
+    assert!(!success, "{out}");
+    let (success, out) = out_of(&["transfer", "mkdir", "a1:results/new", "--node", p(&b1)]);
+    assert!(!success, "{out}");
+    assert!(!a1.join("data/results/new").exists());
+    let (success, out) = out_of(&[
+        "transfer",
+        "share",
+        "a1:private",
+        "--to",
+        "institution:inst-b",
+        "--node",
+        p(&b1),
+    ]);
+    assert!(!success && out.contains("only members of inst-a"), "{out}");
+    let (success, out) = out_of(&["transfer", "unshare", "a1", &id, "--node", p(&b1)]);
+    assert!(!success, "{out}");
+
+    // The share outlives a restart of a1; removed, it no longer lets inst-b in.
+    net.kill("a1");
+    net.restart("a1");
+    wait_until(
+        "b1 to read the share again",
+        Duration::from_secs(30),
+        || {
+            funcmesh(&["transfer", "ls", "a1:results", "--node", p(&b1)])
+                .status
+                .success()
+        },
+    );
+    ok(&["transfer", "unshare", "a1", &id, "--node", p(&a1)]);
+    let (success, out) = out_of(&["transfer", "ls", "a1:results", "--node", p(&b1)]);
+    assert!(!success, "{out}");
+}
