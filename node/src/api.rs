@@ -1000,13 +1000,143 @@ struct NewRun {
     run_id: Option<String>,
     #[serde(default)]
     flow_id: Option<String>,
+    #[serde(default)]
+    at: Option<String>,
+    #[serde(default)]
+    monitors: Vec<String>,
+    #[serde(default)]
+    managers: Vec<String>,
+    #[serde(default)]
+    capabilities: Vec<String>,
+}
+
+/// Principals named by name or key (`institution:NAME`, `node:NAME`) as runs record them.
+async fn principals(inner: &Shared, list: Vec<String>) -> Result<Vec<String>, ApiError> {
+    if list.len() > crate::remote_runs::MAX_PRINCIPALS {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "at most {} monitors or managers",
+                crate::remote_runs::MAX_PRINCIPALS
+            ),
+        ));
+    }
+    inner
+        .mesh
+        .registry_with(move |view| {
+            list.iter()
+                .map(|p| crate::transfers::principal_of(view, p).map_err(|e| format!("{e:#}")))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .map_err(unavailable)?
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))
+}
+
+/// Whether `at` names another node than this one.
+fn elsewhere<'a>(inner: &Shared, at: Option<&'a str>) -> Option<&'a str> {
+    let me = inner.mesh.peer_id().to_string();
+    at.filter(|a| *a != me && *a != inner.name)
+}
+
+/// Calls the run service of node `at`.
+async fn call_runs(
+    inner: &Shared,
+    at: &str,
+    call: crate::remote_runs::Call,
+) -> Result<serde_json::Value, ApiError> {
+    let (_, remote) = crate::remote_runs::node_at(&inner.mesh, &inner.transfers.plane, at)
+        .await
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
+    let body = serde_json::to_value(call)
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    remote
+        .call_service(crate::remote_runs::SERVICE, body)
+        .await
+        .map_err(|e| match e {
+            transfer::net::Error::Refused { .. } => ApiError(StatusCode::FORBIDDEN, e.to_string()),
+            _ => ApiError(StatusCode::BAD_GATEWAY, e.to_string()),
+        })
+}
+
+fn as_run<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<Json<T>, ApiError> {
+    serde_json::from_value(v).map(Json).map_err(|e| {
+        ApiError(
+            StatusCode::BAD_GATEWAY,
+            format!("the hosting node answered what does not read: {e}"),
+        )
+    })
+}
+
+/// A deployed flow started at another node.
+async fn start_run_at(
+    inner: &Shared,
+    at: &str,
+    run_id: String,
+    body: NewRun,
+) -> Result<(StatusCode, Json<flows::engine::Run>), ApiError> {
+    if body.definition.is_some() {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "a run at another node is of a deployed flow: name it in `flow_id`".into(),
+        ));
+    }
+    let query = body.flow_id.ok_or_else(|| {
+        ApiError(
+            StatusCode::BAD_REQUEST,
+            "name the deployed flow to run in `flow_id`".into(),
+        )
+    })?;
+    let view = inner.mesh.registry().await.map_err(unavailable)?;
+    let flow =
+        crate::runs::find_flow(&view, &query).map_err(|e| ApiError(StatusCode::NOT_FOUND, e))?;
+    // The flow.run grant to show the host, when the flow is not this node's institution's.
+    let owner = view
+        .nodes
+        .get(&flow.owner_peer)
+        .and_then(|n| n.institution_key);
+    let ours = inner.own.institution_key.map(|k| crdt_registry::Key(k.0));
+    let flow_token = match owner {
+        Some(root) if Some(root) != ours => inner
+            .tasks
+            .access
+            .token_allowing(
+                &flow.id,
+                &root,
+                capability::Request {
+                    peer: String::new(),
+                    institution: root,
+                    time: mesh::membership::unix_now(),
+                    endpoint: flow.id.clone(),
+                    function: None,
+                    ability: capability::Ability::FlowRun,
+                    path: None,
+                },
+            )
+            .ok(),
+        _ => None,
+    };
+    let flow_id = flow.id.clone();
+    drop(view);
+    let call = crate::remote_runs::Call::Start {
+        run_id,
+        flow: flow_id,
+        input: body.input.unwrap_or_else(|| serde_json::json!({})),
+        label: body.label,
+        monitors: principals(inner, body.monitors).await?,
+        managers: principals(inner, body.managers).await?,
+        capabilities: body.capabilities,
+        flow_token,
+    };
+    let run = call_runs(inner, at, call).await?;
+    Ok((StatusCode::CREATED, as_run(run)?))
 }
 
 async fn start_run(
     State(inner): State<Shared>,
-    Body(body): Body<NewRun>,
+    Body(mut body): Body<NewRun>,
 ) -> Result<(StatusCode, Json<flows::engine::Run>), ApiError> {
-    let run_id = match body.run_id {
+    let run_id = match body.run_id.take() {
         Some(id) => {
             flows::engine::check_run_id(&id).map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
             id
@@ -1021,6 +1151,19 @@ async fn start_run(
             ));
         }
     }
+    if let Some(at) = elsewhere(&inner, body.at.as_deref()).map(str::to_owned) {
+        return start_run_at(&inner, &at, run_id, body).await;
+    }
+    if !body.capabilities.is_empty() {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            "a run on this node acts with this node's rights: `capabilities` are delegated to \
+             another node's run (`at`)"
+                .into(),
+        ));
+    }
+    let monitors = principals(&inner, body.monitors).await?;
+    let managers = principals(&inner, body.managers).await?;
     let input = body.input.unwrap_or_else(|| serde_json::json!({}));
     // A definition given inline, or a deployed flow by id, id prefix or title.
     let (definition, flow_id) = match (body.definition, body.flow_id) {
@@ -1045,6 +1188,34 @@ async fn start_run(
     crate::runs::validate(&definition, inner.runs.providers())
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
     let user = format!("urn:funcmesh:node:{}", inner.name);
+    if !monitors.is_empty() || !managers.is_empty() {
+        // Who else may see and manage it from their own nodes.
+        let term = inner
+            .own
+            .institution_key
+            .map(|k| capability::institution_term(&crdt_registry::Key(k.0)));
+        let starter = crate::remote_runs::Starter {
+            peer: inner.mesh.peer_id().to_string(),
+            institution: inner.own.institution.clone(),
+            institution_term: term,
+            monitors,
+            managers,
+            capabilities: Vec::new(),
+            own_institution: true,
+        };
+        let starters = crate::remote_runs::Starters::new(inner.store.clone());
+        if starters
+            .get(&run_id)
+            .await
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?
+            .is_none()
+        {
+            starters
+                .put(&run_id, &starter)
+                .await
+                .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e))?;
+        }
+    }
     let runs = inner.runs.clone();
     let label = body.label;
     let run = tokio::task::spawn_blocking(move || {
@@ -1075,7 +1246,12 @@ fn no_run(id: &str) -> ApiError {
 async fn run(
     State(inner): State<Shared>,
     Path(id): Path<String>,
+    axum::extract::Query(q): Params,
 ) -> Result<Json<flows::engine::Run>, ApiError> {
+    if let Some(at) = elsewhere(&inner, q.get("at").map(String::as_str)) {
+        let call = crate::remote_runs::Call::Status { run_id: id };
+        return as_run(call_runs(&inner, at, call).await?);
+    }
     match inner.runs.get(&id) {
         Ok(Some(run)) => Ok(Json(run)),
         Ok(None) => Err(no_run(&id)),
@@ -1086,7 +1262,12 @@ async fn run(
 async fn run_log(
     State(inner): State<Shared>,
     Path(id): Path<String>,
+    axum::extract::Query(q): Params,
 ) -> Result<Json<Vec<flows::engine::Event>>, ApiError> {
+    if let Some(at) = elsewhere(&inner, q.get("at").map(String::as_str)) {
+        let call = crate::remote_runs::Call::Log { run_id: id };
+        return as_run(call_runs(&inner, at, call).await?);
+    }
     if inner
         .runs
         .get(&id)
@@ -1105,14 +1286,24 @@ async fn run_log(
 async fn cancel_run(
     State(inner): State<Shared>,
     Path(id): Path<String>,
+    axum::extract::Query(q): Params,
 ) -> Result<Json<flows::engine::Run>, ApiError> {
+    if let Some(at) = elsewhere(&inner, q.get("at").map(String::as_str)) {
+        let call = crate::remote_runs::Call::Cancel { run_id: id };
+        return as_run(call_runs(&inner, at, call).await?);
+    }
     inner.runs.cancel(&id).map(Json).map_err(|_| no_run(&id))
 }
 
 async fn resume_run(
     State(inner): State<Shared>,
     Path(id): Path<String>,
+    axum::extract::Query(q): Params,
 ) -> Result<Json<flows::engine::Run>, ApiError> {
+    if let Some(at) = elsewhere(&inner, q.get("at").map(String::as_str)) {
+        let call = crate::remote_runs::Call::Resume { run_id: id };
+        return as_run(call_runs(&inner, at, call).await?);
+    }
     inner.runs.resume(&id).map(Json).map_err(|_| no_run(&id))
 }
 

@@ -424,6 +424,36 @@ impl Client {
         self.get(&format!("/v1/runs/{id}/log")).await
     }
 
+    /// `GET /v1/runs/{id}?at=NODE`: a run here, or hosted by node `at`.
+    pub async fn run_at(&self, id: &str, at: Option<&str>) -> anyhow::Result<flows::engine::Run> {
+        self.get(&format!("/v1/runs/{}{}", encode(id), at_query(at)))
+            .await
+    }
+
+    /// `GET /v1/runs/{id}/log?at=NODE`.
+    pub async fn run_log_at(
+        &self,
+        id: &str,
+        at: Option<&str>,
+    ) -> anyhow::Result<Vec<flows::engine::Event>> {
+        self.get(&format!("/v1/runs/{}/log{}", encode(id), at_query(at)))
+            .await
+    }
+
+    /// `POST /v1/runs/{id}/cancel?at=NODE` or `/resume`.
+    pub async fn run_op_at(
+        &self,
+        id: &str,
+        op: &str,
+        at: Option<&str>,
+    ) -> anyhow::Result<flows::engine::Run> {
+        self.post(
+            &format!("/v1/runs/{}/{op}{}", encode(id), at_query(at)),
+            &serde_json::json!({}),
+        )
+        .await
+    }
+
     /// `POST /v1/runs/{id}/cancel` or `/resume`.
     pub async fn run_op(&self, id: &str, op: &str) -> anyhow::Result<flows::engine::Run> {
         self.post(&format!("/v1/runs/{id}/{op}"), &serde_json::json!({}))
@@ -504,4 +534,9 @@ async fn checked(resp: reqwest::Response) -> anyhow::Result<reqwest::Response> {
         "node answered {status}: {}",
         body.map(|b| b.error).unwrap_or_else(|| "no details".into())
     )
+}
+
+/// `?at=NODE`, or nothing.
+fn at_query(at: Option<&str>) -> String {
+    at.map(|a| format!("?at={}", encode(a))).unwrap_or_default()
 }

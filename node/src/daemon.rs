@@ -241,6 +241,17 @@ impl Node {
         .map_err(|e| anyhow::anyhow!("cannot open the flow runs: {e}"))?;
         // Flows that run flows reach the engine through this.
         let _ = engine_slot.set(runs.downgrade());
+        // Other members start, watch and manage runs here over the data plane.
+        transfers
+            .plane
+            .serve_services(Arc::new(crate::remote_runs::RunDesk {
+                mesh: mesh.clone(),
+                own: own.clone(),
+                name: config.node.name.clone(),
+                access: tasks.access.clone(),
+                runs: runs.clone(),
+                starters: crate::remote_runs::Starters::new(store.clone()),
+            }));
         let token = hex::encode(rand::random::<[u8; 24]>());
         let inner = Arc::new(Inner {
             runs,

@@ -16,6 +16,7 @@ pub mod local_testnet;
 pub mod ops;
 pub mod output;
 pub mod registry;
+pub mod remote_runs;
 pub mod runs;
 pub mod tasks;
 pub mod transfers;

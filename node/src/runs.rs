@@ -88,9 +88,19 @@ pub(crate) fn node_providers(
             engine: engine.clone(),
         }),
     );
-    let compute: std::sync::Arc<dyn flows::provider::Provider> = std::sync::Arc::new(
-        ComputeProvider::new(mesh.clone(), tasks.dispatcher.clone(), values.clone()),
-    );
+    let rights = crate::remote_runs::Rights {
+        starters: crate::remote_runs::Starters::new(transfers.store.clone()),
+        access: tasks.access.clone(),
+        own: own.clone(),
+        me: mesh.peer_id(),
+    };
+    let compute: std::sync::Arc<dyn flows::provider::Provider> =
+        std::sync::Arc::new(ComputeProvider::new(
+            mesh.clone(),
+            tasks.dispatcher.clone(),
+            values.clone(),
+            rights.clone(),
+        ));
     for url in COMPUTE_URLS {
         p.add(url, compute.clone());
     }
@@ -99,6 +109,7 @@ pub(crate) fn node_providers(
             std::sync::Arc::new(TransferProvider {
                 op,
                 transfers: transfers.clone(),
+                rights: rights.clone(),
                 held: Held::default(),
             });
         for base in TRANSFER_BASES {
@@ -315,20 +326,24 @@ pub struct ComputeProvider {
     mesh: mesh::Handle,
     dispatcher: compute::submit::Dispatcher,
     values: compute::blobs::Values,
+    rights: crate::remote_runs::Rights,
     held: Held<Vec<compute::TaskId>>,
 }
 
 impl ComputeProvider {
-    /// A provider that submits through `dispatcher`.
+    /// A provider that submits through `dispatcher`, judging runs started elsewhere by
+    /// `rights`.
     pub fn new(
         mesh: mesh::Handle,
         dispatcher: compute::submit::Dispatcher,
         values: compute::blobs::Values,
+        rights: crate::remote_runs::Rights,
     ) -> ComputeProvider {
         ComputeProvider {
             mesh,
             dispatcher,
             values,
+            rights,
             held: Held::default(),
         }
     }
@@ -462,6 +477,32 @@ impl flows::provider::Provider for ComputeProvider {
         Box::pin(async move {
             use flows::provider::Refusal;
             let mut tasks = ComputeProvider::tasks(&request.body).map_err(Refusal::bad)?;
+            // A run started by another institution's node: each task with its starter's
+            // delegated token, or not at all.
+            if let Some(starter) = self
+                .rights
+                .starters
+                .of_user(&request.user)
+                .await
+                .map_err(Refusal::provider)?
+            {
+                let view = self
+                    .mesh
+                    .registry()
+                    .await
+                    .map_err(|e| Refusal::provider(e.to_string()))?;
+                for task in &mut tasks {
+                    match self.rights.compute_token(
+                        &starter,
+                        &view,
+                        task.endpoint.as_deref(),
+                        &task.function,
+                    ) {
+                        Ok(token) => task.capability = token,
+                        Err(why) => return Ok(needs_right(&request, &why)),
+                    }
+                }
+            }
             let at = u64::try_from(request.at_ms).unwrap_or(0);
             let generation = self.held.generation(&request.request_id);
             let ids: Vec<compute::TaskId> = (0..tasks.len())
@@ -613,6 +654,7 @@ pub fn root_path(globus: &str) -> String {
 pub struct TransferProvider {
     op: &'static str,
     transfers: std::sync::Arc<crate::transfers::Transfers>,
+    rights: crate::remote_runs::Rights,
     held: Held<Vec<String>>,
 }
 
@@ -630,6 +672,56 @@ fn refusal((status, message): crate::transfers::Failure) -> flows::provider::Ref
 }
 
 impl TransferProvider {
+    /// For a run started by another institution's node: whether this action may touch the
+    /// endpoints it names (`Err(Ok(why))`: not with the starter's rights; `Err(Err(_))`: the
+    /// check itself failed).
+    async fn foreign(
+        &self,
+        request: &flows::provider::Request,
+    ) -> Result<(), Result<String, flows::provider::Refusal>> {
+        use flows::provider::Refusal;
+        let Some(starter) = self
+            .rights
+            .starters
+            .of_user(&request.user)
+            .await
+            .map_err(|e| Err(Refusal::provider(e)))?
+        else {
+            return Ok(());
+        };
+        if self.op == "manage_permission" {
+            return Err(Ok(format!(
+                "access denied: a run started by {}'s node does not manage shares",
+                starter
+                    .institution
+                    .as_deref()
+                    .unwrap_or("another institution")
+            )));
+        }
+        let body = &request.body;
+        let names = [
+            "endpoint_id",
+            "endpoint",
+            "source_endpoint",
+            "source_endpoint_id",
+            "destination_endpoint",
+            "destination_endpoint_id",
+        ];
+        let view = self
+            .transfers
+            .registry()
+            .await
+            .map_err(|e| Err(Refusal::provider(e)))?;
+        for name in names {
+            if let Some(ep) = body.get(name).and_then(|v| v.as_str()) {
+                self.rights
+                    .transfer_allowed(&starter, &view, ep)
+                    .map_err(Ok)?;
+            }
+        }
+        Ok(())
+    }
+
     fn field<'a>(body: &'a serde_json::Value, names: &[&str]) -> Option<&'a str> {
         names
             .iter()
@@ -1011,6 +1103,12 @@ impl flows::provider::Provider for TransferProvider {
     ) -> flows::provider::BoxFuture<'_, Result<flows::provider::Action, flows::provider::Refusal>>
     {
         Box::pin(async move {
+            if let Err(why) = self.foreign(&request).await {
+                return match why {
+                    Ok(why) => Ok(needs_right(&request, &why)),
+                    Err(refusal) => Err(refusal),
+                };
+            }
             if self.op != "transfer" {
                 return Ok(match self.once(&request).await {
                     Ok(details) => flows::provider::Action::done(&request, true, details),
@@ -1350,6 +1448,14 @@ impl flows::provider::Provider for HttpProvider {
     ) -> flows::provider::BoxFuture<'_, Result<flows::provider::Action, flows::provider::Refusal>>
     {
         Box::pin(async move {
+            if crate::remote_runs::foreign_run(&request.user).is_some() {
+                return Err(flows::provider::Refusal {
+                    code: "UnauthorizedRequest".into(),
+                    description: "an external provider is called with this node's credentials: \
+                                  not for a run started by another institution's node"
+                        .into(),
+                });
+            }
             let mut body = serde_json::json!({
                 "request_id": request.request_id,
                 "body": request.body,

@@ -357,7 +357,7 @@ pub(crate) fn split_place(text: &str) -> anyhow::Result<(&str, RelPath)> {
 /// The transfer side of a node.
 pub(crate) struct Transfers {
     pub(crate) jobs: Jobs,
-    store: store::Store,
+    pub(crate) store: store::Store,
     pub(crate) plane: DataPlane,
     pub(crate) blobs: transfer::BlobStore,
     pub(crate) roots: Arc<NodeRoots>,
@@ -970,6 +970,11 @@ impl Transfers {
             .shares(&place.endpoint, change)
             .await
             .map_err(remote_failure)
+    }
+
+    /// The registry as it is now.
+    pub(crate) async fn registry(&self) -> Result<crdt_registry::View, String> {
+        self.mesh.registry().await.map_err(|e| e.to_string())
     }
 
     /// What Globus' `collection_info` says of a collection, for an endpoint: every funcmesh

@@ -86,6 +86,21 @@ pub trait Desk: Send + Sync + 'static {
     fn cancel(&self, peer: PeerId, id: &str) -> Result<serde_json::Value, String>;
 }
 
+/// The node's other services members may call over the data plane (its flow runs, ...): each
+/// judges the calling member itself.
+pub trait Services: Send + Sync + 'static {
+    /// Answers `peer`'s call to `service`.
+    fn call(
+        &self,
+        peer: PeerId,
+        service: String,
+        body: serde_json::Value,
+    ) -> BoxFuture<'_, Result<serde_json::Value, String>>;
+}
+
+/// Where a node's services are, once it serves them.
+pub type ServicesSlot = Arc<std::sync::RwLock<Option<Arc<dyn Services>>>>;
+
 /// Where a node's copy desk is, once it runs one.
 pub type DeskSlot = Arc<std::sync::RwLock<Option<Arc<dyn Desk>>>>;
 
@@ -97,6 +112,7 @@ pub type RootsSlot = Arc<std::sync::RwLock<Option<Arc<dyn Roots>>>>;
 pub(crate) struct Serving {
     pub(crate) roots: RootsSlot,
     pub(crate) desk: DeskSlot,
+    pub(crate) services: ServicesSlot,
     pub(crate) outboards: Arc<Outboards>,
     pub(crate) corrupt: Arc<std::sync::atomic::AtomicU64>,
 }
@@ -255,7 +271,8 @@ pub fn check(request: &Request) -> Result<Checked<'_>, String> {
         | Request::SubmitCopy { .. }
         | Request::CopyStatus { .. }
         | Request::CopyCancel { .. }
-        | Request::Shares { .. } => {
+        | Request::Shares { .. }
+        | Request::Call { .. } => {
             return Err("not a request on a data root".into());
         }
     };
@@ -353,6 +370,37 @@ impl Serving {
         match answer {
             Ok(job) => {
                 if write_header(send, &Response::Job { job }).await.is_ok() {
+                    let _ = send.finish();
+                }
+            }
+            Err(reason) => refuse(send, reason).await,
+        }
+    }
+
+    /// Serves one call to another of the node's services.
+    pub(crate) async fn call(&self, peer: PeerId, send: &mut quinn::SendStream, request: Request) {
+        let v = crate::wire::version(&request);
+        if v != VERSION {
+            return refuse(
+                send,
+                format!("data-plane protocol {v}, this node speaks {VERSION}"),
+            )
+            .await;
+        }
+        let Request::Call { service, body, .. } = request else {
+            return refuse(send, "not a call".into()).await;
+        };
+        let Some(services) = self
+            .services
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+        else {
+            return refuse(send, "this node serves no calls yet".into()).await;
+        };
+        match services.call(peer, service, body).await {
+            Ok(body) => {
+                if write_header(send, &Response::Answer { body }).await.is_ok() {
                     let _ = send.finish();
                 }
             }

@@ -46,6 +46,8 @@ pub struct DataPlane {
     roots: RootsSlot,
     /// This node's copy desk, once it runs one.
     desk: crate::files::DeskSlot,
+    /// This node's other services, once it serves them.
+    services: crate::files::ServicesSlot,
     /// Open connections to peers, reused by every call.
     conns: Arc<std::sync::Mutex<std::collections::HashMap<PeerId, quinn::Connection>>>,
     /// One connection attempt per peer at a time: callers that find none open wait for the
@@ -297,6 +299,7 @@ impl DataPlane {
         let corrupt = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let roots: RootsSlot = Arc::default();
         let desk: crate::files::DeskSlot = Arc::default();
+        let services: crate::files::ServicesSlot = Arc::default();
         let outboards = Arc::new(crate::files::Outboards::default());
         let plane = DataPlane {
             endpoint: endpoint.clone(),
@@ -306,6 +309,7 @@ impl DataPlane {
             corrupt: corrupt.clone(),
             roots: roots.clone(),
             desk: desk.clone(),
+            services: services.clone(),
             conns: Arc::default(),
             dialing: Arc::default(),
             fetching: Arc::default(),
@@ -320,6 +324,7 @@ impl DataPlane {
                     serving: crate::files::Serving {
                         roots: roots.clone(),
                         desk: desk.clone(),
+                        services: services.clone(),
                         outboards: outboards.clone(),
                         corrupt: corrupt.clone(),
                     },
@@ -370,6 +375,14 @@ impl DataPlane {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(roots);
     }
 
+    /// Answers members' calls to other services through `services` from now on.
+    pub fn serve_services(&self, services: Arc<dyn crate::files::Services>) {
+        *self
+            .services
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(services);
+    }
+
     /// Runs copies other members ask for through `desk` from now on.
     pub fn serve_desk(&self, desk: Arc<dyn crate::files::Desk>) {
         *self
@@ -396,6 +409,10 @@ impl DataPlane {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
         *self
             .desk
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+        *self
+            .services
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
         self.conns
@@ -811,6 +828,7 @@ impl Server {
                         server.serving.copies(peer, &mut send, request).await
                     }
                     Request::Shares { .. } => server.serving.shares(peer, &mut send, request).await,
+                    Request::Call { .. } => server.serving.call(peer, &mut send, request).await,
                     other => server.serving.handle(peer, &mut send, other).await,
                 }
             });
@@ -1041,6 +1059,24 @@ impl Remote {
         };
         self.answer(&r, |a| match a {
             Response::Job { job } => Ok(job),
+            other => Err(other),
+        })
+        .await
+    }
+
+    /// Calls the peer's service `service` with `body`; its answer.
+    pub async fn call_service(
+        &self,
+        service: &str,
+        body: serde_json::Value,
+    ) -> Result<serde_json::Value, Error> {
+        let r = Request::Call {
+            v: VERSION,
+            service: service.into(),
+            body,
+        };
+        self.answer(&r, |a| match a {
+            Response::Answer { body } => Ok(body),
             other => Err(other),
         })
         .await

@@ -168,6 +168,15 @@ pub enum Request {
         /// The request id.
         id: String,
     },
+    /// A call to another of the node's services (its flow runs, ...), answered as JSON.
+    Call {
+        /// Protocol version.
+        v: u32,
+        /// The service's name.
+        service: String,
+        /// What is asked.
+        body: serde_json::Value,
+    },
     /// Lists or changes the shares of an endpoint's data root (asked by a member of the
     /// endpoint's own institution).
     Shares {
@@ -239,6 +248,11 @@ pub enum Response {
     Job {
         /// The job.
         job: serde_json::Value,
+    },
+    /// A service's answer to a `Call`.
+    Answer {
+        /// The answer.
+        body: serde_json::Value,
     },
     /// A data root's shares (a list, or the one added or removed), as JSON.
     Shares {
@@ -397,7 +411,8 @@ pub fn version(request: &Request) -> u32 {
         | Request::SubmitCopy { v, .. }
         | Request::CopyStatus { v, .. }
         | Request::CopyCancel { v, .. }
-        | Request::Shares { v, .. } => *v,
+        | Request::Shares { v, .. }
+        | Request::Call { v, .. } => *v,
     }
 }
 

@@ -65,6 +65,19 @@ pub enum FlowCommand {
         /// How long --wait waits.
         #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
         timeout: Duration,
+        /// Run it on another node (name or peer id) instead: a deployed flow, of that node's
+        /// institution or your own, acting with the rights you delegate (--capability).
+        #[arg(long)]
+        at: Option<String>,
+        /// Who else may see the run: institution:NAME or node:NAME (repeatable).
+        #[arg(long = "monitor")]
+        monitors: Vec<String>,
+        /// Who else may see, cancel and resume it (repeatable).
+        #[arg(long = "manager")]
+        managers: Vec<String>,
+        /// A token delegated to the hosting node for the run's actions (with --at; repeatable).
+        #[arg(long = "capability", requires = "at")]
+        capabilities: Vec<String>,
         /// The node.
         #[command(flatten)]
         node: NodeArgs,
@@ -79,6 +92,9 @@ pub enum FlowCommand {
     Status {
         /// The run id.
         id: String,
+        /// The node hosting the run, when it is not --node (name or peer id).
+        #[arg(long)]
+        at: Option<String>,
         /// The node.
         #[command(flatten)]
         node: NodeArgs,
@@ -87,6 +103,9 @@ pub enum FlowCommand {
     Log {
         /// The run id.
         id: String,
+        /// The node hosting the run, when it is not --node (name or peer id).
+        #[arg(long)]
+        at: Option<String>,
         /// The node.
         #[command(flatten)]
         node: NodeArgs,
@@ -95,6 +114,9 @@ pub enum FlowCommand {
     Cancel {
         /// The run id.
         id: String,
+        /// The node hosting the run, when it is not --node (name or peer id).
+        #[arg(long)]
+        at: Option<String>,
         /// The node.
         #[command(flatten)]
         node: NodeArgs,
@@ -103,6 +125,9 @@ pub enum FlowCommand {
     Resume {
         /// The run id.
         id: String,
+        /// The node hosting the run, when it is not --node (name or peer id).
+        #[arg(long)]
+        at: Option<String>,
         /// The node.
         #[command(flatten)]
         node: NodeArgs,
@@ -220,6 +245,10 @@ pub(crate) async fn flow_command(cmd: FlowCommand) -> anyhow::Result<()> {
             id,
             wait,
             timeout,
+            at,
+            monitors,
+            managers,
+            capabilities,
             node,
         } => {
             let client = Client::for_node(&DataDir::new(&node.node))?;
@@ -236,6 +265,16 @@ pub(crate) async fn flow_command(cmd: FlowCommand) -> anyhow::Result<()> {
             if let Some(i) = id {
                 body["run_id"] = i.into();
             }
+            if let Some(a) = &at {
+                body["at"] = a.clone().into();
+            }
+            body["monitors"] = monitors.into();
+            body["managers"] = managers.into();
+            body["capabilities"] = capabilities
+                .iter()
+                .map(|t| crate::capabilities::token_arg(t).map(|b| capability::to_text(&b)))
+                .collect::<anyhow::Result<Vec<_>>>()?
+                .into();
             let mut run = client.start_run(&body).await?;
             if wait {
                 let deadline = tokio::time::Instant::now() + timeout;
@@ -251,7 +290,7 @@ pub(crate) async fn flow_command(cmd: FlowCommand) -> anyhow::Result<()> {
                     );
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(Duration::from_millis(500));
-                    run = client.run(&run.run_id).await?;
+                    run = client.run_at(&run.run_id, at.as_deref()).await?;
                 }
             }
             show(node.json, &run, print_run)?;
@@ -277,28 +316,28 @@ pub(crate) async fn flow_command(cmd: FlowCommand) -> anyhow::Result<()> {
                 }
             })
         }
-        FlowCommand::Status { id, node } => {
+        FlowCommand::Status { id, at, node } => {
             let client = Client::for_node(&DataDir::new(&node.node))?;
-            let run = client.run(&id).await?;
+            let run = client.run_at(&id, at.as_deref()).await?;
             show(node.json, &run, print_run)
         }
-        FlowCommand::Log { id, node } => {
+        FlowCommand::Log { id, at, node } => {
             let client = Client::for_node(&DataDir::new(&node.node))?;
-            let log = client.run_log(&id).await?;
+            let log = client.run_log_at(&id, at.as_deref()).await?;
             show(node.json, &log, |log| {
                 for e in log {
                     println!("{}", serde_json::to_string(e).unwrap_or_default());
                 }
             })
         }
-        FlowCommand::Cancel { id, node } => {
+        FlowCommand::Cancel { id, at, node } => {
             let client = Client::for_node(&DataDir::new(&node.node))?;
-            let run = client.run_op(&id, "cancel").await?;
+            let run = client.run_op_at(&id, "cancel", at.as_deref()).await?;
             show(node.json, &run, print_run)
         }
-        FlowCommand::Resume { id, node } => {
+        FlowCommand::Resume { id, at, node } => {
             let client = Client::for_node(&DataDir::new(&node.node))?;
-            let run = client.run_op(&id, "resume").await?;
+            let run = client.run_op_at(&id, "resume", at.as_deref()).await?;
             show(node.json, &run, print_run)
         }
     }

@@ -1333,3 +1333,189 @@ fn corpus_transfer_share_copies_to_a_guest_collection_and_shares_it() {
     assert_eq!(run["status"], "FAILED", "{run}");
     assert!(run.to_string().contains("institutions and nodes"), "{run}");
 }
+
+/// `flow status|log|cancel RUN --at NODE`, as seen from `node`: its JSON, or the error text.
+fn at(
+    node: &std::path::Path,
+    op: &str,
+    run: &str,
+    host: &str,
+) -> Result<serde_json::Value, String> {
+    let out = funcmesh(&["flow", op, run, "--at", host, "--json", "--node", p(node)]);
+    if out.status.success() {
+        Ok(serde_json::from_slice(&out.stdout).unwrap())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+#[test]
+fn a_run_started_at_another_institutions_node_acts_only_with_the_rights_its_starter_delegated() {
+    let net = Net::up("2", "2", &[]);
+    let (a1, a2, b1, b2) = (
+        net.node("a1"),
+        net.node("a2"),
+        net.node("b1"),
+        net.node("b2"),
+    );
+    net.wait_endpoints(&b1, 4);
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("double.py");
+    std::fs::write(&src, "def double(x):\n    return 2 * x\n").unwrap();
+    ok(&[
+        "function",
+        "register",
+        "--name",
+        "double",
+        "--python",
+        p(&src),
+        "--entrypoint",
+        "double",
+        "--node",
+        p(&a1),
+    ]);
+    let def = dir.path().join("calc.json");
+    std::fs::write(
+        &def,
+        r#"{"StartAt": "D", "States": {"D": {"Type": "Action",
+            "ActionUrl": "https://compute.actions.globus.org/v3",
+            "Parameters": {"endpoint_id.$": "$.ep", "tasks": [{"function_id": "double", "args.$": "$.x"}]},
+            "ResultPath": "$.r", "End": true}}}"#,
+    )
+    .unwrap();
+    let flow = ok(&[
+        "flow",
+        "deploy",
+        p(&def),
+        "--title",
+        "calc",
+        "--node",
+        p(&a1),
+    ]);
+    wait_until("b1 to see the flow", Duration::from_secs(20), || {
+        ok(&["flow", "list", "--node", p(&b1)]).contains(flow.trim())
+    });
+    let start = |id: &str, input: &str, extra: &[&str]| {
+        let mut args = vec![
+            "flow",
+            "run",
+            "calc",
+            "--at",
+            "a1",
+            "--id",
+            id,
+            "--input",
+            input,
+            "--node",
+            p(&b1),
+        ];
+        args.extend_from_slice(extra);
+        funcmesh(&args)
+    };
+    // Without inst-a's flow.run grant, a1 runs nothing for inst-b.
+    let out = start("r0", r#"{"ep": "a2", "x": [1]}"#, &[]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("flow.run"));
+    let grant = ok(&[
+        "cap",
+        "grant",
+        "--issuer-key",
+        p(&net.key("inst-a")),
+        "--to",
+        "institution:inst-b",
+        "--flow",
+        "calc",
+        "--ttl",
+        "1h",
+        "--node",
+        p(&a1),
+    ]);
+    ok(&["cap", "add", grant.trim(), "--node", p(&b1)]);
+
+    // A task on a2, which admits a1 (its own institution) but not inst-b: a1 does not lend
+    // its own rights, so the run waits INACTIVE. a2 manages it; only managers cancel.
+    let out = start("r1", r#"{"ep": "a2", "x": [1]}"#, &["--manager", "node:a2"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut run = serde_json::Value::Null;
+    wait_until("r1 to wait for a right", Duration::from_secs(30), || {
+        run = at(&b1, "status", "r1", "a1").unwrap();
+        run["status"] == "INACTIVE"
+    });
+    assert!(
+        run.to_string().contains("delegated no capability token"),
+        "{run}"
+    );
+    assert!(
+        at(&b2, "status", "r1", "a1").is_ok(),
+        "the starter's institution sees it"
+    );
+    let run = at(&a2, "cancel", "r1", "a1").unwrap();
+    assert!(
+        run["status"] == "ENDED" || run["status"] == "INACTIVE",
+        "{run}"
+    );
+
+    // A task on b2 (inst-b's): with a token inst-b delegates for this run, it runs; a1 itself
+    // holds no such token.
+    let token = ok(&[
+        "cap",
+        "grant",
+        "--issuer-key",
+        p(&net.key("inst-b")),
+        "--to",
+        "institution:inst-a",
+        "--endpoint",
+        "b2",
+        "--function",
+        "double",
+        "--ttl",
+        "1h",
+        "--node",
+        p(&b1),
+    ]);
+    let out = start(
+        "r2",
+        r#"{"ep": "b2", "x": [21]}"#,
+        &[
+            "--capability",
+            token.trim(),
+            "--monitor",
+            "node:a2",
+            "--wait",
+            "--json",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let run: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(run["status"], "SUCCEEDED", "{run}");
+    assert_eq!(run["details"]["output"]["r"]["details"]["result"][0], 42);
+    assert_eq!(
+        ok(&["cap", "list", "--json", "--node", p(&a1)]).trim(),
+        "[]"
+    );
+    // Without it, the same task waits INACTIVE.
+    let out = start("r3", r#"{"ep": "b2", "x": [1]}"#, &[]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_until("r3 to wait for a right", Duration::from_secs(30), || {
+        at(&b1, "status", "r3", "a1").unwrap()["status"] == "INACTIVE"
+    });
+
+    // Monitors see, and do not manage; others see nothing.
+    assert!(at(&a2, "log", "r2", "a1").is_ok());
+    let err = at(&a2, "cancel", "r2", "a1").unwrap_err();
+    assert!(err.contains("managed by"), "{err}");
+    let err = at(&a2, "status", "r3", "a1").unwrap_err();
+    assert!(err.contains("no run r3"), "{err}");
+}
