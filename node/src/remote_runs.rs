@@ -11,7 +11,7 @@
 //! * cancel and resume: the starter's institution, and the run's managers.
 //!
 //! A run started by another institution's node acts with the rights its starter delegated,
-//! never with the host's own: its actions are judged as that starter's (see
+//! never with the host's own: its actions are judged as that starter's ([`Rights`], used by
 //! `runs::ComputeProvider` and `runs::TransferProvider`).
 
 use std::sync::Arc;
@@ -236,29 +236,59 @@ impl Rights {
             })
     }
 
-    /// Whether a transfer action of `starter`'s run may touch `endpoint`: only where the
-    /// endpoint's policy admits both the starter and this node without a token (transfer
-    /// tokens are not delegated to runs yet).
-    pub fn transfer_allowed(
+    /// The token a transfer action of `starter`'s run presents to do `want` at `path` of
+    /// `endpoint` (none when the endpoint's policy admits both the starter and this node), or
+    /// why it may not.
+    pub fn transfer_token(
         &self,
         starter: &Starter,
         view: &crdt_registry::View,
         endpoint: &str,
-    ) -> Result<(), String> {
+        path: &str,
+        want: transfer::files::Want,
+    ) -> Result<Option<String>, String> {
+        let who = starter
+            .institution
+            .as_deref()
+            .unwrap_or("another institution");
         let ep = crate::registry::find_endpoint(view, endpoint).map_err(|e| format!("{e:#}"))?;
-        let (theirs, _) = Rights::endpoint_institution(view, ep);
+        let (theirs, root) = Rights::endpoint_institution(view, ep);
         if self.both_admitted(starter, ep, theirs.as_deref()) {
-            return Ok(());
+            return Ok(None);
         }
-        Err(format!(
-            "access denied: a run started by {}'s node moves data only between endpoints whose \
-             policy admits both that institution and this node's without a token ({endpoint}'s \
-             does not); transfer tokens are not delegated to runs",
-            starter
-                .institution
-                .as_deref()
-                .unwrap_or("another institution")
-        ))
+        let (Some(root), Some(institution)) = (root, self.access.institution()) else {
+            return Err(format!("endpoint {endpoint} belongs to no institution"));
+        };
+        let ability = match want {
+            transfer::files::Want::Read => capability::Ability::TransferRead,
+            transfer::files::Want::Write => capability::Ability::TransferWrite,
+        };
+        let path = transfer::root::RelPath::parse(path).map_err(|e| e.to_string())?;
+        let req = capability::Request {
+            peer: self.me.to_string(),
+            institution,
+            time: mesh::membership::unix_now(),
+            endpoint: ep.id.clone(),
+            function: None,
+            ability,
+            path: Some(path.as_str().to_owned()),
+        };
+        starter
+            .capabilities
+            .iter()
+            .find(|t| self.access.check(t, &root, &req).is_ok())
+            .cloned()
+            .map(Some)
+            .ok_or_else(|| {
+                format!(
+                    "access denied: the run's starter ({who}) delegated no capability token that \
+                     lets this node ({}) {ability} {endpoint}:{} — delegate one (`funcmesh cap \
+                     delegate TOKEN --to node:{}`) and start the run with it",
+                    self.me,
+                    path.as_str(),
+                    self.me
+                )
+            })
     }
 }
 

@@ -672,54 +672,69 @@ fn refusal((status, message): crate::transfers::Failure) -> flows::provider::Ref
 }
 
 impl TransferProvider {
-    /// For a run started by another institution's node: whether this action may touch the
-    /// endpoints it names (`Err(Ok(why))`: not with the starter's rights; `Err(Err(_))`: the
-    /// check itself failed).
+    /// For a run started by another institution's node: its starter and the registry, to
+    /// judge each place the action touches as the starter's (none for this node's own runs).
     async fn foreign(
         &self,
         request: &flows::provider::Request,
-    ) -> Result<(), Result<String, flows::provider::Refusal>> {
+    ) -> Result<Option<(crate::remote_runs::Starter, crdt_registry::View)>, flows::provider::Refusal>
+    {
         use flows::provider::Refusal;
         let Some(starter) = self
             .rights
             .starters
             .of_user(&request.user)
             .await
-            .map_err(|e| Err(Refusal::provider(e)))?
+            .map_err(Refusal::provider)?
         else {
-            return Ok(());
+            return Ok(None);
         };
         if self.op == "manage_permission" {
-            return Err(Ok(format!(
-                "access denied: a run started by {}'s node does not manage shares",
-                starter
-                    .institution
-                    .as_deref()
-                    .unwrap_or("another institution")
-            )));
+            return Err(Refusal {
+                code: "UnauthorizedRequest".into(),
+                description: format!(
+                    "access denied: a run started by {}'s node does not manage shares",
+                    starter
+                        .institution
+                        .as_deref()
+                        .unwrap_or("another institution")
+                ),
+            });
         }
-        let body = &request.body;
-        let names = [
-            "endpoint_id",
-            "endpoint",
-            "source_endpoint",
-            "source_endpoint_id",
-            "destination_endpoint",
-            "destination_endpoint_id",
-        ];
-        let view = self
-            .transfers
-            .registry()
-            .await
-            .map_err(|e| Err(Refusal::provider(e)))?;
-        for name in names {
-            if let Some(ep) = body.get(name).and_then(|v| v.as_str()) {
-                self.rights
-                    .transfer_allowed(&starter, &view, ep)
-                    .map_err(Ok)?;
-            }
-        }
-        Ok(())
+        let view = self.transfers.registry().await.map_err(Refusal::provider)?;
+        Ok(Some((starter, view)))
+    }
+
+    /// What a run started elsewhere lends for touching `endpoint`:`path` (`want`): its
+    /// starter's delegated token (or none where the policy admits both institutions); `None`
+    /// for this node's own runs, which act with the node's tokens.
+    fn lend(
+        &self,
+        foreign: Option<&(crate::remote_runs::Starter, crdt_registry::View)>,
+        endpoint: &str,
+        path: &str,
+        want: transfer::files::Want,
+    ) -> Result<Option<crate::transfers::Lent>, flows::provider::Refusal> {
+        let Some((starter, view)) = foreign else {
+            return Ok(None);
+        };
+        let token = self
+            .rights
+            .transfer_token(starter, view, endpoint, &root_path(path), want)
+            .map_err(|why| flows::provider::Refusal {
+                code: "UnauthorizedRequest".into(),
+                description: why,
+            })?;
+        Ok(Some(match want {
+            transfer::files::Want::Read => crate::transfers::Lent {
+                read: token,
+                write: None,
+            },
+            transfer::files::Want::Write => crate::transfers::Lent {
+                read: None,
+                write: token,
+            },
+        }))
     }
 
     fn field<'a>(body: &'a serde_json::Value, names: &[&str]) -> Option<&'a str> {
@@ -755,15 +770,19 @@ impl TransferProvider {
         request: &flows::provider::Request,
     ) -> Result<serde_json::Value, flows::provider::Refusal> {
         use flows::provider::Refusal;
+        use transfer::files::Want;
         let body = &request.body;
         let endpoint = TransferProvider::field(body, &["endpoint_id", "endpoint"])
             .ok_or_else(|| Refusal::bad("name the endpoint (`endpoint_id`)"))?;
+        let foreign = self.foreign(request).await?;
+        let foreign = foreign.as_ref();
         match self.op {
             "ls" | "stat" => {
                 let path = TransferProvider::field(body, &["path"]).unwrap_or("/");
                 let place = TransferProvider::place(endpoint, path);
+                let lent = self.lend(foreign, endpoint, path, Want::Read)?;
                 if self.op == "stat" {
-                    return match self.transfers.stat(&place).await {
+                    return match self.transfers.stat_as(&place, lent.as_ref()).await {
                         Ok(e) => Ok(TransferProvider::entry(&e)),
                         // A missing path is an answer, as Globus' stat gives it.
                         Err((_, m)) if m.contains("does not exist") => Ok(serde_json::json!({
@@ -773,7 +792,11 @@ impl TransferProvider {
                         Err(f) => Err(refusal(f)),
                     };
                 }
-                let entries = self.transfers.ls(&place).await.map_err(refusal)?;
+                let entries = self
+                    .transfers
+                    .ls_as(&place, lent.as_ref())
+                    .await
+                    .map_err(refusal)?;
                 let offset = body.get("offset").and_then(|v| v.as_u64()).unwrap_or(0) as usize;
                 let limit = body
                     .get("limit")
@@ -802,7 +825,11 @@ impl TransferProvider {
                     path: TransferProvider::place(endpoint, path),
                     recursive: false,
                 };
-                self.transfers.mkdir(&op).await.map_err(refusal)?;
+                let lent = self.lend(foreign, endpoint, path, Want::Write)?;
+                self.transfers
+                    .mkdir_as(&op, lent.as_ref())
+                    .await
+                    .map_err(refusal)?;
                 Ok(serde_json::json!({
                     "DATA_TYPE": "mkdir_result",
                     "code": "DirectoryCreated",
@@ -839,7 +866,8 @@ impl TransferProvider {
                         path: TransferProvider::place(endpoint, p),
                         recursive,
                     };
-                    match self.transfers.rm(&op).await {
+                    let lent = self.lend(foreign, endpoint, p, Want::Write)?;
+                    match self.transfers.rm_as(&op, lent.as_ref()).await {
                         Ok(()) => deleted += 1,
                         Err((_, m)) if ignore_missing && m.contains("does not exist") => {}
                         Err(f) => return Err(refusal(f)),
@@ -985,6 +1013,7 @@ impl TransferProvider {
             .and_then(|v| v.as_bool())
             .unwrap_or(false);
         let generation = self.held.generation(&request.request_id);
+        let foreign = self.foreign(request).await?;
         let mut ids = Vec::new();
         for (i, item) in items.iter().enumerate() {
             let from = item
@@ -996,11 +1025,21 @@ impl TransferProvider {
                 .and_then(|v| v.as_str())
                 .ok_or_else(|| Refusal::bad(format!("DATA[{i}] has no `destination_path`")))?;
             let source = TransferProvider::place(src, from);
+            let read = self.lend(foreign.as_ref(), src, from, transfer::files::Want::Read)?;
+            let write = self.lend(foreign.as_ref(), dst, to, transfer::files::Want::Write)?;
+            let lent = read.zip(write).map(|(r, w)| crate::transfers::Lent {
+                read: r.read,
+                write: w.write,
+            });
             let recursive = match item.get("recursive").and_then(|v| v.as_bool()) {
                 Some(r) => r,
                 // Not said: as the source is (Globus works it out too).
                 None => {
-                    self.transfers.stat(&source).await.map_err(refusal)?.kind
+                    self.transfers
+                        .stat_as(&source, lent.as_ref())
+                        .await
+                        .map_err(refusal)?
+                        .kind
                         == transfer::root::Kind::Dir
                 }
             };
@@ -1009,14 +1048,17 @@ impl TransferProvider {
                 g => format!("{}.{i}.r{g}", request.request_id),
             };
             self.transfers
-                .copy(crate::transfers::NewTransfer {
-                    request_id: Some(id.clone()),
-                    source,
-                    destination: TransferProvider::place(dst, to),
-                    recursive,
-                    sync: sync.clone(),
-                    delete,
-                })
+                .copy_as(
+                    crate::transfers::NewTransfer {
+                        request_id: Some(id.clone()),
+                        source,
+                        destination: TransferProvider::place(dst, to),
+                        recursive,
+                        sync: sync.clone(),
+                        delete,
+                    },
+                    lent.as_ref(),
+                )
                 .await
                 .map_err(refusal)?;
             ids.push(id);
@@ -1103,12 +1145,6 @@ impl flows::provider::Provider for TransferProvider {
     ) -> flows::provider::BoxFuture<'_, Result<flows::provider::Action, flows::provider::Refusal>>
     {
         Box::pin(async move {
-            if let Err(why) = self.foreign(&request).await {
-                return match why {
-                    Ok(why) => Ok(needs_right(&request, &why)),
-                    Err(refusal) => Err(refusal),
-                };
-            }
             if self.op != "transfer" {
                 return Ok(match self.once(&request).await {
                     Ok(details) => flows::provider::Action::done(&request, true, details),

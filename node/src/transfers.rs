@@ -534,6 +534,9 @@ impl Desk for NodeDesk {
             let mut spec: transfer::copy::Spec =
                 serde_json::from_value(spec).map_err(|e| format!("not a copy: {e}"))?;
             spec.requester = peer.to_string();
+            // This node reads the source with its own rights, never with a token the asking
+            // member put in the spec.
+            spec.read_token = None;
             let dst_path = RelPath::parse(&spec.dst_path).map_err(|e| e.to_string())?;
             self.roots.open(
                 &peer,
@@ -741,6 +744,17 @@ pub struct PathOp {
     pub recursive: bool,
 }
 
+/// Tokens lent for one operation, presented instead of the node's own (a run started by
+/// another institution's node acts with what its starter delegated): for reading the source
+/// and for writing the destination; `None` presents no token.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Lent {
+    /// For reading.
+    pub(crate) read: Option<String>,
+    /// For writing.
+    pub(crate) write: Option<String>,
+}
+
 /// `POST /v1/transfers/shares`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -810,6 +824,15 @@ impl Transfers {
     /// Accepts a copy: run here if the destination is one of this node's endpoints, else
     /// asked of the destination's node (which pulls from the source itself).
     pub(crate) async fn copy(&self, t: NewTransfer) -> Result<transfer::copy::Job, Failure> {
+        self.copy_as(t, None).await
+    }
+
+    /// [`Transfers::copy`] with the tokens `lent` for it (none: this node's own).
+    pub(crate) async fn copy_as(
+        &self,
+        t: NewTransfer,
+        lent: Option<&Lent>,
+    ) -> Result<transfer::copy::Job, Failure> {
         use axum::http::StatusCode;
         let src = resolve(&self.mesh, &t.source)
             .await
@@ -834,6 +857,7 @@ impl Transfers {
             sync,
             delete: t.delete,
             requester: me.to_string(),
+            read_token: lent.and_then(|l| l.read.clone()),
         };
         if dst.peer == me {
             let jobs = self.jobs.clone();
@@ -844,8 +868,8 @@ impl Transfers {
         }
         // A third-party copy: the destination's node runs it; this node asks with its own
         // rights to write there and to read the source (both checked by that node).
-        let write_token = self.token(&dst, Want::Write)?;
-        let read_token = self.token(&src, Want::Read)?;
+        let write_token = self.token_as(&dst, Want::Write, lent)?;
+        let read_token = self.token_as(&src, Want::Read, lent)?;
         let spec = serde_json::to_value(&spec)
             .map_err(|e| (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
         let job = self
@@ -951,6 +975,23 @@ impl Transfers {
             .map_err(|e| (axum::http::StatusCode::FORBIDDEN, e))
     }
 
+    /// The token to present: the one lent for the operation when there is a loan (none if it
+    /// lends none for `want`), else this node's.
+    fn token_as(
+        &self,
+        place: &Place,
+        want: Want,
+        lent: Option<&Lent>,
+    ) -> Result<Option<String>, Failure> {
+        match lent {
+            Some(l) => Ok(match want {
+                Want::Read => l.read.clone(),
+                Want::Write => l.write.clone(),
+            }),
+            None => self.token(place, want),
+        }
+    }
+
     /// Lists or changes the shares of the data root of `endpoint` (any member's: asked of its
     /// node, which lets only members of its own institution do it).
     pub(crate) async fn shares(
@@ -1024,10 +1065,19 @@ impl Transfers {
 
     /// `ls ENDPOINT:PATH`: a directory's entries, or a file's own.
     pub(crate) async fn ls(&self, text: &str) -> Result<Vec<transfer::root::Entry>, Failure> {
+        self.ls_as(text, None).await
+    }
+
+    /// [`Transfers::ls`] with the tokens `lent` for it.
+    pub(crate) async fn ls_as(
+        &self,
+        text: &str,
+        lent: Option<&Lent>,
+    ) -> Result<Vec<transfer::root::Entry>, Failure> {
         let place = resolve(&self.mesh, text)
             .await
             .map_err(|e| bad(format!("{e:#}")))?;
-        let token = self.token(&place, Want::Read)?;
+        let token = self.token_as(&place, Want::Read, lent)?;
         let remote = self.remote_of(&place)?;
         let entry = remote
             .stat(&place.endpoint, place.path.as_str(), token.clone())
@@ -1042,24 +1092,33 @@ impl Transfers {
             .map_err(remote_failure)
     }
 
-    /// `mkdir ENDPOINT:PATH`.
-    /// What is at `ENDPOINT:PATH` (a file, a directory, ...).
-    pub(crate) async fn stat(&self, text: &str) -> Result<transfer::root::Entry, Failure> {
+    /// What is at `ENDPOINT:PATH` (a file, a directory, ...), with the tokens `lent` for it.
+    pub(crate) async fn stat_as(
+        &self,
+        text: &str,
+        lent: Option<&Lent>,
+    ) -> Result<transfer::root::Entry, Failure> {
         let place = resolve(&self.mesh, text)
             .await
             .map_err(|e| bad(format!("{e:#}")))?;
-        let token = self.token(&place, Want::Read)?;
+        let token = self.token_as(&place, Want::Read, lent)?;
         self.remote_of(&place)?
             .stat(&place.endpoint, place.path.as_str(), token)
             .await
             .map_err(remote_failure)
     }
 
+    /// `mkdir ENDPOINT:PATH`.
     pub(crate) async fn mkdir(&self, op: &PathOp) -> Result<(), Failure> {
+        self.mkdir_as(op, None).await
+    }
+
+    /// [`Transfers::mkdir`] with the tokens `lent` for it.
+    pub(crate) async fn mkdir_as(&self, op: &PathOp, lent: Option<&Lent>) -> Result<(), Failure> {
         let place = resolve(&self.mesh, &op.path)
             .await
             .map_err(|e| bad(format!("{e:#}")))?;
-        let token = self.token(&place, Want::Write)?;
+        let token = self.token_as(&place, Want::Write, lent)?;
         self.remote_of(&place)?
             .mkdir(&place.endpoint, place.path.as_str(), op.recursive, token)
             .await
@@ -1068,10 +1127,15 @@ impl Transfers {
 
     /// `rm ENDPOINT:PATH`.
     pub(crate) async fn rm(&self, op: &PathOp) -> Result<(), Failure> {
+        self.rm_as(op, None).await
+    }
+
+    /// [`Transfers::rm`] with the tokens `lent` for it.
+    pub(crate) async fn rm_as(&self, op: &PathOp, lent: Option<&Lent>) -> Result<(), Failure> {
         let place = resolve(&self.mesh, &op.path)
             .await
             .map_err(|e| bad(format!("{e:#}")))?;
-        let token = self.token(&place, Want::Write)?;
+        let token = self.token_as(&place, Want::Write, lent)?;
         self.remote_of(&place)?
             .remove(&place.endpoint, place.path.as_str(), op.recursive, token)
             .await

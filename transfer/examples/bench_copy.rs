@@ -107,6 +107,7 @@ async fn copy(
                     sync: *sync,
                     delete: false,
                     requester: String::new(),
+                    read_token: None,
                 },
             )
             .unwrap();

@@ -94,6 +94,10 @@ pub struct Spec {
     /// The member that asked for it.
     #[serde(default)]
     pub requester: String,
+    /// The token to present to the source instead of the one this node would pick: one lent
+    /// for this copy (by the starter of a flow run that asked for it on another's behalf).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_token: Option<String>,
 }
 
 /// Where a job is.
@@ -543,6 +547,7 @@ impl Jobs {
             .ctx
             .source(&spec.src_node, &spec.src_endpoint, &spec.src_path)
             .await
+            .map(|(remote, token)| (remote, spec.read_token.clone().or(token)))
             .map_err(Stop::Failed)?;
         let source = Source {
             ctx: self.inner.ctx.clone(),
@@ -1045,7 +1050,9 @@ impl Source {
             .source(&s.src_node, &s.src_endpoint, &s.src_path)
             .await
         {
-            Ok(fresh) => *self.now.lock().await = fresh,
+            Ok((remote, token)) => {
+                *self.now.lock().await = (remote, s.read_token.clone().or(token))
+            }
             Err(e) => tracing::debug!(error = %e, "cannot look the transfer source up again"),
         }
     }

@@ -279,7 +279,8 @@ pub(crate) async fn flow_command(cmd: FlowCommand) -> anyhow::Result<()> {
             if wait {
                 let deadline = tokio::time::Instant::now() + timeout;
                 let mut pause = Duration::from_millis(20);
-                while !run.status.is_final() {
+                // INACTIVE waits for someone: say so rather than wait for nothing.
+                while !run.status.is_final() && run.status != flows::engine::RunStatus::Inactive {
                     anyhow::ensure!(
                         tokio::time::Instant::now() < deadline,
                         "run {} is still {:?} after {}: `funcmesh flow status {}` follows it",
@@ -296,6 +297,14 @@ pub(crate) async fn flow_command(cmd: FlowCommand) -> anyhow::Result<()> {
             show(node.json, &run, print_run)?;
             if run.status == flows::engine::RunStatus::Failed {
                 anyhow::bail!("run {} failed", run.run_id);
+            }
+            if wait && run.status == flows::engine::RunStatus::Inactive {
+                anyhow::bail!(
+                    "run {} is INACTIVE: it waits for what its details name; `funcmesh flow \
+                     resume {}` after that is done",
+                    run.run_id,
+                    run.run_id
+                );
             }
             Ok(())
         }

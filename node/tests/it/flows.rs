@@ -1518,4 +1518,162 @@ fn a_run_started_at_another_institutions_node_acts_only_with_the_rights_its_star
     assert!(err.contains("managed by"), "{err}");
     let err = at(&a2, "status", "r3", "a1").unwrap_err();
     assert!(err.contains("no run r3"), "{err}");
+
+    // Transfers too: pulling inst-b's data into a1 takes a read token inst-b lends; pulling
+    // a2's (which admits a1, not inst-b) is not done with a1's own rights.
+    std::fs::create_dir_all(b2.join("data/results")).unwrap();
+    std::fs::write(b2.join("data/results/r.txt"), b"inst-b's result\n").unwrap();
+    std::fs::create_dir_all(a2.join("data/results")).unwrap();
+    std::fs::write(a2.join("data/results/r.txt"), b"inst-a's result\n").unwrap();
+    let pull = dir.path().join("pull.json");
+    std::fs::write(
+        &pull,
+        r#"{"StartAt": "T", "States": {"T": {"Type": "Action",
+            "ActionUrl": "https://transfer.actions.globus.org/transfer",
+            "Parameters": {"source_endpoint.$": "$.src", "destination_endpoint": "a1",
+                "DATA": [{"source_path": "/~/results/r.txt", "destination_path.$": "$.to"}]},
+            "ResultPath": "$.t", "End": true}}}"#,
+    )
+    .unwrap();
+    let flow = ok(&[
+        "flow",
+        "deploy",
+        p(&pull),
+        "--title",
+        "pull",
+        "--node",
+        p(&a1),
+    ]);
+    wait_until("b1 to see pull", Duration::from_secs(20), || {
+        ok(&["flow", "list", "--node", p(&b1)]).contains(flow.trim())
+    });
+    let grant = ok(&[
+        "cap",
+        "grant",
+        "--issuer-key",
+        p(&net.key("inst-a")),
+        "--to",
+        "institution:inst-b",
+        "--flow",
+        "pull",
+        "--ttl",
+        "1h",
+        "--node",
+        p(&a1),
+    ]);
+    ok(&["cap", "add", grant.trim(), "--node", p(&b1)]);
+    let read = ok(&[
+        "cap",
+        "grant",
+        "--issuer-key",
+        p(&net.key("inst-b")),
+        "--to",
+        "institution:inst-a",
+        "--endpoint",
+        "b2",
+        "--ability",
+        "transfer.read",
+        "--path",
+        "results",
+        "--ttl",
+        "1h",
+        "--node",
+        p(&b1),
+    ]);
+    // Writing into a1 for inst-b takes inst-a's grant to inst-b, which inst-b lends back.
+    let write = ok(&[
+        "cap",
+        "grant",
+        "--issuer-key",
+        p(&net.key("inst-a")),
+        "--to",
+        "institution:inst-b",
+        "--endpoint",
+        "a1",
+        "--ability",
+        "transfer.write",
+        "--path",
+        "from-b",
+        "--ttl",
+        "1h",
+        "--node",
+        p(&a1),
+    ]);
+    let write = ok(&[
+        "cap",
+        "delegate",
+        write.trim(),
+        "--issuer-key",
+        p(&net.key("inst-b")),
+        "--to",
+        "institution:inst-a",
+        "--ttl",
+        "30m",
+        "--node",
+        p(&b1),
+    ]);
+    let run_pull = |id: &str, input: &str, extra: &[&str]| {
+        let mut args = vec![
+            "flow",
+            "run",
+            "pull",
+            "--at",
+            "a1",
+            "--id",
+            id,
+            "--input",
+            input,
+            "--node",
+            p(&b1),
+        ];
+        args.extend_from_slice(extra);
+        funcmesh(&args)
+    };
+    let out = run_pull(
+        "t1",
+        r#"{"src": "b2", "to": "/~/from-b/r.txt"}"#,
+        &[
+            "--capability",
+            read.trim(),
+            "--capability",
+            write.trim(),
+            "--wait",
+            "--json",
+            "--timeout",
+            "60s",
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read(a1.join("data/from-b/r.txt")).unwrap(),
+        b"inst-b's result\n"
+    );
+    for (id, src) in [("t2", "b2"), ("t3", "a2")] {
+        let input = format!(r#"{{"src": "{src}", "to": "/~/{id}.txt"}}"#);
+        let out = run_pull(id, &input, &[]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut run = serde_json::Value::Null;
+        wait_until(
+            "the pull to wait for a right",
+            Duration::from_secs(30),
+            || {
+                run = at(&b1, "status", id, "a1").unwrap();
+                run["status"] == "INACTIVE"
+            },
+        );
+        assert!(
+            run.to_string().contains("delegated no capability token"),
+            "{run}"
+        );
+        assert!(!a1.join(format!("data/{id}.txt")).exists());
+    }
 }

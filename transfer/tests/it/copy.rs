@@ -131,6 +131,7 @@ fn spec(src: &str, dst: &str, recursive: bool, sync: Option<SyncLevel>) -> Spec 
         sync,
         delete: false,
         requester: String::new(),
+        read_token: None,
     }
 }
 
