@@ -170,6 +170,20 @@ pub trait Provider: Send + Sync {
     fn resume(&self, action_id: &str) -> BoxFuture<'_, Result<Action, Refusal>> {
         self.status(action_id)
     }
+    /// The action's log entries (Globus' `GET /{id}/log`), oldest first. By default one entry:
+    /// the status as it is now.
+    fn log(&self, action_id: &str) -> BoxFuture<'_, Result<Vec<Value>, Refusal>> {
+        let status = self.status(action_id);
+        Box::pin(async move {
+            let action = status.await?;
+            Ok(vec![json!({
+                "code": "ActionStatus",
+                "time": crate::time::format_rfc3339(crate::time::now_ms()),
+                "description": action.display_status.clone().unwrap_or_default(),
+                "details": action,
+            })])
+        })
+    }
     /// Resolves when the action's status may have changed, or after `at_most` (polling
     /// providers sleep; built-ins wake at once).
     fn changed(&self, action_id: &str, at_most: std::time::Duration) -> BoxFuture<'_, ()> {
@@ -200,6 +214,128 @@ pub const HELLO_WORLD_URLS: &[&str] = &[
     "https://actions.automate.globus.org/hello_world",
 ];
 
+/// The URL of funcmesh's wait provider (Globus has a `Wait` state, and no provider).
+pub const WAIT_URL: &str = "urn:funcmesh:actions:wait";
+
+/// Waits, as an action: `{"seconds": N}` or `{"until": RFC 3339}` (at most a year). The
+/// deadline counts from when the engine first asked (`Request::at_ms`, the same on every ask
+/// under one `request_id`), so a wait survives a restart of its node exactly; it needs no
+/// memory of its own. Useful where the `Wait` state is not: inside a `Parallel` branch beside
+/// other actions, or as a deadline a `Catch` can act on.
+#[derive(Debug, Default)]
+pub struct WaitProvider {
+    deadlines: Mutex<HashMap<String, (Request, i64)>>,
+}
+
+/// The longest wait.
+const MAX_WAIT_MS: i64 = 366 * 24 * 3600 * 1000;
+
+impl WaitProvider {
+    fn deadline(request: &Request) -> Result<i64, Refusal> {
+        let body = &request.body;
+        match (body.get("seconds"), body.get("until")) {
+            (Some(s), None) => {
+                let s = s
+                    .as_f64()
+                    .filter(|s| (0.0..=(MAX_WAIT_MS / 1000) as f64).contains(s))
+                    .ok_or_else(|| Refusal::bad("`seconds` is a number from 0 to 31622400"))?;
+                Ok(request.at_ms + (s * 1000.0) as i64)
+            }
+            (None, Some(u)) => {
+                let at = u
+                    .as_str()
+                    .and_then(crate::time::parse_rfc3339)
+                    .ok_or_else(|| Refusal::bad("`until` is an RFC 3339 time"))?;
+                if at - request.at_ms > MAX_WAIT_MS {
+                    return Err(Refusal::bad("`until` is at most a year away"));
+                }
+                Ok(at)
+            }
+            _ => Err(Refusal::bad("give `seconds` or `until` (one of them)")),
+        }
+    }
+
+    fn answer(request: &Request, deadline: i64) -> Action {
+        let mut action = Action::done(
+            request,
+            true,
+            json!({"waited_until": crate::time::format_rfc3339(deadline)}),
+        );
+        action.start_time = Some(crate::time::format_rfc3339(request.at_ms));
+        if crate::time::now_ms() < deadline {
+            action.status = Status::Active;
+            action.display_status = Some("ACTIVE".into());
+            action.completion_time = None;
+        } else {
+            action.completion_time = Some(crate::time::format_rfc3339(deadline));
+        }
+        action
+    }
+
+    fn known(&self, action_id: &str) -> Result<(Request, i64), Refusal> {
+        self.deadlines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(action_id)
+            .cloned()
+            .ok_or_else(|| Refusal::not_found(format!("no wait {action_id}")))
+    }
+}
+
+impl Provider for WaitProvider {
+    fn run(&self, request: Request) -> BoxFuture<'_, Result<Action, Refusal>> {
+        Box::pin(async move {
+            let deadline = WaitProvider::deadline(&request)?;
+            self.deadlines
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(request.request_id.clone(), (request.clone(), deadline));
+            Ok(WaitProvider::answer(&request, deadline))
+        })
+    }
+
+    fn status(&self, action_id: &str) -> BoxFuture<'_, Result<Action, Refusal>> {
+        let known = self.known(action_id);
+        Box::pin(async move {
+            let (request, deadline) = known?;
+            Ok(WaitProvider::answer(&request, deadline))
+        })
+    }
+
+    fn cancel(&self, action_id: &str) -> BoxFuture<'_, Result<Action, Refusal>> {
+        let known = self.known(action_id);
+        let id = action_id.to_string();
+        Box::pin(async move {
+            let (request, deadline) = known?;
+            let mut action = WaitProvider::answer(&request, deadline);
+            if !action.status.is_final() {
+                self.deadlines
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&id);
+                action = Action::done(&request, false, json!({"code": "Cancelled"}));
+            }
+            Ok(action)
+        })
+    }
+
+    fn release(&self, action_id: &str) -> BoxFuture<'_, Result<(), Refusal>> {
+        self.deadlines
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(action_id);
+        Box::pin(async { Ok(()) })
+    }
+
+    fn changed(&self, action_id: &str, at_most: std::time::Duration) -> BoxFuture<'_, ()> {
+        let left = self
+            .known(action_id)
+            .map_or(0, |(_, deadline)| (deadline - crate::time::now_ms()).max(0));
+        let wait = std::time::Duration::from_millis(left as u64).min(at_most);
+        Box::pin(tokio::time::sleep(wait))
+    }
+}
+
 /// The URLs of Globus' expression-eval provider.
 pub const EXPRESSION_EVAL_URLS: &[&str] = &[
     "https://actions.globus.org/expression_eval",
@@ -208,7 +344,7 @@ pub const EXPRESSION_EVAL_URLS: &[&str] = &[
 
 impl Providers {
     /// The built-ins that need nothing from the node: hello-world and expression-eval, under
-    /// the URLs Globus gives them.
+    /// the URLs Globus gives them, and wait ([`WAIT_URL`]).
     pub fn builtin() -> Providers {
         let mut p = Providers::default();
         let hello: Arc<dyn Provider> = Arc::new(HelloWorld::default());
@@ -219,6 +355,7 @@ impl Providers {
         for url in EXPRESSION_EVAL_URLS {
             p.add(url, eval.clone());
         }
+        p.add(WAIT_URL, Arc::new(WaitProvider::default()));
         p
     }
 

@@ -1012,12 +1012,12 @@ struct NewRun {
 
 /// Principals named by name or key (`institution:NAME`, `node:NAME`) as runs record them.
 async fn principals(inner: &Shared, list: Vec<String>) -> Result<Vec<String>, ApiError> {
-    if list.len() > crate::remote_runs::MAX_PRINCIPALS {
+    if list.len() > crate::run_rights::MAX_PRINCIPALS {
         return Err(ApiError(
             StatusCode::BAD_REQUEST,
             format!(
                 "at most {} monitors or managers",
-                crate::remote_runs::MAX_PRINCIPALS
+                crate::run_rights::MAX_PRINCIPALS
             ),
         ));
     }
@@ -1194,7 +1194,7 @@ async fn start_run(
             .own
             .institution_key
             .map(|k| capability::institution_term(&crdt_registry::Key(k.0)));
-        let starter = crate::remote_runs::Starter {
+        let starter = crate::run_rights::Starter {
             peer: inner.mesh.peer_id().to_string(),
             institution: inner.own.institution.clone(),
             institution_term: term,
@@ -1203,7 +1203,7 @@ async fn start_run(
             capabilities: Vec::new(),
             own_institution: true,
         };
-        let starters = crate::remote_runs::Starters::new(inner.store.clone());
+        let starters = crate::run_rights::Starters::new(inner.store.clone());
         if starters
             .get(&run_id)
             .await

@@ -250,7 +250,7 @@ impl Node {
                 name: config.node.name.clone(),
                 access: tasks.access.clone(),
                 runs: runs.clone(),
-                starters: crate::remote_runs::Starters::new(store.clone()),
+                starters: crate::run_rights::Starters::new(store.clone()),
             }));
         let token = hex::encode(rand::random::<[u8; 24]>());
         let inner = Arc::new(Inner {

@@ -17,6 +17,7 @@ pub mod ops;
 pub mod output;
 pub mod registry;
 pub mod remote_runs;
+pub mod run_rights;
 pub mod runs;
 pub mod tasks;
 pub mod transfers;

@@ -88,8 +88,8 @@ pub(crate) fn node_providers(
             engine: engine.clone(),
         }),
     );
-    let rights = crate::remote_runs::Rights {
-        starters: crate::remote_runs::Starters::new(transfers.store.clone()),
+    let rights = crate::run_rights::Rights {
+        starters: crate::run_rights::Starters::new(transfers.store.clone()),
         access: tasks.access.clone(),
         own: own.clone(),
         me: mesh.peer_id(),
@@ -326,7 +326,7 @@ pub struct ComputeProvider {
     mesh: mesh::Handle,
     dispatcher: compute::submit::Dispatcher,
     values: compute::blobs::Values,
-    rights: crate::remote_runs::Rights,
+    rights: crate::run_rights::Rights,
     held: Held<Vec<compute::TaskId>>,
 }
 
@@ -337,7 +337,7 @@ impl ComputeProvider {
         mesh: mesh::Handle,
         dispatcher: compute::submit::Dispatcher,
         values: compute::blobs::Values,
-        rights: crate::remote_runs::Rights,
+        rights: crate::run_rights::Rights,
     ) -> ComputeProvider {
         ComputeProvider {
             mesh,
@@ -654,7 +654,7 @@ pub fn root_path(globus: &str) -> String {
 pub struct TransferProvider {
     op: &'static str,
     transfers: std::sync::Arc<crate::transfers::Transfers>,
-    rights: crate::remote_runs::Rights,
+    rights: crate::run_rights::Rights,
     held: Held<Vec<String>>,
 }
 
@@ -677,7 +677,7 @@ impl TransferProvider {
     async fn foreign(
         &self,
         request: &flows::provider::Request,
-    ) -> Result<Option<(crate::remote_runs::Starter, crdt_registry::View)>, flows::provider::Refusal>
+    ) -> Result<Option<(crate::run_rights::Starter, crdt_registry::View)>, flows::provider::Refusal>
     {
         use flows::provider::Refusal;
         let Some(starter) = self
@@ -710,7 +710,7 @@ impl TransferProvider {
     /// for this node's own runs, which act with the node's tokens.
     fn lend(
         &self,
-        foreign: Option<&(crate::remote_runs::Starter, crdt_registry::View)>,
+        foreign: Option<&(crate::run_rights::Starter, crdt_registry::View)>,
         endpoint: &str,
         path: &str,
         want: transfer::files::Want,
@@ -1398,6 +1398,33 @@ impl flows::provider::Provider for FlowProvider {
         Box::pin(async move { answer })
     }
 
+    fn log(
+        &self,
+        action_id: &str,
+    ) -> flows::provider::BoxFuture<'_, Result<Vec<serde_json::Value>, flows::provider::Refusal>>
+    {
+        let id = action_id.to_string();
+        Box::pin(async move {
+            let engine = self.engine()?;
+            if engine
+                .get(&id)
+                .map_err(flows::provider::Refusal::provider)?
+                .is_none()
+            {
+                return Err(flows::provider::Refusal::not_found(format!(
+                    "no run {id} on this node"
+                )));
+            }
+            let events = engine
+                .log(&id)
+                .map_err(flows::provider::Refusal::provider)?;
+            Ok(events
+                .iter()
+                .map(|e| serde_json::to_value(e).unwrap_or_default())
+                .collect())
+        })
+    }
+
     fn changed(
         &self,
         action_id: &str,
@@ -1484,7 +1511,7 @@ impl flows::provider::Provider for HttpProvider {
     ) -> flows::provider::BoxFuture<'_, Result<flows::provider::Action, flows::provider::Refusal>>
     {
         Box::pin(async move {
-            if crate::remote_runs::foreign_run(&request.user).is_some() {
+            if crate::run_rights::foreign_run(&request.user).is_some() {
                 return Err(flows::provider::Refusal {
                     code: "UnauthorizedRequest".into(),
                     description: "an external provider is called with this node's credentials: \
@@ -1530,6 +1557,42 @@ impl flows::provider::Provider for HttpProvider {
             self.call(reqwest::Method::POST, &path, None)
                 .await
                 .map(|_| ())
+        })
+    }
+
+    fn log(
+        &self,
+        action_id: &str,
+    ) -> flows::provider::BoxFuture<'_, Result<Vec<serde_json::Value>, flows::provider::Refusal>>
+    {
+        let url = format!("{}/{action_id}/log", self.base);
+        Box::pin(async move {
+            use flows::provider::Refusal;
+            let mut req = self.http.get(&url);
+            if let Some(t) = &self.token {
+                req = req.bearer_auth(t);
+            }
+            let resp = req.send().await.map_err(|e| Refusal {
+                code: "Unreachable".into(),
+                description: format!("{url}: {e}"),
+            })?;
+            if !resp.status().is_success() {
+                return Err(Refusal::provider(format!(
+                    "{url} answered {}",
+                    resp.status()
+                )));
+            }
+            let v: serde_json::Value = resp
+                .json()
+                .await
+                .map_err(|e| Refusal::provider(format!("{url}: {e}")))?;
+            // Globus answers {"entries": [...], ...}.
+            match v.get("entries") {
+                Some(serde_json::Value::Array(entries)) => Ok(entries.clone()),
+                _ => Err(Refusal::provider(format!(
+                    "{url} answered no `entries` list"
+                ))),
+            }
         })
     }
 

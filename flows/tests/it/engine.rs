@@ -548,3 +548,90 @@ async fn nested_parallel_and_map_runs_complete() {
     assert_eq!(run.details["output"]["out"][0]["squares"], squares);
     assert_eq!(run.details["output"]["out"][1]["squares"], squares);
 }
+
+/// The wait provider, in a run that dies in the middle of its wait: a new engine (and a new
+/// provider, which remembers nothing) ends the wait when it was due, not a whole wait later.
+#[test]
+fn a_wait_action_keeps_its_deadline_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let def = json!({
+        "StartAt": "Nap",
+        "States": {"Nap": {
+            "Type": "Action", "ActionUrl": flows::provider::WAIT_URL,
+            "Parameters": {"seconds": 2}, "ResultPath": "$.nap", "End": true
+        }}
+    });
+    let started = std::time::Instant::now();
+    let first = tokio::runtime::Runtime::new().unwrap();
+    first.block_on(async {
+        let engine = open(dir.path(), Providers::builtin());
+        engine
+            .start("nap-1", "flow", &def, json!({}), "alice", None)
+            .unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while !engine
+            .log("nap-1")
+            .unwrap()
+            .iter()
+            .any(|e| matches!(e, Event::ActionStarted { .. }))
+        {
+            assert!(tokio::time::Instant::now() < deadline, "never started");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // Most of the wait passes before the engine dies: waiting all of it again after the
+        // restart would end at 3.8 s or later.
+        tokio::time::sleep(Duration::from_millis(1_800)).await;
+    });
+    drop(first);
+    let second = tokio::runtime::Runtime::new().unwrap();
+    second.block_on(async {
+        let engine = open(dir.path(), Providers::builtin());
+        let run = engine.wait("nap-1", Duration::from_secs(30)).await.unwrap();
+        assert_eq!(run.status, RunStatus::Succeeded, "{run:?}");
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_secs(2) && took < Duration::from_millis(3_500),
+            "the wait ended {took:?} after it began"
+        );
+        assert!(run.details["output"]["nap"]["details"]["waited_until"].is_string());
+        let started: Vec<_> = engine
+            .log("nap-1")
+            .unwrap()
+            .into_iter()
+            .filter(|e| matches!(e, Event::ActionStarted { .. }))
+            .collect();
+        assert_eq!(started.len(), 1, "re-attached by its request id");
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_action_refuses_what_is_not_a_wait() {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = open(dir.path(), Providers::builtin());
+    for (i, body) in [
+        json!({}),
+        json!({"seconds": -1}),
+        json!({"seconds": "soon"}),
+        json!({"until": "tomorrow"}),
+        json!({"seconds": 1, "until": "2030-01-01T00:00:00Z"}),
+        json!({"until": "2999-01-01T00:00:00Z"}),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let def = json!({"StartAt": "W", "States": {"W": {
+            "Type": "Action", "ActionUrl": flows::provider::WAIT_URL,
+            "Parameters": body, "End": true}}});
+        let id = format!("bad-{i}");
+        engine
+            .start(&id, "flow", &def, json!({}), "alice", None)
+            .unwrap();
+        let run = engine.wait(&id, Duration::from_secs(10)).await.unwrap();
+        assert_eq!(run.status, RunStatus::Failed, "{body}: {run:?}");
+        assert!(
+            run.details.to_string().contains("BadActionRequest")
+                || run.details.to_string().contains("ActionUnableToRun"),
+            "{run:?}"
+        );
+    }
+}

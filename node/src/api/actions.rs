@@ -223,11 +223,8 @@ pub(super) async fn log(
     State(inner): State<Shared>,
     Path((query, action)): Path<(String, String)>,
 ) -> Result<Json<serde_json::Value>, ApError> {
-    of_flow(&inner, &query, &action).await?;
-    let entries = inner
-        .runs
-        .log(&action)
-        .map_err(flows::provider::Refusal::provider)?;
+    let p = of_flow(&inner, &query, &action).await?;
+    let entries = p.log(&action).await?;
     Ok(Json(serde_json::json!({
         "action_id": action,
         "count": entries.len(),
