@@ -1,6 +1,8 @@
-//! Flows through the CLI: a definition checked without a node, a corpus flow run on a node of a
-//! multi-process testnet, and a run whose node is SIGKILLed in the middle of an action that
-//! finishes after the restart without starting the action again.
+//! Flows through the CLI on multi-process testnets: a definition checked without a node; every
+//! runnable definition of the corpus run on a testnet, one test each, asserting its output and
+//! the files that moved; a run whose node is SIGKILLed in the middle of an action, finishing
+//! after the restart without starting the action again; deployed flows, their grants, their
+//! HTTP action-provider face, and runs started at another institution's node.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -31,25 +33,24 @@ fn a_definition_is_checked_without_a_node_and_errors_name_the_state_and_field() 
 }
 
 #[test]
+fn corpus_loop_a_set_number_of_times_counts_to_ten() {
+    let net = Net::up("1", "1", &[]);
+    let a1 = net.node("a1");
+    // The corpus' counting loop (no input in the corpus: an empty one), run to its end.
+    let run = run_corpus(
+        &a1,
+        "globus-automate-client/loop-a-set-number-of-times/definition.json",
+        &serde_json::json!({}),
+    );
+    assert_eq!(run["status"], "SUCCEEDED", "{run}");
+    assert_eq!(run["details"]["output"]["state_manager"]["counter"], 10);
+}
+
+#[test]
 fn a_flow_runs_on_a_node_and_survives_its_sigkill_mid_action() {
     let net = Net::up("1", "1", &[]);
     let a1 = net.node("a1");
     let dir = tempfile::tempdir().unwrap();
-
-    // The corpus' counting loop, run to its end.
-    let looped = corpus("globus-automate-client/loop-a-set-number-of-times/definition.json");
-    let out = ok(&[
-        "flow",
-        "run",
-        p(&looped),
-        "--wait",
-        "--json",
-        "--node",
-        p(&a1),
-    ]);
-    let run: serde_json::Value = serde_json::from_str(&out).unwrap();
-    assert_eq!(run["status"], "SUCCEEDED", "{run}");
-    assert_eq!(run["details"]["output"]["state_manager"]["counter"], 10);
 
     // A run inside a 3 s action when its node is SIGKILLed.
     let def = dir.path().join("hello.json");
@@ -237,8 +238,9 @@ fn a_compute_action_runs_functions_on_the_mesh_and_is_not_run_twice_after_a_sigk
     );
 }
 
-#[test]
-fn the_corpus_transfer_flows_move_files_between_endpoints() {
+/// A testnet of one institution's two endpoints, with `source-directory` (two files, one in a
+/// subdirectory) on a1: the transfer examples' sample input, filled in.
+fn transfer_examples() -> (Net, PathBuf, PathBuf) {
     let net = Net::up("1", "2", &[]);
     let (a1, a2) = (net.node("a1"), net.node("a2"));
     net.wait_endpoints(&a1, 2);
@@ -246,39 +248,26 @@ fn the_corpus_transfer_flows_move_files_between_endpoints() {
     std::fs::create_dir_all(src.join("sub")).unwrap();
     std::fs::write(src.join("one.txt"), b"first file\n").unwrap();
     std::fs::write(src.join("sub/two.bin"), vec![7u8; 100_000]).unwrap();
-    let input = |dst: &str| {
-        serde_json::json!({
-            "source": {"id": "a1", "path": "/~/source-directory"},
-            "destination": {"id": "a2", "path": format!("/~/{dst}")}
-        })
-        .to_string()
-    };
-    let run = |def: &str, input: &str| -> serde_json::Value {
-        let def = corpus(def);
-        let mut run = serde_json::Value::Null;
-        wait_until("the flow to succeed", Duration::from_secs(60), || {
-            let out = funcmesh(&[
-                "flow",
-                "run",
-                p(&def),
-                "--input",
-                input,
-                "--wait",
-                "--json",
-                "--node",
-                p(&a2),
-            ]);
-            run = serde_json::from_slice(&out.stdout).unwrap_or_default();
-            run["status"] == "SUCCEEDED"
-        });
-        run
-    };
+    (net, a1, a2)
+}
 
+fn source_to(dst: &str) -> serde_json::Value {
+    serde_json::json!({
+        "source": {"id": "a1", "path": "/~/source-directory"},
+        "destination": {"id": "a2", "path": format!("/~/{dst}")}
+    })
+}
+
+#[test]
+fn corpus_simple_transfer_copies_a_directory() {
+    let (_net, _a1, a2) = transfer_examples();
     // simple: one transfer, a directory (recursive worked out from the source).
-    let done = run(
+    let done = run_corpus(
+        &a2,
         "globus-flows-examples/transfer_examples/simple/definition.json",
-        &input("copied"),
+        &source_to("copied"),
     );
+    assert_eq!(done["status"], "SUCCEEDED", "{done}");
     let dst = a2.join("data/copied");
     assert_eq!(std::fs::read(dst.join("one.txt")).unwrap(), b"first file\n");
     assert_eq!(
@@ -290,13 +279,19 @@ fn the_corpus_transfer_flows_move_files_between_endpoints() {
         done["details"]["output"]["details"]["files_transferred"], 2,
         "{done}"
     );
+}
 
+#[test]
+fn corpus_move_copies_then_deletes_the_source() {
+    let (_net, a1, a2) = transfer_examples();
     // move: stat both sides (the destination is missing: NotFound is an answer, not an
     // error), choose, transfer, delete the source.
-    let moved = run(
+    let moved = run_corpus(
+        &a2,
         "globus-flows-examples/transfer_examples/move/definition.json",
-        &input("moved"),
+        &source_to("moved"),
     );
+    assert_eq!(moved["status"], "SUCCEEDED", "{moved}");
     let out = &moved["details"]["output"];
     assert_eq!(out["PathTypes"]["dest_exists"], false, "{moved}");
     assert_eq!(out["PathTypes"]["source_is_dir"], true);
@@ -304,7 +299,10 @@ fn the_corpus_transfer_flows_move_files_between_endpoints() {
         std::fs::read(a2.join("data/moved/sub/two.bin")).unwrap(),
         vec![7u8; 100_000]
     );
-    assert!(!src.exists(), "the source was deleted after the copy");
+    assert!(
+        !a1.join("data/source-directory").exists(),
+        "the source was deleted after the copy"
+    );
 }
 
 /// Runs a corpus definition on `node` with `input` until it reaches a final status (retrying
@@ -340,7 +338,7 @@ fn run_file(
 }
 
 #[test]
-fn corpus_hello_world_and_friends_run_to_their_ends() {
+fn corpus_hello_world_runs_with_its_sample_input() {
     let net = Net::up("1", "1", &[]);
     let a1 = net.node("a1");
     // hello-world: its sample input, with a one-second sleep instead of twenty.
@@ -354,6 +352,12 @@ fn corpus_hello_world_and_friends_run_to_their_ends() {
         run["details"]["output"]["HelloResult"]["details"]["hello"],
         "From automate cli"
     );
+}
+
+#[test]
+fn corpus_complex_hello_world_loops_over_its_input() {
+    let net = Net::up("1", "1", &[]);
+    let a1 = net.node("a1");
     // complex-hello-world: a loop over its input's list through hello-world and
     // expression-eval, ended by a JSONPath slice that selects [].
     let input: serde_json::Value = serde_json::from_str(
@@ -376,6 +380,12 @@ fn corpus_hello_world_and_friends_run_to_their_ends() {
         "the last one said"
     );
     assert_eq!(out["ComputeCompletionOut"]["details"]["loop_done"], true);
+}
+
+#[test]
+fn corpus_pass_with_parameters_passes_its_parameters() {
+    let net = Net::up("1", "1", &[]);
+    let a1 = net.node("a1");
     // pass-with-parameters (no input in the corpus: an empty one).
     let run = run_corpus(
         &a1,
@@ -422,12 +432,11 @@ fn corpus_failed_consent_waits_inactive_then_fails_as_written() {
 }
 
 #[test]
-fn corpus_old_schema_transfers_move_files() {
+fn corpus_hello_plus_transfer_moves_a_file() {
     let net = Net::up("1", "2", &[]);
     let (a1, a2) = (net.node("a1"), net.node("a2"));
     net.wait_endpoints(&a1, 2);
     std::fs::write(a1.join("data/flows_testing"), b"hello plus transfer\n").unwrap();
-    std::fs::write(a1.join("data/file1.txt"), b"single transfer\n").unwrap();
     // hello-plus-transfer: its input with go#ep1 and go#ep2 as a1 and a2.
     let run = run_corpus(
         &a2,
@@ -446,6 +455,14 @@ fn corpus_old_schema_transfers_move_files() {
         std::fs::read(a2.join("data/flows_testing")).unwrap(),
         b"hello plus transfer\n"
     );
+}
+
+#[test]
+fn corpus_single_transfer_moves_a_file_named_by_a_relative_path() {
+    let net = Net::up("1", "2", &[]);
+    let (a1, a2) = (net.node("a1"), net.node("a2"));
+    net.wait_endpoints(&a1, 2);
+    std::fs::write(a1.join("data/file1.txt"), b"single transfer\n").unwrap();
     // single-transfer: the old schema's transfer_items, a relative source path.
     let run = run_corpus(
         &a2,
@@ -463,7 +480,7 @@ fn corpus_old_schema_transfers_move_files() {
 }
 
 #[test]
-fn corpus_two_hop_and_looping_batched_move_move_files() {
+fn corpus_two_hop_moves_files_through_an_intermediate_endpoint() {
     let net = Net::up("1", "2", &[]);
     let (a1, a2) = (net.node("a1"), net.node("a2"));
     net.wait_endpoints(&a1, 2);
@@ -488,7 +505,13 @@ fn corpus_two_hop_and_looping_batched_move_move_files() {
         std::fs::read(a1.join("data/ep1-duplicate-example-directory/d/b.txt")).unwrap(),
         b"b\n"
     );
+}
 
+#[test]
+fn corpus_looping_batched_move_moves_files_until_the_source_is_empty() {
+    let net = Net::up("1", "2", &[]);
+    let (a1, a2) = (net.node("a1"), net.node("a2"));
+    net.wait_endpoints(&a1, 2);
     // looping_batched_move: list, move what is listed, delete it, until the source is empty.
     let many = a1.join("data/source-directory");
     std::fs::create_dir_all(&many).unwrap();
@@ -1014,8 +1037,11 @@ fn tar_names(file: &std::path::Path) -> Vec<String> {
     names
 }
 
-#[test]
-fn corpus_tar_and_transfer_flows_tar_on_the_compute_endpoint_and_move_the_archive() {
+/// The tar-and-transfer examples' setting: a1 is both the "GCS" and the compute endpoint, its
+/// workers running as the node's user so that a function reaches the data root on disk (as a
+/// Compute endpoint reaches its collection's storage at Globus); `tar_paths` registered. Gives
+/// the net, a1, a2, a scratch dir, and a definition of the corpus with its placeholders filled.
+fn tar_examples(example: u32) -> (Net, PathBuf, PathBuf, tempfile::TempDir, PathBuf) {
     let net = Net::up("1", "2", &[]);
     let (a1, a2) = (net.node("a1"), net.node("a2"));
     // a1 is both the "GCS" and the compute endpoint: its workers run as the node's user, so a
@@ -1057,17 +1083,24 @@ fn corpus_tar_and_transfer_flows_tar_on_the_compute_endpoint_and_move_the_archiv
             &format!("\"gcs_base_path\": \"{}/\"", root.display()),
         ),
     ];
-    let base = "globus-flows-examples/compute_transfer_examples/tar_and_transfer";
+    let def = filled(
+        dir.path(),
+        &format!(
+            "globus-flows-examples/compute_transfer_examples/tar_and_transfer/\
+             compute_transfer_example_{example}_definition.json"
+        ),
+        &fill,
+    );
+    (net, a1, a2, dir, def)
+}
 
-    // Example 1: the data is already on the compute endpoint's storage.
+#[test]
+fn corpus_tar_and_transfer_1_tars_on_the_compute_endpoint_and_moves_the_archive() {
+    let (_net, a1, a2, _dir, def) = tar_examples(1);
+    // The data is already on the compute endpoint's storage.
     std::fs::create_dir_all(a1.join("data/results/sub")).unwrap();
     std::fs::write(a1.join("data/results/a.txt"), b"alpha\n").unwrap();
     std::fs::write(a1.join("data/results/sub/b.txt"), b"beta\n").unwrap();
-    let def = filled(
-        dir.path(),
-        &format!("{base}/compute_transfer_example_1_definition.json"),
-        &fill,
-    );
     let run = run_file(
         &a2,
         &def,
@@ -1092,17 +1125,16 @@ fn corpus_tar_and_transfer_flows_tar_on_the_compute_endpoint_and_move_the_archiv
         !a1.join("data").join(run_id).exists(),
         "the working directory on the compute endpoint was cleaned up"
     );
+}
 
-    // Example 2: the data comes from another endpoint first; the archive's name is the
-    // function's, the destination the default `/~/<name>`.
+#[test]
+fn corpus_tar_and_transfer_2_gathers_tars_and_moves_the_archive() {
+    let (_net, a1, a2, _dir, def) = tar_examples(2);
+    // The data comes from another endpoint first; the archive's name is the function's, the
+    // destination the default `/~/<name>`.
     std::fs::create_dir_all(a2.join("data/raw/run7")).unwrap();
     std::fs::write(a2.join("data/raw/run7/c.dat"), vec![3u8; 50_000]).unwrap();
     std::fs::write(a2.join("data/raw/notes.txt"), b"notes\n").unwrap();
-    let def = filled(
-        dir.path(),
-        &format!("{base}/compute_transfer_example_2_definition.json"),
-        &fill,
-    );
     let run = run_file(
         &a2,
         &def,
