@@ -169,42 +169,37 @@ impl Rights {
         )
     }
 
-    /// The token a task of `starter`'s run presents to run `function` on `endpoint` (none when
-    /// the endpoint's policy admits both the starter and this node), or why it may not run.
-    pub fn compute_token(
+    /// The token `starter`'s run presents at endpoint `ep` for `ability` (with the function
+    /// or path of the request `what` names): none when the endpoint's policy admits both the
+    /// starter and this node; else a token the starter delegated that allows this node; else
+    /// why not, naming `doing`.
+    fn delegated(
         &self,
         starter: &Starter,
         view: &crdt_registry::View,
-        endpoint: Option<&str>,
-        function: &str,
+        ep: &crdt_registry::Endpoint,
+        what: (capability::Ability, Option<String>, Option<String>),
+        doing: &str,
     ) -> Result<Option<String>, String> {
-        let who = starter
-            .institution
-            .as_deref()
-            .unwrap_or("another institution");
-        let endpoint = endpoint.ok_or_else(|| {
-            format!(
-                "a run started by {who}'s node names the endpoint of each task (`endpoint_id`): \
-                 it acts only with the rights its starter delegated"
-            )
-        })?;
-        let ep = crate::registry::find_endpoint(view, endpoint).map_err(|e| format!("{e:#}"))?;
-        let f = crate::registry::find_function(view, function).map_err(|e| format!("{e:#}"))?;
         let (theirs, root) = Rights::endpoint_institution(view, ep);
         if self.both_admitted(starter, ep, theirs.as_deref()) {
             return Ok(None);
         }
         let (Some(root), Some(institution)) = (root, self.access.institution()) else {
-            return Err(format!("endpoint {endpoint} belongs to no institution"));
+            return Err(format!(
+                "endpoint {} belongs to no institution",
+                ep.record.name
+            ));
         };
+        let (ability, function, path) = what;
         let req = capability::Request {
             peer: self.me.to_string(),
             institution,
             time: mesh::membership::unix_now(),
             endpoint: ep.id.clone(),
-            function: Some(f.id.clone()),
-            ability: capability::Ability::ComputeRun,
-            path: None,
+            function,
+            ability,
+            path,
         };
         starter
             .capabilities
@@ -214,13 +209,48 @@ impl Rights {
             .map(Some)
             .ok_or_else(|| {
                 format!(
-                    "access denied: the run's starter ({who}) delegated no capability token that \
-                     lets this node ({}) run {} on {endpoint} — delegate one (`funcmesh cap \
-                     delegate TOKEN --to node:{}`), start the run with it, or resume it here \
-                     after its starter's institution is admitted by the endpoint",
-                    self.me, f.record.name, self.me
+                    "access denied: the run's starter ({}) delegated no capability token that \
+                     lets this node ({}) {doing} — delegate one (`funcmesh cap delegate TOKEN \
+                     --to node:{}`) and start the run with it",
+                    starter
+                        .institution
+                        .as_deref()
+                        .unwrap_or("another institution"),
+                    self.me,
+                    self.me
                 )
             })
+    }
+
+    /// The token a task of `starter`'s run presents to run `function` on `endpoint` (none when
+    /// the endpoint's policy admits both the starter and this node), or why it may not run.
+    pub fn compute_token(
+        &self,
+        starter: &Starter,
+        view: &crdt_registry::View,
+        endpoint: Option<&str>,
+        function: &str,
+    ) -> Result<Option<String>, String> {
+        let endpoint = endpoint.ok_or_else(|| {
+            format!(
+                "a run started by {}'s node names the endpoint of each task (`endpoint_id`): it \
+                 acts only with the rights its starter delegated",
+                starter
+                    .institution
+                    .as_deref()
+                    .unwrap_or("another institution")
+            )
+        })?;
+        let ep = crate::registry::find_endpoint(view, endpoint).map_err(|e| format!("{e:#}"))?;
+        let f = crate::registry::find_function(view, function).map_err(|e| format!("{e:#}"))?;
+        let what = (capability::Ability::ComputeRun, Some(f.id.clone()), None);
+        self.delegated(
+            starter,
+            view,
+            ep,
+            what,
+            &format!("run {} on {endpoint}", f.record.name),
+        )
     }
 
     /// The token a transfer action of `starter`'s run presents to do `want` at `path` of
@@ -234,48 +264,20 @@ impl Rights {
         path: &str,
         want: transfer::files::Want,
     ) -> Result<Option<String>, String> {
-        let who = starter
-            .institution
-            .as_deref()
-            .unwrap_or("another institution");
         let ep = crate::registry::find_endpoint(view, endpoint).map_err(|e| format!("{e:#}"))?;
-        let (theirs, root) = Rights::endpoint_institution(view, ep);
-        if self.both_admitted(starter, ep, theirs.as_deref()) {
-            return Ok(None);
-        }
-        let (Some(root), Some(institution)) = (root, self.access.institution()) else {
-            return Err(format!("endpoint {endpoint} belongs to no institution"));
-        };
         let ability = match want {
             transfer::files::Want::Read => capability::Ability::TransferRead,
             transfer::files::Want::Write => capability::Ability::TransferWrite,
         };
         let path = transfer::root::RelPath::parse(path).map_err(|e| e.to_string())?;
-        let req = capability::Request {
-            peer: self.me.to_string(),
-            institution,
-            time: mesh::membership::unix_now(),
-            endpoint: ep.id.clone(),
-            function: None,
-            ability,
-            path: Some(path.as_str().to_owned()),
-        };
-        starter
-            .capabilities
-            .iter()
-            .find(|t| self.access.check(t, &root, &req).is_ok())
-            .cloned()
-            .map(Some)
-            .ok_or_else(|| {
-                format!(
-                    "access denied: the run's starter ({who}) delegated no capability token that \
-                     lets this node ({}) {ability} {endpoint}:{} — delegate one (`funcmesh cap \
-                     delegate TOKEN --to node:{}`) and start the run with it",
-                    self.me,
-                    path.as_str(),
-                    self.me
-                )
-            })
+        let what = (ability, None, Some(path.as_str().to_owned()));
+        self.delegated(
+            starter,
+            view,
+            ep,
+            what,
+            &format!("{ability} {endpoint}:{}", path.as_str()),
+        )
     }
 }
 

@@ -331,6 +331,41 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| format!("internal error: {e}"))?
 }
 
+/// Whether a request speaks this node's protocol version (why not).
+fn same_version(request: &Request) -> Result<(), String> {
+    let v = crate::wire::version(request);
+    if v == VERSION {
+        Ok(())
+    } else {
+        Err(format!(
+            "data-plane protocol {v}, this node speaks {VERSION}"
+        ))
+    }
+}
+
+/// The hook in `slot`, or `missing` as the refusal.
+fn hook<T: ?Sized>(
+    slot: &std::sync::RwLock<Option<Arc<T>>>,
+    missing: &str,
+) -> Result<Arc<T>, String> {
+    slot.read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone()
+        .ok_or_else(|| missing.to_owned())
+}
+
+/// Sends `answer` (and finishes the stream), or refuses with its reason.
+async fn reply(send: &mut quinn::SendStream, answer: Result<Response, String>) {
+    match answer {
+        Ok(r) => {
+            if write_header(send, &r).await.is_ok() {
+                let _ = send.finish();
+            }
+        }
+        Err(reason) => refuse(send, reason).await,
+    }
+}
+
 impl Serving {
     /// Serves one request about copy jobs.
     pub(crate) async fn copies(
@@ -339,73 +374,38 @@ impl Serving {
         send: &mut quinn::SendStream,
         request: Request,
     ) {
-        let v = crate::wire::version(&request);
-        if v != VERSION {
-            return refuse(
-                send,
-                format!("data-plane protocol {v}, this node speaks {VERSION}"),
-            )
-            .await;
-        }
-        let Some(desk) = self
-            .desk
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
-        else {
-            return refuse(send, "this node runs no copies yet".into()).await;
+        let answer = async {
+            same_version(&request)?;
+            let desk = hook(&self.desk, "this node runs no copies yet")?;
+            let job = match request {
+                Request::SubmitCopy {
+                    id,
+                    spec,
+                    write_token,
+                    read_token,
+                    ..
+                } => desk.submit(peer, id, spec, write_token, read_token).await,
+                Request::CopyStatus { id, .. } => desk.status(peer, &id),
+                Request::CopyCancel { id, .. } => desk.cancel(peer, &id),
+                _ => Err("not a request about copies".into()),
+            }?;
+            Ok(Response::Job { job })
         };
-        let answer = match request {
-            Request::SubmitCopy {
-                id,
-                spec,
-                write_token,
-                read_token,
-                ..
-            } => desk.submit(peer, id, spec, write_token, read_token).await,
-            Request::CopyStatus { id, .. } => desk.status(peer, &id),
-            Request::CopyCancel { id, .. } => desk.cancel(peer, &id),
-            _ => Err("not a request about copies".into()),
-        };
-        match answer {
-            Ok(job) => {
-                if write_header(send, &Response::Job { job }).await.is_ok() {
-                    let _ = send.finish();
-                }
-            }
-            Err(reason) => refuse(send, reason).await,
-        }
+        reply(send, answer.await).await
     }
 
     /// Serves one call to another of the node's services.
     pub(crate) async fn call(&self, peer: PeerId, send: &mut quinn::SendStream, request: Request) {
-        let v = crate::wire::version(&request);
-        if v != VERSION {
-            return refuse(
-                send,
-                format!("data-plane protocol {v}, this node speaks {VERSION}"),
-            )
-            .await;
-        }
-        let Request::Call { service, body, .. } = request else {
-            return refuse(send, "not a call".into()).await;
+        let answer = async {
+            same_version(&request)?;
+            let Request::Call { service, body, .. } = request else {
+                return Err("not a call".to_owned());
+            };
+            let services = hook(&self.services, "this node serves no calls yet")?;
+            let body = services.call(peer, service, body).await?;
+            Ok(Response::Answer { body })
         };
-        let Some(services) = self
-            .services
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
-        else {
-            return refuse(send, "this node serves no calls yet".into()).await;
-        };
-        match services.call(peer, service, body).await {
-            Ok(body) => {
-                if write_header(send, &Response::Answer { body }).await.is_ok() {
-                    let _ = send.finish();
-                }
-            }
-            Err(reason) => refuse(send, reason).await,
-        }
+        reply(send, answer.await).await
     }
 
     /// Serves one request about a data root's shares.
@@ -415,46 +415,22 @@ impl Serving {
         send: &mut quinn::SendStream,
         request: Request,
     ) {
-        let v = crate::wire::version(&request);
-        if v != VERSION {
-            return refuse(
-                send,
-                format!("data-plane protocol {v}, this node speaks {VERSION}"),
-            )
-            .await;
-        }
-        let Request::Shares {
-            endpoint, change, ..
-        } = request
-        else {
-            return refuse(send, "not a request about shares".into()).await;
-        };
-        if endpoint.is_empty() || endpoint.len() > 256 {
-            return refuse(
-                send,
-                "a shares request names an endpoint (at most 256 bytes)".into(),
-            )
-            .await;
-        }
-        let Some(roots) = self
-            .roots
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
-        else {
-            return refuse(send, "this node serves no data roots yet".into()).await;
-        };
-        match roots.shares(peer, endpoint, change).await {
-            Ok(shares) => {
-                if write_header(send, &Response::Shares { shares })
-                    .await
-                    .is_ok()
-                {
-                    let _ = send.finish();
-                }
+        let answer = async {
+            same_version(&request)?;
+            let Request::Shares {
+                endpoint, change, ..
+            } = request
+            else {
+                return Err("not a request about shares".to_owned());
+            };
+            if endpoint.is_empty() || endpoint.len() > 256 {
+                return Err("a shares request names an endpoint (at most 256 bytes)".to_owned());
             }
-            Err(reason) => refuse(send, reason).await,
-        }
+            let roots = hook(&self.roots, "this node serves no data roots yet")?;
+            let shares = roots.shares(peer, endpoint, change).await?;
+            Ok(Response::Shares { shares })
+        };
+        reply(send, answer.await).await
     }
 
     /// Serves one data-root request.
