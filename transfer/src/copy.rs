@@ -34,6 +34,11 @@ pub const SHARES: &[u8] = b"share/";
 
 /// Files pulled at once.
 const CONCURRENT_FILES: usize = 8;
+/// Files pulled at once when they are small (a mean of at most [`SMALL_FILE`] bytes): their
+/// cost is round trips and task hops, not bytes, so more of them overlap.
+const CONCURRENT_SMALL_FILES: usize = 32;
+/// What counts as a small file, for [`CONCURRENT_SMALL_FILES`].
+const SMALL_FILE: u64 = 256 << 10;
 /// Per-file errors kept in a job's record.
 const MAX_ERRORS: usize = 100;
 /// Rounds of asking again after corrupt groups, per connection attempt.
@@ -770,6 +775,12 @@ impl Jobs {
         });
 
         // Pull.
+        let mean = work.iter().map(|w| w.2).sum::<u64>() / work.len().max(1) as u64;
+        let concurrent = if mean <= SMALL_FILE {
+            CONCURRENT_SMALL_FILES
+        } else {
+            CONCURRENT_FILES
+        };
         let results: Vec<(String, Result<u64, String>)> = futures::stream::iter(work)
             .map(|(i, hash, size, mode, mtime_ns)| {
                 let (entry, to) = (&plan[i].0, plan[i].1.clone());
@@ -804,7 +815,7 @@ impl Jobs {
                     (entry.path.clone(), r)
                 }
             })
-            .buffer_unordered(CONCURRENT_FILES)
+            .buffer_unordered(concurrent)
             .collect()
             .await;
         if live.cancel.load(Ordering::SeqCst) {
