@@ -774,6 +774,77 @@ impl Jobs {
             h.finalize().to_hex().to_string()
         });
 
+        // Small files go whole, many to a request, written in one blocking task per batch;
+        // what does not arrive that way (changed at the source, corrupt, refused) goes the
+        // per-file way below, which retries and resumes.
+        let (small, mut work): (Vec<_>, Vec<_>) = work
+            .into_iter()
+            .partition(|w| w.2 > 0 && w.2 <= crate::wire::SMALL_WHOLE);
+        let mut results: Vec<(String, Result<u64, String>)> = Vec::new();
+        for batch in small.chunks(crate::wire::MAX_SMALL_FILES) {
+            if live.cancel.load(Ordering::SeqCst) {
+                return Err(Stop::Cancelled);
+            }
+            let mut asked = Vec::new();
+            let mut paths = Vec::new();
+            for w in batch {
+                match source_of(&plan[w.0].0.path) {
+                    Ok(from) => {
+                        paths.push((from, w.1.to_string()));
+                        asked.push(*w);
+                    }
+                    Err(_) => work.push(*w),
+                }
+            }
+            let (remote, token) = source.now().await;
+            let got = match remote
+                .get_files(&spec.src_endpoint, paths, token, &live.received)
+                .await
+            {
+                Ok(got) => got,
+                Err(e) => {
+                    tracing::debug!(error = %e, "small files by the batch failed; one by one");
+                    work.extend(asked);
+                    continue;
+                }
+            };
+            let mut write = Vec::new();
+            for (w, bytes) in asked.into_iter().zip(got) {
+                match bytes {
+                    Some(b) if Hash::of(&b) == w.1 => write.push((
+                        plan[w.0].0.path.clone(),
+                        plan[w.0].1.clone(),
+                        part_tag(&job.id, &plan[w.0].1, &w.1),
+                        w.3,
+                        w.4,
+                        b,
+                    )),
+                    _ => work.push(w),
+                }
+            }
+            let dst = dst.clone();
+            let written = blocking(move || {
+                use std::io::Write as _;
+                Ok(write
+                    .into_iter()
+                    .map(|(path, to, tag, mode, mtime_ns, bytes)| {
+                        let r = dst
+                            .part_file(&to, &tag)
+                            .map_err(|e| e.to_string())
+                            .and_then(|(mut file, dir, part)| {
+                                file.write_all(&bytes).map_err(|e| e.to_string())?;
+                                dst.commit(&file, &dir, &part, &to, mode, mtime_ns)
+                                    .map_err(|e| e.to_string())
+                            })
+                            .map(|()| bytes.len() as u64);
+                        (path, r)
+                    })
+                    .collect::<Vec<_>>())
+            })
+            .await?;
+            results.extend(written);
+        }
+
         // Pull.
         let mean = work.iter().map(|w| w.2).sum::<u64>() / work.len().max(1) as u64;
         let concurrent = if mean <= SMALL_FILE {
@@ -781,7 +852,7 @@ impl Jobs {
         } else {
             CONCURRENT_FILES
         };
-        let results: Vec<(String, Result<u64, String>)> = futures::stream::iter(work)
+        let one_by_one: Vec<(String, Result<u64, String>)> = futures::stream::iter(work)
             .map(|(i, hash, size, mode, mtime_ns)| {
                 let (entry, to) = (&plan[i].0, plan[i].1.clone());
                 let from = source_of(&entry.path);
@@ -818,6 +889,7 @@ impl Jobs {
             .buffer_unordered(concurrent)
             .collect()
             .await;
+        results.extend(one_by_one);
         if live.cancel.load(Ordering::SeqCst) {
             return Err(Stop::Cancelled);
         }
@@ -920,14 +992,7 @@ impl Jobs {
         mtime_ns: i64,
         live: &Arc<Live>,
     ) -> Result<u64, String> {
-        let tag = {
-            let mut h = blake3_tree::Hasher::new();
-            h.update(job.as_bytes());
-            h.update(b"\0");
-            h.update(to.as_str().as_bytes());
-            h.update(hash.to_string().as_bytes());
-            h.finalize().to_hex()[..24].to_string()
-        };
+        let tag = part_tag(job, to, &hash);
         let obao_path = self.inner.parts.join(format!("{tag}.obao"));
         let opened = {
             let dst = dst.clone();
@@ -1088,6 +1153,17 @@ async fn cancelled(live: &Live) {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The name a file's part file (and outboard) takes while it arrives: the same for the same
+/// job, path and content, so that a resumed job finds it.
+fn part_tag(job: &str, to: &RelPath, hash: &Hash) -> String {
+    let mut h = blake3_tree::Hasher::new();
+    h.update(job.as_bytes());
+    h.update(b"\0");
+    h.update(to.as_str().as_bytes());
+    h.update(hash.to_string().as_bytes());
+    h.finalize().to_hex()[..24].to_string()
 }
 
 async fn blocking<T: Send + 'static>(

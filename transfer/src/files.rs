@@ -251,6 +251,25 @@ pub fn check(request: &Request) -> Result<Checked<'_>, String> {
             token,
             ..
         } => (endpoint, Want::Write, one(path)?, token),
+        Request::GetFiles {
+            endpoint,
+            files,
+            token,
+            ..
+        } => {
+            if files.len() > crate::wire::MAX_SMALL_FILES {
+                return Err(format!(
+                    "{} files, at most {}",
+                    files.len(),
+                    crate::wire::MAX_SMALL_FILES
+                ));
+            }
+            let paths = files
+                .iter()
+                .map(|(p, _)| RelPath::parse(p).map_err(|e| e.to_string()))
+                .collect::<Result<Vec<_>, _>>()?;
+            (endpoint, Want::Read, paths, token)
+        }
         Request::Hashes {
             endpoint,
             paths,
@@ -514,6 +533,10 @@ async fn handle(server: &Serving, peer: PeerId, send: &mut quinn::SendStream, re
         Request::GetFile { hash, ranges, .. } => {
             return get_file(server, send, root, path, hash, ranges).await;
         }
+        Request::GetFiles { files, .. } => {
+            let hashes: Vec<String> = files.iter().map(|(_, h)| h.clone()).collect();
+            return get_files(server, send, root, paths, hashes).await;
+        }
         _ => Err("not a data-root request".into()),
     };
     match answer {
@@ -549,6 +572,80 @@ fn hash_one(root: &DataRoot, outboards: &Outboards, path: &RelPath) -> FileHash 
         Err(e) => out.error = Some(e),
     }
     out
+}
+
+/// Reads each small file whose hash is still `hashes[i]` (else `None`).
+fn read_small(
+    root: &DataRoot,
+    outboards: &Outboards,
+    path: &RelPath,
+    hash: &str,
+) -> Option<Vec<u8>> {
+    use std::io::Read as _;
+    let file = root.open_file(path).ok()?;
+    let (ob, v, _) = outboards.of(&file).ok()?;
+    if v.size > crate::wire::SMALL_WHOLE || ob.0.to_string() != hash {
+        return None;
+    }
+    let mut bytes = Vec::with_capacity(v.size as usize);
+    (&file)
+        .take(crate::wire::SMALL_WHOLE + 1)
+        .read_to_end(&mut bytes)
+        .ok()?;
+    // Changed between hashing and reading: not this version.
+    (bytes.len() as u64 == v.size).then_some(bytes)
+}
+
+async fn get_files(
+    server: &Serving,
+    send: &mut quinn::SendStream,
+    root: Arc<DataRoot>,
+    paths: Vec<RelPath>,
+    hashes: Vec<String>,
+) {
+    let outboards = server.outboards.clone();
+    let read = blocking(move || {
+        Ok(paths
+            .iter()
+            .zip(&hashes)
+            .map(|(p, h)| read_small(&root, &outboards, p, h))
+            .collect::<Vec<_>>())
+    })
+    .await;
+    let mut files = match read {
+        Ok(f) => f,
+        Err(reason) => return refuse(send, reason).await,
+    };
+    // The test hook: one corrupt byte in the first file sent.
+    if let Some(first) = files.iter_mut().flatten().find(|f| !f.is_empty()) {
+        let take = server
+            .corrupt
+            .fetch_update(
+                std::sync::atomic::Ordering::SeqCst,
+                std::sync::atomic::Ordering::SeqCst,
+                |n| n.checked_sub(1),
+            )
+            .is_ok();
+        if take {
+            first[0] ^= 0xff;
+        }
+    }
+    let sizes = files
+        .iter()
+        .map(|f| f.as_ref().map(|b| b.len() as u64))
+        .collect();
+    if write_header(send, &Response::Files { sizes })
+        .await
+        .is_err()
+    {
+        return;
+    }
+    for bytes in files.iter().flatten() {
+        if send.write_all(bytes).await.is_err() {
+            return;
+        }
+    }
+    let _ = send.finish();
 }
 
 async fn get_file(

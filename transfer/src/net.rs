@@ -1064,6 +1064,50 @@ impl Remote {
         .await
     }
 
+    /// Small files whole (each of at most [`crate::wire::SMALL_WHOLE`] bytes), as the peer
+    /// has them now: per file, its bytes, or `None` when the peer did not send it (changed,
+    /// grown, unreadable). The caller verifies each against the hash it asked with.
+    pub async fn get_files(
+        &self,
+        endpoint: &str,
+        files: Vec<(String, String)>,
+        token: Option<String>,
+        received: &std::sync::atomic::AtomicU64,
+    ) -> Result<Vec<Option<Vec<u8>>>, Error> {
+        let asked = files.len();
+        let r = Request::GetFiles {
+            v: VERSION,
+            endpoint: endpoint.into(),
+            files,
+            token,
+        };
+        let (sizes, mut recv) = match self.call(&r).await? {
+            (Response::Files { sizes }, recv) if sizes.len() == asked => (sizes, recv),
+            (other, _) => return Err(unexpected(self.peer, &other)),
+        };
+        let mut out = Vec::with_capacity(asked);
+        for size in sizes {
+            let Some(n) = size else {
+                out.push(None);
+                continue;
+            };
+            if n > crate::wire::SMALL_WHOLE {
+                return Err(Error::Protocol(format!(
+                    "{} sent a small file of {n} bytes, more than {}",
+                    self.peer,
+                    crate::wire::SMALL_WHOLE
+                )));
+            }
+            let mut bytes = vec![0u8; n as usize];
+            recv.read_exact(&mut bytes)
+                .await
+                .map_err(|e| Error::Protocol(format!("{}: {e}", self.peer)))?;
+            received.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+            out.push(Some(bytes));
+        }
+        Ok(out)
+    }
+
     /// Calls the peer's service `service` with `body`; its answer.
     pub async fn call_service(
         &self,

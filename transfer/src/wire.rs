@@ -17,6 +17,11 @@ pub const MAX_HEADER: usize = 1 << 20;
 pub const MAX_RESPONSE: usize = 64 << 20;
 /// Most paths one [`Request::Hashes`] may name.
 pub const MAX_PATHS: usize = 1024;
+/// The largest file sent whole in a [`Request::GetFiles`] answer (one BLAKE3 chunk group's
+/// worth of verification is then one hash of the whole file).
+pub const SMALL_WHOLE: u64 = 64 << 10;
+/// Most files one [`Request::GetFiles`] asks for.
+pub const MAX_SMALL_FILES: usize = 256;
 /// Most entries a walk returns.
 pub const MAX_WALK: usize = 200_000;
 /// Most ranges one request may name.
@@ -105,6 +110,19 @@ pub enum Request {
         hash: String,
         /// Chunk ranges.
         ranges: Vec<(u64, u64)>,
+        /// The capability token.
+        #[serde(default)]
+        token: Option<String>,
+    },
+    /// Small files whole, in one answer (each of at most [`SMALL_WHOLE`] bytes): the files
+    /// whose hash is still the one asked come after the header, in order.
+    GetFiles {
+        /// Protocol version.
+        v: u32,
+        /// The endpoint.
+        endpoint: String,
+        /// Each file's path and the hash it was listed with.
+        files: Vec<(String, String)>,
         /// The capability token.
         #[serde(default)]
         token: Option<String>,
@@ -241,6 +259,13 @@ pub enum Response {
     Hashes {
         /// One per path asked.
         files: Vec<FileHash>,
+    },
+    /// Small files, in the order asked: each one's size, or `None` when it is not sent (it
+    /// changed since it was listed, grew past [`SMALL_WHOLE`], or cannot be read). The bytes
+    /// of those sent follow, one file after the other.
+    Files {
+        /// Per file asked.
+        sizes: Vec<Option<u64>>,
     },
     /// Done.
     Done,
@@ -406,6 +431,7 @@ pub fn version(request: &Request) -> u32 {
         | Request::Walk { v, .. }
         | Request::Hashes { v, .. }
         | Request::GetFile { v, .. }
+        | Request::GetFiles { v, .. }
         | Request::Mkdir { v, .. }
         | Request::Remove { v, .. }
         | Request::SubmitCopy { v, .. }

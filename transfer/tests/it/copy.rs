@@ -315,6 +315,40 @@ async fn corrupt_groups_on_the_way_are_refetched_and_the_file_arrives_intact() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_files_travel_many_to_a_request_and_a_corrupt_one_goes_again_alone() {
+    let p = pair(None, Duration::from_secs(10));
+    let root = p.src.dir.path().join("root/small");
+    let mut total = 0u64;
+    // 600 files of 1 byte to 64 KiB: three batches of at most 256.
+    for i in 0..600usize {
+        let dir = root.join(format!("d{}", i % 10));
+        std::fs::create_dir_all(&dir).unwrap();
+        let size = 1 + (i * 7919) % (64 << 10);
+        std::fs::write(dir.join(format!("f{i}")), random(size)).unwrap();
+        total += size as u64;
+    }
+    p.src.plane.corrupt_next_sends(1);
+    let job = p
+        .jobs
+        .submit("s1", spec("small", "small-copy", true, None))
+        .unwrap();
+    let job = finished(&p.jobs, &job.id, Duration::from_secs(60)).await;
+    assert_eq!(job.state, State::Succeeded, "{job:?}");
+    assert_eq!(job.progress.files_done, 600);
+    assert_eq!(job.progress.bytes_done, total);
+    same_tree(&root, &p.dst.dir.path().join("root/small-copy"));
+    // The corrupt file was refused on arrival and fetched again on its own.
+    assert!(job.progress.bytes_received > total, "{:?}", job.progress);
+    assert_eq!(
+        std::fs::read_dir(p.dst.dir.path().join("parts"))
+            .unwrap()
+            .count(),
+        0,
+        "no part left behind"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_source_outside_the_granted_path_is_refused_with_the_reason() {
     let p = pair(Some("shared"), Duration::from_secs(10));
     std::fs::create_dir_all(p.src.dir.path().join("root/shared")).unwrap();

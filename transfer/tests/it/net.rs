@@ -308,7 +308,7 @@ proptest::proptest! {
     /// through is relative, without `..` and without NUL.
     #[test]
     fn data_root_requests_never_let_an_escaping_path_through(
-        op in 0..7u8,
+        op in 0..8u8,
         path in "(/|\\.\\.|[a-z]{0,3}|\\.|\u{0}|/){0,12}",
         paths in proptest::collection::vec("(/|\\.\\.|[a-z]{0,3}){0,6}", 0..4),
         endpoint in "[a-z]{0,4}",
@@ -322,6 +322,7 @@ proptest::proptest! {
             3 => Request::Hashes { v, endpoint: ep, paths: paths.clone(), token },
             4 => Request::GetFile { v, endpoint: ep, path: path.clone(), hash: "00".repeat(32), ranges: vec![(0, 1)], token },
             5 => Request::Mkdir { v, endpoint: ep, path: path.clone(), parents: true, token },
+            6 => Request::GetFiles { v, endpoint: ep, files: paths.iter().map(|p| (p.clone(), "00".repeat(32))).chain([(path.clone(), String::new())]).collect(), token },
             _ => Request::Remove { v, endpoint: ep, path: path.clone(), recursive: true, token },
         };
         // Through the wire format, as a peer would send it.
