@@ -823,6 +823,7 @@ impl Jobs {
                 }
             }
             let dst = dst.clone();
+            let parts = self.inner.parts.clone();
             let written = blocking(move || {
                 use std::io::Write as _;
                 Ok(write
@@ -837,6 +838,11 @@ impl Jobs {
                                     .map_err(|e| e.to_string())
                             })
                             .map(|()| bytes.len() as u64);
+                        // An earlier attempt of this file one by one may have left its
+                        // outboard (files of one chunk group never have one).
+                        if r.is_ok() && crate::blob::outboard_size(bytes.len() as u64) > 0 {
+                            let _ = std::fs::remove_file(parts.join(format!("{tag}.obao")));
+                        }
                         (path, r)
                     })
                     .collect::<Vec<_>>())
