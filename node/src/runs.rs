@@ -289,6 +289,20 @@ impl<T: Clone> Held<T> {
         lock(&self.actions).get(action_id).cloned()
     }
 
+    /// The request of `action_id` and what it started, or `ActionNotFound` naming the `kind`
+    /// of action this provider runs.
+    fn known(
+        &self,
+        action_id: &str,
+        kind: &str,
+    ) -> Result<(flows::provider::Request, T), flows::provider::Refusal> {
+        self.get(action_id).ok_or_else(|| {
+            flows::provider::Refusal::not_found(format!(
+                "no {kind} action {action_id} on this node"
+            ))
+        })
+    }
+
     fn forget(&self, action_id: &str) {
         lock(&self.actions).remove(action_id);
     }

@@ -164,10 +164,6 @@ impl ComputeProvider {
         }
         Ok(action)
     }
-
-    fn known(&self, action_id: &str) -> Option<(flows::provider::Request, Vec<compute::TaskId>)> {
-        self.held.get(action_id)
-    }
 }
 
 impl flows::provider::Provider for ComputeProvider {
@@ -253,15 +249,10 @@ impl flows::provider::Provider for ComputeProvider {
         action_id: &str,
     ) -> flows::provider::BoxFuture<'_, Result<flows::provider::Action, flows::provider::Refusal>>
     {
-        let known = self.known(action_id);
-        let id = action_id.to_string();
+        let known = self.held.known(action_id, "compute");
         Box::pin(async move {
-            match known {
-                Some((request, ids)) => self.answer(&request, &ids).await,
-                None => Err(flows::provider::Refusal::not_found(format!(
-                    "no compute action {id} on this node"
-                ))),
-            }
+            let (request, ids) = known?;
+            self.answer(&request, &ids).await
         })
     }
 
@@ -270,14 +261,9 @@ impl flows::provider::Provider for ComputeProvider {
         action_id: &str,
     ) -> flows::provider::BoxFuture<'_, Result<flows::provider::Action, flows::provider::Refusal>>
     {
-        let known = self.known(action_id);
-        let id = action_id.to_string();
+        let known = self.held.known(action_id, "compute");
         Box::pin(async move {
-            let Some((request, ids)) = known else {
-                return Err(flows::provider::Refusal::not_found(format!(
-                    "no compute action {id} on this node"
-                )));
-            };
+            let (request, ids) = known?;
             for t in &ids {
                 let _ = self.dispatcher.cancel(t.clone()).await;
             }
@@ -310,7 +296,8 @@ impl flows::provider::Provider for ComputeProvider {
     ) -> flows::provider::BoxFuture<'_, ()> {
         // The dispatcher answers as soon as every task is finished.
         let ids = self
-            .known(action_id)
+            .held
+            .get(action_id)
             .map(|(_, ids)| ids)
             .unwrap_or_default();
         Box::pin(async move {

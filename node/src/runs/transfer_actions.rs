@@ -514,10 +514,6 @@ impl TransferProvider {
         }
         Ok(action)
     }
-
-    fn known(&self, action_id: &str) -> Option<(flows::provider::Request, Vec<String>)> {
-        self.held.get(action_id)
-    }
 }
 
 impl flows::provider::Provider for TransferProvider {
@@ -558,15 +554,10 @@ impl flows::provider::Provider for TransferProvider {
         action_id: &str,
     ) -> flows::provider::BoxFuture<'_, Result<flows::provider::Action, flows::provider::Refusal>>
     {
-        let known = self.known(action_id);
-        let id = action_id.to_string();
+        let known = self.held.known(action_id, "transfer");
         Box::pin(async move {
-            match known {
-                Some((request, ids)) => self.jobs(&request, &ids).await,
-                None => Err(flows::provider::Refusal::not_found(format!(
-                    "no transfer action {id} on this node"
-                ))),
-            }
+            let (request, ids) = known?;
+            self.jobs(&request, &ids).await
         })
     }
 
@@ -575,14 +566,9 @@ impl flows::provider::Provider for TransferProvider {
         action_id: &str,
     ) -> flows::provider::BoxFuture<'_, Result<flows::provider::Action, flows::provider::Refusal>>
     {
-        let known = self.known(action_id);
-        let id = action_id.to_string();
+        let known = self.held.known(action_id, "transfer");
         Box::pin(async move {
-            let Some((request, ids)) = known else {
-                return Err(flows::provider::Refusal::not_found(format!(
-                    "no transfer action {id} on this node"
-                )));
-            };
+            let (request, ids) = known?;
             for j in &ids {
                 let _ = self.transfers.status(j, true).await;
             }
