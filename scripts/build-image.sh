@@ -2,10 +2,12 @@
 # Builds funcmesh's local Docker images from Debian packages, without any image registry:
 # debootstrap a Debian root filesystem, strip it, and `docker import` it.
 #
-#   scripts/build-image.sh [python|base] [--force]
+#   scripts/build-image.sh [python|base|node] [--force]
 #
 #   base    minimal Debian bookworm (debootstrap --variant=minbase)  -> funcmesh/base:bookworm
 #   python  base + python3, python3-cloudpickle, procps               -> funcmesh/python:bookworm
+#   node    python + iproute2, iptables (the container testnet's nodes and
+#           router; `funcmesh testnet up --docker` adds the binary)   -> funcmesh/node-base:bookworm
 #
 # The image name:tag is printed as the last line of stdout; all logging goes to stderr, so
 #   image=$(scripts/build-image.sh python | tail -n1)
@@ -38,13 +40,13 @@ IMAGE_PATH_ENV=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
 log() { echo "build-image: $*" >&2; }
 die() { echo "build-image: error: $*" >&2; exit 1; }
-usage() { echo "usage: $0 [python|base] [--force]" >&2; }
+usage() { echo "usage: $0 [python|base|node] [--force]" >&2; }
 
 # --- arguments -----------------------------------------------------------------------------
 target=python force=0
 for arg in "$@"; do
   case "$arg" in
-    python | base) target="$arg" ;;
+    python | base | node) target="$arg" ;;
     --force | -f) force=1 ;;
     -h | --help) usage; exit 0 ;;
     *) usage; die "unknown argument: $arg" ;;
@@ -67,6 +69,12 @@ case "$target" in
     required=(python3 procps)
     optional=(python3-cloudpickle)
     cmd='["python3"]'
+    ;;
+  node)
+    image=funcmesh/node-base:$SUITE
+    required=(python3 procps iproute2 iptables)
+    optional=(python3-cloudpickle)
+    cmd='["/bin/sh"]'
     ;;
 esac
 slug=${image//[\/:]/-}

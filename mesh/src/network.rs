@@ -205,6 +205,10 @@ pub struct PeerInfo {
     pub addrs: Vec<String>,
     /// Seconds since the current connection was verified.
     pub connected_for_secs: u64,
+    /// The remote addresses of the open connections to it: an address with `/p2p-circuit`
+    /// goes through a relay, any other is direct.
+    #[serde(default)]
+    pub connections: Vec<String>,
 }
 
 /// A peer remembered across restarts.
@@ -593,6 +597,8 @@ struct EventLoop {
     /// The members in `members`, for the task streams' access checks.
     verified: Verified,
     rtt: HashMap<PeerId, Duration>,
+    /// Open connections per peer and their remote addresses.
+    connections: HashMap<PeerId, Vec<(libp2p::swarm::ConnectionId, Multiaddr)>>,
 }
 
 /// Starts the mesh: builds the swarm, listens, dials the bootstrap addresses and every known peer,
@@ -673,6 +679,7 @@ pub async fn spawn(
         persist_backlog: std::collections::VecDeque::new(),
         verified: verified.clone(),
         rtt: HashMap::new(),
+        connections: HashMap::new(),
     };
     let now = Instant::now();
     for (peer, addrs) in known {
@@ -1033,6 +1040,11 @@ impl EventLoop {
                             .map(|a| a.to_string())
                             .collect(),
                         connected_for_secs: st.since.elapsed().as_secs(),
+                        connections: self
+                            .connections
+                            .get(peer)
+                            .map(|c| c.iter().map(|(_, a)| a.to_string()).collect())
+                            .unwrap_or_default(),
                     })
                     .collect();
                 list.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
@@ -1215,6 +1227,18 @@ impl EventLoop {
     }
 
     fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        if let SwarmEvent::ConnectionClosed {
+            peer_id,
+            connection_id,
+            ..
+        } = &event
+            && let Some(open) = self.connections.get_mut(peer_id)
+        {
+            open.retain(|(c, _)| c != connection_id);
+            if open.is_empty() {
+                self.connections.remove(peer_id);
+            }
+        }
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
                 info!(%address, "listening");
@@ -1224,10 +1248,15 @@ impl EventLoop {
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
+                connection_id,
                 endpoint,
                 num_established,
                 ..
             } => {
+                self.connections
+                    .entry(peer_id)
+                    .or_default()
+                    .push((connection_id, endpoint.get_remote_address().clone()));
                 if let ConnectedPoint::Dialer { address, .. } = &endpoint
                     && !is_circuit(address)
                 {

@@ -1,9 +1,16 @@
-//! `funcmesh testnet`: a local multi-process federation on loopback. Every node is a real
-//! `funcmesh` process, and every step (federation create, institution create, admit, invite, join)
-//! runs the same commands a user would type.
+//! `funcmesh testnet`: a local federation whose nodes run as processes on loopback, or with
+//! `--docker` as containers on private docker networks. Both take one setup path: every step
+//! (federation create, institution create, admit, invite, join and, with `--grants`, a capability
+//! grant from each institution to every other) runs the same commands a user would type, and both
+//! record the same `DIR/testnet.json`; only how a node is started and stopped differs
+//! ([`process`], [`docker`]).
 //!
 //! `DIR/testnet.json` lists the coordinator and the nodes (name, institution, role, data dir,
-//! peer id, API address, listen addresses, process id) and the institutions' key files.
+//! peer id, API address, listen addresses, process id and, for containers, the container), the
+//! institutions' key files and the grants.
+
+pub mod docker;
+mod process;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command as Proc, Stdio};
@@ -16,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use clap::Subcommand;
 
 use crate::client::Client;
+use crate::config::Config;
 use crate::datadir::{DataDir, read_json, write_json_atomic};
 use crate::ops;
 use crate::ops::parse_member_role;
@@ -33,6 +41,28 @@ pub struct Testnet {
     pub nodes: Vec<NodeEntry>,
     /// The institutions and their key files, so scripts can act as their admins.
     pub institutions: Vec<InstitutionEntry>,
+    /// Capability grants made at setup (`--grants`).
+    #[serde(default)]
+    pub grants: Vec<GrantEntry>,
+    /// Set when the nodes are containers (`--docker`): the compose project.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub docker: Option<docker::ComposeEntry>,
+}
+
+/// A capability grant made at setup: `from` lets `to` use `endpoint`, and every node of `to`
+/// holds the token.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GrantEntry {
+    /// The granting institution.
+    pub from: String,
+    /// The receiving institution.
+    pub to: String,
+    /// The endpoint (its name).
+    pub endpoint: String,
+    /// What it allows.
+    pub abilities: Vec<String>,
+    /// The token's file.
+    pub token: PathBuf,
 }
 
 /// One node of the testnet.
@@ -52,8 +82,11 @@ pub struct NodeEntry {
     pub api: String,
     /// Mesh addresses.
     pub listen_addrs: Vec<String>,
-    /// Process id.
+    /// Process id (on this machine: for a container, its init process).
     pub pid: u32,
+    /// The container, when the node runs in one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
 }
 
 /// One institution of the testnet.
@@ -71,16 +104,47 @@ pub struct InstitutionEntry {
 
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// What a testnet is made of: institutions, each a list of its nodes' roles; what each endpoint
+/// offers; whether each institution grants every other the use of its endpoints.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// One entry per institution (`inst-a`, `inst-b`, …): its nodes' roles (`a1`, `a2`, …).
+    pub institutions: Vec<Vec<Role>>,
+    /// What each endpoint node's endpoint offers.
+    pub endpoint: ops::TestnetEndpoint,
+    /// Each institution grants every other `compute.run`, `transfer.read` and `transfer.write`
+    /// on each of its endpoints, and every node of the receiver holds the token.
+    pub grants: bool,
+}
+
+impl Plan {
+    /// `institutions` institutions of `per` nodes of one role.
+    pub fn uniform(
+        institutions: usize,
+        per: usize,
+        role: Role,
+        endpoint: &ops::TestnetEndpoint,
+    ) -> Plan {
+        Plan {
+            institutions: vec![vec![role; per]; institutions],
+            endpoint: endpoint.clone(),
+            grants: false,
+        }
+    }
+}
+
 /// Runs a `testnet` subcommand.
 pub async fn run(cmd: TestnetCommand) -> anyhow::Result<()> {
     match cmd {
         TestnetCommand::Up {
             dir,
+            docker,
             institutions,
             nodes_per_institution,
             role,
             endpoint_policy,
             runtimes,
+            grants,
         } => {
             let endpoint = ops::TestnetEndpoint {
                 policy: endpoint_policy,
@@ -90,10 +154,24 @@ pub async fn run(cmd: TestnetCommand) -> anyhow::Result<()> {
                     .filter(|r| !r.is_empty())
                     .collect(),
             };
-            let net = up(&dir, institutions, nodes_per_institution, role, &endpoint).await?;
-            print_table(&net, &dir).await;
+            let net = if docker {
+                if institutions != 2 || nodes_per_institution != 2 || role != Role::Endpoint {
+                    bail!(
+                        "the container testnet has a fixed layout (inst-a: a1, a2 endpoints; \
+                         inst-b: b1 endpoint, b2 client); drop --institutions, \
+                         --nodes-per-institution and --role"
+                    );
+                }
+                up_docker(&dir, &endpoint).await?
+            } else {
+                let mut plan = Plan::uniform(institutions, nodes_per_institution, role, &endpoint);
+                plan.grants = grants;
+                up_with(&dir, &plan, Launcher::Process).await?
+            };
+            print_table(&net).await;
+            let docker = if docker { " --docker" } else { "" };
             println!(
-                "testnet up: {}/testnet.json; stop it with `funcmesh testnet down --dir {}`",
+                "testnet up: {}/testnet.json; stop it with `funcmesh testnet down{docker} --dir {}`",
                 dir.display(),
                 dir.display()
             );
@@ -107,17 +185,29 @@ pub async fn run(cmd: TestnetCommand) -> anyhow::Result<()> {
                     let members = members_of(n).await.ok();
                     rows.push(serde_json::json!({
                         "name": n.name, "running": alive(n.pid), "pid": n.pid,
+                        "container": n.container,
                         "peer_id": n.peer_id, "members": members,
                     }));
                 }
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
-                print_table(&net, &dir).await;
+                print_table(&net).await;
             }
             Ok(())
         }
-        TestnetCommand::Down { dir } => {
+        TestnetCommand::Down { dir, docker } => {
+            if docker {
+                docker::down(&dir).await?;
+                println!("removed the container testnet's containers and networks");
+                return Ok(());
+            }
             let net = load(&dir)?;
+            if net.docker.is_some() {
+                bail!(
+                    "{} is a container testnet: stop it with `funcmesh testnet down --docker --dir {0}`",
+                    dir.display()
+                );
+            }
             let stopped = down(&net).await;
             println!("stopped {stopped} node(s)");
             Ok(())
@@ -125,8 +215,7 @@ pub async fn run(cmd: TestnetCommand) -> anyhow::Result<()> {
         TestnetCommand::Kill { node, dir } => {
             let net = load(&dir)?;
             let n = find(&net, &node)?;
-            kill(n.pid, libc::SIGKILL);
-            wait_dead(n.pid, Duration::from_secs(10)).await?;
+            Launcher::of(&net).stop(n, true).await?;
             println!("killed {} (pid {})", n.name, n.pid);
             Ok(())
         }
@@ -151,11 +240,13 @@ pub fn load(dir: &Path) -> anyhow::Result<Testnet> {
     read_json(&path)
 }
 
-fn all_nodes(net: &Testnet) -> impl Iterator<Item = &NodeEntry> {
+/// The coordinator, then the members.
+pub fn all_nodes(net: &Testnet) -> impl Iterator<Item = &NodeEntry> {
     std::iter::once(&net.coordinator).chain(net.nodes.iter())
 }
 
-fn find<'a>(net: &'a Testnet, name: &str) -> anyhow::Result<&'a NodeEntry> {
+/// The node called `name`.
+pub fn find<'a>(net: &'a Testnet, name: &str) -> anyhow::Result<&'a NodeEntry> {
     all_nodes(net).find(|n| n.name == name).with_context(|| {
         let names: Vec<&str> = all_nodes(net).map(|n| n.name.as_str()).collect();
         format!(
@@ -183,7 +274,7 @@ fn funcmesh(args: &[&str]) -> anyhow::Result<String> {
     if !out.status.success() {
         bail!(
             "`funcmesh {}` failed: {}",
-            args.first().copied().unwrap_or_default(),
+            args.iter().take(2).copied().collect::<Vec<_>>().join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
@@ -194,42 +285,105 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap_or_default()
 }
 
-/// Spawns a long-running `funcmesh` process in its own process group, logging to `log`.
-fn spawn_daemon(args: &[&str], log: &Path) -> anyhow::Result<std::process::Child> {
-    use std::os::unix::process::CommandExt as _;
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(log)
-        .with_context(|| format!("cannot open {}", log.display()))?;
-    let err = file.try_clone().context("log file")?;
-    Proc::new(exe()?)
-        .args(args)
-        .env(
-            "RUST_LOG",
-            std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-        )
-        .stdin(Stdio::null())
-        .stdout(file)
-        .stderr(err)
-        .process_group(0)
-        .spawn()
-        .with_context(|| format!("cannot start funcmesh {}", args.join(" ")))
+/// How the nodes of a testnet run.
+pub(crate) enum Launcher {
+    /// Local processes on loopback.
+    Process,
+    /// Containers of the compose project in the testnet's directory.
+    Docker(docker::Compose),
 }
 
-/// Waits until the daemon of `dir` (process `child`) has written `api.json` (and, when asked,
-/// `membership.json`), and returns its entry.
+/// How a node starts.
+enum Start<'a> {
+    /// From its data dir (the coordinator after `federation create`, or a restart).
+    Start,
+    /// `funcmesh join ADDR --invite INVITE`.
+    Join { addr: &'a str, invite: &'a str },
+}
+
+/// A node just started: its process and, for a container, the container.
+struct Started {
+    pid: u32,
+    container: Option<String>,
+    /// The process that owns the node's `api.json` (a container's node has a pid of its own
+    /// namespace, so any fresh `api.json` counts).
+    api_pid: Option<u32>,
+    child: Option<std::process::Child>,
+}
+
+impl Started {
+    /// Why the node is gone, if it is.
+    fn exited(&mut self) -> Option<String> {
+        match &mut self.child {
+            Some(child) => match child.try_wait() {
+                Ok(Some(status)) => Some(status.to_string()),
+                Ok(None) => None,
+                Err(e) => Some(e.to_string()),
+            },
+            None => (!alive(self.pid)).then(|| "its container stopped".to_string()),
+        }
+    }
+}
+
+impl Launcher {
+    fn of(net: &Testnet) -> Launcher {
+        match &net.docker {
+            Some(entry) => Launcher::Docker(docker::Compose::from_entry(entry)),
+            None => Launcher::Process,
+        }
+    }
+
+    /// Sets what a node's configuration needs to run this way (its listen addresses).
+    fn configure(&self, name: &str, config: &mut Config) -> anyhow::Result<()> {
+        match self {
+            Launcher::Process => Ok(()),
+            Launcher::Docker(c) => c.configure(name, config),
+        }
+    }
+
+    /// The coordinator's address as the node `name` should dial it.
+    fn coordinator_addr(&self, name: &str, coordinator: &NodeEntry) -> anyhow::Result<String> {
+        match self {
+            Launcher::Process => coordinator
+                .listen_addrs
+                .iter()
+                .find(|a| a.contains("/tcp/"))
+                .or(coordinator.listen_addrs.first())
+                .cloned()
+                .context("the coordinator has no listen address"),
+            Launcher::Docker(c) => c.coordinator_addr(name, coordinator),
+        }
+    }
+
+    async fn start(&self, name: &str, dir: &DataDir, how: Start<'_>) -> anyhow::Result<Started> {
+        let _ = std::fs::remove_file(dir.api());
+        match self {
+            Launcher::Process => process::start(dir, how),
+            Launcher::Docker(c) => c.start(name, dir, how).await,
+        }
+    }
+
+    /// Stops a node: gracefully (SIGTERM, then SIGKILL after 10 s) or, with `kill`, at once.
+    pub(crate) async fn stop(&self, node: &NodeEntry, kill_now: bool) -> anyhow::Result<()> {
+        match (self, &node.container) {
+            (Launcher::Docker(c), Some(container)) => c.stop(container, kill_now).await,
+            _ => process::stop(node.pid, kill_now).await,
+        }
+    }
+}
+
+/// Waits until the node of `dir` has written `api.json` (and, when asked, `membership.json`) and
+/// answers on its API, and returns its peer id, API URL and listen addresses.
 async fn wait_started(
-    child: &mut std::process::Child,
+    started: &mut Started,
     dir: &DataDir,
     needs_membership: bool,
-    log: &Path,
 ) -> anyhow::Result<(String, String, Vec<String>)> {
-    let pid = child.id();
+    let log = dir.root().join("node.log");
     let deadline = Instant::now() + START_TIMEOUT;
     loop {
-        if let Some(status) = child.try_wait().context("waiting for node")? {
-            let text = std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(status) = started.exited() {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
             let last = text
                 .lines()
                 .rev()
@@ -240,7 +394,7 @@ async fn wait_started(
         let ready = dir.api().exists() && (!needs_membership || dir.membership().exists());
         if ready {
             if let Ok(info) = dir.read_api() {
-                if info.pid == pid {
+                if started.api_pid.is_none_or(|p| p == info.pid) {
                     let client = Client::for_node(dir)?;
                     if let Ok(st) = client.status().await {
                         if !st.listen_addrs.is_empty() {
@@ -261,7 +415,7 @@ async fn wait_started(
     }
 }
 
-/// Brings a testnet up.
+/// Brings a testnet of local processes up.
 pub async fn up(
     dir: &Path,
     institutions: usize,
@@ -269,25 +423,74 @@ pub async fn up(
     role: Role,
     endpoint: &ops::TestnetEndpoint,
 ) -> anyhow::Result<Testnet> {
-    if institutions == 0 || institutions > 26 {
-        bail!("--institutions must be between 1 and 26");
-    }
+    up_with(
+        dir,
+        &Plan::uniform(institutions, per, role, endpoint),
+        Launcher::Process,
+    )
+    .await
+}
+
+/// Brings the container testnet up: builds its image, writes its compose project to `dir` and
+/// sets the federation up with the same steps as the process testnet, with grants.
+pub async fn up_docker(dir: &Path, endpoint: &ops::TestnetEndpoint) -> anyhow::Result<Testnet> {
+    let plan = Plan {
+        institutions: vec![
+            vec![Role::Endpoint, Role::Endpoint],
+            vec![Role::Endpoint, Role::Client],
+        ],
+        endpoint: endpoint.clone(),
+        grants: true,
+    };
+    prepare_dir(dir, true).await?;
+    let dir = dir.canonicalize().context("testnet dir")?;
+    let compose = docker::Compose::prepare(&dir, &exe()?).await?;
+    up_with(&dir, &plan, Launcher::Docker(compose)).await
+}
+
+async fn prepare_dir(dir: &Path, docker: bool) -> anyhow::Result<()> {
     if let Ok(net) = load(dir) {
-        if all_nodes(&net).any(|n| alive(n.pid)) {
+        if net.docker.is_some() && !docker {
+            bail!(
+                "{0} holds a container testnet; remove it with `funcmesh testnet down --docker --dir {0}`",
+                dir.display()
+            );
+        }
+        if net.docker.is_none() && all_nodes(&net).any(|n| alive(n.pid)) {
             bail!(
                 "a testnet is already running in {0}; stop it with `funcmesh testnet down --dir {0}`",
                 dir.display()
             );
         }
+        if net.docker.is_some() {
+            docker::down(dir).await?;
+        }
+    }
+    if dir.exists() {
         std::fs::remove_dir_all(dir).with_context(|| format!("cannot clear {}", dir.display()))?;
     }
-    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))
+}
+
+/// Brings a testnet up with `launcher`.
+pub(crate) async fn up_with(
+    dir: &Path,
+    plan: &Plan,
+    launcher: Launcher,
+) -> anyhow::Result<Testnet> {
+    let n = plan.institutions.len();
+    if n == 0 || n > 26 {
+        bail!("--institutions must be between 1 and 26");
+    }
+    if matches!(launcher, Launcher::Process) {
+        prepare_dir(dir, false).await?;
+    }
     let dir = dir.canonicalize().context("testnet dir")?;
-    let mut started: Vec<u32> = Vec::new();
-    let result = build(&dir, institutions, per, role, endpoint, &mut started).await;
+    let mut started: Vec<NodeEntry> = Vec::new();
+    let result = build(&dir, plan, &launcher, &mut started).await;
     if result.is_err() {
-        for pid in started {
-            kill(pid, libc::SIGKILL);
+        for node in &started {
+            let _ = launcher.stop(node, true).await;
         }
     }
     result
@@ -295,11 +498,9 @@ pub async fn up(
 
 async fn build(
     dir: &Path,
-    institutions: usize,
-    per: usize,
-    role: Role,
-    endpoint: &ops::TestnetEndpoint,
-    started: &mut Vec<u32>,
+    plan: &Plan,
+    launcher: &Launcher,
+    started: &mut Vec<NodeEntry>,
 ) -> anyhow::Result<Testnet> {
     let coord_dir = DataDir::new(dir.join("coordinator"));
     funcmesh(&[
@@ -310,35 +511,30 @@ async fn build(
         "--data-dir",
         s(coord_dir.root()),
     ])?;
-    let log = coord_dir.root().join("node.log");
-    let mut child = spawn_daemon(&["start", "--data-dir", s(coord_dir.root())], &log)?;
-    started.push(child.id());
-    let (peer_id, api, listen_addrs) = wait_started(&mut child, &coord_dir, false, &log).await?;
+    if let Launcher::Docker(_) = launcher {
+        let mut config = Config::resolve(Some(&coord_dir.config()), std::iter::empty(), &[])?;
+        launcher.configure("coordinator", &mut config)?;
+        ops::write_config(&coord_dir, &config)?;
+    }
+    let coordinator = start_node(
+        launcher,
+        "coordinator",
+        None,
+        Role::Coordinator,
+        &coord_dir,
+        Start::Start,
+        started,
+    )
+    .await?;
     let federation_id = coord_dir
         .read_federation()?
         .map(|f| f.id.to_string())
         .unwrap_or_default();
-    let coord_addr = listen_addrs
-        .iter()
-        .find(|a| a.contains("/tcp/"))
-        .or(listen_addrs.first())
-        .cloned()
-        .context("the coordinator has no listen address")?;
-    let coordinator = NodeEntry {
-        name: "coordinator".into(),
-        institution: None,
-        role: Role::Coordinator,
-        data_dir: coord_dir.root().to_path_buf(),
-        peer_id,
-        api,
-        listen_addrs,
-        pid: child.id(),
-    };
     let inst_dir = dir.join("institutions");
     std::fs::create_dir_all(&inst_dir).context("institutions dir")?;
     let mut insts = Vec::new();
     let mut nodes = Vec::new();
-    for i in 0..institutions {
+    for (i, roles) in plan.institutions.iter().enumerate() {
         let letter = (b'a' + i as u8) as char;
         let name = format!("inst-{letter}");
         let key = inst_dir.join(format!("{name}.key"));
@@ -355,8 +551,8 @@ async fn build(
             "--out",
             s(&admission),
         ])?;
-        for j in 1..=per {
-            let node_name = format!("{letter}{j}");
+        for (j, role) in roles.iter().enumerate() {
+            let node_name = format!("{letter}{}", j + 1);
             let invite = funcmesh(&[
                 "invite",
                 "create",
@@ -371,38 +567,30 @@ async fn build(
             ])?;
             let ndir = DataDir::new(dir.join(&node_name));
             std::fs::create_dir_all(ndir.root()).context("node dir")?;
-            let mut config = ops::testnet_config(&node_name, &name, role, endpoint);
+            let mut config = ops::testnet_config(&node_name, &name, *role, &plan.endpoint);
             // Each endpoint exposes `<node dir>/data` to transfers.
             for e in &mut config.endpoint {
                 let data = ndir.root().join("data");
                 std::fs::create_dir_all(&data).context("data root")?;
                 e.data_root = Some(data);
             }
+            launcher.configure(&node_name, &mut config)?;
             ops::write_config(&ndir, &config)?;
-            let log = ndir.root().join("node.log");
-            let mut child = spawn_daemon(
-                &[
-                    "join",
-                    &coord_addr,
-                    "--invite",
-                    &invite,
-                    "--data-dir",
-                    s(ndir.root()),
-                ],
-                &log,
-            )?;
-            started.push(child.id());
-            let (peer_id, api, listen_addrs) = wait_started(&mut child, &ndir, true, &log).await?;
-            nodes.push(NodeEntry {
-                name: node_name,
-                institution: Some(name.clone()),
-                role,
-                data_dir: ndir.root().to_path_buf(),
-                peer_id,
-                api,
-                listen_addrs,
-                pid: child.id(),
-            });
+            let addr = launcher.coordinator_addr(&node_name, &coordinator)?;
+            let entry = start_node(
+                launcher,
+                &node_name,
+                Some(&name),
+                *role,
+                &ndir,
+                Start::Join {
+                    addr: &addr,
+                    invite: &invite,
+                },
+                started,
+            )
+            .await?;
+            nodes.push(entry);
         }
         insts.push(InstitutionEntry {
             name,
@@ -411,19 +599,147 @@ async fn build(
             admission,
         });
     }
-    let net = Testnet {
+    let mut net = Testnet {
         version: 1,
         federation_id,
         coordinator,
         nodes,
         institutions: insts,
+        grants: Vec::new(),
+        docker: match launcher {
+            Launcher::Docker(c) => Some(c.entry()),
+            Launcher::Process => None,
+        },
     };
     write_json_atomic(&dir.join("testnet.json"), &net, 0o644)?;
     wait_converged(&net, START_TIMEOUT).await?;
+    if plan.grants {
+        net.grants = grant_partners(dir, &net).await?;
+        write_json_atomic(&dir.join("testnet.json"), &net, 0o644)?;
+    }
     Ok(net)
 }
 
-async fn members_of(n: &NodeEntry) -> anyhow::Result<Vec<String>> {
+async fn start_node(
+    launcher: &Launcher,
+    name: &str,
+    institution: Option<&str>,
+    role: Role,
+    dir: &DataDir,
+    how: Start<'_>,
+    started: &mut Vec<NodeEntry>,
+) -> anyhow::Result<NodeEntry> {
+    let needs_membership = matches!(how, Start::Join { .. });
+    let mut run = launcher.start(name, dir, how).await?;
+    let mut entry = NodeEntry {
+        name: name.to_string(),
+        institution: institution.map(str::to_string),
+        role,
+        data_dir: dir.root().to_path_buf(),
+        peer_id: String::new(),
+        api: String::new(),
+        listen_addrs: Vec::new(),
+        pid: run.pid,
+        container: run.container.clone(),
+    };
+    started.push(entry.clone());
+    let (peer_id, api, listen_addrs) = wait_started(&mut run, dir, needs_membership).await?;
+    entry.peer_id = peer_id;
+    entry.api = api;
+    entry.listen_addrs = listen_addrs;
+    Ok(entry)
+}
+
+/// Each institution grants every other the use of each of its endpoints, through the CLI:
+/// `cap grant` (names resolved through the endpoint's own node), then `cap add` on every node of
+/// the receiver.
+async fn grant_partners(dir: &Path, net: &Testnet) -> anyhow::Result<Vec<GrantEntry>> {
+    let grants_dir = dir.join("grants");
+    std::fs::create_dir_all(&grants_dir).context("grants dir")?;
+    let abilities = ["compute.run", "transfer.read", "transfer.write"];
+    let mut out = Vec::new();
+    for from in &net.institutions {
+        let endpoints = net
+            .nodes
+            .iter()
+            .filter(|n| n.institution.as_deref() == Some(&from.name) && n.role == Role::Endpoint);
+        for endpoint in endpoints {
+            for to in net.institutions.iter().filter(|t| t.name != from.name) {
+                let node = s(&endpoint.data_dir);
+                // The grant names the receiver and the endpoint as the registry knows them.
+                wait_registry_knows(endpoint, &to.name, &endpoint.name).await?;
+                let mut args = vec![
+                    "cap",
+                    "grant",
+                    "--issuer-key",
+                    s(&from.key),
+                    "--node",
+                    node,
+                    "--endpoint",
+                    &endpoint.name,
+                    "--ttl",
+                    "30d",
+                ];
+                let to_arg = format!("institution:{}", to.name);
+                args.extend(["--to", &to_arg]);
+                for a in abilities {
+                    args.extend(["--ability", a]);
+                }
+                let token = funcmesh(&args)?;
+                let file = grants_dir.join(format!(
+                    "{}-to-{}-{}.token",
+                    from.name, to.name, endpoint.name
+                ));
+                std::fs::write(&file, format!("{token}\n"))
+                    .with_context(|| format!("cannot write {}", file.display()))?;
+                for holder in net
+                    .nodes
+                    .iter()
+                    .filter(|n| n.institution.as_deref() == Some(&to.name))
+                {
+                    funcmesh(&["cap", "add", s(&file), "--node", s(&holder.data_dir)])?;
+                }
+                out.push(GrantEntry {
+                    from: from.name.clone(),
+                    to: to.name.clone(),
+                    endpoint: endpoint.name.clone(),
+                    abilities: abilities.iter().map(|a| a.to_string()).collect(),
+                    token: file,
+                });
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Waits until `node`'s registry lists the institution and the endpoint.
+async fn wait_registry_knows(
+    node: &NodeEntry,
+    institution: &str,
+    endpoint: &str,
+) -> anyhow::Result<()> {
+    let client = Client::for_node(&DataDir::new(&node.data_dir))?;
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        let insts = client.institutions().await.unwrap_or_default();
+        let eps = client.endpoints().await.unwrap_or_default();
+        if insts.iter().any(|i| i.name == institution)
+            && eps.iter().any(|e| e.record.name == endpoint)
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{} does not list institution {institution} and endpoint {endpoint} after {START_TIMEOUT:?}",
+                node.name
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The peer ids `n` lists as members.
+pub async fn members_of(n: &NodeEntry) -> anyhow::Result<Vec<String>> {
     let client = Client::for_node(&DataDir::new(&n.data_dir))?;
     Ok(client
         .peers()
@@ -459,7 +775,8 @@ pub async fn wait_converged(net: &Testnet, timeout: Duration) -> anyhow::Result<
     }
 }
 
-/// Stops every node: SIGTERM, then SIGKILL after 10 s. Returns how many were running.
+/// Stops every node of a process testnet: SIGTERM, then SIGKILL after 10 s. Returns how many
+/// were running.
 pub async fn down(net: &Testnet) -> usize {
     let running: Vec<u32> = all_nodes(net)
         .map(|n| n.pid)
@@ -469,35 +786,39 @@ pub async fn down(net: &Testnet) -> usize {
         kill(*pid, libc::SIGTERM);
     }
     for pid in &running {
-        if wait_dead(*pid, Duration::from_secs(10)).await.is_err() {
+        if process::wait_dead(*pid, Duration::from_secs(10))
+            .await
+            .is_err()
+        {
             kill(*pid, libc::SIGKILL);
-            let _ = wait_dead(*pid, Duration::from_secs(5)).await;
+            let _ = process::wait_dead(*pid, Duration::from_secs(5)).await;
         }
     }
     running.len()
+}
+
+/// Stops one node (SIGTERM, or SIGKILL with `kill_now`) and waits until it is gone.
+pub async fn stop(dir: &Path, name: &str, kill_now: bool) -> anyhow::Result<()> {
+    let net = load(dir)?;
+    let entry = find(&net, name)?;
+    Launcher::of(&net).stop(entry, kill_now).await
 }
 
 /// Restarts one node from its data dir and records its new process in `testnet.json`.
 pub async fn restart(dir: &Path, name: &str) -> anyhow::Result<Testnet> {
     let mut net = load(dir)?;
     let entry = find(&net, name)?.clone();
-    if alive(entry.pid) {
-        kill(entry.pid, libc::SIGTERM);
-        if wait_dead(entry.pid, Duration::from_secs(10)).await.is_err() {
-            kill(entry.pid, libc::SIGKILL);
-            wait_dead(entry.pid, Duration::from_secs(5)).await?;
-        }
-    }
+    let launcher = Launcher::of(&net);
+    launcher.stop(&entry, false).await?;
     let ndir = DataDir::new(&entry.data_dir);
-    let _ = std::fs::remove_file(ndir.api());
-    let log = ndir.root().join("node.log");
-    let mut child = spawn_daemon(&["start", "--data-dir", s(ndir.root())], &log)?;
-    let (peer_id, api, listen_addrs) = wait_started(&mut child, &ndir, false, &log).await?;
+    let mut run = launcher.start(name, &ndir, Start::Start).await?;
+    let (peer_id, api, listen_addrs) = wait_started(&mut run, &ndir, false).await?;
     let updated = NodeEntry {
         peer_id,
         api,
         listen_addrs,
-        pid: child.id(),
+        pid: run.pid,
+        container: run.container,
         ..entry
     };
     if updated.name == "coordinator" {
@@ -509,7 +830,7 @@ pub async fn restart(dir: &Path, name: &str) -> anyhow::Result<Testnet> {
     Ok(net)
 }
 
-async fn print_table(net: &Testnet, _dir: &Path) {
+async fn print_table(net: &Testnet) {
     println!("federation {}", net.federation_id);
     println!(
         "{:<12} {:<12} {:<12} {:>8} {:>8}  PEER",
@@ -532,6 +853,16 @@ async fn print_table(net: &Testnet, _dir: &Path) {
             n.pid,
             members,
             n.peer_id
+        );
+    }
+    for g in &net.grants {
+        println!(
+            "grant: {} lets {} use endpoint {} ({}): {}",
+            g.from,
+            g.to,
+            g.endpoint,
+            g.abilities.join(", "),
+            g.token.display()
         );
     }
 }
@@ -562,25 +893,19 @@ pub fn kill(pid: u32, signal: libc::c_int) {
     }
 }
 
-async fn wait_dead(pid: u32, timeout: Duration) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    while alive(pid) {
-        if Instant::now() > deadline {
-            bail!("process {pid} still runs after {timeout:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    Ok(())
-}
-
 /// `funcmesh testnet …`.
 #[derive(Debug, Subcommand)]
 pub enum TestnetCommand {
-    /// Start a coordinator and the members of N institutions as local processes.
+    /// Start a coordinator and the members of N institutions as local processes or, with
+    /// --docker, the container testnet (inst-a: a1, a2; inst-b: b1, b2) on docker networks.
     Up {
         /// The testnet's directory.
         #[arg(long)]
         dir: PathBuf,
+        /// Run the nodes as containers of a docker-compose project built locally (needs
+        /// docker and docker-compose; the first build takes a few minutes).
+        #[arg(long)]
+        docker: bool,
         /// Number of institutions.
         #[arg(long, default_value_t = 2)]
         institutions: usize,
@@ -597,6 +922,10 @@ pub enum TestnetCommand {
         /// Runtimes each endpoint offers, comma-separated (host, docker, podman, apptainer).
         #[arg(long, default_value = "host")]
         runtimes: String,
+        /// Each institution grants every other compute.run, transfer.read and transfer.write
+        /// on its endpoints (always on with --docker).
+        #[arg(long)]
+        grants: bool,
     },
     /// Show the testnet's nodes and whether they run.
     Status {
@@ -607,11 +936,14 @@ pub enum TestnetCommand {
         #[arg(long)]
         json: bool,
     },
-    /// Stop every node of the testnet.
+    /// Stop every node of the testnet; with --docker, remove its containers and networks.
     Down {
         /// The testnet's directory.
         #[arg(long)]
         dir: PathBuf,
+        /// The container testnet.
+        #[arg(long)]
+        docker: bool,
     },
     /// SIGKILL one node.
     Kill {
