@@ -37,6 +37,9 @@ struct Inner {
     live: Mutex<HashMap<String, Arc<Live>>>,
     /// Sends a run's id whenever its summary changes.
     changes: tokio::sync::broadcast::Sender<String>,
+    /// Set by [`Engine::close`]: the node is stopping, so what its providers now answer (their
+    /// services stopping) says nothing about the runs, and nothing more is written.
+    closing: std::sync::atomic::AtomicBool,
 }
 
 /// The engine of one node.
@@ -117,6 +120,7 @@ impl Engine {
                 providers,
                 live: Mutex::new(HashMap::new()),
                 changes,
+                closing: std::sync::atomic::AtomicBool::new(false),
             }),
         };
         for run in engine.list()? {
@@ -125,6 +129,38 @@ impl Engine {
             }
         }
         Ok(engine)
+    }
+
+    /// Stops driving runs before the node stops its services: a run keeps the state its log
+    /// has, as if the node had been killed there, and the next start resumes it (an action is
+    /// asked again under the same `request_id`). Without this, a provider answering "stopped"
+    /// during the shutdown would fail the run.
+    pub fn close(&self) {
+        self.inner
+            .closing
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        for live in self
+            .inner
+            .live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+        {
+            live.wake.notify_one();
+        }
+    }
+
+    /// How many runs the engine is driving now.
+    pub fn driving(&self) -> usize {
+        self.inner
+            .live
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .len()
+    }
+
+    fn closing(&self) -> bool {
+        self.inner.closing.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// A handle that does not keep the engine alive.
@@ -372,6 +408,9 @@ impl Engine {
         let mut seq = log.len() as u64;
         let mut cur = fold(&def, input, &log);
         loop {
+            if self.closing() {
+                return Ok(());
+            }
             if live.cancel.load(std::sync::atomic::Ordering::SeqCst) {
                 if let Some((request_id, url, body, _)) = &cur.pending {
                     if url == CHILDREN {
@@ -395,6 +434,10 @@ impl Engine {
             let step = self
                 .step(run_id, &run, &context, &definition, &cur, state, live, seq)
                 .await;
+            if self.closing() {
+                // Whatever the step saw while the node stops is not recorded.
+                return Ok(());
+            }
             let events = match step {
                 Step::Events(events) => events,
                 Step::Again => continue,
@@ -713,6 +756,9 @@ impl Engine {
             tokio::select! {
                 () = provider.changed(&status.action_id, poll.min(left)) => {}
                 () = live.wake.notified() => {}
+            }
+            if self.closing() {
+                return Step::Again;
             }
             poll = (poll * 2).min(POLL_MAX);
             status = match provider.status(&status.action_id).await {

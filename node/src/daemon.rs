@@ -402,6 +402,8 @@ impl Node {
     /// Stops accepting, stops the mesh and the API, waits for every task, flushes the store and
     /// removes `api.json`.
     pub async fn shutdown(self) -> anyhow::Result<()> {
+        // Runs first: they must not read the services stopping below as their actions failing.
+        self.inner.runs.close();
         self.cancel.cancel();
         self.inner
             .transfers

@@ -162,6 +162,113 @@ fn a_run_killed_in_the_middle_of_an_action_resumes_without_starting_it_again() {
     assert_eq!(hello.started(), 1, "the action was started once");
 }
 
+/// An action that stays ACTIVE until `done`; while `stopped`, its status cannot be read (the
+/// service behind it is stopping with the node).
+#[derive(Default)]
+struct Stopping {
+    stopped: AtomicBool,
+    done: AtomicBool,
+    runs: AtomicU32,
+    request: std::sync::Mutex<Option<Request>>,
+}
+
+impl Stopping {
+    fn answer(&self, request: &Request) -> Action {
+        let mut a = Action::done(request, true, json!({"ok": true}));
+        if !self.done.load(Ordering::SeqCst) {
+            a.status = Status::Active;
+            a.completion_time = None;
+        }
+        a
+    }
+}
+
+impl Provider for Stopping {
+    fn run(&self, request: Request) -> BoxFuture<'_, Result<Action, Refusal>> {
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        *self.request.lock().expect("lock") = Some(request.clone());
+        Box::pin(async move { Ok(self.answer(&request)) })
+    }
+    fn status(&self, _: &str) -> BoxFuture<'_, Result<Action, Refusal>> {
+        Box::pin(async move {
+            let request = self.request.lock().expect("lock").clone();
+            match request {
+                Some(r) if !self.stopped.load(Ordering::SeqCst) => Ok(self.answer(&r)),
+                _ => Err(Refusal {
+                    code: "ServiceUnavailable".into(),
+                    description: "the task dispatcher has stopped".into(),
+                }),
+            }
+        })
+    }
+    fn cancel(&self, id: &str) -> BoxFuture<'_, Result<Action, Refusal>> {
+        self.status(id)
+    }
+}
+
+#[test]
+fn a_run_is_not_failed_by_its_node_stopping_and_resumes_at_the_next_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let provider = Arc::new(Stopping::default());
+    let providers = || {
+        let mut p = Providers::builtin();
+        p.add("https://example.org/stopping", provider.clone());
+        p
+    };
+    let def = json!({
+        "StartAt": "Long",
+        "States": {"Long": {
+            "Type": "Action", "ActionUrl": "https://example.org/stopping",
+            "Parameters": {}, "ResultPath": "$.long", "End": true}}
+    });
+    let first = tokio::runtime::Runtime::new().unwrap();
+    first.block_on(async {
+        let engine = open(dir.path(), providers());
+        engine
+            .start("stop-1", "flow", &def, json!({}), "alice", None)
+            .unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while provider.runs.load(Ordering::SeqCst) == 0 {
+            assert!(tokio::time::Instant::now() < deadline, "never started");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        // The node stops: the engine closes, then the services behind the providers stop.
+        engine.close();
+        provider.stopped.store(true, Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while engine.driving() > 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the run was still driven after close"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let run = engine.get("stop-1").unwrap().unwrap();
+        assert_eq!(run.status, RunStatus::Active, "{run:?}");
+        assert!(
+            !engine
+                .log("stop-1")
+                .unwrap()
+                .iter()
+                .any(|e| matches!(e, Event::FlowFailed { .. })),
+            "nothing is recorded while the node stops"
+        );
+    });
+    drop(first);
+    // The next start: the services are back and the action has finished meanwhile.
+    provider.stopped.store(false, Ordering::SeqCst);
+    provider.done.store(true, Ordering::SeqCst);
+    let second = tokio::runtime::Runtime::new().unwrap();
+    second.block_on(async {
+        let engine = open(dir.path(), providers());
+        let run = engine
+            .wait("stop-1", Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert_eq!(run.status, RunStatus::Succeeded, "{run:?}");
+    });
+}
+
 /// Fails its first `fails` actions (FAILED status), then succeeds; or INACTIVE until `open`.
 struct Flaky {
     fails: u32,

@@ -51,7 +51,7 @@ async fn path(fed: &Fed, a: &str, b: &str) -> String {
     }
 }
 
-/// 1. Every node joins; the registry converges everywhere.
+/// Scenario 1: Every node joins; the registry converges everywhere.
 pub(crate) async fn s1_join_and_converge(fed: &Fed, report: &mut BTreeMap<&str, String>) {
     let t = fed.converged(MINUTE).await;
     let src = fed.dir.join("scenario-functions.py");
@@ -97,7 +97,7 @@ pub(crate) async fn s1_join_and_converge(fed: &Fed, report: &mut BTreeMap<&str, 
     report.insert("1 registry spread (3 functions to 5 nodes)", secs(spread));
 }
 
-/// 2. B's client runs A's function on A's endpoint with the capability grant.
+/// Scenario 2: B's client runs A's function on A's endpoint with the capability grant.
 pub(crate) async fn s2_cross_institution_grant(fed: &Fed, report: &mut BTreeMap<&str, String>) {
     let caps = fed.client("b2").capabilities().await.expect("b2's tokens");
     assert!(!caps.is_empty(), "b2 holds inst-a's grants");
@@ -195,7 +195,7 @@ pub(crate) async fn s2_cross_institution_grant(fed: &Fed, report: &mut BTreeMap<
     }
 }
 
-/// 3. The coordinator stops; tasks keep flowing between nodes that know each other.
+/// Scenario 3: The coordinator stops; tasks keep flowing between nodes that know each other.
 pub(crate) async fn s3_coordinator_loss(fed: &mut Fed, report: &mut BTreeMap<&str, String>) {
     let t = Instant::now();
     local_testnet::stop(&fed.dir, "coordinator", false)
@@ -239,7 +239,7 @@ pub(crate) async fn s3_coordinator_loss(fed: &mut Fed, report: &mut BTreeMap<&st
     );
 }
 
-/// 4. A partition: each side serves what it can reach; after healing the registries converge
+/// Scenario 4: A partition: each side serves what it can reach; after healing the registries converge
 /// and tasks resume.
 pub(crate) async fn s4_partition(fed: &mut Fed, report: &mut BTreeMap<&str, String>) {
     // B's side loses both ways out: the router and the coordinator leave inst-b.
@@ -249,6 +249,22 @@ pub(crate) async fn s4_partition(fed: &mut Fed, report: &mut BTreeMap<&str, Stri
     docker::disconnect("coordinator", docker::INST_B)
         .await
         .expect("cut the coordinator");
+    // Until both sides see it: the connections across time out.
+    let cut = Instant::now();
+    let (a1, b2) = (fed.peer_id("a1"), fed.peer_id("b2"));
+    let (ca, cb) = (fed.client("a1"), fed.client("b2"));
+    wait(
+        "each side to drop the other",
+        Duration::from_secs(90),
+        || async {
+            let a_lists = ca.peers().await.unwrap_or_default();
+            let b_lists = cb.peers().await.unwrap_or_default();
+            !a_lists.iter().any(|p| p.peer_id == b2) && !b_lists.iter().any(|p| p.peer_id == a1)
+        },
+    )
+    .await
+    .expect("the partition is noticed");
+    let noticed = cut.elapsed();
     let src = fed.dir.join("scenario-functions.py");
     // Each side changes the registry while cut off.
     for (node, name) in [("a2", "side_a"), ("b1", "side_b")] {
@@ -304,8 +320,10 @@ pub(crate) async fn s4_partition(fed: &mut Fed, report: &mut BTreeMap<&str, Stri
         .await
         .ok();
     println!(
-        "4 partition: router and coordinator cut from inst-b; each side registered a function \
-         and converged alone; b2→b1 and a2→a1 ran; a task b2→inst-a was {}",
+        "4 partition: router and coordinator cut from inst-b, noticed by both sides in {}; each \
+         side registered a function and converged alone; b2→b1 and a2→a1 ran; a task \
+         b2→inst-a was {}",
+        secs(noticed),
         if across.is_some() {
             "accepted and waits"
         } else {
@@ -362,16 +380,16 @@ pub(crate) async fn s4_partition(fed: &mut Fed, report: &mut BTreeMap<&str, Stri
     fed.converged(MINUTE).await;
 }
 
-/// 5. An endpoint container is killed while it runs retryable tasks: they finish elsewhere.
+/// Scenario 5: An endpoint container is killed while it runs retryable tasks: they finish elsewhere.
 pub(crate) async fn s5_endpoint_killed(fed: &mut Fed, report: &mut BTreeMap<&str, String>) {
-    let n = 12;
+    let n = 8;
     let route = Route {
         institution: Some("inst-a"),
         retries: 3,
         strategy: Some("round-robin"),
         ..Default::default()
     };
-    let args = (0..n).map(|i| serde_json::json!([i, 4])).collect();
+    let args = (0..n).map(|i| serde_json::json!([i, 2])).collect();
     let ids = fed
         .submit("b2", "nap", args, &route)
         .await
@@ -422,14 +440,14 @@ pub(crate) async fn s5_endpoint_killed(fed: &mut Fed, report: &mut BTreeMap<&str
         secs(recovered)
     );
     report.insert(
-        "5 endpoint loss → all re-routed tasks done (4 s tasks)",
+        "5 endpoint loss → all re-routed tasks done (2 s tasks)",
         secs(recovered),
     );
     fed.restart("a1");
     fed.converged(MINUTE).await;
 }
 
-/// 6. A flow spanning both institutions (compute on A, transfer A → B) completes across a
+/// Scenario 6: A flow spanning both institutions (compute on A, transfer A → B) completes across a
 /// restart of the node hosting it.
 pub(crate) async fn s6_flow_across_institutions(
     fed: &mut Fed,
@@ -507,7 +525,7 @@ pub(crate) async fn s6_flow_across_institutions(
     fed.converged(MINUTE).await;
 }
 
-/// 8. Every node restarts, one at a time, while b2 submits a stream of tasks: none is lost.
+/// Scenario 8: Every node restarts, one at a time, while b2 submits a stream of tasks: none is lost.
 pub(crate) async fn s8_rolling_restart(fed: &mut Fed, report: &mut BTreeMap<&str, String>) {
     let accepted: Arc<Mutex<Vec<(String, i64)>>> = Arc::default();
     let stop = tokio_util::sync::CancellationToken::new();
@@ -593,7 +611,7 @@ pub(crate) async fn s8_rolling_restart(fed: &mut Fed, report: &mut BTreeMap<&str
     );
 }
 
-/// 7. NAT: B's nodes behind a masquerading router; A and B still run tasks on each other's
+/// Scenario 7: NAT: B's nodes behind a masquerading router; A and B still run tasks on each other's
 /// endpoints. Reports how each A–B pair ended up connected.
 pub(crate) async fn s7_nat(fed: &mut Fed, report: &mut BTreeMap<&str, String>) {
     docker::router("nat").await.expect("router in NAT mode");
