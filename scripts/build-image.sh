@@ -6,7 +6,7 @@
 #
 #   base    minimal Debian bookworm (debootstrap --variant=minbase)  -> funcmesh/base:bookworm
 #   python  base + python3, python3-cloudpickle, procps               -> funcmesh/python:bookworm
-#   node    python + iproute2, iptables (the container testnet's nodes and
+#   node    python + iproute2, iptables, conntrack (the container testnet's nodes and
 #           router; `funcmesh testnet up --docker` adds the binary)   -> funcmesh/node-base:bookworm
 #
 # The image name:tag is printed as the last line of stdout; all logging goes to stderr, so
@@ -72,7 +72,7 @@ case "$target" in
     ;;
   node)
     image=funcmesh/node-base:$SUITE
-    required=(python3 procps iproute2 iptables)
+    required=(python3 procps iproute2 iptables conntrack)
     optional=(python3-cloudpickle)
     cmd='["/bin/sh"]'
     ;;

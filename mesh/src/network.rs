@@ -67,6 +67,10 @@ pub struct Config {
     pub bootstrap: Vec<Multiaddr>,
     /// Serve as a relay for members behind NAT (coordinators do).
     pub relay_server: bool,
+    /// Hold a reservation on the relay of every coordinator this node is connected to, so that
+    /// members that cannot dial it (it is behind NAT or a firewall) still reach it through the
+    /// relay, and DCUtR can then try a direct connection. Relays themselves never reserve.
+    pub reserve_relay: bool,
     /// How long a new peer has to present its proof.
     pub proof_timeout: Duration,
     /// How often to retry known members that are not connected (doubles per failure, up to 16x).
@@ -205,8 +209,9 @@ pub struct PeerInfo {
     pub addrs: Vec<String>,
     /// Seconds since the current connection was verified.
     pub connected_for_secs: u64,
-    /// The remote addresses of the open connections to it: an address with `/p2p-circuit`
-    /// goes through a relay, any other is direct.
+    /// The open connections to it: their remote addresses, or for one it opened through a relay,
+    /// our relayed listen address. An address with `/p2p-circuit` goes through a relay, any
+    /// other is direct.
     #[serde(default)]
     pub connections: Vec<String>,
 }
@@ -521,6 +526,11 @@ struct Hello {
     version: u32,
     proof: Vec<u8>,
     members: Vec<PeerAddrs>,
+    /// The sender does not count the receiver as a member (yet): a first hello. From a peer the
+    /// receiver does count, it means the peer restarted (or lost every connection) while the
+    /// receiver kept an old one. Absent from older nodes: false.
+    #[serde(default)]
+    first: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -584,7 +594,8 @@ struct EventLoop {
     /// When member lists were last swapped with a random member.
     last_exchange: Instant,
     bootstrap: Vec<Multiaddr>,
-    relay_listening: bool,
+    /// Relay reservations held (or asked for), by relay.
+    relay_listening: HashMap<PeerId, libp2p::core::transport::ListenerId>,
     config: Config,
     topic_prefix: String,
     registry_topic: gossipsub::TopicHash,
@@ -668,7 +679,7 @@ pub async fn spawn(
         peers: PeerTable::new(config.redial_interval, config.proof_timeout),
         last_exchange: Instant::now(),
         bootstrap: config.bootstrap.clone(),
-        relay_listening: false,
+        relay_listening: HashMap::new(),
         config,
         topic_prefix,
         registry_topic: registry_topic.hash(),
@@ -697,6 +708,22 @@ pub async fn spawn(
         events: ev_tx,
         streams,
     })
+}
+
+/// The relay a coordinator serves: for the federation's members, whose relayed connections
+/// carry their tasks and registry syncs for as long as no direct one exists (libp2p's defaults,
+/// 128 reservations, 2 minutes and 128 KiB per circuit, are for short hole-punching hops).
+/// Strangers get no further than the membership check, which cuts them within the proof timeout.
+fn federation_relay() -> relay::Config {
+    relay::Config {
+        max_reservations: 4096,
+        max_reservations_per_peer: 4,
+        max_circuits: 1024,
+        max_circuits_per_peer: 64,
+        max_circuit_duration: Duration::from_secs(3600),
+        max_circuit_bytes: 1 << 30,
+        ..relay::Config::default()
+    }
 }
 
 fn build_swarm(config: &Config) -> Result<Swarm<Behaviour>, StartError> {
@@ -754,7 +781,10 @@ fn behaviour(
     );
     let identify = identify::Behaviour::new(
         identify::Config::new("/funcmesh/1".into(), key.public())
-            .with_agent_version(format!("funcmesh/{}", env!("CARGO_PKG_VERSION"))),
+            .with_agent_version(format!("funcmesh/{}", env!("CARGO_PKG_VERSION")))
+            // A new address (a relay reservation) reaches the peers at once, and through their
+            // member lists everyone else.
+            .with_push_listen_addr_updates(true),
     );
     let kad_protocol = StreamProtocol::try_from_owned(format!("/funcmesh/{fed}/kad/1"))
         .expect("federation ids are ASCII and start the protocol with /");
@@ -774,9 +804,8 @@ fn behaviour(
             .build()
             .map_err(|e| e.to_string())?,
     )?;
-    let relay_server = Toggle::from(
-        relay_server.then(|| relay::Behaviour::new(peer_id, relay::Config::default())),
-    );
+    let relay_server =
+        Toggle::from(relay_server.then(|| relay::Behaviour::new(peer_id, federation_relay())));
     let autonat = autonat::Behaviour::new(
         peer_id,
         // Loopback and private testnets are legitimate deployments here.
@@ -810,7 +839,12 @@ fn behaviour(
         streams,
         membership,
         identify,
-        ping: ping::Behaviour::default(),
+        // Every 5 s, failing after 10 s without an answer (libp2p's defaults: 15 s and 20 s).
+        ping: ping::Behaviour::new(
+            ping::Config::new()
+                .with_interval(Duration::from_secs(5))
+                .with_timeout(Duration::from_secs(10)),
+        ),
         kad,
         gossipsub,
         relay_server,
@@ -1203,14 +1237,16 @@ impl EventLoop {
     /// The hello for `peer`: this node's proof, and the member list only if `peer` has proven
     /// its own membership (a stranger learns nobody).
     fn hello(&self, peer: &PeerId) -> Hello {
+        let member = self.members.contains_key(peer);
         Hello {
             version: 1,
             proof: self.proof.clone(),
-            members: if self.members.contains_key(peer) {
+            members: if member {
                 self.member_list(peer)
             } else {
                 Vec::new()
             },
+            first: !member,
         }
     }
 
@@ -1240,6 +1276,18 @@ impl EventLoop {
             }
         }
         match event {
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                reason,
+                ..
+            } => {
+                // A reservation ends with its relay's connection: taken again on reconnect.
+                let before = self.relay_listening.len();
+                self.relay_listening.retain(|_, id| *id != listener_id);
+                if self.relay_listening.len() < before {
+                    info!(?reason, "relay reservation closed");
+                }
+            }
             SwarmEvent::NewListenAddr { address, .. } => {
                 info!(%address, "listening");
                 if !is_circuit(&address) {
@@ -1253,10 +1301,18 @@ impl EventLoop {
                 num_established,
                 ..
             } => {
+                // A connection the peer opened through a relay has no address of its own: it
+                // is known by our relayed listen address, which says which relay it came by.
+                let seen = match &endpoint {
+                    ConnectedPoint::Listener { local_addr, .. } if is_circuit(local_addr) => {
+                        local_addr.clone()
+                    }
+                    other => other.get_remote_address().clone(),
+                };
                 self.connections
                     .entry(peer_id)
                     .or_default()
-                    .push((connection_id, endpoint.get_remote_address().clone()));
+                    .push((connection_id, seen));
                 if let ConnectedPoint::Dialer { address, .. } = &endpoint
                     && !is_circuit(address)
                 {
@@ -1324,6 +1380,18 @@ impl EventLoop {
                 ..
             }) => {
                 self.rtt.insert(peer, rtt);
+            }
+            BehaviourEvent::Ping(ping::Event {
+                peer,
+                connection,
+                result: Err(e),
+            }) if !matches!(e, ping::Failure::Unsupported) => {
+                // A connection that no longer carries a ping is dead, even if its transport has
+                // not noticed: a TCP connection whose path went away (a network change, a NAT
+                // that forgot it) would otherwise stay "connected" for the kernel's ~15 minutes,
+                // swallowing gossip and keeping the peer from being dialled again.
+                debug!(%peer, error = %e, "ping failed: closing the connection");
+                self.swarm.close_connection(connection);
             }
             BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
                 for addr in info.listen_addrs.into_iter().take(MAX_ADDRS_PER_PEER) {
@@ -1408,34 +1476,51 @@ impl EventLoop {
             BehaviourEvent::Autonat(autonat::Event::StatusChanged { new, .. }) => {
                 info!(status = ?new, "NAT status");
                 if matches!(new, autonat::NatStatus::Private) {
-                    self.listen_via_relay();
+                    let relays: Vec<PeerId> = self
+                        .members
+                        .iter()
+                        .filter(|(_, st)| st.member.role == Role::Coordinator)
+                        .map(|(p, _)| *p)
+                        .collect();
+                    for relay in relays {
+                        self.listen_via_relay(relay, true);
+                    }
                 }
             }
             _ => {}
         }
     }
 
-    /// Behind NAT: take a reservation on every coordinator we are connected to, so that peers
-    /// can reach us through it (and DCUtR can upgrade to a direct connection).
-    fn listen_via_relay(&mut self) {
-        if self.relay_listening {
+    /// Takes a reservation on `relay` (a coordinator we are connected to), so that peers can
+    /// reach this node through it (and DCUtR can upgrade to a direct connection): always when
+    /// `reserve_relay` is set, else once AutoNAT finds this node private (`nat_private`).
+    fn listen_via_relay(&mut self, relay: PeerId, nat_private: bool) {
+        if !(self.config.reserve_relay || nat_private)
+            || self.swarm.behaviour().relay_server.is_enabled()
+            || self.relay_listening.contains_key(&relay)
+        {
             return;
         }
-        let relays: Vec<(PeerId, Multiaddr)> = self
-            .members
-            .iter()
-            .filter(|(_, st)| st.member.role == Role::Coordinator)
-            .filter_map(|(p, _)| Some((*p, self.peers.addrs(p).first()?.clone())))
+        // The address we reach it at now: an address it merely listed may not be reachable.
+        let addr = self
+            .connections
+            .get(&relay)
+            .and_then(|c| c.iter().map(|(_, a)| a).find(|a| !is_circuit(a)).cloned())
+            .or_else(|| self.peers.addrs(&relay).first().cloned());
+        let Some(addr) = addr else {
+            return;
+        };
+        let addr: Multiaddr = addr
+            .into_iter()
+            .filter(|p| !matches!(p, Protocol::P2p(_)))
             .collect();
-        for (peer, addr) in relays {
-            let circuit = addr.with(Protocol::P2p(peer)).with(Protocol::P2pCircuit);
-            match self.swarm.listen_on(circuit.clone()) {
-                Ok(_) => {
-                    info!(%circuit, "listening through relay");
-                    self.relay_listening = true;
-                }
-                Err(e) => warn!(%circuit, error = %e, "cannot listen through relay"),
+        let circuit = addr.with(Protocol::P2p(relay)).with(Protocol::P2pCircuit);
+        match self.swarm.listen_on(circuit.clone()) {
+            Ok(id) => {
+                info!(%circuit, "listening through relay");
+                self.relay_listening.insert(relay, id);
             }
+            Err(e) => warn!(%circuit, error = %e, "cannot listen through relay"),
         }
     }
 
@@ -1450,6 +1535,7 @@ impl EventLoop {
                 ..
             } => {
                 let verdict = self.judge(&peer, request.version, &request.proof);
+                let came_back = request.first && self.members.contains_key(&peer);
                 let reply = match &verdict {
                     Ok((_, receipt)) => HelloReply::Welcome {
                         proof: self.proof.clone(),
@@ -1465,7 +1551,11 @@ impl EventLoop {
                     .behaviour_mut()
                     .membership
                     .send_response(channel, reply);
+                let ok = verdict.is_ok();
                 self.on_verdict(peer, verdict.map(|(m, _)| m), request.members, true);
+                if came_back && ok {
+                    self.announce_subscriptions_again(peer);
+                }
             }
             E::Message {
                 peer,
@@ -1659,6 +1749,25 @@ impl EventLoop {
         };
     }
 
+    /// `peer` came back (a new process under the same identity, or after losing every
+    /// connection to us) while we still held an old connection to it. Gossipsub tells a peer our
+    /// subscriptions only on the first connection to it, so the new one never learnt them and
+    /// would never send us its gossip (adverts, registry changes). Subscribing again tells every
+    /// peer, this one included; it happens only when a member comes back like this.
+    fn announce_subscriptions_again(&mut self, peer: PeerId) {
+        info!(%peer, "a member came back while an old connection lingered: announcing our topics again");
+        let topics: Vec<gossipsub::TopicHash> =
+            self.swarm.behaviour().gossipsub.topics().cloned().collect();
+        for hash in topics {
+            let topic = gossipsub::IdentTopic::new(hash.into_string());
+            let gossip = &mut self.swarm.behaviour_mut().gossipsub;
+            gossip.unsubscribe(&topic);
+            if let Err(e) = gossip.subscribe(&topic) {
+                warn!(error = %e, "cannot subscribe again");
+            }
+        }
+    }
+
     /// A newly verified member: remembered, routed to, synced with.
     fn admit(&mut self, peer: PeerId, member: Member) {
         info!(%peer, institution = ?member.institution, role = %member.role, "member connected");
@@ -1677,6 +1786,9 @@ impl EventLoop {
             .behaviour_mut()
             .gossipsub
             .add_explicit_peer(&peer);
+        if member.role == Role::Coordinator {
+            self.listen_via_relay(peer, false);
+        }
         self.emit(Event::MemberConnected(member));
         if let Some(out) = self.replica.start_sync(peer) {
             self.registry_out(vec![out]);

@@ -142,13 +142,16 @@ impl PeerTable {
         self.known.contains_key(peer)
     }
 
-    /// Adds an address of `peer` (without its `/p2p/` part), keeping at most
-    /// [`MAX_ADDRS_PER_PEER`], the oldest dropped first.
-    pub(crate) fn remember_addr(&mut self, peer: PeerId, addr: Multiaddr) {
-        let addr: Multiaddr = addr
-            .into_iter()
-            .filter(|p| !matches!(p, Protocol::P2p(_)))
-            .collect();
+    /// Adds an address of `peer` (without its own trailing `/p2p/` part; a relayed address
+    /// keeps its relay's), keeping at most [`MAX_ADDRS_PER_PEER`], the oldest dropped first.
+    pub(crate) fn remember_addr(&mut self, peer: PeerId, mut addr: Multiaddr) {
+        if let Some(Protocol::P2p(id)) = addr.iter().last() {
+            if id != peer {
+                // Another peer's address: not one to reach `peer` at.
+                return;
+            }
+            addr.pop();
+        }
         let list = self.addrs.entry(peer).or_default();
         if !list.contains(&addr) {
             if list.len() >= MAX_ADDRS_PER_PEER {
@@ -404,6 +407,31 @@ mod tests {
         let dials = t.introduce(vec![(peer(1), vec![addr(9)])], &peer(0), nobody, now);
         assert_eq!(dials.len(), 1);
         assert!(t.addrs(&peer(1)).contains(&addr(9)));
+    }
+
+    #[test]
+    fn a_relayed_address_keeps_its_relay_and_loses_only_the_peers_own_id() {
+        let mut t = PeerTable::new(Duration::from_millis(500), Duration::from_secs(5));
+        let (me, relay) = (peer(1), peer(2));
+        let circuit: Multiaddr = format!("/ip4/10.0.0.1/tcp/4001/p2p/{relay}/p2p-circuit/p2p/{me}")
+            .parse()
+            .unwrap();
+        t.remember_addr(me, circuit);
+        let direct: Multiaddr = format!("/ip4/10.0.0.2/tcp/4001/p2p/{me}").parse().unwrap();
+        t.remember_addr(me, direct);
+        // Someone else's address is not kept for `me`.
+        let other: Multiaddr = format!("/ip4/10.0.0.3/tcp/4001/p2p/{relay}")
+            .parse()
+            .unwrap();
+        t.remember_addr(me, other);
+        let kept: Vec<String> = t.addrs(&me).iter().map(|a| a.to_string()).collect();
+        assert_eq!(
+            kept,
+            vec![
+                format!("/ip4/10.0.0.1/tcp/4001/p2p/{relay}/p2p-circuit"),
+                "/ip4/10.0.0.2/tcp/4001".to_string(),
+            ]
+        );
     }
 
     #[test]

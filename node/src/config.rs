@@ -263,6 +263,9 @@ pub struct MeshSection {
     pub bootstrap: Vec<String>,
     /// Serve as a relay for NATed members (coordinators always do).
     pub relay_server: bool,
+    /// Hold a reservation on the coordinators' relays, so that members that cannot dial this
+    /// node (NAT, firewall) reach it through them; DCUtR then tries a direct connection.
+    pub reserve_relay: bool,
     /// How long a new peer has to prove its membership before it is cut.
     #[serde(with = "humantime_serde_str")]
     pub proof_timeout: Duration,
@@ -310,6 +313,7 @@ impl Default for MeshSection {
             ],
             bootstrap: Vec::new(),
             relay_server: false,
+            reserve_relay: true,
             proof_timeout: Duration::from_secs(5),
             redial_interval: Duration::from_millis(500),
             anti_entropy: Duration::from_secs(10),

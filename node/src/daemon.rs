@@ -76,6 +76,7 @@ impl Node {
             listen,
             bootstrap,
             relay_server: config.mesh.relay_server || own.role == Role::Coordinator,
+            reserve_relay: config.mesh.reserve_relay,
             proof_timeout: config.mesh.proof_timeout,
             redial_interval: config.mesh.redial_interval,
             anti_entropy: config.mesh.anti_entropy,

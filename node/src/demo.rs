@@ -750,6 +750,7 @@ async fn uninvited_attempt(net: &Testnet, tmp: &std::path::Path) -> anyhow::Resu
         listen: vec!["/ip4/127.0.0.1/tcp/0".parse()?],
         bootstrap: vec![],
         relay_server: false,
+        reserve_relay: false,
         proof_timeout: Duration::from_secs(5),
         redial_interval: Duration::from_secs(1),
         anti_entropy: Duration::from_secs(10),

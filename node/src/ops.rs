@@ -284,6 +284,7 @@ async fn admitted_by_coordinator(
         listen: vec![],
         bootstrap: vec![],
         relay_server: false,
+        reserve_relay: false,
         proof_timeout: config.mesh.proof_timeout,
         redial_interval: config.mesh.redial_interval,
         anti_entropy: config.mesh.anti_entropy,

@@ -380,6 +380,8 @@ pub async fn rogue(
         listen: vec!["/ip4/127.0.0.1/tcp/0".parse()?],
         bootstrap: vec![],
         relay_server: false,
+        // In-process loopback federations: everyone can dial everyone.
+        reserve_relay: false,
         proof_timeout: Duration::from_secs(2),
         redial_interval: Duration::from_millis(200),
         anti_entropy: Duration::from_secs(2),
