@@ -610,6 +610,8 @@ struct EventLoop {
     rtt: HashMap<PeerId, Duration>,
     /// Open connections per peer and their remote addresses.
     connections: HashMap<PeerId, Vec<(libp2p::swarm::ConnectionId, Multiaddr)>>,
+    /// When our topics were last announced again because of a peer coming back.
+    announced_again: HashMap<PeerId, Instant>,
 }
 
 /// Starts the mesh: builds the swarm, listens, dials the bootstrap addresses and every known peer,
@@ -691,6 +693,7 @@ pub async fn spawn(
         verified: verified.clone(),
         rtt: HashMap::new(),
         connections: HashMap::new(),
+        announced_again: HashMap::new(),
     };
     let now = Instant::now();
     for (peer, addrs) in known {
@@ -1273,6 +1276,7 @@ impl EventLoop {
             open.retain(|(c, _)| c != connection_id);
             if open.is_empty() {
                 self.connections.remove(peer_id);
+                self.announced_again.remove(peer_id);
             }
         }
         match event {
@@ -1394,7 +1398,18 @@ impl EventLoop {
                 self.swarm.close_connection(connection);
             }
             BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
-                for addr in info.listen_addrs.into_iter().take(MAX_ADDRS_PER_PEER) {
+                // A peer listening on every interface lists its loopback addresses too: of use
+                // only to a peer on the same host (one that reaches it over loopback itself).
+                let local = self
+                    .connections
+                    .get(&peer_id)
+                    .is_some_and(|c| c.iter().any(|(_, a)| is_loopback(a)));
+                let addrs = info
+                    .listen_addrs
+                    .into_iter()
+                    .filter(|a| local || !is_loopback(a))
+                    .take(MAX_ADDRS_PER_PEER);
+                for addr in addrs {
                     self.remember_addr(peer_id, addr);
                 }
                 if self.members.contains_key(&peer_id) {
@@ -1535,7 +1550,15 @@ impl EventLoop {
                 ..
             } => {
                 let verdict = self.judge(&peer, request.version, &request.proof);
-                let came_back = request.first && self.members.contains_key(&peer);
+                // Only with an old connection still open (else gossipsub greets it anyway), and
+                // at most every 10 s per peer: a member cannot make us flood our topics.
+                let came_back = request.first
+                    && self.members.contains_key(&peer)
+                    && self.connections.get(&peer).is_some_and(|c| c.len() > 1)
+                    && self
+                        .announced_again
+                        .get(&peer)
+                        .is_none_or(|t| t.elapsed() >= Duration::from_secs(10));
                 let reply = match &verdict {
                     Ok((_, receipt)) => HelloReply::Welcome {
                         proof: self.proof.clone(),
@@ -1755,6 +1778,7 @@ impl EventLoop {
     /// would never send us its gossip (adverts, registry changes). Subscribing again tells every
     /// peer, this one included; it happens only when a member comes back like this.
     fn announce_subscriptions_again(&mut self, peer: PeerId) {
+        self.announced_again.insert(peer, Instant::now());
         info!(%peer, "a member came back while an old connection lingered: announcing our topics again");
         let topics: Vec<gossipsub::TopicHash> =
             self.swarm.behaviour().gossipsub.topics().cloned().collect();
@@ -1887,6 +1911,15 @@ async fn persister(store: store::Store, mut jobs: mpsc::Receiver<PersistJob>) {
 }
 
 /// Removes and returns the peers whose deadline has passed.
+/// Whether `addr` starts at a loopback address (a relayed one: its relay's).
+fn is_loopback(addr: &Multiaddr) -> bool {
+    match addr.iter().next() {
+        Some(Protocol::Ip4(ip)) => ip.is_loopback(),
+        Some(Protocol::Ip6(ip)) => ip.is_loopback(),
+        _ => false,
+    }
+}
+
 fn is_circuit(addr: &Multiaddr) -> bool {
     addr.iter().any(|p| matches!(p, Protocol::P2pCircuit))
 }
