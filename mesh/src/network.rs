@@ -612,6 +612,11 @@ struct EventLoop {
     connections: HashMap<PeerId, Vec<(libp2p::swarm::ConnectionId, Multiaddr)>>,
     /// When our topics were last announced again because of a peer coming back.
     announced_again: HashMap<PeerId, Instant>,
+    /// Peers with a connection that opened while another was open: gossipsub did not greet them
+    /// on it (it greets a peer on its first connection only).
+    overlapped: std::collections::HashSet<PeerId>,
+    /// Peers that came back: announce our topics again once only this connection is left.
+    announce_when_alone: HashMap<PeerId, libp2p::swarm::ConnectionId>,
 }
 
 /// Starts the mesh: builds the swarm, listens, dials the bootstrap addresses and every known peer,
@@ -694,6 +699,8 @@ pub async fn spawn(
         rtt: HashMap::new(),
         connections: HashMap::new(),
         announced_again: HashMap::new(),
+        overlapped: std::collections::HashSet::new(),
+        announce_when_alone: HashMap::new(),
     };
     let now = Instant::now();
     for (peer, addrs) in known {
@@ -1274,9 +1281,20 @@ impl EventLoop {
             && let Some(open) = self.connections.get_mut(peer_id)
         {
             open.retain(|(c, _)| c != connection_id);
+            let alone = self
+                .announce_when_alone
+                .get(peer_id)
+                .is_some_and(|current| open.len() == 1 && open[0].0 == *current);
             if open.is_empty() {
                 self.connections.remove(peer_id);
                 self.announced_again.remove(peer_id);
+                self.overlapped.remove(peer_id);
+                self.announce_when_alone.remove(peer_id);
+            }
+            if alone {
+                let peer = *peer_id;
+                self.announce_when_alone.remove(&peer);
+                self.announce_subscriptions_again(peer);
             }
         }
         match event {
@@ -1317,6 +1335,9 @@ impl EventLoop {
                     .entry(peer_id)
                     .or_default()
                     .push((connection_id, seen));
+                if num_established.get() > 1 {
+                    self.overlapped.insert(peer_id);
+                }
                 if let ConnectedPoint::Dialer { address, .. } = &endpoint
                     && !is_circuit(address)
                 {
@@ -1544,17 +1565,18 @@ impl EventLoop {
         match event {
             E::Message {
                 peer,
+                connection_id,
                 message: M::Request {
                     request, channel, ..
                 },
-                ..
             } => {
                 let verdict = self.judge(&peer, request.version, &request.proof);
-                // Only with an old connection still open (else gossipsub greets it anyway), and
-                // at most every 10 s per peer: a member cannot make us flood our topics.
+                // Only if a connection to it opened while another was open (gossipsub greeted
+                // that one with nothing), and at most every 10 s per peer: a member cannot make
+                // us flood our topics.
                 let came_back = request.first
                     && self.members.contains_key(&peer)
-                    && self.connections.get(&peer).is_some_and(|c| c.len() > 1)
+                    && self.overlapped.contains(&peer)
                     && self
                         .announced_again
                         .get(&peer)
@@ -1577,7 +1599,7 @@ impl EventLoop {
                 let ok = verdict.is_ok();
                 self.on_verdict(peer, verdict.map(|(m, _)| m), request.members, true);
                 if came_back && ok {
-                    self.announce_subscriptions_again(peer);
+                    self.came_back(peer, connection_id);
                 }
             }
             E::Message {
@@ -1773,13 +1795,38 @@ impl EventLoop {
     }
 
     /// `peer` came back (a new process under the same identity, or after losing every
-    /// connection to us) while we still held an old connection to it. Gossipsub tells a peer our
-    /// subscriptions only on the first connection to it, so the new one never learnt them and
-    /// would never send us its gossip (adverts, registry changes). Subscribing again tells every
-    /// peer, this one included; it happens only when a member comes back like this.
-    fn announce_subscriptions_again(&mut self, peer: PeerId) {
+    /// connection to us) on connection `current` while we still held older ones to it. Those
+    /// lead to what is gone: they are closed. And gossipsub tells a peer our subscriptions only
+    /// on the first connection to it, so the new one never learnt them and would never send us
+    /// its gossip (adverts, registry changes): once only `current` is left (gossipsub would
+    /// otherwise hand the announcement to a dying connection), our topics are announced again.
+    fn came_back(&mut self, peer: PeerId, current: libp2p::swarm::ConnectionId) {
         self.announced_again.insert(peer, Instant::now());
-        info!(%peer, "a member came back while an old connection lingered: announcing our topics again");
+        self.overlapped.remove(&peer);
+        let old: Vec<libp2p::swarm::ConnectionId> = self
+            .connections
+            .get(&peer)
+            .map(|c| {
+                c.iter()
+                    .map(|(id, _)| *id)
+                    .filter(|id| *id != current)
+                    .collect()
+            })
+            .unwrap_or_default();
+        info!(%peer, old = old.len(), "a member came back while old connections lingered: closing them");
+        if old.is_empty() {
+            self.announce_subscriptions_again(peer);
+            return;
+        }
+        self.announce_when_alone.insert(peer, current);
+        for id in old {
+            self.swarm.close_connection(id);
+        }
+    }
+
+    /// Subscribing again tells every peer our topics, `peer` included.
+    fn announce_subscriptions_again(&mut self, peer: PeerId) {
+        info!(%peer, "announcing our topics again for a member that came back");
         let topics: Vec<gossipsub::TopicHash> =
             self.swarm.behaviour().gossipsub.topics().cloned().collect();
         for hash in topics {

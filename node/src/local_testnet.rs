@@ -104,6 +104,9 @@ pub struct InstitutionEntry {
 
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Where `funcmesh testnet` keeps a testnet when no `--dir` is given (in the current directory).
+const DEFAULT_DIR: &str = "funcmesh-testnet";
+
 /// What a testnet is made of: institutions, each a list of its nodes' roles; what each endpoint
 /// offers; whether each institution grants every other the use of its endpoints.
 #[derive(Debug, Clone)]
@@ -900,7 +903,7 @@ pub enum TestnetCommand {
     /// --docker, the container testnet (inst-a: a1, a2; inst-b: b1, b2) on docker networks.
     Up {
         /// The testnet's directory.
-        #[arg(long)]
+        #[arg(long, default_value = DEFAULT_DIR)]
         dir: PathBuf,
         /// Run the nodes as containers of a docker-compose project built locally (needs
         /// docker and docker-compose; the first build takes a few minutes).
@@ -930,7 +933,7 @@ pub enum TestnetCommand {
     /// Show the testnet's nodes and whether they run.
     Status {
         /// The testnet's directory.
-        #[arg(long)]
+        #[arg(long, default_value = DEFAULT_DIR)]
         dir: PathBuf,
         /// Print JSON.
         #[arg(long)]
@@ -939,7 +942,7 @@ pub enum TestnetCommand {
     /// Stop every node of the testnet; with --docker, remove its containers and networks.
     Down {
         /// The testnet's directory.
-        #[arg(long)]
+        #[arg(long, default_value = DEFAULT_DIR)]
         dir: PathBuf,
         /// The container testnet.
         #[arg(long)]
@@ -950,7 +953,7 @@ pub enum TestnetCommand {
         /// Node name (`coordinator`, `a1`, …).
         node: String,
         /// The testnet's directory.
-        #[arg(long)]
+        #[arg(long, default_value = DEFAULT_DIR)]
         dir: PathBuf,
     },
     /// Restart one node (killed or not) from its data dir.
@@ -958,7 +961,7 @@ pub enum TestnetCommand {
         /// Node name.
         node: String,
         /// The testnet's directory.
-        #[arg(long)]
+        #[arg(long, default_value = DEFAULT_DIR)]
         dir: PathBuf,
     },
 }
