@@ -3,7 +3,7 @@
 //! (federation create, institution create, admit, invite, join and, with `--grants`, a capability
 //! grant from each institution to every other) runs the same commands a user would type, and both
 //! record the same `DIR/testnet.json`; only how a node is started and stopped differs
-//! ([`process`], [`docker`]).
+//! (`local_testnet/process.rs`, [`docker`]).
 //!
 //! `DIR/testnet.json` lists the coordinator and the nodes (name, institution, role, data dir,
 //! peer id, API address, listen addresses, process id and, for containers, the container), the
