@@ -40,6 +40,7 @@ pub mod keys;
 pub mod links;
 pub mod membership;
 pub mod network;
+pub mod raw;
 mod peers;
 pub mod registry;
 

@@ -308,6 +308,23 @@ impl Handle {
         Ok((links, rx))
     }
 
+    /// Starts serving raw streams of `protocol` ([`crate::raw`]): the returned opener opens
+    /// them to members, and the receiver yields those that members open. Once per protocol.
+    pub fn raw_streams(
+        &self,
+        protocol: &'static str,
+    ) -> Result<
+        (
+            crate::raw::RawStreams,
+            mpsc::Receiver<(PeerId, crate::raw::RawStream)>,
+        ),
+        StartError,
+    > {
+        let s = self.streams.clone();
+        crate::raw::RawStreams::start(s.control, protocol, s.verified, s.cancel, &s.tracker)
+            .map_err(StartError::Build)
+    }
+
     /// Round-trip times to connected peers, from ping.
     pub async fn rtts(&self) -> Result<HashMap<PeerId, Duration>, Error> {
         self.ask(Command::Rtts).await

@@ -116,6 +116,8 @@ impl Node {
                 )
             })?
         };
+        crate::transfers::tunnel_through_mesh(&mesh, &data_plane, &cancel, &tracker)
+            .context("cannot carry the data plane through the mesh")?;
         let data_addr = data_plane.local_addr()?.to_string();
         {
             let mesh = mesh.clone();

@@ -18,6 +18,7 @@ pub mod copy;
 pub mod files;
 pub mod net;
 pub mod root;
+pub mod tunnel;
 pub mod wire;
 
 pub use blob::{BlobStore, Error, Hash};

@@ -55,6 +55,35 @@ pub struct DataPlane {
     dialing: Arc<std::sync::Mutex<std::collections::HashMap<PeerId, Arc<tokio::sync::Mutex<()>>>>>,
     /// One fetch of a blob at a time: a second waits for the first, then finds what it left.
     fetching: Arc<std::sync::Mutex<std::collections::HashMap<Hash, Arc<tokio::sync::Mutex<()>>>>>,
+    /// What serving a connection needs (for the tunnel's endpoint too).
+    serve: Serve,
+    /// The data plane through the mesh ([`crate::tunnel`]), once the node gives it a tunnel.
+    tunnel: Arc<std::sync::OnceLock<Tunneled>>,
+    /// Open connections to peers through the tunnel.
+    tunneled: Arc<std::sync::Mutex<std::collections::HashMap<PeerId, quinn::Connection>>>,
+}
+
+/// The tunnel's endpoint and socket.
+struct Tunneled {
+    endpoint: quinn::Endpoint,
+    socket: Arc<crate::tunnel::TunnelSocket>,
+}
+
+/// What the accept loop of an endpoint needs.
+#[derive(Clone)]
+struct Serve {
+    store: BlobStore,
+    corrupt: Arc<std::sync::atomic::AtomicU64>,
+    roots: RootsSlot,
+    desk: crate::files::DeskSlot,
+    services: crate::files::ServicesSlot,
+    outboards: Arc<crate::files::Outboards>,
+    admit: Admit,
+    established: Arc<std::sync::atomic::AtomicU64>,
+    per_peer: Arc<std::sync::Mutex<std::collections::HashMap<PeerId, usize>>>,
+    /// The server configuration for loopback and tunnel paths (no segmentation offload, the
+    /// largest datagrams).
+    local: Arc<quinn::ServerConfig>,
 }
 
 /// How long a connection's handshake may take.
@@ -266,6 +295,57 @@ fn peer_of(conn: &quinn::Connection) -> Option<PeerId> {
         .map(|c| c.peer_id())
 }
 
+/// Accepts `endpoint`'s connections from members and serves them, until it closes.
+fn accept_loop(endpoint: quinn::Endpoint, serve: Serve) {
+    tokio::spawn(async move {
+        while let Some(incoming) = endpoint.accept().await {
+            let serve = serve.clone();
+            tokio::spawn(async move {
+                let server = Server {
+                    store: serve.store.clone(),
+                    corrupt: serve.corrupt.clone(),
+                    serving: crate::files::Serving {
+                        roots: serve.roots.clone(),
+                        desk: serve.desk.clone(),
+                        services: serve.services.clone(),
+                        outboards: serve.outboards.clone(),
+                        corrupt: serve.corrupt.clone(),
+                    },
+                };
+                let accepted = if incoming.remote_address().ip().is_loopback() {
+                    incoming.accept_with(serve.local.clone())
+                } else {
+                    incoming.accept()
+                };
+                let Ok(conn) = (match accepted {
+                    Ok(connecting) => connecting.await,
+                    Err(e) => Err(e),
+                }) else {
+                    return;
+                };
+                serve
+                    .established
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                // The handshake admitted only members; checked again, in case membership
+                // ended in between.
+                let peer = match peer_of(&conn) {
+                    Some(peer) if (serve.admit)(&peer) => peer,
+                    _ => return conn.close(quinn::VarInt::from_u32(1), b"not a member"),
+                };
+                // A member's requests are bounded per connection (streams); its connections are
+                // bounded here.
+                let Some(_slot) = ConnSlot::take(&serve.per_peer, peer) else {
+                    return conn.close(
+                        quinn::VarInt::from_u32(3),
+                        b"too many connections from this member",
+                    );
+                };
+                server.serve(conn, peer).await;
+            });
+        }
+    });
+}
+
 impl DataPlane {
     /// Binds the endpoint on `addr` (port 0: any) and serves `store` to the peers `admit`
     /// accepts, until the endpoint is dropped.
@@ -300,71 +380,77 @@ impl DataPlane {
         let roots: RootsSlot = Arc::default();
         let desk: crate::files::DeskSlot = Arc::default();
         let services: crate::files::ServicesSlot = Arc::default();
-        let outboards = Arc::new(crate::files::Outboards::default());
-        let plane = DataPlane {
-            endpoint: endpoint.clone(),
-            keypair: keypair.clone(),
+        let serve = Serve {
             store: store.clone(),
-            established: established.clone(),
             corrupt: corrupt.clone(),
             roots: roots.clone(),
             desk: desk.clone(),
             services: services.clone(),
+            outboards: Arc::new(crate::files::Outboards::default()),
+            admit,
+            established: established.clone(),
+            per_peer: Arc::default(),
+            local,
+        };
+        let plane = DataPlane {
+            endpoint: endpoint.clone(),
+            keypair: keypair.clone(),
+            store,
+            established,
+            corrupt,
+            roots,
+            desk,
+            services,
             conns: Arc::default(),
             dialing: Arc::default(),
             fetching: Arc::default(),
+            serve: serve.clone(),
+            tunnel: Arc::default(),
+            tunneled: Arc::default(),
         };
-        let per_peer: Arc<std::sync::Mutex<std::collections::HashMap<PeerId, usize>>> =
-            Arc::default();
-        tokio::spawn(async move {
-            while let Some(incoming) = endpoint.accept().await {
-                let server = Server {
-                    store: store.clone(),
-                    corrupt: corrupt.clone(),
-                    serving: crate::files::Serving {
-                        roots: roots.clone(),
-                        desk: desk.clone(),
-                        services: services.clone(),
-                        outboards: outboards.clone(),
-                        corrupt: corrupt.clone(),
-                    },
-                };
-                let admit = admit.clone();
-                let established = established.clone();
-                let per_peer = per_peer.clone();
-                let local = local.clone();
-                tokio::spawn(async move {
-                    let accepted = if incoming.remote_address().ip().is_loopback() {
-                        incoming.accept_with(local)
-                    } else {
-                        incoming.accept()
-                    };
-                    let Ok(conn) = (match accepted {
-                        Ok(connecting) => connecting.await,
-                        Err(e) => Err(e),
-                    }) else {
-                        return;
-                    };
-                    established.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    // The handshake admitted only members; checked again, in case
-                    // membership ended in between.
-                    let peer = match peer_of(&conn) {
-                        Some(peer) if admit(&peer) => peer,
-                        _ => return conn.close(quinn::VarInt::from_u32(1), b"not a member"),
-                    };
-                    // A member's requests are bounded per connection (streams); its
-                    // connections are bounded here.
-                    let Some(_slot) = ConnSlot::take(&per_peer, peer) else {
-                        return conn.close(
-                            quinn::VarInt::from_u32(3),
-                            b"too many connections from this member",
-                        );
-                    };
-                    server.serve(conn, peer).await;
-                });
-            }
-        });
+        accept_loop(endpoint, serve);
         Ok(plane)
+    }
+
+    /// Carries the data plane through `tunnel` (the mesh's streams, perhaps over a relay) to a
+    /// peer whose data address cannot be reached: a connection that fails directly is tried
+    /// again through it, and streams peers open through it are served like direct connections.
+    pub fn use_tunnel(&self, tunnel: Arc<dyn crate::tunnel::Tunnel>) -> Result<(), Error> {
+        let setup = |e: &dyn std::fmt::Display| Error::Setup(e.to_string());
+        let me = self.keypair.public().to_peer_id();
+        let socket = crate::tunnel::TunnelSocket::new(me, tunnel);
+        let mut config = quinn::EndpointConfig::default();
+        config
+            .max_udp_payload_size(MAX_DATAGRAM)
+            .map_err(|e| setup(&e))?;
+        let runtime = quinn::default_runtime()
+            .ok_or_else(|| Error::Setup("no async runtime for the data plane".into()))?;
+        let endpoint = quinn::Endpoint::new_with_abstract_socket(
+            config,
+            Some((*self.serve.local).clone()),
+            socket.clone(),
+            runtime,
+        )
+        .map_err(|e| setup(&e))?;
+        if self
+            .tunnel
+            .set(Tunneled {
+                endpoint: endpoint.clone(),
+                socket,
+            })
+            .is_err()
+        {
+            return Err(Error::Setup("the data plane already has a tunnel".into()));
+        }
+        accept_loop(endpoint, self.serve.clone());
+        Ok(())
+    }
+
+    /// A stream `peer` opened through the tunnel.
+    pub fn tunnel_stream(&self, peer: PeerId, stream: crate::tunnel::BoxStream) {
+        if let Some(t) = self.tunnel.get() {
+            t.socket.accept(peer, stream);
+        }
     }
 
     /// Serves `roots` (this node's endpoints' data roots) to members from now on.
@@ -402,6 +488,14 @@ impl DataPlane {
     pub fn close(&self) {
         self.endpoint
             .close(quinn::VarInt::from_u32(0), b"node stopping");
+        if let Some(t) = self.tunnel.get() {
+            t.endpoint
+                .close(quinn::VarInt::from_u32(0), b"node stopping");
+        }
+        self.tunneled
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clear();
         // The hooks hold the node's jobs and through them its store; the jobs hold this plane.
         *self
             .roots
@@ -452,7 +546,60 @@ impl DataPlane {
         if let Some(conn) = self.open(peer, addr) {
             return Ok(conn);
         }
-        self.dial(peer, addr).await
+        if let Some(conn) = self.open_tunneled(peer) {
+            return Ok(conn);
+        }
+        let direct = match self.dial(peer, addr).await {
+            Ok(conn) => return Ok(conn),
+            Err(e) => e,
+        };
+        if self.tunnel.get().is_none() {
+            return Err(direct);
+        }
+        // Not reachable directly (NAT, firewall): through the mesh.
+        match self.dial_tunneled(peer).await {
+            Ok(conn) => Ok(conn),
+            Err(through) => Err(Error::Connect {
+                peer,
+                reason: format!("{direct}; through the mesh: {through}"),
+            }),
+        }
+    }
+
+    fn open_tunneled(&self, peer: PeerId) -> Option<quinn::Connection> {
+        self.tunneled
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&peer)
+            .filter(|c| c.close_reason().is_none())
+            .cloned()
+    }
+
+    async fn dial_tunneled(&self, peer: PeerId) -> Result<quinn::Connection, Error> {
+        let Some(tunnel) = self.tunnel.get() else {
+            return Err(Error::Connect {
+                peer,
+                reason: "no tunnel".into(),
+            });
+        };
+        let lock = {
+            let mut m = self.dialing.lock().unwrap_or_else(|e| e.into_inner());
+            m.retain(|_, l| Arc::strong_count(l) > 1);
+            m.entry(peer).or_default().clone()
+        };
+        let _one = lock.lock().await;
+        if let Some(conn) = self.open_tunneled(peer) {
+            return Ok(conn);
+        }
+        let addr = tunnel.socket.knows(peer);
+        let conn = self
+            .handshake(&tunnel.endpoint, peer, addr, true)
+            .await?;
+        self.tunneled
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(peer, conn.clone());
+        Ok(conn)
     }
 
     /// Opens a connection to `peer`, one attempt at a time per peer.
@@ -479,15 +626,27 @@ impl DataPlane {
         peer: PeerId,
         addr: SocketAddr,
     ) -> Result<quinn::Connection, Error> {
+        self.handshake(&self.endpoint, peer, addr, addr.ip().is_loopback())
+            .await
+    }
+
+    /// A new connection to `peer` at `addr` through `endpoint`; `local`: a loopback or tunnel
+    /// path (the largest datagrams, no segmentation offload).
+    async fn handshake(
+        &self,
+        endpoint: &quinn::Endpoint,
+        peer: PeerId,
+        addr: SocketAddr,
+        local: bool,
+    ) -> Result<quinn::Connection, Error> {
         let fail = |reason: String| Error::Connect { peer, reason };
         let tls = libp2p_tls::make_client_config(&self.keypair, Some(peer))
             .map_err(|e| fail(e.to_string()))?;
         let crypto = QuicClientConfig::try_from(tls).map_err(|e| fail(e.to_string()))?;
         let mut client = quinn::ClientConfig::new(Arc::new(crypto));
-        client.transport_config(transport(addr.ip().is_loopback()));
+        client.transport_config(transport(local));
         // The server name is not checked (libp2p-tls checks the peer id instead).
-        let connecting = self
-            .endpoint
+        let connecting = endpoint
             .connect_with(client, addr, "l")
             .map_err(|e| fail(e.to_string()))?;
         // A handshake takes a round trip or two: an address where nothing answers (a node that

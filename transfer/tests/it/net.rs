@@ -378,3 +378,76 @@ async fn one_blob_comes_from_several_members_at_once_and_a_bad_source_is_routed_
         .unwrap_err();
     assert!(err.to_string().contains("does not hold"), "{err}");
 }
+
+/// A tunnel between two in-process planes: a stream one opens is handed to the other as a
+/// stream from the opener, as the mesh does over a relayed connection.
+struct Pipe {
+    me: libp2p::PeerId,
+    other: std::sync::Mutex<Option<DataPlane>>,
+    opened: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl transfer::tunnel::Tunnel for Pipe {
+    fn open(
+        &self,
+        _peer: libp2p::PeerId,
+    ) -> std::pin::Pin<
+        Box<
+            dyn std::future::Future<Output = Result<transfer::tunnel::BoxStream, String>>
+                + Send,
+        >,
+    > {
+        let other = self.other.lock().expect("lock").clone();
+        let me = self.me;
+        self.opened
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Box::pin(async move {
+            let other = other.ok_or("no peer")?;
+            let (here, there) = tokio::io::duplex(256 << 10);
+            other.tunnel_stream(me, Box::new(there));
+            Ok(Box::new(here) as transfer::tunnel::BoxStream)
+        })
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_whose_data_address_cannot_be_reached_is_fetched_from_through_the_tunnel() {
+    let (a, b) = (node(true), node(true));
+    let (pa, pb) = (a.key.public().to_peer_id(), b.key.public().to_peer_id());
+    let opened = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let to_a = Arc::new(Pipe {
+        me: pb,
+        other: std::sync::Mutex::new(Some(a.plane.clone())),
+        opened: opened.clone(),
+    });
+    let to_b = Arc::new(Pipe {
+        me: pa,
+        other: std::sync::Mutex::new(Some(b.plane.clone())),
+        opened: Arc::default(),
+    });
+    b.plane.use_tunnel(to_a).unwrap();
+    a.plane.use_tunnel(to_b).unwrap();
+    let bytes = random(4 << 20);
+    let (hash, size) = a.store.import(&bytes[..]).unwrap();
+    // a's data address as published, but nothing answers there (a behind NAT): a closed port.
+    let unreachable = {
+        let s = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        s.local_addr().unwrap()
+    };
+    let (got, received) = b.plane.fetch(pa, unreachable, hash, 3).await.unwrap();
+    assert_eq!((got, received), (size, size));
+    assert_eq!(std::fs::read(b.store.path(&hash).unwrap()).unwrap(), bytes);
+    assert!(
+        opened.load(std::sync::atomic::Ordering::SeqCst) >= 1,
+        "the bytes came through the tunnel"
+    );
+    assert_eq!(a.plane.established(), 1, "one handshake, through the tunnel");
+    // The tunnelled connection is kept: a second blob goes on it (no new handshake).
+    let more = random(1 << 20);
+    let (hash2, size2) = a.store.import(&more[..]).unwrap();
+    assert_eq!(
+        b.plane.fetch(pa, unreachable, hash2, 3).await.unwrap(),
+        (size2, size2)
+    );
+    assert_eq!(a.plane.established(), 1, "the second fetch reused the tunnel");
+}
