@@ -40,8 +40,8 @@ pub mod keys;
 pub mod links;
 pub mod membership;
 pub mod network;
-pub mod raw;
 mod peers;
+pub mod raw;
 pub mod registry;
 
 pub use libp2p::{Multiaddr, PeerId, identity::Keypair};

@@ -1143,6 +1143,55 @@ impl Transfers {
     }
 }
 
+/// The protocol of the data plane's tunnel through the mesh.
+const TUNNEL_PROTOCOL: &str = "/funcmesh/data-tunnel/1";
+
+/// The mesh's raw streams, as the data plane's tunnel.
+struct MeshTunnel(Arc<mesh::raw::RawStreams>);
+
+impl transfer::tunnel::Tunnel for MeshTunnel {
+    fn open(
+        &self,
+        peer: PeerId,
+    ) -> std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<transfer::tunnel::BoxStream, String>> + Send>,
+    > {
+        let streams = self.0.clone();
+        Box::pin(async move {
+            streams
+                .open(peer)
+                .await
+                .map(|s| Box::new(s) as transfer::tunnel::BoxStream)
+        })
+    }
+}
+
+/// Carries the data plane through the mesh for peers whose data address cannot be reached (a
+/// member behind NAT or a firewall, reached over the coordinator's relay): the mesh's raw
+/// streams become the data plane's tunnel, both ways.
+pub(crate) fn tunnel_through_mesh(
+    mesh: &mesh::Handle,
+    plane: &transfer::net::DataPlane,
+    cancel: &tokio_util::sync::CancellationToken,
+    tracker: &tokio_util::task::TaskTracker,
+) -> anyhow::Result<()> {
+    let (streams, mut incoming) = mesh.raw_streams(TUNNEL_PROTOCOL)?;
+    plane.use_tunnel(Arc::new(MeshTunnel(Arc::new(streams))))?;
+    let plane = plane.clone();
+    let cancel = cancel.clone();
+    tracker.spawn(async move {
+        loop {
+            let next = tokio::select! {
+                () = cancel.cancelled() => return,
+                next = incoming.recv() => next,
+            };
+            let Some((peer, stream)) = next else { return };
+            plane.tunnel_stream(peer, Box::new(stream));
+        }
+    });
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1192,56 +1241,3 @@ mod tests {
         }
     }
 }
-
-/// The protocol of the data plane's tunnel through the mesh.
-const TUNNEL_PROTOCOL: &str = "/funcmesh/data-tunnel/1";
-
-/// The mesh's raw streams, as the data plane's tunnel.
-struct MeshTunnel(Arc<mesh::raw::RawStreams>);
-
-impl transfer::tunnel::Tunnel for MeshTunnel {
-    fn open(
-        &self,
-        peer: PeerId,
-    ) -> std::pin::Pin<
-        Box<
-            dyn std::future::Future<Output = Result<transfer::tunnel::BoxStream, String>>
-                + Send,
-        >,
-    > {
-        let streams = self.0.clone();
-        Box::pin(async move {
-            streams
-                .open(peer)
-                .await
-                .map(|s| Box::new(s) as transfer::tunnel::BoxStream)
-        })
-    }
-}
-
-/// Carries the data plane through the mesh for peers whose data address cannot be reached (a
-/// member behind NAT or a firewall, reached over the coordinator's relay): the mesh's raw
-/// streams become the data plane's tunnel, both ways.
-pub(crate) fn tunnel_through_mesh(
-    mesh: &mesh::Handle,
-    plane: &transfer::net::DataPlane,
-    cancel: &tokio_util::sync::CancellationToken,
-    tracker: &tokio_util::task::TaskTracker,
-) -> anyhow::Result<()> {
-    let (streams, mut incoming) = mesh.raw_streams(TUNNEL_PROTOCOL)?;
-    plane.use_tunnel(Arc::new(MeshTunnel(Arc::new(streams))))?;
-    let plane = plane.clone();
-    let cancel = cancel.clone();
-    tracker.spawn(async move {
-        loop {
-            let next = tokio::select! {
-                () = cancel.cancelled() => return,
-                next = incoming.recv() => next,
-            };
-            let Some((peer, stream)) = next else { return };
-            plane.tunnel_stream(peer, Box::new(stream));
-        }
-    });
-    Ok(())
-}
-

@@ -61,6 +61,9 @@ pub struct DataPlane {
     tunnel: Arc<std::sync::OnceLock<Tunneled>>,
     /// Open connections to peers through the tunnel.
     tunneled: Arc<std::sync::Mutex<std::collections::HashMap<PeerId, quinn::Connection>>>,
+    /// One tunnel connection attempt per peer at a time (apart from direct ones: they race).
+    tunnel_dialing:
+        Arc<std::sync::Mutex<std::collections::HashMap<PeerId, Arc<tokio::sync::Mutex<()>>>>>,
 }
 
 /// The tunnel's endpoint and socket.
@@ -88,6 +91,10 @@ struct Serve {
 
 /// How long a connection's handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a direct connection has before one through the mesh's tunnel races it (a LAN or
+/// internet handshake takes a round trip or two; an address behind NAT never answers).
+const TUNNEL_AFTER: Duration = Duration::from_millis(1500);
 
 /// Largest UDP payload the data plane accepts, and sends on a loopback path.
 const MAX_DATAGRAM: u16 = 65_000;
@@ -407,6 +414,7 @@ impl DataPlane {
             serve: serve.clone(),
             tunnel: Arc::default(),
             tunneled: Arc::default(),
+            tunnel_dialing: Arc::default(),
         };
         accept_loop(endpoint, serve);
         Ok(plane)
@@ -549,21 +557,42 @@ impl DataPlane {
         if let Some(conn) = self.open_tunneled(peer) {
             return Ok(conn);
         }
-        let direct = match self.dial(peer, addr).await {
-            Ok(conn) => return Ok(conn),
-            Err(e) => e,
-        };
         if self.tunnel.get().is_none() {
-            return Err(direct);
+            return self.dial(peer, addr).await;
         }
-        // Not reachable directly (NAT, firewall): through the mesh.
-        match self.dial_tunneled(peer).await {
-            Ok(conn) => Ok(conn),
-            Err(through) => Err(Error::Connect {
-                peer,
-                reason: format!("{direct}; through the mesh: {through}"),
-            }),
-        }
+        // Directly if the address answers; through the mesh if it does not answer soon (NAT, a
+        // firewall): the tunnel joins the race after TUNNEL_AFTER, the first connection wins.
+        let direct = self.dial(peer, addr);
+        tokio::pin!(direct);
+        let direct_failed = tokio::select! {
+            r = &mut direct => match r {
+                Ok(conn) => return Ok(conn),
+                Err(e) => Some(e),
+            },
+            () = tokio::time::sleep(TUNNEL_AFTER) => None,
+        };
+        let through = self.dial_tunneled(peer);
+        tokio::pin!(through);
+        let (direct, through) = match direct_failed {
+            Some(e) => (e, through.await),
+            None => tokio::select! {
+                r = &mut direct => match r {
+                    Ok(conn) => return Ok(conn),
+                    Err(e) => (e, through.await),
+                },
+                r = &mut through => match r {
+                    Ok(conn) => return Ok(conn),
+                    Err(t) => match direct.await {
+                        Ok(conn) => return Ok(conn),
+                        Err(e) => (e, Err(t)),
+                    },
+                },
+            },
+        };
+        through.map_err(|t| Error::Connect {
+            peer,
+            reason: format!("{direct}; through the mesh: {t}"),
+        })
     }
 
     fn open_tunneled(&self, peer: PeerId) -> Option<quinn::Connection> {
@@ -583,7 +612,10 @@ impl DataPlane {
             });
         };
         let lock = {
-            let mut m = self.dialing.lock().unwrap_or_else(|e| e.into_inner());
+            let mut m = self
+                .tunnel_dialing
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             m.retain(|_, l| Arc::strong_count(l) > 1);
             m.entry(peer).or_default().clone()
         };
@@ -592,9 +624,7 @@ impl DataPlane {
             return Ok(conn);
         }
         let addr = tunnel.socket.knows(peer);
-        let conn = self
-            .handshake(&tunnel.endpoint, peer, addr, true)
-            .await?;
+        let conn = self.handshake(&tunnel.endpoint, peer, addr, true).await?;
         self.tunneled
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)

@@ -106,12 +106,23 @@ impl TunnelSocket {
     }
 
     fn attach(&self, peer: PeerId, stream: BoxStream) {
-        let (mut reader, mut writer) = tokio::io::split(stream);
-        let (tx, mut rx) = mpsc::channel::<Bytes>(SEND_QUEUE);
+        let (tx, rx) = mpsc::channel::<Bytes>(SEND_QUEUE);
         self.senders
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(peer, tx.clone());
+        self.run(peer, stream, tx, rx);
+    }
+
+    /// Reads `peer`'s datagrams from `stream` and writes those queued in `rx` to it.
+    fn run(
+        &self,
+        peer: PeerId,
+        stream: BoxStream,
+        tx: mpsc::Sender<Bytes>,
+        mut rx: mpsc::Receiver<Bytes>,
+    ) {
+        let (mut reader, mut writer) = tokio::io::split(stream);
         let from = tunnel_addr(&peer);
         let incoming = self.incoming.clone();
         tokio::spawn(async move {
@@ -155,27 +166,26 @@ impl TunnelSocket {
         });
     }
 
-    /// Opens a stream to `peer` in the background; datagrams sent meanwhile are dropped (QUIC
-    /// retransmits them).
-    fn open(&self, peer: PeerId) {
+    /// Opens a stream to `peer` in the background, queueing `first` and what follows until it
+    /// is open (QUIC's first handshake packets would otherwise wait out a retransmission).
+    fn open(&self, peer: PeerId, first: Bytes) {
         let Some(this) = self.this.upgrade() else {
             return;
         };
-        // A placeholder queue marks the opening: later datagrams are dropped into it, not
-        // opening more streams.
-        let (placeholder, _) = mpsc::channel::<Bytes>(1);
+        let (tx, rx) = mpsc::channel::<Bytes>(SEND_QUEUE);
+        let _ = tx.try_send(first);
         self.senders
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(peer, placeholder.clone());
+            .insert(peer, tx.clone());
         tokio::spawn(async move {
             let opened = this.tunnel.open(peer).await;
             match opened {
-                Ok(stream) => this.attach(peer, stream),
+                Ok(stream) => this.run(peer, stream, tx, rx),
                 Err(e) => {
                     tracing::debug!(%peer, error = %e, "no tunnel stream");
                     let mut senders = this.senders.lock().unwrap_or_else(|e| e.into_inner());
-                    if senders.get(&peer).is_some_and(|s| s.same_channel(&placeholder)) {
+                    if senders.get(&peer).is_some_and(|s| s.same_channel(&tx)) {
                         senders.remove(&peer);
                     }
                 }
@@ -223,7 +233,7 @@ impl quinn::AsyncUdpSocket for TunnelSocket {
                 // One datagram per transmit (no segmentation offload on this socket).
                 let _ = tx.try_send(Bytes::copy_from_slice(transmit.contents));
             }
-            None => self.open(peer),
+            None => self.open(peer, Bytes::copy_from_slice(transmit.contents)),
         }
         Ok(())
     }

@@ -673,6 +673,43 @@ pub(crate) async fn s7_nat(fed: &mut Fed, report: &mut BTreeMap<&str, String>) {
             ));
         }
         let (p50, p95) = round_trips(fed, "a1", "b1", 20).await;
+        // Data both ways. b1 pulling from a1 dials a1's data address: directly through the NAT,
+        // through the mesh behind the firewall. a1 pulling from b1 cannot dial in: its data
+        // plane goes through the mesh (the connection b1 opened, or the relay).
+        let mut rates = Vec::new();
+        // Each twice: the first finds the path (and waits out the direct attempt), the second
+        // goes on the connection that is open.
+        for (src, dst, n) in [
+            ("a1", "b1", 1),
+            ("a1", "b1", 2),
+            ("b1", "a1", 1),
+            ("b1", "a1", 2),
+        ] {
+            let size: usize = 16 << 20;
+            let name = format!("{mode}-{src}-to-{dst}-{n}.bin");
+            let bytes: Vec<u8> = (0..size)
+                .map(|i| (i.wrapping_mul(2_246_822_519) >> 11) as u8)
+                .collect();
+            std::fs::write(fed.node_dir(src).join("data").join(&name), &bytes)
+                .expect("source file");
+            let t = Instant::now();
+            ok(&[
+                "transfer",
+                "copy",
+                &format!("{src}:{name}"),
+                &format!("{dst}:{name}"),
+                "--node",
+                p(&fed.node_dir(dst)),
+            ]);
+            let took = t.elapsed();
+            let got =
+                std::fs::read(fed.node_dir(dst).join("data").join(&name)).expect("copied file");
+            assert!(got == bytes, "{src}→{dst} ({mode}): the same 16 MiB");
+            rates.push(format!(
+                "{src}→{dst} #{n} {:.1} MiB/s",
+                size as f64 / took.as_secs_f64() / (1 << 20) as f64
+            ));
+        }
         let mut pairs = Vec::new();
         for a in ["a1", "a2"] {
             for b in ["b1", "b2"] {
@@ -700,27 +737,31 @@ pub(crate) async fn s7_nat(fed: &mut Fed, report: &mut BTreeMap<&str, String>) {
             .unwrap_or(false);
         println!(
             "{label}: B's nodes restarted behind it and all 5 listed each other in {}; tasks \
-             across: {}; a1→b1 p50 {:.1} ms p95 {:.1} ms; b1 holds a relay reservation: \
-             {relay_listen}; connections: {}",
+             across: {}; a1→b1 p50 {:.1} ms p95 {:.1} ms; 16 MiB copies (verified): {}; b1 \
+             holds a relay reservation: {relay_listen}; connections: {}",
             secs(joined),
             lines.join(", "),
             p50.as_secs_f64() * 1e3,
             p95.as_secs_f64() * 1e3,
+            rates.join(", "),
             pairs.join("; ")
         );
-        let (k_join, k_rtt, k_pairs) = if mode == "nat" {
+        let (k_join, k_rtt, k_pairs, k_rates) = if mode == "nat" {
             (
                 "7 NAT: B restarted behind NAT → all converged",
                 "7 NAT: task round trip a1→b1 p50/p95",
                 "7 NAT: A–B connections",
+                "7 NAT: 16 MiB copies (b1 pulls directly; a1 pulls through the mesh)",
             )
         } else {
             (
                 "7 firewall: B restarted → all converged through the relay",
                 "7 firewall: task round trip a1→b1 through the relay p50/p95",
                 "7 firewall: A–B connections",
+                "7 firewall: 16 MiB copies through the relay",
             )
         };
+        report.insert(k_rates, rates.join(", "));
         report.insert(k_join, secs(joined));
         report.insert(
             k_rtt,

@@ -392,10 +392,7 @@ impl transfer::tunnel::Tunnel for Pipe {
         &self,
         _peer: libp2p::PeerId,
     ) -> std::pin::Pin<
-        Box<
-            dyn std::future::Future<Output = Result<transfer::tunnel::BoxStream, String>>
-                + Send,
-        >,
+        Box<dyn std::future::Future<Output = Result<transfer::tunnel::BoxStream, String>> + Send>,
     > {
         let other = self.other.lock().expect("lock").clone();
         let me = self.me;
@@ -441,7 +438,11 @@ async fn a_member_whose_data_address_cannot_be_reached_is_fetched_from_through_t
         opened.load(std::sync::atomic::Ordering::SeqCst) >= 1,
         "the bytes came through the tunnel"
     );
-    assert_eq!(a.plane.established(), 1, "one handshake, through the tunnel");
+    assert_eq!(
+        a.plane.established(),
+        1,
+        "one handshake, through the tunnel"
+    );
     // The tunnelled connection is kept: a second blob goes on it (no new handshake).
     let more = random(1 << 20);
     let (hash2, size2) = a.store.import(&more[..]).unwrap();
@@ -449,5 +450,47 @@ async fn a_member_whose_data_address_cannot_be_reached_is_fetched_from_through_t
         b.plane.fetch(pa, unreachable, hash2, 3).await.unwrap(),
         (size2, size2)
     );
-    assert_eq!(a.plane.established(), 1, "the second fetch reused the tunnel");
+    assert_eq!(
+        a.plane.established(),
+        1,
+        "the second fetch reused the tunnel"
+    );
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(8))]
+
+    /// Whatever a member writes on a tunnel stream (frames of any length, cut anywhere, not
+    /// QUIC at all) never panics the data plane, which still serves through the tunnel after.
+    #[test]
+    fn arbitrary_tunnel_streams_never_panic(
+        garbage in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..20_000),
+    ) {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async {
+            let (a, b) = (node(true), node(true));
+            let stranger = Keypair::generate_ed25519().public().to_peer_id();
+            let to_a = Arc::new(Pipe {
+                me: b.key.public().to_peer_id(),
+                other: std::sync::Mutex::new(Some(a.plane.clone())),
+                opened: Arc::default(),
+            });
+            a.plane.use_tunnel(Arc::new(Pipe {
+                me: a.key.public().to_peer_id(),
+                other: std::sync::Mutex::new(Some(b.plane.clone())),
+                opened: Arc::default(),
+            })).unwrap();
+            b.plane.use_tunnel(to_a).unwrap();
+            let (mut here, there) = tokio::io::duplex(64 << 10);
+            a.plane.tunnel_stream(stranger, Box::new(there));
+            use tokio::io::AsyncWriteExt as _;
+            let _ = here.write_all(&garbage).await;
+            drop(here);
+            let bytes = random(64 << 10);
+            let (hash, size) = a.store.import(&bytes[..]).unwrap();
+            let unreachable = std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+            let got = b.plane.fetch(a.key.public().to_peer_id(), unreachable, hash, 3).await.unwrap();
+            assert_eq!(got, (size, size));
+        });
+    }
 }
