@@ -260,7 +260,13 @@ fn join_stored(
 pub struct Dispatcher {
     tx: mpsc::Sender<Cmd>,
     finished: watch::Receiver<u64>,
+    /// Every task submitted here, as it finishes.
+    finished_tasks: tokio::sync::broadcast::Sender<Arc<Submitted>>,
 }
+
+/// How many finished tasks a slow [`Dispatcher::finished_tasks`] subscriber may fall behind
+/// before it is told it lagged (and should ask for the tasks it waits on).
+pub const FINISHED_BACKLOG: usize = 16_384;
 
 impl std::fmt::Debug for Dispatcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -274,21 +280,25 @@ pub(crate) struct Inbox {
     tx: mpsc::Sender<Cmd>,
     rx: mpsc::Receiver<Cmd>,
     finished_tx: watch::Sender<u64>,
+    finished_tasks: tokio::sync::broadcast::Sender<Arc<Submitted>>,
 }
 
 /// A dispatcher's handle and the inbox its actor will read.
 pub(crate) fn channel() -> (Dispatcher, Inbox) {
     let (tx, rx) = mpsc::channel(1024);
     let (finished_tx, finished) = watch::channel(0);
+    let (finished_tasks, _) = tokio::sync::broadcast::channel(FINISHED_BACKLOG);
     (
         Dispatcher {
             tx: tx.clone(),
             finished,
+            finished_tasks: finished_tasks.clone(),
         },
         Inbox {
             tx,
             rx,
             finished_tx,
+            finished_tasks,
         },
     )
 }
@@ -323,6 +333,7 @@ pub(crate) async fn start(
         tx,
         rx,
         finished_tx,
+        finished_tasks,
     } = inbox;
     let events = mesh.subscribe();
     let _ = mesh.subscribe_topic(ADVERT_TOPIC).await;
@@ -359,6 +370,7 @@ pub(crate) async fn start(
         candidates_at: None,
         stored_functions: Default::default(),
         finished_tx,
+        finished_tasks,
         tx,
         tracker: tracker.clone(),
         replies_to_waiters: HashMap::new(),
@@ -460,6 +472,12 @@ impl Dispatcher {
         }
     }
 
+    /// Every task submitted here from now on, as it finishes (a subscriber that falls
+    /// [`FINISHED_BACKLOG`] behind gets `Lagged` and should ask for the tasks it waits on).
+    pub fn finished_tasks(&self) -> tokio::sync::broadcast::Receiver<Arc<Submitted>> {
+        self.finished_tasks.subscribe()
+    }
+
     /// Resolves when any task submitted here finishes (for pollers).
     pub async fn changed(&self) -> Result<(), Error> {
         let mut f = self.finished.clone();
@@ -505,6 +523,7 @@ struct Actor {
     /// The functions this node has put in the store.
     stored_functions: crate::task::stored::StoredFunctions,
     finished_tx: watch::Sender<u64>,
+    finished_tasks: tokio::sync::broadcast::Sender<Arc<Submitted>>,
     tx: mpsc::Sender<Cmd>,
     tracker: TaskTracker,
     /// The callers waiting for tasks to finish, by waiter number ([`Machine::add_waiter`]).
@@ -640,6 +659,8 @@ impl Actor {
         }
         for t in self.machine.done() {
             self.config.metrics.finished(t);
+            // No subscriber is fine: nobody streams finished tasks now.
+            let _ = self.finished_tasks.send(t.clone());
         }
         self.config
             .metrics

@@ -194,6 +194,7 @@ fn router(inner: Shared) -> Router {
         .route("/v1/capabilities/{id}", delete(remove_capability))
         .route("/v1/tasks", post(submit_tasks))
         .route("/v1/tasks/wait", post(wait_tasks))
+        .route("/v1/tasks/events", get(task_events))
         .route("/v1/tasks/{id}", get(task))
         .route("/v1/tasks/{id}/value", get(task_value))
         .route("/v1/tasks/{id}/cancel", post(cancel_task))
@@ -677,6 +678,36 @@ async fn wait_tasks(
     Ok(Json(TaskList {
         tasks: views(tasks, &body.ids),
     }))
+}
+
+/// `GET /v1/tasks/events`: server-sent events, one `task` event (the task's view as JSON) for
+/// every task submitted on this node as it finishes, from the moment of the request on. A
+/// client that fell behind gets a `lagged` event (`{"missed": N}`) and should ask for the tasks
+/// it waits on (`POST /v1/tasks/wait`); so should a client that subscribes after submitting.
+async fn task_events(
+    State(inner): State<Shared>,
+) -> axum::response::sse::Sse<
+    impl futures::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
+> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    use tokio::sync::broadcast::error::RecvError;
+    let rx = inner.tasks.dispatcher.finished_tasks();
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        let event = match rx.recv().await {
+            Ok(t) => {
+                let view: crate::tasks::TaskView = (&*t).into();
+                Event::default()
+                    .event("task")
+                    .data(serde_json::to_string(&view).unwrap_or_default())
+            }
+            Err(RecvError::Lagged(n)) => Event::default()
+                .event("lagged")
+                .data(serde_json::json!({ "missed": n }).to_string()),
+            Err(RecvError::Closed) => return None,
+        };
+        Some((Ok(event), rx))
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default())
 }
 
 async fn task(

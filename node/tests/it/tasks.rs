@@ -790,3 +790,87 @@ fn an_oversized_api_body_gets_a_json_413() {
     assert!(out.starts_with("HTTP/1.1 404"), "{out}");
     assert!(out.contains("\"error\""), "{out}");
 }
+
+/// Reads one server-sent event (its `event:` and `data:` lines) from `r`.
+fn next_event(r: &mut impl std::io::BufRead) -> (String, String) {
+    let (mut event, mut data) = (String::new(), String::new());
+    loop {
+        let mut line = String::new();
+        let n = r.read_line(&mut line).expect("read the event stream");
+        assert!(n > 0, "the event stream ended");
+        let line = line.trim_end_matches(['\r', '\n']);
+        if line.is_empty() {
+            if !event.is_empty() || !data.is_empty() {
+                return (event, data);
+            }
+            continue;
+        }
+        if let Some(v) = line.strip_prefix("event:") {
+            event = v.trim().to_string();
+        } else if let Some(v) = line.strip_prefix("data:") {
+            data.push_str(v.trim_start());
+        }
+    }
+}
+
+#[test]
+fn finished_tasks_are_pushed_as_server_sent_events() {
+    let net = Net::up("1", "1", &[]);
+    let a1 = net.node("a1");
+    let dir = tempfile::tempdir().unwrap();
+    register(&a1, dir.path());
+    // Routable first, so that the tasks below are accepted at once.
+    run_wait(&a1, &["double", "1"]);
+    let api: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(a1.join("api.json")).unwrap()).unwrap();
+    let addr = api["url"]
+        .as_str()
+        .unwrap()
+        .trim_start_matches("http://")
+        .to_string();
+    let token = api["token"].as_str().unwrap();
+    let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    use std::io::{BufRead as _, Write as _};
+    write!(
+        stream,
+        "GET /v1/tasks/events HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer {token}\r\nAccept: text/event-stream\r\n\r\n"
+    )
+    .unwrap();
+    let mut reader = std::io::BufReader::new(stream.try_clone().unwrap());
+    let mut status = String::new();
+    reader.read_line(&mut status).unwrap();
+    assert!(status.contains(" 200 "), "{status}");
+    loop {
+        let mut header = String::new();
+        reader.read_line(&mut header).unwrap();
+        if header.trim().is_empty() {
+            break;
+        }
+    }
+    // Three tasks, one failing: each arrives as an event once it finished.
+    let mut ids = Vec::new();
+    for (f, x) in [("double", "20"), ("boom", "3"), ("double", "21")] {
+        let out: serde_json::Value =
+            serde_json::from_str(&ok(&["run", f, x, "--node", p(&a1), "--json"])).unwrap();
+        ids.push(out["tasks"][0]["task"]["id"].as_str().unwrap().to_string());
+    }
+    let mut seen = std::collections::BTreeMap::new();
+    while seen.len() < ids.len() {
+        // Chunked transfer encoding: size lines interleave with the event's lines.
+        let (event, data) = next_event(&mut reader);
+        if event != "task" {
+            continue;
+        }
+        let view: serde_json::Value = serde_json::from_str(&data).unwrap();
+        seen.insert(view["id"].as_str().unwrap().to_string(), view);
+    }
+    for id in &ids {
+        assert!(seen.contains_key(id), "task {id} was pushed");
+    }
+    assert_eq!(seen[&ids[0]]["status"], "succeeded");
+    assert_eq!(seen[&ids[1]]["status"], "failed");
+    assert_eq!(seen[&ids[2]]["status"], "succeeded");
+}
