@@ -1,0 +1,68 @@
+"""The Executor and Client against a real node: functions by value, futures pushed by the node."""
+
+import concurrent.futures
+
+import pytest
+
+import funcmesh
+
+
+def square(x):
+    return x * x
+
+
+def fail(x):
+    raise ValueError("no good: %r" % (x,))
+
+
+def test_a_plain_function_runs_and_its_result_comes_back(node):
+    with funcmesh.Executor(node=node) as ex:
+        assert ex.submit(square, 7).result(timeout=60) == 49
+
+
+def test_lambdas_and_closures_travel_by_value(node):
+    k = 10
+
+    def add_k(x):
+        return x + k
+
+    with funcmesh.Executor(node=node) as ex:
+        assert ex.submit(lambda x, y=2: x * y, 21).result(timeout=60) == 42
+        assert ex.submit(add_k, 5).result(timeout=60) == 15
+
+
+def test_map_keeps_order_across_batches(node):
+    with funcmesh.Executor(node=node, batch_size=16) as ex:
+        assert list(ex.map(square, range(100), timeout=120)) == [x * x for x in range(100)]
+
+
+def test_a_remote_exception_is_raised_with_its_traceback(node):
+    with funcmesh.Executor(node=node) as ex:
+        future = ex.submit(fail, 3)
+        with pytest.raises(funcmesh.RemoteError) as caught:
+            future.result(timeout=60)
+    err = caught.value
+    assert err.type_name == "ValueError"
+    assert "no good: 3" in str(err)
+    assert "fail" in err.traceback, err.traceback
+
+
+def test_the_client_runs_and_waits(node):
+    client = funcmesh.Client(node=node)
+    task = client.run(square, 12)
+    assert client.result(task, timeout=60) == 144
+    assert client.status(task)["status"] == "succeeded"
+
+
+def test_futures_complete_as_the_node_pushes_them(node):
+    with funcmesh.Executor(node=node) as ex:
+        futures = [ex.submit(square, i) for i in range(20)]
+        done, not_done = concurrent.futures.wait(futures, timeout=120)
+        assert not not_done
+        assert sorted(f.result() for f in done) == sorted(i * i for i in range(20))
+
+
+def test_a_missing_node_says_what_to_do(tmp_path):
+    with pytest.raises(funcmesh.FuncmeshError) as caught:
+        funcmesh.Client(node=str(tmp_path))
+    assert "api.json" in str(caught.value)
