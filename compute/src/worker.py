@@ -171,6 +171,7 @@ class Worker:
     def __init__(self, channel):
         self.ch = channel
         self.functions = {}
+        self.broken = {}
         self.cancelled = set()
         self.base_vm = vm_size()
         self.hard_as = None
@@ -305,9 +306,21 @@ class Worker:
         fn = self.functions.get(fid)
         if fn is not None:
             return fn
+        broken = self.broken.get(fid)
+        if broken is not None:
+            # It was sent once and did not load: every task of it fails the same way (the
+            # endpoint does not send a function twice to one worker).
+            raise broken
         spec = task.get("fn")
         if spec is None:
             raise TaskError("UnknownFunction", "function %s was never sent to this worker" % fid)
+        try:
+            return self.load(fid, spec)
+        except TaskError as e:
+            self.broken[fid] = e
+            raise
+
+    def load(self, fid, spec):
         form = spec.get("form")
         if form == "python_source":
             name = "<funcmesh function %s>" % fid[:12]
@@ -333,7 +346,13 @@ class Worker:
                                 "(pip install cloudpickle)")
             import pickle
 
-            fn = ("python", pickle.loads(base64.b64decode(spec["payload"])))
+            try:
+                fn = ("python", pickle.loads(base64.b64decode(spec["payload"])))
+            except BaseException as e:  # noqa: BLE001
+                raise TaskError(type(e).__name__,
+                                "the pickled function does not load here: %s (a function "
+                                "from a module the endpoint cannot import must be sent by "
+                                "value)" % e, remote_traceback())
         elif form == "shell":
             fn = ("shell", spec["command"])
         else:

@@ -66,3 +66,25 @@ def test_a_missing_node_says_what_to_do(tmp_path):
     with pytest.raises(funcmesh.FuncmeshError) as caught:
         funcmesh.Client(node=str(tmp_path))
     assert "api.json" in str(caught.value)
+
+
+def test_a_function_the_endpoint_cannot_load_fails_every_task_with_the_reason(node, tmp_path,
+                                                                             monkeypatch):
+    import base64
+
+    import cloudpickle
+
+    (tmp_path / "only_here.py").write_text("def f(x):\n    return x\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import only_here
+
+    client = funcmesh.Client(node=node)
+    # Pickled by reference, as cloudpickle does for a module it thinks importable everywhere.
+    payload = base64.b64encode(cloudpickle.dumps(only_here.f)).decode()
+    client._call("POST", "/v1/functions", {"name": "only-here", "payload": payload})
+    for _ in range(2):
+        task = client.submit_batch([client.task("only-here", (1,))])[0]
+        with pytest.raises(funcmesh.RemoteError) as caught:
+            client.result(task, timeout=60)
+        assert caught.value.type_name == "ModuleNotFoundError", str(caught.value)
+        assert "does not load here" in str(caught.value)
