@@ -216,14 +216,32 @@ class Client:
     def finished(view):
         return view is not None and view.get("status") in ("succeeded", "failed", "cancelled")
 
-    @staticmethod
-    def outcome(view):
+    def value(self, task_id):
+        """A succeeded task's value as JSON, fetched from the node (for values that went by
+        reference: the node fetches them from the endpoint's node over the data plane)."""
+        conn = http.client.HTTPConnection(self._host, self._port, timeout=self._timeout)
+        try:
+            conn.request("GET", "/v1/tasks/%s/value" % task_id,
+                         headers={"Authorization": "Bearer " + self._token})
+            resp = conn.getresponse()
+            raw = resp.read()
+        finally:
+            conn.close()
+        if resp.status != 200:
+            raise FuncmeshError("GET /v1/tasks/%s/value: %s (HTTP %d)"
+                                % (task_id, raw.decode(errors="replace"), resp.status))
+        return json.loads(raw)
+
+    def outcome(self, view):
         """A finished task's value, or its failure raised."""
         if not Client.finished(view):
             raise TimeoutError("task %s has not finished" % (view or {}).get("id"))
         out = view.get("outcome") or {}
         if view["status"] == "succeeded":
             value = out.get("value")
+            if out.get("value_ref") is not None:
+                # Too large to travel with the task: fetched by reference.
+                value = self.value(view["id"])
             if isinstance(value, dict) and "pickle" in value:
                 return cloudpickle.loads(base64.b64decode(value["pickle"]))
             return value

@@ -88,3 +88,47 @@ def test_a_function_the_endpoint_cannot_load_fails_every_task_with_the_reason(no
             client.result(task, timeout=60)
         assert caught.value.type_name == "ModuleNotFoundError", str(caught.value)
         assert "does not load here" in str(caught.value)
+
+
+def big(n):
+    return b"x" * n
+
+
+def nap(seconds):
+    import time
+
+    time.sleep(seconds)
+    return seconds
+
+
+def test_a_50_mib_result_comes_back_by_reference(node):
+    with funcmesh.Executor(node=node) as ex:
+        value = ex.submit(big, 50 << 20).result(timeout=120)
+    assert len(value) == 50 << 20 and value[:4] == b"xxxx"
+
+
+def test_a_task_over_its_time_limit_fails_with_timeout(node):
+    client = funcmesh.Client(node=node)
+    fid = client.register_function(nap)
+    task = client.submit_batch([client.task(fid, (30,), timeout=1)])[0]
+    with pytest.raises(funcmesh.RemoteError) as caught:
+        client.result(task, timeout=60)
+    assert caught.value.kind == "timeout", (caught.value.kind, str(caught.value))
+
+
+def test_a_cancelled_task_ends_cancelled(node):
+    client = funcmesh.Client(node=node)
+    task = client.run(nap, 30)
+    client.cancel(task)
+    view = client.wait([task], 60)[0]
+    assert view["status"] == "cancelled", view
+    with pytest.raises(funcmesh.FuncmeshError):
+        client.outcome(view)
+
+
+def test_waiting_on_a_running_task_times_out_locally(node):
+    with funcmesh.Executor(node=node, retries=0) as ex:
+        future = ex.submit(nap, 5)
+        with pytest.raises(concurrent.futures.TimeoutError):
+            future.result(timeout=0.5)
+        assert future.result(timeout=60) == 5
