@@ -249,6 +249,86 @@ class Client:
             raise FuncmeshError("task %s was cancelled" % view["id"])
         raise RemoteError(view["id"], out.get("error") or {})
 
+    # --- transfers --------------------------------------------------------------------------
+
+    def copy(self, source, destination, recursive=False, sync=None, delete=False,
+             request_id=None, wait=True, timeout=3600.0, progress=None):
+        """Copies ``ENDPOINT:PATH`` to ``ENDPOINT:PATH`` (the destination an endpoint of this
+        node), verified. With ``wait``, returns the finished job (``progress(job)`` is called
+        as it goes) and raises ``FuncmeshError`` if it failed; else returns it accepted."""
+        body = {"source": source, "destination": destination, "recursive": recursive,
+                "delete": delete}
+        if sync:
+            body["sync"] = sync
+        if request_id:
+            body["request_id"] = request_id
+        job = self._call("POST", "/v1/transfers", body, timeout=120)
+        if not wait:
+            return job
+        import time
+
+        deadline = time.time() + timeout
+        while job["state"] == "active":
+            if time.time() > deadline:
+                raise TimeoutError("transfer %s still runs after %s s" % (job["id"], timeout))
+            if progress is not None:
+                progress(job)
+            time.sleep(0.1)
+            job = self.transfer(job["id"])
+        if progress is not None:
+            progress(job)
+        if job["state"] != "succeeded":
+            raise FuncmeshError("transfer %s %s: %s" % (job["id"], job["state"],
+                                                        job.get("error") or job.get("errors")))
+        return job
+
+    def transfer(self, job_id):
+        return self._call("GET", "/v1/transfers/" + urllib.parse.quote(job_id, safe=""))
+
+    def ls(self, path):
+        """The entries of ``ENDPOINT:PATH``."""
+        return self._call("GET", "/v1/transfers/ls?path=" + urllib.parse.quote(path, safe=""))
+
+    # --- flows ------------------------------------------------------------------------------
+
+    def deploy_flow(self, definition, title, **fields):
+        """Deploys a flow definition (Globus Flows dialect); returns the deployed flow."""
+        body = dict(fields, definition=definition, title=title)
+        return self._call("POST", "/v1/flows", body)
+
+    def start_run(self, flow=None, definition=None, input=None, label=None, run_id=None):
+        """Starts a run of a deployed flow (its id) or of a definition; returns the run."""
+        body = {"input": input or {}}
+        if flow is not None:
+            body["flow_id"] = flow
+        if definition is not None:
+            body["definition"] = definition
+        if label:
+            body["label"] = label
+        if run_id:
+            body["run_id"] = run_id
+        return self._call("POST", "/v1/runs", body)
+
+    def run_status(self, run_id):
+        return self._call("GET", "/v1/runs/" + urllib.parse.quote(run_id, safe=""))
+
+    def run_log(self, run_id):
+        return self._call("GET", "/v1/runs/%s/log" % urllib.parse.quote(run_id, safe=""))
+
+    def watch_run(self, run_id, timeout=3600.0, interval=0.2):
+        """Waits until the run ends (SUCCEEDED, FAILED or ENDED) or waits INACTIVE for a
+        right; returns it."""
+        import time
+
+        deadline = time.time() + timeout
+        while True:
+            run = self.run_status(run_id)
+            if run["status"] in ("SUCCEEDED", "FAILED", "ENDED", "INACTIVE"):
+                return run
+            if time.time() > deadline:
+                raise TimeoutError("run %s still %s after %s s" % (run_id, run["status"], timeout))
+            time.sleep(interval)
+
     def events(self):
         """Finished tasks, as the node pushes them (``/v1/tasks/events``): returns once
         subscribed an iterator of task views (None when the stream lagged: ask for the tasks

@@ -132,3 +132,39 @@ def test_waiting_on_a_running_task_times_out_locally(node):
         with pytest.raises(concurrent.futures.TimeoutError):
             future.result(timeout=0.5)
         assert future.result(timeout=60) == 5
+
+
+def test_a_copy_between_endpoint_data_roots_is_verified_and_reports_progress(node):
+    import os
+
+    data = os.path.join(node, "data")
+    os.makedirs(os.path.join(data, "in"), exist_ok=True)
+    payload = os.urandom(3 << 20)
+    with open(os.path.join(data, "in", "sample.bin"), "wb") as f:
+        f.write(payload)
+    client = funcmesh.Client(node=node)
+    seen = []
+    job = client.copy("a1:in", "a1:out", recursive=True, progress=seen.append)
+    assert job["state"] == "succeeded"
+    assert job["progress"]["files_done"] == 1
+    assert seen and seen[-1]["state"] == "succeeded"
+    with open(os.path.join(data, "out", "sample.bin"), "rb") as f:
+        assert f.read() == payload
+    listed = client.ls("a1:out")
+    assert [os.path.basename(e["path"]) for e in listed] == ["sample.bin"], listed
+    assert listed[0]["size"] == len(payload)
+
+
+def test_a_flow_runs_from_python(node):
+    client = funcmesh.Client(node=node)
+    definition = {
+        "StartAt": "Double",
+        "States": {
+            "Double": {"Type": "ExpressionEval", "Parameters": {"doubled.=": "x * 2"},
+                       "ResultPath": "$.out", "End": True},
+        },
+    }
+    run = client.start_run(definition=definition, input={"x": 21})
+    done = client.watch_run(run["run_id"], timeout=60)
+    assert done["status"] == "SUCCEEDED", done
+    assert done["details"]["output"]["out"]["doubled"] == 42
