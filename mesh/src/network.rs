@@ -1112,7 +1112,10 @@ impl EventLoop {
                 let _ = reply.send(list);
             }
             Command::ListenAddrs(reply) => {
-                let _ = reply.send(self.swarm.listeners().cloned().collect());
+                // Direct addresses first: a relayed one is the way in only when they fail.
+                let mut addrs: Vec<Multiaddr> = self.swarm.listeners().cloned().collect();
+                addrs.sort_by_key(is_circuit);
+                let _ = reply.send(addrs);
             }
             Command::Dial(addr, reply) => {
                 let r = self.swarm.dial(addr.clone()).map_err(|e| Error::Dial {

@@ -78,6 +78,9 @@ pub fn test_config() -> Config {
     c.mesh.proof_timeout = Duration::from_secs(2);
     c.mesh.redial_interval = Duration::from_millis(200);
     c.mesh.anti_entropy = Duration::from_secs(2);
+    // Loopback: every node can dial every other; no relay reservations (their circuit
+    // addresses would sit among the direct ones a test dials).
+    c.mesh.reserve_relay = false;
     c
 }
 
@@ -286,6 +289,7 @@ impl Federation {
         config.mesh.proof_timeout = t.mesh.proof_timeout;
         config.mesh.redial_interval = t.mesh.redial_interval;
         config.mesh.anti_entropy = t.mesh.anti_entropy;
+        config.mesh.reserve_relay = t.mesh.reserve_relay;
         change(&mut config);
         let node = Node::start(dir, &config).await?;
         self.members[i].node = Some(node);
@@ -346,6 +350,7 @@ pub async fn join_with_test_config(
             c.mesh.redial_interval.as_millis()
         ),
         format!("mesh.anti_entropy={}s", c.mesh.anti_entropy.as_secs()),
+        format!("mesh.reserve_relay={}", c.mesh.reserve_relay),
     ];
     ops::join(
         dir,
