@@ -8,7 +8,7 @@
 //! to cut and heal the networks.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use serde::{Deserialize, Serialize};
@@ -414,26 +414,4 @@ async fn run(cmd: &mut tokio::process::Command) -> anyhow::Result<String> {
         );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// Waits until `check` holds, polling every 100 ms.
-pub async fn wait_until<F, Fut>(
-    what: &str,
-    timeout: Duration,
-    mut check: F,
-) -> anyhow::Result<Duration>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = Instant::now();
-    loop {
-        if check().await {
-            return Ok(start.elapsed());
-        }
-        if start.elapsed() > timeout {
-            bail!("timed out after {timeout:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
