@@ -115,7 +115,7 @@ pub struct ErrorBody {
     pub error: String,
 }
 
-struct ApiError(StatusCode, String);
+pub(crate) struct ApiError(pub(crate) StatusCode, pub(crate) String);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -452,6 +452,14 @@ async fn register_function(
     State(inner): State<Shared>,
     Body(req): Body<crate::registry::NewFunction>,
 ) -> Result<Json<Written>, ApiError> {
+    register(&inner, req).await.map(Json)
+}
+
+/// Writes a function into the registry (unless it is there already, as it is).
+pub(crate) async fn register(
+    inner: &Inner,
+    req: crate::registry::NewFunction,
+) -> Result<Written, ApiError> {
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
@@ -462,7 +470,7 @@ async fn register_function(
     let view = inner.mesh.registry().await.map_err(unavailable)?;
     if let Some(existing) = view.functions.get(&id) {
         if existing.record.description == record.description {
-            return Ok(Json(Written { id, created: false }));
+            return Ok(Written { id, created: false });
         }
     }
     inner
@@ -470,15 +478,20 @@ async fn register_function(
         .registry_write(id.clone(), crdt_registry::record::Body::Function(record))
         .await
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
-    Ok(Json(Written { id, created: true }))
+    Ok(Written { id, created: true })
 }
 
 async fn delete_function(
     State(inner): State<Shared>,
     Path(id): Path<String>,
 ) -> Result<Json<Written>, ApiError> {
+    delete_function_by_id(&inner, &id).await.map(Json)
+}
+
+/// Deletes a function this node owns from the registry.
+pub(crate) async fn delete_function_by_id(inner: &Inner, id: &str) -> Result<Written, ApiError> {
     let view = inner.mesh.registry().await.map_err(unavailable)?;
-    let f = crate::registry::find_function(&view, &id).map_err(not_found)?;
+    let f = crate::registry::find_function(&view, id).map_err(not_found)?;
     if f.record.owner != inner.key {
         return Err(ApiError(
             StatusCode::FORBIDDEN,
@@ -499,7 +512,7 @@ async fn delete_function(
         )
         .await
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
-    Ok(Json(Written { id, created: true }))
+    Ok(Written { id, created: true })
 }
 
 async fn endpoints(

@@ -122,6 +122,17 @@ pub enum Command {
     /// Flows (Globus Flows definitions): validate, run, follow, cancel, resume.
     #[command(subcommand)]
     Flow(FlowCommand),
+    /// APIs of other systems the node serves (`[compat]`).
+    #[command(subcommand)]
+    Compat(CompatCommand),
+}
+
+/// `funcmesh compat …`.
+#[derive(Debug, Subcommand)]
+pub enum CompatCommand {
+    /// Print the environment that points an unmodified Globus Compute SDK script at the node
+    /// (`eval "$(funcmesh compat env --node DIR)"`; the node runs with `compat.globus_compute`).
+    Env(NodeArgs),
 }
 
 /// `funcmesh federation …`.
@@ -335,6 +346,23 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("uptime       {}s", s.uptime_secs);
                 for a in &s.listen_addrs {
                     println!("listening    {a}");
+                }
+            })
+        }
+        Command::Compat(CompatCommand::Env(args)) => {
+            let dir = DataDir::new(&args.node);
+            let path = dir.root().join("globus-compute.json");
+            let c: crate::globus_compute::Credentials = crate::datadir::read_json(&path)
+                .with_context(|| {
+                    format!(
+                        "the node at {} has not served the Globus Compute API: start it with \
+                         `--set compat.globus_compute=true`",
+                        args.node.display()
+                    )
+                })?;
+            show(args.json, &c, |c| {
+                for line in crate::globus_compute::environment(c) {
+                    println!("export {line}");
                 }
             })
         }

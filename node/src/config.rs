@@ -27,6 +27,8 @@ pub struct Config {
     pub transfer: TransferSection,
     /// Flows.
     pub flows: FlowsSection,
+    /// Compatibility APIs.
+    pub compat: CompatSection,
     /// Endpoints this node runs, published in the registry on start (`[[endpoint]]` tables;
     /// set them in the TOML file).
     pub endpoint: Vec<EndpointSection>,
@@ -241,6 +243,37 @@ impl Default for TransferSection {
             patience: Duration::from_secs(3600),
             blob_retention: Duration::from_secs(7 * 24 * 3600),
             inline_limit: 1 << 20,
+        }
+    }
+}
+
+/// `[compat]`: APIs of other systems the node serves.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CompatSection {
+    /// Serve the Globus Compute web service's API, so that the unmodified `globus-compute-sdk`
+    /// runs against this node.
+    pub globus_compute: bool,
+    /// Its address: the SDK's `local` environment expects `localhost:5000`.
+    pub listen: SocketAddr,
+    /// The RabbitMQ the node publishes task results to for the SDK's `Executor`
+    /// (`amqp://user:password@host:port/vhost`); without one, `Client` works and the
+    /// `Executor` is told to configure one.
+    pub amqp_url: Option<String>,
+    /// The broker's URL as the SDK should dial it, if not `amqp_url`.
+    pub amqp_client_url: Option<String>,
+    /// The result queues' names: this, then the task group's UUID.
+    pub queue_prefix: String,
+}
+
+impl Default for CompatSection {
+    fn default() -> Self {
+        CompatSection {
+            globus_compute: false,
+            listen: SocketAddr::from(([127, 0, 0, 1], 5000)),
+            amqp_url: None,
+            amqp_client_url: None,
+            queue_prefix: "funcmesh_results_".into(),
         }
     }
 }

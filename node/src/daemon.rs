@@ -25,6 +25,7 @@ pub struct Node {
     tracker: TaskTracker,
     store: store::Store,
     api_addr: SocketAddr,
+    compat_addr: Option<SocketAddr>,
     data_dir: DataDir,
 }
 
@@ -284,6 +285,33 @@ impl Node {
             .with_context(|| format!("cannot bind the API on {}", config.api.listen))?;
         let api_addr = listener.local_addr().context("API address")?;
         tracker.spawn(api::serve(listener, inner.clone(), cancel.child_token()));
+        let compat_addr = if config.compat.globus_compute {
+            let listener = tokio::net::TcpListener::bind(config.compat.listen)
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot bind the Globus Compute API on {} (compat.listen)",
+                        config.compat.listen
+                    )
+                })?;
+            let addr = listener
+                .local_addr()
+                .context("Globus Compute API address")?;
+            let credentials = crate::globus_compute::credentials(dir, addr)?;
+            crate::globus_compute::start(
+                listener,
+                inner.clone(),
+                &config.compat,
+                config.mesh.endpoint_lost_after,
+                credentials.token,
+                &cancel,
+                &tracker,
+            )?;
+            info!(%addr, "serving the Globus Compute API");
+            Some(addr)
+        } else {
+            None
+        };
         let info = ApiInfo {
             version: 1,
             url: format!("http://{api_addr}"),
@@ -301,6 +329,7 @@ impl Node {
             tracker,
             store,
             api_addr,
+            compat_addr,
             data_dir: dir.clone(),
         })
     }
@@ -373,6 +402,11 @@ impl Node {
     /// Address of the local API.
     pub fn api_addr(&self) -> SocketAddr {
         self.api_addr
+    }
+
+    /// The Globus Compute API's address, if the node serves it.
+    pub fn globus_compute_addr(&self) -> Option<SocketAddr> {
+        self.compat_addr
     }
 
     /// This node's blob store.

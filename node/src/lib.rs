@@ -12,6 +12,7 @@ pub mod config;
 pub mod daemon;
 pub mod datadir;
 pub mod demo;
+pub mod globus_compute;
 pub mod local_testnet;
 pub mod ops;
 pub mod output;

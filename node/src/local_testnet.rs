@@ -616,6 +616,7 @@ async fn build(
     };
     write_json_atomic(&dir.join("testnet.json"), &net, 0o644)?;
     wait_converged(&net, START_TIMEOUT).await?;
+    wait_routable(&net, START_TIMEOUT).await?;
     if plan.grants {
         net.grants = grant_partners(dir, &net).await?;
         write_json_atomic(&dir.join("testnet.json"), &net, 0o644)?;
@@ -773,6 +774,43 @@ pub async fn wait_converged(net: &Testnet, timeout: Duration) -> anyhow::Result<
         };
         if Instant::now() > deadline {
             bail!("the testnet did not converge within {timeout:?}: {who} does not list {whom}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until every running node can route to every endpoint node: it lists their endpoints in
+/// its registry and has heard their adverts (what a task needs to be accepted), so that the
+/// testnet takes work the moment `up` returns.
+pub async fn wait_routable(net: &Testnet, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let running: Vec<&NodeEntry> = all_nodes(net).filter(|n| alive(n.pid)).collect();
+        let serving: Vec<&str> = running
+            .iter()
+            .filter(|n| n.role == Role::Endpoint)
+            .map(|n| n.peer_id.as_str())
+            .collect();
+        let mut missing = None;
+        for n in &running {
+            let client = Client::for_node(&DataDir::new(&n.data_dir))?;
+            let listed = client.endpoints().await.unwrap_or_default();
+            let heard = client.adverts().await.unwrap_or_default();
+            if let Some(m) = serving.iter().find(|p| {
+                !listed.iter().any(|e| e.peer_id == **p) || !heard.iter().any(|a| a.peer_id == **p)
+            }) {
+                missing = Some((n.name.clone(), m.to_string()));
+                break;
+            }
+        }
+        let Some((who, whom)) = missing else {
+            return Ok(());
+        };
+        if Instant::now() > deadline {
+            bail!(
+                "the testnet's endpoints were not routable within {timeout:?}: {who} has not \
+                 heard endpoint node {whom}"
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -59,6 +59,11 @@ pub mod cf {
     /// JSON `flows::engine::Event`, the run's log, appended before each effect.
     pub const FLOWS: &str = "flows";
 
+    /// The Globus Compute–compatible API (node::globus_compute): `g/<group id>/<task id>` →
+    /// empty, a task group's tasks; `t/<task id>` → its group's id; `q/<task id>` → the queue
+    /// its result message goes to, until it is published.
+    pub const GLOBUS_COMPUTE: &str = "globus_compute";
+
     /// All column families, in creation order.
     pub const ALL: &[&str] = &[
         META,
@@ -71,6 +76,7 @@ pub mod cf {
         FUNCTIONS,
         TRANSFERS,
         FLOWS,
+        GLOBUS_COMPUTE,
     ];
 }
 

@@ -5,6 +5,7 @@
 
 mod caps;
 mod cli;
+mod compat;
 mod flows;
 mod layout;
 mod tasks;

@@ -162,8 +162,9 @@ class Client:
 
     @staticmethod
     def task(function_id, args=(), kwargs=None, endpoint=None, institution=None,
-             retries=0, timeout=None):
-        """One task's submission body (for :meth:`submit_batch`)."""
+             retries=0, timeout=None, requirements=None):
+        """One task's submission body (for :meth:`submit_batch`). ``requirements`` are tags the
+        endpoint must have (``{"gpu": "a100"}``)."""
         body = {
             "function": function_id,
             "args": base64.b64encode(cloudpickle.dumps((tuple(args), dict(kwargs or {})))).decode(),
@@ -176,6 +177,8 @@ class Client:
             body["institution"] = institution
         if timeout:
             body["timeout_ms"] = int(timeout * 1000)
+        if requirements:
+            body["require"] = {str(k): str(v) for k, v in requirements.items()}
         return body
 
     def submit_batch(self, tasks):

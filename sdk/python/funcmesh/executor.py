@@ -11,14 +11,17 @@ class Executor(concurrent.futures.Executor):
     """Runs calls on the federation through one node.
 
     ``endpoint`` / ``institution`` pin where tasks run (default: wherever routing sends them);
-    ``retries`` retries a task elsewhere if its endpoint is lost. Futures resolve as the node
-    pushes finished tasks; ``map`` submits in batches of ``batch_size``.
+    ``requirements`` are tags the endpoint must have (``{"gpu": "a100"}``); ``retries`` retries
+    a task elsewhere if its endpoint is lost; ``timeout`` (seconds) limits each task's run.
+    Futures resolve as the node pushes finished tasks; ``map`` submits in batches of
+    ``batch_size``.
     """
 
-    def __init__(self, node=None, url=None, token=None, endpoint=None, institution=None,
-                 retries=0, batch_size=256, client=None):
+    def __init__(self, endpoint=None, requirements=None, node=None, url=None, token=None,
+                 institution=None, retries=0, timeout=None, batch_size=256, client=None):
         self._client = client or Client(node=node, url=url, token=token)
-        self._route = {"endpoint": endpoint, "institution": institution, "retries": retries}
+        self._route = {"endpoint": endpoint, "institution": institution, "retries": retries,
+                       "timeout": timeout, "requirements": requirements}
         self._batch_size = max(1, batch_size)
         self._futures = {}
         self._lock = threading.Lock()

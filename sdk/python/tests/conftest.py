@@ -9,6 +9,7 @@ import time
 import pytest
 
 import funcmesh
+from globus_compute_env import Node, RabbitMQ, sdk_venv
 
 
 def _binary():
@@ -50,3 +51,19 @@ def node():
     finally:
         subprocess.run([binary, "testnet", "down", "--dir", net], stdout=subprocess.DEVNULL)
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def gc():
+    """The Globus Compute SDK's virtualenv's python, and a node serving the Globus Compute API
+    (results to a private RabbitMQ) whose endpoint runs workers in that virtualenv."""
+    python = sdk_venv()
+    broker = RabbitMQ()
+    try:
+        node = Node(_binary(), python, broker.url)
+        try:
+            yield python, node
+        finally:
+            node.stop()
+    finally:
+        broker.stop()
