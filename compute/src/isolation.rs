@@ -74,6 +74,14 @@ impl HostIsolation {
         let python = if anyone_may_run(std::path::Path::new(&config.python)) {
             config.python.clone()
         } else {
+            tracing::warn!(
+                endpoint = %config.name,
+                python = %config.python,
+                "the isolated workers' uids cannot run this endpoint's python (it, or a \
+                 directory on its way, is not open to others): they run the system's python3 \
+                 instead. Put the interpreter and its packages where every user may read them \
+                 (not under a private home), or run the node as an ordinary user"
+            );
             "python3".to_owned()
         };
         Ok(Some(HostIsolation {

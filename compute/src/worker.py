@@ -352,7 +352,12 @@ class Worker:
                 raise TaskError(type(e).__name__,
                                 "the pickled function does not load here: %s (a function "
                                 "from a module the endpoint cannot import must be sent by "
-                                "value)" % e, remote_traceback())
+                                "value; and pickles load only between the same Python minor "
+                                "version and cloudpickle: this worker runs Python %s with "
+                                "cloudpickle %s, as %s)"
+                                % (e, "%d.%d.%d" % sys.version_info[:3],
+                                   getattr(sys.modules.get("cloudpickle"), "__version__", "?"),
+                                   sys.executable), remote_traceback())
         elif form == "shell":
             fn = ("shell", spec["command"])
         else:
@@ -408,8 +413,10 @@ def error(type_name, message, tb=None):
 
 def remote_traceback():
     etype, value, tb = sys.exc_info()
-    # Drop the worker's own frames: the user wants to see their function.
-    while tb is not None and tb.tb_frame.f_code.co_filename == __file__:
+    # Drop the worker's own frames, and those of a wrapper that hides its own (a local
+    # `__tracebackhide__ = True`, as pytest has it): the user wants to see their function.
+    while tb is not None and (tb.tb_frame.f_code.co_filename == __file__
+                              or tb.tb_frame.f_locals.get("__tracebackhide__")):
         tb = tb.tb_next
     return "".join(traceback.format_exception(etype, value, tb))
 

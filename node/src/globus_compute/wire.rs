@@ -138,6 +138,8 @@ FUNCTION_CODE = {literal}
 
 
 def {ENTRYPOINT}(payload, result_serializers=None):
+    # The remote traceback starts in the user's function, as Globus Compute's does.
+    __tracebackhide__ = True
     import sys
 
     try:
@@ -150,7 +152,8 @@ def {ENTRYPOINT}(payload, result_serializers=None):
         ) from None
     serde = ComputeSerializer()
     fn, args, kwargs = serde.unpack_and_deserialize(FUNCTION_CODE + payload)
-    return serde.serialize_from_list(fn(*args, **kwargs), result_serializers or [])
+    result = fn(*args, **kwargs)
+    return serde.serialize_from_list(result, result_serializers or [])
 "#
     )
 }

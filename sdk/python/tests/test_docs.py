@@ -24,18 +24,44 @@ def blocks(doc, language, section):
     return re.findall(r"```%s\n(.*?)```" % language, part, re.S)
 
 
+def as_new_user():
+    """A home and a way to run commands as a new user would: an ordinary account (as root, one
+    made for it: a root node isolates workers under uids of their own, which cannot read a
+    private home's virtualenv), with the binary installed in ~/bin and the repository's
+    sdk/python at ~/funcmesh/sdk/python."""
+    if os.geteuid() != 0:
+        home = tempfile.mkdtemp(prefix="funcmesh-quickstart-")
+        return home, [], os.getuid()
+    user = "funcmesh-quickstart"
+    if subprocess.run(["id", user], capture_output=True).returncode != 0:
+        subprocess.run(["useradd", "--create-home", "--shell", "/bin/bash", user], check=True)
+    home = os.path.expanduser("~" + user)
+    for leftover in ("funcmesh-venv", "funcmesh-testnet", "funcmesh", "bin"):
+        shutil.rmtree(os.path.join(home, leftover), ignore_errors=True)
+    uid = int(subprocess.run(["id", "-u", user], capture_output=True, text=True,
+                             check=True).stdout)
+    runuser = shutil.which("runuser") or "/usr/sbin/runuser"
+    return home, [runuser, "-u", user, "--"], uid
+
+
 def test_the_quick_start_runs_as_written_in_a_fresh_virtualenv():
     shell, = blocks("python.md", "sh", "Quick start")
     code, = blocks("python.md", "python", "Quick start")
-    home = tempfile.mkdtemp(prefix="funcmesh-quickstart-")
-    env = dict(os.environ, HOME=home,
-               PATH=os.path.dirname(_binary()) + os.pathsep + os.environ["PATH"])
-    env.pop("FUNCMESH_NODE", None)
-    env.pop("PYTHONPATH", None)
+    home, prefix, uid = as_new_user()
+    os.makedirs(os.path.join(home, "bin"), exist_ok=True)
+    shutil.copy2(_binary(), os.path.join(home, "bin", "funcmesh"))
+    repo = os.path.join(home, "funcmesh")
+    shutil.copytree(os.path.join(ROOT, "sdk", "python"), os.path.join(repo, "sdk", "python"),
+                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "build"))
+    for d, _, files in os.walk(home):
+        for name in [d] + [os.path.join(d, f) for f in files]:
+            os.chown(name, uid, uid)
+    env = {"HOME": home, "PATH": os.path.join(home, "bin") + ":/usr/local/bin:/usr/bin:/bin",
+           "LANG": "C.UTF-8"}
     try:
         # The shell part, then the Python part in the shell it left (its venv, its FUNCMESH_NODE).
         script = shell + '\npython - <<"QUICKSTART"\n' + code + "QUICKSTART\n"
-        out = subprocess.run(["bash", "-e", "-c", script], cwd=ROOT, env=env,
+        out = subprocess.run(prefix + ["bash", "-e", "-c", script], cwd=repo, env=env,
                              capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stdout + out.stderr
         # (pip and `testnet up` print first.)
@@ -43,14 +69,16 @@ def test_the_quick_start_runs_as_written_in_a_fresh_virtualenv():
         assert lines == ["49", str([x * x for x in range(10)]), "101", "ValueError"], lines
         # It ran in the fresh virtualenv, with the package pip installed there.
         venv = os.path.join(home, "funcmesh-venv")
-        found = subprocess.run([os.path.join(venv, "bin", "python"), "-c",
-                                "import funcmesh; print(funcmesh.__file__)"],
+        found = subprocess.run(prefix + [os.path.join(venv, "bin", "python"), "-c",
+                                         "import funcmesh; print(funcmesh.__file__)"],
                                capture_output=True, text=True, env=env, cwd=home)
         assert found.stdout.startswith(venv), found.stdout + found.stderr
     finally:
-        subprocess.run([_binary(), "testnet", "down", "--dir",
-                        os.path.join(home, "funcmesh-testnet")], capture_output=True)
-        shutil.rmtree(home, ignore_errors=True)
+        subprocess.run(prefix + [os.path.join(home, "bin", "funcmesh"), "testnet", "down",
+                                 "--dir", os.path.join(home, "funcmesh-testnet")],
+                       capture_output=True, env=env, cwd=home)
+        if not prefix:
+            shutil.rmtree(home, ignore_errors=True)
 
 
 def test_the_migration_pages_script_runs_unmodified(gc):

@@ -37,6 +37,8 @@ def test_a_failing_function_raises_task_execution_failed_with_the_remote_traceba
     # The traceback reaches into the user's function, by name and line.
     assert "in check_sample" in r["text"], r["text"]
     assert 'raise ValueError("sample %s is contaminated" % name)' in r["text"], r["text"]
+    # ... and starts there: nothing of funcmesh's wrapper or worker shows.
+    assert "globus_compute_task" not in r["text"] and "worker.py" not in r["text"], r["text"]
 
 
 def test_the_executor_gets_results_through_rabbitmq(gc):
