@@ -200,6 +200,22 @@ impl Client {
         .await
     }
 
+    /// `GET /v1/tasks/events`: the tasks submitted on the node, pushed as they finish, from now on.
+    pub async fn task_events(&self) -> anyhow::Result<TaskEvents> {
+        let url = format!("{}/v1/tasks/events", self.info.url);
+        let resp = self
+            .http
+            .get(&url)
+            .bearer_auth(&self.info.token)
+            .send()
+            .await
+            .with_context(|| format!("request to {url} failed: is the node running?"))?;
+        Ok(TaskEvents {
+            body: Box::pin(checked(resp).await?.bytes_stream()),
+            buf: Vec::new(),
+        })
+    }
+
     /// `GET /v1/tasks/{id}`.
     pub async fn task(&self, id: &str) -> anyhow::Result<crate::tasks::TaskView> {
         self.get(&format!("/v1/tasks/{}", encode(id))).await
@@ -511,6 +527,68 @@ impl Client {
 }
 
 /// Percent-encodes a path segment.
+/// What `GET /v1/tasks/events` pushes.
+#[derive(Debug)]
+pub enum TaskEvent {
+    /// A task finished.
+    Finished(Box<crate::tasks::TaskView>),
+    /// The stream fell behind and missed this many: ask for the tasks waited on.
+    Lagged(u64),
+}
+
+/// The stream of [`Client::task_events`].
+pub struct TaskEvents {
+    body: std::pin::Pin<Box<dyn futures::Stream<Item = reqwest::Result<axum::body::Bytes>> + Send>>,
+    buf: Vec<u8>,
+}
+
+impl TaskEvents {
+    /// The next event; None when the node closed the stream.
+    pub async fn next(&mut self) -> anyhow::Result<Option<TaskEvent>> {
+        use futures::StreamExt as _;
+        loop {
+            if let Some(end) = self.buf.windows(2).position(|w| w == b"\n\n") {
+                let block: Vec<u8> = self.buf.drain(..end + 2).collect();
+                let text = String::from_utf8_lossy(&block);
+                let mut event = "message";
+                let mut data = String::new();
+                for line in text.lines() {
+                    if let Some(e) = line.strip_prefix("event:") {
+                        event = if e.trim() == "task" {
+                            "task"
+                        } else if e.trim() == "lagged" {
+                            "lagged"
+                        } else {
+                            "other"
+                        };
+                    } else if let Some(d) = line.strip_prefix("data:") {
+                        data.push_str(d.trim_start());
+                    }
+                }
+                match event {
+                    "task" => {
+                        let view = serde_json::from_str(&data)
+                            .context("the node pushed a task that does not parse")?;
+                        return Ok(Some(TaskEvent::Finished(Box::new(view))));
+                    }
+                    "lagged" => {
+                        let v: serde_json::Value = serde_json::from_str(&data).unwrap_or_default();
+                        return Ok(Some(TaskEvent::Lagged(v["missed"].as_u64().unwrap_or(0))));
+                    }
+                    // Keep-alive comments and anything newer than this client.
+                    _ => continue,
+                }
+            }
+            match self.body.next().await {
+                Some(chunk) => self
+                    .buf
+                    .extend_from_slice(&chunk.context("the node's task events stream broke")?),
+                None => return Ok(None),
+            }
+        }
+    }
+}
+
 fn encode(s: &str) -> String {
     s.bytes()
         .map(|b| {

@@ -4,10 +4,10 @@
 //! `127.0.0.1:5000`, where the SDK's `local` environment points).
 //!
 //! A Globus Compute function becomes a funcmesh function whose Python source holds the SDK's
-//! buffer and runs it with the SDK's own serializer ([`wire::function_source`]), so it is
+//! buffer and runs it with the SDK's own serializer (`wire::function_source`), so it is
 //! registered, replicated, routed and run like any other; a task's payload is its one argument.
 //! funcmesh's ids are 32 hex characters, shown as dashed UUIDs. Results reach the SDK's
-//! `Executor` through a RabbitMQ the node publishes to ([`results`]).
+//! `Executor` through a RabbitMQ the node publishes to (`results`).
 //!
 //! Authentication: the SDK holds a client id and secret (`GLOBUS_COMPUTE_CLIENT_ID`,
 //! `GLOBUS_COMPUTE_CLIENT_SECRET`) and trades them at `POST /v2/oauth2/token` for a bearer
@@ -284,32 +284,42 @@ impl Compat {
             .map_err(|e| format!("the value (blob {}) is not JSON: {e}", r.blake3))
     }
 
-    /// The SDK's document for task `id` (32 hex), None if this node never submitted it.
-    async fn task_doc(&self, id: &str) -> Result<Option<Value>, Error> {
-        let tid: compute::TaskId = id.parse().map_err(Error::bad)?;
-        let Some(t) = self
+    /// The SDK's documents for tasks `ids` (32 hex each), None for one this node never
+    /// submitted.
+    async fn task_docs(&self, ids: &[String]) -> Result<Vec<Option<Value>>, Error> {
+        let tids = ids
+            .iter()
+            .map(|id| id.parse::<compute::TaskId>().map_err(Error::bad))
+            .collect::<Result<Vec<_>, _>>()?;
+        let tasks = self
             .api
             .tasks
             .dispatcher
-            .get(vec![tid])
+            .get(tids)
             .await
-            .map_err(Error::unavailable)?
-            .pop()
-            .flatten()
-        else {
-            return Ok(None);
-        };
+            .map_err(Error::unavailable)?;
+        let mut docs = Vec::with_capacity(ids.len());
+        for (id, t) in ids.iter().zip(tasks) {
+            docs.push(match t {
+                Some(t) => Some(self.doc_of(id, &t).await?),
+                None => None,
+            });
+        }
+        Ok(docs)
+    }
+
+    async fn doc_of(&self, id: &str, t: &compute::submit::Submitted) -> Result<Value, Error> {
         let value = self
-            .value_of(&t)
+            .value_of(t)
             .await
             .map_err(|e| Error::new(StatusCode::BAD_GATEWAY, "RESULT_UNAVAILABLE", e))?;
         let group = self.group_of(id).await;
-        Ok(Some(wire::task_doc(
+        Ok(wire::task_doc(
             &wire::uuid(id),
-            &t,
-            wire::ending(&t, value.as_ref()),
+            t,
+            wire::ending(t, value.as_ref()),
             group.as_deref(),
-        )))
+        ))
     }
 
     async fn group_of(&self, task: &str) -> Option<String> {
@@ -359,14 +369,49 @@ async fn token(
              globus-compute.json (`funcmesh compat env` prints the settings)",
         ));
     }
-    Ok(Json(json!({
-        "access_token": c.token,
-        "token_type": "Bearer",
-        "expires_in": 365 * 24 * 3600,
-        "resource_server": RESOURCE_SERVER,
-        "scope": COMPUTE_SCOPE,
-        "other_tokens": [],
-    })))
+    // One token per resource server asked for: this API's (SDK 4) and, for `openid` and its
+    // kin, Globus Auth's own (SDK 2.x asks for both). Nothing asked for: this API's.
+    let mut servers: Vec<(&str, Vec<&str>)> = Vec::new();
+    for scope in field("scope").unwrap_or(COMPUTE_SCOPE).split_whitespace() {
+        let server = if scope == COMPUTE_SCOPE {
+            RESOURCE_SERVER
+        } else if matches!(scope, "openid" | "profile" | "email")
+            || scope.starts_with("urn:globus:auth:scope:auth.globus.org:")
+        {
+            "auth.globus.org"
+        } else {
+            return Err(Error::bad(format!(
+                "unknown scope `{scope}`: this node serves Globus Compute's ({COMPUTE_SCOPE})"
+            )));
+        };
+        match servers.iter_mut().find(|(s, _)| *s == server) {
+            Some((_, scopes)) => {
+                if !scopes.contains(&scope) {
+                    scopes.push(scope);
+                }
+            }
+            None => servers.push((server, vec![scope])),
+        }
+    }
+    if servers.is_empty() {
+        servers.push((RESOURCE_SERVER, vec![COMPUTE_SCOPE]));
+    }
+    servers.sort_by_key(|(s, _)| *s != RESOURCE_SERVER);
+    let tokens: Vec<Value> = servers
+        .iter()
+        .map(|(server, scopes)| {
+            json!({
+                "access_token": c.token,
+                "token_type": "Bearer",
+                "expires_in": 365 * 24 * 3600,
+                "resource_server": server,
+                "scope": scopes.join(" "),
+            })
+        })
+        .collect();
+    let mut first = tokens[0].clone();
+    first["other_tokens"] = Value::Array(tokens[1..].to_vec());
+    Ok(Json(first))
 }
 
 /// `a=b&c=d` with `+` and `%XX` decoded.
@@ -657,10 +702,21 @@ async fn submit(
         .await
         .map_err(Error::unavailable)?;
     if let Some(refused) = answers.iter().find_map(|a| a.as_ref().err()) {
-        // All or nothing, as the SDK expects: the accepted ones are cancelled.
+        // All or nothing, as the SDK expects: the accepted ones are cancelled, and nothing of
+        // the request is kept (no group, no messages owed).
         for a in answers.iter().flatten() {
             let _ = c.api.tasks.dispatcher.cancel(a.id.clone()).await;
         }
+        let mut forget = Vec::new();
+        for (_, _, _, tid) in &plan {
+            let t = tid.as_str();
+            let member = format!("{}{t}", keys::group_prefix(&group)).into_bytes();
+            forget.push((keys::CF, member, None));
+            forget.push((keys::CF, keys::task(t), None));
+            forget.push((keys::CF, keys::queued(t), None));
+        }
+        let store = c.api.store.clone();
+        let _ = tokio::task::spawn_blocking(move || store.batch(&forget)).await;
         let status = match refused.kind {
             "function" => StatusCode::NOT_FOUND,
             "no_route" => StatusCode::FORBIDDEN,
@@ -688,8 +744,10 @@ async fn submit(
 
 async fn task(State(c): State<Shared>, Path(id): Path<String>) -> Result<Json<Value>, Error> {
     let hex = wire::from_uuid(&id).map_err(Error::bad)?;
-    c.task_doc(&hex)
+    c.task_docs(&[hex])
         .await?
+        .pop()
+        .flatten()
         .map(Json)
         .ok_or_else(|| Error::not_found(format!("no task {id} was submitted through this node")))
 }
@@ -704,10 +762,14 @@ async fn batch_status(
     State(c): State<Shared>,
     Body(b): Body<BatchStatus>,
 ) -> Result<Json<Value>, Error> {
+    let hexes = b
+        .task_ids
+        .iter()
+        .map(|id| wire::from_uuid(id).map_err(Error::bad))
+        .collect::<Result<Vec<_>, _>>()?;
     let mut results = serde_json::Map::new();
-    for id in &b.task_ids {
-        let hex = wire::from_uuid(id).map_err(Error::bad)?;
-        if let Some(doc) = c.task_doc(&hex).await? {
+    for (id, doc) in b.task_ids.iter().zip(c.task_docs(&hexes).await?) {
+        if let Some(doc) = doc {
             results.insert(id.clone(), doc);
         }
     }

@@ -141,6 +141,28 @@ fn the_globus_compute_api_answers_as_the_sdk_expects_and_refuses_what_it_cannot_
     assert!(t["expires_in"].as_u64().unwrap() > 3600);
     assert!(t.get("id_token").is_none());
     let issued = format!("Bearer {}", t["access_token"].as_str().unwrap());
+    // SDK 2.x asks for Globus Auth's own scope too: a second token; an unknown scope is refused.
+    let (status, t) = call(
+        &addr,
+        "POST",
+        "/v2/oauth2/token",
+        Some(&basic(&token)),
+        Some(&format!("{form}+openid")),
+    );
+    assert_eq!(status, 200, "{t}");
+    assert_eq!(t["resource_server"], "funcx_service");
+    assert_eq!(
+        t["other_tokens"][0]["resource_server"], "auth.globus.org",
+        "{t}"
+    );
+    let (status, _) = call(
+        &addr,
+        "POST",
+        "/v2/oauth2/token",
+        Some(&basic(&token)),
+        Some("grant_type=client_credentials&scope=urn:other:thing"),
+    );
+    assert_eq!(status, 400);
 
     // Every other route wants the bearer token.
     let (status, e) = call(&addr, "GET", "/v2/version", None, None);

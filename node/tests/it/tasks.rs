@@ -874,3 +874,26 @@ fn finished_tasks_are_pushed_as_server_sent_events() {
     assert_eq!(seen[&ids[1]]["status"], "failed");
     assert_eq!(seen[&ids[2]]["status"], "succeeded");
 }
+
+#[test]
+fn task_wait_prints_each_result_in_order_as_soon_as_it_is_pushed() {
+    let net = Net::up("1", "1", &[]);
+    let a1 = net.node("a1");
+    let dir = tempfile::tempdir().unwrap();
+    register(&a1, dir.path());
+    run_wait(&a1, &["double", "1"]);
+    let quick = ok(&["run", "double", "21", "--node", p(&a1)]);
+    let slow = ok(&["run", "slow", "4", "--node", p(&a1)]);
+    let mut child = std::process::Command::new(crate::cli::BIN)
+        .args(["task", "wait", &quick, &slow, "--node", p(&a1)])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::BufRead as _;
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    // The first result is printed while the second task still runs.
+    assert_eq!(lines.next().unwrap().unwrap(), format!("{quick}  42"));
+    assert_ne!(task(&a1, &slow)["status"], "succeeded");
+    assert_eq!(lines.next().unwrap().unwrap(), format!("{slow}  4"));
+    assert!(child.wait().unwrap().success());
+}

@@ -285,6 +285,73 @@ class Client:
                                                         job.get("error") or job.get("errors")))
         return job
 
+    def put(self, path, progress=None):
+        """Stores the file at ``path`` as a blob on the node (streamed, any size); returns
+        ``{"hash", "size"}``: the BLAKE3 hash any member can fetch it by. ``progress(done,
+        total)`` is called as it goes."""
+        import os
+
+        total = os.path.getsize(path)
+        conn = http.client.HTTPConnection(self._host, self._port, timeout=3600)
+        try:
+            conn.putrequest("POST", "/v1/blobs")
+            conn.putheader("Authorization", "Bearer " + self._token)
+            conn.putheader("Content-Type", "application/octet-stream")
+            conn.putheader("Content-Length", str(total))
+            conn.endheaders()
+            done = 0
+            with open(path, "rb") as f:
+                while True:
+                    chunk = f.read(1 << 20)
+                    if not chunk:
+                        break
+                    conn.send(chunk)
+                    done += len(chunk)
+                    if progress is not None:
+                        progress(done, total)
+            return self._answer(conn.getresponse(), "POST", "/v1/blobs")
+        finally:
+            conn.close()
+
+    def get(self, blob_hash, out, source=None, progress=None):
+        """Writes blob ``blob_hash`` to the file ``out``, fetched (and verified) from the member
+        ``source`` (a peer id) if the node does not hold it; returns the bytes written.
+        ``progress(done, total)`` is called as it goes."""
+        path = "/v1/blobs/" + urllib.parse.quote(blob_hash, safe="")
+        if source:
+            path += "?from=" + urllib.parse.quote(source, safe="")
+        conn = http.client.HTTPConnection(self._host, self._port, timeout=3600)
+        try:
+            conn.request("GET", path, headers={"Authorization": "Bearer " + self._token})
+            resp = conn.getresponse()
+            if resp.status >= 300:
+                self._answer(resp, "GET", path)
+            total = int(resp.getheader("Content-Length") or 0)
+            done = 0
+            with open(out, "wb") as f:
+                while True:
+                    chunk = resp.read(1 << 20)
+                    if not chunk:
+                        break
+                    f.write(chunk)
+                    done += len(chunk)
+                    if progress is not None:
+                        progress(done, total)
+            return done
+        finally:
+            conn.close()
+
+    @staticmethod
+    def _answer(resp, method, path):
+        text = resp.read().decode()
+        if resp.status >= 300:
+            try:
+                message = json.loads(text).get("error", text)
+            except ValueError:
+                message = text
+            raise FuncmeshError("%s %s: %s (HTTP %d)" % (method, path, message, resp.status))
+        return json.loads(text) if text else None
+
     def transfer(self, job_id):
         return self._call("GET", "/v1/transfers/" + urllib.parse.quote(job_id, safe=""))
 

@@ -47,6 +47,9 @@ def as_new_user():
 def test_the_quick_start_runs_as_written_in_a_fresh_virtualenv():
     shell, = blocks("python.md", "sh", "Quick start")
     code, = blocks("python.md", "python", "Quick start")
+    cells = blocks("python.md", "python", "A notebook-style example")
+    # The notebook's cells, after the quick start, in one program.
+    notebook = "".join(cells) + "print('notebook done')\n"
     home, prefix, uid = as_new_user()
     os.makedirs(os.path.join(home, "bin"), exist_ok=True)
     shutil.copy2(_binary(), os.path.join(home, "bin", "funcmesh"))
@@ -60,13 +63,18 @@ def test_the_quick_start_runs_as_written_in_a_fresh_virtualenv():
            "LANG": "C.UTF-8"}
     try:
         # The shell part, then the Python part in the shell it left (its venv, its FUNCMESH_NODE).
-        script = shell + '\npython - <<"QUICKSTART"\n' + code + "QUICKSTART\n"
+        script = (shell + '\npython - <<"QUICKSTART"\n' + code + "QUICKSTART\n"
+                  + 'python - <<"NOTEBOOK"\n' + notebook + "NOTEBOOK\n")
         out = subprocess.run(prefix + ["bash", "-e", "-c", script], cwd=repo, env=env,
                              capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stdout + out.stderr
         # (pip and `testnet up` print first.)
-        lines = out.stdout.strip().splitlines()[-4:]
-        assert lines == ["49", str([x * x for x in range(10)]), "101", "ValueError"], lines
+        lines = out.stdout.strip().splitlines()
+        at = lines.index("49")
+        assert lines[at:at + 4] == ["49", str([x * x for x in range(10)]), "101",
+                                    "ValueError"], lines
+        assert lines[at + 4:] == ["['a1', 'a2', 'b1', 'b2']", "3.1", "True", "True", "True",
+                                  "SUCCEEDED", "notebook done"], lines
         # It ran in the fresh virtualenv, with the package pip installed there.
         venv = os.path.join(home, "funcmesh-venv")
         found = subprocess.run(prefix + [os.path.join(venv, "bin", "python"), "-c",

@@ -1,6 +1,7 @@
 """The Executor and Client against a real node: functions by value, futures pushed by the node."""
 
 import concurrent.futures
+import os
 
 import pytest
 
@@ -168,3 +169,21 @@ def test_a_flow_runs_from_python(node):
     done = client.watch_run(run["run_id"], timeout=60)
     assert done["status"] == "SUCCEEDED", done
     assert done["details"]["output"]["out"]["doubled"] == 42
+
+
+def test_a_file_put_as_a_blob_comes_back_by_its_hash(node, tmp_path):
+    client = funcmesh.Client(node=node)
+    data = os.urandom(3 << 20) + b"end"
+    src = tmp_path / "in.bin"
+    src.write_bytes(data)
+    seen = []
+    ref = client.put(str(src), progress=lambda done, total: seen.append((done, total)))
+    assert ref["size"] == len(data)
+    assert len(ref["hash"]) == 64
+    assert seen[-1] == (len(data), len(data))
+    out = tmp_path / "out.bin"
+    assert client.get(ref["hash"], str(out)) == len(data)
+    assert out.read_bytes() == data
+    with pytest.raises(funcmesh.FuncmeshError) as caught:
+        client.get("0" * 64, str(tmp_path / "none"))
+    assert "HTTP 404" in str(caught.value)
