@@ -152,6 +152,14 @@ class Client:
         self._registered[key] = (function, fid)
         return fid
 
+    def register_source(self, source, entrypoint, name=None, description=""):
+        """Registers Python source text whose function ``entrypoint`` is called (no pickling:
+        any Python on an endpoint runs it); returns its id."""
+        written = self._call("POST", "/v1/functions", {
+            "name": name or entrypoint, "python": source, "entrypoint": entrypoint,
+            "description": description})
+        return written["id"]
+
     def functions(self):
         return self._call("GET", "/v1/functions")
 
@@ -205,6 +213,10 @@ class Client:
                             {"ids": list(task_ids), "timeout_ms": int(timeout * 1000)},
                             timeout=timeout + 30)
         return [t.get("task") for t in listed["tasks"]]
+
+    def batch_status(self, task_ids):
+        """The tasks' views as they are now (``None`` for an id this node did not submit)."""
+        return self.wait(task_ids, 0.0)
 
     def result(self, task_id, timeout=600.0):
         """The task's value (raises ``RemoteError`` if it failed, ``TimeoutError`` if it did

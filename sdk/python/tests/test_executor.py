@@ -187,3 +187,15 @@ def test_a_file_put_as_a_blob_comes_back_by_its_hash(node, tmp_path):
     with pytest.raises(funcmesh.FuncmeshError) as caught:
         client.get("0" * 64, str(tmp_path / "none"))
     assert "HTTP 404" in str(caught.value)
+
+
+def test_source_text_registers_and_batches_report_their_status(node):
+    client = funcmesh.Client(node=node)
+    fid = client.register_source("def triple(x):\n    return 3 * x\n", "triple")
+    assert any(f["id"] == fid and f["name"] == "triple" for f in client.functions())
+    ids = client.submit_batch([client.task(fid, (i,)) for i in range(5)])
+    views = client.wait(ids, timeout=60)
+    assert [client.outcome(v) for v in views] == [0, 3, 6, 9, 12]
+    now = client.batch_status(ids + ["0" * 32])
+    assert [v["status"] for v in now[:5]] == ["succeeded"] * 5
+    assert now[5] is None
