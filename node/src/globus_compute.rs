@@ -42,6 +42,9 @@ const RESOURCE_SERVER: &str = "funcx_service";
 /// What this API keeps in the data dir: its token.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Credentials {
+    /// The client id the SDK names (any id is taken; a UUID keeps SDK 2.x from warning).
+    #[serde(default)]
+    pub client_id: String,
     /// The client secret and bearer token the SDK presents.
     pub token: String,
     /// Where the API listens (`http://host:port`).
@@ -822,12 +825,13 @@ async fn amqp_url(State(c): State<Shared>) -> Result<Json<Value>, Error> {
 
 /// The environment that points the SDK at this API: `NAME=value` lines. The SDK's `local`
 /// environment has the web service at `localhost:5000`, fixed; Globus Auth is wherever
-/// `GLOBUS_SDK_SERVICE_URL_AUTH` says (here, this API); the client id is any name.
+/// `GLOBUS_SDK_SERVICE_URL_AUTH` says (here, this API). (SDK 2.x reads the id and secret from
+/// `FUNCX_SDK_CLIENT_ID` and `FUNCX_SDK_CLIENT_SECRET`.)
 pub fn environment(c: &Credentials) -> Vec<String> {
     vec![
         "GLOBUS_SDK_ENVIRONMENT=local".into(),
         format!("GLOBUS_SDK_SERVICE_URL_AUTH={}/", c.url),
-        "GLOBUS_COMPUTE_CLIENT_ID=funcmesh".into(),
+        format!("GLOBUS_COMPUTE_CLIENT_ID={}", c.client_id),
         format!("GLOBUS_COMPUTE_CLIENT_SECRET={}", c.token),
     ]
 }
@@ -835,11 +839,14 @@ pub fn environment(c: &Credentials) -> Vec<String> {
 /// Reads this API's credentials from the data dir, making them on first use.
 pub(crate) fn credentials(dir: &crate::DataDir, addr: SocketAddr) -> anyhow::Result<Credentials> {
     let path = dir.root().join("globus-compute.json");
-    let token = match crate::datadir::read_json::<Credentials>(&path) {
-        Ok(c) => c.token,
-        Err(_) => hex::encode(rand::random::<[u8; 24]>()),
+    let fresh_id = || wire::uuid(&hex::encode(rand::random::<[u8; 16]>()));
+    let (client_id, token) = match crate::datadir::read_json::<Credentials>(&path) {
+        Ok(c) if c.client_id.is_empty() => (fresh_id(), c.token),
+        Ok(c) => (c.client_id, c.token),
+        Err(_) => (fresh_id(), hex::encode(rand::random::<[u8; 24]>())),
     };
     let c = Credentials {
+        client_id,
         token,
         url: format!("http://{addr}"),
     };

@@ -153,7 +153,9 @@ def {ENTRYPOINT}(payload, result_serializers=None):
     serde = ComputeSerializer()
     fn, args, kwargs = serde.unpack_and_deserialize(FUNCTION_CODE + payload)
     result = fn(*args, **kwargs)
-    return serde.serialize_from_list(result, result_serializers or [])
+    if hasattr(serde, "serialize_from_list"):
+        return serde.serialize_from_list(result, result_serializers or [])
+    return serde.serialize(result)  # an SDK older than its result serializers
 "#
     )
 }

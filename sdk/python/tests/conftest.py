@@ -9,7 +9,7 @@ import time
 import pytest
 
 import funcmesh
-from globus_compute_env import Node, RabbitMQ, sdk_venv
+from globus_compute_env import SDK_VERSION, Node, RabbitMQ, sdk_venv
 
 
 def _binary():
@@ -53,11 +53,16 @@ def node():
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
-def gc():
+# The SDK the Globus Compute tests run: the current one, and the oldest the API serves.
+GC_SDKS = [SDK_VERSION, "2.3.0"]
+
+
+@pytest.fixture(scope="session", params=GC_SDKS, ids=["sdk-" + v for v in GC_SDKS])
+def gc(request):
     """The Globus Compute SDK's virtualenv's python, and a node serving the Globus Compute API
-    (results to a private RabbitMQ) whose endpoint runs workers in that virtualenv."""
-    python = sdk_venv()
+    (results to a private RabbitMQ) whose endpoint runs workers in that virtualenv; once per
+    SDK version (one at a time: the SDK's `local` service is always localhost:5000)."""
+    python = sdk_venv(request.param)
     broker = RabbitMQ()
     try:
         node = Node(_binary(), python, broker.url)

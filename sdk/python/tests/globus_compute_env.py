@@ -34,24 +34,24 @@ def wait_for(what, check, timeout):
     raise TimeoutError("%s did not happen within %ds (last error: %r)" % (what, timeout, last))
 
 
-def sdk_venv():
-    """A virtualenv with globus-compute-sdk==SDK_VERSION from PyPI (kept between runs in
-    FUNCMESH_GC_VENV, by default under /var/cache/funcmesh)."""
-    venv = os.environ.get("FUNCMESH_GC_VENV",
-                          "/var/cache/funcmesh/gc-venv-%s" % SDK_VERSION)
+def sdk_venv(version=SDK_VERSION):
+    """A virtualenv with globus-compute-sdk==version from PyPI (kept between runs under
+    /var/cache/funcmesh, or FUNCMESH_GC_VENV_DIR)."""
+    venv = os.path.join(os.environ.get("FUNCMESH_GC_VENV_DIR", "/var/cache/funcmesh"),
+                        "gc-venv-%s" % version)
     python = os.path.join(venv, "bin", "python")
     probe = [python, "-c", "import globus_compute_sdk, sys; "
              "sys.stdout.write(globus_compute_sdk.__version__)"]
     if os.path.exists(python):
         found = subprocess.run(probe, capture_output=True, text=True)
-        if found.returncode == 0 and found.stdout == SDK_VERSION:
+        if found.returncode == 0 and found.stdout == version:
             return python
         shutil.rmtree(venv, ignore_errors=True)
     subprocess.run([sys.executable, "-m", "venv", venv], check=True)
     subprocess.run([python, "-m", "pip", "install", "-q", "--disable-pip-version-check",
-                    "globus-compute-sdk==%s" % SDK_VERSION], check=True)
+                    "globus-compute-sdk==%s" % version], check=True)
     found = subprocess.run(probe, capture_output=True, text=True, check=True)
-    assert found.stdout == SDK_VERSION, found.stdout
+    assert found.stdout == version, found.stdout
     return python
 
 
@@ -141,11 +141,14 @@ class Node:
                 os.environ,
                 GLOBUS_SDK_ENVIRONMENT="local",
                 GLOBUS_SDK_SERVICE_URL_AUTH=creds["url"] + "/",
-                GLOBUS_COMPUTE_CLIENT_ID="funcmesh",
+                GLOBUS_COMPUTE_CLIENT_ID=creds["client_id"],
                 GLOBUS_COMPUTE_CLIENT_SECRET=creds["token"],
                 GLOBUS_COMPUTE_USER_DIR=os.path.join(self.tmp, "globus_compute"),
                 ENDPOINT_ID=self.endpoint_id,
             )
+            # SDK 2.x reads the client's id and secret under its older names.
+            self.env.update(FUNCX_SDK_CLIENT_ID=self.env["GLOBUS_COMPUTE_CLIENT_ID"],
+                            FUNCX_SDK_CLIENT_SECRET=self.env["GLOBUS_COMPUTE_CLIENT_SECRET"])
         except BaseException:
             self.stop()
             raise

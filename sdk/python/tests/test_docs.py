@@ -8,7 +8,10 @@ import shutil
 import subprocess
 import tempfile
 
+import pytest
+
 from conftest import _binary
+from globus_compute_env import SDK_VERSION
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
     __file__)))))
@@ -89,6 +92,7 @@ def test_the_quick_start_runs_as_written_in_a_fresh_virtualenv():
             shutil.rmtree(home, ignore_errors=True)
 
 
+@pytest.mark.parametrize("gc", [SDK_VERSION], indirect=True, ids=["sdk-" + SDK_VERSION])
 def test_the_migration_pages_script_runs_unmodified(gc):
     python, node = gc
     code, = blocks("globus-compute.md", "python", "The script, unchanged")
