@@ -270,6 +270,19 @@ def run_quiet(argv, **kw):
     return subprocess.run(argv, stdout=sys.stderr, stderr=sys.stderr, **kw)
 
 
+def endpoint_section(config_text):
+    """The [[endpoint]] table of a node's config.toml, with its sub-tables."""
+    if "[[endpoint]]" not in config_text:
+        return None
+    lines = config_text[config_text.index("[[endpoint]]"):].splitlines()
+    kept = [lines[0]]
+    for line in lines[1:]:
+        if line.startswith("[") and not line.startswith("[endpoint."):
+            break
+        kept.append(line)
+    return "\n".join(kept).strip()
+
+
 def funcmesh_version(binary):
     out = subprocess.run([binary, "--version"], capture_output=True, text=True)
     version = out.stdout.strip() or "funcmesh ?"
@@ -353,8 +366,7 @@ class Funcmesh:
         if text.count("max_workers = %d\n" % self.workers) != 1:
             raise RuntimeError("a1's endpoint does not have max_workers = %d:\n%s"
                                % (self.workers, text))
-        self.config["a1_endpoint_section"] = text[text.index("[[endpoint]]"):].strip() \
-            if "[[endpoint]]" in text else None
+        self.config["a1_endpoint_section"] = endpoint_section(text)
         run_quiet([b, "testnet", "kill", "--dir", self.net, "a1"], check=True)
         with open(path, "w") as f:
             f.write(text)
@@ -745,8 +757,7 @@ def _GcNode(binary, python, amqp_url):
             if 'host_user = "node"\n' not in text or "max_workers = 2\n" not in text:
                 raise RuntimeError("a1 restarted without host_user = \"node\" or max_workers "
                                    "= 2:\n%s" % text)
-            self.endpoint_section = text[text.index("[[endpoint]]"):].strip() \
-                if "[[endpoint]]" in text else None
+            self.endpoint_section = endpoint_section(text)
 
     return Node(binary, python, amqp_url)
 

@@ -17,7 +17,7 @@
 #   ENGINE_TIMEOUT  seconds before one engine's run is stopped (default 1200)
 #   SETTLE_S        pause between engines, seconds (default 3)
 #   FUNCMESH_BENCH_VENV, FUNCMESH_BENCH_PYTHON   see setup.sh (funcmesh, dask, parsl, ray)
-#   FUNCMESH_GC_VENV, FUNCMESH_GC_SDK_VERSION    see sdk/python/tests/globus_compute_env.py
+#   FUNCMESH_GC_VENV_DIR, FUNCMESH_GC_SDK_VERSION  see sdk/python/tests/globus_compute_env.py
 #                   (the globus-compute engine runs in that virtualenv's python)
 # Engine logs (stderr) go to a run directory named on stderr at the start.
 set -uo pipefail

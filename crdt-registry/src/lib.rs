@@ -34,7 +34,7 @@ pub use entry::Entry;
 pub use key::Key;
 pub use registry::{
     Applied, MAX_CHANGE_BYTES, MAX_GOSSIP_CHANGE_BYTES, MAX_SYNC_MESSAGE_BYTES, Registry, Rejected,
-    SyncState, WriteError,
+    SYNC_BATCH_BYTES, SyncState, WriteError,
 };
 pub use view::{
     Authority, Endpoint, Flow, Function, Ignored, Institution, InstitutionFacts, Node, NodeFacts,

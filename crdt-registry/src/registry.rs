@@ -27,6 +27,10 @@ pub const MAX_CHANGE_BYTES: usize = 1024 * 1024;
 pub const MAX_GOSSIP_CHANGE_BYTES: usize = 60 * 1024;
 /// Largest sync message accepted or produced (a catch-up of many changes is split in rounds).
 pub const MAX_SYNC_MESSAGE_BYTES: usize = 32 * 1024 * 1024;
+
+/// The most change bytes one sync message this replica sends carries: far under
+/// [`MAX_SYNC_MESSAGE_BYTES`], so that a replica however far behind catches up, batch by batch.
+pub const SYNC_BATCH_BYTES: usize = 4 * 1024 * 1024;
 /// Most changes or heads in one gossip message.
 const MAX_GOSSIP_ITEMS: usize = 64;
 /// Most checked changes held back for missing dependencies; the oldest go first (sync fetches
@@ -726,9 +730,37 @@ impl Registry {
         }
     }
 
-    /// The next sync message for a peer, if there is anything to say.
+    /// The next sync message for a peer, if there is anything to say: at most
+    /// [`SYNC_BATCH_BYTES`] of changes (a peer further behind gets the rest in the next rounds
+    /// of the session).
     pub fn generate_sync(&self, state: &mut SyncState) -> Option<Vec<u8>> {
-        let msg = self.doc.generate_sync_message(&mut state.0)?;
+        self.generate_sync_within(state, SYNC_BATCH_BYTES)
+    }
+
+    /// [`Registry::generate_sync`] with at most `budget` bytes of changes per message (always at
+    /// least one change, whatever its size). The changes left out are taken off the state's
+    /// record of what was sent, so that the peer's next answer — its new heads and what it has —
+    /// makes the next message carry them.
+    pub fn generate_sync_within(&self, state: &mut SyncState, budget: usize) -> Option<Vec<u8>> {
+        let mut msg = self.doc.generate_sync_message(&mut state.0)?;
+        let chunks: Vec<&[u8]> = msg.changes.iter().collect();
+        let mut size = 0;
+        let keep = chunks
+            .iter()
+            .position(|c| {
+                size += c.len();
+                size > budget
+            })
+            .map_or(chunks.len(), |i| i.max(1));
+        if keep < chunks.len() {
+            let kept: Vec<Vec<u8>> = chunks[..keep].iter().map(|c| c.to_vec()).collect();
+            for c in &chunks[keep..] {
+                if let Ok(change) = Change::from_bytes(c.to_vec()) {
+                    state.0.sent_hashes.remove(&change.hash());
+                }
+            }
+            msg.changes = kept.into();
+        }
         Some(msg.encode())
     }
 

@@ -270,3 +270,48 @@ fn a_replica_reloaded_from_a_compacted_document_writes_changes_peers_accept() {
     peer.apply_changes(&[c]).unwrap();
     assert_eq!(peer.view(&toy).functions.len(), 6);
 }
+
+#[test]
+fn a_replica_far_behind_catches_up_in_bounded_batches() {
+    let toy = Toy::new();
+    let (mut m, mut all) = Member::new(&toy, 10, 20);
+    for i in 0..400u64 {
+        all.push(m.register(&format!("fn-{i}"), 100 + i).1);
+    }
+    let mut a = Registry::new(FED);
+    a.apply_changes(&all).unwrap();
+    let total: usize = all.iter().map(Vec::len).sum();
+    let budget = total / 10;
+    let mut b = Registry::new(FED);
+    let (mut sa, mut sb) = (SyncState::new(), SyncState::new());
+    let mut rounds = 0;
+    let mut largest = 0;
+    for _ in 0..200 {
+        let m1 = a.generate_sync_within(&mut sa, budget);
+        if let Some(m) = &m1 {
+            largest = largest.max(m.len());
+            rounds += 1;
+            b.receive_sync(&mut sb, m).unwrap();
+        }
+        let m2 = b.generate_sync_within(&mut sb, budget);
+        if let Some(m) = &m2 {
+            a.receive_sync(&mut sa, m).unwrap();
+        }
+        if m1.is_none() && m2.is_none() {
+            break;
+        }
+    }
+    assert_eq!(
+        b.heads(),
+        a.heads(),
+        "b did not catch up in {rounds} rounds"
+    );
+    assert_eq!(b.view(&toy).clone(), a.view(&toy).clone());
+    // Every message stayed near the budget (one change over it at most), over several rounds.
+    let biggest_change = all.iter().map(Vec::len).max().unwrap();
+    assert!(
+        largest <= budget + biggest_change + 4096,
+        "{largest} > {budget}"
+    );
+    assert!(rounds >= 10, "{rounds} rounds for 10 budgets' worth");
+}

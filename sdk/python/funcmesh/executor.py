@@ -55,9 +55,11 @@ class Executor(concurrent.futures.Executor):
                 threading.Event().wait(0.5)
                 self._catch_up()
 
-    def _catch_up(self):
-        with self._lock:
-            ids = list(self._futures)
+    def _catch_up(self, ids=None):
+        """Asks the node about ``ids`` (default: every open future) and resolves the finished."""
+        if ids is None:
+            with self._lock:
+                ids = list(self._futures)
         if not ids:
             return
         try:
@@ -93,8 +95,9 @@ class Executor(concurrent.futures.Executor):
             for task_id, f in zip(ids, futures):
                 f.task_id = task_id
                 self._futures[task_id] = f
-        # Finished before we listed them: the push went by unheard.
-        self._catch_up()
+        # Finished before we listed them: the push went by unheard. Only this batch's: the
+        # earlier ones were listed before their pushes could be missed.
+        self._catch_up(ids)
         return futures
 
     def submit(self, fn, /, *args, **kwargs):
