@@ -43,6 +43,10 @@ impl Node {
         federation: Federation,
         proof: Proof,
     ) -> anyhow::Result<Node> {
+        // The binary restores SIGPIPE's default for the CLI's sake (`| head`); a node must
+        // never die of it: a worker that exits while the node writes to its pipe is an error to
+        // handle (the worker is lost), not the node's end.
+        ignore_sigpipe();
         // A data dir made by an older version may be readable by others: tighten it.
         dir.create()?;
         let keypair = mesh::keys::read_node_key(&dir.node_key())
@@ -476,4 +480,14 @@ fn parse_addrs(list: &[String], what: &str) -> anyhow::Result<Vec<Multiaddr>> {
                 .with_context(|| format!("{what}: `{s}` is not a multiaddr"))
         })
         .collect()
+}
+
+/// Ignores SIGPIPE: writes to a closed pipe or socket then fail with `EPIPE`.
+#[allow(unsafe_code)]
+fn ignore_sigpipe() {
+    // SAFETY: changing a signal's disposition is process-wide and thread-safe (sigaction);
+    // SIG_IGN is a valid disposition, and no handler runs.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_IGN);
+    }
 }

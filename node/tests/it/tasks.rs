@@ -897,3 +897,26 @@ fn task_wait_prints_each_result_in_order_as_soon_as_it_is_pushed() {
     assert_eq!(lines.next().unwrap().unwrap(), format!("{slow}  4"));
     assert!(child.wait().unwrap().success());
 }
+
+#[test]
+fn a_running_node_ignores_sigpipe() {
+    // The binary restores SIGPIPE's default for the CLI (`funcmesh … | head`). A node that kept
+    // it died, without a word in its log, when it wrote to the pipe of a worker that had just
+    // exited (seen under a Python Executor's maps: killed by SIGPIPE, under strace).
+    let net = Net::up("1", "1", &[]);
+    let a1 = net.node("a1");
+    let api: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(a1.join("api.json")).unwrap()).unwrap();
+    let pid = api["pid"].as_u64().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let ignored = status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigIgn:"))
+        .map(|m| u64::from_str_radix(m.trim(), 16).unwrap())
+        .unwrap();
+    assert_ne!(
+        ignored & (1 << (libc::SIGPIPE - 1)),
+        0,
+        "SigIgn {ignored:x}"
+    );
+}

@@ -2,7 +2,9 @@
 
 import concurrent.futures
 import itertools
+import queue
 import threading
+import time
 
 from .client import Client
 
@@ -27,6 +29,8 @@ class Executor(concurrent.futures.Executor):
         self._lock = threading.Lock()
         self._shutdown = False
         self._listening = threading.Event()
+        self._submitters = []
+        self._stop_submitting = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name="funcmesh-results",
                                          daemon=True)
         self._watcher.start()
@@ -47,13 +51,20 @@ class Executor(concurrent.futures.Executor):
                         self._catch_up()
                         continue
                     self._resolve(view)
-                    if self._shutdown and not self._futures:
+                    if self._shutdown and self._idle():
                         return
             except Exception:  # noqa: BLE001 - the node restarting: connect again
                 if self._shutdown:
                     return
                 threading.Event().wait(0.5)
                 self._catch_up()
+
+    def _idle(self):
+        """No future open and no map still sending batches (whose futures are still to come;
+        a map's thread lists its futures before it ends, so both are read at once)."""
+        with self._lock:
+            self._submitters = [t for t in self._submitters if t.is_alive()]
+            return not self._futures and not self._submitters
 
     def _catch_up(self, ids=None):
         """Asks the node about ``ids`` (default: every open future) and resolves the finished."""
@@ -82,8 +93,8 @@ class Executor(concurrent.futures.Executor):
 
     # --- submitting -------------------------------------------------------------------------
 
-    def _submit_many(self, fn, calls):
-        if self._shutdown:
+    def _submit_many(self, fn, calls, ours=False):
+        if self._shutdown and not ours:
             raise RuntimeError("cannot submit after shutdown")
         fid = self._client.register_function(fn)
         bodies = [self._client.task(fid, args, kwargs, **self._route) for args, kwargs in calls]
@@ -104,25 +115,58 @@ class Executor(concurrent.futures.Executor):
         return self._submit_many(fn, [(args, kwargs)])[0]
 
     def map(self, fn, *iterables, timeout=None, chunksize=None):
-        """Like ``Executor.map``: results in order; tasks go out ``batch_size`` at a time (or
-        ``chunksize``, if given)."""
+        """Like ``Executor.map``: results in order, ``timeout`` counted from this call. Tasks go
+        out ``batch_size`` at a time (or ``chunksize``): the first batch before this returns
+        (so that a function that cannot be sent fails here), the rest from a thread while the
+        results come back, so the first result does not wait for the last submission."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         size = chunksize or self._batch_size
         calls = ((args, {}) for args in zip(*iterables))
-        futures = []
-        while True:
-            batch = list(itertools.islice(calls, size))
-            if not batch:
-                break
-            futures.extend(self._submit_many(fn, batch))
+        first = list(itertools.islice(calls, size))
+        if not first:
+            return iter(())
+        batches = queue.Queue()
+        batches.put(self._submit_many(fn, first))
+
+        def submit_rest():
+            try:
+                while not self._stop_submitting.is_set():
+                    batch = list(itertools.islice(calls, size))
+                    if not batch:
+                        break
+                    batches.put(self._submit_many(fn, batch, ours=True))
+            except BaseException as e:  # noqa: BLE001 - raised where the results are read
+                batches.put(e)
+            batches.put(None)
+
+        submitter = threading.Thread(target=submit_rest, name="funcmesh-map", daemon=True)
+        with self._lock:
+            self._submitters.append(submitter)
+        submitter.start()
 
         def results():
-            for f in futures:
-                yield f.result(timeout=timeout)
+            while True:
+                item = batches.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                for f in item:
+                    left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    yield f.result(timeout=left)
 
         return results()
 
     def shutdown(self, wait=True, *, cancel_futures=False):
         self._shutdown = True
+        if cancel_futures:
+            self._stop_submitting.set()
+        if wait:
+            # A map still sending its batches finishes sending them first.
+            with self._lock:
+                submitters = list(self._submitters)
+            for t in submitters:
+                t.join()
         if cancel_futures:
             with self._lock:
                 pending = list(self._futures.items())

@@ -2,6 +2,7 @@
 
 import concurrent.futures
 import os
+import threading
 
 import pytest
 
@@ -199,3 +200,20 @@ def test_source_text_registers_and_batches_report_their_status(node):
     now = client.batch_status(ids + ["0" * 32])
     assert [v["status"] for v in now[:5]] == ["succeeded"] * 5
     assert now[5] is None
+
+
+def test_map_yields_its_first_results_while_it_still_submits(node):
+    with funcmesh.Executor(node=node, batch_size=50) as ex:
+        results = ex.map(square, range(1000))
+        assert next(results) == 0
+        assert list(results) == [x * x for x in range(1, 1000)]
+        # A map whose first batch cannot be sent (a lock does not pickle) fails at the call.
+        with pytest.raises(TypeError):
+            ex.map(square, [threading.Lock()])
+
+
+def test_shutdown_waits_for_a_map_that_is_still_submitting(node):
+    ex = funcmesh.Executor(node=node, batch_size=25)
+    results = ex.map(square, range(500))
+    ex.shutdown(wait=True)
+    assert list(results) == [x * x for x in range(500)]
