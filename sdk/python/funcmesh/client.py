@@ -122,14 +122,7 @@ class Client:
                 self._local.conn = None
                 if attempt:
                     raise
-        text = raw.decode() if raw else ""
-        if resp.status >= 300:
-            try:
-                message = json.loads(text).get("error", text)
-            except ValueError:
-                message = text
-            raise FuncmeshError("%s %s: %s (HTTP %d)" % (method, path, message, resp.status))
-        return json.loads(text) if text else None
+        return self._answer(resp.status, raw, method, path)
 
     # --- functions --------------------------------------------------------------------------
 
@@ -321,7 +314,8 @@ class Client:
                     done += len(chunk)
                     if progress is not None:
                         progress(done, total)
-            return self._answer(conn.getresponse(), "POST", "/v1/blobs")
+            resp = conn.getresponse()
+            return self._answer(resp.status, resp.read(), "POST", "/v1/blobs")
         finally:
             conn.close()
 
@@ -337,7 +331,7 @@ class Client:
             conn.request("GET", path, headers={"Authorization": "Bearer " + self._token})
             resp = conn.getresponse()
             if resp.status >= 300:
-                self._answer(resp, "GET", path)
+                self._answer(resp.status, resp.read(), "GET", path)
             total = int(resp.getheader("Content-Length") or 0)
             done = 0
             with open(out, "wb") as f:
@@ -354,14 +348,15 @@ class Client:
             conn.close()
 
     @staticmethod
-    def _answer(resp, method, path):
-        text = resp.read().decode()
-        if resp.status >= 300:
+    def _answer(status, raw, method, path):
+        """The JSON of an answer's body, or ``FuncmeshError`` with the node's message."""
+        text = raw.decode() if raw else ""
+        if status >= 300:
             try:
                 message = json.loads(text).get("error", text)
             except ValueError:
                 message = text
-            raise FuncmeshError("%s %s: %s (HTTP %d)" % (method, path, message, resp.status))
+            raise FuncmeshError("%s %s: %s (HTTP %d)" % (method, path, message, status))
         return json.loads(text) if text else None
 
     def transfer(self, job_id):
