@@ -113,6 +113,9 @@ pub struct EndpointConfig {
     /// run as the node's own user (they could read its key, its API token and its store).
     /// Without isolation and without this, such tasks are refused.
     pub foreign_host_tasks: bool,
+    /// Simulated workers, for scale experiments: no process is started; every task returns
+    /// `null` after this many milliseconds (`None`: real workers).
+    pub simulate_ms: Option<u64>,
 }
 
 impl Default for EndpointConfig {
@@ -140,6 +143,7 @@ impl Default for EndpointConfig {
             host_user: HostUser::Auto,
             workers_per: WorkersPer::Institution,
             foreign_host_tasks: false,
+            simulate_ms: None,
             container_network: false,
             container_pids: 512,
             images: Vec::new(),

@@ -1392,6 +1392,29 @@ impl Driver {
     }
 
     fn spawn(&mut self, worker: WorkerId, env: &Environment) {
+        if let Some(ms) = self.config.simulate_ms {
+            let (orders_tx, orders_rx) = mpsc::channel(256);
+            let (answers_tx, _) = mpsc::channel(1);
+            let kill = CancellationToken::new();
+            self.workers.insert(
+                worker,
+                WorkerHandle {
+                    orders: orders_tx,
+                    answers: answers_tx,
+                    kill: kill.clone(),
+                    loaded: HashSet::new(),
+                    name: format!("sim{worker}"),
+                },
+            );
+            self.tracker.spawn(worker::simulate(
+                worker,
+                std::time::Duration::from_millis(ms),
+                orders_rx,
+                self.reports_tx.clone(),
+                kill,
+            ));
+            return;
+        }
         let name = format!(
             "fm-{}-{}-w{worker}-{}",
             self.config.name,

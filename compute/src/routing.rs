@@ -1,8 +1,12 @@
 //! Endpoint advertisements and the router, sans-IO.
 //!
 //! Every node with endpoints gossips an [`Advert`] on `funcmesh/<fed>/adverts/1` on change (at
-//! most about once a second) and as a heartbeat every two seconds: per endpoint, its free and
-//! total workers, its queue, and per environment its idle warm workers and measured cold start.
+//! most about once a second) and as a heartbeat: per endpoint, its free and total workers, its
+//! queue, and per environment its idle warm workers and measured cold start. The heartbeat
+//! stretches with the federation ([`advert_heartbeat`]: every 2 s up to 10 endpoint nodes, then
+//! so that all of them together send about [`ADVERT_BUDGET`] per second, at most every 60 s), so
+//! an idle node's cost of hearing them does not grow with the federation; and a node is lost
+//! only after three missed heartbeats. Task answers carry the endpoint's fresh load in between.
 //! Gossipsub signs each message with the author's node key, and the mesh accepts gossip only from
 //! verified members, so an advert speaks for its author alone. Adverts are load, not state: they
 //! stay out of the registry.
@@ -33,6 +37,20 @@ pub const MAX_ADVERT_BYTES: usize = 64 << 10;
 const MAX_ENVIRONMENTS: usize = 1024;
 /// Advert format version.
 pub const ADVERT_VERSION: u32 = 1;
+/// Heartbeat adverts per second the whole federation sends at rest (changes add their own, at
+/// most one per endpoint node per second).
+pub const ADVERT_BUDGET: f64 = 5.0;
+/// The shortest and longest heartbeat.
+const HEARTBEAT_BOUNDS: (Duration, Duration) = (Duration::from_secs(2), Duration::from_secs(60));
+
+/// How often a node with endpoints advertises at rest, in a federation with `endpoint_nodes`
+/// nodes that have endpoints: every two seconds in a small one; in a large one, as often as
+/// keeps the federation's heartbeats near [`ADVERT_BUDGET`] per second (every node computes the
+/// same from its registry).
+pub fn advert_heartbeat(endpoint_nodes: usize) -> Duration {
+    let (min, max) = HEARTBEAT_BOUNDS;
+    Duration::from_secs_f64(endpoint_nodes as f64 / ADVERT_BUDGET).clamp(min, max)
+}
 
 /// A node's advertisement of its endpoints' load.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -231,6 +249,8 @@ pub struct Router {
     local: Option<PeerId>,
     rr: usize,
     rng: StdRng,
+    /// The configured loss timeout, and the one in force (at least three heartbeats).
+    configured_lost_after: Duration,
     lost_after: Duration,
 }
 
@@ -285,8 +305,22 @@ impl Router {
             local: None,
             rr: 0,
             rng: StdRng::seed_from_u64(seed),
+            configured_lost_after: lost_after,
             lost_after,
         }
+    }
+
+    /// The federation has `endpoint_nodes` nodes with endpoints: a node is lost after the
+    /// configured time or three of its heartbeats ([`advert_heartbeat`]), whichever is longer.
+    pub fn set_endpoint_nodes(&mut self, endpoint_nodes: usize) {
+        self.lost_after = self
+            .configured_lost_after
+            .max(advert_heartbeat(endpoint_nodes) * 3);
+    }
+
+    /// How long a node may go unheard before its endpoints are lost.
+    pub fn lost_after(&self) -> Duration {
+        self.lost_after
     }
 
     /// Takes a node's advert (older ones than the last are ignored).
@@ -672,6 +706,37 @@ mod tests {
         // ep2 was sent one: it is starting a worker for the image, so the next goes there too.
         r.dispatched(cs[1].peer, "ep2", &img);
         assert_eq!(choose(&mut r, &cs, IMG, Strategy::WarmAware, now), "ep2");
+    }
+
+    #[test]
+    fn heartbeats_stretch_with_the_federation_and_loss_waits_for_three() {
+        assert_eq!(advert_heartbeat(1), Duration::from_secs(2));
+        assert_eq!(advert_heartbeat(10), Duration::from_secs(2));
+        assert_eq!(advert_heartbeat(200), Duration::from_secs(40));
+        assert_eq!(advert_heartbeat(100_000), Duration::from_secs(60));
+        // The federation's heartbeat rate stays within the budget from 20 nodes on.
+        for n in [10, 100, 200, 600] {
+            let per_sec = n as f64 / advert_heartbeat(n).as_secs_f64();
+            assert!(per_sec <= ADVERT_BUDGET + 1e-9, "{n}: {per_sec}");
+        }
+        let mut r = Router::new(1, Duration::from_secs(6));
+        r.set_endpoint_nodes(10);
+        assert_eq!(r.lost_after(), Duration::from_secs(6));
+        r.set_endpoint_nodes(100);
+        assert_eq!(r.lost_after(), Duration::from_secs(60));
+        let (p, t0) = (PeerId::random(), Instant::now());
+        r.advert(
+            p,
+            Advert {
+                v: ADVERT_VERSION,
+                seq: 1,
+                at_ms: 0,
+                endpoints: vec![],
+            },
+            t0,
+        );
+        assert!(r.is_alive(&p, t0 + Duration::from_secs(59)));
+        assert!(!r.is_alive(&p, t0 + Duration::from_secs(60)));
     }
 
     #[test]

@@ -308,10 +308,29 @@ pub async fn start(
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut last: Option<(Vec<EndpointLoad>, Instant)> = None;
             let mut seq = crate::task::now_us();
+            // The heartbeat stretches with the federation (`advert_heartbeat`), from the
+            // registry's count of nodes with endpoints, looked at every 10 s.
+            let mut heartbeat = crate::routing::advert_heartbeat(0);
+            let mut counted: Option<Instant> = None;
             loop {
                 tokio::select! {
                     () = cancel.cancelled() => break,
                     _ = tick.tick() => {}
+                }
+                if counted.is_none_or(|t| t.elapsed() >= Duration::from_secs(10)) {
+                    counted = Some(Instant::now());
+                    let nodes = mesh
+                        .registry_with(|v| {
+                            v.endpoints
+                                .values()
+                                .map(|e| e.peer_id.as_str())
+                                .collect::<std::collections::HashSet<_>>()
+                                .len()
+                        })
+                        .await;
+                    if let Ok(n) = nodes {
+                        heartbeat = crate::routing::advert_heartbeat(n);
+                    }
                 }
                 let mut loads = Vec::new();
                 let mut names: Vec<&String> = server.endpoints.keys().collect();
@@ -325,8 +344,7 @@ pub async fn start(
                     None => true,
                     Some((prev, at)) => {
                         let age = at.elapsed();
-                        (age >= Duration::from_secs(1) && *prev != loads)
-                            || age >= Duration::from_secs(2)
+                        (age >= Duration::from_secs(1) && *prev != loads) || age >= heartbeat
                     }
                 };
                 if !due {

@@ -459,3 +459,72 @@ pub(crate) async fn remove_stale_containers(runtime: Runtime, label: &str) {
             .await;
     }
 }
+
+/// A simulated worker, for scale experiments (`simulate_ms` on the endpoint): no process; it
+/// answers every task of every `run` order with `null` after `delay`, in order, as a worker
+/// would, and exits when told to or killed. Everything around it — the endpoint's store, pool,
+/// batching and results — is the real thing.
+pub(crate) async fn simulate(
+    id: WorkerId,
+    delay: std::time::Duration,
+    mut orders: mpsc::Receiver<Vec<u8>>,
+    reports: mpsc::Sender<Report>,
+    kill: tokio_util::sync::CancellationToken,
+) {
+    #[derive(serde::Deserialize)]
+    struct Order {
+        op: String,
+        #[serde(default)]
+        tasks: Vec<OrderTask>,
+    }
+    #[derive(serde::Deserialize)]
+    struct OrderTask {
+        id: String,
+    }
+    let reason = async {
+        if reports.send(Report::Ready(id)).await.is_err() {
+            return "the endpoint stopped".to_owned();
+        }
+        loop {
+            let frame = tokio::select! {
+                () = kill.cancelled() => return "killed".to_owned(),
+                f = orders.recv() => match f {
+                    Some(f) => f,
+                    None => return "its orders ended".to_owned(),
+                },
+            };
+            let Some(order) = frame
+                .get(4..)
+                .and_then(|body| serde_json::from_slice::<Order>(body).ok())
+            else {
+                continue;
+            };
+            match order.op.as_str() {
+                "run" => {}
+                "exit" => return "exited".to_owned(),
+                _ => continue,
+            }
+            let mut results = Vec::with_capacity(order.tasks.len());
+            for t in order.tasks {
+                if !delay.is_zero() {
+                    tokio::time::sleep(delay).await;
+                }
+                results.push(WorkerResult {
+                    id: t.id,
+                    ok: true,
+                    value: Some(serde_json::Value::Null),
+                    error: None,
+                    run_us: delay.as_micros() as u64,
+                    recycle: false,
+                    spill: None,
+                    value_ref: None,
+                });
+            }
+            if reports.send(Report::Results(id, results)).await.is_err() {
+                return "the endpoint stopped".to_owned();
+            }
+        }
+    }
+    .await;
+    let _ = reports.send(Report::Exited(id, reason)).await;
+}

@@ -36,6 +36,7 @@
 //! # Ok::<(), mesh::membership::Refusal>(())
 //! ```
 
+mod book;
 pub mod keys;
 pub mod links;
 pub mod membership;

@@ -149,6 +149,41 @@ const VERIFY_WAIT: Duration = Duration::from_secs(2);
 /// Members whose proofs this node has verified, as the event loop last saw them.
 pub(crate) type Verified = Arc<RwLock<HashMap<PeerId, Member>>>;
 
+/// When each peer's links last carried a request, either way. The mesh keeps a bounded set of
+/// connections and closes idle ones; a connection whose links carried a request within
+/// `mesh.idle_after` (longer than [`REQUEST_TIMEOUT`], so no request is waiting on it) is not
+/// idle.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Activity(Arc<Mutex<HashMap<PeerId, std::time::Instant>>>);
+
+impl Activity {
+    /// `peer`'s links carried a request now.
+    pub(crate) fn touch(&self, peer: PeerId) {
+        let now = std::time::Instant::now();
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(peer, now);
+    }
+
+    /// When `peer`'s links last carried a request, if ever.
+    pub(crate) fn last(&self, peer: &PeerId) -> Option<std::time::Instant> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(peer)
+            .copied()
+    }
+
+    /// Forgets peers not heard from since `before`.
+    pub(crate) fn forget_before(&self, before: std::time::Instant) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|_, t| *t >= before);
+    }
+}
+
 type Reply<P> = oneshot::Sender<Result<<P as Protocol>::Response, Error>>;
 
 /// The requests waiting for answers on one link.
@@ -240,6 +275,7 @@ impl<P: Protocol> std::fmt::Debug for Links<P> {
 
 struct Inner<P: Protocol> {
     control: Mutex<libp2p_stream::Control>,
+    activity: Activity,
     links: Mutex<HashMap<PeerId, Arc<Link<P>>>>,
     /// Per peer: permits for bulk streams.
     bulk: Mutex<HashMap<PeerId, Arc<tokio::sync::Semaphore>>>,
@@ -252,6 +288,7 @@ impl<P: Protocol> Links<P> {
     pub(crate) fn start(
         mut control: libp2p_stream::Control,
         verified: Verified,
+        activity: Activity,
         inbound: mpsc::Sender<Inbound<P>>,
         cancel: CancellationToken,
         tracker: TaskTracker,
@@ -261,6 +298,7 @@ impl<P: Protocol> Links<P> {
             .map_err(|e| format!("cannot serve {}: {e}", P::NAME))?;
         let server = Server {
             verified,
+            activity: activity.clone(),
             inbound,
             open: Arc::new(Mutex::new(HashMap::new())),
             tracker: tracker.clone(),
@@ -270,6 +308,7 @@ impl<P: Protocol> Links<P> {
         Ok(Links {
             inner: Arc::new(Inner {
                 control: Mutex::new(control),
+                activity,
                 links: Mutex::new(HashMap::new()),
                 bulk: Mutex::new(HashMap::new()),
                 cancel,
@@ -396,6 +435,7 @@ impl<P: Protocol> Links<P> {
         if self.inner.cancel.is_cancelled() {
             return Err(Error::Closed);
         }
+        self.inner.activity.touch(peer);
         // A link found broken is replaced once; a second broken one is a real failure.
         let mut attempts = 0;
         loop {
@@ -565,6 +605,7 @@ async fn write<W: AsyncWrite + Unpin>(mut io: W, mut frames: mpsc::Receiver<Vec<
 /// Serves inbound streams of one protocol.
 struct Server<P: Protocol> {
     verified: Verified,
+    activity: Activity,
     inbound: mpsc::Sender<Inbound<P>>,
     /// Inbound streams open per peer.
     open: Arc<Mutex<HashMap<PeerId, usize>>>,
@@ -576,6 +617,7 @@ impl<P: Protocol> Clone for Server<P> {
     fn clone(&self) -> Self {
         Server {
             verified: self.verified.clone(),
+            activity: self.activity.clone(),
             inbound: self.inbound.clone(),
             open: self.open.clone(),
             tracker: self.tracker.clone(),
@@ -723,6 +765,7 @@ impl<P: Protocol> Server<P> {
         if let Err(reason) = P::check(&request) {
             return Some(P::refused(reason));
         }
+        self.activity.touch(peer);
         let inbound = Inbound {
             from: member,
             peer,

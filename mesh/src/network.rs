@@ -28,7 +28,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use crate::links::{self, Links, Verified};
+use crate::book::Book;
+use crate::links::{self, Activity, Links, Verified};
 use crate::membership::{Federation, Member, Proof, Receipt, Refusal, Role, unix_now};
 use crate::peers::{MAX_ADDRS_PER_PEER, MAX_LISTED_MEMBERS, PeerTable};
 use crate::registry::{self, Out, Replica, StoreOp, Strikes, SyncRequest, SyncResponse};
@@ -37,6 +38,11 @@ use crate::registry::{self, Out, Replica, StoreOp, Strikes, SyncRequest, SyncRes
 pub const MEMBERSHIP_PROTOCOL: &str = "/funcmesh/membership/1";
 /// Largest membership message accepted, checked by the codec before decoding.
 const MAX_MEMBERSHIP_MESSAGE: u64 = 64 * 1024;
+/// How often the address book takes the registry's node records.
+const BOOK_REFRESH: Duration = Duration::from_secs(2);
+/// Members by peer id.
+type Directory = std::sync::Arc<std::sync::RwLock<HashMap<PeerId, Member>>>;
+
 /// Capacity of the command queue: callers wait (backpressure) when the loop is this far behind.
 const COMMAND_QUEUE: usize = 256;
 /// Capacity of the event broadcast: slow subscribers lose the oldest events (and are told so).
@@ -78,9 +84,21 @@ pub struct Config {
     /// How often to run a registry sync round with a random member, and to swap member lists with
     /// another random member (so that a missed introduction heals).
     pub anti_entropy: Duration,
+    /// Member connections kept at rest (bounded connections): while it has fewer than half
+    /// of them the node dials more members it knows of; while it has more, it closes those idle
+    /// for `idle_after` (never a coordinator's). Any other member is dialled on demand.
+    pub max_connections: usize,
+    /// How long a member connection carries no link request (and exists) before it counts as
+    /// idle.
+    pub idle_after: Duration,
     /// The node's store, for the known-peers table.
     pub store: store::Store,
 }
+
+/// Default of [`Config::max_connections`].
+pub const DEFAULT_MAX_CONNECTIONS: usize = 24;
+/// Default of [`Config::idle_after`].
+pub const DEFAULT_IDLE_AFTER: Duration = Duration::from_secs(60);
 
 /// Why the mesh (or a protocol's links) did not start.
 #[derive(Debug, thiserror::Error)]
@@ -278,6 +296,9 @@ pub struct Handle {
 struct Streams {
     control: libp2p_stream::Control,
     verified: Verified,
+    activity: Activity,
+    /// The members the registry lists (their proofs verified by its view), connected or not.
+    directory: Directory,
     cancel: CancellationToken,
     tracker: TaskTracker,
 }
@@ -303,7 +324,7 @@ impl Handle {
     ) -> Result<(Links<P>, mpsc::Receiver<links::Inbound<P>>), StartError> {
         let (tx, rx) = mpsc::channel(links::INBOUND_QUEUE);
         let s = self.streams.clone();
-        let links = Links::start(s.control, s.verified, tx, s.cancel, s.tracker)
+        let links = Links::start(s.control, s.verified, s.activity, tx, s.cancel, s.tracker)
             .map_err(StartError::Build)?;
         Ok((links, rx))
     }
@@ -426,23 +447,30 @@ impl Handle {
         self.ask(|reply| Command::Block(peer, blocked, reply)).await
     }
 
-    /// Whether `peer` is a member whose proof verified on this node and who is connected now.
+    /// Whether `peer` is a member: connected now with a proof that verified on this node, or
+    /// listed by the registry (whose view verifies every node's proof), connected or not.
     pub fn is_member(&self, peer: &PeerId) -> bool {
-        self.streams
-            .verified
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains_key(peer)
+        self.member(peer).is_some()
     }
 
-    /// The verified membership of `peer`, if it is a member connected now.
+    /// The verified membership of `peer`: from its connection's proof, or from its node record
+    /// in the registry (bounded connections: most members are not connected at a given time).
     pub fn member(&self, peer: &PeerId) -> Option<Member> {
-        self.streams
+        let connected = self
+            .streams
             .verified
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .get(peer)
-            .cloned()
+            .cloned();
+        connected.or_else(|| {
+            self.streams
+                .directory
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(peer)
+                .cloned()
+        })
     }
 
     /// Subscribes to mesh events from now on.
@@ -574,6 +602,7 @@ struct PeerAddrs {
 struct Behaviour {
     blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
     limits: connection_limits::Behaviour,
+    book: Book,
     registry_sync: request_response::cbor::Behaviour<SyncRequest, SyncResponse>,
     streams: libp2p_stream::Behaviour,
     membership: request_response::cbor::Behaviour<Hello, HelloReply>,
@@ -610,6 +639,24 @@ struct EventLoop {
     peers: PeerTable,
     /// When member lists were last swapped with a random member.
     last_exchange: Instant,
+    /// When connections were last bounded (idle ones closed) and the address book refreshed
+    /// from the registry.
+    last_bound: Instant,
+    last_book: Instant,
+    /// Coordinators (the bootstrap addresses' peers): always kept connected.
+    coordinators: std::collections::HashSet<PeerId>,
+    /// When each member's links last carried a request.
+    activity: Activity,
+    /// The members the registry lists, for [`Handle::member`].
+    directory: Directory,
+    /// The addresses the registry's node records publish (parsed), and what the registry's
+    /// nodes looked like when they were read.
+    published: HashMap<PeerId, Vec<Multiaddr>>,
+    book_seen: Option<(usize, u64, usize)>,
+    /// DHT lookups under way, by peer, and when they started.
+    lookups: HashMap<PeerId, Instant>,
+    /// This node's institution's key (from its own proof).
+    own_institution: Option<crate::membership::Key>,
     bootstrap: Vec<Multiaddr>,
     /// Relay reservations held (or asked for), by relay.
     relay_listening: HashMap<PeerId, libp2p::core::transport::ListenerId>,
@@ -684,9 +731,13 @@ pub async fn spawn(
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
     let (ev_tx, _) = broadcast::channel(EVENT_QUEUE);
     let verified = Verified::default();
+    let activity = Activity::default();
+    let directory = Directory::default();
     let streams = Streams {
         control: swarm.behaviour().streams.new_control(),
         verified: verified.clone(),
+        activity: activity.clone(),
+        directory: directory.clone(),
         cancel: cancel.clone(),
         tracker: tracker.clone(),
     };
@@ -702,6 +753,28 @@ pub async fn spawn(
         members: HashMap::new(),
         peers: PeerTable::new(config.redial_interval, config.proof_timeout),
         last_exchange: Instant::now(),
+        last_bound: Instant::now(),
+        last_book: Instant::now()
+            .checked_sub(BOOK_REFRESH)
+            .unwrap_or_else(Instant::now),
+        coordinators: config
+            .bootstrap
+            .iter()
+            .filter_map(|a| match a.iter().last() {
+                Some(Protocol::P2p(peer)) => Some(peer),
+                _ => None,
+            })
+            .collect(),
+        activity,
+        directory,
+        lookups: HashMap::new(),
+        published: HashMap::new(),
+        book_seen: None,
+        own_institution: config
+            .proof
+            .verify(&config.federation, &peer_id, unix_now())
+            .ok()
+            .and_then(|m| m.institution_key),
         bootstrap: config.bootstrap.clone(),
         relay_listening: HashMap::new(),
         config,
@@ -722,6 +795,7 @@ pub async fn spawn(
     let now = Instant::now();
     for (peer, addrs) in known {
         event_loop.peers.load_known(peer, addrs, now);
+        event_loop.book_update(peer);
     }
     for addr in event_loop.bootstrap.clone() {
         if let Err(e) = event_loop.swarm.dial(addr.clone()) {
@@ -827,7 +901,11 @@ fn behaviour(
             .validation_mode(gossipsub::ValidationMode::Strict)
             .validate_messages()
             .max_transmit_size(MAX_GOSSIP_BYTES)
-            .heartbeat_interval(Duration::from_millis(500))
+            // Bounded connections: a message goes to the topic's mesh (six peers), which
+            // forwards it, rather than to every connected peer, each of which would receive
+            // and verify it again from the mesh; and the mesh's upkeep runs once a second.
+            .flood_publish(false)
+            .heartbeat_interval(Duration::from_secs(1))
             .build()
             .map_err(|e| e.to_string())?,
     )?;
@@ -862,6 +940,7 @@ fn behaviour(
     Ok(Behaviour {
         blocked: allow_block_list::Behaviour::default(),
         limits,
+        book: Book::default(),
         registry_sync,
         streams,
         membership,
@@ -1239,11 +1318,25 @@ impl EventLoop {
             self.last_invite_check = now;
             self.cut_reused_invites();
         }
+        if self.last_bound.elapsed() >= Duration::from_secs(1) {
+            self.last_bound = now;
+            self.close_idle(now);
+        }
+        if self.last_book.elapsed() >= BOOK_REFRESH {
+            self.last_book = now;
+            self.refresh_book();
+        }
+        let room = self.room();
         let swarm = &self.swarm;
         let members = &self.members;
-        let due = self
-            .peers
-            .tick(now, |p| swarm.is_connected(p), |p| members.contains_key(p));
+        let coordinators = &self.coordinators;
+        let due = self.peers.tick(
+            now,
+            |p| swarm.is_connected(p),
+            |p| members.contains_key(p),
+            room,
+            |p| coordinators.contains(p),
+        );
         for peer in due.unproven {
             let reason = Refusal::NoProof(self.config.proof_timeout);
             warn!(%peer, %reason, "disconnecting peer");
@@ -1400,6 +1493,10 @@ impl EventLoop {
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 debug!(?peer_id, %error, "dial failed");
+                // Dialled by id (on demand) with no address known: ask the DHT where it is.
+                if let (Some(peer), libp2p::swarm::DialError::NoAddresses) = (peer_id, &error) {
+                    self.look_up(peer);
+                }
             }
             SwarmEvent::IncomingConnectionError {
                 peer_id: Some(peer),
@@ -1419,6 +1516,7 @@ impl EventLoop {
             BehaviourEvent::Membership(ev) => self.on_membership(ev),
             BehaviourEvent::RegistrySync(ev) => self.on_registry_sync(ev),
             BehaviourEvent::Streams(()) => {}
+            BehaviourEvent::Book(never) => match never {},
             BehaviourEvent::Ping(ping::Event {
                 peer,
                 result: Ok(rtt),
@@ -1463,10 +1561,17 @@ impl EventLoop {
                 message_id,
                 message,
             }) => {
-                let author_ok = message
-                    .source
-                    .is_some_and(|s| self.members.contains_key(&s));
+                // The peer that passed it on must be a member connected now. Its author must be
+                // a member too: connected, or listed by the registry (bounded connections: most
+                // authors are further away). Registry changes are exempt from the author rule —
+                // their entries carry their own signatures, which the replica checks, and a new
+                // member's own node record is how the others learn it is one.
                 let relay_ok = self.members.contains_key(&propagation_source);
+                let author_ok = message.source.is_some_and(|s| {
+                    self.members.contains_key(&s)
+                        || self.listed(&s)
+                        || message.topic == self.registry_topic
+                });
                 if author_ok
                     && relay_ok
                     && message.topic == self.registry_topic
@@ -1527,6 +1632,20 @@ impl EventLoop {
                         source,
                         data: message.data,
                     });
+                }
+            }
+            BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                result: kad::QueryResult::GetClosestPeers(Ok(found)),
+                ..
+            }) => {
+                let Ok(wanted) = PeerId::from_bytes(&found.key) else {
+                    return;
+                };
+                for info in found.peers.into_iter().filter(|i| i.peer_id == wanted) {
+                    debug!(peer = %wanted, addrs = info.addrs.len(), "found through the DHT");
+                    for addr in info.addrs.into_iter().take(MAX_ADDRS_PER_PEER) {
+                        self.remember_addr(wanted, addr);
+                    }
                 }
             }
             BehaviourEvent::Autonat(autonat::Event::StatusChanged { new, .. }) => {
@@ -1873,10 +1992,9 @@ impl EventLoop {
         self.peers.verified(peer, Instant::now());
         self.admit_to_routing(peer);
         self.persist(peer);
-        self.swarm
-            .behaviour_mut()
-            .gossipsub
-            .add_explicit_peer(&peer);
+        if member.role == Role::Coordinator {
+            self.coordinators.insert(peer);
+        }
         if member.role == Role::Coordinator {
             self.listen_via_relay(peer, false);
         }
@@ -1904,13 +2022,170 @@ impl EventLoop {
             })
             .collect();
         let me = *self.swarm.local_peer_id();
+        let room = self.room();
         let swarm = &self.swarm;
-        let dials = self
-            .peers
-            .introduce(listed, &me, |p| swarm.is_connected(p), Instant::now());
+        let peers: Vec<PeerId> = listed.iter().map(|(p, _)| *p).collect();
+        let dials =
+            self.peers
+                .introduce(listed, &me, |p| swarm.is_connected(p), Instant::now(), room);
+        for peer in peers {
+            self.book_update(peer);
+        }
         for (peer, addrs) in dials {
             self.dial(peer, addrs);
         }
+    }
+
+    /// How many more members to dial now: up to half of `max_connections` (then peers that
+    /// dial this node, and the members it dials on demand, fill the rest).
+    fn room(&self) -> usize {
+        (self.config.max_connections / 2)
+            .max(1)
+            .saturating_sub(self.members.len())
+    }
+
+    /// Bounded connections: while more than `max_connections` members are connected, closes
+    /// idle connections (no link request within `idle_after`, connected for at least that
+    /// long), other institutions' first, never one to a coordinator; a coordinator closes none.
+    fn close_idle(&mut self, now: Instant) {
+        // A coordinator seeds the mesh and relays for every member: it keeps them all.
+        if self.own_proof.is_coordinator() {
+            return;
+        }
+        let over = self
+            .members
+            .len()
+            .saturating_sub(self.config.max_connections);
+        if over == 0 {
+            if let Some(before) = now.checked_sub(self.config.idle_after) {
+                self.activity.forget_before(before);
+            }
+            return;
+        }
+        let idle_after = self.config.idle_after;
+        let mine = self.own_institution.as_ref();
+        let mut idle: Vec<(bool, Instant, PeerId)> = self
+            .members
+            .iter()
+            .filter(|(p, st)| {
+                !self.coordinators.contains(p)
+                    && st.member.role != Role::Coordinator
+                    && now.duration_since(st.since) >= idle_after
+                    && self
+                        .activity
+                        .last(p)
+                        .is_none_or(|t| now.duration_since(t) >= idle_after)
+            })
+            .map(|(p, st)| {
+                let same = mine.is_some() && st.member.institution_key.as_ref() == mine;
+                (same, self.activity.last(p).unwrap_or(st.since), *p)
+            })
+            .collect();
+        idle.sort();
+        for (_, _, peer) in idle.into_iter().take(over) {
+            debug!(%peer, "closing an idle member connection (bounded connections)");
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+    }
+
+    /// Tells the address book everything known of every node the registry lists, and the
+    /// directory who they are.
+    fn refresh_book(&mut self) {
+        let me = *self.swarm.local_peer_id();
+        let view = self.replica.view();
+        // Only when the registry's nodes changed (one more, one gone, one republished).
+        let seen = (
+            view.nodes.len(),
+            view.nodes.values().map(|n| n.updated_ms).max().unwrap_or(0),
+            view.revocations.len(),
+        );
+        if self.book_seen == Some(seen) {
+            return;
+        }
+        self.book_seen = Some(seen);
+        let mut listed: HashMap<PeerId, Member> = HashMap::with_capacity(view.nodes.len());
+        let mut published: HashMap<PeerId, Vec<Multiaddr>> = HashMap::new();
+        for n in view.nodes.values() {
+            let (Ok(peer), Ok(role)) = (n.peer_id.parse::<PeerId>(), n.role.parse()) else {
+                continue;
+            };
+            let addrs = n
+                .addrs
+                .iter()
+                .take(MAX_ADDRS_PER_PEER)
+                .filter_map(|a| a.parse::<Multiaddr>().ok())
+                .map(|mut a| {
+                    if matches!(a.iter().last(), Some(Protocol::P2p(id)) if id == peer) {
+                        a.pop();
+                    }
+                    a
+                })
+                .collect();
+            published.insert(peer, addrs);
+            listed.insert(
+                peer,
+                Member {
+                    peer_id: n.peer_id.clone(),
+                    institution: n.institution.clone(),
+                    institution_key: n.institution_key,
+                    role,
+                    joined_at: 0,
+                    invite: None,
+                },
+            );
+        }
+        *self.directory.write().unwrap_or_else(|e| e.into_inner()) = listed;
+        self.published = published;
+        let peers: Vec<PeerId> = self
+            .published
+            .keys()
+            .filter(|p| **p != me)
+            .copied()
+            .collect();
+        for peer in peers {
+            self.book_update(peer);
+        }
+    }
+
+    /// Asks the DHT for a member's addresses (at most every 5 s per peer): the next dial by id
+    /// finds them in the address book.
+    fn look_up(&mut self, peer: PeerId) {
+        let now = Instant::now();
+        if peer == *self.swarm.local_peer_id()
+            || !self.listed(&peer)
+            || self
+                .lookups
+                .get(&peer)
+                .is_some_and(|t| now.duration_since(*t) < Duration::from_secs(5))
+        {
+            return;
+        }
+        if self.lookups.len() >= 1024 {
+            self.lookups
+                .retain(|_, t| now.duration_since(*t) < Duration::from_secs(5));
+        }
+        self.lookups.insert(peer, now);
+        self.swarm.behaviour_mut().kad.get_closest_peers(peer);
+    }
+
+    /// Whether the registry lists `peer` as a member node.
+    fn listed(&self, peer: &PeerId) -> bool {
+        self.directory
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(peer)
+    }
+
+    /// Sets `peer`'s entry of the address book: the addresses seen and heard of first, then
+    /// those its node record in the registry publishes.
+    fn book_update(&mut self, peer: PeerId) {
+        let mut addrs: Vec<Multiaddr> = self.peers.addrs(&peer).to_vec();
+        for a in self.published.get(&peer).into_iter().flatten() {
+            if !addrs.contains(a) {
+                addrs.push(a.clone());
+            }
+        }
+        self.swarm.behaviour_mut().book.set(peer, addrs);
     }
 
     fn dial(&mut self, peer: PeerId, addrs: Vec<Multiaddr>) {
@@ -1925,6 +2200,7 @@ impl EventLoop {
 
     fn remember_addr(&mut self, peer: PeerId, addr: Multiaddr) {
         self.peers.remember_addr(peer, addr);
+        self.book_update(peer);
     }
 
     fn admit_to_routing(&mut self, peer: PeerId) {

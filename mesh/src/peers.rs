@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
+use rand::seq::SliceRandom as _;
 
 /// Most members a `Hello` or `Welcome` may list, and most introductions kept.
 pub(crate) const MAX_LISTED_MEMBERS: usize = 1024;
@@ -166,16 +167,18 @@ impl PeerTable {
         self.addrs.get(peer).map_or(&[], Vec::as_slice)
     }
 
-    /// A member listed other members (peer exchange): returns whom to dial now. One neither
-    /// known nor connected becomes an introduction, dialled again with backoff if this dial
-    /// fails; addresses are kept only for peers kept track of, so lists of made-up peer ids
-    /// cannot grow the table without bound.
+    /// A member listed other members (peer exchange): returns whom to dial now, at most
+    /// `room` (bounded connections: the others are only remembered, for a later tick or a dial
+    /// on demand). One neither known nor connected becomes an introduction, dialled again with
+    /// backoff if a dial fails; addresses are kept only for peers kept track of, so lists of
+    /// made-up peer ids cannot grow the table without bound.
     pub(crate) fn introduce(
         &mut self,
         listed: Vec<(PeerId, Vec<Multiaddr>)>,
         me: &PeerId,
         connected: impl Fn(&PeerId) -> bool,
         now: Instant,
+        room: usize,
     ) -> Vec<(PeerId, Vec<Multiaddr>)> {
         let mut dials = Vec::new();
         for (other, addrs) in listed.into_iter().take(MAX_LISTED_MEMBERS) {
@@ -192,7 +195,7 @@ impl PeerTable {
                     self.remember_addr(other, a.clone());
                 }
             }
-            if dials.len() >= MAX_DIALS_AT_ONCE {
+            if dials.len() >= MAX_DIALS_AT_ONCE.min(room) {
                 // Tracked (as an introduction or a known member): a later tick dials it.
                 continue;
             }
@@ -204,15 +207,18 @@ impl PeerTable {
         dials
     }
 
-    /// What is due at `now`: introductions and known members to dial again (those not
-    /// connected, with backoff), introductions given up on after [`MAX_INTRODUCTION_DIALS`]
-    /// (their addresses dropped unless `is_member`), peers that did not prove their membership
-    /// in time, and refused peers whose grace is over.
+    /// What is due at `now`: introductions and known members to dial (those not connected,
+    /// with backoff; at most `room` of them, picked at random so that members spread their
+    /// connections, but every one that is `always` kept connected), introductions given up on
+    /// after [`MAX_INTRODUCTION_DIALS`] (their addresses dropped unless `is_member`), peers that
+    /// did not prove their membership in time, and refused peers whose grace is over.
     pub(crate) fn tick(
         &mut self,
         now: Instant,
         connected: impl Fn(&PeerId) -> bool,
         is_member: impl Fn(&PeerId) -> bool,
+        room: usize,
+        always: impl Fn(&PeerId) -> bool,
     ) -> Due {
         let mut due = Due::default();
         let mut given_up = Vec::new();
@@ -228,36 +234,33 @@ impl PeerTable {
                 self.addrs.remove(&p);
             }
         }
-        let mut intro: Vec<PeerId> = self
-            .introduced
-            .iter()
-            .filter(|(p, r)| r.next <= now && !connected(p))
-            .map(|(p, _)| *p)
-            .collect();
-        intro.sort();
-        for peer in intro.into_iter().take(MAX_DIALS_AT_ONCE) {
-            if let Some(r) = self.introduced.get_mut(&peer) {
-                r.tried(self.redial_interval, now);
-            }
-            due.dials.push((peer, self.addrs(&peer).to_vec()));
-        }
         due.unproven = take_due(&mut self.pending, now);
         due.refused = take_due(&mut self.refused, now);
-        let mut known: Vec<PeerId> = self
+        // Known members and introductions not connected whose backoff is over.
+        let mut candidates: Vec<PeerId> = self
             .known
             .iter()
+            .chain(self.introduced.iter())
             .filter(|(p, r)| r.next <= now && !connected(p))
             .map(|(p, _)| *p)
             .collect();
-        known.sort();
-        for peer in known {
-            if let Some(r) = self.known.get_mut(&peer) {
-                r.tried(self.redial_interval, now);
-            }
+        candidates.sort();
+        candidates.dedup();
+        let (mut kept, mut others): (Vec<PeerId>, Vec<PeerId>) =
+            candidates.into_iter().partition(|p| always(p));
+        others.shuffle(&mut rand::thread_rng());
+        kept.extend(others.into_iter().take(room.min(MAX_DIALS_AT_ONCE)));
+        for peer in kept {
             let addrs = self.addrs(&peer).to_vec();
-            if !addrs.is_empty() {
-                due.dials.push((peer, addrs));
+            if let Some(r) = self.introduced.get_mut(&peer) {
+                r.tried(self.redial_interval, now);
+            } else if let Some(r) = self.known.get_mut(&peer) {
+                r.tried(self.redial_interval, now);
+                if addrs.is_empty() {
+                    continue;
+                }
             }
+            due.dials.push((peer, addrs));
         }
         due
     }
@@ -283,6 +286,8 @@ mod tests {
 
     const REDIAL: Duration = Duration::from_millis(500);
     const PROOF: Duration = Duration::from_secs(5);
+    /// Room for any number of dials (the bounded-connections test sets its own).
+    const ROOM: usize = usize::MAX;
 
     fn peer(n: u8) -> PeerId {
         libp2p::identity::Keypair::ed25519_from_bytes([n; 32])
@@ -312,19 +317,29 @@ mod tests {
         t.awaiting_proof(peer(1), t0);
         // A second connection does not move the deadline.
         t.awaiting_proof(peer(1), ms(t0, 4_000));
-        assert!(t.tick(ms(t0, 4_999), nobody, nobody).unproven.is_empty());
+        assert!(
+            t.tick(ms(t0, 4_999), nobody, nobody, ROOM, nobody)
+                .unproven
+                .is_empty()
+        );
         assert_eq!(
-            t.tick(ms(t0, 5_000), nobody, nobody).unproven,
+            t.tick(ms(t0, 5_000), nobody, nobody, ROOM, nobody).unproven,
             vec![peer(1)]
         );
         assert!(
-            t.tick(ms(t0, 9_000), nobody, nobody).unproven.is_empty(),
+            t.tick(ms(t0, 9_000), nobody, nobody, ROOM, nobody)
+                .unproven
+                .is_empty(),
             "once"
         );
         // One that proves it in time is not cut, and is known from then on.
         t.awaiting_proof(peer(2), t0);
         t.verified(peer(2), ms(t0, 100));
-        assert!(t.tick(ms(t0, 6_000), nobody, nobody).unproven.is_empty());
+        assert!(
+            t.tick(ms(t0, 6_000), nobody, nobody, ROOM, nobody)
+                .unproven
+                .is_empty()
+        );
         assert!(t.is_known(&peer(2)));
     }
 
@@ -334,16 +349,20 @@ mod tests {
         let mut t = PeerTable::new(REDIAL, PROOF);
         t.awaiting_proof(peer(1), t0);
         t.refused(peer(1), true, t0);
-        let due = t.tick(ms(t0, 10), nobody, nobody);
+        let due = t.tick(ms(t0, 10), nobody, nobody, ROOM, nobody);
         assert!(due.refused.is_empty() && due.unproven.is_empty());
         assert_eq!(
-            t.tick(t0 + REFUSAL_GRACE, nobody, nobody).refused,
+            t.tick(t0 + REFUSAL_GRACE, nobody, nobody, ROOM, nobody)
+                .refused,
             vec![peer(1)]
         );
         // Without an answer owed, the caller cuts it at once: nothing is left due.
         t.awaiting_proof(peer(2), t0);
         t.refused(peer(2), false, t0);
-        assert_eq!(t.tick(ms(t0, 60_000), nobody, nobody), Due::default());
+        assert_eq!(
+            t.tick(ms(t0, 60_000), nobody, nobody, ROOM, nobody),
+            Due::default()
+        );
     }
 
     #[test]
@@ -356,6 +375,7 @@ mod tests {
             &me,
             nobody,
             t0,
+            ROOM,
         );
         assert_eq!(dials, vec![(peer(1), vec![addr(1)])], "never itself");
         assert_eq!(t.addrs(&peer(1)), &[addr(1)]);
@@ -364,7 +384,7 @@ mod tests {
         let mut times = Vec::new();
         for _ in 0..400 {
             now += Duration::from_millis(100);
-            let due = t.tick(now, nobody, nobody);
+            let due = t.tick(now, nobody, nobody, ROOM, nobody);
             if !due.dials.is_empty() {
                 times.push(now.duration_since(t0).as_millis());
             }
@@ -372,9 +392,14 @@ mod tests {
         assert_eq!(times, vec![1_000, 3_000, 7_000, 15_000, 23_000]);
         assert!(t.addrs(&peer(1)).is_empty(), "its addresses left with it");
         // Mentioned again: a fresh budget.
-        let dials = t.introduce(vec![(peer(1), vec![addr(1)])], &me, nobody, now);
+        let dials = t.introduce(vec![(peer(1), vec![addr(1)])], &me, nobody, now, ROOM);
         assert_eq!(dials.len(), 1);
-        assert_eq!(t.tick(now + REDIAL * 2, nobody, nobody).dials.len(), 1);
+        assert_eq!(
+            t.tick(now + REDIAL * 2, nobody, nobody, ROOM, nobody)
+                .dials
+                .len(),
+            1
+        );
     }
 
     #[test]
@@ -383,12 +408,14 @@ mod tests {
         let mut t = PeerTable::new(REDIAL, PROOF);
         t.load_known(peer(1), vec![addr(1)], t0);
         assert_eq!(
-            t.tick(t0, nobody, nobody).dials,
+            t.tick(t0, nobody, nobody, ROOM, nobody).dials,
             vec![(peer(1), vec![addr(1)])]
         );
         let connected = |p: &PeerId| *p == peer(1);
         assert!(
-            t.tick(ms(t0, 60_000), connected, nobody).dials.is_empty(),
+            t.tick(ms(t0, 60_000), connected, nobody, ROOM, nobody)
+                .dials
+                .is_empty(),
             "connected"
         );
         // Down: redialled at most every 16 intervals, never given up.
@@ -396,15 +423,15 @@ mod tests {
         let mut n = 0;
         for _ in 0..600 {
             now += Duration::from_millis(100);
-            n += t.tick(now, nobody, nobody).dials.len();
+            n += t.tick(now, nobody, nobody, ROOM, nobody).dials.len();
         }
         assert!(n >= 60_000 / 8_000, "{n} dials in a minute");
         assert!(n <= 60_000 / 8_000 + 3, "{n} dials in a minute");
         // Unblocked: tried at once.
         t.unblocked(&peer(1), now);
-        assert_eq!(t.tick(now, nobody, nobody).dials.len(), 1);
+        assert_eq!(t.tick(now, nobody, nobody, ROOM, nobody).dials.len(), 1);
         // A known member is never an introduction: no budget runs out.
-        let dials = t.introduce(vec![(peer(1), vec![addr(9)])], &peer(0), nobody, now);
+        let dials = t.introduce(vec![(peer(1), vec![addr(9)])], &peer(0), nobody, now, ROOM);
         assert_eq!(dials.len(), 1);
         assert!(t.addrs(&peer(1)).contains(&addr(9)));
     }
@@ -452,7 +479,7 @@ mod tests {
                 (p, vec![addr((i % 60000) as u16)])
             })
             .collect();
-        let dials = t.introduce(listed, &peer(0), nobody, t0);
+        let dials = t.introduce(listed, &peer(0), nobody, t0, ROOM);
         assert_eq!(
             dials.len(),
             MAX_DIALS_AT_ONCE,
@@ -466,12 +493,57 @@ mod tests {
         // The others are dialled by later ticks, a few at a time.
         let mut dialled = dials.len();
         for i in 1..200 {
-            let due = t.tick(t0 + Duration::from_millis(10 * i), nobody, nobody);
+            let due = t.tick(
+                t0 + Duration::from_millis(10 * i),
+                nobody,
+                nobody,
+                ROOM,
+                nobody,
+            );
             assert!(due.dials.len() <= MAX_DIALS_AT_ONCE, "{}", due.dials.len());
             dialled += due.dials.len();
         }
         assert!(dialled >= MAX_LISTED_MEMBERS, "{dialled} dials");
         assert!(t.introduced.len() <= MAX_LISTED_MEMBERS);
         assert!(t.addrs.len() <= MAX_LISTED_MEMBERS + 1);
+    }
+
+    #[test]
+    fn with_bounded_connections_only_the_room_is_dialled_and_coordinators_always() {
+        let t0 = Instant::now();
+        let mut t = PeerTable::new(REDIAL, PROOF);
+        for n in 1..=30 {
+            t.load_known(peer(n), vec![addr(n as u16)], t0);
+        }
+        let coordinator = |p: &PeerId| *p == peer(30);
+        let due = t.tick(t0, nobody, nobody, 3, coordinator);
+        assert_eq!(due.dials.len(), 4, "three members and the coordinator");
+        assert!(due.dials.iter().any(|(p, _)| *p == peer(30)));
+        // No room: only the coordinator is redialled (after its backoff).
+        let due = t.tick(ms(t0, 60_000), nobody, nobody, 0, coordinator);
+        let dialled: Vec<PeerId> = due.dials.iter().map(|(p, _)| *p).collect();
+        assert_eq!(dialled, vec![peer(30)]);
+        // Introductions wait for room as well, and are remembered meanwhile.
+        let me = peer(0);
+        let listed: Vec<(PeerId, Vec<Multiaddr>)> =
+            (40..50).map(|n| (peer(n), vec![addr(n as u16)])).collect();
+        let dials = t.introduce(listed, &me, nobody, t0, 0);
+        assert!(dials.is_empty());
+        assert_eq!(t.addrs(&peer(45)), &[addr(45)]);
+        // Picked at random: two tables with the same peers do not all dial the same ones.
+        let picks: std::collections::HashSet<PeerId> = (0..20)
+            .flat_map(|_| {
+                let mut t = PeerTable::new(REDIAL, PROOF);
+                for n in 1..=30 {
+                    t.load_known(peer(n), vec![addr(n as u16)], t0);
+                }
+                t.tick(t0, nobody, nobody, 2, nobody)
+                    .dials
+                    .into_iter()
+                    .map(|(p, _)| p)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        assert!(picks.len() > 4, "{} distinct peers picked", picks.len());
     }
 }

@@ -128,6 +128,9 @@ pub struct EndpointSection {
     /// The directory this endpoint exposes to transfers (`ls`, `copy`, ...): paths are
     /// relative to it and never leave it. None: no data root.
     pub data_root: Option<std::path::PathBuf>,
+    /// Simulated workers, for scale experiments: no process; every task returns `null` after
+    /// this many milliseconds. Unset: real workers.
+    pub simulate_ms: Option<u64>,
 }
 
 impl EndpointSection {
@@ -158,6 +161,7 @@ impl EndpointSection {
             container_network: self.container_network,
             container_pids: self.container_pids,
             images: self.images.clone(),
+            simulate_ms: self.simulate_ms,
             ..compute::EndpointConfig::default()
         }
     }
@@ -200,6 +204,7 @@ impl Default for EndpointSection {
             container_pids: c.container_pids,
             images: c.images,
             data_root: None,
+            simulate_ms: None,
         }
     }
 }
@@ -317,6 +322,13 @@ pub struct MeshSection {
     /// fails; a task with a longer time limit waits that long.
     #[serde(with = "humantime_serde_str")]
     pub route_wait: Duration,
+    /// Member connections kept at rest (bounded connections): below half of it the node dials
+    /// more members; above it, it closes connections idle for `idle_after` (never a
+    /// coordinator's). Any other member is dialled when needed (a task, a sync, a transfer).
+    pub max_connections: usize,
+    /// How long a member connection goes without a task request before it counts as idle.
+    #[serde(with = "humantime_serde_str")]
+    pub idle_after: Duration,
 }
 
 impl Default for NodeSection {
@@ -352,6 +364,8 @@ impl Default for MeshSection {
             anti_entropy: Duration::from_secs(10),
             endpoint_lost_after: Duration::from_secs(6),
             route_wait: Duration::from_secs(300),
+            max_connections: mesh::network::DEFAULT_MAX_CONNECTIONS,
+            idle_after: mesh::network::DEFAULT_IDLE_AFTER,
         }
     }
 }

@@ -85,6 +85,8 @@ impl Node {
             proof_timeout: config.mesh.proof_timeout,
             redial_interval: config.mesh.redial_interval,
             anti_entropy: config.mesh.anti_entropy,
+            max_connections: config.mesh.max_connections,
+            idle_after: config.mesh.idle_after,
             store: store.clone(),
         };
         let own_proof = mesh_config.proof.clone();

@@ -754,6 +754,8 @@ async fn uninvited_attempt(net: &Testnet, tmp: &std::path::Path) -> anyhow::Resu
         proof_timeout: Duration::from_secs(5),
         redial_interval: Duration::from_secs(1),
         anti_entropy: Duration::from_secs(10),
+        max_connections: mesh::network::DEFAULT_MAX_CONNECTIONS,
+        idle_after: mesh::network::DEFAULT_IDLE_AFTER,
         store,
     };
     let handle = mesh::network::spawn(config, cancel.child_token(), &tracker).await?;

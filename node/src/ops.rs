@@ -288,6 +288,8 @@ async fn admitted_by_coordinator(
         proof_timeout: config.mesh.proof_timeout,
         redial_interval: config.mesh.redial_interval,
         anti_entropy: config.mesh.anti_entropy,
+        max_connections: config.mesh.max_connections,
+        idle_after: config.mesh.idle_after,
         store,
     };
     let outcome = match mesh::network::spawn(mesh_config, cancel.child_token(), &tracker).await {

@@ -70,7 +70,16 @@ pub struct Federation {
     pub institutions: Vec<Institution>,
     /// Member slots, in creation order.
     pub members: Vec<Slot>,
+    /// Settings every joining member gets after the test configuration's (`section.key=value`,
+    /// as `funcmesh join --set` takes them).
+    pub join_overrides: Vec<String>,
+    /// Changes to a joining member's configuration file before it joins (its name and
+    /// institution given): its endpoints, say.
+    pub member_config: Option<MemberConfig>,
 }
+
+/// See [`Federation::member_config`].
+pub type MemberConfig = std::sync::Arc<dyn Fn(&str, &str, &mut Config) + Send + Sync>;
 
 /// Test configuration: quick proof timeouts and redials, loopback, port 0.
 pub fn test_config() -> Config {
@@ -87,6 +96,16 @@ pub fn test_config() -> Config {
 impl Federation {
     /// A coordinator and `per` endpoint nodes of each of `institutions` institutions.
     pub async fn start(institutions: usize, per: usize) -> anyhow::Result<Federation> {
+        Federation::start_with(institutions, per, &[]).await
+    }
+
+    /// [`Federation::start`] with settings every member gets after the test configuration's
+    /// (`mesh.anti_entropy=10s`, …): the simulation harness runs members with the defaults.
+    pub async fn start_with(
+        institutions: usize,
+        per: usize,
+        join_overrides: &[String],
+    ) -> anyhow::Result<Federation> {
         // `RUST_LOG=mesh=debug cargo test …` shows the nodes' logs with a failing test's output.
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
@@ -97,7 +116,12 @@ impl Federation {
             .tempdir()?;
         let coordinator_dir = DataDir::new(tmp.path().join("coordinator"));
         ops::federation_create(&coordinator_dir, "test", &[])?;
-        let coordinator = Node::start(&coordinator_dir, &test_config()).await?;
+        let coordinator_config = if join_overrides.is_empty() {
+            test_config()
+        } else {
+            Config::resolve(None, Vec::new(), &test_overrides(join_overrides))?
+        };
+        let coordinator = Node::start(&coordinator_dir, &coordinator_config).await?;
         let coordinator_addr = coordinator
             .dial_addrs()
             .await?
@@ -112,6 +136,8 @@ impl Federation {
             coordinator_addr,
             institutions: Vec::new(),
             members: Vec::new(),
+            join_overrides: join_overrides.to_vec(),
+            member_config: None,
         };
         for i in 0..institutions {
             net.add_institution(&format!("inst-{}", (b'a' + i as u8) as char))?;
@@ -176,16 +202,18 @@ impl Federation {
         let invite = self.invite(i, Role::Endpoint, Duration::from_secs(600))?;
         let dir = self.new_dir(&name);
         let inst = self.institutions[i].name.clone();
-        ops::write_config(
-            &dir,
-            &ops::testnet_config(
-                &name,
-                &inst,
-                Role::Endpoint,
-                &ops::TestnetEndpoint::default(),
-            ),
-        )?;
-        let node = join_with_test_config(&dir, &self.coordinator_addr, &invite).await?;
+        let mut config = ops::testnet_config(
+            &name,
+            &inst,
+            Role::Endpoint,
+            &ops::TestnetEndpoint::default(),
+        );
+        if let Some(change) = &self.member_config {
+            change(&name, &inst, &mut config);
+        }
+        ops::write_config(&dir, &config)?;
+        let node = join_with_overrides(&dir, &self.coordinator_addr, &invite, &self.join_overrides)
+            .await?;
         self.members.push(Slot {
             name,
             institution: i,
@@ -339,8 +367,31 @@ pub async fn join_with_test_config(
     coordinator: &str,
     invite: &str,
 ) -> anyhow::Result<Node> {
+    join_with_overrides(dir, coordinator, invite, &[]).await
+}
+
+/// `ops::join` with the test configuration, then `extra` settings.
+pub async fn join_with_overrides(
+    dir: &DataDir,
+    coordinator: &str,
+    invite: &str,
+    extra: &[String],
+) -> anyhow::Result<Node> {
+    let overrides = test_overrides(extra);
+    ops::join(
+        dir,
+        coordinator,
+        invite,
+        &overrides,
+        Duration::from_secs(10),
+    )
+    .await
+}
+
+/// The test configuration's mesh settings as overrides, then `extra`.
+fn test_overrides(extra: &[String]) -> Vec<String> {
     let c = test_config();
-    let overrides = [
+    let mut overrides = vec![
         format!(
             "mesh.proof_timeout={}",
             humantime_secs(c.mesh.proof_timeout)
@@ -352,14 +403,8 @@ pub async fn join_with_test_config(
         format!("mesh.anti_entropy={}s", c.mesh.anti_entropy.as_secs()),
         format!("mesh.reserve_relay={}", c.mesh.reserve_relay),
     ];
-    ops::join(
-        dir,
-        coordinator,
-        invite,
-        &overrides,
-        Duration::from_secs(10),
-    )
-    .await
+    overrides.extend(extra.iter().cloned());
+    overrides
 }
 
 fn humantime_secs(d: Duration) -> String {
@@ -390,6 +435,8 @@ pub async fn rogue(
         proof_timeout: Duration::from_secs(2),
         redial_interval: Duration::from_millis(200),
         anti_entropy: Duration::from_secs(2),
+        max_connections: mesh::network::DEFAULT_MAX_CONNECTIONS,
+        idle_after: mesh::network::DEFAULT_IDLE_AFTER,
         store,
     };
     let handle = mesh::network::spawn(config, cancel.child_token(), &tracker).await?;

@@ -334,6 +334,8 @@ impl Machine {
 
     /// The endpoints the registry lists now.
     pub fn set_candidates(&mut self, candidates: Vec<Candidate>) {
+        let nodes: HashSet<&PeerId> = candidates.iter().map(|c| &c.peer).collect();
+        self.router.set_endpoint_nodes(nodes.len());
         self.candidates = candidates;
     }
 
@@ -1025,7 +1027,7 @@ impl Machine {
     pub fn tick(&mut self, now: Now) {
         // Right after a start nothing has advertised yet: give the mesh time before calling
         // endpoints lost.
-        if now.at < self.started + self.settings.lost_after {
+        if now.at < self.started + self.router.lost_after() {
             return;
         }
         let lost: Vec<(TaskId, Target)> = self
@@ -1053,7 +1055,7 @@ impl Machine {
                          been heard from for {}{}",
                         target.endpoint,
                         target.node_name,
-                        humantime::format_duration(self.settings.lost_after),
+                        humantime::format_duration(self.router.lost_after()),
                         if retries_left == 0 {
                             " (submit with --retries N to retry elsewhere)"
                         } else {

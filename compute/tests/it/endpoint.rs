@@ -1631,3 +1631,39 @@ async fn arguments_by_reference_past_what_an_endpoint_holds_in_memory_are_refuse
     );
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulated_workers_answer_every_task_with_null_after_their_time_without_a_process() {
+    let mut h = start(EndpointConfig {
+        max_workers: 4,
+        simulate_ms: Some(20),
+        // A python that does not exist: no process may be started.
+        python: "/nonexistent/python".into(),
+        ..config()
+    })
+    .await;
+    let subs: Vec<Submission> = (0..40)
+        .map(|i| submission(&f("add"), json!([i]), json!({})))
+        .collect();
+    let ids: Vec<TaskId> = subs.iter().map(|s| s.id.clone()).collect();
+    let started = std::time::Instant::now();
+    let accepted = h.endpoint.submit("peer", "inst-a", subs).await.unwrap();
+    assert!(accepted.iter().all(Result::is_ok), "{accepted:?}");
+    let mut done = std::collections::HashSet::new();
+    while done.len() < ids.len() {
+        let rec = tokio::time::timeout(Duration::from_secs(30), h.results.recv())
+            .await
+            .expect("results within 30 s")
+            .expect("endpoint running");
+        assert_eq!(rec.status, Status::Succeeded, "{rec:?}");
+        assert_eq!(value(&rec), &json!(null));
+        done.insert(rec.id.clone());
+    }
+    // 40 tasks of 20 ms on at most 4 workers: at least 200 ms.
+    assert!(
+        started.elapsed() >= Duration::from_millis(200),
+        "{:?}",
+        started.elapsed()
+    );
+    h.stop().await;
+}

@@ -6,5 +6,6 @@
 mod membership;
 mod refusals;
 mod registry;
+mod scale;
 mod tasks;
 mod transfer;

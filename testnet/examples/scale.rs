@@ -1,0 +1,553 @@
+//! The scale harness: a federation of in-process nodes (one tokio runtime, the real node — mesh,
+//! registry, RocksDB, endpoints — over loopback TCP/QUIC), measured at rest and while the
+//! registry changes.
+//!
+//! ```text
+//! cargo run --release -p testnet --example scale -- --members 100 --per-institution 10
+//! ```
+//!
+//! It starts a coordinator and `--members` endpoint nodes (institutions of
+//! `--per-institution`), with the mesh's default timers, and waits until every node's registry
+//! lists every node. Then, one JSON line on stdout:
+//!
+//! * `idle`: over `--window` seconds at rest (after `--settle` seconds), the process's CPU time
+//!   and resident memory divided by the number of nodes, and the member connections per node;
+//! * `function_reach_ms`: a function registered on one node, the time until each other node's
+//!   registry has it (p50, p99, max; `--functions` of them, each from another node);
+//! * `member_listed_ms`: a new member joined, the time from its start until every other node's
+//!   registry lists it.
+//!
+//! Run one size per process (memory is not returned to the system between sizes);
+//! `bench/run.sh scale` runs the curve.
+//!
+//! `--funcx` runs the funcX paper's scale experiment instead, simulated: `--members` nodes with
+//! `--endpoints` endpoints each, every endpoint with `--workers` simulated workers (no process:
+//! a task returns `null` after `--task-ms`), and `--tasks` no-op tasks submitted from
+//! `--submitters` nodes (at most `--window` unfinished at once), routed by the real
+//! dispatchers to any endpoint; one JSON line with the completion time and throughput.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+
+struct Args {
+    funcx: bool,
+    endpoints: usize,
+    workers: usize,
+    tasks: usize,
+    task_ms: u64,
+    submitters: usize,
+    window_tasks: usize,
+    members: usize,
+    per: usize,
+    settle: u64,
+    window: u64,
+    functions: usize,
+    sets: Vec<String>,
+}
+
+fn args() -> anyhow::Result<Args> {
+    let mut a = Args {
+        funcx: false,
+        endpoints: 16,
+        workers: 128,
+        tasks: 1_310_720,
+        task_ms: 0,
+        submitters: 4,
+        window_tasks: 40_000,
+        members: 10,
+        per: 10,
+        settle: 20,
+        window: 30,
+        functions: 5,
+        sets: Vec::new(),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
+        match flag.as_str() {
+            "--members" => a.members = value()?.parse()?,
+            "--per-institution" => a.per = value()?.parse()?,
+            "--settle" => a.settle = value()?.parse()?,
+            "--window" => a.window = value()?.parse()?,
+            "--functions" => a.functions = value()?.parse()?,
+            "--set" => a.sets.push(value()?),
+            "--funcx" => a.funcx = true,
+            "--endpoints" => a.endpoints = value()?.parse()?,
+            "--workers" => a.workers = value()?.parse()?,
+            "--tasks" => a.tasks = value()?.parse()?,
+            "--task-ms" => a.task_ms = value()?.parse()?,
+            "--submitters" => a.submitters = value()?.parse()?,
+            "--window-tasks" => a.window_tasks = value()?.parse()?,
+            other => anyhow::bail!(
+                "unknown flag {other}; use --members N --per-institution K --settle S --window S \
+                 --functions N --set section.key=value, or --funcx --members N --endpoints E \
+                 --workers W --tasks T --task-ms MS --submitters S --window-tasks N"
+            ),
+        }
+    }
+    anyhow::ensure!(
+        a.members >= 2 && a.per >= 1,
+        "--members ≥ 2, --per-institution ≥ 1"
+    );
+    Ok(a)
+}
+
+/// CPU seconds this process has used (user + system), from `/proc/self/stat`.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // The fields after the command (which is in parentheses and may hold spaces).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime are fields 14 and 15 of the line; 12 and 13 after the command.
+    (ticks(11) + ticks(12)) / clock_ticks()
+}
+
+/// Clock ticks per second (`getconf CLK_TCK`; 100 on Linux).
+fn clock_ticks() -> f64 {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(100.0)
+    })
+}
+
+/// Resident memory of this process, MiB.
+fn rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+/// How many nodes each running node's registry lists (the smallest).
+async fn fewest_listed(net: &testnet::Federation) -> usize {
+    let mut least = usize::MAX;
+    for n in net.running() {
+        let listed = n.mesh().registry_with(|v| v.nodes.len()).await.unwrap_or(0);
+        least = least.min(listed);
+    }
+    least
+}
+
+/// Waits until every running node has `check` true of its registry; returns, per node other
+/// than those in `skip`, the time from `t0` it was first seen true.
+async fn reach_times(
+    net: &testnet::Federation,
+    t0: Instant,
+    timeout: Duration,
+    check: impl Fn(&crdt_registry::View) -> bool + Clone + Send + 'static,
+) -> anyhow::Result<Vec<f64>> {
+    let nodes = net.running();
+    let mut seen: Vec<Option<f64>> = vec![None; nodes.len()];
+    while seen.iter().any(Option::is_none) {
+        anyhow::ensure!(t0.elapsed() < timeout, "not everywhere within {timeout:?}");
+        for (i, n) in nodes.iter().enumerate() {
+            if seen[i].is_some() {
+                continue;
+            }
+            let c = check.clone();
+            if n.mesh().registry_with(move |v| c(v)).await.unwrap_or(false) {
+                seen[i] = Some(t0.elapsed().as_secs_f64() * 1000.0);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Ok(seen.into_iter().flatten().collect())
+}
+
+fn summary(mut ms: Vec<f64>) -> serde_json::Value {
+    ms.sort_by(f64::total_cmp);
+    serde_json::json!({
+        "n": ms.len(),
+        "p50": percentile(&ms, 0.5),
+        "p99": percentile(&ms, 0.99),
+        "max": ms.last().copied().unwrap_or(f64::NAN),
+    })
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let a = args()?;
+    let institutions = a.members.div_ceil(a.per);
+    // The mesh's own defaults (the test configuration's quick timers are for tests).
+    let mut sets = vec![
+        "mesh.proof_timeout=5s".to_string(),
+        "mesh.redial_interval=500ms".to_string(),
+        "mesh.anti_entropy=10s".to_string(),
+        "mesh.endpoint_lost_after=6s".to_string(),
+    ];
+    sets.extend(a.sets.iter().cloned());
+    if a.funcx {
+        return funcx(&a, &sets).await;
+    }
+    let rss0 = rss_mib();
+    let started = Instant::now();
+    let mut net = testnet::Federation::start_with(0, 0, &sets).await?;
+    // Any member may use any endpoint (the first-task measurement picks one across the
+    // federation).
+    net.member_config = Some(std::sync::Arc::new(|_, _, config| {
+        for e in &mut config.endpoint {
+            e.policy = "federation".into();
+        }
+    }));
+    for i in 0..institutions {
+        net.add_institution(&format!("inst-{i:03}"))?;
+    }
+    for m in 0..a.members {
+        net.add_member(m / a.per).await?;
+    }
+    let total = a.members + 1;
+    let deadline = Instant::now() + Duration::from_secs(60 + a.members as u64);
+    while fewest_listed(&net).await < total {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the registries did not list all {total} nodes"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let up_s = started.elapsed().as_secs_f64();
+    eprintln!("{total} nodes up and listed everywhere in {up_s:.1} s; settling");
+    tokio::time::sleep(Duration::from_secs(a.settle)).await;
+
+    let (cpu0, t0) = (cpu_seconds(), Instant::now());
+    tokio::time::sleep(Duration::from_secs(a.window)).await;
+    let (cpu1, elapsed) = (cpu_seconds(), t0.elapsed().as_secs_f64());
+    let rss = rss_mib();
+    let mut conns = Vec::new();
+    for n in net.running().into_iter().skip(1) {
+        conns.push(n.mesh().members().await.map_or(0, |m| m.len()) as f64);
+    }
+    let coordinator_conns = match net.coordinator() {
+        Some(c) => c.mesh().members().await.map_or(0, |m| m.len()),
+        None => 0,
+    };
+    conns.sort_by(f64::total_cmp);
+    let idle = serde_json::json!({
+        "cpu_pct_per_node": (cpu1 - cpu0) / elapsed / total as f64 * 100.0,
+        "cpu_pct_total": (cpu1 - cpu0) / elapsed * 100.0,
+        "rss_mib_per_node": (rss - rss0) / total as f64,
+        "rss_mib_total": rss,
+        "member_connections": {
+            "mean": conns.iter().sum::<f64>() / conns.len().max(1) as f64,
+            "max": conns.last().copied().unwrap_or(0.0),
+            "coordinator": coordinator_conns,
+        },
+    });
+    eprintln!("idle: {idle}");
+
+    let mut reach = Vec::new();
+    for f in 0..a.functions {
+        let from = (f * 7919) % a.members;
+        let name = format!("reach-{f}");
+        let t = Instant::now();
+        let id = net
+            .node(from)
+            .register_function(&testnet::shell_function(&name))
+            .await?;
+        let times = reach_times(&net, t, Duration::from_secs(60), move |v| {
+            v.functions.contains_key(&id)
+        })
+        .await?;
+        reach.extend(times);
+    }
+    let reach = summary(reach);
+    eprintln!("function reach: {reach}");
+
+    let t = Instant::now();
+    let i = net.add_member(0).await?;
+    let peer = net.node(i).peer_id().to_string();
+    let listed = reach_times(&net, t, Duration::from_secs(60), move |v| {
+        v.nodes.contains_key(&peer)
+    })
+    .await?;
+    let listed = summary(listed);
+    eprintln!("new member listed: {listed}");
+
+    let first_task = first_task_latency(&net).await?;
+    eprintln!("first task: {first_task}");
+
+    let line = serde_json::json!({
+        "bench": "scale",
+        "members": a.members,
+        "nodes": total,
+        "per_institution": a.per,
+        "settings": a.sets,
+        "up_s": up_s,
+        "window_s": a.window,
+        "idle": idle,
+        "function_reach_ms": reach,
+        "member_listed_ms": listed,
+        "first_task_ms": first_task,
+    });
+    println!("{line}");
+    net.shutdown().await;
+    Ok(())
+}
+
+/// The funcX scale experiment, simulated (see the module's documentation).
+async fn funcx(a: &Args, sets: &[String]) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut net = testnet::Federation::start_with(0, 0, sets).await?;
+    let (endpoints, workers, task_ms) = (a.endpoints, a.workers, a.task_ms);
+    net.member_config = Some(std::sync::Arc::new(move |name, _inst, config| {
+        let template = config.endpoint[0].clone();
+        config.endpoint = (0..endpoints)
+            .map(|e| node::config::EndpointSection {
+                name: format!("{name}-e{e}"),
+                policy: "federation".into(),
+                max_workers: workers,
+                max_queued: 1_000_000,
+                simulate_ms: Some(task_ms),
+                ..template.clone()
+            })
+            .collect();
+    }));
+    let institutions = a.members.div_ceil(a.per);
+    for i in 0..institutions {
+        net.add_institution(&format!("inst-{i:03}"))?;
+    }
+    for m in 0..a.members {
+        net.add_member(m / a.per).await?;
+    }
+    let total_endpoints = a.members * a.endpoints;
+    let submitters: Vec<usize> = (0..a.submitters.min(a.members))
+        .map(|i| i * a.members / a.submitters.min(a.members))
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(120 + a.members as u64);
+    loop {
+        let mut ready = true;
+        for &s in &submitters {
+            let n = net.node(s);
+            let listed = n.mesh().registry_with(|v| v.endpoints.len()).await?;
+            let heard = n.dispatcher().adverts().await?.len();
+            ready &= listed >= total_endpoints && heard >= a.members;
+        }
+        if ready {
+            break;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the endpoints were not routable in time"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let up_s = started.elapsed().as_secs_f64();
+    eprintln!(
+        "{} nodes, {total_endpoints} endpoints, {} simulated workers up in {up_s:.1} s",
+        a.members + 1,
+        total_endpoints * a.workers
+    );
+    let function = net
+        .node(0)
+        .register_function(&testnet::shell_function("noop"))
+        .await?;
+    testnet::wait_for(
+        "the function at every submitter",
+        Duration::from_secs(30),
+        || {
+            let ids: Vec<_> = submitters
+                .iter()
+                .map(|s| net.node(*s).mesh().clone())
+                .collect();
+            let f = function.clone();
+            async move {
+                for m in ids {
+                    let f = f.clone();
+                    if !m
+                        .registry_with(move |v| v.functions.contains_key(&f))
+                        .await
+                        .unwrap_or(false)
+                    {
+                        return false;
+                    }
+                }
+                true
+            }
+        },
+    )
+    .await?;
+
+    let t0 = Instant::now();
+    let per = a.tasks / submitters.len();
+    let window = (a.window_tasks / submitters.len()).max(1);
+    let runs = submitters.iter().enumerate().map(|(k, &s)| {
+        let count = if k + 1 == submitters.len() {
+            a.tasks - per * k
+        } else {
+            per
+        };
+        submit_all(net.node(s), &function, count, window)
+    });
+    let ids = futures::future::try_join_all(runs).await?;
+    let elapsed = t0.elapsed().as_secs_f64();
+    // Every task's outcome, from the submitters' stores.
+    let (mut ok, mut failed) = (0usize, 0usize);
+    for (&s, ids) in submitters.iter().zip(ids) {
+        for chunk in ids.chunks(10_000) {
+            for t in net.node(s).dispatcher().get(chunk.to_vec()).await? {
+                match t.map(|t| t.status) {
+                    Some(compute::Status::Succeeded) => ok += 1,
+                    _ => failed += 1,
+                }
+            }
+        }
+    }
+    let line = serde_json::json!({
+        "bench": "funcx-scale-simulated",
+        "nodes": a.members + 1,
+        "endpoints": total_endpoints,
+        "workers": total_endpoints * a.workers,
+        "tasks": a.tasks,
+        "task_ms": a.task_ms,
+        "submitters": submitters.len(),
+        "window_tasks": a.window_tasks,
+        "succeeded": ok,
+        "failed": failed,
+        "up_s": up_s,
+        "completion_s": elapsed,
+        "tasks_per_s": a.tasks as f64 / elapsed,
+        "paper_completion_s": 989.0,
+    });
+    println!("{line}");
+    net.shutdown().await;
+    Ok(())
+}
+
+/// Submits `count` no-op tasks of `function` on `node`, keeping at most `window` unfinished,
+/// until all have finished; returns their ids.
+async fn submit_all(
+    node: &node::Node,
+    function: &str,
+    count: usize,
+    window: usize,
+) -> anyhow::Result<Vec<compute::TaskId>> {
+    use tokio::sync::broadcast::error::RecvError;
+    let mut finished = node.dispatcher().finished_tasks();
+    let (mut sent, mut done) = (0usize, 0usize);
+    let mut ids = Vec::with_capacity(count);
+    while done < count {
+        while sent < count && sent - done < window {
+            let n = (count - sent).min(1000).min(window - (sent - done));
+            let tasks = (0..n)
+                .map(|_| node::tasks::NewTask {
+                    function: function.to_string(),
+                    args: serde_json::json!([]),
+                    kwargs: serde_json::json!({}),
+                    strategy: Some("least-loaded".into()),
+                    ..Default::default()
+                })
+                .collect();
+            let answers = node.submit(tasks).await?;
+            for a in answers {
+                match a {
+                    Ok(t) => ids.push(t.id),
+                    Err(e) => anyhow::bail!("a task was refused: {e:?}"),
+                }
+            }
+            sent += n;
+        }
+        match finished.recv().await {
+            Ok(_) => done += 1,
+            // Missed some: only this node's tasks finish here; their outcomes are read after.
+            Err(RecvError::Lagged(n)) => done += n as usize,
+            Err(RecvError::Closed) => anyhow::bail!("the dispatcher stopped"),
+        }
+    }
+    Ok(ids)
+}
+
+/// One task's time from submission to result on node 0, in ms.
+async fn one_task(
+    net: &testnet::Federation,
+    function: &str,
+    endpoint: &str,
+) -> anyhow::Result<f64> {
+    let n = net.node(0);
+    let t = Instant::now();
+    let task = node::tasks::NewTask {
+        function: function.to_string(),
+        args: serde_json::json!([]),
+        kwargs: serde_json::json!({"x": 1}),
+        endpoint: Some(endpoint.to_string()),
+        ..Default::default()
+    };
+    let id = match n.submit(vec![task]).await?.pop() {
+        Some(Ok(t)) => t.id,
+        other => anyhow::bail!("the task was not accepted: {other:?}"),
+    };
+    let done = n
+        .dispatcher()
+        .wait(vec![id], Duration::from_secs(60))
+        .await?
+        .pop()
+        .flatten()
+        .context("no such task")?;
+    anyhow::ensure!(
+        done.status == compute::Status::Succeeded,
+        "the task ended {:?}: {:?}",
+        done.status,
+        done.outcome
+    );
+    Ok(t.elapsed().as_secs_f64() * 1000.0)
+}
+
+/// The first task's latency from node 0 to an endpoint whose node it is not connected to,
+/// beside one it is connected to (both on a worker that starts for it), and the second task to
+/// each.
+async fn first_task_latency(net: &testnet::Federation) -> anyhow::Result<serde_json::Value> {
+    let me = net.node(0);
+    let connected: std::collections::HashSet<String> = me
+        .mesh()
+        .members()
+        .await?
+        .into_iter()
+        .map(|m| m.peer_id)
+        .collect();
+    let view = me.mesh().registry().await?;
+    let pick = |want: bool| {
+        view.endpoints
+            .values()
+            .filter(|e| e.peer_id != me.peer_id().to_string())
+            .find(|e| connected.contains(&e.peer_id) == want)
+            .map(|e| e.id.clone())
+    };
+    let function = me
+        .register_function(&testnet::shell_function("first-task"))
+        .await?;
+    let mut out = serde_json::Map::new();
+    for (label, endpoint) in [("connected", pick(true)), ("unconnected", pick(false))] {
+        let Some(endpoint) = endpoint else {
+            out.insert(label.into(), serde_json::Value::Null);
+            continue;
+        };
+        let first = one_task(net, &function, &endpoint).await?;
+        let second = one_task(net, &function, &endpoint).await?;
+        out.insert(
+            label.into(),
+            serde_json::json!({"first": first, "second": second}),
+        );
+    }
+    Ok(serde_json::Value::Object(out))
+}
