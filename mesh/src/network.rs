@@ -38,6 +38,9 @@ use crate::registry::{self, Out, Replica, StoreOp, Strikes, SyncRequest, SyncRes
 pub const MEMBERSHIP_PROTOCOL: &str = "/funcmesh/membership/1";
 /// Largest membership message accepted, checked by the codec before decoding.
 const MAX_MEMBERSHIP_MESSAGE: u64 = 64 * 1024;
+/// Most members a hello or welcome lists, and addresses of each.
+const LISTED_IN_HELLO: usize = 64;
+const ADDRS_IN_HELLO: usize = 4;
 /// How often the address book takes the registry's node records.
 const BOOK_REFRESH: Duration = Duration::from_secs(2);
 /// Members by peer id.
@@ -643,6 +646,8 @@ struct EventLoop {
     /// from the registry.
     last_bound: Instant,
     last_book: Instant,
+    /// When a random member was last dialled for the mesh's health.
+    last_mix: Instant,
     /// Coordinators (the bootstrap addresses' peers): always kept connected.
     coordinators: std::collections::HashSet<PeerId>,
     /// When each member's links last carried a request.
@@ -754,6 +759,7 @@ pub async fn spawn(
         peers: PeerTable::new(config.redial_interval, config.proof_timeout),
         last_exchange: Instant::now(),
         last_bound: Instant::now(),
+        last_mix: Instant::now(),
         last_book: Instant::now()
             .checked_sub(BOOK_REFRESH)
             .unwrap_or_else(Instant::now),
@@ -1322,6 +1328,16 @@ impl EventLoop {
             self.last_bound = now;
             self.close_idle(now);
         }
+        // For the mesh's health, one more member now and then, at random, even when this node
+        // has enough: the graph of bounded connections keeps mixing, and a partition heals
+        // within about one `anti_entropy` once the network does (idle ones close again).
+        if self.last_mix.elapsed() >= self.config.anti_entropy {
+            self.last_mix = now;
+            let swarm = &self.swarm;
+            if let Some((peer, addrs)) = self.peers.random_known(|p| swarm.is_connected(p)) {
+                self.dial(peer, addrs);
+            }
+        }
         if self.last_book.elapsed() >= BOOK_REFRESH {
             self.last_book = now;
             self.refresh_book();
@@ -1373,14 +1389,26 @@ impl EventLoop {
         }
     }
 
+    /// The members a hello or welcome lists: at most [`LISTED_IN_HELLO`] connected ones, at
+    /// random, each with its first few addresses. With bounded connections a peer dials only
+    /// a few of them, and the registry lists everyone; and a coordinator connected to a
+    /// thousand members must still fit its welcome in a membership message (64 KiB).
     fn member_list(&self, except: &PeerId) -> Vec<PeerAddrs> {
+        use rand::seq::IteratorRandom as _;
         self.members
             .keys()
             .filter(|p| *p != except)
-            .take(MAX_LISTED_MEMBERS)
+            .choose_multiple(&mut rand::thread_rng(), LISTED_IN_HELLO)
+            .into_iter()
             .map(|p| PeerAddrs {
                 peer_id: p.to_string(),
-                addrs: self.peers.addrs(p).iter().map(|a| a.to_string()).collect(),
+                addrs: self
+                    .peers
+                    .addrs(p)
+                    .iter()
+                    .take(ADDRS_IN_HELLO)
+                    .map(|a| a.to_string())
+                    .collect(),
             })
             .collect()
     }

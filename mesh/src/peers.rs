@@ -93,6 +93,22 @@ impl PeerTable {
         }
     }
 
+    /// A known member not connected now, at random, with its addresses: the connection a node
+    /// adds now and then for the mesh's health (it mixes the graph of bounded connections and
+    /// heals a partition once the network does).
+    pub(crate) fn random_known(
+        &self,
+        connected: impl Fn(&PeerId) -> bool,
+    ) -> Option<(PeerId, Vec<Multiaddr>)> {
+        use rand::seq::IteratorRandom as _;
+        let peer = self
+            .known
+            .keys()
+            .filter(|p| !connected(p) && !self.addrs(p).is_empty())
+            .choose(&mut rand::thread_rng())?;
+        Some((*peer, self.addrs(peer).to_vec()))
+    }
+
     /// A member remembered from an earlier run: dialled at once.
     pub(crate) fn load_known(&mut self, peer: PeerId, addrs: Vec<Multiaddr>, now: Instant) {
         self.addrs.insert(peer, addrs);
@@ -545,5 +561,19 @@ mod tests {
             })
             .collect();
         assert!(picks.len() > 4, "{} distinct peers picked", picks.len());
+    }
+
+    #[test]
+    fn a_random_known_member_is_one_not_connected_with_addresses() {
+        let t0 = Instant::now();
+        let mut t = PeerTable::new(REDIAL, PROOF);
+        assert!(t.random_known(nobody).is_none());
+        t.load_known(peer(1), vec![addr(1)], t0);
+        t.load_known(peer(2), vec![addr(2)], t0);
+        t.load_known(peer(3), Vec::new(), t0);
+        let connected = |p: &PeerId| *p == peer(1);
+        for _ in 0..20 {
+            assert_eq!(t.random_known(connected), Some((peer(2), vec![addr(2)])));
+        }
     }
 }
