@@ -122,23 +122,17 @@ mod tests {
             .map(|p| format!("/ip4/127.0.0.1/tcp/{}", 1000 + p).parse().unwrap())
             .collect();
         book.set(known, addrs.clone());
-        let given = book
-            .handle_pending_outbound_connection(
+        let mut dial = |peer: PeerId| {
+            book.handle_pending_outbound_connection(
                 ConnectionId::new_unchecked(1),
-                Some(known),
+                Some(peer),
                 &[],
                 Endpoint::Dialer,
             )
-            .unwrap();
-        assert_eq!(given, addrs[..MAX_ADDRS_PER_PEER].to_vec(), "capped");
-        let none = book
-            .handle_pending_outbound_connection(
-                ConnectionId::new_unchecked(2),
-                Some(unknown),
-                &[],
-                Endpoint::Dialer,
-            )
-            .unwrap();
+            .unwrap()
+        };
+        assert_eq!(dial(known), addrs[..MAX_ADDRS_PER_PEER].to_vec(), "capped");
+        let none = dial(unknown);
         assert!(none.is_empty());
         book.set(known, Vec::new());
         assert_eq!(book.len(), 0, "an empty list removes the peer");
