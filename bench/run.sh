@@ -13,7 +13,7 @@ if [ "${1:-}" = scale ] || [ "${1:-}" = funcx ]; then
     cargo build --release -p testnet --example scale >&2
     harness=$CARGO_TARGET_DIR/release/examples/scale
     if [ "$1" = funcx ]; then
-        exec "$harness" --funcx --members 64 --endpoints 16 --workers 128 --tasks 1310720
+        exec "$harness" --funcx --members 16 --per-institution 4 --endpoints 64 --workers 128 --tasks 1310720
     fi
     shift
     for n in ${@:-10 40 100 200}; do

@@ -116,6 +116,9 @@ pub struct EndpointConfig {
     /// Simulated workers, for scale experiments: no process is started; every task returns
     /// `null` after this many milliseconds (`None`: real workers).
     pub simulate_ms: Option<u64>,
+    /// Most finished, unacknowledged tasks whose ids the endpoint keeps in memory (about 100
+    /// bytes each), so that redelivery sweeps read them by key; past it they scan the store.
+    pub outbox_in_memory: usize,
 }
 
 impl Default for EndpointConfig {
@@ -144,6 +147,7 @@ impl Default for EndpointConfig {
             workers_per: WorkersPer::Institution,
             foreign_host_tasks: false,
             simulate_ms: None,
+            outbox_in_memory: 100_000,
             container_network: false,
             container_pids: 512,
             images: Vec::new(),

@@ -13,7 +13,7 @@
 //! with [`FailureKind::EndpointLost`]: they are never run twice by the endpoint itself (the
 //! submitter decides about retries).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -191,6 +191,7 @@ impl Endpoint {
             verified: HashMap::new(),
             stored_functions: crate::task::stored::StoredFunctions::for_endpoint(&config.name),
             outbox_cursor: Vec::new(),
+            outbox: Some(BTreeSet::new()),
             values,
             fetching: HashMap::new(),
         };
@@ -457,6 +458,12 @@ struct Driver {
     /// through the outbox, so that one submitter's many unacknowledged results (a submitter
     /// that is away) cannot keep the others' from being sent again.
     outbox_cursor: Vec<u8>,
+    /// The outbox in memory: finished tasks whose results are not acknowledged, those the start
+    /// found in the store and those finished since. Sweeps read these records by key and never
+    /// scan the store, whose acknowledged entries a scan steps over one deleted key at a time
+    /// (at a few hundred thousand tasks, most of a node's time). `None` past `outbox_in_memory`
+    /// entries (submitters long away): sweeps scan the store, until one pass finds it small.
+    outbox: Option<BTreeSet<TaskId>>,
     /// How this node passes large values (`None`: all inline).
     values: Option<crate::blobs::Values>,
     /// Tasks whose arguments are being fetched, with their place in the queue once they are.
@@ -540,12 +547,14 @@ impl Driver {
             })
             .await?;
         let now = Instant::now();
+        let mut outbox = BTreeSet::new();
         let rows: Vec<_> = rows
             .into_iter()
             .filter_map(|(id, value, rec)| {
                 let rec = rec.and_then(|v| serde_json::from_slice::<Record>(&v).ok());
-                if rec.as_ref().is_some_and(|r| r.status.is_terminal()) {
-                    return None; // In the outbox.
+                if let Some(r) = rec.as_ref().filter(|r| r.status.is_terminal()) {
+                    outbox.insert(r.id.clone()); // In the outbox.
+                    return None;
                 }
                 let stored = serde_json::from_slice::<StoredPending>(&value).ok();
                 Some((id, value, rec, stored))
@@ -662,6 +671,7 @@ impl Driver {
         if requeued + lost > 0 {
             tracing::info!(endpoint = %name, requeued, lost, "recovered tasks from the store");
         }
+        self.outbox = (outbox.len() <= self.config.outbox_in_memory).then_some(outbox);
         self.apply().await;
         Ok(())
     }
@@ -1140,84 +1150,160 @@ impl Driver {
                 if self.acks.is_empty() {
                     self.acks_since = Some(Instant::now());
                 }
+                if let Some(outbox) = &mut self.outbox {
+                    for id in &ids {
+                        outbox.remove(id);
+                    }
+                }
                 self.acks.extend(ids);
             }
-            Cmd::Unacknowledged(mut except, reply) => {
-                let name = self.config.name.clone();
-                // Tasks still live are not finished: their `s/` entries are not the outbox's.
-                // Nor are acknowledged ones whose entries are still to be deleted.
-                except.extend(self.live.keys().cloned());
-                except.extend(self.acks.iter().cloned());
-                let cursor = std::mem::take(&mut self.outbox_cursor);
-                let found = self
-                    .store
-                    .blocking(move |s| {
-                        // The outbox: `s/` entries whose record is final. Reads stop at 1,000
-                        // results, and skip the entries known not to be wanted without a read.
-                        // A sweep starts where the last one stopped and wraps around.
-                        let prefix = format!("s/{name}/").into_bytes();
-                        let rprefix = format!("r/{name}/").into_bytes();
-                        let mut out = Vec::new();
-                        let mut last: Option<Vec<u8>> = None;
-                        let sweep =
-                            |from: &[u8],
-                             until: Option<&[u8]>,
-                             out: &mut Vec<Record>,
-                             last: &mut Option<Vec<u8>>| {
-                                s.visit_keys_from(store::cf::TASKS, &prefix, from, |k| {
-                                    let id = &k[prefix.len()..];
-                                    if until.is_some_and(|u| id >= u) {
-                                        return Ok(false);
-                                    }
-                                    *last = Some(id.to_vec());
-                                    let skip = std::str::from_utf8(id)
-                                        .ok()
-                                        .and_then(|t| t.parse::<TaskId>().ok())
-                                        .is_some_and(|t| except.contains(&t));
-                                    if skip {
-                                        return Ok(true);
-                                    }
-                                    let mut key = rprefix.clone();
-                                    key.extend_from_slice(id);
-                                    if let Some(v) = s.get(store::cf::TASKS, &key)? {
-                                        if let Ok(rec) = serde_json::from_slice::<Record>(&v) {
-                                            if rec.status.is_terminal() {
-                                                out.push(rec);
-                                            }
-                                        }
-                                    }
-                                    Ok(out.len() < OUTBOX_SWEEP)
-                                })
-                            };
-                        let mut from = prefix.clone();
-                        from.extend_from_slice(&cursor);
-                        sweep(&from, None, &mut out, &mut last)?;
-                        if out.len() < OUTBOX_SWEEP && !cursor.is_empty() {
-                            // Reached the end: go on from the beginning up to where this began.
-                            sweep(&prefix, Some(&cursor), &mut out, &mut last)?;
-                        }
-                        let next = if out.len() < OUTBOX_SWEEP {
-                            Vec::new()
-                        } else {
-                            // Just after the last entry read.
-                            let mut next = last.unwrap_or_default();
-                            next.push(0);
-                            next
-                        };
-                        Ok((out, next))
-                    })
-                    .await;
-                let found = match found {
-                    Ok((found, next)) => {
-                        self.outbox_cursor = next;
-                        found
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "cannot read the outbox");
-                        Vec::new()
-                    }
+            Cmd::Unacknowledged(except, reply) => {
+                let found = match self.outbox.is_some() {
+                    true => self.outbox_from_memory(&except).await,
+                    false => self.outbox_from_store(except).await,
                 };
                 let _ = reply.send(found);
+            }
+        }
+    }
+
+    /// Up to `OUTBOX_SWEEP` results of the in-memory outbox but `except`, from where the last
+    /// sweep stopped, read by key.
+    async fn outbox_from_memory(&mut self, except: &HashSet<TaskId>) -> Vec<Record> {
+        let Some(outbox) = &self.outbox else {
+            return Vec::new();
+        };
+        let cursor = std::str::from_utf8(&self.outbox_cursor)
+            .ok()
+            .and_then(|c| c.parse::<TaskId>().ok());
+        use std::ops::Bound;
+        let start = cursor.as_ref().map_or(Bound::Unbounded, Bound::Excluded);
+        // From the cursor to the end, then from the beginning up to it.
+        let wrapped = cursor
+            .as_ref()
+            .map(|c| outbox.range(..=c))
+            .into_iter()
+            .flatten();
+        let ids: Vec<TaskId> = outbox
+            .range((start, Bound::Unbounded))
+            .chain(wrapped)
+            .filter(|id| !except.contains(*id))
+            .take(OUTBOX_SWEEP)
+            .cloned()
+            .collect();
+        self.outbox_cursor = match ids.len() < OUTBOX_SWEEP {
+            true => Vec::new(),
+            false => ids
+                .last()
+                .map(|l| l.as_str().as_bytes().to_vec())
+                .unwrap_or_default(),
+        };
+        let mut stored = self.stored(ids.clone()).await;
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            match stored.remove(&id) {
+                Some(rec) if rec.status.is_terminal() => out.push(rec),
+                // Gone (past its retention) or not final after all: not the outbox's.
+                _ => {
+                    if let Some(outbox) = &mut self.outbox {
+                        outbox.remove(&id);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// The outbox read from the store: `s/` entries whose record is final, up to
+    /// `OUTBOX_SWEEP` results but `except`, from where the last sweep stopped. A pass over the
+    /// whole outbox that finds it small puts it back in memory.
+    async fn outbox_from_store(&mut self, busy: HashSet<TaskId>) -> Vec<Record> {
+        let name = self.config.name.clone();
+        // Tasks still live are not finished: their `s/` entries are not the outbox's. Nor are
+        // acknowledged ones whose entries are still to be deleted.
+        let mut except: HashSet<TaskId> = self.live.keys().cloned().collect();
+        except.extend(self.acks.iter().cloned());
+        let cursor = std::mem::take(&mut self.outbox_cursor);
+        let whole = cursor.is_empty();
+        let found = self
+            .store
+            .blocking(move |s| {
+                // The outbox: `s/` entries whose record is final. Reads stop at 1,000 results,
+                // and skip the entries known not to be wanted without a read. A sweep starts
+                // where the last one stopped and wraps around.
+                let prefix = format!("s/{name}/").into_bytes();
+                let rprefix = format!("r/{name}/").into_bytes();
+                let mut out = Vec::new();
+                // Skipped because they are being delivered: still in the outbox.
+                let mut delivering = Vec::new();
+                let mut last: Option<Vec<u8>> = None;
+                let mut sweep = |from: &[u8],
+                                 until: Option<&[u8]>,
+                                 out: &mut Vec<Record>,
+                                 last: &mut Option<Vec<u8>>| {
+                    s.visit_keys_from(store::cf::TASKS, &prefix, from, |k| {
+                        let id = &k[prefix.len()..];
+                        if until.is_some_and(|u| id >= u) {
+                            return Ok(false);
+                        }
+                        *last = Some(id.to_vec());
+                        let Some(t) = std::str::from_utf8(id)
+                            .ok()
+                            .and_then(|t| t.parse::<TaskId>().ok())
+                        else {
+                            return Ok(true);
+                        };
+                        if except.contains(&t) {
+                            return Ok(true);
+                        }
+                        if busy.contains(&t) {
+                            delivering.push(t);
+                            return Ok(true);
+                        }
+                        let mut key = rprefix.clone();
+                        key.extend_from_slice(id);
+                        if let Some(v) = s.get(store::cf::TASKS, &key)? {
+                            if let Ok(rec) = serde_json::from_slice::<Record>(&v) {
+                                if rec.status.is_terminal() {
+                                    out.push(rec);
+                                }
+                            }
+                        }
+                        Ok(out.len() < OUTBOX_SWEEP)
+                    })
+                };
+                let mut from = prefix.clone();
+                from.extend_from_slice(&cursor);
+                sweep(&from, None, &mut out, &mut last)?;
+                if out.len() < OUTBOX_SWEEP && !cursor.is_empty() {
+                    // Reached the end: go on from the beginning up to where this began.
+                    sweep(&prefix, Some(&cursor), &mut out, &mut last)?;
+                }
+                let next = if out.len() < OUTBOX_SWEEP {
+                    Vec::new()
+                } else {
+                    // Just after the last entry read.
+                    let mut next = last.unwrap_or_default();
+                    next.push(0);
+                    next
+                };
+                Ok((out, delivering, next))
+            })
+            .await;
+        match found {
+            Ok((found, delivering, next)) => {
+                // One sweep read the whole outbox, and it is small again: back to memory.
+                if whole && next.is_empty() {
+                    let mut outbox: BTreeSet<TaskId> = delivering.into_iter().collect();
+                    outbox.extend(found.iter().map(|r| r.id.clone()));
+                    self.outbox = Some(outbox);
+                }
+                self.outbox_cursor = next;
+                found
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the outbox");
+                Vec::new()
             }
         }
     }
@@ -1658,6 +1744,13 @@ impl Driver {
                 return;
             }
         }
+        if let Some(outbox) = &mut self.outbox {
+            outbox.extend(self.finished.iter().map(|r| r.id.clone()));
+            if outbox.len() > self.config.outbox_in_memory {
+                self.outbox = None;
+                self.outbox_cursor.clear();
+            }
+        }
         for reply in std::mem::take(&mut self.replies) {
             reply(self);
         }
@@ -1745,6 +1838,7 @@ impl Driver {
             .blocking(move |s| {
                 let prefix = format!("r/{name}/").into_bytes();
                 let mut ops = Vec::new();
+                let mut dropped = Vec::new();
                 let rows = if full {
                     s.scan_prefix(store::cf::TASKS, &prefix)?
                 } else {
@@ -1759,18 +1853,24 @@ impl Driver {
                     if rec.status.is_terminal() && rec.times.finished_us < horizon {
                         ops.push((store::cf::TASKS, k, None));
                         ops.push((store::cf::TASKS, skey(&name, &rec.id), None));
+                        dropped.push(rec.id);
                     }
                 }
-                let n = ops.len() / 2;
                 if !ops.is_empty() {
                     s.batch_unsynced(&ops)?;
                 }
-                Ok(n)
+                Ok(dropped)
             })
             .await;
         match res {
-            Ok(0) => {}
-            Ok(n) => {
+            Ok(dropped) if dropped.is_empty() => {}
+            Ok(dropped) => {
+                let n = dropped.len();
+                if let Some(outbox) = &mut self.outbox {
+                    for id in &dropped {
+                        outbox.remove(id);
+                    }
+                }
                 tracing::info!(endpoint = %self.config.name, dropped = n, "dropped tasks past their retention")
             }
             Err(e) => tracing::warn!(error = %e, "retention sweep failed"),

@@ -392,16 +392,35 @@ async fn funcx(a: &Args, sets: &[String]) -> anyhow::Result<()> {
     let t0 = Instant::now();
     let per = a.tasks / submitters.len();
     let window = (a.window_tasks / submitters.len()).max(1);
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // Progress every 10 s on stderr, so that a run cut short still tells its rate.
+    let progress = {
+        let done = done.clone();
+        tokio::spawn(async move {
+            let mut last = 0;
+            loop {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                let now = done.load(std::sync::atomic::Ordering::Relaxed);
+                eprintln!(
+                    "{:.0} s: {now} finished, {} tasks/s in the last 10 s",
+                    t0.elapsed().as_secs_f64(),
+                    (now - last) / 10
+                );
+                last = now;
+            }
+        })
+    };
     let runs = submitters.iter().enumerate().map(|(k, &s)| {
         let count = if k + 1 == submitters.len() {
             a.tasks - per * k
         } else {
             per
         };
-        submit_all(net.node(s), &function, count, window)
+        submit_all(net.node(s), &function, count, window, done.clone())
     });
     let ids = futures::future::try_join_all(runs).await?;
     let elapsed = t0.elapsed().as_secs_f64();
+    progress.abort();
     // Every task's outcome, from the submitters' stores.
     let (mut ok, mut failed) = (0usize, 0usize);
     for (&s, ids) in submitters.iter().zip(ids) {
@@ -442,6 +461,7 @@ async fn submit_all(
     function: &str,
     count: usize,
     window: usize,
+    progress: std::sync::Arc<std::sync::atomic::AtomicUsize>,
 ) -> anyhow::Result<Vec<compute::TaskId>> {
     use tokio::sync::broadcast::error::RecvError;
     let mut finished = node.dispatcher().finished_tasks();
@@ -468,12 +488,14 @@ async fn submit_all(
             }
             sent += n;
         }
-        match finished.recv().await {
-            Ok(_) => done += 1,
+        let n = match finished.recv().await {
+            Ok(_) => 1,
             // Missed some: only this node's tasks finish here; their outcomes are read after.
-            Err(RecvError::Lagged(n)) => done += n as usize,
+            Err(RecvError::Lagged(n)) => n as usize,
             Err(RecvError::Closed) => anyhow::bail!("the dispatcher stopped"),
-        }
+        };
+        done += n;
+        progress.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
     }
     Ok(ids)
 }

@@ -1667,3 +1667,94 @@ async fn simulated_workers_answer_every_task_with_null_after_their_time_without_
     );
     h.stop().await;
 }
+
+/// Issue 22: the outbox is kept in memory, read by key, up to `outbox_in_memory` entries; past
+/// it, sweeps read the store, and the results are the same either way: every unacknowledged
+/// one, none acknowledged, across a restart too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_outbox_past_its_memory_bound_is_read_from_the_store_with_the_same_results() {
+    let cfg = EndpointConfig {
+        max_workers: 4,
+        simulate_ms: Some(0),
+        python: "/nonexistent/python".into(),
+        outbox_in_memory: 10,
+        ..config()
+    };
+    let mut h = start(cfg.clone()).await;
+    let subs: Vec<Submission> = (0..30)
+        .map(|i| submission(&f("add"), json!([i]), json!({})))
+        .collect();
+    let ids: Vec<TaskId> = subs.iter().map(|s| s.id.clone()).collect();
+    let accepted = h.endpoint.submit("away", "inst-b", subs).await.unwrap();
+    assert!(accepted.iter().all(Result::is_ok), "{accepted:?}");
+    let mut done = std::collections::HashSet::new();
+    while done.len() < ids.len() {
+        let rec = tokio::time::timeout(Duration::from_secs(30), h.results.recv())
+            .await
+            .expect("results within 30 s")
+            .expect("endpoint running");
+        done.insert(rec.id);
+    }
+    let swept = |h: &Harness| {
+        let ep = h.endpoint.clone();
+        async move {
+            ep.unacknowledged(Default::default())
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|r| r.id)
+                .collect::<std::collections::HashSet<_>>()
+        }
+    };
+    let all: std::collections::HashSet<TaskId> = ids.iter().cloned().collect();
+    assert_eq!(
+        swept(&h).await,
+        all,
+        "30 > 10: every result, from the store"
+    );
+    // Acknowledge all but five: the sweep offers those five, and again once back in memory.
+    let (acked, kept) = ids.split_at(25);
+    h.endpoint.acknowledge(acked.to_vec()).await.unwrap();
+    let kept: std::collections::HashSet<TaskId> = kept.iter().cloned().collect();
+    let (ep, want) = (h.endpoint.clone(), kept.clone());
+    until("the sweep to offer only the unacknowledged five", || {
+        let (ep, want) = (ep.clone(), want.clone());
+        async move {
+            let got: std::collections::HashSet<TaskId> = ep
+                .unacknowledged(Default::default())
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|r| r.id)
+                .collect();
+            got == want
+        }
+    })
+    .await;
+    assert_eq!(swept(&h).await, kept);
+    // Finishing more past the bound again, and a restart, lose nothing.
+    let more: Vec<Submission> = (0..12)
+        .map(|i| submission(&f("add"), json!([i]), json!({})))
+        .collect();
+    let more_ids: Vec<TaskId> = more.iter().map(|s| s.id.clone()).collect();
+    let accepted = h.endpoint.submit("away", "inst-b", more).await.unwrap();
+    assert!(accepted.iter().all(Result::is_ok), "{accepted:?}");
+    let mut left: std::collections::HashSet<TaskId> = more_ids.iter().cloned().collect();
+    while !left.is_empty() {
+        let rec = tokio::time::timeout(Duration::from_secs(30), h.results.recv())
+            .await
+            .expect("results within 30 s")
+            .expect("endpoint running");
+        left.remove(&rec.id);
+    }
+    let mut expected = kept.clone();
+    expected.extend(more_ids.iter().cloned());
+    assert_eq!(swept(&h).await, expected, "17 > 10: from the store");
+    let (dir, store) = h.stop().await;
+    drop(store);
+    let h = start_in(dir, cfg.clone()).await;
+    assert_eq!(swept(&h).await, expected, "after a restart");
+    h.acknowledge_until_gone(&expected.iter().cloned().collect::<Vec<_>>())
+        .await;
+    h.stop().await;
+}
