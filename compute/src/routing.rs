@@ -233,16 +233,73 @@ impl std::error::Error for NoRoute {}
 struct Seen {
     advert: Advert,
     at: Instant,
+    /// Where each endpoint is in `advert.endpoints`, by name (a node may host dozens: a
+    /// choice among a thousand candidates looks each up).
+    by_name: HashMap<String, usize>,
+}
+
+impl Seen {
+    fn new(advert: Advert, at: Instant) -> Seen {
+        let by_name = advert
+            .endpoints
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.name.clone(), i))
+            .collect();
+        Seen {
+            advert,
+            at,
+            by_name,
+        }
+    }
+}
+
+/// One kind of choice's work, kept for the next task like it (same function, environment,
+/// requirements and strategy): which candidates are eligible, in id order, and their scores.
+/// A change to what eligibility depends on (adverts, connections, RTTs, the candidates) drops
+/// every memo; a task sent or a load in an answer rescores only its endpoint; a memo older than
+/// `MEMO_FOR` is rebuilt (liveness, tokens). A choice among a thousand endpoints costs a pass
+/// over a vector of scores instead of a thousand lookups.
+struct Memo {
+    epoch: u64,
+    built: Instant,
+    /// The candidates it indexes (their address and length: a guard, with the epoch).
+    candidates: (usize, usize),
+    /// How many of the router's `changes` it has taken in.
+    seen: usize,
+    env: String,
+    /// Eligible candidates, as indices into the candidates, in id order.
+    eligible: Vec<usize>,
+    /// Their scores (warmth, load, RTT), in the same order.
+    scores: Vec<(u8, f64, Duration)>,
+    /// Where each eligible endpoint is in `eligible`, by node and name.
+    at: HashMap<PeerId, HashMap<String, usize>>,
+}
+
+/// How long a memo of a choice is used before it is built again.
+const MEMO_FOR: Duration = Duration::from_millis(250);
+/// Most memos kept (kinds of choice); past it they are all dropped.
+const MAX_MEMOS: usize = 64;
+
+/// Tasks sent to one endpoint since its node's last advert: in all, and per environment (an
+/// endpoint sent a task for an environment has, or is starting, a worker for it).
+#[derive(Default)]
+struct Sent {
+    total: u32,
+    by_env: HashMap<String, u32>,
 }
 
 /// The router's state: the latest advert per node, tasks sent since, and RTTs.
 pub struct Router {
     adverts: HashMap<PeerId, Seen>,
-    /// Tasks sent to an endpoint since its node's last advert.
-    inflight: HashMap<(PeerId, String), u32>,
-    /// The same, per environment: an endpoint sent a task for an environment has (or is
-    /// starting) a worker for it.
-    inflight_env: HashMap<(PeerId, String, String), u32>,
+    /// Tasks sent to each endpoint since its node's last advert, by node and endpoint name
+    /// (looked up by `&str`, without allocating, once per candidate per choice).
+    inflight: HashMap<PeerId, HashMap<String, Sent>>,
+    /// Memos of choices (`choose_memo`), and what they are current with: `epoch` counts the
+    /// changes that drop them, `changes` lists the endpoints whose score changed since.
+    memos: HashMap<String, Memo>,
+    epoch: u64,
+    changes: Vec<(PeerId, String)>,
     rtt: HashMap<PeerId, Duration>,
     /// Members connected now: alive until they advertise, even before their first advert.
     connected: HashSet<PeerId>,
@@ -299,7 +356,9 @@ impl Router {
         Router {
             adverts: HashMap::new(),
             inflight: HashMap::new(),
-            inflight_env: HashMap::new(),
+            memos: HashMap::new(),
+            epoch: 0,
+            changes: Vec::new(),
             rtt: HashMap::new(),
             connected: HashSet::new(),
             local: None,
@@ -316,11 +375,34 @@ impl Router {
     /// heartbeat).
     pub fn set_endpoint_nodes(&mut self, endpoint_nodes: usize) {
         let heartbeat = advert_heartbeat(endpoint_nodes);
-        self.lost_after = if heartbeat > HEARTBEAT_BOUNDS.0 {
+        let lost_after = if heartbeat > HEARTBEAT_BOUNDS.0 {
             self.configured_lost_after.max(heartbeat * 3)
         } else {
             self.configured_lost_after
         };
+        if lost_after != self.lost_after {
+            self.lost_after = lost_after;
+            self.invalidate();
+        }
+    }
+
+    /// The candidates changed (or anything else eligibility depends on): memos are dropped.
+    pub fn invalidate(&mut self) {
+        self.epoch = self.epoch.wrapping_add(1);
+        self.memos.clear();
+        self.changes.clear();
+    }
+
+    /// An endpoint's score changed: memos rescore it at their next use.
+    fn changed(&mut self, peer: PeerId, name: &str) {
+        if self.memos.is_empty() {
+            return;
+        }
+        if self.changes.len() >= 65_536 {
+            self.invalidate();
+            return;
+        }
+        self.changes.push((peer, name.to_owned()));
     }
 
     /// How long a node may go unheard before its endpoints are lost.
@@ -335,9 +417,9 @@ impl Router {
                 return;
             }
         }
-        self.inflight.retain(|(p, _), _| *p != peer);
-        self.inflight_env.retain(|(p, _, _), _| *p != peer);
-        self.adverts.insert(peer, Seen { advert, at: now });
+        self.inflight.remove(&peer);
+        self.adverts.insert(peer, Seen::new(advert, now));
+        self.invalidate();
     }
 
     /// An endpoint's load as its node just told us in an answer: it replaces that endpoint's
@@ -353,17 +435,18 @@ impl Router {
             return;
         };
         let Some(e) = seen
-            .advert
-            .endpoints
-            .iter_mut()
-            .find(|e| e.name == load.name)
+            .by_name
+            .get(&load.name)
+            .and_then(|&i| seen.advert.endpoints.get_mut(i))
         else {
             return;
         };
-        self.inflight.remove(&(peer, load.name.clone()));
-        self.inflight_env
-            .retain(|(p, n, _), _| !(*p == peer && *n == load.name));
+        if let Some(sent) = self.inflight.get_mut(&peer) {
+            sent.remove(&load.name);
+        }
+        let name = load.name.clone();
         *e = load;
+        self.changed(peer, &name);
     }
 
     /// The latest advert of every node heard from.
@@ -376,23 +459,27 @@ impl Router {
 
     /// Records a round-trip time to a node.
     pub fn rtt(&mut self, peer: PeerId, rtt: Duration) {
-        self.rtt.insert(peer, rtt);
+        if self.rtt.insert(peer, rtt) != Some(rtt) {
+            self.invalidate();
+        }
     }
 
     /// Forgets a node (it disconnected for good).
     pub fn forget(&mut self, peer: &PeerId) {
         self.adverts.remove(peer);
-        self.inflight.retain(|(p, _), _| p != peer);
-        self.inflight_env.retain(|(p, _, _), _| p != peer);
+        self.inflight.remove(peer);
+        self.invalidate();
     }
 
     /// This node (its endpoints are at zero RTT, and always alive).
     pub fn set_local(&mut self, peer: PeerId) {
         self.local = Some(peer);
+        self.invalidate();
     }
 
     /// A member connected or disconnected.
     pub fn connected(&mut self, peer: PeerId, up: bool) {
+        self.invalidate();
         if up {
             self.connected.insert(peer);
         } else {
@@ -413,19 +500,22 @@ impl Router {
 
     /// The latest advert of a node's endpoint.
     pub fn load_of(&self, peer: &PeerId, name: &str) -> Option<&EndpointLoad> {
-        self.adverts
-            .get(peer)
-            .and_then(|s| s.advert.endpoints.iter().find(|e| e.name == name))
+        let seen = self.adverts.get(peer)?;
+        seen.advert.endpoints.get(*seen.by_name.get(name)?)
     }
 
     /// Notes that a task went to an endpoint, so that the next choice counts it before the
     /// endpoint's next advert does.
     pub fn dispatched(&mut self, peer: PeerId, name: &str, env: &Environment) {
-        *self.inflight.entry((peer, name.to_owned())).or_default() += 1;
-        *self
-            .inflight_env
-            .entry((peer, name.to_owned(), env.to_string()))
-            .or_default() += 1;
+        let sent = self
+            .inflight
+            .entry(peer)
+            .or_default()
+            .entry(name.to_owned())
+            .or_default();
+        sent.total += 1;
+        *sent.by_env.entry(env.to_string()).or_default() += 1;
+        self.changed(peer, name);
     }
 
     /// Picks an endpoint for a task that runs in `env`, submitted by a member of `institution`.
@@ -446,11 +536,7 @@ impl Router {
         let explicit = req.endpoint.as_deref();
         for c in candidates {
             if let Some(want) = explicit {
-                let matches = c.id == want
-                    || c.name == want
-                    || format!("{}@{}", c.name, c.node_name) == want
-                    || (want.len() >= 6 && c.id.starts_with(want));
-                if !matches {
+                if !Self::named(c, want) {
                     continue;
                 }
             }
@@ -476,27 +562,160 @@ impl Router {
                 self.rr = self.rr.wrapping_add(1);
                 eligible[self.rr % eligible.len()]
             }
-            Strategy::LeastLoaded => *eligible
-                .iter()
-                .min_by(|a, b| {
-                    self.load(a)
-                        .total_cmp(&self.load(b))
-                        .then(self.rtt_of(a).cmp(&self.rtt_of(b)))
-                        .then(a.id.cmp(&b.id))
-                })
-                .expect("not empty"),
-            Strategy::WarmAware => *eligible
-                .iter()
-                .min_by(|a, b| {
-                    self.warmth(a, &key)
-                        .cmp(&self.warmth(b, &key))
-                        .then(self.load(a).total_cmp(&self.load(b)))
-                        .then(self.rtt_of(a).cmp(&self.rtt_of(b)))
-                        .then(a.id.cmp(&b.id))
-                })
-                .expect("not empty"),
+            // Each candidate scored once (not once per comparison).
+            Strategy::LeastLoaded => {
+                eligible
+                    .iter()
+                    .map(|c| (self.load(c), self.rtt_of(c), *c))
+                    .min_by(|a, b| {
+                        a.0.total_cmp(&b.0)
+                            .then(a.1.cmp(&b.1))
+                            .then(a.2.id.cmp(&b.2.id))
+                    })
+                    .expect("not empty")
+                    .2
+            }
+            Strategy::WarmAware => {
+                eligible
+                    .iter()
+                    .map(|c| (self.warmth(c, &key), self.load(c), self.rtt_of(c), *c))
+                    .min_by(|a, b| {
+                        a.0.cmp(&b.0)
+                            .then(a.1.total_cmp(&b.1))
+                            .then(a.2.cmp(&b.2))
+                            .then(a.3.id.cmp(&b.3.id))
+                    })
+                    .expect("not empty")
+                    .3
+            }
         };
         Ok(pick.clone())
+    }
+
+    /// [`Router::choose`], with the work kept for the next task like it (see `Memo`).
+    /// `kind` names what the access check depends on besides the endpoint (the function, and
+    /// whether a token was given): choices of one kind share a memo. A choice with endpoints
+    /// to exclude, or none eligible (whose reasons are wanted), is not memoised.
+    #[allow(clippy::too_many_arguments)]
+    pub fn choose_memo(
+        &mut self,
+        kind: &str,
+        env: &Environment,
+        req: &Requirements,
+        access: &dyn Fn(&Candidate) -> Result<(), String>,
+        strategy: Strategy,
+        candidates: &[Candidate],
+        exclude: &HashSet<String>,
+        now: Instant,
+    ) -> Result<Candidate, NoRoute> {
+        if !exclude.is_empty() {
+            return self.choose(env, req, access, strategy, candidates, exclude, now);
+        }
+        let key = format!("{kind}\0{env}\0{req:?}\0{strategy:?}");
+        let at = (candidates.as_ptr() as usize, candidates.len());
+        let memo = match self.memos.remove(&key) {
+            Some(m)
+                if m.epoch == self.epoch
+                    && m.candidates == at
+                    && now.saturating_duration_since(m.built) < MEMO_FOR =>
+            {
+                Some(m)
+            }
+            _ => None,
+        };
+        let mut memo = match memo {
+            Some(m) => m,
+            None => {
+                let explicit = req.endpoint.as_deref();
+                let mut eligible: Vec<usize> = (0..candidates.len())
+                    .filter(|&i| {
+                        let c = &candidates[i];
+                        explicit.is_none_or(|want| Self::named(c, want))
+                            && self.refusal(c, env, req, access, exclude, now).is_none()
+                    })
+                    .collect();
+                if eligible.is_empty() {
+                    return self.choose(env, req, access, strategy, candidates, exclude, now);
+                }
+                eligible.sort_by(|a, b| candidates[*a].id.cmp(&candidates[*b].id));
+                let env = env.to_string();
+                let scores = eligible
+                    .iter()
+                    .map(|&i| self.score(&candidates[i], &env, strategy))
+                    .collect();
+                let mut at_map: HashMap<PeerId, HashMap<String, usize>> = HashMap::new();
+                for (pos, &i) in eligible.iter().enumerate() {
+                    let c = &candidates[i];
+                    at_map
+                        .entry(c.peer)
+                        .or_default()
+                        .insert(c.name.clone(), pos);
+                }
+                if self.memos.len() >= MAX_MEMOS {
+                    self.memos.clear();
+                }
+                Memo {
+                    epoch: self.epoch,
+                    built: now,
+                    candidates: at,
+                    seen: self.changes.len(),
+                    env,
+                    eligible,
+                    scores,
+                    at: at_map,
+                }
+            }
+        };
+        // Rescore the endpoints whose load changed since the memo last looked.
+        for (peer, name) in &self.changes[memo.seen.min(self.changes.len())..] {
+            if let Some(&pos) = memo.at.get(peer).and_then(|m| m.get(name)) {
+                memo.scores[pos] = self.score(&candidates[memo.eligible[pos]], &memo.env, strategy);
+            }
+        }
+        memo.seen = self.changes.len();
+        let pos = match strategy {
+            Strategy::Random => self.rng.gen_range(0..memo.eligible.len()),
+            Strategy::RoundRobin => {
+                self.rr = self.rr.wrapping_add(1);
+                self.rr % memo.eligible.len()
+            }
+            // The first of the lowest scores: ties go to the lowest id, as in `choose`.
+            Strategy::LeastLoaded | Strategy::WarmAware => {
+                let mut best = 0;
+                for (i, s) in memo.scores.iter().enumerate().skip(1) {
+                    let b = &memo.scores[best];
+                    if s.0
+                        .cmp(&b.0)
+                        .then(s.1.total_cmp(&b.1))
+                        .then(s.2.cmp(&b.2))
+                        .is_lt()
+                    {
+                        best = i;
+                    }
+                }
+                best
+            }
+        };
+        let pick = candidates[memo.eligible[pos]].clone();
+        self.memos.insert(key, memo);
+        Ok(pick)
+    }
+
+    /// A candidate's score for a strategy that orders by it: (warmth, load, RTT), lowest best.
+    fn score(&self, c: &Candidate, env: &str, strategy: Strategy) -> (u8, f64, Duration) {
+        let warmth = match strategy {
+            Strategy::WarmAware => self.warmth(c, env),
+            _ => 0,
+        };
+        (warmth, self.load(c), self.rtt_of(c))
+    }
+
+    /// Whether `want` names this candidate: its id, an id prefix of 6+, its name, or name@node.
+    fn named(c: &Candidate, want: &str) -> bool {
+        c.id == want
+            || c.name == want
+            || format!("{}@{}", c.name, c.node_name) == want
+            || (want.len() >= 6 && c.id.starts_with(want))
     }
 
     fn refusal(
@@ -543,9 +762,17 @@ impl Router {
         None
     }
 
+    fn sent(&self, c: &Candidate) -> Option<&Sent> {
+        self.inflight.get(&c.peer)?.get(&c.name)
+    }
+
     fn inflight_of(&self, c: &Candidate) -> u32 {
-        self.inflight
-            .get(&(c.peer, c.name.clone()))
+        self.sent(c).map_or(0, |s| s.total)
+    }
+
+    fn inflight_env_of(&self, c: &Candidate, env: &str) -> u32 {
+        self.sent(c)
+            .and_then(|s| s.by_env.get(env))
             .copied()
             .unwrap_or(0)
     }
@@ -570,12 +797,7 @@ impl Router {
                             .saturating_add(e.starting)
                     })
             })
-            .saturating_add(
-                self.inflight_env
-                    .get(&(c.peer, c.name.clone(), env.to_owned()))
-                    .copied()
-                    .unwrap_or(0),
-            );
+            .saturating_add(self.inflight_env_of(c, env));
         if present > 0 && self.load(c) < OVERLOADED {
             1
         } else {
@@ -590,12 +812,7 @@ impl Router {
                 .filter(|e| e.env == env)
                 .fold(0u32, |n, e| n.saturating_add(e.idle))
         });
-        let sent = self
-            .inflight_env
-            .get(&(c.peer, c.name.clone(), env.to_owned()))
-            .copied()
-            .unwrap_or(0);
-        idle.saturating_sub(sent)
+        idle.saturating_sub(self.inflight_env_of(c, env))
     }
 
     /// Queued and running tasks per worker, counting tasks sent since the last advert.
@@ -688,6 +905,56 @@ mod tests {
         )
         .map(|c| c.name)
         .unwrap_or_else(|e| e.to_string())
+    }
+
+    proptest! {
+        /// Issue 22: a memoised choice is the choice: under any sequence of tasks sent, loads
+        /// in answers and adverts, `choose_memo` picks what `choose` picks, for the strategies
+        /// that order by score.
+        #[test]
+        fn a_memoised_choice_is_the_plain_choice(
+            ops in proptest::collection::vec((0u8..4, 0usize..12, 0u32..6, any::<bool>()), 1..120),
+        ) {
+            let now = Instant::now();
+            let mut r = Router::new(7, Duration::from_secs(5));
+            let cs: Vec<Candidate> = (0..12u8)
+                .map(|n| cand(n, "a", if n % 3 == 0 { &["host"] } else { &["host", "docker"] }))
+                .collect();
+            for c in &cs {
+                r.advert(c.peer, advert(c, 1, 0, &[]), now);
+            }
+            let env = Environment::parse(IMG).unwrap();
+            let mut seq = 2;
+            for (op, i, n, warm) in ops {
+                let c = &cs[i];
+                match op {
+                    0 => r.dispatched(c.peer, &c.name, &env),
+                    1 => {
+                        let mut a = advert(c, seq, n, if warm { &[(IMG, 1)] } else { &[] });
+                        let load = a.endpoints.remove(0);
+                        r.fresh_load(c.peer, load);
+                    }
+                    2 => {
+                        seq += 1;
+                        r.advert(c.peer, advert(c, seq, n, if warm { &[(IMG, 1)] } else { &[] }), now);
+                    }
+                    _ => {}
+                }
+                for s in [Strategy::LeastLoaded, Strategy::WarmAware] {
+                    let plain = r
+                        .choose(&env, &Requirements::default(), &by_policy(Some("a")), s, &cs, &HashSet::new(), now)
+                        .map(|c| c.id);
+                    let memo = r
+                        .choose_memo("f", &env, &Requirements::default(), &by_policy(Some("a")), s, &cs, &HashSet::new(), now)
+                        .map(|c| c.id);
+                    proptest::prop_assert_eq!(plain.ok(), memo.ok(), "{:?}", s);
+                }
+                // What the submitter does with a pick: the next choice counts it.
+                if let Ok(c) = r.choose_memo("f", &env, &Requirements::default(), &by_policy(Some("a")), Strategy::WarmAware, &cs, &HashSet::new(), now) {
+                    r.dispatched(c.peer, &c.name, &env);
+                }
+            }
+        }
     }
 
     #[test]

@@ -337,6 +337,7 @@ impl Machine {
         let nodes: HashSet<&PeerId> = candidates.iter().map(|c| &c.peer).collect();
         self.router.set_endpoint_nodes(nodes.len());
         self.candidates = candidates;
+        self.router.invalidate();
     }
 
     /// A member connected or went away.
@@ -499,7 +500,9 @@ impl Machine {
                 Verdict::Refused(why) => Err(why),
             }
         };
-        self.router.choose(
+        let kind = format!("{function_id}\0{}", explicit.is_some());
+        self.router.choose_memo(
+            &kind,
             env,
             requirements,
             &check,
