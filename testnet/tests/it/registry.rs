@@ -613,3 +613,58 @@ async fn corrupt_gossip_and_sync_bytes_are_rejected_and_the_sender_cut_off_after
     still_serving(&net, 1).await;
     net.shutdown().await;
 }
+
+/// Issue 22: a change a member learns by sync (here: from a member that was cut off when it
+/// wrote it) is passed on as gossip, so that members that are not that sync's peers have it at
+/// gossip's pace, not one anti-entropy round (two minutes here) per hop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_learned_by_sync_reaches_the_others_by_gossip() {
+    let net = Federation::start_with(1, 3, &["mesh.anti_entropy=120s".to_string()])
+        .await
+        .unwrap();
+    wait_for("full mesh", FIVE_S, || net.fully_connected())
+        .await
+        .unwrap();
+    let coordinator = net.coordinator().unwrap();
+    let (writer, relay, far) = (net.node(0), net.node(1), net.node(2));
+    // The writer hears from no one but the relay, and from it only after the write.
+    for other in [coordinator, far, relay] {
+        writer.mesh().block(other.peer_id(), true).await.unwrap();
+        other.mesh().block(writer.peer_id(), true).await.unwrap();
+    }
+    wait_for("the writer to be cut off", FIVE_S, || async {
+        writer.mesh().members().await.unwrap().is_empty()
+    })
+    .await
+    .unwrap();
+    let id = writer
+        .register_function(&shell_function("learned-by-sync"))
+        .await
+        .unwrap();
+    writer.mesh().block(relay.peer_id(), false).await.unwrap();
+    relay.mesh().block(writer.peer_id(), false).await.unwrap();
+    let healed = std::time::Instant::now();
+    // The relay learns it by the sync a new connection starts; the far node and the
+    // coordinator, still cut off from the writer, by the relay's gossip.
+    wait_for(
+        "the far node and the coordinator to have it",
+        FIVE_S,
+        || async {
+            let mut all = true;
+            for n in [far, coordinator] {
+                all &= n
+                    .mesh()
+                    .registry()
+                    .await
+                    .unwrap()
+                    .functions
+                    .contains_key(&id);
+            }
+            all
+        },
+    )
+    .await
+    .unwrap();
+    eprintln!("reached the far node {:?} after the heal", healed.elapsed());
+    net.shutdown().await;
+}
