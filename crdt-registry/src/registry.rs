@@ -730,14 +730,6 @@ impl Registry {
         }
     }
 
-    /// When a change (as bytes) was written, by its author's clock: seconds since the Unix
-    /// epoch (registry changes carry whole seconds).
-    pub fn change_time_s(bytes: &[u8]) -> Option<i64> {
-        Change::from_bytes(bytes.to_vec())
-            .ok()
-            .map(|c| c.timestamp())
-    }
-
     /// The next sync message for a peer, if there is anything to say: at most
     /// [`SYNC_BATCH_BYTES`] of changes (a peer further behind gets the rest in the next rounds
     /// of the session).

@@ -32,9 +32,6 @@ pub const TOPIC: &str = "registry/1";
 const COMPACT_EVERY: usize = 1000;
 /// Most changes learned in one sync message that are passed on as gossip.
 pub(crate) const REGOSSIP: usize = 16;
-/// How recent a change learned by sync must be to be passed on: gossip's duplicate memory
-/// (two minutes), so that a change passed on by many is still one message everywhere.
-const REGOSSIP_WITHIN: Duration = Duration::from_secs(120);
 /// Strikes before a peer is cut off.
 pub(crate) const STRIKES_TO_BAN: u32 = 3;
 /// Strikes older than this are forgiven, and a ban lasts this long: a peer that sent bad data
@@ -399,18 +396,9 @@ impl Replica {
     /// Changes learned by sync that are passed on as gossip: a few (a member's new records, one
     /// side's writes during a partition) spread at gossip's pace rather than one anti-entropy
     /// round (10 s) per hop; more (a replica catching up on history) are left to sync.
-    /// Only changes written in the last `REGOSSIP_WITHIN` are passed on: a replica catching up
-    /// on history (a new member syncing from a dozen peers at once) must not send the
-    /// federation's past around again.
     fn regossip(&self, changes: &[Vec<u8>], out: &mut Vec<Out>) {
-        if changes.len() > REGOSSIP {
-            return;
-        }
-        let since = (now_ms() / 1000).saturating_sub(REGOSSIP_WITHIN.as_secs()) as i64;
-        for c in changes {
-            if Registry::change_time_s(c).is_some_and(|t| t >= since) {
-                out.push(Out::Gossip(self.reg.gossip_for(c)));
-            }
+        if changes.len() <= REGOSSIP {
+            out.extend(changes.iter().map(|c| Out::Gossip(self.reg.gossip_for(c))));
         }
     }
 
