@@ -876,21 +876,6 @@ fn behaviour(
     relay_server: bool,
 ) -> Result<Behaviour, BoxError> {
     let peer_id = key.public().to_peer_id();
-    // Registry gossip is named by its content: a change one member wrote and others passed on
-    // after learning it by sync (`registry::REGOSSIP`) is one message, however many send it.
-    // Other topics keep gossipsub's own id (author and sequence number).
-    let registry_topic =
-        gossipsub::IdentTopic::new(format!("funcmesh/{fed}/{}", registry::TOPIC)).hash();
-    let message_id = move |m: &gossipsub::Message| {
-        if m.topic == registry_topic {
-            use sha2::Digest as _;
-            gossipsub::MessageId::from(sha2::Sha256::digest(&m.data).to_vec())
-        } else {
-            let mut id = m.source.map(|p| p.to_string()).unwrap_or_default();
-            id.push_str(&m.sequence_number.unwrap_or_default().to_string());
-            gossipsub::MessageId::from(id)
-        }
-    };
     let membership = request_response::cbor::Behaviour::with_codec(
         request_response::cbor::codec::Codec::default()
             .set_request_size_maximum(MAX_MEMBERSHIP_MESSAGE)
@@ -927,7 +912,6 @@ fn behaviour(
             // and verify it again from the mesh; and the mesh's upkeep runs once a second.
             .flood_publish(false)
             .heartbeat_interval(Duration::from_secs(1))
-            .message_id_fn(message_id)
             .build()
             .map_err(|e| e.to_string())?,
     )?;

@@ -30,8 +30,6 @@ pub const SYNC_PROTOCOL: &str = "/funcmesh/registry-sync/1";
 pub const TOPIC: &str = "registry/1";
 /// Compact the stored document after this many stored changes.
 const COMPACT_EVERY: usize = 1000;
-/// Most changes learned in one sync message that are passed on as gossip.
-pub(crate) const REGOSSIP: usize = 16;
 /// Strikes before a peer is cut off.
 pub(crate) const STRIKES_TO_BAN: u32 = 3;
 /// Strikes older than this are forgiven, and a ban lasts this long: a peer that sent bad data
@@ -393,15 +391,6 @@ impl Replica {
         }
     }
 
-    /// Changes learned by sync that are passed on as gossip: a few (a member's new records, one
-    /// side's writes during a partition) spread at gossip's pace rather than one anti-entropy
-    /// round (10 s) per hop; more (a replica catching up on history) are left to sync.
-    fn regossip(&self, changes: &[Vec<u8>], out: &mut Vec<Out>) {
-        if changes.len() <= REGOSSIP {
-            out.extend(changes.iter().map(|c| Out::Gossip(self.reg.gossip_for(c))));
-        }
-    }
-
     /// A sync session with `peer`, unless one is in flight (then another round follows it).
     pub(crate) fn start_sync(&mut self, peer: PeerId) -> Option<Out> {
         if let Some(again) = self.in_flight.get_mut(&peer) {
@@ -442,9 +431,7 @@ impl Replica {
                     Some(m) => SyncResponse::Message(m),
                     None => SyncResponse::Done,
                 };
-                let mut out = Vec::new();
-                self.regossip(&applied.changes, &mut out);
-                (resp, applied.changes, out)
+                (resp, applied.changes, Vec::new())
             }
             Err(e) => {
                 self.recover_if_poisoned();
@@ -471,10 +458,7 @@ impl Replica {
             SyncResponse::Message(msg) => {
                 let state = self.sync.entry(peer).or_default();
                 match self.reg.receive_sync(state, &msg) {
-                    Ok(applied) => {
-                        self.regossip(&applied.changes, &mut out);
-                        persist = applied.changes;
-                    }
+                    Ok(applied) => persist = applied.changes,
                     Err(e) => {
                         self.recover_if_poisoned();
                         out.push(Out::Strike(peer, format!("registry sync: {e}")));
