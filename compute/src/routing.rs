@@ -271,9 +271,16 @@ struct Memo {
     /// Eligible candidates, as indices into the candidates, in id order.
     eligible: Vec<usize>,
     /// Their scores (warmth, load, RTT), in the same order.
-    scores: Vec<(u8, f64, Duration)>,
+    scores: Vec<Score>,
     /// Where each eligible endpoint is in `eligible`, by node and name.
     at: HashMap<PeerId, HashMap<String, usize>>,
+}
+
+/// A candidate's score: (warmth, load, RTT), compared in that order, lowest best.
+type Score = (u8, f64, Duration);
+
+fn by_score(a: &Score, b: &Score) -> std::cmp::Ordering {
+    a.0.cmp(&b.0).then(a.1.total_cmp(&b.1)).then(a.2.cmp(&b.2))
 }
 
 /// How long a memo of a choice is used before it is built again.
@@ -562,31 +569,14 @@ impl Router {
                 self.rr = self.rr.wrapping_add(1);
                 eligible[self.rr % eligible.len()]
             }
-            // Each candidate scored once (not once per comparison).
-            Strategy::LeastLoaded => {
+            // Each candidate scored once; ties go to the lowest id.
+            Strategy::LeastLoaded | Strategy::WarmAware => {
                 eligible
                     .iter()
-                    .map(|c| (self.load(c), self.rtt_of(c), *c))
-                    .min_by(|a, b| {
-                        a.0.total_cmp(&b.0)
-                            .then(a.1.cmp(&b.1))
-                            .then(a.2.id.cmp(&b.2.id))
-                    })
+                    .map(|c| (self.score(c, &key, strategy), *c))
+                    .min_by(|a, b| by_score(&a.0, &b.0).then(a.1.id.cmp(&b.1.id)))
                     .expect("not empty")
-                    .2
-            }
-            Strategy::WarmAware => {
-                eligible
-                    .iter()
-                    .map(|c| (self.warmth(c, &key), self.load(c), self.rtt_of(c), *c))
-                    .min_by(|a, b| {
-                        a.0.cmp(&b.0)
-                            .then(a.1.total_cmp(&b.1))
-                            .then(a.2.cmp(&b.2))
-                            .then(a.3.id.cmp(&b.3.id))
-                    })
-                    .expect("not empty")
-                    .3
+                    .1
             }
         };
         Ok(pick.clone())
@@ -683,13 +673,7 @@ impl Router {
             Strategy::LeastLoaded | Strategy::WarmAware => {
                 let mut best = 0;
                 for (i, s) in memo.scores.iter().enumerate().skip(1) {
-                    let b = &memo.scores[best];
-                    if s.0
-                        .cmp(&b.0)
-                        .then(s.1.total_cmp(&b.1))
-                        .then(s.2.cmp(&b.2))
-                        .is_lt()
-                    {
+                    if by_score(s, &memo.scores[best]).is_lt() {
                         best = i;
                     }
                 }
@@ -702,7 +686,7 @@ impl Router {
     }
 
     /// A candidate's score for a strategy that orders by it: (warmth, load, RTT), lowest best.
-    fn score(&self, c: &Candidate, env: &str, strategy: Strategy) -> (u8, f64, Duration) {
+    fn score(&self, c: &Candidate, env: &str, strategy: Strategy) -> Score {
         let warmth = match strategy {
             Strategy::WarmAware => self.warmth(c, env),
             _ => 0,

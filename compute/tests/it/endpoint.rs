@@ -156,6 +156,22 @@ impl Harness {
         .expect("the task finishes within 30 s")
     }
 
+    /// Waits for the results of all of `ids` (in any order), each within 30 s of the last.
+    async fn wait_all(&mut self, ids: &[TaskId]) -> Vec<Record> {
+        let mut left: std::collections::HashSet<&TaskId> = ids.iter().collect();
+        let mut out = Vec::new();
+        while !left.is_empty() {
+            let rec = tokio::time::timeout(Duration::from_secs(30), self.results.recv())
+                .await
+                .expect("results within 30 s")
+                .expect("endpoint running");
+            if left.remove(&rec.id) {
+                out.push(rec);
+            }
+        }
+        out
+    }
+
     /// Waits until the endpoint reports the task running.
     async fn until_running(&self, id: &TaskId) {
         let ep = self.endpoint.clone();
@@ -1649,15 +1665,9 @@ async fn simulated_workers_answer_every_task_with_null_after_their_time_without_
     let started = std::time::Instant::now();
     let accepted = h.endpoint.submit("peer", "inst-a", subs).await.unwrap();
     assert!(accepted.iter().all(Result::is_ok), "{accepted:?}");
-    let mut done = std::collections::HashSet::new();
-    while done.len() < ids.len() {
-        let rec = tokio::time::timeout(Duration::from_secs(30), h.results.recv())
-            .await
-            .expect("results within 30 s")
-            .expect("endpoint running");
+    for rec in h.wait_all(&ids).await {
         assert_eq!(rec.status, Status::Succeeded, "{rec:?}");
         assert_eq!(value(&rec), &json!(null));
-        done.insert(rec.id.clone());
     }
     // 40 tasks of 20 ms on at most 4 workers: at least 200 ms.
     assert!(
@@ -1687,14 +1697,7 @@ async fn the_outbox_past_its_memory_bound_is_read_from_the_store_with_the_same_r
     let ids: Vec<TaskId> = subs.iter().map(|s| s.id.clone()).collect();
     let accepted = h.endpoint.submit("away", "inst-b", subs).await.unwrap();
     assert!(accepted.iter().all(Result::is_ok), "{accepted:?}");
-    let mut done = std::collections::HashSet::new();
-    while done.len() < ids.len() {
-        let rec = tokio::time::timeout(Duration::from_secs(30), h.results.recv())
-            .await
-            .expect("results within 30 s")
-            .expect("endpoint running");
-        done.insert(rec.id);
-    }
+    h.wait_all(&ids).await;
     let swept = |h: &Harness| {
         let ep = h.endpoint.clone();
         async move {
@@ -1739,14 +1742,7 @@ async fn the_outbox_past_its_memory_bound_is_read_from_the_store_with_the_same_r
     let more_ids: Vec<TaskId> = more.iter().map(|s| s.id.clone()).collect();
     let accepted = h.endpoint.submit("away", "inst-b", more).await.unwrap();
     assert!(accepted.iter().all(Result::is_ok), "{accepted:?}");
-    let mut left: std::collections::HashSet<TaskId> = more_ids.iter().cloned().collect();
-    while !left.is_empty() {
-        let rec = tokio::time::timeout(Duration::from_secs(30), h.results.recv())
-            .await
-            .expect("results within 30 s")
-            .expect("endpoint running");
-        left.remove(&rec.id);
-    }
+    h.wait_all(&more_ids).await;
     let mut expected = kept.clone();
     expected.extend(more_ids.iter().cloned());
     assert_eq!(swept(&h).await, expected, "17 > 10: from the store");
