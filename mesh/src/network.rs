@@ -23,7 +23,7 @@ use libp2p::{
     gossipsub, identify, identity::Keypair, kad, noise, ping, relay, request_response, tcp, yamux,
 };
 use serde::{Deserialize, Serialize};
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -60,6 +60,13 @@ const PERSIST_QUEUE: usize = 256;
 /// from peers (gossip is ignored, sync requests refused and responses dropped) until the
 /// store catches up; peers send them again with their next sync.
 const MAX_PERSIST_BACKLOG: usize = 1024;
+/// Most registry gossip messages held while no peer can take them (a starting node writes a
+/// handful: its institution, node and endpoint records).
+const MAX_UNSENT_GOSSIP: usize = 256;
+/// How many other members a node syncs with when a sync brought it changes gossip did not.
+const SPREAD_FANOUT: usize = 3;
+/// The shortest time between two rounds of passing news on.
+const SPREAD_EVERY: Duration = Duration::from_secs(1);
 
 /// Mesh configuration, resolved by the node.
 #[derive(Debug, Clone)]
@@ -292,6 +299,8 @@ pub struct Handle {
     commands: mpsc::Sender<Command>,
     events: broadcast::Sender<Event>,
     streams: Streams,
+    /// Counts the change sets the registry replica has taken (see [`Handle::registry_changes`]).
+    registry_changes: watch::Receiver<u64>,
 }
 
 /// What [`Handle::links`] needs to start a protocol's links.
@@ -412,6 +421,13 @@ impl Handle {
             .await
             .map_err(|_| Error::Closed)?;
         rx.await.map_err(|_| Error::Closed)
+    }
+
+    /// Marks every change the registry replica takes (a local write, gossip, a sync): wait on
+    /// it to rebuild what is derived from the registry only when the registry changed, rather
+    /// than polling a view whose size grows with the federation.
+    pub fn registry_changes(&self) -> watch::Receiver<u64> {
+        self.registry_changes.clone()
     }
 
     /// Counts and heads of the local registry replica.
@@ -686,6 +702,15 @@ struct EventLoop {
     overlapped: std::collections::HashSet<PeerId>,
     /// Peers that came back: announce our topics again once only this connection is left.
     announce_when_alone: HashMap<PeerId, libp2p::swarm::ConnectionId>,
+    /// Registry gossip of local writes that had no peer to go to (a node that has just started
+    /// writes its records before it has a gossip peer); published as soon as a peer subscribes
+    /// to the registry topic, so that a new member is listed by gossip's speed, not sync's.
+    unsent_gossip: std::collections::VecDeque<Vec<u8>>,
+    /// Bumped whenever the replica takes changes ([`Handle::registry_changes`]).
+    registry_changed: watch::Sender<u64>,
+    /// When news learned by sync was last passed on, and whether more waits for the next round.
+    last_spread: Instant,
+    spread_pending: bool,
 }
 
 /// Starts the mesh: builds the swarm, listens, dials the bootstrap addresses and every known peer,
@@ -735,6 +760,7 @@ pub async fn spawn(
     let known = load_known(&config.store).await;
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_QUEUE);
     let (ev_tx, _) = broadcast::channel(EVENT_QUEUE);
+    let (changes_tx, changes_rx) = watch::channel(0u64);
     let verified = Verified::default();
     let activity = Activity::default();
     let directory = Directory::default();
@@ -797,6 +823,12 @@ pub async fn spawn(
         announced_again: HashMap::new(),
         overlapped: std::collections::HashSet::new(),
         announce_when_alone: HashMap::new(),
+        unsent_gossip: std::collections::VecDeque::new(),
+        registry_changed: changes_tx,
+        last_spread: Instant::now()
+            .checked_sub(SPREAD_EVERY)
+            .unwrap_or_else(Instant::now),
+        spread_pending: false,
     };
     let now = Instant::now();
     for (peer, addrs) in known {
@@ -814,6 +846,7 @@ pub async fn spawn(
         commands: cmd_tx,
         events: ev_tx,
         streams,
+        registry_changes: changes_rx,
     })
 }
 
@@ -912,6 +945,15 @@ fn behaviour(
             // and verify it again from the mesh; and the mesh's upkeep runs once a second.
             .flood_publish(false)
             .heartbeat_interval(Duration::from_secs(1))
+            // A topic's mesh of four peers (gossipsub's default is six): every message reaches
+            // a node about as many times as its mesh has peers, and each copy's signature is
+            // checked before duplicates are dropped, so the mesh's size is most of a node's
+            // gossip cost at rest; four keep the mesh connected with bounded connections.
+            .mesh_n(4)
+            .mesh_n_low(3)
+            .mesh_n_high(8)
+            .mesh_outbound_min(2)
+            .gossip_lazy(4)
             .build()
             .map_err(|e| e.to_string())?,
     )?;
@@ -951,10 +993,11 @@ fn behaviour(
         streams,
         membership,
         identify,
-        // Every 5 s, failing after 10 s without an answer (libp2p's defaults: 15 s and 20 s).
+        // Every 10 s, failing after 10 s without an answer (libp2p's defaults: 15 s and 20 s):
+        // a dead connection is closed within 20 s.
         ping: ping::Behaviour::new(
             ping::Config::new()
-                .with_interval(Duration::from_secs(5))
+                .with_interval(Duration::from_secs(10))
                 .with_timeout(Duration::from_secs(10)),
         ),
         kad,
@@ -1042,17 +1085,7 @@ impl EventLoop {
                         },
                     );
                 }
-                Out::Gossip(data) => {
-                    let topic = gossipsub::IdentTopic::new(format!(
-                        "{}{}",
-                        self.topic_prefix,
-                        registry::TOPIC
-                    ));
-                    // No peers yet is fine: they sync when they connect.
-                    if let Err(e) = self.swarm.behaviour_mut().gossipsub.publish(topic, data) {
-                        debug!(error = %e, "registry gossip not sent");
-                    }
-                }
+                Out::Gossip(data) => self.registry_gossip(data),
                 Out::Strike(peer, reason) => {
                     let (strikes, banned) = self.strikes.add(peer, Instant::now());
                     warn!(%peer, %reason, strikes, "peer penalised");
@@ -1074,12 +1107,70 @@ impl EventLoop {
         }
     }
 
+    /// Publishes registry gossip of a local write. With no gossip peer yet it waits for the first
+    /// subscriber (bounded: the oldest go first; sync brings whatever was dropped).
+    fn registry_gossip(&mut self, data: Vec<u8>) {
+        let topic = self.registry_topic.clone();
+        match self
+            .swarm
+            .behaviour_mut()
+            .gossipsub
+            .publish(topic, data.clone())
+        {
+            Ok(_) => {}
+            Err(gossipsub::PublishError::NoPeersSubscribedToTopic) => {
+                if self.unsent_gossip.len() >= MAX_UNSENT_GOSSIP {
+                    self.unsent_gossip.pop_front();
+                }
+                self.unsent_gossip.push_back(data);
+            }
+            Err(e) => debug!(error = %e, "registry gossip not sent"),
+        }
+    }
+
+    /// Changes this node learned by sync, not by gossip, are news that gossip did not carry: a
+    /// side of a healed partition, a member that was away, a joiner's records. Pass them on by
+    /// syncing with a few other connected members, each of which does the same if it learns
+    /// something: an epidemic that stops where replicas already agree (a sync with nothing new
+    /// is one exchange of heads), so that news reaches everyone in a few round trips rather
+    /// than a few anti-entropy periods. At most once per [`SPREAD_EVERY`]: news learned
+    /// meanwhile goes out with the next round (a busy node does not multiply its syncs).
+    fn spread_learned(&mut self, from: Option<PeerId>) {
+        use rand::seq::SliceRandom as _;
+        if self.last_spread.elapsed() < SPREAD_EVERY {
+            self.spread_pending = true;
+            return;
+        }
+        self.last_spread = Instant::now();
+        self.spread_pending = false;
+        let mut others: Vec<PeerId> = self
+            .members
+            .keys()
+            .filter(|p| Some(**p) != from)
+            .copied()
+            .collect();
+        others.shuffle(&mut rand::thread_rng());
+        others.truncate(SPREAD_FANOUT);
+        debug!(
+            to = others.len(),
+            "registry news learned by sync: passing it on"
+        );
+        for peer in others {
+            if let Some(out) = self.replica.start_sync(peer) {
+                self.registry_out(vec![out]);
+            }
+        }
+    }
+
     /// Queues changes for the store (in order, off the event loop).
     fn registry_persist(
         &mut self,
         changes: Vec<Vec<u8>>,
         done: Option<oneshot::Sender<Result<(), String>>>,
     ) {
+        if !changes.is_empty() {
+            self.registry_changed.send_modify(|n| *n += 1);
+        }
         if changes.is_empty() && done.is_none() {
             return;
         }
@@ -1138,8 +1229,12 @@ impl EventLoop {
                     .behaviour_mut()
                     .registry_sync
                     .send_response(channel, resp);
+                let learned = !changes.is_empty();
                 self.registry_persist(changes, None);
                 self.registry_out(out);
+                if learned {
+                    self.spread_learned(Some(peer));
+                }
             }
             E::Message {
                 peer,
@@ -1152,8 +1247,12 @@ impl EventLoop {
                     return;
                 }
                 let (changes, out) = self.replica.on_sync_response(peer, response);
+                let learned = !changes.is_empty();
                 self.registry_persist(changes, None);
                 self.registry_out(out);
+                if learned {
+                    self.spread_learned(Some(peer));
+                }
             }
             E::OutboundFailure { peer, error, .. } => {
                 debug!(%peer, %error, "registry sync request failed");
@@ -1297,6 +1396,9 @@ impl EventLoop {
 
     fn on_tick(&mut self) {
         self.flush_persist_backlog();
+        if self.spread_pending {
+            self.spread_learned(None);
+        }
         for peer in self.strikes.expired(Instant::now()) {
             info!(%peer, "ban over; the peer may reconnect");
             self.swarm.behaviour_mut().blocked.unblock_peer(peer);
@@ -1660,6 +1762,18 @@ impl EventLoop {
                         source,
                         data: message.data,
                     });
+                }
+            }
+            BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { topic, .. })
+                if topic == self.registry_topic && !self.unsent_gossip.is_empty() =>
+            {
+                let unsent = std::mem::take(&mut self.unsent_gossip);
+                debug!(
+                    messages = unsent.len(),
+                    "registry gossip held for want of peers: publishing it now"
+                );
+                for data in unsent {
+                    self.registry_gossip(data);
                 }
             }
             BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {

@@ -31,13 +31,23 @@ pub(crate) async fn start(
     let mesh = mesh.clone();
     let a = access.clone();
     let cancel = cancel.clone();
+    // Rebuilt when the registry changes, at most every 250 ms (a burst of changes, one
+    // rebuild): never while nothing changes, whatever the federation's size.
+    let mut changes = mesh.registry_changes();
     tracker.spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_millis(250));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 () = cancel.cancelled() => break,
-                _ = tick.tick() => refresh_directory(&mesh, &a).await,
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    refresh_directory(&mesh, &a).await;
+                    tokio::select! {
+                        () = cancel.cancelled() => break,
+                        () = tokio::time::sleep(Duration::from_millis(250)) => {}
+                    }
+                }
             }
         }
     });

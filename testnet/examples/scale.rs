@@ -15,7 +15,11 @@
 //! * `function_reach_ms`: a function registered on one node, the time until each other node's
 //!   registry has it (p50, p99, max; `--functions` of them, each from another node);
 //! * `member_listed_ms`: a new member joined, the time from its start until every other node's
-//!   registry lists it.
+//!   registry lists it;
+//! * `partition`: the federation cut in two (the coordinator and the first half of the members,
+//!   the rest; every node blocks every node of the other side), a function registered on each
+//!   side while cut, then healed: the time from the heal until each node's registry has both
+//!   (p50, p99, max) — the registry's convergence after a partition.
 //!
 //! Run one size per process (memory is not returned to the system between sizes);
 //! `bench/run.sh scale` runs the curve.
@@ -285,6 +289,9 @@ async fn main() -> anyhow::Result<()> {
     let listed = summary(listed);
     eprintln!("new member listed: {listed}");
 
+    let partition = partition_heal(&net).await?;
+    eprintln!("partition and heal: {partition}");
+
     let first_task = first_task_latency(&net).await?;
     eprintln!("first task: {first_task}");
 
@@ -299,6 +306,7 @@ async fn main() -> anyhow::Result<()> {
         "idle": idle,
         "function_reach_ms": reach,
         "member_listed_ms": listed,
+        "partition": partition,
         "first_task_ms": first_task,
     });
     println!("{line}");
@@ -498,6 +506,90 @@ async fn submit_all(
         progress.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
     }
     Ok(ids)
+}
+
+/// Cuts the federation in two, registers a function on each side, heals, and measures the time
+/// from the heal until every node has both (see the module's documentation).
+async fn partition_heal(net: &testnet::Federation) -> anyhow::Result<serde_json::Value> {
+    let nodes = net.running();
+    let (left, right) = nodes.split_at(nodes.len() / 2);
+    let t = Instant::now();
+    let cut = |blocked: bool| async move {
+        for l in left {
+            for r in right {
+                l.mesh().block(r.peer_id(), blocked).await?;
+                r.mesh().block(l.peer_id(), blocked).await?;
+            }
+        }
+        anyhow::Ok(())
+    };
+    cut(true).await?;
+    let right_peers: std::collections::HashSet<String> =
+        right.iter().map(|r| r.peer_id().to_string()).collect();
+    testnet::wait_for(
+        "the halves to lose each other",
+        Duration::from_secs(60),
+        || async {
+            for l in left {
+                let members = l.mesh().members().await.unwrap_or_default();
+                if members.iter().any(|m| right_peers.contains(&m.peer_id)) {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await?;
+    let cut_s = t.elapsed().as_secs_f64();
+    let mut ids = Vec::new();
+    for (side, node) in [
+        ("left", left[left.len() / 2]),
+        ("right", right[right.len() / 2]),
+    ] {
+        ids.push(
+            node.register_function(&testnet::shell_function(&format!("while-cut-{side}")))
+                .await?,
+        );
+    }
+    // Each side converges on its own function, and does not see the other's.
+    for (side, id) in [(left, &ids[0]), (right, &ids[1])] {
+        testnet::wait_for("each side to converge", Duration::from_secs(60), || async {
+            for n in side {
+                let id = id.clone();
+                if !n
+                    .mesh()
+                    .registry_with(move |v| v.functions.contains_key(&id))
+                    .await
+                    .unwrap_or(false)
+                {
+                    return false;
+                }
+            }
+            true
+        })
+        .await?;
+    }
+    let other = ids[1].clone();
+    anyhow::ensure!(
+        !left[0]
+            .mesh()
+            .registry_with(move |v| v.functions.contains_key(&other))
+            .await?,
+        "the cut did not hold: the left side has the right side's function"
+    );
+    let healed = Instant::now();
+    cut(false).await?;
+    let both = ids.clone();
+    let times = reach_times(net, healed, Duration::from_secs(120), move |v| {
+        both.iter().all(|id| v.functions.contains_key(id))
+    })
+    .await?;
+    Ok(serde_json::json!({
+        "left": left.len(),
+        "right": right.len(),
+        "cut_s": cut_s,
+        "converged_after_heal_ms": summary(times),
+    }))
 }
 
 /// One task's time from submission to result on node 0, in ms.

@@ -120,3 +120,163 @@ async fn with_bounded_connections_any_member_reaches_any_endpoint_and_hears_ever
     );
     net.shutdown().await;
 }
+
+/// A bounded federation whose anti-entropy (and mixing) is too rare to matter within a test:
+/// whatever spreads here spreads by gossip or by the syncs news sets off.
+async fn bounded_without_anti_entropy() -> Federation {
+    let overrides = [
+        format!("mesh.max_connections={MAX_CONNECTIONS}"),
+        "mesh.idle_after=2s".to_string(),
+        "mesh.anti_entropy=10m".to_string(),
+    ];
+    let mut net = Federation::start_with(0, 0, &overrides).await.unwrap();
+    net.add_institution("inst-a").unwrap();
+    net.add_institution("inst-b").unwrap();
+    for i in 0..MEMBERS {
+        net.add_member(i % 2).await.unwrap();
+    }
+    wait_for(
+        "every node listing every node",
+        Duration::from_secs(30),
+        || async {
+            for n in net.running() {
+                let listed = n.mesh().registry_with(|v| v.nodes.len()).await.unwrap();
+                if listed < MEMBERS + 1 {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await
+    .unwrap();
+    wait_for(
+        "every member within its connection bound",
+        Duration::from_secs(60),
+        || async { most_connections(&net).await <= MAX_CONNECTIONS },
+    )
+    .await
+    .unwrap();
+    net
+}
+
+/// A new member writes its records before it has any peer to gossip them to. They go out when
+/// its first gossip peer subscribes, and whoever learns them by sync passes them on, so every
+/// member lists it at once, not after rounds of anti-entropy (most members never connect to it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_member_is_listed_by_every_member_without_waiting_for_anti_entropy() {
+    let mut net = bounded_without_anti_entropy().await;
+    let started = std::time::Instant::now();
+    let i = net.add_member(0).await.unwrap();
+    let peer = net.node(i).peer_id().to_string();
+    wait_for(
+        "the new member listed everywhere",
+        Duration::from_secs(5),
+        || async {
+            for n in net.running() {
+                let p = peer.clone();
+                if !n
+                    .mesh()
+                    .registry_with(move |v| v.nodes.contains_key(&p))
+                    .await
+                    .unwrap()
+                {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await
+    .unwrap();
+    eprintln!(
+        "new member listed everywhere {:?} after it started",
+        started.elapsed()
+    );
+    net.shutdown().await;
+}
+
+/// A partition heals: the two sides' news meets where a connection crosses the cut again, and
+/// the syncs that news sets off carry it through each side, with no anti-entropy round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_partition_heals_both_sides_news_reaches_every_member_without_anti_entropy() {
+    let net = bounded_without_anti_entropy().await;
+    let nodes = net.running();
+    // The coordinator and inst-a's members; inst-b's.
+    let (left, right): (Vec<&node::Node>, Vec<&node::Node>) = nodes
+        .iter()
+        .enumerate()
+        .partition(|(k, _)| *k == 0 || (k - 1) % 2 == 0);
+    let left: Vec<&node::Node> = left.into_iter().map(|(_, n)| *n).collect();
+    let right: Vec<&node::Node> = right.into_iter().map(|(_, n)| *n).collect();
+    for l in &left {
+        for r in &right {
+            l.mesh().block(r.peer_id(), true).await.unwrap();
+            r.mesh().block(l.peer_id(), true).await.unwrap();
+        }
+    }
+    let right_peers: HashSet<String> = right.iter().map(|r| r.peer_id().to_string()).collect();
+    wait_for(
+        "the sides to lose each other",
+        Duration::from_secs(10),
+        || async {
+            for l in &left {
+                let members = l.mesh().members().await.unwrap();
+                if members.iter().any(|m| right_peers.contains(&m.peer_id)) {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await
+    .unwrap();
+    let on_left = left[1]
+        .register_function(&shell_function("left"))
+        .await
+        .unwrap();
+    let on_right = right[0]
+        .register_function(&shell_function("right"))
+        .await
+        .unwrap();
+    for (side, id) in [(&left, &on_left), (&right, &on_right)] {
+        wait_for("each side to converge", Duration::from_secs(10), || async {
+            for n in side.iter() {
+                if !n
+                    .mesh()
+                    .registry()
+                    .await
+                    .unwrap()
+                    .functions
+                    .contains_key(id)
+                {
+                    return false;
+                }
+            }
+            true
+        })
+        .await
+        .unwrap();
+    }
+    let view = left[0].mesh().registry().await.unwrap();
+    assert!(!view.functions.contains_key(&on_right), "the cut held");
+
+    let healed = std::time::Instant::now();
+    for l in &left {
+        for r in &right {
+            l.mesh().block(r.peer_id(), false).await.unwrap();
+            r.mesh().block(l.peer_id(), false).await.unwrap();
+        }
+    }
+    wait_for(
+        "both functions everywhere",
+        Duration::from_secs(5),
+        || async {
+            net.everyone_has_function(&on_left).await && net.everyone_has_function(&on_right).await
+        },
+    )
+    .await
+    .unwrap();
+    eprintln!("converged {:?} after the heal", healed.elapsed());
+    net.shutdown().await;
+}
