@@ -63,6 +63,9 @@ const MAX_PERSIST_BACKLOG: usize = 1024;
 /// Most registry gossip messages held while no peer can take them (a starting node writes a
 /// handful: its institution, node and endpoint records).
 const MAX_UNSENT_GOSSIP: usize = 256;
+/// A connected peer's gossipsub score until its membership proof verifies: below every
+/// threshold that lets gossip reach it.
+const UNVERIFIED_SCORE: f64 = -10_000.0;
 /// How many other members a node syncs with when a sync brought it changes gossip did not.
 const SPREAD_FANOUT: usize = 3;
 /// The shortest time between two rounds of passing news on.
@@ -282,7 +285,7 @@ enum Command {
         msg: Vec<u8>,
         reply: oneshot::Sender<()>,
     },
-    Block(PeerId, bool, oneshot::Sender<()>),
+    Block(Vec<PeerId>, bool, oneshot::Sender<()>),
     Rtts(oneshot::Sender<HashMap<PeerId, Duration>>),
 }
 
@@ -463,7 +466,14 @@ impl Handle {
     /// Cuts `peer` off (`true`) or lets it back (`false`). Used for bans, and by tests to
     /// partition a federation.
     pub async fn block(&self, peer: PeerId, blocked: bool) -> Result<(), Error> {
-        self.ask(|reply| Command::Block(peer, blocked, reply)).await
+        self.block_all(vec![peer], blocked).await
+    }
+
+    /// [`Handle::block`] for many peers in one command (a test cutting a federation in two
+    /// sends one per node, not one per pair).
+    pub async fn block_all(&self, peers: Vec<PeerId>, blocked: bool) -> Result<(), Error> {
+        self.ask(|reply| Command::Block(peers, blocked, reply))
+            .await
     }
 
     /// Whether `peer` is a member: connected now with a proof that verified on this node, or
@@ -934,7 +944,7 @@ fn behaviour(
     let mut kad =
         kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
     kad.set_mode(Some(kad::Mode::Server));
-    let gossipsub = gossipsub::Behaviour::new(
+    let mut gossipsub = gossipsub::Behaviour::new(
         gossipsub::MessageAuthenticity::Signed(key.clone()),
         gossipsub::ConfigBuilder::default()
             .validation_mode(gossipsub::ValidationMode::Strict)
@@ -956,6 +966,28 @@ fn behaviour(
             .gossip_lazy(4)
             .build()
             .map_err(|e| e.to_string())?,
+    )?;
+    // Gossip goes to verified members only. A connected peer is scored far below gossipsub's
+    // thresholds until its proof verifies (`UNVERIFIED_SCORE`, set when it connects): below
+    // them it is never grafted into a topic's mesh, offered message ids or answered when it asks
+    // for messages, and never published to. Only this application score counts (a federation on
+    // one host shares an IP; its peers' pace is not misbehaviour).
+    gossipsub.with_peer_score(
+        gossipsub::PeerScoreParams {
+            app_specific_weight: 1.0,
+            ip_colocation_factor_weight: 0.0,
+            behaviour_penalty_weight: 0.0,
+            slow_peer_weight: 0.0,
+            ..Default::default()
+        },
+        gossipsub::PeerScoreThresholds {
+            gossip_threshold: -100.0,
+            publish_threshold: -100.0,
+            // Above the unverified score: a peer's subscriptions are still read before its
+            // proof verifies (they are what it is grafted by once it has).
+            graylist_threshold: -1_000_000.0,
+            ..Default::default()
+        },
     )?;
     let relay_server =
         Toggle::from(relay_server.then(|| relay::Behaviour::new(peer_id, federation_relay())));
@@ -1162,6 +1194,23 @@ impl EventLoop {
         }
     }
 
+    /// Publishes the gossip held for want of peers, once a verified member has subscribed (on
+    /// its subscription, or on its verification if the subscription came first): a peer that
+    /// has not verified this node yet would drop it.
+    fn flush_unsent_gossip(&mut self) {
+        if self.unsent_gossip.is_empty() {
+            return;
+        }
+        let unsent = std::mem::take(&mut self.unsent_gossip);
+        debug!(
+            messages = unsent.len(),
+            "registry gossip held for want of peers: publishing it now"
+        );
+        for data in unsent {
+            self.registry_gossip(data);
+        }
+    }
+
     /// Queues changes for the store (in order, off the event loop).
     fn registry_persist(
         &mut self,
@@ -1341,13 +1390,16 @@ impl EventLoop {
                 self.registry_out(vec![Out::Sync(peer, msg, true)]);
                 let _ = reply.send(());
             }
-            Command::Block(peer, blocked, reply) => {
-                let b = &mut self.swarm.behaviour_mut().blocked;
-                if blocked {
-                    b.block_peer(peer);
-                } else {
-                    b.unblock_peer(peer);
-                    self.peers.unblocked(&peer, Instant::now());
+            Command::Block(peers, blocked, reply) => {
+                let now = Instant::now();
+                for peer in peers {
+                    let b = &mut self.swarm.behaviour_mut().blocked;
+                    if blocked {
+                        b.block_peer(peer);
+                    } else {
+                        b.unblock_peer(peer);
+                        self.peers.unblocked(&peer, now);
+                    }
                 }
                 let _ = reply.send(());
             }
@@ -1578,6 +1630,13 @@ impl EventLoop {
                     .entry(peer_id)
                     .or_default()
                     .push((connection_id, seen));
+                if !self.members.contains_key(&peer_id) {
+                    // No gossip to or from it until its proof verifies (see `build_swarm`).
+                    self.swarm
+                        .behaviour_mut()
+                        .gossipsub
+                        .set_application_score(&peer_id, UNVERIFIED_SCORE);
+                }
                 if num_established.get() > 1 {
                     self.overlapped.insert(peer_id);
                 }
@@ -1764,17 +1823,11 @@ impl EventLoop {
                     });
                 }
             }
-            BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { topic, .. })
-                if topic == self.registry_topic && !self.unsent_gossip.is_empty() =>
+            // A member's subscription: held gossip can go (see `flush_unsent_gossip`).
+            BehaviourEvent::Gossipsub(gossipsub::Event::Subscribed { peer_id, topic })
+                if topic == self.registry_topic && self.members.contains_key(&peer_id) =>
             {
-                let unsent = std::mem::take(&mut self.unsent_gossip);
-                debug!(
-                    messages = unsent.len(),
-                    "registry gossip held for want of peers: publishing it now"
-                );
-                for data in unsent {
-                    self.registry_gossip(data);
-                }
+                self.flush_unsent_gossip();
             }
             BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
                 result: kad::QueryResult::GetClosestPeers(Ok(found)),
@@ -2140,10 +2193,15 @@ impl EventLoop {
         if member.role == Role::Coordinator {
             self.listen_via_relay(peer, false);
         }
+        self.swarm
+            .behaviour_mut()
+            .gossipsub
+            .set_application_score(&peer, 0.0);
         self.emit(Event::MemberConnected(member));
         if let Some(out) = self.replica.start_sync(peer) {
             self.registry_out(vec![out]);
         }
+        self.flush_unsent_gossip();
     }
 
     /// Dials the listed peers we are not connected to. One never verified becomes an

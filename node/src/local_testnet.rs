@@ -910,15 +910,21 @@ async fn print_table(net: &Testnet) {
 
 /// Whether process `pid` exists and is not a zombie.
 pub fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => {
-            // The state follows the parenthesised command name.
-            let state = stat
-                .rsplit_once(')')
-                .and_then(|(_, rest)| rest.trim_start().chars().next());
-            !matches!(state, Some('Z') | Some('X') | None)
-        }
-        Err(_) => false,
+    // Any of its threads still running. A killed process's first thread can be a zombie while
+    // the others are still exiting, and the files they share (a store's lock among them) stay
+    // open until the last is gone: the first thread's state alone says "dead" too soon.
+    let running = |stat: &str| {
+        // The state follows the parenthesised command name.
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next());
+        !matches!(state, Some('Z') | Some('X') | None)
+    };
+    match std::fs::read_dir(format!("/proc/{pid}/task")) {
+        Ok(tasks) => tasks.flatten().any(|t| {
+            std::fs::read_to_string(t.path().join("stat")).is_ok_and(|stat| running(&stat))
+        }),
+        Err(_) => std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| running(&s)),
     }
 }
 

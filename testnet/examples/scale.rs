@@ -514,14 +514,20 @@ async fn partition_heal(net: &testnet::Federation) -> anyhow::Result<serde_json:
     let nodes = net.running();
     let (left, right) = nodes.split_at(nodes.len() / 2);
     let t = Instant::now();
-    let cut = |blocked: bool| async move {
-        for l in left {
-            for r in right {
-                l.mesh().block(r.peer_id(), blocked).await?;
-                r.mesh().block(l.peer_id(), blocked).await?;
-            }
+    // One command per node, all nodes at once (the cut and the heal each land within a few
+    // milliseconds everywhere).
+    let ids = |side: &[&node::Node]| side.iter().map(|n| n.peer_id()).collect::<Vec<_>>();
+    let (left_ids, right_ids) = (ids(left), ids(right));
+    let cut = |blocked: bool| {
+        let calls = left
+            .iter()
+            .map(|n| (n, right_ids.clone()))
+            .chain(right.iter().map(|n| (n, left_ids.clone())))
+            .map(move |(n, other)| n.mesh().block_all(other, blocked));
+        async move {
+            futures::future::try_join_all(calls).await?;
+            anyhow::Ok(())
         }
-        anyhow::Ok(())
     };
     cut(true).await?;
     let right_peers: std::collections::HashSet<String> =
