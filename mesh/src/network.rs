@@ -964,6 +964,10 @@ fn behaviour(
             .mesh_n_high(8)
             .mesh_outbound_min(2)
             .gossip_lazy(4)
+            // A graft a peer refuses (it has not verified this node yet: see the scores below)
+            // keeps the two out of each other's mesh only this long (gossipsub's default is a
+            // minute, which left young meshes sparse).
+            .prune_backoff(Duration::from_secs(3))
             .build()
             .map_err(|e| e.to_string())?,
     )?;
