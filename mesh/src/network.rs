@@ -63,6 +63,9 @@ const MAX_PERSIST_BACKLOG: usize = 1024;
 /// Most registry gossip messages held while no peer can take them (a starting node writes a
 /// handful: its institution, node and endpoint records).
 const MAX_UNSENT_GOSSIP: usize = 256;
+/// A connected peer's gossipsub score until its membership proof verifies: below every
+/// threshold that lets gossip reach it.
+const UNVERIFIED_SCORE: f64 = -10_000.0;
 /// How many other members a node syncs with when a sync brought it changes gossip did not.
 const SPREAD_FANOUT: usize = 3;
 /// The shortest time between two rounds of passing news on.
@@ -938,10 +941,15 @@ fn behaviour(
     let mut kad_config = kad::Config::new(kad_protocol);
     // Only verified members enter the routing table; we add them ourselves.
     kad_config.set_kbucket_inserts(kad::BucketInserts::Manual);
+    // No bootstrap walks: a walk queries (and so dials) dozens of members to refresh buckets the
+    // mesh fills itself (every verified member is added), and each dial became one more member
+    // connection over the bound — at 100 members, 50–70 connections per node instead of ~25.
+    // Addresses come from the registry's address book; the DHT answers `look_up` only.
+    kad_config.set_periodic_bootstrap_interval(None);
     let mut kad =
         kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
     kad.set_mode(Some(kad::Mode::Server));
-    let gossipsub = gossipsub::Behaviour::new(
+    let mut gossipsub = gossipsub::Behaviour::new(
         gossipsub::MessageAuthenticity::Signed(key.clone()),
         gossipsub::ConfigBuilder::default()
             .validation_mode(gossipsub::ValidationMode::Strict)
@@ -961,8 +969,34 @@ fn behaviour(
             .mesh_n_high(8)
             .mesh_outbound_min(2)
             .gossip_lazy(4)
+            // A graft a peer refuses (it has not verified this node yet: see the scores below)
+            // keeps the two out of each other's mesh only this long (gossipsub's default is a
+            // minute, which left young meshes sparse).
+            .prune_backoff(Duration::from_secs(3))
             .build()
             .map_err(|e| e.to_string())?,
+    )?;
+    // Gossip goes to verified members only. A connected peer is scored far below gossipsub's
+    // thresholds until its proof verifies (`UNVERIFIED_SCORE`, set when it connects): below
+    // them it is never grafted into a topic's mesh, offered message ids or answered when it asks
+    // for messages, and never published to. Only this application score counts (a federation on
+    // one host shares an IP; its peers' pace is not misbehaviour).
+    gossipsub.with_peer_score(
+        gossipsub::PeerScoreParams {
+            app_specific_weight: 1.0,
+            ip_colocation_factor_weight: 0.0,
+            behaviour_penalty_weight: 0.0,
+            slow_peer_weight: 0.0,
+            ..Default::default()
+        },
+        gossipsub::PeerScoreThresholds {
+            gossip_threshold: -100.0,
+            publish_threshold: -100.0,
+            // Above the unverified score: a peer's subscriptions are still read before its
+            // proof verifies (they are what it is grafted by once it has).
+            graylist_threshold: -1_000_000.0,
+            ..Default::default()
+        },
     )?;
     let relay_server =
         Toggle::from(relay_server.then(|| relay::Behaviour::new(peer_id, federation_relay())));
@@ -1037,7 +1071,6 @@ async fn load_known(store: &store::Store) -> Vec<(PeerId, Vec<Multiaddr>)> {
 impl EventLoop {
     async fn run(mut self, cancel: CancellationToken) {
         let mut tick = tokio::time::interval(Duration::from_millis(250));
-        let mut kad_refresh = tokio::time::interval(Duration::from_secs(300));
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
@@ -1047,11 +1080,6 @@ impl EventLoop {
                     None => break,
                 },
                 _ = tick.tick() => self.on_tick(),
-                _ = kad_refresh.tick() => {
-                    if !self.members.is_empty() {
-                        let _ = self.swarm.behaviour_mut().kad.bootstrap();
-                    }
-                }
             }
         }
         // Persist what the replica knows, after every write already queued.
@@ -1605,6 +1633,13 @@ impl EventLoop {
                     .entry(peer_id)
                     .or_default()
                     .push((connection_id, seen));
+                if !self.members.contains_key(&peer_id) {
+                    // No gossip to or from it until its proof verifies (see `build_swarm`).
+                    self.swarm
+                        .behaviour_mut()
+                        .gossipsub
+                        .set_application_score(&peer_id, UNVERIFIED_SCORE);
+                }
                 if num_established.get() > 1 {
                     self.overlapped.insert(peer_id);
                 }
@@ -2161,6 +2196,10 @@ impl EventLoop {
         if member.role == Role::Coordinator {
             self.listen_via_relay(peer, false);
         }
+        self.swarm
+            .behaviour_mut()
+            .gossipsub
+            .set_application_score(&peer, 0.0);
         self.emit(Event::MemberConnected(member));
         if let Some(out) = self.replica.start_sync(peer) {
             self.registry_out(vec![out]);

@@ -353,3 +353,85 @@ async fn a_stranger_that_connects_learns_no_proof_and_no_member_list() {
     guard.stop().await;
     net.shutdown().await;
 }
+
+/// A stranger that connects and subscribes to the registry's gossip topic — as any libp2p node
+/// can, before the mesh has cut it for having no proof — receives nothing while it is connected:
+/// gossip goes to verified members only (they would tell it who the members are, and more).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranger_subscribed_to_the_registry_topic_receives_no_gossip() {
+    use libp2p::gossipsub;
+    use libp2p::swarm::SwarmEvent;
+    let net = small().await;
+    let me = net.node(0);
+    let topic = gossipsub::IdentTopic::new(format!("funcmesh/{}/registry/1", me.federation().id));
+    let mut swarm = libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_tcp(
+            Default::default(),
+            libp2p::noise::Config::new,
+            libp2p::yamux::Config::default,
+        )
+        .unwrap()
+        .with_behaviour(|key| {
+            let b: gossipsub::Behaviour = gossipsub::Behaviour::new(
+                gossipsub::MessageAuthenticity::Signed(key.clone()),
+                gossipsub::ConfigBuilder::default()
+                    .max_transmit_size(256 * 1024)
+                    .build()
+                    .unwrap(),
+            )
+            .unwrap();
+            b
+        })
+        .unwrap()
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
+        .build();
+    swarm.behaviour_mut().subscribe(&topic).unwrap();
+    let addr = me
+        .dial_addrs()
+        .await
+        .unwrap()
+        .into_iter()
+        .find(|a| a.to_string().contains("/tcp/"))
+        .unwrap();
+    swarm.dial(addr).unwrap();
+    // Until the node cuts it (no proof within the test's 2 s), node 0 registers a function every
+    // 100 ms: each is gossiped on the topic the stranger subscribed to.
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let (mut connected, mut heard_topic, mut messages, mut registered) = (false, false, 0, 0);
+    let cut = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            tokio::select! {
+                ev = swarm.select_next_some() => match ev {
+                    SwarmEvent::ConnectionEstablished { .. } => connected = true,
+                    SwarmEvent::ConnectionClosed { num_established: 0, .. } => return,
+                    SwarmEvent::Behaviour(gossipsub::Event::Subscribed { topic: t, .. })
+                        if t == topic.hash() => heard_topic = true,
+                    SwarmEvent::Behaviour(gossipsub::Event::Message { .. }) => messages += 1,
+                    _ => {}
+                },
+                _ = tick.tick(), if connected => {
+                    me.register_function(&testnet::shell_function(&format!("f{registered}")))
+                        .await
+                        .unwrap();
+                    registered += 1;
+                }
+            }
+        }
+    })
+    .await;
+    assert!(cut.is_ok(), "the node cuts a peer without a proof");
+    assert!(
+        connected && heard_topic,
+        "the stranger was connected and saw the topic"
+    );
+    assert!(
+        registered >= 5,
+        "functions were registered while it was connected"
+    );
+    assert_eq!(
+        messages, 0,
+        "a stranger received {messages} registry gossip messages"
+    );
+    net.shutdown().await;
+}
