@@ -191,6 +191,9 @@ pub struct Registry {
     /// queue, which sync cannot see into: two peers each holding queued changes the other
     /// needs would stall.
     pending: Vec<Change>,
+    /// The document's heads when `refresh` last read every key: the same heads are the same
+    /// document, so a sync that brought nothing (most of them, at rest) costs no scan.
+    refreshed: Vec<ChangeHash>,
 }
 
 impl Registry {
@@ -204,6 +207,7 @@ impl Registry {
             view: None,
             poisoned: false,
             pending: Vec::new(),
+            refreshed: Vec::new(),
         }
     }
 
@@ -628,6 +632,11 @@ impl Registry {
     /// Decodes the document entries not seen yet. Values come straight from the document: the
     /// view reads what Automerge holds, checked again here.
     fn refresh(&mut self) {
+        let heads = self.doc.get_heads();
+        if heads == self.refreshed {
+            return;
+        }
+        self.refreshed = heads;
         let keys: Vec<String> = self
             .doc
             .keys(ROOT)

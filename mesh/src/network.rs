@@ -70,6 +70,14 @@ const UNVERIFIED_SCORE: f64 = -10_000.0;
 const SPREAD_FANOUT: usize = 3;
 /// The shortest time between two rounds of passing news on.
 const SPREAD_EVERY: Duration = Duration::from_secs(1);
+/// Member-list swaps and mixing dials the whole federation makes per second, about: each node
+/// makes one every `listed / MIX_BUDGET` seconds (never more often than every `anti_entropy`),
+/// so a node's share of the churn — a handshake, a proof, a registry sync, a hello at both ends
+/// of every new connection — shrinks as the federation grows, while a healed partition still
+/// gets its first link across within about `2 / MIX_BUDGET` seconds.
+const MIX_BUDGET: f64 = 5.0;
+/// The longest time between one node's member-list swaps (and between its mixing dials).
+const MIX_AT_MOST: Duration = Duration::from_secs(300);
 
 /// Mesh configuration, resolved by the node.
 #[derive(Debug, Clone)]
@@ -1468,7 +1476,8 @@ impl EventLoop {
         }
         // Swap member lists with a random member now and then: whoever missed an introduction
         // (a dial that failed, a peer that joined while we were away) finds the rest this way.
-        if self.last_exchange.elapsed() >= self.config.anti_entropy && !members.is_empty() {
+        let mix_every = self.mix_every();
+        if self.last_exchange.elapsed() >= mix_every && !members.is_empty() {
             self.last_exchange = now;
             let peer = members[rand::Rng::gen_range(&mut rand::thread_rng(), 0..members.len())];
             let hello = self.hello(&peer);
@@ -1486,9 +1495,9 @@ impl EventLoop {
             self.close_idle(now);
         }
         // For the mesh's health, one more member now and then, at random, even when this node
-        // has enough: the graph of bounded connections keeps mixing, and a partition heals
-        // within about one `anti_entropy` once the network does (idle ones close again).
-        if self.last_mix.elapsed() >= self.config.anti_entropy {
+        // has enough: the graph of bounded connections keeps mixing, and a healed partition
+        // gets links across within about `2 / MIX_BUDGET` seconds (idle ones close again).
+        if self.last_mix.elapsed() >= mix_every {
             self.last_mix = now;
             let swarm = &self.swarm;
             if let Some((peer, addrs)) = self.peers.random_known(|p| swarm.is_connected(p)) {
@@ -2369,6 +2378,19 @@ impl EventLoop {
         }
         self.lookups.insert(peer, now);
         self.swarm.behaviour_mut().kad.get_closest_peers(peer);
+    }
+
+    /// How often this node swaps member lists with a random member, and dials one more at
+    /// random: see [`MIX_BUDGET`].
+    fn mix_every(&self) -> Duration {
+        let listed = self
+            .directory
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .len();
+        Duration::from_secs_f64(listed as f64 / MIX_BUDGET)
+            .min(MIX_AT_MOST)
+            .max(self.config.anti_entropy)
     }
 
     /// Whether the registry lists `peer` as a member node.
