@@ -143,6 +143,15 @@ pub enum Refusal {
         /// The peer that used it first.
         by: String,
     },
+    /// The registry revokes the peer's node key or its institution.
+    #[error(
+        "{what} is revoked in the federation's registry; a revoked node cannot rejoin with its \
+         key: ask the institution for a new invite and join with a new data dir"
+    )]
+    Revoked {
+        /// What is revoked: the node or its institution.
+        what: String,
+    },
     /// The binding is too old for a coordinator to admit.
     #[error(
         "the binding was made at {bound_at}, more than 15 minutes ago by the coordinator's \

@@ -1489,6 +1489,7 @@ impl EventLoop {
         if self.last_invite_check.elapsed() >= Duration::from_secs(2) {
             self.last_invite_check = now;
             self.cut_reused_invites();
+            self.cut_revoked();
         }
         if self.last_bound.elapsed() >= Duration::from_secs(1) {
             self.last_bound = now;
@@ -2026,6 +2027,7 @@ impl EventLoop {
             let member = proof
                 .with_receipt(receipt.clone())
                 .verify(&self.federation, peer, now)?;
+            self.not_revoked(peer, &member)?;
             self.receipts.insert(joining.invite, *peer);
             info!(%peer, institution = %joining.institution, role = %joining.role, "admitted a new member");
             return Ok((member, Some(receipt)));
@@ -2034,7 +2036,51 @@ impl EventLoop {
         if let Some(invite) = &member.invite {
             self.invite_free(invite, peer)?;
         }
+        self.not_revoked(peer, &member)?;
         Ok((member, None))
+    }
+
+    /// Refuses `peer` if the registry revokes its node key or its institution, as this node's
+    /// replica knows (a proof stays valid after a revocation: only the registry says so).
+    fn not_revoked(&mut self, peer: &PeerId, member: &Member) -> Result<(), Refusal> {
+        let view = self.replica.view();
+        if view.revocations.is_empty() {
+            return Ok(());
+        }
+        if let Some(inst) = &member.institution_key
+            && view.is_revoked_key(inst)
+        {
+            return Err(Refusal::Revoked {
+                what: format!(
+                    "institution {}",
+                    member.institution.as_deref().unwrap_or("(unnamed)")
+                ),
+            });
+        }
+        if crate::registry::key_of_peer(peer).is_some_and(|k| view.is_revoked_key(&k)) {
+            return Err(Refusal::Revoked {
+                what: format!("node {peer}"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Cuts connected members the registry now revokes (the node or its institution): checked
+    /// with the invites, every 2 s.
+    fn cut_revoked(&mut self) {
+        if self.replica.view().revocations.is_empty() {
+            return;
+        }
+        let members: Vec<(PeerId, Member)> = self
+            .members
+            .iter()
+            .map(|(p, st)| (*p, st.member.clone()))
+            .collect();
+        for (peer, member) in members {
+            if let Err(reason) = self.not_revoked(&peer, &member) {
+                self.on_verdict(peer, Err(reason), vec![], false);
+            }
+        }
     }
 
     /// Refuses `peer` if another node used `invite` first, as this node knows.

@@ -154,6 +154,17 @@ pub fn signing_key(keypair: &libp2p::identity::Keypair) -> Option<ed25519_dalek:
     Some(ed25519_dalek::SigningKey::from_bytes(&secret))
 }
 
+/// The registry key of the node with this peer id: the same ed25519 key (`None` for a peer id
+/// that does not inline an ed25519 key).
+pub(crate) fn key_of_peer(peer: &libp2p::PeerId) -> Option<Key> {
+    let hash: &libp2p::multihash::Multihash<64> = peer.as_ref();
+    if hash.code() != 0 {
+        return None;
+    }
+    let key = libp2p::identity::PublicKey::try_decode_protobuf(hash.digest()).ok()?;
+    Some(Key(key.try_into_ed25519().ok()?.to_bytes()))
+}
+
 /// Per-peer strike counts, forgotten after [`STRIKE_MEMORY`] without a new strike, and the
 /// bans in force.
 #[derive(Debug, Default)]
@@ -571,6 +582,15 @@ fn now_ms() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_peer_ids_registry_key_is_its_node_key() {
+        let keypair = libp2p::identity::Keypair::generate_ed25519();
+        let peer = keypair.public().to_peer_id();
+        let key = Key::of(&signing_key(&keypair).unwrap());
+        assert_eq!(key_of_peer(&peer), Some(key));
+        assert_eq!(key_of_peer(&PeerId::random()), None);
+    }
 
     #[test]
     fn three_strikes_ban_old_strikes_are_forgiven_and_bans_end() {

@@ -423,26 +423,14 @@ async fn forged_an_institution_without_admission_is_ignored_everywhere() {
     net.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn forged_entries_by_a_revoked_author_are_ignored_everywhere() {
-    let net = ready(2, 2).await;
-    let early = net
-        .node(1)
-        .register_function(&shell_function("early"))
-        .await
-        .unwrap();
-    wait_for("early everywhere", FIVE_S, || {
-        net.everyone_has_function(&early)
-    })
-    .await
-    .unwrap();
-    // inst-a's admin revokes its node a2, with the institution key.
+/// inst-a's admin revokes its node `i` (with the institution key), written on node 0.
+async fn revoke_node(net: &Federation, i: usize) {
     let (_, inst_key) =
         mesh::keys::read_signing_key(&net.institutions[0].key, mesh::keys::KeyKind::Institution)
             .unwrap();
     let inst_signer = ed25519_dalek::SigningKey::from_bytes(&inst_key.secret());
     let target = Target::Node {
-        key: net.node(1).registry_key(),
+        key: net.node(i).registry_key(),
     };
     let revocation = Entry::sign(
         &inst_signer,
@@ -463,19 +451,122 @@ async fn forged_entries_by_a_revoked_author_are_ignored_everywhere() {
         .registry_insert(revocation.bytes().to_vec())
         .await
         .unwrap();
+}
+
+/// A revoked node's membership proof stays valid — only the registry says it is revoked — so
+/// every member that learns of the revocation cuts it, drops it from the directory, and refuses
+/// it when it dials again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_node_is_cut_by_every_member_and_refused_when_it_dials_again() {
+    let net = ready(2, 2).await;
+    let revoked = net.node(1).peer_id();
+    let mut refusals = net.node(0).mesh().subscribe();
+    revoke_node(&net, 1).await;
+    wait_for(
+        "every other node to cut the revoked node",
+        FIVE_S,
+        || async {
+            for n in net.running() {
+                if n.peer_id() != revoked && n.mesh().is_member(&revoked) {
+                    let connected = n
+                        .mesh()
+                        .members()
+                        .await
+                        .unwrap()
+                        .iter()
+                        .any(|m| m.peer_id == revoked.to_string());
+                    let v = n.mesh().registry().await.unwrap();
+                    eprintln!(
+                        "DEBUG {} coord={} connected={connected} listed={} revocations={}",
+                        n.peer_id(),
+                        Some(n.peer_id()) == net.coordinator().map(|c| c.peer_id()),
+                        v.nodes.contains_key(&revoked.to_string()),
+                        v.revocations.len()
+                    );
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await
+    .unwrap();
+    // It dials node 0 again: refused, for being revoked.
+    let addr = net.node(0).dial_addrs().await.unwrap().remove(0);
+    let _ = net.node(1).mesh().dial(addr).await;
+    let refused = tokio::time::timeout(FIVE_S, async {
+        loop {
+            match refusals.recv().await {
+                Ok(Event::Refused { peer, reason }) if peer == revoked => {
+                    let reason = reason.to_string();
+                    if reason.contains("revoked") {
+                        return reason;
+                    }
+                }
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+    })
+    .await
+    .expect("node 0 refused the revoked node for being revoked");
+    assert!(refused.contains(&format!("node {revoked}")), "{refused}");
+    // Node 0 refuses it on every attempt: it is never a member again.
+    let _ = net
+        .node(1)
+        .mesh()
+        .dial(net.node(0).dial_addrs().await.unwrap().remove(0))
+        .await;
+    wait_for("the revoked node to be refused again", FIVE_S, || async {
+        !net.node(0).mesh().is_member(&revoked)
+            && !net
+                .node(0)
+                .mesh()
+                .members()
+                .await
+                .unwrap()
+                .iter()
+                .any(|m| m.peer_id == revoked.to_string())
+    })
+    .await
+    .unwrap();
+    net.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_entries_by_a_revoked_author_are_ignored_everywhere() {
+    let net = ready(2, 2).await;
+    let early = net
+        .node(1)
+        .register_function(&shell_function("early"))
+        .await
+        .unwrap();
+    wait_for("early everywhere", FIVE_S, || {
+        net.everyone_has_function(&early)
+    })
+    .await
+    .unwrap();
+    revoke_node(&net, 1).await;
     // a2 keeps writing: nobody counts it.
     let late = net
         .node(1)
         .register_function(&shell_function("late"))
         .await
         .unwrap();
+    // a2 itself is cut by every member that learns of the revocation (and may never hear of
+    // it), so its late entry reaches those its gossip got to before: ignored there, counted
+    // nowhere.
+    let a2 = net.node(1).peer_id();
+    let others = || net.running().into_iter().filter(|n| n.peer_id() != a2);
     wait_for("every node to drop a2's entries", FIVE_S, || async {
-        for n in net.running() {
+        for n in others() {
             let v = n.mesh().registry().await.unwrap();
             let dropped = !v.functions.contains_key(&early)
+                && !v.functions.contains_key(&late)
                 && v.ignored
                     .iter()
-                    .any(|i| i.id == late && i.reason.contains("revoked"))
+                    .filter(|i| i.id == late)
+                    .all(|i| i.reason.contains("revoked"))
                 && v.revocations.len() == 1;
             if !dropped {
                 return false;
@@ -485,7 +576,32 @@ async fn forged_entries_by_a_revoked_author_are_ignored_everywhere() {
     })
     .await
     .unwrap();
-    still_serving(&net, 2).await;
+    let after = net
+        .node(2)
+        .register_function(&shell_function("after-the-revocation"))
+        .await
+        .unwrap();
+    wait_for(
+        "an honest function after the revocation",
+        FIVE_S,
+        || async {
+            for n in others() {
+                if !n
+                    .mesh()
+                    .registry()
+                    .await
+                    .unwrap()
+                    .functions
+                    .contains_key(&after)
+                {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await
+    .unwrap();
     net.shutdown().await;
 }
 
