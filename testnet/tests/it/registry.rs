@@ -468,21 +468,6 @@ async fn a_revoked_node_is_cut_by_every_member_and_refused_when_it_dials_again()
         || async {
             for n in net.running() {
                 if n.peer_id() != revoked && n.mesh().is_member(&revoked) {
-                    let connected = n
-                        .mesh()
-                        .members()
-                        .await
-                        .unwrap()
-                        .iter()
-                        .any(|m| m.peer_id == revoked.to_string());
-                    let v = n.mesh().registry().await.unwrap();
-                    eprintln!(
-                        "DEBUG {} coord={} connected={connected} listed={} revocations={}",
-                        n.peer_id(),
-                        Some(n.peer_id()) == net.coordinator().map(|c| c.peer_id()),
-                        v.nodes.contains_key(&revoked.to_string()),
-                        v.revocations.len()
-                    );
                     return false;
                 }
             }
