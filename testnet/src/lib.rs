@@ -155,6 +155,12 @@ impl Federation {
         self.tmp.path()
     }
 
+    /// The federation's secret key file (the coordinator's): what signs admissions and
+    /// revokes institutions.
+    pub fn federation_key(&self) -> PathBuf {
+        self.coordinator_dir.federation_key()
+    }
+
     /// Creates and admits an institution; returns its index.
     pub fn add_institution(&mut self, name: &str) -> anyhow::Result<usize> {
         let key = self.tmp.path().join(format!("{name}.key"));

@@ -453,6 +453,107 @@ async fn revoke_node(net: &Federation, i: usize) {
         .unwrap();
 }
 
+/// Revokes institution `i` with the federation key, through node 0's replica.
+async fn revoke_institution(net: &Federation, i: usize) {
+    let (_, fed_key) =
+        mesh::keys::read_signing_key(&net.federation_key(), mesh::keys::KeyKind::Federation)
+            .unwrap();
+    let fed_signer = ed25519_dalek::SigningKey::from_bytes(&fed_key.secret());
+    let (_, inst_key) =
+        mesh::keys::read_signing_key(&net.institutions[i].key, mesh::keys::KeyKind::Institution)
+            .unwrap();
+    let target = Target::Institution {
+        key: Key::of(&ed25519_dalek::SigningKey::from_bytes(&inst_key.secret())),
+    };
+    let revocation = Entry::sign(
+        &fed_signer,
+        Payload {
+            federation: net.node(0).federation().id.0.clone(),
+            id: target.id(),
+            seq: 1,
+            author: Key::of(&fed_signer),
+            at_ms: 1,
+            body: Body::Revocation(RevocationRecord {
+                target,
+                reason: "left the federation".into(),
+            }),
+        },
+    );
+    net.node(0)
+        .mesh()
+        .registry_insert(revocation.bytes().to_vec())
+        .await
+        .unwrap();
+}
+
+/// An institution the federation revokes keeps valid admission proofs on its nodes — only the
+/// registry says it is revoked — so every member of the other institutions cuts all of its
+/// nodes and refuses them when they dial again, naming the institution.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_node_of_a_revoked_institution_is_cut_and_refused_when_it_dials_again() {
+    let net = ready(2, 2).await;
+    let (inst_a, inst_b): (Vec<&testnet::Slot>, Vec<&testnet::Slot>) =
+        net.members.iter().partition(|s| s.institution == 0);
+    let a: Vec<mesh::PeerId> = inst_a
+        .iter()
+        .map(|s| s.node.as_ref().unwrap().peer_id())
+        .collect();
+    let b: Vec<mesh::PeerId> = inst_b
+        .iter()
+        .map(|s| s.node.as_ref().unwrap().peer_id())
+        .collect();
+    assert!(!a.is_empty() && !b.is_empty());
+    let a0 = inst_a[0].node.as_ref().unwrap();
+    let mut refusals = a0.mesh().subscribe();
+    revoke_institution(&net, 1).await;
+    wait_for(
+        "every node of the other institution and the coordinator to cut institution b's nodes",
+        FIVE_S,
+        || async {
+            net.running()
+                .into_iter()
+                .filter(|n| !b.contains(&n.peer_id()))
+                .all(|n| b.iter().all(|p| !n.mesh().is_member(p)))
+        },
+    )
+    .await
+    .unwrap();
+    // Institution a's own nodes stay members of each other.
+    for s in &inst_a {
+        let n = s.node.as_ref().unwrap();
+        for p in &a {
+            if *p != n.peer_id() {
+                assert!(n.mesh().is_member(p), "{} lost a fellow member", s.name);
+            }
+        }
+    }
+    // A node of b dials a0 again: refused, for its institution being revoked.
+    let b0 = inst_b[0].node.as_ref().unwrap();
+    let _ = b0
+        .mesh()
+        .dial(a0.dial_addrs().await.unwrap().remove(0))
+        .await;
+    let refused = tokio::time::timeout(FIVE_S, async {
+        loop {
+            match refusals.recv().await {
+                Ok(Event::Refused { peer, reason }) if peer == b[0] => {
+                    let reason = reason.to_string();
+                    if reason.contains("revoked") {
+                        return reason;
+                    }
+                }
+                Ok(_) | Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(e) => panic!("{e}"),
+            }
+        }
+    })
+    .await
+    .expect("a0 refused b's node for its institution being revoked");
+    assert!(refused.contains("institution"), "{refused}");
+    assert!(!a0.mesh().is_member(&b[0]));
+    net.shutdown().await;
+}
+
 /// A revoked node's membership proof stays valid — only the registry says it is revoked — so
 /// every member that learns of the revocation cuts it, drops it from the directory, and refuses
 /// it when it dials again.
