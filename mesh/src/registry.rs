@@ -208,15 +208,36 @@ impl Strikes {
     }
 }
 
+/// Message rounds of one sync session, at most: each carries at most `SYNC_BATCH_BYTES` of
+/// changes, so a replica this far behind catches up over several sessions.
+const MAX_SYNC_ROUNDS: u32 = 256;
+
+/// A sync session of ours in flight.
+#[derive(Debug, Default)]
+struct Session {
+    /// Another session was asked for meanwhile.
+    again: bool,
+    /// Answers received so far.
+    rounds: u32,
+    /// The session brought changes new to this replica.
+    learned: bool,
+}
+
 /// The local replica and its persistence.
 pub(crate) struct Replica {
     reg: Registry,
     authority: MeshAuthority,
     signer: ed25519_dalek::SigningKey,
     store: store::Store,
+    /// Per peer, the state of the sessions this node starts (persisted: what the peer has).
     sync: HashMap<PeerId, SyncState>,
-    /// Peers with a sync request in flight, and whether another round is wanted after it.
-    in_flight: HashMap<PeerId, bool>,
+    /// Per peer, the state of the sessions the peer starts. Apart from `sync`, so that a session
+    /// each side started at once are two clean exchanges: one state shared by both let each
+    /// session reset and resend into the other, and the two never agreed they were done (a
+    /// storm of syncs of changes both had, at rest, that saturated federations of 40–100).
+    sync_in: HashMap<PeerId, SyncState>,
+    /// Peers with a session of ours in flight.
+    in_flight: HashMap<PeerId, Session>,
     /// Keys of the changes stored since the last compaction.
     stored: Vec<Vec<u8>>,
     last_anti_entropy: Instant,
@@ -277,6 +298,7 @@ pub(crate) fn load(
         signer,
         store: store.clone(),
         sync,
+        sync_in: HashMap::new(),
         in_flight: HashMap::new(),
         stored,
         last_anti_entropy: Instant::now(),
@@ -402,16 +424,16 @@ impl Replica {
         }
     }
 
-    /// A sync session with `peer`, unless one is in flight (then another round follows it).
+    /// A sync session with `peer`, unless one is in flight (then another follows it).
     pub(crate) fn start_sync(&mut self, peer: PeerId) -> Option<Out> {
-        if let Some(again) = self.in_flight.get_mut(&peer) {
-            *again = true;
+        if let Some(session) = self.in_flight.get_mut(&peer) {
+            session.again = true;
             return None;
         }
         let state = self.sync.entry(peer).or_default();
         state.reset();
         let msg = self.reg.generate_sync(state)?;
-        self.in_flight.insert(peer, false);
+        self.in_flight.insert(peer, Session::default());
         Some(Out::Sync(peer, msg, true))
     }
 
@@ -431,13 +453,23 @@ impl Replica {
                 Vec::new(),
             );
         }
-        let state = self.sync.entry(peer).or_default();
+        // A peer's first session here starts from what our own sessions know it has.
+        let state = match self.sync_in.entry(peer) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => e.insert(
+                self.sync
+                    .get(&peer)
+                    .map(|s| SyncState::decode(&s.encode()))
+                    .unwrap_or_default(),
+            ),
+        };
         if req.fresh {
             state.reset();
         }
         match self.reg.receive_sync(state, &req.msg) {
             Ok(applied) => {
-                let state = self.sync.entry(peer).or_default();
+                trace_sync(peer, &applied);
+                let state = self.sync_in.entry(peer).or_default();
                 let resp = match self.reg.generate_sync(state) {
                     Some(m) => SyncResponse::Message(m),
                     None => SyncResponse::Done,
@@ -462,14 +494,18 @@ impl Replica {
         peer: PeerId,
         resp: SyncResponse,
     ) -> (Vec<Vec<u8>>, Vec<Out>) {
-        let again = self.in_flight.remove(&peer).unwrap_or(false);
+        let mut session = self.in_flight.remove(&peer).unwrap_or_default();
+        session.rounds += 1;
         let mut persist = Vec::new();
         let mut out = Vec::new();
         match resp {
             SyncResponse::Message(msg) => {
                 let state = self.sync.entry(peer).or_default();
                 match self.reg.receive_sync(state, &msg) {
-                    Ok(applied) => persist = applied.changes,
+                    Ok(applied) => {
+                        trace_sync(peer, &applied);
+                        persist = applied.changes
+                    }
                     Err(e) => {
                         self.recover_if_poisoned();
                         out.push(Out::Strike(peer, format!("registry sync: {e}")));
@@ -486,11 +522,26 @@ impl Replica {
                 return (persist, out);
             }
         }
+        session.learned |= !persist.is_empty();
         let state = self.sync.entry(peer).or_default();
+        if session.rounds >= MAX_SYNC_ROUNDS {
+            // A session that does not end is a bug or a peer that never agrees: stop here;
+            // anti-entropy comes back to this peer later.
+            warn!(
+                %peer,
+                rounds = session.rounds,
+                "registry sync session ended after its last allowed round"
+            );
+            state.reset();
+            return (persist, out);
+        }
         if let Some(msg) = self.reg.generate_sync(state) {
-            self.in_flight.insert(peer, again);
+            self.in_flight.insert(peer, session);
             out.push(Out::Sync(peer, msg, false));
-        } else if again || self.reg.has_missing_deps() {
+        } else if session.again || (session.learned && self.reg.has_missing_deps()) {
+            // Another session only when one was asked for meanwhile, or when this one brought
+            // changes and some still wait for theirs; a session that learned nothing and still
+            // misses dependencies leaves them to gossip and anti-entropy (it would only repeat).
             out.extend(self.start_sync(peer));
         }
         (persist, out)
@@ -507,6 +558,7 @@ impl Replica {
     /// The peer's last connection closed: keep what we know it has.
     pub(crate) fn on_disconnect(&mut self, peer: PeerId) -> Option<StoreOp> {
         self.in_flight.remove(&peer);
+        self.sync_in.remove(&peer);
         let state = self.sync.get(&peer)?;
         Some((
             store::cf::REGISTRY_SYNC,
@@ -606,5 +658,18 @@ mod tests {
         assert!(s.expired(t1).is_empty());
         assert_eq!(s.expired(t1 + STRIKE_MEMORY), vec![peer]);
         assert!(s.expired(t1 + STRIKE_MEMORY).is_empty());
+    }
+}
+
+/// What a sync message brought, at debug level: changes carried, already known, new.
+fn trace_sync(peer: PeerId, applied: &crdt_registry::Applied) {
+    if applied.received > 0 {
+        tracing::debug!(
+            %peer,
+            received = applied.received,
+            known = applied.known,
+            new = applied.changes.len(),
+            "registry sync message"
+        );
     }
 }

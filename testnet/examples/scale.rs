@@ -14,8 +14,9 @@
 //!   and resident memory divided by the number of nodes, and the member connections per node;
 //! * `function_reach_ms`: a function registered on one node, the time until each other node's
 //!   registry has it (p50, p99, max; `--functions` of them, each from another node);
-//! * `member_listed_ms`: a new member joined, the time from its start until every other node's
-//!   registry lists it;
+//! * `member_listed_ms`: a new member joined, the time from its start (the invite, `join`,
+//!   opening its store) until every other node's registry lists it; `member_join_ms`, the part
+//!   of that before its node was running;
 //! * `partition`: the federation cut in two (the coordinator and the first half of the members,
 //!   the rest; every node blocks every node of the other side), a function registered on each
 //!   side while cut, then healed: the time from the heal until each node's registry has both
@@ -281,6 +282,8 @@ async fn main() -> anyhow::Result<()> {
 
     let t = Instant::now();
     let i = net.add_member(0).await?;
+    let join_ms = t.elapsed().as_secs_f64() * 1000.0;
+    eprintln!("new member running after {join_ms:.0} ms");
     let peer = net.node(i).peer_id().to_string();
     let listed = reach_times(&net, t, Duration::from_secs(60), move |v| {
         v.nodes.contains_key(&peer)
@@ -306,6 +309,7 @@ async fn main() -> anyhow::Result<()> {
         "idle": idle,
         "function_reach_ms": reach,
         "member_listed_ms": listed,
+        "member_join_ms": join_ms,
         "partition": partition,
         "first_task_ms": first_task,
     });
