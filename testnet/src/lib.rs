@@ -207,6 +207,10 @@ impl Federation {
         let name = format!("{}{n}", (b'a' + i as u8) as char);
         let invite = self.invite(i, Role::Endpoint, Duration::from_secs(600))?;
         let dir = self.new_dir(&name);
+        // What a failed earlier attempt under this name left (the name is the next free one).
+        if dir.root().exists() {
+            std::fs::remove_dir_all(dir.root())?;
+        }
         let inst = self.institutions[i].name.clone();
         let mut config = ops::testnet_config(
             &name,
