@@ -631,6 +631,19 @@ fn now_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// What a sync message brought, at debug level: changes carried, already known, new.
+fn trace_sync(peer: PeerId, applied: &crdt_registry::Applied) {
+    if applied.received > 0 {
+        tracing::debug!(
+            %peer,
+            received = applied.received,
+            known = applied.known,
+            new = applied.changes.len(),
+            "registry sync message"
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -658,18 +671,5 @@ mod tests {
         assert!(s.expired(t1).is_empty());
         assert_eq!(s.expired(t1 + STRIKE_MEMORY), vec![peer]);
         assert!(s.expired(t1 + STRIKE_MEMORY).is_empty());
-    }
-}
-
-/// What a sync message brought, at debug level: changes carried, already known, new.
-fn trace_sync(peer: PeerId, applied: &crdt_registry::Applied) {
-    if applied.received > 0 {
-        tracing::debug!(
-            %peer,
-            received = applied.received,
-            known = applied.known,
-            new = applied.changes.len(),
-            "registry sync message"
-        );
     }
 }
