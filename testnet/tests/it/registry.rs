@@ -423,26 +423,25 @@ async fn forged_an_institution_without_admission_is_ignored_everywhere() {
     net.shutdown().await;
 }
 
-/// inst-a's admin revokes its node `i` (with the institution key), written on node 0.
-async fn revoke_node(net: &Federation, i: usize) {
-    let (_, inst_key) =
-        mesh::keys::read_signing_key(&net.institutions[0].key, mesh::keys::KeyKind::Institution)
-            .unwrap();
-    let inst_signer = ed25519_dalek::SigningKey::from_bytes(&inst_key.secret());
-    let target = Target::Node {
-        key: net.node(i).registry_key(),
-    };
+/// A signing key from its file.
+fn key_file_signer(path: &std::path::Path, kind: mesh::keys::KeyKind) -> ed25519_dalek::SigningKey {
+    let (_, key) = mesh::keys::read_signing_key(path, kind).unwrap();
+    ed25519_dalek::SigningKey::from_bytes(&key.secret())
+}
+
+/// Writes a revocation of `target`, signed by `by`, through node 0's replica.
+async fn revoke(net: &Federation, by: &ed25519_dalek::SigningKey, target: Target, reason: &str) {
     let revocation = Entry::sign(
-        &inst_signer,
+        by,
         Payload {
             federation: net.node(0).federation().id.0.clone(),
             id: target.id(),
             seq: 1,
-            author: Key::of(&inst_signer),
+            author: Key::of(by),
             at_ms: 1,
             body: Body::Revocation(RevocationRecord {
                 target,
-                reason: "key lost".into(),
+                reason: reason.into(),
             }),
         },
     );
@@ -453,37 +452,23 @@ async fn revoke_node(net: &Federation, i: usize) {
         .unwrap();
 }
 
-/// Revokes institution `i` with the federation key, through node 0's replica.
-async fn revoke_institution(net: &Federation, i: usize) {
-    let (_, fed_key) =
-        mesh::keys::read_signing_key(&net.federation_key(), mesh::keys::KeyKind::Federation)
-            .unwrap();
-    let fed_signer = ed25519_dalek::SigningKey::from_bytes(&fed_key.secret());
-    let (_, inst_key) =
-        mesh::keys::read_signing_key(&net.institutions[i].key, mesh::keys::KeyKind::Institution)
-            .unwrap();
-    let target = Target::Institution {
-        key: Key::of(&ed25519_dalek::SigningKey::from_bytes(&inst_key.secret())),
+/// inst-a's admin revokes its node `i` (with the institution key).
+async fn revoke_node(net: &Federation, i: usize) {
+    let by = key_file_signer(&net.institutions[0].key, mesh::keys::KeyKind::Institution);
+    let target = Target::Node {
+        key: net.node(i).registry_key(),
     };
-    let revocation = Entry::sign(
-        &fed_signer,
-        Payload {
-            federation: net.node(0).federation().id.0.clone(),
-            id: target.id(),
-            seq: 1,
-            author: Key::of(&fed_signer),
-            at_ms: 1,
-            body: Body::Revocation(RevocationRecord {
-                target,
-                reason: "left the federation".into(),
-            }),
-        },
-    );
-    net.node(0)
-        .mesh()
-        .registry_insert(revocation.bytes().to_vec())
-        .await
-        .unwrap();
+    revoke(net, &by, target, "key lost").await;
+}
+
+/// The federation revokes institution `i` (with the federation key).
+async fn revoke_institution(net: &Federation, i: usize) {
+    let by = key_file_signer(&net.federation_key(), mesh::keys::KeyKind::Federation);
+    let institution = key_file_signer(&net.institutions[i].key, mesh::keys::KeyKind::Institution);
+    let target = Target::Institution {
+        key: Key::of(&institution),
+    };
+    revoke(net, &by, target, "left the federation").await;
 }
 
 /// An institution the federation revokes keeps valid admission proofs on its nodes — only the
