@@ -787,6 +787,53 @@ impl Registry {
         Some(msg.encode())
     }
 
+    /// A one-line account of a sync message from a peer and of what this replica holds of it,
+    /// with the state kept for that peer: for debugging sessions that do not end. Hashes are
+    /// shortened to their first four bytes; `+` marks one this document holds, `-` one it lacks.
+    pub fn describe_sync(&self, state: &SyncState, bytes: &[u8]) -> String {
+        let short = |h: &ChangeHash| {
+            let mark = if self.has_change(h) { '+' } else { '-' };
+            format!("{mark}{}", hex::encode(&h.0[..4]))
+        };
+        let list = |hs: &[ChangeHash]| hs.iter().map(short).collect::<Vec<_>>().join(",");
+        let ours = list(&self.doc.get_heads());
+        let missing = list(&self.doc.get_missing_deps(&[]));
+        let s = &state.0;
+        let mine = format!(
+            "shared=[{}] last_sent=[{}] their_heads=[{}] sent={} in_flight={} responded={}",
+            list(&s.shared_heads),
+            list(&s.last_sent_heads),
+            s.their_heads.as_deref().map_or("?".into(), list),
+            s.sent_hashes.len(),
+            s.in_flight,
+            s.have_responded,
+        );
+        let Ok(msg) = sync::Message::decode(bytes) else {
+            return format!("undecodable message; ours=[{ours}] missing=[{missing}] {mine}");
+        };
+        let changes: Vec<String> = msg
+            .changes
+            .iter()
+            .map(|c| match Change::from_bytes(c.to_vec()) {
+                Ok(change) => format!("{}<{}>", short(&change.hash()), list(change.deps())),
+                Err(_) => "?".into(),
+            })
+            .collect();
+        let have: Vec<String> = msg
+            .have
+            .iter()
+            .map(|h| format!("[{}]", list(&h.last_sync)))
+            .collect();
+        format!(
+            "msg heads=[{}] need=[{}] have={} changes=[{}]; ours=[{ours}] missing=[{missing}] pending={} {mine}",
+            list(&msg.heads),
+            list(&msg.need),
+            have.join(""),
+            changes.join(" "),
+            self.pending.len(),
+        )
+    }
+
     /// Applies a sync message from a peer. Every change in it is checked first; version-2
     /// messages (whole-document chunks that cannot be checked change by change) are refused,
     /// and we never advertise them.

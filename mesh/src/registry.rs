@@ -231,10 +231,11 @@ pub(crate) struct Replica {
     store: store::Store,
     /// Per peer, the state of the sessions this node starts (persisted: what the peer has).
     sync: HashMap<PeerId, SyncState>,
-    /// Per peer, the state of the sessions the peer starts. Apart from `sync`, so that a session
-    /// each side started at once are two clean exchanges: one state shared by both let each
-    /// session reset and resend into the other, and the two never agreed they were done (a
-    /// storm of syncs of changes both had, at rest, that saturated federations of 40–100).
+    /// Per peer, the state of the sessions the peer starts. Apart from `sync`, so that sessions
+    /// each side started at once are two clean exchanges rather than one state reset and
+    /// advanced by both. (The storm of syncs at rest that saturated federations of 40–100 was
+    /// Automerge 0.7.0 caching vector clocks that missed part of the history: see
+    /// `replicas_with_the_same_wide_history_agree_without_sending_anything`.)
     sync_in: HashMap<PeerId, SyncState>,
     /// Peers with a session of ours in flight.
     in_flight: HashMap<PeerId, Session>,
@@ -501,6 +502,12 @@ impl Replica {
         match resp {
             SyncResponse::Message(msg) => {
                 let state = self.sync.entry(peer).or_default();
+                if session.rounds + 4 > MAX_SYNC_ROUNDS && tracing::enabled!(tracing::Level::DEBUG)
+                {
+                    // The last rounds of a session that does not end, for whoever debugs it.
+                    let seen = self.reg.describe_sync(state, &msg);
+                    tracing::debug!(%peer, rounds = session.rounds, "registry sync near its round cap: {seen}");
+                }
                 match self.reg.receive_sync(state, &msg) {
                     Ok(applied) => {
                         trace_sync(peer, &applied);

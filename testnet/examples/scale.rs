@@ -7,8 +7,8 @@
 //! ```
 //!
 //! It starts a coordinator and `--members` endpoint nodes (institutions of
-//! `--per-institution`), with the mesh's default timers, and waits until every node's registry
-//! lists every node. Then, one JSON line on stdout:
+//! `--per-institution`), with the mesh's default timers, one join after another (or
+//! `--join-wave N` at once), and waits until every node's registry lists every node. Then, one JSON line on stdout:
 //!
 //! * `idle`: over `--window` seconds at rest (after `--settle` seconds), the process's CPU time
 //!   and resident memory divided by the number of nodes, and the member connections per node;
@@ -48,6 +48,7 @@ struct Args {
     settle: u64,
     window: u64,
     functions: usize,
+    wave: usize,
     sets: Vec<String>,
 }
 
@@ -65,6 +66,7 @@ fn args() -> anyhow::Result<Args> {
         settle: 20,
         window: 30,
         functions: 5,
+        wave: 1,
         sets: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
@@ -76,6 +78,7 @@ fn args() -> anyhow::Result<Args> {
             "--settle" => a.settle = value()?.parse()?,
             "--window" => a.window = value()?.parse()?,
             "--functions" => a.functions = value()?.parse()?,
+            "--join-wave" => a.wave = value()?.parse::<usize>()?.max(1),
             "--set" => a.sets.push(value()?),
             "--funcx" => a.funcx = true,
             "--endpoints" => a.endpoints = value()?.parse()?,
@@ -86,7 +89,7 @@ fn args() -> anyhow::Result<Args> {
             "--window-tasks" => a.window_tasks = value()?.parse()?,
             other => anyhow::bail!(
                 "unknown flag {other}; use --members N --per-institution K --settle S --window S \
-                 --functions N --set section.key=value, or --funcx --members N --endpoints E \
+                 --functions N --join-wave N --set section.key=value, or --funcx --members N --endpoints E \
                  --workers W --tasks T --task-ms MS --submitters S --window-tasks N"
             ),
         }
@@ -220,8 +223,17 @@ async fn main() -> anyhow::Result<()> {
     for i in 0..institutions {
         net.add_institution(&format!("inst-{i:03}"))?;
     }
-    for m in 0..a.members {
-        join(&mut net, m / a.per).await?;
+    let joining: Vec<usize> = (0..a.members).map(|m| m / a.per).collect();
+    for (w, wave) in joining.chunks(a.wave).enumerate() {
+        join_wave(&mut net, wave).await?;
+        let joined = (w + 1) * a.wave;
+        if joined % 20 < a.wave {
+            eprintln!(
+                "{} members joined, {:.1} s in",
+                joined.min(a.members),
+                started.elapsed().as_secs_f64()
+            );
+        }
     }
     let total = a.members + 1;
     let deadline = Instant::now() + Duration::from_secs(60 + a.members as u64);
@@ -691,15 +703,30 @@ async fn first_task_latency(net: &testnet::Federation) -> anyhow::Result<serde_j
 /// join on a machine running a few hundred nodes can miss the coordinator's 5 s proof
 /// deadline), and a third time; said on stderr.
 async fn join(net: &mut testnet::Federation, inst: usize) -> anyhow::Result<usize> {
-    let mut failures = 0;
-    loop {
-        match net.add_member(inst).await {
-            Ok(i) => return Ok(i),
-            Err(e) if failures < 2 => {
-                failures += 1;
-                eprintln!("a join failed ({e:#}); joining again");
+    Ok(join_wave(net, &[inst]).await?[0])
+}
+
+/// Joins a member of each institution in `wave` at once (`--join-wave`), each failed join
+/// again up to twice; said on stderr.
+async fn join_wave(net: &mut testnet::Federation, wave: &[usize]) -> anyhow::Result<Vec<usize>> {
+    let mut joined = Vec::new();
+    let mut left = wave.to_vec();
+    for attempt in 0..3 {
+        let mut failed = Vec::new();
+        for (inst, got) in left.iter().zip(net.add_members(&left).await) {
+            match got {
+                Ok(i) => joined.push(i),
+                Err(e) if attempt < 2 => {
+                    eprintln!("a join failed ({e:#}); joining again");
+                    failed.push(*inst);
+                }
+                Err(e) => return Err(e),
             }
-            Err(e) => return Err(e),
         }
+        if failed.is_empty() {
+            break;
+        }
+        left = failed;
     }
+    Ok(joined)
 }

@@ -203,7 +203,55 @@ impl Federation {
 
     /// Joins a new endpoint node of institution `i` through the coordinator; returns its index.
     pub async fn add_member(&mut self, i: usize) -> anyhow::Result<usize> {
-        let n = self.members.iter().filter(|s| s.institution == i).count() + 1;
+        self.add_members(&[i])
+            .await
+            .pop()
+            .expect("one join asked, one answered")
+    }
+
+    /// Joins one new endpoint node for each institution index in `which`, all at once (the
+    /// coordinator admits them concurrently, as it would a wave of operators); returns each
+    /// join's outcome in order: the new member's index, or why it failed. A failed join leaves
+    /// its name free for the next.
+    pub async fn add_members(&mut self, which: &[usize]) -> Vec<anyhow::Result<usize>> {
+        let mut taken: std::collections::HashMap<usize, usize> = Default::default();
+        let mut joins = Vec::new();
+        for &i in which {
+            let k = taken.entry(i).or_default();
+            *k += 1;
+            let n = self.members.iter().filter(|s| s.institution == i).count() + *k;
+            joins.push(
+                self.prepare_member(i, n)
+                    .map(|(name, dir, invite)| (i, name, dir, invite)),
+            );
+        }
+        let coordinator = self.coordinator_addr.clone();
+        let overrides = self.join_overrides.clone();
+        let started = futures::future::join_all(joins.into_iter().map(|prepared| {
+            let (coordinator, overrides) = (&coordinator, &overrides);
+            async move {
+                let (i, name, dir, invite) = prepared?;
+                let node = join_with_overrides(&dir, coordinator, &invite, overrides).await?;
+                Ok::<_, anyhow::Error>(Slot {
+                    name,
+                    institution: i,
+                    dir,
+                    node: Some(node),
+                })
+            }
+        }))
+        .await;
+        started
+            .into_iter()
+            .map(|slot| {
+                self.members.push(slot?);
+                Ok(self.members.len() - 1)
+            })
+            .collect()
+    }
+
+    /// The data dir, configuration and invite of institution `i`'s `n`th endpoint node.
+    fn prepare_member(&self, i: usize, n: usize) -> anyhow::Result<(String, DataDir, String)> {
         let name = format!("{}{n}", (b'a' + i as u8) as char);
         let invite = self.invite(i, Role::Endpoint, Duration::from_secs(600))?;
         let dir = self.new_dir(&name);
@@ -222,15 +270,7 @@ impl Federation {
             change(&name, &inst, &mut config);
         }
         ops::write_config(&dir, &config)?;
-        let node = join_with_overrides(&dir, &self.coordinator_addr, &invite, &self.join_overrides)
-            .await?;
-        self.members.push(Slot {
-            name,
-            institution: i,
-            dir,
-            node: Some(node),
-        });
-        Ok(self.members.len() - 1)
+        Ok((name, dir, invite))
     }
 
     /// Member `i`'s node (panics if it is stopped: a test bug).

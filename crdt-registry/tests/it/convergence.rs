@@ -315,3 +315,69 @@ fn a_replica_far_behind_catches_up_in_bounded_batches() {
     );
     assert!(rounds >= 10, "{rounds} rounds for 10 budgets' worth");
 }
+
+/// Two replicas that hold the same wide history — forty members that each wrote their
+/// institution and node entries before they had synced anything, then a chain of writes on top of
+/// all of them, as a federation's first minutes leave it — agree in one exchange and send each
+/// other nothing. Automerge 0.7.0 cached vector clocks that missed part of such a history (the
+/// cache walk dropped the parents of the node where it stopped), so a replica believed its peer
+/// lacked old changes and sent them again in every round of every session, forever: the sync
+/// storm seen at rest in federations of 40–100 members.
+#[test]
+fn replicas_with_the_same_wide_history_agree_without_sending_anything() {
+    let toy = Toy::new();
+    let mut all = Vec::new();
+    let mut members = Vec::new();
+    for i in 0..40u8 {
+        let (m, changes) = Member::new(&toy, i + 1, i + 101);
+        all.extend(changes);
+        members.push(m);
+    }
+    let mut a = Registry::new(FED);
+    a.apply_changes(&all).unwrap();
+    let mut writer = members.swap_remove(0);
+    writer.reg.apply_changes(&all).unwrap();
+    for i in 0..40u64 {
+        all.push(writer.register(&format!("fn-{i}"), 1_000 + i).1);
+    }
+    a.apply_changes(&all).unwrap();
+    // The other replica learns the same changes in another order: the members' last first.
+    let mut b = Registry::new(FED);
+    for pair in all[..80].chunks(2).rev() {
+        b.apply_changes(pair).unwrap();
+    }
+    b.apply_changes(&all[80..]).unwrap();
+    assert_eq!(a.heads(), b.heads());
+
+    // A first session finds they share everything; a second starts from those shared heads, as
+    // the mesh's anti-entropy does every few seconds.
+    let (mut sa, mut sb) = (SyncState::new(), SyncState::new());
+    for session in 1..=2 {
+        sa.reset();
+        sb.reset();
+        let (mut rounds, mut carried) = (0, 0);
+        loop {
+            let m1 = a.generate_sync(&mut sa);
+            if let Some(m) = &m1 {
+                carried += b.receive_sync(&mut sb, m).unwrap().received;
+            }
+            let m2 = b.generate_sync(&mut sb);
+            if let Some(m) = &m2 {
+                carried += a.receive_sync(&mut sa, m).unwrap().received;
+            }
+            if m1.is_none() && m2.is_none() {
+                break;
+            }
+            rounds += 1;
+            assert!(
+                rounds < 20,
+                "session {session} did not end: {carried} changes sent between replicas that \
+                 hold the same"
+            );
+        }
+        assert_eq!(
+            carried, 0,
+            "session {session}: changes sent between replicas that hold the same"
+        );
+    }
+}
