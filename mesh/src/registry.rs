@@ -664,6 +664,58 @@ mod tests {
         assert_eq!(key_of_peer(&PeerId::random()), None);
     }
 
+    /// A peer that never agrees — it answers every round with the same first message, heads
+    /// this node does not have and never the changes behind them — holds a session for
+    /// `MAX_SYNC_ROUNDS` answers, not forever, and the session does not start itself again.
+    #[test]
+    fn a_sync_session_with_a_peer_that_never_agrees_ends_at_the_round_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store::Store::open(dir.path()).unwrap();
+        let fed_key = crate::membership::SigningKey::generate();
+        let federation = crate::membership::Genesis::create("test", &fed_key, 1_800_000_000)
+            .verify()
+            .unwrap();
+        let signer = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
+        let mut replica = load(&store, &federation, signer).unwrap();
+
+        // The peer's document holds one change this node never gets.
+        let author = ed25519_dalek::SigningKey::from_bytes(&[2; 32]);
+        let mut theirs = Registry::new(&federation.id.0);
+        theirs
+            .write(
+                &author,
+                Key::of(&author).to_string(),
+                crdt_registry::record::Body::Institution(
+                    crdt_registry::record::InstitutionRecord {
+                        admission: "{}".into(),
+                    },
+                ),
+                1,
+            )
+            .unwrap();
+        let peer = PeerId::random();
+        assert!(matches!(
+            replica.start_sync(peer),
+            Some(Out::Sync(p, _, true)) if p == peer
+        ));
+        let mut answers = 0;
+        loop {
+            let stubborn = theirs.generate_sync(&mut SyncState::new()).unwrap();
+            let (_, out) = replica.on_sync_response(peer, SyncResponse::Message(stubborn));
+            answers += 1;
+            assert!(
+                out.iter().all(|o| !matches!(o, Out::Strike(..))),
+                "a stubborn peer is not a dishonest one: {out:?}"
+            );
+            if !out.iter().any(|o| matches!(o, Out::Sync(..))) {
+                break;
+            }
+            assert!(answers < 10 * MAX_SYNC_ROUNDS, "the session did not end");
+        }
+        assert_eq!(answers, MAX_SYNC_ROUNDS);
+        assert!(replica.in_flight.is_empty(), "the session is over");
+    }
+
     #[test]
     fn three_strikes_ban_old_strikes_are_forgiven_and_bans_end() {
         let peer = PeerId::random();

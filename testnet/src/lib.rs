@@ -76,6 +76,9 @@ pub struct Federation {
     /// Changes to a joining member's configuration file before it joins (its name and
     /// institution given): its endpoints, say.
     pub member_config: Option<MemberConfig>,
+    /// Per institution, the names given to joins so far, failed ones included: a failed join's
+    /// node may still be shutting down in this process, holding its store.
+    named: std::collections::HashMap<usize, usize>,
 }
 
 /// See [`Federation::member_config`].
@@ -138,6 +141,7 @@ impl Federation {
             members: Vec::new(),
             join_overrides: join_overrides.to_vec(),
             member_config: None,
+            named: Default::default(),
         };
         for i in 0..institutions {
             net.add_institution(&format!("inst-{}", (b'a' + i as u8) as char))?;
@@ -211,15 +215,14 @@ impl Federation {
 
     /// Joins one new endpoint node for each institution index in `which`, all at once (the
     /// coordinator admits them concurrently, as it would a wave of operators); returns each
-    /// join's outcome in order: the new member's index, or why it failed. A failed join leaves
-    /// its name free for the next.
+    /// join's outcome in order: the new member's index, or why it failed. Every join gets a
+    /// name of its own (a failed one's is not given again).
     pub async fn add_members(&mut self, which: &[usize]) -> Vec<anyhow::Result<usize>> {
-        let mut taken: std::collections::HashMap<usize, usize> = Default::default();
         let mut joins = Vec::new();
         for &i in which {
-            let k = taken.entry(i).or_default();
-            *k += 1;
-            let n = self.members.iter().filter(|s| s.institution == i).count() + *k;
+            let n = self.named.entry(i).or_default();
+            *n += 1;
+            let n = *n;
             joins.push(
                 self.prepare_member(i, n)
                     .map(|(name, dir, invite)| (i, name, dir, invite)),
@@ -255,10 +258,6 @@ impl Federation {
         let name = format!("{}{n}", (b'a' + i as u8) as char);
         let invite = self.invite(i, Role::Endpoint, Duration::from_secs(600))?;
         let dir = self.new_dir(&name);
-        // What a failed earlier attempt under this name left (the name is the next free one).
-        if dir.root().exists() {
-            std::fs::remove_dir_all(dir.root())?;
-        }
         let inst = self.institutions[i].name.clone();
         let mut config = ops::testnet_config(
             &name,
