@@ -699,34 +699,37 @@ async fn first_task_latency(net: &testnet::Federation) -> anyhow::Result<serde_j
     Ok(serde_json::Value::Object(out))
 }
 
-/// Joins a member of institution `inst`, as an operator would: once more after a failure (a
-/// join on a machine running a few hundred nodes can miss the coordinator's 5 s proof
-/// deadline), and a third time; said on stderr.
+/// Joins a member of institution `inst`, as an operator would: again after a failure (a join
+/// on a machine running a hundred nodes and more can miss the coordinator's 5 s proof
+/// deadline), waiting longer each time; said on stderr.
 async fn join(net: &mut testnet::Federation, inst: usize) -> anyhow::Result<usize> {
     Ok(join_wave(net, &[inst]).await?[0])
 }
 
-/// Joins a member of each institution in `wave` at once (`--join-wave`), each failed join
-/// again up to twice; said on stderr.
+/// Joins a member of each institution in `wave` at once (`--join-wave`); the failed joins
+/// again, up to `JOIN_ATTEMPTS` in all, after a pause that doubles from 2 s (a loaded machine
+/// gets time to catch up); said on stderr.
 async fn join_wave(net: &mut testnet::Federation, wave: &[usize]) -> anyhow::Result<Vec<usize>> {
+    const JOIN_ATTEMPTS: u32 = 6;
     let mut joined = Vec::new();
     let mut left = wave.to_vec();
-    for attempt in 0..3 {
+    for attempt in 1..=JOIN_ATTEMPTS {
         let mut failed = Vec::new();
         for (inst, got) in left.iter().zip(net.add_members(&left).await) {
             match got {
                 Ok(i) => joined.push(i),
-                Err(e) if attempt < 2 => {
-                    eprintln!("a join failed ({e:#}); joining again");
+                Err(e) if attempt < JOIN_ATTEMPTS => {
+                    eprintln!("a join failed (attempt {attempt}: {e:#}); joining again");
                     failed.push(*inst);
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(e.context(format!("{JOIN_ATTEMPTS} joins failed"))),
             }
         }
         if failed.is_empty() {
             break;
         }
         left = failed;
+        tokio::time::sleep(Duration::from_secs(1 << attempt)).await;
     }
     Ok(joined)
 }
