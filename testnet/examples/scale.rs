@@ -35,6 +35,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 
+// What a deployed node runs on (`node/src/main.rs`): the figures are a `funcmesh` process's.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 struct Args {
     funcx: bool,
     endpoints: usize,
