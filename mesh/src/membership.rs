@@ -24,6 +24,7 @@
 //! Everything here is sans-IO: bytes and `now` in, verdicts out. Every signed document carries the
 //! exact bytes that were signed (`body`), so verification never depends on re-serialising.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::time::Duration;
 
@@ -1325,6 +1326,51 @@ impl Proof {
     }
 }
 
+/// Proofs that verified, by presenter and the digest of their exact bytes.
+///
+/// A member presents the same proof at every connection and member-list swap, and a member's
+/// proof is six signatures to check; under bounded connections the same pairs meet again all
+/// the time. A proof that verified once verifies forever (its only use of the clock is that the
+/// receipt is not from the future, which stays true), so its verdict is kept. What can change —
+/// revocation, an invite used by another node — is checked by the caller every time. Another
+/// presenter, or one changed byte, is another key: it is verified from scratch.
+#[derive(Debug, Default)]
+pub(crate) struct VerifiedProofs {
+    members: HashMap<(PeerId, [u8; 32]), Member>,
+}
+
+/// Key of [`VerifiedProofs`].
+pub(crate) type ProofKey = (PeerId, [u8; 32]);
+
+impl VerifiedProofs {
+    /// Most verdicts kept: past it they are all dropped (verifying again is only slower).
+    const MOST: usize = 4096;
+
+    /// The key of `bytes` presented by `presenter`.
+    pub(crate) fn key(presenter: &PeerId, bytes: &[u8]) -> ProofKey {
+        (*presenter, Sha256::digest(bytes).into())
+    }
+
+    /// The member these bytes verified as, from this presenter.
+    pub(crate) fn get(&self, key: &ProofKey) -> Option<&Member> {
+        self.members.get(key)
+    }
+
+    /// Keeps a verdict of [`Proof::verify`] (never of a joining proof: that is judged once).
+    pub(crate) fn insert(&mut self, key: ProofKey, member: Member) {
+        if self.members.len() >= Self::MOST {
+            self.members.clear();
+        }
+        self.members.insert(key, member);
+    }
+
+    /// Verdicts kept.
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.members.len()
+    }
+}
+
 fn check_peer(owner: &str, presenter: &PeerId) -> Result<(), Refusal> {
     if owner != presenter.to_string() {
         return Err(Refusal::WrongPeer {
@@ -1403,6 +1449,36 @@ mod tests {
             let proof = self.admit(proof, &node, NOW + 1).unwrap();
             (node, proof)
         }
+    }
+
+    #[test]
+    fn a_kept_verdict_is_found_only_for_its_presenter_and_its_exact_bytes() {
+        let w = world();
+        let (node, proof) = w.member(Role::Endpoint);
+        let peer = node.public().to_peer_id();
+        let bytes = proof.to_bytes();
+        let member = proof.verify(&w.fed, &peer, NOW + 2).unwrap();
+        let mut kept = VerifiedProofs::default();
+        kept.insert(VerifiedProofs::key(&peer, &bytes), member.clone());
+        assert_eq!(kept.get(&VerifiedProofs::key(&peer, &bytes)), Some(&member));
+        // Someone else presenting the same bytes is verified from scratch (and refused).
+        let other = Keypair::generate_ed25519().public().to_peer_id();
+        assert!(kept.get(&VerifiedProofs::key(&other, &bytes)).is_none());
+        assert!(matches!(
+            proof.verify(&w.fed, &other, NOW + 2),
+            Err(Refusal::WrongPeer { .. })
+        ));
+        // So is any change to the bytes.
+        let mut changed = bytes.clone();
+        let last = changed.len() - 2;
+        changed[last] ^= 1;
+        assert!(kept.get(&VerifiedProofs::key(&peer, &changed)).is_none());
+        // Bounded: past the most kept, the verdicts start over.
+        for i in 0..VerifiedProofs::MOST + 10 {
+            kept.insert(VerifiedProofs::key(&peer, &i.to_le_bytes()), member.clone());
+        }
+        assert!(kept.len() <= VerifiedProofs::MOST);
+        assert!(kept.get(&VerifiedProofs::key(&peer, &bytes)).is_none());
     }
 
     #[test]

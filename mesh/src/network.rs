@@ -669,6 +669,8 @@ struct EventLoop {
     /// Invites this coordinator issued receipts for, and to whom (the registry learns them a
     /// moment later).
     receipts: HashMap<String, PeerId>,
+    /// Members' proofs verified before (a proof is re-presented at every connection).
+    proofs: crate::membership::VerifiedProofs,
     /// When connected members' invites were last checked against the registry.
     last_invite_check: Instant,
     members: HashMap<PeerId, MemberState>,
@@ -798,6 +800,7 @@ pub async fn spawn(
         own_proof: config.proof.clone(),
         proof: config.proof.to_bytes(),
         receipts: HashMap::new(),
+        proofs: Default::default(),
         last_invite_check: Instant::now(),
         members: HashMap::new(),
         peers: PeerTable::new(config.redial_interval, config.proof_timeout),
@@ -2010,6 +2013,14 @@ impl EventLoop {
                 reason: format!("membership protocol version {version}, this node speaks 1"),
             });
         }
+        let key = crate::membership::VerifiedProofs::key(peer, proof);
+        if let Some(member) = self.proofs.get(&key).cloned() {
+            if let Some(invite) = &member.invite {
+                self.invite_free(invite, peer)?;
+            }
+            self.not_revoked(peer, &member)?;
+            return Ok((member, None));
+        }
         let proof = Proof::from_bytes(proof)?;
         let now = unix_now();
         if proof.is_joining() {
@@ -2033,6 +2044,7 @@ impl EventLoop {
             return Ok((member, Some(receipt)));
         }
         let member = proof.verify(&self.federation, peer, now)?;
+        self.proofs.insert(key, member.clone());
         if let Some(invite) = &member.invite {
             self.invite_free(invite, peer)?;
         }
