@@ -720,6 +720,9 @@ struct EventLoop {
     /// Peers with a connection that opened while another was open: gossipsub did not greet them
     /// on it (it greets a peer on its first connection only).
     overlapped: std::collections::HashSet<PeerId>,
+    /// Peers with a connection this node dialled: it starts the registry sync when one is
+    /// verified (see `admit`).
+    dialed: std::collections::HashSet<PeerId>,
     /// Peers that came back: announce our topics again once only this connection is left.
     announce_when_alone: HashMap<PeerId, libp2p::swarm::ConnectionId>,
     /// Registry gossip of local writes that had no peer to go to (a node that has just started
@@ -843,6 +846,7 @@ pub async fn spawn(
         connections: HashMap::new(),
         announced_again: HashMap::new(),
         overlapped: std::collections::HashSet::new(),
+        dialed: std::collections::HashSet::new(),
         announce_when_alone: HashMap::new(),
         unsent_gossip: std::collections::VecDeque::new(),
         registry_changed: changes_tx,
@@ -1306,7 +1310,8 @@ impl EventLoop {
             } => {
                 if self.persist_backlog.len() >= MAX_PERSIST_BACKLOG {
                     debug!(%peer, "registry sync response dropped: the store is behind");
-                    self.replica.on_sync_failure(peer);
+                    let out = self.replica.on_sync_failure(peer);
+                    self.registry_out(out);
                     return;
                 }
                 let (changes, out) = self.replica.on_sync_response(peer, response);
@@ -1319,7 +1324,8 @@ impl EventLoop {
             }
             E::OutboundFailure { peer, error, .. } => {
                 debug!(%peer, %error, "registry sync request failed");
-                self.replica.on_sync_failure(peer);
+                let out = self.replica.on_sync_failure(peer);
+                self.registry_out(out);
             }
             E::InboundFailure { peer, error, .. } => {
                 debug!(%peer, %error, "registry sync request from peer failed");
@@ -1600,6 +1606,7 @@ impl EventLoop {
                 self.connections.remove(peer_id);
                 self.announced_again.remove(peer_id);
                 self.overlapped.remove(peer_id);
+                self.dialed.remove(peer_id);
                 self.announce_when_alone.remove(peer_id);
             }
             if alone {
@@ -1656,6 +1663,9 @@ impl EventLoop {
                 if num_established.get() > 1 {
                     self.overlapped.insert(peer_id);
                 }
+                if endpoint.is_dialer() {
+                    self.dialed.insert(peer_id);
+                }
                 if let ConnectedPoint::Dialer { address, .. } = &endpoint
                     && !is_circuit(address)
                 {
@@ -1695,6 +1705,8 @@ impl EventLoop {
                     });
                     self.flush_persist_backlog();
                 }
+                let out = self.replica.resume_queued();
+                self.registry_out(out);
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 debug!(?peer_id, %error, "dial failed");
@@ -2268,7 +2280,12 @@ impl EventLoop {
             .gossipsub
             .set_application_score(&peer, 0.0);
         self.emit(Event::MemberConnected(member));
-        if let Some(out) = self.replica.start_sync(peer) {
+        // One sync session per new connection, the dialler's: a session carries changes both
+        // ways, and the listener starting one too doubled the work of every connection — at a
+        // join, every member the new node dialled built the whole registry for it twice over.
+        if self.dialed.contains(&peer)
+            && let Some(out) = self.replica.start_sync(peer)
+        {
             self.registry_out(vec![out]);
         }
         self.flush_unsent_gossip();

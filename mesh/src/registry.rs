@@ -239,6 +239,14 @@ pub(crate) struct Replica {
     sync_in: HashMap<PeerId, SyncState>,
     /// Peers with a session of ours in flight.
     in_flight: HashMap<PeerId, Session>,
+    /// Whether one of our sessions has ended since this replica loaded. Until then it runs one
+    /// session at a time and the others wait in `queued`: a joining node (or one back from a
+    /// long absence) connects to a dozen members within a second, and each session would carry
+    /// the whole registry (or all it missed) to it — a dozen copies, built by a dozen peers'
+    /// event loops. After the first, the rest find it caught up and carry nothing.
+    caught_up: bool,
+    /// Peers whose session waits for the first one to end.
+    queued: Vec<PeerId>,
     /// Keys of the changes stored since the last compaction.
     stored: Vec<Vec<u8>>,
     last_anti_entropy: Instant,
@@ -301,6 +309,8 @@ pub(crate) fn load(
         sync,
         sync_in: HashMap::new(),
         in_flight: HashMap::new(),
+        caught_up: false,
+        queued: Vec::new(),
         stored,
         last_anti_entropy: Instant::now(),
     };
@@ -431,6 +441,12 @@ impl Replica {
             session.again = true;
             return None;
         }
+        if !self.caught_up && !self.in_flight.is_empty() {
+            if !self.queued.contains(&peer) {
+                self.queued.push(peer);
+            }
+            return None;
+        }
         let state = self.sync.entry(peer).or_default();
         state.reset();
         let msg = self.reg.generate_sync(state)?;
@@ -516,6 +532,7 @@ impl Replica {
                     Err(e) => {
                         self.recover_if_poisoned();
                         out.push(Out::Strike(peer, format!("registry sync: {e}")));
+                        out.extend(self.next_queued(false));
                         return (persist, out);
                     }
                 }
@@ -526,6 +543,7 @@ impl Replica {
                 if let Some(s) = self.sync.get_mut(&peer) {
                     s.reset();
                 }
+                out.extend(self.next_queued(false));
                 return (persist, out);
             }
         }
@@ -540,12 +558,17 @@ impl Replica {
                 "registry sync session ended after its last allowed round"
             );
             state.reset();
+            out.extend(self.next_queued(true));
             return (persist, out);
         }
         if let Some(msg) = self.reg.generate_sync(state) {
             self.in_flight.insert(peer, session);
             out.push(Out::Sync(peer, msg, false));
-        } else if session.again || (session.learned && self.reg.has_missing_deps()) {
+            return (persist, out);
+        }
+        // The session is over: whatever waited for the first one can start.
+        out.extend(self.next_queued(true));
+        if session.again || (session.learned && self.reg.has_missing_deps()) {
             // Another session only when one was asked for meanwhile, or when this one brought
             // changes and some still wait for theirs; a session that learned nothing and still
             // misses dependencies leaves them to gossip and anti-entropy (it would only repeat).
@@ -554,17 +577,40 @@ impl Replica {
         (persist, out)
     }
 
-    /// A sync request failed (timeout, disconnect): forget what was in flight.
-    pub(crate) fn on_sync_failure(&mut self, peer: PeerId) {
+    /// A sync request failed (timeout, disconnect): forget what was in flight; a session that
+    /// waited for it starts.
+    pub(crate) fn on_sync_failure(&mut self, peer: PeerId) -> Vec<Out> {
         self.in_flight.remove(&peer);
         if let Some(s) = self.sync.get_mut(&peer) {
             s.reset();
         }
+        self.next_queued(false)
+    }
+
+    /// Starts a session that waited for one that has gone (its peer disconnected).
+    pub(crate) fn resume_queued(&mut self) -> Vec<Out> {
+        self.next_queued(false)
+    }
+
+    /// Starts the sessions that waited for the first one: all of them once one ended
+    /// (`caught_up`), else (it failed) the next alone.
+    fn next_queued(&mut self, caught_up: bool) -> Vec<Out> {
+        self.caught_up |= caught_up;
+        let mut out = Vec::new();
+        while !self.queued.is_empty() {
+            if !self.caught_up && !self.in_flight.is_empty() {
+                break;
+            }
+            let peer = self.queued.remove(0);
+            out.extend(self.start_sync(peer));
+        }
+        out
     }
 
     /// The peer's last connection closed: keep what we know it has.
     pub(crate) fn on_disconnect(&mut self, peer: PeerId) -> Option<StoreOp> {
         self.in_flight.remove(&peer);
+        self.queued.retain(|p| *p != peer);
         self.sync_in.remove(&peer);
         let state = self.sync.get(&peer)?;
         Some((
@@ -714,6 +760,112 @@ mod tests {
         }
         assert_eq!(answers, MAX_SYNC_ROUNDS);
         assert!(replica.in_flight.is_empty(), "the session is over");
+    }
+
+    /// A fresh replica runs one sync session at a time until one has ended: the others wait,
+    /// then all start, and each finds nothing left to carry. A failed first session lets the
+    /// next one alone start.
+    #[test]
+    fn a_fresh_replica_catches_up_from_one_peer_before_syncing_with_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store::Store::open(dir.path()).unwrap();
+        let fed_key = crate::membership::SigningKey::generate();
+        let federation = crate::membership::Genesis::create("test", &fed_key, 1_800_000_000)
+            .verify()
+            .unwrap();
+        let mut replica = load(
+            &store,
+            &federation,
+            ed25519_dalek::SigningKey::from_bytes(&[1; 32]),
+        )
+        .unwrap();
+        let author = ed25519_dalek::SigningKey::from_bytes(&[2; 32]);
+        let mut theirs = Registry::new(&federation.id.0);
+        theirs
+            .write(
+                &author,
+                Key::of(&author).to_string(),
+                crdt_registry::record::Body::Institution(
+                    crdt_registry::record::InstitutionRecord {
+                        admission: "{}".into(),
+                    },
+                ),
+                1,
+            )
+            .unwrap();
+        let (a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
+        let Some(Out::Sync(_, mut msg, true)) = replica.start_sync(a) else {
+            panic!("the first session starts at once");
+        };
+        assert!(
+            replica.start_sync(b).is_none(),
+            "b waits for the first session"
+        );
+        assert!(
+            replica.start_sync(c).is_none(),
+            "c waits for the first session"
+        );
+        assert!(
+            replica.start_sync(b).is_none(),
+            "asked twice, still one wait"
+        );
+        // Peer a answers until the session ends; then b and c start.
+        let mut state = SyncState::new();
+        let started = loop {
+            theirs.receive_sync(&mut state, &msg).unwrap();
+            let resp = match theirs.generate_sync(&mut state) {
+                Some(m) => SyncResponse::Message(m),
+                None => SyncResponse::Done,
+            };
+            let (_, out) = replica.on_sync_response(a, resp);
+            match out.iter().find_map(|o| match o {
+                Out::Sync(p, m, _) if *p == a => Some(m.clone()),
+                _ => None,
+            }) {
+                Some(next) => msg = next,
+                None => break out,
+            }
+        };
+        let mut peers: Vec<PeerId> = started
+            .iter()
+            .filter_map(|o| match o {
+                Out::Sync(p, _, true) => Some(*p),
+                _ => None,
+            })
+            .collect();
+        peers.sort();
+        let mut want = vec![b, c];
+        want.sort();
+        assert_eq!(
+            peers, want,
+            "both waiting sessions start once the first ended"
+        );
+        assert_eq!(replica.reg.len(), theirs.len(), "caught up from a");
+        // Caught up: sessions start at once from now on.
+        let d = PeerId::random();
+        assert!(replica.start_sync(d).is_some());
+
+        // Another fresh replica whose first session fails: the next waiting one starts alone.
+        let dir = tempfile::tempdir().unwrap();
+        let store = store::Store::open(dir.path()).unwrap();
+        let mut fresh = load(
+            &store,
+            &federation,
+            ed25519_dalek::SigningKey::from_bytes(&[3; 32]),
+        )
+        .unwrap();
+        assert!(fresh.start_sync(a).is_some());
+        assert!(fresh.start_sync(b).is_none());
+        assert!(fresh.start_sync(c).is_none());
+        let out = fresh.on_sync_failure(a);
+        assert!(
+            matches!(out.as_slice(), [Out::Sync(p, _, true)] if *p == b),
+            "only b starts: {out:?}"
+        );
+        // b's peer disconnects: c starts.
+        fresh.on_disconnect(b);
+        let out = fresh.resume_queued();
+        assert!(matches!(out.as_slice(), [Out::Sync(p, _, true)] if *p == c));
     }
 
     #[test]
