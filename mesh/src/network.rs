@@ -1483,6 +1483,8 @@ impl EventLoop {
         {
             self.registry_out(vec![out]);
         }
+        let overdue = self.replica.catch_up_overdue();
+        self.registry_out(overdue);
         // Swap member lists with a random member now and then: whoever missed an introduction
         // (a dial that failed, a peer that joined while we were away) finds the rest this way.
         let mix_every = self.mix_every();

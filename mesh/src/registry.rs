@@ -35,6 +35,8 @@ pub(crate) const STRIKES_TO_BAN: u32 = 3;
 /// Strikes older than this are forgiven, and a ban lasts this long: a peer that sent bad data
 /// once in a while (a bug, since fixed by an upgrade) is not cut off for good.
 pub(crate) const STRIKE_MEMORY: Duration = Duration::from_secs(600);
+/// Longest a fresh replica's other sessions wait for its first (see `Replica::caught_up`).
+pub(crate) const CATCH_UP_PATIENCE: Duration = Duration::from_secs(10);
 
 /// A sync request: one Automerge sync message.
 #[derive(Debug, Serialize, Deserialize)]
@@ -247,6 +249,9 @@ pub(crate) struct Replica {
     caught_up: bool,
     /// Peers whose session waits for the first one to end.
     queued: Vec<PeerId>,
+    /// When the first session started: a peer that drags it out (slow answers, up to the round
+    /// bound) holds the others back for [`CATCH_UP_PATIENCE`] at most.
+    first_started: Option<Instant>,
     /// Keys of the changes stored since the last compaction.
     stored: Vec<Vec<u8>>,
     last_anti_entropy: Instant,
@@ -311,6 +316,7 @@ pub(crate) fn load(
         in_flight: HashMap::new(),
         caught_up: false,
         queued: Vec::new(),
+        first_started: None,
         stored,
         last_anti_entropy: Instant::now(),
     };
@@ -446,6 +452,9 @@ impl Replica {
                 self.queued.push(peer);
             }
             return None;
+        }
+        if !self.caught_up {
+            self.first_started = Some(Instant::now());
         }
         let state = self.sync.entry(peer).or_default();
         state.reset();
@@ -585,6 +594,23 @@ impl Replica {
             s.reset();
         }
         self.next_queued(false)
+    }
+
+    /// Starts every waiting session once the first has run for [`CATCH_UP_PATIENCE`] (called
+    /// on the event loop's tick).
+    pub(crate) fn catch_up_overdue(&mut self) -> Vec<Out> {
+        if self.caught_up
+            || self
+                .first_started
+                .is_none_or(|t| t.elapsed() < CATCH_UP_PATIENCE)
+        {
+            return Vec::new();
+        }
+        debug!(
+            waiting = self.queued.len(),
+            "the first registry sync is taking long: syncing with the others too"
+        );
+        self.next_queued(true)
     }
 
     /// Starts a session that waited for one that has gone (its peer disconnected).
@@ -866,6 +892,23 @@ mod tests {
         fresh.on_disconnect(b);
         let out = fresh.resume_queued();
         assert!(matches!(out.as_slice(), [Out::Sync(p, _, true)] if *p == c));
+
+        // A first session that drags on holds the others back for `CATCH_UP_PATIENCE` only.
+        let dir = tempfile::tempdir().unwrap();
+        let store = store::Store::open(dir.path()).unwrap();
+        let mut slow = load(
+            &store,
+            &federation,
+            ed25519_dalek::SigningKey::from_bytes(&[4; 32]),
+        )
+        .unwrap();
+        assert!(slow.start_sync(a).is_some());
+        assert!(slow.start_sync(b).is_none());
+        assert!(slow.start_sync(c).is_none());
+        assert!(slow.catch_up_overdue().is_empty(), "not overdue yet");
+        slow.first_started = Instant::now().checked_sub(CATCH_UP_PATIENCE);
+        assert_eq!(slow.catch_up_overdue().len(), 2, "b and c start");
+        assert!(slow.start_sync(d).is_some(), "and the rest at once");
     }
 
     #[test]
