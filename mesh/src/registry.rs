@@ -727,30 +727,24 @@ fn trace_sync(peer: PeerId, applied: &crdt_registry::Applied) {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_peer_ids_registry_key_is_its_node_key() {
-        let keypair = libp2p::identity::Keypair::generate_ed25519();
-        let peer = keypair.public().to_peer_id();
-        let key = Key::of(&signing_key(&keypair).unwrap());
-        assert_eq!(key_of_peer(&peer), Some(key));
-        assert_eq!(key_of_peer(&PeerId::random()), None);
+    fn federation() -> Federation {
+        let fed_key = crate::membership::SigningKey::generate();
+        crate::membership::Genesis::create("test", &fed_key, 1_800_000_000)
+            .verify()
+            .unwrap()
     }
 
-    /// A peer that never agrees — it answers every round with the same first message, heads
-    /// this node does not have and never the changes behind them — holds a session for
-    /// `MAX_SYNC_ROUNDS` answers, not forever, and the session does not start itself again.
-    #[test]
-    fn a_sync_session_with_a_peer_that_never_agrees_ends_at_the_round_bound() {
+    /// A replica of `federation` in a fresh store, signing with the key made of `seed`.
+    fn fresh_replica(federation: &Federation, seed: u8) -> (tempfile::TempDir, Replica) {
         let dir = tempfile::tempdir().unwrap();
         let store = store::Store::open(dir.path()).unwrap();
-        let fed_key = crate::membership::SigningKey::generate();
-        let federation = crate::membership::Genesis::create("test", &fed_key, 1_800_000_000)
-            .verify()
-            .unwrap();
-        let signer = ed25519_dalek::SigningKey::from_bytes(&[1; 32]);
-        let mut replica = load(&store, &federation, signer).unwrap();
+        let signer = ed25519_dalek::SigningKey::from_bytes(&[seed; 32]);
+        let replica = load(&store, federation, signer).unwrap();
+        (dir, replica)
+    }
 
-        // The peer's document holds one change this node never gets.
+    /// A peer's registry holding one institution entry.
+    fn peer_registry(federation: &Federation) -> Registry {
         let author = ed25519_dalek::SigningKey::from_bytes(&[2; 32]);
         let mut theirs = Registry::new(&federation.id.0);
         theirs
@@ -765,6 +759,27 @@ mod tests {
                 1,
             )
             .unwrap();
+        theirs
+    }
+
+    #[test]
+    fn a_peer_ids_registry_key_is_its_node_key() {
+        let keypair = libp2p::identity::Keypair::generate_ed25519();
+        let peer = keypair.public().to_peer_id();
+        let key = Key::of(&signing_key(&keypair).unwrap());
+        assert_eq!(key_of_peer(&peer), Some(key));
+        assert_eq!(key_of_peer(&PeerId::random()), None);
+    }
+
+    /// A peer that never agrees — it answers every round with the same first message, heads
+    /// this node does not have and never the changes behind them — holds a session for
+    /// `MAX_SYNC_ROUNDS` answers, not forever, and the session does not start itself again.
+    #[test]
+    fn a_sync_session_with_a_peer_that_never_agrees_ends_at_the_round_bound() {
+        let federation = federation();
+        let (_dir, mut replica) = fresh_replica(&federation, 1);
+        // The peer's document holds one change this node never gets.
+        let theirs = peer_registry(&federation);
         let peer = PeerId::random();
         assert!(matches!(
             replica.start_sync(peer),
@@ -793,32 +808,9 @@ mod tests {
     /// next one alone start.
     #[test]
     fn a_fresh_replica_catches_up_from_one_peer_before_syncing_with_the_rest() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = store::Store::open(dir.path()).unwrap();
-        let fed_key = crate::membership::SigningKey::generate();
-        let federation = crate::membership::Genesis::create("test", &fed_key, 1_800_000_000)
-            .verify()
-            .unwrap();
-        let mut replica = load(
-            &store,
-            &federation,
-            ed25519_dalek::SigningKey::from_bytes(&[1; 32]),
-        )
-        .unwrap();
-        let author = ed25519_dalek::SigningKey::from_bytes(&[2; 32]);
-        let mut theirs = Registry::new(&federation.id.0);
-        theirs
-            .write(
-                &author,
-                Key::of(&author).to_string(),
-                crdt_registry::record::Body::Institution(
-                    crdt_registry::record::InstitutionRecord {
-                        admission: "{}".into(),
-                    },
-                ),
-                1,
-            )
-            .unwrap();
+        let federation = federation();
+        let (_dir, mut replica) = fresh_replica(&federation, 1);
+        let mut theirs = peer_registry(&federation);
         let (a, b, c) = (PeerId::random(), PeerId::random(), PeerId::random());
         let Some(Out::Sync(_, mut msg, true)) = replica.start_sync(a) else {
             panic!("the first session starts at once");
@@ -872,14 +864,7 @@ mod tests {
         assert!(replica.start_sync(d).is_some());
 
         // Another fresh replica whose first session fails: the next waiting one starts alone.
-        let dir = tempfile::tempdir().unwrap();
-        let store = store::Store::open(dir.path()).unwrap();
-        let mut fresh = load(
-            &store,
-            &federation,
-            ed25519_dalek::SigningKey::from_bytes(&[3; 32]),
-        )
-        .unwrap();
+        let (_fresh_dir, mut fresh) = fresh_replica(&federation, 3);
         assert!(fresh.start_sync(a).is_some());
         assert!(fresh.start_sync(b).is_none());
         assert!(fresh.start_sync(c).is_none());
@@ -894,14 +879,7 @@ mod tests {
         assert!(matches!(out.as_slice(), [Out::Sync(p, _, true)] if *p == c));
 
         // A first session that drags on holds the others back for `CATCH_UP_PATIENCE` only.
-        let dir = tempfile::tempdir().unwrap();
-        let store = store::Store::open(dir.path()).unwrap();
-        let mut slow = load(
-            &store,
-            &federation,
-            ed25519_dalek::SigningKey::from_bytes(&[4; 32]),
-        )
-        .unwrap();
+        let (_slow_dir, mut slow) = fresh_replica(&federation, 4);
         assert!(slow.start_sync(a).is_some());
         assert!(slow.start_sync(b).is_none());
         assert!(slow.start_sync(c).is_none());
