@@ -865,7 +865,14 @@ pub async fn spawn(
             warn!(%addr, error = %e, "cannot dial bootstrap address");
         }
     }
-    tracker.spawn(event_loop.run(cancel));
+    // Every line the event loop logs names its node (the peer id's tail): a federation of
+    // in-process nodes logs into one stream.
+    let node = peer_id.to_string();
+    let span = tracing::debug_span!("node", id = &node[node.len().saturating_sub(6)..]);
+    tracker.spawn(tracing::Instrument::instrument(
+        event_loop.run(cancel),
+        span,
+    ));
     Ok(Handle {
         peer_id,
         commands: cmd_tx,
@@ -2326,11 +2333,26 @@ impl EventLoop {
     }
 
     /// How many more members to dial now: up to half of `max_connections` (then peers that
-    /// dial this node, and the members it dials on demand, fill the rest).
+    /// dial this node, and the members it dials on demand, fill the rest). Dials under way and
+    /// peers dialled but not verified yet count: a joining node hears a member list in every
+    /// welcome, and counting only verified members let it dial again at each one — 60
+    /// connections within a second of joining a federation of 100, instead of 12. (Only our
+    /// own dials: strangers connecting to us cannot use up the room.)
     fn room(&self) -> usize {
+        let unverified = self
+            .dialed
+            .iter()
+            .filter(|p| !self.members.contains_key(p))
+            .count();
+        let pending = self
+            .swarm
+            .network_info()
+            .connection_counters()
+            .num_pending_outgoing() as usize;
+        let occupied = self.members.len() + unverified + pending;
         (self.config.max_connections / 2)
             .max(1)
-            .saturating_sub(self.members.len())
+            .saturating_sub(occupied)
     }
 
     /// Bounded connections: while more than `max_connections` members are connected, closes

@@ -424,6 +424,12 @@ impl Replica {
     ) -> (bool, Vec<Vec<u8>>, Vec<Out>) {
         match self.reg.receive_gossip(data) {
             Ok(applied) => {
+                debug!(
+                    %from,
+                    new = applied.changes.len(),
+                    missing_deps = applied.missing_deps,
+                    "registry gossip"
+                );
                 let mut out = Vec::new();
                 if applied.missing_deps {
                     out.extend(self.start_sync(from));

@@ -163,30 +163,82 @@ async fn fewest_listed(net: &testnet::Federation) -> usize {
     least
 }
 
-/// Waits until every running node has `check` true of its registry; returns, per node other
-/// than those in `skip`, the time from `t0` it was first seen true.
+/// Waits until every running node but `except` (the one the news started on) has `check` true
+/// of its registry; returns, per node, the time from `t0` it was first seen true. Each node is
+/// watched on its own and checked again at each change of its registry (and every 200 ms), so
+/// a time is within one event-loop round trip of the change — a sweep asking the nodes in turn
+/// lagged by up to its own length, most of a second at 100 members during a join.
 async fn reach_times(
     net: &testnet::Federation,
     t0: Instant,
     timeout: Duration,
+    except: Option<mesh::PeerId>,
     check: impl Fn(&crdt_registry::View) -> bool + Clone + Send + 'static,
 ) -> anyhow::Result<Vec<f64>> {
-    let nodes = net.running();
-    let mut seen: Vec<Option<f64>> = vec![None; nodes.len()];
-    while seen.iter().any(Option::is_none) {
-        anyhow::ensure!(t0.elapsed() < timeout, "not everywhere within {timeout:?}");
-        for (i, n) in nodes.iter().enumerate() {
-            if seen[i].is_some() {
-                continue;
+    let deadline = tokio::time::Instant::from_std(t0 + timeout);
+    let mut watchers = tokio::task::JoinSet::new();
+    for n in net.running() {
+        if Some(n.peer_id()) == except {
+            continue;
+        }
+        let mesh = n.mesh().clone();
+        let check = check.clone();
+        watchers.spawn(async move {
+            let mut changes = mesh.registry_changes();
+            loop {
+                changes.borrow_and_update();
+                let c = check.clone();
+                if mesh.registry_with(move |v| c(v)).await.unwrap_or(false) {
+                    return Some(t0.elapsed().as_secs_f64() * 1000.0);
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return None;
+                }
+                let wait = deadline.min(tokio::time::Instant::now() + Duration::from_millis(200));
+                if let Ok(Err(_)) = tokio::time::timeout_at(wait, changes.changed()).await {
+                    tokio::time::sleep_until(wait).await; // the node stopped: no more changes
+                }
             }
-            let c = check.clone();
-            if n.mesh().registry_with(move |v| c(v)).await.unwrap_or(false) {
-                seen[i] = Some(t0.elapsed().as_secs_f64() * 1000.0);
-            }
+        });
+    }
+    let mut times = Vec::new();
+    while let Some(seen) = watchers.join_next().await {
+        let seen = seen.context("a registry watcher failed")?;
+        times.push(seen.with_context(|| format!("not everywhere within {timeout:?}"))?);
+    }
+    Ok(times)
+}
+
+/// Where the time goes between a new member's start (`t0`) and its listing, seen from the new
+/// node: its first verified member connection, its own record in its own registry (written by
+/// the node at start, to be sent on that connection), and its registry listing every node
+/// (caught up). In ms from `t0`; `null` for what did not happen within 30 s.
+async fn join_phases(mesh: mesh::Handle, t0: Instant, nodes: usize) -> serde_json::Value {
+    let own = mesh.peer_id().to_string();
+    let (mut member, mut record, mut caught_up) = (None, None, None);
+    while t0.elapsed() < Duration::from_secs(30) && caught_up.is_none() {
+        let at = t0.elapsed().as_secs_f64() * 1000.0;
+        if member.is_none() && mesh.members().await.is_ok_and(|m| !m.is_empty()) {
+            member = Some(at);
+        }
+        let own = own.clone();
+        let (has_own, listed) = mesh
+            .registry_with(move |v| (v.nodes.contains_key(&own), v.nodes.len()))
+            .await
+            .unwrap_or((false, 0));
+        if record.is_none() && has_own {
+            record = Some(at);
+        }
+        if listed >= nodes {
+            caught_up = Some(at);
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    Ok(seen.into_iter().flatten().collect())
+    serde_json::json!({
+        "first_member_connection": member,
+        "own_record": record,
+        "caught_up": caught_up,
+    })
 }
 
 fn summary(mut ms: Vec<f64>) -> serde_json::Value {
@@ -287,7 +339,8 @@ async fn main() -> anyhow::Result<()> {
             .node(from)
             .register_function(&testnet::shell_function(&name))
             .await?;
-        let times = reach_times(&net, t, Duration::from_secs(60), move |v| {
+        let origin = Some(net.node(from).peer_id());
+        let times = reach_times(&net, t, Duration::from_secs(60), origin, move |v| {
             v.functions.contains_key(&id)
         })
         .await?;
@@ -297,16 +350,27 @@ async fn main() -> anyhow::Result<()> {
     eprintln!("function reach: {reach}");
 
     let t = Instant::now();
+    // Markers for `RUST_LOG=scale=info,mesh=debug`: the nodes' logs around the join.
+    tracing::info!("joining a new member");
     let i = join(&mut net, 0).await?;
+    tracing::info!(peer = %net.node(i).peer_id(), "the new member is running");
     let join_ms = t.elapsed().as_secs_f64() * 1000.0;
     eprintln!("new member running after {join_ms:.0} ms");
     let peer = net.node(i).peer_id().to_string();
-    let listed = reach_times(&net, t, Duration::from_secs(60), move |v| {
-        v.nodes.contains_key(&peer)
-    })
-    .await?;
+    let phases = tokio::spawn(join_phases(net.node(i).mesh().clone(), t, total + 1));
+    let listed = {
+        let peer = peer.clone();
+        let origin = Some(net.node(i).peer_id());
+        reach_times(&net, t, Duration::from_secs(60), origin, move |v| {
+            v.nodes.contains_key(&peer)
+        })
+        .await?
+    };
+    let first_listed = listed.iter().copied().fold(f64::INFINITY, f64::min);
     let listed = summary(listed);
-    eprintln!("new member listed: {listed}");
+    let mut phases = phases.await?;
+    phases["first_other_lists"] = serde_json::json!(first_listed);
+    eprintln!("new member listed: {listed}; on the way: {phases}");
 
     let partition = partition_heal(&net).await?;
     eprintln!("partition and heal: {partition}");
@@ -326,6 +390,7 @@ async fn main() -> anyhow::Result<()> {
         "function_reach_ms": reach,
         "member_listed_ms": listed,
         "member_join_ms": join_ms,
+        "member_join_phases_ms": phases,
         "partition": partition,
         "first_task_ms": first_task,
     });
@@ -606,7 +671,7 @@ async fn partition_heal(net: &testnet::Federation) -> anyhow::Result<serde_json:
     let healed = Instant::now();
     cut(false).await?;
     let both = ids.clone();
-    let times = reach_times(net, healed, Duration::from_secs(120), move |v| {
+    let times = reach_times(net, healed, Duration::from_secs(120), None, move |v| {
         both.iter().all(|id| v.functions.contains_key(id))
     })
     .await?;
