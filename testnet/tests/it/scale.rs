@@ -128,6 +128,64 @@ async fn with_bounded_connections_any_member_reaches_any_endpoint_and_hears_ever
     net.shutdown().await;
 }
 
+/// A joining member dials no more than half its bound although every welcome lists more
+/// members: its dials under way and the peers it dialled that are not verified yet count against
+/// the room. (Counting only verified members, it dialled again at each welcome: 60 connections
+/// within a second of joining a federation of 100 with a bound of 24.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joining_member_dials_no_more_than_half_its_bound() {
+    const BOUND: usize = 6;
+    // No idle connection closes and no mixing dials within the test: every connection the new
+    // member opens stays to be counted, and the others, holding half the bound or more, dial
+    // no one (so each of its connections is one it dialled).
+    let mut net = Federation::start_with(
+        0,
+        0,
+        &[
+            format!("mesh.max_connections={BOUND}"),
+            "mesh.idle_after=10m".into(),
+            "mesh.anti_entropy=10m".into(),
+        ],
+    )
+    .await
+    .unwrap();
+    net.add_institution("inst-a").unwrap();
+    for _ in 0..MEMBERS {
+        net.add_member(0).await.unwrap();
+    }
+    let i = net.add_member(0).await.unwrap();
+    let peer = net.node(i).peer_id().to_string();
+    // The join is over once the new member lists everyone and everyone lists it: its dials at
+    // the welcomes have happened, and nothing has closed since (connections only add up here).
+    wait_for(
+        "the new member listing and listed by everyone",
+        Duration::from_secs(30),
+        || async {
+            for n in net.running() {
+                let p = peer.clone();
+                let (has, all) = n
+                    .mesh()
+                    .registry_with(move |v| (v.nodes.contains_key(&p), v.nodes.len()))
+                    .await
+                    .unwrap();
+                if !has || all < MEMBERS + 2 {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await
+    .unwrap();
+    let held = net.node(i).mesh().members().await.unwrap().len();
+    assert!(
+        (1..=BOUND / 2).contains(&held),
+        "the new member holds {held} member connections; it may dial at most half its bound \
+         of {BOUND}"
+    );
+    net.shutdown().await;
+}
+
 /// A bounded federation whose anti-entropy (and mixing) is too rare to matter within a test:
 /// whatever spreads here spreads by gossip or by the syncs news sets off.
 async fn bounded_without_anti_entropy(max_connections: usize) -> Federation {
