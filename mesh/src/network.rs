@@ -253,6 +253,9 @@ pub struct PeerInfo {
     /// other is direct.
     #[serde(default)]
     pub connections: Vec<String>,
+    /// This node opened a connection to it (it dialled), rather than only being dialled.
+    #[serde(default)]
+    pub dialled: bool,
 }
 
 /// A peer remembered across restarts.
@@ -1366,6 +1369,7 @@ impl EventLoop {
                             .get(peer)
                             .map(|c| c.iter().map(|(_, a)| a.to_string()).collect())
                             .unwrap_or_default(),
+                        dialled: self.dialed.contains(peer),
                     })
                     .collect();
                 list.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
