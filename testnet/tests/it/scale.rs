@@ -26,6 +26,20 @@ async fn most_connections(net: &Federation) -> usize {
     most
 }
 
+/// Whether `check` holds of every running node's registry.
+async fn every_registry(
+    net: &Federation,
+    check: impl Fn(&crdt_registry::View) -> bool + Clone + Send + 'static,
+) -> bool {
+    for n in net.running() {
+        let c = check.clone();
+        if !n.mesh().registry_with(move |v| c(v)).await.unwrap() {
+            return false;
+        }
+    }
+    true
+}
+
 /// `MEMBERS` members of two institutions, any of which may use any endpoint, each holding at
 /// most `max_connections` member connections (idle ones close after 2 s), with `extra` settings.
 async fn bounded(max_connections: usize, extra: &[&str]) -> Federation {
@@ -160,19 +174,11 @@ async fn a_joining_member_dials_no_more_than_half_its_bound() {
     wait_for(
         "the new member listing and listed by everyone",
         Duration::from_secs(30),
-        || async {
-            for n in net.running() {
-                let p = peer.clone();
-                let (has, all) = n
-                    .mesh()
-                    .registry_with(move |v| (v.nodes.contains_key(&p), v.nodes.len()))
-                    .await
-                    .unwrap();
-                if !has || all < MEMBERS + 2 {
-                    return false;
-                }
-            }
-            true
+        || {
+            let p = peer.clone();
+            every_registry(&net, move |v| {
+                v.nodes.contains_key(&p) && v.nodes.len() >= MEMBERS + 2
+            })
         },
     )
     .await
@@ -195,15 +201,7 @@ async fn bounded_without_anti_entropy(max_connections: usize) -> Federation {
     wait_for(
         "every node listing every node",
         Duration::from_secs(30),
-        || async {
-            for n in net.running() {
-                let listed = n.mesh().registry_with(|v| v.nodes.len()).await.unwrap();
-                if listed < MEMBERS + 1 {
-                    return false;
-                }
-            }
-            true
-        },
+        || every_registry(&net, |v| v.nodes.len() > MEMBERS),
     )
     .await
     .unwrap();
@@ -222,19 +220,9 @@ async fn a_new_member_is_listed_by_every_member_without_waiting_for_anti_entropy
     wait_for(
         "the new member listed everywhere",
         Duration::from_secs(5),
-        || async {
-            for n in net.running() {
-                let p = peer.clone();
-                if !n
-                    .mesh()
-                    .registry_with(move |v| v.nodes.contains_key(&p))
-                    .await
-                    .unwrap()
-                {
-                    return false;
-                }
-            }
-            true
+        || {
+            let p = peer.clone();
+            every_registry(&net, move |v| v.nodes.contains_key(&p))
         },
     )
     .await
