@@ -10,8 +10,13 @@ use ed25519_dalek::Signer as _;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
+use std::sync::Arc;
+
 use crate::key::Key;
-use crate::record::Body;
+use crate::record::{
+    Body, EndpointRecord, FlowRecord, FunctionRecord, InstitutionRecord, Kind, NodeRecord,
+    RevocationRecord,
+};
 
 /// Version byte that starts every entry.
 pub const FORMAT: u8 = 1;
@@ -149,7 +154,127 @@ impl Entry {
 
 /// The document key for entry bytes: `e` and 128 bits of their SHA-256, in hex.
 pub fn doc_key(bytes: &[u8]) -> String {
-    format!("e{}", hex::encode(&Sha256::digest(bytes)[..16]))
+    EntryKey::of(bytes).to_string()
+}
+
+/// An entry's document key as the registry holds it: the 128 bits of [`doc_key`] without the
+/// text. Ordered as the text is (lowercase hex keeps byte order).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) struct EntryKey([u8; 16]);
+
+impl EntryKey {
+    /// The key of entry bytes.
+    pub(crate) fn of(bytes: &[u8]) -> EntryKey {
+        let mut key = [0; 16];
+        key.copy_from_slice(&Sha256::digest(bytes)[..16]);
+        EntryKey(key)
+    }
+
+    /// Reads a document key back; `None` for anything [`doc_key`] does not make.
+    pub(crate) fn parse(text: &str) -> Option<EntryKey> {
+        let hex = text.strip_prefix('e')?;
+        if hex.len() != 32 || hex.bytes().any(|b| b.is_ascii_uppercase()) {
+            return None;
+        }
+        let mut key = [0; 16];
+        hex::decode_to_slice(hex, &mut key).ok()?;
+        Some(EntryKey(key))
+    }
+}
+
+impl std::fmt::Display for EntryKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "e{}", hex::encode(self.0))
+    }
+}
+
+impl std::fmt::Debug for EntryKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{self}")
+    }
+}
+
+/// A checked entry as the registry keeps it: what it says, without the signed bytes (the
+/// document holds those) or the federation (the registry's own). Every entry of the document is
+/// held like this, so it is kept small.
+#[derive(Debug)]
+pub(crate) struct Held {
+    /// Its document key.
+    pub(crate) key: EntryKey,
+    /// The record's id.
+    pub(crate) id: String,
+    /// Its update counter.
+    pub(crate) seq: u64,
+    /// Its author.
+    pub(crate) author: Key,
+    /// When it was written, Unix milliseconds (the author's clock).
+    pub(crate) at_ms: u64,
+    /// The record, or its deletion.
+    pub(crate) body: HeldBody,
+}
+
+/// A held entry's record, behind a pointer: a held entry is small whatever its kind, and the
+/// typed view shares a function's one decoded copy instead of cloning it.
+#[derive(Debug)]
+pub(crate) enum HeldBody {
+    Institution(Arc<InstitutionRecord>),
+    Node(Arc<NodeRecord>),
+    Endpoint(Arc<EndpointRecord>),
+    Function(Arc<FunctionRecord>),
+    Flow(Arc<FlowRecord>),
+    Revocation(Arc<RevocationRecord>),
+    Deleted { of: Kind },
+}
+
+impl HeldBody {
+    /// The kind of record the entry is about.
+    pub(crate) fn kind(&self) -> Kind {
+        match self {
+            HeldBody::Institution(_) => Kind::Institution,
+            HeldBody::Node(_) => Kind::Node,
+            HeldBody::Endpoint(_) => Kind::Endpoint,
+            HeldBody::Function(_) => Kind::Function,
+            HeldBody::Flow(_) => Kind::Flow,
+            HeldBody::Revocation(_) => Kind::Revocation,
+            HeldBody::Deleted { of } => *of,
+        }
+    }
+}
+
+impl From<Body> for HeldBody {
+    fn from(body: Body) -> HeldBody {
+        match body {
+            Body::Institution(r) => HeldBody::Institution(Arc::new(r)),
+            Body::Node(r) => HeldBody::Node(Arc::new(r)),
+            Body::Endpoint(r) => HeldBody::Endpoint(Arc::new(r)),
+            Body::Function(r) => HeldBody::Function(Arc::new(r)),
+            Body::Flow(r) => HeldBody::Flow(Arc::new(r)),
+            Body::Revocation(r) => HeldBody::Revocation(Arc::new(r)),
+            Body::Deleted { of } => HeldBody::Deleted { of },
+        }
+    }
+}
+
+impl Entry {
+    /// What the registry keeps of a checked entry.
+    pub(crate) fn held(self) -> Held {
+        let Payload {
+            id,
+            seq,
+            author,
+            at_ms,
+            body,
+            ..
+        } = self.payload;
+        Held {
+            key: EntryKey::of(&self.bytes),
+            id,
+            seq,
+            author,
+            at_ms,
+            body: body.into(),
+        }
+    }
 }
 
 fn signing_input(json: &[u8]) -> Vec<u8> {
@@ -162,7 +287,6 @@ fn signing_input(json: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::record::{Body, Kind};
     use proptest::prelude::*;
 
     fn payload(author: Key) -> Payload {
@@ -200,6 +324,28 @@ mod tests {
             Entry::open(e.bytes(), "fedx"),
             Err(Invalid::BadSignature(Key::of(&k)))
         );
+    }
+
+    #[test]
+    fn an_entry_key_reads_back_from_its_text_and_keeps_its_order() {
+        let keys: Vec<EntryKey> = (0u8..50).map(|i| EntryKey::of(&[i])).collect();
+        for (i, k) in (0u8..).zip(&keys) {
+            assert_eq!(k.to_string(), doc_key(&[i]));
+            assert_eq!(EntryKey::parse(&k.to_string()), Some(*k));
+        }
+        let mut by_bytes = keys.clone();
+        by_bytes.sort();
+        let mut by_text: Vec<String> = keys.iter().map(ToString::to_string).collect();
+        by_text.sort();
+        let texts: Vec<String> = by_bytes.iter().map(ToString::to_string).collect();
+        assert_eq!(texts, by_text);
+        for bad in ["", "e", "x0123", &format!("E{}", &keys[0].to_string()[1..])] {
+            assert_eq!(EntryKey::parse(bad), None, "{bad:?}");
+        }
+        let upper = format!("e{}", keys[0].to_string()[1..].to_uppercase());
+        if upper != keys[0].to_string() {
+            assert_eq!(EntryKey::parse(&upper), None);
+        }
     }
 
     proptest! {

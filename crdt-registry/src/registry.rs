@@ -16,7 +16,7 @@ use automerge::sync::{self, SyncDoc as _};
 use automerge::transaction::{CommitOptions, Transactable as _};
 use automerge::{ActorId, Automerge, Change, ChangeHash, ROOT, ReadDoc as _, ScalarValue, Value};
 
-use crate::entry::{Entry, Invalid, MAX_ENTRY_BYTES, Payload};
+use crate::entry::{Entry, EntryKey, Held, Invalid, MAX_ENTRY_BYTES, Payload};
 use crate::key::Key;
 use crate::record::Body;
 use crate::view::{self, Authority, View};
@@ -187,8 +187,9 @@ impl SyncState {
 pub struct Registry {
     federation: String,
     doc: Automerge,
-    /// Every entry in the document, by document key.
-    entries: BTreeMap<String, Entry>,
+    /// Every entry in the document, by document key, as the view reads it (the signed bytes
+    /// stay in the document alone).
+    entries: BTreeMap<EntryKey, Held>,
     verdicts: view::Verdicts,
     view: Option<View>,
     poisoned: bool,
@@ -414,11 +415,8 @@ impl Registry {
         let seq = self
             .entries
             .values()
-            .filter(|e| {
-                let p = e.payload();
-                p.author == author && p.id == id && p.body.kind() == body.kind()
-            })
-            .map(|e| e.payload().seq.saturating_add(1))
+            .filter(|e| e.author == author && e.id == id && e.body.kind() == body.kind())
+            .map(|e| e.seq.saturating_add(1))
             .max()
             .unwrap_or(1)
             .max(now_ms);
@@ -461,7 +459,8 @@ impl Registry {
     /// Puts an entry's bytes into the document as they are: the primitive under every write,
     /// public so that tests can make changes a dishonest member would make.
     pub fn insert_unchecked(&mut self, entry: &Entry, now_ms: u64) -> Result<Vec<u8>, WriteError> {
-        if self.entries.contains_key(entry.doc_key()) {
+        let key = EntryKey::of(entry.bytes());
+        if self.entries.contains_key(&key) {
             return Err(WriteError::Exists(entry.doc_key().to_string()));
         }
         // One change per entry, by an actor derived from everything in the change: no two
@@ -492,8 +491,7 @@ impl Registry {
             .expect("a change was just committed")
             .raw_bytes()
             .to_vec();
-        self.entries
-            .insert(entry.doc_key().to_string(), entry.clone());
+        self.entries.insert(key, entry.clone().held());
         self.view = None;
         Ok(change)
     }
@@ -652,7 +650,7 @@ impl Registry {
         let keys: Vec<String> = self
             .doc
             .keys(ROOT)
-            .filter(|k| !self.entries.contains_key(k))
+            .filter(|k| EntryKey::parse(k).is_none_or(|k| !self.entries.contains_key(&k)))
             .collect();
         if keys.is_empty() {
             return;
@@ -667,7 +665,8 @@ impl Registry {
                     if let ScalarValue::Bytes(b) = s.as_ref() {
                         if let Ok(entry) = Entry::open(b, &self.federation) {
                             if entry.doc_key() == key {
-                                self.entries.insert(key.clone(), entry);
+                                let held = entry.held();
+                                self.entries.insert(held.key, held);
                                 break;
                             }
                         }

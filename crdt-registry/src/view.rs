@@ -22,10 +22,10 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::entry::Entry;
+use crate::entry::{EntryKey, Held, HeldBody};
 use crate::key::Key;
 use crate::record::{
-    Body, EndpointRecord, FlowRecord, FunctionRecord, Kind, NodeRecord, RevocationRecord, Target,
+    EndpointRecord, FlowRecord, FunctionRecord, Kind, NodeRecord, RevocationRecord, Target,
 };
 
 /// What a verified institution admission says.
@@ -124,9 +124,9 @@ pub struct Function {
     pub owner_peer: String,
     /// The owner's institution.
     pub institution: Option<String>,
-    /// The record.
+    /// The record (shared with the registry's entry: cloning a function is cheap).
     #[serde(flatten)]
-    pub record: FunctionRecord,
+    pub record: std::sync::Arc<FunctionRecord>,
 }
 
 /// A flow.
@@ -219,26 +219,25 @@ impl View {
 /// Cache of proof verifications, by entry key: entries are immutable, so a verdict holds.
 #[derive(Debug, Default)]
 pub(crate) struct Verdicts {
-    nodes: HashMap<String, Result<NodeFacts, String>>,
-    institutions: HashMap<String, Result<InstitutionFacts, String>>,
+    nodes: HashMap<EntryKey, Result<NodeFacts, String>>,
+    institutions: HashMap<EntryKey, Result<InstitutionFacts, String>>,
 }
 
 /// Builds the view from the document's entries.
 pub(crate) fn build<'a>(
-    entries: impl Iterator<Item = &'a Entry>,
+    entries: impl Iterator<Item = &'a Held>,
     authority: &dyn Authority,
     cache: &mut Verdicts,
 ) -> View {
     let fed_key = authority.federation_key();
     let mut view = View::default();
-    let entries: Vec<&Entry> = entries.collect();
-    let ignore = |view: &mut View, e: &Entry, reason: String| {
-        let p = e.payload();
+    let entries: Vec<&Held> = entries.collect();
+    let ignore = |view: &mut View, e: &Held, reason: String| {
         view.ignored.push(Ignored {
-            entry: e.doc_key().to_string(),
-            kind: p.body.kind(),
-            id: p.id.clone(),
-            author: p.author,
+            entry: e.key.to_string(),
+            kind: e.body.kind(),
+            id: e.id.clone(),
+            author: e.author,
             reason,
         });
     };
@@ -246,11 +245,13 @@ pub(crate) fn build<'a>(
     // 1. Node facts from proofs (independent of everything else).
     let mut node_facts: HashMap<Key, NodeFacts> = HashMap::new();
     for e in &entries {
-        let p = e.payload();
-        let Body::Node(rec) = &p.body else { continue };
+        let p = *e;
+        let HeldBody::Node(rec) = &p.body else {
+            continue;
+        };
         let verdict = cache
             .nodes
-            .entry(e.doc_key().to_string())
+            .entry(e.key)
             .or_insert_with(|| node_verdict(p.id.as_str(), &p.author, rec, authority));
         if let Ok(facts) = verdict {
             node_facts.entry(p.author).or_insert_with(|| facts.clone());
@@ -286,37 +287,33 @@ pub(crate) fn build<'a>(
     }
     node_facts.retain(|key, _| !reused.contains_key(key));
     // 2. Institution facts from admissions.
-    let mut inst_facts: HashMap<String, InstitutionFacts> = HashMap::new();
+    let mut inst_facts: HashMap<EntryKey, InstitutionFacts> = HashMap::new();
     for e in &entries {
-        let Body::Institution(rec) = &e.payload().body else {
+        let HeldBody::Institution(rec) = &e.body else {
             continue;
         };
-        let verdict = cache
-            .institutions
-            .entry(e.doc_key().to_string())
-            .or_insert_with(|| {
-                let facts = authority.admission(&rec.admission)?;
-                if facts.key.to_string() != e.payload().id {
-                    return Err(format!(
-                        "the entry's id {} is not the admitted key {}",
-                        e.payload().id,
-                        facts.key
-                    ));
-                }
-                Ok(facts)
-            });
+        let verdict = cache.institutions.entry(e.key).or_insert_with(|| {
+            let facts = authority.admission(&rec.admission)?;
+            if facts.key.to_string() != e.id {
+                return Err(format!(
+                    "the entry's id {} is not the admitted key {}",
+                    e.id, facts.key
+                ));
+            }
+            Ok(facts)
+        });
         if let Ok(f) = verdict {
-            inst_facts.insert(e.doc_key().to_string(), f.clone());
+            inst_facts.insert(e.key, f.clone());
         }
     }
     let admitted_keys: HashSet<Key> = inst_facts.values().map(|f| f.key).collect();
 
     // 3. Revocations, by authority.
     let mut revoked: HashSet<Key> = HashSet::new();
-    let mut revocations: Vec<(&Entry, &RevocationRecord)> = Vec::new();
+    let mut revocations: Vec<(&Held, &RevocationRecord)> = Vec::new();
     for e in &entries {
-        let p = e.payload();
-        let Body::Revocation(rec) = &p.body else {
+        let p = *e;
+        let HeldBody::Revocation(rec) = &p.body else {
             continue;
         };
         if p.id != rec.target.id() {
@@ -356,7 +353,7 @@ pub(crate) fn build<'a>(
         revocations.push((e, rec));
     }
     for (e, rec) in revocations {
-        let p = e.payload();
+        let p = e;
         let r = Revocation {
             id: p.id.clone(),
             revoked_by: p.author,
@@ -397,21 +394,21 @@ pub(crate) fn build<'a>(
     };
 
     // 4. Every other entry: check its authority, then keep the winner per record.
-    let mut winners: HashMap<(Kind, String), &Entry> = HashMap::new();
+    let mut winners: HashMap<(Kind, String), &Held> = HashMap::new();
     let mut owners: HashMap<(Kind, String), Key> = HashMap::new();
-    let mut deletions: Vec<&Entry> = Vec::new();
+    let mut deletions: Vec<&Held> = Vec::new();
     for e in &entries {
-        let p = e.payload();
+        let p = *e;
         let verdict: Result<(), String> = match &p.body {
-            Body::Revocation(_) => continue,
-            Body::Deleted { .. } => {
+            HeldBody::Revocation(_) => continue,
+            HeldBody::Deleted { .. } => {
                 deletions.push(e);
                 continue;
             }
-            Body::Institution(_) => match inst_facts.get(e.doc_key()) {
+            HeldBody::Institution(_) => match inst_facts.get(&e.key) {
                 None => Err(cache
                     .institutions
-                    .get(e.doc_key())
+                    .get(&e.key)
                     .and_then(|v| v.as_ref().err().cloned())
                     .unwrap_or_else(|| "the admission does not verify".into())),
                 Some(f) if revoked.contains(&f.key) => Err(format!("{} is revoked", f.name)),
@@ -429,11 +426,11 @@ pub(crate) fn build<'a>(
                     }
                 }
             },
-            Body::Node(_) => match cache.nodes.get(e.doc_key()) {
+            HeldBody::Node(_) => match cache.nodes.get(&e.key) {
                 Some(Err(reason)) => Err(reason.clone()),
                 _ => node_ok(&p.author).map(|_| ()),
             },
-            Body::Endpoint(rec) => node_ok(&p.author).and_then(|_| {
+            HeldBody::Endpoint(rec) => node_ok(&p.author).and_then(|_| {
                 if rec.node != p.author {
                     Err(format!(
                         "{} may not write an endpoint of node {}",
@@ -445,7 +442,7 @@ pub(crate) fn build<'a>(
                     Ok(())
                 }
             }),
-            Body::Function(rec) => node_ok(&p.author).and_then(|_| {
+            HeldBody::Function(rec) => node_ok(&p.author).and_then(|_| {
                 if rec.owner != p.author {
                     Err(format!(
                         "{} may not write a function owned by {}",
@@ -457,7 +454,7 @@ pub(crate) fn build<'a>(
                     Ok(())
                 }
             }),
-            Body::Flow(rec) => node_ok(&p.author).and_then(|_| {
+            HeldBody::Flow(rec) => node_ok(&p.author).and_then(|_| {
                 if rec.owner != p.author {
                     Err(format!(
                         "{} may not write a flow owned by {}",
@@ -480,7 +477,7 @@ pub(crate) fn build<'a>(
     }
     // Deletions count only from the owner of the record they delete.
     for e in deletions {
-        let p = e.payload();
+        let p = e;
         let slot = (p.body.kind(), p.id.clone());
         let owner_ok = match p.body.kind() {
             Kind::Institution | Kind::Revocation => false,
@@ -501,14 +498,14 @@ pub(crate) fn build<'a>(
     let mut sorted: Vec<_> = winners.into_iter().collect();
     sorted.sort_by(|a, b| a.0.cmp(&b.0));
     for ((_, id), e) in sorted {
-        let p = e.payload();
+        let p = e;
         let author_facts = node_facts.get(&p.author);
         let peer = || author_facts.map(|f| f.peer_id.clone()).unwrap_or_default();
         let inst = || author_facts.and_then(|f| f.institution.as_ref().map(|(n, _)| n.clone()));
         match &p.body {
-            Body::Deleted { .. } | Body::Revocation(_) => {}
-            Body::Institution(_) => {
-                if let Some(f) = inst_facts.get(e.doc_key()) {
+            HeldBody::Deleted { .. } | HeldBody::Revocation(_) => {}
+            HeldBody::Institution(_) => {
+                if let Some(f) = inst_facts.get(&e.key) {
                     view.institutions.insert(
                         f.key,
                         Institution {
@@ -519,13 +516,13 @@ pub(crate) fn build<'a>(
                     );
                 }
             }
-            Body::Node(rec) => {
+            HeldBody::Node(rec) => {
                 let NodeRecord {
                     name,
                     addrs,
                     data_addr,
                     ..
-                } = rec;
+                } = &**rec;
                 if let Some(f) = author_facts {
                     view.nodes.insert(
                         f.peer_id.clone(),
@@ -543,19 +540,19 @@ pub(crate) fn build<'a>(
                     );
                 }
             }
-            Body::Endpoint(rec) => {
+            HeldBody::Endpoint(rec) => {
                 view.endpoints.insert(
                     id.clone(),
                     Endpoint {
                         id,
                         peer_id: peer(),
                         institution: inst(),
-                        record: rec.clone(),
+                        record: EndpointRecord::clone(rec),
                         updated_ms: p.at_ms,
                     },
                 );
             }
-            Body::Function(rec) => {
+            HeldBody::Function(rec) => {
                 view.functions.insert(
                     id.clone(),
                     Function {
@@ -566,13 +563,13 @@ pub(crate) fn build<'a>(
                     },
                 );
             }
-            Body::Flow(rec) => {
+            HeldBody::Flow(rec) => {
                 view.flows.insert(
                     id.clone(),
                     Flow {
                         id,
                         owner_peer: peer(),
-                        record: rec.clone(),
+                        record: FlowRecord::clone(rec),
                     },
                 );
             }
@@ -595,8 +592,9 @@ fn node_verdict(
 }
 
 /// Keeps the entry with the highest `(seq, at_ms, entry key)` for `slot`.
-fn pick<'a>(winners: &mut HashMap<(Kind, String), &'a Entry>, slot: (Kind, String), e: &'a Entry) {
-    let rank = |e: &Entry| (e.payload().seq, e.payload().at_ms, e.doc_key().to_string());
+fn pick<'a>(winners: &mut HashMap<(Kind, String), &'a Held>, slot: (Kind, String), e: &'a Held) {
+    // Keys compare as their text does, so replicas of every version pick the same entry.
+    let rank = |e: &Held| (e.seq, e.at_ms, e.key);
     match winners.get(&slot) {
         Some(cur) if rank(cur) >= rank(e) => {}
         _ => {

@@ -421,7 +421,7 @@ impl Machine {
         let submission = Submission {
             id: id.clone(),
             endpoint: c.name.clone(),
-            function: r.function.record.clone(),
+            function: crdt_registry::record::FunctionRecord::clone(&r.function.record),
             function_id: r.function.id.clone(),
             args: if r.args.is_null() {
                 Value::Array(vec![])

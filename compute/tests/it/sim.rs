@@ -246,7 +246,7 @@ fn function() -> crdt_registry::Function {
         id: record.content_id(),
         owner_peer: "owner".into(),
         institution: Some("inst".into()),
-        record,
+        record: record.into(),
     }
 }
 

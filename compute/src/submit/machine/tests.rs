@@ -44,7 +44,7 @@ fn request(n: u64, retries: u32) -> Request {
             id: record.content_id(),
             owner_peer: "owner".into(),
             institution: Some("inst".into()),
-            record,
+            record: record.into(),
         },
         args: serde_json::json!([n]),
         kwargs: Value::Null,
