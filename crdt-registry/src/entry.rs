@@ -211,6 +211,11 @@ pub(crate) struct Held {
     pub(crate) at_ms: u64,
     /// The record, or its deletion.
     pub(crate) body: HeldBody,
+    /// Whether `id` is the one an endpoint, function or flow record derives from its author and
+    /// content (always true for other kinds, whose ids the view checks otherwise). Worked out
+    /// once: the view is rebuilt after every change, and hashing every function each time cost
+    /// more than the rest of it.
+    pub(crate) id_derived: bool,
 }
 
 /// A held entry's record, behind a pointer: a held entry is small whatever its kind, and the
@@ -266,6 +271,12 @@ impl Entry {
             body,
             ..
         } = self.payload;
+        let id_derived = match &body {
+            Body::Endpoint(rec) => EndpointRecord::id_for(&author, &rec.name) == id,
+            Body::Function(rec) => rec.content_id() == id,
+            Body::Flow(rec) => FlowRecord::id_for(&author, &rec.nonce) == id,
+            _ => true,
+        };
         Held {
             key: EntryKey::of(&self.bytes),
             id,
@@ -273,6 +284,7 @@ impl Entry {
             author,
             at_ms,
             body: body.into(),
+            id_derived,
         }
     }
 }

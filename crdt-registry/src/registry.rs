@@ -197,9 +197,6 @@ pub struct Registry {
     /// queue, which sync cannot see into: two peers each holding queued changes the other
     /// needs would stall.
     pending: Vec<Change>,
-    /// The document's heads when `refresh` last read every key: the same heads are the same
-    /// document, so a sync that brought nothing (most of them, at rest) costs no scan.
-    refreshed: Vec<ChangeHash>,
 }
 
 impl Registry {
@@ -213,7 +210,6 @@ impl Registry {
             view: None,
             poisoned: false,
             pending: Vec::new(),
-            refreshed: Vec::new(),
         }
     }
 
@@ -248,7 +244,7 @@ impl Registry {
             }
         }
         reg.integrate(ok)?;
-        reg.refresh();
+        reg.read_all_entries();
         Ok((reg, skipped))
     }
 
@@ -612,23 +608,23 @@ impl Registry {
             .iter()
             .map(|c| self.decode_checked(c))
             .collect::<Result<Vec<_>, _>>()?;
-        let before = self.entries.len();
         let before_heads = self.doc.get_heads();
         self.integrate(checked)?;
-        self.refresh();
-        Ok(self.applied(before, &before_heads))
+        Ok(self.applied(&before_heads))
     }
 
-    fn applied(&mut self, before: usize, before_heads: &[ChangeHash]) -> Applied {
-        let heads = self.doc.get_heads();
+    /// What the document gained since `before_heads`, with the entries it gained decoded: the
+    /// new changes are read once, for both, so that a change costs the same however large the
+    /// registry is (no scan of every key).
+    fn applied(&mut self, before_heads: &[ChangeHash]) -> Applied {
+        let before = self.entries.len();
         let mut changes = Vec::new();
-        if heads != before_heads {
-            changes = self
-                .doc
-                .get_changes(before_heads)
-                .into_iter()
-                .map(|c| c.raw_bytes().to_vec())
-                .collect();
+        if self.doc.get_heads() != before_heads {
+            let new = self.doc.get_changes(before_heads);
+            for change in &new {
+                self.read_entry(change);
+            }
+            changes = new.into_iter().map(|c| c.raw_bytes().to_vec()).collect();
         }
         Applied {
             new_entries: self.entries.len() - before,
@@ -639,14 +635,31 @@ impl Registry {
         }
     }
 
-    /// Decodes the document entries not seen yet. Values come straight from the document: the
-    /// view reads what Automerge holds, checked again here.
-    fn refresh(&mut self) {
-        let heads = self.doc.get_heads();
-        if heads == self.refreshed {
-            return;
+    /// Decodes the entry a change of the document puts, if it is new here. The value is what
+    /// the document holds, checked again here.
+    fn read_entry(&mut self, change: &Change) {
+        for op in change.decode().operations {
+            let (ObjectId::Root, OpKey::Map(key), OpType::Put(ScalarValue::Bytes(bytes))) =
+                (&op.obj, &op.key, &op.action)
+            else {
+                continue;
+            };
+            if EntryKey::parse(key).is_some_and(|k| self.entries.contains_key(&k)) {
+                continue;
+            }
+            if let Ok(entry) = Entry::open(bytes, &self.federation) {
+                if entry.doc_key() == key.as_str() {
+                    let held = entry.held();
+                    self.entries.insert(held.key, held);
+                    self.view = None;
+                }
+            }
         }
-        self.refreshed = heads;
+    }
+
+    /// Decodes every entry of the document (on load). Values come straight from the document:
+    /// the view reads what Automerge holds, checked again here.
+    fn read_all_entries(&mut self) {
         let keys: Vec<String> = self
             .doc
             .keys(ROOT)
@@ -867,18 +880,16 @@ impl Registry {
             let change = self.decode_checked(chunk)?;
             known += usize::from(self.has_change(&change.hash()));
         }
-        let before = self.entries.len();
         let before_heads = self.doc.get_heads();
         self.guarded(|doc| doc.receive_sync_message(&mut state.0, msg))?;
         // What arrived may be what held-back changes were waiting for.
         if !self.pending.is_empty() {
             self.integrate(Vec::new())?;
         }
-        self.refresh();
         Ok(Applied {
             received,
             known,
-            ..self.applied(before, &before_heads)
+            ..self.applied(&before_heads)
         })
     }
 }

@@ -394,8 +394,8 @@ pub(crate) fn build<'a>(
     };
 
     // 4. Every other entry: check its authority, then keep the winner per record.
-    let mut winners: HashMap<(Kind, String), &Held> = HashMap::new();
-    let mut owners: HashMap<(Kind, String), Key> = HashMap::new();
+    let mut winners: HashMap<(Kind, &str), &Held> = HashMap::new();
+    let mut owners: HashMap<(Kind, &str), Key> = HashMap::new();
     let mut deletions: Vec<&Held> = Vec::new();
     for e in &entries {
         let p = *e;
@@ -436,7 +436,7 @@ pub(crate) fn build<'a>(
                         "{} may not write an endpoint of node {}",
                         p.author, rec.node
                     ))
-                } else if EndpointRecord::id_for(&p.author, &rec.name) != p.id {
+                } else if !p.id_derived {
                     Err("the endpoint id is not derived from its node and name".into())
                 } else {
                     Ok(())
@@ -448,7 +448,7 @@ pub(crate) fn build<'a>(
                         "{} may not write a function owned by {}",
                         p.author, rec.owner
                     ))
-                } else if rec.content_id() != p.id {
+                } else if !p.id_derived {
                     Err("the function id is not derived from its content and owner".into())
                 } else {
                     Ok(())
@@ -460,7 +460,7 @@ pub(crate) fn build<'a>(
                         "{} may not write a flow owned by {}",
                         p.author, rec.owner
                     ))
-                } else if FlowRecord::id_for(&p.author, &rec.nonce) != p.id {
+                } else if !p.id_derived {
                     Err("the flow id is not derived from its owner and nonce".into())
                 } else {
                     Ok(())
@@ -471,14 +471,14 @@ pub(crate) fn build<'a>(
             ignore(&mut view, e, reason);
             continue;
         }
-        let slot = (p.body.kind(), p.id.clone());
-        owners.entry(slot.clone()).or_insert(p.author);
+        let slot = (p.body.kind(), p.id.as_str());
+        owners.entry(slot).or_insert(p.author);
         pick(&mut winners, slot, e);
     }
     // Deletions count only from the owner of the record they delete.
     for e in deletions {
         let p = e;
-        let slot = (p.body.kind(), p.id.clone());
+        let slot = (p.body.kind(), p.id.as_str());
         let owner_ok = match p.body.kind() {
             Kind::Institution | Kind::Revocation => false,
             _ => owners.get(&slot) == Some(&p.author) && node_ok(&p.author).is_ok(),
@@ -542,9 +542,9 @@ pub(crate) fn build<'a>(
             }
             HeldBody::Endpoint(rec) => {
                 view.endpoints.insert(
-                    id.clone(),
+                    id.to_string(),
                     Endpoint {
-                        id,
+                        id: id.to_string(),
                         peer_id: peer(),
                         institution: inst(),
                         record: EndpointRecord::clone(rec),
@@ -554,9 +554,9 @@ pub(crate) fn build<'a>(
             }
             HeldBody::Function(rec) => {
                 view.functions.insert(
-                    id.clone(),
+                    id.to_string(),
                     Function {
-                        id,
+                        id: id.to_string(),
                         owner_peer: peer(),
                         institution: inst(),
                         record: rec.clone(),
@@ -565,9 +565,9 @@ pub(crate) fn build<'a>(
             }
             HeldBody::Flow(rec) => {
                 view.flows.insert(
-                    id.clone(),
+                    id.to_string(),
                     Flow {
-                        id,
+                        id: id.to_string(),
                         owner_peer: peer(),
                         record: FlowRecord::clone(rec),
                     },
@@ -592,7 +592,7 @@ fn node_verdict(
 }
 
 /// Keeps the entry with the highest `(seq, at_ms, entry key)` for `slot`.
-fn pick<'a>(winners: &mut HashMap<(Kind, String), &'a Held>, slot: (Kind, String), e: &'a Held) {
+fn pick<'a>(winners: &mut HashMap<(Kind, &'a str), &'a Held>, slot: (Kind, &'a str), e: &'a Held) {
     // Keys compare as their text does, so replicas of every version pick the same entry.
     let rank = |e: &Held| (e.seq, e.at_ms, e.key);
     match winners.get(&slot) {
