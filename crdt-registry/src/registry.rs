@@ -192,6 +192,10 @@ pub struct Registry {
     entries: BTreeMap<EntryKey, Held>,
     verdicts: view::Verdicts,
     view: Option<View>,
+    /// What the view's build concluded about the members, for placing new entries in it.
+    basis: view::Basis,
+    /// Entries new since the view was built (only while there is one).
+    fresh: Vec<EntryKey>,
     poisoned: bool,
     /// Checked changes waiting for their dependencies. Kept here rather than in Automerge's own
     /// queue, which sync cannot see into: two peers each holding queued changes the other
@@ -208,6 +212,8 @@ impl Registry {
             entries: BTreeMap::new(),
             verdicts: view::Verdicts::default(),
             view: None,
+            basis: view::Basis::default(),
+            fresh: Vec::new(),
             poisoned: false,
             pending: Vec::new(),
         }
@@ -385,16 +391,37 @@ impl Registry {
             .collect()
     }
 
-    /// The typed view, rebuilt only when the document changed.
+    /// The typed view. Built once, then kept up to date: new endpoints, functions and flows are
+    /// placed in it (`view::extend`); any other new entry — a node, an institution, a
+    /// revocation, a deletion — has it rebuilt.
     pub fn view(&mut self, authority: &dyn Authority) -> &View {
+        if let Some(view) = &mut self.view {
+            if !self.fresh.is_empty() {
+                let fresh: Vec<&Held> = self
+                    .fresh
+                    .iter()
+                    .filter_map(|k| self.entries.get(k))
+                    .collect();
+                if !view::extend(view, &mut self.basis, &fresh) {
+                    self.view = None;
+                }
+                self.fresh.clear();
+            }
+        }
         if self.view.is_none() {
-            self.view = Some(view::build(
-                self.entries.values(),
-                authority,
-                &mut self.verdicts,
-            ));
+            let (view, basis) = view::build(self.entries.values(), authority, &mut self.verdicts);
+            self.view = Some(view);
+            self.basis = basis;
+            self.fresh.clear();
         }
         self.view.as_ref().expect("built above")
+    }
+
+    /// Notes a new entry for the view.
+    fn entry_added(&mut self, key: EntryKey) {
+        if self.view.is_some() {
+            self.fresh.push(key);
+        }
     }
 
     /// Signs and writes a record. Returns the entry and the change to persist and gossip.
@@ -488,7 +515,7 @@ impl Registry {
             .raw_bytes()
             .to_vec();
         self.entries.insert(key, entry.clone().held());
-        self.view = None;
+        self.entry_added(key);
         Ok(change)
     }
 
@@ -650,8 +677,9 @@ impl Registry {
             if let Ok(entry) = Entry::open(bytes, &self.federation) {
                 if entry.doc_key() == key.as_str() {
                     let held = entry.held();
-                    self.entries.insert(held.key, held);
-                    self.view = None;
+                    let key = held.key;
+                    self.entries.insert(key, held);
+                    self.entry_added(key);
                 }
             }
         }

@@ -223,23 +223,179 @@ pub(crate) struct Verdicts {
     institutions: HashMap<EntryKey, Result<InstitutionFacts, String>>,
 }
 
-/// Builds the view from the document's entries.
+/// What a view's build concluded about the members, kept with the view: an endpoint, function
+/// or flow entry (what most changes bring) is judged only by its author's standing and its own
+/// slot, so new ones are placed in the view without rebuilding it ([`extend`]).
+#[derive(Debug, Default)]
+pub(crate) struct Basis {
+    /// The member nodes, by key (none whose invite another node used first).
+    node_facts: HashMap<Key, NodeFacts>,
+    /// Nodes that are not members because another node used their invite first, and why.
+    reused: HashMap<Key, String>,
+    /// Revoked node and institution keys.
+    revoked: HashSet<Key>,
+    /// For each endpoint, function and flow slot with a counted entry: the winner's rank.
+    winners: HashMap<(Kind, String), Rank>,
+    /// Slots with a deletion entry, counted or not: whether a deletion counts depends on the
+    /// slot's owner, so a new entry there means a full rebuild.
+    deleted: HashSet<(Kind, String)>,
+}
+
+/// The order among the counted entries of one record: the highest wins.
+type Rank = (u64, u64, EntryKey);
+
+fn rank(e: &Held) -> Rank {
+    // Keys compare as their text does, so replicas of every version pick the same entry.
+    (e.seq, e.at_ms, e.key)
+}
+
+impl Basis {
+    /// A node that may write: a member, not revoked, of an institution not revoked.
+    fn node_ok(&self, key: &Key) -> Result<&NodeFacts, String> {
+        if let Some(reason) = self.reused.get(key) {
+            return Err(format!("{key} is not a member: {reason}"));
+        }
+        let facts = self
+            .node_facts
+            .get(key)
+            .ok_or_else(|| format!("{key} is not a member node of the federation"))?;
+        if self.revoked.contains(key) {
+            return Err(format!("{key} is revoked"));
+        }
+        if let Some((name, inst)) = &facts.institution {
+            if self.revoked.contains(inst) {
+                return Err(format!("{key}'s institution {name} is revoked"));
+            }
+        }
+        Ok(facts)
+    }
+
+    /// Whether an endpoint, function or flow entry counts: its author is a node in good
+    /// standing, the record names the author, and the id is the one derived from them.
+    fn judge_owned(&self, e: &Held) -> Result<(), String> {
+        self.node_ok(&e.author)?;
+        let (owner, what, derived_from) = match &e.body {
+            HeldBody::Endpoint(rec) => (&rec.node, "an endpoint of node", "its node and name"),
+            HeldBody::Function(rec) => (&rec.owner, "a function owned by", "its content and owner"),
+            HeldBody::Flow(rec) => (&rec.owner, "a flow owned by", "its owner and nonce"),
+            _ => return Err("not an endpoint, function or flow".into()),
+        };
+        if *owner != e.author {
+            Err(format!("{} may not write {what} {owner}", e.author))
+        } else if !e.id_derived {
+            Err(format!(
+                "the {} id is not derived from {derived_from}",
+                e.body.kind().as_str()
+            ))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+fn is_owned(kind: Kind) -> bool {
+    matches!(kind, Kind::Endpoint | Kind::Function | Kind::Flow)
+}
+
+/// Puts a winning endpoint, function or flow into the view.
+fn place_owned(view: &mut View, basis: &Basis, e: &Held) {
+    let author_facts = basis.node_facts.get(&e.author);
+    let peer = || author_facts.map(|f| f.peer_id.clone()).unwrap_or_default();
+    let inst = || author_facts.and_then(|f| f.institution.as_ref().map(|(n, _)| n.clone()));
+    let id = &e.id;
+    match &e.body {
+        HeldBody::Endpoint(rec) => {
+            view.endpoints.insert(
+                id.clone(),
+                Endpoint {
+                    id: id.clone(),
+                    peer_id: peer(),
+                    institution: inst(),
+                    record: EndpointRecord::clone(rec),
+                    updated_ms: e.at_ms,
+                },
+            );
+        }
+        HeldBody::Function(rec) => {
+            view.functions.insert(
+                id.clone(),
+                Function {
+                    id: id.clone(),
+                    owner_peer: peer(),
+                    institution: inst(),
+                    record: rec.clone(),
+                },
+            );
+        }
+        HeldBody::Flow(rec) => {
+            view.flows.insert(
+                id.clone(),
+                Flow {
+                    id: id.clone(),
+                    owner_peer: peer(),
+                    record: FlowRecord::clone(rec),
+                },
+            );
+        }
+        _ => {}
+    }
+}
+
+fn ignored(e: &Held, reason: String) -> Ignored {
+    Ignored {
+        entry: e.key.to_string(),
+        kind: e.body.kind(),
+        id: e.id.clone(),
+        author: e.author,
+        reason,
+    }
+}
+
+/// Places entries new since `view` was built, if they are all endpoints, functions and flows in
+/// slots without deletions: each is judged and ranked as [`build`] would, against what the build
+/// concluded. Returns `false`, having changed nothing, if any needs a full rebuild instead.
+pub(crate) fn extend(view: &mut View, basis: &mut Basis, fresh: &[&Held]) -> bool {
+    let placeable = fresh.iter().all(|e| {
+        let kind = e.body.kind();
+        is_owned(kind)
+            && !matches!(e.body, HeldBody::Deleted { .. })
+            && !basis.deleted.contains(&(kind, e.id.clone()))
+    });
+    if !placeable {
+        return false;
+    }
+    for e in fresh {
+        if let Err(reason) = basis.judge_owned(e) {
+            let entry = ignored(e, reason);
+            let at = view
+                .ignored
+                .partition_point(|i| i.entry.as_str() < entry.entry.as_str());
+            view.ignored.insert(at, entry);
+            continue;
+        }
+        let slot = (e.body.kind(), e.id.clone());
+        match basis.winners.get(&slot) {
+            Some(best) if *best >= rank(e) => {}
+            _ => {
+                basis.winners.insert(slot, rank(e));
+                place_owned(view, basis, e);
+            }
+        }
+    }
+    true
+}
+
+/// Builds the view from the document's entries, with what it concluded about the members.
 pub(crate) fn build<'a>(
     entries: impl Iterator<Item = &'a Held>,
     authority: &dyn Authority,
     cache: &mut Verdicts,
-) -> View {
+) -> (View, Basis) {
     let fed_key = authority.federation_key();
     let mut view = View::default();
     let entries: Vec<&Held> = entries.collect();
     let ignore = |view: &mut View, e: &Held, reason: String| {
-        view.ignored.push(Ignored {
-            entry: e.key.to_string(),
-            kind: e.body.kind(),
-            id: e.id.clone(),
-            author: e.author,
-            reason,
-        });
+        view.ignored.push(ignored(e, reason));
     };
 
     // 1. Node facts from proofs (independent of everything else).
@@ -374,23 +530,12 @@ pub(crate) fn build<'a>(
     view.revocations
         .sort_by(|a, b| (&a.id, &a.revoked_by).cmp(&(&b.id, &b.revoked_by)));
     // A revoked author is revoked for every key acting for it: a node of a revoked institution
-    // is revoked too.
-    let node_ok = |key: &Key| -> Result<&NodeFacts, String> {
-        if let Some(reason) = reused.get(key) {
-            return Err(format!("{key} is not a member: {reason}"));
-        }
-        let facts = node_facts
-            .get(key)
-            .ok_or_else(|| format!("{key} is not a member node of the federation"))?;
-        if revoked.contains(key) {
-            return Err(format!("{key} is revoked"));
-        }
-        if let Some((name, inst)) = &facts.institution {
-            if revoked.contains(inst) {
-                return Err(format!("{key}'s institution {name} is revoked"));
-            }
-        }
-        Ok(facts)
+    // is revoked too (`Basis::node_ok`).
+    let mut basis = Basis {
+        node_facts,
+        reused,
+        revoked,
+        ..Basis::default()
     };
 
     // 4. Every other entry: check its authority, then keep the winner per record.
@@ -411,11 +556,11 @@ pub(crate) fn build<'a>(
                     .get(&e.key)
                     .and_then(|v| v.as_ref().err().cloned())
                     .unwrap_or_else(|| "the admission does not verify".into())),
-                Some(f) if revoked.contains(&f.key) => Err(format!("{} is revoked", f.name)),
+                Some(f) if basis.revoked.contains(&f.key) => Err(format!("{} is revoked", f.name)),
                 Some(_) => {
                     if p.author == fed_key
                         || admitted_keys.contains(&p.author)
-                        || node_facts.contains_key(&p.author)
+                        || basis.node_facts.contains_key(&p.author)
                     {
                         Ok(())
                     } else {
@@ -428,44 +573,11 @@ pub(crate) fn build<'a>(
             },
             HeldBody::Node(_) => match cache.nodes.get(&e.key) {
                 Some(Err(reason)) => Err(reason.clone()),
-                _ => node_ok(&p.author).map(|_| ()),
+                _ => basis.node_ok(&p.author).map(|_| ()),
             },
-            HeldBody::Endpoint(rec) => node_ok(&p.author).and_then(|_| {
-                if rec.node != p.author {
-                    Err(format!(
-                        "{} may not write an endpoint of node {}",
-                        p.author, rec.node
-                    ))
-                } else if !p.id_derived {
-                    Err("the endpoint id is not derived from its node and name".into())
-                } else {
-                    Ok(())
-                }
-            }),
-            HeldBody::Function(rec) => node_ok(&p.author).and_then(|_| {
-                if rec.owner != p.author {
-                    Err(format!(
-                        "{} may not write a function owned by {}",
-                        p.author, rec.owner
-                    ))
-                } else if !p.id_derived {
-                    Err("the function id is not derived from its content and owner".into())
-                } else {
-                    Ok(())
-                }
-            }),
-            HeldBody::Flow(rec) => node_ok(&p.author).and_then(|_| {
-                if rec.owner != p.author {
-                    Err(format!(
-                        "{} may not write a flow owned by {}",
-                        p.author, rec.owner
-                    ))
-                } else if !p.id_derived {
-                    Err("the flow id is not derived from its owner and nonce".into())
-                } else {
-                    Ok(())
-                }
-            }),
+            HeldBody::Endpoint(_) | HeldBody::Function(_) | HeldBody::Flow(_) => {
+                basis.judge_owned(p)
+            }
         };
         if let Err(reason) = verdict {
             ignore(&mut view, e, reason);
@@ -479,9 +591,12 @@ pub(crate) fn build<'a>(
     for e in deletions {
         let p = e;
         let slot = (p.body.kind(), p.id.as_str());
+        if is_owned(slot.0) {
+            basis.deleted.insert((slot.0, slot.1.to_string()));
+        }
         let owner_ok = match p.body.kind() {
             Kind::Institution | Kind::Revocation => false,
-            _ => owners.get(&slot) == Some(&p.author) && node_ok(&p.author).is_ok(),
+            _ => owners.get(&slot) == Some(&p.author) && basis.node_ok(&p.author).is_ok(),
         };
         if !owner_ok {
             ignore(
@@ -493,14 +608,18 @@ pub(crate) fn build<'a>(
         }
         pick(&mut winners, slot, e);
     }
+    for ((kind, id), e) in &winners {
+        if is_owned(*kind) && !matches!(e.body, HeldBody::Deleted { .. }) {
+            basis.winners.insert((*kind, id.to_string()), rank(e));
+        }
+    }
 
     // 5. The winners, typed.
     let mut sorted: Vec<_> = winners.into_iter().collect();
     sorted.sort_by(|a, b| a.0.cmp(&b.0));
-    for ((_, id), e) in sorted {
+    for (_, e) in sorted {
         let p = e;
-        let author_facts = node_facts.get(&p.author);
-        let peer = || author_facts.map(|f| f.peer_id.clone()).unwrap_or_default();
+        let author_facts = basis.node_facts.get(&p.author);
         let inst = || author_facts.and_then(|f| f.institution.as_ref().map(|(n, _)| n.clone()));
         match &p.body {
             HeldBody::Deleted { .. } | HeldBody::Revocation(_) => {}
@@ -540,43 +659,13 @@ pub(crate) fn build<'a>(
                     );
                 }
             }
-            HeldBody::Endpoint(rec) => {
-                view.endpoints.insert(
-                    id.to_string(),
-                    Endpoint {
-                        id: id.to_string(),
-                        peer_id: peer(),
-                        institution: inst(),
-                        record: EndpointRecord::clone(rec),
-                        updated_ms: p.at_ms,
-                    },
-                );
-            }
-            HeldBody::Function(rec) => {
-                view.functions.insert(
-                    id.to_string(),
-                    Function {
-                        id: id.to_string(),
-                        owner_peer: peer(),
-                        institution: inst(),
-                        record: rec.clone(),
-                    },
-                );
-            }
-            HeldBody::Flow(rec) => {
-                view.flows.insert(
-                    id.to_string(),
-                    Flow {
-                        id: id.to_string(),
-                        owner_peer: peer(),
-                        record: FlowRecord::clone(rec),
-                    },
-                );
+            HeldBody::Endpoint(_) | HeldBody::Function(_) | HeldBody::Flow(_) => {
+                place_owned(&mut view, &basis, e);
             }
         }
     }
     view.ignored.sort_by(|a, b| a.entry.cmp(&b.entry));
-    view
+    (view, basis)
 }
 
 fn node_verdict(
@@ -593,8 +682,6 @@ fn node_verdict(
 
 /// Keeps the entry with the highest `(seq, at_ms, entry key)` for `slot`.
 fn pick<'a>(winners: &mut HashMap<(Kind, &'a str), &'a Held>, slot: (Kind, &'a str), e: &'a Held) {
-    // Keys compare as their text does, so replicas of every version pick the same entry.
-    let rank = |e: &Held| (e.seq, e.at_ms, e.key);
     match winners.get(&slot) {
         Some(cur) if rank(cur) >= rank(e) => {}
         _ => {
