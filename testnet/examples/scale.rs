@@ -253,6 +253,12 @@ fn summary(mut ms: Vec<f64>) -> serde_json::Value {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
+    // The nodes' logs (`RUST_LOG`; errors only by default) go to stderr with the progress
+    // lines, so that stdout holds the JSON line alone.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .try_init();
     let a = args()?;
     let institutions = a.members.div_ceil(a.per);
     // The mesh's own defaults (the test configuration's quick timers are for tests).
