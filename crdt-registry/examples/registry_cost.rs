@@ -102,6 +102,22 @@ fn function(owner: Key, i: usize) -> FunctionRecord {
     }
 }
 
+/// Writes function number `i`, owned by `signer`.
+fn register(
+    reg: &mut Registry,
+    signer: &ed25519_dalek::SigningKey,
+    i: usize,
+) -> (crdt_registry::Entry, Vec<u8>) {
+    let rec = function(Key::of(signer), i);
+    reg.write(
+        signer,
+        rec.content_id(),
+        Body::Function(rec),
+        1_000 + i as u64,
+    )
+    .unwrap()
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1000.0
 }
@@ -128,15 +144,7 @@ fn main() {
     .unwrap();
     let mut entry_bytes = 0;
     for i in 0..functions {
-        let rec = function(me, i);
-        let (entry, _) = reg
-            .write(
-                &signer,
-                rec.content_id(),
-                Body::Function(rec),
-                1_000 + i as u64,
-            )
-            .unwrap();
+        let (entry, _) = register(&mut reg, &signer, i);
         entry_bytes += entry.bytes().len();
     }
     let snapshot = reg.save().unwrap();
@@ -180,15 +188,7 @@ fn main() {
     let (mut peer, _) = Registry::load(fed, Some(&snapshot), &[]).unwrap();
     let (mut apply, mut view) = (Vec::new(), Vec::new());
     for i in functions..functions + ROUNDS {
-        let rec = function(me, i);
-        let (_, change) = peer
-            .write(
-                &signer,
-                rec.content_id(),
-                Body::Function(rec),
-                1_000 + i as u64,
-            )
-            .unwrap();
+        let (_, change) = register(&mut peer, &signer, i);
         let gossip = peer.gossip_for(&change);
         let t = Instant::now();
         assert_eq!(reg.receive_gossip(&gossip).unwrap().new_entries, 1);
