@@ -400,17 +400,16 @@ pub(crate) fn build<'a>(
 
     // 1. Node facts from proofs (independent of everything else).
     let mut node_facts: HashMap<Key, NodeFacts> = HashMap::new();
-    for e in &entries {
-        let p = *e;
-        let HeldBody::Node(rec) = &p.body else {
+    for &e in &entries {
+        let HeldBody::Node(rec) = &e.body else {
             continue;
         };
         let verdict = cache
             .nodes
             .entry(e.key)
-            .or_insert_with(|| node_verdict(p.id.as_str(), &p.author, rec, authority));
+            .or_insert_with(|| node_verdict(e.id.as_str(), &e.author, rec, authority));
         if let Ok(facts) = verdict {
-            node_facts.entry(p.author).or_insert_with(|| facts.clone());
+            node_facts.entry(e.author).or_insert_with(|| facts.clone());
         }
     }
     // An invite admits one node: the one admitted first (then the lowest peer id), the same
@@ -467,12 +466,11 @@ pub(crate) fn build<'a>(
     // 3. Revocations, by authority.
     let mut revoked: HashSet<Key> = HashSet::new();
     let mut revocations: Vec<(&Held, &RevocationRecord)> = Vec::new();
-    for e in &entries {
-        let p = *e;
-        let HeldBody::Revocation(rec) = &p.body else {
+    for &e in &entries {
+        let HeldBody::Revocation(rec) = &e.body else {
             continue;
         };
-        if p.id != rec.target.id() {
+        if e.id != rec.target.id() {
             ignore(
                 &mut view,
                 e,
@@ -481,25 +479,25 @@ pub(crate) fn build<'a>(
             continue;
         }
         let allowed = match &rec.target {
-            Target::Institution { .. } => p.author == fed_key,
+            Target::Institution { .. } => e.author == fed_key,
             Target::Node { key } => {
-                p.author == fed_key
+                e.author == fed_key
                     || node_facts
                         .get(key)
                         .and_then(|f| f.institution.as_ref())
-                        .is_some_and(|(_, inst)| *inst == p.author)
+                        .is_some_and(|(_, inst)| *inst == e.author)
             }
             Target::Token { .. } => {
-                p.author == fed_key
-                    || admitted_keys.contains(&p.author)
-                    || node_facts.contains_key(&p.author)
+                e.author == fed_key
+                    || admitted_keys.contains(&e.author)
+                    || node_facts.contains_key(&e.author)
             }
         };
         if !allowed {
             ignore(
                 &mut view,
                 e,
-                format!("{} may not revoke {}", p.author, rec.target.id()),
+                format!("{} may not revoke {}", e.author, rec.target.id()),
             );
             continue;
         }
@@ -509,11 +507,10 @@ pub(crate) fn build<'a>(
         revocations.push((e, rec));
     }
     for (e, rec) in revocations {
-        let p = e;
         let r = Revocation {
-            id: p.id.clone(),
-            revoked_by: p.author,
-            at_ms: p.at_ms,
+            id: e.id.clone(),
+            revoked_by: e.author,
+            at_ms: e.at_ms,
             record: rec.clone(),
         };
         // One per (target, revoker): the earliest, so that every replica keeps the same one.
@@ -542,9 +539,8 @@ pub(crate) fn build<'a>(
     let mut winners: HashMap<(Kind, &str), &Held> = HashMap::new();
     let mut owners: HashMap<(Kind, &str), Key> = HashMap::new();
     let mut deletions: Vec<&Held> = Vec::new();
-    for e in &entries {
-        let p = *e;
-        let verdict: Result<(), String> = match &p.body {
+    for &e in &entries {
+        let verdict: Result<(), String> = match &e.body {
             HeldBody::Revocation(_) => continue,
             HeldBody::Deleted { .. } => {
                 deletions.push(e);
@@ -558,51 +554,50 @@ pub(crate) fn build<'a>(
                     .unwrap_or_else(|| "the admission does not verify".into())),
                 Some(f) if basis.revoked.contains(&f.key) => Err(format!("{} is revoked", f.name)),
                 Some(_) => {
-                    if p.author == fed_key
-                        || admitted_keys.contains(&p.author)
-                        || basis.node_facts.contains_key(&p.author)
+                    if e.author == fed_key
+                        || admitted_keys.contains(&e.author)
+                        || basis.node_facts.contains_key(&e.author)
                     {
                         Ok(())
                     } else {
                         Err(format!(
                             "{} is neither a member nor an institution of the federation",
-                            p.author
+                            e.author
                         ))
                     }
                 }
             },
             HeldBody::Node(_) => match cache.nodes.get(&e.key) {
                 Some(Err(reason)) => Err(reason.clone()),
-                _ => basis.node_ok(&p.author).map(|_| ()),
+                _ => basis.node_ok(&e.author).map(|_| ()),
             },
             HeldBody::Endpoint(_) | HeldBody::Function(_) | HeldBody::Flow(_) => {
-                basis.judge_owned(p)
+                basis.judge_owned(e)
             }
         };
         if let Err(reason) = verdict {
             ignore(&mut view, e, reason);
             continue;
         }
-        let slot = (p.body.kind(), p.id.as_str());
-        owners.entry(slot).or_insert(p.author);
+        let slot = (e.body.kind(), e.id.as_str());
+        owners.entry(slot).or_insert(e.author);
         pick(&mut winners, slot, e);
     }
     // Deletions count only from the owner of the record they delete.
     for e in deletions {
-        let p = e;
-        let slot = (p.body.kind(), p.id.as_str());
+        let slot = (e.body.kind(), e.id.as_str());
         if is_owned(slot.0) {
             basis.deleted.insert((slot.0, slot.1.to_string()));
         }
-        let owner_ok = match p.body.kind() {
+        let owner_ok = match e.body.kind() {
             Kind::Institution | Kind::Revocation => false,
-            _ => owners.get(&slot) == Some(&p.author) && basis.node_ok(&p.author).is_ok(),
+            _ => owners.get(&slot) == Some(&e.author) && basis.node_ok(&e.author).is_ok(),
         };
         if !owner_ok {
             ignore(
                 &mut view,
                 e,
-                format!("{} may not delete {} {}", p.author, slot.0.as_str(), slot.1),
+                format!("{} may not delete {} {}", e.author, slot.0.as_str(), slot.1),
             );
             continue;
         }
@@ -618,10 +613,9 @@ pub(crate) fn build<'a>(
     let mut sorted: Vec<_> = winners.into_iter().collect();
     sorted.sort_by(|a, b| a.0.cmp(&b.0));
     for (_, e) in sorted {
-        let p = e;
-        let author_facts = basis.node_facts.get(&p.author);
+        let author_facts = basis.node_facts.get(&e.author);
         let inst = || author_facts.and_then(|f| f.institution.as_ref().map(|(n, _)| n.clone()));
-        match &p.body {
+        match &e.body {
             HeldBody::Deleted { .. } | HeldBody::Revocation(_) => {}
             HeldBody::Institution(_) => {
                 if let Some(f) = inst_facts.get(&e.key) {
@@ -646,7 +640,7 @@ pub(crate) fn build<'a>(
                     view.nodes.insert(
                         f.peer_id.clone(),
                         Node {
-                            key: p.author,
+                            key: e.author,
                             peer_id: f.peer_id.clone(),
                             name: name.clone(),
                             institution: inst(),
@@ -654,7 +648,7 @@ pub(crate) fn build<'a>(
                             role: f.role.clone(),
                             addrs: addrs.clone(),
                             data_addr: data_addr.clone(),
-                            updated_ms: p.at_ms,
+                            updated_ms: e.at_ms,
                         },
                     );
                 }
