@@ -14,8 +14,8 @@ use std::sync::Arc;
 
 use crate::key::Key;
 use crate::record::{
-    Body, EndpointRecord, FlowRecord, FunctionRecord, InstitutionRecord, Kind, NodeRecord,
-    RevocationRecord,
+    Body, CheckpointRecord, EndpointRecord, FlowRecord, FunctionRecord, InstitutionRecord, Kind,
+    NodeRecord, RevocationRecord,
 };
 
 /// Version byte that starts every entry.
@@ -228,6 +228,7 @@ pub(crate) enum HeldBody {
     Function(Arc<FunctionRecord>),
     Flow(Arc<FlowRecord>),
     Revocation(Arc<RevocationRecord>),
+    Checkpoint(Arc<CheckpointRecord>),
     Deleted { of: Kind },
 }
 
@@ -241,6 +242,7 @@ impl HeldBody {
             HeldBody::Function(_) => Kind::Function,
             HeldBody::Flow(_) => Kind::Flow,
             HeldBody::Revocation(_) => Kind::Revocation,
+            HeldBody::Checkpoint(_) => Kind::Checkpoint,
             HeldBody::Deleted { of } => *of,
         }
     }
@@ -255,6 +257,7 @@ impl From<Body> for HeldBody {
             Body::Function(r) => HeldBody::Function(Arc::new(r)),
             Body::Flow(r) => HeldBody::Flow(Arc::new(r)),
             Body::Revocation(r) => HeldBody::Revocation(Arc::new(r)),
+            Body::Checkpoint(r) => HeldBody::Checkpoint(Arc::new(r)),
             Body::Deleted { of } => HeldBody::Deleted { of },
         }
     }

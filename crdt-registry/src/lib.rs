@@ -24,6 +24,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+mod checkpoint;
 pub mod entry;
 pub mod key;
 pub mod record;
@@ -33,8 +34,8 @@ mod view;
 pub use entry::Entry;
 pub use key::Key;
 pub use registry::{
-    Applied, MAX_CHANGE_BYTES, MAX_GOSSIP_CHANGE_BYTES, MAX_SYNC_MESSAGE_BYTES, Registry, Rejected,
-    SYNC_BATCH_BYTES, SyncState, WriteError,
+    Applied, Crossing, MAX_CHANGE_BYTES, MAX_GOSSIP_CHANGE_BYTES, MAX_SYNC_MESSAGE_BYTES, Registry,
+    Rejected, SYNC_BATCH_BYTES, SyncState, WriteError,
 };
 pub use view::{
     Authority, Endpoint, Flow, Function, Ignored, Institution, InstitutionFacts, Node, NodeFacts,

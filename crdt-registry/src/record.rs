@@ -25,6 +25,8 @@ pub enum Kind {
     Flow,
     /// A revocation.
     Revocation,
+    /// A registry checkpoint: where superseded entries were pruned.
+    Checkpoint,
 }
 
 impl Kind {
@@ -37,6 +39,7 @@ impl Kind {
             Kind::Function => "function",
             Kind::Flow => "flow",
             Kind::Revocation => "revocation",
+            Kind::Checkpoint => "checkpoint",
         }
     }
 }
@@ -57,6 +60,8 @@ pub enum Body {
     Flow(FlowRecord),
     /// A revocation issued by the author.
     Revocation(RevocationRecord),
+    /// A checkpoint of the registry, written with the federation key.
+    Checkpoint(CheckpointRecord),
     /// The owner deleted the record `(of, id)`.
     Deleted {
         /// The kind deleted.
@@ -74,8 +79,35 @@ impl Body {
             Body::Function(_) => Kind::Function,
             Body::Flow(_) => Kind::Flow,
             Body::Revocation(_) => Kind::Revocation,
+            Body::Checkpoint(_) => Kind::Checkpoint,
             Body::Deleted { of } => *of,
         }
+    }
+}
+
+/// A checkpoint: the federation key's statement that the registry's next epoch starts from the
+/// entries that counted at `heads`, written as a base that every member derives the same way
+/// (see `docs/design/registry-checkpoints.md`). Its entry id is [`CheckpointRecord::id_for`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointRecord {
+    /// The epoch it starts: one more than the document's.
+    pub epoch: u64,
+    /// The document's heads it was made at, hex, sorted.
+    pub heads: Vec<String>,
+    /// The hash of the base's last change, hex: a member that derives another base refuses the
+    /// checkpoint.
+    pub base: String,
+    /// Entries in the base.
+    pub kept: u64,
+    /// Superseded entries left out of it.
+    pub pruned: u64,
+}
+
+impl CheckpointRecord {
+    /// The id of the checkpoint entry that starts `epoch`.
+    pub fn id_for(epoch: u64) -> String {
+        format!("epoch-{epoch}")
     }
 }
 

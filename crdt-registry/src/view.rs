@@ -189,6 +189,10 @@ pub struct View {
     pub revocations: Vec<Revocation>,
     /// For each invite used, the peer id of the one node it admitted.
     pub used_invites: BTreeMap<String, String>,
+    /// The checkpoints written with the federation key: the base's last change (hex) by the
+    /// epoch each starts.
+    #[serde(default)]
+    pub checkpoints: BTreeMap<u64, String>,
     /// Entries that did not count.
     pub ignored: Vec<Ignored>,
 }
@@ -242,7 +246,7 @@ pub(crate) struct Basis {
 }
 
 /// The order among the counted entries of one record: the highest wins.
-type Rank = (u64, u64, EntryKey);
+pub(crate) type Rank = (u64, u64, EntryKey);
 
 fn rank(e: &Held) -> Rank {
     // Keys compare as their text does, so replicas of every version pick the same entry.
@@ -542,6 +546,27 @@ pub(crate) fn build<'a>(
     for &e in &entries {
         let verdict: Result<(), String> = match &e.body {
             HeldBody::Revocation(_) => continue,
+            HeldBody::Checkpoint(rec) => {
+                if e.author != fed_key {
+                    ignore(
+                        &mut view,
+                        e,
+                        format!(
+                            "{} may not write a checkpoint: only the federation key",
+                            e.author
+                        ),
+                    );
+                } else if e.id != crate::record::CheckpointRecord::id_for(rec.epoch) {
+                    ignore(
+                        &mut view,
+                        e,
+                        "the checkpoint's id does not name its epoch".into(),
+                    );
+                } else {
+                    view.checkpoints.insert(rec.epoch, rec.base.clone());
+                }
+                continue;
+            }
             HeldBody::Deleted { .. } => {
                 deletions.push(e);
                 continue;
@@ -590,7 +615,7 @@ pub(crate) fn build<'a>(
             basis.deleted.insert((slot.0, slot.1.to_string()));
         }
         let owner_ok = match e.body.kind() {
-            Kind::Institution | Kind::Revocation => false,
+            Kind::Institution | Kind::Revocation | Kind::Checkpoint => false,
             _ => owners.get(&slot) == Some(&e.author) && basis.node_ok(&e.author).is_ok(),
         };
         if !owner_ok {
@@ -616,7 +641,7 @@ pub(crate) fn build<'a>(
         let author_facts = basis.node_facts.get(&e.author);
         let inst = || author_facts.and_then(|f| f.institution.as_ref().map(|(n, _)| n.clone()));
         match &e.body {
-            HeldBody::Deleted { .. } | HeldBody::Revocation(_) => {}
+            HeldBody::Deleted { .. } | HeldBody::Revocation(_) | HeldBody::Checkpoint(_) => {}
             HeldBody::Institution(_) => {
                 if let Some(f) = inst_facts.get(&e.key) {
                     view.institutions.insert(
@@ -660,6 +685,81 @@ pub(crate) fn build<'a>(
     }
     view.ignored.sort_by(|a, b| a.entry.cmp(&b.entry));
     (view, basis)
+}
+
+/// For each endpoint, function and flow slot, the author and rank of the entry that counts
+/// there (a record or its deletion), as [`build`] decides it: what a checkpoint keeps, and what
+/// makes every other entry of the slot superseded for good ([`superseded`]).
+pub(crate) type Winners = HashMap<(Kind, String), (Key, Rank)>;
+
+/// The winners among `entries` (see [`Winners`]).
+pub(crate) fn winners<'a>(
+    entries: impl Iterator<Item = &'a Held> + Clone,
+    authority: &dyn Authority,
+    cache: &mut Verdicts,
+) -> Winners {
+    let (_, basis) = build(entries.clone(), authority, cache);
+    let mut out = Winners::new();
+    let mut owners: HashMap<(Kind, &str), Key> = HashMap::new();
+    let mut deletions = Vec::new();
+    let put = |out: &mut Winners, e: &Held| {
+        let slot = (e.body.kind(), e.id.clone());
+        match out.get(&slot) {
+            Some((_, best)) if *best >= rank(e) => {}
+            _ => {
+                out.insert(slot, (e.author, rank(e)));
+            }
+        }
+    };
+    for e in entries {
+        if !is_owned(e.body.kind()) {
+            continue;
+        }
+        if matches!(e.body, HeldBody::Deleted { .. }) {
+            deletions.push(e);
+        } else if basis.judge_owned(e).is_ok() {
+            owners
+                .entry((e.body.kind(), e.id.as_str()))
+                .or_insert(e.author);
+            put(&mut out, e);
+        }
+    }
+    // A deletion counts here as in the view, and also where the record it deleted is gone
+    // (pruned at an earlier checkpoint): it can only ever supersede its own author's entries
+    // ([`superseded`]), and in a slot whose id derives from that author.
+    for e in deletions {
+        if owners
+            .get(&(e.body.kind(), e.id.as_str()))
+            .is_none_or(|owner| *owner == e.author)
+            && basis.node_ok(&e.author).is_ok()
+        {
+            put(&mut out, e);
+        }
+    }
+    out
+}
+
+/// Whether `e` can never count again once `winners` hold: it is an endpoint, function or flow
+/// entry (or its deletion), the slot's winner is by the same author and outranks it, and it
+/// passes the checks that do not depend on standing (so it counts exactly when the winner does,
+/// and then loses to it). Such an entry is pruned at a checkpoint and dropped if an old copy
+/// comes back.
+pub(crate) fn superseded(winners: &Winners, e: &Held) -> bool {
+    let kind = e.body.kind();
+    if !is_owned(kind) {
+        return false;
+    }
+    let statically_valid = match &e.body {
+        HeldBody::Deleted { .. } => true,
+        HeldBody::Endpoint(rec) => rec.node == e.author && e.id_derived,
+        HeldBody::Function(rec) => rec.owner == e.author && e.id_derived,
+        HeldBody::Flow(rec) => rec.owner == e.author && e.id_derived,
+        _ => false,
+    };
+    statically_valid
+        && winners
+            .get(&(kind, e.id.clone()))
+            .is_some_and(|(author, best)| *author == e.author && *best > rank(e))
 }
 
 fn node_verdict(

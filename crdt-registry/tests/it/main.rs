@@ -5,6 +5,7 @@
 
 mod support;
 
+mod checkpoints;
 mod convergence;
 mod forgery;
 mod input;

@@ -9,6 +9,8 @@
 //! what — depends on the rest of the registry and is decided later by the typed view, so that
 //! every replica holds the same document whatever order it learned things in.
 
+mod epoch;
+
 use std::collections::BTreeMap;
 
 use automerge::legacy::{Key as OpKey, ObjectId, OpType};
@@ -16,10 +18,13 @@ use automerge::sync::{self, SyncDoc as _};
 use automerge::transaction::{CommitOptions, Transactable as _};
 use automerge::{ActorId, Automerge, Change, ChangeHash, ROOT, ReadDoc as _, ScalarValue, Value};
 
+use crate::checkpoint::{self, SYNC_ASK, SYNC_BASE, SYNC_EPOCH, SYNC_NOTICE};
 use crate::entry::{Entry, EntryKey, Held, Invalid, MAX_ENTRY_BYTES, Payload};
 use crate::key::Key;
 use crate::record::Body;
 use crate::view::{self, Authority, View};
+pub use epoch::Crossing;
+use epoch::{Base, Owe};
 
 /// Largest change accepted from a peer or written locally.
 pub const MAX_CHANGE_BYTES: usize = 1024 * 1024;
@@ -43,7 +48,12 @@ const CHANGE_CHUNK: u8 = 1;
 /// The actor of the change that puts `entry`: its start op (big-endian, so that new actors sort
 /// after old ones and Automerge appends to its actor table rather than re-indexing it), then 64
 /// bits of a hash of everything else the change holds.
-fn change_actor(entry: &[u8], sorted_deps: &[ChangeHash], time: i64, start_op: u64) -> [u8; 16] {
+pub(crate) fn change_actor(
+    entry: &[u8],
+    sorted_deps: &[ChangeHash],
+    time: i64,
+    start_op: u64,
+) -> [u8; 16] {
     use sha2::{Digest as _, Sha256};
     let mut h = Sha256::new();
     h.update(b"funcmesh/registry/actor/v1\0");
@@ -64,6 +74,8 @@ fn change_actor(entry: &[u8], sorted_deps: &[ChangeHash], time: i64, start_op: u
 const GOSSIP_CHANGES: u8 = 1;
 /// Gossip message: heads only (the changes were too big to gossip).
 const GOSSIP_HEADS: u8 = 2;
+/// Gossip message of an epoch after the first: the epoch, then one of the above.
+const GOSSIP_EPOCH: u8 = 3;
 
 /// Why a message from a peer was rejected. The peer sent something no honest funcmesh node
 /// sends, so the caller penalises it.
@@ -148,15 +160,30 @@ pub struct Applied {
     /// Of those, changes the document already had (not checked again: see
     /// [`Registry::check_change`]).
     pub known: usize,
+    /// A checkpoint to cross with (or a base a peer sent) arrived: call [`Registry::cross`].
+    pub checkpoint: bool,
 }
 
 /// A peer's sync state: what we believe it has. Persist [`SyncState::encode`] between sessions.
 #[derive(Debug)]
-pub struct SyncState(sync::State);
+pub struct SyncState {
+    inner: sync::State,
+    /// The epoch `inner` belongs to: a state from another epoch starts afresh.
+    epoch: u64,
+    /// What this replica owes the peer before its next Automerge message.
+    owe: Option<Owe>,
+    /// The peer said it is at a later epoch.
+    peer_ahead: bool,
+}
 
 impl Default for SyncState {
     fn default() -> Self {
-        SyncState(sync::State::new())
+        SyncState {
+            inner: sync::State::new(),
+            epoch: 0,
+            owe: None,
+            peer_ahead: false,
+        }
     }
 }
 
@@ -168,13 +195,29 @@ impl SyncState {
     /// Decodes a persisted state; a state that does not decode starts afresh (it only costs a
     /// longer first round).
     pub fn decode(bytes: &[u8]) -> Self {
-        sync::State::decode(bytes)
-            .map(SyncState)
-            .unwrap_or_default()
+        match bytes.split_first() {
+            Some((&SYNC_EPOCH, _)) => match checkpoint::unframe(bytes) {
+                Some((epoch, inner)) => SyncState {
+                    epoch,
+                    ..SyncState::decode(inner)
+                },
+                None => SyncState::default(),
+            },
+            _ => sync::State::decode(bytes)
+                .map(|inner| SyncState {
+                    inner,
+                    ..SyncState::default()
+                })
+                .unwrap_or_default(),
+        }
     }
-    /// The part worth persisting (the heads we share).
+    /// The part worth persisting (the heads we share, and their epoch).
     pub fn encode(&self) -> Vec<u8> {
-        self.0.encode()
+        if self.epoch == 0 {
+            self.inner.encode()
+        } else {
+            checkpoint::framed(SYNC_EPOCH, self.epoch, &self.inner.encode())
+        }
     }
     /// Forgets in-flight bookkeeping after a lost message or a reconnect.
     pub fn reset(&mut self) {
@@ -201,6 +244,23 @@ pub struct Registry {
     /// queue, which sync cannot see into: two peers each holding queued changes the other
     /// needs would stall.
     pending: Vec<Change>,
+    /// How many checkpoints the document has crossed.
+    epoch: u64,
+    /// The current epoch's base (from epoch 1 on).
+    base: Option<Base>,
+    /// The federation key, once an authority has named it: only its checkpoints count.
+    federation_key: Option<Key>,
+    /// What counted at the last checkpoint, for dropping old copies of what it pruned (worked
+    /// out again, after a load, the first time an authority is at hand).
+    winners: Option<view::Winners>,
+    /// A later epoch's checkpoint entry a peer sent, to cross with.
+    offered_checkpoint: Option<Entry>,
+    /// A later epoch's base a peer sent (the checkpoint's change first), to adopt.
+    offered_base: Option<Vec<Change>>,
+    /// A peer is at a later epoch whose base this replica cannot derive: ask for it.
+    want_base: bool,
+    /// The last checkpoint refused, and why.
+    refused: Option<(EntryKey, String)>,
 }
 
 impl Registry {
@@ -216,6 +276,14 @@ impl Registry {
             fresh: Vec::new(),
             poisoned: false,
             pending: Vec::new(),
+            epoch: 0,
+            base: None,
+            federation_key: None,
+            winners: None,
+            offered_checkpoint: None,
+            offered_base: None,
+            want_base: false,
+            refused: None,
         }
     }
 
@@ -251,6 +319,7 @@ impl Registry {
         }
         reg.integrate(ok)?;
         reg.read_all_entries();
+        reg.find_base();
         Ok((reg, skipped))
     }
 
@@ -395,6 +464,10 @@ impl Registry {
     /// placed in it (`view::extend`); any other new entry — a node, an institution, a
     /// revocation, a deletion — has it rebuilt.
     pub fn view(&mut self, authority: &dyn Authority) -> &View {
+        self.federation_key = Some(authority.federation_key());
+        if self.base.is_some() && self.winners.is_none() {
+            self.winners = Some(self.base_winners(authority));
+        }
         if let Some(view) = &mut self.view {
             if !self.fresh.is_empty() {
                 let fresh: Vec<&Held> = self
@@ -646,10 +719,13 @@ impl Registry {
     fn applied(&mut self, before_heads: &[ChangeHash]) -> Applied {
         let before = self.entries.len();
         let mut changes = Vec::new();
+        let mut checkpoint = false;
         if self.doc.get_heads() != before_heads {
             let new = self.doc.get_changes(before_heads);
             for change in &new {
-                self.read_entry(change);
+                if let Some(key) = self.read_entry(change) {
+                    checkpoint |= self.is_next_checkpoint(&key);
+                }
             }
             changes = new.into_iter().map(|c| c.raw_bytes().to_vec()).collect();
         }
@@ -657,14 +733,15 @@ impl Registry {
             new_entries: self.entries.len() - before,
             missing_deps: self.has_missing_deps(),
             changes,
-            received: 0,
-            known: 0,
+            checkpoint,
+            ..Applied::default()
         }
     }
 
-    /// Decodes the entry a change of the document puts, if it is new here. The value is what
-    /// the document holds, checked again here.
-    fn read_entry(&mut self, change: &Change) {
+    /// Decodes the entry a change of the document puts, if it is new here, and returns its key.
+    /// The value is what the document holds, checked again here.
+    fn read_entry(&mut self, change: &Change) -> Option<EntryKey> {
+        let mut added = None;
         for op in change.decode().operations {
             let (ObjectId::Root, OpKey::Map(key), OpType::Put(ScalarValue::Bytes(bytes))) =
                 (&op.obj, &op.key, &op.action)
@@ -680,9 +757,11 @@ impl Registry {
                     let key = held.key;
                     self.entries.insert(key, held);
                     self.entry_added(key);
+                    added = Some(key);
                 }
             }
         }
+        added
     }
 
     /// Decodes every entry of the document (on load). Values come straight from the document:
@@ -721,7 +800,7 @@ impl Registry {
     /// The gossip message announcing a local change: the change itself if small enough,
     /// otherwise the heads, which peers fetch by sync.
     pub fn gossip_for(&self, change: &[u8]) -> Vec<u8> {
-        if change.len() + 8 <= MAX_GOSSIP_CHANGE_BYTES {
+        let inner = if change.len() + 8 <= MAX_GOSSIP_CHANGE_BYTES {
             let mut out = Vec::with_capacity(change.len() + 5);
             out.push(GOSSIP_CHANGES);
             out.extend_from_slice(&(change.len() as u32).to_be_bytes());
@@ -733,6 +812,11 @@ impl Registry {
                 out.extend_from_slice(&h.0);
             }
             out
+        };
+        if self.epoch == 0 {
+            inner
+        } else {
+            checkpoint::framed(GOSSIP_EPOCH, self.epoch, &inner)
         }
     }
 
@@ -750,7 +834,24 @@ impl Registry {
                 limit: MAX_GOSSIP_CHANGE_BYTES,
             });
         }
+        let (epoch, bytes) = match bytes.first() {
+            Some(&GOSSIP_EPOCH) => {
+                checkpoint::unframe(bytes).ok_or_else(|| malformed("truncated epoch"))?
+            }
+            _ => (0, bytes),
+        };
         let (&tag, mut rest) = bytes.split_first().ok_or_else(|| malformed("empty"))?;
+        if epoch > self.epoch {
+            // The sender crossed a checkpoint this replica has not: a sync with it brings the
+            // checkpoint. Nothing of this message applies here.
+            if ![GOSSIP_CHANGES, GOSSIP_HEADS].contains(&tag) {
+                return Err(malformed(&format!("unknown message type {tag}")));
+            }
+            return Ok(Applied {
+                missing_deps: true,
+                ..Applied::default()
+            });
+        }
         match tag {
             GOSSIP_CHANGES => {
                 let mut changes = Vec::new();
@@ -771,22 +872,26 @@ impl Registry {
                 if changes.is_empty() {
                     return Err(malformed("no change"));
                 }
+                if epoch < self.epoch {
+                    // From a member that has not crossed yet: keep its entries, on our base.
+                    let mut applied = self.absorb(&changes)?;
+                    applied.missing_deps = true;
+                    return Ok(applied);
+                }
                 self.apply_changes(&changes)
             }
             GOSSIP_HEADS => {
                 if rest.is_empty() || rest.len() % 32 != 0 || rest.len() / 32 > MAX_GOSSIP_ITEMS {
                     return Err(malformed("heads are 32-byte hashes, 1 to 64 of them"));
                 }
-                let missing = rest.chunks(32).any(|h| {
-                    let hash = ChangeHash(h.try_into().expect("chunks of 32"));
-                    !self.has_change(&hash)
-                });
+                let missing = epoch < self.epoch
+                    || rest.chunks(32).any(|h| {
+                        let hash = ChangeHash(h.try_into().expect("chunks of 32"));
+                        !self.has_change(&hash)
+                    });
                 Ok(Applied {
-                    new_entries: 0,
                     missing_deps: missing,
-                    changes: Vec::new(),
-                    received: 0,
-                    known: 0,
+                    ..Applied::default()
                 })
             }
             other => Err(malformed(&format!("unknown message type {other}"))),
@@ -805,7 +910,34 @@ impl Registry {
     /// record of what was sent, so that the peer's next answer — its new heads and what it has —
     /// makes the next message carry them.
     pub fn generate_sync_within(&self, state: &mut SyncState, budget: usize) -> Option<Vec<u8>> {
-        let mut msg = self.doc.generate_sync_message(&mut state.0)?;
+        self.align(state);
+        if let Some(owe) = state.owe.take() {
+            if let Some(msg) = self.owed(owe) {
+                return Some(msg);
+            }
+        }
+        if self.want_base && state.peer_ahead {
+            state.peer_ahead = false;
+            return Some(checkpoint::framed(SYNC_ASK, self.epoch, &[1]));
+        }
+        let msg = self.automerge_sync(state, budget)?;
+        Some(if self.epoch == 0 {
+            msg
+        } else {
+            checkpoint::framed(SYNC_EPOCH, self.epoch, &msg)
+        })
+    }
+
+    /// A state kept from another epoch describes another document: start it afresh.
+    fn align(&self, state: &mut SyncState) {
+        if state.epoch != self.epoch {
+            state.inner = sync::State::new();
+            state.epoch = self.epoch;
+        }
+    }
+
+    fn automerge_sync(&self, state: &mut SyncState, budget: usize) -> Option<Vec<u8>> {
+        let mut msg = self.doc.generate_sync_message(&mut state.inner)?;
         let chunks: Vec<&[u8]> = msg.changes.iter().collect();
         let mut size = 0;
         let keep = chunks
@@ -819,7 +951,7 @@ impl Registry {
             let kept: Vec<Vec<u8>> = chunks[..keep].iter().map(|c| c.to_vec()).collect();
             for c in &chunks[keep..] {
                 if let Ok(change) = Change::from_bytes(c.to_vec()) {
-                    state.0.sent_hashes.remove(&change.hash());
+                    state.inner.sent_hashes.remove(&change.hash());
                 }
             }
             msg.changes = kept.into();
@@ -838,7 +970,7 @@ impl Registry {
         let list = |hs: &[ChangeHash]| hs.iter().map(short).collect::<Vec<_>>().join(",");
         let ours = list(&self.doc.get_heads());
         let missing = list(&self.doc.get_missing_deps(&[]));
-        let s = &state.0;
+        let s = &state.inner;
         let mine = format!(
             "shared=[{}] last_sent=[{}] their_heads=[{}] sent={} in_flight={} responded={}",
             list(&s.shared_heads),
@@ -848,6 +980,10 @@ impl Registry {
             s.in_flight,
             s.have_responded,
         );
+        let bytes = match bytes.first() {
+            Some(&SYNC_EPOCH) => checkpoint::unframe(bytes).map_or(bytes, |(_, b)| b),
+            _ => bytes,
+        };
         let Ok(msg) = sync::Message::decode(bytes) else {
             return format!("undecodable message; ours=[{ours}] missing=[{missing}] {mine}");
         };
@@ -889,10 +1025,29 @@ impl Registry {
                 limit: MAX_SYNC_MESSAGE_BYTES,
             });
         }
-        let mut msg = sync::Message::decode(bytes).map_err(|e| Rejected::Malformed {
+        let malformed = |reason: String| Rejected::Malformed {
             what: "sync message",
-            reason: e.to_string(),
-        })?;
+            reason,
+        };
+        self.align(state);
+        let (epoch, bytes) = match bytes.first() {
+            Some(&tag @ (SYNC_EPOCH | SYNC_NOTICE | SYNC_ASK | SYNC_BASE)) => {
+                let (epoch, body) = checkpoint::unframe(bytes)
+                    .ok_or_else(|| malformed("truncated epoch".into()))?;
+                if tag != SYNC_EPOCH {
+                    return self.receive_epoch_message(state, tag, epoch, body);
+                }
+                (epoch, body)
+            }
+            _ => (0, bytes),
+        };
+        if epoch > self.epoch {
+            // The peer crossed a checkpoint this replica has not: ask for it.
+            state.peer_ahead = true;
+            state.owe = Some(Owe::Ask);
+            return Ok(Applied::default());
+        }
+        let mut msg = sync::Message::decode(bytes).map_err(|e| malformed(e.to_string()))?;
         if msg.version != sync::MessageVersion::V1 {
             return Err(Rejected::Malformed {
                 what: "sync message",
@@ -902,6 +1057,14 @@ impl Registry {
         if msg.supported_capabilities.is_some() {
             msg.supported_capabilities = Some(vec![sync::Capability::MessageV1]);
         }
+        if epoch < self.epoch {
+            // The peer has not crossed the checkpoint yet: keep what it sent, on our base, and
+            // tell it about the checkpoint.
+            let chunks: Vec<Vec<u8>> = msg.changes.iter().map(<[u8]>::to_vec).collect();
+            let applied = self.absorb(&chunks)?;
+            state.owe = Some(Owe::Notice);
+            return Ok(applied);
+        }
         let received = msg.changes.len();
         let mut known = 0;
         for chunk in msg.changes.iter() {
@@ -909,7 +1072,7 @@ impl Registry {
             known += usize::from(self.has_change(&change.hash()));
         }
         let before_heads = self.doc.get_heads();
-        self.guarded(|doc| doc.receive_sync_message(&mut state.0, msg))?;
+        self.guarded(|doc| doc.receive_sync_message(&mut state.inner, msg))?;
         // What arrived may be what held-back changes were waiting for.
         if !self.pending.is_empty() {
             self.integrate(Vec::new())?;
