@@ -4,7 +4,9 @@
 //!   number given) loaded from its saved document, split into the Automerge document, the
 //!   registry around it (decoded entries) and the typed view;
 //! * time: what one more function, arriving by gossip from another member, costs to apply and
-//!   to rebuild the view for.
+//!   to rebuild the view for;
+//! * a checkpoint: the time to derive its base and cross, and the memory of the same registry
+//!   loaded from the checkpointed document (one actor for the base instead of one per entry).
 //!
 //! ```sh
 //! cargo run --release -p crdt-registry --example registry_cost [-- FUNCTIONS]
@@ -58,9 +60,14 @@ const ROUNDS: usize = 100;
 /// Admits every node: the probe measures memory, not proofs.
 struct Everyone;
 
+/// The federation key the probe's checkpoint is signed with.
+fn federation_key() -> ed25519_dalek::SigningKey {
+    ed25519_dalek::SigningKey::from_bytes(&[7; 32])
+}
+
 impl Authority for Everyone {
     fn federation_key(&self) -> Key {
-        Key([0; 32])
+        Key::of(&federation_key())
     }
     fn admission(&self, _: &str) -> Result<InstitutionFacts, String> {
         Err("no institutions here".into())
@@ -205,5 +212,38 @@ fn main() {
         percentile(&apply, 0.99),
         percentile(&view, 0.5),
         percentile(&view, 0.99)
+    );
+
+    // A checkpoint of the same registry: cross it on a copy, then load what it saved.
+    let (mut cp, _) = Registry::load(fed, Some(&snapshot), &[]).unwrap();
+    cp.view(&Everyone);
+    let t = Instant::now();
+    cp.write_checkpoint(&federation_key(), &Everyone, 5_000)
+        .unwrap();
+    let write_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let t = Instant::now();
+    assert_eq!(cp.cross(&Everyone), crdt_registry::Crossing::Crossed(1));
+    let cross_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let checkpointed = cp.save().unwrap();
+    drop(cp);
+    let base = live();
+    let doc = automerge::Automerge::load(&checkpointed).unwrap();
+    let doc_only = live() - base;
+    drop(doc);
+    let base = live();
+    let (mut reg, _) = Registry::load(fed, Some(&checkpointed), &[]).unwrap();
+    assert_eq!(reg.view(&Everyone).functions.len(), functions);
+    let with_view = live() - base;
+    println!(
+        "checkpoint: written in {write_ms:.0} ms, crossed in {cross_ms:.0} ms; saved document {}",
+        per_function(checkpointed.len(), functions)
+    );
+    println!(
+        "after it: Automerge document {}",
+        per_function(doc_only, functions)
+    );
+    println!(
+        "after it: registry with its view {}",
+        per_function(with_view, functions)
     );
 }

@@ -9,7 +9,7 @@
 //! signed hash. Until every member has crossed, messages from the old epoch are taken apart and
 //! their entries put on the new base.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 
 use automerge::legacy::{Key as OpKey, ObjectId, OpType};
 use automerge::{Automerge, Change, ChangeHash, ROOT, ReadDoc as _, ScalarValue, Value};
@@ -86,7 +86,8 @@ fn named(record: &CheckpointRecord) -> Result<Named, String> {
 pub(crate) struct Plan {
     pub(crate) heads: Vec<ChangeHash>,
     pub(crate) base: Vec<Change>,
-    pub(crate) kept: usize,
+    /// The keys of the entries in the base, in its order.
+    pub(crate) kept: Vec<EntryKey>,
     pub(crate) pruned: usize,
     winners: view::Winners,
     in_h: HashSet<EntryKey>,
@@ -340,19 +341,7 @@ impl Registry {
         if let Some(h) = heads.iter().find(|h| !self.has_change(h)) {
             return Err(format!("the document does not hold head {h}"));
         }
-        let after: HashSet<ChangeHash> = self
-            .doc
-            .get_changes(&heads)
-            .iter()
-            .map(Change::hash)
-            .collect();
-        let in_h: HashSet<EntryKey> = self
-            .doc
-            .get_changes(&[])
-            .iter()
-            .filter(|c| !after.contains(&c.hash()))
-            .flat_map(keys_put)
-            .collect();
+        let in_h = self.keys_at(&heads);
         let mut at_h: Vec<&Held> = in_h.iter().filter_map(|k| self.entries.get(k)).collect();
         at_h.sort_by_key(|e| e.key);
         let winners = view::winners(at_h.iter().copied(), authority, &mut self.verdicts);
@@ -373,11 +362,47 @@ impl Registry {
         Ok(Plan {
             heads,
             base,
-            kept: kept.len(),
+            kept,
             pruned,
             winners,
             in_h,
         })
+    }
+
+    /// The keys of the entries put in the history of `heads` (which the document holds). Read
+    /// from the changes after the heads, which are few when a checkpoint is made or crossed:
+    /// every key no such change puts is in the history, and a key one of them puts is too if
+    /// some change of the history also puts it (the same entry can be put by two changes).
+    fn keys_at(&self, heads: &[ChangeHash]) -> HashSet<EntryKey> {
+        let after = self.doc.get_changes(heads);
+        let mut only_after: HashSet<EntryKey> = after.iter().flat_map(keys_put).collect();
+        let mut in_h: HashSet<EntryKey> = self.entries.keys().copied().collect();
+        if only_after.is_empty() {
+            return in_h;
+        }
+        let twice: Vec<EntryKey> = only_after
+            .iter()
+            .filter(|k| {
+                self.doc
+                    .get_all(ROOT, k.to_string())
+                    .is_ok_and(|values| values.len() > 1)
+            })
+            .copied()
+            .collect();
+        if !twice.is_empty() {
+            // Rare: decide those keys from the history itself.
+            let after: HashSet<ChangeHash> = after.iter().map(Change::hash).collect();
+            let history: HashSet<EntryKey> = self
+                .doc
+                .get_changes(&[])
+                .iter()
+                .filter(|c| !after.contains(&c.hash()))
+                .flat_map(keys_put)
+                .collect();
+            only_after.retain(|k| !history.contains(k));
+        }
+        in_h.retain(|k| !only_after.contains(k));
+        in_h
     }
 
     /// How many entries a checkpoint now would leave out: what a coordinator weighs before
@@ -418,7 +443,7 @@ impl Registry {
                 .expect("a base has a change")
                 .hash()
                 .to_string(),
-            kept: plan.kept as u64,
+            kept: plan.kept.len() as u64,
             pruned: plan.pruned as u64,
         };
         self.write(
@@ -509,7 +534,11 @@ impl Registry {
             return Err(format!(
                 "the base derived here ends at {last}, the checkpoint names {} \
                  (it keeps {} entries and prunes {}; the checkpoint says {} and {})",
-                named.base, plan.kept, plan.pruned, named.record.kept, named.record.pruned
+                named.base,
+                plan.kept.len(),
+                plan.pruned,
+                named.record.kept,
+                named.record.pruned
             ));
         }
         // Everything outside the base goes on top of it: what came after the heads, the
@@ -525,15 +554,15 @@ impl Registry {
                 .iter()
                 .flat_map(|c| entries_put(c, &self.federation)),
         );
-        let base_entries = plan
-            .base
+        let base_held: Vec<Held> = plan
+            .kept
             .iter()
-            .flat_map(|c| entries_put(c, &self.federation))
-            .collect::<Vec<Entry>>();
+            .filter_map(|k| self.entries.remove(k))
+            .collect();
         self.rebuild(
             named.record.epoch,
             plan.base,
-            base_entries,
+            base_held,
             EntryKey::of(entry.bytes()),
             plan.winners,
             carry,
@@ -579,8 +608,8 @@ impl Registry {
             named.base,
             &self.federation,
         )?;
-        let held: Vec<Held> = base_entries.iter().cloned().map(Entry::held).collect();
-        let winners = view::winners(held.iter(), authority, &mut self.verdicts);
+        let base_held: Vec<Held> = base_entries.into_iter().map(Entry::held).collect();
+        let winners = view::winners(base_held.iter(), authority, &mut self.verdicts);
         // Everything this replica holds goes on top (what the base has is skipped, what it
         // superseded is dropped).
         let mut carry: Vec<Entry> = vec![entry.clone()];
@@ -598,7 +627,7 @@ impl Registry {
         self.rebuild(
             epoch,
             chain,
-            base_entries,
+            base_held,
             EntryKey::of(entry.bytes()),
             winners,
             carry,
@@ -611,7 +640,7 @@ impl Registry {
         &mut self,
         epoch: u64,
         base: Vec<Change>,
-        base_entries: Vec<Entry>,
+        base_held: Vec<Held>,
         checkpoint: EntryKey,
         winners: view::Winners,
         carry: Vec<Entry>,
@@ -626,15 +655,8 @@ impl Registry {
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| doc.apply_changes(base)))
             .map_err(|_| "the document crashed on the base".to_string())?
             .map_err(|e| format!("the document refused the base: {e}"))?;
-        let mut old = std::mem::take(&mut self.entries);
-        let mut entries = BTreeMap::new();
-        for e in base_entries {
-            let key = EntryKey::of(e.bytes());
-            let held = old.remove(&key).unwrap_or_else(|| e.held());
-            entries.insert(key, held);
-        }
         self.doc = doc;
-        self.entries = entries;
+        self.entries = base_held.into_iter().map(|h| (h.key, h)).collect();
         self.pending.clear();
         self.epoch = epoch;
         self.base = Some(base_info);
