@@ -114,10 +114,20 @@ pub struct Config {
     pub idle_after: Duration,
     /// The node's store, for the known-peers table.
     pub store: store::Store,
+    /// Write registry checkpoints (a coordinator holding the federation key); `None` for every
+    /// other node, which crosses the checkpoints it receives.
+    pub checkpoint: Option<registry::CheckpointPolicy>,
 }
+
+/// How often a checkpoint writer checks whether the next checkpoint is due.
+const CHECKPOINT_CHECK: Duration = Duration::from_secs(5);
 
 /// Default of [`Config::max_connections`].
 pub const DEFAULT_MAX_CONNECTIONS: usize = 24;
+/// Default of the entries outside the last base after which a coordinator writes the next
+/// registry checkpoint ([`registry::CheckpointPolicy::every`]): the document's actors are then
+/// at most about this many, its clock cache a few MB.
+pub const DEFAULT_CHECKPOINT_EVERY: usize = 4096;
 /// Default of [`Config::idle_after`].
 pub const DEFAULT_IDLE_AFTER: Duration = Duration::from_secs(60);
 
@@ -685,6 +695,7 @@ struct EventLoop {
     /// from the registry.
     last_bound: Instant,
     last_book: Instant,
+    last_checkpoint_check: Instant,
     /// When a random member was last dialled for the mesh's health.
     last_mix: Instant,
     /// Coordinators (the bootstrap addresses' peers): always kept connected.
@@ -813,6 +824,7 @@ pub async fn spawn(
         last_exchange: Instant::now(),
         last_bound: Instant::now(),
         last_mix: Instant::now(),
+        last_checkpoint_check: Instant::now(),
         last_book: Instant::now()
             .checked_sub(BOOK_REFRESH)
             .unwrap_or_else(Instant::now),
@@ -1239,6 +1251,17 @@ impl EventLoop {
         }
     }
 
+    /// Writes the next registry checkpoint if this node writes them and one is due.
+    fn checkpoint_if_due(&mut self) {
+        let Some(policy) = self.config.checkpoint.clone() else {
+            return;
+        };
+        if let Some((change, out)) = self.replica.checkpoint_if_due(&policy) {
+            self.registry_persist(vec![change], None);
+            self.registry_out(out);
+        }
+    }
+
     /// Queues changes for the store (in order, off the event loop).
     fn registry_persist(
         &mut self,
@@ -1248,7 +1271,7 @@ impl EventLoop {
         if !changes.is_empty() {
             self.registry_changed.send_modify(|n| *n += 1);
         }
-        if changes.is_empty() && done.is_none() {
+        if changes.is_empty() && done.is_none() && !self.replica.crossed() {
             return;
         }
         let ops = self.replica.persist_ops(&changes);
@@ -1526,6 +1549,10 @@ impl EventLoop {
             if let Some((peer, addrs)) = self.peers.random_known(|p| swarm.is_connected(p)) {
                 self.dial(peer, addrs);
             }
+        }
+        if self.last_checkpoint_check.elapsed() >= CHECKPOINT_CHECK {
+            self.last_checkpoint_check = now;
+            self.checkpoint_if_due();
         }
         if self.last_book.elapsed() >= BOOK_REFRESH {
             self.last_book = now;

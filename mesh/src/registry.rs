@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use crdt_registry::{
-    Authority, Entry, InstitutionFacts, Key, NodeFacts, Registry, SyncState, View,
+    Authority, Crossing, Entry, InstitutionFacts, Key, NodeFacts, Registry, SyncState, View,
 };
 use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
@@ -83,6 +83,34 @@ pub struct Status {
     pub missing_deps: bool,
     /// Sync sessions in flight.
     pub syncing: usize,
+    /// Checkpoints the document has crossed.
+    #[serde(default)]
+    pub epoch: u64,
+    /// Entries outside the current checkpoint's base (each costs more memory the more there
+    /// are: see `docs/design/registry-checkpoints.md`).
+    #[serde(default)]
+    pub outside_base: usize,
+    /// The last checkpoint this replica refused, and why.
+    #[serde(default)]
+    pub refused_checkpoint: Option<String>,
+}
+
+/// Who writes registry checkpoints, and when: a coordinator that holds the federation key.
+#[derive(Clone)]
+pub struct CheckpointPolicy {
+    /// The federation key: a checkpoint counts only signed with it.
+    pub key: ed25519_dalek::SigningKey,
+    /// Write the next checkpoint once this many entries lie outside the current base.
+    pub every: usize,
+}
+
+impl std::fmt::Debug for CheckpointPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CheckpointPolicy")
+            .field("key", &Key::of(&self.key))
+            .field("every", &self.every)
+            .finish()
+    }
 }
 
 /// Verifies registry entries against the federation's membership chain.
@@ -255,6 +283,9 @@ pub(crate) struct Replica {
     /// Keys of the changes stored since the last compaction.
     stored: Vec<Vec<u8>>,
     last_anti_entropy: Instant,
+    /// The document crossed a checkpoint since it was last stored whole: the next store
+    /// operations replace everything with it.
+    crossed: bool,
 }
 
 /// Loads the replica from the store. A document that does not load is set aside (renamed) and
@@ -319,7 +350,9 @@ pub(crate) fn load(
         first_started: None,
         stored,
         last_anti_entropy: Instant::now(),
+        crossed: false,
     };
+    replica.reg.set_federation_key(federation.key);
     if replica.stored.len() >= COMPACT_EVERY {
         replica.compact()?;
     }
@@ -343,7 +376,74 @@ impl Replica {
             uncompacted_changes: self.stored.len(),
             missing_deps: self.reg.has_missing_deps(),
             syncing: self.in_flight.len(),
+            epoch: self.reg.epoch(),
+            outside_base: self.reg.outside_base(),
+            refused_checkpoint: self.reg.refused_checkpoint().map(str::to_string),
         }
+    }
+
+    /// Whether the document crossed a checkpoint and waits to be stored whole.
+    pub(crate) fn crossed(&self) -> bool {
+        self.crossed
+    }
+
+    /// After a message that brought a checkpoint (or a base): cross it if this replica can.
+    fn cross_if(&mut self, checkpoint: bool) {
+        if !checkpoint {
+            return;
+        }
+        let from = self.reg.epoch();
+        match self.reg.cross(&self.authority) {
+            Crossing::Crossed(epoch) => {
+                info!(
+                    from,
+                    epoch,
+                    entries = self.reg.len(),
+                    "registry crossed a checkpoint: superseded entries pruned"
+                );
+                self.crossed = true;
+            }
+            Crossing::NeedBase => {
+                debug!(from, "a later registry epoch: asking a peer for its base");
+            }
+            Crossing::Refused(why) => warn!("{why}"),
+            Crossing::Nothing => {}
+        }
+    }
+
+    /// Writes the next checkpoint if `policy` says it is due, and crosses it. Returns the
+    /// change to persist and the gossip announcing it (in the epoch it was written in).
+    pub(crate) fn checkpoint_if_due(
+        &mut self,
+        policy: &CheckpointPolicy,
+    ) -> Option<(Vec<u8>, Vec<Out>)> {
+        if policy.every == 0 || self.reg.outside_base() < policy.every {
+            return None;
+        }
+        let started = Instant::now();
+        let (entry, change) =
+            match self
+                .reg
+                .write_checkpoint(&policy.key, &self.authority, now_ms())
+            {
+                Ok(written) => written,
+                Err(e) => {
+                    warn!(error = %e, "cannot write a registry checkpoint");
+                    return None;
+                }
+            };
+        let out = vec![Out::Gossip(self.reg.gossip_for(&change))];
+        if let crdt_registry::record::Body::Checkpoint(r) = &entry.payload().body {
+            info!(
+                epoch = r.epoch,
+                kept = r.kept,
+                pruned = r.pruned,
+                ms = started.elapsed().as_millis() as u64,
+                "registry checkpoint written"
+            );
+        }
+        self.cross_if(true);
+        Some((change, out))
     }
 
     /// Signs and writes a record with the node key. The returned closure persists the change;
@@ -383,7 +483,7 @@ impl Replica {
             self.stored.push(key.clone());
             ops.push((store::cf::REGISTRY, key, Some(c.clone())));
         }
-        if self.stored.len() >= COMPACT_EVERY {
+        if self.stored.len() >= COMPACT_EVERY || self.crossed {
             ops.extend(self.compaction_ops());
         }
         ops
@@ -398,6 +498,7 @@ impl Replica {
                 return Vec::new();
             }
         };
+        self.crossed = false;
         let mut ops: Vec<StoreOp> = vec![(store::cf::REGISTRY, b"doc".to_vec(), Some(doc))];
         for k in self.stored.drain(..) {
             ops.push((store::cf::REGISTRY, k, None));
@@ -430,6 +531,7 @@ impl Replica {
                     missing_deps = applied.missing_deps,
                     "registry gossip"
                 );
+                self.cross_if(applied.checkpoint);
                 let mut out = Vec::new();
                 if applied.missing_deps {
                     out.extend(self.start_sync(from));
@@ -501,6 +603,7 @@ impl Replica {
         match self.reg.receive_sync(state, &req.msg) {
             Ok(applied) => {
                 trace_sync(peer, &applied);
+                self.cross_if(applied.checkpoint);
                 let state = self.sync_in.entry(peer).or_default();
                 let resp = match self.reg.generate_sync(state) {
                     Some(m) => SyncResponse::Message(m),
@@ -542,6 +645,7 @@ impl Replica {
                 match self.reg.receive_sync(state, &msg) {
                     Ok(applied) => {
                         trace_sync(peer, &applied);
+                        self.cross_if(applied.checkpoint);
                         persist = applied.changes
                     }
                     Err(e) => {
@@ -675,7 +779,7 @@ impl Replica {
                 )
             })
             .collect();
-        if !self.stored.is_empty() {
+        if !self.stored.is_empty() || self.crossed {
             ops.extend(self.compaction_ops());
         }
         ops

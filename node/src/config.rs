@@ -329,6 +329,10 @@ pub struct MeshSection {
     /// How long a member connection goes without a task request before it counts as idle.
     #[serde(with = "humantime_serde_str")]
     pub idle_after: Duration,
+    /// On a coordinator that holds the federation key: write a registry checkpoint (which prunes
+    /// superseded entries and keeps the document's memory linear) once this many entries lie
+    /// outside the last one. 0 never writes one. Other nodes ignore it.
+    pub checkpoint_every: usize,
 }
 
 impl Default for NodeSection {
@@ -366,6 +370,7 @@ impl Default for MeshSection {
             route_wait: Duration::from_secs(300),
             max_connections: mesh::network::DEFAULT_MAX_CONNECTIONS,
             idle_after: mesh::network::DEFAULT_IDLE_AFTER,
+            checkpoint_every: mesh::network::DEFAULT_CHECKPOINT_EVERY,
         }
     }
 }

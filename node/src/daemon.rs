@@ -88,6 +88,7 @@ impl Node {
             max_connections: config.mesh.max_connections,
             idle_after: config.mesh.idle_after,
             store: store.clone(),
+            checkpoint: checkpoint_policy(dir, own.role, config.mesh.checkpoint_every)?,
         };
         let own_proof = mesh_config.proof.clone();
         let data_keypair = mesh_config.keypair.clone();
@@ -492,4 +493,20 @@ fn ignore_sigpipe() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_IGN);
     }
+}
+
+/// A coordinator whose data dir holds the federation key writes the registry's checkpoints.
+fn checkpoint_policy(
+    dir: &DataDir,
+    role: Role,
+    every: usize,
+) -> anyhow::Result<Option<mesh::registry::CheckpointPolicy>> {
+    let path = dir.federation_key();
+    if role != Role::Coordinator || every == 0 || !path.exists() {
+        return Ok(None);
+    }
+    let (_, key) = mesh::keys::read_signing_key(&path, mesh::keys::KeyKind::Federation)
+        .with_context(|| format!("cannot read the federation key {}", path.display()))?;
+    let key = ed25519_dalek::SigningKey::from_bytes(&key.secret());
+    Ok(Some(mesh::registry::CheckpointPolicy { key, every }))
 }

@@ -757,6 +757,7 @@ async fn uninvited_attempt(net: &Testnet, tmp: &std::path::Path) -> anyhow::Resu
         max_connections: mesh::network::DEFAULT_MAX_CONNECTIONS,
         idle_after: mesh::network::DEFAULT_IDLE_AFTER,
         store,
+        checkpoint: None,
     };
     let handle = mesh::network::spawn(config, cancel.child_token(), &tracker).await?;
     let addr = net

@@ -291,6 +291,7 @@ async fn admitted_by_coordinator(
         max_connections: config.mesh.max_connections,
         idle_after: config.mesh.idle_after,
         store,
+        checkpoint: None,
     };
     let outcome = match mesh::network::spawn(mesh_config, cancel.child_token(), &tracker).await {
         Ok(mesh) => mesh

@@ -487,6 +487,7 @@ pub async fn rogue(
         max_connections: mesh::network::DEFAULT_MAX_CONNECTIONS,
         idle_after: mesh::network::DEFAULT_IDLE_AFTER,
         store,
+        checkpoint: None,
     };
     let handle = mesh::network::spawn(config, cancel.child_token(), &tracker).await?;
     Ok((handle, RogueGuard { cancel, tracker }))

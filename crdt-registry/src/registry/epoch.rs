@@ -29,6 +29,8 @@ pub(crate) struct Base {
     pub(crate) max_op: u64,
     /// The checkpoint entry that started the epoch.
     pub(crate) checkpoint: EntryKey,
+    /// Entries in the base.
+    pub(crate) len: usize,
 }
 
 /// What a replica owes a peer in a sync session, before any Automerge message.
@@ -99,6 +101,17 @@ impl Registry {
         self.epoch
     }
 
+    /// Entries outside the current base (all of them before the first checkpoint): each has its
+    /// own actor, and the document's memory grows with their square. A coordinator writes the
+    /// next checkpoint when these are many.
+    pub fn outside_base(&self) -> usize {
+        self.entries.len()
+            - self
+                .base
+                .as_ref()
+                .map_or(0, |b| b.len.min(self.entries.len()))
+    }
+
     /// The last checkpoint this replica refused, and why.
     pub fn refused_checkpoint(&self) -> Option<&str> {
         self.refused.as_ref().map(|(_, why)| why.as_str())
@@ -150,6 +163,7 @@ impl Registry {
                     last: n.base,
                     max_op: last.max_op(),
                     checkpoint: e.key,
+                    len: 0,
                 };
                 best = Some((rec.epoch, base));
             }
@@ -158,6 +172,10 @@ impl Registry {
             self.epoch = epoch;
             self.base = Some(base);
             self.winners = None;
+            let len = self.base_chain().iter().map(Change::len).sum();
+            if let Some(base) = &mut self.base {
+                base.len = len;
+            }
         }
     }
 
@@ -650,6 +668,7 @@ impl Registry {
             last: last.hash(),
             max_op: last.max_op(),
             checkpoint,
+            len: base_held.len(),
         };
         let mut doc = Automerge::new();
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| doc.apply_changes(base)))

@@ -800,3 +800,95 @@ async fn corrupt_gossip_and_sync_bytes_are_rejected_and_the_sender_cut_off_after
     still_serving(&net, 1).await;
     net.shutdown().await;
 }
+
+/// Every running node and the coordinator: each one's registry status.
+async fn statuses(net: &Federation) -> Vec<mesh::registry::Status> {
+    let mut out = Vec::new();
+    for n in net.running().into_iter().chain(net.coordinator()) {
+        out.push(n.mesh().registry_status().await.unwrap());
+    }
+    out
+}
+
+/// The coordinator holds the federation key and writes a checkpoint once enough entries pile
+/// up. Every member crosses it, the superseded entries (functions that were deleted) are gone
+/// everywhere, every replica holds the same document, a restarted member keeps its epoch, and a
+/// member that joins afterwards is sent the base and checks it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_prunes_every_replica_alike_and_a_newcomer_is_sent_the_base() {
+    let mut net = Federation::start_with(2, 1, &["mesh.checkpoint_every=20".into()])
+        .await
+        .unwrap();
+    wait_for("full mesh", FIVE_S, || net.fully_connected())
+        .await
+        .unwrap();
+    let mut kept = Vec::new();
+    for i in 0..10 {
+        let id = net
+            .node(0)
+            .register_function(&shell_function(&format!("f{i}")))
+            .await
+            .unwrap();
+        if i % 2 == 0 {
+            net.node(0)
+                .mesh()
+                .registry_write(
+                    id,
+                    Body::Deleted {
+                        of: crdt_registry::record::Kind::Function,
+                    },
+                )
+                .await
+                .unwrap();
+        } else {
+            kept.push(id);
+        }
+    }
+    let crossed = wait_for(
+        "every replica to cross the checkpoint into the same document",
+        Duration::from_secs(20),
+        || async {
+            let all = statuses(&net).await;
+            all.iter()
+                .all(|s| s.epoch == 1 && s.heads == all[0].heads && !s.missing_deps)
+        },
+    )
+    .await;
+    if let Err(e) = crossed {
+        panic!("{e}: {:#?}", statuses(&net).await);
+    }
+    for s in statuses(&net).await {
+        assert!(s.refused_checkpoint.is_none(), "{s:?}");
+    }
+    for n in net.running() {
+        let v = n.mesh().registry().await.unwrap();
+        assert_eq!(v.functions.len(), kept.len());
+        assert!(kept.iter().all(|id| v.functions.contains_key(id)));
+        assert_eq!(v.checkpoints.len(), 1);
+        assert!(v.ignored.is_empty(), "{:?}", v.ignored);
+    }
+    // Restarted from its store: the same epoch and document.
+    let heads = statuses(&net).await[0].heads.clone();
+    net.stop(1).await.unwrap();
+    net.restart(1).await.unwrap();
+    let s = net.node(1).mesh().registry_status().await.unwrap();
+    assert_eq!((s.epoch, &s.heads), (1, &heads));
+    // A newcomer holds none of the history: it is sent the base and checks it.
+    let new = net.add_member(1).await.unwrap();
+    wait_for("the newcomer to adopt the base", FIVE_S, || async {
+        let s = net.node(new).mesh().registry_status().await.unwrap();
+        s.epoch == 1
+            && net
+                .node(new)
+                .mesh()
+                .registry()
+                .await
+                .unwrap()
+                .functions
+                .len()
+                == kept.len()
+    })
+    .await
+    .unwrap();
+    net.shutdown().await;
+}
