@@ -614,6 +614,11 @@ pub(crate) fn build<'a>(
         if is_owned(slot.0) {
             basis.deleted.insert((slot.0, slot.1.to_string()));
         }
+        if is_owned(slot.0) && !owners.contains_key(&slot) && basis.node_ok(&e.author).is_ok() {
+            // Nothing that counts is here to delete (a checkpoint pruned the record this
+            // deleted, or it has not arrived): inert, and not an error to report.
+            continue;
+        }
         let owner_ok = match e.body.kind() {
             Kind::Institution | Kind::Revocation | Kind::Checkpoint => false,
             _ => owners.get(&slot) == Some(&e.author) && basis.node_ok(&e.author).is_ok(),

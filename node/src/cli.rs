@@ -448,6 +448,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("uncompacted changes  {}", s.uncompacted_changes);
                 println!("missing deps         {}", s.missing_deps);
                 println!("sync sessions        {}", s.syncing);
+                println!("epoch                {}", s.epoch);
+                println!("outside base         {}", s.outside_base);
+                if let Some(why) = &s.refused_checkpoint {
+                    println!("refused checkpoint   {why}");
+                }
                 for h in &s.heads {
                     println!("head                 {h}");
                 }

@@ -207,15 +207,14 @@ impl Registry {
     /// Puts the entries of old-epoch changes (checked as any change from a peer) on this
     /// epoch's base, leaving out what the checkpoint superseded.
     pub(super) fn absorb(&mut self, changes: &[Vec<u8>]) -> Result<Applied, Rejected> {
-        let checked = changes
-            .iter()
-            .map(|c| self.decode_checked(c))
-            .collect::<Result<Vec<_>, _>>()?;
-        let received = checked.len();
-        let entries: Vec<Entry> = checked
-            .iter()
-            .flat_map(|c| entries_put(c, &self.federation))
-            .collect();
+        // An old epoch's message may carry that epoch's base changes too: any change whose
+        // operations all put signed entries under their own keys gives its entries; anything
+        // else rejects the message, as at the door.
+        let mut entries = Vec::new();
+        for bytes in changes {
+            entries.extend(self.entries_of_old_change(bytes)?);
+        }
+        let received = changes.len();
         let before = self.entries.len();
         let changes = self.put_canonically(entries)?;
         Ok(Applied {
@@ -225,6 +224,55 @@ impl Registry {
             known: received - changes.len().min(received),
             ..Applied::default()
         })
+    }
+
+    /// The entries an older epoch's change puts, checked one by one (the change's shape does
+    /// not matter: they are put again canonically).
+    fn entries_of_old_change(&self, bytes: &[u8]) -> Result<Vec<Entry>, Rejected> {
+        let malformed = |reason: String| Rejected::Malformed {
+            what: "change",
+            reason,
+        };
+        if bytes.len() > super::MAX_CHANGE_BYTES {
+            return Err(Rejected::TooLarge {
+                what: "change",
+                size: bytes.len(),
+                limit: super::MAX_CHANGE_BYTES,
+            });
+        }
+        if bytes.get(8) != Some(&super::CHANGE_CHUNK) {
+            return Err(malformed(
+                "not an uncompressed Automerge change chunk".into(),
+            ));
+        }
+        let change = Change::from_bytes(bytes.to_vec()).map_err(|e| malformed(e.to_string()))?;
+        if bytes.get(4..8) != Some(&change.hash().0[..4]) {
+            return Err(malformed("checksum mismatch".into()));
+        }
+        let hash = change.hash().to_string();
+        let mut out = Vec::new();
+        for op in change.decode().operations {
+            let (ObjectId::Root, OpKey::Map(key), OpType::Put(ScalarValue::Bytes(b)), false) =
+                (&op.obj, &op.key, &op.action, op.insert)
+            else {
+                return Err(Rejected::ForeignOp {
+                    change: hash,
+                    reason: "it does something other than put entries".into(),
+                });
+            };
+            let entry = Entry::open(b, &self.federation).map_err(|reason| Rejected::BadEntry {
+                change: hash.clone(),
+                reason,
+            })?;
+            if entry.doc_key() != key.as_str() {
+                return Err(Rejected::ForeignOp {
+                    change: hash,
+                    reason: "it puts an entry under another key".into(),
+                });
+            }
+            out.push(entry);
+        }
+        Ok(out)
     }
 
     /// Puts entries new here on the base, each by its canonical change; returns the changes.
@@ -305,6 +353,16 @@ impl Registry {
                     return Err(malformed(format!(
                         "a notice of epoch {epoch} that carries no checkpoint of it"
                     )));
+                }
+                if self
+                    .refused
+                    .as_ref()
+                    .is_some_and(|(k, _)| *k == EntryKey::of(entry.bytes()))
+                {
+                    // Refused already: say nothing more in this session (the peer would only
+                    // send the notice again).
+                    state.stalled = true;
+                    return Ok(Applied::default());
                 }
                 state.peer_ahead = true;
                 self.offered_checkpoint = Some(entry);
@@ -447,6 +505,16 @@ impl Registry {
             ));
         }
         let epoch = self.epoch + 1;
+        // One checkpoint per epoch, ever: a second would split the federation by base.
+        let fed = authority.federation_key();
+        if self.entries.values().any(|e| {
+            e.author == fed && matches!(&e.body, HeldBody::Checkpoint(r) if r.epoch >= epoch)
+        }) {
+            return Err(WriteError::Refused(format!(
+                "a checkpoint for epoch {epoch} exists already: this replica must cross it, not \
+                 write another"
+            )));
+        }
         let mut heads = self.doc.get_heads();
         heads.sort();
         let plan = self
@@ -502,7 +570,11 @@ impl Registry {
             .collect();
         if let Some(entry) = offered {
             if let Body::Checkpoint(r) = &entry.payload().body {
-                if entry.payload().author == fed && r.epoch > self.epoch {
+                let refused = self
+                    .refused
+                    .as_ref()
+                    .is_some_and(|(k, _)| *k == EntryKey::of(entry.bytes()));
+                if entry.payload().author == fed && r.epoch > self.epoch && !refused {
                     candidates.push((r.epoch, entry));
                 }
             }

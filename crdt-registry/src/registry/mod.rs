@@ -43,7 +43,7 @@ const MAX_GOSSIP_ITEMS: usize = 64;
 const MAX_PENDING: usize = 4096;
 
 /// Automerge's chunk type byte for an uncompressed change.
-const CHANGE_CHUNK: u8 = 1;
+pub(crate) const CHANGE_CHUNK: u8 = 1;
 
 /// The actor of the change that puts `entry`: its start op (big-endian, so that new actors sort
 /// after old ones and Automerge appends to its actor table rather than re-indexing it), then 64
@@ -174,6 +174,8 @@ pub struct SyncState {
     owe: Option<Owe>,
     /// The peer said it is at a later epoch.
     peer_ahead: bool,
+    /// The peer's epoch starts with a checkpoint this replica refused: the session ends.
+    stalled: bool,
 }
 
 impl Default for SyncState {
@@ -183,6 +185,7 @@ impl Default for SyncState {
             epoch: 0,
             owe: None,
             peer_ahead: false,
+            stalled: false,
         }
     }
 }
@@ -911,6 +914,9 @@ impl Registry {
     /// makes the next message carry them.
     pub fn generate_sync_within(&self, state: &mut SyncState, budget: usize) -> Option<Vec<u8>> {
         self.align(state);
+        if std::mem::take(&mut state.stalled) {
+            return None;
+        }
         if let Some(owe) = state.owe.take() {
             if let Some(msg) = self.owed(owe) {
                 return Some(msg);

@@ -89,6 +89,14 @@ fn a_checkpoint_prunes_superseded_entries_and_every_replica_derives_the_same_doc
     let view_before = counted(&mut a.reg, &toy);
     assert_eq!(view_before.checkpoints.len(), 1);
 
+    assert!(
+        a.reg
+            .write_checkpoint(&toy.fed, &toy, 1_001)
+            .unwrap_err()
+            .to_string()
+            .contains("exists already"),
+        "a second checkpoint of one epoch would split the federation"
+    );
     assert_eq!(a.reg.cross(&toy), Crossing::Crossed(1));
     assert_eq!(a.reg.epoch(), 1);
     assert_eq!(
@@ -403,5 +411,142 @@ fn replicas_that_cross_in_any_order_converge() {
             Some(h) => assert_eq!(&r.heads(), h),
         }
         assert_eq!(r.heads(), a.reg.heads());
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Step {
+    /// Replica `who` writes a function (as its member).
+    Register { who: usize, name: u8 },
+    /// Replica `who` updates its member's endpoint: the old version is superseded.
+    Endpoint { who: usize, tag: u8 },
+    /// Replica `who` deletes the last function it wrote.
+    Delete { who: usize },
+    /// Gossip message `msg` (of those sent so far) reaches replica `to`.
+    Deliver { msg: usize, to: usize },
+    /// Replicas `a` and `b` run a sync session.
+    Sync { a: usize, b: usize },
+    /// Replica 0 writes the next checkpoint with the federation key (once it has crossed the
+    /// last one) and crosses it.
+    Checkpoint,
+}
+
+fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+    use proptest::prelude::*;
+    prop_oneof![
+        3 => (0usize..3, 0u8..8).prop_map(|(who, name)| Step::Register { who, name }),
+        2 => (0usize..3, 0u8..4).prop_map(|(who, tag)| Step::Endpoint { who, tag }),
+        1 => (0usize..3).prop_map(|who| Step::Delete { who }),
+        4 => (0usize..64, 0usize..3).prop_map(|(msg, to)| Step::Deliver { msg, to }),
+        2 => (0usize..3, 0usize..3).prop_map(|(a, b)| Step::Sync { a, b }),
+        1 => Just(Step::Checkpoint),
+    ]
+}
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig { cases: 32, .. Default::default() })]
+
+    /// Three replicas write, gossip, sync and cross checkpoints (up to several epochs) in any
+    /// interleaving. Once they have synced, they hold the same document, and their view is the
+    /// one a replica that never checkpointed builds from every entry written.
+    #[test]
+    fn replicas_that_write_and_cross_in_any_interleaving_converge_on_the_same_view(
+        steps in proptest::collection::vec(step(), 1..40),
+    ) {
+        let toy = Toy::new();
+        let (a, b, setup) = busy_federation(&toy);
+        let (c, c_own) = Member::new(&toy, 12, 22);
+        let mut replicas = vec![a, b, c];
+        for r in replicas.iter_mut() {
+            r.reg.apply_changes(&setup).unwrap();
+            r.reg.apply_changes(&c_own).unwrap();
+        }
+        // Every entry written, for the reference replica.
+        let mut written: Vec<Vec<u8>> = Vec::new();
+        let mut gossip: Vec<Vec<u8>> = Vec::new();
+        let mut mine: Vec<Vec<String>> = vec![Vec::new(); 3];
+        let mut epochs = 0;
+        for (t, s) in steps.iter().enumerate() {
+            let now = 10_000 + t as u64;
+            match *s {
+                Step::Register { who, name } => {
+                    let (id, ch) = replicas[who].register(&format!("p{name}"), now);
+                    mine[who].push(id);
+                    written.push(first_entry(&ch).bytes().to_vec());
+                    gossip.push(replicas[who].reg.gossip_for(&ch));
+                }
+                Step::Endpoint { who, tag } => {
+                    let (_, ch) = replicas[who].endpoint("gpu", &format!("t{tag}"), now);
+                    written.push(first_entry(&ch).bytes().to_vec());
+                    gossip.push(replicas[who].reg.gossip_for(&ch));
+                }
+                Step::Delete { who } => {
+                    if let Some(id) = mine[who].pop() {
+                        let node = replicas[who].node.clone();
+                        let (_, ch) = replicas[who]
+                            .reg
+                            .write(&node, id, Body::Deleted { of: crdt_registry::record::Kind::Function }, now)
+                            .unwrap();
+                        written.push(first_entry(&ch).bytes().to_vec());
+                        gossip.push(replicas[who].reg.gossip_for(&ch));
+                    }
+                }
+                Step::Deliver { msg, to } => {
+                    if !gossip.is_empty() {
+                        let m = &gossip[msg % gossip.len()];
+                        if replicas[to].reg.receive_gossip(m).unwrap().checkpoint {
+                            replicas[to].reg.cross(&toy);
+                        }
+                    }
+                }
+                Step::Sync { a, b } => {
+                    if a != b {
+                        let (x, y) = two(&mut replicas, a, b);
+                        sync(&mut x.reg, &mut y.reg, &toy);
+                    }
+                }
+                Step::Checkpoint => {
+                    let r = &mut replicas[0].reg;
+                    if let Ok((entry, ch)) = r.write_checkpoint(&toy.fed, &toy, now) {
+                        epochs += 1;
+                        written.push(entry.bytes().to_vec());
+                        gossip.push(r.gossip_for(&ch));
+                        proptest::prop_assert!(matches!(r.cross(&toy), Crossing::Crossed(_)));
+                    }
+                }
+            }
+        }
+        for _ in 0..2 {
+            for (a, b) in [(0, 1), (1, 2), (0, 2)] {
+                let (x, y) = two(&mut replicas, a, b);
+                sync(&mut x.reg, &mut y.reg, &toy);
+            }
+        }
+        let mut reference = Registry::new(FED);
+        reference.apply_changes(&setup).unwrap();
+        reference.apply_changes(&c_own).unwrap();
+        for e in &written {
+            let _ = reference.insert_signed(e, 0);
+        }
+        let want = counted(&mut reference, &toy);
+        let heads = replicas[0].reg.heads();
+        for r in replicas.iter_mut() {
+            proptest::prop_assert_eq!(r.reg.epoch(), epochs);
+            proptest::prop_assert_eq!(r.reg.heads(), heads.clone());
+            proptest::prop_assert_eq!(r.reg.refused_checkpoint(), None);
+            proptest::prop_assert_eq!(&counted(&mut r.reg, &toy), &want);
+        }
+    }
+}
+
+/// Two distinct members of `v`, both mutable.
+fn two(v: &mut [Member], a: usize, b: usize) -> (&mut Member, &mut Member) {
+    assert_ne!(a, b);
+    if a < b {
+        let (l, r) = v.split_at_mut(b);
+        (&mut l[a], &mut r[0])
+    } else {
+        let (l, r) = v.split_at_mut(a);
+        (&mut r[0], &mut l[b])
     }
 }

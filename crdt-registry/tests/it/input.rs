@@ -29,6 +29,35 @@ proptest! {
         prop_assert!(r.is_empty());
     }
 
+    /// The epoch-tagged sync messages (notice, ask, base) and gossip: arbitrary bodies never
+    /// panic, and never take a replica into another epoch.
+    #[test]
+    fn arbitrary_epoch_messages_never_panic_or_cross(
+        tag in proptest::sample::select(vec![0xF1u8, 0xF2, 0xF3, 0xF4]),
+        epoch in 0u64..4,
+        body in proptest::collection::vec(any::<u8>(), 0..1500),
+    ) {
+        let toy = Toy::new();
+        let mut r = Registry::new(FED);
+        let mut msg = vec![tag];
+        msg.extend_from_slice(&epoch.to_be_bytes());
+        msg.extend_from_slice(&body);
+        let mut state = SyncState::new();
+        if let Ok(applied) = r.receive_sync(&mut state, &msg) {
+            if applied.checkpoint {
+                let crossing = r.cross(&toy);
+                prop_assert!(!matches!(crossing, crdt_registry::Crossing::Crossed(_)));
+            }
+        }
+        let _ = r.generate_sync(&mut state);
+        let mut gossip = vec![3u8];
+        gossip.extend_from_slice(&epoch.to_be_bytes());
+        gossip.extend_from_slice(&body);
+        let _ = r.receive_gossip(&gossip);
+        prop_assert_eq!(r.epoch(), 0);
+        prop_assert!(r.is_empty());
+    }
+
     #[test]
     fn a_flipped_bit_in_real_gossip_is_rejected_or_harmless(pos in any::<usize>(), bit in 0u8..8) {
         let (toy, changes) = honest_change();
