@@ -283,7 +283,7 @@ async fn after_a_partition_heals_both_sides_news_reaches_every_member_without_an
         .await
         .unwrap();
     for (side, id) in [(&left, &on_left), (&right, &on_right)] {
-        wait_for("each side to converge", Duration::from_secs(10), || async {
+        wait_for("each side to converge", Duration::from_secs(15), || async {
             for n in side.iter() {
                 if !n
                     .mesh()
@@ -316,9 +316,12 @@ async fn after_a_partition_heals_both_sides_news_reaches_every_member_without_an
         .block(coordinator.peer_id(), false)
         .await
         .unwrap();
+    // Issue 22 asks for convergence within 10 s of healing (at 100 members); this small
+    // federation usually takes 1–3 s, but under CI's load (the container testnet and the other
+    // suites on the same two cores) 5 s was missed now and then.
     wait_for(
         "both functions everywhere",
-        Duration::from_secs(5),
+        Duration::from_secs(10),
         || async {
             net.everyone_has_function(&on_left).await && net.everyone_has_function(&on_right).await
         },
