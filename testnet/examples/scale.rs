@@ -384,6 +384,23 @@ async fn main() -> anyhow::Result<()> {
     let first_task = first_task_latency(&net).await?;
     eprintln!("first task: {first_task}");
 
+    // Registry checkpoints crossed, and whether every replica holds the same document (a
+    // checkpoint written during the run, with `--set mesh.checkpoint_every=N`, must leave them
+    // alike).
+    let mut epochs = Vec::new();
+    let mut heads = std::collections::BTreeSet::new();
+    for n in net.running().into_iter().chain(net.coordinator()) {
+        let s = n.mesh().registry_status().await?;
+        epochs.push(s.epoch);
+        heads.insert(s.heads);
+    }
+    let registry = serde_json::json!({
+        "epoch_min": epochs.iter().min(),
+        "epoch_max": epochs.iter().max(),
+        "distinct_heads": heads.len(),
+    });
+    eprintln!("registry: {registry}");
+
     let line = serde_json::json!({
         "bench": "scale",
         "members": a.members,
@@ -399,6 +416,7 @@ async fn main() -> anyhow::Result<()> {
         "member_join_phases_ms": phases,
         "partition": partition,
         "first_task_ms": first_task,
+        "registry": registry,
     });
     println!("{line}");
     net.shutdown().await;

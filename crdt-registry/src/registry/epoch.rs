@@ -633,17 +633,7 @@ impl Registry {
         }
         // Everything outside the base goes on top of it: what came after the heads, the
         // checkpoint itself, and changes still waiting for their dependencies.
-        let mut carry: Vec<Entry> = vec![entry.clone()];
-        for (key, _) in self.entries.iter().filter(|(k, _)| !plan.in_h.contains(k)) {
-            if let Some(bytes) = self.entry_bytes(key) {
-                carry.extend(Entry::open(&bytes, &self.federation).ok());
-            }
-        }
-        carry.extend(
-            self.pending
-                .iter()
-                .flat_map(|c| entries_put(c, &self.federation)),
-        );
+        let carry = self.carried(entry, |k| !plan.in_h.contains(k));
         let base_held: Vec<Held> = plan
             .kept
             .iter()
@@ -702,17 +692,7 @@ impl Registry {
         let winners = view::winners(base_held.iter(), authority, &mut self.verdicts);
         // Everything this replica holds goes on top (what the base has is skipped, what it
         // superseded is dropped).
-        let mut carry: Vec<Entry> = vec![entry.clone()];
-        for key in self.entries.keys() {
-            if let Some(bytes) = self.entry_bytes(key) {
-                carry.extend(Entry::open(&bytes, &self.federation).ok());
-            }
-        }
-        carry.extend(
-            self.pending
-                .iter()
-                .flat_map(|c| entries_put(c, &self.federation)),
-        );
+        let carry = self.carried(&entry, |_| true);
         let epoch = record.epoch;
         self.rebuild(
             epoch,
@@ -723,6 +703,23 @@ impl Registry {
             carry,
         )?;
         Ok(epoch)
+    }
+
+    /// What goes on top of a new base: the checkpoint entry, the held entries `which` picks
+    /// (their signed bytes, from the document), and the entries of changes still waiting.
+    fn carried(&self, checkpoint: &Entry, which: impl Fn(&EntryKey) -> bool) -> Vec<Entry> {
+        let mut carry = vec![checkpoint.clone()];
+        for key in self.entries.keys().filter(|k| which(k)) {
+            if let Some(bytes) = self.entry_bytes(key) {
+                carry.extend(Entry::open(&bytes, &self.federation).ok());
+            }
+        }
+        carry.extend(
+            self.pending
+                .iter()
+                .flat_map(|c| entries_put(c, &self.federation)),
+        );
+        carry
     }
 
     /// Replaces the document with `base` and `carry` put canonically on it.

@@ -877,9 +877,10 @@ impl Registry {
                 }
                 if epoch < self.epoch {
                     // From a member that has not crossed yet: keep its entries, on our base.
-                    let mut applied = self.absorb(&changes)?;
-                    applied.missing_deps = true;
-                    return Ok(applied);
+                    // No sync with the forwarder (it has most likely crossed too, and every
+                    // replica absorbs the same message into the same change): the author learns
+                    // of the checkpoint from the next gossip or sync it takes part in.
+                    return self.absorb(&changes);
                 }
                 self.apply_changes(&changes)
             }
@@ -887,8 +888,9 @@ impl Registry {
                 if rest.is_empty() || rest.len() % 32 != 0 || rest.len() / 32 > MAX_GOSSIP_ITEMS {
                     return Err(malformed("heads are 32-byte hashes, 1 to 64 of them"));
                 }
-                let missing = epoch < self.epoch
-                    || rest.chunks(32).any(|h| {
+                // Heads of an older epoch: the sender is behind, and learns it by itself.
+                let missing = epoch == self.epoch
+                    && rest.chunks(32).any(|h| {
                         let hash = ChangeHash(h.try_into().expect("chunks of 32"));
                         !self.has_change(&hash)
                     });
