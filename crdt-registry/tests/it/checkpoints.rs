@@ -262,6 +262,16 @@ fn a_checkpoint_whose_base_leaves_out_a_revocation_is_refused_everywhere() {
         assert_eq!(r.refused_checkpoint(), Some(why.as_str()));
         // Refused once, not retried on every message.
         assert_eq!(r.cross(&toy), Crossing::Nothing);
+        // A peer that keeps offering it (a notice: tag 0xF2, the epoch, the entry) gets nothing
+        // more in that session: no crossing, and no answer to ping-pong with.
+        let mut notice = vec![0xF2];
+        notice.extend_from_slice(&1u64.to_be_bytes());
+        notice.extend_from_slice(first_entry(&forged).bytes());
+        let mut state = SyncState::new();
+        let applied = r.receive_sync(&mut state, &notice).unwrap();
+        assert!(!applied.checkpoint);
+        assert_eq!(r.generate_sync(&mut state), None);
+        assert_eq!(r.epoch(), 0);
     }
 }
 
