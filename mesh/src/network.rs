@@ -9,7 +9,7 @@
 //! `proof_timeout` runs out. Only members enter the Kademlia routing table, and gossip is accepted
 //! only when both its author and the peer that forwarded it are members.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
@@ -748,6 +748,10 @@ struct EventLoop {
     /// When news learned by sync was last passed on, and whether more waits for the next round.
     last_spread: Instant,
     spread_pending: bool,
+    /// Peers whose registry gossip or sync this node turned away while its store was behind
+    /// (`MAX_PERSIST_BACKLOG`): it syncs with them once the store has caught up, so that what
+    /// it turned away comes back at once rather than with a random anti-entropy round.
+    owed_syncs: HashSet<PeerId>,
 }
 
 /// Starts the mesh: builds the swarm, listens, dials the bootstrap addresses and every known peer,
@@ -869,6 +873,7 @@ pub async fn spawn(
             .checked_sub(SPREAD_EVERY)
             .unwrap_or_else(Instant::now),
         spread_pending: false,
+        owed_syncs: HashSet::new(),
     };
     let now = Instant::now();
     for (peer, addrs) in known {
@@ -1234,6 +1239,26 @@ impl EventLoop {
         }
     }
 
+    /// Once the store has caught up (its backlog is under half the bound), syncs with the
+    /// peers whose registry messages were turned away meanwhile (those still connected).
+    fn pay_owed_syncs(&mut self) {
+        if self.owed_syncs.is_empty() || self.persist_backlog.len() >= MAX_PERSIST_BACKLOG / 2 {
+            return;
+        }
+        let owed = std::mem::take(&mut self.owed_syncs);
+        debug!(
+            peers = owed.len(),
+            "the store caught up: syncing with whoever it turned away"
+        );
+        for peer in owed {
+            if self.members.contains_key(&peer)
+                && let Some(out) = self.replica.start_sync(peer)
+            {
+                self.registry_out(vec![out]);
+            }
+        }
+    }
+
     /// Publishes the gossip held for want of peers, once a verified member has subscribed (on
     /// its subscription, or on its verification if the subscription came first): a peer that
     /// has not verified this node yet would drop it.
@@ -1315,6 +1340,7 @@ impl EventLoop {
                     return;
                 }
                 if self.persist_backlog.len() >= MAX_PERSIST_BACKLOG {
+                    self.owed_syncs.insert(peer);
                     let _ = self.swarm.behaviour_mut().registry_sync.send_response(
                         channel,
                         SyncResponse::Refused(
@@ -1343,6 +1369,7 @@ impl EventLoop {
             } => {
                 if self.persist_backlog.len() >= MAX_PERSIST_BACKLOG {
                     debug!(%peer, "registry sync response dropped: the store is behind");
+                    self.owed_syncs.insert(peer);
                     let out = self.replica.on_sync_failure(peer);
                     self.registry_out(out);
                     return;
@@ -1502,6 +1529,7 @@ impl EventLoop {
 
     fn on_tick(&mut self) {
         self.flush_persist_backlog();
+        self.pay_owed_syncs();
         if self.spread_pending {
             self.spread_learned(None);
         }
@@ -1834,8 +1862,10 @@ impl EventLoop {
                     && message.topic == self.registry_topic
                     && self.persist_backlog.len() >= MAX_PERSIST_BACKLOG
                 {
-                    // Saturated: neither accept nor blame; the next sync brings it again.
+                    // Saturated: neither accept nor blame; a sync with the forwarder once the
+                    // store has caught up brings it again (`owed_syncs`).
                     debug!(peer = %propagation_source, "registry gossip ignored: the store is behind");
+                    self.owed_syncs.insert(propagation_source);
                     self.swarm
                         .behaviour_mut()
                         .gossipsub
@@ -2587,10 +2617,28 @@ impl EventLoop {
     }
 }
 
-/// Writes persistence jobs in order, each synced, off the event loop.
+/// Most persistence jobs written in one synced batch.
+const PERSIST_GROUP: usize = 64;
+
+/// Writes persistence jobs in order, synced, off the event loop. Jobs that queued up while a
+/// write was under way go together, in order, in one batch with one sync (group commit): a
+/// node taking a burst of registry gossip pays one fsync per burst, not one per message, and
+/// each job is as durable as before when its `done` is told.
 async fn persister(store: store::Store, mut jobs: mpsc::Receiver<PersistJob>) {
-    while let Some(job) = jobs.recv().await {
-        let ops = job.ops;
+    while let Some(first) = jobs.recv().await {
+        let mut group = vec![first];
+        while group.len() < PERSIST_GROUP {
+            match jobs.try_recv() {
+                Ok(job) => group.push(job),
+                Err(_) => break,
+            }
+        }
+        let mut ops = Vec::new();
+        let mut done = Vec::new();
+        for job in group {
+            ops.extend(job.ops);
+            done.extend(job.done);
+        }
         let r = if ops.is_empty() {
             Ok(())
         } else {
@@ -2602,8 +2650,8 @@ async fn persister(store: store::Store, mut jobs: mpsc::Receiver<PersistJob>) {
         if let Err(e) = &r {
             warn!(error = %e, "cannot persist registry changes or known peers");
         }
-        if let Some(done) = job.done {
-            let _ = done.send(r);
+        for d in done {
+            let _ = d.send(r.clone());
         }
     }
 }
