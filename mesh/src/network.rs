@@ -2674,3 +2674,62 @@ fn is_circuit(addr: &Multiaddr) -> bool {
 pub fn p2p(peer: PeerId) -> Protocol<'static> {
     Protocol::P2p(peer)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Jobs that queue up while a write is under way are written together: in order (a later
+    /// job's put of a key wins over an earlier one's), all of them, and each job's waiter is
+    /// told only once its changes are stored.
+    #[tokio::test]
+    async fn queued_persistence_jobs_are_written_together_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store::Store::open(dir.path()).unwrap();
+        let (tx, rx) = mpsc::channel(PERSIST_QUEUE);
+        let cf = store::cf::REGISTRY_SYNC;
+        let mut waiters = Vec::new();
+        for i in 0..(PERSIST_GROUP * 3 + 5) {
+            let (done, waiter) = oneshot::channel();
+            let ops = vec![
+                (cf, b"last".to_vec(), Some(i.to_string().into_bytes())),
+                (cf, format!("job-{i}").into_bytes(), Some(vec![1])),
+            ];
+            // Every other job is fire-and-forget, as gossip's are.
+            let done = (i % 2 == 0).then_some(done);
+            tx.send(PersistJob { ops, done }).await.unwrap();
+            waiters.push((i, waiter));
+        }
+        // A deletion queued behind the puts removes what they wrote.
+        let (done, deleted) = oneshot::channel();
+        tx.send(PersistJob {
+            ops: vec![(cf, b"job-0".to_vec(), None)],
+            done: Some(done),
+        })
+        .await
+        .unwrap();
+        drop(tx);
+        let writer = tokio::spawn(persister(store.clone(), rx));
+        for (i, waiter) in waiters {
+            if i % 2 == 0 {
+                waiter.await.unwrap().unwrap();
+                let key = format!("job-{i}").into_bytes();
+                if i > 0 {
+                    assert_eq!(store.get(cf, &key).unwrap(), Some(vec![1]), "job {i}");
+                }
+            }
+        }
+        deleted.await.unwrap().unwrap();
+        writer.await.unwrap();
+        let last = PERSIST_GROUP * 3 + 4;
+        assert_eq!(
+            store.get(cf, b"last").unwrap(),
+            Some(last.to_string().into_bytes()),
+            "the last job's put wins"
+        );
+        assert_eq!(store.get(cf, b"job-0").unwrap(), None, "the deletion came last");
+        for i in 1..=last {
+            assert!(store.get(cf, format!("job-{i}").as_bytes()).unwrap().is_some());
+        }
+    }
+}
