@@ -2727,9 +2727,18 @@ mod tests {
             Some(last.to_string().into_bytes()),
             "the last job's put wins"
         );
-        assert_eq!(store.get(cf, b"job-0").unwrap(), None, "the deletion came last");
+        assert_eq!(
+            store.get(cf, b"job-0").unwrap(),
+            None,
+            "the deletion came last"
+        );
         for i in 1..=last {
-            assert!(store.get(cf, format!("job-{i}").as_bytes()).unwrap().is_some());
+            assert!(
+                store
+                    .get(cf, format!("job-{i}").as_bytes())
+                    .unwrap()
+                    .is_some()
+            );
         }
     }
 }
