@@ -13,7 +13,7 @@
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt as _, FileExt as _};
+use std::os::unix::fs::{DirBuilderExt as _, FileExt};
 use std::path::{Path, PathBuf};
 
 use bao_tree::io::outboard::PreOrderOutboard;
@@ -271,7 +271,14 @@ impl BlobStore {
         let size = self.size(hash).ok_or(Error::Missing(*hash))?;
         let (data, obao) = self.complete(hash);
         let outboard = self.outboard(hash, &obao, size)?;
-        let data = File::open(data)?;
+        // Read ahead a mebibyte at a time: the encoder asks for one 16 KiB group and one
+        // 64-byte parent at a time, in file order.
+        let outboard = PreOrderOutboard {
+            root: outboard.root,
+            tree: outboard.tree,
+            data: ReadAhead::new(outboard.data),
+        };
+        let data = ReadAhead::new(File::open(data)?);
         encode_ranges_validated(data, outboard, &groups(ranges.clone()), out).map_err(|e| match e {
             bao_tree::io::EncodeError::Io(e) => Error::Io(e),
             other => Error::Corrupt {
@@ -496,16 +503,30 @@ impl Partial {
         let mut outcome = Ok(());
         let ranges = groups(ranges.clone());
         let tree = self.outboard.tree;
+        // The stream brings groups and parent hashes in file order: gathered, they cost a write
+        // per mebibyte rather than one per 16 KiB group and one per 64-byte parent.
+        let mut data = Gathered::new(&self.data);
+        let mut outboard = PreOrderOutboard {
+            root: self.outboard.root,
+            tree,
+            data: Gathered::new(&self.outboard.data),
+        };
         for item in DecodeResponseIter::new(self.hash.blake3(), tree, encoded, &ranges) {
             match item {
                 Ok(BaoContentItem::Parent(Parent { node, pair })) => {
-                    self.outboard.save(node, &pair)?
+                    if let Err(e) = outboard.save(node, &pair) {
+                        outcome = Err(Error::Io(e));
+                        break;
+                    }
                 }
                 Ok(BaoContentItem::Leaf(Leaf {
                     offset,
                     data: bytes,
                 })) => {
-                    self.data.write_all_at(&bytes, offset)?;
+                    if let Err(e) = data.put(offset, &bytes) {
+                        outcome = Err(Error::Io(e));
+                        break;
+                    }
                     written += bytes.len() as u64;
                 }
                 Err(bao_tree::io::DecodeError::Io(e)) => {
@@ -521,8 +542,14 @@ impl Partial {
                 }
             }
         }
-        // No fsync here: whatever a crash loses is found missing by the rehash on resume and
-        // asked for again, and a file is synced once, when it is put in place.
+        // Everything gathered verified, whatever stopped the stream: the data first, then the
+        // hashes that vouch for it. No fsync here: whatever a crash loses is found missing by
+        // the rehash on resume and asked for again, and a file is synced once, when it is put
+        // in place.
+        let flushed = data.flush().and_then(|()| outboard.data.flush());
+        if let (Ok(()), Err(e)) = (&outcome, flushed) {
+            outcome = Err(Error::Io(e));
+        }
         match &outcome {
             // Every group asked for verified and is written.
             Ok(()) => self.known = self.known.take().map(|m| &m - &ranges),
@@ -564,6 +591,116 @@ impl Partial {
     }
 }
 
+/// How many bytes [`Gathered`] holds before it writes them.
+const GATHER: usize = 1 << 20;
+
+/// Positioned writes to a file, gathered while each follows the one before: a verified
+/// stream's groups (and its parent hashes) arrive in file order.
+struct Gathered<'f> {
+    file: &'f File,
+    /// Where `buf` goes in the file.
+    at: u64,
+    buf: Vec<u8>,
+}
+
+impl<'f> Gathered<'f> {
+    fn new(file: &'f File) -> Gathered<'f> {
+        Gathered {
+            file,
+            at: 0,
+            buf: Vec::new(),
+        }
+    }
+
+    /// `bytes` at `offset`: written with what came before when they follow it, else after it.
+    fn put(&mut self, offset: u64, bytes: &[u8]) -> io::Result<()> {
+        let follows = offset == self.at + self.buf.len() as u64;
+        if !self.buf.is_empty() && (!follows || self.buf.len() + bytes.len() > GATHER) {
+            self.flush()?;
+        }
+        if self.buf.is_empty() {
+            self.at = offset;
+        }
+        self.buf.extend_from_slice(bytes);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if !self.buf.is_empty() {
+            self.file.write_all_at(&self.buf, self.at)?;
+            self.buf.clear();
+        }
+        Ok(())
+    }
+}
+
+impl bao_tree::io::sync::WriteAt for Gathered<'_> {
+    fn write_at(&mut self, pos: u64, buf: &[u8]) -> io::Result<usize> {
+        self.put(pos, buf)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Gathered::flush(self)
+    }
+}
+
+/// Positioned reads of a file through a window of [`GATHER`] bytes, refilled where a read
+/// falls outside it: for readers that go through a file in order, a little at a time.
+struct ReadAhead<F> {
+    file: F,
+    /// Where the window starts in the file, and what it holds.
+    window: std::cell::RefCell<(u64, Vec<u8>)>,
+}
+
+impl<F: std::borrow::Borrow<File>> ReadAhead<F> {
+    fn new(file: F) -> ReadAhead<F> {
+        ReadAhead {
+            file,
+            window: std::cell::RefCell::new((0, Vec::new())),
+        }
+    }
+}
+
+impl<F: std::borrow::Borrow<File>> bao_tree::io::sync::ReadAt for ReadAhead<F> {
+    fn read_at(&self, pos: u64, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.len() >= GATHER {
+            return FileExt::read_at(self.file.borrow(), buf, pos);
+        }
+        let mut window = self.window.borrow_mut();
+        let (at, held) = &mut *window;
+        let inside = pos >= *at && pos + buf.len() as u64 <= *at + held.len() as u64;
+        if !inside {
+            held.resize(GATHER, 0);
+            let mut filled = 0;
+            while filled < GATHER {
+                match FileExt::read_at(self.file.borrow(), &mut held[filled..], pos + filled as u64)
+                {
+                    Ok(0) => break,
+                    Ok(n) => filled += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        held.clear();
+                        return Err(e);
+                    }
+                }
+            }
+            held.truncate(filled);
+            *at = pos;
+        }
+        let from = (pos - *at) as usize;
+        let n = buf.len().min(held.len() - from);
+        buf[..n].copy_from_slice(&held[from..from + n]);
+        Ok(n)
+    }
+}
+
+impl<F: std::borrow::Borrow<File>> bao_tree::io::sync::Size for ReadAhead<F> {
+    fn size(&self) -> io::Result<Option<u64>> {
+        Ok(Some(self.file.borrow().metadata()?.len()))
+    }
+}
+
 /// A file's BLAKE3 hash and its outboard (64 bytes per 16 KiB group; empty for a file of one
 /// group), read in one pass.
 pub fn outboard_of(data: impl Read, size: u64) -> Result<(Hash, Vec<u8>), Error> {
@@ -594,6 +731,7 @@ pub fn encode_file(
         tree: BaoTree::new(size, BLOCK_SIZE),
         data: outboard,
     };
+    let data = ReadAhead::new(data);
     bao_tree::io::sync::encode_ranges(data, outboard, &groups(ranges.clone()), out).map_err(|e| {
         match e {
             bao_tree::io::EncodeError::Io(e) => Error::Io(e),
@@ -603,4 +741,75 @@ pub fn encode_file(
             },
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use bao_tree::io::sync::ReadAt as _;
+    use proptest::prelude::*;
+
+    fn rw(path: &Path) -> File {
+        OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(path)
+            .unwrap()
+    }
+
+    proptest! {
+        /// Gathered writes leave a file as the same writes made one at a time do: runs that
+        /// follow each other, jumps back and forth, writes larger than the gathering buffer.
+        #[test]
+        fn gathered_writes_equal_writes_one_at_a_time(
+            writes in proptest::collection::vec(
+                (any::<bool>(), 0u64..3_000_000, 0usize..300_000, any::<u8>()),
+                0..40,
+            ),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let (gathered, direct) = (rw(&dir.path().join("g")), rw(&dir.path().join("d")));
+            let mut g = Gathered::new(&gathered);
+            let mut end = 0;
+            for (follows, offset, len, fill) in writes {
+                let offset = if follows { end } else { offset };
+                let bytes = vec![fill; len];
+                g.put(offset, &bytes).unwrap();
+                direct.write_all_at(&bytes, offset).unwrap();
+                end = offset + len as u64;
+            }
+            g.flush().unwrap();
+            prop_assert_eq!(
+                std::fs::read(dir.path().join("g")).unwrap(),
+                std::fs::read(dir.path().join("d")).unwrap()
+            );
+        }
+
+        /// Reads through the read-ahead window give what reads of the file give, wherever they
+        /// fall: inside the window, across its end, past the end of the file.
+        #[test]
+        fn reads_ahead_equal_reads_of_the_file(
+            size in 0usize..3_000_000,
+            reads in proptest::collection::vec((any::<bool>(), 0u64..3_100_000, 0usize..40_000), 0..60),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let file = rw(&dir.path().join("f"));
+            let content: Vec<u8> = (0..size).map(|i| (i * 7 + i / 251) as u8).collect();
+            file.write_all_at(&content, 0).unwrap();
+            let ahead = ReadAhead::new(&file);
+            let mut next = 0;
+            for (follows, pos, len) in reads {
+                let pos = if follows { next } else { pos };
+                let (mut a, mut b) = (vec![0; len], vec![0; len]);
+                let through = ahead.read_exact_at(pos, &mut a).map(|()| a);
+                let direct = FileExt::read_exact_at(&file, &mut b, pos).map(|()| b);
+                prop_assert_eq!(through.ok(), direct.ok());
+                next = pos + len as u64;
+            }
+        }
+    }
 }
