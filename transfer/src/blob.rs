@@ -18,8 +18,8 @@ use std::path::{Path, PathBuf};
 
 use bao_tree::io::outboard::PreOrderOutboard;
 use bao_tree::io::sync::{
-    CreateOutboard as _, DecodeResponseIter, OutboardMut as _, encode_ranges_validated,
-    valid_ranges,
+    CreateOutboard as _, DecodeResponseIter, OutboardMut as _, encode_ranges,
+    encode_ranges_validated, valid_ranges,
 };
 use bao_tree::io::{BaoContentItem, Leaf, Parent};
 use bao_tree::{BaoTree, BlockSize, ChunkNum, ChunkRanges, blake3};
@@ -268,6 +268,24 @@ impl BlobStore {
     /// and the parent hashes that prove them. Every group is checked before it is sent, so a
     /// blob corrupted on this node's disk is never passed on.
     pub fn encode(&self, hash: &Hash, ranges: &ChunkRanges, out: impl Write) -> Result<(), Error> {
+        self.encode_with(hash, ranges, true, out)
+    }
+
+    /// [`BlobStore::encode`] without hashing the groups again on the way out: the receiver
+    /// checks every one against the root hash, and asks with a check
+    /// ([`BlobStore::check`]) after a stream that did not verify. Checking every send cost
+    /// a BLAKE3 pass over the data at the sender, on top of the receiver's.
+    pub fn send(&self, hash: &Hash, ranges: &ChunkRanges, out: impl Write) -> Result<(), Error> {
+        self.encode_with(hash, ranges, false, out)
+    }
+
+    fn encode_with(
+        &self,
+        hash: &Hash,
+        ranges: &ChunkRanges,
+        validate: bool,
+        out: impl Write,
+    ) -> Result<(), Error> {
         let size = self.size(hash).ok_or(Error::Missing(*hash))?;
         let (data, obao) = self.complete(hash);
         let outboard = self.outboard(hash, &obao, size)?;
@@ -279,12 +297,50 @@ impl BlobStore {
             data: ReadAhead::new(outboard.data),
         };
         let data = ReadAhead::new(File::open(data)?);
-        encode_ranges_validated(data, outboard, &groups(ranges.clone()), out).map_err(|e| match e {
+        let ranges = groups(ranges.clone());
+        let sent = if validate {
+            encode_ranges_validated(data, outboard, &ranges, out)
+        } else {
+            encode_ranges(data, outboard, &ranges, out)
+        };
+        sent.map_err(|e| match e {
             bao_tree::io::EncodeError::Io(e) => Error::Io(e),
             other => Error::Corrupt {
                 hash: *hash,
                 reason: format!("this node's copy: {other}"),
             },
+        })
+    }
+
+    /// Checks `ranges` of a complete blob against its root hash, reading and hashing them. A
+    /// blob that fails is corrupt on this node's disk: it becomes a partial blob again (what
+    /// still verifies is kept, [`BlobStore::missing`] names the rest), so that it is no longer
+    /// served and the next fetch of it asks for what went bad.
+    pub fn check(&self, hash: &Hash, ranges: &ChunkRanges) -> Result<(), Error> {
+        let size = self.size(hash).ok_or(Error::Missing(*hash))?;
+        let (data_path, obao_path) = self.complete(hash);
+        let outboard = self.outboard(hash, &obao_path, size)?;
+        let data = File::open(&data_path)?;
+        let wanted = &groups(ranges.clone()) & &all_chunks(size);
+        let mut valid = ChunkRanges::empty();
+        for range in valid_ranges(&outboard, &data, &wanted) {
+            valid |= ChunkRanges::from(range?);
+        }
+        let bad = &wanted - &valid;
+        let Some(first) = bad.boundaries().first().copied() else {
+            return Ok(());
+        };
+        // The outboard first: without it the blob no longer counts as complete.
+        let (partial_data, partial_obao) = self.partial(hash);
+        std::fs::rename(&obao_path, partial_obao)?;
+        std::fs::rename(&data_path, partial_data)?;
+        Err(Error::Corrupt {
+            hash: *hash,
+            reason: format!(
+                "this node's copy does not verify from byte {} on; it is kept as a partial \
+                 blob, to be fetched again",
+                first.to_bytes()
+            ),
         })
     }
 
@@ -454,6 +510,8 @@ pub struct Partial {
     /// What is missing, when known without hashing again (after [`Partial::missing`], kept up
     /// to date by every receive that verified).
     known: Option<ChunkRanges>,
+    /// Start writing the data to the disk as it is written ([`Partial::write_behind`]).
+    behind: bool,
 }
 
 impl Partial {
@@ -477,7 +535,14 @@ impl Partial {
                 data: obao,
             },
             known: None,
+            behind: false,
         })
+    }
+
+    /// Starts the disk writing every mebibyte of data as it is written, rather than leaving it
+    /// all to the sync that ends a file copy: the disk then works while the stream arrives.
+    pub fn write_behind(&mut self) {
+        self.behind = true;
     }
 
     /// The blob's hash.
@@ -506,6 +571,7 @@ impl Partial {
         // The stream brings groups and parent hashes in file order: gathered, they cost a write
         // per mebibyte rather than one per 16 KiB group and one per 64-byte parent.
         let mut data = Gathered::new(&self.data);
+        data.behind = self.behind;
         let mut outboard = PreOrderOutboard {
             root: self.outboard.root,
             tree,
@@ -567,8 +633,8 @@ impl Partial {
         }
     }
 
-    /// The chunk ranges not held verified (rehashes what is held: once per resume, and once
-    /// at the end to check what was written).
+    /// The chunk ranges not held verified (rehashes what is held: once when a receive
+    /// resumes).
     pub fn missing(&mut self) -> Result<ChunkRanges, Error> {
         let all = all_chunks(self.size);
         let outboard = PreOrderOutboard {
@@ -601,6 +667,8 @@ struct Gathered<'f> {
     /// Where `buf` goes in the file.
     at: u64,
     buf: Vec<u8>,
+    /// Start writeback of each write at once.
+    behind: bool,
 }
 
 impl<'f> Gathered<'f> {
@@ -609,6 +677,7 @@ impl<'f> Gathered<'f> {
             file,
             at: 0,
             buf: Vec::new(),
+            behind: false,
         }
     }
 
@@ -628,9 +697,41 @@ impl<'f> Gathered<'f> {
     fn flush(&mut self) -> io::Result<()> {
         if !self.buf.is_empty() {
             self.file.write_all_at(&self.buf, self.at)?;
+            if self.behind {
+                start_writeback(self.file, self.at, self.buf.len() as u64)?;
+            }
             self.buf.clear();
         }
         Ok(())
+    }
+}
+
+/// Asks the kernel to start writing bytes `at..at + len` of `file` to the disk, without waiting
+/// for it (`sync_file_range` with `SYNC_FILE_RANGE_WRITE`; not a durability guarantee: the
+/// caller syncs later).
+#[allow(unsafe_code)]
+fn start_writeback(file: &File, at: u64, len: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let (Ok(at), Ok(len)) = (i64::try_from(at), i64::try_from(len)) else {
+        return Ok(());
+    };
+    // SAFETY: the descriptor is borrowed from a live `File` for the length of the call, and
+    // the call reads no memory of this process.
+    let r =
+        unsafe { libc::sync_file_range(file.as_raw_fd(), at, len, libc::SYNC_FILE_RANGE_WRITE) };
+    if r == 0 {
+        return Ok(());
+    }
+    match io::Error::last_os_error() {
+        // A file system or file that cannot (a pipe, /dev/null): the final sync does it all.
+        e if matches!(
+            e.raw_os_error(),
+            Some(libc::ESPIPE | libc::EINVAL | libc::ENOSYS)
+        ) =>
+        {
+            Ok(())
+        }
+        e => Err(e),
     }
 }
 
@@ -732,14 +833,12 @@ pub fn encode_file(
         data: outboard,
     };
     let data = ReadAhead::new(data);
-    bao_tree::io::sync::encode_ranges(data, outboard, &groups(ranges.clone()), out).map_err(|e| {
-        match e {
-            bao_tree::io::EncodeError::Io(e) => Error::Io(e),
-            other => Error::Corrupt {
-                hash: *hash,
-                reason: format!("cannot encode the file: {other}"),
-            },
-        }
+    encode_ranges(data, outboard, &groups(ranges.clone()), out).map_err(|e| match e {
+        bao_tree::io::EncodeError::Io(e) => Error::Io(e),
+        other => Error::Corrupt {
+            hash: *hash,
+            reason: format!("cannot encode the file: {other}"),
+        },
     })
 }
 
@@ -763,17 +862,20 @@ mod tests {
 
     proptest! {
         /// Gathered writes leave a file as the same writes made one at a time do: runs that
-        /// follow each other, jumps back and forth, writes larger than the gathering buffer.
+        /// follow each other, jumps back and forth, writes larger than the gathering buffer;
+        /// with the disk started on each write or not.
         #[test]
         fn gathered_writes_equal_writes_one_at_a_time(
             writes in proptest::collection::vec(
                 (any::<bool>(), 0u64..3_000_000, 0usize..300_000, any::<u8>()),
                 0..40,
             ),
+            behind in any::<bool>(),
         ) {
             let dir = tempfile::tempdir().unwrap();
             let (gathered, direct) = (rw(&dir.path().join("g")), rw(&dir.path().join("d")));
             let mut g = Gathered::new(&gathered);
+            g.behind = behind;
             let mut end = 0;
             for (follows, offset, len, fill) in writes {
                 let offset = if follows { end } else { offset };

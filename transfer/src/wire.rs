@@ -48,6 +48,11 @@ pub enum Request {
         hash: String,
         /// Chunk ranges; widened to whole chunk groups by the server.
         ranges: Vec<(u64, u64)>,
+        /// Check the ranges against the root hash before sending them: asked after a stream
+        /// that did not verify, to tell a copy corrupt on the server's disk from a corrupt
+        /// stream. Absent (false) otherwise: the receiver checks every group anyway.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        check: bool,
     },
     /// The entries of a directory of an endpoint's data root.
     List {

@@ -44,6 +44,65 @@ fn a_blob_streams_between_stores_and_keeps_its_blake3_hash() {
     assert_eq!(b.import(&bytes[..]).unwrap(), (hash, size));
 }
 
+/// A byte flipped in a stored blob's file on disk: a plain send passes it on (the receiver
+/// refuses it), a check finds it, names where, and makes the blob partial again, keeping
+/// every group that still verifies; fetching what is missing from a sound copy repairs it.
+#[test]
+fn a_copy_corrupt_on_disk_fails_its_check_and_is_repaired_from_another() {
+    use std::os::unix::fs::FileExt as _;
+    let (_dir, a, b) = stores();
+    let bytes = random(3 << 20);
+    let (hash, size) = a.import(&bytes[..]).unwrap();
+    let (hash_b, _) = b.import(&bytes[..]).unwrap();
+    assert_eq!(hash_b, hash);
+    let at = (2 << 20) + 12_345;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(a.path(&hash).unwrap())
+        .unwrap();
+    file.write_all_at(&[bytes[at] ^ 0x01], at as u64).unwrap();
+    drop(file);
+
+    // A send does not hash again: the receiver finds the bad group.
+    let mut stream = Vec::new();
+    a.send(&hash, &all(), &mut stream).unwrap();
+    let c = BlobStore::open(_dir.path().join("c")).unwrap();
+    let err = c.receive(&hash, size, &all(), &stream[..]).unwrap_err();
+    assert!(matches!(err, Error::Corrupt { .. }), "{err}");
+    // The validating encoder refuses to pass it on at all.
+    let err = a.encode(&hash, &all(), &mut Vec::new()).unwrap_err();
+    assert!(matches!(err, Error::Corrupt { .. }), "{err}");
+
+    // A check of a range that does not hold the bad byte passes and changes nothing.
+    a.check(&hash, &byte_ranges(0, 1 << 20)).unwrap();
+    assert_eq!(a.size(&hash), Some(size));
+    // A check of all of it finds the group and says where it starts.
+    let err = a.check(&hash, &all()).unwrap_err();
+    let group = (at as u64 / (16 << 10)) * (16 << 10);
+    assert!(
+        err.to_string().contains(&format!("from byte {group} on")),
+        "{err}"
+    );
+    assert_eq!(a.size(&hash), None, "no longer served as complete");
+    let missing = a.missing(&hash, size).unwrap();
+    assert_eq!(
+        missing,
+        byte_ranges(group, group + (16 << 10)),
+        "only the bad group is missing"
+    );
+    assert!(a.path(&hash).is_err());
+
+    // Repaired from a sound copy: only the bad group travels.
+    let mut rest = Vec::new();
+    b.send(&hash, &missing, &mut rest).unwrap();
+    assert_eq!(
+        a.receive(&hash, size, &missing, &rest[..]).unwrap(),
+        16 << 10
+    );
+    assert_eq!(a.size(&hash), Some(size));
+    assert_eq!(std::fs::read(a.path(&hash).unwrap()).unwrap(), bytes);
+}
+
 /// A byte flipped in transit: the bad chunk group is refused before it is written, what came
 /// before it is kept, and asking again for what is missing completes the blob.
 #[test]

@@ -247,6 +247,57 @@ async fn a_blob_the_peer_does_not_hold_is_refused_with_the_reason() {
     assert!(err.to_string().contains("does not hold blob"), "{err}");
 }
 
+/// A blob corrupt on the sender's disk (not in the stream): sends do not hash it again, so the
+/// receiver finds the bad group; its second request asks for a check, and the sender refuses by
+/// name and stops serving its copy. Fetched from several members, the blob still arrives whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_corrupt_on_the_senders_disk_is_refused_by_name() {
+    use std::os::unix::fs::FileExt as _;
+    let (a, b) = (node(true), node(true));
+    let bytes = random(6 << 20);
+    let (hash, size) = a.store.import(&bytes[..]).unwrap();
+    b.store.import(&bytes[..]).unwrap();
+    let at: usize = (5 << 20) + 999;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(a.store.path(&hash).unwrap())
+        .unwrap()
+        .write_all_at(&[bytes[at] ^ 0x80], at as u64)
+        .unwrap();
+    let src = |n: &Node| (n.key.public().to_peer_id(), n.plane.local_addr().unwrap());
+
+    // From several members: the part that did not verify is asked of another one.
+    let c = node(true);
+    let (got, _) = c
+        .plane
+        .fetch_many(&[src(&a), src(&b)], hash, 3)
+        .await
+        .unwrap();
+    assert_eq!(got, size);
+    assert_eq!(std::fs::read(c.store.path(&hash).unwrap()).unwrap(), bytes);
+
+    // From the corrupt member alone: the refusal names the cause.
+    let d = node(true);
+    let (peer, addr) = src(&a);
+    let err = d.plane.fetch(peer, addr, hash, 3).await.unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains("this node's copy does not verify") && text.contains("another member"),
+        "{text}"
+    );
+    assert_eq!(
+        a.store.size(&hash),
+        None,
+        "the corrupt copy is no longer served"
+    );
+    // What d received before the bad group verified and is kept.
+    let missing = d.store.missing(&hash, size).unwrap();
+    assert!(!missing.is_empty());
+    let (got, _) = d.plane.fetch(src(&b).0, src(&b).1, hash, 3).await.unwrap();
+    assert_eq!(got, size);
+    assert_eq!(std::fs::read(d.store.path(&hash).unwrap()).unwrap(), bytes);
+}
+
 #[test]
 fn requests_are_checked_before_anything_is_read() {
     let h = Hash::of(b"x").to_string();
@@ -254,6 +305,7 @@ fn requests_are_checked_before_anything_is_read() {
         check(&Request::Get {
             v: 1,
             hash: h.clone(),
+            check: false,
             ranges: vec![(0, 4)]
         })
         .is_ok()
@@ -262,6 +314,7 @@ fn requests_are_checked_before_anything_is_read() {
         check(&Request::Get {
             v: 1,
             hash: h.clone(),
+            check: false,
             ranges: vec![(4, 4)]
         })
         .is_err()
@@ -270,6 +323,7 @@ fn requests_are_checked_before_anything_is_read() {
         check(&Request::Get {
             v: 2,
             hash: h.clone(),
+            check: false,
             ranges: vec![]
         })
         .is_err()
@@ -286,6 +340,7 @@ fn requests_are_checked_before_anything_is_read() {
         check(&Request::Get {
             v: 1,
             hash: h,
+            check: false,
             ranges: many
         })
         .is_err()
