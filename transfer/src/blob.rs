@@ -163,19 +163,12 @@ impl BlobStore {
             spool.as_file().sync_all()?;
         }
         let size = spool.as_file().metadata()?.len();
-        let tree = BaoTree::new(size, BLOCK_SIZE);
-        let obao = tempfile::NamedTempFile::with_prefix_in(".import-", &self.dir)?;
-        obao.as_file().set_len(tree.outboard_size())?;
-        let mut outboard = PreOrderOutboard {
-            root: blake3::hash(&[]),
-            tree,
-            data: obao.reopen()?,
-        };
-        outboard.init_from(io::BufReader::with_capacity(1 << 20, spool.reopen()?))?;
+        let (hash, outboard) = outboard_of(spool.as_file(), size)?;
+        let mut obao = tempfile::NamedTempFile::with_prefix_in(".import-", &self.dir)?;
+        obao.write_all(&outboard)?;
         if durability == Durability::Synced {
-            outboard.sync()?;
+            obao.as_file().sync_all()?;
         }
-        let hash = Hash(*outboard.root.as_bytes());
         let (data_path, obao_path) = self.complete(&hash);
         if !data_path.exists() {
             obao.persist(&obao_path).map_err(|e| e.error)?;
@@ -803,10 +796,24 @@ impl<F: std::borrow::Borrow<File>> bao_tree::io::sync::Size for ReadAhead<F> {
 }
 
 /// A file's BLAKE3 hash and its outboard (64 bytes per 16 KiB group; empty for a file of one
-/// group), read in one pass.
-pub fn outboard_of(data: impl Read, size: u64) -> Result<(Hash, Vec<u8>), Error> {
+/// group) of its first `size` bytes: one pass over the file, on up to one thread per core (at
+/// most eight) from 4 MiB on.
+pub fn outboard_of(data: &File, size: u64) -> Result<(Hash, Vec<u8>), Error> {
+    if size >= crate::outboard::PARALLEL_FROM {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        return Ok(crate::outboard::parallel(data, size, cores.min(8))?);
+    }
+    // Positioned reads from the start, whatever the file's cursor.
+    struct From0<'f>(&'f File, u64);
+    impl Read for From0<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = self.0.read_at(buf, self.1)?;
+            self.1 += n as u64;
+            Ok(n)
+        }
+    }
     let outboard = PreOrderOutboard::<Vec<u8>>::create_sized(
-        io::BufReader::with_capacity(1 << 20, data),
+        io::BufReader::with_capacity(1 << 20, From0(data, 0)),
         size,
         BLOCK_SIZE,
     )?;
