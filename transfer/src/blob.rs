@@ -644,6 +644,33 @@ impl Partial {
         Ok(missing)
     }
 
+    /// Another handle on the same files, for a second stream receiving other ranges at the
+    /// same time (what it knows is missing starts unknown). [`Partial::received`] tells this one
+    /// what the others brought.
+    pub fn another(&self) -> Result<Partial, Error> {
+        Ok(Partial {
+            hash: self.hash,
+            size: self.size,
+            data: self.data.try_clone()?,
+            outboard: PreOrderOutboard {
+                root: self.outboard.root,
+                tree: self.outboard.tree,
+                data: self.outboard.data.try_clone()?,
+            },
+            known: None,
+            behind: self.behind,
+        })
+    }
+
+    /// Other handles ([`Partial::another`]) received these ranges, every group verified
+    /// (`Some`), or did not all verify (`None`: what is missing is found by hashing again).
+    pub fn received(&mut self, ranges: Option<&ChunkRanges>) {
+        self.known = match (ranges, self.known.take()) {
+            (Some(r), Some(m)) => Some(&m - &groups(r.clone())),
+            _ => None,
+        };
+    }
+
     /// The data file, once complete.
     pub fn into_data(self) -> File {
         self.data

@@ -1407,39 +1407,68 @@ impl Remote {
             if missing.is_empty() {
                 return Ok(partial);
             }
-            let r = Request::GetFile {
-                v: VERSION,
-                endpoint: endpoint.into(),
-                path: path.into(),
-                hash: partial.hash().to_string(),
-                ranges: ranges_of(&missing, partial.size()),
-                token: token.clone(),
-            };
-            let recv = match self.call(&r).await {
-                Ok((Response::Found { size }, recv)) if size == partial.size() => recv,
-                Ok((other, _)) => return Err((partial, unexpected(self.peer, &other))),
-                Err(e) => return Err((partial, e)),
-            };
-            let (reader, pump) = bridge::reader(recv);
-            let counter = Counting {
-                inner: reader,
-                n: received.clone(),
-            };
-            let (p, outcome) = match tokio::task::spawn_blocking(move || {
-                let o = partial.receive(&missing, counter);
-                (partial, o)
-            })
-            .await
-            {
-                Ok(x) => x,
-                Err(e) => std::panic::resume_unwind(e.into_panic()),
-            };
-            pump.abort();
-            partial = p;
-            match outcome {
-                Ok(_) => {}
-                Err(e @ crate::blob::Error::Corrupt { .. }) => last = Some(e),
-                Err(e) => return Err((partial, e.into())),
+            // A large file comes on several streams at once, each part received by its own
+            // handle on the part file (and its own thread), as a blob does.
+            let size = partial.size();
+            let mut handles = Vec::new();
+            for part in split(&missing, size, streams_for(size)) {
+                match partial.another() {
+                    Ok(h) => handles.push((part, h)),
+                    Err(e) => return Err((partial, e.into())),
+                }
+            }
+            let parts = handles.into_iter().map(|(part, mut handle)| {
+                let r = Request::GetFile {
+                    v: VERSION,
+                    endpoint: endpoint.into(),
+                    path: path.into(),
+                    hash: handle.hash().to_string(),
+                    ranges: ranges_of(&part, size),
+                    token: token.clone(),
+                };
+                let received = received.clone();
+                async move {
+                    let recv = match self.call(&r).await {
+                        Ok((Response::Found { size: s }, recv)) if s == size => recv,
+                        Ok((other, _)) => return Err(unexpected(self.peer, &other)),
+                        Err(e) => return Err(e),
+                    };
+                    let (reader, pump) = bridge::reader(recv);
+                    let counter = Counting {
+                        inner: reader,
+                        n: received,
+                    };
+                    let outcome =
+                        tokio::task::spawn_blocking(move || handle.receive(&part, counter)).await;
+                    pump.abort();
+                    match outcome {
+                        Ok(o) => Ok(o),
+                        Err(e) => std::panic::resume_unwind(e.into_panic()),
+                    }
+                }
+            });
+            let mut verified = true;
+            let mut failed = None;
+            for outcome in futures::future::join_all(parts).await {
+                match outcome {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e @ crate::blob::Error::Corrupt { .. })) => {
+                        verified = false;
+                        last = Some(e);
+                    }
+                    Ok(Err(e)) => {
+                        verified = false;
+                        failed.get_or_insert(Error::from(e));
+                    }
+                    Err(e) => {
+                        verified = false;
+                        failed.get_or_insert(e);
+                    }
+                }
+            }
+            partial.received(verified.then_some(&missing));
+            if let Some(e) = failed {
+                return Err((partial, e));
             }
         }
         Err((

@@ -295,7 +295,8 @@ async fn a_tree_copies_with_modes_and_times_and_a_checksum_sync_moves_nothing() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_groups_on_the_way_are_refetched_and_the_file_arrives_intact() {
     let p = pair(None, Duration::from_secs(10));
-    let bytes = random(6 << 20);
+    // Large enough to come on two streams at once: both are corrupted on their first round.
+    let bytes = random(24 << 20);
     std::fs::write(p.src.dir.path().join("root/big"), &bytes).unwrap();
     p.src.plane.corrupt_next_sends(2);
     let job = p
