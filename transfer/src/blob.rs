@@ -828,7 +828,8 @@ impl<F: std::borrow::Borrow<File>> bao_tree::io::sync::Size for ReadAhead<F> {
 pub fn outboard_of(data: &File, size: u64) -> Result<(Hash, Vec<u8>), Error> {
     if size >= crate::outboard::PARALLEL_FROM {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        return Ok(crate::outboard::parallel(data, size, cores.min(8))?);
+        let (root, outboard) = crate::outboard::parallel(data, size, cores.min(8), BLOCK_SIZE)?;
+        return Ok((Hash(*root.as_bytes()), outboard));
     }
     // Read whole, from the start whatever the file's cursor: a buffer of the file's size, not
     // a mebibyte per file zeroed for a reader (which cost the checksum pass over 10,000 small
